@@ -1,0 +1,225 @@
+//! Disks: opening sources and targets safely, their size and sector size,
+//! positioned reads and writes with context, and (in submodules) finding
+//! disks in sysfs, mounts and in-use checks.
+//!
+//! A `Disk` is either a block device or a regular file holding a disk image;
+//! the engine treats both the same way.
+
+pub mod blockdev;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// What kind of thing a `Disk` is backed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A block device node (/dev/sda, /dev/loop0, ...).
+    BlockDevice,
+    /// A regular file holding a disk image.
+    File,
+}
+
+/// An open disk (block device or image file).
+#[derive(Debug)]
+pub struct Disk {
+    /// The path it was opened by.
+    pub path: PathBuf,
+    /// The open file.
+    pub file: File,
+    /// Block device or regular file.
+    pub kind: DiskKind,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical sector size in bytes (512 for files unless told otherwise).
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// For block devices the device number (st_rdev); for files st_dev.
+    pub dev: u64,
+    /// For files the inode number; 0 for block devices.
+    pub ino: u64,
+    /// True when the target file was created by klon (so it reads as zeros).
+    pub fresh: bool,
+}
+
+impl Disk {
+    /// Opens a source read-only. klon never opens a source for writing.
+    pub fn open_source(path: &Path) -> Result<Disk> {
+        let file = OpenOptions::new()
+            .read(true)
+            .open(path)
+            .map_err(|e| Error::io("opening source", path, None, e))?;
+        Self::from_file(path, file, false)
+    }
+
+    /// Opens a disk read-only for inspection (info, read-back).
+    pub fn open_read_only(path: &Path) -> Result<Disk> {
+        Self::open_source(path)
+    }
+
+    /// Opens a restore target for writing. Block devices are opened with
+    /// O_EXCL, which the kernel refuses while the device or any of its
+    /// partitions is mounted or held by another user. A missing path is
+    /// created as a regular file of `create_size` bytes when given.
+    pub fn open_target(path: &Path, create_size: Option<u64>) -> Result<Disk> {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_block_device() => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(path)
+                    .map_err(|e| {
+                        if e.raw_os_error() == Some(libc::EBUSY) {
+                            Error::Refused(format!(
+                                "target {} is in use (mounted, or held by another program or device mapper); \
+                                 unmount it and stop what uses it, then try again",
+                                path.display()
+                            ))
+                        } else {
+                            Error::io("opening target", path, None, e)
+                        }
+                    })?;
+                Self::from_file(path, file, false)
+            }
+            Ok(meta) if meta.file_type().is_file() => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Error::io("opening target", path, None, e))?;
+                Self::from_file(path, file, false)
+            }
+            Ok(_) => Err(Error::Usage(format!(
+                "target {} is neither a block device nor a regular file",
+                path.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(size) = create_size else {
+                    return Err(Error::io("opening target", path, None, e));
+                };
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|e| Error::io("creating target file", path, None, e))?;
+                file.set_len(size).map_err(|e| Error::io("sizing target file", path, None, e))?;
+                let mut disk = Self::from_file(path, file, true)?;
+                disk.fresh = true;
+                Ok(disk)
+            }
+            Err(e) => Err(Error::io("opening target", path, None, e)),
+        }
+    }
+
+    fn from_file(path: &Path, file: File, _fresh: bool) -> Result<Disk> {
+        let meta = file.metadata().map_err(|e| Error::io("inspecting", path, None, e))?;
+        if meta.file_type().is_block_device() {
+            let ctx = |e| Error::io("querying block device", path, None, e);
+            let size = blockdev::size_bytes(&file).map_err(ctx)?;
+            let logical = blockdev::logical_sector_size(&file).map_err(ctx)?;
+            let physical = blockdev::physical_sector_size(&file).map_err(ctx)?;
+            Ok(Disk {
+                path: path.to_path_buf(),
+                file,
+                kind: DiskKind::BlockDevice,
+                size,
+                logical_sector_size: logical,
+                physical_sector_size: physical,
+                dev: meta.rdev(),
+                ino: 0,
+                fresh: false,
+            })
+        } else if meta.file_type().is_file() {
+            Ok(Disk {
+                path: path.to_path_buf(),
+                file,
+                kind: DiskKind::File,
+                size: meta.len(),
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+                dev: meta.dev(),
+                ino: meta.ino(),
+                fresh: false,
+            })
+        } else {
+            Err(Error::Usage(format!(
+                "{} is neither a block device nor a regular file holding a disk image",
+                path.display()
+            )))
+        }
+    }
+
+    /// Whether two open disks are the same device or file.
+    pub fn same_as(&self, other: &Disk) -> bool {
+        self.kind == other.kind && self.dev == other.dev && self.ino == other.ino
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|e| Error::io("writing", &self.path, Some(offset), e))
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros: BLKZEROOUT on block
+    /// devices (with a plain write of zeros as fallback), a punched hole in
+    /// files, nothing on a file klon has just created.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 || self.fresh {
+            return Ok(());
+        }
+        let done = match self.kind {
+            DiskKind::BlockDevice => blockdev::zero_out(&self.file, offset, len).is_ok(),
+            DiskKind::File => nix::fcntl::fallocate(
+                &self.file,
+                nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .is_ok(),
+        };
+        if done {
+            return Ok(());
+        }
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; STEP as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = STEP.min(offset + len - pos) as usize;
+            self.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io("flushing", &self.path, None, e))
+    }
+
+    /// After writing: ask the kernel to re-read the partition table and drop
+    /// cached pages so a read-back sees the disk. No-op for files.
+    pub fn after_write(&self) -> Result<()> {
+        if self.kind == DiskKind::BlockDevice {
+            blockdev::reread_partition_table(&self.file)
+                .map_err(|e| Error::io("re-reading the partition table of", &self.path, None, e))?;
+            blockdev::flush_buffers(&self.file)
+                .map_err(|e| Error::io("flushing buffers of", &self.path, None, e))?;
+        } else {
+            let _ = nix::fcntl::posix_fadvise(&self.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! klon's error type: a kind a caller can act on, plus what and where.
+//!
+//! Every error carries enough context to tell the user what failed and what
+//! to do next; `exit_code()` maps the kind to the documented exit status.
+
+use std::path::{Path, PathBuf};
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, grouped by what a user (or the wizard) does about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The command line or an argument is wrong.
+    #[error("{0}")]
+    Usage(String),
+
+    /// Reading or writing a disk, a file or the image drive failed.
+    #[error("{what} {path}{at}: {source}", path = .path.display(), at = fmt_offset(*.offset))]
+    Io {
+        /// The operation, e.g. "reading source disk".
+        what: String,
+        /// The file or device involved.
+        path: PathBuf,
+        /// Byte offset within that file or device, when known.
+        offset: Option<u64>,
+        /// The underlying OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The image is damaged, incomplete or not a klon image: a checksum,
+    /// size or structure check failed.
+    #[error("image check failed: {0}")]
+    Corrupt(String),
+
+    /// Read-back after a restore found different data on the target.
+    #[error("verification after restore failed: {0}")]
+    VerifyAfter(String),
+
+    /// klon refused to do something that could lose data.
+    #[error("refused: {0}")]
+    Refused(String),
+
+    /// The user cancelled at a confirmation.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
+    /// A disk structure (partition table, filesystem) klon cannot handle.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+fn fmt_offset(offset: Option<u64>) -> String {
+    match offset {
+        Some(o) => format!(" at byte offset {o}"),
+        None => String::new(),
+    }
+}
+
+/// Exit codes documented in the README.
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// An unexpected failure or an unsupported layout.
+    pub const FAILURE: i32 = 1;
+    /// Bad command line or arguments.
+    pub const USAGE: i32 = 2;
+    /// I/O error on a disk, file or the image drive.
+    pub const IO: i32 = 3;
+    /// Image verification failed (corrupt, incomplete, read-back mismatch).
+    pub const VERIFY: i32 = 4;
+    /// Refused for safety, or cancelled at a confirmation.
+    pub const REFUSED: i32 = 5;
+}
+
+impl Error {
+    /// Builds an I/O error with its context.
+    pub fn io(what: impl Into<String>, path: impl AsRef<Path>, offset: Option<u64>, source: std::io::Error) -> Self {
+        Error::Io { what: what.into(), path: path.as_ref().to_path_buf(), offset, source }
+    }
+
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => exit::USAGE,
+            Error::Io { .. } => exit::IO,
+            Error::Corrupt(_) | Error::VerifyAfter(_) => exit::VERIFY,
+            Error::Refused(_) | Error::Cancelled(_) => exit::REFUSED,
+            Error::Unsupported(_) => exit::FAILURE,
+        }
+    }
+}
+
+/// Shorthand: `io_ctx("reading", path, Some(off))` as a closure for `map_err`.
+pub fn io_ctx<'a>(what: &'a str, path: &'a Path, offset: Option<u64>) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |e| Error::io(what, path, offset, e)
+}

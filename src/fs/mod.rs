@@ -1,0 +1,2 @@
+//! Filesystems: probing what a partition holds (type, label, UUID) and,
+//! per filesystem, which blocks it uses.

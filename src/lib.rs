@@ -1,0 +1,20 @@
+//! klon: a disk-imaging engine. Back up a disk into a compressed,
+//! checksummed image; verify it; restore it to the same or a larger disk.
+//!
+//! The data path, one module per stage:
+//! - [`device`]: opening disks, ioctls, sysfs, mounts, safety checks
+//! - [`table`]: GPT / MBR / no table, and relocating a table on a larger disk
+//! - [`fs`]: probing filesystems (type, label) and their used blocks
+//! - [`image`]: the on-disk image format (manifest, chunk files, index)
+//! - [`engine`]: backup, verify and restore pipelines
+//! - [`ui`]: progress and reports
+
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod fs;
+pub mod image;
+pub mod table;
+pub mod ui;
+
+pub use error::{Error, Result};
