@@ -81,6 +81,24 @@ impl Error {
         Error::Io { what: what.into(), path: path.as_ref().to_path_buf(), offset, source }
     }
 
+    /// Adds a sentence to the message, keeping the kind (and exit code).
+    pub fn with_note(self, note: &str) -> Error {
+        match self {
+            Error::Usage(m) => Error::Usage(format!("{m}; {note}")),
+            Error::Io { what, path, offset, source } => Error::Io {
+                what,
+                path,
+                offset,
+                source: std::io::Error::new(source.kind(), format!("{source}; {note}")),
+            },
+            Error::Corrupt(m) => Error::Corrupt(format!("{m}; {note}")),
+            Error::VerifyAfter(m) => Error::VerifyAfter(format!("{m}; {note}")),
+            Error::Refused(m) => Error::Refused(format!("{m}; {note}")),
+            Error::Cancelled(m) => Error::Cancelled(format!("{m}; {note}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{m}; {note}")),
+        }
+    }
+
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {

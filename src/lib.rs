@@ -9,6 +9,9 @@
 //! - [`engine`]: backup, verify and restore pipelines
 //! - [`ui`]: progress and reports
 
+pub mod cli;
+pub mod commands;
+pub mod demo;
 pub mod device;
 pub mod engine;
 pub mod error;

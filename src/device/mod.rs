@@ -6,6 +6,8 @@
 //! the engine treats both the same way.
 
 pub mod blockdev;
+pub mod safety;
+pub mod sysfs;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};

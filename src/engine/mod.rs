@@ -1,1 +1,9 @@
-//! engine
+//! The jobs: backup (disk -> image), verify (image), restore (image -> disk),
+//! all running on one ordered parallel pipeline.
+
+pub mod backup;
+pub mod cancel;
+pub mod pipeline;
+pub mod restore;
+pub mod streams;
+pub mod verify;

@@ -1,0 +1,150 @@
+//! The command line: every command and option, parsed one way.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// klon: back up disks into compressed, checksummed images; verify them;
+/// restore them to the same or a larger disk.
+#[derive(Debug, Parser)]
+#[command(name = "klon", version, about, long_about = None)]
+pub struct Cli {
+    /// No progress or chatter; errors are still printed.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// Print the report as JSON on stdout (disks, backup, verify, restore, info).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List whole disks with their partitions and filesystems.
+    Disks,
+    /// Back up a disk (block device or disk image file) into a new image directory.
+    Backup(BackupArgs),
+    /// Check every checksum of an image without touching any disk.
+    Verify(VerifyArgs),
+    /// Restore an image onto a disk or a file (destroys what the target holds).
+    Restore(RestoreArgs),
+    /// Describe an image: source disk, table, partitions, sizes, completeness.
+    Info(InfoArgs),
+    /// Run klon's main job on a built-in sample disk: back up, verify,
+    /// restore to a larger disk, compare.
+    Demo(DemoArgs),
+}
+
+/// `klon backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Disk to back up: a block device (/dev/sda) or a file holding a disk image.
+    pub source: PathBuf,
+    /// Image directory to create; it must not exist yet.
+    pub image: PathBuf,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 3)]
+    pub level: i32,
+    /// Largest image file, e.g. 4000M, 2G, 700M (default 4000 MiB, fits FAT32).
+    #[arg(long, value_parser = parse_size, default_value = "4000M")]
+    pub split: u64,
+    /// Back up even if partitions of the source are mounted read-write
+    /// (the image may then be inconsistent).
+    #[arg(long)]
+    pub allow_mounted: bool,
+    /// Skip reading the finished image back to check it.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `klon verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Image directory.
+    pub image: PathBuf,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `klon restore`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Image directory.
+    pub image: PathBuf,
+    /// Target: a block device, or a file (created with the source disk's size when missing).
+    pub target: PathBuf,
+    /// Do not ask: needed when standard input is not a terminal.
+    #[arg(long)]
+    pub yes: bool,
+    /// Extend the last partition's table entry to the end of a larger target.
+    #[arg(long)]
+    pub grow_last: bool,
+    /// Skip reading everything back after writing.
+    #[arg(long)]
+    pub no_verify_after: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `klon info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Image directory.
+    pub image: PathBuf,
+}
+
+/// `klon demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory for the sample disk, its image and the restored disk
+    /// (default: a new directory under /tmp, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+/// Parses sizes like "4000M", "2G", "512K", "1048576".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].trim_end_matches(['i', 'B', 'b']);
+            let mult = match unit.to_ascii_uppercase().as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown size unit (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (examples: 4000M, 2G)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4000M"), Ok(4000 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("G").is_err());
+    }
+}

@@ -1,0 +1,266 @@
+//! What each command does and prints. Reports go to stdout (text, or JSON
+//! with --json); progress and errors go to stderr.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cli::{BackupArgs, Cli, Command, InfoArgs, RestoreArgs, VerifyArgs};
+use crate::engine::backup::{self, BackupOptions};
+use crate::engine::pipeline::default_workers;
+use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::verify;
+use crate::error::{Error, Result};
+use crate::image::reader::describe_stream;
+use crate::image::{ImageReader, Manifest};
+use crate::ui::human_bytes;
+
+/// Runs the parsed command line.
+pub fn run(cli: &Cli) -> Result<()> {
+    match &cli.command {
+        Command::Disks => disks(cli),
+        Command::Backup(a) => backup_cmd(cli, a),
+        Command::Verify(a) => verify_cmd(cli, a),
+        Command::Restore(a) => restore_cmd(cli, a),
+        Command::Info(a) => info_cmd(cli, a),
+        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet),
+    }
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Unsupported(format!("encoding JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn disks(cli: &Cli) -> Result<()> {
+    let disks = crate::device::sysfs::list_disks()?;
+    if cli.json {
+        print_json(&disks)
+    } else {
+        print!("{}", crate::device::sysfs::render_disks(&disks));
+        Ok(())
+    }
+}
+
+fn threads(t: Option<usize>) -> Result<usize> {
+    match t {
+        Some(0) => Err(Error::Usage("--threads must be at least 1".into())),
+        Some(n) => Ok(n),
+        None => Ok(default_workers()),
+    }
+}
+
+fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
+    let workers = threads(a.threads)?;
+    let opts = BackupOptions {
+        level: a.level,
+        split_size: a.split,
+        allow_mounted: a.allow_mounted,
+        quiet: cli.quiet,
+        workers,
+    };
+    let report = backup::backup(&a.source, &a.image, &opts)?;
+    let verified = if a.no_verify {
+        None
+    } else {
+        Some(verify::verify(&report.image, workers, cli.quiet).map_err(|e| {
+            e.with_note(&format!(
+                "the image at {} was written but does not read back correctly: do not rely on it; check the image drive",
+                report.image.display()
+            ))
+        })?)
+    };
+    if cli.json {
+        return print_json(&json!({
+            "image": report.image,
+            "seconds": report.seconds,
+            "read_bytes": report.read_bytes,
+            "image_bytes": report.image_bytes,
+            "verified": verified.is_some(),
+            "streams": report.manifest.streams.iter().map(|s| json!({
+                "name": s.name, "partition": s.partition, "method": s.method,
+                "stored_bytes": s.stored_bytes, "compressed_bytes": s.compressed_bytes,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    if !cli.quiet {
+        let ratio = if report.image_bytes > 0 { report.read_bytes as f64 / report.image_bytes as f64 } else { 0.0 };
+        println!(
+            "Backed up {} ({}) to {} in {:.1} s: read {}, image {} ({ratio:.1}:1){}",
+            a.source.display(),
+            human_bytes(report.manifest.source.size),
+            report.image.display(),
+            report.seconds,
+            human_bytes(report.read_bytes),
+            human_bytes(report.image_bytes),
+            match &verified {
+                Some(v) => format!(", verified in {:.1} s", v.seconds),
+                None => ", not verified (--no-verify)".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
+    let r = verify::verify(&a.image, threads(a.threads)?, cli.quiet)?;
+    if cli.json {
+        return print_json(&json!({
+            "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,
+            "bytes": r.bytes, "seconds": r.seconds,
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "{}: OK — {} streams, {} chunks, {} checked in {:.1} s",
+            a.image.display(),
+            r.streams,
+            r.chunks,
+            human_bytes(r.bytes),
+            r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn confirm(plan: &restore::RestorePlan, yes: bool) -> Result<()> {
+    if yes {
+        return Ok(());
+    }
+    let target = plan.target.path.display().to_string();
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Refused(format!(
+            "restoring overwrites {target}; standard input is not a terminal, so confirm with --yes"
+        )));
+    }
+    let name = plan.target.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(target.clone());
+    eprintln!("{}", plan.describe());
+    eprint!("Type {name} to overwrite it, anything else to cancel: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| Error::io("reading the confirmation from", Path::new("stdin"), None, e))?;
+    if line.trim() == name {
+        Ok(())
+    } else {
+        Err(Error::Cancelled(format!("nothing was written to {target}")))
+    }
+}
+
+fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
+    let plan = restore::prepare(&a.image, &a.target)?;
+    confirm(&plan, a.yes)?;
+    let opts = RestoreOptions {
+        grow_last: a.grow_last,
+        verify_after: !a.no_verify_after,
+        quiet: cli.quiet,
+        workers: threads(a.threads)?,
+    };
+    let r = restore::restore(plan, &opts)?;
+    if cli.json {
+        return print_json(&json!({
+            "image": a.image, "target": a.target, "bytes_written": r.bytes_written,
+            "verified": r.verified, "seconds": r.seconds,
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "Restored {} to {} in {:.1} s: wrote {}{}",
+            a.image.display(),
+            a.target.display(),
+            r.seconds,
+            human_bytes(r.bytes_written),
+            if r.verified { ", read back and verified" } else { ", not read back (--no-verify-after)" }
+        );
+    }
+    Ok(())
+}
+
+fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
+    let reader = match ImageReader::open(&a.image) {
+        Ok(r) => r,
+        Err(e @ Error::Corrupt(_)) => {
+            if cli.json {
+                print_json(&json!({ "image": a.image, "complete": false, "problem": e.to_string() }))?;
+            } else {
+                println!("Image:     {}\nComplete:  no — {e}", a.image.display());
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
+    let m = &reader.manifest;
+    if cli.json {
+        return print_json(&json!({
+            "image": a.image,
+            "complete": true,
+            "image_bytes": backup::image_size(m),
+            "manifest": m,
+        }));
+    }
+    print!("{}", render_info(&a.image, m));
+    Ok(())
+}
+
+/// The text `klon info` prints.
+pub fn render_info(dir: &Path, m: &Manifest) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let s = &m.source;
+    let _ = writeln!(o, "Image:        {}", dir.display());
+    let _ = writeln!(o, "Complete:     yes (size {})", human_bytes(backup::image_size(m)));
+    let _ = writeln!(o, "Created:      {} by klon {} (format {})", m.created, m.klon_version, m.format_version);
+    let _ = writeln!(
+        o,
+        "Source:       {} — {}, {} bytes, {}/{}-byte sectors, {}{}{}",
+        s.path,
+        human_bytes(s.size),
+        s.size,
+        s.logical_sector_size,
+        s.physical_sector_size,
+        s.transport.as_deref().unwrap_or("unknown"),
+        s.model.as_deref().map(|x| format!(", model {x}")).unwrap_or_default(),
+        s.serial.as_deref().map(|x| format!(", serial {x}")).unwrap_or_default(),
+    );
+    let _ = writeln!(
+        o,
+        "Table:        {:?}{}",
+        m.layout.kind,
+        m.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
+    );
+    let _ = writeln!(o, "Compression:  {} level {}, {} KiB chunks", m.compression.algorithm, m.compression.level, m.chunk_size >> 10);
+    let _ = writeln!(o, "Streams:");
+    for st in &m.streams {
+        let part = m.layout.partitions.iter().find(|p| Some(p.number) == st.partition);
+        let fs = st
+            .fs
+            .as_ref()
+            .map(|f| format!("{}{}", f.fstype, f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default()))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            o,
+            "  {:<24} start {:>14}  size {:>10}  {}",
+            describe_stream(st),
+            st.start,
+            human_bytes(st.length),
+            part.map(|p| format!("type {}{}", p.type_id, if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            o,
+            "  {:<24} fs {fs}; method {} ({}); stored {} -> {} in {} chunks",
+            "",
+            st.method,
+            st.method_reason,
+            human_bytes(st.stored_bytes),
+            human_bytes(st.compressed_bytes),
+            st.chunks
+        );
+    }
+    o
+}

@@ -1,0 +1,331 @@
+//! Backup: disk -> image.
+//!
+//! The producer reads the source in large pieces, workers drop long runs of
+//! zeros (where the stream allows it), compress and hash, and the consumer
+//! appends chunk records to the image. The image becomes final only when
+//! everything is written.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::pipeline;
+use super::{cancel, streams};
+use crate::device::Disk;
+use crate::error::{Error, Result};
+use crate::image::format::{Extent, CHUNK_SIZE, FLAG_ZSTD};
+use crate::image::manifest::{now_rfc3339, Compression, FileInfo, Manifest, SourceInfo};
+use crate::image::{EncodedChunk, ImageWriter};
+use crate::table;
+use crate::ui::progress::Progress;
+
+/// Options of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// zstd level.
+    pub level: i32,
+    /// Largest data file, in bytes.
+    pub split_size: u64,
+    /// Allow partitions of the source to be mounted read-write.
+    pub allow_mounted: bool,
+    /// No progress output.
+    pub quiet: bool,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+/// Smallest allowed --split: room for any chunk record.
+pub const MIN_SPLIT: u64 = 2 * CHUNK_SIZE as u64 + (1 << 20);
+/// Default --split: under 4 GiB so a FAT32 drive holds every file.
+pub const DEFAULT_SPLIT: u64 = 4000 * (1 << 20);
+
+/// What a finished backup reports.
+#[derive(Debug)]
+pub struct BackupReport {
+    /// The final image directory.
+    pub image: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Bytes of the image's files.
+    pub image_bytes: u64,
+}
+
+/// Blocks of this size that are entirely zero may be left out of a chunk.
+const ZERO_BLOCK: usize = 4096;
+/// Runs of zeros shorter than this stay in the chunk (they compress to
+/// nothing, and splitting them would only fragment writes).
+const MIN_ZERO_RUN: usize = 64 << 10;
+
+struct ReadJob {
+    stream: usize,
+    offset: u64,
+    buf: Vec<u8>,
+    skip_zero: bool,
+}
+
+struct Encoded {
+    stream: usize,
+    read_len: u64,
+    chunk: Option<EncodedChunk>,
+}
+
+/// Backs up `source_path` into a new image directory `image_dir`.
+pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Result<BackupReport> {
+    let started = Instant::now();
+    if !(1..=22).contains(&opts.level) {
+        return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", opts.level)));
+    }
+    if opts.split_size < MIN_SPLIT {
+        return Err(Error::Usage(format!("--split must be at least {} MiB", MIN_SPLIT >> 20)));
+    }
+    let source = Disk::open_source(source_path)?;
+    crate::device::safety::check_source(&source, opts.allow_mounted)?;
+    crate::device::safety::check_image_dir_not_on(&source, image_dir)?;
+    let layout = table::read_layout(&source)?;
+    let plans = streams::plan(&source, &layout);
+
+    let writer = ImageWriter::create(image_dir, opts.split_size)?;
+    let written = write_streams(&source, &plans, &writer, opts);
+    let (files, read_bytes) = match written {
+        Ok(v) => v,
+        Err(e) => {
+            let partial = writer.partial_dir().to_path_buf();
+            let note = match writer.abandon() {
+                Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
+                Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
+            };
+            return Err(e.with_note(&note));
+        }
+    };
+
+    let identity = crate::device::sysfs::disk_info(&source);
+    let mut stream_infos = Vec::with_capacity(plans.len());
+    for (plan, f) in plans.iter().zip(files) {
+        let mut info = plan.info.clone();
+        info.chunks = f.chunks;
+        info.stored_bytes = f.stored_bytes;
+        info.compressed_bytes = f.compressed_bytes;
+        info.index = f.index;
+        info.data_files = f.data_files;
+        stream_infos.push(info);
+    }
+    let manifest = Manifest {
+        format: crate::image::manifest::FORMAT_NAME.to_string(),
+        format_version: crate::image::format::FORMAT_VERSION,
+        klon_version: env!("CARGO_PKG_VERSION").to_string(),
+        created: now_rfc3339(),
+        source: SourceInfo {
+            path: source_path.display().to_string(),
+            size: source.size,
+            logical_sector_size: layout.sector_size,
+            physical_sector_size: source.physical_sector_size,
+            model: identity.as_ref().and_then(|i| i.model.clone()),
+            serial: identity.as_ref().and_then(|i| i.serial.clone()),
+            transport: Some(identity.map(|i| i.transport).unwrap_or_else(|| "file".to_string())),
+        },
+        layout,
+        chunk_size: CHUNK_SIZE,
+        compression: Compression { algorithm: "zstd".to_string(), level: opts.level },
+        streams: stream_infos,
+    };
+    let image_bytes = image_size(&manifest);
+    let image = writer.commit(&manifest)?;
+    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes })
+}
+
+/// Total size of an image's files.
+pub fn image_size(m: &Manifest) -> u64 {
+    m.streams
+        .iter()
+        .map(|s| s.index.size + s.data_files.iter().map(|f: &FileInfo| f.size).sum::<u64>())
+        .sum()
+}
+
+fn write_streams(
+    source: &Disk,
+    plans: &[streams::StreamPlan],
+    writer: &ImageWriter,
+    opts: &BackupOptions,
+) -> Result<(Vec<crate::image::writer::StreamFiles>, u64)> {
+    let mut writers = plans
+        .iter()
+        .enumerate()
+        .map(|(i, p)| writer.stream(i as u32, &p.info.name))
+        .collect::<Result<Vec<_>>>()?;
+    let total: u64 = plans.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
+    let mut progress = Progress::new("backup", total, opts.quiet);
+    let level = opts.level;
+
+    pipeline::run(
+        opts.workers,
+        opts.workers * 2 + 2,
+        |send| {
+            for (si, plan) in plans.iter().enumerate() {
+                for &(start, len) in &plan.reads {
+                    for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
+                        cancel::check("backup")?;
+                        let mut buf = vec![0u8; piece as usize];
+                        source.read_exact_at(&mut buf, offset).map_err(|e| e.with_note(&plan.describe()))?;
+                        if !send(ReadJob { stream: si, offset, buf, skip_zero: plan.skip_zero }) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+        |job| encode(job, level),
+        |out: Encoded| {
+            if let Some(chunk) = &out.chunk {
+                writers[out.stream].write_chunk(chunk)?;
+            }
+            progress.add(out.read_len);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    let files = writers.into_iter().map(|w| w.finish()).collect::<Result<Vec<_>>>()?;
+    Ok((files, total))
+}
+
+/// Splits `[start, start+len)` into pieces that end on multiples of `step`.
+pub fn pieces(start: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = start + len;
+    let mut pos = start;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let next = ((pos / step) + 1) * step;
+        let piece_end = next.min(end);
+        let piece = (pos, piece_end - pos);
+        pos = piece_end;
+        Some(piece)
+    })
+}
+
+fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
+    let read_len = job.buf.len() as u64;
+    let (extents, content) = if job.skip_zero {
+        drop_zero_runs(job.offset, job.buf)
+    } else {
+        (vec![(job.offset, read_len)], job.buf)
+    };
+    if content.is_empty() {
+        return Ok(Encoded { stream: job.stream, read_len, chunk: None });
+    }
+    let compressed = zstd::bulk::compress(&content, level)
+        .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?;
+    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content.clone()) };
+    let chunk = EncodedChunk {
+        extents,
+        raw_len: content.len() as u32,
+        flags,
+        payload_crc: crc32fast::hash(&payload),
+        content_hash: *blake3::hash(&content).as_bytes(),
+        payload,
+    };
+    Ok(Encoded { stream: job.stream, read_len, chunk: Some(chunk) })
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    b.chunks(64).all(|c| c.iter().fold(0u8, |acc, &x| acc | x) == 0)
+}
+
+/// Removes runs of zero blocks at least MIN_ZERO_RUN long from a piece read
+/// at disk offset `offset`; returns the extents kept and their bytes.
+fn drop_zero_runs(offset: u64, buf: Vec<u8>) -> (Vec<Extent>, Vec<u8>) {
+    // Block boundaries follow disk offsets, so the first block may be short.
+    let first = ZERO_BLOCK - (offset % ZERO_BLOCK as u64) as usize;
+    let mut bounds = vec![0usize];
+    let mut p = first.min(buf.len());
+    while p < buf.len() {
+        bounds.push(p);
+        p += ZERO_BLOCK;
+    }
+    bounds.push(buf.len());
+    bounds.dedup();
+    // Mark zero runs long enough to drop.
+    let mut keep: Vec<(usize, usize)> = Vec::new(); // byte ranges kept
+    let mut run_start: Option<usize> = None;
+    let mut kept_from = 0usize;
+    for w in bounds.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if is_zero(&buf[a..b]) {
+            run_start.get_or_insert(a);
+        } else if let Some(rs) = run_start.take() {
+            if a - rs >= MIN_ZERO_RUN {
+                if rs > kept_from {
+                    keep.push((kept_from, rs));
+                }
+                kept_from = a;
+            }
+        }
+    }
+    let end = buf.len();
+    match run_start {
+        Some(rs) if end - rs >= MIN_ZERO_RUN || (rs == 0) => {
+            if rs > kept_from {
+                keep.push((kept_from, rs));
+            }
+        }
+        _ => {
+            if end > kept_from {
+                keep.push((kept_from, end));
+            }
+        }
+    }
+    if keep.len() == 1 && keep[0] == (0, end) {
+        return (vec![(offset, end as u64)], buf);
+    }
+    let mut content = Vec::with_capacity(keep.iter().map(|k| k.1 - k.0).sum());
+    let mut extents = Vec::with_capacity(keep.len());
+    for (a, b) in keep {
+        content.extend_from_slice(&buf[a..b]);
+        extents.push((offset + a as u64, (b - a) as u64));
+    }
+    (extents, content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_align_to_step() {
+        let v: Vec<_> = pieces(1000, 10_000, 4096).collect();
+        assert_eq!(v, vec![(1000, 3096), (4096, 4096), (8192, 2808)]);
+        assert_eq!(v.iter().map(|p| p.1).sum::<u64>(), 10_000);
+    }
+
+    #[test]
+    fn zero_runs_dropped_only_when_long() {
+        let mut buf = vec![1u8; 512 << 10];
+        buf[4096..8192].fill(0); // short run: kept
+        buf[100 << 10..300 << 10].fill(0); // long run: dropped
+        let (ext, content) = drop_zero_runs(1 << 20, buf.clone());
+        assert_eq!(ext, vec![(1 << 20, 100 << 10), ((1 << 20) + (300 << 10), 212 << 10)]);
+        let mut expect = buf[..100 << 10].to_vec();
+        expect.extend_from_slice(&buf[300 << 10..]);
+        assert_eq!(content, expect);
+    }
+
+    #[test]
+    fn all_zero_piece_is_empty_and_unaligned_offsets_work() {
+        let (ext, content) = drop_zero_runs(512, vec![0u8; 1 << 20]);
+        assert!(ext.is_empty() && content.is_empty());
+        let mut buf = vec![0u8; 200 << 10];
+        buf[0] = 9; // first (short) block non-zero, the rest a long zero run
+        let (ext, content) = drop_zero_runs(512, buf.clone());
+        assert_eq!(ext, vec![(512, 4096 - 512)]);
+        assert_eq!(content, buf[..4096 - 512].to_vec());
+        // A short trailing zero run stays.
+        let mut buf = vec![7u8; 200 << 10];
+        buf[190 << 10..].fill(0);
+        let (ext, _) = drop_zero_runs(0, buf);
+        assert_eq!(ext, vec![(0, 200 << 10)]);
+    }
+}

@@ -1,0 +1,266 @@
+//! The manifest: the human-readable description of an image (klon.json),
+//! protected by its blake3 in klon.json.b3 (b3sum's format).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::{hex, FORMAT_VERSION};
+use crate::error::{Error, Result};
+use crate::fs::FsInfo;
+use crate::table::DiskLayout;
+
+/// File name of the manifest inside an image directory.
+pub const MANIFEST_NAME: &str = "klon.json";
+/// File name of the manifest's checksum.
+pub const MANIFEST_SUM_NAME: &str = "klon.json.b3";
+/// Value of the manifest's `format` field.
+pub const FORMAT_NAME: &str = "klon-image";
+/// Largest manifest klon reads.
+const MANIFEST_MAX: u64 = 64 << 20;
+
+/// The whole manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always "klon-image".
+    pub format: String,
+    /// Format version; readers refuse versions they do not know.
+    pub format_version: u32,
+    /// klon version that wrote the image.
+    pub klon_version: String,
+    /// When the backup finished (UTC, RFC 3339).
+    pub created: String,
+    /// The disk that was backed up.
+    pub source: SourceInfo,
+    /// Its partition layout.
+    pub layout: DiskLayout,
+    /// Content bytes per chunk at most.
+    pub chunk_size: u32,
+    /// Compression used for chunk payloads.
+    pub compression: Compression,
+    /// The data streams, in the order their numbers refer to.
+    pub streams: Vec<StreamInfo>,
+}
+
+/// Identity of the source disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Path it was read from.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// Model, when known.
+    pub model: Option<String>,
+    /// Serial number, when known.
+    pub serial: Option<String>,
+    /// Transport (usb, nvme, sata, loop, file, ...).
+    pub transport: Option<String>,
+}
+
+/// Compression settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Compression {
+    /// Always "zstd".
+    pub algorithm: String,
+    /// zstd level.
+    pub level: i32,
+}
+
+/// What part of the disk a stream covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// Everything outside the data partitions: tables, boot code, gaps.
+    Boot,
+    /// One data partition.
+    Partition,
+    /// The whole disk (no partition table).
+    Disk,
+}
+
+/// What the bytes of a stream's range that no chunk stores hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// They were zeros on the source: a restore makes them zero.
+    Zero,
+    /// They are not used (free space, unallocated gaps): a restore leaves
+    /// them alone.
+    Free,
+}
+
+/// One file of the image with its size (and, for index files, its blake3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// File name inside the image directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// blake3 of the whole file, lower-case hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
+}
+
+/// One data stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// Stream name, also the stem of its files: boot, p1, p2, ..., disk.
+    pub name: String,
+    /// What it covers.
+    pub kind: StreamKind,
+    /// Partition number for partition streams.
+    pub partition: Option<u32>,
+    /// First byte of the disk range covered.
+    pub start: u64,
+    /// Length of the disk range covered.
+    pub length: u64,
+    /// How blocks were chosen: "raw" (every non-zero block), or the
+    /// filesystem whose allocation map was used.
+    pub method: String,
+    /// Why this method (e.g. "no filesystem-aware reader yet").
+    pub method_reason: String,
+    /// What unstored bytes in the range hold.
+    pub fill: Fill,
+    /// Filesystem found in the partition, if any.
+    pub fs: Option<FsInfo>,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// Content bytes stored (before compression).
+    pub stored_bytes: u64,
+    /// Bytes of the data files.
+    pub compressed_bytes: u64,
+    /// The index file (its blake3 is the stream's blake3).
+    pub index: FileInfo,
+    /// Data files in order.
+    pub data_files: Vec<FileInfo>,
+}
+
+impl Manifest {
+    /// Writes klon.json and klon.json.b3 into `dir` and syncs them.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| Error::Corrupt(format!("encoding manifest: {e}")))?;
+        json.push(b'\n');
+        let sum = format!("{}  {}\n", blake3::hash(&json).to_hex(), MANIFEST_NAME);
+        write_synced(&dir.join(MANIFEST_NAME), &json)?;
+        write_synced(&dir.join(MANIFEST_SUM_NAME), sum.as_bytes())?;
+        Ok(())
+    }
+
+    /// Reads and checks the manifest of the image in `dir`.
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_NAME);
+        let sum_path = dir.join(MANIFEST_SUM_NAME);
+        let meta = std::fs::metadata(&path).map_err(|e| missing_or_io(e, &path, "manifest"))?;
+        if meta.len() > MANIFEST_MAX {
+            return Err(Error::Corrupt(format!("{}: manifest is implausibly large ({} bytes)", path.display(), meta.len())));
+        }
+        let json = std::fs::read(&path).map_err(|e| Error::io("reading", &path, None, e))?;
+        let sum_text = std::fs::read_to_string(&sum_path).map_err(|e| missing_or_io(e, &sum_path, "manifest checksum"))?;
+        let expected = sum_text.split_whitespace().next().unwrap_or("");
+        let actual = hex(blake3::hash(&json).as_bytes());
+        if expected != actual {
+            return Err(Error::Corrupt(format!(
+                "{}: manifest blake3 does not match {} (the manifest is damaged)",
+                path.display(),
+                sum_path.display()
+            )));
+        }
+        let value: serde_json::Value = serde_json::from_slice(&json)
+            .map_err(|e| Error::Corrupt(format!("{}: manifest is not valid JSON: {e}", path.display())))?;
+        if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT_NAME) {
+            return Err(Error::Corrupt(format!("{}: not a klon image manifest", path.display())));
+        }
+        let version = value.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0);
+        if version != FORMAT_VERSION as u64 {
+            return Err(Error::Unsupported(format!(
+                "{}: image format version {version}; this klon reads version {FORMAT_VERSION} — use a klon that matches the image",
+                path.display()
+            )));
+        }
+        let m: Manifest = serde_json::from_value(value)
+            .map_err(|e| Error::Corrupt(format!("{}: manifest does not have the expected fields: {e}", path.display())))?;
+        m.validate(&path)?;
+        Ok(m)
+    }
+
+    /// Structural checks on values a restore relies on.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |what: String| Err(Error::Corrupt(format!("{}: {what}", path.display())));
+        if self.chunk_size == 0 || self.chunk_size > super::format::CHUNK_SIZE {
+            return bad(format!("chunk size {} out of range", self.chunk_size));
+        }
+        if self.layout.disk_size != self.source.size {
+            return bad("layout and source disagree on the disk size".into());
+        }
+        for s in &self.streams {
+            let end = s.start.checked_add(s.length);
+            if end.is_none_or(|e| e > self.source.size) {
+                return bad(format!("stream {} reaches past the end of the disk", s.name));
+            }
+            if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return bad(format!("stream name {:?} is not allowed", s.name));
+            }
+            for f in s.data_files.iter().chain(std::iter::once(&s.index)) {
+                if f.name.contains('/') || f.name.starts_with('.') {
+                    return bad(format!("file name {:?} is not allowed", f.name));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn missing_or_io(e: std::io::Error, path: &Path, what: &str) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::Corrupt(format!("{}: {what} is missing", path.display()))
+    } else {
+        Error::io("reading", path, None, e)
+    }
+}
+
+/// Writes a small file and fsyncs it.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io("creating", path, None, e))?;
+    f.write_all(bytes).map_err(|e| Error::io("writing", path, None, e))?;
+    f.sync_all().map_err(|e| Error::io("flushing", path, None, e))
+}
+
+/// Current time as RFC 3339 UTC ("2026-11-23T06:00:00Z").
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_shape() {
+        let s = super::now_rfc3339();
+        assert_eq!(s.len(), 20, "{s}");
+        assert!(s.starts_with("20") && s.ends_with('Z'), "{s}");
+    }
+}
