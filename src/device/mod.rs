@@ -176,10 +176,10 @@ impl Disk {
     }
 
     /// Makes `[offset, offset+len)` read as zeros: BLKZEROOUT on block
-    /// devices (with a plain write of zeros as fallback), a punched hole in
-    /// files, nothing on a file klon has just created.
+    /// devices, a punched hole in files (cheap where it is one already),
+    /// with a plain write of zeros as the fallback.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        if len == 0 || self.fresh {
+        if len == 0 {
             return Ok(());
         }
         let done = match self.kind {

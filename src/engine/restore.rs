@@ -162,6 +162,13 @@ pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport
 }
 
 fn fail(target: &Disk, e: Error) -> Error {
+    if target.fresh {
+        let note = match std::fs::remove_file(&target.path) {
+            Ok(()) => format!("the restore did not complete; {} (created by this restore) was removed", target.path.display()),
+            Err(r) => format!("the restore did not complete; removing {} also failed ({r}): delete it", target.path.display()),
+        };
+        return e.with_note(&note);
+    }
     let note = match wipe_table_areas(target) {
         Ok(()) => "the restore did not complete and the target's partition table was wiped, \
                    so the half-restored disk cannot be mistaken for a good one"

@@ -1,0 +1,198 @@
+//! Damaged and incomplete images: verify fails and names the place, restore
+//! refuses (and never leaves a table behind on the target).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::disks::*;
+
+/// A backed-up GPT disk with split data files, shared by the tests (each
+/// test damages its own copy).
+fn fresh_image(t: &TempDir) -> (PathBuf, PathBuf) {
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    blank_file(&src, 48 * MIB);
+    write_at(&src, 0, &text_bytes(1, 4 * MIB as usize));
+    write_at(&src, 4 * MIB, &random_bytes(2, 24 * MIB as usize));
+    ok(&klon(&["backup", "--no-verify", "--split", "9M", src.to_str().unwrap(), img.to_str().unwrap()]));
+    (src, img)
+}
+
+fn data_files(img: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(img)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
+        .collect();
+    v.sort();
+    v
+}
+
+fn flip(path: &Path, off: u64) {
+    let mut b = read_at(path, off, 1);
+    b[0] ^= 0x01;
+    write_at(path, off, &b);
+}
+
+/// Verify fails with exit 4 naming `needle`; restore to a new file refuses
+/// with exit 4 and leaves no partition table or signature on the target.
+fn caught(img: &Path, t: &TempDir, needle: &str) {
+    let o = klon(&["verify", img.to_str().unwrap()]);
+    fails_with(&o, 4, &[needle]);
+    let dst = t.join("dst.img");
+    let _ = std::fs::remove_file(&dst);
+    let o = klon(&["restore", "--yes", img.to_str().unwrap(), dst.to_str().unwrap()]);
+    fails_with(&o, 4, &[needle]);
+    if dst.exists() {
+        let head = read_at(&dst, 0, MIB);
+        assert!(head.iter().all(|&b| b == 0), "a failed restore left data in the table area");
+    }
+}
+
+#[test]
+fn a_flipped_byte_anywhere_in_a_data_file_is_caught() {
+    let t = TempDir::new("flip");
+    let (_, img) = fresh_image(&t);
+    let files = data_files(&img);
+    assert!(files.len() >= 3, "{files:?}");
+    // Header magic, extent table, payload start, payload middle, last byte: in first and second file.
+    for file in &files[..2] {
+        let len = std::fs::metadata(file).unwrap().len();
+        for off in [0, 30, 85, 200, len / 2, len - 1] {
+            flip(file, off);
+            caught(&img, &t, file.file_name().unwrap().to_str().unwrap());
+            flip(file, off); // undo
+            ok(&klon(&["verify", img.to_str().unwrap()]));
+        }
+    }
+}
+
+#[test]
+fn truncated_or_missing_split_file_is_caught() {
+    let t = TempDir::new("trunc");
+    let (_, img) = fresh_image(&t);
+    let files = data_files(&img);
+    let middle = &files[1];
+    let name = middle.file_name().unwrap().to_str().unwrap().to_string();
+    let len = std::fs::metadata(middle).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(middle).unwrap();
+    f.set_len(len - 1000).unwrap();
+    caught(&img, &t, &name);
+    f.set_len(len + 10).unwrap(); // longer is as wrong as shorter
+    caught(&img, &t, &name);
+    std::fs::remove_file(middle).unwrap();
+    caught(&img, &t, &name);
+}
+
+#[test]
+fn damaged_manifest_index_or_checksum_file_is_caught() {
+    let t = TempDir::new("manifest");
+    let (_, img) = fresh_image(&t);
+    let manifest = img.join("klon.json");
+    // A digit changed in the manifest: still valid JSON, but the blake3 no longer holds.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let changed = text.replacen("\"level\": 3", "\"level\": 4", 1);
+    assert_ne!(text, changed);
+    std::fs::write(&manifest, &changed).unwrap();
+    caught(&img, &t, "klon.json");
+    std::fs::write(&manifest, &text).unwrap();
+    ok(&klon(&["verify", img.to_str().unwrap()]));
+
+    let idx = img.join("disk.idx");
+    flip(&idx, 100);
+    caught(&img, &t, "disk.idx");
+    flip(&idx, 100);
+
+    let sum = img.join("klon.json.b3");
+    let s = std::fs::read(&sum).unwrap();
+    std::fs::remove_file(&sum).unwrap();
+    caught(&img, &t, "klon.json.b3");
+    std::fs::write(&sum, &s).unwrap();
+    std::fs::remove_file(&manifest).unwrap();
+    caught(&img, &t, "klon.json");
+}
+
+#[test]
+fn newer_format_version_is_refused_with_advice() {
+    let t = TempDir::new("version");
+    let (_, img) = fresh_image(&t);
+    let manifest = img.join("klon.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": 1", "\"format_version\": 2", 1);
+    std::fs::write(&manifest, &text).unwrap();
+    let sum = format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex());
+    std::fs::write(img.join("klon.json.b3"), sum).unwrap();
+    let o = klon(&["verify", img.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("version 2"), "{}", stderr(&o));
+}
+
+#[test]
+fn interrupted_backup_is_reported_incomplete() {
+    let t = TempDir::new("interrupt");
+    let src = t.join("src.img");
+    let img = t.join("image");
+    // Big enough that the backup is still running when it is killed.
+    blank_file(&src, 1536 * MIB);
+    let chunk = random_bytes(3, 8 * MIB as usize);
+    for i in 0..192 {
+        write_at(&src, i * 8 * MIB, &chunk);
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_klon"))
+        .args(["backup", "--quiet", "--level", "19", src.to_str().unwrap(), img.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let partial = t.join("image.klon-partial");
+    let started = std::time::Instant::now();
+    while !partial.join("disk.000").exists() {
+        assert!(started.elapsed().as_secs() < 60, "backup did not start writing");
+        assert!(child.try_wait().unwrap().is_none(), "backup ended before it could be interrupted");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // as a power cut or a pulled drive would
+    child.wait().unwrap();
+    assert!(!img.exists(), "an interrupted backup must not look like a finished image");
+    fails_with(&klon(&["info", img.to_str().unwrap()]), 4, &["did not finish"]);
+    fails_with(&klon(&["verify", img.to_str().unwrap()]), 4, &["did not finish"]);
+    fails_with(&klon(&["verify", partial.to_str().unwrap()]), 4, &["unfinished"]);
+    let o = klon(&["restore", "--yes", partial.to_str().unwrap(), t.join("dst.img").to_str().unwrap()]);
+    fails_with(&o, 4, &["unfinished"]);
+    assert!(!t.join("dst.img").exists());
+    // The same name cannot be reused until the leftover is dealt with.
+    fails_with(&klon(&["backup", src.to_str().unwrap(), img.to_str().unwrap()]), 5, &["did not finish"]);
+}
+
+#[test]
+fn cancelled_backup_removes_its_unfinished_image() {
+    let t = TempDir::new("cancel");
+    let src = t.join("src.img");
+    let img = t.join("image");
+    blank_file(&src, 1536 * MIB);
+    let chunk = random_bytes(4, 8 * MIB as usize);
+    for i in 0..192 {
+        write_at(&src, i * 8 * MIB, &chunk);
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_klon"))
+        .args(["backup", "--quiet", "--level", "19", src.to_str().unwrap(), img.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = t.join("image.klon-partial");
+    let started = std::time::Instant::now();
+    while !partial.join("disk.000").exists() {
+        assert!(started.elapsed().as_secs() < 60, "backup did not start writing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    nix_kill(child.id(), libc_sigint());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
+    assert!(!partial.exists() && !img.exists(), "cancelled backup left files behind");
+}
+
+fn libc_sigint() -> i32 {
+    2
+}
+
+fn nix_kill(pid: u32, sig: i32) {
+    run("kill", &[&format!("-{sig}"), &pid.to_string()]);
+}

@@ -1,0 +1,199 @@
+//! Backup -> verify -> restore round trips on disk image files, compared
+//! byte for byte, and the checks that stop a restore onto a wrong target.
+
+mod common;
+
+use common::disks::*;
+
+fn backup(src: &std::path::Path, img: &std::path::Path, extra: &[&str]) {
+    let mut args = vec!["backup", src.to_str().unwrap(), img.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(&klon(&args));
+}
+
+fn restore(img: &std::path::Path, dst: &std::path::Path, extra: &[&str]) {
+    let mut args = vec!["restore", "--yes", img.to_str().unwrap(), dst.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ok(&klon(&args));
+}
+
+#[test]
+fn gpt_round_trip_same_size_is_byte_identical() {
+    let t = TempDir::new("gpt-same");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    make_gpt_disk(&src, 48 * MIB);
+    backup(&src, &img, &[]);
+    ok(&klon(&["verify", img.to_str().unwrap()]));
+    restore(&img, &dst, &[]); // missing target: created with the source's size
+    assert_eq!(std::fs::metadata(&dst).unwrap().len(), 48 * MIB);
+    assert_same(&src, &dst, 0, 48 * MIB, "whole disk");
+    let v = run("sgdisk", &["-v", dst.to_str().unwrap()]);
+    assert!(v.contains("No problems found"), "{v}");
+}
+
+#[test]
+fn gpt_restore_to_larger_used_disk_moves_backup_header_and_grows_last() {
+    let t = TempDir::new("gpt-larger");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    let parts = make_gpt_disk(&src, 48 * MIB);
+    backup(&src, &img, &[]);
+    for grow in [false, true] {
+        let dst = t.join(if grow { "grown.img" } else { "larger.img" });
+        garbage_file(&dst, 80 * MIB); // a used disk: stale data everywhere
+        restore(&img, &dst, if grow { &["--grow-last"] } else { &[] });
+        for p in &parts {
+            assert_same(&src, &dst, p.start * 512, p.size * 512, &format!("partition {}", p.node));
+        }
+        assert_same(&src, &dst, 0, 440, "MBR boot code");
+        assert_same(&src, &dst, 34 * 512, (2048 - 34) * 512, "gap after the GPT");
+        let v = run("sgdisk", &["-v", dst.to_str().unwrap()]);
+        assert!(v.contains("No problems found"), "sgdisk -v on the restored disk:\n{v}");
+        let (after, _) = sfdisk_parts(&dst);
+        assert_eq!(after.len(), parts.len());
+        for (a, b) in after.iter().zip(&parts).take(parts.len() - 1) {
+            assert_eq!((a.start, a.size), (b.start, b.size));
+        }
+        let last = after.last().unwrap();
+        let src_last = parts.last().unwrap();
+        assert_eq!(last.start, src_last.start);
+        if grow {
+            // Last usable LBA of an 80 MiB disk with a 128-entry array: total - 34.
+            assert_eq!(last.start + last.size - 1, 80 * MIB / 512 - 34, "last partition not grown to the end");
+        } else {
+            assert_eq!(last.size, src_last.size);
+        }
+    }
+}
+
+#[test]
+fn mbr_with_logical_partitions_round_trip() {
+    let t = TempDir::new("mbr");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    let parts = make_mbr_disk(&src, 40 * MIB);
+    backup(&src, &img, &[]);
+    let info = stdout(&klon(&["info", "--json", img.to_str().unwrap()]));
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let numbers: Vec<u64> = v["manifest"]["layout"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![1, 2, 5, 6]);
+    garbage_file(&dst, 64 * MIB);
+    restore(&img, &dst, &[]);
+    for p in &parts {
+        if p.ptype == "5" {
+            continue;
+        }
+        assert_same(&src, &dst, p.start * 512, p.size * 512, &format!("partition {}", p.node));
+    }
+    // Boot code, table, the gap after the MBR, and both EBRs.
+    assert_same(&src, &dst, 0, 2048 * 512, "MBR and the gap after it");
+    assert_same(&src, &dst, 18432 * 512, 512, "first EBR");
+    assert_same(&src, &dst, 28672 * 512, 512, "second EBR");
+    let (after, _) = sfdisk_parts(&dst);
+    let strip = |v: &[SfPart]| v.iter().map(|p| (p.start, p.size, p.ptype.clone())).collect::<Vec<_>>();
+    assert_eq!(strip(&after), strip(&parts));
+
+    // --grow-last on MBR: the last logical partition and the extended container grow.
+    let grown = t.join("grown.img");
+    garbage_file(&grown, 64 * MIB);
+    restore(&img, &grown, &["--grow-last"]);
+    let (after, _) = sfdisk_parts(&grown);
+    let ext = after.iter().find(|p| p.ptype == "5").unwrap();
+    let last = after.last().unwrap();
+    assert_eq!(ext.start + ext.size, 64 * MIB / 512, "extended partition not grown");
+    assert_eq!(last.start + last.size, 64 * MIB / 512, "last logical partition not grown");
+    assert_same(&src, &grown, last.start * 512, parts.last().unwrap().size * 512, "last partition data");
+}
+
+#[test]
+fn whole_disk_filesystem_without_table_round_trip_and_fsck() {
+    let t = TempDir::new("notable");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    let files = t.join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("hello.txt"), text_bytes(1, 300_000)).unwrap();
+    std::fs::write(files.join("random.bin"), random_bytes(2, 2_000_000)).unwrap();
+    blank_file(&src, 32 * MIB);
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-d", files.to_str().unwrap(), src.to_str().unwrap()]);
+    backup(&src, &img, &[]);
+    let info = stdout(&klon(&["info", "--json", img.to_str().unwrap()]));
+    assert!(info.contains("\"kind\": \"none\""), "{info}");
+    garbage_file(&dst, 40 * MIB);
+    restore(&img, &dst, &[]);
+    assert_same(&src, &dst, 0, 32 * MIB, "whole-disk filesystem");
+    run("e2fsck", &["-fn", dst.to_str().unwrap()]);
+}
+
+#[test]
+fn split_files_and_level_are_honoured() {
+    let t = TempDir::new("split");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    blank_file(&src, 64 * MIB);
+    write_at(&src, 0, &random_bytes(5, 50 * MIB as usize));
+    backup(&src, &img, &["--split", "9M", "--level", "1"]);
+    let names: Vec<String> = std::fs::read_dir(&img).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let data_files = names.iter().filter(|n| n.starts_with("disk.0")).count();
+    assert!(data_files >= 6, "expected at least 6 split files, got {names:?}");
+    for n in &names {
+        assert!(std::fs::metadata(img.join(n)).unwrap().len() <= 9 * MIB, "{n} is larger than --split");
+    }
+    restore(&img, &dst, &[]);
+    assert_same(&src, &dst, 0, 64 * MIB, "whole disk");
+}
+
+#[test]
+fn refuses_smaller_target_with_both_sizes_and_leaves_it_alone() {
+    let t = TempDir::new("small");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    make_gpt_disk(&src, 48 * MIB);
+    backup(&src, &img, &[]);
+    garbage_file(&dst, 40 * MIB);
+    let before = std::fs::read(&dst).unwrap();
+    let o = klon(&["restore", "--yes", img.to_str().unwrap(), dst.to_str().unwrap()]);
+    fails_with(&o, 5, &["too small", "50331648", "41943040"]);
+    assert!(std::fs::read(&dst).unwrap() == before, "refused restore changed the target");
+}
+
+#[test]
+fn restore_needs_yes_without_a_terminal() {
+    let t = TempDir::new("yes");
+    let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+    make_gpt_disk(&src, 48 * MIB);
+    backup(&src, &img, &["--no-verify"]);
+    garbage_file(&dst, 48 * MIB);
+    let before = std::fs::read(&dst).unwrap();
+    let o = klon(&["restore", img.to_str().unwrap(), dst.to_str().unwrap()]);
+    fails_with(&o, 5, &["--yes"]);
+    assert!(std::fs::read(&dst).unwrap() == before, "unconfirmed restore changed the target");
+}
+
+#[test]
+fn backup_refuses_existing_image_dir_and_bad_options() {
+    let t = TempDir::new("exists");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    blank_file(&src, 8 * MIB);
+    std::fs::create_dir(&img).unwrap();
+    fails_with(&klon(&["backup", src.to_str().unwrap(), img.to_str().unwrap()]), 5, &["already exists"]);
+    let img2 = t.join("image2");
+    fails_with(&klon(&["backup", "--level", "40", src.to_str().unwrap(), img2.to_str().unwrap()]), 2, &["level"]);
+    fails_with(&klon(&["backup", "--split", "1M", src.to_str().unwrap(), img2.to_str().unwrap()]), 2, &["--split"]);
+    fails_with(&klon(&["backup", "/nonexistent/disk", img2.to_str().unwrap()]), 3, &["/nonexistent/disk"]);
+    assert!(!img2.exists());
+    fails_with(&klon(&["backup", "--bogus"]), 2, &[]);
+}
+
+#[test]
+fn restore_refuses_target_that_is_inside_the_image_or_is_the_image() {
+    let t = TempDir::new("self");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    make_gpt_disk(&src, 48 * MIB);
+    backup(&src, &img, &["--no-verify"]);
+    // A target file inside the image directory would overwrite the image.
+    let inside = img.join("target.img");
+    let o = klon(&["restore", "--yes", img.to_str().unwrap(), inside.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    ok(&klon(&["verify", img.to_str().unwrap()]));
+}
