@@ -6,6 +6,7 @@
 //! the engine treats both the same way.
 
 pub mod blockdev;
+pub mod mounts;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
