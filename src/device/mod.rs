@@ -7,6 +7,7 @@
 
 pub mod blockdev;
 pub mod mounts;
+pub mod sysfs;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
