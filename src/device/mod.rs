@@ -7,6 +7,7 @@
 
 pub mod blockdev;
 pub mod mounts;
+pub mod safety;
 pub mod sysfs;
 
 use std::fs::{File, OpenOptions};
