@@ -51,6 +51,21 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
     if target.kind == DiskKind::BlockDevice {
         let mounts = mounts::mounts()?;
         let swaps = mounts::swap_devices()?;
+        if let Some(dir) = image_dir
+            && let Some(part) = block_device_of_dir(dir, &mounts)
+        {
+            for base in sysfs::underlying_devices(part) {
+                if overlaps(base, target.dev) {
+                    return Err(Error::Refused(format!(
+                        "the image directory {} is on {}, which is part of the target {}; \
+                         writing the target would destroy the image: keep images on another disk",
+                        dir.display(),
+                        dev_name(part),
+                        target.path.display(),
+                    )));
+                }
+            }
+        }
         for (dev, via) in covered_devices(target.dev) {
             let what = format!("{}{}", dev_name(dev), via_text(via));
             if let Some(m) = mounts.iter().find(|m| m.is_on(dev)) {
@@ -76,21 +91,6 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
                     target.path.display(),
                     h.iter().map(|n| format!("/dev/{n}")).collect::<Vec<_>>().join(", "),
                 )));
-            }
-        }
-        if let Some(dir) = image_dir
-            && let Some(part) = block_device_of_dir(dir, &mounts)
-        {
-            for base in sysfs::underlying_devices(part) {
-                if overlaps(base, target.dev) {
-                    return Err(Error::Refused(format!(
-                        "the image directory {} is on {}, which is part of the target {}; \
-                         writing the target would destroy the image: keep images on another disk",
-                        dir.display(),
-                        dev_name(part),
-                        target.path.display(),
-                    )));
-                }
             }
         }
     } else if let Some(dir) = image_dir
@@ -146,7 +146,11 @@ fn check_not_same(target: &Disk, source: &Disk) -> Result<()> {
             if overlaps(target.dev, source.dev) {
                 return refuse("overlaps the");
             }
-            if let (Some(a), Some(b)) = (loop_file_id(target.dev), loop_file_id(source.dev))
+            // Two different loop devices over one file are one disk (two
+            // partitions of the same loop device were handled above).
+            let whole_differs = sysfs::whole_disk_of(target.dev) != sysfs::whole_disk_of(source.dev);
+            if whole_differs
+                && let (Some(a), Some(b)) = (loop_file_id(target.dev), loop_file_id(source.dev))
                 && a == b
             {
                 return refuse("is a loop device over the same file as the");
