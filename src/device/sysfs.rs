@@ -349,7 +349,7 @@ pub fn list_disks() -> Result<Vec<DiskInfo>> {
     let root = Path::new("/sys/block");
     let rd = fs::read_dir(root).map_err(|e| Error::io("listing", root, None, e))?;
     let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+    names.sort_by_key(|n| natural_key(n));
     let mut out = Vec::new();
     for name in names {
         if name.starts_with("ram") || name.starts_with("zram") {
@@ -557,7 +557,7 @@ mod tests {
     #[test]
     fn natural_order() {
         let mut v = vec!["sdb", "loop10", "loop2", "nvme0n1", "sda"];
-        v.sort_by(|a, b| natural_key(a).cmp(&natural_key(b)));
+        v.sort_by_key(|n| natural_key(n));
         assert_eq!(v, ["loop2", "loop10", "nvme0n1", "sda", "sdb"]);
     }
 

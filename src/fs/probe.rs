@@ -149,7 +149,7 @@ fn probe_lvm2(r: &Region) -> Option<FsInfo> {
         if slice(&b, 0, 8)? != b"LABELONE" || slice(&b, 24, 8)? != b"LVM2 001" {
             continue;
         }
-        if le64(&b, 8)? != sector {
+        if le64(&b, 8)? != sector || le32(&b, 16)? != lvm_crc(slice(&b, 20, 512 - 20)?) {
             continue;
         }
         let off = le32(&b, 20)? as usize;
@@ -168,6 +168,22 @@ fn probe_lvm2(r: &Region) -> Option<FsInfo> {
         return info("LVM2_member", None, Some(uuid));
     }
     None
+}
+
+/// LVM2's label checksum: CRC-32 (reflected, 0xedb88320) from the initial
+/// value 0xf597a6cf, without a final inversion.
+fn lvm_crc(data: &[u8]) -> u32 {
+    const TAB: [u32; 16] = [
+        0x00000000, 0x1db71064, 0x3b6e20c8, 0x26d930ac, 0x76dc4190, 0x6b6b51f4, 0x4db26158, 0x5005713c,
+        0xedb88320, 0xf00f9344, 0xd6d6a3e8, 0xcb61b38c, 0x9b64c2b0, 0x86d3d2d4, 0xa00ae278, 0xbdbdf21c,
+    ];
+    let mut crc: u32 = 0xf597a6cf;
+    for &b in data {
+        crc ^= b as u32;
+        crc = (crc >> 4) ^ TAB[(crc & 0xf) as usize];
+        crc = (crc >> 4) ^ TAB[(crc & 0xf) as usize];
+    }
+    crc
 }
 
 // ---------------------------------------------------------------- XFS
@@ -633,6 +649,76 @@ mod tests {
     #[test]
     fn swap() {
         check("swap", 16 * MB, "mkswap", &["-L", "klonswap"]);
+    }
+
+    /// Writes `bytes` at `off` into a fresh 1 MiB file and compares probe
+    /// with blkid.
+    fn check_synthetic(name: &str, parts: &[(u64, &[u8])]) -> FsInfo {
+        let img = temp_image(name, 8 * MB);
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img.0).unwrap();
+        for (off, b) in parts {
+            f.write_all_at(b, *off).unwrap();
+        }
+        drop(f);
+        let disk = Disk::open_read_only(&img.0).unwrap();
+        let got = probe(&disk, 0, disk.size).unwrap_or_else(|| panic!("{name}: nothing probed"));
+        assert_eq!(got, blkid(&img.0), "{name}");
+        got
+    }
+
+    const LUKS_UUID: &[u8] = b"3f1e9a2c-5b7d-4e8f-9a0b-1c2d3e4f5a6b";
+
+    #[test]
+    fn luks1() {
+        let mut h = vec![0u8; 592];
+        h[0..6].copy_from_slice(b"LUKS\xba\xbe");
+        h[6..8].copy_from_slice(&1u16.to_be_bytes());
+        h[8..11].copy_from_slice(b"aes");
+        h[40..51].copy_from_slice(b"xts-plain64");
+        h[72..78].copy_from_slice(b"sha256");
+        h[104..108].copy_from_slice(&4096u32.to_be_bytes());
+        h[108..112].copy_from_slice(&64u32.to_be_bytes());
+        h[168..168 + LUKS_UUID.len()].copy_from_slice(LUKS_UUID);
+        let got = check_synthetic("luks1", &[(0, &h)]);
+        assert_eq!(got.fstype, "crypto_LUKS");
+        assert_eq!(got.uuid.as_deref(), Some(std::str::from_utf8(LUKS_UUID).unwrap()));
+    }
+
+    #[test]
+    fn luks2() {
+        let mut h = vec![0u8; 4096];
+        h[0..6].copy_from_slice(b"LUKS\xba\xbe");
+        h[6..8].copy_from_slice(&2u16.to_be_bytes());
+        h[8..16].copy_from_slice(&16384u64.to_be_bytes());
+        h[16..24].copy_from_slice(&1u64.to_be_bytes());
+        h[24..34].copy_from_slice(b"klon-luks2");
+        h[72..78].copy_from_slice(b"sha256");
+        h[168..168 + LUKS_UUID.len()].copy_from_slice(LUKS_UUID);
+        let got = check_synthetic("luks2", &[(0, &h)]);
+        assert_eq!(got.label.as_deref(), Some("klon-luks2"));
+    }
+
+    #[test]
+    fn lvm2_member() {
+        let mut l = vec![0u8; 512];
+        l[0..8].copy_from_slice(b"LABELONE");
+        l[8..16].copy_from_slice(&1u64.to_le_bytes());
+        l[20..24].copy_from_slice(&32u32.to_le_bytes());
+        l[24..32].copy_from_slice(b"LVM2 001");
+        l[32..64].copy_from_slice(b"AbCdEf0123456789GhIjKl0123456789");
+        l[64..72].copy_from_slice(&(16 * MB).to_le_bytes());
+        let crc = lvm_crc(&l[20..]);
+        l[16..20].copy_from_slice(&crc.to_le_bytes());
+        let got = check_synthetic("lvm2", &[(512, &l)]);
+        assert_eq!(got.uuid.as_deref(), Some("AbCdEf-0123-4567-89Gh-IjKl-0123-456789"));
+        // A wrong checksum is not a label.
+        l[40] ^= 1;
+        let img = temp_image("lvm2-bad", MB);
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new().write(true).open(&img.0).unwrap().write_all_at(&l, 512).unwrap();
+        let disk = Disk::open_read_only(&img.0).unwrap();
+        assert_eq!(probe(&disk, 0, disk.size), None);
     }
 
     #[test]
