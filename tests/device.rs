@@ -226,6 +226,9 @@ fn mounted_partition_blocks_source_target_and_image_dir() {
         check_image_dir_not_on(&Disk::open_read_only(&lo.partition(2)).unwrap(), &mnt).unwrap();
         // ...or inside a filesystem of the source image file.
         refusal(check_image_dir_not_on(&file_source, &mnt.join("x")));
+        // The image file as a target while the image dir is inside it.
+        let msg = refusal(check_target(&file_source, None, Some(&mnt.join("x"))));
+        assert!(msg.contains("loop device over the target file"), "{msg}");
         check_image_dir_not_on(&disk, &outside).unwrap();
 
         // The image directory on the target disk is named as such; on a

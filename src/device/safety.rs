@@ -93,14 +93,28 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
                 )));
             }
         }
-    } else if let Some(dir) = image_dir
-        && file_inside_dir(&target.path, dir)
-    {
-        return Err(Error::Refused(format!(
-            "the target file {} lies inside the image directory {}; choose a target outside it",
-            target.path.display(),
-            dir.display(),
-        )));
+    } else if let Some(dir) = image_dir {
+        if file_inside_dir(&target.path, dir) {
+            return Err(Error::Refused(format!(
+                "the target file {} lies inside the image directory {}; choose a target outside it",
+                target.path.display(),
+                dir.display(),
+            )));
+        }
+        // The image directory inside a filesystem of the target file
+        // (attached to a loop device and mounted).
+        let mounts = mounts::mounts()?;
+        if let Some(part) = block_device_of_dir(dir, &mounts)
+            && sysfs::underlying_devices(part).into_iter().any(|b| loop_file_id(b) == Some((target.dev, target.ino)))
+        {
+            return Err(Error::Refused(format!(
+                "the image directory {} is on {}, a loop device over the target file {}; \
+                 writing the target would destroy the image: keep images elsewhere",
+                dir.display(),
+                dev_name(part),
+                target.path.display(),
+            )));
+        }
     }
     Ok(())
 }

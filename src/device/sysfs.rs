@@ -475,7 +475,7 @@ pub fn render_disks(disks: &[DiskInfo]) -> String {
                 None => ("-", ""),
             };
             let mounted = if p.mountpoints.is_empty() {
-                String::new()
+                if p.in_use { "(in use)".to_string() } else { String::new() }
             } else {
                 p.mountpoints.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(",")
             };
