@@ -6,6 +6,7 @@
 //! the engine treats both the same way.
 
 pub mod blockdev;
+pub mod mounts;
 pub mod safety;
 pub mod sysfs;
 

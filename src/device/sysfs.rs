@@ -1,13 +1,622 @@
-//! TEMPORARY stub.
-use super::Disk;
-/// stub
-pub struct DiskInfo { /// m
-pub model: Option<String>, /// s
-pub serial: Option<String>, /// t
-pub transport: String }
-/// stub
-pub fn disk_info(_disk: &Disk) -> Option<DiskInfo> { None }
-/// stub
-pub fn list_disks() -> crate::Result<Vec<u8>> { Ok(vec![]) }
-/// stub
-pub fn render_disks(_d: &[u8]) -> String { String::new() }
+//! Finding disks and partitions from /sys (the live system has no udev):
+//! sizes, sector sizes, model, serial, transport, partitions with their
+//! filesystems and mountpoints, holders, and loop backing files.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::mounts::{self, Mount, makedev};
+use crate::device::{Disk, DiskKind};
+use crate::error::{Error, Result};
+use crate::fs::{FsInfo, probe};
+
+/// A whole disk as found in /sys/block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Device node, e.g. /dev/sda.
+    pub path: PathBuf,
+    /// Kernel name, e.g. "sda".
+    pub name: String,
+    /// Device number (makedev(major, minor)).
+    pub devno: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Logical sector size in bytes.
+    pub logical_sector_size: u32,
+    /// Physical sector size in bytes.
+    pub physical_sector_size: u32,
+    /// Model string, when the device reports one.
+    pub model: Option<String>,
+    /// Serial number, when the device reports one.
+    pub serial: Option<String>,
+    /// How the disk is attached: usb, nvme, sata, scsi, virtio, mmc, loop,
+    /// virtual (device mapper, md) or unknown.
+    pub transport: String,
+    /// The kernel marks the medium removable.
+    pub removable: bool,
+    /// The kernel marks the device read-only.
+    pub read_only: bool,
+    /// For a loop device, the file behind it.
+    pub loop_backing_file: Option<PathBuf>,
+    /// Partitions, ordered by number.
+    pub partitions: Vec<PartInfo>,
+    /// A filesystem directly on the whole disk (only probed when the disk
+    /// has no partitions).
+    pub fs: Option<FsInfo>,
+    /// Where the whole disk itself is mounted (a filesystem without a
+    /// partition table).
+    pub mountpoints: Vec<PathBuf>,
+    /// The whole disk itself is mounted, used as swap or held (LVM, dm,
+    /// md). Partitions carry their own `in_use`.
+    pub in_use: bool,
+}
+
+/// One partition of a disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// Partition number (1-based).
+    pub number: u32,
+    /// Device node, e.g. /dev/sda1.
+    pub path: PathBuf,
+    /// Device number.
+    pub devno: u64,
+    /// Start on the disk in bytes.
+    pub start: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// What the partition holds, if recognised.
+    pub fs: Option<FsInfo>,
+    /// Where it is mounted.
+    pub mountpoints: Vec<PathBuf>,
+    /// Mounted, used as swap, or held by another device (dm, md, LVM).
+    pub in_use: bool,
+}
+
+fn read_attr(path: &Path) -> Option<String> {
+    let s = fs::read_to_string(path).ok()?;
+    let s = s.trim();
+    if s.is_empty() { None } else { Some(s.to_string()) }
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    read_attr(path)?.parse().ok()
+}
+
+/// Parses "MAJ:MIN" into a device number.
+pub fn parse_devno(s: &str) -> Option<u64> {
+    let (maj, min) = s.trim().split_once(':')?;
+    Some(makedev(maj.parse().ok()?, min.parse().ok()?))
+}
+
+/// The canonical sysfs directory of a block device number.
+pub fn sys_dir_of(devno: u64) -> Option<PathBuf> {
+    let p = PathBuf::from(format!("/sys/dev/block/{}:{}", mounts::major(devno), mounts::minor(devno)));
+    fs::canonicalize(p).ok()
+}
+
+fn is_partition_dir(dir: &Path) -> bool {
+    dir.join("partition").exists()
+}
+
+/// For a partition's device number, the device number of its whole disk;
+/// for a whole disk, its own. `None` when sysfs does not know the device.
+pub fn whole_disk_of(devno: u64) -> Option<u64> {
+    let dir = sys_dir_of(devno)?;
+    if is_partition_dir(&dir) {
+        parse_devno(&read_attr(&dir.parent()?.join("dev"))?)
+    } else {
+        Some(devno)
+    }
+}
+
+/// Device numbers of the partitions of the whole disk `devno` (empty for a
+/// partition or a disk without partitions).
+pub fn partition_devnos(devno: u64) -> Vec<u64> {
+    let Some(dir) = sys_dir_of(devno) else { return Vec::new() };
+    if is_partition_dir(&dir) {
+        return Vec::new();
+    }
+    let Ok(rd) = fs::read_dir(&dir) else { return Vec::new() };
+    rd.flatten()
+        .filter(|e| is_partition_dir(&e.path()))
+        .filter_map(|e| parse_devno(&read_attr(&e.path().join("dev"))?))
+        .collect()
+}
+
+/// Names of the devices holding `devno` (/sys/.../holders): device mapper,
+/// md or LVM built on it.
+pub fn holders(devno: u64) -> Vec<String> {
+    let Some(dir) = sys_dir_of(devno) else { return Vec::new() };
+    list_names(&dir.join("holders"))
+}
+
+fn list_names(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    let mut v: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// The block devices under `devno`, following /sys/.../slaves down to the
+/// devices that have none (for a partition or plain disk: itself).
+/// Bounded in depth and count.
+pub fn underlying_devices(devno: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut todo = vec![(devno, 0u32)];
+    while let Some((d, depth)) = todo.pop() {
+        if out.len() > 256 {
+            break;
+        }
+        let slaves = sys_dir_of(d).map(|dir| list_names(&dir.join("slaves"))).unwrap_or_default();
+        if slaves.is_empty() || depth > 8 {
+            if !out.contains(&d) {
+                out.push(d);
+            }
+            continue;
+        }
+        for s in slaves {
+            if let Some(sd) = read_attr(&Path::new("/sys/class/block").join(&s).join("dev")).and_then(|t| parse_devno(&t)) {
+                todo.push((sd, depth + 1));
+            }
+        }
+    }
+    out
+}
+
+/// The file behind loop device `name` (e.g. "loop0"), if attached.
+pub fn loop_backing_file(name: &str) -> Option<PathBuf> {
+    if !name.starts_with("loop") || name.contains('/') {
+        return None;
+    }
+    read_attr(&Path::new("/sys/block").join(name).join("loop/backing_file")).map(PathBuf::from)
+}
+
+/// The kernel name of a device number (e.g. "sda1").
+pub fn name_of(devno: u64) -> Option<String> {
+    Some(sys_dir_of(devno)?.file_name()?.to_string_lossy().into_owned())
+}
+
+/// The transport of a disk from its resolved sysfs path.
+pub fn transport_from_sys_path(resolved: &str, name: &str) -> String {
+    let t = if name.starts_with("loop") {
+        "loop"
+    } else if resolved.contains("/usb") {
+        "usb"
+    } else if resolved.contains("/nvme") || name.starts_with("nvme") {
+        "nvme"
+    } else if resolved.contains("/virtio") {
+        "virtio"
+    } else if resolved.contains("/ata") {
+        "sata"
+    } else if resolved.contains("/mmc") || name.starts_with("mmcblk") {
+        "mmc"
+    } else if name.starts_with("dm-") || name.starts_with("md") {
+        "virtual"
+    } else if resolved.contains("/host") && resolved.contains("/target") {
+        "scsi"
+    } else {
+        "unknown"
+    };
+    t.to_string()
+}
+
+/// The serial number from a SCSI VPD page 0x80 (4-byte header, then ASCII).
+pub fn serial_from_vpd80(page: &[u8]) -> Option<String> {
+    if page.len() < 4 || page[1] != 0x80 {
+        return None;
+    }
+    let n = u16::from_be_bytes([page[2], page[3]]) as usize;
+    let raw = page.get(4..4 + n.min(page.len() - 4))?;
+    let s: String = String::from_utf8_lossy(raw).trim_matches(|c: char| c.is_whitespace() || c == '\0').to_string();
+    if s.is_empty() { None } else { Some(s) }
+}
+
+fn serial_of(sysdir: &Path) -> Option<String> {
+    let dev = sysdir.join("device");
+    for p in [sysdir.join("serial"), dev.join("serial")] {
+        if let Some(s) = read_attr(&p) {
+            return Some(s);
+        }
+    }
+    if let Some(s) = fs::read(dev.join("vpd_pg80")).ok().and_then(|b| serial_from_vpd80(&b)) {
+        return Some(s);
+    }
+    // USB storage: the serial is an attribute of the USB device upstream.
+    if let Ok(real) = fs::canonicalize(&dev) {
+        for anc in real.ancestors().take(12) {
+            if anc.join("idVendor").exists() {
+                if let Some(s) = read_attr(&anc.join("serial")) {
+                    return Some(s);
+                }
+                break;
+            }
+        }
+    }
+    read_attr(&dev.join("wwid"))
+}
+
+fn model_of(sysdir: &Path, name: &str) -> Option<String> {
+    if name.starts_with("dm-") {
+        return read_attr(&sysdir.join("dm/name"));
+    }
+    if name.starts_with("md") {
+        return read_attr(&sysdir.join("md/level"));
+    }
+    let dev = sysdir.join("device");
+    read_attr(&dev.join("model")).or_else(|| read_attr(&dev.join("name")))
+}
+
+fn dev_path(name: &str) -> PathBuf {
+    PathBuf::from("/dev").join(name.replace('!', "/"))
+}
+
+/// What the safety and listing code needs to know about the system state.
+struct Usage {
+    mounts: Vec<Mount>,
+    swaps: Vec<u64>,
+}
+
+impl Usage {
+    fn load() -> Result<Usage> {
+        Ok(Usage { mounts: mounts::mounts()?, swaps: mounts::swap_devices()? })
+    }
+    fn mountpoints(&self, devno: u64) -> Vec<PathBuf> {
+        self.mounts.iter().filter(|m| m.is_on(devno)).map(|m| m.mountpoint.clone()).collect()
+    }
+    fn in_use(&self, devno: u64) -> bool {
+        self.mounts.iter().any(|m| m.is_on(devno)) || self.swaps.contains(&devno) || !holders(devno).is_empty()
+    }
+}
+
+fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> {
+    let name = sysdir.file_name()?.to_string_lossy().into_owned();
+    let devno = parse_devno(&read_attr(&sysdir.join("dev"))?)?;
+    let size = read_u64(&sysdir.join("size"))?.checked_mul(512)?;
+    let partition = is_partition_dir(sysdir);
+    // Queue attributes live on the whole disk.
+    let qdir = if partition { sysdir.parent()?.to_path_buf() } else { sysdir.to_path_buf() };
+    let logical = read_u64(&qdir.join("queue/logical_block_size")).unwrap_or(512) as u32;
+    let physical = read_u64(&qdir.join("queue/physical_block_size")).unwrap_or(logical as u64) as u32;
+    let disk_name = qdir.file_name()?.to_string_lossy().into_owned();
+    let resolved = qdir.to_string_lossy().into_owned();
+    let opened;
+    let disk = match open {
+        Some(d) => Some(d),
+        None => {
+            opened = Disk::open_read_only(&dev_path(&name)).ok();
+            opened.as_ref()
+        }
+    };
+    let mut partitions = Vec::new();
+    if !partition && let Ok(rd) = fs::read_dir(sysdir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if !is_partition_dir(&p) {
+                continue;
+            }
+            let (Some(number), Some(pdev), Some(start), Some(psize)) = (
+                read_u64(&p.join("partition")),
+                read_attr(&p.join("dev")).and_then(|s| parse_devno(&s)),
+                read_u64(&p.join("start")).and_then(|v| v.checked_mul(512)),
+                read_u64(&p.join("size")).and_then(|v| v.checked_mul(512)),
+            ) else {
+                continue;
+            };
+            let pname = e.file_name().to_string_lossy().into_owned();
+            partitions.push(PartInfo {
+                number: number as u32,
+                path: dev_path(&pname),
+                devno: pdev,
+                start,
+                size: psize,
+                fs: disk.and_then(|d| probe(d, start, psize)),
+                mountpoints: usage.mountpoints(pdev),
+                in_use: usage.in_use(pdev),
+            });
+        }
+    }
+    partitions.sort_by_key(|p| p.number);
+    let fs = if partitions.is_empty() { disk.and_then(|d| probe(d, 0, size.min(d.size))) } else { None };
+    Some(DiskInfo {
+        path: dev_path(&name),
+        name: name.clone(),
+        devno,
+        size,
+        logical_sector_size: logical,
+        physical_sector_size: physical,
+        model: model_of(&qdir, &disk_name),
+        serial: serial_of(&qdir),
+        transport: transport_from_sys_path(&resolved, &disk_name),
+        removable: read_u64(&qdir.join("removable")) == Some(1),
+        read_only: read_u64(&sysdir.join("ro")) == Some(1),
+        loop_backing_file: loop_backing_file(&disk_name),
+        partitions,
+        fs,
+        mountpoints: usage.mountpoints(devno),
+        in_use: usage.in_use(devno),
+    })
+}
+
+/// Lists the whole disks in /sys/block with their partitions. Skips RAM
+/// disks (ram*, zram*) and devices of size 0 (unattached loop devices,
+/// empty card readers and drives). Device-mapper and md devices are listed
+/// with transport "virtual".
+pub fn list_disks() -> Result<Vec<DiskInfo>> {
+    let usage = Usage::load()?;
+    let root = Path::new("/sys/block");
+    let rd = fs::read_dir(root).map_err(|e| Error::io("listing", root, None, e))?;
+    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort_by_key(|n| natural_key(n));
+    let mut out = Vec::new();
+    for name in names {
+        if name.starts_with("ram") || name.starts_with("zram") {
+            continue;
+        }
+        let Ok(dir) = fs::canonicalize(root.join(&name)) else { continue };
+        if read_u64(&dir.join("size")).unwrap_or(0) == 0 {
+            continue;
+        }
+        if let Some(info) = build(&dir, &usage, None) {
+            out.push(info);
+        }
+    }
+    Ok(out)
+}
+
+fn natural_key(s: &str) -> (String, u64, String) {
+    let digits_at = s.find(|c: char| c.is_ascii_digit()).unwrap_or(s.len());
+    let (head, rest) = s.split_at(digits_at);
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    (head.to_string(), rest[..end].parse().unwrap_or(0), rest[end..].to_string())
+}
+
+/// Describes an open block device (a whole disk, or a partition described
+/// as a disk without partitions). `None` for image files or when sysfs does
+/// not know the device.
+pub fn disk_info(disk: &Disk) -> Option<DiskInfo> {
+    if disk.kind != DiskKind::BlockDevice {
+        return None;
+    }
+    let usage = Usage::load().ok()?;
+    let dir = sys_dir_of(disk.dev)?;
+    let mut info = build(&dir, &usage, Some(disk))?;
+    info.path = disk.path.clone();
+    Some(info)
+}
+
+/// Whether the block device `devno` is mounted, used as swap or held.
+pub fn device_in_use(devno: u64) -> Result<bool> {
+    Ok(Usage::load()?.in_use(devno))
+}
+
+/// A byte count for people, in decimal units like disk vendors use:
+/// "512 B", "1.0 MB", "500.1 GB".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut i = 0;
+    while v >= 999.95 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", UNITS[i])
+}
+
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_string()
+    } else if width == 0 {
+        String::new()
+    } else {
+        let mut t: String = s.chars().take(width - 1).collect();
+        t.push('~');
+        t
+    }
+}
+
+/// Renders disks as a table for `klon disks`, at most 80 columns wide:
+/// one line per disk, then an indented line per partition.
+pub fn render_disks(disks: &[DiskInfo]) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<14} {:>9} {:<9} {:<9} {:<20} {}\n",
+        "DISK", "SIZE", "SECTORS", "TRANSPORT", "MODEL", "SERIAL"
+    ));
+    for d in disks {
+        let model = match (&d.model, &d.loop_backing_file) {
+            (Some(m), _) => m.clone(),
+            (None, Some(f)) => f.display().to_string(),
+            (None, None) => "-".to_string(),
+        };
+        let mut flags = Vec::new();
+        if d.removable {
+            flags.push("removable");
+        }
+        if d.read_only {
+            flags.push("read-only");
+        }
+        let line = format!(
+            "{:<14} {:>9} {:<9} {:<9} {:<20} {}",
+            cut(&d.path.display().to_string(), 14),
+            human_size(d.size),
+            format!("{}/{}", d.logical_sector_size, d.physical_sector_size),
+            cut(&d.transport, 9),
+            cut(&model, 20),
+            d.serial.as_deref().unwrap_or("-"),
+        );
+        out.push_str(cut(line.trim_end(), 80).as_str());
+        out.push('\n');
+        if !flags.is_empty() || d.fs.is_some() || !d.mountpoints.is_empty() {
+            let mut extra = flags.join(", ");
+            if let Some(fs) = &d.fs {
+                if !extra.is_empty() {
+                    extra.push_str(", ");
+                }
+                extra.push_str(&format!("whole-disk {}", fs.fstype));
+                if let Some(l) = &fs.label {
+                    extra.push_str(&format!(" \"{l}\""));
+                }
+            }
+            for m in &d.mountpoints {
+                extra.push_str(&format!(", mounted at {}", m.display()));
+            }
+            out.push_str(&cut(&format!("    ({})", extra.trim_start_matches(", ")), 80));
+            out.push('\n');
+        }
+        for p in &d.partitions {
+            let (fstype, label) = match &p.fs {
+                Some(f) => (f.fstype.as_str(), f.label.as_deref().unwrap_or("")),
+                None => ("-", ""),
+            };
+            let mounted = if p.mountpoints.is_empty() {
+                if p.in_use { "(in use)".to_string() } else { String::new() }
+            } else {
+                p.mountpoints.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(",")
+            };
+            let line = format!(
+                "  {:>3} {:>10} {:>10}  {:<11} {:<16} {}",
+                p.number,
+                human_size(p.start),
+                human_size(p.size),
+                cut(fstype, 11),
+                cut(label, 16),
+                mounted
+            );
+            out.push_str(&cut(line.trim_end(), 80));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Convenience used by safety checks: the st_dev of the nearest existing
+/// ancestor of `path` (the path itself when it exists).
+pub fn nearest_existing_st_dev(path: &Path) -> Option<(PathBuf, u64)> {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir().ok()?.join(path) };
+    for anc in abs.ancestors() {
+        if let Ok(meta) = fs::metadata(anc) {
+            return Some((anc.to_path_buf(), meta.dev()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1000), "1.0 kB");
+        assert_eq!(human_size(1 << 20), "1.0 MB");
+        assert_eq!(human_size(500_107_862_016), "500.1 GB");
+        assert_eq!(human_size(999_999_999), "1.0 GB");
+        assert_eq!(human_size(2_000_398_934_016), "2.0 TB");
+        assert_eq!(human_size(u64::MAX), "18.4 EB");
+    }
+
+    #[test]
+    fn transports() {
+        let t = |p: &str, n: &str| transport_from_sys_path(p, n);
+        assert_eq!(t("/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb", "sdb"), "usb");
+        assert_eq!(t("/sys/devices/pci0000:00/0000:00:1d.0/0000:3d:00.0/nvme/nvme0/nvme0n1", "nvme0n1"), "nvme");
+        assert_eq!(t("/sys/devices/pci0000:00/0000:00:02.0/virtio1/block/vda", "vda"), "virtio");
+        assert_eq!(t("/sys/devices/pci0000:00/0000:00:17.0/ata1/host0/target0:0:0/0:0:0:0/block/sda", "sda"), "sata");
+        assert_eq!(t("/sys/devices/platform/soc/mmc_host/mmc0/mmc0:aaaa/block/mmcblk0", "mmcblk0"), "mmc");
+        assert_eq!(t("/sys/devices/virtual/block/loop0", "loop0"), "loop");
+        assert_eq!(t("/sys/devices/virtual/block/dm-0", "dm-0"), "virtual");
+        assert_eq!(t("/sys/devices/pci0000:00/0000:00:10.0/host2/target2:0:1/2:0:1:0/block/sdc", "sdc"), "scsi");
+        assert_eq!(t("/sys/devices/foo/block/xyz", "xyz"), "unknown");
+    }
+
+    #[test]
+    fn vpd80() {
+        let mut page = vec![0x00, 0x80, 0x00, 0x0C];
+        page.extend_from_slice(b"  WD-12345  ");
+        assert_eq!(serial_from_vpd80(&page).as_deref(), Some("WD-12345"));
+        assert_eq!(serial_from_vpd80(&[0, 0x80, 0, 50, b'A']).as_deref(), Some("A"));
+        assert_eq!(serial_from_vpd80(&[0, 0x83, 0, 1, b'A']), None);
+        assert_eq!(serial_from_vpd80(&[0, 0x80]), None);
+    }
+
+    #[test]
+    fn devnos() {
+        assert_eq!(parse_devno("8:17\n"), Some(makedev(8, 17)));
+        assert_eq!(parse_devno("8"), None);
+        assert_eq!(parse_devno("a:b"), None);
+    }
+
+    #[test]
+    fn natural_order() {
+        let mut v = vec!["sdb", "loop10", "loop2", "nvme0n1", "sda"];
+        v.sort_by_key(|n| natural_key(n));
+        assert_eq!(v, ["loop2", "loop10", "nvme0n1", "sda", "sdb"]);
+    }
+
+    fn sample() -> DiskInfo {
+        DiskInfo {
+            path: "/dev/nvme0n1".into(),
+            name: "nvme0n1".into(),
+            devno: makedev(259, 0),
+            size: 500_107_862_016,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+            model: Some("Samsung SSD 970 EVO Plus 500GB with a very long model name".into()),
+            serial: Some("S4EVNX0N123456789012345678901234".into()),
+            transport: "nvme".into(),
+            removable: false,
+            read_only: false,
+            loop_backing_file: None,
+            partitions: vec![PartInfo {
+                number: 1,
+                path: "/dev/nvme0n1p1".into(),
+                devno: makedev(259, 1),
+                start: 1 << 20,
+                size: 536_870_912,
+                fs: Some(FsInfo { fstype: "vfat".into(), label: Some("EFI".into()), uuid: Some("ABCD-1234".into()) }),
+                mountpoints: vec!["/boot/efi/with/a/really/long/path/that/goes/on/and/on/forever".into()],
+                in_use: true,
+            }],
+            fs: None,
+            mountpoints: vec![],
+            in_use: false,
+        }
+    }
+
+    #[test]
+    fn table_fits_80_columns() {
+        let text = render_disks(&[sample()]);
+        for line in text.lines() {
+            assert!(line.chars().count() <= 80, "too wide: {line:?}");
+        }
+        assert!(text.contains("/dev/nvme0n1"));
+        assert!(text.contains("500.1 GB"));
+        assert!(text.contains("512/4096"));
+        assert!(text.contains("vfat"));
+        assert!(text.contains("EFI"));
+    }
+
+    #[test]
+    fn lists_live_disks() {
+        let disks = list_disks().unwrap();
+        for d in &disks {
+            assert!(d.size > 0);
+            assert!(!d.name.starts_with("zram") && !d.name.starts_with("ram"));
+            assert!(d.logical_sector_size >= 512);
+            assert_eq!(whole_disk_of(d.devno), Some(d.devno));
+            for p in &d.partitions {
+                assert_eq!(whole_disk_of(p.devno), Some(d.devno));
+                assert!(p.start + p.size <= d.size);
+            }
+        }
+        let _ = render_disks(&disks);
+    }
+}

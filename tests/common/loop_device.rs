@@ -1,0 +1,99 @@
+//! Loop devices for tests that need real block devices (root only), and
+//! the `require_root!()` guard for such tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Whether root-only tests must run (env `KLON_REQUIRE_ROOT_TESTS=1`):
+/// then a missing root is a failure, not a skip.
+pub fn root_tests_required() -> bool {
+    std::env::var("KLON_REQUIRE_ROOT_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// Whether the tests run as root.
+pub fn have_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// At the top of a test that needs root: without root, panic when root
+/// tests are required, else print "skipping: needs root" and return.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::common::loop_device::have_root() {
+            if $crate::common::loop_device::root_tests_required() {
+                panic!("this test needs root and KLON_REQUIRE_ROOT_TESTS=1 is set: run the tests as root");
+            }
+            eprintln!("skipping: needs root");
+            return;
+        }
+    };
+}
+
+/// A loop device attached by a test; detached again on drop.
+#[derive(Debug)]
+pub struct LoopDevice {
+    /// The device node, e.g. /dev/loop3.
+    pub path: PathBuf,
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"))
+}
+
+impl LoopDevice {
+    /// Attaches `file` to a free loop device with partition scanning, with
+    /// a logical sector size when given. Panics on failure.
+    pub fn attach(file: &Path, sector_size: Option<u32>) -> LoopDevice {
+        let ss = sector_size.map(|s| s.to_string());
+        let mut args = vec!["-f", "--show", "-P"];
+        if let Some(s) = &ss {
+            args.extend(["--sector-size", s.as_str()]);
+        }
+        let file_s = file.to_str().expect("utf-8 path");
+        args.push(file_s);
+        let out = run("losetup", &args);
+        assert!(out.status.success(), "losetup {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Own the device before anything can panic, so it gets detached.
+        let dev = LoopDevice { path: PathBuf::from(&name) };
+        assert!(name.starts_with("/dev/loop"), "unexpected losetup output {name:?}");
+        dev.rescan();
+        dev
+    }
+
+    /// Asks the kernel to (re)read the partitions (`partx -u`).
+    pub fn rescan(&self) {
+        let _ = run("partx", &["-u", self.path.to_str().unwrap()]);
+    }
+
+    /// The node of partition `n` (/dev/loopNpM), waiting briefly for it.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        let p = PathBuf::from(format!("{}p{n}", self.path.display()));
+        for i in 0..50 {
+            if p.exists() {
+                return p;
+            }
+            if i % 10 == 0 {
+                self.rescan();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("partition node {} did not appear", p.display());
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        for _ in 0..10 {
+            let out = run("losetup", &["-d", self.path.to_str().unwrap()]);
+            if out.status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        eprintln!("warning: could not detach {}", self.path.display());
+    }
+}
