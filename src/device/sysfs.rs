@@ -392,22 +392,6 @@ pub fn device_in_use(devno: u64) -> Result<bool> {
     Ok(Usage::load()?.in_use(devno))
 }
 
-/// A byte count for people, in decimal units like disk vendors use:
-/// "512 B", "1.0 MB", "500.1 GB".
-pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
-    if bytes < 1000 {
-        return format!("{bytes} B");
-    }
-    let mut v = bytes as f64 / 1000.0;
-    let mut i = 0;
-    while v >= 999.95 && i < UNITS.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    format!("{v:.1} {}", UNITS[i])
-}
-
 fn cut(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         s.to_string()
@@ -444,7 +428,7 @@ pub fn render_disks(disks: &[DiskInfo]) -> String {
         let line = format!(
             "{:<14} {:>9} {:<9} {:<9} {:<20} {}",
             cut(&d.path.display().to_string(), 14),
-            human_size(d.size),
+            crate::ui::human_bytes(d.size),
             format!("{}/{}", d.logical_sector_size, d.physical_sector_size),
             cut(&d.transport, 9),
             cut(&model, 20),
@@ -482,8 +466,8 @@ pub fn render_disks(disks: &[DiskInfo]) -> String {
             let line = format!(
                 "  {:>3} {:>10} {:>10}  {:<11} {:<16} {}",
                 p.number,
-                human_size(p.start),
-                human_size(p.size),
+                crate::ui::human_bytes(p.start),
+                crate::ui::human_bytes(p.size),
                 cut(fstype, 11),
                 cut(label, 16),
                 mounted
@@ -511,19 +495,7 @@ pub fn nearest_existing_st_dev(path: &Path) -> Option<(PathBuf, u64)> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn human_sizes() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(999), "999 B");
-        assert_eq!(human_size(1000), "1.0 kB");
-        assert_eq!(human_size(1 << 20), "1.0 MB");
-        assert_eq!(human_size(500_107_862_016), "500.1 GB");
-        assert_eq!(human_size(999_999_999), "1.0 GB");
-        assert_eq!(human_size(2_000_398_934_016), "2.0 TB");
-        assert_eq!(human_size(u64::MAX), "18.4 EB");
-    }
-
-    #[test]
+        #[test]
     fn transports() {
         let t = |p: &str, n: &str| transport_from_sys_path(p, n);
         assert_eq!(t("/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb", "sdb"), "usb");

@@ -1,6 +1,152 @@
 //! Filesystems: probing what a partition holds (type, label, UUID) and,
 //! per filesystem, which blocks it uses.
+//!
+//! A filesystem with a used-block reader is one module here exposing a
+//! `DRIVER`, listed in `DRIVERS`. The engine asks `used_map` for a
+//! partition; a driver's error decides what happens:
+//! - `FsError::Corrupt`: the metadata failed a check; the partition is
+//!   copied raw and the user is warned.
+//! - `FsError::Unclean`: the filesystem was not cleanly unmounted (journal
+//!   to replay, dirty flag, hibernation); its bitmaps may lie, so the backup
+//!   is refused unless the user asks for a raw copy.
+//! - `FsError::Io`: reading failed; the backup fails.
 
 pub mod probe;
 
 pub use probe::{FsInfo, probe};
+
+use crate::device::Disk;
+use crate::image::format::Extent;
+
+/// Why a used-block map could not be made.
+#[derive(Debug)]
+pub enum FsError {
+    /// Metadata that fails a check (bad magic, counts or pointers outside
+    /// the filesystem, checksum mismatch). Falls back to raw.
+    Corrupt(String),
+    /// The filesystem is not clean; its allocation state may be wrong.
+    Unclean(String),
+    /// Reading the partition failed.
+    Io(crate::Error),
+}
+
+impl std::fmt::Display for FsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsError::Corrupt(m) | FsError::Unclean(m) => f.write_str(m),
+            FsError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Largest single metadata read a driver may ask for (bounds allocations
+/// sized by values read from the disk).
+pub const MAX_METADATA_READ: u64 = 256 << 20;
+
+/// Read access to one partition, with offsets relative to its start and
+/// every read checked against its end.
+#[derive(Debug, Clone, Copy)]
+pub struct Volume<'a> {
+    /// The disk holding the partition.
+    pub disk: &'a Disk,
+    /// Byte offset of the partition on the disk.
+    pub start: u64,
+    /// Length of the partition in bytes.
+    pub len: u64,
+}
+
+impl Volume<'_> {
+    /// Reads `buf.len()` bytes at `offset` within the partition. A read past
+    /// the end is `FsError::Corrupt` (the metadata pointed outside).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), FsError> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            return Err(FsError::Corrupt(format!(
+                "metadata points at bytes {offset}..+{} beyond the partition's end ({})",
+                buf.len(),
+                self.len
+            )));
+        }
+        self.disk.read_exact_at(buf, self.start + offset).map_err(FsError::Io)
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer; `len` is bounded by
+    /// MAX_METADATA_READ so a corrupt count cannot size a huge allocation.
+    pub fn read_vec(&self, offset: u64, len: u64) -> Result<Vec<u8>, FsError> {
+        if len > MAX_METADATA_READ {
+            return Err(FsError::Corrupt(format!("metadata read of {len} bytes is implausibly large")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+}
+
+/// The blocks a filesystem uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedMap {
+    /// Allocation unit in bytes (block or cluster size).
+    pub block_size: u32,
+    /// Size of the filesystem in bytes (may be less than the partition).
+    pub total_bytes: u64,
+    /// Bytes in use (sum of `extents`).
+    pub used_bytes: u64,
+    /// Byte ranges relative to the partition start that must be copied:
+    /// sorted, non-overlapping, adjacent ranges merged, all within the
+    /// partition. Includes every piece of metadata the filesystem needs
+    /// (superblocks and their backups, tables, journals, boot sectors).
+    pub extents: Vec<Extent>,
+}
+
+/// A filesystem that can tell which blocks it uses.
+#[derive(Debug)]
+pub struct Driver {
+    /// The `FsInfo::fstype` names it handles (as the probe reports them).
+    pub fstypes: &'static [&'static str],
+    /// Reads the allocation state.
+    pub used_map: fn(&Volume) -> Result<UsedMap, FsError>,
+}
+
+/// Every filesystem with a used-block reader.
+pub const DRIVERS: &[&Driver] = &[];
+
+/// The driver for a probed filesystem type, if klon has one.
+pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
+    DRIVERS.iter().copied().find(|d| d.fstypes.contains(&fstype))
+}
+
+/// Sorts, merges and bounds-checks extents: a helper for drivers.
+/// Returns `Corrupt` if any extent reaches past `limit`.
+pub fn normalize(mut extents: Vec<Extent>, limit: u64) -> Result<(Vec<Extent>, u64), FsError> {
+    extents.retain(|e| e.1 > 0);
+    extents.sort_unstable();
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for (s, l) in extents {
+        let end = s.checked_add(l).filter(|&e| e <= limit).ok_or_else(|| {
+            FsError::Corrupt(format!("used range {s}..+{l} reaches past the end of the filesystem ({limit})"))
+        })?;
+        match out.last_mut() {
+            Some(last) if s <= last.0 + last.1 => {
+                let last_end = (last.0 + last.1).max(end);
+                last.1 = last_end - last.0;
+            }
+            _ => out.push((s, l)),
+        }
+    }
+    let used = out.iter().map(|e| e.1).sum();
+    Ok((out, used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_merges_and_checks() {
+        let (v, used) = normalize(vec![(10, 5), (0, 10), (12, 10), (40, 0), (30, 5)], 100).unwrap();
+        assert_eq!(v, vec![(0, 22), (30, 5)]);
+        assert_eq!(used, 27);
+        assert!(normalize(vec![(90, 20)], 100).is_err());
+        assert!(normalize(vec![(u64::MAX, 2)], u64::MAX).is_err());
+    }
+}

@@ -4,14 +4,18 @@ pub mod progress;
 
 /// Bytes in decimal units as disk vendors count them: "500.1 GB".
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "kB", "MB", "GB", "TB", "PB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u < UNITS.len() - 1 {
-        v /= 1000.0;
-        u += 1;
+    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    let mut v = bytes as f64 / 1000.0;
+    let mut i = 0;
+    // 999.95 would print as "1000.0": move to the next unit first.
+    while v >= 999.95 && i < UNITS.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", UNITS[i])
 }
 
 /// A duration as "1:02:03" or "2:03".
@@ -26,6 +30,9 @@ mod tests {
     fn sizes() {
         assert_eq!(super::human_bytes(999), "999 B");
         assert_eq!(super::human_bytes(500_107_862_016), "500.1 GB");
+        assert_eq!(super::human_bytes(1000), "1.0 kB");
+        assert_eq!(super::human_bytes(999_999_999), "1.0 GB");
+        assert_eq!(super::human_bytes(2_000_398_934_016), "2.0 TB");
         assert_eq!(super::human_duration(3725.0), "1:02:05");
         assert_eq!(super::human_duration(65.0), "1:05");
     }
