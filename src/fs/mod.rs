@@ -11,6 +11,7 @@
 //!   is refused unless the user asks for a raw copy.
 //! - `FsError::Io`: reading failed; the backup fails.
 
+pub mod crc32c;
 pub mod probe;
 
 pub use probe::{FsInfo, probe};
