@@ -125,7 +125,7 @@ impl Header {
         if (h.first_usable..=h.last_usable).contains(&lba) {
             return Err("header lies inside the usable area".into());
         }
-        if h.entry_size < ENTRY_BASE as u32 || h.entry_size % ENTRY_BASE as u32 != 0 {
+        if h.entry_size < ENTRY_BASE as u32 || !h.entry_size.is_multiple_of(ENTRY_BASE as u32) {
             return Err(format!("entry size {} is invalid", h.entry_size));
         }
         if u64::from(h.num_entries) * u64::from(h.entry_size) > MAX_ENTRIES_BYTES {
@@ -135,7 +135,7 @@ impl Header {
             ));
         }
         let n = entries_sectors(h.num_entries, h.entry_size, ss);
-        let end = h.entries_lba.checked_add(n).unwrap_or(u64::MAX);
+        let end = h.entries_lba.saturating_add(n);
         if n > 0
             && (h.entries_lba == 0
                 || end > total
@@ -448,7 +448,7 @@ pub(super) fn fix_up(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Res
         .ok_or_else(|| Error::Unsupported(format!("target of {total} sectors is too small for this GPT")))?;
     if u64::from(g.num_entries) * u64::from(g.entry_size) > MAX_ENTRIES_BYTES
         || g.entry_size < ENTRY_BASE as u32
-        || g.entry_size % ENTRY_BASE as u32 != 0
+        || !g.entry_size.is_multiple_of(ENTRY_BASE as u32)
         || g.primary_entries_lba < 2
         || g.primary_entries_lba + n > g.first_usable_lba
     {

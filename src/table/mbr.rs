@@ -129,9 +129,10 @@ pub(super) fn read(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<DiskLay
     }
     if (0..4).any(|i| Entry::read(sec0, i).ptype == 0xEE) {
         return Err(Error::Unsupported(format!(
-            "{} has a GPT protective MBR but neither its primary nor its backup GPT header is valid; \
-             repair the GPT (e.g. with gdisk) first",
-            disk.path.display()
+            "{} has a GPT protective MBR but neither its primary nor its backup GPT header is valid \
+             (read with {sector_size}-byte logical sectors{}); repair the GPT (e.g. with gdisk) first",
+            disk.path.display(),
+            if disk.kind == crate::device::DiskKind::File { ", and 4096 for GPT" } else { "" }
         )));
     }
     match parse(disk, sector_size, sec0) {

@@ -321,6 +321,35 @@ fn gpt_4096_matches_sfdisk() {
     assert_eq!((g.backup_header_lba, g.backup_entries_lba), (last, last - 4));
     check_against_fdisk_4k(&img, &layout);
     assert_eq!(stale_ranges(&layout, 128 * MIB), vec![((last - 4) * 4096, 5 * 4096)]);
+
+    // Damaged primary: the backup at the last 4096-byte LBA is found.
+    damage(&img, 1, 4096);
+    let fallback = read_layout(&img.open()).expect("read");
+    assert_eq!((fallback.kind, fallback.sector_size), (TableKind::Gpt, 4096));
+    assert_eq!(fallback.partitions, layout.partitions);
+    assert!(fallback.warnings[0].starts_with("primary GPT"), "{:?}", fallback.warnings);
+    let dst = copy_to_target(&img, &fallback, 80 * MIB);
+    fix_up_for_target(&Disk::open_target(dst.path(), None).expect("open"), &fallback, false).expect("fix");
+    fdisk_verify_4k_ok(&dst);
+    assert_eq!(read_layout(&dst.open()).expect("read"), layout_for_target(&fallback, 80 * MIB, false));
+}
+
+#[test]
+fn gpt_needs_protective_mbr_unless_sector0_is_empty() {
+    let img = make_gpt_512(16 * MIB);
+    let good = read_layout(&img.open()).expect("read");
+    // Sector 0 wiped: still GPT, with a warning.
+    img.write_at(&[0u8; 512], 0);
+    let l = read_layout(&img.open()).expect("read");
+    assert_eq!((l.kind, &l.partitions), (TableKind::Gpt, &good.partitions));
+    assert!(l.warnings[0].contains("protective"), "{:?}", l.warnings);
+    // A real MBR in sector 0 wins over GPT headers (as in Linux and libblkid).
+    let mut s = vec![0u8; 512];
+    put_entry(&mut s, 0, 0x80, 0x0c, 2048, 4096);
+    img.write_at(&with_sig(s), 0);
+    let l = read_layout(&img.open()).expect("read");
+    assert_eq!((l.kind, l.partitions.len()), (TableKind::Mbr, 1));
+    assert!(l.warnings[0].contains("ignored GPT"), "{:?}", l.warnings);
 }
 
 #[test]
@@ -697,14 +726,15 @@ fn random_data_never_panics() {
     }
     // Random GPT headers with valid CRCs, random entry arrays with valid CRCs.
     let blank = vec![0u8; 2 * MIB as usize];
+    let mut outcomes: HashMap<String, u32> = HashMap::new();
     for i in 0..400 {
         img.write_at(&blank, 0);
         let mut mbr = vec![0u8; 512];
         put_entry(&mut mbr, 0, 0, 0xEE, 1, (total - 1) as u32);
         img.write_at(&with_sig(mbr), 0);
         let num = [0, 1, 4, 128, 129, 5000, u32::MAX as u64][rng.below(7) as usize];
-        let esize = [0, 64, 128, 256, 200, u32::MAX as u64][rng.below(6) as usize];
-        let pick = |rng: &mut Rng, sane: u64| if rng.below(3) == 0 { rng.next() } else { sane };
+        let esize = [0, 64, 128, 128, 128, 256, 200, u32::MAX as u64][rng.below(8) as usize];
+        let pick = |rng: &mut Rng, sane: u64| if rng.below(6) == 0 { rng.next() } else { sane };
         let entries_lba = pick(&mut rng, 2);
         let fields = [
             (24, 1, 8),
@@ -746,7 +776,14 @@ fn random_data_never_panics() {
             img.write_at(&gpt_header(&b, &mut rng), (total - 1) * 512);
             img.write_at(&entries, (total - 33) * 512);
         }
-        if let Ok(layout) = read_layout(&img.open()) {
+        let result = read_layout(&img.open());
+        *outcomes
+            .entry(match &result {
+                Ok(l) => format!("{:?}", l.kind),
+                Err(e) => format!("err {}", e.to_string().split_whitespace().take(2).collect::<Vec<_>>().join(" ")),
+            })
+            .or_insert(0) += 1;
+        if let Ok(layout) = result {
             // Whatever was read can be planned and fixed up without panicking.
             let _ = stale_ranges(&layout, 4 * MIB);
             let _ = layout_for_target(&layout, 4 * MIB, true);
@@ -754,6 +791,8 @@ fn random_data_never_panics() {
             let _ = fix_up_for_target(&Disk::open_target(dst.path(), None).expect("open"), &layout, true);
         }
     }
+    eprintln!("random GPT outcomes: {outcomes:?}");
+    assert!(outcomes.get("Gpt").copied().unwrap_or(0) > 0, "{outcomes:?}");
 }
 
 #[test]
