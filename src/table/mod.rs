@@ -294,23 +294,3 @@ pub fn fix_up_for_target(target: &Disk, layout: &DiskLayout, grow_last: bool) ->
     written.sort();
     Ok(written)
 }
-
-// TEMPORARY stubs until the table module lands.
-/// Reads the layout.
-pub fn read_layout(disk: &Disk) -> Result<DiskLayout> {
-    Ok(DiskLayout { kind: TableKind::None, sector_size: disk.logical_sector_size, disk_size: disk.size, disk_id: None, partitions: vec![], extended: None, gpt: None })
-}
-/// Stale ranges.
-pub fn stale_ranges(_layout: &DiskLayout, _target_size: u64) -> Vec<(u64, u64)> {
-    vec![]
-}
-/// Fix up.
-pub fn fix_up_for_target(_target: &Disk, _layout: &DiskLayout, _grow_last: bool) -> Result<Vec<(u64, u64)>> {
-    Ok(vec![])
-}
-/// Expected layout.
-pub fn layout_for_target(layout: &DiskLayout, target_size: u64, _grow_last: bool) -> DiskLayout {
-    let mut l = layout.clone();
-    l.disk_size = target_size;
-    l
-}
