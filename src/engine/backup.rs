@@ -304,13 +304,13 @@ fn drop_zero_runs(offset: u64, buf: Vec<u8>) -> (Vec<Extent>, Vec<u8>) {
         let (a, b) = (w[0], w[1]);
         if is_zero(&buf[a..b]) {
             run_start.get_or_insert(a);
-        } else if let Some(rs) = run_start.take() {
-            if a - rs >= MIN_ZERO_RUN {
-                if rs > kept_from {
-                    keep.push((kept_from, rs));
-                }
-                kept_from = a;
+        } else if let Some(rs) = run_start.take()
+            && a - rs >= MIN_ZERO_RUN
+        {
+            if rs > kept_from {
+                keep.push((kept_from, rs));
             }
+            kept_from = a;
         }
     }
     let end = buf.len();
