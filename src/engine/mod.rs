@@ -6,4 +6,5 @@ pub mod cancel;
 pub mod pipeline;
 pub mod restore;
 pub mod streams;
+pub mod target;
 pub mod verify;
