@@ -86,7 +86,7 @@ fn corrupt(msg: impl Into<String>) -> FsError {
     FsError::Corrupt(msg.into())
 }
 
-fn bytes<'b>(b: &'b [u8], off: usize, len: usize) -> Result<&'b [u8], FsError> {
+fn bytes(b: &[u8], off: usize, len: usize) -> Result<&[u8], FsError> {
     off.checked_add(len)
         .and_then(|end| b.get(off..end))
         .ok_or_else(|| corrupt(format!("btrfs structure at {off}..+{len} runs past its block")))
@@ -299,7 +299,7 @@ fn parse_chunk(sb: &Super, logical: u64, b: &[u8], off: usize, avail: usize) -> 
         return Err(corrupt(format!("btrfs chunk at {logical} has {num_stripes} stripes (item too small)")));
     }
     let ss = sb.sectorsize as u64;
-    if length == 0 || length % ss != 0 || logical % ss != 0 || logical.checked_add(length).is_none() {
+    if length == 0 || !length.is_multiple_of(ss) || !logical.is_multiple_of(ss) || logical.checked_add(length).is_none() {
         return Err(corrupt(format!("btrfs chunk at {logical} has invalid length {length}")));
     }
     if ty & BG_STRIPED != 0 {
@@ -332,7 +332,7 @@ fn parse_chunk(sb: &Super, logical: u64, b: &[u8], off: usize, avail: usize) -> 
                 sb.devid
             )));
         }
-        if phys.checked_add(length).is_none_or(|e| e > sb.dev_total) || phys % ss != 0 {
+        if phys.checked_add(length).is_none_or(|e| e > sb.dev_total) || !phys.is_multiple_of(ss) {
             return Err(corrupt(format!(
                 "btrfs chunk at {logical} has a stripe at {phys}..+{length} outside the device ({})",
                 sb.dev_total
@@ -419,6 +419,9 @@ fn parse_sys_chunks(sb: &Super) -> Result<ChunkMap, FsError> {
 
 // ------------------------------------------------------------- tree walks
 
+/// Called for every leaf item: its key and data.
+type LeafFn<'f> = dyn FnMut(Key, &[u8]) -> Result<(), FsError> + 'f;
+
 struct Reader<'a, 'v> {
     vol: &'a Volume<'v>,
     sb: &'a Super,
@@ -435,7 +438,7 @@ impl Reader<'_, '_> {
     /// copy until one passes.
     fn read_block(&mut self, map: &ChunkMap, bytenr: u64, level: u8) -> Result<Vec<u8>, FsError> {
         let ns = self.sb.nodesize as u64;
-        if bytenr % self.sb.sectorsize as u64 != 0 {
+        if !bytenr.is_multiple_of(self.sb.sectorsize as u64) {
             return Err(corrupt(format!("btrfs tree block {bytenr} is not sector aligned")));
         }
         let c = map.find(bytenr).ok_or_else(|| corrupt(format!("btrfs tree block {bytenr} is in no chunk")))?;
@@ -493,7 +496,7 @@ impl Reader<'_, '_> {
         map: &ChunkMap,
         root: u64,
         level: u8,
-        leaf_item: &mut dyn FnMut(Key, &[u8]) -> Result<(), FsError>,
+        leaf_item: &mut LeafFn,
     ) -> Result<(), FsError> {
         if level > MAX_LEVEL {
             return Err(corrupt(format!("btrfs tree root {root} has level {level}")));
@@ -507,14 +510,14 @@ impl Reader<'_, '_> {
         bytenr: u64,
         level: u8,
         first_key: Option<Key>,
-        leaf_item: &mut dyn FnMut(Key, &[u8]) -> Result<(), FsError>,
+        leaf_item: &mut LeafFn,
     ) -> Result<(), FsError> {
         let b = self.read_block(map, bytenr, level)?;
         let nritems = le32(&b, 0x60)? as usize;
-        if let Some(fk) = first_key {
-            if nritems == 0 || key_at(&b, HEADER_SIZE)? != fk {
-                return Err(corrupt(format!("btrfs tree block {bytenr}: first key does not match its parent")));
-            }
+        if let Some(fk) = first_key
+            && (nritems == 0 || key_at(&b, HEADER_SIZE)? != fk)
+        {
+            return Err(corrupt(format!("btrfs tree block {bytenr}: first key does not match its parent")));
         }
         let mut prev: Option<Key> = None;
         let data_len = b.len() - HEADER_SIZE;
@@ -629,7 +632,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
             }
             _ => return Ok(()),
         };
-        if len == 0 || len % ss != 0 || key.objectid % ss != 0 {
+        if len == 0 || !len.is_multiple_of(ss) || !key.objectid.is_multiple_of(ss) {
             return Err(corrupt(format!("btrfs extent {}..+{len} is not sector aligned", key.objectid)));
         }
         map.map(key.objectid, len, |copy, p, n| ranges.push(copy, p, n))
@@ -1000,10 +1003,8 @@ mod tests {
         for l in sh("btrfs", &["inspect-internal", "dump-tree", "-t", "chunk", p]).lines() {
             if l.contains("CHUNK_ITEM") && l.contains("itemoff") {
                 chunks.push((after(l, "CHUNK_ITEM").unwrap(), 0, Vec::new()));
-            } else if let (Some(c), Some(n)) = (chunks.last_mut(), after(l, "length")) {
-                if l.contains("stripe_len") {
-                    c.1 = n;
-                }
+            } else if let (Some(c), Some(n), true) = (chunks.last_mut(), after(l, "length"), l.contains("stripe_len")) {
+                c.1 = n;
             }
             if l.trim_start().starts_with("stripe ") && l.contains("devid") {
                 chunks.last_mut().unwrap().2.push(after(l, "offset").unwrap());
@@ -1019,10 +1020,15 @@ mod tests {
             if !l.contains("itemoff") {
                 continue;
             }
-            let (logical, n) = if let Some(n) = after(l, "EXTENT_ITEM") {
-                (after(l, "(").or_else(|| l.split("key (").nth(1)?.split_whitespace().next()?.parse().ok()).unwrap(), n)
+            let Some(key) = l.split("key (").nth(1) else { continue };
+            let logical: u64 = match key.split_whitespace().next().unwrap().parse() {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            let n = if let Some(n) = after(l, "EXTENT_ITEM") {
+                n
             } else if l.contains("METADATA_ITEM") {
-                (l.split("key (").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap(), nodesize)
+                nodesize
             } else {
                 continue;
             };
