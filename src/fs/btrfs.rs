@@ -47,7 +47,11 @@ const ROOT_ITEM_KEY: u8 = 132;
 const EXTENT_ITEM_KEY: u8 = 168;
 const METADATA_ITEM_KEY: u8 = 169;
 const CHUNK_ITEM_KEY: u8 = 228;
+const BLOCK_GROUP_ITEM_KEY: u8 = 192;
 const EXTENT_TREE_OBJECTID: u64 = 2;
+const BLOCK_GROUP_TREE_OBJECTID: u64 = 11;
+/// compat_ro: block group items in their own tree (objectid 11).
+const COMPAT_RO_BLOCK_GROUP_TREE: u64 = 1 << 3;
 
 const CHUNK_ITEM_SIZE: usize = 48;
 const STRIPE_SIZE: usize = 32;
@@ -165,6 +169,9 @@ struct Super {
     nodesize: u32,
     devid: u64,
     dev_total: u64,
+    /// Logical bytes in extents (the sum of the block groups' used bytes).
+    bytes_used: u64,
+    compat_ro: u64,
     sys_chunks: Vec<u8>,
 }
 
@@ -271,6 +278,8 @@ fn read_super(vol: &Volume) -> Result<Super, FsError> {
         nodesize,
         devid,
         dev_total,
+        bytes_used: le64(&sb, 0x78)?,
+        compat_ro: le64(&sb, 0xb4)?,
         sys_chunks,
     })
 }
@@ -378,17 +387,19 @@ impl ChunkMap {
         (l - c.logical < c.length).then_some(c)
     }
 
-    /// Calls `f(copy, physical, len)` for every physical copy of the logical
-    /// range `[l, l+len)`, split at chunk boundaries.
-    fn map(&self, mut l: u64, mut len: u64, mut f: impl FnMut(usize, u64, u64)) -> Result<(), FsError> {
+    /// Calls `f(chunk, copy, physical, len)` for every physical copy of the
+    /// logical range `[l, l+len)`, split at chunk boundaries (`chunk` is
+    /// the index in `chunks`).
+    fn map(&self, mut l: u64, mut len: u64, mut f: impl FnMut(usize, usize, u64, u64)) -> Result<(), FsError> {
         while len > 0 {
+            let ci = self.chunks.partition_point(|x| x.logical <= l);
             let c = self
                 .find(l)
                 .ok_or_else(|| corrupt(format!("btrfs logical address {l} is in no chunk")))?;
             let within = l - c.logical;
             let n = len.min(c.length - within);
             for (i, &s) in c.stripes.iter().enumerate() {
-                f(i, s + within, n);
+                f(ci - 1, i, s + within, n);
             }
             l += n;
             len -= n;
@@ -604,24 +615,44 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
         Ok(())
     })?;
 
-    // Root tree: where the extent tree is.
-    let mut extent_root = None;
+    // Root tree: where the extent tree (and block group tree) are.
+    let (mut extent_root, mut bg_root) = (None, None);
     rd.walk(&map, sb.root, sb.root_level, &mut |key, data| {
-        if key.objectid == EXTENT_TREE_OBJECTID && key.ty == ROOT_ITEM_KEY {
+        if key.ty == ROOT_ITEM_KEY && [EXTENT_TREE_OBJECTID, BLOCK_GROUP_TREE_OBJECTID].contains(&key.objectid) {
             if data.len() < 239 {
-                return Err(corrupt("btrfs extent tree root item is truncated"));
+                return Err(corrupt(format!("btrfs root item of tree {} is truncated", key.objectid)));
             }
-            extent_root = Some((le64(data, 176)?, data[238]));
+            let root = Some((le64(data, 176)?, data[238]));
+            if key.objectid == EXTENT_TREE_OBJECTID {
+                extent_root = root;
+            } else {
+                bg_root = root;
+            }
         }
         Ok(())
     })?;
     let (extent_root, extent_level) = extent_root.ok_or_else(|| corrupt("btrfs root tree has no extent tree"))?;
 
+    // Block group items (start, length, used bytes), from the extent tree
+    // or, with the block-group-tree feature, from their own tree.
+    let mut groups: Vec<(u64, u64, u64)> = Vec::new();
+    let mut group_item = |key: Key, data: &[u8]| -> Result<(), FsError> {
+        if key.ty == BLOCK_GROUP_ITEM_KEY {
+            groups.push((key.objectid, key.offset, le64(data, 0)?));
+        }
+        Ok(())
+    };
+    if sb.compat_ro & COMPAT_RO_BLOCK_GROUP_TREE != 0 {
+        let (r, l) = bg_root.ok_or_else(|| corrupt("btrfs root tree has no block group tree"))?;
+        rd.walk(&map, r, l, &mut group_item)?;
+    }
+
     // Extent tree: every allocated extent.
     let ss = sb.sectorsize as u64;
     let ns = sb.nodesize as u64;
     let mut ranges = Ranges::default();
-    rd.walk(&map, extent_root, extent_level, &mut |key, _| {
+    let mut chunk_used = vec![0u64; map.chunks.len()];
+    rd.walk(&map, extent_root, extent_level, &mut |key, data| {
         let len = match key.ty {
             EXTENT_ITEM_KEY => key.offset,
             METADATA_ITEM_KEY => {
@@ -630,18 +661,24 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
                 }
                 ns
             }
-            _ => return Ok(()),
+            _ => return group_item(key, data),
         };
         if len == 0 || !len.is_multiple_of(ss) || !key.objectid.is_multiple_of(ss) {
             return Err(corrupt(format!("btrfs extent {}..+{len} is not sector aligned", key.objectid)));
         }
-        map.map(key.objectid, len, |copy, p, n| ranges.push(copy, p, n))
+        map.map(key.objectid, len, |ci, copy, p, n| {
+            if copy == 0 {
+                chunk_used[ci] += n;
+            }
+            ranges.push(copy, p, n)
+        })
     })?;
     let mut extents = ranges.finish();
+    check_accounting(&sb, &map, &groups, &chunk_used)?;
 
     // The tree blocks read (all recorded in the extent tree too).
     for &b in &rd.blocks {
-        map.map(b, ns, |_, p, n| extents.push((p, n)))?;
+        map.map(b, ns, |_, _, p, n| extents.push((p, n)))?;
     }
     extents.push((0, BOOT_AREA.min(vol.len)));
     for off in SUPER_OFFSETS {
@@ -651,6 +688,40 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     }
     let (extents, used_bytes) = normalize(extents, vol.len)?;
     Ok(UsedMap { block_size: sb.sectorsize, total_bytes: sb.dev_total, used_bytes, extents })
+}
+
+/// Cross-checks the extent tree against btrfs's own counters: each chunk
+/// has one block group whose used bytes equal the extents found in it, and
+/// their sum is the superblock's bytes_used. An extent tree that lost
+/// items (which would make a smaller map) fails here.
+fn check_accounting(sb: &Super, map: &ChunkMap, groups: &[(u64, u64, u64)], chunk_used: &[u64]) -> Result<(), FsError> {
+    let mut seen = vec![false; map.chunks.len()];
+    for &(start, len, used) in groups {
+        let i = map.chunks.partition_point(|c| c.logical < start);
+        let c = map.chunks.get(i).filter(|c| c.logical == start && c.length == len).ok_or_else(|| {
+            corrupt(format!("btrfs block group {start}..+{len} matches no chunk"))
+        })?;
+        if std::mem::replace(&mut seen[i], true) {
+            return Err(corrupt(format!("btrfs block group {start} is listed twice")));
+        }
+        if chunk_used[i] != used {
+            return Err(corrupt(format!(
+                "btrfs block group {} records {used} bytes used, its extents add up to {}",
+                c.logical, chunk_used[i]
+            )));
+        }
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(corrupt(format!("btrfs chunk {} has no block group item", map.chunks[i].logical)));
+    }
+    let total: u64 = chunk_used.iter().sum();
+    if total != sb.bytes_used {
+        return Err(corrupt(format!(
+            "btrfs superblock records {} bytes used, the extent tree adds up to {total}",
+            sb.bytes_used
+        )));
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------- hashes
@@ -1267,7 +1338,7 @@ mod tests {
         // The blocks used_map reads: superblock, chunk, root, extent trees.
         let mut blocks = vec![(65536u64, 4096usize)];
         for l in rd.blocks.iter().chain(&rd2.blocks) {
-            map.map(*l, sb.nodesize as u64, |_, p, _| blocks.push((p, sb.nodesize as usize))).unwrap();
+            map.map(*l, sb.nodesize as u64, |_, _, p, _| blocks.push((p, sb.nodesize as usize))).unwrap();
         }
         drop(d);
         assert!(blocks.len() > 20, "{blocks:?}");
