@@ -46,7 +46,7 @@ fn make_tree(dir: &Path, seed: u64) {
         for j in 0..12u64 {
             let n = i as u64 * 100 + j;
             let len = [0usize, 1, 700, 3000, 4096, 9000, 65_536, 250_000, 1 << 20][(n % 9) as usize];
-            let data = if n % 2 == 0 { random_bytes(seed + n, len) } else { text_bytes(seed + n, len) };
+            let data = if n.is_multiple_of(2) { random_bytes(seed + n, len) } else { text_bytes(seed + n, len) };
             std::fs::write(dir.join(sub).join(format!("file{n}")), data).unwrap();
         }
     }
