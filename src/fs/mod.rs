@@ -11,6 +11,7 @@
 //!   is refused unless the user asks for a raw copy.
 //! - `FsError::Io`: reading failed; the backup fails.
 
+pub mod btrfs;
 pub mod crc32c;
 pub mod probe;
 
@@ -109,7 +110,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[];
+pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
