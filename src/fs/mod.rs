@@ -12,6 +12,7 @@
 //! - `FsError::Io`: reading failed; the backup fails.
 
 pub mod crc32c;
+pub mod ext;
 pub mod probe;
 
 pub use probe::{FsInfo, probe};
@@ -109,7 +110,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[];
+pub const DRIVERS: &[&Driver] = &[&ext::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
