@@ -191,7 +191,7 @@ impl Super {
         if g == 1 || self.ro_compat & RO_SPARSE_SUPER == 0 {
             return true;
         }
-        if g % 2 == 0 {
+        if g.is_multiple_of(2) {
             return false;
         }
         [3u64, 5, 7].iter().any(|&p| {
@@ -337,7 +337,7 @@ fn parse_super(sb: &[u8], vol_len: u64) -> Result<Super, FsError> {
     }
     let desc_size = if is64 {
         let d = le16(sb, 0xFE) as u64;
-        if d < 64 || d > 1024 || !d.is_power_of_two() {
+        if !(64..=1024).contains(&d) || !d.is_power_of_two() {
             return Err(corrupt(format!("descriptor size {d} is invalid")));
         }
         d
@@ -887,7 +887,7 @@ mod tests {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
         let junk = r.bytes(MB as usize);
         let mut pos = 0;
-        let mut fill = |a: u64, b: u64| {
+        let fill = |a: u64, b: u64| {
             let mut o = a;
             while o < b {
                 let n = (b - o).min(MB);
