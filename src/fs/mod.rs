@@ -13,6 +13,7 @@
 
 pub mod btrfs;
 pub mod crc32c;
+pub mod ext;
 pub mod probe;
 
 pub use probe::{FsInfo, probe};
@@ -110,7 +111,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER];
+pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER, &ext::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
