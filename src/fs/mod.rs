@@ -13,6 +13,7 @@
 
 pub mod crc32c;
 pub mod probe;
+pub mod xfs;
 
 pub use probe::{FsInfo, probe};
 
@@ -109,7 +110,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[];
+pub const DRIVERS: &[&Driver] = &[&xfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
