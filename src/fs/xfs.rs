@@ -727,3 +727,383 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     let (extents, used_bytes) = normalize(out, total_bytes)?;
     Ok(UsedMap { block_size: sb.block_size as u32, total_bytes, used_bytes, extents })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Disk;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// A scratch directory, removed on drop.
+    struct Scratch(PathBuf);
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "klon-xfs-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Scratch(p)
+        }
+        fn join(&self, s: &str) -> PathBuf {
+            self.0.join(s)
+        }
+    }
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A loop mount of an image file, unmounted on drop (the loop device
+    /// mount attached goes with it).
+    struct Mounted(PathBuf);
+    impl Mounted {
+        fn new(img: &Path, dir: &Path) -> Mounted {
+            std::fs::create_dir_all(dir).unwrap();
+            run("mount", &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()]);
+            Mounted(dir.to_path_buf())
+        }
+    }
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            for _ in 0..20 {
+                if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            eprintln!("warning: could not unmount {}", self.0.display());
+        }
+    }
+
+    fn run(cmd: &str, args: &[&str]) -> String {
+        let o = Command::new(cmd)
+            .args(args)
+            // mkfs.xfs refuses filesystems under 300 MB unless it runs for fstests.
+            .env("TEST_DIR", "/tmp")
+            .env("TEST_DEV", "/dev/null")
+            .env("QA_CHECK_FS", "1")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+        assert!(
+            o.status.success(),
+            "{cmd} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn mkfs(img: &Path, size: u64, opts: &[&str]) {
+        std::fs::File::create(img).unwrap().set_len(size).unwrap();
+        let mut args = vec!["-f", "-q"];
+        args.extend_from_slice(opts);
+        args.push(img.to_str().unwrap());
+        run("mkfs.xfs", &args);
+    }
+
+    fn map_of(img: &Path) -> Result<UsedMap, FsError> {
+        let d = Disk::open_source(img).unwrap();
+        let len = d.size;
+        used_map(&Volume { disk: &d, start: 0, len })
+    }
+
+    /// Deterministic bytes.
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Files of many sizes, directories, a symlink; then every other small
+    /// file deleted, leaving the free space fragmented.
+    fn populate(dir: &Path, small: usize) {
+        std::fs::create_dir_all(dir.join("d/e/f")).unwrap();
+        for (i, size) in [0usize, 1, 511, 4096, 5000, 100_000, 3 << 20].into_iter().enumerate() {
+            std::fs::write(dir.join(format!("d/file{i}")), bytes(i as u64, size)).unwrap();
+        }
+        std::os::unix::fs::symlink("d/file1", dir.join("link")).unwrap();
+        for i in 0..small {
+            std::fs::write(dir.join(format!("d/e/f/s{i}")), bytes(1000 + i as u64, 700 + (i * 37) % 3000)).unwrap();
+        }
+        for i in (0..small).step_by(2) {
+            std::fs::remove_file(dir.join(format!("d/e/f/s{i}"))).unwrap();
+        }
+    }
+
+    /// Fills the filesystem until it has no room, then frees a little.
+    fn fill(dir: &Path) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(dir.join("fill")).unwrap();
+        let chunk = bytes(77, 1 << 20);
+        while f.write_all(&chunk).is_ok() {}
+        drop(f);
+        for i in 0..20 {
+            let _ = std::fs::write(dir.join(format!("tail{i}")), bytes(i, 3000));
+        }
+        for i in (0..20).step_by(3) {
+            let _ = std::fs::remove_file(dir.join(format!("tail{i}")));
+        }
+    }
+
+    /// The used byte ranges according to xfs_db: every block of the data
+    /// device except the free extents `freesp -d` lists (bnobt + AGFL).
+    fn reference(img: &Path) -> (u64, u64, Vec<Extent>) {
+        let sbp = run("xfs_db", &["-r", "-c", "sb 0", "-c", "p dblocks agblocks blocksize", img.to_str().unwrap()]);
+        let get = |k: &str| -> u64 {
+            sbp.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k} = ")))
+                .unwrap_or_else(|| panic!("no {k} in {sbp}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let (dblocks, agblocks, bs) = (get("dblocks"), get("agblocks"), get("blocksize"));
+        let out = run("xfs_db", &["-r", "-c", "freesp -d", img.to_str().unwrap()]);
+        let mut free: Vec<(u64, u64)> = Vec::new();
+        for line in out.lines() {
+            let nums: Vec<u64> = line.split_whitespace().map_while(|w| w.parse().ok()).collect();
+            if line.split_whitespace().count() == 3 && nums.len() == 3 {
+                free.push((nums[0] * agblocks + nums[1], nums[2]));
+            }
+        }
+        assert!(out.contains("agno"), "unexpected freesp output:\n{out}");
+        free.sort_unstable();
+        let mut used = Vec::new();
+        let mut pos = 0;
+        for (s, l) in free {
+            assert!(s >= pos, "xfs_db free extents overlap at {s}");
+            if s > pos {
+                used.push((pos * bs, (s - pos) * bs));
+            }
+            pos = s + l;
+        }
+        if dblocks > pos {
+            used.push((pos * bs, (dblocks - pos) * bs));
+        }
+        let (used, n) = normalize(used, dblocks * bs).unwrap();
+        (dblocks * bs, n, used)
+    }
+
+    fn assert_matches_reference(img: &Path, what: &str) -> UsedMap {
+        let m = map_of(img).unwrap_or_else(|e| panic!("{what}: used_map failed: {e}"));
+        let (total, used, extents) = reference(img);
+        assert_eq!(m.total_bytes, total, "{what}: total bytes");
+        assert_eq!(m.used_bytes, used, "{what}: used bytes");
+        assert!(m.extents == extents, "{what}: used extents differ from xfs_db freesp");
+        // The filesystem's own checker agrees the image is sound.
+        run("xfs_repair", &["-n", "-f", img.to_str().unwrap()]);
+        m
+    }
+
+    #[test]
+    fn fresh_filesystems_match_xfs_db() {
+        let s = Scratch::new("fresh");
+        let img = s.join("fs.img");
+        let layouts: &[(u64, &[&str])] = &[
+            (64 << 20, &["-b", "size=4096", "-d", "agcount=4", "-m", "crc=1"]),
+            (48 << 20, &["-b", "size=1024", "-d", "agcount=3", "-m", "crc=0"]),
+            (40 << 20, &["-b", "size=512", "-m", "crc=0"]),
+            (80 << 20, &["-b", "size=4096", "-s", "size=4096", "-m", "crc=1"]),
+            // The last AG short (a size that is not a multiple of the AG).
+            ((70 << 20) + 12 * 4096, &["-b", "size=4096", "-d", "agsize=16m", "-m", "crc=1"]),
+            (53 << 20, &["-b", "size=2048", "-d", "agsize=16m", "-m", "crc=1,finobt=1,rmapbt=1,reflink=1"]),
+        ];
+        for (size, opts) in layouts {
+            mkfs(&img, *size, opts);
+            let m = assert_matches_reference(&img, &format!("{opts:?}"));
+            assert!(m.used_bytes < m.total_bytes / 4, "{opts:?}: {} of {} used", m.used_bytes, m.total_bytes);
+        }
+    }
+
+    /// Makes a v4 or v5 filesystem holding a copy of `src` without a
+    /// mount (the kernel here mounts only v5): mkfs.xfs -p with a
+    /// prototype file.
+    fn mkfs_from(img: &Path, size: u64, opts: &[&str], src: &Path, proto: &Path) {
+        fn walk(dir: &Path, out: &mut String) {
+            let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+            entries.sort();
+            for p in entries {
+                let name = p.file_name().unwrap().to_str().unwrap().to_string();
+                let meta = std::fs::symlink_metadata(&p).unwrap();
+                if meta.is_dir() {
+                    out.push_str(&format!("{name} d--755 0 0\n"));
+                    walk(&p, out);
+                    out.push_str("$\n");
+                } else if meta.file_type().is_symlink() {
+                    out.push_str(&format!("{name} l--777 0 0 {}\n", std::fs::read_link(&p).unwrap().display()));
+                } else {
+                    out.push_str(&format!("{name} ---644 0 0 {}\n", p.display()));
+                }
+            }
+        }
+        let mut text = String::from("/dev/null\n0 0\nd--755 0 0\n");
+        walk(src, &mut text);
+        text.push_str("$\n");
+        std::fs::write(proto, text).unwrap();
+        let mut args: Vec<&str> = opts.to_vec();
+        let proto_s = proto.to_str().unwrap();
+        args.extend(["-p", proto_s]);
+        mkfs(img, size, &args);
+    }
+
+    /// Which populated layouts to test: (size, mkfs options, small files,
+    /// fill to the brim, populate by mounting (else mkfs -p)).
+    type Layout = (u64, &'static [&'static str], usize, bool, bool);
+    const POPULATED: &[Layout] = &[
+        (64 << 20, &["-b", "size=4096", "-d", "agcount=4", "-m", "crc=1"], 300, false, true),
+        // Small blocks and many holes: a bnobt of two levels or more.
+        (48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"], 3000, false, true),
+        ((66 << 20) + 7 * 4096, &["-b", "size=4096", "-s", "size=4096", "-d", "agsize=16m"], 200, false, true),
+        (53 << 20, &["-b", "size=2048", "-d", "agsize=16m", "-m", "crc=1,finobt=1,rmapbt=1,reflink=1"], 300, false, true),
+        // Nearly full.
+        (40 << 20, &["-b", "size=4096", "-d", "agcount=2", "-m", "crc=1"], 100, true, true),
+        (40 << 20, &["-b", "size=1024", "-m", "crc=1"], 100, true, true),
+        // v4 (no CRCs), populated by mkfs.
+        (48 << 20, &["-b", "size=1024", "-d", "agcount=3", "-m", "crc=0"], 400, false, false),
+        ((40 << 20) + 5 * 512, &["-b", "size=512", "-m", "crc=0"], 200, false, false),
+        (56 << 20, &["-b", "size=4096", "-s", "size=4096", "-m", "crc=0"], 100, false, false),
+    ];
+
+    #[test]
+    fn populated_filesystems_match_xfs_db() {
+        let s = Scratch::new("pop");
+        let img = s.join("fs.img");
+        let mut multi_level = false;
+        for &(size, opts, small, full, mount) in POPULATED {
+            if mount {
+                if !is_root() {
+                    eprintln!("skipping {opts:?}: needs root to mount");
+                    continue;
+                }
+                mkfs(&img, size, opts);
+                let mnt = Mounted::new(&img, &s.join("mnt"));
+                populate(&mnt.0, small);
+                if full {
+                    fill(&mnt.0);
+                }
+            } else {
+                let src = s.join("src");
+                let _ = std::fs::remove_dir_all(&src);
+                populate(&src, small);
+                mkfs_from(&img, size, opts, &src, &s.join("proto"));
+            }
+            let m = assert_matches_reference(&img, &format!("{opts:?}"));
+            if full {
+                assert!(m.used_bytes > m.total_bytes / 10 * 9, "{opts:?}: only {} of {} used", m.used_bytes, m.total_bytes);
+            }
+            let d = Disk::open_source(&img).unwrap();
+            let vol = Volume { disk: &d, start: 0, len: d.size };
+            let sb = read_sb(&vol).unwrap();
+            for agno in 0..sb.agcount {
+                let agf = vol.read_vec(sb.ag_byte(agno, 0) + sb.sect_size, sb.sect_size).unwrap();
+                multi_level |= be32(&agf, 28).unwrap() >= 2;
+            }
+        }
+        assert!(multi_level || !is_root(), "no layout had a bnobt of two levels");
+    }
+
+    /// Reads the log head's cycle for a test.
+    fn log_cycle(img: &Path) -> u32 {
+        let d = Disk::open_source(img).unwrap();
+        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let sb = read_sb(&vol).unwrap();
+        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let head = log.head().unwrap();
+        log.cycle(head + log.bbs - 1).unwrap()
+    }
+
+    #[test]
+    fn wrapped_log_is_clean_after_unmount() {
+        if !is_root() {
+            eprintln!("skipping: needs root to mount");
+            return;
+        }
+        let s = Scratch::new("wrap");
+        let img = s.join("fs.img");
+        for bs in ["size=4096", "size=1024"] {
+            mkfs(&img, 48 << 20, &["-b", bs, "-m", "crc=1"]);
+            {
+                let mnt = Mounted::new(&img, &s.join("mnt"));
+                for round in 0..3 {
+                    for i in 0..3000 {
+                        std::fs::write(mnt.0.join(format!("f{i}")), [round as u8; 10]).unwrap();
+                    }
+                    run("sync", &[]);
+                    for i in 0..3000 {
+                        std::fs::remove_file(mnt.0.join(format!("f{i}"))).unwrap();
+                    }
+                }
+                populate(&mnt.0, 50);
+            }
+            assert!(log_cycle(&img) > 1, "{bs}: the log did not wrap");
+            assert_matches_reference(&img, bs);
+        }
+    }
+
+    #[test]
+    fn dirty_log_is_unclean() {
+        if !is_root() {
+            eprintln!("skipping: needs root to mount");
+            return;
+        }
+        let s = Scratch::new("dirty");
+        let img = s.join("fs.img");
+        // The kernel here mounts only v5 filesystems.
+        for bs in ["size=4096", "size=1024"] {
+            mkfs(&img, 48 << 20, &["-b", bs, "-m", "crc=1"]);
+            {
+                let mnt = Mounted::new(&img, &s.join("mnt"));
+                populate(&mnt.0, 40);
+                run("sync", &[]);
+                std::fs::write(mnt.0.join("late"), b"after the sync").unwrap();
+                run("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
+            }
+            match map_of(&img) {
+                Err(FsError::Unclean(m)) => assert!(m.contains("log is dirty"), "{m}"),
+                other => panic!("{bs}: a shut down filesystem gave {other:?}"),
+            }
+            // Replaying the log (mount, unmount) makes it clean again.
+            drop(Mounted::new(&img, &s.join("mnt")));
+            assert_matches_reference(&img, bs);
+        }
+    }
+
+    #[test]
+    fn out_of_scope_and_garbage_are_corrupt() {
+        let s = Scratch::new("scope");
+        let img = s.join("fs.img");
+        let log = s.join("log.img");
+        std::fs::File::create(&log).unwrap().set_len(16 << 20).unwrap();
+        mkfs(&img, 48 << 20, &["-l", &format!("logdev={}", log.display()), "-m", "crc=1"]);
+        assert!(matches!(map_of(&img), Err(FsError::Corrupt(m)) if m.contains("external log")));
+        let rt = s.join("rt.img");
+        std::fs::File::create(&rt).unwrap().set_len(16 << 20).unwrap();
+        mkfs(&img, 48 << 20, &["-r", &format!("rtdev={}", rt.display())]);
+        assert!(matches!(map_of(&img), Err(FsError::Corrupt(m)) if m.contains("real-time")));
+        // Truncated: the filesystem is larger than its partition.
+        mkfs(&img, 48 << 20, &[]);
+        let d = Disk::open_source(&img).unwrap();
+        let r = used_map(&Volume { disk: &d, start: 0, len: 40 << 20 });
+        assert!(matches!(r, Err(FsError::Corrupt(m)) if m.contains("larger than its partition")));
+        std::fs::write(&img, bytes(5, 1 << 20)).unwrap();
+        assert!(matches!(map_of(&img), Err(FsError::Corrupt(_))));
+    }
+}
