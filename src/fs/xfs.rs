@@ -843,6 +843,8 @@ mod tests {
         for i in 0..small {
             std::fs::write(dir.join(format!("d/e/f/s{i}")), bytes(1000 + i as u64, 700 + (i * 37) % 3000)).unwrap();
         }
+        // Allocate before deleting (delayed allocation would pack the rest).
+        run("sync", &["-f", dir.to_str().unwrap()]);
         for i in (0..small).step_by(2) {
             std::fs::remove_file(dir.join(format!("d/e/f/s{i}"))).unwrap();
         }
@@ -1105,5 +1107,133 @@ mod tests {
         assert!(matches!(r, Err(FsError::Corrupt(m)) if m.contains("larger than its partition")));
         std::fs::write(&img, bytes(5, 1 << 20)).unwrap();
         assert!(matches!(map_of(&img), Err(FsError::Corrupt(_))));
+    }
+
+    /// A metadata region to mutate: offset and length, and for v5 the
+    /// block whose CRC may be recomputed afterwards (offset, length, CRC
+    /// field offset) so that the damage reaches the deeper checks.
+    type Region = (u64, u64, Option<(u64, u64, usize)>);
+
+    /// The superblock, AGFs, AGFLs, every bnobt block and the log around
+    /// its head, found with the reader's own helpers on a sound image.
+    fn metadata_regions(img: &Path) -> Vec<Region> {
+        let d = Disk::open_source(img).unwrap();
+        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let sb = read_sb(&vol).unwrap();
+        let crc = |off: u64, len: u64, at: usize| sb.v5.then_some((off, len, at));
+        let mut out: Vec<Region> = vec![(0, sb.sect_size, crc(0, sb.sect_size, SB_CRC_OFF))];
+        for agno in 0..sb.agcount {
+            let base = sb.ag_byte(agno, 0);
+            let agf_off = base + sb.sect_size;
+            out.push((agf_off, sb.sect_size, crc(agf_off, sb.sect_size, AGF_CRC_OFF)));
+            let agfl_off = base + 3 * sb.sect_size;
+            out.push((agfl_off, sb.sect_size, crc(agfl_off, sb.sect_size, AGFL_CRC_OFF)));
+            let agf = vol.read_vec(agf_off, sb.sect_size).unwrap();
+            let mut level = vec![be32(&agf, 16).unwrap() as u64];
+            while let Some(&first) = level.first() {
+                let mut next = Vec::new();
+                for &bno in &level {
+                    let off = sb.ag_byte(agno, bno);
+                    out.push((off, sb.block_size, crc(off, sb.block_size, BTREE_CRC_OFF)));
+                    let b = vol.read_vec(off, sb.block_size).unwrap();
+                    if be16(&b, 4).unwrap() > 0 {
+                        let room = sb.block_size as usize - sb.btree_hdr();
+                        let ptrs = sb.btree_hdr() + 8 * (room / 12);
+                        for i in 0..be16(&b, 6).unwrap() as usize {
+                            next.push(be32(&b, ptrs + 4 * i).unwrap() as u64);
+                        }
+                    }
+                }
+                let _ = first;
+                level = next;
+            }
+        }
+        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let head = log.head().unwrap();
+        for bb in [0, log.bbs - 1, head, head + log.bbs - 1, head + log.bbs - 2, head + log.bbs - 3, log.bbs / 2] {
+            out.push((log.start + (bb % log.bbs) * BB, BB, None));
+        }
+        out
+    }
+
+    /// Flips bytes in metadata hundreds of times: the reader must return
+    /// Ok or an error, never panic.
+    fn mutate(img: &Path, rounds: u32, seed: u64) -> [u32; 3] {
+        use std::os::unix::fs::FileExt;
+        let regions = metadata_regions(img);
+        let d = Disk::open_source(img).unwrap();
+        let w = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+        let read = |off: u64, len: u64| {
+            let mut b = vec![0u8; len as usize];
+            d.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        let mut x = seed | 1;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut counts = [0u32; 3];
+        for round in 0..rounds {
+            let (off, len, crc) = regions[(rnd() % regions.len() as u64) as usize];
+            let (save_off, save_len) = crc.map_or((off, len), |(o, l, _)| (o, l));
+            let saved = read(save_off, save_len);
+            let mut block = saved.clone();
+            for _ in 0..1 + rnd() % 4 {
+                // Half the time a header field, else anywhere in the region.
+                let span = if rnd() % 2 == 0 { len.min(64) } else { len };
+                let at = (off - save_off + rnd() % span) as usize;
+                block[at] ^= (rnd() % 255 + 1) as u8;
+            }
+            if let Some((_, _, at)) = crc
+                && rnd() % 3 != 0
+            {
+                block[at..at + 4].fill(0);
+                let c = crc32c(&block);
+                block[at..at + 4].copy_from_slice(&c.to_le_bytes());
+            }
+            w.write_all_at(&block, save_off).unwrap();
+            let vol = Volume { disk: &d, start: 0, len: d.size };
+            let r = std::panic::catch_unwind(|| used_map(&vol));
+            w.write_all_at(&saved, save_off).unwrap();
+            match r {
+                Ok(Ok(m)) => {
+                    assert!(m.used_bytes <= m.total_bytes && m.total_bytes <= d.size, "round {round}");
+                    counts[0] += 1;
+                }
+                Ok(Err(FsError::Corrupt(_))) => counts[1] += 1,
+                Ok(Err(FsError::Unclean(_))) => counts[2] += 1,
+                Ok(Err(e)) => panic!("round {round}: unexpected error {e}"),
+                Err(_) => panic!("round {round}: used_map panicked on mutated metadata at {off}+{len}"),
+            }
+        }
+        assert!(map_of(img).is_ok(), "the image was not restored after mutating");
+        counts
+    }
+
+    #[test]
+    fn mutated_metadata_never_panics() {
+        let s = Scratch::new("mutate");
+        let img = s.join("fs.img");
+        // v5 with a multi-level bnobt (needs a mount), else a fresh one.
+        if is_root() {
+            mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
+            let mnt = Mounted::new(&img, &s.join("mnt"));
+            populate(&mnt.0, 3000);
+        } else {
+            mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
+        }
+        let v5 = mutate(&img, 600, 0x5eed);
+        eprintln!("v5: {} ok, {} corrupt, {} unclean", v5[0], v5[1], v5[2]);
+        assert!(v5[1] > 100, "{v5:?}");
+
+        let src = s.join("src");
+        populate(&src, 300);
+        mkfs_from(&img, 50 << 20, &["-b", "size=512", "-d", "agcount=3", "-m", "crc=0"], &src, &s.join("proto"));
+        let v4 = mutate(&img, 600, 0xfeed);
+        eprintln!("v4: {} ok, {} corrupt, {} unclean", v4[0], v4[1], v4[2]);
+        assert!(v4[1] > 100, "{v4:?}");
     }
 }
