@@ -770,8 +770,11 @@ mod tests {
     struct Mounted(PathBuf);
     impl Mounted {
         fn new(img: &Path, dir: &Path) -> Mounted {
+            Mounted::with(img, dir, "loop")
+        }
+        fn with(img: &Path, dir: &Path, opts: &str) -> Mounted {
             std::fs::create_dir_all(dir).unwrap();
-            run("mount", &["-o", "loop", img.to_str().unwrap(), dir.to_str().unwrap()]);
+            run("mount", &["-o", opts, img.to_str().unwrap(), dir.to_str().unwrap()]);
             Mounted(dir.to_path_buf())
         }
     }
@@ -1058,6 +1061,41 @@ mod tests {
             assert!(log_cycle(&img) > 1, "{bs}: the log did not wrap");
             assert_matches_reference(&img, bs);
         }
+    }
+
+    /// With a 256 KiB log stripe unit every record, the unmount record
+    /// too, is padded past 32 KiB: extended headers, checked by the CRC.
+    #[test]
+    fn padded_log_records_are_read() {
+        if !is_root() {
+            eprintln!("skipping: needs root to mount");
+            return;
+        }
+        let s = Scratch::new("logsu");
+        let img = s.join("fs.img");
+        mkfs(&img, 300 << 20, &["-l", "su=256k"]);
+        drop(Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k"));
+        {
+            let mnt = Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k");
+            populate(&mnt.0, 100);
+        }
+        let d = Disk::open_source(&img).unwrap();
+        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let sb = read_sb(&vol).unwrap();
+        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let head = log.head().unwrap();
+        // The unmount record: 8 header blocks and 504 of data before the head.
+        let rec = log.read(head + log.bbs - 512, 1).unwrap();
+        assert_eq!(be32(&rec, 0).unwrap(), LOG_MAGIC);
+        assert!(be32(&rec, 12).unwrap() > 32768, "the unmount record is not padded");
+        assert_matches_reference(&img, "log stripe unit 256k");
+        {
+            let mnt = Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k");
+            std::fs::write(mnt.0.join("late"), b"x").unwrap();
+            run("sync", &[]);
+            run("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
+        }
+        assert!(matches!(map_of(&img), Err(FsError::Unclean(_))));
     }
 
     #[test]
