@@ -154,12 +154,12 @@ fn read_sb(vol: &Volume) -> Result<Sb, FsError> {
         return Err(corrupt("no superblock magic \"XFSB\""));
     }
     let sect_size = be16(&first, 102)? as u64;
-    if !(512..=32768).contains(&sect_size) || !sect_size.is_power_of_two() || 1u64 << first[121] != sect_size {
+    if !(512..=32768).contains(&sect_size) || !sect_size.is_power_of_two() || 1u64.checked_shl(first[121].into()) != Some(sect_size) {
         return Err(corrupt(format!("implausible sector size {sect_size}")));
     }
     let b = vol.read_vec(0, sect_size)?;
     let block_size = be32(&b, 4)? as u64;
-    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || 1u64 << b[120] != block_size {
+    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || 1u64.checked_shl(b[120].into()) != Some(block_size) {
         return Err(corrupt(format!("implausible block size {block_size}")));
     }
     if block_size < sect_size {
@@ -1249,6 +1249,45 @@ mod tests {
         }
         assert!(map_of(img).is_ok(), "the image was not restored after mutating");
         counts
+    }
+
+    /// Sets every byte of the superblock's and AG 0's headers (AGF, AGFL)
+    /// to a few values, the CRC recomputed: never a panic.
+    #[test]
+    fn every_header_byte_swept() {
+        use std::os::unix::fs::FileExt;
+        let s = Scratch::new("sweep");
+        let img = s.join("fs.img");
+        mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
+        let regions = metadata_regions(&img);
+        let d = Disk::open_source(&img).unwrap();
+        let w = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        let mut counts = [0u32; 3];
+        for &(off, len, crc) in &regions[..3] {
+            let (_, _, at) = crc.unwrap();
+            let mut saved = vec![0u8; len as usize];
+            d.read_exact_at(&mut saved, off).unwrap();
+            for i in 0..(len as usize).min(264) {
+                for v in [0x00u8, 0xff, saved[i] ^ 0x80, saved[i].wrapping_add(1)] {
+                    let mut block = saved.clone();
+                    block[i] = v;
+                    block[at..at + 4].fill(0);
+                    let c = crc32c(&block);
+                    block[at..at + 4].copy_from_slice(&c.to_le_bytes());
+                    w.write_all_at(&block, off).unwrap();
+                    let vol = Volume { disk: &d, start: 0, len: d.size };
+                    match std::panic::catch_unwind(|| used_map(&vol)) {
+                        Ok(Ok(_)) => counts[0] += 1,
+                        Ok(Err(FsError::Corrupt(_))) => counts[1] += 1,
+                        Ok(Err(_)) => counts[2] += 1,
+                        Err(_) => panic!("used_map panicked with byte {i} at {off} set to {v:#x}"),
+                    }
+                }
+            }
+            w.write_all_at(&saved, off).unwrap();
+        }
+        eprintln!("sweep: {counts:?}");
+        assert!(map_of(&img).is_ok());
     }
 
     #[test]
