@@ -15,6 +15,7 @@ pub mod btrfs;
 pub mod crc32c;
 pub mod ext;
 pub mod probe;
+pub mod xfs;
 
 pub use probe::{FsInfo, probe};
 
@@ -111,7 +112,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER, &ext::DRIVER];
+pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER, &ext::DRIVER, &xfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
