@@ -12,6 +12,8 @@
 //! - `FsError::Io`: reading failed; the backup fails.
 
 pub mod crc32c;
+pub mod exfat;
+pub mod fat;
 pub mod probe;
 
 pub use probe::{FsInfo, probe};
@@ -109,7 +111,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[];
+pub const DRIVERS: &[&Driver] = &[&fat::DRIVER, &exfat::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {

@@ -1,0 +1,351 @@
+//! exFAT: which clusters an exFAT volume uses.
+//!
+//! Read from the boot region, the FAT chains of the system structures and
+//! the allocation bitmap:
+//! - the main and backup boot regions (sectors 0..24), each checked with
+//!   its boot checksum (sector 11), and every FAT are always copied;
+//! - the root directory (its FAT chain), the allocation bitmap and the
+//!   up-case table (found in the root directory; the up-case table's
+//!   checksum is checked) are copied explicitly;
+//! - every cluster the allocation bitmap marks used is copied (files with
+//!   NoFatChain have no FAT entries but are marked in the bitmap).
+//!
+//! A volume whose VolumeDirty flag is set (mounted, or not cleanly
+//! unmounted) is `Unclean`: its bitmap may not match its directories.
+
+use super::{Driver, FsError, UsedMap, Volume, normalize};
+use crate::image::format::Extent;
+
+/// The exFAT driver.
+pub const DRIVER: Driver = Driver { fstypes: &["exfat"], used_map };
+
+fn corrupt(m: impl Into<String>) -> FsError {
+    FsError::Corrupt(format!("exFAT: {}", m.into()))
+}
+
+fn le16(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes([b[off], b[off + 1]])
+}
+
+fn le32(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+fn le64(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
+}
+
+/// The exFAT boot checksum of a boot region's first 11 sectors (VolumeFlags
+/// and PercentInUse excluded).
+pub fn boot_checksum(sectors: &[u8]) -> u32 {
+    let mut sum = 0u32;
+    for (i, &b) in sectors.iter().enumerate() {
+        if i == 106 || i == 107 || i == 112 {
+            continue;
+        }
+        sum = sum.rotate_right(1).wrapping_add(b as u32);
+    }
+    sum
+}
+
+/// The up-case table checksum (same rotation, over every byte).
+fn table_checksum(sum: u32, data: &[u8]) -> u32 {
+    data.iter().fold(sum, |s, &b| s.rotate_right(1).wrapping_add(b as u32))
+}
+
+/// VolumeFlags bit: the volume is dirty.
+const VOLUME_DIRTY: u16 = 1 << 1;
+
+/// The validated layout, in sectors/clusters as on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Geometry {
+    bps: u64,
+    cluster: u64,
+    total: u64,
+    fat_offset: u64,
+    fat_length: u64,
+    nfats: u64,
+    active_fat: u64,
+    heap: u64,
+    clusters: u64,
+    root: u32,
+}
+
+impl Geometry {
+    fn cluster_offset(&self, c: u32) -> u64 {
+        self.heap + (c as u64 - 2) * self.cluster
+    }
+}
+
+/// Checks a boot region of 12 sectors: signature and checksum sector.
+fn check_region(r: &[u8], bps: usize, which: &str) -> Result<(), FsError> {
+    let b = &r[..bps];
+    if &b[3..11] != b"EXFAT   " || b[0..3] != [0xEB, 0x76, 0x90] {
+        return Err(corrupt(format!("{which} boot sector has no exFAT signature")));
+    }
+    if b[510..512] != [0x55, 0xAA] {
+        return Err(corrupt(format!("{which} boot sector lacks the 0x55AA signature")));
+    }
+    let sum = boot_checksum(&r[..11 * bps]);
+    let cs = &r[11 * bps..12 * bps];
+    if cs.chunks_exact(4).any(|c| le32(c, 0) != sum) {
+        return Err(corrupt(format!("{which} boot region checksum mismatch (computed {sum:#010x})")));
+    }
+    Ok(())
+}
+
+fn parse(vol: &Volume) -> Result<(Geometry, u16), FsError> {
+    let b = vol.read_vec(0, 512)?;
+    if &b[3..11] != b"EXFAT   " {
+        return Err(corrupt("no exFAT signature"));
+    }
+    if b[11..64].iter().any(|&x| x != 0) {
+        return Err(corrupt("the boot sector's must-be-zero field is not zero"));
+    }
+    let bps_shift = b[108] as u32;
+    let spc_shift = b[109] as u32;
+    if !(9..=12).contains(&bps_shift) || bps_shift + spc_shift > 25 {
+        return Err(corrupt(format!("sector shift {bps_shift} / cluster shift {spc_shift} out of range")));
+    }
+    let bps = 1u64 << bps_shift;
+    for (start, which) in [(0, "main"), (12 * bps, "backup")] {
+        let r = vol.read_vec(start, 12 * bps)?;
+        check_region(&r, bps as usize, which)?;
+    }
+    if b[105] != 1 {
+        return Err(corrupt(format!("unsupported file system revision {}.{}", b[105], b[104])));
+    }
+    let volume_length = le64(&b, 72);
+    let fat_offset = le32(&b, 80) as u64;
+    let fat_length = le32(&b, 84) as u64;
+    let heap_offset = le32(&b, 88) as u64;
+    let clusters = le32(&b, 92) as u64;
+    let root = le32(&b, 96);
+    let flags = le16(&b, 106);
+    let nfats = b[110] as u64;
+    let total = volume_length
+        .checked_mul(bps)
+        .filter(|&t| t <= vol.len)
+        .ok_or_else(|| corrupt(format!("volume length {volume_length} sectors exceeds the partition ({} bytes)", vol.len)))?;
+    if !(1..=2).contains(&nfats) {
+        return Err(corrupt(format!("FAT count {nfats} is not 1 or 2")));
+    }
+    let active_fat = (flags & 1) as u64;
+    if active_fat >= nfats {
+        return Err(corrupt("the active FAT is the second but there is only one"));
+    }
+    if fat_offset < 24 || fat_length == 0 || fat_offset + nfats * fat_length > heap_offset {
+        return Err(corrupt(format!(
+            "FAT region {fat_offset}+{nfats}x{fat_length} sectors is outside 24..{heap_offset}"
+        )));
+    }
+    if clusters == 0 || clusters > 0xFFFF_FFF5 {
+        return Err(corrupt(format!("cluster count {clusters} is invalid")));
+    }
+    // heap_offset < 2^32, clusters < 2^32, shift <= 16: fits u64.
+    if heap_offset + (clusters << spc_shift) > volume_length {
+        return Err(corrupt("the cluster heap reaches past the end of the volume"));
+    }
+    if fat_length * bps < (clusters + 2) * 4 {
+        return Err(corrupt(format!("a FAT of {fat_length} sectors cannot hold {clusters} clusters")));
+    }
+    if !(2..clusters + 2).contains(&(root as u64)) {
+        return Err(corrupt(format!("root directory cluster {root} is outside 2..{}", clusters + 2)));
+    }
+    let g = Geometry {
+        bps,
+        cluster: bps << spc_shift,
+        total,
+        fat_offset: fat_offset * bps,
+        fat_length: fat_length * bps,
+        nfats,
+        active_fat,
+        heap: heap_offset * bps,
+        clusters,
+        root,
+    };
+    Ok((g, flags))
+}
+
+/// Reads FAT entries through a one-page cache.
+struct Fat<'a, 'v> {
+    vol: &'a Volume<'v>,
+    g: &'a Geometry,
+    page: u64,
+    buf: Vec<u8>,
+}
+
+const FAT_PAGE: u64 = 4096;
+
+impl Fat<'_, '_> {
+    fn next(&mut self, c: u32) -> Result<u32, FsError> {
+        let off = c as u64 * 4;
+        let page = off / FAT_PAGE;
+        if self.buf.is_empty() || page != self.page {
+            let start = page * FAT_PAGE;
+            let len = FAT_PAGE.min(self.g.fat_length - start);
+            self.buf = self.vol.read_vec(self.g.fat_offset + self.g.active_fat * self.g.fat_length + start, len)?;
+            self.page = page;
+        }
+        Ok(le32(&self.buf, (off - page * FAT_PAGE) as usize))
+    }
+
+    /// The clusters of the chain starting at `first` as (first, count)
+    /// runs; `want` clusters when given (the chain may go on), else up to
+    /// the end-of-chain mark.
+    fn chain(&mut self, first: u32, want: Option<u64>, what: &str) -> Result<Vec<(u32, u64)>, FsError> {
+        let valid = |c: u32| (2..self.g.clusters + 2).contains(&(c as u64));
+        if !valid(first) {
+            return Err(corrupt(format!("{what} starts at invalid cluster {first}")));
+        }
+        let mut runs: Vec<(u32, u64)> = Vec::new();
+        let mut c = first;
+        let mut n = 0u64;
+        loop {
+            match runs.last_mut() {
+                Some((s, len)) if *s as u64 + *len == c as u64 => *len += 1,
+                _ => runs.push((c, 1)),
+            }
+            n += 1;
+            if want == Some(n) {
+                return Ok(runs);
+            }
+            if n > self.g.clusters {
+                return Err(corrupt(format!("{what}'s cluster chain loops")));
+            }
+            let next = self.next(c)?;
+            if next == 0xFFFF_FFFF {
+                if want.is_some() {
+                    return Err(corrupt(format!("{what}'s cluster chain ends after {n} clusters, short of its size")));
+                }
+                return Ok(runs);
+            }
+            if !valid(next) {
+                return Err(corrupt(format!("{what}'s cluster chain has invalid entry {next:#x} after cluster {c}")));
+            }
+            c = next;
+        }
+    }
+}
+
+/// A system structure found in the root directory.
+struct Entry {
+    first: u32,
+    len: u64,
+    flags: u8,
+    checksum: u32,
+}
+
+fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
+    let (g, flags) = parse(vol)?;
+    if flags & VOLUME_DIRTY != 0 {
+        return Err(FsError::Unclean(
+            "the exFAT volume is marked dirty (mounted, or not cleanly unmounted): its allocation bitmap may be incomplete; run fsck.exfat"
+                .into(),
+        ));
+    }
+    let mut extents: Vec<Extent> = vec![(0, 24 * g.bps), (g.fat_offset, g.nfats * g.fat_length)];
+    let mut fat = Fat { vol, g: &g, page: 0, buf: Vec::new() };
+    let add_runs = |extents: &mut Vec<Extent>, runs: &[(u32, u64)]| {
+        for &(s, n) in runs {
+            extents.push((g.cluster_offset(s), n * g.cluster));
+        }
+    };
+
+    // Root directory: its whole chain is copied; its entries are scanned up
+    // to the end-of-directory mark for the bitmap and up-case table.
+    let root = fat.chain(g.root, None, "the root directory")?;
+    add_runs(&mut extents, &root);
+    let mut bitmaps: Vec<Entry> = Vec::new();
+    let mut upcase: Option<Entry> = None;
+    'scan: for &(s, n) in &root {
+        for k in 0..n {
+            let dir = vol.read_vec(g.cluster_offset(s) + k * g.cluster, g.cluster)?;
+            for e in dir.chunks_exact(32) {
+                let found = Entry { first: le32(e, 20), len: le64(e, 24), flags: e[1], checksum: le32(e, 4) };
+                match e[0] {
+                    0x00 => break 'scan,
+                    0x81 if bitmaps.len() < 2 => bitmaps.push(found),
+                    0x81 => return Err(corrupt("more than two allocation bitmap entries")),
+                    0x82 if upcase.is_none() => upcase = Some(found),
+                    0x82 => return Err(corrupt("more than one up-case table entry")),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    // Up-case table: copied, and its checksum checked.
+    let up = upcase.ok_or_else(|| corrupt("the root directory has no up-case table"))?;
+    if up.len == 0 || up.len > 1 << 20 {
+        return Err(corrupt(format!("up-case table size {} is implausible", up.len)));
+    }
+    let runs = fat.chain(up.first, Some(up.len.div_ceil(g.cluster)), "the up-case table")?;
+    add_runs(&mut extents, &runs);
+    let mut sum = 0u32;
+    let mut left = up.len;
+    for &(s, n) in &runs {
+        let take = left.min(n * g.cluster);
+        sum = table_checksum(sum, &vol.read_vec(g.cluster_offset(s), take)?);
+        left -= take;
+    }
+    if sum != up.checksum {
+        return Err(corrupt(format!("up-case table checksum {sum:#010x} does not match {:#010x}", up.checksum)));
+    }
+
+    // Allocation bitmap(s): all are copied; the active one says which
+    // clusters are used.
+    if bitmaps.is_empty() || bitmaps.len() as u64 != g.nfats {
+        return Err(corrupt(format!("{} allocation bitmap entries for {} FATs", bitmaps.len(), g.nfats)));
+    }
+    let need = g.clusters.div_ceil(8);
+    let mut active = None;
+    for bm in &bitmaps {
+        if bm.len < need || bm.len > need + g.cluster {
+            return Err(corrupt(format!("allocation bitmap size {} does not fit {} clusters", bm.len, g.clusters)));
+        }
+        let runs = fat.chain(bm.first, Some(bm.len.div_ceil(g.cluster)), "the allocation bitmap")?;
+        add_runs(&mut extents, &runs);
+        if (bm.flags & 1) as u64 == g.active_fat {
+            active = Some(runs);
+        }
+    }
+    let active = active.ok_or_else(|| corrupt("no allocation bitmap for the active FAT"))?;
+
+    // Stream the active bitmap; bit i is cluster i + 2.
+    const CHUNK: u64 = 1 << 20;
+    let mut bit = 0u64; // index of the next bitmap bit
+    let mut run: Option<u64> = None;
+    'bm: for &(s, n) in &active {
+        let mut off = g.cluster_offset(s);
+        let mut left = n * g.cluster;
+        while left > 0 {
+            let take = left.min(CHUNK);
+            let buf = vol.read_vec(off, take)?;
+            for &byte in &buf {
+                for j in 0..8 {
+                    if bit >= g.clusters {
+                        break 'bm;
+                    }
+                    let used = byte >> j & 1 == 1;
+                    match (used, run) {
+                        (true, None) => run = Some(bit),
+                        (false, Some(r)) => {
+                            extents.push((g.heap + r * g.cluster, (bit - r) * g.cluster));
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                    bit += 1;
+                }
+            }
+            off += take;
+            left -= take;
+        }
+    }
+    if let Some(r) = run {
+        extents.push((g.heap + r * g.cluster, (bit - r) * g.cluster));
+    }
+    let (extents, used_bytes) = normalize(extents, g.total)?;
+    Ok(UsedMap { block_size: g.cluster as u32, total_bytes: g.total, used_bytes, extents })
+}
