@@ -349,3 +349,261 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     let (extents, used_bytes) = normalize(extents, g.total)?;
     Ok(UsedMap { block_size: g.cluster as u32, total_bytes: g.total, used_bytes, extents })
 }
+
+#[cfg(test)]
+mod tests {
+    //! Checked against exfatprogs and exfat-fuse: `mkfs.exfat` layouts,
+    //! populated through `mount.exfat-fuse` on a loop device; `dump.exfat`'s
+    //! free cluster count (from the bitmap, by exfatprogs' own reader) must
+    //! match the clusters mapped in the heap; only the map copied over
+    //! garbage must pass `fsck.exfat -n` and read back every file the same.
+    use super::*;
+    use crate::fs::fat::tests::{Rng, Tmp, map_with, restore_map_only, same_tree, sh, try_sh};
+    use std::path::{Path, PathBuf};
+
+    /// A loop device attached here, detached on drop.
+    struct Loop(String);
+    impl Loop {
+        fn attach(file: &Path) -> Loop {
+            Loop(sh("losetup", &["-f", "--show", file.to_str().unwrap()]).trim().to_string())
+        }
+    }
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            for _ in 0..20 {
+                if try_sh("losetup", &["-d", &self.0]).0 {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+
+    /// A FUSE mount made here, unmounted on drop (before its loop device).
+    struct Mount(PathBuf);
+    impl Mount {
+        fn new(dev: &Loop, dir: &Path, ro: bool) -> Mount {
+            std::fs::create_dir_all(dir).unwrap();
+            let mut args = vec![dev.0.as_str(), dir.to_str().unwrap()];
+            if ro {
+                args.extend(["-o", "ro"]);
+            }
+            sh("mount.exfat-fuse", &args);
+            Mount(dir.to_path_buf())
+        }
+    }
+    impl Drop for Mount {
+        fn drop(&mut self) {
+            for _ in 0..20 {
+                if try_sh("umount", &[self.0.to_str().unwrap()]).0 {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let r = unsafe { libc::geteuid() == 0 };
+        if !r {
+            eprintln!("skipping: needs root for loop devices and FUSE");
+        }
+        r
+    }
+
+    /// Writes files into the mounted volume (and the same into `src`);
+    /// deletes some to leave holes; `full` fills it up.
+    fn populate(mnt: &Path, src: &Path, cluster: usize, seed: u64, full: bool) {
+        let mut rng = Rng(seed);
+        let sizes = [0, 1, cluster - 1, cluster, cluster + 1, 3 * cluster + 7, 70_000, 300_000];
+        let mut k = 0;
+        for sub in ["", "d0", "d0/sub", "d1"] {
+            std::fs::create_dir_all(mnt.join(sub)).unwrap();
+            std::fs::create_dir_all(src.join(sub)).unwrap();
+            for &s in &sizes {
+                let data = rng.bytes(s);
+                let name = format!("f{k}.bin");
+                std::fs::write(mnt.join(sub).join(&name), &data).unwrap();
+                std::fs::write(src.join(sub).join(&name), &data).unwrap();
+                k += 1;
+            }
+        }
+        for i in (0..k).step_by(3) {
+            for sub in ["d1", ""] {
+                let p = Path::new(sub).join(format!("f{i}.bin"));
+                if src.join(&p).exists() {
+                    std::fs::remove_file(src.join(&p)).unwrap();
+                    std::fs::remove_file(mnt.join(&p)).unwrap();
+                }
+            }
+        }
+        let mut i = 0;
+        loop {
+            let len = if full { 64 * cluster } else { 5 * cluster + 77 };
+            let data = rng.bytes(len.min(1 << 20));
+            let name = format!("fill{i}.bin");
+            if std::fs::write(mnt.join(&name), &data).is_err() {
+                let _ = std::fs::remove_file(mnt.join(&name));
+                break;
+            }
+            std::fs::write(src.join(&name), &data).unwrap();
+            i += 1;
+            if !full && i == 3 {
+                break;
+            }
+        }
+    }
+
+    fn dump_counts(img: &str) -> (u64, u64) {
+        let out = sh("dump.exfat", &[img]);
+        let num = |key: &str| -> u64 {
+            let l = out.lines().find(|l| l.contains(key)).unwrap_or_else(|| panic!("no {key} in:\n{out}"));
+            l.split(':').nth(1).unwrap().trim().parse().unwrap()
+        };
+        (num("Total Clusters"), num("Free Clusters"))
+    }
+
+    fn heap_clusters(img: &Path, map: &UsedMap) -> u64 {
+        let b = std::fs::read(img).unwrap();
+        let heap = le32(&b, 88) as u64 * (1u64 << b[108]);
+        map.extents.iter().filter(|e| e.0 >= heap).map(|e| e.1).sum::<u64>() / map.block_size as u64
+    }
+
+    fn check_layout(size: &str, cluster: &str, sector: &str, full: bool) {
+        let t = Tmp::new("exfat");
+        let img_p = t.join("fs.img");
+        let img = img_p.to_str().unwrap();
+        sh("truncate", &["-s", size, img]);
+        if sector == "512" {
+            sh("mkfs.exfat", &["-c", cluster, img]);
+        } else {
+            // mkfs.exfat takes the sector size from the device.
+            let dev = Loop(sh("losetup", &["-f", "--show", "--sector-size", sector, img]).trim().to_string());
+            sh("mkfs.exfat", &["-c", cluster, &dev.0]);
+        }
+        assert_eq!(1u64 << std::fs::read(&img_p).unwrap()[108], sector.parse::<u64>().unwrap());
+        let empty = map_with(used_map, &img_p).unwrap();
+        let (total, free) = dump_counts(img);
+        assert_eq!(heap_clusters(&img_p, &empty), total - free, "empty {size} {cluster} {sector}");
+        let src = t.join("src");
+        {
+            let dev = Loop::attach(&img_p);
+            let m = Mount::new(&dev, &t.join("mnt"), false);
+            populate(&m.0, &src, empty.block_size as usize, size.len() as u64 * 31 + empty.block_size as u64, full);
+        }
+        sh("fsck.exfat", &["-n", img]);
+        let map = map_with(used_map, &img_p).unwrap();
+        let (total, free) = dump_counts(img);
+        let used = heap_clusters(&img_p, &map);
+        assert_eq!(used, total - free, "{size} {cluster} {sector}: mapped heap clusters vs dump.exfat");
+        if full {
+            assert!(free * 100 / total < 5, "{free} of {total} free");
+        }
+        let restored = t.join("restored.img");
+        restore_map_only(&img_p, &restored, &map);
+        sh("fsck.exfat", &["-n", restored.to_str().unwrap()]);
+        let dev = Loop::attach(&restored);
+        let m = Mount::new(&dev, &t.join("rmnt"), true);
+        let n = same_tree(&src, &m.0);
+        assert!(n > 20, "{n} files compared");
+    }
+
+    #[test]
+    fn layouts() {
+        if !root() {
+            return;
+        }
+        check_layout("64M", "4K", "512", false);
+        check_layout("16M", "512", "512", true);
+        check_layout("40M", "32K", "4096", false);
+        check_layout("48M", "128K", "512", true);
+    }
+
+    #[test]
+    fn dirty_volume_is_unclean() {
+        if !root() {
+            return;
+        }
+        let t = Tmp::new("exfatdirty");
+        let img_p = t.join("fs.img");
+        sh("truncate", &["-s", "32M", img_p.to_str().unwrap()]);
+        sh("mkfs.exfat", &[img_p.to_str().unwrap()]);
+        let snap = t.join("snap.img");
+        {
+            let dev = Loop::attach(&img_p);
+            let m = Mount::new(&dev, &t.join("mnt"), false);
+            std::fs::write(m.0.join("a"), vec![7u8; 100_000]).unwrap();
+            sh("sync", &[]);
+            // What a crash while mounted leaves: the dirty flag set.
+            std::fs::copy(&img_p, &snap).unwrap();
+        }
+        let r = map_with(used_map, &snap);
+        assert!(matches!(&r, Err(FsError::Unclean(m)) if m.contains("dirty")), "{r:?}");
+        assert!(map_with(used_map, &img_p).is_ok());
+    }
+
+    #[test]
+    fn mutated_metadata_never_panics() {
+        use std::os::unix::fs::FileExt;
+        if !root() {
+            return;
+        }
+        let t = Tmp::new("exfatmut");
+        let img_p = t.join("fs.img");
+        sh("truncate", &["-s", "8M", img_p.to_str().unwrap()]);
+        sh("mkfs.exfat", &["-c", "4K", img_p.to_str().unwrap()]);
+        {
+            let dev = Loop::attach(&img_p);
+            let m = Mount::new(&dev, &t.join("mnt"), false);
+            populate(&m.0, &t.join("src"), 4096, 5, false);
+        }
+        let orig = std::fs::read(&img_p).unwrap();
+        let bps = 1u64 << orig[108];
+        let fat = le32(&orig, 80) as u64 * bps;
+        let heap = le32(&orig, 88) as u64 * bps;
+        let f = std::fs::OpenOptions::new().write(true).open(&img_p).unwrap();
+        let mut rng = Rng(0xfeed_f00d_1234_5679);
+        let (mut oks, mut errs) = (0, 0);
+        for i in 0..600 {
+            let mut touched = Vec::new();
+            for _ in 0..1 + rng.below(3) {
+                let off = match rng.below(4) {
+                    0 => 64 + rng.below(48),
+                    1 => fat + rng.below(256),
+                    _ => heap + rng.below(8 * 4096),
+                };
+                f.write_all_at(&[orig[off as usize] ^ (1 + rng.below(255)) as u8], off).unwrap();
+                touched.push(off);
+            }
+            // Half the time, make the boot checksums agree again so the
+            // mutation reaches the deeper checks.
+            if i % 2 == 0 {
+                let mut region = vec![0u8; 12 * bps as usize];
+                std::fs::File::open(&img_p).unwrap().read_exact_at(&mut region, 0).unwrap();
+                let sum = boot_checksum(&region[..11 * bps as usize]).to_le_bytes();
+                let sector: Vec<u8> = sum.iter().copied().cycle().take(bps as usize).collect();
+                for r in [0, 12] {
+                    f.write_all_at(&region[..11 * bps as usize], r * bps).unwrap();
+                    f.write_all_at(&sector, (r + 11) * bps).unwrap();
+                    touched.extend(r * bps..(r + 12) * bps);
+                }
+            }
+            match std::panic::catch_unwind(|| map_with(used_map, &img_p)) {
+                Ok(Ok(m)) => {
+                    assert!(m.extents.iter().all(|&(s, l)| s + l <= orig.len() as u64));
+                    oks += 1;
+                }
+                Ok(Err(FsError::Corrupt(_) | FsError::Unclean(_))) => errs += 1,
+                Ok(Err(e)) => panic!("unexpected error {e}"),
+                Err(_) => panic!("used_map panicked after mutating {touched:?}"),
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for off in touched {
+                f.write_all_at(&orig[off as usize..off as usize + 1], off).unwrap();
+            }
+        }
+        assert!(oks > 0 && errs > 0, "{oks} ok, {errs} errors");
+    }
+}
