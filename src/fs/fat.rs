@@ -201,7 +201,7 @@ fn entry(kind: Kind, raw: &[u8], i: usize) -> u32 {
         Kind::Fat12 => {
             let o = i * 3 / 2;
             let v = u16::from_le_bytes([raw[o], raw[o + 1]]);
-            (if i % 2 == 0 { v & 0xFFF } else { v >> 4 }) as u32
+            (if i.is_multiple_of(2) { v & 0xFFF } else { v >> 4 }) as u32
         }
         Kind::Fat16 => le16(raw, i * 2) as u32,
         Kind::Fat32 => le32(raw, i * 4) & 0x0FFF_FFFF,
@@ -421,17 +421,20 @@ pub(crate) mod tests {
             sh("mcopy", &["-i", img, &p.display().to_string(), "::/d1/"]);
         }
         if full {
-            for i in 0.. {
+            // Large files until one does not fit, then single clusters.
+            let mut big = true;
+            for i in 0..20_000 {
                 let p = dir.join(format!("fill{i}.bin"));
-                let len = if i < 1000 { 64 * cluster } else { cluster };
-                std::fs::write(&p, rng.bytes(len.min(256 << 10))).unwrap();
+                let len = if big { (64 * cluster).min(256 << 10) } else { cluster };
+                std::fs::write(&p, rng.bytes(len)).unwrap();
                 let (ok, _) = try_sh("mcopy", &["-i", img, &p.display().to_string(), "::/"]);
                 if !ok {
                     std::fs::remove_file(&p).unwrap();
                     let _ = try_sh("mdel", &["-i", img, &format!("::/fill{i}.bin")]);
-                    if len == cluster || i > 4000 {
+                    if !big {
                         break;
                     }
+                    big = false;
                 }
             }
         }
