@@ -12,7 +12,9 @@
 //! - `FsError::Io`: reading failed; the backup fails.
 
 pub mod crc32c;
+pub mod ntfs;
 pub mod probe;
+pub mod swap;
 
 pub use probe::{FsInfo, probe};
 
@@ -109,7 +111,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[];
+pub const DRIVERS: &[&Driver] = &[&ntfs::DRIVER, &swap::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
