@@ -58,6 +58,14 @@ pub struct BackupArgs {
     /// Skip reading the finished image back to check it.
     #[arg(long)]
     pub no_verify: bool,
+    /// Copy every partition raw (every non-zero block) instead of only the
+    /// blocks its filesystem uses.
+    #[arg(long)]
+    pub raw: bool,
+    /// Copy filesystems that were not cleanly unmounted raw instead of
+    /// refusing them (their allocation maps may be wrong).
+    #[arg(long)]
+    pub raw_unclean: bool,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::cli::{BackupArgs, Cli, Command, InfoArgs, RestoreArgs, VerifyArgs};
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::pipeline::default_workers;
+use crate::engine::streams::PlanOptions;
 use crate::engine::restore::{self, RestoreOptions};
 use crate::engine::verify;
 use crate::error::{Error, Result};
@@ -61,6 +62,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         allow_mounted: a.allow_mounted,
         quiet: cli.quiet,
         workers,
+        plan: PlanOptions { raw_all: a.raw, raw_unclean: a.raw_unclean },
     };
     let report = backup::backup(&a.source, &a.image, &opts)?;
     let verified = if a.no_verify {
@@ -80,6 +82,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
             "read_bytes": report.read_bytes,
             "image_bytes": report.image_bytes,
             "verified": verified.is_some(),
+            "warnings": report.warnings,
             "streams": report.manifest.streams.iter().map(|s| json!({
                 "name": s.name, "partition": s.partition, "method": s.method,
                 "stored_bytes": s.stored_bytes, "compressed_bytes": s.compressed_bytes,
@@ -251,9 +254,15 @@ pub fn render_info(dir: &Path, m: &Manifest) -> String {
             part.map(|p| format!("type {}{}", p.type_id, if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }))
                 .unwrap_or_default()
         );
+        let uuid = st.fs.as_ref().and_then(|f| f.uuid.as_deref()).map(|u| format!(", UUID {u}")).unwrap_or_default();
+        let used = match (st.fs_used_bytes, st.fs_total_bytes, st.fs_block_size) {
+            (Some(u), Some(t), Some(b)) => format!(", {} used of {} ({b}-byte blocks)", human_bytes(u), human_bytes(t)),
+            _ => String::new(),
+        };
+        let _ = writeln!(o, "  {:<24} filesystem {fs}{uuid}{used}", "");
         let _ = writeln!(
             o,
-            "  {:<24} fs {fs}; method {} ({}); stored {} -> {} in {} chunks",
+            "  {:<24} method {}: {}; stored {} -> {} in {} chunks",
             "",
             st.method,
             st.method_reason,

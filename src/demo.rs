@@ -51,7 +51,14 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
     let b = backup::backup(
         &source,
         &image,
-        &BackupOptions { level: 3, split_size: DEFAULT_SPLIT, allow_mounted: false, quiet, workers },
+        &BackupOptions {
+            level: 3,
+            split_size: DEFAULT_SPLIT,
+            allow_mounted: false,
+            quiet,
+            workers,
+            plan: Default::default(),
+        },
     )?;
     println!(
         "2. Backed up in {:.2} s: read {}, image {} in {}",

@@ -23,23 +23,7 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 
 const MIB: u64 = 1 << 20;
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("klon-devtest-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::disks::TempDir;
 
 /// A mount made by a test; unmounted (and its directory removed) on drop,
 /// also when the test fails.

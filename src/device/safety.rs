@@ -93,7 +93,10 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
                 )));
             }
         }
-    } else if let Some(dir) = image_dir {
+    }
+    if target.kind == DiskKind::File
+        && let Some(dir) = image_dir
+    {
         if file_inside_dir(&target.path, dir) {
             return Err(Error::Refused(format!(
                 "the target file {} lies inside the image directory {}; choose a target outside it",
@@ -113,6 +116,28 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
                 dir.display(),
                 dev_name(part),
                 target.path.display(),
+            )));
+        }
+    }
+    if target.kind == DiskKind::File {
+        check_file_not_attached(target)?;
+    }
+    Ok(())
+}
+
+/// Refuses a target file that a loop device is attached to: it is in use
+/// as a disk (maybe mounted), and writing under it corrupts what uses it.
+fn check_file_not_attached(target: &Disk) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(file) = sysfs::loop_backing_file(&name) else { continue };
+        let Ok(meta) = std::fs::metadata(&file) else { continue };
+        if (meta.dev(), meta.ino()) == (target.dev, target.ino) {
+            return Err(Error::Refused(format!(
+                "the target file {} is attached to /dev/{name} and may be in use; \
+                 detach it first (umount its partitions, then losetup -d /dev/{name})",
+                target.path.display()
             )));
         }
     }

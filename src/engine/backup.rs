@@ -12,7 +12,7 @@ use super::pipeline;
 use super::{cancel, streams};
 use crate::device::Disk;
 use crate::error::{Error, Result};
-use crate::image::format::{Extent, CHUNK_SIZE, FLAG_ZSTD};
+use crate::image::format::{Extent, CHUNK_SIZE, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{now_rfc3339, Compression, FileInfo, Manifest, SourceInfo};
 use crate::image::{EncodedChunk, ImageWriter};
 use crate::table;
@@ -31,6 +31,8 @@ pub struct BackupOptions {
     pub quiet: bool,
     /// Worker threads.
     pub workers: usize,
+    /// How partitions are read (raw or by their filesystem's used blocks).
+    pub plan: streams::PlanOptions,
 }
 
 /// Smallest allowed --split: room for any chunk record.
@@ -51,6 +53,8 @@ pub struct BackupReport {
     pub read_bytes: u64,
     /// Bytes of the image's files.
     pub image_bytes: u64,
+    /// Warnings (partitions copied raw because their metadata failed a check).
+    pub warnings: Vec<String>,
 }
 
 /// Blocks of this size that are entirely zero may be left out of a chunk.
@@ -61,7 +65,8 @@ const MIN_ZERO_RUN: usize = 64 << 10;
 
 struct ReadJob {
     stream: usize,
-    offset: u64,
+    /// Disk ranges the bytes of `buf` came from, in order.
+    extents: Vec<Extent>,
     buf: Vec<u8>,
     skip_zero: bool,
 }
@@ -85,7 +90,11 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     crate::device::safety::check_source(&source, opts.allow_mounted)?;
     crate::device::safety::check_image_dir_not_on(&source, image_dir)?;
     let layout = table::read_layout(&source)?;
-    let plans = streams::plan(&source, &layout);
+    let plan = streams::plan(&source, &layout, opts.plan)?;
+    for w in &plan.warnings {
+        eprintln!("klon: warning: {w}");
+    }
+    let plans = plan.streams;
 
     let writer = ImageWriter::create(image_dir, opts.split_size)?;
     let written = write_streams(&source, &plans, &writer, opts);
@@ -133,7 +142,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     };
     let image_bytes = image_size(&manifest);
     let image = writer.commit(&manifest)?;
-    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes })
+    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings: plan.warnings })
 }
 
 /// Total size of an image's files.
@@ -163,17 +172,40 @@ fn write_streams(
         opts.workers,
         opts.workers * 2 + 2,
         |send| {
+            // Pieces of the streams' reads are packed into jobs of at most
+            // CHUNK_SIZE bytes: one large read for raw streams, many small
+            // extents together for a filesystem's used blocks.
+            let mut job: Option<ReadJob> = None;
             for (si, plan) in plans.iter().enumerate() {
                 for &(start, len) in &plan.reads {
                     for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
                         cancel::check("backup")?;
-                        let mut buf = vec![0u8; piece as usize];
-                        source.read_exact_at(&mut buf, offset).map_err(|e| e.with_note(&plan.describe()))?;
-                        if !send(ReadJob { stream: si, offset, buf, skip_zero: plan.skip_zero }) {
+                        let full = job.as_ref().is_some_and(|j| {
+                            j.stream != si
+                                || j.buf.len() as u64 + piece > CHUNK_SIZE as u64
+                                || j.extents.len() >= MAX_EXTENTS as usize
+                        });
+                        if full && !send(job.take().expect("job present")) {
                             return Ok(());
+                        }
+                        let j = job.get_or_insert_with(|| ReadJob {
+                            stream: si,
+                            extents: Vec::new(),
+                            buf: Vec::with_capacity(CHUNK_SIZE as usize),
+                            skip_zero: plan.skip_zero,
+                        });
+                        let at = j.buf.len();
+                        j.buf.resize(at + piece as usize, 0);
+                        source.read_exact_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
+                        match j.extents.last_mut() {
+                            Some(last) if last.0 + last.1 == offset => last.1 += piece,
+                            _ => j.extents.push((offset, piece)),
                         }
                     }
                 }
+            }
+            if let Some(j) = job {
+                send(j);
             }
             Ok(())
         },
@@ -209,10 +241,26 @@ pub fn pieces(start: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64
 
 fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     let read_len = job.buf.len() as u64;
-    let (extents, content) = if job.skip_zero {
-        drop_zero_runs(job.offset, job.buf)
+    let (extents, content) = if job.skip_zero && job.extents.len() == 1 {
+        drop_zero_runs(job.extents[0].0, job.buf)
+    } else if job.skip_zero {
+        let mut extents = Vec::new();
+        let mut content = Vec::new();
+        let mut pos = 0usize;
+        for &(offset, len) in &job.extents {
+            let slice = job.buf[pos..pos + len as usize].to_vec();
+            pos += len as usize;
+            let (e, c) = drop_zero_runs(offset, slice);
+            extents.extend(e);
+            if content.is_empty() {
+                content = c;
+            } else {
+                content.extend_from_slice(&c);
+            }
+        }
+        (extents, content)
     } else {
-        (vec![(job.offset, read_len)], job.buf)
+        (job.extents, job.buf)
     };
     if content.is_empty() {
         return Ok(Encoded { stream: job.stream, read_len, chunk: None });

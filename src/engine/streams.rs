@@ -1,9 +1,15 @@
-//! Which streams an image of a disk holds and which bytes each one reads.
+//! Which streams an image of a disk holds and which bytes each one reads:
+//! the area outside partitions, and per partition either the blocks its
+//! filesystem uses or, for anything else, every block that is not zero.
 
 use crate::device::Disk;
+use crate::error::{Error, Result};
+use crate::fs::{self, FsError, FsInfo, Volume};
 use crate::image::format::Extent;
 use crate::image::manifest::{FileInfo, Fill, StreamInfo, StreamKind};
 use crate::table::{DiskLayout, TableKind};
+
+pub use crate::image::reader::describe_stream as describe;
 
 /// One stream to back up.
 #[derive(Debug, Clone)]
@@ -18,75 +24,129 @@ pub struct StreamPlan {
 }
 
 impl StreamPlan {
-    /// "partition 2", "outside partitions", "whole disk": for messages.
+    /// "partition 2", "area outside partitions", "whole disk": for messages.
     pub fn describe(&self) -> String {
         describe(&self.info)
     }
 }
 
-pub use crate::image::reader::describe_stream as describe;
+/// How partitions are read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlanOptions {
+    /// Copy every partition raw, whatever it holds.
+    pub raw_all: bool,
+    /// Copy filesystems that are not clean raw instead of refusing.
+    pub raw_unclean: bool,
+}
 
-fn empty_files() -> FileInfo {
+/// A plan and the warnings met while making it (filesystems whose
+/// metadata failed a check and are copied raw instead).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The streams.
+    pub streams: Vec<StreamPlan>,
+    /// Warnings for the user.
+    pub warnings: Vec<String>,
+}
+
+fn empty_file() -> FileInfo {
     FileInfo { name: String::new(), size: 0, blake3: None }
 }
 
-/// Plans the streams for `layout` of `source`: the area outside partitions
-/// first (tables, boot code, gaps), then one stream per partition; a disk
-/// without a table is one stream.
-pub fn plan(source: &Disk, layout: &DiskLayout) -> Vec<StreamPlan> {
-    let stream = |name: String, kind, partition, start, length, fill, reason: &str| StreamInfo {
+fn stream_info(name: String, kind: StreamKind, partition: Option<u32>, start: u64, length: u64, fs: Option<FsInfo>) -> StreamInfo {
+    StreamInfo {
         name,
         kind,
         partition,
         start,
         length,
         method: "raw".to_string(),
-        method_reason: reason.to_string(),
-        fill,
-        fs: crate::fs::probe(source, start, length),
+        method_reason: String::new(),
+        fill: Fill::Zero,
+        fs,
+        fs_block_size: None,
+        fs_total_bytes: None,
+        fs_used_bytes: None,
         chunks: 0,
         stored_bytes: 0,
         compressed_bytes: 0,
-        index: empty_files(),
+        index: empty_file(),
         data_files: Vec::new(),
-    };
+    }
+}
+
+/// Plans the streams for `layout` of `source`: the area outside partitions
+/// first (tables, boot code, gaps), then one stream per partition; a disk
+/// without a table is one stream holding its filesystem (if any).
+pub fn plan(source: &Disk, layout: &DiskLayout, opts: PlanOptions) -> Result<Plan> {
+    let mut warnings = Vec::new();
     if layout.kind == TableKind::None {
-        let info = stream(
-            "disk".into(),
-            StreamKind::Disk,
-            None,
-            0,
-            layout.disk_size,
-            Fill::Zero,
-            "no partition table: the whole disk, every block that is not zero",
-        );
-        return vec![StreamPlan { reads: vec![(0, layout.disk_size)], skip_zero: true, info }];
+        let fs = fs::probe(source, 0, layout.disk_size);
+        let info = stream_info("disk".into(), StreamKind::Disk, None, 0, layout.disk_size, fs);
+        let plan = volume_plan(source, info, opts, &mut warnings)?;
+        return Ok(Plan { streams: vec![plan], warnings });
     }
-    let mut plans = Vec::new();
-    let mut boot = stream(
-        "boot".into(),
-        StreamKind::Boot,
-        None,
-        0,
-        layout.disk_size,
-        Fill::Free,
-        "partition table, boot code and gaps between partitions",
-    );
-    boot.fs = None;
-    plans.push(StreamPlan { reads: outside(layout), skip_zero: true, info: boot });
+    let mut streams = Vec::new();
+    let mut boot = stream_info("boot".into(), StreamKind::Boot, None, 0, layout.disk_size, None);
+    boot.fill = Fill::Free;
+    boot.method_reason = "partition table, boot code and gaps between partitions: every block that is not zero".into();
+    streams.push(StreamPlan { reads: outside(layout), skip_zero: true, info: boot });
     for p in &layout.partitions {
-        let info = stream(
-            format!("p{}", p.number),
-            StreamKind::Partition,
-            Some(p.number),
-            p.start,
-            p.size,
-            Fill::Zero,
-            "copied raw: every block that is not zero",
-        );
-        plans.push(StreamPlan { reads: vec![(p.start, p.size)], skip_zero: true, info });
+        let fs = fs::probe(source, p.start, p.size);
+        let info = stream_info(format!("p{}", p.number), StreamKind::Partition, Some(p.number), p.start, p.size, fs);
+        streams.push(volume_plan(source, info, opts, &mut warnings)?);
     }
-    plans
+    Ok(Plan { streams, warnings })
+}
+
+/// Chooses how to read one partition (or a whole disk without a table).
+fn volume_plan(source: &Disk, mut info: StreamInfo, opts: PlanOptions, warnings: &mut Vec<String>) -> Result<StreamPlan> {
+    let raw = |mut info: StreamInfo, reason: String| {
+        info.method = "raw".into();
+        info.method_reason = reason;
+        info.fill = Fill::Zero;
+        StreamPlan { reads: vec![(info.start, info.length)], skip_zero: true, info }
+    };
+    let place = describe(&info);
+    let Some(fs_info) = info.fs.clone() else {
+        return Ok(raw(info, "no filesystem klon reads: every block that is not zero".into()));
+    };
+    let Some(driver) = fs::driver_for(&fs_info.fstype) else {
+        let reason = format!("{}: klon does not read its allocation; every block that is not zero", fs_info.fstype);
+        return Ok(raw(info, reason));
+    };
+    if opts.raw_all {
+        return Ok(raw(info, "--raw: every block that is not zero".into()));
+    }
+    let volume = Volume { disk: source, start: info.start, len: info.length };
+    match (driver.used_map)(&volume) {
+        Ok(map) => {
+            info.method = fs_info.fstype.clone();
+            info.method_reason = format!("the blocks {} marks as used", fs_info.fstype);
+            info.fill = Fill::Free;
+            info.fs_block_size = Some(map.block_size);
+            info.fs_total_bytes = Some(map.total_bytes);
+            info.fs_used_bytes = Some(map.used_bytes);
+            let reads = map.extents.iter().map(|&(s, l)| (info.start + s, l)).collect();
+            Ok(StreamPlan { reads, skip_zero: false, info })
+        }
+        Err(FsError::Corrupt(why)) => {
+            warnings.push(format!(
+                "{place} ({}): its metadata failed a check ({why}); copying it raw instead, every block that is not zero",
+                fs_info.fstype
+            ));
+            Ok(raw(info, format!("{} metadata failed a check: {why}", fs_info.fstype)))
+        }
+        Err(FsError::Unclean(why)) if opts.raw_unclean => {
+            Ok(raw(info, format!("{} is not clean ({why}); --raw-unclean", fs_info.fstype)))
+        }
+        Err(FsError::Unclean(why)) => Err(Error::Refused(format!(
+            "{place} ({}) is not clean: {why}. Its allocation maps may not tell the truth; \
+             repair it first, or back it up raw (every non-zero block) with --raw-unclean",
+            fs_info.fstype
+        ))),
+        Err(FsError::Io(e)) => Err(e.with_note(&format!("reading the {} metadata of {place}", fs_info.fstype))),
+    }
 }
 
 /// The byte ranges of the disk outside every data partition.

@@ -127,6 +127,15 @@ pub struct StreamInfo {
     pub fill: Fill,
     /// Filesystem found in the partition, if any.
     pub fs: Option<FsInfo>,
+    /// The filesystem's allocation unit, when its used blocks were read.
+    #[serde(default)]
+    pub fs_block_size: Option<u32>,
+    /// The filesystem's size in bytes, when its used blocks were read.
+    #[serde(default)]
+    pub fs_total_bytes: Option<u64>,
+    /// Bytes the filesystem uses (what is copied), when read.
+    #[serde(default)]
+    pub fs_used_bytes: Option<u64>,
     /// Number of chunks.
     pub chunks: u64,
     /// Content bytes stored (before compression).

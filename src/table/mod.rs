@@ -2,10 +2,15 @@
 //! no table at all into one `DiskLayout`, and fixing a restored table up for
 //! a larger target disk.
 
+mod gpt;
+mod mbr;
+#[cfg(test)]
+mod tests;
+
 use serde::{Deserialize, Serialize};
 
-use crate::device::Disk;
-use crate::error::Result;
+use crate::device::{Disk, DiskKind};
+use crate::error::{Error, Result};
 
 /// Which partition table a disk carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +62,22 @@ pub struct GptGeometry {
     pub num_entries: u32,
     /// Size of one entry in bytes.
     pub entry_size: u32,
+    /// False when the primary header or its entry array was damaged (the
+    /// layout was then read from the backup).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub primary_valid: bool,
+    /// False when the backup header or its entry array was missing, damaged
+    /// or disagreed with the primary.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub backup_valid: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// A disk's partition layout.
@@ -76,24 +97,200 @@ pub struct DiskLayout {
     pub extended: Option<(u64, u64)>,
     /// GPT geometry, for GPT disks.
     pub gpt: Option<GptGeometry>,
+    /// Problems found that did not prevent reading the table (a damaged GPT
+    /// copy that the other copy replaced, a GPT without protective MBR, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
-// TEMPORARY stubs until the table module lands.
-/// Reads the layout.
+impl DiskLayout {
+    /// A layout without partition table.
+    fn no_table(sector_size: u32, disk_size: u64) -> DiskLayout {
+        DiskLayout {
+            kind: TableKind::None,
+            sector_size,
+            disk_size,
+            disk_id: None,
+            partitions: Vec::new(),
+            extended: None,
+            gpt: None,
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Reads the partition table of `disk`: GPT (falling back to the backup
+/// header when the primary is damaged, with a warning), else MBR (following
+/// the EBR chain of an extended partition), else `TableKind::None`.
+///
+/// Block devices are read with their logical sector size. For image files
+/// the sector size is unknown: GPT is looked for with 512-byte and then
+/// 4096-byte sectors; MBR and no-table layouts use 512.
+///
+/// A whole-disk FAT/NTFS/exFAT boot sector is not mistaken for an MBR. A
+/// protective MBR without a valid GPT, overlapping partitions and partitions
+/// beyond the end of the disk are `Error::Unsupported`.
 pub fn read_layout(disk: &Disk) -> Result<DiskLayout> {
-    Ok(DiskLayout { kind: TableKind::None, sector_size: disk.logical_sector_size, disk_size: disk.size, disk_id: None, partitions: vec![], extended: None, gpt: None })
+    let sizes: &[u32] = match disk.kind {
+        DiskKind::BlockDevice => &[disk.logical_sector_size],
+        DiskKind::File => &[512, 4096],
+    };
+    let mbr_ss = sizes[0];
+    if !matches!(mbr_ss, 512 | 1024 | 2048 | 4096) {
+        return Err(Error::Unsupported(format!(
+            "{}: logical sector size {mbr_ss} is not supported",
+            disk.path.display()
+        )));
+    }
+    if disk.size < 512 {
+        return Ok(DiskLayout::no_table(mbr_ss, disk.size));
+    }
+    let mut sec0 = [0u8; 512];
+    disk.read_exact_at(&mut sec0, 0)?;
+    for &ss in sizes {
+        let Some(mut layout) = gpt::read(disk, ss)? else { continue };
+        if mbr::has_protective_entry(&sec0) {
+            return Ok(layout);
+        }
+        // Like Linux and libblkid: a GPT needs a protective MBR; a real MBR
+        // with partitions wins over stale GPT headers.
+        if let Ok(mut m) = mbr::read(disk, mbr_ss, &sec0)
+            && m.kind == TableKind::Mbr
+            && (!m.partitions.is_empty() || m.extended.is_some())
+        {
+            m.warnings.push(format!(
+                "ignored GPT headers ({ss}-byte sectors): sector 0 holds an MBR without protective (0xEE) entry"
+            ));
+            return Ok(m);
+        }
+        layout.warnings.push("GPT without protective MBR (sector 0 has no 0xEE entry)".to_string());
+        return Ok(layout);
+    }
+    mbr::read(disk, mbr_ss, &sec0)
 }
-/// Stale ranges.
-pub fn stale_ranges(_layout: &DiskLayout, _target_size: u64) -> Vec<(u64, u64)> {
-    vec![]
+
+/// Sorts partitions by start and checks that each lies within the disk and
+/// that none overlap (`Error::Unsupported` naming both partitions).
+fn sort_and_check(parts: &mut [Partition], disk_size: u64) -> Result<()> {
+    parts.sort_by_key(|p| (p.start, p.number));
+    let mut prev: Option<&Partition> = None;
+    for p in parts.iter() {
+        let end = p.start.checked_add(p.size);
+        if p.size == 0 || end.is_none_or(|e| e > disk_size) {
+            return Err(Error::Unsupported(format!(
+                "partition {} (start byte {}, {} bytes) does not lie within the disk of {} bytes",
+                p.number, p.start, p.size, disk_size
+            )));
+        }
+        if let Some(q) = prev {
+            if q.start + q.size > p.start {
+                return Err(Error::Unsupported(format!(
+                    "partitions {} and {} overlap (partition {} spans bytes {}..{}, partition {} starts at byte {})",
+                    q.number,
+                    p.number,
+                    q.number,
+                    q.start,
+                    q.start + q.size,
+                    p.number,
+                    p.start
+                )));
+            }
+            if p.start + p.size <= q.start + q.size {
+                continue; // q still reaches furthest
+            }
+        }
+        prev = Some(p);
+    }
+    Ok(())
 }
-/// Fix up.
-pub fn fix_up_for_target(_target: &Disk, _layout: &DiskLayout, _grow_last: bool) -> Result<Vec<(u64, u64)>> {
-    Ok(vec![])
+
+/// Byte ranges `(start, len)` of the source disk that must not be written
+/// verbatim to a target of `target_size` bytes: for a GPT on a larger target,
+/// the old backup entry array and backup header (which belong at the end of
+/// the disk and are rewritten there by [`fix_up_for_target`]). Sorted,
+/// adjacent ranges merged, clipped to the source disk.
+pub fn stale_ranges(layout: &DiskLayout, target_size: u64) -> Vec<(u64, u64)> {
+    if layout.kind != TableKind::Gpt || target_size <= layout.disk_size {
+        return Vec::new();
+    }
+    let Some(g) = &layout.gpt else { return Vec::new() };
+    let ss = u64::from(layout.sector_size);
+    let entries_len = gpt::entries_sectors(g.num_entries, g.entry_size, ss) * ss;
+    let mut ranges = vec![
+        (g.backup_entries_lba.saturating_mul(ss), entries_len),
+        (g.backup_header_lba.saturating_mul(ss), ss),
+    ];
+    ranges.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in ranges {
+        if start >= layout.disk_size {
+            continue;
+        }
+        let len = len.min(layout.disk_size - start);
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 >= start => {
+                let end = (last.0 + last.1).max(start + len);
+                last.1 = end - last.0;
+            }
+            _ => out.push((start, len)),
+        }
+    }
+    out
 }
-/// Expected layout.
-pub fn layout_for_target(layout: &DiskLayout, target_size: u64, _grow_last: bool) -> DiskLayout {
-    let mut l = layout.clone();
-    l.disk_size = target_size;
-    l
+
+/// The layout `read_layout(target)` should give after [`fix_up_for_target`]
+/// on a target of `target_size` bytes: for GPT the backup moved to the new
+/// end and the last usable LBA raised (when the target is larger, the last
+/// partition is grown, or a damaged copy was repaired); with `grow_last` the
+/// last partition (and on MBR its extended container) ends at the end of the
+/// usable space.
+pub fn layout_for_target(layout: &DiskLayout, target_size: u64, grow_last: bool) -> DiskLayout {
+    let mut out = layout.clone();
+    out.disk_size = target_size;
+    match layout.kind {
+        TableKind::Gpt => gpt::layout_for_target(&mut out, layout.disk_size, grow_last),
+        TableKind::Mbr => mbr::layout_for_target(&mut out, grow_last),
+        TableKind::None => {}
+    }
+    out
+}
+
+/// Fixes up a table that was copied verbatim (except [`stale_ranges`]) from
+/// a disk with `layout` onto `target` (at least as large, same sector size),
+/// and returns the byte ranges written, sorted.
+///
+/// GPT: on a larger target (or with `grow_last`, or when a GPT copy was
+/// damaged) both headers and entry arrays are rewritten, the backup at the
+/// end of the target, with the last usable LBA, the protective MBR's size and
+/// all CRCs updated. With `grow_last` the last partition ends at the last
+/// usable LBA. MBR with `grow_last`: the last partition (and, for a logical
+/// one, its extended container and EBR link) grows to the end of the disk,
+/// at most 2^32-1 sectors. Otherwise nothing is written.
+pub fn fix_up_for_target(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Result<Vec<(u64, u64)>> {
+    if target.size < layout.disk_size {
+        return Err(Error::Refused(format!(
+            "target {} ({} bytes) is smaller than the source disk ({} bytes)",
+            target.path.display(),
+            target.size,
+            layout.disk_size
+        )));
+    }
+    if target.kind == DiskKind::BlockDevice
+        && layout.kind != TableKind::None
+        && target.logical_sector_size != layout.sector_size
+    {
+        return Err(Error::Unsupported(format!(
+            "target {} has {}-byte sectors but the partition table was made for {}-byte sectors",
+            target.path.display(),
+            target.logical_sector_size,
+            layout.sector_size
+        )));
+    }
+    let mut written = match layout.kind {
+        TableKind::Gpt => gpt::fix_up(target, layout, grow_last)?,
+        TableKind::Mbr if grow_last => mbr::fix_up_grow(target, layout)?,
+        _ => Vec::new(),
+    };
+    written.sort();
+    Ok(written)
 }
