@@ -91,7 +91,7 @@ fn populate(fs_file: &Path, mnt: &Path, fill: u64, seed: u64) -> Files {
         };
         let dir = ["", "Documents/", "Documents/deep/er/"][(i % 3) as usize];
         let name = format!("{dir}file {i}.bin");
-        let data = if i % 2 == 0 { random_bytes(seed * 1000 + i, len) } else { text_bytes(seed * 1000 + i, len) };
+        let data = if i.is_multiple_of(2) { random_bytes(seed * 1000 + i, len) } else { text_bytes(seed * 1000 + i, len) };
         std::fs::write(mnt.join(&name), &data).unwrap();
         total += len as u64;
         files.push((name, data));

@@ -162,10 +162,10 @@ fn apply_fixups(buf: &mut [u8], magic: &[u8; 4], what: &str) -> Result<(), FsErr
     let usa_ofs = u16_at(buf, 4, what)? as usize;
     let usa_count = u16_at(buf, 6, what)? as usize;
     let sectors = buf.len() / FIXUP_STRIDE;
-    if buf.len() % FIXUP_STRIDE != 0 || usa_count != sectors + 1 {
+    if !buf.len().is_multiple_of(FIXUP_STRIDE) || usa_count != sectors + 1 {
         return corrupt(format!("{what}: update sequence of {usa_count} entries for {} bytes", buf.len()));
     }
-    if usa_ofs < 8 || usa_ofs % 2 != 0 || usa_ofs + 2 * usa_count > FIXUP_STRIDE - 2 {
+    if usa_ofs < 8 || !usa_ofs.is_multiple_of(2) || usa_ofs + 2 * usa_count > FIXUP_STRIDE - 2 {
         return corrupt(format!("{what}: update sequence array at implausible offset {usa_ofs}"));
     }
     let usn = get::<2>(buf, usa_ofs, what)?;
@@ -429,10 +429,8 @@ impl Ntfs<'_, '_> {
         if pieces.is_empty() {
             return Ok(None);
         }
-        if pieces.len() == 1 {
-            if let Body::Resident(v) = &pieces[0].body {
-                return Ok(Some(Stream::Resident(v.clone())));
-            }
+        if let [Attr { body: Body::Resident(v), .. }] = pieces.as_slice() {
+            return Ok(Some(Stream::Resident(v.clone())));
         }
         let mut all: Vec<(u64, u64, u64, Vec<Run>)> = Vec::new();
         for p in pieces {
@@ -497,7 +495,7 @@ fn parse_record(mut buf: Vec<u8>, total_clusters: u64, what: &str) -> Result<Rec
     let attrs_off = u16_at(&buf, 0x14, what)? as usize;
     let in_use = u32_at(&buf, 0x18, what)? as usize;
     let base_ref = u64_at(&buf, 0x20, what)?;
-    if in_use > buf.len() || attrs_off < 0x30 || attrs_off % 8 != 0 || attrs_off + 4 > in_use {
+    if in_use > buf.len() || attrs_off < 0x30 || !attrs_off.is_multiple_of(8) || attrs_off + 4 > in_use {
         return corrupt(format!("{what}: attributes at {attrs_off}, {in_use} bytes in use of {}", buf.len()));
     }
     let b = &buf[..in_use];
@@ -509,7 +507,7 @@ fn parse_record(mut buf: Vec<u8>, total_clusters: u64, what: &str) -> Result<Rec
             break;
         }
         let alen = u32_at(b, p + 4, what)? as usize;
-        if alen < 0x18 || alen % 8 != 0 || p.checked_add(alen).is_none_or(|e| e > in_use) {
+        if alen < 0x18 || !alen.is_multiple_of(8) || p.checked_add(alen).is_none_or(|e| e > in_use) {
             return corrupt(format!("{what}: attribute {ty:#x} of {alen} bytes at {p}"));
         }
         let a = &b[p..p + alen];
@@ -622,7 +620,7 @@ fn scan_entries(node: &[u8], name: &[u8], children: &mut Vec<u64>, what: &str) -
         let len = u16_at(b, p + 8, what)? as usize;
         let key_len = u16_at(b, p + 10, what)? as usize;
         let flags = u16_at(b, p + 12, what)?;
-        if len < 16 || len % 8 != 0 || p + len > in_use {
+        if len < 16 || !len.is_multiple_of(8) || p + len > in_use {
             return corrupt(format!("{what}: index entry of {len} bytes at {p}"));
         }
         let e = &b[p..p + len];
@@ -772,10 +770,10 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
             boot.total_clusters
         ));
     }
-    if let Stream::NonResident { init_size, .. } = &bitmap {
-        if *init_size < need {
-            return corrupt(format!("$Bitmap is initialized for only {init_size} of {need} bytes"));
-        }
+    if let Stream::NonResident { init_size, .. } = &bitmap
+        && *init_size < need
+    {
+        return corrupt(format!("$Bitmap is initialized for only {init_size} of {need} bytes"));
     }
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut cur = None;
@@ -809,9 +807,12 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     extents.push((0, 8192.min(vol_bytes)));
     // The backup boot sector: the sector right after the volume, which is
     // the partition's last sector as Windows and mkntfs lay it out.
+    // Should the partition extend further, its last sector too (where
+    // tools that look for the backup at the partition's end find it).
     let mut total_bytes = vol_bytes;
     if vol_bytes + boot.bps <= vol.len {
         extents.push((vol_bytes, boot.bps));
+        extents.push((vol.len - boot.bps, boot.bps));
         total_bytes = vol_bytes + boot.bps;
     }
     let (extents, used_bytes) = normalize(extents, vol.len)?;
@@ -1118,11 +1119,13 @@ mod tests {
         let t = TempDir::new("hiber");
         let f = t.0.join("fs.img");
         let mnt = t.0.join("mnt");
-        for (i, head) in [&b"hibr"[..], b"HIBR"].iter().enumerate() {
-            mkntfs(&f, 32 << 20, 1024);
-            // Enough root entries that the root index needs index blocks.
+        // (signature, cluster size, extra root entries): with many entries
+        // the root index has index blocks; with 64 KiB clusters their VCNs
+        // count 512-byte units.
+        for (i, (head, cluster, n)) in [(b"hibr", 1024, 0), (b"HIBR", 1024, 60), (b"HIBR", 65536, 200)].into_iter().enumerate() {
+            mkntfs(&f, 32 << 20, cluster);
             let m = Mount::new(&f, &mnt);
-            for j in 0..(60 * i) {
+            for j in 0..n {
                 std::fs::write(mnt.join(format!("a-long-file-name-{j:04}.txt")), b"x").unwrap();
             }
             let mut body = head.to_vec();
@@ -1133,12 +1136,18 @@ mod tests {
                 Err(FsError::Unclean(m)) => assert!(m.contains("Fast Startup"), "{m}"),
                 r => panic!("hibernated ({i}): {r:?}"),
             }
+            let d = Disk::open_source(&f).unwrap();
+            let v = Volume { disk: &d, start: 0, len: d.size };
+            let fs = open(&v).unwrap();
+            let blocks = fs.read_record(REC_ROOT).unwrap().attrs.iter().any(|a| a.ty == AT_INDEX_ALLOCATION);
+            assert!(blocks, "case {i}: the root index has index blocks");
+            drop(fs);
             // ntfs-3g agrees: it refuses a read-write mount. Once it removes
             // the hibernation file the volume is clean.
             let m = Mount::with_options(&f, &mnt, "no_detach,remove_hiberfile");
             assert!(!mnt.join("hiberfil.sys").exists());
             m.unmount();
-            check_against_ntfsclone(&f, &t.0, 1024);
+            check_against_ntfsclone(&f, &t.0, cluster as u64);
         }
     }
 
