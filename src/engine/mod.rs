@@ -2,8 +2,10 @@
 //! all running on one ordered parallel pipeline.
 
 pub mod backup;
+pub mod clone;
 pub mod cancel;
 pub mod pipeline;
 pub mod restore;
 pub mod streams;
+pub mod target;
 pub mod verify;

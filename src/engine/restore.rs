@@ -7,16 +7,17 @@
 //! after the first write, the table areas are wiped again so a half-restored
 //! disk cannot be mistaken for a good one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use super::pipeline;
 use super::streams::describe;
+use super::target::{check_fits, check_table, fail, intersects, minus, wipe_table_areas, write_order, TargetWriter};
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::image::format::{Extent, IndexEntry, CHUNK_SIZE};
-use crate::image::{Fill, ImageReader, StoredChunk, StreamKind};
-use crate::table::{self, TableKind};
+use crate::image::{Fill, ImageReader, StoredChunk};
+use crate::table;
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
 
@@ -53,10 +54,6 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// Size of the areas at the start and end of the target that hold tables
-/// and signatures, wiped before writing and after a failure.
-const WIPE_LEN: u64 = 1 << 20;
-
 /// Opens the image and the target and refuses, before anything is written,
 /// a target that is too small, has another sector size, is in use, or holds
 /// the image. A missing target path becomes a file of the source's size.
@@ -64,29 +61,7 @@ pub fn prepare(image_dir: &Path, target_path: &Path) -> Result<RestorePlan> {
     let reader = ImageReader::open(image_dir)?;
     let m = &reader.manifest;
     let mut target = Disk::open_target(target_path, Some(m.source.size))?;
-    if target.kind == crate::device::DiskKind::File {
-        // A file has no sector size of its own: it takes the image's.
-        target.logical_sector_size = m.layout.sector_size;
-    } else if target.logical_sector_size != m.layout.sector_size {
-        return Err(Error::Refused(format!(
-            "{} has {}-byte logical sectors but the image was made from a disk with {}-byte sectors; \
-             its partition table would not fit: restore to a disk with {}-byte sectors",
-            target.path.display(),
-            target.logical_sector_size,
-            m.layout.sector_size,
-            m.layout.sector_size
-        )));
-    }
-    if target.size < m.source.size {
-        return Err(Error::Refused(format!(
-            "target too small: needs {} ({} bytes), {} has {} ({} bytes)",
-            human_bytes(m.source.size),
-            m.source.size,
-            target.path.display(),
-            human_bytes(target.size),
-            target.size
-        )));
-    }
+    check_fits(&mut target, m.source.size, m.layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image_dir))?;
     Ok(RestorePlan { reader, target })
 }
@@ -109,24 +84,6 @@ impl RestorePlan {
             m.created
         )
     }
-}
-
-/// The streams in the order a restore writes them: partitions first, the
-/// area outside partitions (with the table) last.
-fn write_order(reader: &ImageReader) -> Vec<usize> {
-    let streams = &reader.manifest.streams;
-    let mut order: Vec<usize> = (0..streams.len()).filter(|&i| streams[i].kind != StreamKind::Boot).collect();
-    order.extend((0..streams.len()).filter(|&i| streams[i].kind == StreamKind::Boot));
-    order
-}
-
-/// Zeros the table and signature areas at both ends of the target.
-fn wipe_table_areas(target: &Disk) -> Result<()> {
-    let head = WIPE_LEN.min(target.size);
-    target.zero_range(0, head)?;
-    let tail_start = target.size.saturating_sub(WIPE_LEN).max(head);
-    target.zero_range(tail_start, target.size - tail_start)?;
-    target.sync()
 }
 
 /// Writes the image onto the target. The caller has confirmed.
@@ -161,59 +118,12 @@ pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport
     Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
 }
 
-fn fail(target: &Disk, e: Error) -> Error {
-    if target.fresh {
-        let note = match std::fs::remove_file(&target.path) {
-            Ok(()) => format!("the restore did not complete; {} (created by this restore) was removed", target.path.display()),
-            Err(r) => format!("the restore did not complete; removing {} also failed ({r}): delete it", target.path.display()),
-        };
-        return e.with_note(&note);
-    }
-    let note = match wipe_table_areas(target) {
-        Ok(()) => "the restore did not complete and the target's partition table was wiped, \
-                   so the half-restored disk cannot be mistaken for a good one"
-            .to_string(),
-        Err(w) => format!("the restore did not complete, and wiping the target's partition table also failed ({w})"),
-    };
-    e.with_note(&note)
-}
-
-/// Parts of `(start, len)` that are not inside any of `skip`.
-fn minus(start: u64, len: u64, skip: &[Extent]) -> Vec<Extent> {
-    let mut out = vec![(start, len)];
-    for &(s0, l0) in skip {
-        let s1 = s0 + l0;
-        out = out
-            .into_iter()
-            .flat_map(|(a, l)| {
-                let b = a + l;
-                let mut v = Vec::new();
-                if s1 <= a || s0 >= b {
-                    v.push((a, l));
-                } else {
-                    if s0 > a {
-                        v.push((a, s0 - a));
-                    }
-                    if s1 < b {
-                        v.push((s1, b - s1));
-                    }
-                }
-                v
-            })
-            .collect();
-    }
-    out
-}
-
 fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &RestoreOptions) -> Result<u64> {
     let streams = &reader.manifest.streams;
-    let order = write_order(reader);
+    let order = write_order(streams);
     let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
     let mut progress = Progress::new("restore", total, opts.quiet);
-    // Where each stream's writing has got to: gaps behind it that the
-    // stream says were zeros are zeroed on the way.
-    let mut cursor: Vec<u64> = streams.iter().map(|s| s.start).collect();
-    let mut written = 0u64;
+    let mut out = TargetWriter::new(target, streams, stale);
     pipeline::run(
         opts.workers,
         opts.workers * 2 + 2,
@@ -232,38 +142,12 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
             Ok((c, content))
         },
         |(c, content): (StoredChunk, Vec<u8>)| {
-            let si = c.stream;
-            let s = &streams[si];
-            let place = describe(s);
-            let mut pos = 0usize;
-            for &(start, len) in &c.header.extents {
-                if s.fill == Fill::Zero && start > cursor[si] {
-                    target.zero_range(cursor[si], start - cursor[si]).map_err(|e| e.with_note(&place))?;
-                }
-                let data = &content[pos..pos + len as usize];
-                pos += len as usize;
-                if s.kind == StreamKind::Boot && !stale.is_empty() {
-                    for (a, l) in minus(start, len, stale) {
-                        let rel = (a - start) as usize;
-                        target.write_all_at(&data[rel..rel + l as usize], a).map_err(|e| e.with_note(&place))?;
-                    }
-                } else {
-                    target.write_all_at(data, start).map_err(|e| e.with_note(&place))?;
-                }
-                cursor[si] = start + len;
-            }
-            written += content.len() as u64;
+            out.write(c.stream, &c.header.extents, &content)?;
             progress.add(content.len() as u64);
             Ok(())
         },
     )?;
-    for (si, s) in streams.iter().enumerate() {
-        if s.fill == Fill::Zero && cursor[si] < s.start + s.length {
-            target
-                .zero_range(cursor[si], s.start + s.length - cursor[si])
-                .map_err(|e| e.with_note(&describe(s)))?;
-        }
-    }
+    let written = out.finish()?;
     progress.finish();
     Ok(written)
 }
@@ -276,14 +160,10 @@ enum Check {
     Zero { stream: usize, offset: u64, bytes: Vec<u8> },
 }
 
-fn intersects(start: u64, len: u64, skip: &[Extent]) -> bool {
-    skip.iter().any(|&(s, l)| s < start + len && start < s + l)
-}
-
 /// Reads back everything the restore wrote and compares it with the image.
 fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &RestoreOptions) -> Result<()> {
     let streams = &reader.manifest.streams;
-    let order = write_order(reader);
+    let order = write_order(streams);
     let total: u64 = order
         .iter()
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
@@ -400,44 +280,4 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
     )?;
     progress.finish();
     Ok(())
-}
-
-/// Reads the table back from the target and compares it with the layout
-/// the restore meant to write.
-fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Result<()> {
-    if layout.kind == TableKind::None {
-        return Ok(());
-    }
-    let expected = table::layout_for_target(layout, target.size, grow_last);
-    let found = table::read_layout(target)
-        .map_err(|e| Error::VerifyAfter(format!("the partition table written to the target does not read back: {e}")))?;
-    if found.kind != expected.kind || found.partitions != expected.partitions {
-        return Err(Error::VerifyAfter(format!(
-            "the partition table read back from {} is not the one restored ({:?} with {} partitions, expected {:?} with {})",
-            target.path.display(),
-            found.kind,
-            found.partitions.len(),
-            expected.kind,
-            expected.partitions.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Path of a target for messages.
-pub fn target_path(plan: &RestorePlan) -> PathBuf {
-    plan.target.path.clone()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::minus;
-
-    #[test]
-    fn minus_cuts_ranges() {
-        assert_eq!(minus(0, 100, &[(10, 10)]), vec![(0, 10), (20, 80)]);
-        assert_eq!(minus(0, 100, &[(0, 100)]), vec![]);
-        assert_eq!(minus(50, 10, &[(0, 10)]), vec![(50, 10)]);
-        assert_eq!(minus(0, 100, &[(90, 50), (0, 5)]), vec![(5, 85)]);
-    }
 }

@@ -11,10 +11,15 @@
 //!   is refused unless the user asks for a raw copy.
 //! - `FsError::Io`: reading failed; the backup fails.
 
+pub mod btrfs;
 pub mod crc32c;
+pub mod exfat;
+pub mod ext;
+pub mod fat;
 pub mod ntfs;
 pub mod probe;
 pub mod swap;
+pub mod xfs;
 
 pub use probe::{FsInfo, probe};
 
@@ -111,7 +116,8 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[&ntfs::DRIVER, &swap::DRIVER];
+pub const DRIVERS: &[&Driver] =
+    &[&btrfs::DRIVER, &exfat::DRIVER, &ext::DRIVER, &fat::DRIVER, &ntfs::DRIVER, &swap::DRIVER, &xfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {

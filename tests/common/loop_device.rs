@@ -13,8 +13,7 @@ pub fn root_tests_required() -> bool {
 
 /// Whether the tests run as root.
 pub fn have_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// At the top of a test that needs root: without root, panic when root
