@@ -83,6 +83,21 @@ fn mbr_with_logical_partitions_round_trip() {
         .map(|p| p["number"].as_u64().unwrap())
         .collect();
     assert_eq!(numbers, vec![1, 2, 5, 6]);
+    // An independent parser (mbrman) finds the same partitions klon recorded.
+    let ours: Vec<(u64, u64)> = v["manifest"]["layout"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["start"].as_u64().unwrap() / 512, p["size"].as_u64().unwrap() / 512))
+        .collect();
+    let mbr = mbrman::MBR::read_from(&mut std::fs::File::open(&src).unwrap(), 512).unwrap();
+    let mut theirs: Vec<(u64, u64)> = mbr
+        .iter()
+        .filter(|(_, p)| p.is_used() && ![0x05, 0x0f, 0x85].contains(&p.sys))
+        .map(|(_, p)| (p.starting_lba as u64, p.sectors as u64))
+        .collect();
+    theirs.sort();
+    assert_eq!(ours, theirs);
     garbage_file(&dst, 64 * MIB);
     restore(&img, &dst, &[]);
     for p in &parts {
