@@ -31,6 +31,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Restore an image onto a disk or a file (destroys what the target holds).
     Restore(RestoreArgs),
+    /// Copy a disk onto another disk (or file) directly, no image in between
+    /// (destroys what the target holds).
+    Clone(CloneArgs),
     /// Describe an image: source disk, table, partitions, sizes, completeness.
     Info(InfoArgs),
     /// Run klon's main job on a built-in sample disk: back up, verify,
@@ -97,6 +100,36 @@ pub struct RestoreArgs {
     /// Skip reading everything back after writing.
     #[arg(long)]
     pub no_verify_after: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// `klon clone`.
+#[derive(Debug, Args)]
+pub struct CloneArgs {
+    /// Disk to copy: a block device or a file holding a disk image.
+    pub source: PathBuf,
+    /// Target: a block device, or a file (created with the source's size when missing).
+    pub target: PathBuf,
+    /// Do not ask: needed when standard input is not a terminal.
+    #[arg(long)]
+    pub yes: bool,
+    /// Extend the last partition's table entry to the end of a larger target.
+    #[arg(long)]
+    pub grow_last: bool,
+    /// Skip reading both disks back after copying.
+    #[arg(long)]
+    pub no_verify_after: bool,
+    /// Copy every partition raw instead of only the blocks its filesystem uses.
+    #[arg(long)]
+    pub raw: bool,
+    /// Copy filesystems that were not cleanly unmounted raw instead of refusing them.
+    #[arg(long)]
+    pub raw_unclean: bool,
+    /// Copy even if partitions of the source are mounted read-write.
+    #[arg(long)]
+    pub allow_mounted: bool,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{BackupArgs, Cli, Command, InfoArgs, RestoreArgs, VerifyArgs};
+use crate::cli::{BackupArgs, Cli, CloneArgs, Command, InfoArgs, RestoreArgs, VerifyArgs};
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::pipeline::default_workers;
 use crate::engine::streams::PlanOptions;
@@ -25,6 +25,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Backup(a) => backup_cmd(cli, a),
         Command::Verify(a) => verify_cmd(cli, a),
         Command::Restore(a) => restore_cmd(cli, a),
+        Command::Clone(a) => clone_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet),
     }
@@ -68,7 +69,9 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
     let verified = if a.no_verify {
         None
     } else {
-        Some(verify::verify(&report.image, workers, cli.quiet).map_err(|e| {
+        let result = verify::verify(&report.image, workers, cli.quiet);
+        verify::record_result(&report.image, &result);
+        Some(result.map_err(|e| {
             e.with_note(&format!(
                 "the image at {} was written but does not read back correctly: do not rely on it; check the image drive",
                 report.image.display()
@@ -109,7 +112,9 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let r = verify::verify(&a.image, threads(a.threads)?, cli.quiet)?;
+    let result = verify::verify(&a.image, threads(a.threads)?, cli.quiet);
+    verify::record_result(&a.image, &result);
+    let r = result?;
     if cli.json {
         return print_json(&json!({
             "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,
@@ -129,18 +134,20 @@ fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn confirm(plan: &restore::RestorePlan, yes: bool) -> Result<()> {
+/// Asks before overwriting `target`: on a terminal the person types the
+/// target's name; elsewhere `--yes` is required.
+fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
     if yes {
         return Ok(());
     }
-    let target = plan.target.path.display().to_string();
+    let shown = target.display().to_string();
     if !std::io::stdin().is_terminal() {
         return Err(Error::Refused(format!(
-            "restoring overwrites {target}; standard input is not a terminal, so confirm with --yes"
+            "this overwrites {shown}; standard input is not a terminal, so confirm with --yes"
         )));
     }
-    let name = plan.target.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(target.clone());
-    eprintln!("{}", plan.describe());
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(shown.clone());
+    eprintln!("{description}");
     eprint!("Type {name} to overwrite it, anything else to cancel: ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
@@ -151,13 +158,13 @@ fn confirm(plan: &restore::RestorePlan, yes: bool) -> Result<()> {
     if line.trim() == name {
         Ok(())
     } else {
-        Err(Error::Cancelled(format!("nothing was written to {target}")))
+        Err(Error::Cancelled(format!("nothing was written to {shown}")))
     }
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let plan = restore::prepare(&a.image, &a.target)?;
-    confirm(&plan, a.yes)?;
+    confirm(&plan.target.path, &plan.describe(), a.yes)?;
     let opts = RestoreOptions {
         grow_last: a.grow_last,
         verify_after: !a.no_verify_after,
@@ -184,6 +191,43 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     Ok(())
 }
 
+fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
+    let plan = crate::engine::clone::prepare(
+        &a.source,
+        &a.target,
+        PlanOptions { raw_all: a.raw, raw_unclean: a.raw_unclean },
+        a.allow_mounted,
+    )?;
+    for w in &plan.warnings {
+        eprintln!("klon: warning: {w}");
+    }
+    confirm(&plan.target.path, &plan.describe(), a.yes)?;
+    let opts = crate::engine::clone::CloneOptions {
+        grow_last: a.grow_last,
+        verify_after: !a.no_verify_after,
+        quiet: cli.quiet,
+        workers: threads(a.threads)?,
+    };
+    let r = crate::engine::clone::clone(plan, &opts)?;
+    if cli.json {
+        return print_json(&json!({
+            "source": a.source, "target": a.target, "bytes_written": r.bytes_written,
+            "verified": r.verified, "seconds": r.seconds,
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "Cloned {} to {} in {:.1} s: wrote {}{}",
+            a.source.display(),
+            a.target.display(),
+            r.seconds,
+            human_bytes(r.bytes_written),
+            if r.verified { ", read back and compared" } else { ", not read back (--no-verify-after)" }
+        );
+    }
+    Ok(())
+}
+
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
     let reader = match ImageReader::open(&a.image) {
         Ok(r) => r,
@@ -198,15 +242,26 @@ fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
         Err(e) => return Err(e),
     };
     let m = &reader.manifest;
+    let last_verify = verify::last_result(&a.image);
     if cli.json {
         return print_json(&json!({
             "image": a.image,
             "complete": true,
+            "last_verify": last_verify,
             "image_bytes": backup::image_size(m),
             "manifest": m,
         }));
     }
     print!("{}", render_info(&a.image, m));
+    match last_verify {
+        Some(v) if v.ok => println!("Verified:     OK on {} (klon {})", v.time, v.klon_version),
+        Some(v) => println!(
+            "Verified:     FAILED on {}: {}",
+            v.time,
+            v.problem.as_deref().unwrap_or("unknown problem")
+        ),
+        None => println!("Verified:     never (run klon verify)"),
+    }
     Ok(())
 }
 

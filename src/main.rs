@@ -5,6 +5,7 @@ use clap::Parser;
 fn main() {
     let cli = klon::cli::Cli::parse();
     klon::engine::cancel::install();
+    klon::engine::cancel::default_sigpipe();
     if let Err(e) = klon::commands::run(&cli) {
         // The message already includes the cause (an OS error's text).
         eprintln!("klon: {e}");

@@ -39,6 +39,10 @@ fn flip(path: &Path, off: u64) {
 fn caught(img: &Path, t: &TempDir, needle: &str) {
     let o = klon(&["verify", img.to_str().unwrap()]);
     fails_with(&o, 4, &[needle]);
+    if img.join("klon.json").exists() && img.join("klon.json.b3").exists() {
+        let info = stdout(&klon(&["info", img.to_str().unwrap()]));
+        assert!(info.contains("Verified:     FAILED") || info.contains("Complete:     no"), "{info}");
+    }
     let dst = t.join("dst.img");
     let _ = std::fs::remove_file(&dst);
     let o = klon(&["restore", "--yes", img.to_str().unwrap(), dst.to_str().unwrap()]);

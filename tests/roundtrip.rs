@@ -24,6 +24,9 @@ fn gpt_round_trip_same_size_is_byte_identical() {
     make_gpt_disk(&src, 48 * MIB);
     backup(&src, &img, &[]);
     ok(&klon(&["verify", img.to_str().unwrap()]));
+    let info = stdout(&klon(&["info", img.to_str().unwrap()]));
+    assert!(info.contains("Verified:     OK"), "{info}");
+    assert!(info.contains("Complete:     yes"), "{info}");
     restore(&img, &dst, &[]); // missing target: created with the source's size
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), 48 * MIB);
     assert_same(&src, &dst, 0, 48 * MIB, "whole disk");
@@ -118,13 +121,20 @@ fn whole_disk_filesystem_without_table_round_trip_and_fsck() {
     std::fs::write(files.join("random.bin"), random_bytes(2, 2_000_000)).unwrap();
     blank_file(&src, 32 * MIB);
     run("mke2fs", &["-q", "-F", "-t", "ext4", "-d", files.to_str().unwrap(), src.to_str().unwrap()]);
+    // Only the blocks ext4 uses are copied: the restored filesystem is clean.
     backup(&src, &img, &[]);
-    let info = stdout(&klon(&["info", "--json", img.to_str().unwrap()]));
-    assert!(info.contains("\"kind\": \"none\""), "{info}");
+    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
+    assert_eq!(info["manifest"]["layout"]["kind"], "none");
+    assert_eq!(info["manifest"]["streams"][0]["method"], "ext4");
     garbage_file(&dst, 40 * MIB);
     restore(&img, &dst, &[]);
-    assert_same(&src, &dst, 0, 32 * MIB, "whole-disk filesystem");
     run("e2fsck", &["-fn", dst.to_str().unwrap()]);
+    // With --raw every non-zero block is copied: byte for byte the same.
+    let (raw_img, raw_dst) = (t.join("raw-image"), t.join("raw-dst.img"));
+    backup(&src, &raw_img, &["--raw"]);
+    garbage_file(&raw_dst, 40 * MIB);
+    restore(&raw_img, &raw_dst, &[]);
+    assert_same(&src, &raw_dst, 0, 32 * MIB, "whole-disk filesystem copied raw");
 }
 
 #[test]
@@ -196,4 +206,47 @@ fn restore_refuses_target_that_is_inside_the_image_or_is_the_image() {
     let o = klon(&["restore", "--yes", img.to_str().unwrap(), inside.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     ok(&klon(&["verify", img.to_str().unwrap()]));
+}
+
+#[test]
+fn clone_copies_disk_to_larger_disk_and_refuses_itself() {
+    let t = TempDir::new("clone");
+    let (src, dst) = (t.join("src.img"), t.join("dst.img"));
+    let parts = make_gpt_disk(&src, 48 * MIB);
+    garbage_file(&dst, 64 * MIB);
+    ok(&klon(&["clone", "--yes", "--grow-last", src.to_str().unwrap(), dst.to_str().unwrap()]));
+    for p in &parts {
+        assert_same(&src, &dst, p.start * 512, p.size * 512, &format!("partition {}", p.node));
+    }
+    assert_same(&src, &dst, 0, 440, "MBR boot code");
+    assert_same(&src, &dst, 34 * 512, (2048 - 34) * 512, "gap after the GPT");
+    let v = run("sgdisk", &["-v", dst.to_str().unwrap()]);
+    assert!(v.contains("No problems found"), "{v}");
+
+    // Onto itself, onto a smaller disk, or without --yes: refused, nothing written.
+    fails_with(&klon(&["clone", "--yes", src.to_str().unwrap(), src.to_str().unwrap()]), 5, &[]);
+    let small = t.join("small.img");
+    garbage_file(&small, 40 * MIB);
+    let before = std::fs::read(&small).unwrap();
+    fails_with(&klon(&["clone", "--yes", src.to_str().unwrap(), small.to_str().unwrap()]), 5, &["too small"]);
+    fails_with(&klon(&["clone", src.to_str().unwrap(), dst.to_str().unwrap()]), 5, &["--yes"]);
+    assert!(std::fs::read(&small).unwrap() == before);
+}
+
+#[test]
+fn clone_of_a_filesystem_copies_only_used_blocks_and_stays_clean() {
+    let t = TempDir::new("clone-fs");
+    let (src, dst) = (t.join("src.img"), t.join("dst.img"));
+    let files = t.join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("a.txt"), text_bytes(7, 500_000)).unwrap();
+    std::fs::write(files.join("b.bin"), random_bytes(8, 3_000_000)).unwrap();
+    blank_file(&src, 32 * MIB);
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-d", files.to_str().unwrap(), src.to_str().unwrap()]);
+    garbage_file(&dst, 32 * MIB);
+    let o = klon(&["clone", "--yes", "--json", src.to_str().unwrap(), dst.to_str().unwrap()]);
+    ok(&o);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(r["bytes_written"].as_u64().unwrap() < 16 * MIB, "clone wrote more than the used blocks: {r}");
+    run("e2fsck", &["-fn", dst.to_str().unwrap()]);
 }

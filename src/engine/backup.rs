@@ -63,12 +63,16 @@ const ZERO_BLOCK: usize = 4096;
 /// nothing, and splitting them would only fragment writes).
 const MIN_ZERO_RUN: usize = 64 << 10;
 
-struct ReadJob {
-    stream: usize,
+/// Bytes read from the source for one chunk.
+pub(crate) struct ReadJob {
+    /// Index of the stream.
+    pub stream: usize,
     /// Disk ranges the bytes of `buf` came from, in order.
-    extents: Vec<Extent>,
-    buf: Vec<u8>,
-    skip_zero: bool,
+    pub extents: Vec<Extent>,
+    /// The bytes.
+    pub buf: Vec<u8>,
+    /// Whether long zero runs may be left out.
+    pub skip_zero: bool,
 }
 
 struct Encoded {
@@ -173,44 +177,7 @@ fn write_streams(
     pipeline::run(
         opts.workers,
         opts.workers * 2 + 2,
-        |send| {
-            // Pieces of the streams' reads are packed into jobs of at most
-            // CHUNK_SIZE bytes: one large read for raw streams, many small
-            // extents together for a filesystem's used blocks.
-            let mut job: Option<ReadJob> = None;
-            for (si, plan) in plans.iter().enumerate() {
-                for &(start, len) in &plan.reads {
-                    for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
-                        cancel::check("backup")?;
-                        let full = job.as_ref().is_some_and(|j| {
-                            j.stream != si
-                                || j.buf.len() as u64 + piece > CHUNK_SIZE as u64
-                                || j.extents.len() >= MAX_EXTENTS as usize
-                        });
-                        if full && !send(job.take().expect("job present")) {
-                            return Ok(());
-                        }
-                        let j = job.get_or_insert_with(|| ReadJob {
-                            stream: si,
-                            extents: Vec::new(),
-                            buf: Vec::with_capacity(CHUNK_SIZE as usize),
-                            skip_zero: plan.skip_zero,
-                        });
-                        let at = j.buf.len();
-                        j.buf.resize(at + piece as usize, 0);
-                        source.read_exact_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
-                        match j.extents.last_mut() {
-                            Some(last) if last.0 + last.1 == offset => last.1 += piece,
-                            _ => j.extents.push((offset, piece)),
-                        }
-                    }
-                }
-            }
-            if let Some(j) = job {
-                send(j);
-            }
-            Ok(())
-        },
+        |send| read_jobs(source, plans, &(0..plans.len()).collect::<Vec<_>>(), send),
         |job| encode(job, level),
         |out: Encoded| {
             if let Some(chunk) = &out.chunk {
@@ -223,6 +190,52 @@ fn write_streams(
     progress.finish();
     let files = writers.into_iter().map(|w| w.finish()).collect::<Result<Vec<_>>>()?;
     Ok((files, total))
+}
+
+/// Reads the streams `order` of `plans` from `source` and hands the bytes to
+/// `send` in jobs of at most CHUNK_SIZE bytes: one large read for raw
+/// streams, many small extents packed together for a filesystem's used
+/// blocks. Returns early (Ok) when `send` says the pipeline stopped.
+pub(crate) fn read_jobs(
+    source: &Disk,
+    plans: &[streams::StreamPlan],
+    order: &[usize],
+    send: &mut dyn FnMut(ReadJob) -> bool,
+) -> Result<()> {
+    let mut job: Option<ReadJob> = None;
+    for &si in order {
+        let plan = &plans[si];
+        for &(start, len) in &plan.reads {
+            for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
+                cancel::check("reading the source")?;
+                let full = job.as_ref().is_some_and(|j| {
+                    j.stream != si
+                        || j.buf.len() as u64 + piece > CHUNK_SIZE as u64
+                        || j.extents.len() >= MAX_EXTENTS as usize
+                });
+                if full && !send(job.take().expect("job present")) {
+                    return Ok(());
+                }
+                let j = job.get_or_insert_with(|| ReadJob {
+                    stream: si,
+                    extents: Vec::new(),
+                    buf: Vec::with_capacity(CHUNK_SIZE as usize),
+                    skip_zero: plan.skip_zero,
+                });
+                let at = j.buf.len();
+                j.buf.resize(at + piece as usize, 0);
+                source.read_exact_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
+                match j.extents.last_mut() {
+                    Some(last) if last.0 + last.1 == offset => last.1 += piece,
+                    _ => j.extents.push((offset, piece)),
+                }
+            }
+        }
+    }
+    if let Some(j) = job {
+        send(j);
+    }
+    Ok(())
 }
 
 /// Splits `[start, start+len)` into pieces that end on multiples of `step`.
@@ -241,31 +254,34 @@ pub fn pieces(start: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64
     })
 }
 
+/// The extents and bytes a job keeps: all of it, or without its long zero
+/// runs when the stream allows that.
+pub(crate) fn kept_content(job: ReadJob) -> (Vec<Extent>, Vec<u8>) {
+    if !job.skip_zero {
+        return (job.extents, job.buf);
+    }
+    if job.extents.len() == 1 {
+        return drop_zero_runs(job.extents[0].0, job.buf);
+    }
+    let mut extents = Vec::new();
+    let mut content = Vec::with_capacity(job.buf.len());
+    let mut pos = 0usize;
+    for &(offset, len) in &job.extents {
+        let slice = job.buf[pos..pos + len as usize].to_vec();
+        pos += len as usize;
+        let (e, c) = drop_zero_runs(offset, slice);
+        extents.extend(e);
+        content.extend_from_slice(&c);
+    }
+    (extents, content)
+}
+
 fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     let read_len = job.buf.len() as u64;
-    let (extents, content) = if job.skip_zero && job.extents.len() == 1 {
-        drop_zero_runs(job.extents[0].0, job.buf)
-    } else if job.skip_zero {
-        let mut extents = Vec::new();
-        let mut content = Vec::new();
-        let mut pos = 0usize;
-        for &(offset, len) in &job.extents {
-            let slice = job.buf[pos..pos + len as usize].to_vec();
-            pos += len as usize;
-            let (e, c) = drop_zero_runs(offset, slice);
-            extents.extend(e);
-            if content.is_empty() {
-                content = c;
-            } else {
-                content.extend_from_slice(&c);
-            }
-        }
-        (extents, content)
-    } else {
-        (job.extents, job.buf)
-    };
+    let stream = job.stream;
+    let (extents, content) = kept_content(job);
     if content.is_empty() {
-        return Ok(Encoded { stream: job.stream, read_len, chunk: None });
+        return Ok(Encoded { stream, read_len, chunk: None });
     }
     let compressed = zstd::bulk::compress(&content, level)
         .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?;
@@ -278,7 +294,7 @@ fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
         content_hash: *blake3::hash(&content).as_bytes(),
         payload,
     };
-    Ok(Encoded { stream: job.stream, read_len, chunk: Some(chunk) })
+    Ok(Encoded { stream, read_len, chunk: Some(chunk) })
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -28,6 +28,14 @@ pub fn install() {
     }
 }
 
+/// Restores the default SIGPIPE action, so `klon info | head` ends quietly
+/// like other command-line tools instead of failing on a closed pipe.
+pub fn default_sigpipe() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installing the default action runs no code of ours.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 /// Whether the user asked to stop.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)

@@ -2,6 +2,7 @@
 //! all running on one ordered parallel pipeline.
 
 pub mod backup;
+pub mod clone;
 pub mod cancel;
 pub mod pipeline;
 pub mod restore;

@@ -80,3 +80,44 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     }
     Ok(VerifyReport { streams: streams.len(), chunks, bytes, seconds: started.elapsed().as_secs_f64() })
 }
+
+/// File in an image directory recording the last verification's outcome.
+/// Informational (not covered by checksums): the wizard shows it.
+pub const LAST_VERIFY_NAME: &str = "last-verify.json";
+
+/// The recorded outcome of the last verification of an image.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastVerify {
+    /// When it finished (UTC, RFC 3339).
+    pub time: String,
+    /// Whether every check held.
+    pub ok: bool,
+    /// The klon that verified.
+    pub klon_version: String,
+    /// What failed, when it failed.
+    pub problem: Option<String>,
+}
+
+/// Records the outcome of a verification of the image at `dir`. Failing to
+/// write it (a read-only drive) is not an error: the outcome was reported.
+pub fn record_result(dir: &Path, result: &Result<VerifyReport>) {
+    if !dir.join(crate::image::manifest::MANIFEST_NAME).exists() {
+        return; // not an image (or an unfinished one): nothing to annotate
+    }
+    let record = LastVerify {
+        time: crate::image::manifest::now_rfc3339(),
+        ok: result.is_ok(),
+        klon_version: env!("CARGO_PKG_VERSION").to_string(),
+        problem: result.as_ref().err().map(|e| e.to_string()),
+    };
+    if let Ok(mut json) = serde_json::to_vec_pretty(&record) {
+        json.push(b'\n');
+        let _ = crate::image::manifest::write_synced(&dir.join(LAST_VERIFY_NAME), &json);
+    }
+}
+
+/// The recorded outcome of the last verification of the image at `dir`.
+pub fn last_result(dir: &Path) -> Option<LastVerify> {
+    let text = std::fs::read(dir.join(LAST_VERIFY_NAME)).ok()?;
+    serde_json::from_slice(&text).ok()
+}

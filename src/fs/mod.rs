@@ -13,7 +13,11 @@
 
 pub mod btrfs;
 pub mod crc32c;
+pub mod exfat;
+pub mod ext;
+pub mod fat;
 pub mod probe;
+pub mod xfs;
 
 pub use probe::{FsInfo, probe};
 
@@ -110,7 +114,7 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER];
+pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER, &exfat::DRIVER, &ext::DRIVER, &fat::DRIVER, &xfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {

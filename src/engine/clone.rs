@@ -1,0 +1,217 @@
+//! Clone: disk -> disk with no image in between, to the same or a larger
+//! disk, under the same refusals as a restore. The reading side is the
+//! backup's (same streams, same used-block maps); the writing side is the
+//! restore's (same order, same table fix-up, same clean-up on failure).
+
+use std::path::Path;
+use std::time::Instant;
+
+use super::backup::{kept_content, pieces, read_jobs, ReadJob};
+use super::streams::{self, describe, PlanOptions, StreamPlan};
+use super::target::{check_fits, check_table, fail, minus, wipe_table_areas, write_order, TargetWriter};
+use super::{cancel, pipeline};
+use crate::device::Disk;
+use crate::error::{Error, Result};
+use crate::image::format::{Extent, CHUNK_SIZE};
+use crate::image::{Fill, StreamInfo};
+use crate::table::{self, DiskLayout};
+use crate::ui::human_bytes;
+use crate::ui::progress::Progress;
+
+/// Options of a clone.
+#[derive(Debug, Clone)]
+pub struct CloneOptions {
+    /// Extend the last partition's entry to the end of a larger target.
+    pub grow_last: bool,
+    /// Read both disks back after writing and compare.
+    pub verify_after: bool,
+    /// No progress output.
+    pub quiet: bool,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+/// A clone that passed every check and is ready to write.
+#[derive(Debug)]
+pub struct ClonePlan {
+    /// The source, read-only.
+    pub source: Disk,
+    /// The target, opened exclusively when it is a block device.
+    pub target: Disk,
+    /// The source's partition table.
+    pub layout: DiskLayout,
+    /// What is read from the source.
+    pub streams: Vec<StreamPlan>,
+    /// Warnings from planning (filesystems copied raw).
+    pub warnings: Vec<String>,
+}
+
+/// What a finished clone reports.
+#[derive(Debug, Clone)]
+pub struct CloneReport {
+    /// Bytes written to the target.
+    pub bytes_written: u64,
+    /// Whether both disks were read back and compared.
+    pub verified: bool,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Opens both disks and refuses, before anything is written, what a
+/// restore would refuse: a smaller target, another sector size, a target in
+/// use, the target being the source (or a loop device over it), and a
+/// source partition mounted read-write unless `allow_mounted`.
+pub fn prepare(source_path: &Path, target_path: &Path, plan: PlanOptions, allow_mounted: bool) -> Result<ClonePlan> {
+    let source = Disk::open_source(source_path)?;
+    crate::device::safety::check_source(&source, allow_mounted)?;
+    let layout = table::read_layout(&source)?;
+    let mut target = Disk::open_target(target_path, Some(source.size))?;
+    crate::device::safety::check_target(&target, Some(&source), None)?;
+    check_fits(&mut target, source.size, layout.sector_size)?;
+    let planned = streams::plan(&source, &layout, plan)?;
+    Ok(ClonePlan { source, target, layout, streams: planned.streams, warnings: planned.warnings })
+}
+
+impl ClonePlan {
+    /// One paragraph saying what will be overwritten, for confirmations.
+    pub fn describe(&self) -> String {
+        format!(
+            "Everything on {} ({}) will be overwritten with a copy of {} ({}, {} partitions).",
+            self.target.path.display(),
+            human_bytes(self.target.size),
+            self.source.path.display(),
+            human_bytes(self.source.size),
+            self.layout.partitions.len()
+        )
+    }
+}
+
+/// Copies the source onto the target. The caller has confirmed.
+pub fn clone(plan: ClonePlan, opts: &CloneOptions) -> Result<CloneReport> {
+    let started = Instant::now();
+    let ClonePlan { source, target, layout, streams, warnings: _ } = plan;
+    let infos: Vec<StreamInfo> = streams.iter().map(|p| p.info.clone()).collect();
+    let order = write_order(&infos);
+    let stale = table::stale_ranges(&layout, target.size);
+
+    wipe_table_areas(&target)?;
+    let written = copy_all(&source, &target, &streams, &infos, &order, &stale, opts).and_then(|bytes| {
+        target.sync()?;
+        let rewritten = table::fix_up_for_target(&target, &layout, opts.grow_last)?;
+        target.sync()?;
+        target.after_write()?;
+        Ok((bytes, rewritten))
+    });
+    let (bytes_written, rewritten) = match written {
+        Ok(v) => v,
+        Err(e) => return Err(fail(&target, e)),
+    };
+    if opts.verify_after {
+        let mut skip = stale;
+        skip.extend(rewritten);
+        let checked = compare(&source, &target, &streams, &order, &skip, opts)
+            .and_then(|()| check_table(&target, &layout, opts.grow_last));
+        if let Err(e) = checked {
+            return Err(fail(&target, e));
+        }
+    }
+    Ok(CloneReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
+}
+
+fn copy_all(
+    source: &Disk,
+    target: &Disk,
+    streams: &[StreamPlan],
+    infos: &[StreamInfo],
+    order: &[usize],
+    stale: &[Extent],
+    opts: &CloneOptions,
+) -> Result<u64> {
+    let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
+    let mut progress = Progress::new("clone", total, opts.quiet);
+    let mut out = TargetWriter::new(target, infos, stale);
+    pipeline::run(
+        opts.workers,
+        opts.workers * 2 + 2,
+        |send| read_jobs(source, streams, order, send),
+        |job: ReadJob| {
+            let (stream, read_len) = (job.stream, job.buf.len() as u64);
+            let (extents, content) = kept_content(job);
+            Ok((stream, read_len, extents, content))
+        },
+        |(stream, read_len, extents, content): (usize, u64, Vec<Extent>, Vec<u8>)| {
+            if !content.is_empty() {
+                out.write(stream, &extents, &content)?;
+            }
+            progress.add(read_len);
+            Ok(())
+        },
+    )?;
+    let written = out.finish()?;
+    progress.finish();
+    Ok(written)
+}
+
+/// Reads what was copied from both disks and compares it. Where a stream
+/// leaves zero runs alone on the target (unallocated space), blocks that
+/// are zero on the source are not compared; `skip` ranges (tables the
+/// clone rewrote) are not compared either.
+fn compare(
+    source: &Disk,
+    target: &Disk,
+    streams: &[StreamPlan],
+    order: &[usize],
+    skip: &[Extent],
+    opts: &CloneOptions,
+) -> Result<()> {
+    let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
+    let mut progress = Progress::new("read-back", total, opts.quiet);
+    pipeline::run(
+        opts.workers,
+        opts.workers * 2 + 2,
+        |send| {
+            for &si in order {
+                for &(start, len) in &streams[si].reads {
+                    for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
+                        cancel::check("read-back")?;
+                        let mut a = vec![0u8; piece as usize];
+                        let mut b = vec![0u8; piece as usize];
+                        source.read_exact_at(&mut a, offset)?;
+                        target.read_exact_at(&mut b, offset)?;
+                        if !send((si, offset, a, b)) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+        |(si, offset, a, b): (usize, u64, Vec<u8>, Vec<u8>)| {
+            let s = &streams[si];
+            let zeros_left_alone = s.skip_zero && s.info.fill == Fill::Free;
+            for (start, len) in minus(offset, a.len() as u64, skip) {
+                let rel = (start - offset) as usize;
+                let (x, y) = (&a[rel..rel + len as usize], &b[rel..rel + len as usize]);
+                if x == y {
+                    continue;
+                }
+                for (i, (bx, by)) in x.chunks(4096).zip(y.chunks(4096)).enumerate() {
+                    if bx != by && !(zeros_left_alone && bx.iter().all(|&v| v == 0)) {
+                        return Err(Error::VerifyAfter(format!(
+                            "{}: the target differs from the source near disk offset {}",
+                            describe(&s.info),
+                            start + i as u64 * 4096
+                        )));
+                    }
+                }
+            }
+            Ok(a.len() as u64)
+        },
+        |n| {
+            progress.add(n);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    Ok(())
+}
