@@ -56,13 +56,18 @@ impl Item {
 pub fn wrap(text: &str, width: usize) -> String {
     let mut out = String::new();
     for line in text.lines() {
+        if line.chars().count() <= width {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
         let indent: String = line.chars().take_while(|c| *c == ' ').collect();
         let mut cur = String::new();
         for word in line.split_whitespace() {
             if !cur.is_empty() && cur.chars().count() + 1 + word.chars().count() > width {
                 out.push_str(&cur);
                 out.push('\n');
-                cur = indent.clone() + "  ";
+                cur = if indent.is_empty() { String::new() } else { indent.clone() + "  " };
             } else if !cur.is_empty() && !cur.ends_with(' ') {
                 cur.push(' ');
             }
