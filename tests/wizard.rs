@@ -291,3 +291,57 @@ fn wizard_clone_refuses_small_target_and_cancel_leaves_target_untouched() {
     }
     drop(small);
 }
+
+/// If the test fails while the wizard has the drive mounted (the wizard is
+/// then killed with its tmux), unmount it before the loop device goes.
+struct UnmountOnFailure;
+
+impl Drop for UnmountOnFailure {
+    fn drop(&mut self) {
+        if mounted_at("/run/klon/images-drive") {
+            let _ = Command::new("umount").args(["-l", "/run/klon/images-drive"]).status();
+        }
+    }
+}
+
+fn mounted_at(dir: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+#[test]
+fn wizard_waits_for_the_image_drive_and_unmounts_it() {
+    require_root!();
+    let _g = lock();
+    assert!(!mounted_at("/run/klon/images-drive"), "something is already mounted at /run/klon/images-drive");
+    let tmp = TempDir::new("wizard-drive");
+    // An ext4 "USB drive" holding one image.
+    let disk = tmp.join("disk.img");
+    make_gpt_disk(&disk, 32 * MIB);
+    let content = tmp.join("content");
+    std::fs::create_dir(&content).unwrap();
+    common::disks::ok(&common::disks::klon(&["backup", "--quiet", disk.to_str().unwrap(), content.join("laptop").to_str().unwrap()]));
+    let drive = tmp.join("drive.img");
+    common::disks::run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "KLONIMG", "-d", content.to_str().unwrap(), drive.to_str().unwrap(), "64M"]);
+
+    let t = Tmux::start(&tmp.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Verify an image");
+    t.wait_for(&["Where are the images?"], 30);
+    t.choose("Insert the USB drive now");
+    t.wait_for(&["Insert the USB drive now.", "goes on by itself"], 10);
+    // Plugging it in: the wizard notices by itself (kernel uevent).
+    let lo = LoopDevice::attach(&drive, None);
+    let _unmount = UnmountOnFailure;
+    let s = t.wait_for(&["Which image?", "laptop"], 30);
+    assert!(s.contains("complete, verified OK"), "{s}"); // klon backup verified it
+    assert!(mounted_at("/run/klon/images-drive"));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["verify done", "Press Enter"], 60);
+    assert!(s.contains("Verification: OK"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    assert!(!mounted_at("/run/klon/images-drive"), "the image drive stayed mounted");
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    drop(lo);
+}

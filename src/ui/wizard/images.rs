@@ -88,7 +88,18 @@ fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart
             continue;
         }
         let model = info.model.clone().unwrap_or_else(|| info.name.clone());
-        for p in &info.partitions {
+        // A filesystem on the whole disk (a "superfloppy" USB stick).
+        let whole = (info.partitions.is_empty() && info.fs.is_some()).then(|| PartInfo {
+            number: 0,
+            path: info.path.clone(),
+            devno: info.devno,
+            start: 0,
+            size: info.size,
+            fs: info.fs.clone(),
+            mountpoints: info.mountpoints.clone(),
+            in_use: info.in_use,
+        });
+        for p in info.partitions.iter().chain(whole.as_ref()) {
             let Some(f) = &p.fs else { continue };
             if !IMAGE_FS.contains(&f.fstype.as_str()) || !p.mountpoints.is_empty() || p.in_use {
                 continue;
