@@ -235,7 +235,7 @@ fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
             if cli.json {
                 print_json(&json!({ "image": a.image, "complete": false, "problem": e.to_string() }))?;
             } else {
-                println!("Image:     {}\nComplete:  no — {e}", a.image.display());
+                println!("Image:        {}\nComplete:     no — {e}", a.image.display());
             }
             return Err(e);
         }

@@ -18,6 +18,8 @@ pub mod error;
 pub mod fs;
 pub mod image;
 pub mod table;
+#[cfg(test)]
+mod testutil;
 pub mod ui;
 
 pub use error::{Error, Result};

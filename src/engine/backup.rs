@@ -283,18 +283,27 @@ fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     if content.is_empty() {
         return Ok(Encoded { stream, read_len, chunk: None });
     }
-    let compressed = zstd::bulk::compress(&content, level)
+    let content_hash = *blake3::hash(&content).as_bytes();
+    let raw_len = content.len() as u32;
+    let compressed = COMPRESSOR
+        .with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_ref().is_none_or(|(l, _)| *l != level) {
+                *c = Some((level, zstd::bulk::Compressor::new(level)?));
+            }
+            c.as_mut().expect("created above").1.compress(&content)
+        })
         .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?;
-    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content.clone()) };
-    let chunk = EncodedChunk {
-        extents,
-        raw_len: content.len() as u32,
-        flags,
-        payload_crc: crc32fast::hash(&payload),
-        content_hash: *blake3::hash(&content).as_bytes(),
-        payload,
-    };
+    // Stored as is when zstd does not make it smaller (random data).
+    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content) };
+    let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
     Ok(Encoded { stream, read_len, chunk: Some(chunk) })
+}
+
+thread_local! {
+    /// One zstd compression context per worker thread, reused.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 fn is_zero(b: &[u8]) -> bool {

@@ -140,12 +140,12 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
             Ok(())
         },
         |c: StoredChunk| {
-            let content = c.decode()?;
-            Ok((c, content))
+            let (stream, extents) = (c.stream, c.header.extents.clone());
+            Ok((stream, extents, c.decode()?))
         },
-        |(c, content): (StoredChunk, Vec<u8>)| {
-            out.write(c.stream, &c.header.extents, &content)?;
-            progress.add_part(c.stream, content.len() as u64);
+        |(stream, extents, content): (usize, Vec<Extent>, Vec<u8>)| {
+            out.write(stream, &extents, &content)?;
+            progress.add_part(stream, content.len() as u64);
             Ok(())
         },
     )?;

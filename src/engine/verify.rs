@@ -52,8 +52,10 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
             Ok(())
         },
         |c| {
+            let (stream, extents, raw_len) = (c.stream, c.header.extents.clone(), c.header.raw_len);
+            let location = c.location.clone();
             c.decode()?;
-            Ok((c.stream, c.header.extents, c.header.raw_len, c.location))
+            Ok((stream, extents, raw_len, location))
         },
         |(si, extents, raw_len, location): (usize, Vec<Extent>, u32, String)| {
             let first = extents.first().map(|e| e.0).unwrap_or(0);

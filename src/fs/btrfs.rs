@@ -1000,8 +1000,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        crate::testutil::have_root()
     }
 
     fn sh(cmd: &str, args: &[&str]) -> String {

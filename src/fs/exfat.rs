@@ -404,8 +404,7 @@ mod tests {
     }
 
     fn root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        let r = unsafe { libc::geteuid() == 0 };
+        let r = crate::testutil::have_root();
         if !r {
             eprintln!("skipping: needs root for loop devices and FUSE");
         }

@@ -16,7 +16,9 @@ pub mod crc32c;
 pub mod exfat;
 pub mod ext;
 pub mod fat;
+pub mod ntfs;
 pub mod probe;
+pub mod swap;
 pub mod xfs;
 
 pub use probe::{FsInfo, probe};
@@ -114,7 +116,8 @@ pub struct Driver {
 }
 
 /// Every filesystem with a used-block reader.
-pub const DRIVERS: &[&Driver] = &[&btrfs::DRIVER, &exfat::DRIVER, &ext::DRIVER, &fat::DRIVER, &xfs::DRIVER];
+pub const DRIVERS: &[&Driver] =
+    &[&btrfs::DRIVER, &exfat::DRIVER, &ext::DRIVER, &fat::DRIVER, &ntfs::DRIVER, &swap::DRIVER, &xfs::DRIVER];
 
 /// The driver for a probed filesystem type, if klon has one.
 pub fn driver_for(fstype: &str) -> Option<&'static Driver> {

@@ -736,8 +736,7 @@ mod tests {
     use std::process::Command;
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        crate::testutil::have_root()
     }
 
     /// A scratch directory, removed on drop.

@@ -26,28 +26,42 @@ pub struct StoredChunk {
     pub stream: usize,
     /// Its decoded header.
     pub header: ChunkHeader,
-    /// The stored payload.
-    pub payload: Vec<u8>,
+    /// The whole record as read; the payload is `record[payload_at..]`.
+    record: Vec<u8>,
+    payload_at: usize,
     /// Where it was read from, for messages.
     pub location: String,
 }
 
 impl StoredChunk {
+    /// The stored payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.record[self.payload_at..]
+    }
+
     /// Checks the payload crc32, decompresses, checks the content blake3,
     /// and returns the content.
-    pub fn decode(&self) -> Result<Vec<u8>> {
+    pub fn decode(self) -> Result<Vec<u8>> {
         let h = &self.header;
-        if crc32fast::hash(&self.payload) != h.payload_crc {
+        if crc32fast::hash(self.payload()) != h.payload_crc {
             return Err(Error::Corrupt(format!("{}: stored data checksum (crc32) does not match", self.location)));
         }
         let content = if h.flags & FLAG_ZSTD != 0 {
             let mut out = Vec::with_capacity(h.raw_len as usize);
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(&self.payload, &mut out))
+            DECOMPRESSOR
+                .with(|d| {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(zstd::bulk::Decompressor::new()?);
+                    }
+                    d.as_mut().expect("created above").decompress_to_buffer(self.payload(), &mut out)
+                })
                 .map_err(|e| Error::Corrupt(format!("{}: data does not decompress: {e}", self.location)))?;
             out
         } else {
-            self.payload.clone()
+            let mut record = self.record;
+            record.drain(..self.payload_at);
+            record
         };
         if content.len() != h.raw_len as usize {
             return Err(Error::Corrupt(format!("{}: data decompresses to the wrong length", self.location)));
@@ -57,6 +71,12 @@ impl StoredChunk {
         }
         Ok(content)
     }
+}
+
+thread_local! {
+    /// One zstd decompression context per worker thread, reused.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl ImageReader {
@@ -218,10 +238,10 @@ impl ImageReader {
         let len = if with_payload { e.record_len() } else { header_len };
         let mut buf = vec![0u8; len as usize];
         f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
-        let payload = buf.split_off(header_len as usize);
-        let (header, header_crc) = ChunkHeader::decode(&buf, &location)?;
+        let payload_at = header_len as usize;
+        let (header, header_crc) = ChunkHeader::decode(&buf[..payload_at], &location)?;
         check_header_matches(&header, header_crc, e, stream, seq, s, &location)?;
-        Ok(StoredChunk { stream, header, payload, location })
+        Ok(StoredChunk { stream, header, record: buf, payload_at, location })
     }
 }
 
