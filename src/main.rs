@@ -1,8 +1,19 @@
 //! The `klon` binary: parse, dispatch, report errors with their exit code.
+//! With no arguments on a terminal it opens the wizard.
+
+use std::io::IsTerminal;
 
 use clap::Parser;
 
 fn main() {
+    if std::env::args_os().len() == 1 && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+        klon::engine::cancel::install();
+        if let Err(e) = klon::ui::wizard::run(false) {
+            eprintln!("klon: {e}");
+            std::process::exit(e.exit_code());
+        }
+        return;
+    }
     let cli = klon::cli::Cli::parse();
     klon::engine::cancel::install();
     klon::engine::cancel::default_sigpipe();

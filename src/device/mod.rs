@@ -9,6 +9,7 @@ pub mod blockdev;
 pub mod mounts;
 pub mod safety;
 pub mod sysfs;
+pub mod uevent;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};

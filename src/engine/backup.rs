@@ -169,7 +169,9 @@ fn write_streams(
         .map(|(i, p)| writer.stream(i as u32, &p.info.name))
         .collect::<Result<Vec<_>>>()?;
     let total: u64 = plans.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
-    let mut progress = Progress::new("backup", total, opts.quiet);
+    // A progress bar per stream (partition).
+    let parts = plans.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
+    let mut progress = Progress::with_parts("backup", total, parts, opts.quiet);
     let level = opts.level;
 
     pipeline::run(
@@ -181,7 +183,7 @@ fn write_streams(
             if let Some(chunk) = &out.chunk {
                 writers[out.stream].write_chunk(chunk)?;
             }
-            progress.add(out.read_len);
+            progress.add_part(out.stream, out.read_len);
             Ok(())
         },
     )?;

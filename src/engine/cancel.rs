@@ -5,9 +5,17 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The wizard asks before aborting: a signal then only marks a pending
+/// request, which the wizard turns into a stop (or not) after asking.
+static ASK_FIRST: AtomicBool = AtomicBool::new(false);
+static PENDING: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
-    REQUESTED.store(true, Ordering::SeqCst);
+    if ASK_FIRST.load(Ordering::SeqCst) {
+        PENDING.store(true, Ordering::SeqCst);
+    } else {
+        REQUESTED.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Installs the SIGINT/SIGTERM handlers.
@@ -31,6 +39,29 @@ pub fn default_sigpipe() {
 /// Whether the user asked to stop.
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Interactive use (the wizard): Ctrl-C only marks a pending request
+/// ([`take_pending`]) until [`request`] is called.
+pub fn set_ask_first(on: bool) {
+    ASK_FIRST.store(on, Ordering::SeqCst);
+}
+
+/// Whether Ctrl-C was pressed since the last call (in ask-first mode);
+/// clears the mark.
+pub fn take_pending() -> bool {
+    PENDING.swap(false, Ordering::SeqCst)
+}
+
+/// Asks running jobs to stop, as a signal would.
+pub fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Forgets a stop request, before the next job.
+pub fn reset() {
+    REQUESTED.store(false, Ordering::SeqCst);
+    PENDING.store(false, Ordering::SeqCst);
 }
 
 /// An error to return when a stop was requested.

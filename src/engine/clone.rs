@@ -128,7 +128,9 @@ fn copy_all(
     opts: &CloneOptions,
 ) -> Result<u64> {
     let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
-    let mut progress = Progress::new("clone", total, opts.quiet);
+    // A progress bar per stream (partition).
+    let parts = streams.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
+    let mut progress = Progress::with_parts("clone", total, parts, opts.quiet);
     let mut out = TargetWriter::new(target, infos, stale);
     pipeline::run(
         opts.workers,
@@ -143,7 +145,7 @@ fn copy_all(
             if !content.is_empty() {
                 out.write(stream, &extents, &content)?;
             }
-            progress.add(read_len);
+            progress.add_part(stream, read_len);
             Ok(())
         },
     )?;

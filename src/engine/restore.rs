@@ -122,7 +122,9 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
     let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
-    let mut progress = Progress::new("restore", total, opts.quiet);
+    // A progress bar per stream (partition).
+    let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
     let mut out = TargetWriter::new(target, streams, stale);
     pipeline::run(
         opts.workers,
@@ -143,7 +145,7 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
         },
         |(stream, extents, content): (usize, Vec<Extent>, Vec<u8>)| {
             out.write(stream, &extents, &content)?;
-            progress.add(content.len() as u64);
+            progress.add_part(stream, content.len() as u64);
             Ok(())
         },
     )?;

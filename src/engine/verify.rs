@@ -29,8 +29,10 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
     let reader = ImageReader::open(dir)?;
     let total: u64 = reader.manifest.streams.iter().map(|s| s.stored_bytes).sum();
-    let mut progress = Progress::new("verify", total, quiet);
     let streams = &reader.manifest.streams;
+    // A progress bar per stream (partition).
+    let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let mut progress = Progress::with_parts("verify", total, parts, quiet);
     // Per stream: where the previous chunk ended, to check order.
     let mut last_end: Vec<u64> = streams.iter().map(|s| s.start).collect();
     let mut chunks = 0u64;
@@ -66,7 +68,7 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
             last_end[si] = extents.last().map(|e| e.0 + e.1).unwrap_or(first);
             chunks += 1;
             bytes += raw_len as u64;
-            progress.add(raw_len as u64);
+            progress.add_part(si, raw_len as u64);
             Ok(())
         },
     )?;

@@ -1,6 +1,7 @@
 //! What people see: progress and human-readable numbers.
 
 pub mod progress;
+pub mod wizard;
 
 /// Bytes in decimal units as disk vendors count them: "500.1 GB".
 pub fn human_bytes(bytes: u64) -> String {

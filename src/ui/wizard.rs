@@ -1,0 +1,697 @@
+//! The text-menu wizard: `klon` with no arguments on a terminal, and the
+//! live system's front end. Back up, restore, verify and clone, guided one
+//! screen at a time on an 80x25 console, keyboard only.
+//!
+//! Every step can be left with Esc (back one step); Ctrl-C asks before
+//! quitting or stopping a job. A destructive step names what will be
+//! overwritten and needs the target's name (or the end of its serial)
+//! typed. Each job ends with a summary and the batch command that does the
+//! same.
+
+pub mod disks;
+pub mod images;
+pub mod screen;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
+use crate::engine::clone::{self as clone_engine, CloneOptions};
+use crate::engine::pipeline::default_workers;
+use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::streams::PlanOptions;
+use crate::engine::{cancel, verify};
+use crate::error::{Error, Result};
+use crate::ui::{human_bytes, human_duration, progress};
+
+use disks::{Listed, Need};
+use images::ImageDir;
+use screen::{Item, Nav, Screen};
+
+/// What the caller (the live system) is told to do when the wizard ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WizardExit {
+    /// The person chose Quit (or quit with Ctrl-C).
+    Quit,
+    /// Open a shell, then start the wizard again.
+    Shell,
+    /// Reboot the machine.
+    Reboot,
+    /// Power the machine off.
+    PowerOff,
+}
+
+/// How the wizard runs.
+#[derive(Debug, Clone, Default)]
+pub struct WizardContext {
+    /// In the live system: Shell, Reboot and Power off are offered, and the
+    /// image drive is mounted under /run/klon/images-drive.
+    pub live: bool,
+    /// Disks never offered (the live stick, when the caller knows it; a
+    /// disk with a partition labelled KLON-LIVE is left out anyway). A
+    /// partition stands for its whole disk.
+    pub exclude: Vec<PathBuf>,
+}
+
+/// Runs the wizard; Shell opens `$SHELL` (or /bin/sh) and comes back;
+/// Reboot and Power off run `reboot` / `poweroff`.
+pub fn run(live: bool) -> Result<()> {
+    loop {
+        let run_with_exit = run_with(WizardContext { live, exclude: Vec::new() })?;
+        match run_with_exit {
+            WizardExit::Quit => return Ok(()),
+            WizardExit::Shell => {
+                let sh = std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into());
+                eprintln!("Type exit to go back to klon.");
+                let _ = std::process::Command::new(sh).status();
+            }
+            WizardExit::Reboot | WizardExit::PowerOff => {
+                let cmd = if matches!(run_with_exit, WizardExit::Reboot) { "reboot" } else { "poweroff" };
+                let _ = std::process::Command::new("sync").status();
+                return match std::process::Command::new(cmd).status() {
+                    Ok(s) if s.success() => Ok(()),
+                    Ok(s) => Err(Error::Unsupported(format!("{cmd} failed ({s}); use the power button"))),
+                    Err(e) => Err(Error::io(format!("running {cmd}:"), cmd, None, e)),
+                };
+            }
+        }
+    }
+}
+
+/// Runs the wizard until the person leaves it; says why.
+pub fn run_with(ctx: WizardContext) -> Result<WizardExit> {
+    cancel::set_ask_first(true);
+    cancel::reset();
+    let scr = Screen::default();
+    let r = main_menu(&scr, &ctx);
+    cancel::set_ask_first(false);
+    let _ = scr.term.show_cursor();
+    match r {
+        Err(e) if screen::is_quit(&e) => Ok(WizardExit::Quit),
+        other => other,
+    }
+}
+
+struct State {
+    /// Last directory typed for images.
+    last_dir: String,
+}
+
+fn main_menu(scr: &Screen, ctx: &WizardContext) -> Result<WizardExit> {
+    let mut st = State { last_dir: String::new() };
+    let mut entries: Vec<(&str, u8)> = vec![
+        ("Back up a disk", 1),
+        ("Restore an image", 2),
+        ("Verify an image", 3),
+        ("Clone a disk to another disk", 4),
+        ("Show disks", 5),
+    ];
+    if ctx.live {
+        entries.extend([("Shell", 6), ("Reboot", 7), ("Power off", 8)]);
+    } else {
+        entries.push(("Quit", 9));
+    }
+    let items: Vec<Item> = entries.iter().map(|e| Item::new(e.0)).collect();
+    let mut default = 0;
+    loop {
+        cancel::reset();
+        let body = "klon backs up whole disks into images, restores them, verifies them and \
+                    copies disks. Nothing is written to a disk before you confirm it by typing its name.";
+        let Nav::Go(i) = scr.select("main menu", body, "What do you want to do?", &items, default)? else { continue };
+        default = i;
+        let r = match entries[i].1 {
+            1 => backup_flow(scr, ctx, &mut st),
+            2 => restore_flow(scr, ctx, &mut st),
+            3 => verify_flow(scr, ctx, &mut st),
+            4 => clone_flow(scr, ctx),
+            5 => show_disks(scr, ctx),
+            6 => return Ok(WizardExit::Shell),
+            7 => {
+                if confirm_leave(scr, "Reboot now?")? {
+                    return Ok(WizardExit::Reboot);
+                }
+                Ok(())
+            }
+            8 => {
+                if confirm_leave(scr, "Power off now?")? {
+                    return Ok(WizardExit::PowerOff);
+                }
+                Ok(())
+            }
+            _ => return Ok(WizardExit::Quit),
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if screen::is_quit(&e) => return Err(e),
+            Err(e) => scr.message("error", &explain(&e))?,
+        }
+    }
+}
+
+fn confirm_leave(scr: &Screen, q: &str) -> Result<bool> {
+    scr.page("leave", "")?;
+    scr.yes_no(q, false)
+}
+
+/// An error in plain words with what to do next.
+fn explain(e: &Error) -> String {
+    let next = match e {
+        Error::Refused(_) => "Nothing was written. Choose differently, or fix what is named above.",
+        Error::Cancelled(_) => "",
+        Error::Io { .. } => "Check the cables and the drive (dmesg shows the kernel's messages), then try again.",
+        Error::Corrupt(_) => "The image cannot be trusted: use another image, or make a new backup.",
+        Error::VerifyAfter(_) => "The written disk does not match: do not use it; try again or use another disk.",
+        Error::Usage(_) | Error::Unsupported(_) => "",
+    };
+    let mut s = e.to_string();
+    if let Some(first) = s.get(..1) {
+        s = first.to_uppercase() + &s[1..];
+    }
+    if next.is_empty() { s } else { format!("{s}\n\n{next}") }
+}
+
+fn show_disks(scr: &Screen, ctx: &WizardContext) -> Result<()> {
+    let list = disks::list(&ctx.exclude)?;
+    let body = if list.is_empty() {
+        "No disks found.".to_string()
+    } else {
+        list.iter().map(disks::describe).collect::<Vec<_>>().join("\n")
+    };
+    scr.message("disks", &body)
+}
+
+fn shell_quote(p: &Path) -> String {
+    let s = p.display().to_string();
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:=,".contains(c)) {
+        s
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+// ---------------------------------------------------------------- backup
+
+fn pick_source(scr: &Screen, ctx: &WizardContext, title: &str, list: &[Listed], default: usize) -> Result<Nav<usize>> {
+    let items: Vec<Item> = list
+        .iter()
+        .map(|l| match disks::source_block(&l.info) {
+            None => Item::new(disks::describe(l)),
+            Some(why) => Item::blocked(disks::describe(l), why),
+        })
+        .collect();
+    if items.is_empty() {
+        scr.message(title, "No disks found. Connect the disk and try again.")?;
+        return Ok(Nav::Back);
+    }
+    let _ = ctx;
+    scr.select(title, "", "Which disk do you want to copy?", &items, default)
+}
+
+fn default_image_name(dir: &Path, l: &Listed) -> String {
+    let base = format!(
+        "{}-{}",
+        disks::safe_name(l.info.model.as_deref().unwrap_or(&l.info.name)),
+        &crate::image::manifest::now_rfc3339()[..10]
+    );
+    let mut name = base.clone();
+    let mut n = 2;
+    while dir.join(&name).exists() || crate::image::writer::partial_dir_for(&dir.join(&name)).exists() {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    name
+}
+
+fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
+    let title = "back up a disk";
+    let list = disks::list(&ctx.exclude)?;
+    let mut step = 0;
+    let mut src = 0usize;
+    let mut dir: Option<ImageDir> = None;
+    let mut name = String::new();
+    let mut level = 3i32;
+    let mut verify_after = true;
+    loop {
+        match step {
+            0 => match pick_source(scr, ctx, title, &list, src)? {
+                Nav::Go(i) => {
+                    src = i;
+                    step = 1;
+                }
+                Nav::Back => return Ok(()),
+            },
+            1 => {
+                drop(dir.take()); // unmounts a drive chosen before
+                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, Some(list[src].info.devno), &mut st.last_dir)? {
+                    Nav::Go(d) => {
+                        name = default_image_name(&d.path, &list[src]);
+                        dir = Some(d);
+                        step = 2;
+                    }
+                    Nav::Back => step = 0,
+                }
+            }
+            2 => {
+                let d = dir.as_ref().expect("chosen");
+                let body = format!(
+                    "The image is a new directory in {}. The name proposed is the disk's model and today's date.",
+                    d.path.display()
+                );
+                match scr.input(title, &body, "Image name", &name)? {
+                    Nav::Back => step = 1,
+                    Nav::Go(n) => {
+                        if n.is_empty() || n.contains('/') {
+                            scr.message(title, "Type a name without '/', for example laptop-2026-01-31.")?;
+                        } else if d.path.join(&n).exists() {
+                            scr.message(title, &format!("{n} already exists in {}: choose another name.", d.path.display()))?;
+                        } else {
+                            name = n;
+                            step = 3;
+                        }
+                    }
+                }
+            }
+            3 => {
+                let d = dir.as_ref().expect("chosen");
+                let l = &list[src];
+                let body = format!(
+                    "Copy {} ({}, {}) into the new image {}.\nThe disk is only read.",
+                    l.info.path.display(),
+                    l.info.model.as_deref().unwrap_or("unknown model"),
+                    human_bytes(l.info.size),
+                    d.path.join(&name).display()
+                );
+                let items = [
+                    Item::new("Start the backup"),
+                    Item::new(format!("Compression level: {level} (1 fastest .. 19 smallest; Enter changes)")),
+                    Item::new(format!("Verify the image afterwards: {} (Enter changes)", if verify_after { "yes" } else { "no" })),
+                ];
+                match scr.select(title, &body, "Ready", &items, 0)? {
+                    Nav::Back => step = 2,
+                    Nav::Go(0) => step = 4,
+                    Nav::Go(1) => {
+                        if let Nav::Go(t) = scr.input(title, "zstd level: 3 is fast and good; higher levels are slower.", "Level (1-19)", &level.to_string())? {
+                            match t.parse::<i32>() {
+                                Ok(v) if (1..=19).contains(&v) => level = v,
+                                _ => scr.message(title, "Type a number from 1 to 19.")?,
+                            }
+                        }
+                    }
+                    Nav::Go(_) => verify_after = !verify_after,
+                }
+            }
+            _ => {
+                let d = dir.take().expect("chosen");
+                let image = d.path.join(&name);
+                let source = list[src].info.path.clone();
+                let r = run_backup(scr, &source, &image, level, verify_after);
+                drop(d); // unmount a drive the wizard mounted
+                return r;
+            }
+        }
+    }
+}
+
+/// Runs `job` on its own thread while this one watches for Ctrl-C and asks
+/// before stopping it.
+fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    cancel::reset();
+    std::thread::scope(|s| {
+        let h = s.spawn(job);
+        while !h.is_finished() {
+            if cancel::take_pending() {
+                let stop = progress::suspend(|| {
+                    let _ = scr.term.show_cursor();
+                    eprintln!();
+                    let q = format!("Ctrl-C: stop the {what}? {on_stop}");
+                    let r = dialoguer::Confirm::with_theme(&dialoguer::theme::SimpleTheme)
+                        .with_prompt(q)
+                        .default(false)
+                        .interact_on_opt(&scr.term);
+                    let _ = scr.term.clear_last_lines(2);
+                    // A second Ctrl-C while asking means yes.
+                    matches!(r, Ok(Some(true)) | Err(_))
+                });
+                let _ = cancel::take_pending();
+                if stop {
+                    cancel::request();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        h.join().unwrap_or_else(|_| Err(Error::Unsupported(format!("the {what} stopped unexpectedly"))))
+    })
+}
+
+fn rate(bytes: u64, secs: f64) -> String {
+    format!("{}/s", human_bytes((bytes as f64 / secs.max(0.001)) as u64))
+}
+
+fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_after: bool) -> Result<()> {
+    let title = "back up a disk";
+    scr.page(title, &format!("Backing up {} to {}. Ctrl-C stops.", source.display(), image.display()))?;
+    let workers = default_workers();
+    let opts = BackupOptions {
+        level,
+        split_size: DEFAULT_SPLIT,
+        allow_mounted: false,
+        quiet: false,
+        workers,
+        plan: PlanOptions::default(),
+    };
+    let report = run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;
+    let verified = if verify_after {
+        scr.term.write_line("Verifying the image ...").ok();
+        let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
+            verify::verify(&report.image, workers, false)
+        });
+        verify::record_result(&report.image, &r);
+        Some(r)
+    } else {
+        None
+    };
+    let ratio = if report.image_bytes > 0 { report.read_bytes as f64 / report.image_bytes as f64 } else { 0.0 };
+    let verdict = match &verified {
+        None => "not verified (you turned it off)".to_string(),
+        Some(Ok(v)) => format!("OK, every checksum holds (checked in {})", human_duration(v.seconds)),
+        Some(Err(e)) => format!("FAILED: {e}. Do not rely on this image; check the image drive."),
+    };
+    let mut cmd = format!("klon backup {} {}", shell_quote(source), shell_quote(image));
+    if level != 3 {
+        cmd.push_str(&format!(" --level {level}"));
+    }
+    if !verify_after {
+        cmd.push_str(" --no-verify");
+    }
+    let warnings = report.warnings.iter().map(|w| format!("Warning: {w}\n")).collect::<String>();
+    let body = format!(
+        "Backup of {} finished.\n\n\
+         Time:         {}\n\
+         Read:         {} at {}\n\
+         Image:        {} ({})\n\
+         Compression:  {ratio:.1}:1\n\
+         Verification: {verdict}\n\
+         {warnings}\n\
+         The same from a script:\n  {cmd}",
+        source.display(),
+        human_duration(report.seconds),
+        human_bytes(report.read_bytes),
+        rate(report.read_bytes, report.seconds),
+        human_bytes(report.image_bytes),
+        report.image.display(),
+    );
+    scr.message("backup done", &body)
+}
+
+// ---------------------------------------------------------------- images
+
+fn pick_image(scr: &Screen, title: &str, dir: &Path, default: usize) -> Result<Nav<(PathBuf, Option<Need>)>> {
+    let mut found = images::list_images(dir);
+    if found.is_empty() {
+        scr.message(title, &format!("There are no klon images in {}. Choose another directory or drive.", dir.display()))?;
+        return Ok(Nav::Back);
+    }
+    let items: Vec<Item> = found.iter().map(|f| f.item.clone()).collect();
+    let body = format!("Images in {}:", dir.display());
+    Ok(match scr.select(title, &body, "Which image?", &items, default)? {
+        Nav::Back => Nav::Back,
+        Nav::Go(i) => {
+            let f = found.swap_remove(i);
+            Nav::Go((f.path, f.need))
+        }
+    })
+}
+
+fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
+    let title = "verify an image";
+    let mut step = 0;
+    let mut dir: Option<ImageDir> = None;
+    loop {
+        match step {
+            0 => {
+                drop(dir.take()); // unmounts a drive chosen before
+                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+                    Nav::Go(d) => {
+                        dir = Some(d);
+                        step = 1;
+                    }
+                    Nav::Back => return Ok(()),
+                }
+            }
+            _ => {
+                let d = dir.as_ref().expect("chosen");
+                let Nav::Go((image, _)) = pick_image(scr, title, &d.path, 0)? else {
+                    step = 0;
+                    continue;
+                };
+                scr.page(title, &format!("Verifying {}: every checksum is read; no disk is touched. Ctrl-C stops.", image.display()))?;
+                let r = run_job(scr, "verification", "Nothing is changed.", || verify::verify(&image, default_workers(), false));
+                if !matches!(&r, Err(Error::Cancelled(_))) {
+                    verify::record_result(&image, &r);
+                }
+                let cmd = format!("klon verify {}", shell_quote(&image));
+                let body = match &r {
+                    Ok(v) => format!(
+                        "{}: OK.\n\nTime:         {}\nChecked:      {} in {} chunks at {}\nVerification: OK, every checksum holds\n\nThe same from a script:\n  {cmd}",
+                        image.display(),
+                        human_duration(v.seconds),
+                        human_bytes(v.bytes),
+                        v.chunks,
+                        rate(v.bytes, v.seconds)
+                    ),
+                    Err(e) => format!("{}\n\nVerification: FAILED\n\nThe same from a script:\n  {cmd}", explain(e)),
+                };
+                return scr.message("verify done", &body);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- confirm
+
+/// The typed confirmation of a destructive step: the target's name, its
+/// path, or the last four (or more) characters of its serial.
+fn confirm_destroy(scr: &Screen, title: &str, what: &str, target: &Listed) -> Result<Nav<()>> {
+    let name = target.info.name.clone();
+    let serial = target.info.serial.clone().filter(|s| s.len() >= 4);
+    let hint = match &serial {
+        Some(s) => format!("Type {name} (or the last 4 characters of its serial, {}) to go on.", &s[s.len() - 4..]),
+        None => format!("Type {name} to go on."),
+    };
+    let body = format!(
+        "{what}\n\nThe target is:\n{}\n\nEverything on it is lost. {hint} Esc goes back.",
+        disks::describe(target)
+    );
+    loop {
+        let Nav::Go(t) = scr.input(title, &body, "Type to confirm", "")? else { return Ok(Nav::Back) };
+        let ok = t == name
+            || Path::new(&t) == target.info.path
+            || serial.as_ref().is_some_and(|s| t.len() >= 4 && s.ends_with(&t));
+        if ok {
+            return Ok(Nav::Go(()));
+        }
+        scr.message(title, &format!("\"{t}\" is not {name}: nothing was written. Type the name exactly, or press Esc to go back."))?;
+    }
+}
+
+fn pick_target(scr: &Screen, ctx: &WizardContext, title: &str, list: &[Listed], source: Option<u64>, never: &[u64], need: Need) -> Result<Nav<usize>> {
+    let (items, index) = disks::target_items(list, source, never, need);
+    let _ = ctx;
+    if items.is_empty() {
+        scr.message(title, "No other disk can be written to. Connect the target disk and try again.")?;
+        return Ok(Nav::Back);
+    }
+    let body = format!("The copy needs {} or more.", human_bytes(need.size));
+    Ok(match scr.select(title, &body, "Which disk do you want to OVERWRITE?", &items, 0)? {
+        Nav::Back => Nav::Back,
+        Nav::Go(i) => Nav::Go(index[i]),
+    })
+}
+
+fn ask_grow(scr: &Screen, title: &str, target: &Listed, need: Need) -> Result<Nav<bool>> {
+    if target.info.size <= need.size {
+        return Ok(Nav::Go(false));
+    }
+    let body = format!(
+        "The target ({}) is larger than the original disk ({}). The last partition can be made larger to use the space (its filesystem is not resized).",
+        human_bytes(target.info.size),
+        human_bytes(need.size)
+    );
+    let items = [Item::new("Extend the last partition to the end of the disk"), Item::new("Keep the partitions as they are")];
+    Ok(match scr.select(title, &body, "Use the extra space?", &items, 0)? {
+        Nav::Back => Nav::Back,
+        Nav::Go(i) => Nav::Go(i == 0),
+    })
+}
+
+// ---------------------------------------------------------------- restore
+
+fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
+    let title = "restore an image";
+    let mut step = 0;
+    let mut dir: Option<ImageDir> = None;
+    let mut image = PathBuf::new();
+    let mut need = Need { size: 0, sector_size: 512 };
+    let mut list: Vec<Listed> = Vec::new();
+    let mut target = 0usize;
+    let mut grow = false;
+    loop {
+        match step {
+            0 => {
+                drop(dir.take()); // unmounts a drive chosen before
+                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+                    Nav::Go(d) => {
+                        dir = Some(d);
+                        step = 1;
+                    }
+                    Nav::Back => return Ok(()),
+                }
+            }
+            1 => match pick_image(scr, title, &dir.as_ref().expect("chosen").path, 0)? {
+                Nav::Back => step = 0,
+                Nav::Go((p, n)) => {
+                    image = p;
+                    need = n.expect("complete images only");
+                    step = 2;
+                }
+            },
+            2 => {
+                list = disks::list(&ctx.exclude)?;
+                let never = disks::disks_holding(&image);
+                match pick_target(scr, ctx, title, &list, None, &never, need)? {
+                    Nav::Back => step = 1,
+                    Nav::Go(i) => {
+                        target = i;
+                        step = 3;
+                    }
+                }
+            }
+            3 => match ask_grow(scr, title, &list[target], need)? {
+                Nav::Back => step = 2,
+                Nav::Go(g) => {
+                    grow = g;
+                    step = 4;
+                }
+            },
+            4 => {
+                // All refusals happen here, before anything is written.
+                let plan = match restore::prepare(&image, &list[target].info.path) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        scr.message(title, &explain(&e))?;
+                        step = 2;
+                        continue;
+                    }
+                };
+                match confirm_destroy(scr, title, &plan.describe(), &list[target])? {
+                    Nav::Back => {
+                        drop(plan);
+                        step = if list[target].info.size > need.size { 3 } else { 2 };
+                    }
+                    Nav::Go(()) => {
+                        let tpath = list[target].info.path.clone();
+                        scr.page(title, &format!("Restoring {} to {}. Ctrl-C stops.", image.display(), tpath.display()))?;
+                        let opts = RestoreOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
+                        let r = run_job(
+                            scr,
+                            "restore",
+                            "The disk will be left unusable (its partition table wiped).",
+                            || restore::restore(plan, &opts),
+                        );
+                        let mut cmd = format!("klon restore --yes{} {} {}", if grow { " --grow-last" } else { "" }, shell_quote(&image), shell_quote(&tpath));
+                        cmd = cmd.replace("  ", " ");
+                        let body = match r {
+                            Ok(r) => format!(
+                                "Restored {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
+                                image.display(),
+                                tpath.display(),
+                                human_duration(r.seconds),
+                                human_bytes(r.bytes_written),
+                                rate(r.bytes_written, r.seconds),
+                                if r.verified { "OK, everything read back matches the image" } else { "not read back" }
+                            ),
+                            Err(e) => format!("The restore did not finish.\n\n{}", explain(&e)),
+                        };
+                        drop(dir.take());
+                        return scr.message("restore done", &body);
+                    }
+                }
+            }
+            _ => unreachable!("no such step"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- clone
+
+fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
+    let title = "clone a disk";
+    let list = disks::list(&ctx.exclude)?;
+    if list.len() < 2 {
+        return scr.message(title, "Cloning needs two disks: connect the target disk and try again.");
+    }
+    let mut step = 0;
+    let mut src = 0usize;
+    let mut target = 0usize;
+    let mut grow = false;
+    loop {
+        let need = Need { size: list[src].info.size, sector_size: list[src].info.logical_sector_size };
+        match step {
+            0 => match pick_source(scr, ctx, title, &list, src)? {
+                Nav::Back => return Ok(()),
+                Nav::Go(i) => {
+                    src = i;
+                    step = 1;
+                }
+            },
+            1 => match pick_target(scr, ctx, title, &list, Some(list[src].info.devno), &[], need)? {
+                Nav::Back => step = 0,
+                Nav::Go(i) => {
+                    target = i;
+                    step = 2;
+                }
+            },
+            2 => match ask_grow(scr, title, &list[target], need)? {
+                Nav::Back => step = 1,
+                Nav::Go(g) => {
+                    grow = g;
+                    step = 3;
+                }
+            },
+            _ => {
+                let (s, t) = (list[src].info.path.clone(), list[target].info.path.clone());
+                let plan = match clone_engine::prepare(&s, &t, PlanOptions::default(), false) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        scr.message(title, &explain(&e))?;
+                        step = 1;
+                        continue;
+                    }
+                };
+                let Nav::Go(()) = confirm_destroy(scr, title, &plan.describe(), &list[target])? else {
+                    step = if list[target].info.size > need.size { 2 } else { 1 };
+                    continue;
+                };
+                scr.page(title, &format!("Copying {} to {}. Ctrl-C stops.", s.display(), t.display()))?;
+                let opts = CloneOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
+                let r = run_job(scr, "clone", "The target will be left unusable (its partition table wiped).", || {
+                    clone_engine::clone(plan, &opts)
+                });
+                let cmd = format!("klon clone --yes{} {} {}", if grow { " --grow-last" } else { "" }, shell_quote(&s), shell_quote(&t));
+                let body = match r {
+                    Ok(r) => format!(
+                        "Copied {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
+                        s.display(),
+                        t.display(),
+                        human_duration(r.seconds),
+                        human_bytes(r.bytes_written),
+                        rate(r.bytes_written, r.seconds),
+                        if r.verified { "OK, the target reads back the same as the source" } else { "not read back" }
+                    ),
+                    Err(e) => format!("The clone did not finish.\n\n{}", explain(&e)),
+                };
+                return scr.message("clone done", &body);
+            }
+        }
+    }
+}

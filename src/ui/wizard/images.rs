@@ -1,0 +1,281 @@
+//! Where the images are: a directory typed in, or a drive with a supported
+//! filesystem mounted for the time it is used (waiting for a USB drive to
+//! be plugged in if needed); and the images found there.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::device::sysfs::{self, PartInfo};
+use crate::device::uevent::{self, UeventSocket, Woken};
+use crate::error::{Error, Result};
+use crate::image::ImageReader;
+use crate::ui::human_bytes;
+
+use super::disks::{self, IMAGE_FS};
+use super::screen::{Item, Nav, Screen};
+
+/// Where the live system mounts the image drive.
+pub const LIVE_MOUNT: &str = "/run/klon/images-drive";
+
+/// A filesystem mounted by the wizard; unmounted on drop.
+#[derive(Debug)]
+pub struct MountGuard {
+    /// The mount point.
+    pub dir: PathBuf,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("sync").status();
+        if nix::mount::umount2(&self.dir, nix::mount::MntFlags::empty()).is_err() {
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Mounts `dev` (filesystem `fstype`) at `dir`, read-write.
+pub fn mount(dev: &Path, fstype: &str, dir: &Path) -> Result<MountGuard> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the mount point", dir, None, e))?;
+    let kernel_types: &[&str] = match fstype {
+        "ext2" | "ext3" | "ext4" => &["ext4", "ext3", "ext2"],
+        "ntfs" => &["ntfs3", "ntfs"],
+        other => std::slice::from_ref(IMAGE_FS.iter().find(|t| **t == other).unwrap_or(&"auto")),
+    };
+    for t in kernel_types {
+        if nix::mount::mount(Some(dev), dir, Some(*t), nix::mount::MsFlags::MS_NOATIME, None::<&str>).is_ok() {
+            return Ok(MountGuard { dir: dir.to_path_buf() });
+        }
+    }
+    // mount(8) knows the FUSE helpers (ntfs-3g, exfat-fuse).
+    let out = std::process::Command::new("mount")
+        .arg(dev)
+        .arg(dir)
+        .output()
+        .map_err(|e| Error::io("running mount for", dev, None, e))?;
+    if out.status.success() {
+        return Ok(MountGuard { dir: dir.to_path_buf() });
+    }
+    Err(Error::Unsupported(format!(
+        "cannot mount {} ({fstype}) at {}: {}; try another drive, or check it on another computer",
+        dev.display(),
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// The chosen place for images.
+#[derive(Debug)]
+pub struct ImageDir {
+    /// The directory.
+    pub path: PathBuf,
+    /// Set when the wizard mounted a drive for it.
+    pub mounted: Option<MountGuard>,
+}
+
+/// A partition that could hold images.
+#[derive(Debug, Clone)]
+struct DrivePart {
+    part: PartInfo,
+    fstype: String,
+    label: String,
+    disk: String,
+}
+
+fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart>> {
+    let mut out = Vec::new();
+    for info in sysfs::list_disks()? {
+        if Some(info.devno) == not_on || disks::is_excluded(&info, exclude) {
+            continue;
+        }
+        let model = info.model.clone().unwrap_or_else(|| info.name.clone());
+        // A filesystem on the whole disk (a "superfloppy" USB stick).
+        let whole = (info.partitions.is_empty() && info.fs.is_some()).then(|| PartInfo {
+            number: 0,
+            path: info.path.clone(),
+            devno: info.devno,
+            start: 0,
+            size: info.size,
+            fs: info.fs.clone(),
+            mountpoints: info.mountpoints.clone(),
+            in_use: info.in_use,
+        });
+        for p in info.partitions.iter().chain(whole.as_ref()) {
+            let Some(f) = &p.fs else { continue };
+            if !IMAGE_FS.contains(&f.fstype.as_str()) || !p.mountpoints.is_empty() || p.in_use {
+                continue;
+            }
+            out.push(DrivePart {
+                part: p.clone(),
+                fstype: f.fstype.clone(),
+                label: f.label.clone().unwrap_or_default(),
+                disk: format!("{model}, {} {}", human_bytes(info.size), info.transport),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Asks where the images are (or go): a typed directory, or a drive. With
+/// `not_on` the disk being backed up is not offered.
+pub fn choose_dir(scr: &Screen, title: &str, live: bool, exclude: &[PathBuf], not_on: Option<u64>, last: &mut String) -> Result<Nav<ImageDir>> {
+    let mut preselect: Option<PathBuf> = None;
+    loop {
+        let drives = drive_parts(exclude, not_on)?;
+        let mut items = Vec::new();
+        let typed_default = if last.is_empty() {
+            std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_else(|_| "/".into())
+        } else {
+            last.clone()
+        };
+        if !live {
+            items.push(Item::new(format!("Type a directory (now: {typed_default})")));
+        }
+        for d in &drives {
+            items.push(Item::new(format!(
+                "Drive {}: {} {}{} on {}",
+                d.part.path.display(),
+                human_bytes(d.part.size),
+                d.fstype,
+                if d.label.is_empty() { String::new() } else { format!(" \"{}\"", d.label) },
+                d.disk
+            )));
+        }
+        items.push(Item::new("Insert the USB drive now (klon waits for it)"));
+        if live {
+            items.push(Item::new("Type a directory"));
+        }
+        let offset = usize::from(!live);
+        let default = preselect
+            .take()
+            .and_then(|p| drives.iter().position(|d| d.part.path == p))
+            .map(|i| i + offset)
+            .unwrap_or(0);
+        let body = "Images are kept in a directory: on a drive with an ext2/3/4, FAT, exFAT, NTFS, XFS or btrfs filesystem.";
+        let Nav::Go(i) = scr.select(title, body, "Where are the images?", &items, default)? else { return Ok(Nav::Back) };
+        let typed = (!live && i == 0) || (live && i == items.len() - 1);
+        if typed {
+            let Nav::Go(text) = scr.input(title, "Type the directory that holds the images (or will hold them).", "Directory", &typed_default)? else {
+                continue;
+            };
+            let path = PathBuf::from(&text);
+            if !path.is_dir() {
+                scr.message(title, &format!("{text} is not a directory. Type an existing directory, for example /mnt/usb."))?;
+                continue;
+            }
+            *last = text;
+            return Ok(Nav::Go(ImageDir { path, mounted: None }));
+        }
+        let wait = i == offset + drives.len();
+        let chosen = if wait {
+            match wait_for_drive(scr, title, exclude, not_on, &drives)? {
+                None => continue,
+                Some(mut new) if new.len() == 1 => new.remove(0),
+                Some(new) => {
+                    preselect = new.first().map(|d| d.part.path.clone());
+                    continue;
+                }
+            }
+        } else {
+            drives[i - offset].clone()
+        };
+        let at = PathBuf::from(LIVE_MOUNT);
+        scr.page(title, &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()))?;
+        match mount(&chosen.part.path, &chosen.fstype, &at) {
+            Ok(g) => return Ok(Nav::Go(ImageDir { path: at, mounted: Some(g) })),
+            Err(e) => scr.message(title, &format!("{e}"))?,
+        }
+    }
+}
+
+/// Waits for a new drive with a supported filesystem (kernel uevents);
+/// Esc goes back. Returns the new partitions, `None` on Esc.
+fn wait_for_drive(scr: &Screen, title: &str, exclude: &[PathBuf], not_on: Option<u64>, before: &[DrivePart]) -> Result<Option<Vec<DrivePart>>> {
+    let sock = UeventSocket::open()?;
+    scr.page(
+        title,
+        "Insert the USB drive now.\n\nklon goes on by itself as soon as the drive appears. Esc goes back.",
+    )?;
+    let stdin = std::io::stdin();
+    loop {
+        let found: Vec<DrivePart> = drive_parts(exclude, not_on)?
+            .into_iter()
+            .filter(|d| !before.iter().any(|b| b.part.devno == d.part.devno))
+            .collect();
+        if !found.is_empty() {
+            return Ok(Some(found));
+        }
+        // Wake on a uevent (then rescan) or a key. The timeout only bounds
+        // a rescan in case an event was missed; it is not what notices.
+        use std::os::fd::AsFd;
+        match uevent::wait_either(&sock, stdin.as_fd(), Duration::from_secs(5))? {
+            Woken::Event(ev) if !ev.is_block_arrival() => continue,
+            Woken::Event(_) => {
+                // A partition's uevent can come before its filesystem is
+                // readable; drain the burst of events that follows.
+                while sock.next(Some(Duration::from_millis(300)))?.is_some() {}
+            }
+            Woken::Other => {
+                if let Ok(console::Key::Escape) = scr.term.read_key() {
+                    return Ok(None);
+                }
+            }
+            Woken::Timeout => {}
+        }
+    }
+}
+
+/// An image found in a directory.
+#[derive(Debug)]
+pub struct Found {
+    /// Its directory.
+    pub path: PathBuf,
+    /// The menu entry.
+    pub item: Item,
+    /// Source disk size and sector size, for matching targets.
+    pub need: Option<disks::Need>,
+}
+
+/// The images in `dir` (complete, unfinished, damaged), by name.
+pub fn list_images(dir: &Path) -> Vec<Found> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut paths: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && (p.join("klon.json").exists() || p.to_string_lossy().ends_with(".klon-partial")))
+        .collect();
+    paths.sort();
+    paths.into_iter().map(|p| describe_image(&p)).collect()
+}
+
+fn describe_image(p: &Path) -> Found {
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match ImageReader::open(p) {
+        Ok(r) => {
+            let m = &r.manifest;
+            let date = m.created.replace('T', " ").trim_end_matches('Z').chars().take(16).collect::<String>();
+            let model = m.source.model.clone().unwrap_or_else(|| m.source.path.clone());
+            let verified = match crate::engine::verify::last_result(p) {
+                None => "never verified".to_string(),
+                Some(v) if v.ok => format!("verified OK {}", v.time.replace('T', " ").chars().take(16).collect::<String>()),
+                Some(v) => format!("verification FAILED {}", v.time.replace('T', " ").chars().take(16).collect::<String>()),
+            };
+            let text = format!(
+                "{name}  {date}\n      from {}  {}  image {}\n      complete, {verified}",
+                cut(&model, 30),
+                human_bytes(m.source.size),
+                human_bytes(crate::engine::backup::image_size(m)),
+            );
+            let need = Some(disks::Need { size: m.source.size, sector_size: m.layout.sector_size });
+            Found { path: p.to_path_buf(), item: Item::new(text), need }
+        }
+        Err(e) => Found {
+            path: p.to_path_buf(),
+            item: Item::blocked(format!("{name}\n      not complete"), format!("{e}")),
+            need: None,
+        },
+    }
+}
+
+fn cut(s: &str, width: usize) -> String {
+    if s.chars().count() <= width { s.to_string() } else { s.chars().take(width.saturating_sub(1)).collect::<String>() + "~" }
+}

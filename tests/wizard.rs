@@ -1,0 +1,347 @@
+//! The wizard driven end to end in a pseudo-terminal (tmux, 80x25) on
+//! loop-device disks: backup, verify, restore, clone; going back a step;
+//! a too-small target refused; cancelling at the confirmation leaves the
+//! target untouched. Needs root and tmux; skipped without root unless
+//! KLON_REQUIRE_ROOT_TESTS=1.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::disks::{assert_same, garbage_file, make_gpt_disk, read_at, TempDir, MIB};
+use common::loop_device::LoopDevice;
+
+/// Loop devices are scarce and shared: run these tests one at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// klon running in a private tmux server, on an 80x25 screen.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn start(cwd: &Path) -> Tmux {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let socket = format!("klon-test-wizard-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let cmd = format!("{} ; echo KLON-EXITED $? ; sleep 600", env!("CARGO_BIN_EXE_klon"));
+        let st = Command::new("tmux")
+            .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-s", "w", "-x", "80", "-y", "25", "-c"])
+            .arg(cwd)
+            .args(["-e", "TERM=xterm", &cmd])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run tmux: {e} (scripts/test installs it: apt-get install tmux)"));
+        assert!(st.success(), "tmux new-session failed");
+        Tmux { socket }
+    }
+
+    fn screen(&self) -> String {
+        let o = Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "w"]).output().expect("tmux capture-pane");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Sends tmux key names (Enter, Escape, Down, C-c) or literal text.
+    fn keys(&self, keys: &[&str]) {
+        for k in keys {
+            let st = Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "w", k]).status().unwrap();
+            assert!(st.success());
+        }
+    }
+
+    fn text(&self, s: &str) {
+        let st = Command::new("tmux").args(["-L", &self.socket, "send-keys", "-t", "w", "-l", s]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// Waits until the screen shows every one of `needles`.
+    fn wait_for(&self, needles: &[&str], secs: u64) -> String {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.screen();
+            if needles.iter().all(|n| s.contains(n)) {
+                return s;
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for {needles:?}; the screen shows:\n{s}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the screen differs from `old`.
+    fn wait_change(&self, old: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.screen();
+            if s != old {
+                return s;
+            }
+            assert!(Instant::now() < end, "the screen did not change:\n{s}");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// In a menu on screen, moves the highlight (the "> " line) to the
+    /// entry whose first line contains `needle`.
+    fn highlight(&self, needle: &str) -> String {
+        let mut s = self.screen();
+        for _ in 0..40 {
+            if s.lines().any(|l| l.starts_with("> ") && l.contains(needle)) {
+                return s;
+            }
+            self.keys(&["Down"]);
+            s = self.wait_change(&s);
+        }
+        panic!("no menu entry with {needle:?}:\n{s}");
+    }
+
+    fn choose(&self, needle: &str) {
+        let s = self.highlight(needle);
+        self.keys(&["Enter"]);
+        self.wait_change(&s);
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux").args(["-L", &self.socket, "kill-server"]).status();
+    }
+}
+
+fn dev_name(lo: &LoopDevice) -> String {
+    lo.path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// "/dev/loop3  " as the first line of a disk entry starts.
+fn entry(lo: &LoopDevice) -> String {
+    format!("{}  ", lo.path.display())
+}
+
+fn blake(path: &Path) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    h.update(&std::fs::read(path).unwrap());
+    h.finalize()
+}
+
+fn data_ranges(disk: &Path) -> Vec<(u64, u64)> {
+    let (parts, sector) = common::disks::sfdisk_parts(disk);
+    parts.iter().map(|p| (p.start * sector, p.size * sector)).collect()
+}
+
+#[test]
+fn wizard_backup_verify_restore_and_back_step() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-bvr");
+    let src_file = tmp.join("source.img");
+    let dst_file = tmp.join("target.img");
+    make_gpt_disk(&src_file, 64 * MIB);
+    garbage_file(&dst_file, 96 * MIB);
+    let images = tmp.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let src = LoopDevice::attach(&src_file, None);
+    let dst = LoopDevice::attach(&dst_file, None);
+
+    let t = Tmux::start(&images);
+    t.wait_for(&["main menu", "> Back up a disk"], 20);
+    t.keys(&["Enter"]);
+    // Source; then Esc from the next step comes back here.
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(&src));
+    t.wait_for(&["Where are the images?"], 30);
+    t.keys(&["Escape"]);
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(&src));
+    t.wait_for(&["Where are the images?", "> Type a directory"], 30);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]); // the default: the current directory
+    let s = t.wait_for(&["Image name:"], 10);
+    assert!(s.contains(&format!("in {}", images.display())), "{s}");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["> Start the backup", "Compression level: 3", "Verify the image afterwards: yes"], 10);
+    assert!(s.contains(&src.path.display().to_string()));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["backup done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(s.contains(&format!("klon backup {}", src.path.display())), "{s}");
+    assert!(s.contains("Compression:") && s.contains("Image:"), "{s}");
+    let image: PathBuf = std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("an image");
+    assert!(image.join("klon.json").exists());
+    assert!(image.join("last-verify.json").exists());
+    t.keys(&["Enter"]);
+
+    // Verify.
+    t.wait_for(&["main menu"], 10);
+    t.choose("Verify an image");
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["Which image?", "complete, verified OK"], 10);
+    assert!(s.contains("image "), "{s}");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["verify done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(s.contains("klon verify"), "{s}");
+    t.keys(&["Enter"]);
+
+    // Restore onto the larger disk, with a wrong name typed first.
+    let before = blake(&dst_file);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Restore an image");
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which image?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
+    t.choose(&entry(&dst));
+    t.wait_for(&["Use the extra space?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Type to confirm:", "Everything on it is lost"], 30);
+    t.text("nope");
+    t.keys(&["Enter"]);
+    t.wait_for(&["nothing was written"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Type to confirm:"], 10);
+    assert_eq!(blake(&dst_file), before, "a wrong name must not write anything");
+    t.text(&dev_name(&dst));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["restore done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(s.contains("klon restore --yes --grow-last"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+
+    // The data partitions arrived.
+    for (start, len) in data_ranges(&src_file) {
+        assert_same(&src_file, &dst_file, start, len, "restored partition");
+    }
+    assert_eq!(read_at(&src_file, 0, 440), read_at(&dst_file, 0, 440), "boot code");
+}
+
+#[test]
+fn wizard_clone_refuses_small_target_and_cancel_leaves_target_untouched() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-clone");
+    let src_file = tmp.join("source.img");
+    let small_file = tmp.join("small.img");
+    let dst_file = tmp.join("target.img");
+    make_gpt_disk(&src_file, 64 * MIB);
+    garbage_file(&small_file, 32 * MIB);
+    garbage_file(&dst_file, 64 * MIB);
+    let src = LoopDevice::attach(&src_file, None);
+    let small = LoopDevice::attach(&small_file, None);
+    let dst = LoopDevice::attach(&dst_file, None);
+    let before = blake(&dst_file);
+
+    let t = Tmux::start(&tmp.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Clone a disk to another disk");
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(&src));
+    let s = t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
+    assert!(!s.contains(&format!("> {}", entry(&src))), "the source is offered as its own target:\n{s}");
+    // The small disk is listed with the reason and cannot be chosen.
+    let s = t.highlight(&entry(&small));
+    assert!(s.contains("cannot be chosen: too small: needs 67.1 MB, has 33.6 MB"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["! That one cannot be chosen: too small"], 10);
+    t.choose(&entry(&dst));
+    // Same size: no question about extra space; straight to confirming.
+    let s = t.wait_for(&["Type to confirm:", "will be overwritten with a copy of"], 30);
+    assert!(s.contains(&dst.path.display().to_string()), "{s}");
+    // Cancel at the confirmation: back to the target list, nothing written.
+    t.keys(&["Escape"]);
+    t.wait_for(&["Which disk do you want to OVERWRITE?"], 10);
+    assert_eq!(blake(&dst_file), before, "cancelling must leave the target untouched");
+    t.choose(&entry(&dst));
+    t.wait_for(&["Type to confirm:"], 30);
+    t.text(&dev_name(&dst));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["clone done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(s.contains(&format!("klon clone --yes {} {}", src.path.display(), dst.path.display())), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    // Ctrl-C asks before quitting; no keeps the wizard, yes quits.
+    t.keys(&["C-c"]);
+    t.wait_for(&["quit klon?"], 10);
+    t.keys(&["n"]);
+    t.wait_for(&["What do you want to do?"], 10);
+    t.keys(&["C-c"]);
+    t.wait_for(&["quit klon?"], 10);
+    t.keys(&["y"]);
+    t.wait_for(&["KLON-EXITED 0"], 10);
+
+    for (start, len) in data_ranges(&src_file) {
+        assert_same(&src_file, &dst_file, start, len, "cloned partition");
+    }
+    drop(small);
+}
+
+/// If the test fails while the wizard has the drive mounted (the wizard is
+/// then killed with its tmux), unmount it before the loop device goes.
+struct UnmountOnFailure;
+
+impl Drop for UnmountOnFailure {
+    fn drop(&mut self) {
+        if mounted_at("/run/klon/images-drive") {
+            let _ = Command::new("umount").args(["-l", "/run/klon/images-drive"]).status();
+        }
+    }
+}
+
+fn mounted_at(dir: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+#[test]
+fn wizard_waits_for_the_image_drive_and_unmounts_it() {
+    require_root!();
+    let _g = lock();
+    assert!(!mounted_at("/run/klon/images-drive"), "something is already mounted at /run/klon/images-drive");
+    let tmp = TempDir::new("wizard-drive");
+    // An ext4 "USB drive" holding one image.
+    let disk = tmp.join("disk.img");
+    make_gpt_disk(&disk, 32 * MIB);
+    let content = tmp.join("content");
+    std::fs::create_dir(&content).unwrap();
+    common::disks::ok(&common::disks::klon(&["backup", "--quiet", disk.to_str().unwrap(), content.join("laptop").to_str().unwrap()]));
+    let drive = tmp.join("drive.img");
+    common::disks::run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "KLONIMG", "-d", content.to_str().unwrap(), drive.to_str().unwrap(), "64M"]);
+
+    let t = Tmux::start(&tmp.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Verify an image");
+    t.wait_for(&["Where are the images?"], 30);
+    t.choose("Insert the USB drive now");
+    t.wait_for(&["Insert the USB drive now.", "goes on by itself"], 10);
+    // Plugging it in: the wizard notices by itself (kernel uevent).
+    let lo = LoopDevice::attach(&drive, None);
+    let _unmount = UnmountOnFailure;
+    let s = t.wait_for(&["Which image?", "laptop"], 30);
+    assert!(s.contains("complete, verified OK"), "{s}"); // klon backup verified it
+    assert!(mounted_at("/run/klon/images-drive"));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["verify done", "Press Enter"], 60);
+    assert!(s.contains("Verification: OK"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    assert!(!mounted_at("/run/klon/images-drive"), "the image drive stayed mounted");
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    drop(lo);
+}
