@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::backup::{kept_content, pieces, read_jobs, ReadJob};
 use super::streams::{self, describe, PlanOptions, StreamPlan};
-use super::target::{check_fits, check_table, fail, minus, wipe_table_areas, write_order, TargetWriter};
+use super::target::{check_fits, minus, write_disk, write_order, TargetWriter};
 use super::{cancel, pipeline};
 use crate::device::Disk;
 use crate::error::{Error, Result};
@@ -92,29 +92,14 @@ pub fn clone(plan: ClonePlan, opts: &CloneOptions) -> Result<CloneReport> {
     let ClonePlan { source, target, layout, streams, warnings: _ } = plan;
     let infos: Vec<StreamInfo> = streams.iter().map(|p| p.info.clone()).collect();
     let order = write_order(&infos);
-    let stale = table::stale_ranges(&layout, target.size);
-
-    wipe_table_areas(&target)?;
-    let written = copy_all(&source, &target, &streams, &infos, &order, &stale, opts).and_then(|bytes| {
-        target.sync()?;
-        let rewritten = table::fix_up_for_target(&target, &layout, opts.grow_last)?;
-        target.sync()?;
-        target.after_write()?;
-        Ok((bytes, rewritten))
-    });
-    let (bytes_written, rewritten) = match written {
-        Ok(v) => v,
-        Err(e) => return Err(fail(&target, e)),
-    };
-    if opts.verify_after {
-        let mut skip = stale;
-        skip.extend(rewritten);
-        let checked = compare(&source, &target, &streams, &order, &skip, opts)
-            .and_then(|()| check_table(&target, &layout, opts.grow_last));
-        if let Err(e) = checked {
-            return Err(fail(&target, e));
-        }
-    }
+    let bytes_written = write_disk(
+        &target,
+        &layout,
+        opts.grow_last,
+        opts.verify_after,
+        |stale| copy_all(&source, &target, &streams, &infos, &order, stale, opts),
+        |skip| compare(&source, &target, &streams, &order, skip, opts),
+    )?;
     Ok(CloneReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
 }
 

@@ -12,12 +12,11 @@ use std::time::Instant;
 
 use super::pipeline;
 use super::streams::describe;
-use super::target::{check_fits, check_table, fail, intersects, minus, wipe_table_areas, write_order, TargetWriter};
+use super::target::{check_fits, intersects, minus, write_disk, write_order, TargetWriter};
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::image::format::{Extent, IndexEntry, CHUNK_SIZE};
 use crate::image::{Fill, ImageReader, StoredChunk};
-use crate::table;
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
 
@@ -91,30 +90,14 @@ pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport
     let started = Instant::now();
     let RestorePlan { reader, target } = plan;
     let layout = reader.manifest.layout.clone();
-    let stale = table::stale_ranges(&layout, target.size);
-
-    wipe_table_areas(&target)?;
-    let written = write_all(&reader, &target, &stale, opts).and_then(|bytes| {
-        target.sync()?;
-        let rewritten = table::fix_up_for_target(&target, &layout, opts.grow_last)?;
-        target.sync()?;
-        target.after_write()?;
-        Ok((bytes, rewritten))
-    });
-    let (bytes_written, rewritten) = match written {
-        Ok(v) => v,
-        Err(e) => return Err(fail(&target, e)),
-    };
-    if opts.verify_after {
-        let mut skip = stale.clone();
-        skip.extend(rewritten);
-        if let Err(e) = read_back(&reader, &target, &skip, opts) {
-            return Err(fail(&target, e));
-        }
-        if let Err(e) = check_table(&target, &layout, opts.grow_last) {
-            return Err(fail(&target, e));
-        }
-    }
+    let bytes_written = write_disk(
+        &target,
+        &layout,
+        opts.grow_last,
+        opts.verify_after,
+        |stale| write_all(&reader, &target, stale, opts),
+        |skip| read_back(&reader, &target, skip, opts),
+    )?;
     Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
 }
 

@@ -54,7 +54,7 @@ pub fn write_order(streams: &[StreamInfo]) -> Vec<usize> {
 }
 
 /// Zeros the table and signature areas at both ends of the target.
-pub fn wipe_table_areas(target: &Disk) -> Result<()> {
+fn wipe_table_areas(target: &Disk) -> Result<()> {
     let head = WIPE_LEN.min(target.size);
     target.zero_range(0, head)?;
     let tail_start = target.size.saturating_sub(WIPE_LEN).max(head);
@@ -64,7 +64,7 @@ pub fn wipe_table_areas(target: &Disk) -> Result<()> {
 
 /// Cleans up after a failed write: the table areas are wiped again (or a
 /// target file the job created is removed), and the error says so.
-pub fn fail(target: &Disk, e: Error) -> Error {
+fn fail(target: &Disk, e: Error) -> Error {
     if target.fresh {
         let note = match std::fs::remove_file(&target.path) {
             Ok(()) => format!("the restore did not complete; {} (created by this restore) was removed", target.path.display()),
@@ -115,7 +115,7 @@ pub fn intersects(start: u64, len: u64, skip: &[Extent]) -> bool {
 
 /// Reads the table back from the target and compares it with the layout
 /// the restore meant to write.
-pub fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Result<()> {
+fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Result<()> {
     if layout.kind == TableKind::None {
         return Ok(());
     }
@@ -133,6 +133,41 @@ pub fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -
         )));
     }
     Ok(())
+}
+
+/// The steps of every job that writes a whole disk (restore, clone): wipe
+/// the table areas; `write` everything (leaving out the `stale` ranges it is
+/// given); fix the table up for the target; sync and have the kernel re-read
+/// it; then, with `verify_after`, `read_back` everything (skipping the
+/// ranges it is given: stale and rewritten tables) and compare the table.
+/// Any failure after the first write is cleaned up by [`fail`]. Returns the
+/// bytes written.
+pub fn write_disk(
+    target: &Disk,
+    layout: &table::DiskLayout,
+    grow_last: bool,
+    verify_after: bool,
+    write: impl FnOnce(&[Extent]) -> Result<u64>,
+    read_back: impl FnOnce(&[Extent]) -> Result<()>,
+) -> Result<u64> {
+    let stale = table::stale_ranges(layout, target.size);
+    wipe_table_areas(target)?;
+    let written = write(&stale).and_then(|bytes| {
+        target.sync()?;
+        let rewritten = table::fix_up_for_target(target, layout, grow_last)?;
+        target.sync()?;
+        target.after_write()?;
+        Ok((bytes, rewritten))
+    });
+    let (bytes, rewritten) = written.map_err(|e| fail(target, e))?;
+    if verify_after {
+        let mut skip = stale;
+        skip.extend(rewritten);
+        read_back(&skip)
+            .and_then(|()| check_table(target, layout, grow_last))
+            .map_err(|e| fail(target, e))?;
+    }
+    Ok(bytes)
 }
 
 /// Writes chunks of content onto the target at their disk offsets, zeroing
