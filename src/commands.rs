@@ -172,20 +172,25 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         workers: threads(a.threads)?,
     };
     let r = restore::restore(plan, &opts)?;
+    report_written(cli, "Restored", "image", &a.image, &a.target, &r)
+}
+
+/// The report of a restore or a clone.
+fn report_written(cli: &Cli, done: &str, from_key: &str, from: &Path, to: &Path, r: &restore::RestoreReport) -> Result<()> {
     if cli.json {
         return print_json(&json!({
-            "image": a.image, "target": a.target, "bytes_written": r.bytes_written,
+            from_key: from, "target": to, "bytes_written": r.bytes_written,
             "verified": r.verified, "seconds": r.seconds,
         }));
     }
     if !cli.quiet {
         println!(
-            "Restored {} to {} in {:.1} s: wrote {}{}",
-            a.image.display(),
-            a.target.display(),
+            "{done} {} to {} in {:.1} s: wrote {}{}",
+            from.display(),
+            to.display(),
             r.seconds,
             human_bytes(r.bytes_written),
-            if r.verified { ", read back and verified" } else { ", not read back (--no-verify-after)" }
+            if r.verified { ", read back and compared" } else { ", not read back (--no-verify-after)" }
         );
     }
     Ok(())
@@ -209,23 +214,7 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
         workers: threads(a.threads)?,
     };
     let r = crate::engine::clone::clone(plan, &opts)?;
-    if cli.json {
-        return print_json(&json!({
-            "source": a.source, "target": a.target, "bytes_written": r.bytes_written,
-            "verified": r.verified, "seconds": r.seconds,
-        }));
-    }
-    if !cli.quiet {
-        println!(
-            "Cloned {} to {} in {:.1} s: wrote {}{}",
-            a.source.display(),
-            a.target.display(),
-            r.seconds,
-            human_bytes(r.bytes_written),
-            if r.verified { ", read back and compared" } else { ", not read back (--no-verify-after)" }
-        );
-    }
-    Ok(())
+    report_written(cli, "Cloned", "source", &a.source, &a.target, &r)
 }
 
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {

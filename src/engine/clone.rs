@@ -18,18 +18,9 @@ use crate::table::{self, DiskLayout};
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
 
-/// Options of a clone.
-#[derive(Debug, Clone)]
-pub struct CloneOptions {
-    /// Extend the last partition's entry to the end of a larger target.
-    pub grow_last: bool,
-    /// Read both disks back after writing and compare.
-    pub verify_after: bool,
-    /// No progress output.
-    pub quiet: bool,
-    /// Worker threads.
-    pub workers: usize,
-}
+/// Options of a clone: those of a restore (grow the last partition, read
+/// back, quiet, workers).
+pub type CloneOptions = super::restore::RestoreOptions;
 
 /// A clone that passed every check and is ready to write.
 #[derive(Debug)]
@@ -46,16 +37,8 @@ pub struct ClonePlan {
     pub warnings: Vec<String>,
 }
 
-/// What a finished clone reports.
-#[derive(Debug, Clone)]
-pub struct CloneReport {
-    /// Bytes written to the target.
-    pub bytes_written: u64,
-    /// Whether both disks were read back and compared.
-    pub verified: bool,
-    /// Wall-clock seconds.
-    pub seconds: f64,
-}
+/// What a finished clone reports: what a restore reports.
+pub type CloneReport = super::restore::RestoreReport;
 
 /// Opens both disks and refuses, before anything is written, what a
 /// restore would refuse: a smaller target, another sector size, a target in
