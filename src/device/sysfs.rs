@@ -67,6 +67,9 @@ pub struct PartInfo {
     pub start: u64,
     /// Size in bytes.
     pub size: u64,
+    /// Partition type from the table: GPT type GUID or MBR type ("0x83").
+    #[serde(default)]
+    pub type_id: Option<String>,
     /// What the partition holds, if recognised.
     pub fs: Option<FsInfo>,
     /// Where it is mounted.
@@ -290,6 +293,11 @@ fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> 
             opened.as_ref()
         }
     };
+    // Partition types come from the table itself (sysfs does not have them).
+    let table = if partition { None } else { disk.and_then(|d| crate::table::read_layout(d).ok()) };
+    let type_of = |start: u64| {
+        table.as_ref()?.partitions.iter().find(|p| p.start == start).map(|p| p.type_id.clone())
+    };
     let mut partitions = Vec::new();
     if !partition && let Ok(rd) = fs::read_dir(sysdir) {
         for e in rd.flatten() {
@@ -312,6 +320,7 @@ fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> 
                 devno: pdev,
                 start,
                 size: psize,
+                type_id: type_of(start),
                 fs: disk.and_then(|d| probe(d, start, psize)),
                 mountpoints: usage.mountpoints(pdev),
                 in_use: usage.in_use(pdev),
@@ -553,6 +562,7 @@ mod tests {
                 devno: makedev(259, 1),
                 start: 1 << 20,
                 size: 536_870_912,
+    type_id: None,
                 fs: Some(FsInfo { fstype: "vfat".into(), label: Some("EFI".into()), uuid: Some("ABCD-1234".into()) }),
                 mountpoints: vec!["/boot/efi/with/a/really/long/path/that/goes/on/and/on/forever".into()],
                 in_use: true,

@@ -263,6 +263,7 @@ mod tests {
                 devno: 8 << 8 | 17,
                 start: 1 << 20,
                 size: size - (2 << 20),
+    type_id: None,
                 fs: Some(FsInfo { fstype: "ext4".into(), label: Some("data".into()), uuid: None }),
                 mountpoints: vec![],
                 in_use: false,

@@ -95,6 +95,7 @@ fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart
             devno: info.devno,
             start: 0,
             size: info.size,
+type_id: None,
             fs: info.fs.clone(),
             mountpoints: info.mountpoints.clone(),
             in_use: info.in_use,
