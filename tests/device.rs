@@ -120,6 +120,8 @@ fn lists_loop_disk_with_partitions_and_filesystems() {
     assert_eq!(p1.size, 24 * MIB);
     let fs1 = p1.fs.as_ref().expect("ext4 probed");
     assert_eq!(fs1.fstype, "ext4");
+    // Types as sgdisk set them: 8300 (Linux filesystem) and ef00 (EFI system).
+    assert_eq!(p1.type_id.as_deref(), Some("0FC63DAF-8483-4772-8E79-3D69D8477DE4"));
     assert_eq!(fs1.label.as_deref(), Some("kroot"));
     let blkid_uuid = sh("blkid", &["-p", "-s", "UUID", "-o", "value", p1.path.to_str().unwrap()]);
     assert_eq!(fs1.uuid.as_deref(), Some(blkid_uuid.trim()));
@@ -132,6 +134,7 @@ fn lists_loop_disk_with_partitions_and_filesystems() {
     assert_eq!(p2.size, 16 * MIB);
     let fs2 = p2.fs.as_ref().expect("vfat probed");
     assert_eq!(fs2.fstype, "vfat");
+    assert_eq!(p2.type_id.as_deref(), Some("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"));
     assert_eq!(fs2.label.as_deref(), Some("KEFI"));
 
     assert_eq!(whole_disk_of(p1.devno), Some(d.devno));
