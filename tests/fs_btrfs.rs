@@ -6,37 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::disks::*;
 use common::loop_device::LoopDevice;
 
 const PART_START: u64 = 2048 * 512;
-
-/// A mount made by a test; unmounted on drop (before its loop device,
-/// which must be declared first).
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(dev: &Path, dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", opts, dev.to_str().unwrap(), dir.to_str().unwrap()]);
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        for _ in 0..10 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        eprintln!("warning: could not unmount {}", self.0.display());
-    }
-}
 
 /// The files to put on the filesystem: sizes from empty and inline to
 /// several MiB, random and text, in nested directories.
@@ -98,7 +74,7 @@ fn make_btrfs_disk(t: &TempDir, disk: &Path, size: u64, mkfs_args: &[&str], tree
     args.push(p1.to_str().unwrap());
     run("mkfs.btrfs", &args);
     let mnt = t.join("src-mnt");
-    let m = Mount::new(&p1, &mnt, "rw");
+    let m = Mounted::new(&p1, &mnt, "rw");
     run("cp", &["-a", &format!("{}/.", tree.display()), mnt.to_str().unwrap()]);
     // Files that come and go: their extents are freed but keep their bytes.
     for i in 0..20u64 {
@@ -158,7 +134,7 @@ fn round_trip(tag: &str, size: u64, mkfs_args: &[&str]) {
         String::from_utf8_lossy(&check.stderr)
     );
     let mnt = t.join("dst-mnt");
-    let m = Mount::new(&dev, &mnt, "ro");
+    let m = Mounted::new(&dev, &mnt, "ro");
     let scrub = run("btrfs", &["scrub", "start", "-B", "-r", mnt.to_str().unwrap()]);
     assert!(scrub.contains("no errors found"), "scrub of the restored filesystem:\n{scrub}");
     let n = compare_trees(&tree, &mnt);
@@ -207,7 +183,7 @@ fn unclean_log_tree_refused() {
         let p1 = lo.partition(1);
         run("mkfs.btrfs", &["-q", "-f", p1.to_str().unwrap()]);
         let mnt = t.join("mnt");
-        let m = Mount::new(&p1, &mnt, "commit=300");
+        let m = Mounted::new(&p1, &mnt, "commit=300");
         // A sync elsewhere (other tests) may commit the transaction between
         // the fsync and the copy, removing the log tree: retry then.
         let log_root = |img: &Path| u64::from_le_bytes(read_at(img, PART_START + 65536 + 0x60, 8).try_into().unwrap());

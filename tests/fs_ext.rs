@@ -17,29 +17,6 @@ static LOOP: Mutex<()> = Mutex::new(());
 
 const PART_START: u64 = MIB;
 
-/// A mount made by a test; unmounted on drop.
-struct Mount(PathBuf);
-
-impl Mount {
-    fn new(dev: &Path, dir: &Path, opts: &str) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", opts, dev.to_str().unwrap(), dir.to_str().unwrap()]);
-        Mount(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        for _ in 0..10 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        eprintln!("warning: could not unmount {}", self.0.display());
-    }
-}
-
 /// A tree of files: text, random, empty, nested, a symlink, a hard link.
 fn populate(dir: &Path, seed: u64, files: usize) {
     std::fs::create_dir_all(dir.join("a/b/c")).unwrap();
@@ -93,7 +70,7 @@ fn make_source(tag: &str, part_mib: u64, mkfs: &[&str], how: Populate) -> Source
             let p = dev.partition(1);
             args.push(p.to_str().unwrap());
             run("mke2fs", &args);
-            let m = Mount::new(&p, &t.join("mnt-src"), "rw");
+            let m = Mounted::new(&p, &t.join("mnt-src"), "rw");
             run("cp", &["-a", &format!("{}/.", files.display()), m.0.to_str().unwrap()]);
             run("sync", &[]);
             drop(m);
@@ -145,7 +122,7 @@ fn round_trip(tag: &str, part_mib: u64, mkfs: &[&str], fstype: &str, how: Popula
     let p = dev.partition(1);
     check_clean(tag, &p, "after the restore");
     {
-        let m = Mount::new(&p, &t.join("mnt-dst"), "ro");
+        let m = Mounted::new(&p, &t.join("mnt-dst"), "ro");
         let d = Command::new("diff")
             .args(["-r", "--no-dereference", "-x", "lost+found", src.files.to_str().unwrap(), m.0.to_str().unwrap()])
             .output()
@@ -161,7 +138,7 @@ fn round_trip(tag: &str, part_mib: u64, mkfs: &[&str], fstype: &str, how: Popula
     // files take inodes from the inode-table tails klon did not store
     // (they hold garbage here) and blocks from the stale free space.
     {
-        let m = Mount::new(&p, &t.join("mnt-rw"), "rw");
+        let m = Mounted::new(&p, &t.join("mnt-rw"), "rw");
         for d in 0..40 {
             let dir = m.0.join(format!("new{d}"));
             std::fs::create_dir(&dir).unwrap();

@@ -35,29 +35,6 @@ fn xfs_tool(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A mount undone on drop.
-struct Mounted(PathBuf);
-
-impl Mounted {
-    fn new(what: &Path, dir: &Path, opts: &str) -> Mounted {
-        std::fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", opts, s(what), s(dir)]);
-        Mounted(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..20 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|st| st.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        eprintln!("warning: could not unmount {}", self.0.display());
-    }
-}
-
 const PART_START: u64 = 2048 * 512;
 
 /// A GPT disk of `size` bytes with a small first partition and the XFS

@@ -954,81 +954,8 @@ mod tests {
     use crate::device::Disk;
     use std::fs::File;
     use std::os::unix::fs::FileExt;
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-
-    /// A temporary directory removed on drop.
-    struct Tmp(PathBuf);
-
-    impl Tmp {
-        fn new(tag: &str) -> Tmp {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "klon-btrfs-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Tmp(p)
-        }
-        fn join(&self, s: &str) -> PathBuf {
-            self.0.join(s)
-        }
-    }
-
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A mount point mounted by a test; unmounted on drop.
-    struct Mount(PathBuf);
-
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            for _ in 0..10 {
-                if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            eprintln!("warning: could not unmount {}", self.0.display());
-        }
-    }
-
-    fn is_root() -> bool {
-        crate::testutil::have_root()
-    }
-
-    fn sh(cmd: &str, args: &[&str]) -> String {
-        let o = Command::new(cmd)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e} (install btrfs-progs)"));
-        assert!(
-            o.status.success(),
-            "{cmd} {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    fn rnd(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            out.extend_from_slice(&x.to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
+    use crate::testutil::{root_for, sh, Mounted, Rng, TempDir};
+    use std::path::Path;
 
     /// Files of many sizes (inline, small, large, empty) in `dir`.
     fn populate(dir: &Path, seed: u64, scale: usize) {
@@ -1036,9 +963,9 @@ mod tests {
         for i in 0..40u64 {
             let len = [0, 100, 2000, 4096, 5000, 70_000, 300_000][i as usize % 7] * scale / 4;
             let d = if i % 3 == 0 { dir.join("sub") } else if i % 3 == 1 { dir.join("sub/deeper") } else { dir.to_path_buf() };
-            std::fs::write(d.join(format!("f{i}")), rnd(seed + i, len)).unwrap();
+            std::fs::write(d.join(format!("f{i}")), Rng::seeded(seed + i).bytes(len)).unwrap();
         }
-        std::fs::write(dir.join("big"), rnd(seed ^ 0xb16, 3 << 20)).unwrap();
+        std::fs::write(dir.join("big"), Rng::seeded(seed ^ 0xb16).bytes(3 << 20)).unwrap();
         std::fs::write(dir.join("zeros"), vec![0u8; 1 << 20]).unwrap();
     }
 
@@ -1133,7 +1060,7 @@ mod tests {
     }
 
     fn layout(size: u64, args: &[&str]) -> UsedMap {
-        let t = Tmp::new("layout");
+        let t = TempDir::new("layout");
         let root = t.join("root");
         populate(&root, size ^ args.len() as u64, 4);
         let img = t.join("fs.img");
@@ -1192,7 +1119,7 @@ mod tests {
 
     #[test]
     fn filesystem_smaller_than_partition() {
-        let t = Tmp::new("small");
+        let t = TempDir::new("small");
         let root = t.join("root");
         populate(&root, 7, 2);
         let img = t.join("fs.img");
@@ -1203,7 +1130,7 @@ mod tests {
 
     #[test]
     fn metadata_uuid() {
-        let t = Tmp::new("muuid");
+        let t = TempDir::new("muuid");
         let root = t.join("root");
         populate(&root, 9, 1);
         let img = t.join("fs.img");
@@ -1218,22 +1145,20 @@ mod tests {
     /// other file deleted: fragmented free space, a multi-level extent tree.
     #[test]
     fn nearly_full_and_fragmented() {
-        if !is_root() {
-            eprintln!("skipping: needs root for a loop mount");
+        if !root_for("for a loop mount") {
             return;
         }
-        let t = Tmp::new("full");
+        let t = TempDir::new("full");
         let img = t.join("fs.img");
         mkfs(&img, 160 << 20, &["-n", "4096"], None);
         let mnt = t.join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        sh("mount", &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()]);
         {
-            let _g = Mount(mnt.clone());
+            let _g = Mounted::new(&img, &mnt);
             let mut i = 0u64;
             loop {
                 let len = [3000usize, 20_000, 200_000, 1 << 20][i as usize % 4];
-                if std::fs::write(mnt.join(format!("f{i}")), rnd(i, len)).is_err() || i > 5000 {
+                if std::fs::write(mnt.join(format!("f{i}")), Rng::seeded(i).bytes(len)).is_err() || i > 5000 {
                     break;
                 }
                 i += 1;
@@ -1248,7 +1173,7 @@ mod tests {
 
     #[test]
     fn log_tree_is_unclean() {
-        let t = Tmp::new("log");
+        let t = TempDir::new("log");
         let img = t.join("fs.img");
         mkfs(&img, 128 << 20, &[], None);
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
@@ -1266,7 +1191,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let t = Tmp::new("refuse");
+        let t = TempDir::new("refuse");
         let img = t.join("fs.img");
         mkfs(&img, 128 << 20, &[], None);
         let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
@@ -1305,13 +1230,13 @@ mod tests {
     /// the checksum so the parsers see the damage): Ok or Err, never a panic.
     #[test]
     fn mutations_never_panic() {
-        let t = Tmp::new("mut");
+        let t = TempDir::new("mut");
         let root = t.join("root");
         populate(&root, 11, 2);
         // Enough extents for an extent tree of several levels.
         std::fs::create_dir(root.join("many")).unwrap();
         for i in 0..1500u64 {
-            std::fs::write(root.join(format!("many/{i}")), rnd(i, 5000)).unwrap();
+            std::fs::write(root.join(format!("many/{i}")), Rng::seeded(i).bytes(5000)).unwrap();
         }
         let img = t.join("fs.img");
         mkfs(&img, 128 << 20, &["-m", "single", "-n", "4096"], Some(&root));

@@ -358,8 +358,9 @@ mod tests {
     //! match the clusters mapped in the heap; only the map copied over
     //! garbage must pass `fsck.exfat -n` and read back every file the same.
     use super::*;
-    use crate::fs::fat::tests::{Rng, Tmp, map_with, restore_map_only, same_tree, sh, try_sh};
-    use std::path::{Path, PathBuf};
+    use crate::fs::fat::tests::{map_with, restore_map_only, same_tree};
+    use crate::testutil::{root_for, sh, try_sh, Mounted, Rng, TempDir};
+    use std::path::Path;
 
     /// A loop device attached here, detached on drop.
     struct Loop(String);
@@ -379,36 +380,16 @@ mod tests {
         }
     }
 
-    /// A FUSE mount made here, unmounted on drop (before its loop device).
-    struct Mount(PathBuf);
-    impl Mount {
-        fn new(dev: &Loop, dir: &Path, ro: bool) -> Mount {
-            std::fs::create_dir_all(dir).unwrap();
-            let mut args = vec![dev.0.as_str(), dir.to_str().unwrap()];
-            if ro {
-                args.extend(["-o", "ro"]);
-            }
-            sh("mount.exfat-fuse", &args);
-            Mount(dir.to_path_buf())
+    /// Mounts `dev` on `dir` with exfat-fuse; unmounted on drop (so before
+    /// its loop device, declared first).
+    fn mount(dev: &Loop, dir: &Path, ro: bool) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut args = vec![dev.0.as_str(), dir.to_str().unwrap()];
+        if ro {
+            args.extend(["-o", "ro"]);
         }
-    }
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            for _ in 0..20 {
-                if try_sh("umount", &[self.0.to_str().unwrap()]).0 {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    }
-
-    fn root() -> bool {
-        let r = crate::testutil::have_root();
-        if !r {
-            eprintln!("skipping: needs root for loop devices and FUSE");
-        }
-        r
+        sh("mount.exfat-fuse", &args);
+        Mounted(dir.to_path_buf())
     }
 
     /// Writes files into the mounted volume (and the same into `src`);
@@ -470,7 +451,7 @@ mod tests {
     }
 
     fn check_layout(size: &str, cluster: &str, sector: &str, full: bool) {
-        let t = Tmp::new("exfat");
+        let t = TempDir::new("exfat");
         let img_p = t.join("fs.img");
         let img = img_p.to_str().unwrap();
         sh("truncate", &["-s", size, img]);
@@ -488,7 +469,7 @@ mod tests {
         let src = t.join("src");
         {
             let dev = Loop::attach(&img_p);
-            let m = Mount::new(&dev, &t.join("mnt"), false);
+            let m = mount(&dev, &t.join("mnt"), false);
             populate(&m.0, &src, empty.block_size as usize, size.len() as u64 * 31 + empty.block_size as u64, full);
         }
         sh("fsck.exfat", &["-n", img]);
@@ -503,14 +484,14 @@ mod tests {
         restore_map_only(&img_p, &restored, &map);
         sh("fsck.exfat", &["-n", restored.to_str().unwrap()]);
         let dev = Loop::attach(&restored);
-        let m = Mount::new(&dev, &t.join("rmnt"), true);
+        let m = mount(&dev, &t.join("rmnt"), true);
         let n = same_tree(&src, &m.0);
         assert!(n > 20, "{n} files compared");
     }
 
     #[test]
     fn layouts() {
-        if !root() {
+        if !root_for("for loop devices and FUSE") {
             return;
         }
         check_layout("64M", "4K", "512", false);
@@ -521,17 +502,17 @@ mod tests {
 
     #[test]
     fn dirty_volume_is_unclean() {
-        if !root() {
+        if !root_for("for loop devices and FUSE") {
             return;
         }
-        let t = Tmp::new("exfatdirty");
+        let t = TempDir::new("exfatdirty");
         let img_p = t.join("fs.img");
         sh("truncate", &["-s", "32M", img_p.to_str().unwrap()]);
         sh("mkfs.exfat", &[img_p.to_str().unwrap()]);
         let snap = t.join("snap.img");
         {
             let dev = Loop::attach(&img_p);
-            let m = Mount::new(&dev, &t.join("mnt"), false);
+            let m = mount(&dev, &t.join("mnt"), false);
             std::fs::write(m.0.join("a"), vec![7u8; 100_000]).unwrap();
             sh("sync", &[]);
             // What a crash while mounted leaves: the dirty flag set.
@@ -545,16 +526,16 @@ mod tests {
     #[test]
     fn mutated_metadata_never_panics() {
         use std::os::unix::fs::FileExt;
-        if !root() {
+        if !root_for("for loop devices and FUSE") {
             return;
         }
-        let t = Tmp::new("exfatmut");
+        let t = TempDir::new("exfatmut");
         let img_p = t.join("fs.img");
         sh("truncate", &["-s", "8M", img_p.to_str().unwrap()]);
         sh("mkfs.exfat", &["-c", "4K", img_p.to_str().unwrap()]);
         {
             let dev = Loop::attach(&img_p);
-            let m = Mount::new(&dev, &t.join("mnt"), false);
+            let m = mount(&dev, &t.join("mnt"), false);
             populate(&m.0, &t.join("src"), 4096, 5, false);
         }
         let orig = std::fs::read(&img_p).unwrap();

@@ -702,60 +702,12 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
+    use crate::testutil::{output, sh, Rng, TempDir};
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
     const MB: u64 = 1 << 20;
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            let p = std::env::temp_dir().join(format!("klon-ext-{}-{tag}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-        fn join(&self, s: &str) -> PathBuf {
-            self.0.join(s)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn tool(cmd: &str, args: &[&str]) -> std::process::Output {
-        Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e} (install e2fsprogs)"))
-    }
-
-    fn sh(cmd: &str, args: &[&str]) -> String {
-        let o = tool(cmd, args);
-        assert!(o.status.success(), "{cmd} {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-        fn bytes(&mut self, n: usize) -> Vec<u8> {
-            let mut v = Vec::with_capacity(n + 8);
-            while v.len() < n {
-                v.extend_from_slice(&self.next().to_le_bytes());
-            }
-            v.truncate(n);
-            v
-        }
-    }
 
     /// A tree of files: small and large, nested, empty, a symlink; `big`
     /// adds one file of that many bytes (to fill the filesystem).
@@ -901,7 +853,7 @@ mod tests {
         }
         fill(pos, fs.size);
         drop(f);
-        let o = tool("e2fsck", &["-fn", copy.to_str().unwrap()]);
+        let o = output(Command::new("e2fsck").args(["-fn", copy.to_str().unwrap()]));
         assert!(
             o.status.success(),
             "e2fsck -fn on the fs restored over garbage is not clean:\n{}\n{}",
@@ -911,7 +863,7 @@ mod tests {
         let out = fs.img.with_extension("out");
         std::fs::create_dir_all(&out).unwrap();
         sh("debugfs", &["-R", &format!("rdump / {}", out.display()), copy.to_str().unwrap()]);
-        let d = tool("diff", &["-r", "--no-dereference", "-x", "lost+found", fs.src.to_str().unwrap(), out.to_str().unwrap()]);
+        let d = output(Command::new("diff").args(["-r", "--no-dereference", "-x", "lost+found", fs.src.to_str().unwrap(), out.to_str().unwrap()]));
         assert!(d.status.success(), "files differ after restore over garbage:\n{}", String::from_utf8_lossy(&d.stdout));
         let _ = std::fs::remove_file(&copy);
         let _ = std::fs::remove_dir_all(&out);

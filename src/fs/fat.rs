@@ -267,66 +267,16 @@ pub(crate) mod tests {
     //! every file and directory `mdir -/ -b` lists).
     use super::*;
     use crate::device::Disk;
+    use crate::testutil::{run, sh, try_run, Rng, TempDir};
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    /// A temporary directory removed on drop.
-    pub(crate) struct Tmp(pub PathBuf);
-    impl Tmp {
-        pub(crate) fn new(tag: &str) -> Tmp {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!("klon-unit-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Tmp(p)
-        }
-        pub(crate) fn join(&self, s: &str) -> PathBuf {
-            self.0.join(s)
-        }
-    }
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Runs a tool; returns (success, stdout + stderr).
-    pub(crate) fn try_sh(cmd: &str, args: &[&str]) -> (bool, String) {
-        let o = Command::new(cmd)
-            .args(args)
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
-    }
-
-    pub(crate) fn sh(cmd: &str, args: &[&str]) -> String {
-        let (ok, out) = try_sh(cmd, args);
-        assert!(ok, "{cmd} {args:?} failed:\n{out}");
-        out
-    }
-
-    /// Deterministic pseudo-random generator (xorshift64).
-    pub(crate) struct Rng(pub u64);
-    impl Rng {
-        pub(crate) fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        pub(crate) fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-        pub(crate) fn bytes(&mut self, len: usize) -> Vec<u8> {
-            let mut v = Vec::with_capacity(len + 8);
-            while v.len() < len {
-                v.extend_from_slice(&self.next().to_le_bytes());
-            }
-            v.truncate(len);
-            v
-        }
+    /// An mtools command: MTOOLS_SKIP_CHECK=1 lets mtools read images whose
+    /// geometry it would question.
+    fn mtools(prog: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(prog);
+        c.args(args).env("MTOOLS_SKIP_CHECK", "1");
+        c
     }
 
     pub(crate) fn map_with(f: fn(&Volume) -> Result<UsedMap, FsError>, img: &Path) -> Result<UsedMap, FsError> {
@@ -392,7 +342,7 @@ pub(crate) mod tests {
                 k += 1;
             }
         }
-        sh("mcopy", &["-s", "-i", img, &format!("{}/d0", dir.display()), &format!("{}/d1", dir.display()), "::/"]);
+        run(&mut mtools("mcopy", &["-s", "-i", img, &format!("{}/d0", dir.display()), &format!("{}/d1", dir.display()), "::/"]));
         let top: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -402,7 +352,7 @@ pub(crate) mod tests {
         let mut args = vec!["-i", img];
         args.extend(top.iter().map(|s| s.as_str()));
         args.push("::/");
-        sh("mcopy", &args);
+        run(&mut mtools("mcopy", &args));
         // Holes: delete every third file, then write new files that reuse
         // (and fragment across) the freed clusters.
         let mut holes = Vec::new();
@@ -410,7 +360,7 @@ pub(crate) mod tests {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_str().unwrap().to_string();
             if name.ends_with("0.bin") || name.ends_with("3.bin") || name.ends_with("6.bin") || name.ends_with("9.bin") {
-                sh("mdel", &["-i", img, &format!("::/d1/{name}")]);
+                run(&mut mtools("mdel", &["-i", img, &format!("::/d1/{name}")]));
                 std::fs::remove_file(&p).unwrap();
                 holes.push(name);
             }
@@ -418,7 +368,7 @@ pub(crate) mod tests {
         for i in 0..3 {
             let p = dir.join("d1").join(format!("frag{i}.bin"));
             std::fs::write(&p, rng.bytes(5 * cluster + 100 * i)).unwrap();
-            sh("mcopy", &["-i", img, &p.display().to_string(), "::/d1/"]);
+            run(&mut mtools("mcopy", &["-i", img, &p.display().to_string(), "::/d1/"]));
         }
         if full {
             // Large files until one does not fit, then single clusters.
@@ -427,10 +377,10 @@ pub(crate) mod tests {
                 let p = dir.join(format!("fill{i}.bin"));
                 let len = if big { (64 * cluster).min(256 << 10) } else { cluster };
                 std::fs::write(&p, rng.bytes(len)).unwrap();
-                let (ok, _) = try_sh("mcopy", &["-i", img, &p.display().to_string(), "::/"]);
+                let (ok, _) = try_run(&mut mtools("mcopy", &["-i", img, &p.display().to_string(), "::/"]));
                 if !ok {
                     std::fs::remove_file(&p).unwrap();
-                    let _ = try_sh("mdel", &["-i", img, &format!("::/fill{i}.bin")]);
+                    let _ = try_run(&mut mtools("mdel", &["-i", img, &format!("::/fill{i}.bin")]));
                     if !big {
                         break;
                     }
@@ -465,7 +415,7 @@ pub(crate) mod tests {
             l.split_whitespace().next().unwrap().parse::<u64>().unwrap()
         };
         // mdir fails on an empty root directory.
-        let (_, listing) = try_sh("mdir", &["-/", "-b", "-i", img, "::/"]);
+        let (_, listing) = try_run(&mut mtools("mdir", &["-/", "-b", "-i", img, "::/"]));
         let mut paths: Vec<String> = listing.lines().filter(|l| l.starts_with("::/")).map(|l| l.trim_end_matches('/').to_string()).collect();
         paths.push("::/".into());
         let mut ext = vec![(0, data_start)];
@@ -473,7 +423,7 @@ pub(crate) mod tests {
         for chunk in paths.chunks(64) {
             let mut args = vec!["-i", img];
             args.extend(chunk.iter().map(|s| s.as_str()));
-            let out = sh("mshowfat", &args);
+            let out = run(&mut mtools("mshowfat", &args));
             for run in out.split('<').skip(1) {
                 let run = run.split('>').next().unwrap();
                 let (a, b) = match run.split_once('-') {
@@ -500,7 +450,7 @@ pub(crate) mod tests {
     }
 
     fn check_layout(bits: u32, size: &str, spc: u32, sector: u32, full: bool) {
-        let t = Tmp::new("fat");
+        let t = TempDir::new("fat");
         let img_p = t.join("fs.img");
         let img = img_p.to_str().unwrap();
         sh("truncate", &["-s", size, img]);
@@ -526,7 +476,7 @@ pub(crate) mod tests {
         sh("fsck.fat", &["-n", restored.to_str().unwrap()]);
         let out = t.join("out");
         std::fs::create_dir_all(&out).unwrap();
-        sh("mcopy", &["-s", "-n", "-i", restored.to_str().unwrap(), "::/*", out.to_str().unwrap()]);
+        run(&mut mtools("mcopy", &["-s", "-n", "-i", restored.to_str().unwrap(), "::/*", out.to_str().unwrap()]));
         let n = same_tree(&t.join("src"), &out);
         assert!(n > 20, "{n} files compared");
     }
@@ -555,7 +505,7 @@ pub(crate) mod tests {
     }
 
     /// A populated image of each FAT type, built once per test.
-    fn populated(t: &Tmp, bits: u32, size: &str) -> PathBuf {
+    fn populated(t: &TempDir, bits: u32, size: &str) -> PathBuf {
         let img_p = t.join(&format!("fat{bits}.img"));
         let img = img_p.to_str().unwrap();
         sh("truncate", &["-s", size, img]);
@@ -567,7 +517,7 @@ pub(crate) mod tests {
     #[test]
     fn dirty_flag_is_ignored_and_partition_bounds_checked() {
         use std::os::unix::fs::FileExt;
-        let t = Tmp::new("fatdirty");
+        let t = TempDir::new("fatdirty");
         for (bits, size, flag_off, fat1) in [(16u32, "32M", 37u64, true), (32, "34M", 65, true), (12, "2M", 37, false)] {
             let img = populated(&t, bits, size);
             let clean = map_with(used_map, &img).unwrap();
@@ -590,7 +540,7 @@ pub(crate) mod tests {
     #[test]
     fn mutated_metadata_never_panics() {
         use std::os::unix::fs::FileExt;
-        let t = Tmp::new("fatmut");
+        let t = TempDir::new("fatmut");
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for (bits, size) in [(12u32, "2M"), (16, "2200K"), (32, "34M")] {
             let img = populated(&t, bits, size);

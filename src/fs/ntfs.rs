@@ -824,40 +824,9 @@ mod tests {
     use super::*;
     use crate::device::Disk;
     use std::os::unix::fs::FileExt;
+    use crate::testutil::{sh, unmount, Rng, TempDir};
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command};
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "klon-ntfs-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn run(cmd: &str, args: &[&str]) -> String {
-        let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-        assert!(
-            o.status.success(),
-            "{cmd} {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
 
     /// An ntfs-3g FUSE mount of an image file, unmounted (and the daemon
     /// waited for, so everything is written) on drop.
@@ -898,7 +867,9 @@ mod tests {
         fn finish(&mut self) {
             if self.mounted {
                 self.mounted = false;
-                let _ = Command::new("umount").arg(&self.dir).status();
+                if !unmount(&self.dir) {
+                    let _ = self.child.kill();
+                }
                 let _ = self.child.wait();
             }
         }
@@ -906,28 +877,16 @@ mod tests {
     impl Drop for Mount {
         fn drop(&mut self) {
             if self.mounted {
-                let _ = Command::new("umount").arg(&self.dir).status();
+                unmount(&self.dir);
                 let _ = self.child.kill();
                 let _ = self.child.wait();
             }
         }
     }
 
-    fn prng(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
-
-    fn data(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len).map(|_| prng(&mut x) as u8).collect()
-    }
-
     fn mkntfs(file: &Path, size: u64, cluster: u32) {
         std::fs::File::create(file).unwrap().set_len(size).unwrap();
-        run("mkntfs", &["-F", "-Q", "-q", "-c", &cluster.to_string(), "-L", "klon", file.to_str().unwrap()]);
+        sh("mkntfs", &["-F", "-Q", "-q", "-c", &cluster.to_string(), "-L", "klon", file.to_str().unwrap()]);
     }
 
     /// Fills roughly `fill` bytes with files of varied sizes (some tiny and
@@ -936,18 +895,18 @@ mod tests {
         let m = Mount::new(file, mnt);
         let sub = mnt.join("dir/sub");
         std::fs::create_dir_all(&sub).unwrap();
-        let mut x = seed | 1;
+        let mut rng = Rng(seed | 1);
         let mut written = 0u64;
         let mut i = 0;
         while written < fill {
-            let len = match prng(&mut x) % 4 {
-                0 => (prng(&mut x) % 600) as usize,
-                1 => (prng(&mut x) % 20000) as usize,
-                _ => (prng(&mut x) % 300_000) as usize,
+            let len = match rng.next() % 4 {
+                0 => (rng.next() % 600) as usize,
+                1 => (rng.next() % 20000) as usize,
+                _ => (rng.next() % 300_000) as usize,
             };
             let len = len.min((fill - written) as usize);
             let dir = if i % 3 == 0 { &sub } else { mnt };
-            if std::fs::write(dir.join(format!("f{i}.bin")), data(seed + i, len)).is_err() {
+            if std::fs::write(dir.join(format!("f{i}.bin")), Rng((seed + i) | 1).low_bytes(len)).is_err() {
                 break; // full
             }
             written += len as u64;
@@ -967,7 +926,7 @@ mod tests {
     fn ntfsclone_used(file: &Path, tmp: &Path) -> (Vec<(u64, u64)>, u64, u64) {
         let img = tmp.join("clone.simg");
         let _ = std::fs::remove_file(&img);
-        run("ntfsclone", &["-q", "--save-image", "-o", img.to_str().unwrap(), file.to_str().unwrap()]);
+        sh("ntfsclone", &["-q", "--save-image", "-o", img.to_str().unwrap(), file.to_str().unwrap()]);
         let d = std::fs::read(&img).unwrap();
         std::fs::remove_file(&img).unwrap();
         assert_eq!(&d[..16], b"\0ntfsclone-image");
@@ -1026,7 +985,7 @@ mod tests {
     }
 
     fn ntfsfix_clean(file: &Path) {
-        let out = run("ntfsfix", &["-n", file.to_str().unwrap()]);
+        let out = sh("ntfsfix", &["-n", file.to_str().unwrap()]);
         assert!(!out.contains("BAD") && !out.contains("rror"), "ntfsfix -n: {out}");
     }
 
@@ -1104,13 +1063,13 @@ mod tests {
         }
         drop(file);
         // ntfs-3g's own view agrees the flag is set.
-        let info = run("ntfsinfo", &["-f", "-m", f.to_str().unwrap()]);
+        let info = sh("ntfsinfo", &["-f", "-m", f.to_str().unwrap()]);
         assert!(info.contains("Volume Flags: 0x0001"), "{info}");
         match map(&f) {
             Err(FsError::Unclean(m)) => assert!(m.contains("chkdsk"), "{m}"),
             r => panic!("dirty volume: {r:?}"),
         }
-        run("ntfsfix", &["-d", f.to_str().unwrap()]);
+        sh("ntfsfix", &["-d", f.to_str().unwrap()]);
         map(&f).unwrap();
     }
 
@@ -1162,7 +1121,7 @@ mod tests {
         let mnt = t.0.join("mnt");
         mkntfs(&f, 16 << 20, 512);
         let m = Mount::new(&f, &mnt);
-        let four_k = data(5, 4096);
+        let four_k = Rng(5).low_bytes(4096);
         let mut n = 0;
         while std::fs::write(mnt.join(format!("f{n}")), &four_k).is_ok() {
             n += 1;
@@ -1229,15 +1188,15 @@ mod tests {
         }
         drop(fs);
         drop(d);
-        let mut x = 0x5eed_1234_abcd_ef01u64;
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
         let (mut oks, mut errs) = (0, 0);
         for _ in 0..400 {
             let mut img = orig.clone();
-            let flips = 1 + prng(&mut x) % 4;
+            let flips = 1 + rng.next() % 4;
             for _ in 0..flips {
-                let (start, len) = regions[(prng(&mut x) % regions.len() as u64) as usize];
-                let pos = start + (prng(&mut x) % len as u64) as usize;
-                img[pos] ^= (prng(&mut x) as u8) | 1;
+                let (start, len) = regions[(rng.next() % regions.len() as u64) as usize];
+                let pos = start + (rng.next() % len as u64) as usize;
+                img[pos] ^= (rng.next() as u8) | 1;
             }
             std::fs::write(&f, &img).unwrap();
             let r = std::panic::catch_unwind(|| map(&f).map(|m| m.used_bytes));

@@ -546,28 +546,9 @@ fn probe_swap(r: &Region) -> Option<FsInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
+    use crate::testutil::{run, TempFile};
+    use std::path::Path;
     use std::process::Command;
-
-    struct TempFile(PathBuf);
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    fn temp_image(name: &str, size: u64) -> TempFile {
-        let p = std::env::temp_dir().join(format!("klon-probe-{}-{name}.img", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        let f = std::fs::File::create(&p).unwrap();
-        f.set_len(size).unwrap();
-        TempFile(p)
-    }
-
-    fn run(cmd: &str, args: &[&str], file: &Path) {
-        let out = Command::new(cmd).args(args).arg(file).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-        assert!(out.status.success(), "{cmd} {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
 
     fn blkid(file: &Path) -> FsInfo {
         let out = Command::new("blkid").args(["-p", "-o", "export"]).arg(file).output().expect("running blkid");
@@ -588,8 +569,8 @@ mod tests {
     }
 
     fn check(name: &str, size: u64, cmd: &str, args: &[&str]) {
-        let img = temp_image(name, size);
-        run(cmd, args, &img.0);
+        let img = TempFile::new(name, size);
+        run(Command::new(cmd).args(args).arg(&img.0));
         let disk = Disk::open_read_only(&img.0).unwrap();
         let got = probe(&disk, 0, disk.size).unwrap_or_else(|| panic!("{name}: nothing probed"));
         let want = blkid(&img.0);
@@ -654,7 +635,7 @@ mod tests {
     /// Writes `bytes` at `off` into a fresh 1 MiB file and compares probe
     /// with blkid.
     fn check_synthetic(name: &str, parts: &[(u64, &[u8])]) -> FsInfo {
-        let img = temp_image(name, 8 * MB);
+        let img = TempFile::new(name, 8 * MB);
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img.0).unwrap();
         for (off, b) in parts {
@@ -714,7 +695,7 @@ mod tests {
         assert_eq!(got.uuid.as_deref(), Some("AbCdEf-0123-4567-89Gh-IjKl-0123-456789"));
         // A wrong checksum is not a label.
         l[40] ^= 1;
-        let img = temp_image("lvm2-bad", MB);
+        let img = TempFile::new("lvm2-bad", MB);
         use std::os::unix::fs::FileExt;
         std::fs::OpenOptions::new().write(true).open(&img.0).unwrap().write_all_at(&l, 512).unwrap();
         let disk = Disk::open_read_only(&img.0).unwrap();
@@ -723,10 +704,10 @@ mod tests {
 
     #[test]
     fn partition_offset_and_bounds() {
-        let img = temp_image("offset", 48 * MB);
+        let img = TempFile::new("offset", 48 * MB);
         // An ext4 filesystem placed at 8 MiB inside a bigger file.
-        let part = temp_image("offset-part", 32 * MB);
-        run("mkfs.ext4", &["-q", "-F", "-L", "inner"], &part.0);
+        let part = TempFile::new("offset-part", 32 * MB);
+        run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "inner"]).arg(&part.0));
         let data = std::fs::read(&part.0).unwrap();
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&img.0).unwrap();
@@ -745,7 +726,7 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let img = temp_image("garbage", 256 * 1024);
+        let img = TempFile::new("garbage", 256 * 1024);
         let disk_file = std::fs::OpenOptions::new().write(true).open(&img.0).unwrap();
         use std::os::unix::fs::FileExt;
         // Deterministic pseudo-random bytes with magics sprinkled in.

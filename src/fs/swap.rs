@@ -89,26 +89,12 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
-    use std::path::{Path, PathBuf};
+    use crate::testutil::{run, Rng, TempFile};
+    use std::path::Path;
     use std::process::Command;
 
-    struct TempFile(PathBuf);
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-
-    fn temp_file(name: &str, size: u64) -> TempFile {
-        let p = std::env::temp_dir().join(format!("klon-swap-{}-{name}.img", std::process::id()));
-        let f = std::fs::File::create(&p).unwrap();
-        f.set_len(size).unwrap();
-        TempFile(p)
-    }
-
     fn mkswap(file: &Path, args: &[&str]) {
-        let o = Command::new("mkswap").args(args).arg(file).output().expect("running mkswap");
-        assert!(o.status.success(), "mkswap failed: {}", String::from_utf8_lossy(&o.stderr));
+        run(Command::new("mkswap").args(args).arg(file));
     }
 
     fn map(file: &Path) -> Result<UsedMap, FsError> {
@@ -129,7 +115,7 @@ mod tests {
             ((40 << 20) + 4096 * 3 + 1000, vec![]),
             (64 << 10, vec!["-U", "01234567-89ab-cdef-0123-456789abcdef"]),
         ] {
-            let f = temp_file("hdr", size);
+            let f = TempFile::new("hdr", size);
             mkswap(&f.0, &args);
             let m = map(&f.0).unwrap();
             assert_eq!(m.extents, vec![(0, 4096)]);
@@ -141,7 +127,7 @@ mod tests {
 
     #[test]
     fn larger_page_size() {
-        let f = temp_file("p64k", 8 << 20);
+        let f = TempFile::new("p64k", 8 << 20);
         mkswap(&f.0, &["-p", "65536"]);
         let m = map(&f.0).unwrap();
         assert_eq!(m.extents, vec![(0, 65536)]);
@@ -150,7 +136,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_headers() {
-        let f = temp_file("bad", 1 << 20);
+        let f = TempFile::new("bad", 1 << 20);
         assert!(matches!(map(&f.0), Err(FsError::Corrupt(_))), "no signature");
         mkswap(&f.0, &[]);
         write(&f.0, 1024, &2u32.to_le_bytes());
@@ -171,22 +157,20 @@ mod tests {
         write(&f.0, 4086, b"SWAP-SPACE");
         assert!(matches!(map(&f.0), Err(FsError::Corrupt(_))), "version 0");
         // Too small to hold a page.
-        let g = temp_file("tiny", 2048);
+        let g = TempFile::new("tiny", 2048);
         assert!(matches!(map(&g.0), Err(FsError::Corrupt(_))));
     }
 
     #[test]
     fn mutations_never_panic() {
-        let f = temp_file("mut", 1 << 20);
+        let f = TempFile::new("mut", 1 << 20);
         mkswap(&f.0, &["-L", "mut"]);
         let orig = std::fs::read(&f.0).unwrap();
-        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut rng = Rng(0x1234_5678_9abc_def1);
         for _ in 0..300 {
             let mut img = orig.clone();
             for _ in 0..4 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = rng.next();
                 let pos = if x & 1 == 0 { 1024 + (x >> 8) as usize % 16 } else { (x >> 8) as usize % 4096 };
                 img[pos] ^= (x >> 40) as u8 | 1;
             }

@@ -732,87 +732,21 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
-    use std::path::{Path, PathBuf};
+    use crate::testutil::{have_root, root_for, run, sh, Mounted, Rng, TempDir};
+    use std::path::Path;
     use std::process::Command;
-
-    fn is_root() -> bool {
-        crate::testutil::have_root()
-    }
-
-    /// A scratch directory, removed on drop.
-    struct Scratch(PathBuf);
-    impl Scratch {
-        fn new(tag: &str) -> Scratch {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "klon-xfs-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::SeqCst)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            Scratch(p)
-        }
-        fn join(&self, s: &str) -> PathBuf {
-            self.0.join(s)
-        }
-    }
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A loop mount of an image file, unmounted on drop (the loop device
-    /// mount attached goes with it).
-    struct Mounted(PathBuf);
-    impl Mounted {
-        fn new(img: &Path, dir: &Path) -> Mounted {
-            Mounted::with(img, dir, "loop")
-        }
-        fn with(img: &Path, dir: &Path, opts: &str) -> Mounted {
-            std::fs::create_dir_all(dir).unwrap();
-            run("mount", &["-o", opts, img.to_str().unwrap(), dir.to_str().unwrap()]);
-            Mounted(dir.to_path_buf())
-        }
-    }
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            for _ in 0..20 {
-                if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            eprintln!("warning: could not unmount {}", self.0.display());
-        }
-    }
-
-    fn run(cmd: &str, args: &[&str]) -> String {
-        let o = Command::new(cmd)
-            .args(args)
-            // mkfs.xfs refuses filesystems under 300 MB unless it runs for fstests.
-            .env("TEST_DIR", "/tmp")
-            .env("TEST_DEV", "/dev/null")
-            .env("QA_CHECK_FS", "1")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-        assert!(
-            o.status.success(),
-            "{cmd} {args:?} failed:\n{}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
 
     fn mkfs(img: &Path, size: u64, opts: &[&str]) {
         std::fs::File::create(img).unwrap().set_len(size).unwrap();
         let mut args = vec!["-f", "-q"];
         args.extend_from_slice(opts);
         args.push(img.to_str().unwrap());
-        run("mkfs.xfs", &args);
+        // mkfs.xfs refuses filesystems under 300 MB unless it runs for fstests.
+        run(Command::new("mkfs.xfs")
+            .args(&args)
+            .env("TEST_DIR", "/tmp")
+            .env("TEST_DEV", "/dev/null")
+            .env("QA_CHECK_FS", "1"));
     }
 
     fn map_of(img: &Path) -> Result<UsedMap, FsError> {
@@ -821,32 +755,19 @@ mod tests {
         used_map(&Volume { disk: &d, start: 0, len })
     }
 
-    /// Deterministic bytes.
-    fn bytes(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     /// Files of many sizes, directories, a symlink; then every other small
     /// file deleted, leaving the free space fragmented.
     fn populate(dir: &Path, small: usize) {
         std::fs::create_dir_all(dir.join("d/e/f")).unwrap();
         for (i, size) in [0usize, 1, 511, 4096, 5000, 100_000, 3 << 20].into_iter().enumerate() {
-            std::fs::write(dir.join(format!("d/file{i}")), bytes(i as u64, size)).unwrap();
+            std::fs::write(dir.join(format!("d/file{i}")), Rng::seeded(i as u64).low_bytes(size)).unwrap();
         }
         std::os::unix::fs::symlink("d/file1", dir.join("link")).unwrap();
         for i in 0..small {
-            std::fs::write(dir.join(format!("d/e/f/s{i}")), bytes(1000 + i as u64, 700 + (i * 37) % 3000)).unwrap();
+            std::fs::write(dir.join(format!("d/e/f/s{i}")), Rng::seeded(1000 + i as u64).low_bytes(700 + (i * 37) % 3000)).unwrap();
         }
         // Allocate before deleting (delayed allocation would pack the rest).
-        run("sync", &["-f", dir.to_str().unwrap()]);
+        sh("sync", &["-f", dir.to_str().unwrap()]);
         for i in (0..small).step_by(2) {
             std::fs::remove_file(dir.join(format!("d/e/f/s{i}"))).unwrap();
         }
@@ -856,11 +777,11 @@ mod tests {
     fn fill(dir: &Path) {
         use std::io::Write;
         let mut f = std::fs::File::create(dir.join("fill")).unwrap();
-        let chunk = bytes(77, 1 << 20);
+        let chunk = Rng::seeded(77).low_bytes(1 << 20);
         while f.write_all(&chunk).is_ok() {}
         drop(f);
         for i in 0..20 {
-            let _ = std::fs::write(dir.join(format!("tail{i}")), bytes(i, 3000));
+            let _ = std::fs::write(dir.join(format!("tail{i}")), Rng::seeded(i).low_bytes(3000));
         }
         for i in (0..20).step_by(3) {
             let _ = std::fs::remove_file(dir.join(format!("tail{i}")));
@@ -870,7 +791,7 @@ mod tests {
     /// The used byte ranges according to xfs_db: every block of the data
     /// device except the free extents `freesp -d` lists (bnobt + AGFL).
     fn reference(img: &Path) -> (u64, u64, Vec<Extent>) {
-        let sbp = run("xfs_db", &["-r", "-c", "sb 0", "-c", "p dblocks agblocks blocksize", img.to_str().unwrap()]);
+        let sbp = sh("xfs_db", &["-r", "-c", "sb 0", "-c", "p dblocks agblocks blocksize", img.to_str().unwrap()]);
         let get = |k: &str| -> u64 {
             sbp.lines()
                 .find_map(|l| l.strip_prefix(&format!("{k} = ")))
@@ -880,7 +801,7 @@ mod tests {
                 .unwrap()
         };
         let (dblocks, agblocks, bs) = (get("dblocks"), get("agblocks"), get("blocksize"));
-        let out = run("xfs_db", &["-r", "-c", "freesp -d", img.to_str().unwrap()]);
+        let out = sh("xfs_db", &["-r", "-c", "freesp -d", img.to_str().unwrap()]);
         let mut free: Vec<(u64, u64)> = Vec::new();
         for line in out.lines() {
             let nums: Vec<u64> = line.split_whitespace().map_while(|w| w.parse().ok()).collect();
@@ -913,13 +834,13 @@ mod tests {
         assert_eq!(m.used_bytes, used, "{what}: used bytes");
         assert!(m.extents == extents, "{what}: used extents differ from xfs_db freesp");
         // The filesystem's own checker agrees the image is sound.
-        run("xfs_repair", &["-n", "-f", img.to_str().unwrap()]);
+        sh("xfs_repair", &["-n", "-f", img.to_str().unwrap()]);
         m
     }
 
     #[test]
     fn fresh_filesystems_match_xfs_db() {
-        let s = Scratch::new("fresh");
+        let s = TempDir::new("fresh");
         let img = s.join("fs.img");
         let layouts: &[(u64, &[&str])] = &[
             (64 << 20, &["-b", "size=4096", "-d", "agcount=4", "-m", "crc=1"]),
@@ -988,12 +909,12 @@ mod tests {
 
     #[test]
     fn populated_filesystems_match_xfs_db() {
-        let s = Scratch::new("pop");
+        let s = TempDir::new("pop");
         let img = s.join("fs.img");
         let mut multi_level = false;
         for &(size, opts, small, full, mount) in POPULATED {
             if mount {
-                if !is_root() {
+                if !have_root() {
                     eprintln!("skipping {opts:?}: needs root to mount");
                     continue;
                 }
@@ -1021,7 +942,7 @@ mod tests {
                 multi_level |= be32(&agf, 28).unwrap() >= 2;
             }
         }
-        assert!(multi_level || !is_root(), "no layout had a bnobt of two levels");
+        assert!(multi_level || !have_root(), "no layout had a bnobt of two levels");
     }
 
     /// Reads the log head's cycle for a test.
@@ -1036,11 +957,10 @@ mod tests {
 
     #[test]
     fn wrapped_log_is_clean_after_unmount() {
-        if !is_root() {
-            eprintln!("skipping: needs root to mount");
+        if !root_for("to mount") {
             return;
         }
-        let s = Scratch::new("wrap");
+        let s = TempDir::new("wrap");
         let img = s.join("fs.img");
         for bs in ["size=4096", "size=1024"] {
             mkfs(&img, 48 << 20, &["-b", bs, "-m", "crc=1"]);
@@ -1050,7 +970,7 @@ mod tests {
                     for i in 0..3000 {
                         std::fs::write(mnt.0.join(format!("f{i}")), [round as u8; 10]).unwrap();
                     }
-                    run("sync", &[]);
+                    sh("sync", &[]);
                     for i in 0..3000 {
                         std::fs::remove_file(mnt.0.join(format!("f{i}"))).unwrap();
                     }
@@ -1066,11 +986,10 @@ mod tests {
     /// too, is padded past 32 KiB: extended headers, checked by the CRC.
     #[test]
     fn padded_log_records_are_read() {
-        if !is_root() {
-            eprintln!("skipping: needs root to mount");
+        if !root_for("to mount") {
             return;
         }
-        let s = Scratch::new("logsu");
+        let s = TempDir::new("logsu");
         let img = s.join("fs.img");
         mkfs(&img, 300 << 20, &["-l", "su=256k"]);
         drop(Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k"));
@@ -1091,19 +1010,18 @@ mod tests {
         {
             let mnt = Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k");
             std::fs::write(mnt.0.join("late"), b"x").unwrap();
-            run("sync", &[]);
-            run("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
+            sh("sync", &[]);
+            sh("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
         }
         assert!(matches!(map_of(&img), Err(FsError::Unclean(_))));
     }
 
     #[test]
     fn dirty_log_is_unclean() {
-        if !is_root() {
-            eprintln!("skipping: needs root to mount");
+        if !root_for("to mount") {
             return;
         }
-        let s = Scratch::new("dirty");
+        let s = TempDir::new("dirty");
         let img = s.join("fs.img");
         // The kernel here mounts only v5 filesystems.
         for bs in ["size=4096", "size=1024"] {
@@ -1111,9 +1029,9 @@ mod tests {
             {
                 let mnt = Mounted::new(&img, &s.join("mnt"));
                 populate(&mnt.0, 40);
-                run("sync", &[]);
+                sh("sync", &[]);
                 std::fs::write(mnt.0.join("late"), b"after the sync").unwrap();
-                run("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
+                sh("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
             }
             match map_of(&img) {
                 Err(FsError::Unclean(m)) => assert!(m.contains("log is dirty"), "{m}"),
@@ -1127,7 +1045,7 @@ mod tests {
 
     #[test]
     fn out_of_scope_and_garbage_are_corrupt() {
-        let s = Scratch::new("scope");
+        let s = TempDir::new("scope");
         let img = s.join("fs.img");
         let log = s.join("log.img");
         std::fs::File::create(&log).unwrap().set_len(16 << 20).unwrap();
@@ -1142,7 +1060,7 @@ mod tests {
         let d = Disk::open_source(&img).unwrap();
         let r = used_map(&Volume { disk: &d, start: 0, len: 40 << 20 });
         assert!(matches!(r, Err(FsError::Corrupt(m)) if m.contains("larger than its partition")));
-        std::fs::write(&img, bytes(5, 1 << 20)).unwrap();
+        std::fs::write(&img, Rng::seeded(5).low_bytes(1 << 20)).unwrap();
         assert!(matches!(map_of(&img), Err(FsError::Corrupt(_))));
     }
 
@@ -1255,7 +1173,7 @@ mod tests {
     #[test]
     fn every_header_byte_swept() {
         use std::os::unix::fs::FileExt;
-        let s = Scratch::new("sweep");
+        let s = TempDir::new("sweep");
         let img = s.join("fs.img");
         mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
         let regions = metadata_regions(&img);
@@ -1291,10 +1209,10 @@ mod tests {
 
     #[test]
     fn mutated_metadata_never_panics() {
-        let s = Scratch::new("mutate");
+        let s = TempDir::new("mutate");
         let img = s.join("fs.img");
         // v5 with a multi-level bnobt (needs a mount), else a fresh one.
-        if is_root() {
+        if have_root() {
             mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
             let mnt = Mounted::new(&img, &s.join("mnt"));
             populate(&mnt.0, 3000);

@@ -36,6 +36,32 @@ impl Drop for TempDir {
     }
 }
 
+/// A mount made by a test, unmounted on drop (declare it after the loop
+/// device it mounts, so it goes first). Unmounting is tried for about four
+/// seconds while the filesystem is busy; then a warning.
+pub struct Mounted(pub PathBuf);
+
+impl Mounted {
+    /// Mounts `what` on `dir` (created if need be) with options `opts`.
+    pub fn new(what: &Path, dir: &Path, opts: &str) -> Mounted {
+        std::fs::create_dir_all(dir).unwrap();
+        run("mount", &["-o", opts, what.to_str().unwrap(), dir.to_str().unwrap()]);
+        Mounted(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        eprintln!("warning: could not unmount {}", self.0.display());
+    }
+}
+
 /// Runs klon with `args`; stdin is not a terminal.
 pub fn klon(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_klon"))
