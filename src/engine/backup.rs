@@ -285,22 +285,62 @@ fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     }
     let content_hash = *blake3::hash(&content).as_bytes();
     let raw_len = content.len() as u32;
-    let compressed = COMPRESSOR
+    // Stored as is when zstd would not make it smaller (random or already
+    // compressed data): found by samples first, or by trying.
+    let compressed = if looks_incompressible(&content) { None } else { compress(&content, level)? };
+    let (flags, payload) = match compressed {
+        Some(c) if c.len() < content.len() => (FLAG_ZSTD, c),
+        _ => (0, content),
+    };
+    let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
+    Ok(Encoded { stream, read_len, chunk: Some(chunk) })
+}
+
+/// Compresses with this thread's reused zstd context.
+fn compress(content: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
+    COMPRESSOR
         .with(|c| {
             let mut c = c.borrow_mut();
             if c.as_ref().is_none_or(|(l, _)| *l != level) {
                 *c = Some((level, zstd::bulk::Compressor::new(level)?));
             }
-            c.as_mut().expect("created above").1.compress(&content)
+            c.as_mut().expect("created above").1.compress(content)
         })
-        .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?;
-    // Stored as is when zstd does not make it smaller (random data).
-    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content) };
-    let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
-    Ok(Encoded { stream, read_len, chunk: Some(chunk) })
+        .map(Some)
+        .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))
+}
+
+/// Samples spread over a chunk; if zstd's fastest level cannot shrink any
+/// of them, the chunk is random or already compressed and compressing it
+/// at the real level would only spend time. A chunk with any compressible
+/// part is compressed as usual.
+fn looks_incompressible(content: &[u8]) -> bool {
+    const SAMPLES: usize = 16;
+    const SAMPLE: usize = 4096;
+    if content.len() < SAMPLES * SAMPLE * 4 {
+        return false;
+    }
+    SAMPLE_COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            let Ok(new) = zstd::bulk::Compressor::new(1) else { return false };
+            *c = Some((new, vec![0u8; zstd::zstd_safe::compress_bound(SAMPLE)]));
+        }
+        let (comp, out) = c.as_mut().expect("created above");
+        (0..SAMPLES).all(|i| {
+            let at = (content.len() - SAMPLE) * i / (SAMPLES - 1);
+            match comp.compress_to_buffer(&content[at..at + SAMPLE], out.as_mut_slice()) {
+                Ok(n) => n * 100 >= SAMPLE * 98,
+                Err(_) => false,
+            }
+        })
+    })
 }
 
 thread_local! {
+    /// One fast zstd context per worker thread for compressibility samples.
+    static SAMPLE_COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
     /// One zstd compression context per worker thread, reused.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
@@ -368,6 +408,36 @@ fn drop_zero_runs(offset: u64, buf: Vec<u8>) -> (Vec<Extent>, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_chunks_are_recognised_by_samples() {
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n".iter().cycle().take(4 << 20).copied().collect();
+        assert!(looks_incompressible(&random(4 << 20)));
+        assert!(!looks_incompressible(&text));
+        // Mostly random with one compressible stretch: compressed as usual.
+        let mut mixed = random(4 << 20);
+        mixed[..1 << 20].copy_from_slice(&text[..1 << 20]);
+        assert!(!looks_incompressible(&mixed));
+        // Too small to judge by samples: compressed as usual.
+        assert!(!looks_incompressible(&random(64 << 10)));
+        // Incompressible content is stored as is, and reads back.
+        let job = ReadJob { stream: 0, extents: vec![(0, 4 << 20)], buf: random(4 << 20), skip_zero: false };
+        let chunk = encode(job, 3).unwrap().chunk.unwrap();
+        assert_eq!(chunk.flags, 0);
+        assert_eq!(chunk.payload, random(4 << 20));
+    }
 
     #[test]
     fn pieces_align_to_step() {
