@@ -11,10 +11,11 @@ use common::disks::*;
 /// test damages its own copy).
 fn fresh_image(t: &TempDir) -> (PathBuf, PathBuf) {
     let (src, img) = (t.join("src.img"), t.join("image"));
-    blank_file(&src, 48 * MIB);
+    blank_file(&src, 64 * MIB);
     write_at(&src, 0, &text_bytes(1, 4 * MIB as usize));
-    write_at(&src, 4 * MIB, &random_bytes(2, 24 * MIB as usize));
-    ok(&klon(&["backup", "--no-verify", "--split", "9M", src.to_str().unwrap(), img.to_str().unwrap()]));
+    write_at(&src, 4 * MIB, &random_bytes(2, 40 * MIB as usize));
+    // The smallest split (17 MiB: two 8 MiB chunks) gives three data files.
+    ok(&klon(&["backup", "--no-verify", "--split", "17M", src.to_str().unwrap(), img.to_str().unwrap()]));
     (src, img)
 }
 

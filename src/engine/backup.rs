@@ -176,7 +176,7 @@ fn write_streams(
 
     pipeline::run(
         opts.workers,
-        opts.workers * 2 + 2,
+        pipeline::depth(opts.workers),
         |send| read_jobs(source, plans, &(0..plans.len()).collect::<Vec<_>>(), send),
         |job| encode(job, level),
         |out: Encoded| {
@@ -285,19 +285,19 @@ fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     }
     let content_hash = *blake3::hash(&content).as_bytes();
     let raw_len = content.len() as u32;
-    // Stored as is when zstd would not make it smaller (random or already
-    // compressed data): found by samples first, or by trying.
-    let compressed = if looks_incompressible(&content) { None } else { compress(&content, level)? };
-    let (flags, payload) = match compressed {
-        Some(c) if c.len() < content.len() => (FLAG_ZSTD, c),
-        _ => (0, content),
-    };
+    // Random or already compressed data: samples say so, and zstd's fastest
+    // level gets what little there is to get (headers between compressed
+    // files) at a fraction of the cost. Stored as is when even that does
+    // not make it smaller.
+    let level = if looks_incompressible(&content) { level.min(1) } else { level };
+    let compressed = compress(&content, level)?;
+    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content) };
     let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
     Ok(Encoded { stream, read_len, chunk: Some(chunk) })
 }
 
 /// Compresses with this thread's reused zstd context.
-fn compress(content: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
+fn compress(content: &[u8], level: i32) -> Result<Vec<u8>> {
     COMPRESSOR
         .with(|c| {
             let mut c = c.borrow_mut();
@@ -306,14 +306,13 @@ fn compress(content: &[u8], level: i32) -> Result<Option<Vec<u8>>> {
             }
             c.as_mut().expect("created above").1.compress(content)
         })
-        .map(Some)
         .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))
 }
 
 /// Samples spread over a chunk; if zstd's fastest level cannot shrink any
-/// of them, the chunk is random or already compressed and compressing it
-/// at the real level would only spend time. A chunk with any compressible
-/// part is compressed as usual.
+/// of them, the chunk is random or already compressed, and compressing it
+/// at the chosen level would only spend time. A chunk with any compressible
+/// sample is compressed as usual.
 fn looks_incompressible(content: &[u8]) -> bool {
     const SAMPLES: usize = 16;
     const SAMPLE: usize = 4096;

@@ -102,7 +102,7 @@ fn copy_all(
     let mut out = TargetWriter::new(target, infos, stale);
     pipeline::run(
         opts.workers,
-        opts.workers * 2 + 2,
+        pipeline::depth(opts.workers),
         |send| read_jobs(source, streams, order, send),
         |job: ReadJob| {
             let (stream, read_len) = (job.stream, job.buf.len() as u64);
@@ -138,7 +138,7 @@ fn compare(
     let mut progress = Progress::new("read-back", total, opts.quiet);
     pipeline::run(
         opts.workers,
-        opts.workers * 2 + 2,
+        pipeline::depth(opts.workers),
         |send| {
             for &si in order {
                 for &(start, len) in &streams[si].reads {

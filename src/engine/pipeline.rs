@@ -12,9 +12,17 @@ use crossbeam_channel::{bounded, unbounded};
 
 use crate::error::Result;
 
-/// How many workers to run: one per core.
+/// How many workers to run: one per core, at most 8 (each holds up to two
+/// chunks in memory).
 pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8)
+}
+
+/// How many items may be in flight for `workers` workers: one each, and
+/// some for the reader to run ahead and the writer to work behind. With
+/// 8 MiB chunks, 2 workers keep about 100 MiB in flight, 8 workers 200.
+pub fn depth(workers: usize) -> usize {
+    workers + 4
 }
 
 /// Runs `produce` on its own thread, `work` on `workers` threads and

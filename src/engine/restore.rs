@@ -111,7 +111,7 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
     let mut out = TargetWriter::new(target, streams, stale);
     pipeline::run(
         opts.workers,
-        opts.workers * 2 + 2,
+        pipeline::depth(opts.workers),
         |send| {
             for &si in &order {
                 let entries = reader.index(si)?;
@@ -161,7 +161,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
     };
     pipeline::run(
         opts.workers,
-        opts.workers * 2 + 2,
+        pipeline::depth(opts.workers),
         |send| {
             for &si in &order {
                 let s = &streams[si];

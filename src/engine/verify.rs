@@ -40,7 +40,7 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let reader_ref = &reader;
     pipeline::run(
         workers,
-        workers * 2 + 2,
+        pipeline::depth(workers),
         |send| {
             for si in 0..streams.len() {
                 let entries = reader_ref.index(si)?;

@@ -24,7 +24,7 @@ pub const INDEX_HEADER_LEN: usize = 32;
 pub const INDEX_ENTRY_LEN: usize = 64;
 
 /// Raw (uncompressed) bytes per chunk at most.
-pub const CHUNK_SIZE: u32 = 4 << 20;
+pub const CHUNK_SIZE: u32 = 8 << 20;
 /// Extents per chunk at most (bounds the header a reader must accept).
 pub const MAX_EXTENTS: u32 = 8192;
 
