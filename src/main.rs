@@ -3,6 +3,10 @@
 use clap::Parser;
 
 fn main() {
+    // The live USB image starts klon as /init: PID 1 of the initramfs.
+    if klon::live::pid1::is_init() {
+        klon::live::pid1::main();
+    }
     let cli = klon::cli::Cli::parse();
     klon::engine::cancel::install();
     if let Err(e) = klon::commands::run(&cli) {

@@ -1,0 +1,293 @@
+//! klon as PID 1 of the live system: mount proc, sys and devtmpfs, load
+//! the kernel modules the initramfs carries, read the stick's klon.conf,
+//! then either run the unattended job or start a session (the wizard) on
+//! every console; reap children; power off or reboot cleanly on request
+//! (busybox `poweroff` sends SIGUSR2, `reboot` SIGTERM, `halt` SIGUSR1).
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::reboot::{RebootMode, reboot};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
+use nix::sys::wait::{WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::job::{self, After};
+use super::{BOOT_MNT, DRIVE_MNT, JOB_FILE, RESULT_FILE, image_drive::ImageDrive};
+
+const NONE: u8 = 0;
+const POWEROFF: u8 = 1;
+const REBOOT: u8 = 2;
+static POWER: AtomicU8 = AtomicU8::new(NONE);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let v = if sig == libc::SIGTERM || sig == libc::SIGINT { REBOOT } else { POWEROFF };
+    POWER.store(v, Ordering::SeqCst);
+}
+
+/// Whether this process is PID 1 (the kernel started klon as /init).
+pub fn is_init() -> bool {
+    std::process::id() == 1
+}
+
+fn uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn say(msg: &str) {
+    let mut o = std::io::stdout();
+    let _ = writeln!(o, "klon live [{:6.2}] {msg}", uptime());
+    let _ = o.flush();
+}
+
+fn early_mounts() {
+    let m = |src: &str, at: &str, fstype: &str, flags: MsFlags, data: Option<&str>| {
+        let _ = std::fs::create_dir_all(at);
+        match mount(Some(src), at, Some(fstype), flags, data) {
+            Ok(()) | Err(nix::Error::EBUSY) => {}
+            Err(e) => eprintln!("klon: mounting {fstype} at {at}: {e}"),
+        }
+    };
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    m("proc", "/proc", "proc", nosuid, None);
+    m("sysfs", "/sys", "sysfs", nosuid, None);
+    m("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"));
+    m("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("gid=5,mode=620,ptmxmode=666"));
+    m("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"));
+    m("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"));
+    let _ = std::fs::create_dir_all("/run/klon");
+}
+
+/// Without /dev/console in the initramfs the kernel starts init with no
+/// standard streams: attach them to the console now that devtmpfs is there.
+fn fix_stdio() {
+    if std::fs::metadata("/proc/self/fd/1").is_ok() {
+        return;
+    }
+    if let Ok(f) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/console") {
+        let _ = nix::unistd::dup2_stdin(&f);
+        let _ = nix::unistd::dup2_stdout(&f);
+        let _ = nix::unistd::dup2_stderr(&f);
+    }
+}
+
+fn install_signals() {
+    // No SA_RESTART: a signal interrupts waitpid, and the loop looks at POWER.
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+fn set_env(k: &str, v: &str) {
+    // SAFETY: PID 1 sets its environment before it starts any thread.
+    unsafe { std::env::set_var(k, v) }
+}
+
+/// Loads the modules listed in /lib/modules/RELEASE/klon.load (paths
+/// relative to that folder, dependencies first, as image-build/build
+/// wrote them). Returns (loaded, failed).
+pub fn load_modules() -> (usize, Vec<String>) {
+    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = PathBuf::from("/lib/modules").join(&release);
+    let list = std::fs::read_to_string(dir.join("klon.load")).unwrap_or_default();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for rel in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let path = dir.join(rel);
+        let name = Path::new(rel).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        match std::fs::File::open(&path) {
+            Ok(f) => match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
+                Ok(()) | Err(nix::Error::EEXIST) => ok += 1,
+                Err(e) => failed.push(format!("{name} ({e})")),
+            },
+            Err(e) => failed.push(format!("{name} ({e})")),
+        }
+    }
+    (ok, failed)
+}
+
+fn read_config(spec: &str) -> BTreeMap<String, String> {
+    let Some(part) = super::uevent::wait_for(Duration::from_secs(15), || super::live_partition(spec)) else {
+        say(&format!("the live stick ({spec}) did not show up: no klon.conf read"));
+        return BTreeMap::new();
+    };
+    let drive = match ImageDrive::mount(&part, Path::new(BOOT_MNT), true) {
+        Ok(d) => d,
+        Err(e) => {
+            say(&format!("cannot read klon.conf: {e}"));
+            return BTreeMap::new();
+        }
+    };
+    let path = Path::new(BOOT_MNT).join("klon.conf");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let _ = drive.unmount();
+    match job::from_config(&text) {
+        Ok(m) => {
+            if !m.is_empty() {
+                say(&format!("read klon.conf from {}", part.device.display()));
+            }
+            m
+        }
+        Err(e) => {
+            say(&format!("ignoring klon.conf: {e}"));
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Waits for `pid` to end, reaping every other child meanwhile. Returns
+/// its status, or `None` when a power request came first.
+fn wait_for_child(pid: Pid, honour_power: bool) -> Option<WaitStatus> {
+    loop {
+        if honour_power && POWER.load(Ordering::SeqCst) != NONE {
+            return None;
+        }
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(st) if st.pid() == Some(pid) => return Some(st),
+            Ok(_) => {}
+            Err(nix::Error::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+fn spawn_self(args: &[&str]) -> Option<Pid> {
+    match Command::new("/proc/self/exe").args(args).spawn() {
+        Ok(c) => Some(Pid::from_raw(c.id() as i32)),
+        Err(e) => {
+            say(&format!("cannot start klon {}: {e}", args.join(" ")));
+            None
+        }
+    }
+}
+
+/// A session on every console; respawned when it ends; until a power
+/// request.
+fn sessions(shell_first: bool) -> ! {
+    let mut running: Vec<(Pid, String, Instant)> = Vec::new();
+    let start = |tty: &str, shell: bool| -> Option<Pid> {
+        let mut args = vec!["live", "console", tty];
+        if shell {
+            args.push("--shell");
+        }
+        spawn_self(&args)
+    };
+    for tty in super::consoles(true) {
+        let t = tty.display().to_string();
+        if let Some(pid) = start(&t, shell_first) {
+            running.push((pid, t, Instant::now()));
+        }
+    }
+    loop {
+        let req = POWER.load(Ordering::SeqCst);
+        if req != NONE {
+            shutdown(req);
+        }
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(st) => {
+                if let Some(i) = running.iter().position(|(p, _, _)| Some(*p) == st.pid()) {
+                    let (_, tty, since) = running.remove(i);
+                    // A session that dies at once (no such tty) is not
+                    // restarted in a tight loop.
+                    if since.elapsed() < Duration::from_secs(2) {
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    if let Some(pid) = start(&tty, false) {
+                        running.push((pid, tty, Instant::now()));
+                    }
+                }
+            }
+            Err(nix::Error::EINTR) => {}
+            Err(_) => {
+                let _ = nix::unistd::pause();
+            }
+        }
+    }
+}
+
+/// Stops every process, flushes and unmounts, and powers off or reboots.
+fn shutdown(how: u8) -> ! {
+    let word = if how == REBOOT { "rebooting" } else { "powering off" };
+    super::print_on_consoles(&format!("klon live: {word}"));
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        match nix::sys::wait::waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Err(nix::Error::ECHILD) => break,
+            Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(100)),
+            _ => {}
+        }
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    while waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)).is_ok_and(|s| s != WaitStatus::StillAlive) {}
+    nix::unistd::sync();
+    for at in [DRIVE_MNT, BOOT_MNT] {
+        if umount2(at, MntFlags::empty()).is_err() {
+            let _ = umount2(at, MntFlags::MNT_DETACH);
+        }
+    }
+    nix::unistd::sync();
+    let mode = if how == REBOOT { RebootMode::RB_AUTOBOOT } else { RebootMode::RB_POWER_OFF };
+    let _ = reboot(mode);
+    // Only reached when reboot(2) failed.
+    loop {
+        let _ = nix::unistd::pause();
+    }
+}
+
+/// PID 1's main: never returns.
+pub fn main() -> ! {
+    early_mounts();
+    fix_stdio();
+    install_signals();
+    set_env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
+    set_env("HOME", "/root");
+    set_env("TERM", "linux");
+    let _ = std::fs::create_dir_all("/root");
+    say(&format!("klon {} live system starting", env!("CARGO_PKG_VERSION")));
+    let (ok, failed) = load_modules();
+    if failed.is_empty() {
+        say(&format!("{ok} kernel modules loaded"));
+    } else {
+        say(&format!("{ok} kernel modules loaded; not loaded: {}", failed.join(", ")));
+    }
+    let cmdline = job::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let config = read_config(&super::live_spec());
+    let mut settings = config.clone();
+    settings.extend(cmdline.clone());
+    match job::parse(&config, &cmdline) {
+        Ok(None) => sessions(false),
+        Err(e) => {
+            super::print_on_consoles(&format!("KLON-RESULT: failed (exit {}) bad job settings: {e}", e.exit_code()));
+            sessions(false)
+        }
+        Ok(Some(j)) => {
+            let _ = std::fs::remove_file(RESULT_FILE);
+            if let Err(e) = std::fs::write(JOB_FILE, job::to_config(&settings)) {
+                super::print_on_consoles(&format!("KLON-RESULT: failed (exit 3) writing {JOB_FILE}: {e}"));
+                sessions(false)
+            }
+            say(&format!("starting the unattended {} (afterwards: {:?})", j.kind.name(), j.after));
+            let status = spawn_self(&["live", "job", JOB_FILE]).and_then(|pid| wait_for_child(pid, false));
+            if !Path::new(RESULT_FILE).exists() {
+                super::print_on_consoles(&format!("KLON-RESULT: failed the job process ended without a result ({status:?})"));
+            }
+            match j.after {
+                After::Poweroff => shutdown(POWEROFF),
+                After::Reboot => shutdown(REBOOT),
+                After::Shell => sessions(true),
+                After::Wizard => sessions(false),
+            }
+        }
+    }
+}
