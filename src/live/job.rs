@@ -14,6 +14,8 @@
 //! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
 //! | `level` | backup: zstd level (default 3) |
 //! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
+//! | `shell` | without a job: start with a rescue shell on every console |
+//! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
 
 use std::collections::BTreeMap;
 
@@ -157,7 +159,7 @@ fn normalise_key(k: &str) -> String {
     k.trim().to_ascii_lowercase().replace('-', "_")
 }
 
-const KEYS: &[&str] = &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live"];
+const KEYS: &[&str] = &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
 
 fn yes(key: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {

@@ -108,6 +108,8 @@ pub fn load_modules() -> (usize, Vec<String>) {
         match std::fs::File::open(&path) {
             Ok(f) => match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
                 Ok(()) | Err(nix::Error::EEXIST) => ok += 1,
+                // ENODEV: hardware this machine lacks (a CPU's crc32c, a controller).
+                Err(nix::Error::ENODEV) => {}
                 Err(e) => failed.push(format!("{name} ({e})")),
             },
             Err(e) => failed.push(format!("{name} ({e})")),
@@ -266,7 +268,7 @@ pub fn main() -> ! {
     let mut settings = config.clone();
     settings.extend(cmdline.clone());
     match job::parse(&config, &cmdline) {
-        Ok(None) => sessions(false),
+        Ok(None) => sessions(settings.get("shell").is_some_and(|v| !matches!(v.as_str(), "0" | "no" | "false"))),
         Err(e) => {
             super::print_on_consoles(&format!("KLON-RESULT: failed (exit {}) bad job settings: {e}", e.exit_code()));
             sessions(false)
