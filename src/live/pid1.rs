@@ -67,6 +67,22 @@ fn early_mounts() {
     let _ = std::fs::create_dir_all("/run/klon");
 }
 
+/// "legacy BIOS", "UEFI, Secure Boot on" or "UEFI, Secure Boot off".
+pub fn firmware() -> String {
+    if !Path::new("/sys/firmware/efi").exists() {
+        return "legacy BIOS".into();
+    }
+    let vars = "/sys/firmware/efi/efivars";
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY;
+    let _ = mount(Some("efivarfs"), vars, Some("efivarfs"), flags, None::<&str>);
+    // 4 bytes of attributes, then the value.
+    match std::fs::read(format!("{vars}/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c")) {
+        Ok(b) if b.len() >= 5 && b[4] == 1 => "UEFI, Secure Boot on".into(),
+        Ok(_) => "UEFI, Secure Boot off".into(),
+        Err(_) => "UEFI".into(),
+    }
+}
+
 /// Without /dev/console in the initramfs the kernel starts init with no
 /// standard streams: attach them to the console now that devtmpfs is there.
 fn fix_stdio() {
@@ -263,6 +279,7 @@ pub fn main() -> ! {
     } else {
         say(&format!("{ok} kernel modules loaded; not loaded: {}", failed.join(", ")));
     }
+    say(&format!("firmware: {}", firmware()));
     let cmdline = job::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let config = read_config(&super::live_spec());
     let mut settings = config.clone();
