@@ -249,6 +249,13 @@ fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], unti
 }
 
 fn result_line(b: &Boot, fw: Firmware, what: &str) -> String {
+    // The live system's part of the console, for the log.
+    if let Some(i) = b.lines.iter().position(|(_, l)| l.contains("klon live [")) {
+        eprintln!("--- {fw:?} {what}: serial console from klon's start ---");
+        for (t, l) in &b.lines[i..] {
+            eprintln!("[{:6.1}] {}", t.as_secs_f64(), l.replace('\r', ""));
+        }
+    }
     let Some((t, line)) = b.find("KLON-RESULT:") else {
         panic!("{fw:?} {what}: no KLON-RESULT line; serial console:\n{}", b.transcript())
     };

@@ -303,6 +303,7 @@ pub fn run_job(job: &Job) -> Result<String> {
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job, &exclude)?;
+    let on_drive = drive.device.display().to_string();
     let image = drive.images_dir()?.join(&job.image);
     let command = match job.kind {
         JobKind::Backup => Command::Backup(BackupArgs {
@@ -332,13 +333,13 @@ pub fn run_job(job: &Job) -> Result<String> {
     let unmounted = drive.unmount();
     result?;
     unmounted?;
-    let on = disk.map(|d| format!(" {}", d.display())).unwrap_or_default();
-    Ok(format!(
-        "{}{on} image={} in {:.1} s",
-        job.kind.name(),
-        job.image,
-        started.elapsed().as_secs_f64()
-    ))
+    let image = format!("image {IMAGES}/{} on {on_drive}", job.image, IMAGES = image_drive::IMAGES_DIR);
+    let what = match (job.kind, disk) {
+        (JobKind::Backup, Some(d)) => format!("backup of {} to {image}", d.display()),
+        (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
+        _ => format!("verify of {image}"),
+    };
+    Ok(format!("{what} in {:.1} s", started.elapsed().as_secs_f64()))
 }
 
 /// `klon live job FILE`: runs the job, prints KLON-RESULT on every console,

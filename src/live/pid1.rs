@@ -111,27 +111,110 @@ fn set_env(k: &str, v: &str) {
 }
 
 /// Loads the modules listed in /lib/modules/RELEASE/klon.load (paths
-/// relative to that folder, dependencies first, as image-build/build
-/// wrote them). Returns (loaded, failed).
+/// relative to that folder, dependencies first, as initramfs/build wrote
+/// them) on a few threads: a module starts once the modules it depends on
+/// (modules.dep) are in. Returns (loaded, failed).
 pub fn load_modules() -> (usize, Vec<String>) {
     let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let dir = PathBuf::from("/lib/modules").join(&release);
     let list = std::fs::read_to_string(dir.join("klon.load")).unwrap_or_default();
-    let (mut ok, mut failed) = (0, Vec::new());
-    for rel in list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let path = dir.join(rel);
-        let name = Path::new(rel).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        match std::fs::File::open(&path) {
-            Ok(f) => match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
-                Ok(()) | Err(nix::Error::EEXIST) => ok += 1,
-                // ENODEV: hardware this machine lacks (a CPU's crc32c, a controller).
-                Err(nix::Error::ENODEV) => {}
-                Err(e) => failed.push(format!("{name} ({e})")),
-            },
-            Err(e) => failed.push(format!("{name} ({e})")),
+    let order: Vec<String> = list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    let deps = parse_modules_dep(&std::fs::read_to_string(dir.join("modules.dep")).unwrap_or_default());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4);
+    let (ok, failed) = load_in_parallel(&order, &deps, threads, |rel| {
+        let f = std::fs::File::open(dir.join(rel)).map_err(|e| e.to_string())?;
+        match nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::Error::EEXIST) => Ok(true),
+            // ENODEV: hardware this machine lacks (a CPU's crc32c, a controller).
+            Err(nix::Error::ENODEV) => Ok(false),
+            Err(e) => Err(e.to_string()),
         }
-    }
+    });
     (ok, failed)
+}
+
+/// modules.dep: "kernel/fs/btrfs/btrfs.ko: kernel/lib/raid6/raid6_pq.ko …".
+pub fn parse_modules_dep(text: &str) -> BTreeMap<String, Vec<String>> {
+    text.lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((m.trim().to_string(), d.split_whitespace().map(String::from).collect()))
+        })
+        .collect()
+}
+
+/// Runs `load` for every module of `order` on `threads` threads, each
+/// module after its dependencies; a module whose dependency failed is not
+/// tried. `load` returns Ok(true) when loaded, Ok(false) when the module
+/// does not apply (no such hardware). Returns (loaded, failures).
+pub fn load_in_parallel(
+    order: &[String],
+    deps: &BTreeMap<String, Vec<String>>,
+    threads: usize,
+    load: impl Fn(&str) -> Result<bool, String> + Sync,
+) -> (usize, Vec<String>) {
+    use std::collections::BTreeSet;
+    use std::sync::{Condvar, Mutex};
+    #[derive(Default)]
+    struct State {
+        next: BTreeSet<usize>,
+        done: BTreeSet<String>,
+        bad: BTreeSet<String>,
+        loaded: usize,
+        failed: Vec<String>,
+    }
+    let known: BTreeSet<&str> = order.iter().map(String::as_str).collect();
+    let state = Mutex::new(State { next: (0..order.len()).collect(), ..Default::default() });
+    let cv = Condvar::new();
+    let name = |rel: &str| Path::new(rel).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| {
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if st.next.is_empty() {
+                        cv.notify_all();
+                        return;
+                    }
+                    // The first module (in order) whose dependencies are settled.
+                    let ready = st.next.iter().copied().find(|&i| {
+                        deps.get(&order[i]).is_none_or(|ds| {
+                            ds.iter().all(|d| !known.contains(d.as_str()) || st.done.contains(d) || st.bad.contains(d))
+                        })
+                    });
+                    let Some(i) = ready else {
+                        st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    };
+                    st.next.remove(&i);
+                    let rel = &order[i];
+                    let broken = deps.get(rel).and_then(|ds| ds.iter().find(|d| st.bad.contains(*d)).cloned());
+                    let outcome = match broken {
+                        Some(d) => Err(format!("needs {}", name(&d))),
+                        None => {
+                            drop(st);
+                            let r = load(rel);
+                            st = state.lock().unwrap_or_else(|e| e.into_inner());
+                            r
+                        }
+                    };
+                    match outcome {
+                        Ok(loaded) => {
+                            st.loaded += usize::from(loaded);
+                            st.done.insert(rel.clone());
+                        }
+                        Err(e) => {
+                            st.failed.push(format!("{} ({e})", name(rel)));
+                            st.bad.insert(rel.clone());
+                        }
+                    }
+                    cv.notify_all();
+                }
+            });
+        }
+    });
+    let st = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    (st.loaded, st.failed)
 }
 
 fn read_config(spec: &str) -> BTreeMap<String, String> {
@@ -307,6 +390,37 @@ pub fn main() -> ! {
                 After::Shell => sessions(true),
                 After::Wizard => sessions(false),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let dep = "a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nd.ko:\ne.ko: d.ko\nf.ko: e.ko\ng.ko: builtin.ko\n";
+        let deps = parse_modules_dep(dep);
+        assert_eq!(deps["c.ko"], vec!["b.ko", "a.ko"]);
+        let order: Vec<String> = ["a.ko", "b.ko", "c.ko", "d.ko", "e.ko", "f.ko", "g.ko"].iter().map(|s| s.to_string()).collect();
+        for threads in [1, 2, 4] {
+            let seen = Mutex::new(Vec::new());
+            let (ok, failed) = load_in_parallel(&order, &deps, threads, |m| {
+                let mut s = seen.lock().unwrap();
+                for d in &deps[m] {
+                    if order.contains(d) {
+                        assert!(s.contains(d), "{m} before {d}");
+                    }
+                }
+                s.push(m.to_string());
+                if m == "e.ko" { Err("bad".into()) } else { Ok(m != "d.ko") }
+            });
+            // d does not apply (no hardware), e fails, f is not tried.
+            assert_eq!(ok, 4, "threads {threads}");
+            assert_eq!(failed, vec!["e (bad)".to_string(), "f (needs e)".to_string()]);
+            assert!(!seen.lock().unwrap().contains(&"f.ko".to_string()));
         }
     }
 }
