@@ -76,9 +76,7 @@ pub fn run(_cli: &Cli, a: &LiveArgs) -> Result<()> {
             std::process::exit(code)
         }
         LiveCommand::Drives => {
-            let disks = sysfs::list_disks()?;
-            let stick = live_disks(&disks, &live_spec());
-            for c in image_drive::candidates(&disks, &stick) {
+            for c in image_drives(&[])? {
                 println!("{}", c.describe());
             }
             Ok(())
@@ -106,6 +104,15 @@ pub fn live_disks(disks: &[DiskInfo], spec: &str) -> Vec<u64> {
 pub fn live_partition(spec: &str) -> Option<Candidate> {
     let disks = sysfs::list_disks().ok()?;
     image_drive::candidates(&disks, &[]).into_iter().find(|c| c.fs.fstype == "vfat" && c.matches(spec))
+}
+
+/// The filesystems offered as image drives: on every disk but the live
+/// stick and the disks in `exclude` (the source or target being used).
+pub fn image_drives(exclude: &[u64]) -> Result<Vec<Candidate>> {
+    let disks = sysfs::list_disks()?;
+    let mut ex = live_disks(&disks, &live_spec());
+    ex.extend_from_slice(exclude);
+    Ok(image_drive::candidates(&disks, &ex))
 }
 
 /// The disks offered as sources and targets: every disk but the live stick.

@@ -310,7 +310,7 @@ fn sessions(shell_first: bool) -> ! {
             }
             Err(nix::Error::EINTR) => {}
             Err(_) => {
-                let _ = nix::unistd::pause();
+                nix::unistd::pause();
             }
         }
     }
@@ -342,7 +342,7 @@ fn shutdown(how: u8) -> ! {
     let _ = reboot(mode);
     // Only reached when reboot(2) failed.
     loop {
-        let _ = nix::unistd::pause();
+        nix::unistd::pause();
     }
 }
 
