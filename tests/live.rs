@@ -162,6 +162,11 @@ impl Boot {
 /// line containing `until` (then QEMU is stopped) or QEMU exits; fails
 /// after BOOT_TIMEOUT.
 fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], until: Option<&str>) -> Boot {
+    boot_with(dir, fw, stick, disks, until, &[])
+}
+
+/// `boot` with extra QEMU arguments (e.g. -kernel/-initrd/-append).
+fn boot_with(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], until: Option<&str>, extra: &[String]) -> Boot {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let mut args: Vec<String> = vec!["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]
         .into_iter()
@@ -186,13 +191,15 @@ fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], unti
         }
         Firmware::Bios => args.extend(["-machine".to_string(), "q35".into()]),
     }
+    // With -kernel, QEMU boots the kernel itself (and takes boot index 0).
+    let bootindex = if extra.iter().any(|a| a == "-kernel") { "" } else { ",bootindex=0" };
     args.extend([
         "-device".to_string(),
         "qemu-xhci,id=xhci".into(),
         "-drive".into(),
         format!("if=none,id=stick,format=raw,file={}", stick.display()),
         "-device".into(),
-        "usb-storage,bus=xhci.0,drive=stick,bootindex=0".into(),
+        format!("usb-storage,bus=xhci.0,drive=stick{bootindex}"),
     ]);
     for (i, (path, device)) in disks.iter().enumerate() {
         args.push("-drive".into());
@@ -200,6 +207,7 @@ fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], unti
         args.push("-device".into());
         args.push(device.replace("DRIVE", &format!("d{i}")));
     }
+    args.extend(extra.iter().cloned());
     let started = Instant::now();
     let mut child: Child = Command::new("qemu-system-x86_64")
         .args(&args)
@@ -260,7 +268,7 @@ fn result_line(b: &Boot, fw: Firmware, what: &str) -> String {
         panic!("{fw:?} {what}: no KLON-RESULT line; serial console:\n{}", b.transcript())
     };
     assert!(line.contains("KLON-RESULT: ok"), "{fw:?} {what} failed: {line}\nserial console:\n{}", b.transcript());
-    eprintln!("{fw:?} {what}: {line} (at {:.1} s after power-on)", t.as_secs_f64());
+    report(&format!("{fw:?} {what}: {line} (at {:.1} s after power-on)", t.as_secs_f64()));
     line.clone()
 }
 
@@ -322,6 +330,12 @@ fn backup_restore(fw: Firmware) {
     run("e2fsck", &["-fn", p1.to_str().unwrap()]);
 }
 
+/// A line for the test log even when the harness captures output.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "live: {line}");
+}
+
 fn read_first(p: &Path, n: u64) -> Vec<u8> {
     common::disks::read_at(p, 0, n)
 }
@@ -335,7 +349,7 @@ fn first_screen(fw: Firmware) -> Duration {
     let b = boot(&dir, fw, &stick, &[(disk.as_path(), "virtio-blk-pci,drive=DRIVE,serial=EMPTY")], Some("Press Enter for a rescue shell"));
     let Some((t, _)) = b.find(WIZARD_SCREEN) else { panic!("{fw:?}: no first screen:\n{}", b.transcript()) };
     assert!(b.find("/dev/vda").is_some(), "{fw:?}: the disk is not listed:\n{}", b.transcript());
-    eprintln!("{fw:?}: power-on to the first screen in {:.1} s (QEMU TCG)", t.as_secs_f64());
+    report(&format!("{fw:?}: power-on to the first screen in {:.1} s (QEMU TCG)", t.as_secs_f64()));
     *t
 }
 
@@ -357,4 +371,32 @@ fn bios_backup_then_restore() {
     live_image();
     first_screen(Firmware::Bios);
     backup_restore(Firmware::Bios);
+}
+
+/// The kernel command line names the job and wins over klon.conf; a job
+/// that fails says so in KLON-RESULT and still does what `after` says.
+/// (Direct kernel boot: the boot menus are covered above.)
+#[test]
+fn cmdline_job_wins_and_failure_is_reported() {
+    if !ready("cmdline_job_wins_and_failure_is_reported") {
+        return;
+    }
+    let dir = TempDir::new("live-cmdline");
+    let images = make_image_drive(&dir);
+    let stick = stick_with(&dir, "stick.img", Some("job = backup\nsource = /dev/sda\nimage = x\nafter = wizard\n"));
+    let img = format!("{}@@1M", stick.display());
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", kernel.to_str().unwrap()]);
+    mtools("mcopy", &["-i", &img, "::/live/initrd.img", initrd.to_str().unwrap()]);
+    let append = "console=ttyS0,115200n8 quiet klon.job=verify klon.image=\"no such image\" klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=5";
+    let extra: Vec<String> = ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let b = boot_with(&dir, Firmware::Bios, &stick, &[(images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD")], None, &extra);
+    let Some((_, line)) = b.find("KLON-RESULT:") else { panic!("no KLON-RESULT line:\n{}", b.transcript()) };
+    assert!(line.contains("KLON-RESULT: failed"), "{line}\n{}", b.transcript());
+    assert!(line.contains("verify") && line.contains("no such image"), "the command line's job did not win over klon.conf: {line}");
+    assert!(b.find("powering off").is_some(), "no power-off after the failed job:\n{}", b.transcript());
+    report(&format!("command-line job: {line}"));
 }

@@ -134,6 +134,7 @@ pub struct ImageDrive {
     pub device: PathBuf,
     /// Where.
     pub mountpoint: PathBuf,
+    read_only: bool,
     mounted: bool,
 }
 
@@ -156,13 +157,15 @@ impl ImageDrive {
             };
             Error::io(format!("mounting {} ({fstype}){hint} at", c.device.display()), at, None, e.into())
         })?;
-        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), mounted: true })
+        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), read_only, mounted: true })
     }
 
-    /// The images folder, created if missing.
+    /// The images folder; created if missing when mounted read-write.
     pub fn images_dir(&self) -> Result<PathBuf> {
         let dir = self.mountpoint.join(IMAGES_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, None, e))?;
+        if !self.read_only {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, None, e))?;
+        }
         Ok(dir)
     }
 
