@@ -351,6 +351,8 @@ pub fn main() -> ! {
     early_mounts();
     fix_stdio();
     install_signals();
+    // Ctrl-Alt-Del: a SIGINT to PID 1 (a clean reboot), not an instant reset.
+    let _ = nix::sys::reboot::set_cad_enabled(false);
     set_env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
     set_env("HOME", "/root");
     set_env("TERM", "linux");
