@@ -34,7 +34,7 @@ fn required() -> bool {
 /// Whether to run; panics (fails) when required but something is missing.
 fn ready(test: &str) -> bool {
     if !required() {
-        eprintln!("{test}: skipped (set KLON_REQUIRE_LIVE_TESTS=1 to boot the live image in QEMU)");
+        report(&format!("{test}: skipped (set KLON_REQUIRE_LIVE_TESTS=1 to boot the live image in QEMU)"));
         return false;
     }
     for tool in ["qemu-system-x86_64", "sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mkfs.exfat"] {
