@@ -39,6 +39,9 @@ pub enum Command {
     /// Run klon's main job on a built-in sample disk: back up, verify,
     /// restore to a larger disk, compare.
     Demo(DemoArgs),
+    /// The live USB system's internal commands (console sessions, jobs).
+    #[command(hide = true)]
+    Live(crate::live::LiveArgs),
 }
 
 /// `klon backup`.

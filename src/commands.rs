@@ -28,6 +28,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Clone(a) => clone_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet),
+        Command::Live(a) => crate::live::run(cli, a),
     }
 }
 
@@ -38,11 +39,22 @@ fn print_json(value: &impl Serialize) -> Result<()> {
 }
 
 fn disks(cli: &Cli) -> Result<()> {
-    let disks = crate::device::sysfs::list_disks()?;
+    #[allow(unused_mut)]
+    let mut disks = crate::device::sysfs::list_disks()?;
+    // With the `udev` feature: serials udev knows and sysfs does not, and
+    // the /dev/disk/by-id names.
+    #[cfg(feature = "udev")]
+    let by_id = crate::live::udev_props::enrich(&mut disks);
     if cli.json {
         print_json(&disks)
     } else {
         print!("{}", crate::device::sysfs::render_disks(&disks));
+        #[cfg(feature = "udev")]
+        for (d, names) in disks.iter().zip(&by_id) {
+            for n in names {
+                println!("{n} -> {}", d.path.display());
+            }
+        }
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! - [`image`]: the on-disk image format (manifest, chunk files, index)
 //! - [`engine`]: backup, verify and restore pipelines
 //! - [`ui`]: progress and reports
+//! - [`live`]: the live USB system (PID 1, unattended jobs, image drive)
 
 pub mod cli;
 pub mod commands;
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod image;
+pub mod live;
 pub mod table;
 #[cfg(test)]
 mod testutil;

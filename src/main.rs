@@ -6,6 +6,10 @@ use std::io::IsTerminal;
 use clap::Parser;
 
 fn main() {
+    // The live USB image starts klon as /init: PID 1 of the initramfs.
+    if klon::live::pid1::is_init() {
+        klon::live::pid1::main();
+    }
     if std::env::args_os().len() == 1 && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
         klon::engine::cancel::install();
         if let Err(e) = klon::ui::wizard::run(false) {

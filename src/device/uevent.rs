@@ -163,6 +163,34 @@ pub fn wait_either(sock: &UeventSocket, other: BorrowedFd<'_>, timeout: Duration
     }
 }
 
+/// Calls `check` now and after every burst of uevents (at least once a
+/// second) until it returns `Some` or `timeout` has passed: waiting for a
+/// disk or a drive to appear without a sleep loop. Without a uevent socket
+/// it still looks once a second.
+pub fn wait_for<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let sock = UeventSocket::open().ok();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let step = left.min(Duration::from_secs(1));
+        match &sock {
+            // Drain a burst (a new disk brings several events), then look.
+            Some(s) => {
+                if let Ok(Some(_)) = s.next(Some(step)) {
+                    while let Ok(Some(_)) = s.next(Some(Duration::from_millis(200))) {}
+                }
+            }
+            None => std::thread::sleep(step),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

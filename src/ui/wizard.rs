@@ -48,7 +48,7 @@ pub struct WizardContext {
     /// image drive is mounted under /run/klon/images-drive.
     pub live: bool,
     /// Disks never offered (the live stick, when the caller knows it; a
-    /// disk with a partition labelled KLON-LIVE is left out anyway). A
+    /// disk with a partition labelled KLONLIVE is left out anyway). A
     /// partition stands for its whole disk.
     pub exclude: Vec<PathBuf>,
 }

@@ -13,7 +13,7 @@ use crate::ui::human_bytes;
 use super::screen::Item;
 
 /// The label of the live stick's partition: that disk is never offered.
-pub const LIVE_LABEL: &str = "KLON-LIVE";
+pub const LIVE_LABEL: &str = crate::live::LIVE_LABEL;
 
 /// Filesystems an image drive may have.
 pub const IMAGE_FS: &[&str] = &["ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs"];
@@ -34,7 +34,7 @@ fn used_of(disk: &Disk, fstype: &str, start: u64, len: u64) -> Option<u64> {
 }
 
 /// Whether `d` is the live stick: a partition (or the whole disk) labelled
-/// KLON-LIVE, or named in `exclude`.
+/// KLONLIVE, or named in `exclude`.
 pub fn is_excluded(d: &DiskInfo, exclude: &[PathBuf]) -> bool {
     let labelled = |f: &Option<crate::fs::FsInfo>| f.as_ref().and_then(|f| f.label.as_deref()) == Some(LIVE_LABEL);
     if labelled(&d.fs) || d.partitions.iter().any(|p| labelled(&p.fs)) {

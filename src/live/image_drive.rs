@@ -1,0 +1,280 @@
+//! The image drive: a disk (partition) with a filesystem klon can mount,
+//! found by label, UUID or device; mounted under /run/klon/drive with the
+//! images in its folder `klon-images/`, and unmounted cleanly (also when a
+//! job fails: [`ImageDrive`] unmounts on drop).
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::device::sysfs::DiskInfo;
+use crate::error::{Error, Result};
+use crate::fs::FsInfo;
+
+/// The folder on the image drive that holds the images.
+pub const IMAGES_DIR: &str = "klon-images";
+
+/// The kernel filesystem type to mount a probed filesystem with; `None` for
+/// filesystems that cannot hold images (swap, LUKS, LVM, …).
+pub fn mount_type(fstype: &str) -> Option<&'static str> {
+    match fstype {
+        "vfat" => Some("vfat"),
+        "exfat" => Some("exfat"),
+        "ntfs" => Some("ntfs3"),
+        "ext2" | "ext3" | "ext4" => Some("ext4"),
+        "xfs" => Some("xfs"),
+        "btrfs" => Some("btrfs"),
+        _ => None,
+    }
+}
+
+/// A filesystem that can hold images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The partition (or whole disk) holding the filesystem.
+    pub device: PathBuf,
+    /// Its device number.
+    pub devno: u64,
+    /// The whole disk it is on.
+    pub disk: PathBuf,
+    /// The whole disk's device number.
+    pub disk_devno: u64,
+    /// Size of the partition in bytes.
+    pub size: u64,
+    /// What the probe found.
+    pub fs: FsInfo,
+    /// Where it is already mounted, if anywhere.
+    pub mountpoints: Vec<PathBuf>,
+}
+
+impl Candidate {
+    /// "sdc1 vfat "IMAGES" 32.0 GB".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}{} {}",
+            self.device.display(),
+            self.fs.fstype,
+            self.fs.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default(),
+            crate::ui::human_bytes(self.size)
+        )
+    }
+
+    /// Whether `spec` names this filesystem: `LABEL=…`, `UUID=…`, a device
+    /// path, or a bare label.
+    pub fn matches(&self, spec: &str) -> bool {
+        let spec = spec.trim();
+        if let Some(l) = spec.strip_prefix("LABEL=").or_else(|| spec.strip_prefix("label=")) {
+            return self.fs.label.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(l));
+        }
+        if let Some(u) = spec.strip_prefix("UUID=").or_else(|| spec.strip_prefix("uuid=")) {
+            return self.fs.uuid.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(u));
+        }
+        if spec.starts_with('/') {
+            return self.device == Path::new(spec);
+        }
+        self.fs.label.as_deref().is_some_and(|x| x.eq_ignore_ascii_case(spec))
+    }
+}
+
+/// Filesystems on `disks` that can hold images, leaving out the disks in
+/// `exclude` (the live stick, the job's source and target).
+pub fn candidates(disks: &[DiskInfo], exclude: &[u64]) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for d in disks.iter().filter(|d| !exclude.contains(&d.devno) && !d.read_only) {
+        let whole = d.fs.as_ref().map(|fs| (d.path.clone(), d.devno, d.size, fs, d.mountpoints.clone()));
+        let parts = d.partitions.iter().filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, p.mountpoints.clone())));
+        for (device, devno, size, fs, mountpoints) in whole.into_iter().chain(parts) {
+            if mount_type(&fs.fstype).is_some() {
+                out.push(Candidate {
+                    device,
+                    devno,
+                    disk: d.path.clone(),
+                    disk_devno: d.devno,
+                    size,
+                    fs: fs.clone(),
+                    mountpoints,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Picks the image drive: the one `spec` names, or without a spec the only
+/// candidate.
+pub fn choose<'a>(cands: &'a [Candidate], spec: Option<&str>) -> Result<&'a Candidate> {
+    let list = || {
+        if cands.is_empty() {
+            "none found".to_string()
+        } else {
+            cands.iter().map(Candidate::describe).collect::<Vec<_>>().join("; ")
+        }
+    };
+    match spec {
+        Some(spec) => {
+            let hits: Vec<&Candidate> = cands.iter().filter(|c| c.matches(spec)).collect();
+            match hits.as_slice() {
+                [one] => Ok(one),
+                [] => Err(Error::Usage(format!("no image drive matches {spec:?} (image drives: {})", list()))),
+                _ => Err(Error::Usage(format!("{spec:?} matches more than one drive: {}", list()))),
+            }
+        }
+        None => match cands {
+            [one] => Ok(one),
+            [] => Err(Error::Usage("no image drive found: attach a drive with a FAT, exFAT, NTFS, ext4, XFS or btrfs filesystem".into())),
+            _ => Err(Error::Usage(format!("more than one possible image drive, name one with drive=LABEL=…: {}", list()))),
+        },
+    }
+}
+
+/// A mounted image drive; unmounted by [`ImageDrive::unmount`] or on drop.
+#[derive(Debug)]
+pub struct ImageDrive {
+    /// The device mounted.
+    pub device: PathBuf,
+    /// Where.
+    pub mountpoint: PathBuf,
+    read_only: bool,
+    mounted: bool,
+}
+
+impl ImageDrive {
+    /// Mounts `c` at `at` (created if missing), read-write unless
+    /// `read_only`.
+    pub fn mount(c: &Candidate, at: &Path, read_only: bool) -> Result<ImageDrive> {
+        let fstype = mount_type(&c.fs.fstype)
+            .ok_or_else(|| Error::Unsupported(format!("{}: klon cannot keep images on {}", c.device.display(), c.fs.fstype)))?;
+        std::fs::create_dir_all(at).map_err(|e| Error::io("creating mount point", at, None, e))?;
+        let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(Some(c.device.as_path()), at, Some(fstype), flags, None::<&str>).map_err(|e| {
+            let hint = match e {
+                nix::Error::ENODEV => format!(" (the kernel has no {fstype} driver loaded)"),
+                nix::Error::EROFS | nix::Error::EACCES => " (read-only medium)".to_string(),
+                _ => String::new(),
+            };
+            Error::io(format!("mounting {} ({fstype}){hint} at", c.device.display()), at, None, e.into())
+        })?;
+        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), read_only, mounted: true })
+    }
+
+    /// The images folder; created if missing when mounted read-write.
+    pub fn images_dir(&self) -> Result<PathBuf> {
+        let dir = self.mountpoint.join(IMAGES_DIR);
+        if !self.read_only {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, None, e))?;
+        }
+        Ok(dir)
+    }
+
+    /// Flushes and unmounts; an error says the drive may not be safe to
+    /// pull out.
+    pub fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        do_unmount(&self.mountpoint)
+    }
+}
+
+fn do_unmount(at: &Path) -> Result<()> {
+    nix::unistd::sync();
+    let mut last = None;
+    // A just-finished job's files may be closing: try a few times.
+    for _ in 0..10 {
+        match umount2(at, MntFlags::empty()) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(at);
+                return Ok(());
+            }
+            Err(nix::Error::EBUSY) => {
+                last = Some(nix::Error::EBUSY);
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            Err(e) => {
+                last = Some(e);
+                break;
+            }
+        }
+    }
+    let e = last.unwrap_or(nix::Error::EIO);
+    Err(Error::io("unmounting the image drive at", at, None, e.into()))
+}
+
+impl Drop for ImageDrive {
+    fn drop(&mut self) {
+        if self.mounted {
+            self.mounted = false;
+            if let Err(e) = do_unmount(&self.mountpoint) {
+                eprintln!("klon: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::sysfs::PartInfo;
+
+    fn fs(t: &str, label: Option<&str>, uuid: Option<&str>) -> FsInfo {
+        FsInfo { fstype: t.into(), label: label.map(Into::into), uuid: uuid.map(Into::into) }
+    }
+
+    fn disk(name: &str, devno: u64, parts: Vec<(u32, FsInfo)>) -> DiskInfo {
+        DiskInfo {
+            path: PathBuf::from(format!("/dev/{name}")),
+            name: name.into(),
+            devno,
+            size: 1 << 30,
+            logical_sector_size: 512,
+            physical_sector_size: 512,
+            model: None,
+            serial: None,
+            transport: "usb".into(),
+            removable: false,
+            read_only: false,
+            loop_backing_file: None,
+            partitions: parts
+                .into_iter()
+                .map(|(n, f)| PartInfo {
+                    number: n,
+                    path: PathBuf::from(format!("/dev/{name}{n}")),
+                    devno: devno + n as u64,
+                    start: 1 << 20,
+                    size: 1 << 29,
+                    type_id: None,
+                    fs: Some(f),
+                    mountpoints: vec![],
+                    in_use: false,
+                })
+                .collect(),
+            fs: None,
+            mountpoints: vec![],
+            in_use: false,
+        }
+    }
+
+    #[test]
+    fn finds_by_label_uuid_and_path() {
+        let disks = vec![
+            disk("sda", 100, vec![(1, fs("vfat", Some("KLONLIVE"), Some("4B4C-0001")))]),
+            disk("sdb", 200, vec![(1, fs("swap", None, None)), (2, fs("exfat", Some("Images"), Some("AAAA-BBBB")))]),
+            disk("sdc", 300, vec![(1, fs("ntfs", Some("Data"), Some("0123456789ABCDEF")))]),
+        ];
+        let c = candidates(&disks, &[100]);
+        assert_eq!(c.len(), 2, "live stick and swap left out: {c:?}");
+        assert_eq!(choose(&c, Some("LABEL=images")).unwrap().device, Path::new("/dev/sdb2"));
+        assert_eq!(choose(&c, Some("UUID=0123456789abcdef")).unwrap().device, Path::new("/dev/sdc1"));
+        assert_eq!(choose(&c, Some("/dev/sdc1")).unwrap().fs.fstype, "ntfs");
+        assert_eq!(choose(&c, Some("Data")).unwrap().device, Path::new("/dev/sdc1"));
+        assert!(choose(&c, Some("LABEL=KLONLIVE")).is_err(), "the stick is never an image drive");
+        assert!(choose(&c, None).is_err(), "two candidates and no spec");
+        let one = candidates(&disks, &[100, 300]);
+        assert_eq!(choose(&one, None).unwrap().device, Path::new("/dev/sdb2"));
+        assert!(choose(&[], None).is_err());
+        assert_eq!(mount_type("ntfs"), Some("ntfs3"));
+        assert_eq!(mount_type("ext3"), Some("ext4"));
+        assert_eq!(mount_type("LUKS"), None);
+    }
+}

@@ -1,0 +1,285 @@
+//! Unattended jobs: what the kernel command line (`klon.KEY=VALUE`) and the
+//! stick's `klon.conf` (`KEY = VALUE` lines) ask for.
+//!
+//! Keys (the same in both places; the command line wins over the file):
+//!
+//! | key | value |
+//! | --- | --- |
+//! | `job` | `backup`, `restore`, `verify`, or `none` (ignore a job in klon.conf) |
+//! | `source` | backup: the disk, `/dev/sda` or `serial=SERIAL` |
+//! | `target` | restore: the disk, `/dev/nvme0n1` or `serial=SERIAL` |
+//! | `image` | the image's name in the folder `klon-images/` of the image drive |
+//! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1` |
+//! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
+//! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
+//! | `level` | backup: zstd level (default 3) |
+//! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
+//! | `shell` | without a job: start with a rescue shell on every console |
+//! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// What an unattended job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    /// `klon backup SOURCE IMAGE`.
+    Backup,
+    /// `klon restore --yes IMAGE TARGET`.
+    Restore,
+    /// `klon verify IMAGE`.
+    Verify,
+}
+
+impl JobKind {
+    /// The command's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+            JobKind::Verify => "verify",
+        }
+    }
+}
+
+/// What the live system does when a job has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Power the machine off.
+    Poweroff,
+    /// Reboot.
+    Reboot,
+    /// A rescue shell on every console.
+    Shell,
+    /// The wizard on every console.
+    Wizard,
+}
+
+impl After {
+    fn parse(s: &str) -> Result<After> {
+        match s.to_ascii_lowercase().as_str() {
+            "poweroff" | "halt" | "off" => Ok(After::Poweroff),
+            "reboot" => Ok(After::Reboot),
+            "shell" => Ok(After::Shell),
+            "wizard" | "" => Ok(After::Wizard),
+            other => Err(Error::Usage(format!("after={other}: use poweroff, reboot, shell or wizard"))),
+        }
+    }
+}
+
+/// An unattended job, checked for completeness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Backup, restore or verify.
+    pub kind: JobKind,
+    /// The disk to back up (backup only).
+    pub source: Option<String>,
+    /// The disk to overwrite (restore only).
+    pub target: Option<String>,
+    /// The image's name inside `klon-images/` on the image drive.
+    pub image: String,
+    /// How to find the image drive; `None`: the only candidate.
+    pub drive: Option<String>,
+    /// What to do afterwards.
+    pub after: After,
+    /// Restore: extend the last partition.
+    pub grow_last: bool,
+    /// Backup: zstd level.
+    pub level: i32,
+    /// Seconds to wait for devices to appear.
+    pub wait_secs: u64,
+}
+
+/// Splits a kernel command line into words, keeping double-quoted parts
+/// together (`klon.drive="LABEL=My Drive"`), the way the kernel does.
+pub fn split_cmdline(cmdline: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut any = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                any = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if any {
+                    words.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(cur);
+    }
+    words
+}
+
+/// The `klon.*` settings of a kernel command line, prefix removed, `-`
+/// written as `_`. A bare `klon.KEY` means `KEY=yes`.
+pub fn from_cmdline(cmdline: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for w in split_cmdline(cmdline) {
+        let Some(rest) = w.strip_prefix("klon.") else { continue };
+        let (k, v) = rest.split_once('=').unwrap_or((rest, "yes"));
+        out.insert(normalise_key(k), v.to_string());
+    }
+    out
+}
+
+/// Parses klon.conf: `KEY = VALUE` per line (a `klon.` prefix on keys is
+/// accepted), `#` starts a comment, values may be double-quoted.
+pub fn from_config(text: &str) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim_start_matches('\u{feff}').trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(Error::Usage(format!("klon.conf line {}: expected KEY = VALUE, got {line:?}", n + 1)));
+        };
+        let k = k.trim();
+        let k = k.strip_prefix("klon.").unwrap_or(k);
+        let v = v.trim();
+        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+        out.insert(normalise_key(k), v.to_string());
+    }
+    Ok(out)
+}
+
+fn normalise_key(k: &str) -> String {
+    k.trim().to_ascii_lowercase().replace('-', "_")
+}
+
+const KEYS: &[&str] = &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
+
+fn yes(key: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "yes" | "y" | "true" | "on" => Ok(true),
+        "0" | "no" | "n" | "false" | "off" | "" => Ok(false),
+        other => Err(Error::Usage(format!("{key}={other}: use yes or no"))),
+    }
+}
+
+/// Merges the config file's settings with the command line's (the command
+/// line wins) and checks the job. `Ok(None)`: no job asked for.
+pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>) -> Result<Option<Job>> {
+    let mut s = config.clone();
+    s.extend(cmdline.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(k) = s.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(Error::Usage(format!("unknown setting {k:?} (known: {})", KEYS.join(", "))));
+    }
+    let get = |k: &str| s.get(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let kind = match get("job").as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("none") | Some("wizard") => return Ok(None),
+        Some("backup") => JobKind::Backup,
+        Some("restore") => JobKind::Restore,
+        Some("verify") => JobKind::Verify,
+        Some(other) => return Err(Error::Usage(format!("job={other}: use backup, restore, verify or none"))),
+    };
+    let need = |k: &str| get(k).ok_or_else(|| Error::Usage(format!("job={} needs {k}=…", kind.name())));
+    let image = need("image")?;
+    if image.starts_with('/') || image.split('/').any(|c| c == ".." || c.is_empty()) {
+        return Err(Error::Usage(format!(
+            "image={image}: give the image's name (or a relative path) inside klon-images/ on the image drive"
+        )));
+    }
+    let source = if kind == JobKind::Backup { Some(need("source")?) } else { None };
+    let target = if kind == JobKind::Restore { Some(need("target")?) } else { None };
+    let level = match get("level") {
+        None => 3,
+        Some(l) => l.parse().map_err(|_| Error::Usage(format!("level={l}: a number from 1 to 22")))?,
+    };
+    let wait_secs = match get("wait") {
+        None => 30,
+        Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
+    };
+    Ok(Some(Job {
+        kind,
+        source,
+        target,
+        image,
+        drive: get("drive"),
+        after: After::parse(get("after").as_deref().unwrap_or(""))?,
+        grow_last: yes("grow_last", get("grow_last").as_deref().unwrap_or(""))?,
+        level,
+        wait_secs,
+    }))
+}
+
+/// The merged settings as klon.conf text (PID 1 hands them to the job).
+pub fn to_config(settings: &BTreeMap<String, String>) -> String {
+    settings.iter().map(|(k, v)| format!("{k} = \"{v}\"\n")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_words_and_quotes() {
+        let w = split_cmdline("BOOT_IMAGE=/vmlinuz quiet  klon.drive=\"LABEL=My Drive\" klon.job=backup\n");
+        assert_eq!(w, vec!["BOOT_IMAGE=/vmlinuz", "quiet", "klon.drive=LABEL=My Drive", "klon.job=backup"]);
+        let m = from_cmdline("console=ttyS0 klon.job=restore klon.grow-last klon.target=serial=T1");
+        assert_eq!(m.get("job").unwrap(), "restore");
+        assert_eq!(m.get("grow_last").unwrap(), "yes");
+        assert_eq!(m.get("target").unwrap(), "serial=T1");
+        assert!(!m.contains_key("console"));
+    }
+
+    #[test]
+    fn config_file() {
+        let m = from_config("# comment\n\u{feff}job = backup\r\nsource=/dev/sda\nklon.image = \"pc 1\"\n\n").unwrap();
+        assert_eq!(m.get("job").unwrap(), "backup");
+        assert_eq!(m.get("image").unwrap(), "pc 1");
+        assert!(from_config("nonsense\n").is_err());
+    }
+
+    #[test]
+    fn merged_and_checked() {
+        let file = from_config("job=backup\nsource=/dev/sda\nimage=pc\ndrive=LABEL=IMAGES\nafter=poweroff\n").unwrap();
+        let job = parse(&file, &BTreeMap::new()).unwrap().unwrap();
+        assert_eq!(job.kind, JobKind::Backup);
+        assert_eq!(job.source.as_deref(), Some("/dev/sda"));
+        assert_eq!(job.after, After::Poweroff);
+        assert_eq!(job.level, 3);
+        // The command line wins, and job=none switches a file's job off.
+        assert_eq!(parse(&file, &from_cmdline("klon.job=none")).unwrap(), None);
+        let r = parse(&file, &from_cmdline("klon.job=restore klon.target=/dev/nvme0n1 klon.grow_last=1 klon.after=reboot"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.kind, JobKind::Restore);
+        assert_eq!(r.target.as_deref(), Some("/dev/nvme0n1"));
+        assert!(r.grow_last);
+        assert_eq!(r.after, After::Reboot);
+        assert_eq!(parse(&BTreeMap::new(), &BTreeMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn refusals() {
+        let c = |s: &str| parse(&BTreeMap::new(), &from_cmdline(s));
+        assert!(c("klon.job=backup klon.image=x").is_err(), "backup without source");
+        assert!(c("klon.job=restore klon.image=x").is_err(), "restore without target");
+        assert!(c("klon.job=verify").is_err(), "no image");
+        assert!(c("klon.job=verify klon.image=../x").is_err());
+        assert!(c("klon.job=verify klon.image=/abs").is_err());
+        assert!(c("klon.job=format klon.image=x").is_err());
+        assert!(c("klon.job=verify klon.image=x klon.after=dance").is_err());
+        assert!(c("klon.job=verify klon.image=x klon.colour=red").is_err());
+        assert!(c("klon.job=verify klon.image=x").unwrap().is_some());
+    }
+
+    #[test]
+    fn round_trip_through_config() {
+        let m = from_cmdline("klon.job=verify klon.image=\"a b\" klon.drive=UUID=1234-ABCD");
+        assert_eq!(from_config(&to_config(&m)).unwrap(), m);
+    }
+}

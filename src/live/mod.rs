@@ -1,0 +1,371 @@
+//! The live USB system: klon as PID 1 of a small initramfs ([`pid1`]), a
+//! session on each console, unattended jobs named on the kernel command
+//! line or in the stick's klon.conf ([`job`]), the image drive
+//! ([`image_drive`]) and hot-plugging from kernel uevents
+//! ([`crate::device::uevent`]).
+//!
+//! The live stick is the disk holding the FAT filesystem labelled
+//! [`LIVE_LABEL`] (or the one `klon.live=LABEL=…|UUID=…` names); it is never
+//! offered as a source, a target or an image drive.
+
+pub mod image_drive;
+pub mod job;
+pub mod pid1;
+#[cfg(feature = "udev")]
+pub mod udev_props;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+use crate::cli::{BackupArgs, Cli, Command, RestoreArgs, VerifyArgs};
+use crate::device::sysfs::{self, DiskInfo};
+use crate::error::{Error, Result};
+use image_drive::{Candidate, ImageDrive};
+use job::{Job, JobKind};
+
+/// The FAT label of the live stick's partition (image-build/build sets it).
+pub const LIVE_LABEL: &str = "KLONLIVE";
+/// Where the live stick's FAT partition is mounted (read-only) to read klon.conf.
+pub const BOOT_MNT: &str = "/run/klon/boot";
+/// Where the image drive is mounted.
+pub const DRIVE_MNT: &str = "/run/klon/drive";
+/// The merged job settings PID 1 hands to the job process.
+pub const JOB_FILE: &str = "/run/klon/job.conf";
+/// Written by the job process once it has printed its KLON-RESULT line.
+pub const RESULT_FILE: &str = "/run/klon/result";
+
+/// `klon live …`: the live system's internal commands (hidden).
+#[derive(Debug, Args)]
+pub struct LiveArgs {
+    /// What to run.
+    #[command(subcommand)]
+    pub what: LiveCommand,
+}
+
+/// The live system's internal commands.
+#[derive(Debug, Subcommand)]
+pub enum LiveCommand {
+    /// A session on one console (PID 1 starts one per console).
+    Console {
+        /// The terminal, e.g. /dev/tty1 or /dev/ttyS0.
+        tty: PathBuf,
+        /// Start with a rescue shell.
+        #[arg(long)]
+        shell: bool,
+    },
+    /// Run the unattended job described in a klon.conf-style file.
+    Job {
+        /// The settings file.
+        #[arg(default_value = JOB_FILE)]
+        file: PathBuf,
+    },
+    /// List the filesystems that can hold images (not on the live stick).
+    Drives,
+}
+
+/// Runs `klon live …`.
+pub fn run(_cli: &Cli, a: &LiveArgs) -> Result<()> {
+    match &a.what {
+        LiveCommand::Console { tty, shell } => console(tty, *shell),
+        LiveCommand::Job { file } => {
+            let code = run_job_file(file);
+            std::process::exit(code)
+        }
+        LiveCommand::Drives => {
+            for c in image_drives(&[])? {
+                println!("{}", c.describe());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The live stick's spec from the kernel command line (`klon.live=`), or
+/// `LABEL=KLONLIVE`.
+pub fn live_spec() -> String {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    job::from_cmdline(&cmdline).remove("live").unwrap_or_else(|| format!("LABEL={LIVE_LABEL}"))
+}
+
+/// Device numbers of the disks that hold the live system's FAT partition.
+pub fn live_disks(disks: &[DiskInfo], spec: &str) -> Vec<u64> {
+    image_drive::candidates(disks, &[])
+        .into_iter()
+        .filter(|c| c.fs.fstype == "vfat" && c.matches(spec))
+        .map(|c| c.disk_devno)
+        .collect()
+}
+
+/// The live stick's FAT partition, if it is there yet.
+pub fn live_partition(spec: &str) -> Option<Candidate> {
+    let disks = sysfs::list_disks().ok()?;
+    image_drive::candidates(&disks, &[]).into_iter().find(|c| c.fs.fstype == "vfat" && c.matches(spec))
+}
+
+/// The filesystems offered as image drives: on every disk but the live
+/// stick and the disks in `exclude` (the source or target being used).
+pub fn image_drives(exclude: &[u64]) -> Result<Vec<Candidate>> {
+    let disks = sysfs::list_disks()?;
+    let mut ex = live_disks(&disks, &live_spec());
+    ex.extend_from_slice(exclude);
+    Ok(image_drive::candidates(&disks, &ex))
+}
+
+/// The disks offered as sources and targets: every disk but the live stick.
+pub fn offered_disks() -> Result<Vec<DiskInfo>> {
+    let disks = sysfs::list_disks()?;
+    let stick = live_disks(&disks, &live_spec());
+    Ok(disks.into_iter().filter(|d| !stick.contains(&d.devno)).collect())
+}
+
+/// Terminals the kernel writes its console to (`console=` on the command
+/// line), as device paths; tty0 (the current screen) counts as /dev/tty1
+/// when `for_session`.
+pub fn consoles(for_session: bool) -> Vec<PathBuf> {
+    let active = std::fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+    let mut out: Vec<PathBuf> = Vec::new();
+    for name in active.split_whitespace() {
+        let name = if for_session && name == "tty0" { "tty1" } else { name };
+        let p = PathBuf::from(format!("/dev/{name}"));
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    if out.is_empty() {
+        out.push(PathBuf::from("/dev/console"));
+    }
+    out
+}
+
+/// Prints `line` on every console (the screen and the serial port), or on
+/// stdout when there is none.
+pub fn print_on_consoles(line: &str) {
+    let mut any = false;
+    for c in consoles(false) {
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&c) {
+            any |= f.write_all(format!("{line}\n").as_bytes()).is_ok();
+        }
+    }
+    if !any {
+        println!("{line}");
+    }
+}
+
+/// Runs the wizard on the current terminal (the live stick never offered),
+/// and does what it asks: a rescue shell, or a reboot or power-off, which
+/// PID 1 carries out (SIGTERM reboots, SIGUSR2 powers off, as busybox's
+/// `reboot` and `poweroff` ask).
+pub fn start_wizard() -> Result<()> {
+    use crate::ui::wizard::{WizardContext, WizardExit, run_with};
+    let disks = sysfs::list_disks()?;
+    let stick = live_disks(&disks, &live_spec());
+    let exclude = disks.iter().filter(|d| stick.contains(&d.devno)).map(|d| d.path.clone()).collect();
+    match run_with(WizardContext { live: true, exclude })? {
+        WizardExit::Quit => Ok(()),
+        WizardExit::Shell => rescue_shell(),
+        WizardExit::Reboot => ask_init(nix::sys::signal::Signal::SIGTERM),
+        WizardExit::PowerOff => ask_init(nix::sys::signal::Signal::SIGUSR2),
+    }
+}
+
+fn ask_init(sig: nix::sys::signal::Signal) -> Result<()> {
+    nix::unistd::sync();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), sig)
+        .map_err(|e| Error::io("asking init to shut down", Path::new("/proc/1"), None, e.into()))?;
+    // PID 1 ends every session; wait for it.
+    std::thread::sleep(Duration::from_secs(60));
+    Ok(())
+}
+
+/// Runs the rescue shell on the current terminal and waits for it.
+pub fn rescue_shell() -> Result<()> {
+    let sh = Path::new("/bin/sh");
+    if !sh.exists() {
+        println!("No rescue shell in this image.");
+        return Ok(());
+    }
+    println!("Rescue shell: 'exit' returns to klon; 'poweroff' or 'reboot' end the live system.");
+    let status = std::process::Command::new(sh)
+        .arg("-l")
+        .status()
+        .map_err(|e| Error::io("starting", sh, None, e))?;
+    let _ = status;
+    Ok(())
+}
+
+/// `klon live console TTY`: becomes a session leader with TTY as its
+/// controlling terminal and runs the wizard there, again and again.
+fn console(tty: &Path, shell_first: bool) -> Result<()> {
+    let _ = nix::unistd::setsid();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tty)
+        .map_err(|e| Error::io("opening console", tty, None, e))?;
+    let dup = |r: nix::Result<()>| r.map_err(|e| Error::io("redirecting to", tty, None, e.into()));
+    dup(nix::unistd::dup2_stdin(&f))?;
+    dup(nix::unistd::dup2_stdout(&f))?;
+    dup(nix::unistd::dup2_stderr(&f))?;
+    drop(f);
+    let name = tty.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let term = if name.starts_with("ttyS") || name.starts_with("ttyUSB") || name.starts_with("hvc") { "vt220" } else { "linux" };
+    set_env("TERM", term);
+    if shell_first {
+        rescue_shell()?;
+    }
+    loop {
+        if let Err(e) = start_wizard() {
+            eprintln!("klon: {e}");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_env(k: &str, v: &str) {
+    // SAFETY: called while the process has a single thread.
+    unsafe { std::env::set_var(k, v) }
+}
+
+/// Finds a disk by `/dev/…` path or `serial=…`, waiting up to `wait` for
+/// it to appear; never the live stick.
+pub fn resolve_disk(spec: &str, wait: Duration) -> Result<PathBuf> {
+    let live = live_spec();
+    let found = crate::device::uevent::wait_for(wait, || {
+        let disks = sysfs::list_disks().ok()?;
+        let stick = live_disks(&disks, &live);
+        let hit = disks.iter().find(|d| disk_matches(d, spec))?;
+        Some(if stick.contains(&hit.devno) { Err(hit.path.clone()) } else { Ok(hit.path.clone()) })
+    });
+    match found {
+        Some(Ok(p)) => Ok(p),
+        Some(Err(p)) => Err(Error::Refused(format!("{spec} ({}) is the live stick", p.display()))),
+        None => {
+            let have = sysfs::list_disks()
+                .map(|ds| ds.iter().map(|d| format!("{} serial {}", d.path.display(), d.serial.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            Err(Error::Usage(format!("no disk {spec} after {} s (disks: {have})", wait.as_secs())))
+        }
+    }
+}
+
+/// Whether disk `d` is the one `spec` names (`/dev/…` or `serial=…`).
+pub fn disk_matches(d: &DiskInfo, spec: &str) -> bool {
+    let spec = spec.trim();
+    if let Some(s) = spec.strip_prefix("serial=").or_else(|| spec.strip_prefix("SERIAL=")) {
+        return d.serial.as_deref().is_some_and(|x| x == s);
+    }
+    d.path == Path::new(spec)
+}
+
+fn mount_drive(job: &Job, exclude: &[u64]) -> Result<ImageDrive> {
+    let live = live_spec();
+    let wait = Duration::from_secs(job.wait_secs);
+    let picked = crate::device::uevent::wait_for(wait, || {
+        let disks = sysfs::list_disks().ok()?;
+        let mut ex = live_disks(&disks, &live);
+        ex.extend_from_slice(exclude);
+        let cands = image_drive::candidates(&disks, &ex);
+        match image_drive::choose(&cands, job.drive.as_deref()) {
+            Ok(c) => Some(c.clone()),
+            Err(_) => None,
+        }
+    });
+    let c = match picked {
+        Some(c) => c,
+        None => {
+            // Say why, with what there is now.
+            let disks = sysfs::list_disks()?;
+            let mut ex = live_disks(&disks, &live);
+            ex.extend_from_slice(exclude);
+            let cands = image_drive::candidates(&disks, &ex);
+            return Err(image_drive::choose(&cands, job.drive.as_deref()).err().unwrap_or_else(|| Error::Usage("no image drive".into())));
+        }
+    };
+    if let Some(m) = c.mountpoints.first() {
+        return Err(Error::Refused(format!("image drive {} is already mounted at {}", c.device.display(), m.display())));
+    }
+    eprintln!("klon: image drive {}", c.describe());
+    ImageDrive::mount(&c, Path::new(DRIVE_MNT), job.kind != JobKind::Backup)
+}
+
+fn devno_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.rdev())
+}
+
+/// Runs `job` with the same code as `klon backup/restore/verify`, printing
+/// progress on stdout/stderr. Returns a one-line summary.
+pub fn run_job(job: &Job) -> Result<String> {
+    let wait = Duration::from_secs(job.wait_secs);
+    let disk = match job.kind {
+        JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
+        JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
+        JobKind::Verify => None,
+    };
+    let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
+    let drive = mount_drive(job, &exclude)?;
+    let on_drive = drive.device.display().to_string();
+    let image = drive.images_dir()?.join(&job.image);
+    let command = match job.kind {
+        JobKind::Backup => Command::Backup(BackupArgs {
+            source: disk.clone().unwrap_or_default(),
+            image: image.clone(),
+            level: job.level,
+            split: 4000 << 20,
+            allow_mounted: false,
+            no_verify: false,
+            raw: false,
+            raw_unclean: false,
+            threads: None,
+        }),
+        JobKind::Restore => Command::Restore(RestoreArgs {
+            image: image.clone(),
+            target: disk.clone().unwrap_or_default(),
+            yes: true,
+            grow_last: job.grow_last,
+            no_verify_after: false,
+            threads: None,
+        }),
+        JobKind::Verify => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
+    };
+    let cli = Cli { quiet: false, json: false, command };
+    let started = std::time::Instant::now();
+    let result = crate::commands::run(&cli);
+    let unmounted = drive.unmount();
+    result?;
+    unmounted?;
+    let image = format!("image {IMAGES}/{} on {on_drive}", job.image, IMAGES = image_drive::IMAGES_DIR);
+    let what = match (job.kind, disk) {
+        (JobKind::Backup, Some(d)) => format!("backup of {} to {image}", d.display()),
+        (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
+        _ => format!("verify of {image}"),
+    };
+    Ok(format!("{what} in {:.1} s", started.elapsed().as_secs_f64()))
+}
+
+/// `klon live job FILE`: runs the job, prints KLON-RESULT on every console,
+/// records that it did, and returns the exit code.
+pub fn run_job_file(file: &Path) -> i32 {
+    let outcome = std::fs::read_to_string(file)
+        .map_err(|e| Error::io("reading", file, None, e))
+        .and_then(|t| job::from_config(&t))
+        .and_then(|s| job::parse(&s, &BTreeMap::new()))
+        .and_then(|j| j.ok_or_else(|| Error::Usage("no job given".into())))
+        .and_then(|j| {
+            eprintln!("klon: unattended {} of image {:?}", j.kind.name(), j.image);
+            run_job(&j).map_err(|e| (j.kind, e)).map_err(|(k, e)| e.with_note(&format!("{} failed", k.name())))
+        });
+    let (line, code) = match outcome {
+        Ok(summary) => (format!("KLON-RESULT: ok {summary}"), 0),
+        Err(e) => (format!("KLON-RESULT: failed (exit {}) {e}", e.exit_code()), e.exit_code()),
+    };
+    let _ = std::io::stdout().flush();
+    print_on_consoles(&line);
+    let _ = std::fs::write(RESULT_FILE, format!("{line}\n"));
+    code
+}

@@ -1,0 +1,402 @@
+//! The live USB image under QEMU (TCG): booted as a USB stick (qemu-xhci +
+//! usb-storage) with OVMF (UEFI, Secure Boot on, Microsoft's keys) and with
+//! SeaBIOS (legacy BIOS), next to a source disk (AHCI) with partitions and
+//! data, an image drive (virtio, exFAT) and a larger target disk (NVMe).
+//! Each firmware: an unattended backup from klon.conf on the stick, then in
+//! a second boot an unattended restore to the larger disk; KLON-RESULT is
+//! read from the serial console, and the restored disk is checked from the
+//! host. A third boot without a job measures power-on to the first screen.
+//!
+//! Runs when KLON_REQUIRE_LIVE_TESTS=1 (and then fails when anything is
+//! missing); otherwise skips. Uses target/klon-live.img when it exists (CI
+//! runs image-build/build first), or builds it; KLON_LIVE_IMG names
+//! another image. Needs no root.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::disks::{MIB, TempDir, assert_same, blank_file, random_bytes, run, text_bytes, write_at};
+
+/// One boot at a time: two cores, and TCG is CPU-heavy.
+static QEMU: Mutex<()> = Mutex::new(());
+const BOOT_TIMEOUT: Duration = Duration::from_secs(360);
+
+fn required() -> bool {
+    std::env::var("KLON_REQUIRE_LIVE_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// Whether to run; panics (fails) when required but something is missing.
+fn ready(test: &str) -> bool {
+    if !required() {
+        report(&format!("{test}: skipped (set KLON_REQUIRE_LIVE_TESTS=1 to boot the live image in QEMU)"));
+        return false;
+    }
+    for tool in ["qemu-system-x86_64", "sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mkfs.exfat"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(tool).exists()));
+        assert!(found, "{test}: {tool} is missing (image-build/build installs qemu-system-x86 and ovmf as root; scripts/test the rest)");
+    }
+    for f in [OVMF_CODE_SB, OVMF_VARS_MS] {
+        assert!(Path::new(f).exists(), "{test}: {f} is missing (apt-get install ovmf)");
+    }
+    true
+}
+
+const OVMF_CODE_SB: &str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
+const OVMF_VARS_MS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The live image: KLON_LIVE_IMG, target/klon-live.img, or built now.
+fn live_image() -> PathBuf {
+    static IMG: OnceLock<PathBuf> = OnceLock::new();
+    IMG.get_or_init(|| {
+        if let Some(p) = std::env::var_os("KLON_LIVE_IMG") {
+            return PathBuf::from(p);
+        }
+        let img = repo().join("target/klon-live.img");
+        if !img.exists() {
+            // A target directory of its own: this test runs inside cargo's.
+            let status = Command::new(repo().join("image-build/build"))
+                .env("CARGO_TARGET_DIR", repo().join("target/live-static"))
+                .status()
+                .expect("run image-build/build");
+            assert!(status.success(), "image-build/build failed");
+        }
+        assert!(img.exists(), "no {}", img.display());
+        img
+    })
+    .clone()
+}
+
+/// The source disk: GPT, an ext4 and a FAT partition with files, boot code.
+/// Returns the partitions as (start, length) in bytes.
+fn make_source(dir: &TempDir) -> (PathBuf, Vec<(u64, u64)>) {
+    let disk = dir.join("source.img");
+    blank_file(&disk, 64 * MIB);
+    let d = disk.to_str().unwrap();
+    run("sgdisk", &["-n", "1:2048:+28M", "-t", "1:8300", "-c", "1:root", "-n", "2:0:+16M", "-t", "2:0700", "-c", "2:data", d]);
+    let parts = [(MIB, 28 * MIB), (29 * MIB, 16 * MIB)];
+    // ext4 from a folder.
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).unwrap();
+    std::fs::write(tree.join("etc/hostname"), "klon-live-test\n").unwrap();
+    std::fs::write(tree.join("random.bin"), random_bytes(7, 3 * MIB as usize)).unwrap();
+    std::fs::write(tree.join("words.txt"), text_bytes(3, 2 * MIB as usize)).unwrap();
+    let p1 = dir.join("p1.img");
+    run("mkfs.ext4", &["-q", "-F", "-L", "root", "-d", tree.to_str().unwrap(), p1.to_str().unwrap(), "28M"]);
+    // FAT with files (mtools, no mount).
+    let p2 = dir.join("p2.img");
+    run("mkfs.vfat", &["-C", "-n", "DATA", p2.to_str().unwrap(), &(16 * 1024).to_string()]);
+    let f = dir.join("notes.txt");
+    std::fs::write(&f, text_bytes(11, 300_000)).unwrap();
+    let r = dir.join("blob.bin");
+    std::fs::write(&r, random_bytes(12, MIB as usize)).unwrap();
+    mtools("mcopy", &["-i", p2.to_str().unwrap(), f.to_str().unwrap(), r.to_str().unwrap(), "::/"]);
+    for (p, (start, _)) in [p1, p2].iter().zip(parts) {
+        write_at(&disk, start, &std::fs::read(p).unwrap());
+    }
+    write_at(&disk, 0, &random_bytes(440, 440)); // boot code
+    (disk, parts.to_vec())
+}
+
+fn mtools(cmd: &str, args: &[&str]) {
+    let o = Command::new(cmd).args(args).env("MTOOLS_SKIP_CHECK", "1").output().expect(cmd);
+    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The image drive: GPT, one exFAT partition labelled KLONIMG.
+fn make_image_drive(dir: &TempDir) -> PathBuf {
+    let disk = dir.join("images.img");
+    blank_file(&disk, 160 * MIB);
+    run("sgdisk", &["-n", "1:2048:0", "-t", "1:0700", disk.to_str().unwrap()]);
+    let part = dir.join("images-p1.img");
+    blank_file(&part, 150 * MIB);
+    run("mkfs.exfat", &["-L", "KLONIMG", part.to_str().unwrap()]);
+    write_at(&disk, MIB, &std::fs::read(&part).unwrap());
+    std::fs::remove_file(part).unwrap();
+    disk
+}
+
+/// A copy of the live image with `conf` as klon.conf on its FAT partition.
+fn stick_with(dir: &TempDir, name: &str, conf: Option<&str>) -> PathBuf {
+    let stick = dir.join(name);
+    std::fs::copy(live_image(), &stick).unwrap();
+    if let Some(conf) = conf {
+        let c = dir.join("klon.conf");
+        std::fs::write(&c, conf).unwrap();
+        mtools("mcopy", &["-o", "-i", &format!("{}@@1M", stick.display()), c.to_str().unwrap(), "::/klon.conf"]);
+    }
+    stick
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Firmware {
+    Uefi,
+    Bios,
+}
+
+struct Boot {
+    /// Serial console lines with the time since power-on.
+    lines: Vec<(Duration, String)>,
+}
+
+impl Boot {
+    fn find(&self, needle: &str) -> Option<&(Duration, String)> {
+        self.lines.iter().find(|(_, l)| l.contains(needle))
+    }
+    fn transcript(&self) -> String {
+        self.lines.iter().map(|(t, l)| format!("[{:6.1}] {l}\n", t.as_secs_f64())).collect()
+    }
+}
+
+/// Boots `stick` with the disks attached until the serial console shows a
+/// line containing `until` (then QEMU is stopped) or QEMU exits; fails
+/// after BOOT_TIMEOUT.
+fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], until: Option<&str>) -> Boot {
+    boot_with(dir, fw, stick, disks, until, &[])
+}
+
+/// `boot` with extra QEMU arguments (e.g. -kernel/-initrd/-append).
+fn boot_with(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], until: Option<&str>, extra: &[String]) -> Boot {
+    let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let mut args: Vec<String> = vec!["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    match fw {
+        Firmware::Uefi => {
+            let vars = dir.join("OVMF_VARS.fd");
+            std::fs::copy(OVMF_VARS_MS, &vars).unwrap();
+            args.extend(
+                [
+                    "-machine".to_string(),
+                    "q35,smm=on".into(),
+                    "-global".into(),
+                    "driver=cfi.pflash01,property=secure,value=on".into(),
+                    "-drive".into(),
+                    format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SB}"),
+                    "-drive".into(),
+                    format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                ],
+            );
+        }
+        Firmware::Bios => args.extend(["-machine".to_string(), "q35".into()]),
+    }
+    // With -kernel, QEMU boots the kernel itself (and takes boot index 0).
+    let bootindex = if extra.iter().any(|a| a == "-kernel") { "" } else { ",bootindex=0" };
+    args.extend([
+        "-device".to_string(),
+        "qemu-xhci,id=xhci".into(),
+        "-drive".into(),
+        format!("if=none,id=stick,format=raw,file={}", stick.display()),
+        "-device".into(),
+        format!("usb-storage,bus=xhci.0,drive=stick{bootindex}"),
+    ]);
+    for (i, (path, device)) in disks.iter().enumerate() {
+        args.push("-drive".into());
+        args.push(format!("if=none,id=d{i},format=raw,file={}", path.display()));
+        args.push("-device".into());
+        args.push(device.replace("DRIVE", &format!("d{i}")));
+    }
+    args.extend(extra.iter().cloned());
+    let started = Instant::now();
+    let mut child: Child = Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start qemu-system-x86_64");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut buf = Vec::new();
+        while r.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+            if tx.send((started.elapsed(), line)).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    let mut b = Boot { lines: Vec::new() };
+    let deadline = started + BOOT_TIMEOUT;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(l) => {
+                let hit = until.is_some_and(|u| l.1.contains(u));
+                b.lines.push(l);
+                if hit {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return b;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.wait();
+                return b;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{fw:?} boot: no result within {} s; serial console:\n{}", BOOT_TIMEOUT.as_secs(), b.transcript());
+        }
+    }
+}
+
+fn result_line(b: &Boot, fw: Firmware, what: &str) -> String {
+    // The live system's part of the console, for the log.
+    if let Some(i) = b.lines.iter().position(|(_, l)| l.contains("klon live [")) {
+        eprintln!("--- {fw:?} {what}: serial console from klon's start ---");
+        for (t, l) in &b.lines[i..] {
+            eprintln!("[{:6.1}] {}", t.as_secs_f64(), l.replace('\r', ""));
+        }
+    }
+    let Some((t, line)) = b.find("KLON-RESULT:") else {
+        panic!("{fw:?} {what}: no KLON-RESULT line; serial console:\n{}", b.transcript())
+    };
+    assert!(line.contains("KLON-RESULT: ok"), "{fw:?} {what} failed: {line}\nserial console:\n{}", b.transcript());
+    report(&format!("{fw:?} {what}: {line} (at {:.1} s after power-on)", t.as_secs_f64()));
+    line.clone()
+}
+
+const WIZARD_SCREEN: &str = "live — disks";
+
+fn backup_restore(fw: Firmware) {
+    let dir = TempDir::new(&format!("live-{fw:?}"));
+    let (source, parts) = make_source(&dir);
+    let images = make_image_drive(&dir);
+    let target = dir.join("target.img");
+    blank_file(&target, 96 * MIB);
+    let disks = [
+        (source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC"),
+        (images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD"),
+        (target.as_path(), "nvme,drive=DRIVE,serial=KLONTGT"),
+    ];
+
+    // 1: unattended backup from klon.conf.
+    let stick = stick_with(
+        &dir,
+        "stick-backup.img",
+        Some("# test\njob = backup\nsource = serial=KLONSRC\nimage = pc-1\ndrive = LABEL=KLONIMG\nafter = poweroff\n"),
+    );
+    let b = boot(&dir, fw, &stick, &disks, None);
+    result_line(&b, fw, "backup");
+    assert!(b.find("powering off").is_some(), "{fw:?}: no power-off after the backup:\n{}", b.transcript());
+    if fw == Firmware::Uefi {
+        assert!(b.find("Secure Boot on").is_some(), "UEFI boot without Secure Boot:\n{}", b.transcript());
+    }
+
+    // 2: unattended restore to the larger disk; the job comes from
+    // klon.conf too, with the keys the kernel command line also takes.
+    let stick = stick_with(
+        &dir,
+        "stick-restore.img",
+        Some("klon.job = restore\nklon.target = serial=KLONTGT\nklon.image = pc-1\nklon.drive = KLONIMG\nklon.grow-last = yes\nklon.after = poweroff\n"),
+    );
+    let b = boot(&dir, fw, &stick, &disks, None);
+    result_line(&b, fw, "restore");
+
+    // From the host: the partitions match byte for byte, the table is
+    // valid on the larger disk and the last partition grew.
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &target, *start, *len, &format!("{fw:?}: partition {}", i + 1));
+    }
+    let v = run("sgdisk", &["-v", target.to_str().unwrap()]);
+    assert!(v.contains("No problems found"), "{fw:?}: sgdisk -v on the restored disk:\n{v}");
+    let info = run("sgdisk", &["-i", "2", target.to_str().unwrap()]);
+    let last: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Last sector: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("last sector");
+    assert!(last * 512 > 90 * MIB, "{fw:?}: the last partition did not grow (ends at sector {last})");
+    assert_eq!(read_first(&target, 440), read_first(&source, 440), "{fw:?}: boot code");
+    let p1 = dir.join("restored-p1.img");
+    std::fs::write(&p1, common::disks::read_at(&target, MIB, 28 * MIB)).unwrap();
+    run("e2fsck", &["-fn", p1.to_str().unwrap()]);
+}
+
+/// A line for the test log even when the harness captures output.
+fn report(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "live: {line}");
+}
+
+fn read_first(p: &Path, n: u64) -> Vec<u8> {
+    common::disks::read_at(p, 0, n)
+}
+
+/// Power-on to the first screen, without a job.
+fn first_screen(fw: Firmware) -> Duration {
+    let dir = TempDir::new(&format!("live-screen-{fw:?}"));
+    let disk = dir.join("disk.img");
+    blank_file(&disk, 32 * MIB);
+    let stick = stick_with(&dir, "stick.img", None);
+    let b = boot(&dir, fw, &stick, &[(disk.as_path(), "virtio-blk-pci,drive=DRIVE,serial=EMPTY")], Some("Press Enter for a rescue shell"));
+    let Some((t, _)) = b.find(WIZARD_SCREEN) else { panic!("{fw:?}: no first screen:\n{}", b.transcript()) };
+    assert!(b.find("/dev/vda").is_some(), "{fw:?}: the disk is not listed:\n{}", b.transcript());
+    report(&format!("{fw:?}: power-on to the first screen in {:.1} s (QEMU TCG)", t.as_secs_f64()));
+    *t
+}
+
+#[test]
+fn uefi_secure_boot_backup_then_restore() {
+    if !ready("uefi_secure_boot_backup_then_restore") {
+        return;
+    }
+    live_image();
+    first_screen(Firmware::Uefi);
+    backup_restore(Firmware::Uefi);
+}
+
+#[test]
+fn bios_backup_then_restore() {
+    if !ready("bios_backup_then_restore") {
+        return;
+    }
+    live_image();
+    first_screen(Firmware::Bios);
+    backup_restore(Firmware::Bios);
+}
+
+/// The kernel command line names the job and wins over klon.conf; a job
+/// that fails says so in KLON-RESULT and still does what `after` says.
+/// (Direct kernel boot: the boot menus are covered above.)
+#[test]
+fn cmdline_job_wins_and_failure_is_reported() {
+    if !ready("cmdline_job_wins_and_failure_is_reported") {
+        return;
+    }
+    let dir = TempDir::new("live-cmdline");
+    let images = make_image_drive(&dir);
+    let stick = stick_with(&dir, "stick.img", Some("job = backup\nsource = /dev/sda\nimage = x\nafter = wizard\n"));
+    let img = format!("{}@@1M", stick.display());
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", kernel.to_str().unwrap()]);
+    mtools("mcopy", &["-i", &img, "::/live/initrd.img", initrd.to_str().unwrap()]);
+    let append = "console=ttyS0,115200n8 quiet klon.job=verify klon.image=\"no such image\" klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=5";
+    let extra: Vec<String> = ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let b = boot_with(&dir, Firmware::Bios, &stick, &[(images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD")], None, &extra);
+    let Some((_, line)) = b.find("KLON-RESULT:") else { panic!("no KLON-RESULT line:\n{}", b.transcript()) };
+    assert!(line.contains("KLON-RESULT: failed"), "{line}\n{}", b.transcript());
+    assert!(line.contains("verify") && line.contains("no such image"), "the command line's job did not win over klon.conf: {line}");
+    assert!(b.find("powering off").is_some(), "no power-off after the failed job:\n{}", b.transcript());
+    report(&format!("command-line job: {line}"));
+}
