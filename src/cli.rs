@@ -57,13 +57,24 @@ pub struct BackupArgs {
     /// Largest image file, e.g. 4000M, 2G, 700M (default 4000 MiB, fits FAT32).
     #[arg(long, value_parser = parse_size, default_value = "4000M")]
     pub split: u64,
-    /// Back up even if partitions of the source are mounted read-write
-    /// (the image may then be inconsistent).
-    #[arg(long)]
-    pub allow_mounted: bool,
     /// Skip reading the finished image back to check it.
     #[arg(long)]
     pub no_verify: bool,
+    /// How the source is read.
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+/// How a source disk is read (backup, clone).
+#[derive(Debug, Args, Default)]
+pub struct ReadArgs {
+    /// Go on even if partitions of the source are mounted read-write (the
+    /// copy may then be inconsistent).
+    #[arg(long)]
+    pub allow_mounted: bool,
     /// Copy every partition raw (every non-zero block) instead of only the
     /// blocks its filesystem uses.
     #[arg(long)]
@@ -72,9 +83,20 @@ pub struct BackupArgs {
     /// refusing them (their allocation maps may be wrong).
     #[arg(long)]
     pub raw_unclean: bool,
-    /// Worker threads (default: one per core).
+}
+
+/// How a target disk is written (restore, clone).
+#[derive(Debug, Args, Default)]
+pub struct WriteArgs {
+    /// Do not ask: needed when standard input is not a terminal.
     #[arg(long)]
-    pub threads: Option<usize>,
+    pub yes: bool,
+    /// Extend the last partition's table entry to the end of a larger target.
+    #[arg(long)]
+    pub grow_last: bool,
+    /// Skip reading everything back after writing.
+    #[arg(long)]
+    pub no_verify_after: bool,
 }
 
 /// `klon verify`.
@@ -94,15 +116,9 @@ pub struct RestoreArgs {
     pub image: PathBuf,
     /// Target: a block device, or a file (created with the source disk's size when missing).
     pub target: PathBuf,
-    /// Do not ask: needed when standard input is not a terminal.
-    #[arg(long)]
-    pub yes: bool,
-    /// Extend the last partition's table entry to the end of a larger target.
-    #[arg(long)]
-    pub grow_last: bool,
-    /// Skip reading everything back after writing.
-    #[arg(long)]
-    pub no_verify_after: bool,
+    /// How the target is written.
+    #[command(flatten)]
+    pub write: WriteArgs,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -115,24 +131,12 @@ pub struct CloneArgs {
     pub source: PathBuf,
     /// Target: a block device, or a file (created with the source's size when missing).
     pub target: PathBuf,
-    /// Do not ask: needed when standard input is not a terminal.
-    #[arg(long)]
-    pub yes: bool,
-    /// Extend the last partition's table entry to the end of a larger target.
-    #[arg(long)]
-    pub grow_last: bool,
-    /// Skip reading both disks back after copying.
-    #[arg(long)]
-    pub no_verify_after: bool,
-    /// Copy every partition raw instead of only the blocks its filesystem uses.
-    #[arg(long)]
-    pub raw: bool,
-    /// Copy filesystems that were not cleanly unmounted raw instead of refusing them.
-    #[arg(long)]
-    pub raw_unclean: bool,
-    /// Copy even if partitions of the source are mounted read-write.
-    #[arg(long)]
-    pub allow_mounted: bool,
+    /// How the source is read.
+    #[command(flatten)]
+    pub read: ReadArgs,
+    /// How the target is written.
+    #[command(flatten)]
+    pub write: WriteArgs,
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,

@@ -72,10 +72,10 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
     let opts = BackupOptions {
         level: a.level,
         split_size: a.split,
-        allow_mounted: a.allow_mounted,
+        allow_mounted: a.read.allow_mounted,
         quiet: cli.quiet,
         workers,
-        plan: PlanOptions { raw_all: a.raw, raw_unclean: a.raw_unclean },
+        plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
     };
     let report = backup::backup(&a.source, &a.image, &opts)?;
     let verified = if a.no_verify {
@@ -176,10 +176,10 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let plan = restore::prepare(&a.image, &a.target)?;
-    confirm(&plan.target.path, &plan.describe(), a.yes)?;
+    confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let opts = RestoreOptions {
-        grow_last: a.grow_last,
-        verify_after: !a.no_verify_after,
+        grow_last: a.write.grow_last,
+        verify_after: !a.write.no_verify_after,
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
@@ -212,16 +212,16 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
     let plan = crate::engine::clone::prepare(
         &a.source,
         &a.target,
-        PlanOptions { raw_all: a.raw, raw_unclean: a.raw_unclean },
-        a.allow_mounted,
+        PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
+        a.read.allow_mounted,
     )?;
     for w in &plan.warnings {
         eprintln!("klon: warning: {w}");
     }
-    confirm(&plan.target.path, &plan.describe(), a.yes)?;
+    confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let opts = crate::engine::clone::CloneOptions {
-        grow_last: a.grow_last,
-        verify_after: !a.no_verify_after,
+        grow_last: a.write.grow_last,
+        verify_after: !a.write.no_verify_after,
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };

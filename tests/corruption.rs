@@ -131,28 +131,33 @@ fn newer_format_version_is_refused_with_advice() {
     assert!(stderr(&o).contains("version 2"), "{}", stderr(&o));
 }
 
-#[test]
-fn interrupted_backup_is_reported_incomplete() {
-    let t = TempDir::new("interrupt");
-    let src = t.join("src.img");
-    let img = t.join("image");
-    // Big enough that the backup is still running when it is killed.
+/// Starts a backup slow enough to be interrupted (1.5 GiB of text at zstd
+/// level 19) and returns once it has written its first data file.
+fn start_slow_backup(t: &TempDir) -> (std::process::Child, PathBuf, PathBuf, PathBuf) {
+    let (src, img, partial) = (t.join("src.img"), t.join("image"), t.join("image.klon-partial"));
     blank_file(&src, 1536 * MIB);
-    let chunk = random_bytes(3, 8 * MIB as usize);
+    let chunk = text_bytes(3, 8 * MIB as usize);
     for i in 0..192 {
         write_at(&src, i * 8 * MIB, &chunk);
     }
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_klon"))
         .args(["backup", "--quiet", "--level", "19", src.to_str().unwrap(), img.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let partial = t.join("image.klon-partial");
     let started = std::time::Instant::now();
     while !partial.join("disk.000").exists() {
         assert!(started.elapsed().as_secs() < 60, "backup did not start writing");
         assert!(child.try_wait().unwrap().is_none(), "backup ended before it could be interrupted");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    (child, src, img, partial)
+}
+
+#[test]
+fn interrupted_backup_is_reported_incomplete() {
+    let t = TempDir::new("interrupt");
+    let (mut child, src, img, partial) = start_slow_backup(&t);
     child.kill().unwrap(); // as a power cut or a pulled drive would
     child.wait().unwrap();
     assert!(!img.exists(), "an interrupted backup must not look like a finished image");
@@ -169,35 +174,10 @@ fn interrupted_backup_is_reported_incomplete() {
 #[test]
 fn cancelled_backup_removes_its_unfinished_image() {
     let t = TempDir::new("cancel");
-    let src = t.join("src.img");
-    let img = t.join("image");
-    blank_file(&src, 1536 * MIB);
-    let chunk = random_bytes(4, 8 * MIB as usize);
-    for i in 0..192 {
-        write_at(&src, i * 8 * MIB, &chunk);
-    }
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_klon"))
-        .args(["backup", "--quiet", "--level", "19", src.to_str().unwrap(), img.to_str().unwrap()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let partial = t.join("image.klon-partial");
-    let started = std::time::Instant::now();
-    while !partial.join("disk.000").exists() {
-        assert!(started.elapsed().as_secs() < 60, "backup did not start writing");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    nix_kill(child.id(), libc_sigint());
+    let (child, _src, img, partial) = start_slow_backup(&t);
+    run("kill", &["-INT", &child.id().to_string()]);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
     assert!(!partial.exists() && !img.exists(), "cancelled backup left files behind");
-}
-
-fn libc_sigint() -> i32 {
-    2
-}
-
-fn nix_kill(pid: u32, sig: i32) {
-    run("kill", &[&format!("-{sig}"), &pid.to_string()]);
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::{BackupArgs, Cli, Command, RestoreArgs, VerifyArgs};
+use crate::cli::{BackupArgs, Cli, Command, ReadArgs, RestoreArgs, VerifyArgs, WriteArgs};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
 use image_drive::{Candidate, ImageDrive};
@@ -316,19 +316,15 @@ pub fn run_job(job: &Job) -> Result<String> {
             source: disk.clone().unwrap_or_default(),
             image: image.clone(),
             level: job.level,
-            split: 4000 << 20,
-            allow_mounted: false,
+            split: crate::engine::backup::DEFAULT_SPLIT,
             no_verify: false,
-            raw: false,
-            raw_unclean: false,
+            read: ReadArgs::default(),
             threads: None,
         }),
         JobKind::Restore => Command::Restore(RestoreArgs {
             image: image.clone(),
             target: disk.clone().unwrap_or_default(),
-            yes: true,
-            grow_last: job.grow_last,
-            no_verify_after: false,
+            write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
             threads: None,
         }),
         JobKind::Verify => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
