@@ -10,8 +10,8 @@ use serde_json::json;
 use crate::cli::{BackupArgs, Cli, CloneArgs, Command, InfoArgs, RestoreArgs, VerifyArgs};
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::pipeline::default_workers;
-use crate::engine::streams::PlanOptions;
 use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::streams::PlanOptions;
 use crate::engine::verify;
 use crate::error::{Error, Result};
 use crate::image::reader::describe_stream;
@@ -167,11 +167,7 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
         .lock()
         .read_line(&mut line)
         .map_err(|e| Error::io("reading the confirmation from", Path::new("stdin"), None, e))?;
-    if line.trim() == name {
-        Ok(())
-    } else {
-        Err(Error::Cancelled(format!("nothing was written to {shown}")))
-    }
+    if line.trim() == name { Ok(()) } else { Err(Error::Cancelled(format!("nothing was written to {shown}"))) }
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
@@ -188,7 +184,14 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
 }
 
 /// The report of a restore or a clone.
-fn report_written(cli: &Cli, done: &str, from_key: &str, from: &Path, to: &Path, r: &restore::RestoreReport) -> Result<()> {
+fn report_written(
+    cli: &Cli,
+    done: &str,
+    from_key: &str,
+    from: &Path,
+    to: &Path,
+    r: &restore::RestoreReport,
+) -> Result<()> {
     if cli.json {
         return print_json(&json!({
             from_key: from, "target": to, "bytes_written": r.bytes_written,
@@ -256,11 +259,9 @@ fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
     print!("{}", render_info(&a.image, m));
     match last_verify {
         Some(v) if v.ok => println!("Verified:     OK on {} (klon {})", v.time, v.klon_version),
-        Some(v) => println!(
-            "Verified:     FAILED on {}: {}",
-            v.time,
-            v.problem.as_deref().unwrap_or("unknown problem")
-        ),
+        Some(v) => {
+            println!("Verified:     FAILED on {}: {}", v.time, v.problem.as_deref().unwrap_or("unknown problem"))
+        }
         None => println!("Verified:     never (run klon verify)"),
     }
     Ok(())
@@ -292,7 +293,13 @@ pub fn render_info(dir: &Path, m: &Manifest) -> String {
         m.layout.kind,
         m.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
     );
-    let _ = writeln!(o, "Compression:  {} level {}, {} KiB chunks", m.compression.algorithm, m.compression.level, m.chunk_size >> 10);
+    let _ = writeln!(
+        o,
+        "Compression:  {} level {}, {} KiB chunks",
+        m.compression.algorithm,
+        m.compression.level,
+        m.chunk_size >> 10
+    );
     let _ = writeln!(o, "Streams:");
     for st in &m.streams {
         let part = m.layout.partitions.iter().find(|p| Some(p.number) == st.partition);
@@ -307,8 +314,12 @@ pub fn render_info(dir: &Path, m: &Manifest) -> String {
             describe_stream(st),
             st.start,
             human_bytes(st.length),
-            part.map(|p| format!("type {}{}", p.type_id, if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }))
-                .unwrap_or_default()
+            part.map(|p| format!(
+                "type {}{}",
+                p.type_id,
+                if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }
+            ))
+            .unwrap_or_default()
         );
         let uuid = st.fs.as_ref().and_then(|f| f.uuid.as_deref()).map(|u| format!(", UUID {u}")).unwrap_or_default();
         let used = match (st.fs_used_bytes, st.fs_total_bytes, st.fs_block_size) {

@@ -74,10 +74,7 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
     f.set_len(96 * MIB).map_err(|e| Error::io("sizing", &target, None, e))?;
     drop(f);
     let plan = restore::prepare(&image, &target)?;
-    let r = restore::restore(
-        plan,
-        &RestoreOptions { grow_last: true, verify_after: true, quiet, workers },
-    )?;
+    let r = restore::restore(plan, &RestoreOptions { grow_last: true, verify_after: true, quiet, workers })?;
     println!(
         "4. Restored to a larger 96 MiB disk, last partition grown, read back and verified in {:.2} s: {}",
         r.seconds,
@@ -128,7 +125,9 @@ fn text_bytes(len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 100);
     let mut i = 0u64;
     while out.len() < len {
-        out.extend_from_slice(format!("line {i}: klon backs up disks into compressed, checksummed images.\n").as_bytes());
+        out.extend_from_slice(
+            format!("line {i}: klon backs up disks into compressed, checksummed images.\n").as_bytes(),
+        );
         i += 1;
     }
     out.truncate(len);
@@ -148,8 +147,7 @@ pub fn make_sample_disk(path: &Path, size: u64) -> Result<PathBuf> {
     let gpt_err = |e: gpt::GptError| Error::Unsupported(format!("writing the sample GPT: {e}"));
     let mut f = f;
     let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(((size / 512) - 1).min(u32::MAX as u64) as u32);
-    mbr.overwrite_lba0(&mut f)
-        .map_err(|e| Error::Unsupported(format!("writing the sample MBR: {e}")))?;
+    mbr.overwrite_lba0(&mut f).map_err(|e| Error::Unsupported(format!("writing the sample MBR: {e}")))?;
     let mut disk = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)

@@ -16,22 +16,8 @@ fn bench_script_parses_and_shows_its_options() {
         }
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "scripts/bench --help failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for option in [
-        "--quick",
-        "--runs",
-        "--fresh",
-        "--workdir",
-        "--out",
-        "--only",
-    ] {
-        assert!(
-            text.contains(option),
-            "scripts/bench --help does not mention {option}:\n{text}"
-        );
+    assert!(out.status.success(), "scripts/bench --help failed: {}", String::from_utf8_lossy(&out.stderr));
+    for option in ["--quick", "--runs", "--fresh", "--workdir", "--out", "--only"] {
+        assert!(text.contains(option), "scripts/bench --help does not mention {option}:\n{text}");
     }
 }

@@ -122,7 +122,8 @@ fn newer_format_version_is_refused_with_advice() {
     let t = TempDir::new("version");
     let (_, img) = fresh_image(&t);
     let manifest = img.join("klon.json");
-    let text = std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": 1", "\"format_version\": 2", 1);
+    let text =
+        std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": 1", "\"format_version\": 2", 1);
     std::fs::write(&manifest, &text).unwrap();
     let sum = format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex());
     std::fs::write(img.join("klon.json.b3"), sum).unwrap();

@@ -114,7 +114,8 @@ fn round_trip(tag: &str, size: u64, mkfs_args: &[&str]) {
     let part_len = make_btrfs_disk(&t, &src, size, mkfs_args, &tree);
 
     ok(&klon(&["backup", src.to_str().unwrap(), img.to_str().unwrap()]));
-    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
     let streams = info["manifest"]["streams"].as_array().unwrap();
     let p1 = streams.iter().find(|s| s["partition"] == 1).expect("a stream for partition 1");
     assert_eq!(p1["method"], "btrfs", "{p1}");
@@ -205,7 +206,8 @@ fn unclean_log_tree_refused() {
     fails_with(&out, 5, &["--raw-unclean", "log tree"]);
     let _ = std::fs::remove_dir_all(&img);
     ok(&klon(&["backup", "--raw-unclean", crashed.to_str().unwrap(), img.to_str().unwrap()]));
-    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
     let p1 = info["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 1).cloned().unwrap();
     assert_eq!(p1["method"], "raw", "{p1}");
 }

@@ -91,7 +91,13 @@ fn fs_used_bytes(part: &Path) -> u64 {
 fn partition_stream(img: &Path) -> serde_json::Value {
     let info = stdout(&klon(&["info", "--json", img.to_str().unwrap()]));
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-    v["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 1).expect("a stream for partition 1").clone()
+    v["manifest"]["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["partition"] == 1)
+        .expect("a stream for partition 1")
+        .clone()
 }
 
 fn round_trip(tag: &str, part_mib: u64, mkfs: &[&str], fstype: &str, how: Populate) {
@@ -177,13 +183,25 @@ fn ext4_1k_kernel_written_round_trip() {
 #[test]
 fn ext4_4k_kernel_written_lazy_itable_round_trip() {
     require_root!();
-    round_trip("ext4-lazy-kernel", 64, &["-t", "ext4", "-b", "4096", "-E", "lazy_itable_init=1", "-N", "20000"], "ext4", Populate::Mount);
+    round_trip(
+        "ext4-lazy-kernel",
+        64,
+        &["-t", "ext4", "-b", "4096", "-E", "lazy_itable_init=1", "-N", "20000"],
+        "ext4",
+        Populate::Mount,
+    );
 }
 
 #[test]
 fn ext4_bigalloc_round_trip() {
     require_root!();
-    round_trip("ext4-bigalloc", 64, &["-t", "ext4", "-b", "4096", "-O", "bigalloc", "-C", "16384"], "ext4", Populate::MkfsD);
+    round_trip(
+        "ext4-bigalloc",
+        64,
+        &["-t", "ext4", "-b", "4096", "-O", "bigalloc", "-C", "16384"],
+        "ext4",
+        Populate::MkfsD,
+    );
 }
 
 #[test]

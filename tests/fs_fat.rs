@@ -23,7 +23,11 @@ fn s(p: &Path) -> &str {
 
 /// Runs a tool with mtools' geometry check off; returns (success, output).
 fn try_tool(cmd: &str, args: &[&str]) -> (bool, String) {
-    let o = Command::new(cmd).args(args).env("MTOOLS_SKIP_CHECK", "1").output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let o = Command::new(cmd)
+        .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
 }
 
@@ -119,12 +123,20 @@ fn same_tree(a: &Path, b: &Path) -> usize {
         if e.file_type().unwrap().is_dir() {
             n += same_tree(&e.path(), &other);
         } else {
-            let (x, y) = (std::fs::read(e.path()).unwrap(), std::fs::read(&other).unwrap_or_else(|err| panic!("{}: {err}", other.display())));
+            let (x, y) = (
+                std::fs::read(e.path()).unwrap(),
+                std::fs::read(&other).unwrap_or_else(|err| panic!("{}: {err}", other.display())),
+            );
             assert!(x == y, "{} differs after the round trip", other.display());
             n += 1;
         }
     }
-    assert_eq!(std::fs::read_dir(a).unwrap().count(), std::fs::read_dir(b).unwrap().count(), "entries of {}", b.display());
+    assert_eq!(
+        std::fs::read_dir(a).unwrap().count(),
+        std::fs::read_dir(b).unwrap().count(),
+        "entries of {}",
+        b.display()
+    );
     n
 }
 
@@ -145,7 +157,11 @@ fn backup(disk: &Path, img: &Path, extra: &[&str]) -> serde_json::Value {
     ok(&klon(&args));
     let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", s(img)]))).unwrap();
     let streams = info["manifest"]["streams"].as_array().unwrap();
-    streams.iter().find(|st| st["start"] == PART_START).unwrap_or_else(|| panic!("no stream for the partition: {info}")).clone()
+    streams
+        .iter()
+        .find(|st| st["start"] == PART_START)
+        .unwrap_or_else(|| panic!("no stream for the partition: {info}"))
+        .clone()
 }
 
 /// Restores `img` to a larger garbage-filled disk and extracts the partition.
@@ -193,7 +209,9 @@ fn fat_round_trip(bits: u32, part_mib: u64, spc: u32, sector: u32) {
     let st = backup(&disk, &img, &[]);
     assert_eq!(st["method"], "vfat", "{st}");
     let stored = st["stored_bytes"].as_u64().unwrap();
-    eprintln!("FAT{bits} {part_mib} MiB, {cluster}-byte clusters: stored {stored} bytes, fsck.fat counts {fs_used} ({used_clusters} clusters + {data_start} of reserved/FAT/root)");
+    eprintln!(
+        "FAT{bits} {part_mib} MiB, {cluster}-byte clusters: stored {stored} bytes, fsck.fat counts {fs_used} ({used_clusters} clusters + {data_start} of reserved/FAT/root)"
+    );
     assert!(stored <= fs_used, "stored {stored} > used {fs_used}");
     assert!(stored < part_len / 2, "stored {stored} of {part_len}");
 
@@ -277,7 +295,9 @@ fn exfat_round_trip() {
         let st = backup(&disk, &img, &[]);
         assert_eq!(st["method"], "exfat", "{st}");
         let stored = st["stored_bytes"].as_u64().unwrap();
-        eprintln!("exFAT {part_mib} MiB, {cluster_bytes}-byte clusters: stored {stored} bytes, dump.exfat counts {fs_used} ({used_clusters} clusters + {meta} of boot regions and FAT)");
+        eprintln!(
+            "exFAT {part_mib} MiB, {cluster_bytes}-byte clusters: stored {stored} bytes, dump.exfat counts {fs_used} ({used_clusters} clusters + {meta} of boot regions and FAT)"
+        );
         assert!(stored <= fs_used, "stored {stored} > used {fs_used}");
 
         let part = restore_partition(&t, &img, disk_len, part_len);

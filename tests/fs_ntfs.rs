@@ -91,7 +91,8 @@ fn populate(fs_file: &Path, mnt: &Path, fill: u64, seed: u64) -> Files {
         };
         let dir = ["", "Documents/", "Documents/deep/er/"][(i % 3) as usize];
         let name = format!("{dir}file {i}.bin");
-        let data = if i.is_multiple_of(2) { random_bytes(seed * 1000 + i, len) } else { text_bytes(seed * 1000 + i, len) };
+        let data =
+            if i.is_multiple_of(2) { random_bytes(seed * 1000 + i, len) } else { text_bytes(seed * 1000 + i, len) };
         std::fs::write(mnt.join(&name), &data).unwrap();
         total += len as u64;
         files.push((name, data));
@@ -138,7 +139,8 @@ fn mkntfs(fs_file: &Path, cluster: u32) {
 fn ntfs_used_bytes(fs_file: &Path) -> u64 {
     let out = run("ntfscluster", &["-i", s(fs_file)]);
     let field = |name: &str| -> u64 {
-        let line = out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("ntfscluster: no {name}:\n{out}"));
+        let line =
+            out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("ntfscluster: no {name}:\n{out}"));
         line.split(':').nth(1).unwrap().trim().parse().unwrap()
     };
     field("bytes of user data") + field("bytes of metadata")
@@ -220,7 +222,9 @@ fn ntfs_and_swap_round_trip() {
         let st2 = stream(&info, 2);
         assert_eq!(st2["method"], "swap", "{st2}");
         assert_eq!(st2["stored_bytes"], 4096, "swap: header page only");
-        eprintln!("cluster {cluster}: NTFS uses {used} bytes (ntfscluster), stored {stored1}; swap stored 4096 of {l2}");
+        eprintln!(
+            "cluster {cluster}: NTFS uses {used} bytes (ntfscluster), stored {stored1}; swap stored 4096 of {l2}"
+        );
 
         garbage_file(&dst, 96 * MIB);
         ok(&klon(&["restore", "--yes", s(&img), s(&dst)]));
@@ -230,7 +234,10 @@ fn ntfs_and_swap_round_trip() {
         let back = t.join("ntfs-back.img");
         extract(&dst, p1, l1, &back);
         let fix = run("ntfsfix", &["-n", s(&back)]);
-        assert!(fix.contains("alternate boot sector... OK") && fix.contains("processed successfully"), "ntfsfix -n:\n{fix}");
+        assert!(
+            fix.contains("alternate boot sector... OK") && fix.contains("processed successfully"),
+            "ntfsfix -n:\n{fix}"
+        );
         assert!(!fix.contains("BAD"), "ntfsfix -n:\n{fix}");
         let m = Mount::new(&back, &mnt, true);
         let mut want: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
@@ -247,7 +254,10 @@ fn ntfs_and_swap_round_trip() {
         extract(&dst, p2, l2, &swap_back);
         assert_eq!(blkid(&swap_back), swap_id);
         let sl = run("swaplabel", &[s(&swap_back)]);
-        assert!(sl.contains("LABEL: klonswap") && sl.contains("UUID:  0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), "swaplabel:\n{sl}");
+        assert!(
+            sl.contains("LABEL: klonswap") && sl.contains("UUID:  0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+            "swaplabel:\n{sl}"
+        );
     }
 }
 

@@ -256,7 +256,9 @@ fn proto_for(src: &Path, proto: &Path) {
 /// Used byte ranges of an XFS by xfs_db: all blocks but `freesp -d`'s.
 fn xfs_used_ranges(dev: &Path) -> Vec<(u64, u64)> {
     let sbp = xfs_tool("xfs_db", &["-r", "-c", "sb 0", "-c", "p dblocks agblocks blocksize", s(dev)]);
-    let get = |k: &str| -> u64 { sbp.lines().find_map(|l| l.strip_prefix(&format!("{k} = "))).unwrap().trim().parse().unwrap() };
+    let get = |k: &str| -> u64 {
+        sbp.lines().find_map(|l| l.strip_prefix(&format!("{k} = "))).unwrap().trim().parse().unwrap()
+    };
     let (dblocks, agblocks, bs) = (get("dblocks"), get("agblocks"), get("blocksize"));
     let out = xfs_tool("xfs_db", &["-r", "-c", "freesp -d", s(dev)]);
     let mut free: Vec<(u64, u64)> = out
@@ -294,7 +296,10 @@ fn xfs_v4_round_trip_used_blocks_identical() {
         let dev = LoopDevice::attach(&src, None);
         let part = dev.partition(2);
         let proto = t.join("proto");
-        xfs_tool("mkfs.xfs", &["-f", "-q", "-K", "-m", "crc=0", "-b", "size=1024", "-d", "agcount=5", "-p", s(&proto), s(&part)]);
+        xfs_tool(
+            "mkfs.xfs",
+            &["-f", "-q", "-K", "-m", "crc=0", "-b", "size=1024", "-d", "agcount=5", "-p", s(&proto), s(&part)],
+        );
         (xfs_used_ranges(&part), xfs_used_bytes(&part))
     };
     assert_eq!(used_ranges.iter().map(|r| r.1).sum::<u64>(), used);

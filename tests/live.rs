@@ -38,9 +38,15 @@ fn ready(test: &str) -> bool {
         return false;
     }
     for tool in ["qemu-system-x86_64", "sgdisk", "mkfs.ext4", "mkfs.vfat", "mcopy", "mkfs.exfat"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")]).any(|d| d.join(tool).exists()));
-        assert!(found, "{test}: {tool} is missing (image-build/build installs qemu-system-x86 and ovmf as root; scripts/test the rest)");
+        let found = std::env::var_os("PATH").is_some_and(|p| {
+            std::env::split_paths(&p)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+                .any(|d| d.join(tool).exists())
+        });
+        assert!(
+            found,
+            "{test}: {tool} is missing (image-build/build installs qemu-system-x86 and ovmf as root; scripts/test the rest)"
+        );
     }
     for f in [OVMF_CODE_SB, OVMF_VARS_MS] {
         assert!(Path::new(f).exists(), "{test}: {f} is missing (apt-get install ovmf)");
@@ -83,7 +89,10 @@ fn make_source(dir: &TempDir) -> (PathBuf, Vec<(u64, u64)>) {
     let disk = dir.join("source.img");
     blank_file(&disk, 64 * MIB);
     let d = disk.to_str().unwrap();
-    run("sgdisk", &["-n", "1:2048:+28M", "-t", "1:8300", "-c", "1:root", "-n", "2:0:+16M", "-t", "2:0700", "-c", "2:data", d]);
+    run(
+        "sgdisk",
+        &["-n", "1:2048:+28M", "-t", "1:8300", "-c", "1:root", "-n", "2:0:+16M", "-t", "2:0700", "-c", "2:data", d],
+    );
     let parts = [(MIB, 28 * MIB), (29 * MIB, 16 * MIB)];
     // ext4 from a folder.
     let tree = dir.join("tree");
@@ -166,28 +175,47 @@ fn boot(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], unti
 }
 
 /// `boot` with extra QEMU arguments (e.g. -kernel/-initrd/-append).
-fn boot_with(dir: &TempDir, fw: Firmware, stick: &Path, disks: &[(&Path, &str)], until: Option<&str>, extra: &[String]) -> Boot {
+fn boot_with(
+    dir: &TempDir,
+    fw: Firmware,
+    stick: &Path,
+    disks: &[(&Path, &str)],
+    until: Option<&str>,
+    extra: &[String],
+) -> Boot {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
-    let mut args: Vec<String> = vec!["-accel", "tcg", "-m", "1024", "-smp", "2", "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let mut args: Vec<String> = vec![
+        "-accel",
+        "tcg",
+        "-m",
+        "1024",
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     match fw {
         Firmware::Uefi => {
             let vars = dir.join("OVMF_VARS.fd");
             std::fs::copy(OVMF_VARS_MS, &vars).unwrap();
-            args.extend(
-                [
-                    "-machine".to_string(),
-                    "q35,smm=on".into(),
-                    "-global".into(),
-                    "driver=cfi.pflash01,property=secure,value=on".into(),
-                    "-drive".into(),
-                    format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SB}"),
-                    "-drive".into(),
-                    format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
-                ],
-            );
+            args.extend([
+                "-machine".to_string(),
+                "q35,smm=on".into(),
+                "-global".into(),
+                "driver=cfi.pflash01,property=secure,value=on".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE_SB}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+            ]);
         }
         Firmware::Bios => args.extend(["-machine".to_string(), "q35".into()]),
     }
@@ -304,7 +332,9 @@ fn backup_restore(fw: Firmware) {
     let stick = stick_with(
         &dir,
         "stick-restore.img",
-        Some("klon.job = restore\nklon.target = serial=KLONTGT\nklon.image = pc-1\nklon.drive = KLONIMG\nklon.grow-last = yes\nklon.after = poweroff\n"),
+        Some(
+            "klon.job = restore\nklon.target = serial=KLONTGT\nklon.image = pc-1\nklon.drive = KLONIMG\nklon.grow-last = yes\nklon.after = poweroff\n",
+        ),
     );
     let b = boot(&dir, fw, &stick, &disks, None);
     result_line(&b, fw, "restore");
@@ -349,7 +379,11 @@ fn first_screen(fw: Firmware) -> Duration {
     let b = boot(&dir, fw, &stick, &[(disk.as_path(), "virtio-blk-pci,drive=DRIVE,serial=EMPTY")], Some("  Power off"));
     let Some((t, _)) = b.find(WIZARD_SCREEN) else { panic!("{fw:?}: no first screen:\n{}", b.transcript()) };
     // The live entries of the wizard's main menu are there.
-    assert!(b.find("  Shell").is_some() && b.find("  Power off").is_some(), "{fw:?}: not the live menu:\n{}", b.transcript());
+    assert!(
+        b.find("  Shell").is_some() && b.find("  Power off").is_some(),
+        "{fw:?}: not the live menu:\n{}",
+        b.transcript()
+    );
     report(&format!("{fw:?}: power-on to the first screen in {:.1} s (QEMU TCG)", t.as_secs_f64()));
     *t
 }
@@ -390,14 +424,25 @@ fn cmdline_job_wins_and_failure_is_reported() {
     mtools("mcopy", &["-i", &img, "::/live/vmlinuz", kernel.to_str().unwrap()]);
     mtools("mcopy", &["-i", &img, "::/live/initrd.img", initrd.to_str().unwrap()]);
     let append = "console=ttyS0,115200n8 quiet klon.job=verify klon.image=\"no such image\" klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=5";
-    let extra: Vec<String> = ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let b = boot_with(&dir, Firmware::Bios, &stick, &[(images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD")], None, &extra);
+    let extra: Vec<String> =
+        ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let b = boot_with(
+        &dir,
+        Firmware::Bios,
+        &stick,
+        &[(images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD")],
+        None,
+        &extra,
+    );
     let Some((_, line)) = b.find("KLON-RESULT:") else { panic!("no KLON-RESULT line:\n{}", b.transcript()) };
     assert!(line.contains("KLON-RESULT: failed"), "{line}\n{}", b.transcript());
-    assert!(line.contains("verify") && line.contains("no such image"), "the command line's job did not win over klon.conf: {line}");
+    assert!(
+        line.contains("verify") && line.contains("no such image"),
+        "the command line's job did not win over klon.conf: {line}"
+    );
     assert!(b.find("powering off").is_some(), "no power-off after the failed job:\n{}", b.transcript());
     report(&format!("command-line job: {line}"));
 }

@@ -138,7 +138,8 @@ fn whole_disk_filesystem_without_table_round_trip_and_fsck() {
     run("mke2fs", &["-q", "-F", "-t", "ext4", "-d", files.to_str().unwrap(), src.to_str().unwrap()]);
     // Only the blocks ext4 uses are copied: the restored filesystem is clean.
     backup(&src, &img, &[]);
-    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(&klon(&["info", "--json", img.to_str().unwrap()]))).unwrap();
     assert_eq!(info["manifest"]["layout"]["kind"], "none");
     assert_eq!(info["manifest"]["streams"][0]["method"], "ext4");
     garbage_file(&dst, 40 * MIB);
@@ -159,7 +160,8 @@ fn split_files_and_level_are_honoured() {
     blank_file(&src, 64 * MIB);
     write_at(&src, 0, &random_bytes(5, 50 * MIB as usize));
     backup(&src, &img, &["--split", "17M", "--level", "1"]);
-    let names: Vec<String> = std::fs::read_dir(&img).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> =
+        std::fs::read_dir(&img).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     let data_files = names.iter().filter(|n| n.starts_with("disk.0")).count();
     assert!(data_files >= 3, "expected at least 3 split files, got {names:?}");
     for n in &names {

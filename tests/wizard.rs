@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::disks::{assert_same, garbage_file, make_gpt_disk, read_at, TempDir, MIB};
+use common::disks::{MIB, TempDir, assert_same, garbage_file, make_gpt_disk, read_at};
 use common::loop_device::LoopDevice;
 
 /// Loop devices are scarce and shared: run these tests one at a time.
@@ -43,7 +43,10 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        let o = Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", "w"]).output().expect("tmux capture-pane");
+        let o = Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p", "-t", "w"])
+            .output()
+            .expect("tmux capture-pane");
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -173,7 +176,8 @@ fn wizard_backup_verify_restore_and_back_step() {
     assert!(s.contains("Verification: OK"), "{s}");
     assert!(s.contains(&format!("klon backup {}", src.path.display())), "{s}");
     assert!(s.contains("Compression:") && s.contains("Image:"), "{s}");
-    let image: PathBuf = std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("an image");
+    let image: PathBuf =
+        std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("an image");
     assert!(image.join("klon.json").exists());
     assert!(image.join("last-verify.json").exists());
     t.keys(&["Enter"]);
@@ -319,9 +323,17 @@ fn wizard_waits_for_the_image_drive_and_unmounts_it() {
     make_gpt_disk(&disk, 32 * MIB);
     let content = tmp.join("content");
     std::fs::create_dir(&content).unwrap();
-    common::disks::ok(&common::disks::klon(&["backup", "--quiet", disk.to_str().unwrap(), content.join("laptop").to_str().unwrap()]));
+    common::disks::ok(&common::disks::klon(&[
+        "backup",
+        "--quiet",
+        disk.to_str().unwrap(),
+        content.join("laptop").to_str().unwrap(),
+    ]));
     let drive = tmp.join("drive.img");
-    common::disks::run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "KLONIMG", "-d", content.to_str().unwrap(), drive.to_str().unwrap(), "64M"]);
+    common::disks::run(
+        "mke2fs",
+        &["-q", "-F", "-t", "ext4", "-L", "KLONIMG", "-d", content.to_str().unwrap(), drive.to_str().unwrap(), "64M"],
+    );
 
     let t = Tmux::start(&tmp.0);
     t.wait_for(&["main menu"], 20);

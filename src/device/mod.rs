@@ -52,10 +52,7 @@ pub struct Disk {
 impl Disk {
     /// Opens a source read-only. klon never opens a source for writing.
     pub fn open_source(path: &Path) -> Result<Disk> {
-        let file = OpenOptions::new()
-            .read(true)
-            .open(path)
-            .map_err(|e| Error::io("opening source", path, None, e))?;
+        let file = OpenOptions::new().read(true).open(path).map_err(|e| Error::io("opening source", path, None, e))?;
         Self::from_file(path, file, false)
     }
 
@@ -71,12 +68,8 @@ impl Disk {
     pub fn open_target(path: &Path, create_size: Option<u64>) -> Result<Disk> {
         match std::fs::metadata(path) {
             Ok(meta) if meta.file_type().is_block_device() => {
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .custom_flags(libc::O_EXCL)
-                    .open(path)
-                    .map_err(|e| {
+                let file =
+                    OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(path).map_err(|e| {
                         if e.raw_os_error() == Some(libc::EBUSY) {
                             Error::Refused(format!(
                                 "target {} is in use (mounted, or held by another program or device mapper); \
@@ -97,10 +90,9 @@ impl Disk {
                     .map_err(|e| Error::io("opening target", path, None, e))?;
                 Self::from_file(path, file, false)
             }
-            Ok(_) => Err(Error::Usage(format!(
-                "target {} is neither a block device nor a regular file",
-                path.display()
-            ))),
+            Ok(_) => {
+                Err(Error::Usage(format!("target {} is neither a block device nor a regular file", path.display())))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let Some(size) = create_size else {
                     return Err(Error::io("opening target", path, None, e));
@@ -165,16 +157,12 @@ impl Disk {
 
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.path, Some(offset), e))
     }
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| Error::io("writing", &self.path, Some(offset), e))
+        self.file.write_all_at(buf, offset).map_err(|e| Error::io("writing", &self.path, Some(offset), e))
     }
 
     /// Makes `[offset, offset+len)` read as zeros: BLKZEROOUT on block
@@ -219,8 +207,7 @@ impl Disk {
         if self.kind == DiskKind::BlockDevice {
             blockdev::reread_partition_table(&self.file)
                 .map_err(|e| Error::io("re-reading the partition table of", &self.path, None, e))?;
-            blockdev::flush_buffers(&self.file)
-                .map_err(|e| Error::io("flushing buffers of", &self.path, None, e))?;
+            blockdev::flush_buffers(&self.file).map_err(|e| Error::io("flushing buffers of", &self.path, None, e))?;
         } else {
             let _ = nix::fcntl::posix_fadvise(&self.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         }

@@ -108,11 +108,7 @@ fn is_partition_dir(dir: &Path) -> bool {
 /// for a whole disk, its own. `None` when sysfs does not know the device.
 pub fn whole_disk_of(devno: u64) -> Option<u64> {
     let dir = sys_dir_of(devno)?;
-    if is_partition_dir(&dir) {
-        parse_devno(&read_attr(&dir.parent()?.join("dev"))?)
-    } else {
-        Some(devno)
-    }
+    if is_partition_dir(&dir) { parse_devno(&read_attr(&dir.parent()?.join("dev"))?) } else { Some(devno) }
 }
 
 /// Device numbers of the partitions of the whole disk `devno` (empty for a
@@ -161,7 +157,9 @@ pub fn underlying_devices(devno: u64) -> Vec<u64> {
             continue;
         }
         for s in slaves {
-            if let Some(sd) = read_attr(&Path::new("/sys/class/block").join(&s).join("dev")).and_then(|t| parse_devno(&t)) {
+            if let Some(sd) =
+                read_attr(&Path::new("/sys/class/block").join(&s).join("dev")).and_then(|t| parse_devno(&t))
+            {
                 todo.push((sd, depth + 1));
             }
         }
@@ -295,9 +293,7 @@ fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> 
     };
     // Partition types come from the table itself (sysfs does not have them).
     let table = if partition { None } else { disk.and_then(|d| crate::table::read_layout(d).ok()) };
-    let type_of = |start: u64| {
-        table.as_ref()?.partitions.iter().find(|p| p.start == start).map(|p| p.type_id.clone())
-    };
+    let type_of = |start: u64| table.as_ref()?.partitions.iter().find(|p| p.start == start).map(|p| p.type_id.clone());
     let mut partitions = Vec::new();
     if !partition && let Ok(rd) = fs::read_dir(sysdir) {
         for e in rd.flatten() {
@@ -504,10 +500,13 @@ pub fn nearest_existing_st_dev(path: &Path) -> Option<(PathBuf, u64)> {
 mod tests {
     use super::*;
 
-        #[test]
+    #[test]
     fn transports() {
         let t = |p: &str, n: &str| transport_from_sys_path(p, n);
-        assert_eq!(t("/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb", "sdb"), "usb");
+        assert_eq!(
+            t("/sys/devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0/block/sdb", "sdb"),
+            "usb"
+        );
         assert_eq!(t("/sys/devices/pci0000:00/0000:00:1d.0/0000:3d:00.0/nvme/nvme0/nvme0n1", "nvme0n1"), "nvme");
         assert_eq!(t("/sys/devices/pci0000:00/0000:00:02.0/virtio1/block/vda", "vda"), "virtio");
         assert_eq!(t("/sys/devices/pci0000:00/0000:00:17.0/ata1/host0/target0:0:0/0:0:0:0/block/sda", "sda"), "sata");
@@ -562,7 +561,7 @@ mod tests {
                 devno: makedev(259, 1),
                 start: 1 << 20,
                 size: 536_870_912,
-    type_id: None,
+                type_id: None,
                 fs: Some(FsInfo { fstype: "vfat".into(), label: Some("EFI".into()), uuid: Some("ABCD-1234".into()) }),
                 mountpoints: vec!["/boot/efi/with/a/really/long/path/that/goes/on/and/on/forever".into()],
                 in_use: true,

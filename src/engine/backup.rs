@@ -12,8 +12,8 @@ use super::pipeline;
 use super::{cancel, streams};
 use crate::device::Disk;
 use crate::error::{Error, Result};
-use crate::image::format::{Extent, CHUNK_SIZE, FLAG_ZSTD, MAX_EXTENTS};
-use crate::image::manifest::{now_rfc3339, Compression, FileInfo, Manifest, SourceInfo};
+use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
+use crate::image::manifest::{Compression, FileInfo, Manifest, SourceInfo, now_rfc3339};
 use crate::image::{EncodedChunk, ImageWriter};
 use crate::table;
 use crate::ui::progress::Progress;
@@ -146,15 +146,19 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     };
     let image_bytes = image_size(&manifest);
     let image = writer.commit(&manifest)?;
-    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings: plan.warnings })
+    Ok(BackupReport {
+        image,
+        manifest,
+        seconds: started.elapsed().as_secs_f64(),
+        read_bytes,
+        image_bytes,
+        warnings: plan.warnings,
+    })
 }
 
 /// Total size of an image's files.
 pub fn image_size(m: &Manifest) -> u64 {
-    m.streams
-        .iter()
-        .map(|s| s.index.size + s.data_files.iter().map(|f: &FileInfo| f.size).sum::<u64>())
-        .sum()
+    m.streams.iter().map(|s| s.index.size + s.data_files.iter().map(|f: &FileInfo| f.size).sum::<u64>()).sum()
 }
 
 fn write_streams(
@@ -163,11 +167,8 @@ fn write_streams(
     writer: &ImageWriter,
     opts: &BackupOptions,
 ) -> Result<(Vec<crate::image::writer::StreamFiles>, u64)> {
-    let mut writers = plans
-        .iter()
-        .enumerate()
-        .map(|(i, p)| writer.stream(i as u32, &p.info.name))
-        .collect::<Result<Vec<_>>>()?;
+    let mut writers =
+        plans.iter().enumerate().map(|(i, p)| writer.stream(i as u32, &p.info.name)).collect::<Result<Vec<_>>>()?;
     let total: u64 = plans.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
     // A progress bar per stream (partition).
     let parts = plans.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
@@ -422,7 +423,8 @@ mod tests {
 
     #[test]
     fn incompressible_chunks_are_recognised_by_samples() {
-        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog\n".iter().cycle().take(4 << 20).copied().collect();
+        let text: Vec<u8> =
+            b"the quick brown fox jumps over the lazy dog\n".iter().cycle().take(4 << 20).copied().collect();
         assert!(looks_incompressible(&random(4 << 20)));
         assert!(!looks_incompressible(&text));
         // Mostly random with one compressible stretch: compressed as usual.

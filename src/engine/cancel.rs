@@ -20,7 +20,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Installs the SIGINT/SIGTERM handlers.
 pub fn install() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -31,7 +31,7 @@ pub fn install() {
 /// Restores the default SIGPIPE action, so `klon info | head` ends quietly
 /// like other command-line tools instead of failing on a closed pipe.
 pub fn default_sigpipe() {
-    use nix::sys::signal::{signal, SigHandler, Signal};
+    use nix::sys::signal::{SigHandler, Signal, signal};
     // SAFETY: installing the default action runs no code of ours.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
@@ -66,9 +66,5 @@ pub fn reset() {
 
 /// An error to return when a stop was requested.
 pub fn check(what: &str) -> crate::Result<()> {
-    if requested() {
-        Err(crate::Error::Cancelled(format!("{what} interrupted by the user")))
-    } else {
-        Ok(())
-    }
+    if requested() { Err(crate::Error::Cancelled(format!("{what} interrupted by the user"))) } else { Ok(()) }
 }

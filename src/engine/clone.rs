@@ -6,13 +6,13 @@
 use std::path::Path;
 use std::time::Instant;
 
-use super::backup::{kept_content, pieces, read_jobs, ReadJob};
-use super::streams::{self, describe, PlanOptions, StreamPlan};
-use super::target::{check_fits, minus, write_disk, write_order, TargetWriter};
+use super::backup::{ReadJob, kept_content, pieces, read_jobs};
+use super::streams::{self, PlanOptions, StreamPlan, describe};
+use super::target::{TargetWriter, check_fits, minus, write_disk, write_order};
 use super::{cancel, pipeline};
 use crate::device::Disk;
 use crate::error::{Error, Result};
-use crate::image::format::{Extent, CHUNK_SIZE};
+use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::{Fill, StreamInfo};
 use crate::table::{self, DiskLayout};
 use crate::ui::human_bytes;

@@ -2,8 +2,8 @@
 //! all running on one ordered parallel pipeline.
 
 pub mod backup;
-pub mod clone;
 pub mod cancel;
+pub mod clone;
 pub mod pipeline;
 pub mod restore;
 pub mod streams;

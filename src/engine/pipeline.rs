@@ -161,10 +161,16 @@ mod tests {
 
     #[test]
     fn producer_error_is_returned() {
-        let r = run(2, 2, |send| {
-            send(1u8);
-            Err(Error::Usage("boom".into()))
-        }, Ok, |_| Ok(()));
+        let r = run(
+            2,
+            2,
+            |send| {
+                send(1u8);
+                Err(Error::Usage("boom".into()))
+            },
+            Ok,
+            |_| Ok(()),
+        );
         assert!(matches!(r, Err(Error::Usage(_))));
     }
 }

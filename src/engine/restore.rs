@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use super::pipeline;
 use super::streams::describe;
-use super::target::{check_fits, intersects, minus, write_disk, write_order, TargetWriter};
+use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
 use crate::device::Disk;
 use crate::error::{Error, Result};
-use crate::image::format::{Extent, IndexEntry, CHUNK_SIZE};
+use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk};
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;

@@ -53,7 +53,14 @@ fn empty_file() -> FileInfo {
     FileInfo { name: String::new(), size: 0, blake3: None }
 }
 
-fn stream_info(name: String, kind: StreamKind, partition: Option<u32>, start: u64, length: u64, fs: Option<FsInfo>) -> StreamInfo {
+fn stream_info(
+    name: String,
+    kind: StreamKind,
+    partition: Option<u32>,
+    start: u64,
+    length: u64,
+    fs: Option<FsInfo>,
+) -> StreamInfo {
     StreamInfo {
         name,
         kind,
@@ -100,7 +107,12 @@ pub fn plan(source: &Disk, layout: &DiskLayout, opts: PlanOptions) -> Result<Pla
 }
 
 /// Chooses how to read one partition (or a whole disk without a table).
-fn volume_plan(source: &Disk, mut info: StreamInfo, opts: PlanOptions, warnings: &mut Vec<String>) -> Result<StreamPlan> {
+fn volume_plan(
+    source: &Disk,
+    mut info: StreamInfo,
+    opts: PlanOptions,
+    warnings: &mut Vec<String>,
+) -> Result<StreamPlan> {
     let raw = |mut info: StreamInfo, reason: String| {
         info.method = "raw".into();
         info.method_reason = reason;

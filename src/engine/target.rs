@@ -67,8 +67,12 @@ fn wipe_table_areas(target: &Disk) -> Result<()> {
 fn fail(target: &Disk, e: Error) -> Error {
     if target.fresh {
         let note = match std::fs::remove_file(&target.path) {
-            Ok(()) => format!("the restore did not complete; {} (created by this restore) was removed", target.path.display()),
-            Err(r) => format!("the restore did not complete; removing {} also failed ({r}): delete it", target.path.display()),
+            Ok(()) => {
+                format!("the restore did not complete; {} (created by this restore) was removed", target.path.display())
+            }
+            Err(r) => {
+                format!("the restore did not complete; removing {} also failed ({r}): delete it", target.path.display())
+            }
         };
         return e.with_note(&note);
     }
@@ -120,8 +124,9 @@ fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Re
         return Ok(());
     }
     let expected = table::layout_for_target(layout, target.size, grow_last);
-    let found = table::read_layout(target)
-        .map_err(|e| Error::VerifyAfter(format!("the partition table written to the target does not read back: {e}")))?;
+    let found = table::read_layout(target).map_err(|e| {
+        Error::VerifyAfter(format!("the partition table written to the target does not read back: {e}"))
+    })?;
     if found.kind != expected.kind || found.partitions != expected.partitions {
         return Err(Error::VerifyAfter(format!(
             "the partition table read back from {} is not the one restored ({:?} with {} partitions, expected {:?} with {})",
@@ -163,9 +168,7 @@ pub fn write_disk(
     if verify_after {
         let mut skip = stale;
         skip.extend(rewritten);
-        read_back(&skip)
-            .and_then(|()| check_table(target, layout, grow_last))
-            .map_err(|e| fail(target, e))?;
+        read_back(&skip).and_then(|()| check_table(target, layout, grow_last)).map_err(|e| fail(target, e))?;
     }
     Ok(bytes)
 }
@@ -223,7 +226,9 @@ impl<'a> TargetWriter<'a> {
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
             if s.fill == Fill::Zero && self.cursor[si] < end {
-                self.target.zero_range(self.cursor[si], end - self.cursor[si]).map_err(|e| e.with_note(&describe(s)))?;
+                self.target
+                    .zero_range(self.cursor[si], end - self.cursor[si])
+                    .map_err(|e| e.with_note(&describe(s)))?;
             }
         }
         Ok(self.written)

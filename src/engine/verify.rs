@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::pipeline;
 use super::streams::describe;
 use crate::error::{Error, Result};
-use crate::image::format::Extent;
 use crate::image::ImageReader;
+use crate::image::format::Extent;
 use crate::ui::progress::Progress;
 
 /// What a verify reports.

@@ -249,10 +249,7 @@ fn read_super(vol: &Volume) -> Result<Super, FsError> {
         return Err(corrupt("btrfs device item belongs to another filesystem"));
     }
     if dev_total > vol.len {
-        return Err(corrupt(format!(
-            "btrfs device size {dev_total} is larger than the partition ({})",
-            vol.len
-        )));
+        return Err(corrupt(format!("btrfs device size {dev_total} is larger than the partition ({})", vol.len)));
     }
     if dev_total < off + SUPER_SIZE as u64 {
         return Err(corrupt(format!("btrfs device size {dev_total} is too small")));
@@ -308,7 +305,8 @@ fn parse_chunk(sb: &Super, logical: u64, b: &[u8], off: usize, avail: usize) -> 
         return Err(corrupt(format!("btrfs chunk at {logical} has {num_stripes} stripes (item too small)")));
     }
     let ss = sb.sectorsize as u64;
-    if length == 0 || !length.is_multiple_of(ss) || !logical.is_multiple_of(ss) || logical.checked_add(length).is_none() {
+    if length == 0 || !length.is_multiple_of(ss) || !logical.is_multiple_of(ss) || logical.checked_add(length).is_none()
+    {
         return Err(corrupt(format!("btrfs chunk at {logical} has invalid length {length}")));
     }
     if ty & BG_STRIPED != 0 {
@@ -393,9 +391,7 @@ impl ChunkMap {
     fn map(&self, mut l: u64, mut len: u64, mut f: impl FnMut(usize, usize, u64, u64)) -> Result<(), FsError> {
         while len > 0 {
             let ci = self.chunks.partition_point(|x| x.logical <= l);
-            let c = self
-                .find(l)
-                .ok_or_else(|| corrupt(format!("btrfs logical address {l} is in no chunk")))?;
+            let c = self.find(l).ok_or_else(|| corrupt(format!("btrfs logical address {l} is in no chunk")))?;
             let within = l - c.logical;
             let n = len.min(c.length - within);
             for (i, &s) in c.stripes.iter().enumerate() {
@@ -502,13 +498,7 @@ impl Reader<'_, '_> {
 
     /// Walks the tree rooted at `root` (of `level`), calling
     /// `leaf_item(key, data)` for every leaf item in key order.
-    fn walk(
-        &mut self,
-        map: &ChunkMap,
-        root: u64,
-        level: u8,
-        leaf_item: &mut LeafFn,
-    ) -> Result<(), FsError> {
+    fn walk(&mut self, map: &ChunkMap, root: u64, level: u8, leaf_item: &mut LeafFn) -> Result<(), FsError> {
         if level > MAX_LEVEL {
             return Err(corrupt(format!("btrfs tree root {root} has level {level}")));
         }
@@ -706,9 +696,11 @@ fn check_accounting(sb: &Super, map: &ChunkMap, groups: &[(u64, u64, u64)], chun
     let mut seen = vec![false; map.chunks.len()];
     for &(start, len, used) in groups {
         let i = map.chunks.partition_point(|c| c.logical < start);
-        let c = map.chunks.get(i).filter(|c| c.logical == start && c.length == len).ok_or_else(|| {
-            corrupt(format!("btrfs block group {start}..+{len} matches no chunk"))
-        })?;
+        let c = map
+            .chunks
+            .get(i)
+            .filter(|c| c.logical == start && c.length == len)
+            .ok_or_else(|| corrupt(format!("btrfs block group {start}..+{len} matches no chunk")))?;
         if std::mem::replace(&mut seen[i], true) {
             return Err(corrupt(format!("btrfs block group {start} is listed twice")));
         }
@@ -759,12 +751,7 @@ mod hashes {
     pub fn xxh64(data: &[u8], seed: u64) -> u64 {
         let mut rest = data;
         let mut h = if data.len() >= 32 {
-            let mut v = [
-                seed.wrapping_add(P1).wrapping_add(P2),
-                seed.wrapping_add(P2),
-                seed,
-                seed.wrapping_sub(P1),
-            ];
+            let mut v = [seed.wrapping_add(P1).wrapping_add(P2), seed.wrapping_add(P2), seed, seed.wrapping_sub(P1)];
             while rest.len() >= 32 {
                 for (i, lane) in v.iter_mut().enumerate() {
                     *lane = round(*lane, rd64(&rest[i * 8..]));
@@ -952,9 +939,9 @@ mod hashes {
 mod tests {
     use super::*;
     use crate::device::Disk;
+    use crate::testutil::{Mounted, Rng, TempDir, root_for, sh};
     use std::fs::File;
     use std::os::unix::fs::FileExt;
-    use crate::testutil::{root_for, sh, Mounted, Rng, TempDir};
     use std::path::Path;
 
     /// Files of many sizes (inline, small, large, empty) in `dir`.
@@ -962,7 +949,13 @@ mod tests {
         std::fs::create_dir_all(dir.join("sub/deeper")).unwrap();
         for i in 0..40u64 {
             let len = [0, 100, 2000, 4096, 5000, 70_000, 300_000][i as usize % 7] * scale / 4;
-            let d = if i % 3 == 0 { dir.join("sub") } else if i % 3 == 1 { dir.join("sub/deeper") } else { dir.to_path_buf() };
+            let d = if i % 3 == 0 {
+                dir.join("sub")
+            } else if i % 3 == 1 {
+                dir.join("sub/deeper")
+            } else {
+                dir.to_path_buf()
+            };
             std::fs::write(d.join(format!("f{i}")), Rng::seeded(seed + i).bytes(len)).unwrap();
         }
         std::fs::write(dir.join("big"), Rng::seeded(seed ^ 0xb16).bytes(3 << 20)).unwrap();
@@ -1000,10 +993,8 @@ mod tests {
     fn expected(img: &Path) -> (Vec<Extent>, u64) {
         let p = img.to_str().unwrap();
         let len = std::fs::metadata(img).unwrap().len();
-        let nodesize: u64 = sh("btrfs", &["inspect-internal", "dump-super", p])
-            .lines()
-            .find_map(|l| after(l, "nodesize"))
-            .unwrap();
+        let nodesize: u64 =
+            sh("btrfs", &["inspect-internal", "dump-super", p]).lines().find_map(|l| after(l, "nodesize")).unwrap();
         let mut chunks: Vec<(u64, u64, Vec<u64>)> = Vec::new();
         for l in sh("btrfs", &["inspect-internal", "dump-tree", "-t", "chunk", p]).lines() {
             if l.contains("CHUNK_ITEM") && l.contains("itemoff") {

@@ -123,10 +123,9 @@ fn parse(vol: &Volume) -> Result<(Geometry, u16), FsError> {
     let root = le32(&b, 96);
     let flags = le16(&b, 106);
     let nfats = b[110] as u64;
-    let total = volume_length
-        .checked_mul(bps)
-        .filter(|&t| t <= vol.len)
-        .ok_or_else(|| corrupt(format!("volume length {volume_length} sectors exceeds the partition ({} bytes)", vol.len)))?;
+    let total = volume_length.checked_mul(bps).filter(|&t| t <= vol.len).ok_or_else(|| {
+        corrupt(format!("volume length {volume_length} sectors exceeds the partition ({} bytes)", vol.len))
+    })?;
     if !(1..=2).contains(&nfats) {
         return Err(corrupt(format!("FAT count {nfats} is not 1 or 2")));
     }
@@ -359,7 +358,7 @@ mod tests {
     //! garbage must pass `fsck.exfat -n` and read back every file the same.
     use super::*;
     use crate::fs::fat::tests::{map_with, restore_map_only, same_tree};
-    use crate::testutil::{root_for, sh, try_sh, Mounted, Rng, TempDir};
+    use crate::testutil::{Mounted, Rng, TempDir, root_for, sh, try_sh};
     use std::path::Path;
 
     /// A loop device attached here, detached on drop.

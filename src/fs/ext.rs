@@ -317,9 +317,8 @@ fn parse_super(sb: &[u8], vol_len: u64) -> Result<Super, FsError> {
     if blocks_count <= first_data_block + 1 {
         return Err(corrupt(format!("block count {blocks_count} is too small")));
     }
-    let fs_bytes = blocks_count
-        .checked_mul(block_size)
-        .ok_or_else(|| corrupt(format!("block count {blocks_count} overflows")))?;
+    let fs_bytes =
+        blocks_count.checked_mul(block_size).ok_or_else(|| corrupt(format!("block count {blocks_count} overflows")))?;
     if fs_bytes > vol_len {
         return Err(corrupt(format!(
             "the filesystem ({fs_bytes} bytes) is larger than its partition ({vol_len} bytes)"
@@ -331,9 +330,7 @@ fn parse_super(sb: &[u8], vol_len: u64) -> Result<Super, FsError> {
     }
     let inodes_count = le32(sb, 0x00) as u64;
     if inodes_count != groups * inodes_per_group {
-        return Err(corrupt(format!(
-            "inode count {inodes_count} is not {groups} groups of {inodes_per_group} inodes"
-        )));
+        return Err(corrupt(format!("inode count {inodes_count} is not {groups} groups of {inodes_per_group} inodes")));
     }
     let desc_size = if is64 {
         let d = le16(sb, 0xFE) as u64;
@@ -612,9 +609,15 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
             let f = s.group_first_block(g);
             (f, f + s.group_blocks(g))
         };
-        for (what, at, n) in [("block bitmap", d.block_bitmap, 1), ("inode bitmap", d.inode_bitmap, 1), ("inode table", d.inode_table, itb)] {
+        for (what, at, n) in [
+            ("block bitmap", d.block_bitmap, 1),
+            ("inode bitmap", d.inode_bitmap, 1),
+            ("inode table", d.inode_table, itb),
+        ] {
             if at < lo || at.checked_add(n).is_none_or(|e| e > hi) || at == 0 {
-                return Err(corrupt(format!("group {g}: {what} at block {at} (+{n}) is outside its allowed range {lo}..{hi}")));
+                return Err(corrupt(format!(
+                    "group {g}: {what} at block {at} (+{n}) is outside its allowed range {lo}..{hi}"
+                )));
             }
             meta.push((at, n));
         }
@@ -702,7 +705,7 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
-    use crate::testutil::{output, sh, Rng, TempDir};
+    use crate::testutil::{Rng, TempDir, output, sh};
     use std::os::unix::fs::FileExt;
     use std::path::{Path, PathBuf};
     use std::process::Command;
@@ -779,7 +782,9 @@ mod tests {
         let ratio = field(&text, "Cluster size:").map_or(1, |c| c / bs);
         let ipg = field(&text, "Inodes per group:").unwrap();
         let isz = field(&text, "Inode size:").unwrap_or(128);
-        let csum = text.lines().any(|l| l.starts_with("Filesystem features:") && (l.contains("metadata_csum") || l.contains("uninit_bg")));
+        let csum = text
+            .lines()
+            .any(|l| l.starts_with("Filesystem features:") && (l.contains("metadata_csum") || l.contains("uninit_bg")));
         let mut used = vec![true; count as usize];
         let mut itable = (0, 0);
         let mut inode_uninit = false;
@@ -863,7 +868,14 @@ mod tests {
         let out = fs.img.with_extension("out");
         std::fs::create_dir_all(&out).unwrap();
         sh("debugfs", &["-R", &format!("rdump / {}", out.display()), copy.to_str().unwrap()]);
-        let d = output(Command::new("diff").args(["-r", "--no-dereference", "-x", "lost+found", fs.src.to_str().unwrap(), out.to_str().unwrap()]));
+        let d = output(Command::new("diff").args([
+            "-r",
+            "--no-dereference",
+            "-x",
+            "lost+found",
+            fs.src.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]));
         assert!(d.status.success(), "files differ after restore over garbage:\n{}", String::from_utf8_lossy(&d.stdout));
         let _ = std::fs::remove_file(&copy);
         let _ = std::fs::remove_dir_all(&out);
@@ -933,8 +945,20 @@ mod tests {
     #[test]
     fn ext4_meta_bg() {
         // 1 KiB blocks and 1024-block groups: 40 groups, 16 descriptors a block.
-        check("ext4-metabg", 40 * MB, &["-t", "ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode"], 30, 0);
-        check("ext4-metabg-32", 40 * MB, &["-t", "ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode,^64bit"], 30, 0);
+        check(
+            "ext4-metabg",
+            40 * MB,
+            &["-t", "ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode"],
+            30,
+            0,
+        );
+        check(
+            "ext4-metabg-32",
+            40 * MB,
+            &["-t", "ext4", "-b", "1024", "-g", "1024", "-O", "meta_bg,^resize_inode,^64bit"],
+            30,
+            0,
+        );
     }
 
     #[test]
@@ -958,7 +982,13 @@ mod tests {
     fn ext4_sparse_super2_small_many_inodes_lazy() {
         check("ext4-sparse2", 64 * MB, &["-t", "ext4", "-b", "1024", "-O", "sparse_super2"], 20, 0);
         check("ext4-small-N", 64 * MB, &["-t", "ext4", "-T", "small", "-N", "6000"], 100, 0);
-        check("ext4-lazy", 200 * MB, &["-t", "ext4", "-b", "4096", "-E", "lazy_itable_init=1", "-O", "^has_journal"], 20, 0);
+        check(
+            "ext4-lazy",
+            200 * MB,
+            &["-t", "ext4", "-b", "4096", "-E", "lazy_itable_init=1", "-O", "^has_journal"],
+            20,
+            0,
+        );
         check("ext4-mmp", 64 * MB, &["-t", "ext4", "-b", "4096", "-O", "mmp"], 10, 0);
     }
 
@@ -1007,7 +1037,15 @@ mod tests {
         f.write_all_at(&b, 2048 + 0x0C).unwrap();
         // A block bitmap bit.
         let text = sh("dumpe2fs", &[p]);
-        let bb: u64 = text.lines().find_map(|l| l.trim().strip_prefix("Block bitmap at ")).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let bb: u64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Block bitmap at "))
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         f.read_exact_at(&mut b, bb * 1024 + 100).unwrap();
         f.write_all_at(&[b[0] ^ 0x10], bb * 1024 + 100).unwrap();
         assert!(matches!(map_of(&fs.img), Err(FsError::Corrupt(m)) if m.contains("bitmap checksum")));
@@ -1072,7 +1110,11 @@ mod tests {
     fn mutations_never_panic() {
         // Without checksums most flips reach the parser; with them most are caught.
         mutate("mut-ext2", &["-t", "ext2", "-b", "1024"], 400);
-        mutate("mut-ext4-nocsum", &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum,meta_bg,^resize_inode", "-g", "1024"], 400);
+        mutate(
+            "mut-ext4-nocsum",
+            &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum,meta_bg,^resize_inode", "-g", "1024"],
+            400,
+        );
         mutate("mut-ext4", &["-t", "ext4", "-b", "4096"], 200);
     }
 }

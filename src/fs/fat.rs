@@ -267,7 +267,7 @@ pub(crate) mod tests {
     //! every file and directory `mdir -/ -b` lists).
     use super::*;
     use crate::device::Disk;
-    use crate::testutil::{run, sh, try_run, Rng, TempDir};
+    use crate::testutil::{Rng, TempDir, run, sh, try_run};
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
@@ -323,7 +323,13 @@ pub(crate) mod tests {
                 n += 1;
             }
         }
-        assert_eq!(std::fs::read_dir(a).unwrap().count(), std::fs::read_dir(b).unwrap().count(), "{} vs {}", a.display(), b.display());
+        assert_eq!(
+            std::fs::read_dir(a).unwrap().count(),
+            std::fs::read_dir(b).unwrap().count(),
+            "{} vs {}",
+            a.display(),
+            b.display()
+        );
         n
     }
 
@@ -342,7 +348,10 @@ pub(crate) mod tests {
                 k += 1;
             }
         }
-        run(&mut mtools("mcopy", &["-s", "-i", img, &format!("{}/d0", dir.display()), &format!("{}/d1", dir.display()), "::/"]));
+        run(&mut mtools(
+            "mcopy",
+            &["-s", "-i", img, &format!("{}/d0", dir.display()), &format!("{}/d1", dir.display()), "::/"],
+        ));
         let top: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -359,7 +368,8 @@ pub(crate) mod tests {
         for e in std::fs::read_dir(dir.join("d1")).unwrap() {
             let p = e.unwrap().path();
             let name = p.file_name().unwrap().to_str().unwrap().to_string();
-            if name.ends_with("0.bin") || name.ends_with("3.bin") || name.ends_with("6.bin") || name.ends_with("9.bin") {
+            if name.ends_with("0.bin") || name.ends_with("3.bin") || name.ends_with("6.bin") || name.ends_with("9.bin")
+            {
                 run(&mut mtools("mdel", &["-i", img, &format!("::/d1/{name}")]));
                 std::fs::remove_file(&p).unwrap();
                 holes.push(name);
@@ -407,7 +417,15 @@ pub(crate) mod tests {
     fn reference(img: &str) -> (Vec<Extent>, u64, u64, u64) {
         let fsck = sh("fsck.fat", &["-n", "-v", img]);
         let data_start = field(&fsck, "Data area starts at byte", "");
-        let clusters = fsck.lines().find(|l| l.contains("data clusters")).unwrap().split_whitespace().next().unwrap().parse::<u64>().unwrap();
+        let clusters = fsck
+            .lines()
+            .find(|l| l.contains("data clusters"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
         let summary = fsck.lines().find(|l| l.contains(" clusters") && l.contains('/')).unwrap();
         let used: u64 = summary.rsplit(", ").next().unwrap().split('/').next().unwrap().parse().unwrap();
         let cluster_bytes = {
@@ -416,7 +434,8 @@ pub(crate) mod tests {
         };
         // mdir fails on an empty root directory.
         let (_, listing) = try_run(&mut mtools("mdir", &["-/", "-b", "-i", img, "::/"]));
-        let mut paths: Vec<String> = listing.lines().filter(|l| l.starts_with("::/")).map(|l| l.trim_end_matches('/').to_string()).collect();
+        let mut paths: Vec<String> =
+            listing.lines().filter(|l| l.starts_with("::/")).map(|l| l.trim_end_matches('/').to_string()).collect();
         paths.push("::/".into());
         let mut ext = vec![(0, data_start)];
         let mut count = 0;
@@ -518,7 +537,8 @@ pub(crate) mod tests {
     fn dirty_flag_is_ignored_and_partition_bounds_checked() {
         use std::os::unix::fs::FileExt;
         let t = TempDir::new("fatdirty");
-        for (bits, size, flag_off, fat1) in [(16u32, "32M", 37u64, true), (32, "34M", 65, true), (12, "2M", 37, false)] {
+        for (bits, size, flag_off, fat1) in [(16u32, "32M", 37u64, true), (32, "34M", 65, true), (12, "2M", 37, false)]
+        {
             let img = populated(&t, bits, size);
             let clean = map_with(used_map, &img).unwrap();
             let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
@@ -526,7 +546,8 @@ pub(crate) mod tests {
             if fat1 {
                 // FAT entry 1's "clean shutdown" bit cleared, as a mounted volume has it.
                 let g = parse_bpb(&std::fs::read(&img).unwrap()[..512], u64::MAX).unwrap();
-                let (off, v): (u64, &[u8]) = if bits == 16 { (2, &[0xFF, 0x7F]) } else { (4, &[0xFF, 0xFF, 0xFF, 0x07]) };
+                let (off, v): (u64, &[u8]) =
+                    if bits == 16 { (2, &[0xFF, 0x7F]) } else { (4, &[0xFF, 0xFF, 0xFF, 0x07]) };
                 f.write_all_at(v, g.fat_start + off).unwrap();
             }
             assert_eq!(map_with(used_map, &img).unwrap().extents, clean.extents, "FAT{bits}");
@@ -564,7 +585,11 @@ pub(crate) mod tests {
                 let r = std::panic::catch_unwind(|| map_with(used_map, &img));
                 match r {
                     Ok(Ok(m)) => {
-                        assert!(m.extents.iter().all(|&(s, l)| s + l <= m.total_bytes && m.total_bytes <= orig.len() as u64));
+                        assert!(
+                            m.extents
+                                .iter()
+                                .all(|&(s, l)| s + l <= m.total_bytes && m.total_bytes <= orig.len() as u64)
+                        );
                         oks += 1
                     }
                     Ok(Err(FsError::Corrupt(_))) => errs += 1,

@@ -435,7 +435,9 @@ impl Ntfs<'_, '_> {
         let mut all: Vec<(u64, u64, u64, Vec<Run>)> = Vec::new();
         for p in pieces {
             match p.body {
-                Body::Resident(_) => return corrupt(format!("MFT record {n}: attribute {ty:#x} in several resident pieces")),
+                Body::Resident(_) => {
+                    return corrupt(format!("MFT record {n}: attribute {ty:#x} in several resident pieces"));
+                }
                 Body::NonResident { lowest_vcn, data_size, init_size, runs } => {
                     all.push((lowest_vcn, data_size, init_size, runs))
                 }
@@ -636,8 +638,7 @@ fn scan_entries(node: &[u8], name: &[u8], children: &mut Vec<u64>, what: &str) -
         let key = sub(e, 16, key_len, what)?;
         let nl = u8_at(key, 0x40, what)? as usize;
         let kname = sub(key, 0x42, 2 * nl, what)?;
-        if nl == name.len()
-            && kname.chunks_exact(2).zip(name).all(|(c, &n)| c[1] == 0 && c[0].eq_ignore_ascii_case(&n))
+        if nl == name.len() && kname.chunks_exact(2).zip(name).all(|(c, &n)| c[1] == 0 && c[0].eq_ignore_ascii_case(&n))
         {
             return Ok(Some(u64_at(e, 0, what)? & 0xFFFF_FFFF_FFFF));
         }
@@ -658,7 +659,12 @@ fn find_in_root(fs: &Ntfs, name: &str) -> Result<Option<u64>, FsError> {
     };
     let block_size = u32_at(&ir, 8, "$INDEX_ROOT")? as u64;
     let mut children = Vec::new();
-    if let Some(r) = scan_entries(sub(&ir, 16, ir.len().saturating_sub(16), "$INDEX_ROOT")?, name.as_bytes(), &mut children, "root index")? {
+    if let Some(r) = scan_entries(
+        sub(&ir, 16, ir.len().saturating_sub(16), "$INDEX_ROOT")?,
+        name.as_bytes(),
+        &mut children,
+        "root index",
+    )? {
         return Ok(Some(r));
     }
     if children.is_empty() {
@@ -823,8 +829,8 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
+    use crate::testutil::{Rng, TempDir, sh, unmount};
     use std::os::unix::fs::FileExt;
-    use crate::testutil::{sh, unmount, Rng, TempDir};
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command};
 
@@ -1011,7 +1017,11 @@ mod tests {
             }
             ntfsfix_clean(&f);
             let m = check_against_ntfsclone(&f, &t.0, cluster as u64);
-            eprintln!("case {i}: {size} bytes, cluster {cluster}: {} used in {} extents", m.used_bytes, m.extents.len());
+            eprintln!(
+                "case {i}: {size} bytes, cluster {cluster}: {} used in {} extents",
+                m.used_bytes,
+                m.extents.len()
+            );
         }
     }
 
@@ -1081,7 +1091,9 @@ mod tests {
         // (signature, cluster size, extra root entries): with many entries
         // the root index has index blocks; with 64 KiB clusters their VCNs
         // count 512-byte units.
-        for (i, (head, cluster, n)) in [(b"hibr", 1024, 0), (b"HIBR", 1024, 60), (b"HIBR", 65536, 200)].into_iter().enumerate() {
+        for (i, (head, cluster, n)) in
+            [(b"hibr", 1024, 0), (b"HIBR", 1024, 60), (b"HIBR", 65536, 200)].into_iter().enumerate()
+        {
             mkntfs(&f, 32 << 20, cluster);
             let m = Mount::new(&f, &mnt);
             for j in 0..n {
@@ -1218,13 +1230,13 @@ mod tests {
         let orig = std::fs::read(&f).unwrap();
         let cases: [(usize, &[u8]); 8] = [
             (3, b"NTFX"),
-            (0x0B, &[0, 3]),                              // 768-byte sectors
-            (0x0D, &[3]),                                 // 3 sectors per cluster
-            (0x28, &u64::MAX.to_le_bytes()),              // huge volume
-            (0x30, &(1u64 << 40).to_le_bytes()),          // $MFT past the end
-            (0x40, &[0x20]),                              // 32-cluster records
-            (0x1FE, &[0, 0]),                             // no 55 AA
-            (0x28, &0u64.to_le_bytes()),                  // empty volume
+            (0x0B, &[0, 3]),                     // 768-byte sectors
+            (0x0D, &[3]),                        // 3 sectors per cluster
+            (0x28, &u64::MAX.to_le_bytes()),     // huge volume
+            (0x30, &(1u64 << 40).to_le_bytes()), // $MFT past the end
+            (0x40, &[0x20]),                     // 32-cluster records
+            (0x1FE, &[0, 0]),                    // no 55 AA
+            (0x28, &0u64.to_le_bytes()),         // empty volume
         ];
         for (off, bytes) in cases {
             let mut img = orig.clone();

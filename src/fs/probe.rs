@@ -96,11 +96,8 @@ fn c_label(raw: &[u8]) -> Option<String> {
 
 /// UTF-16LE code units as a label; stops at NUL; empty → None.
 fn utf16_label(raw: &[u8]) -> Option<String> {
-    let units: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
+    let units: Vec<u16> =
+        raw.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
     let s = String::from_utf16_lossy(&units);
     if s.is_empty() { None } else { Some(s) }
 }
@@ -174,8 +171,8 @@ fn probe_lvm2(r: &Region) -> Option<FsInfo> {
 /// value 0xf597a6cf, without a final inversion.
 fn lvm_crc(data: &[u8]) -> u32 {
     const TAB: [u32; 16] = [
-        0x00000000, 0x1db71064, 0x3b6e20c8, 0x26d930ac, 0x76dc4190, 0x6b6b51f4, 0x4db26158, 0x5005713c,
-        0xedb88320, 0xf00f9344, 0xd6d6a3e8, 0xcb61b38c, 0x9b64c2b0, 0x86d3d2d4, 0xa00ae278, 0xbdbdf21c,
+        0x00000000, 0x1db71064, 0x3b6e20c8, 0x26d930ac, 0x76dc4190, 0x6b6b51f4, 0x4db26158, 0x5005713c, 0xedb88320,
+        0xf00f9344, 0xd6d6a3e8, 0xcb61b38c, 0x9b64c2b0, 0x86d3d2d4, 0xa00ae278, 0xbdbdf21c,
     ];
     let mut crc: u32 = 0xf597a6cf;
     for &b in data {
@@ -546,7 +543,7 @@ fn probe_swap(r: &Region) -> Option<FsInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{run, TempFile};
+    use crate::testutil::{TempFile, run};
     use std::path::Path;
     use std::process::Command;
 

@@ -69,15 +69,12 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     if last_page == 0 {
         return Err(FsError::Corrupt("swap header: last_page is 0".into()));
     }
-    let total = (last_page + 1)
-        .checked_mul(page)
-        .filter(|&t| t <= vol.len)
-        .ok_or_else(|| {
-            FsError::Corrupt(format!(
-                "swap header: last_page {last_page} ({page}-byte pages) lies beyond the partition's end ({} bytes)",
-                vol.len
-            ))
-        })?;
+    let total = (last_page + 1).checked_mul(page).filter(|&t| t <= vol.len).ok_or_else(|| {
+        FsError::Corrupt(format!(
+            "swap header: last_page {last_page} ({page}-byte pages) lies beyond the partition's end ({} bytes)",
+            vol.len
+        ))
+    })?;
     if nr_bad > MAX_BADPAGES {
         return Err(FsError::Corrupt(format!("swap header: {nr_bad} bad pages listed (at most {MAX_BADPAGES})")));
     }
@@ -89,7 +86,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
-    use crate::testutil::{run, Rng, TempFile};
+    use crate::testutil::{Rng, TempFile, run};
     use std::path::Path;
     use std::process::Command;
 

@@ -154,12 +154,18 @@ fn read_sb(vol: &Volume) -> Result<Sb, FsError> {
         return Err(corrupt("no superblock magic \"XFSB\""));
     }
     let sect_size = be16(&first, 102)? as u64;
-    if !(512..=32768).contains(&sect_size) || !sect_size.is_power_of_two() || 1u64.checked_shl(first[121].into()) != Some(sect_size) {
+    if !(512..=32768).contains(&sect_size)
+        || !sect_size.is_power_of_two()
+        || 1u64.checked_shl(first[121].into()) != Some(sect_size)
+    {
         return Err(corrupt(format!("implausible sector size {sect_size}")));
     }
     let b = vol.read_vec(0, sect_size)?;
     let block_size = be32(&b, 4)? as u64;
-    if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() || 1u64.checked_shl(b[120].into()) != Some(block_size) {
+    if !(512..=65536).contains(&block_size)
+        || !block_size.is_power_of_two()
+        || 1u64.checked_shl(b[120].into()) != Some(block_size)
+    {
         return Err(corrupt(format!("implausible block size {block_size}")));
     }
     if block_size < sect_size {
@@ -185,7 +191,11 @@ fn read_sb(vol: &Volume) -> Result<Sb, FsError> {
     if b[126] != 0 {
         return Err(corrupt("the superblock says mkfs did not finish (sb_inprogress)"));
     }
-    if !(16..=(1 << 31)).contains(&agblocks) || agblklog > 31 || (1u64 << agblklog) < agblocks || (1u64 << agblklog) >= 2 * agblocks {
+    if !(16..=(1 << 31)).contains(&agblocks)
+        || agblklog > 31
+        || (1u64 << agblklog) < agblocks
+        || (1u64 << agblklog) >= 2 * agblocks
+    {
         return Err(corrupt(format!("implausible AG size {agblocks} blocks (agblklog {agblklog})")));
     }
     if agcount == 0 {
@@ -237,7 +247,11 @@ fn read_sb(vol: &Volume) -> Result<Sb, FsError> {
         log_blocks,
         log_v2: v5 || version & VERSION_LOGV2 != 0,
     };
-    if log_ag >= agcount || log_blocks == 0 || log_agbno < sb.header_blocks() || log_agbno + log_blocks > sb.ag_len(log_ag) {
+    if log_ag >= agcount
+        || log_blocks == 0
+        || log_agbno < sb.header_blocks()
+        || log_agbno + log_blocks > sb.ag_len(log_ag)
+    {
         return Err(corrupt(format!(
             "the internal log (block {log_agbno} of AG {log_ag}, {log_blocks} blocks) lies outside its AG"
         )));
@@ -282,10 +296,16 @@ impl AgUsed<'_> {
     /// A free extent from the bnobt.
     fn free(&mut self, start: u64, count: u64) -> Result<(), FsError> {
         let end = start.checked_add(count).filter(|&e| count > 0 && e <= self.len).ok_or_else(|| {
-            corrupt(format!("AG {}: free extent {start}+{count} is empty or outside the AG ({} blocks)", self.agno, self.len))
+            corrupt(format!(
+                "AG {}: free extent {start}+{count} is empty or outside the AG ({} blocks)",
+                self.agno, self.len
+            ))
         })?;
         if start < self.cursor {
-            return Err(corrupt(format!("AG {}: free extents out of order or overlapping at block {start}", self.agno)));
+            return Err(corrupt(format!(
+                "AG {}: free extents out of order or overlapping at block {start}",
+                self.agno
+            )));
         }
         if start < self.headers {
             return Err(corrupt(format!("AG {}: free extent {start}+{count} covers the AG headers", self.agno)));
@@ -475,7 +495,9 @@ fn read_ag(vol: &Volume, sb: &Sb, agno: u64, out: &mut Vec<Extent>) -> Result<()
     // The free list: a circular array of flcount entries from flfirst.
     let size = sb.agfl_size();
     if flfirst >= size || fllast >= size || flcount > size {
-        return Err(corrupt(format!("{here}: free list bounds {flfirst}..{fllast} ({flcount}) beyond its {size} slots")));
+        return Err(corrupt(format!(
+            "{here}: free list bounds {flfirst}..{fllast} ({flcount}) beyond its {size} slots"
+        )));
     }
     let active = if flcount == 0 { 0 } else { (fllast + size - flfirst) % size + 1 };
     if active != flcount {
@@ -528,15 +550,7 @@ fn read_ag(vol: &Volume, sb: &Sb, agno: u64, out: &mut Vec<Extent>) -> Result<()
         longest: 0,
         out,
     };
-    let mut walk = BnoWalk {
-        vol,
-        sb,
-        agno,
-        len,
-        seen: HashSet::new(),
-        last: vec![None; bno_levels as usize],
-        acc,
-    };
+    let mut walk = BnoWalk { vol, sb, agno, len, seen: HashSet::new(), last: vec![None; bno_levels as usize], acc };
     walk.visit(bno_root, bno_levels - 1, 0, len)?;
     if walk.last.iter().any(|l| l.is_some_and(|(_, right)| right != NULL_AGBLOCK)) {
         return Err(corrupt(format!("AG {agno}: the bnobt's rightmost block has a right sibling")));
@@ -649,11 +663,7 @@ const DIRTY: &str = "the XFS log is dirty (mounted, or not cleanly unmounted): m
 /// Checks that the last record before the log head is a complete unmount
 /// record: otherwise the log needs recovery.
 fn check_log(vol: &Volume, sb: &Sb) -> Result<(), FsError> {
-    let log = Log {
-        vol,
-        start: sb.ag_byte(sb.log_ag, sb.log_agbno),
-        bbs: sb.log_blocks * sb.block_size / BB,
-    };
+    let log = Log { vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
     let l = log.bbs;
     let head = log.head()?;
     // The last record header before the head (records are at most
@@ -678,7 +688,8 @@ fn check_log(vol: &Volume, sb: &Sb) -> Result<(), FsError> {
     if field::<16>(h, 304)? != sb.uuid {
         return Err(corrupt("the log belongs to another filesystem (UUID)"));
     }
-    let hblks = if version == 2 && rec_size > LOG_HEADER_CYCLE_SIZE { rec_size.div_ceil(LOG_HEADER_CYCLE_SIZE) } else { 1 };
+    let hblks =
+        if version == 2 && rec_size > LOG_HEADER_CYCLE_SIZE { rec_size.div_ceil(LOG_HEADER_CYCLE_SIZE) } else { 1 };
     let data_bbs = len.div_ceil(BB);
     if hblks > 8 || len == 0 || len > 256 * 1024 {
         return Err(corrupt(format!("log record at block {rec_bb} has an implausible size")));
@@ -732,7 +743,7 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
 mod tests {
     use super::*;
     use crate::device::Disk;
-    use crate::testutil::{have_root, root_for, run, sh, Mounted, Rng, TempDir};
+    use crate::testutil::{Mounted, Rng, TempDir, have_root, root_for, run, sh};
     use std::path::Path;
     use std::process::Command;
 
@@ -764,7 +775,11 @@ mod tests {
         }
         std::os::unix::fs::symlink("d/file1", dir.join("link")).unwrap();
         for i in 0..small {
-            std::fs::write(dir.join(format!("d/e/f/s{i}")), Rng::seeded(1000 + i as u64).low_bytes(700 + (i * 37) % 3000)).unwrap();
+            std::fs::write(
+                dir.join(format!("d/e/f/s{i}")),
+                Rng::seeded(1000 + i as u64).low_bytes(700 + (i * 37) % 3000),
+            )
+            .unwrap();
         }
         // Allocate before deleting (delayed allocation would pack the rest).
         sh("sync", &["-f", dir.to_str().unwrap()]);
@@ -897,7 +912,13 @@ mod tests {
         // Small blocks and many holes: a bnobt of two levels or more.
         (48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"], 3000, false, true),
         ((66 << 20) + 7 * 4096, &["-b", "size=4096", "-s", "size=4096", "-d", "agsize=16m"], 200, false, true),
-        (53 << 20, &["-b", "size=2048", "-d", "agsize=16m", "-m", "crc=1,finobt=1,rmapbt=1,reflink=1"], 300, false, true),
+        (
+            53 << 20,
+            &["-b", "size=2048", "-d", "agsize=16m", "-m", "crc=1,finobt=1,rmapbt=1,reflink=1"],
+            300,
+            false,
+            true,
+        ),
         // Nearly full.
         (40 << 20, &["-b", "size=4096", "-d", "agcount=2", "-m", "crc=1"], 100, true, true),
         (40 << 20, &["-b", "size=1024", "-m", "crc=1"], 100, true, true),
@@ -932,7 +953,12 @@ mod tests {
             }
             let m = assert_matches_reference(&img, &format!("{opts:?}"));
             if full {
-                assert!(m.used_bytes > m.total_bytes / 10 * 9, "{opts:?}: only {} of {} used", m.used_bytes, m.total_bytes);
+                assert!(
+                    m.used_bytes > m.total_bytes / 10 * 9,
+                    "{opts:?}: only {} of {} used",
+                    m.used_bytes,
+                    m.total_bytes
+                );
             }
             let d = Disk::open_source(&img).unwrap();
             let vol = Volume { disk: &d, start: 0, len: d.size };
@@ -950,7 +976,8 @@ mod tests {
         let d = Disk::open_source(img).unwrap();
         let vol = Volume { disk: &d, start: 0, len: d.size };
         let sb = read_sb(&vol).unwrap();
-        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let log =
+            Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
         let head = log.head().unwrap();
         log.cycle(head + log.bbs - 1).unwrap()
     }
@@ -1000,7 +1027,8 @@ mod tests {
         let d = Disk::open_source(&img).unwrap();
         let vol = Volume { disk: &d, start: 0, len: d.size };
         let sb = read_sb(&vol).unwrap();
-        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let log =
+            Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
         let head = log.head().unwrap();
         // The unmount record: 8 header blocks and 504 of data before the head.
         let rec = log.read(head + log.bbs - 512, 1).unwrap();
@@ -1103,7 +1131,8 @@ mod tests {
                 level = next;
             }
         }
-        let log = Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
+        let log =
+            Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
         let head = log.head().unwrap();
         for bb in [0, log.bbs - 1, head, head + log.bbs - 1, head + log.bbs - 2, head + log.bbs - 3, log.bbs / 2] {
             out.push((log.start + (bb % log.bbs) * BB, BB, None));

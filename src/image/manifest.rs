@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{hex, FORMAT_VERSION};
+use super::format::{FORMAT_VERSION, hex};
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
 use crate::table::DiskLayout;
@@ -151,7 +151,8 @@ pub struct StreamInfo {
 impl Manifest {
     /// Writes klon.json and klon.json.b3 into `dir` and syncs them.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let mut json = serde_json::to_vec_pretty(self).map_err(|e| Error::Corrupt(format!("encoding manifest: {e}")))?;
+        let mut json =
+            serde_json::to_vec_pretty(self).map_err(|e| Error::Corrupt(format!("encoding manifest: {e}")))?;
         json.push(b'\n');
         let sum = format!("{}  {}\n", blake3::hash(&json).to_hex(), MANIFEST_NAME);
         write_synced(&dir.join(MANIFEST_NAME), &json)?;
@@ -165,10 +166,15 @@ impl Manifest {
         let sum_path = dir.join(MANIFEST_SUM_NAME);
         let meta = std::fs::metadata(&path).map_err(|e| missing_or_io(e, &path, "manifest"))?;
         if meta.len() > MANIFEST_MAX {
-            return Err(Error::Corrupt(format!("{}: manifest is implausibly large ({} bytes)", path.display(), meta.len())));
+            return Err(Error::Corrupt(format!(
+                "{}: manifest is implausibly large ({} bytes)",
+                path.display(),
+                meta.len()
+            )));
         }
         let json = std::fs::read(&path).map_err(|e| Error::io("reading", &path, None, e))?;
-        let sum_text = std::fs::read_to_string(&sum_path).map_err(|e| missing_or_io(e, &sum_path, "manifest checksum"))?;
+        let sum_text =
+            std::fs::read_to_string(&sum_path).map_err(|e| missing_or_io(e, &sum_path, "manifest checksum"))?;
         let expected = sum_text.split_whitespace().next().unwrap_or("");
         let actual = hex(blake3::hash(&json).as_bytes());
         if expected != actual {
@@ -190,8 +196,9 @@ impl Manifest {
                 path.display()
             )));
         }
-        let m: Manifest = serde_json::from_value(value)
-            .map_err(|e| Error::Corrupt(format!("{}: manifest does not have the expected fields: {e}", path.display())))?;
+        let m: Manifest = serde_json::from_value(value).map_err(|e| {
+            Error::Corrupt(format!("{}: manifest does not have the expected fields: {e}", path.display()))
+        })?;
         m.validate(&path)?;
         Ok(m)
     }
@@ -241,10 +248,7 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Current time as RFC 3339 UTC ("2026-11-23T06:00:00Z").
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil date from days since 1970-01-01 (proleptic Gregorian).
     let z = days as i64 + 719_468;
@@ -256,12 +260,7 @@ pub fn now_rfc3339() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

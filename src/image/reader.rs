@@ -5,9 +5,9 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, ChunkHeader, IndexEntry, FLAG_ZSTD, INDEX_ENTRY_LEN, INDEX_HEADER_LEN};
-use super::manifest::{Manifest, StreamInfo, MANIFEST_NAME};
-use super::writer::{partial_dir_for, PARTIAL_SUFFIX};
+use super::format::{self, ChunkHeader, FLAG_ZSTD, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, IndexEntry};
+use super::manifest::{MANIFEST_NAME, Manifest, StreamInfo};
+use super::writer::{PARTIAL_SUFFIX, partial_dir_for};
 use crate::error::{Error, Result};
 
 /// An image opened for reading.
@@ -150,7 +150,10 @@ impl ImageReader {
         let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, None, e))?;
         let hash = blake3::hash(&bytes).to_hex().to_string();
         if s.index.blake3.as_deref() != Some(hash.as_str()) {
-            return Err(Error::Corrupt(format!("{}: index checksum (blake3) does not match the manifest", path.display())));
+            return Err(Error::Corrupt(format!(
+                "{}: index checksum (blake3) does not match the manifest",
+                path.display()
+            )));
         }
         let where_ = path.display().to_string();
         let (num, count) = format::decode_index_header(&bytes, &where_)?;
@@ -160,7 +163,8 @@ impl ImageReader {
         if (bytes.len() - INDEX_HEADER_LEN) as u64 != count * INDEX_ENTRY_LEN as u64 {
             return Err(Error::Corrupt(format!("{where_}: index length does not match its entry count")));
         }
-        let entries: Vec<IndexEntry> = bytes[INDEX_HEADER_LEN..].chunks_exact(INDEX_ENTRY_LEN).map(IndexEntry::decode).collect();
+        let entries: Vec<IndexEntry> =
+            bytes[INDEX_HEADER_LEN..].chunks_exact(INDEX_ENTRY_LEN).map(IndexEntry::decode).collect();
         // The records must follow each other without gaps and fill every data file exactly.
         let mut expect_file = 0u32;
         let mut expect_off = 0u64;
@@ -230,7 +234,14 @@ impl ImageReader {
         File::open(&path).map_err(|err| Error::io("opening", &path, None, err))
     }
 
-    fn read_record(&self, stream: usize, seq: u64, e: &IndexEntry, f: &File, with_payload: bool) -> Result<StoredChunk> {
+    fn read_record(
+        &self,
+        stream: usize,
+        seq: u64,
+        e: &IndexEntry,
+        f: &File,
+        with_payload: bool,
+    ) -> Result<StoredChunk> {
         let s = &self.manifest.streams[stream];
         let path = self.data_path(stream, e.file);
         let location = format!("{} at offset {} ({}, chunk {seq})", path.display(), e.offset, describe_stream(s));

@@ -102,9 +102,7 @@ impl ImageWriter {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("flushing directory", dir, None, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io("flushing directory", dir, None, e))
 }
 
 /// A finished stream's files and totals.
@@ -197,9 +195,7 @@ impl StreamWriter {
             payload_crc: chunk.payload_crc,
             content_hash: chunk.content_hash,
         };
-        self.idx
-            .write_all(&entry.encode())
-            .map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
+        self.idx.write_all(&entry.encode()).map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
         self.file_off += record_len;
         self.seq += 1;
         self.stored_bytes += chunk.raw_len as u64;

@@ -82,7 +82,10 @@ pub fn candidates(disks: &[DiskInfo], exclude: &[u64]) -> Vec<Candidate> {
     let mut out = Vec::new();
     for d in disks.iter().filter(|d| !exclude.contains(&d.devno) && !d.read_only) {
         let whole = d.fs.as_ref().map(|fs| (d.path.clone(), d.devno, d.size, fs, d.mountpoints.clone()));
-        let parts = d.partitions.iter().filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, p.mountpoints.clone())));
+        let parts = d
+            .partitions
+            .iter()
+            .filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, p.mountpoints.clone())));
         for (device, devno, size, fs, mountpoints) in whole.into_iter().chain(parts) {
             if mount_type(&fs.fstype).is_some() {
                 out.push(Candidate {
@@ -121,8 +124,13 @@ pub fn choose<'a>(cands: &'a [Candidate], spec: Option<&str>) -> Result<&'a Cand
         }
         None => match cands {
             [one] => Ok(one),
-            [] => Err(Error::Usage("no image drive found: attach a drive with a FAT, exFAT, NTFS, ext4, XFS or btrfs filesystem".into())),
-            _ => Err(Error::Usage(format!("more than one possible image drive, name one with drive=LABEL=…: {}", list()))),
+            [] => Err(Error::Usage(
+                "no image drive found: attach a drive with a FAT, exFAT, NTFS, ext4, XFS or btrfs filesystem".into(),
+            )),
+            _ => Err(Error::Usage(format!(
+                "more than one possible image drive, name one with drive=LABEL=…: {}",
+                list()
+            ))),
         },
     }
 }
@@ -142,8 +150,9 @@ impl ImageDrive {
     /// Mounts `c` at `at` (created if missing), read-write unless
     /// `read_only`.
     pub fn mount(c: &Candidate, at: &Path, read_only: bool) -> Result<ImageDrive> {
-        let fstype = mount_type(&c.fs.fstype)
-            .ok_or_else(|| Error::Unsupported(format!("{}: klon cannot keep images on {}", c.device.display(), c.fs.fstype)))?;
+        let fstype = mount_type(&c.fs.fstype).ok_or_else(|| {
+            Error::Unsupported(format!("{}: klon cannot keep images on {}", c.device.display(), c.fs.fstype))
+        })?;
         std::fs::create_dir_all(at).map_err(|e| Error::io("creating mount point", at, None, e))?;
         let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
         if read_only {

@@ -159,7 +159,8 @@ fn normalise_key(k: &str) -> String {
     k.trim().to_ascii_lowercase().replace('-', "_")
 }
 
-const KEYS: &[&str] = &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
+const KEYS: &[&str] =
+    &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
 
 fn yes(key: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
@@ -253,9 +254,10 @@ mod tests {
         assert_eq!(job.level, 3);
         // The command line wins, and job=none switches a file's job off.
         assert_eq!(parse(&file, &from_cmdline("klon.job=none")).unwrap(), None);
-        let r = parse(&file, &from_cmdline("klon.job=restore klon.target=/dev/nvme0n1 klon.grow_last=1 klon.after=reboot"))
-            .unwrap()
-            .unwrap();
+        let r =
+            parse(&file, &from_cmdline("klon.job=restore klon.target=/dev/nvme0n1 klon.grow_last=1 klon.after=reboot"))
+                .unwrap()
+                .unwrap();
         assert_eq!(r.kind, JobKind::Restore);
         assert_eq!(r.target.as_deref(), Some("/dev/nvme0n1"));
         assert!(r.grow_last);

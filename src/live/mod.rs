@@ -189,10 +189,7 @@ pub fn rescue_shell() -> Result<()> {
         return Ok(());
     }
     println!("Rescue shell: 'exit' returns to klon; 'poweroff' or 'reboot' end the live system.");
-    let status = std::process::Command::new(sh)
-        .arg("-l")
-        .status()
-        .map_err(|e| Error::io("starting", sh, None, e))?;
+    let status = std::process::Command::new(sh).arg("-l").status().map_err(|e| Error::io("starting", sh, None, e))?;
     let _ = status;
     Ok(())
 }
@@ -212,7 +209,11 @@ fn console(tty: &Path, shell_first: bool) -> Result<()> {
     dup(nix::unistd::dup2_stderr(&f))?;
     drop(f);
     let name = tty.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let term = if name.starts_with("ttyS") || name.starts_with("ttyUSB") || name.starts_with("hvc") { "vt220" } else { "linux" };
+    let term = if name.starts_with("ttyS") || name.starts_with("ttyUSB") || name.starts_with("hvc") {
+        "vt220"
+    } else {
+        "linux"
+    };
     set_env("TERM", term);
     if shell_first {
         rescue_shell()?;
@@ -246,7 +247,12 @@ pub fn resolve_disk(spec: &str, wait: Duration) -> Result<PathBuf> {
         Some(Err(p)) => Err(Error::Refused(format!("{spec} ({}) is the live stick", p.display()))),
         None => {
             let have = sysfs::list_disks()
-                .map(|ds| ds.iter().map(|d| format!("{} serial {}", d.path.display(), d.serial.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join(", "))
+                .map(|ds| {
+                    ds.iter()
+                        .map(|d| format!("{} serial {}", d.path.display(), d.serial.as_deref().unwrap_or("-")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
                 .unwrap_or_default();
             Err(Error::Usage(format!("no disk {spec} after {} s (disks: {have})", wait.as_secs())))
         }
@@ -283,11 +289,17 @@ fn mount_drive(job: &Job, exclude: &[u64]) -> Result<ImageDrive> {
             let mut ex = live_disks(&disks, &live);
             ex.extend_from_slice(exclude);
             let cands = image_drive::candidates(&disks, &ex);
-            return Err(image_drive::choose(&cands, job.drive.as_deref()).err().unwrap_or_else(|| Error::Usage("no image drive".into())));
+            return Err(image_drive::choose(&cands, job.drive.as_deref())
+                .err()
+                .unwrap_or_else(|| Error::Usage("no image drive".into())));
         }
     };
     if let Some(m) = c.mountpoints.first() {
-        return Err(Error::Refused(format!("image drive {} is already mounted at {}", c.device.display(), m.display())));
+        return Err(Error::Refused(format!(
+            "image drive {} is already mounted at {}",
+            c.device.display(),
+            m.display()
+        )));
     }
     eprintln!("klon: image drive {}", c.describe());
     ImageDrive::mount(&c, Path::new(DRIVE_MNT), job.kind != JobKind::Backup)

@@ -37,10 +37,7 @@ pub fn is_init() -> bool {
 }
 
 fn uptime() -> f64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0.0)
+    std::fs::read_to_string("/proc/uptime").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0.0)
 }
 
 fn say(msg: &str) {
@@ -118,7 +115,8 @@ pub fn load_modules() -> (usize, Vec<String>) {
     let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let dir = PathBuf::from("/lib/modules").join(&release);
     let list = std::fs::read_to_string(dir.join("klon.load")).unwrap_or_default();
-    let order: Vec<String> = list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
+    let order: Vec<String> =
+        list.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect();
     let deps = parse_modules_dep(&std::fs::read_to_string(dir.join("modules.dep")).unwrap_or_default());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4);
     let (ok, failed) = load_in_parallel(&order, &deps, threads, |rel| {
@@ -330,7 +328,9 @@ fn shutdown(how: u8) -> ! {
         }
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    while waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG)).is_ok_and(|s| s != WaitStatus::StillAlive) {}
+    while waitpid(Pid::from_raw(-1), Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+        .is_ok_and(|s| s != WaitStatus::StillAlive)
+    {}
     nix::unistd::sync();
     for at in [DRIVE_MNT, BOOT_MNT] {
         if umount2(at, MntFlags::empty()).is_err() {
@@ -384,7 +384,9 @@ pub fn main() -> ! {
             say(&format!("starting the unattended {} (afterwards: {:?})", j.kind.name(), j.after));
             let status = spawn_self(&["live", "job", JOB_FILE]).and_then(|pid| wait_for_child(pid, false));
             if !Path::new(RESULT_FILE).exists() {
-                super::print_on_consoles(&format!("KLON-RESULT: failed the job process ended without a result ({status:?})"));
+                super::print_on_consoles(&format!(
+                    "KLON-RESULT: failed the job process ended without a result ({status:?})"
+                ));
             }
             match j.after {
                 After::Poweroff => shutdown(POWEROFF),
@@ -406,7 +408,8 @@ mod tests {
         let dep = "a.ko:\nb.ko: a.ko\nc.ko: b.ko a.ko\nd.ko:\ne.ko: d.ko\nf.ko: e.ko\ng.ko: builtin.ko\n";
         let deps = parse_modules_dep(dep);
         assert_eq!(deps["c.ko"], vec!["b.ko", "a.ko"]);
-        let order: Vec<String> = ["a.ko", "b.ko", "c.ko", "d.ko", "e.ko", "f.ko", "g.ko"].iter().map(|s| s.to_string()).collect();
+        let order: Vec<String> =
+            ["a.ko", "b.ko", "c.ko", "d.ko", "e.ko", "f.ko", "g.ko"].iter().map(|s| s.to_string()).collect();
         for threads in [1, 2, 4] {
             let seen = Mutex::new(Vec::new());
             let (ok, failed) = load_in_parallel(&order, &deps, threads, |m| {

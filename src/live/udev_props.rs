@@ -16,7 +16,11 @@ pub fn enrich(disks: &mut [DiskInfo]) -> Vec<Vec<String>> {
             }
             if let Some(links) = dev.property_value("DEVLINKS") {
                 names.extend(
-                    links.to_string_lossy().split_whitespace().filter(|l| l.starts_with("/dev/disk/by-id/")).map(str::to_string),
+                    links
+                        .to_string_lossy()
+                        .split_whitespace()
+                        .filter(|l| l.starts_with("/dev/disk/by-id/"))
+                        .map(str::to_string),
                 );
             }
         }

@@ -246,11 +246,8 @@ fn parse_entries(
                 "GPT partition {number} (LBA {first}..={last}) lies outside the usable LBAs {lo}..={hi}"
             ));
         }
-        let units: Vec<u16> = e[56..128]
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .take_while(|&u| u != 0)
-            .collect();
+        let units: Vec<u16> =
+            e[56..128].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
         parts.push(Partition {
             number,
             start: first * ss,
@@ -287,9 +284,7 @@ pub(super) fn read(disk: &Disk, sector_size: u32) -> Result<Option<DiskLayout>> 
             let (backup_valid, backup_entries_lba) = match backup {
                 Ok(b) if consistent(&p.header, &p.entries, &b) => (true, b.header.entries_lba),
                 Ok(b) => {
-                    warnings.push(format!(
-                        "backup GPT at LBA {alt} differs from the primary; the primary is used"
-                    ));
+                    warnings.push(format!("backup GPT at LBA {alt} differs from the primary; the primary is used"));
                     (false, b.header.entries_lba)
                 }
                 Err(why) => {
@@ -333,14 +328,8 @@ pub(super) fn read(disk: &Disk, sector_size: u32) -> Result<Option<DiskLayout>> 
         }
     };
     let h = &chosen.header;
-    let mut partitions = parse_entries(
-        &chosen.entries,
-        h.entry_size,
-        ss,
-        total,
-        Some((h.first_usable, h.last_usable)),
-        &mut warnings,
-    )?;
+    let mut partitions =
+        parse_entries(&chosen.entries, h.entry_size, ss, total, Some((h.first_usable, h.last_usable)), &mut warnings)?;
     sort_and_check(&mut partitions, disk.size)?;
     Ok(Some(DiskLayout {
         kind: TableKind::Gpt,
@@ -432,10 +421,7 @@ fn build_entries(layout: &DiskLayout, g: &GptGeometry) -> Result<Vec<u8>> {
 
 /// See [`super::fix_up_for_target`] (GPT part).
 pub(super) fn fix_up(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Result<Vec<(u64, u64)>> {
-    let g = layout
-        .gpt
-        .as_ref()
-        .ok_or_else(|| Error::Unsupported("GPT layout without GPT geometry".into()))?;
+    let g = layout.gpt.as_ref().ok_or_else(|| Error::Unsupported("GPT layout without GPT geometry".into()))?;
     if !needs_rewrite(g, layout.disk_size, target.size, grow_last) {
         return Ok(Vec::new());
     }

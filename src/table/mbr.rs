@@ -278,16 +278,11 @@ fn read_chain(
                 continue;
             }
             if data_seen {
-                return Err(Error::Unsupported(format!(
-                    "EBR at LBA {ebr} describes more than one logical partition"
-                )));
+                return Err(Error::Unsupported(format!("EBR at LBA {ebr} describes more than one logical partition")));
             }
             data_seen = true;
             if !matches!(e.status, 0x00 | 0x80) {
-                return Err(Error::Unsupported(format!(
-                    "EBR at LBA {ebr}: invalid status byte 0x{:02x}",
-                    e.status
-                )));
+                return Err(Error::Unsupported(format!("EBR at LBA {ebr}: invalid status byte 0x{:02x}", e.status)));
             }
             let abs = ebr + start;
             if start == 0 || abs + size > ext_end {
@@ -418,9 +413,8 @@ pub(super) fn fix_up_grow(target: &Disk, layout: &DiskLayout) -> Result<Vec<(u64
         written.push((0, 512));
         return Ok(written);
     }
-    let (ext_slot, ext_start, ext_size) = parsed
-        .extended
-        .ok_or_else(|| Error::Unsupported("logical partition without extended partition".into()))?;
+    let (ext_slot, ext_start, ext_size) =
+        parsed.extended.ok_or_else(|| Error::Unsupported("logical partition without extended partition".into()))?;
     let l = parsed
         .logicals
         .iter()

@@ -216,10 +216,8 @@ pub fn stale_ranges(layout: &DiskLayout, target_size: u64) -> Vec<(u64, u64)> {
     let Some(g) = &layout.gpt else { return Vec::new() };
     let ss = u64::from(layout.sector_size);
     let entries_len = gpt::entries_sectors(g.num_entries, g.entry_size, ss) * ss;
-    let mut ranges = vec![
-        (g.backup_entries_lba.saturating_mul(ss), entries_len),
-        (g.backup_header_lba.saturating_mul(ss), ss),
-    ];
+    let mut ranges =
+        vec![(g.backup_entries_lba.saturating_mul(ss), entries_len), (g.backup_header_lba.saturating_mul(ss), ss)];
     ranges.sort();
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (start, len) in ranges {

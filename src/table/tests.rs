@@ -96,10 +96,7 @@ fn sfdisk_json(img: &Tmp) -> serde_json::Value {
 /// `sgdisk -i N` as key -> value.
 fn sgdisk_info(img: &Tmp, n: u32) -> HashMap<String, String> {
     let text = run("sgdisk", &["-i", &n.to_string(), img.s()], None);
-    text.lines()
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
+    text.lines().filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
 }
 
 /// First number in `s`.
@@ -124,10 +121,7 @@ fn sfdisk_verify_ok(img: &Tmp) {
 /// Compares a GPT layout with sgdisk's view (512-byte sectors).
 fn check_against_sgdisk(img: &Tmp, layout: &DiskLayout) {
     let p = run("sgdisk", &["-p", img.s()], None);
-    let guid = p
-        .lines()
-        .find_map(|l| l.strip_prefix("Disk identifier (GUID): "))
-        .expect("disk GUID in sgdisk -p");
+    let guid = p.lines().find_map(|l| l.strip_prefix("Disk identifier (GUID): ")).expect("disk GUID in sgdisk -p");
     assert_eq!(layout.disk_id.as_deref(), Some(guid.trim()));
     let usable = p.lines().find(|l| l.starts_with("First usable sector is")).expect("usable line");
     let g = layout.gpt.as_ref().expect("geometry");
@@ -216,9 +210,24 @@ fn make_gpt_512(size: u64) -> Tmp {
     run(
         "sgdisk",
         &[
-            "-n", "1:2048:+1M", "-t", "1:ef00", "-c", "1:ESP",
-            "-n", "2:0:+2M", "-c", "2:data ä", "-A", "2:set:2", "-A", "2:set:60",
-            "-n", "3:0:0", "-t", "3:8300",
+            "-n",
+            "1:2048:+1M",
+            "-t",
+            "1:ef00",
+            "-c",
+            "1:ESP",
+            "-n",
+            "2:0:+2M",
+            "-c",
+            "2:data ä",
+            "-A",
+            "2:set:2",
+            "-A",
+            "2:set:60",
+            "-n",
+            "3:0:0",
+            "-t",
+            "3:8300",
             img.s(),
         ],
         None,
@@ -237,18 +246,11 @@ fn make_gpt_4096(size: u64) -> Tmp {
 
 /// Compares a 4096-byte-sector GPT layout with `fdisk -b 4096 -l`.
 fn check_against_fdisk_4k(img: &Tmp, layout: &DiskLayout) {
-    let text = run(
-        "fdisk",
-        &["-l", "-b", "4096", "-o", "Device,Start,End,Type-UUID,UUID,Name", img.s()],
-        None,
-    );
+    let text = run("fdisk", &["-l", "-b", "4096", "-o", "Device,Start,End,Type-UUID,UUID,Name", img.s()], None);
     let id = text.lines().find_map(|l| l.strip_prefix("Disk identifier: ")).expect("disk id");
     assert_eq!(layout.disk_id.as_deref(), Some(id.trim()));
-    let rows: Vec<Vec<&str>> = text
-        .lines()
-        .filter(|l| l.starts_with(img.s()))
-        .map(|l| l.split_whitespace().collect())
-        .collect();
+    let rows: Vec<Vec<&str>> =
+        text.lines().filter(|l| l.starts_with(img.s())).map(|l| l.split_whitespace().collect()).collect();
     assert_eq!(rows.len(), layout.partitions.len());
     for (row, p) in rows.iter().zip(&layout.partitions) {
         let number: u32 = row[0][img.s().len()..].parse().expect("number");
@@ -522,7 +524,11 @@ fn mbr_grow_last_logical_matches_sfdisk() {
 #[test]
 fn mbr_grow_last_primary() {
     let src = Tmp::new("mbrp", 16 * MIB);
-    run("sfdisk", &["-q", src.s()], Some("label: dos\nstart=2048, size=4096, type=c\nstart=6144, size=8192, type=83\n"));
+    run(
+        "sfdisk",
+        &["-q", src.s()],
+        Some("label: dos\nstart=2048, size=4096, type=c\nstart=6144, size=8192, type=83\n"),
+    );
     let layout = read_layout(&src.open()).expect("read");
     let dst = copy_to_target(&src, &layout, 48 * MIB);
     let written = fix_up_for_target(&Disk::open_target(dst.path(), None).expect("open"), &layout, true).expect("fix");

@@ -22,7 +22,11 @@ pub fn human_bytes(bytes: u64) -> String {
 /// A duration as "1:02:03" or "2:03".
 pub fn human_duration(secs: f64) -> String {
     let s = secs.max(0.0).round() as u64;
-    if s >= 3600 { format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60) } else { format!("{}:{:02}", s / 60, s % 60) }
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
 }
 
 #[cfg(test)]

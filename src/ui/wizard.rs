@@ -242,7 +242,14 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
             },
             1 => {
                 drop(dir.take()); // unmounts a drive chosen before
-                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, Some(list[src].info.devno), &mut st.last_dir)? {
+                match images::choose_dir(
+                    scr,
+                    title,
+                    ctx.live,
+                    &ctx.exclude,
+                    Some(list[src].info.devno),
+                    &mut st.last_dir,
+                )? {
                     Nav::Go(d) => {
                         name = default_image_name(&d.path, &list[src]);
                         dir = Some(d);
@@ -263,7 +270,10 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                         if n.is_empty() || n.contains('/') {
                             scr.message(title, "Type a name without '/', for example laptop-2026-01-31.")?;
                         } else if d.path.join(&n).exists() {
-                            scr.message(title, &format!("{n} already exists in {}: choose another name.", d.path.display()))?;
+                            scr.message(
+                                title,
+                                &format!("{n} already exists in {}: choose another name.", d.path.display()),
+                            )?;
                         } else {
                             name = n;
                             step = 3;
@@ -284,13 +294,21 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let items = [
                     Item::new("Start the backup"),
                     Item::new(format!("Compression level: {level} (1 fastest .. 19 smallest; Enter changes)")),
-                    Item::new(format!("Verify the image afterwards: {} (Enter changes)", if verify_after { "yes" } else { "no" })),
+                    Item::new(format!(
+                        "Verify the image afterwards: {} (Enter changes)",
+                        if verify_after { "yes" } else { "no" }
+                    )),
                 ];
                 match scr.select(title, &body, "Ready", &items, 0)? {
                     Nav::Back => step = 2,
                     Nav::Go(0) => step = 4,
                     Nav::Go(1) => {
-                        if let Nav::Go(t) = scr.input(title, "zstd level: 3 is fast and good; higher levels are slower.", "Level (1-19)", &level.to_string())? {
+                        if let Nav::Go(t) = scr.input(
+                            title,
+                            "zstd level: 3 is fast and good; higher levels are slower.",
+                            "Level (1-19)",
+                            &level.to_string(),
+                        )? {
                             match t.parse::<i32>() {
                                 Ok(v) if (1..=19).contains(&v) => level = v,
                                 _ => scr.message(title, "Type a number from 1 to 19.")?,
@@ -359,7 +377,8 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
         workers,
         plan: PlanOptions::default(),
     };
-    let report = run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;
+    let report =
+        run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;
     let verified = if verify_after {
         scr.term.write_line("Verifying the image ...").ok();
         let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
@@ -408,7 +427,10 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
 fn pick_image(scr: &Screen, title: &str, dir: &Path, default: usize) -> Result<Nav<(PathBuf, Option<Need>)>> {
     let mut found = images::list_images(dir);
     if found.is_empty() {
-        scr.message(title, &format!("There are no klon images in {}. Choose another directory or drive.", dir.display()))?;
+        scr.message(
+            title,
+            &format!("There are no klon images in {}. Choose another directory or drive.", dir.display()),
+        )?;
         return Ok(Nav::Back);
     }
     let items: Vec<Item> = found.iter().map(|f| f.item.clone()).collect();
@@ -444,8 +466,16 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     step = 0;
                     continue;
                 };
-                scr.page(title, &format!("Verifying {}: every checksum is read; no disk is touched. Ctrl-C stops.", image.display()))?;
-                let r = run_job(scr, "verification", "Nothing is changed.", || verify::verify(&image, default_workers(), false));
+                scr.page(
+                    title,
+                    &format!(
+                        "Verifying {}: every checksum is read; no disk is touched. Ctrl-C stops.",
+                        image.display()
+                    ),
+                )?;
+                let r = run_job(scr, "verification", "Nothing is changed.", || {
+                    verify::verify(&image, default_workers(), false)
+                });
                 if !matches!(&r, Err(Error::Cancelled(_))) {
                     verify::record_result(&image, &r);
                 }
@@ -490,11 +520,22 @@ fn confirm_destroy(scr: &Screen, title: &str, what: &str, target: &Listed) -> Re
         if ok {
             return Ok(Nav::Go(()));
         }
-        scr.message(title, &format!("\"{t}\" is not {name}: nothing was written. Type the name exactly, or press Esc to go back."))?;
+        scr.message(
+            title,
+            &format!("\"{t}\" is not {name}: nothing was written. Type the name exactly, or press Esc to go back."),
+        )?;
     }
 }
 
-fn pick_target(scr: &Screen, ctx: &WizardContext, title: &str, list: &[Listed], source: Option<u64>, never: &[u64], need: Need) -> Result<Nav<usize>> {
+fn pick_target(
+    scr: &Screen,
+    ctx: &WizardContext,
+    title: &str,
+    list: &[Listed],
+    source: Option<u64>,
+    never: &[u64],
+    need: Need,
+) -> Result<Nav<usize>> {
     let (items, index) = disks::target_items(list, source, never, need);
     let _ = ctx;
     if items.is_empty() {
@@ -517,7 +558,8 @@ fn ask_grow(scr: &Screen, title: &str, target: &Listed, need: Need) -> Result<Na
         human_bytes(target.info.size),
         human_bytes(need.size)
     );
-    let items = [Item::new("Extend the last partition to the end of the disk"), Item::new("Keep the partitions as they are")];
+    let items =
+        [Item::new("Extend the last partition to the end of the disk"), Item::new("Keep the partitions as they are")];
     Ok(match scr.select(title, &body, "Use the extra space?", &items, 0)? {
         Nav::Back => Nav::Back,
         Nav::Go(i) => Nav::Go(i == 0),
@@ -590,15 +632,28 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                     }
                     Nav::Go(()) => {
                         let tpath = list[target].info.path.clone();
-                        scr.page(title, &format!("Restoring {} to {}. Ctrl-C stops.", image.display(), tpath.display()))?;
-                        let opts = RestoreOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
+                        scr.page(
+                            title,
+                            &format!("Restoring {} to {}. Ctrl-C stops.", image.display(), tpath.display()),
+                        )?;
+                        let opts = RestoreOptions {
+                            grow_last: grow,
+                            verify_after: true,
+                            quiet: false,
+                            workers: default_workers(),
+                        };
                         let r = run_job(
                             scr,
                             "restore",
                             "The disk will be left unusable (its partition table wiped).",
                             || restore::restore(plan, &opts),
                         );
-                        let mut cmd = format!("klon restore --yes{} {} {}", if grow { " --grow-last" } else { "" }, shell_quote(&image), shell_quote(&tpath));
+                        let mut cmd = format!(
+                            "klon restore --yes{} {} {}",
+                            if grow { " --grow-last" } else { "" },
+                            shell_quote(&image),
+                            shell_quote(&tpath)
+                        );
                         cmd = cmd.replace("  ", " ");
                         let body = match r {
                             Ok(r) => format!(
@@ -673,11 +728,17 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                     continue;
                 };
                 scr.page(title, &format!("Copying {} to {}. Ctrl-C stops.", s.display(), t.display()))?;
-                let opts = CloneOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
+                let opts =
+                    CloneOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
                 let r = run_job(scr, "clone", "The target will be left unusable (its partition table wiped).", || {
                     clone_engine::clone(plan, &opts)
                 });
-                let cmd = format!("klon clone --yes{} {} {}", if grow { " --grow-last" } else { "" }, shell_quote(&s), shell_quote(&t));
+                let cmd = format!(
+                    "klon clone --yes{} {} {}",
+                    if grow { " --grow-last" } else { "" },
+                    shell_quote(&s),
+                    shell_quote(&t)
+                );
                 let body = match r {
                     Ok(r) => format!(
                         "Copied {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",

@@ -64,11 +64,7 @@ impl Drop for Mounted {
 
 /// Runs klon with `args`; stdin is not a terminal.
 pub fn klon(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_klon"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run klon")
+    Command::new(env!("CARGO_BIN_EXE_klon")).args(args).stdin(Stdio::null()).output().expect("run klon")
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -87,7 +83,13 @@ pub fn ok(o: &Output) {
 /// Asserts klon failed with exit `code` and stderr containing every string of `needles`.
 pub fn fails_with(o: &Output, code: i32, needles: &[&str]) {
     let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "expected exit {code}, got {:?}\nstderr: {err}\nstdout: {}", o.status.code(), stdout(o));
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "expected exit {code}, got {:?}\nstderr: {err}\nstdout: {}",
+        o.status.code(),
+        stdout(o)
+    );
     for n in needles {
         assert!(err.contains(n), "stderr does not mention {n:?}:\n{err}");
     }
@@ -95,8 +97,16 @@ pub fn fails_with(o: &Output, code: i32, needles: &[&str]) {
 
 /// Runs a shell tool, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e} (is it installed? scripts/test installs the test tools)"));
-    assert!(o.status.success(), "{cmd} {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e} (is it installed? scripts/test installs the test tools)"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -112,7 +122,12 @@ pub fn run_with_input(cmd: &str, args: &[&str], input: &str) -> String {
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let o = child.wait_with_output().unwrap();
-    assert!(o.status.success(), "{cmd} {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -240,7 +255,27 @@ pub fn make_gpt_disk(path: &Path, size: u64) -> Vec<SfPart> {
     let p = path.to_str().unwrap();
     run(
         "sgdisk",
-        &["-n", "1:2048:+4M", "-t", "1:ef00", "-c", "1:EFI system", "-n", "2:0:+12M", "-t", "2:8300", "-c", "2:root", "-n", "3:0:0", "-t", "3:8300", "-c", "3:home", p],
+        &[
+            "-n",
+            "1:2048:+4M",
+            "-t",
+            "1:ef00",
+            "-c",
+            "1:EFI system",
+            "-n",
+            "2:0:+12M",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:root",
+            "-n",
+            "3:0:0",
+            "-t",
+            "3:8300",
+            "-c",
+            "3:home",
+            p,
+        ],
     );
     let (parts, sector) = sfdisk_parts(path);
     fill_partitions(path, &parts, sector);

@@ -6,7 +6,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::device::sysfs::{self, DiskInfo};
-use crate::device::{mounts, Disk};
+use crate::device::{Disk, mounts};
 use crate::fs::{self, Volume};
 use crate::ui::human_bytes;
 
@@ -87,7 +87,11 @@ pub fn list(exclude: &[PathBuf]) -> crate::Result<Vec<Listed>> {
 }
 
 fn cut(s: &str, width: usize) -> String {
-    if s.chars().count() <= width { s.to_string() } else { s.chars().take(width.saturating_sub(1)).collect::<String>() + "~" }
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        s.chars().take(width.saturating_sub(1)).collect::<String>() + "~"
+    }
 }
 
 /// What a person reads to recognise the disk: one line for the disk, one
@@ -100,12 +104,13 @@ pub fn describe(l: &Listed) -> String {
         (None, None) => "unknown model".to_string(),
     };
     let serial = d.serial.as_deref().map(|s| format!("  serial {s}")).unwrap_or_default();
-    let mut s = cut(
-        &format!("{}  {}  {}  {}{serial}", d.path.display(), human_bytes(d.size), d.transport, model),
-        74,
-    );
+    let mut s = cut(&format!("{}  {}  {}  {}{serial}", d.path.display(), human_bytes(d.size), d.transport, model), 74);
     if let Some(f) = &d.fs {
-        s.push_str(&format!("\n      whole disk: {}{}", f.fstype, f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default()));
+        s.push_str(&format!(
+            "\n      whole disk: {}{}",
+            f.fstype,
+            f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default()
+        ));
     }
     if d.partitions.is_empty() && d.fs.is_none() {
         s.push_str("\n      no partitions");
@@ -263,7 +268,7 @@ mod tests {
                 devno: 8 << 8 | 17,
                 start: 1 << 20,
                 size: size - (2 << 20),
-    type_id: None,
+                type_id: None,
                 fs: Some(FsInfo { fstype: "ext4".into(), label: Some("data".into()), uuid: None }),
                 mountpoints: vec![],
                 in_use: false,
@@ -296,7 +301,8 @@ mod tests {
         c.devno = 3;
         let mut e = disk(300 << 30);
         e.devno = 4;
-        let listed: Vec<Listed> = [a, b, c, e].into_iter().map(|info| Listed { used: vec![Some(5 << 30)], info }).collect();
+        let listed: Vec<Listed> =
+            [a, b, c, e].into_iter().map(|info| Listed { used: vec![Some(5 << 30)], info }).collect();
         let (items, idx) = target_items(&listed, Some(1), &[4], Need { size: 50 << 30, sector_size: 512 });
         assert_eq!(idx, vec![1, 2]);
         assert!(items[0].blocked.is_none());

@@ -95,7 +95,7 @@ fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart
             devno: info.devno,
             start: 0,
             size: info.size,
-type_id: None,
+            type_id: None,
             fs: info.fs.clone(),
             mountpoints: info.mountpoints.clone(),
             in_use: info.in_use,
@@ -118,7 +118,14 @@ type_id: None,
 
 /// Asks where the images are (or go): a typed directory, or a drive. With
 /// `not_on` the disk being backed up is not offered.
-pub fn choose_dir(scr: &Screen, title: &str, live: bool, exclude: &[PathBuf], not_on: Option<u64>, last: &mut String) -> Result<Nav<ImageDir>> {
+pub fn choose_dir(
+    scr: &Screen,
+    title: &str,
+    live: bool,
+    exclude: &[PathBuf],
+    not_on: Option<u64>,
+    last: &mut String,
+) -> Result<Nav<ImageDir>> {
     let mut preselect: Option<PathBuf> = None;
     loop {
         let drives = drive_parts(exclude, not_on)?;
@@ -151,16 +158,28 @@ pub fn choose_dir(scr: &Screen, title: &str, live: bool, exclude: &[PathBuf], no
             .and_then(|p| drives.iter().position(|d| d.part.path == p))
             .map(|i| i + offset)
             .unwrap_or(0);
-        let body = "Images are kept in a directory: on a drive with an ext2/3/4, FAT, exFAT, NTFS, XFS or btrfs filesystem.";
-        let Nav::Go(i) = scr.select(title, body, "Where are the images?", &items, default)? else { return Ok(Nav::Back) };
+        let body =
+            "Images are kept in a directory: on a drive with an ext2/3/4, FAT, exFAT, NTFS, XFS or btrfs filesystem.";
+        let Nav::Go(i) = scr.select(title, body, "Where are the images?", &items, default)? else {
+            return Ok(Nav::Back);
+        };
         let typed = (!live && i == 0) || (live && i == items.len() - 1);
         if typed {
-            let Nav::Go(text) = scr.input(title, "Type the directory that holds the images (or will hold them).", "Directory", &typed_default)? else {
+            let Nav::Go(text) = scr.input(
+                title,
+                "Type the directory that holds the images (or will hold them).",
+                "Directory",
+                &typed_default,
+            )?
+            else {
                 continue;
             };
             let path = PathBuf::from(&text);
             if !path.is_dir() {
-                scr.message(title, &format!("{text} is not a directory. Type an existing directory, for example /mnt/usb."))?;
+                scr.message(
+                    title,
+                    &format!("{text} is not a directory. Type an existing directory, for example /mnt/usb."),
+                )?;
                 continue;
             }
             *last = text;
@@ -180,7 +199,10 @@ pub fn choose_dir(scr: &Screen, title: &str, live: bool, exclude: &[PathBuf], no
             drives[i - offset].clone()
         };
         let at = PathBuf::from(LIVE_MOUNT);
-        scr.page(title, &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()))?;
+        scr.page(
+            title,
+            &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()),
+        )?;
         match mount(&chosen.part.path, &chosen.fstype, &at) {
             Ok(g) => return Ok(Nav::Go(ImageDir { path: at, mounted: Some(g) })),
             Err(e) => scr.message(title, &format!("{e}"))?,
@@ -190,7 +212,13 @@ pub fn choose_dir(scr: &Screen, title: &str, live: bool, exclude: &[PathBuf], no
 
 /// Waits for a new drive with a supported filesystem (kernel uevents);
 /// Esc goes back. Returns the new partitions, `None` on Esc.
-fn wait_for_drive(scr: &Screen, title: &str, exclude: &[PathBuf], not_on: Option<u64>, before: &[DrivePart]) -> Result<Option<Vec<DrivePart>>> {
+fn wait_for_drive(
+    scr: &Screen,
+    title: &str,
+    exclude: &[PathBuf],
+    not_on: Option<u64>,
+    before: &[DrivePart],
+) -> Result<Option<Vec<DrivePart>>> {
     let sock = UeventSocket::open()?;
     scr.page(
         title,
@@ -257,8 +285,12 @@ fn describe_image(p: &Path) -> Found {
             let model = m.source.model.clone().unwrap_or_else(|| m.source.path.clone());
             let verified = match crate::engine::verify::last_result(p) {
                 None => "never verified".to_string(),
-                Some(v) if v.ok => format!("verified OK {}", v.time.replace('T', " ").chars().take(16).collect::<String>()),
-                Some(v) => format!("verification FAILED {}", v.time.replace('T', " ").chars().take(16).collect::<String>()),
+                Some(v) if v.ok => {
+                    format!("verified OK {}", v.time.replace('T', " ").chars().take(16).collect::<String>())
+                }
+                Some(v) => {
+                    format!("verification FAILED {}", v.time.replace('T', " ").chars().take(16).collect::<String>())
+                }
             };
             let text = format!(
                 "{name}  {date}\n      from {}  {}  image {}\n      complete, {verified}",
@@ -278,5 +310,9 @@ fn describe_image(p: &Path) -> Found {
 }
 
 fn cut(s: &str, width: usize) -> String {
-    if s.chars().count() <= width { s.to_string() } else { s.chars().take(width.saturating_sub(1)).collect::<String>() + "~" }
+    if s.chars().count() <= width {
+        s.to_string()
+    } else {
+        s.chars().take(width.saturating_sub(1)).collect::<String>() + "~"
+    }
 }

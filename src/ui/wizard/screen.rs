@@ -157,7 +157,9 @@ impl Screen {
             .iter()
             .map(|i| match &i.blocked {
                 None => i.text.clone(),
-                Some(why) => format!("{}\n{}", i.text, wrap(&format!("      cannot be chosen: {why}"), WIDTH).trim_end()),
+                Some(why) => {
+                    format!("{}\n{}", i.text, wrap(&format!("      cannot be chosen: {why}"), WIDTH).trim_end())
+                }
             })
             .collect();
         let tallest = texts.iter().map(|t| t.lines().count()).max().unwrap_or(1).max(1);
