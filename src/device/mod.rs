@@ -53,7 +53,7 @@ impl Disk {
     /// Opens a source read-only. klon never opens a source for writing.
     pub fn open_source(path: &Path) -> Result<Disk> {
         let file = OpenOptions::new().read(true).open(path).map_err(|e| Error::io("opening source", path, None, e))?;
-        Self::from_file(path, file, false)
+        Self::from_file(path, file)
     }
 
     /// Opens a disk read-only for inspection (info, read-back).
@@ -80,7 +80,7 @@ impl Disk {
                             Error::io("opening target", path, None, e)
                         }
                     })?;
-                Self::from_file(path, file, false)
+                Self::from_file(path, file)
             }
             Ok(meta) if meta.file_type().is_file() => {
                 let file = OpenOptions::new()
@@ -88,7 +88,7 @@ impl Disk {
                     .write(true)
                     .open(path)
                     .map_err(|e| Error::io("opening target", path, None, e))?;
-                Self::from_file(path, file, false)
+                Self::from_file(path, file)
             }
             Ok(_) => {
                 Err(Error::Usage(format!("target {} is neither a block device nor a regular file", path.display())))
@@ -104,7 +104,7 @@ impl Disk {
                     .open(path)
                     .map_err(|e| Error::io("creating target file", path, None, e))?;
                 file.set_len(size).map_err(|e| Error::io("sizing target file", path, None, e))?;
-                let mut disk = Self::from_file(path, file, true)?;
+                let mut disk = Self::from_file(path, file)?;
                 disk.fresh = true;
                 Ok(disk)
             }
@@ -112,7 +112,7 @@ impl Disk {
         }
     }
 
-    fn from_file(path: &Path, file: File, _fresh: bool) -> Result<Disk> {
+    fn from_file(path: &Path, file: File) -> Result<Disk> {
         let meta = file.metadata().map_err(|e| Error::io("inspecting", path, None, e))?;
         if meta.file_type().is_block_device() {
             let ctx = |e| Error::io("querying block device", path, None, e);
