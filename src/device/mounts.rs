@@ -1,5 +1,5 @@
-//! What is mounted and what is used as swap: /proc/self/mountinfo and
-//! /proc/swaps.
+//! What is mounted and what is used as swap (/proc/self/mountinfo and
+//! /proc/swaps), and mounting an image drive ([`Mounted`]).
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -151,6 +151,118 @@ pub fn block_devno_for_st_dev(st_dev: u64, mounts: &[Mount]) -> Option<u64> {
         return Some(st_dev);
     }
     mounts.iter().find(|m| m.devno == st_dev).and_then(|m| m.source_devno)
+}
+
+/// Filesystems klon can keep images on, as the probe names them.
+pub const IMAGE_FS: &[&str] = &["ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs"];
+
+/// The kernel filesystem types to try for a probed filesystem that can hold
+/// images, in order; empty for anything else (swap, LUKS, LVM, …).
+pub fn kernel_types(fstype: &str) -> &'static [&'static str] {
+    match fstype {
+        "vfat" => &["vfat"],
+        "exfat" => &["exfat"],
+        "ntfs" => &["ntfs3"],
+        "ext2" | "ext3" | "ext4" => &["ext4", "ext3", "ext2"],
+        "xfs" => &["xfs"],
+        "btrfs" => &["btrfs"],
+        _ => &[],
+    }
+}
+
+/// A filesystem klon mounted (an image drive); flushed and unmounted by
+/// [`Mounted::unmount`] or on drop.
+#[derive(Debug)]
+pub struct Mounted {
+    /// The device mounted.
+    pub device: PathBuf,
+    /// Where.
+    pub dir: PathBuf,
+    active: bool,
+}
+
+impl Mounted {
+    /// Mounts `device` (probed as `fstype`) at `dir`, created if missing;
+    /// read-write unless `read_only`. Tries the kernel's drivers, then
+    /// mount(8), which knows FUSE helpers (ntfs-3g, exfat-fuse) where the
+    /// kernel has no driver.
+    pub fn mount(device: &Path, fstype: &str, dir: &Path, read_only: bool) -> Result<Mounted> {
+        use nix::mount::MsFlags;
+        let types = kernel_types(fstype);
+        if types.is_empty() {
+            return Err(Error::Unsupported(format!("{}: klon cannot keep images on {fstype}", device.display())));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the mount point", dir, None, e))?;
+        let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let mut last = nix::Error::ENODEV;
+        for t in types {
+            match nix::mount::mount(Some(device), dir, Some(*t), flags, None::<&str>) {
+                Ok(()) => return Ok(Mounted { device: device.to_path_buf(), dir: dir.to_path_buf(), active: true }),
+                Err(e) => last = e,
+            }
+        }
+        let mut cmd = std::process::Command::new("mount");
+        if read_only {
+            cmd.arg("-r");
+        }
+        if let Ok(out) = cmd.arg(device).arg(dir).output()
+            && out.status.success()
+        {
+            return Ok(Mounted { device: device.to_path_buf(), dir: dir.to_path_buf(), active: true });
+        }
+        let hint = match last {
+            nix::Error::ENODEV => format!(" (the kernel has no {} driver)", types[0]),
+            nix::Error::EROFS | nix::Error::EACCES => " (read-only medium)".to_string(),
+            _ => String::new(),
+        };
+        Err(Error::io(format!("mounting {} ({fstype}){hint} at", device.display()), dir, None, last.into()))
+    }
+
+    /// Flushes and unmounts; an error says the drive may not be safe to
+    /// pull out.
+    pub fn unmount(mut self) -> Result<()> {
+        self.active = false;
+        unmount_dir(&self.dir)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.active {
+            self.active = false;
+            if let Err(e) = unmount_dir(&self.dir) {
+                eprintln!("klon: {e}");
+            }
+        }
+    }
+}
+
+/// Syncs and unmounts `dir`, retrying while files are still closing, and
+/// removes the mount point.
+fn unmount_dir(dir: &Path) -> Result<()> {
+    use nix::mount::{MntFlags, umount2};
+    nix::unistd::sync();
+    let mut last = nix::Error::EIO;
+    for _ in 0..10 {
+        match umount2(dir, MntFlags::empty()) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(dir);
+                return Ok(());
+            }
+            Err(nix::Error::EBUSY) => {
+                last = nix::Error::EBUSY;
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            }
+            Err(e) => {
+                last = e;
+                break;
+            }
+        }
+    }
+    Err(Error::io("unmounting the image drive at", dir, None, last.into()))
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use crate::device::mounts::{Mounted, kernel_types};
 
 use crate::device::sysfs::DiskInfo;
 use crate::error::{Error, Result};
@@ -13,20 +13,6 @@ use crate::fs::FsInfo;
 
 /// The folder on the image drive that holds the images.
 pub const IMAGES_DIR: &str = "klon-images";
-
-/// The kernel filesystem type to mount a probed filesystem with; `None` for
-/// filesystems that cannot hold images (swap, LUKS, LVM, …).
-pub fn mount_type(fstype: &str) -> Option<&'static str> {
-    match fstype {
-        "vfat" => Some("vfat"),
-        "exfat" => Some("exfat"),
-        "ntfs" => Some("ntfs3"),
-        "ext2" | "ext3" | "ext4" => Some("ext4"),
-        "xfs" => Some("xfs"),
-        "btrfs" => Some("btrfs"),
-        _ => None,
-    }
-}
 
 /// A filesystem that can hold images.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +73,7 @@ pub fn candidates(disks: &[DiskInfo], exclude: &[u64]) -> Vec<Candidate> {
             .iter()
             .filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, p.mountpoints.clone())));
         for (device, devno, size, fs, mountpoints) in whole.into_iter().chain(parts) {
-            if mount_type(&fs.fstype).is_some() {
+            if !kernel_types(&fs.fstype).is_empty() {
                 out.push(Candidate {
                     device,
                     devno,
@@ -143,30 +129,15 @@ pub struct ImageDrive {
     /// Where.
     pub mountpoint: PathBuf,
     read_only: bool,
-    mounted: bool,
+    mounted: Mounted,
 }
 
 impl ImageDrive {
     /// Mounts `c` at `at` (created if missing), read-write unless
     /// `read_only`.
     pub fn mount(c: &Candidate, at: &Path, read_only: bool) -> Result<ImageDrive> {
-        let fstype = mount_type(&c.fs.fstype).ok_or_else(|| {
-            Error::Unsupported(format!("{}: klon cannot keep images on {}", c.device.display(), c.fs.fstype))
-        })?;
-        std::fs::create_dir_all(at).map_err(|e| Error::io("creating mount point", at, None, e))?;
-        let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
-        if read_only {
-            flags |= MsFlags::MS_RDONLY;
-        }
-        mount(Some(c.device.as_path()), at, Some(fstype), flags, None::<&str>).map_err(|e| {
-            let hint = match e {
-                nix::Error::ENODEV => format!(" (the kernel has no {fstype} driver loaded)"),
-                nix::Error::EROFS | nix::Error::EACCES => " (read-only medium)".to_string(),
-                _ => String::new(),
-            };
-            Error::io(format!("mounting {} ({fstype}){hint} at", c.device.display()), at, None, e.into())
-        })?;
-        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), read_only, mounted: true })
+        let mounted = Mounted::mount(&c.device, &c.fs.fstype, at, read_only)?;
+        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), read_only, mounted })
     }
 
     /// The images folder; created if missing when mounted read-write.
@@ -180,44 +151,8 @@ impl ImageDrive {
 
     /// Flushes and unmounts; an error says the drive may not be safe to
     /// pull out.
-    pub fn unmount(mut self) -> Result<()> {
-        self.mounted = false;
-        do_unmount(&self.mountpoint)
-    }
-}
-
-fn do_unmount(at: &Path) -> Result<()> {
-    nix::unistd::sync();
-    let mut last = None;
-    // A just-finished job's files may be closing: try a few times.
-    for _ in 0..10 {
-        match umount2(at, MntFlags::empty()) {
-            Ok(()) => {
-                let _ = std::fs::remove_dir(at);
-                return Ok(());
-            }
-            Err(nix::Error::EBUSY) => {
-                last = Some(nix::Error::EBUSY);
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            }
-            Err(e) => {
-                last = Some(e);
-                break;
-            }
-        }
-    }
-    let e = last.unwrap_or(nix::Error::EIO);
-    Err(Error::io("unmounting the image drive at", at, None, e.into()))
-}
-
-impl Drop for ImageDrive {
-    fn drop(&mut self) {
-        if self.mounted {
-            self.mounted = false;
-            if let Err(e) = do_unmount(&self.mountpoint) {
-                eprintln!("klon: {e}");
-            }
-        }
+    pub fn unmount(self) -> Result<()> {
+        self.mounted.unmount()
     }
 }
 
@@ -282,8 +217,8 @@ mod tests {
         let one = candidates(&disks, &[100, 300]);
         assert_eq!(choose(&one, None).unwrap().device, Path::new("/dev/sdb2"));
         assert!(choose(&[], None).is_err());
-        assert_eq!(mount_type("ntfs"), Some("ntfs3"));
-        assert_eq!(mount_type("ext3"), Some("ext4"));
-        assert_eq!(mount_type("LUKS"), None);
+        assert_eq!(kernel_types("ntfs"), &["ntfs3"]);
+        assert_eq!(kernel_types("ext3")[0], "ext4");
+        assert!(kernel_types("LUKS").is_empty());
     }
 }

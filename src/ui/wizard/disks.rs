@@ -16,7 +16,7 @@ use super::screen::Item;
 pub const LIVE_LABEL: &str = crate::live::LIVE_LABEL;
 
 /// Filesystems an image drive may have.
-pub const IMAGE_FS: &[&str] = &["ext2", "ext3", "ext4", "vfat", "exfat", "ntfs", "xfs", "btrfs"];
+pub use crate::device::mounts::IMAGE_FS;
 
 /// A disk with the used space of each partition (when klon reads its
 /// filesystem), in the order of `info.partitions`.

@@ -7,61 +7,16 @@ use std::time::Duration;
 
 use crate::device::sysfs::{self, PartInfo};
 use crate::device::uevent::{self, UeventSocket, Woken};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::image::ImageReader;
 use crate::ui::human_bytes;
 
-use super::disks::{self, IMAGE_FS};
+use super::disks;
 use super::screen::{Item, Nav, Screen};
+use crate::device::mounts::{IMAGE_FS, Mounted};
 
 /// Where the live system mounts the image drive.
 pub const LIVE_MOUNT: &str = "/run/klon/images-drive";
-
-/// A filesystem mounted by the wizard; unmounted on drop.
-#[derive(Debug)]
-pub struct MountGuard {
-    /// The mount point.
-    pub dir: PathBuf,
-}
-
-impl Drop for MountGuard {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("sync").status();
-        if nix::mount::umount2(&self.dir, nix::mount::MntFlags::empty()).is_err() {
-            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// Mounts `dev` (filesystem `fstype`) at `dir`, read-write.
-pub fn mount(dev: &Path, fstype: &str, dir: &Path) -> Result<MountGuard> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the mount point", dir, None, e))?;
-    let kernel_types: &[&str] = match fstype {
-        "ext2" | "ext3" | "ext4" => &["ext4", "ext3", "ext2"],
-        "ntfs" => &["ntfs3", "ntfs"],
-        other => std::slice::from_ref(IMAGE_FS.iter().find(|t| **t == other).unwrap_or(&"auto")),
-    };
-    for t in kernel_types {
-        if nix::mount::mount(Some(dev), dir, Some(*t), nix::mount::MsFlags::MS_NOATIME, None::<&str>).is_ok() {
-            return Ok(MountGuard { dir: dir.to_path_buf() });
-        }
-    }
-    // mount(8) knows the FUSE helpers (ntfs-3g, exfat-fuse).
-    let out = std::process::Command::new("mount")
-        .arg(dev)
-        .arg(dir)
-        .output()
-        .map_err(|e| Error::io("running mount for", dev, None, e))?;
-    if out.status.success() {
-        return Ok(MountGuard { dir: dir.to_path_buf() });
-    }
-    Err(Error::Unsupported(format!(
-        "cannot mount {} ({fstype}) at {}: {}; try another drive, or check it on another computer",
-        dev.display(),
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    )))
-}
 
 /// The chosen place for images.
 #[derive(Debug)]
@@ -69,7 +24,7 @@ pub struct ImageDir {
     /// The directory.
     pub path: PathBuf,
     /// Set when the wizard mounted a drive for it.
-    pub mounted: Option<MountGuard>,
+    pub mounted: Option<Mounted>,
 }
 
 /// A partition that could hold images.
@@ -203,7 +158,7 @@ pub fn choose_dir(
             title,
             &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()),
         )?;
-        match mount(&chosen.part.path, &chosen.fstype, &at) {
+        match Mounted::mount(&chosen.part.path, &chosen.fstype, &at, false) {
             Ok(g) => return Ok(Nav::Go(ImageDir { path: at, mounted: Some(g) })),
             Err(e) => scr.message(title, &format!("{e}"))?,
         }
