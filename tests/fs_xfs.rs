@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::disks::*;
 use common::loop_device::LoopDevice;
@@ -19,20 +18,7 @@ fn s(p: &Path) -> &str {
 /// Runs a tool with the environment mkfs.xfs needs for small filesystems
 /// (it refuses under 300 MB unless it believes it runs for fstests).
 fn xfs_tool(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd)
-        .args(args)
-        .env("TEST_DIR", "/tmp")
-        .env("TEST_DEV", "/dev/null")
-        .env("QA_CHECK_FS", "1")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    run_env(cmd, args, &[("TEST_DIR", "/tmp"), ("TEST_DEV", "/dev/null"), ("QA_CHECK_FS", "1")])
 }
 
 const PART_START: u64 = 2048 * 512;

@@ -97,10 +97,16 @@ pub fn fails_with(o: &Output, code: i32, needles: &[&str]) {
 
 /// Runs a shell tool, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e} (is it installed? scripts/test installs the test tools)"));
+    run_env(cmd, args, &[])
+}
+
+/// Runs a shell tool with extra environment variables, panicking with its
+/// output when it fails.
+pub fn run_env(cmd: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let o =
+        Command::new(cmd).args(args).envs(env.iter().copied()).output().unwrap_or_else(|e| {
+            panic!("cannot run {cmd}: {e} (is it installed? scripts/test installs the test tools)")
+        });
     assert!(
         o.status.success(),
         "{cmd} {args:?} failed:\n{}\n{}",
