@@ -11,6 +11,7 @@
 //! - [`live`]: the live USB system (PID 1, unattended jobs, image drive)
 
 pub mod cli;
+pub mod clonezilla;
 pub mod commands;
 pub mod demo;
 pub mod device;
