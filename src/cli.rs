@@ -36,6 +36,9 @@ pub enum Command {
     Clone(CloneArgs),
     /// Describe an image: source disk, table, partitions, sizes, completeness.
     Info(InfoArgs),
+    /// Turn a Clonezilla image directory into a new klon image (checking
+    /// every checksum of the Clonezilla image on the way).
+    Convert(ConvertArgs),
     /// Run klon's main job on a built-in sample disk: back up, verify,
     /// restore to a larger disk, compare.
     Demo(DemoArgs),
@@ -102,7 +105,7 @@ pub struct WriteArgs {
 /// `klon verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Image directory.
+    /// Image directory (klon's, or a Clonezilla image directory).
     pub image: PathBuf,
     /// Worker threads (default: one per core).
     #[arg(long)]
@@ -112,7 +115,7 @@ pub struct VerifyArgs {
 /// `klon restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Image directory.
+    /// Image directory (klon's, or a Clonezilla image directory).
     pub image: PathBuf,
     /// Target: a block device, or a file (created with the source disk's size when missing).
     pub target: PathBuf,
@@ -145,8 +148,29 @@ pub struct CloneArgs {
 /// `klon info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Image directory.
+    /// Image directory (klon's, or a Clonezilla image directory).
     pub image: PathBuf,
+}
+
+/// `klon convert`.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Clonezilla image directory (holding `disk`, `parts`, `*-pt.sf`, `*-ptcl-img.*`).
+    pub clonezilla_image: PathBuf,
+    /// klon image directory to create; it must not exist yet.
+    pub image: PathBuf,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 3)]
+    pub level: i32,
+    /// Largest image file, e.g. 4000M, 2G, 700M (default 4000 MiB, fits FAT32).
+    #[arg(long, value_parser = parse_size, default_value = "4000M")]
+    pub split: u64,
+    /// Skip reading the new image back to check it.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 /// `klon demo`.

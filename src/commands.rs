@@ -7,8 +7,10 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{BackupArgs, Cli, CloneArgs, Command, InfoArgs, RestoreArgs, VerifyArgs};
+use crate::cli::{BackupArgs, Cli, CloneArgs, Command, ConvertArgs, InfoArgs, RestoreArgs, VerifyArgs};
+use crate::clonezilla::is_clonezilla_image;
 use crate::engine::backup::{self, BackupOptions};
+use crate::engine::czimage;
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::{self, RestoreOptions};
 use crate::engine::streams::PlanOptions;
@@ -27,6 +29,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Restore(a) => restore_cmd(cli, a),
         Command::Clone(a) => clone_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
+        Command::Convert(a) => convert_cmd(cli, a),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet),
         Command::Live(a) => crate::live::run(cli, a),
     }
@@ -124,9 +127,14 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let result = verify::verify(&a.image, threads(a.threads)?, cli.quiet);
-    verify::record_result(&a.image, &result);
-    let r = result?;
+    let r = if is_clonezilla_image(&a.image) {
+        // A Clonezilla image is read, never written to: no record is kept.
+        czimage::verify(&a.image, cli.quiet)?
+    } else {
+        let result = verify::verify(&a.image, threads(a.threads)?, cli.quiet);
+        verify::record_result(&a.image, &result);
+        result?
+    };
     if cli.json {
         return print_json(&json!({
             "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,
@@ -171,15 +179,21 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
-    let plan = restore::prepare(&a.image, &a.target)?;
-    confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let opts = RestoreOptions {
         grow_last: a.write.grow_last,
         verify_after: !a.write.no_verify_after,
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
-    let r = restore::restore(plan, &opts)?;
+    let r = if is_clonezilla_image(&a.image) {
+        let plan = czimage::prepare(&a.image, &a.target)?;
+        confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
+        czimage::restore(plan, &opts)?
+    } else {
+        let plan = restore::prepare(&a.image, &a.target)?;
+        confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
+        restore::restore(plan, &opts)?
+    };
     report_written(cli, "Restored", "image", &a.image, &a.target, &r)
 }
 
@@ -232,7 +246,133 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
     report_written(cli, "Cloned", "source", &a.source, &a.target, &r)
 }
 
+fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
+    let workers = threads(a.threads)?;
+    let opts = czimage::ConvertOptions { level: a.level, split_size: a.split, quiet: cli.quiet, workers };
+    let report = czimage::convert(&a.clonezilla_image, &a.image, &opts)?;
+    let verified = if a.no_verify {
+        None
+    } else {
+        let result = verify::verify(&report.image, workers, cli.quiet);
+        verify::record_result(&report.image, &result);
+        Some(result.map_err(|e| {
+            e.with_note(&format!(
+                "the image at {} was written but does not read back correctly: do not rely on it; check the drive",
+                report.image.display()
+            ))
+        })?)
+    };
+    if cli.json {
+        return print_json(&json!({
+            "clonezilla_image": a.clonezilla_image, "image": report.image, "seconds": report.seconds,
+            "bytes": report.bytes, "image_bytes": report.image_bytes, "verified": verified.is_some(),
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "Converted {} to {} in {:.1} s: {} of data, image {}{}",
+            a.clonezilla_image.display(),
+            report.image.display(),
+            report.seconds,
+            human_bytes(report.bytes),
+            human_bytes(report.image_bytes),
+            match &verified {
+                Some(v) => format!(", verified in {:.1} s", v.seconds),
+                None => ", not verified (--no-verify)".to_string(),
+            }
+        );
+    }
+    Ok(())
+}
+
+fn cz_info(cli: &Cli, dir: &Path) -> Result<()> {
+    let src = czimage::CzSource::open(dir)?;
+    let im = &src.image;
+    let streams = src.stream_infos();
+    if cli.json {
+        return print_json(&json!({
+            "image": dir,
+            "format": "clonezilla",
+            "disk": im.disk,
+            "layout": im.layout,
+            "streams": streams,
+            "partition_images": im.partitions.iter().map(|p| json!({
+                "partition": p.number, "device": p.device, "fs": p.fs,
+                "kind": format!("{:?}", p.kind).to_lowercase(), "codec": format!("{:?}", p.codec).to_lowercase(),
+                "pieces": p.pieces, "bytes": p.pieces.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum::<u64>(),
+            })).collect::<Vec<_>>(),
+            "checksum_files": im.checksum_files,
+            "warnings": im.warnings,
+        }));
+    }
+    print!("{}", render_cz_info(&src));
+    Ok(())
+}
+
+/// The text `klon info` prints for a Clonezilla image.
+pub fn render_cz_info(src: &czimage::CzSource) -> String {
+    use std::fmt::Write as _;
+    let im = &src.image;
+    let mut o = String::new();
+    let _ = writeln!(o, "Image:        {} (Clonezilla)", im.dir.display());
+    let _ = writeln!(
+        o,
+        "Source:       {} — {}, {} bytes, {}-byte sectors",
+        im.disk,
+        human_bytes(im.layout.disk_size),
+        im.layout.disk_size,
+        im.layout.sector_size
+    );
+    let _ = writeln!(
+        o,
+        "Table:        {:?}{}",
+        im.layout.kind,
+        im.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
+    );
+    let _ = writeln!(o, "Streams:");
+    for st in src.stream_infos() {
+        let _ = writeln!(
+            o,
+            "  {:<24} start {:>14}  size {:>10}  {}",
+            describe_stream(&st),
+            st.start,
+            human_bytes(st.length),
+            st.fs.as_ref().map(|f| f.fstype.as_str()).unwrap_or("-")
+        );
+        let _ = writeln!(o, "  {:<24} {}; {} stored", "", st.method_reason, human_bytes(st.stored_bytes));
+        if let Some(p) = im.partitions.iter().find(|p| Some(p.number) == st.partition) {
+            let bytes: u64 = p.pieces.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+            let names: Vec<String> =
+                p.pieces.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
+            let shown = if names.len() > 3 {
+                format!("{} … {} ({} pieces)", names[0], names[names.len() - 1], names.len())
+            } else {
+                names.join(", ")
+            };
+            let _ = writeln!(o, "  {:<24} {:?}-compressed, {}: {shown}", "", p.codec, human_bytes(bytes));
+        }
+    }
+    if im.checksum_files.is_empty() {
+        let _ = writeln!(o, "Checksums:    partclone's own (no checksum files)");
+    } else {
+        let names: Vec<String> = im
+            .checksum_files
+            .iter()
+            .map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned())
+            .collect();
+        let _ = writeln!(o, "Checksums:    partclone's own, and {}", names.join(", "));
+    }
+    for w in &im.warnings {
+        let _ = writeln!(o, "Note:         {w}");
+    }
+    let _ = writeln!(o, "Verified:     run klon verify (reads every byte; nothing is written to the image)");
+    o
+}
+
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
+    if is_clonezilla_image(&a.image) {
+        return cz_info(cli, &a.image);
+    }
     let reader = match ImageReader::open(&a.image) {
         Ok(r) => r,
         Err(e @ Error::Corrupt(_)) => {

@@ -75,10 +75,12 @@ pub(crate) struct ReadJob {
     pub skip_zero: bool,
 }
 
-struct Encoded {
-    stream: usize,
-    read_len: u64,
-    chunk: Option<EncodedChunk>,
+/// A job after encoding: the chunk to append (none when all of it was
+/// zeros that may be left out) and how many bytes were read for it.
+pub(crate) struct Encoded {
+    pub stream: usize,
+    pub read_len: u64,
+    pub chunk: Option<EncodedChunk>,
 }
 
 /// Backs up `source_path` into a new image directory `image_dir`.
@@ -277,7 +279,7 @@ pub(crate) fn kept_content(job: ReadJob) -> (Vec<Extent>, Vec<u8>) {
     (extents, content)
 }
 
-fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
+pub(crate) fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     let read_len = job.buf.len() as u64;
     let stream = job.stream;
     let (extents, content) = kept_content(job);

@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod cancel;
 pub mod clone;
+pub mod czimage;
 pub mod pipeline;
 pub mod restore;
 pub mod streams;

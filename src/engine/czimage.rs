@@ -1,0 +1,688 @@
+//! Clonezilla images as klon takes them: verify, restore and convert.
+//!
+//! A Clonezilla image is turned into the same streams a klon image has: the
+//! area outside partitions (the MBR, the hidden data after it, the GPT
+//! copies, the EBRs), one stream per partition image, and one per swap
+//! partition (a fresh swap header with the recorded UUID and label, as
+//! Clonezilla's restore makes with mkswap). Every stream is read in order
+//! and packed into jobs of up to one chunk; restore writes them with the
+//! same [`TargetWriter`] and safety steps as a klon image, convert encodes
+//! them into klon's format, and verify reads them all, each reader checking
+//! partclone's (or ntfsclone's) own checksums as the bytes pass.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::backup::{Encoded, ReadJob, encode};
+use super::pipeline;
+use super::restore::{RestoreOptions, RestoreReport};
+use super::streams::describe;
+use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
+use super::verify::VerifyReport;
+use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_stream};
+use crate::device::Disk;
+use crate::error::{Error, Result};
+use crate::fs::FsInfo;
+use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
+use crate::image::manifest::{Compression, FileInfo, Fill, Manifest, SourceInfo, StreamInfo, StreamKind, now_rfc3339};
+use crate::image::{ImageWriter, writer::StreamFiles};
+use crate::table::TableKind;
+use crate::ui::human_bytes;
+use crate::ui::progress::Progress;
+
+/// Where a stream's bytes come from.
+enum Origin {
+    /// Byte areas held in memory (boot areas, a swap header).
+    Bytes(Vec<(u64, Vec<u8>)>),
+    /// A partition image, opened (header and bitmap read).
+    Image { part: CzPartition, source: Box<dyn BlockSource> },
+}
+
+/// One stream of a Clonezilla image.
+struct CzStream {
+    info: StreamInfo,
+    origin: Origin,
+    /// Bytes the stream yields.
+    stored: u64,
+    /// Whether long zero runs may be left out when converting (every byte
+    /// of the partition is in the image, and the gaps restore as zeros).
+    skip_zero: bool,
+}
+
+/// A Clonezilla image opened as klon streams.
+pub struct CzSource {
+    /// The image's description.
+    pub image: CzImage,
+    streams: Vec<CzStream>,
+}
+
+fn empty_file() -> FileInfo {
+    FileInfo { name: String::new(), size: 0, blake3: None }
+}
+
+fn stream_info(name: String, kind: StreamKind, partition: Option<u32>, start: u64, length: u64) -> StreamInfo {
+    StreamInfo {
+        name,
+        kind,
+        partition,
+        start,
+        length,
+        method: "raw".into(),
+        method_reason: String::new(),
+        fill: Fill::Free,
+        fs: None,
+        fs_block_size: None,
+        fs_total_bytes: None,
+        fs_used_bytes: None,
+        chunks: 0,
+        stored_bytes: 0,
+        compressed_bytes: 0,
+        index: empty_file(),
+        data_files: Vec::new(),
+    }
+}
+
+/// The first page of a Linux swap area (version 1) of `size` bytes, with
+/// `uuid` and `label`: what `mkswap -U uuid -L label` writes there.
+pub fn swap_header(size: u64, uuid: Option<&str>, label: Option<&str>) -> Vec<u8> {
+    const PAGE: usize = 4096;
+    let mut page = vec![0u8; PAGE];
+    let last_page = (size / PAGE as u64).saturating_sub(1).min(u32::MAX as u64) as u32;
+    page[1024..1028].copy_from_slice(&1u32.to_le_bytes());
+    page[1028..1032].copy_from_slice(&last_page.to_le_bytes());
+    if let Some(u) = uuid.and_then(parse_uuid) {
+        page[1036..1052].copy_from_slice(&u);
+    }
+    if let Some(l) = label {
+        let b = l.as_bytes();
+        let n = b.len().min(15);
+        page[1052..1052 + n].copy_from_slice(&b[..n]);
+    }
+    page[PAGE - 10..].copy_from_slice(b"SWAPSPACE2");
+    page
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The fs name klon's own probe would use for Clonezilla's name.
+fn fstype_of(cz_fs: &str) -> String {
+    match cz_fs {
+        "fat12" | "fat16" | "fat32" | "fat" | "vfat" => "vfat".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether a partition image holds every byte of its partition.
+fn holds_every_byte(part: &CzPartition) -> bool {
+    part.kind == ImageKind::Raw || part.fs == "dd"
+}
+
+impl CzSource {
+    /// Opens the Clonezilla image at `dir`: its description files, and the
+    /// header and bitmap of every partition image (so sizes are known and a
+    /// damaged header is refused before anything is written).
+    pub fn open(dir: &Path) -> Result<CzSource> {
+        let image = CzImage::open(dir)?;
+        let layout = &image.layout;
+        let mut streams = Vec::new();
+        if layout.kind != TableKind::None {
+            let mut boot = stream_info("boot".into(), StreamKind::Boot, None, 0, layout.disk_size);
+            boot.method_reason = "partition table, boot code and hidden data, from Clonezilla's files".into();
+            let stored = image.boot.iter().map(|(_, b)| b.len() as u64).sum();
+            streams.push(CzStream { info: boot, origin: Origin::Bytes(image.boot.clone()), stored, skip_zero: true });
+        }
+        for part in &image.partitions {
+            let p = layout.partitions.iter().find(|p| p.number == part.number).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{}: {} has an image but no entry in the partition table",
+                    dir.display(),
+                    part.device
+                ))
+            })?;
+            let source = open_stream(part)?;
+            let file = part.pieces[0].display().to_string();
+            if source.device_size() > p.size {
+                return Err(Error::Corrupt(format!(
+                    "{file}: the image is of a {}-byte filesystem but partition {} holds only {} bytes",
+                    source.device_size(),
+                    part.number,
+                    p.size
+                )));
+            }
+            let (kind, name) = match layout.kind {
+                TableKind::None => (StreamKind::Disk, "disk".to_string()),
+                _ => (StreamKind::Partition, format!("p{}", part.number)),
+            };
+            let mut info =
+                stream_info(name, kind, Some(part.number).filter(|_| kind == StreamKind::Partition), p.start, p.size);
+            let every = holds_every_byte(part);
+            info.method = if every { "raw".into() } else { fstype_of(&part.fs) };
+            info.method_reason = format!("from Clonezilla's {}", source.describe());
+            info.fill = if every { Fill::Zero } else { Fill::Free };
+            if part.fs != "dd" {
+                info.fs = Some(FsInfo { fstype: fstype_of(&part.fs), label: None, uuid: None });
+            }
+            if !every {
+                info.fs_block_size = Some(source.block_size());
+                info.fs_total_bytes = Some(source.device_size());
+                info.fs_used_bytes = Some(source.stored_bytes());
+            }
+            let stored = source.stored_bytes() + ntfs_backup_len(part);
+            streams.push(CzStream {
+                info,
+                origin: Origin::Image { part: part.clone(), source },
+                stored,
+                skip_zero: every,
+            });
+        }
+        for sw in &image.swap {
+            let Some(p) = layout.partitions.iter().find(|p| p.number == sw.number) else { continue };
+            let mut info =
+                stream_info(format!("p{}", sw.number), StreamKind::Partition, Some(sw.number), p.start, p.size);
+            info.method = "swap".into();
+            info.method_reason = "a fresh swap header with the UUID and label Clonezilla recorded".into();
+            info.fs = Some(FsInfo { fstype: "swap".into(), label: sw.label.clone(), uuid: sw.uuid.clone() });
+            let header = swap_header(p.size, sw.uuid.as_deref(), sw.label.as_deref());
+            let stored = header.len() as u64;
+            streams.push(CzStream { info, origin: Origin::Bytes(vec![(p.start, header)]), stored, skip_zero: false });
+        }
+        // Streams in disk order, as klon's own images have them.
+        streams.sort_by_key(|s| (s.info.kind != StreamKind::Boot, s.info.start));
+        Ok(CzSource { image, streams })
+    }
+
+    /// The streams as a klon manifest describes them (sizes from headers).
+    pub fn stream_infos(&self) -> Vec<StreamInfo> {
+        self.streams
+            .iter()
+            .map(|s| {
+                let mut i = s.info.clone();
+                i.stored_bytes = s.stored;
+                i
+            })
+            .collect()
+    }
+
+    /// Bytes all streams yield.
+    pub fn stored_bytes(&self) -> u64 {
+        self.streams.iter().map(|s| s.stored).sum()
+    }
+
+    /// Reads every stream in `order` and hands its bytes to `send` in jobs
+    /// of at most one chunk (and MAX_EXTENTS extents) of one stream. Stops
+    /// early (Ok) when `send` says the pipeline stopped.
+    fn read_jobs(&mut self, order: &[usize], send: &mut dyn FnMut(ReadJob) -> bool) -> Result<()> {
+        let mut job: Option<ReadJob> = None;
+        for &si in order {
+            let s = &mut self.streams[si];
+            let skip_zero = s.skip_zero;
+            let place = describe(&s.info);
+            let (start, length) = (s.info.start, s.info.length);
+            let mut push = |offset: u64, bytes: &[u8]| -> bool {
+                let full = job.as_ref().is_some_and(|j| {
+                    j.stream != si
+                        || j.buf.len() + bytes.len() > CHUNK_SIZE as usize
+                        || j.extents.len() >= MAX_EXTENTS as usize
+                });
+                if full && !send(job.take().expect("job present")) {
+                    return false;
+                }
+                let j = job.get_or_insert_with(|| ReadJob {
+                    stream: si,
+                    extents: Vec::new(),
+                    buf: Vec::with_capacity(CHUNK_SIZE as usize),
+                    skip_zero,
+                });
+                j.buf.extend_from_slice(bytes);
+                match j.extents.last_mut() {
+                    Some(last) if last.0 + last.1 == offset => last.1 += bytes.len() as u64,
+                    _ => j.extents.push((offset, bytes.len() as u64)),
+                }
+                true
+            };
+            match &mut s.origin {
+                Origin::Bytes(areas) => {
+                    for (offset, bytes) in areas.iter() {
+                        for (i, piece) in bytes.chunks(CHUNK_SIZE as usize).enumerate() {
+                            if !push(offset + (i * CHUNK_SIZE as usize) as u64, piece) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Origin::Image { part, source } => {
+                    let mut end = 0u64;
+                    let mut boot_sector: Option<Vec<u8>> = None;
+                    while let Some((offset, bytes)) = source.next_run(CHUNK_SIZE as usize)? {
+                        super::cancel::check("reading the Clonezilla image")?;
+                        if offset < end || offset + bytes.len() as u64 > length {
+                            return Err(Error::Corrupt(format!(
+                                "{}: data at partition offset {offset} ({} bytes) lies outside {place} or out of order",
+                                part.pieces[0].display(),
+                                bytes.len()
+                            )));
+                        }
+                        if offset == 0 && part.fs == "ntfs" && bytes.len() >= 512 {
+                            boot_sector = Some(bytes[..512].to_vec());
+                        }
+                        end = offset + bytes.len() as u64;
+                        if !push(start + offset, &bytes) {
+                            return Ok(());
+                        }
+                    }
+                    // partclone leaves NTFS's backup boot sector out; the
+                    // filesystem's checker wants it: a copy of the boot
+                    // sector at the sector after the volume's last.
+                    if let Some(at) = boot_sector.as_deref().and_then(|b| ntfs_backup_offset(b, length)) {
+                        if at >= end && !push(start + at, &boot_sector.expect("checked above")[..]) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(j) = job {
+            send(j);
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of the NTFS backup boot sector added to a partition's stream.
+fn ntfs_backup_len(part: &CzPartition) -> u64 {
+    if part.fs == "ntfs" && part.kind == ImageKind::Partclone { 512 } else { 0 }
+}
+
+/// Where NTFS keeps its backup boot sector, from the boot sector: the
+/// sector after the volume's last (the volume is one sector shorter than
+/// its partition), when that is inside a partition of `part_len` bytes.
+fn ntfs_backup_offset(boot: &[u8], part_len: u64) -> Option<u64> {
+    if boot.len() < 512 || &boot[3..11] != b"NTFS    " {
+        return None;
+    }
+    let bps = u16::from_le_bytes([boot[11], boot[12]]) as u64;
+    let sectors = u64::from_le_bytes(boot[0x28..0x30].try_into().ok()?);
+    if !(256..=4096).contains(&bps) || bps != 512 {
+        // The copy is one sector of the volume's sector size; klon writes
+        // the 512-byte boot sector only where that is the whole sector.
+        return None;
+    }
+    let at = sectors.checked_mul(bps)?;
+    (at + bps <= part_len).then_some(at)
+}
+
+/// Reads every byte of a Clonezilla image, checking partclone's checksums,
+/// the bitmaps and the checksum files (MD5SUMS, ...) when present.
+pub fn verify(dir: &Path, quiet: bool) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let mut src = CzSource::open(dir)?;
+    let mut checked_files = 0usize;
+    for f in &src.image.checksum_files.clone() {
+        if !quiet {
+            eprintln!("klon: checking {}", f.display());
+        }
+        checked_files += crate::clonezilla::checksums::check_file(dir, f)?;
+    }
+    let _ = checked_files;
+    let infos = src.stream_infos();
+    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let mut progress = Progress::with_parts("verify", src.stored_bytes(), parts, quiet);
+    let order: Vec<usize> = (0..infos.len()).collect();
+    let (mut chunks, mut bytes) = (0u64, 0u64);
+    src.read_jobs(&order, &mut |job| {
+        chunks += 1;
+        bytes += job.buf.len() as u64;
+        progress.add_part(job.stream, job.buf.len() as u64);
+        true
+    })?;
+    progress.finish();
+    Ok(VerifyReport { streams: infos.len(), chunks, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// A restore of a Clonezilla image that passed every check before writing.
+pub struct CzRestorePlan {
+    source: CzSource,
+    /// The opened target.
+    pub target: Disk,
+}
+
+/// Opens the image (and every partition image's header) and the target, and
+/// refuses what klon refuses for its own images: a smaller target, another
+/// sector size, a target in use or holding the image.
+pub fn prepare(dir: &Path, target_path: &Path) -> Result<CzRestorePlan> {
+    let source = CzSource::open(dir)?;
+    let layout = &source.image.layout;
+    let mut target = Disk::open_target(target_path, Some(layout.disk_size))?;
+    check_fits(&mut target, layout.disk_size, layout.sector_size)?;
+    crate::device::safety::check_target(&target, None, Some(dir))?;
+    Ok(CzRestorePlan { source, target })
+}
+
+impl CzRestorePlan {
+    /// One paragraph saying what will be overwritten, for confirmations.
+    pub fn describe(&self) -> String {
+        let im = &self.source.image;
+        let what = match self.target.kind {
+            crate::device::DiskKind::BlockDevice => "disk",
+            crate::device::DiskKind::File => "file",
+        };
+        format!(
+            "Everything on {what} {} ({}) will be overwritten with the Clonezilla image of {} ({}, {} partitions) in {}.",
+            self.target.path.display(),
+            human_bytes(self.target.size),
+            im.disk,
+            human_bytes(im.layout.disk_size),
+            im.layout.partitions.len(),
+            im.dir.display()
+        )
+    }
+}
+
+/// What the read-back compares for one job.
+enum Written {
+    /// blake3 of the bytes of `extents`.
+    Hash { stream: usize, extents: Vec<Extent>, hash: [u8; 32] },
+    /// The bytes themselves (areas outside partitions, where parts may be
+    /// rewritten by the table fix-up and must be left out of the compare).
+    Bytes { stream: usize, extents: Vec<Extent>, bytes: Vec<u8> },
+}
+
+/// Restores a Clonezilla image onto the target. The caller has confirmed.
+pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let CzRestorePlan { mut source, target } = plan;
+    let layout = source.image.layout.clone();
+    let infos = source.stream_infos();
+    // Filled while writing, read by the read-back.
+    let written_log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
+    let bytes_written = write_disk(
+        &target,
+        &layout,
+        opts.grow_last,
+        opts.verify_after,
+        |stale| {
+            let order = write_order(&infos);
+            let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+            let total = infos.iter().map(|s| s.stored_bytes).sum();
+            let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
+            let mut out = TargetWriter::new(&target, &infos, stale);
+            let keep_hashes = opts.verify_after;
+            pipeline::run(
+                opts.workers,
+                pipeline::depth(opts.workers),
+                |send| source.read_jobs(&order, send),
+                |job: ReadJob| {
+                    let hash = if keep_hashes { *blake3::hash(&job.buf).as_bytes() } else { [0; 32] };
+                    Ok((job, hash))
+                },
+                |(job, hash): (ReadJob, [u8; 32])| {
+                    out.write(job.stream, &job.extents, &job.buf)?;
+                    progress.add_part(job.stream, job.buf.len() as u64);
+                    if keep_hashes {
+                        written_log.borrow_mut().push(if infos[job.stream].kind == StreamKind::Boot {
+                            Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf }
+                        } else {
+                            Written::Hash { stream: job.stream, extents: job.extents, hash }
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+            let n = out.finish()?;
+            progress.finish();
+            Ok(n)
+        },
+        |skip| read_back(&target, &infos, &written_log.borrow(), skip, opts.quiet),
+    )?;
+    Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Reads back what the restore wrote (and the zeros it wrote into the
+/// gaps of raw partitions) and compares.
+fn read_back(target: &Disk, infos: &[StreamInfo], log: &[Written], skip: &[Extent], quiet: bool) -> Result<()> {
+    let total: u64 = log
+        .iter()
+        .map(|w| match w {
+            Written::Hash { extents, .. } | Written::Bytes { extents, .. } => extents.iter().map(|e| e.1).sum::<u64>(),
+        })
+        .sum();
+    let mut progress = Progress::new("read-back", total, quiet);
+    let read = |extents: &[Extent]| -> Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
+        for &(start, len) in extents {
+            let at = buf.len();
+            buf.resize(at + len as usize, 0);
+            target.read_exact_at(&mut buf[at..], start)?;
+        }
+        Ok(buf)
+    };
+    let differs = |stream: usize, at: u64| {
+        Error::VerifyAfter(format!(
+            "{}: data read back at disk offset {at} differs from the Clonezilla image",
+            describe(&infos[stream])
+        ))
+    };
+    for w in log {
+        super::cancel::check("read-back")?;
+        match w {
+            Written::Hash { stream, extents, hash } => {
+                if extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
+                    return Err(Error::VerifyAfter(format!(
+                        "{}: partition data overlaps the partition table areas; cannot compare it",
+                        describe(&infos[*stream])
+                    )));
+                }
+                let got = read(extents)?;
+                if blake3::hash(&got).as_bytes() != hash {
+                    return Err(differs(*stream, extents[0].0));
+                }
+                progress.add(got.len() as u64);
+            }
+            Written::Bytes { stream, extents, bytes } => {
+                let got = read(extents)?;
+                let mut pos = 0u64;
+                for &(start, len) in extents {
+                    for (a, l) in minus(start, len, skip) {
+                        let rel = (pos + a - start) as usize;
+                        if got[rel..rel + l as usize] != bytes[rel..rel + l as usize] {
+                            return Err(differs(*stream, a));
+                        }
+                    }
+                    pos += len;
+                }
+                progress.add(got.len() as u64);
+            }
+        }
+    }
+    // Raw partitions: the gaps between stored runs must read back as zeros.
+    for (si, s) in infos.iter().enumerate().filter(|(_, s)| s.fill == Fill::Zero) {
+        let mut covered: Vec<Extent> = log
+            .iter()
+            .filter_map(|w| match w {
+                Written::Hash { stream, extents, .. } | Written::Bytes { stream, extents, .. } if *stream == si => {
+                    Some(extents.clone())
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        covered.sort();
+        for (a, l) in minus(s.start, s.length, &covered) {
+            for (off, len) in super::backup::pieces(a, l, CHUNK_SIZE as u64) {
+                let mut buf = vec![0u8; len as usize];
+                target.read_exact_at(&mut buf, off)?;
+                if let Some(i) = buf.iter().position(|&b| b != 0) {
+                    return Err(Error::VerifyAfter(format!(
+                        "{}: byte at disk offset {} should be zero but is not",
+                        describe(s),
+                        off + i as u64
+                    )));
+                }
+            }
+        }
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Options of a conversion.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// zstd level.
+    pub level: i32,
+    /// Largest data file.
+    pub split_size: u64,
+    /// No progress output.
+    pub quiet: bool,
+    /// Worker threads.
+    pub workers: usize,
+}
+
+/// What a finished conversion reports.
+#[derive(Debug)]
+pub struct ConvertReport {
+    /// The new klon image.
+    pub image: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Content bytes converted.
+    pub bytes: u64,
+    /// Bytes of the new image's files.
+    pub image_bytes: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// Turns the Clonezilla image at `cz_dir` into a new klon image at
+/// `image_dir`: the same streams a backup of the disk would have (the
+/// partition images' used blocks, the areas outside partitions), every
+/// checksum of the Clonezilla image checked on the way. Written under a
+/// partial name and renamed only when complete.
+pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    let started = Instant::now();
+    if !(1..=22).contains(&opts.level) {
+        return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", opts.level)));
+    }
+    if opts.split_size < super::backup::MIN_SPLIT {
+        return Err(Error::Usage(format!("--split must be at least {} MiB", super::backup::MIN_SPLIT >> 20)));
+    }
+    let mut src = CzSource::open(cz_dir)?;
+    for f in &src.image.checksum_files.clone() {
+        crate::clonezilla::checksums::check_file(cz_dir, f)?;
+    }
+    let infos = src.stream_infos();
+    let writer = ImageWriter::create(image_dir, opts.split_size)?;
+    let files = write_streams(&mut src, &infos, &writer, opts);
+    let files = match files {
+        Ok(f) => f,
+        Err(e) => {
+            let partial = writer.partial_dir().to_path_buf();
+            let note = match writer.abandon() {
+                Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
+                Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
+            };
+            return Err(e.with_note(&note));
+        }
+    };
+    let mut streams = Vec::with_capacity(infos.len());
+    for (info, f) in infos.iter().zip(files) {
+        let mut info = info.clone();
+        info.chunks = f.chunks;
+        info.stored_bytes = f.stored_bytes;
+        info.compressed_bytes = f.compressed_bytes;
+        info.index = f.index;
+        info.data_files = f.data_files;
+        streams.push(info);
+    }
+    let layout = src.image.layout.clone();
+    let manifest = Manifest {
+        format: crate::image::manifest::FORMAT_NAME.to_string(),
+        format_version: crate::image::format::FORMAT_VERSION,
+        klon_version: env!("CARGO_PKG_VERSION").to_string(),
+        created: now_rfc3339(),
+        source: SourceInfo {
+            path: format!("{} (Clonezilla image of {})", cz_dir.display(), src.image.disk),
+            size: layout.disk_size,
+            logical_sector_size: layout.sector_size,
+            physical_sector_size: layout.sector_size,
+            model: None,
+            serial: None,
+            transport: Some("clonezilla".into()),
+        },
+        layout,
+        chunk_size: CHUNK_SIZE,
+        compression: Compression { algorithm: "zstd".to_string(), level: opts.level },
+        streams,
+    };
+    let image_bytes = super::backup::image_size(&manifest);
+    let bytes = src.stored_bytes();
+    let image = writer.commit(&manifest)?;
+    Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+fn write_streams(
+    src: &mut CzSource,
+    infos: &[StreamInfo],
+    writer: &ImageWriter,
+    opts: &ConvertOptions,
+) -> Result<Vec<StreamFiles>> {
+    let mut writers =
+        infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect::<Result<Vec<_>>>()?;
+    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let mut progress = Progress::with_parts("convert", src.stored_bytes(), parts, opts.quiet);
+    let order: Vec<usize> = (0..infos.len()).collect();
+    let level = opts.level;
+    pipeline::run(
+        opts.workers,
+        pipeline::depth(opts.workers),
+        |send| src.read_jobs(&order, send),
+        |job| encode(job, level),
+        |out: Encoded| {
+            if let Some(chunk) = &out.chunk {
+                writers[out.stream].write_chunk(chunk)?;
+            }
+            progress.add_part(out.stream, out.read_len);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    writers.into_iter().map(|w| w.finish()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swap_header_is_what_the_kernel_reads() {
+        let page = swap_header(64 << 20, Some("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), Some("myswap"));
+        assert_eq!(&page[4086..], b"SWAPSPACE2");
+        assert_eq!(u32::from_le_bytes(page[1024..1028].try_into().unwrap()), 1);
+        assert_eq!(u32::from_le_bytes(page[1028..1032].try_into().unwrap()), (64 << 20) / 4096 - 1);
+        assert_eq!(page[1036], 0x0f);
+        assert_eq!(page[1051], 0xf0);
+        assert_eq!(&page[1052..1058], b"myswap");
+    }
+
+    #[test]
+    fn ntfs_backup_boot_sector_is_after_the_volume() {
+        let mut boot = vec![0u8; 512];
+        boot[3..11].copy_from_slice(b"NTFS    ");
+        boot[11..13].copy_from_slice(&512u16.to_le_bytes());
+        boot[0x28..0x30].copy_from_slice(&2047u64.to_le_bytes());
+        assert_eq!(ntfs_backup_offset(&boot, 2048 * 512), Some(2047 * 512));
+        assert_eq!(ntfs_backup_offset(&boot, 2047 * 512), None);
+        boot[3] = b'X';
+        assert_eq!(ntfs_backup_offset(&boot, 2048 * 512), None);
+    }
+}
