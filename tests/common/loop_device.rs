@@ -77,6 +77,9 @@ impl LoopDevice {
             }
             if i % 10 == 0 {
                 self.rescan();
+                // `partx -u` can stop short of the last logical partition
+                // of a loop device: ask for this one by number too.
+                let _ = run("partx", &["-a", "-n", &n.to_string(), self.path.to_str().unwrap()]);
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -1,0 +1,431 @@
+//! Clonezilla images made by Debian's clonezilla package (`ocs-sr` in batch
+//! mode on loop devices): `klon info`, `verify`, `restore` and `convert`
+//! take them, restores compare byte for byte with the source disk and pass
+//! each filesystem's own checker, and damaged or incomplete images are
+//! refused naming the file.
+//!
+//! Needs root and loop devices (run by CI with KLON_REQUIRE_ROOT_TESTS=1).
+//! The two images are made once per run of this test binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::disks::*;
+use common::loop_device::LoopDevice;
+
+/// A source disk and the Clonezilla image ocs-sr made of it.
+struct Fixture {
+    /// Keeps the files.
+    _dir: TempDir,
+    /// The source disk image file.
+    disk: PathBuf,
+    /// The Clonezilla image directory.
+    image: PathBuf,
+    /// Files put on the filesystems: (partition number, name, content).
+    files: Vec<(u32, String, Vec<u8>)>,
+}
+
+/// What goes on a filesystem: text, random (incompressible, so split pieces
+/// happen) and a few small files.
+fn tree(seed: u64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("readme.txt".into(), text_bytes(seed, 300_000)),
+        ("random.bin".into(), random_bytes(seed, 3 << 20)),
+        ("small.txt".into(), b"hello from klon\n".to_vec()),
+        ("notes.txt".into(), text_bytes(seed + 7, 12_345)),
+    ]
+}
+
+fn write_tree(dir: &Path, files: &[(String, Vec<u8>)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (name, data) in files {
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+}
+
+/// Makes a filesystem image of `size` bytes holding `files`.
+fn make_fs(kind: &str, path: &Path, size: u64, files: &[(String, Vec<u8>)], scratch: &Path) {
+    blank_file(path, size);
+    let p = path.to_str().unwrap();
+    match kind {
+        "ext4" => {
+            let src = scratch.join(format!("tree-{}", path.file_name().unwrap().to_string_lossy()));
+            write_tree(&src, files);
+            run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "klonroot", "-d", src.to_str().unwrap(), p]);
+        }
+        "vfat" => {
+            run("mkfs.vfat", &["-n", "KLONFAT", p]);
+            let src = scratch.join(format!("tree-{}", path.file_name().unwrap().to_string_lossy()));
+            write_tree(&src, files);
+            for (name, _) in files {
+                let from = src.join(name);
+                run_env(
+                    "mcopy",
+                    &["-i", p, from.to_str().unwrap(), &format!("::/{name}")],
+                    &[("MTOOLS_SKIP_CHECK", "1")],
+                );
+            }
+        }
+        "ntfs" => {
+            run("mkntfs", &["-F", "-Q", "-q", "-L", "klonntfs", p]);
+            let src = scratch.join(format!("tree-{}", path.file_name().unwrap().to_string_lossy()));
+            write_tree(&src, files);
+            for (name, _) in files {
+                run("ntfscp", &["-f", p, src.join(name).to_str().unwrap(), name]);
+            }
+        }
+        "swap" => {
+            run("mkswap", &["-L", "klonswap", "-U", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", p]);
+        }
+        "raw" => {
+            // No filesystem: data Clonezilla saves with partclone.dd.
+            write_at(path, 0, &random_bytes(77, 1 << 20));
+            write_at(path, size / 2, &text_bytes(78, 100_000));
+        }
+        other => panic!("unknown fs {other}"),
+    }
+}
+
+/// One ocs-sr at a time: it shares files under /tmp and /var/log.
+fn ocs_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Builds a disk from an sfdisk script and filesystems, saves it with
+/// ocs-sr (`options` choose compression, split and checksums) and moves
+/// the image into the fixture's directory.
+fn build(tag: &str, script: &str, fss: &[(u32, &str)], options: &[&str]) -> Fixture {
+    let dir = TempDir::new(&format!("cz-{tag}"));
+    let disk = dir.join("source.img");
+    blank_file(&disk, 200 * MIB);
+    run_with_input("sfdisk", &["--quiet", disk.to_str().unwrap()], script);
+    // Boot code in the MBR and data in the gap after it, where a boot
+    // loader keeps its core: Clonezilla saves both.
+    write_at(&disk, 0, &random_bytes(440, 440));
+    write_at(&disk, 40 * 512, &text_bytes(3, 8000));
+    let (parts, sector) = sfdisk_parts(&disk);
+    let mut files = Vec::new();
+    for &(n, kind) in fss {
+        let p = parts.iter().find(|p| p.node.ends_with(&n.to_string())).expect("partition in script");
+        let fs_img = dir.join(&format!("p{n}.fs"));
+        let content = tree(n as u64 * 11);
+        make_fs(kind, &fs_img, p.size * sector, &content, &dir.0);
+        let data = std::fs::read(&fs_img).unwrap();
+        write_at(&disk, p.start * sector, &data);
+        std::fs::remove_file(&fs_img).unwrap();
+        if matches!(kind, "ext4" | "vfat" | "ntfs") {
+            files.extend(content.into_iter().map(|(name, d)| (n, name, d)));
+        }
+    }
+    let name = format!("klon-test-{tag}-{}", std::process::id());
+    let image = dir.join("cz");
+    {
+        let _guard = ocs_lock();
+        let dev = LoopDevice::attach(&disk, None);
+        for &(n, _) in fss {
+            dev.partition(n);
+        }
+        let devname = dev.path.file_name().unwrap().to_str().unwrap().to_string();
+        let mut args = vec!["-q2", "-b", "-j2", "-sfsck", "-scs", "-senc", "-p", "true"];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&["savedisk", &name, &devname]);
+        let out = std::process::Command::new("ocs-sr").args(&args).output().expect("run ocs-sr (package clonezilla)");
+        let saved = PathBuf::from("/home/partimag").join(&name);
+        assert!(
+            out.status.success() && saved.join("parts").is_file(),
+            "ocs-sr {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run("mv", &[saved.to_str().unwrap(), image.to_str().unwrap()]);
+    }
+    Fixture { _dir: dir, disk, image, files }
+}
+
+/// MBR: ext4, FAT, an extended partition with swap, NTFS and a partition
+/// without filesystem; zstd, split into 1 MB pieces, with MD5SUMS.
+fn mbr() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let script = "label: dos\nlabel-id: 0x5eedc0de\n\
+                      start=2048, size=61440, type=83, bootable\n\
+                      size=40960, type=c\n\
+                      type=5\n\
+                      size=16384, type=82\n\
+                      size=61440, type=7\n\
+                      size=20480, type=83\n";
+        build(
+            "mbr",
+            script,
+            &[(1, "ext4"), (2, "vfat"), (5, "swap"), (6, "ntfs"), (7, "raw")],
+            &["-z9p", "-i", "1", "-gm"],
+        )
+    })
+}
+
+/// GPT: an ESP (FAT), ext4 and NTFS; gzip (pigz), one file each, with SHA1SUMS.
+fn gpt() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let script = "label: gpt\n\
+                      start=2048, size=40960, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI system\"\n\
+                      size=81920, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n\
+                      size=61440, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=data\n";
+        build("gpt", script, &[(1, "vfat"), (2, "ext4"), (3, "ntfs")], &["-z1p", "-i", "0", "-gs"])
+    })
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Copies an image directory (to damage the copy).
+fn copy_image(from: &Path, to: &Path) {
+    run("cp", &["-a", s(from), s(to)]);
+}
+
+/// The bytes of partition `n` of disk image file `disk`, as a file.
+fn extract_partition(disk: &Path, n: u32, out: &Path) {
+    let (parts, sector) = sfdisk_parts(disk);
+    let p = parts.iter().find(|p| p.node.ends_with(&n.to_string())).unwrap();
+    let data = read_at(disk, p.start * sector, p.size * sector);
+    std::fs::write(out, data).unwrap();
+}
+
+/// Runs each filesystem's own checker on the partitions of `disk`, and
+/// compares every file put on them with what the filesystem now holds.
+fn check_filesystems(f: &Fixture, disk: &Path, fss: &[(u32, &str)], scratch: &TempDir) {
+    for &(n, kind) in fss {
+        let part = scratch.join(&format!("check-p{n}"));
+        extract_partition(disk, n, &part);
+        let p = s(&part);
+        let out = scratch.join(&format!("files-p{n}"));
+        std::fs::create_dir_all(&out).unwrap();
+        match kind {
+            "ext4" => {
+                run("e2fsck", &["-fn", p]);
+                run("debugfs", &["-R", &format!("rdump / {}", s(&out)), p]);
+            }
+            "vfat" => {
+                run("fsck.fat", &["-n", p]);
+                run_env("mcopy", &["-s", "-n", "-i", p, "::/*", s(&out)], &[("MTOOLS_SKIP_CHECK", "1")]);
+            }
+            "ntfs" => {
+                let o = std::process::Command::new("ntfsfix").args(["-n", p]).output().unwrap();
+                let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+                assert!(o.status.success() && !text.contains("BAD"), "ntfsfix -n on partition {n}: {text}");
+                for (pn, name, _) in &f.files {
+                    if *pn == n {
+                        let data = std::process::Command::new("ntfscat").args([p, name]).output().unwrap();
+                        assert!(data.status.success(), "ntfscat {name}");
+                        std::fs::write(out.join(name), data.stdout).unwrap();
+                    }
+                }
+            }
+            _ => continue,
+        }
+        for (pn, name, data) in &f.files {
+            if *pn == n {
+                let got = std::fs::read(out.join(name)).unwrap_or_else(|e| panic!("partition {n}: {name}: {e}"));
+                assert!(got == *data, "partition {n} ({kind}): {name} differs after the restore");
+            }
+        }
+        let _ = std::fs::remove_file(&part);
+    }
+}
+
+#[test]
+fn info_names_the_disk_partitions_and_pieces() {
+    require_root!();
+    let f = mbr();
+    let o = klon(&["info", s(&f.image)]);
+    ok(&o);
+    let text = stdout(&o);
+    for needle in ["Clonezilla", "Mbr", "partition 1", "ext4", "partition 6", "ntfs", "swap", "pieces", "MD5SUMS"] {
+        assert!(text.contains(needle), "info does not mention {needle}:\n{text}");
+    }
+    let o = klon(&["info", "--json", s(&f.image)]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["format"], "clonezilla");
+    let pieces = v["partition_images"].as_array().unwrap().iter().map(|p| p["pieces"].as_array().unwrap().len());
+    assert!(pieces.max().unwrap() > 1, "the 1 MB split made no pieces: {v}");
+}
+
+#[test]
+fn mbr_image_restores_byte_for_byte() {
+    require_root!();
+    let f = mbr();
+    let o = klon(&["verify", s(&f.image)]);
+    ok(&o);
+    let dir = TempDir::new("cz-mbr-restore");
+    let target = dir.join("restored.img");
+    ok(&klon(&["restore", "--yes", s(&f.image), s(&target)]));
+    let size = std::fs::metadata(&f.disk).unwrap().len();
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), size);
+    // The source's free space was zeros, and so is a new target: every
+    // byte matches, tables, EBRs, boot code, swap header, NTFS backup boot
+    // sector and the partition without filesystem included.
+    assert_same(&f.disk, &target, 0, size, "disk restored from the Clonezilla image");
+    check_filesystems(f, &target, &[(1, "ext4"), (2, "vfat"), (6, "ntfs")], &dir);
+}
+
+#[test]
+fn gpt_image_restores_to_a_larger_used_disk() {
+    require_root!();
+    let f = gpt();
+    ok(&klon(&["verify", s(&f.image)]));
+    let dir = TempDir::new("cz-gpt-restore");
+    let file = dir.join("larger.img");
+    garbage_file(&file, 300 * MIB);
+    let dev = LoopDevice::attach(&file, None);
+    ok(&klon(&["restore", "--yes", "--grow-last", s(&f.image), s(&dev.path)]));
+    drop(dev);
+    let v = run("sgdisk", &["-v", s(&file)]);
+    assert!(v.contains("No problems found"), "sgdisk -v: {v}");
+    // Everything up to the end of the last partition's source copy, and
+    // the partitions' used data, as the source; filesystems clean.
+    let (src_parts, sector) = sfdisk_parts(&f.disk);
+    let (parts, _) = sfdisk_parts(&file);
+    assert_eq!(parts.len(), 3);
+    for (a, b) in src_parts.iter().zip(&parts) {
+        assert_eq!(a.start, b.start);
+    }
+    assert_eq!(parts[2].start + parts[2].size, 300 * MIB / sector - 34, "--grow-last grows the last partition");
+    assert_same(&f.disk, &file, 440, 2048 * sector - 1024, "area between the GPT and the first partition");
+    check_filesystems(f, &file, &[(1, "vfat"), (2, "ext4"), (3, "ntfs")], &dir);
+}
+
+#[test]
+fn convert_makes_a_klon_image_that_restores_the_same_disk() {
+    require_root!();
+    let f = mbr();
+    let dir = TempDir::new("cz-convert");
+    let image = dir.join("klon-image");
+    let o = klon(&["convert", s(&f.image), s(&image)]);
+    ok(&o);
+    assert!(image.join("klon.json").is_file());
+    ok(&klon(&["verify", s(&image)]));
+    let info = stdout(&klon(&["info", s(&image)]));
+    assert!(info.contains("partition 6") && info.contains("ntfs"), "{info}");
+    let target = dir.join("restored.img");
+    ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
+    let size = std::fs::metadata(&f.disk).unwrap().len();
+    assert_same(&f.disk, &target, 0, size, "disk restored from the converted image");
+}
+
+#[test]
+fn damaged_data_is_caught_by_verify_and_restore() {
+    require_root!();
+    let f = mbr();
+    let dir = TempDir::new("cz-damaged");
+    let image = dir.join("cz");
+    copy_image(&f.image, &image);
+    // The middle piece of the ext4 image: flip one byte in the middle.
+    let mut pieces: Vec<PathBuf> = std::fs::read_dir(&image)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("p1.ext4-ptcl-img"))
+        .collect();
+    pieces.sort();
+    assert!(pieces.len() >= 3, "expected split pieces: {pieces:?}");
+    let victim = &pieces[1];
+    let len = std::fs::metadata(victim).unwrap().len();
+    let mut b = read_at(victim, len / 2, 1);
+    b[0] ^= 0x40;
+    write_at(victim, len / 2, &b);
+    let victim_name = victim.file_name().unwrap().to_string_lossy().into_owned();
+    // MD5SUMS names the damaged piece before any data is decoded.
+    let o = klon(&["verify", s(&image)]);
+    fails_with(&o, 4, &["MD5SUMS"]);
+    assert!(stderr(&o).contains(&victim_name[..victim_name.find(".ext4").unwrap()]), "{}", stderr(&o));
+    // Without the checksum file, partclone's own checks catch it.
+    std::fs::remove_file(image.join("MD5SUMS")).unwrap();
+    let o = klon(&["verify", s(&image)]);
+    fails_with(&o, 4, &["ptcl-img"]);
+    // A restore stops, and the target's table is wiped so the half-written
+    // disk is not mistaken for a good one.
+    let target = dir.join("target.img");
+    garbage_file(&target, 200 * MIB);
+    let o = klon(&["restore", "--yes", "--no-verify-after", s(&image), s(&target)]);
+    fails_with(&o, 4, &["wiped"]);
+    assert!(read_at(&target, 0, 1 << 20).iter().all(|&x| x == 0), "table area not wiped");
+}
+
+#[test]
+fn incomplete_images_are_refused_before_writing() {
+    require_root!();
+    let f = mbr();
+    let dir = TempDir::new("cz-incomplete");
+    // A missing middle piece.
+    let image = dir.join("missing-piece");
+    copy_image(&f.image, &image);
+    let mut pieces: Vec<PathBuf> = std::fs::read_dir(&image)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().contains("ptcl-img.zst.a"))
+        .collect();
+    pieces.sort();
+    std::fs::remove_file(&pieces[1]).unwrap();
+    let target = dir.join("target.img");
+    garbage_file(&target, 200 * MIB);
+    let before = read_at(&target, 0, MIB);
+    let o = klon(&["restore", "--yes", s(&image), s(&target)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&*pieces[1].file_name().unwrap().to_string_lossy()), "{}", stderr(&o));
+    assert_eq!(read_at(&target, 0, MIB), before, "a refused restore wrote to the target");
+    // A partition image missing altogether.
+    let image2 = dir.join("missing-partition");
+    copy_image(&f.image, &image2);
+    for e in std::fs::read_dir(&image2).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().contains("p2.vfat-ptcl-img") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let o = klon(&["info", s(&image2)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("p2"), "{}", stderr(&o));
+    // A damaged partition table dump.
+    let image3 = dir.join("bad-table");
+    copy_image(&f.image, &image3);
+    let sf = std::fs::read_dir(&image3)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-pt.sf"))
+        .unwrap();
+    std::fs::write(&sf, "label: dos\n/dev/x1 : start= banana\n").unwrap();
+    let o = klon(&["verify", s(&image3)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pt.sf"), "{}", stderr(&o));
+    // A target smaller than the source disk.
+    let small = dir.join("small.img");
+    garbage_file(&small, 100 * MIB);
+    let o = klon(&["restore", "--yes", s(&f.image), s(&small)]);
+    fails_with(&o, 5, &["too small"]);
+}
+
+#[test]
+fn gpt_checksum_file_mismatch_is_refused() {
+    require_root!();
+    let f = gpt();
+    let dir = TempDir::new("cz-sha1");
+    let image = dir.join("cz");
+    copy_image(&f.image, &image);
+    assert!(image.join("SHA1SUMS").is_file(), "ocs-sr -gs wrote no SHA1SUMS");
+    // A byte of the GPT copy (not read by partclone) damaged: only the
+    // checksum file can tell.
+    let gpt2 = std::fs::read_dir(&image)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-gpt-2nd"))
+        .unwrap();
+    let mut b = read_at(&gpt2, 100, 1);
+    b[0] ^= 1;
+    write_at(&gpt2, 100, &b);
+    let o = klon(&["verify", s(&image)]);
+    fails_with(&o, 4, &["SHA1SUMS"]);
+}
