@@ -127,14 +127,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let r = if is_clonezilla_image(&a.image) {
-        // A Clonezilla image is read, never written to: no record is kept.
-        czimage::verify(&a.image, cli.quiet)?
-    } else {
-        let result = verify::verify(&a.image, threads(a.threads)?, cli.quiet);
-        verify::record_result(&a.image, &result);
-        result?
-    };
+    let r = czimage::verify_any(&a.image, threads(a.threads)?, cli.quiet)?;
     if cli.json {
         return print_json(&json!({
             "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,
@@ -185,15 +178,9 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
-    let r = if is_clonezilla_image(&a.image) {
-        let plan = czimage::prepare(&a.image, &a.target)?;
-        confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
-        czimage::restore(plan, &opts)?
-    } else {
-        let plan = restore::prepare(&a.image, &a.target)?;
-        confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
-        restore::restore(plan, &opts)?
-    };
+    let plan = czimage::AnyRestorePlan::prepare(&a.image, &a.target)?;
+    confirm(&plan.target().path, &plan.describe(), a.write.yes)?;
+    let r = plan.restore(&opts)?;
     report_written(cli, "Restored", "image", &a.image, &a.target, &r)
 }
 

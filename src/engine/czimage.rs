@@ -283,10 +283,12 @@ impl CzSource {
                     // partclone leaves NTFS's backup boot sector out; the
                     // filesystem's checker wants it: a copy of the boot
                     // sector at the sector after the volume's last.
-                    if let Some(at) = boot_sector.as_deref().and_then(|b| ntfs_backup_offset(b, length)) {
-                        if at >= end && !push(start + at, &boot_sector.expect("checked above")[..]) {
-                            return Ok(());
-                        }
+                    if let Some(boot) = boot_sector
+                        && let Some(at) = ntfs_backup_offset(&boot, length)
+                        && at >= end
+                        && !push(start + at, &boot)
+                    {
+                        return Ok(());
                     }
                 }
             }
@@ -657,6 +659,64 @@ fn write_streams(
     )?;
     progress.finish();
     writers.into_iter().map(|w| w.finish()).collect()
+}
+
+/// A restore of either kind of image, for callers that take both.
+pub enum AnyRestorePlan {
+    /// A klon image.
+    Klon(super::restore::RestorePlan),
+    /// A Clonezilla image.
+    Clonezilla(CzRestorePlan),
+}
+
+impl AnyRestorePlan {
+    /// Prepares the restore of the image at `dir` (klon's or Clonezilla's)
+    /// onto `target`, with every refusal made before anything is written.
+    pub fn prepare(dir: &Path, target: &Path) -> Result<AnyRestorePlan> {
+        if crate::clonezilla::is_clonezilla_image(dir) {
+            prepare(dir, target).map(AnyRestorePlan::Clonezilla)
+        } else {
+            super::restore::prepare(dir, target).map(AnyRestorePlan::Klon)
+        }
+    }
+
+    /// The target, opened.
+    pub fn target(&self) -> &Disk {
+        match self {
+            AnyRestorePlan::Klon(p) => &p.target,
+            AnyRestorePlan::Clonezilla(p) => &p.target,
+        }
+    }
+
+    /// One paragraph saying what will be overwritten, for confirmations.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyRestorePlan::Klon(p) => p.describe(),
+            AnyRestorePlan::Clonezilla(p) => p.describe(),
+        }
+    }
+
+    /// Writes the image onto the target. The caller has confirmed.
+    pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
+        match self {
+            AnyRestorePlan::Klon(p) => super::restore::restore(p, opts),
+            AnyRestorePlan::Clonezilla(p) => restore(p, opts),
+        }
+    }
+}
+
+/// Verifies the image at `dir`, klon's or Clonezilla's. A klon image keeps
+/// the outcome (for the wizard's list); a Clonezilla image is only read.
+pub fn verify_any(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
+    if crate::clonezilla::is_clonezilla_image(dir) {
+        verify(dir, quiet)
+    } else {
+        let result = super::verify::verify(dir, workers, quiet);
+        if !matches!(&result, Err(Error::Cancelled(_))) {
+            super::verify::record_result(dir, &result);
+        }
+        result
+    }
 }
 
 #[cfg(test)]

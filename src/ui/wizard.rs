@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
 use crate::engine::clone::{self as clone_engine, CloneOptions};
+use crate::engine::czimage::AnyRestorePlan;
 use crate::engine::pipeline::default_workers;
-use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::restore::RestoreOptions;
 use crate::engine::streams::PlanOptions;
 use crate::engine::{cancel, verify};
 use crate::error::{Error, Result};
@@ -429,7 +430,7 @@ fn pick_image(scr: &Screen, title: &str, dir: &Path, default: usize) -> Result<N
     if found.is_empty() {
         scr.message(
             title,
-            &format!("There are no klon images in {}. Choose another directory or drive.", dir.display()),
+            &format!("There are no klon or Clonezilla images in {}. Choose another directory or drive.", dir.display()),
         )?;
         return Ok(Nav::Back);
     }
@@ -474,11 +475,8 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     ),
                 )?;
                 let r = run_job(scr, "verification", "Nothing is changed.", || {
-                    verify::verify(&image, default_workers(), false)
+                    crate::engine::czimage::verify_any(&image, default_workers(), false)
                 });
-                if !matches!(&r, Err(Error::Cancelled(_))) {
-                    verify::record_result(&image, &r);
-                }
                 let cmd = format!("klon verify {}", shell_quote(&image));
                 let body = match &r {
                     Ok(v) => format!(
@@ -617,7 +615,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
             },
             4 => {
                 // All refusals happen here, before anything is written.
-                let plan = match restore::prepare(&image, &list[target].info.path) {
+                let plan = match AnyRestorePlan::prepare(&image, &list[target].info.path) {
                     Ok(p) => p,
                     Err(e) => {
                         scr.message(title, &explain(&e))?;
@@ -646,7 +644,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                             scr,
                             "restore",
                             "The disk will be left unusable (its partition table wiped).",
-                            || restore::restore(plan, &opts),
+                            || plan.restore(&opts),
                         );
                         let mut cmd = format!(
                             "klon restore --yes{} {} {}",

@@ -225,7 +225,12 @@ pub fn list_images(dir: &Path) -> Vec<Found> {
     let mut paths: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.is_dir() && (p.join("klon.json").exists() || p.to_string_lossy().ends_with(".klon-partial")))
+        .filter(|p| {
+            p.is_dir()
+                && (p.join("klon.json").exists()
+                    || p.to_string_lossy().ends_with(".klon-partial")
+                    || crate::clonezilla::is_clonezilla_image(p))
+        })
         .collect();
     paths.sort();
     paths.into_iter().map(|p| describe_image(&p)).collect()
@@ -233,6 +238,9 @@ pub fn list_images(dir: &Path) -> Vec<Found> {
 
 fn describe_image(p: &Path) -> Found {
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if crate::clonezilla::is_clonezilla_image(p) {
+        return describe_clonezilla(p, name);
+    }
     match ImageReader::open(p) {
         Ok(r) => {
             let m = &r.manifest;
@@ -259,6 +267,35 @@ fn describe_image(p: &Path) -> Found {
         Err(e) => Found {
             path: p.to_path_buf(),
             item: Item::blocked(format!("{name}\n      not complete"), format!("{e}")),
+            need: None,
+        },
+    }
+}
+
+/// A Clonezilla image: its description files only (reading every partition
+/// image's header would slow the list down); verify reads the rest.
+fn describe_clonezilla(p: &Path, name: String) -> Found {
+    match crate::clonezilla::CzImage::open(p) {
+        Ok(im) => {
+            let bytes: u64 = im
+                .partitions
+                .iter()
+                .flat_map(|part| part.pieces.iter())
+                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                .sum();
+            let text = format!(
+                "{name}  (Clonezilla)\n      from {}  {}  image {}\n      {} partition images, checked as they are read",
+                im.disk,
+                human_bytes(im.layout.disk_size),
+                human_bytes(bytes),
+                im.partitions.len()
+            );
+            let need = Some(disks::Need { size: im.layout.disk_size, sector_size: im.layout.sector_size });
+            Found { path: p.to_path_buf(), item: Item::new(text), need }
+        }
+        Err(e) => Found {
+            path: p.to_path_buf(),
+            item: Item::blocked(format!("{name}  (Clonezilla)\n      cannot be read"), format!("{e}")),
             need: None,
         },
     }
