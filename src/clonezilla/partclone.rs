@@ -236,7 +236,9 @@ pub struct PartcloneReader {
     file: PathBuf,
     h: Header,
     /// One bit per block, LSB first; bits past `total_blocks` are zero.
+    /// Empty when the image has no bitmap (every block stored).
     bitmap: Vec<u8>,
+    all_used: bool,
     /// Next block to look at.
     next_block: u64,
     /// Used blocks read so far.
@@ -266,6 +268,7 @@ impl PartcloneReader {
         let mut reader = PartcloneReader {
             input,
             file,
+            all_used: h.bitmap_mode == 0,
             stride_unknown: h.version == 1,
             h,
             bitmap,
@@ -289,12 +292,15 @@ impl PartcloneReader {
     }
 
     fn is_used(&self, block: u64) -> bool {
-        self.bitmap[(block / 8) as usize] >> (block % 8) & 1 == 1
+        self.all_used || self.bitmap[(block / 8) as usize] >> (block % 8) & 1 == 1
     }
 
     /// The first used block at or after `from`, if any.
     fn next_used(&self, from: u64) -> Option<u64> {
         let total = self.h.total_blocks;
+        if self.all_used {
+            return (from < total).then_some(from);
+        }
         let mut b = from;
         while b < total {
             if b.is_multiple_of(8) {
@@ -574,8 +580,14 @@ fn read_bitmap(input: &mut Input, h: &Header) -> Result<Vec<u8>> {
     let mut bitmap: Vec<u8> = Vec::new();
     match h.bitmap_mode {
         0 => {
-            // No bitmap: every block is stored.
-            bitmap = vec![0xFF; bits_len];
+            // No bitmap: every block is stored (nothing to allocate).
+            if h.used_blocks != total {
+                return Err(input.corrupt(format!(
+                    "a partclone image without bitmap must store all {total} blocks, its header says {}",
+                    h.used_blocks
+                )));
+            }
+            return Ok(Vec::new());
         }
         1 => {
             let mut crc = 0xFFFF_FFFFu32;
@@ -659,6 +671,9 @@ impl BlockSource for PartcloneReader {
         };
         let max_blocks = (max_len as u64 / bs).max(1);
         let mut n = 1;
+        if self.all_used {
+            n = max_blocks.min(self.h.total_blocks - first);
+        }
         while n < max_blocks && first + n < self.h.total_blocks && self.is_used(first + n) {
             let b = first + n;
             if b.is_multiple_of(8)
@@ -1254,6 +1269,85 @@ pub(crate) mod tests {
             std::fs::write(&p, &bad).unwrap();
             assert!(decode_file(&p).is_err(), "{name}: damage not detected");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A 0002 image of `fs` (whole, as blocks of `bs`) with no bitmap or a
+    /// byte bitmap, CRC32 every 256 blocks.
+    fn build_v2_mode(fs: &[u8], bs: usize, bitmap_mode: u8) -> Vec<u8> {
+        let total = (fs.len() / bs) as u64;
+        let mut h = vec![0u8; V2_HEADER];
+        h[..16].copy_from_slice(b"partclone-image\0");
+        h[16..22].copy_from_slice(b"0.3.23");
+        h[30..34].copy_from_slice(b"0002");
+        h[34..36].copy_from_slice(&0xC0DEu16.to_le_bytes());
+        h[36..41].copy_from_slice(b"EXTFS");
+        h[52..60].copy_from_slice(&(fs.len() as u64).to_le_bytes());
+        h[60..68].copy_from_slice(&total.to_le_bytes());
+        h[68..76].copy_from_slice(&total.to_le_bytes());
+        h[76..84].copy_from_slice(&total.to_le_bytes());
+        h[84..88].copy_from_slice(&(bs as u32).to_le_bytes());
+        h[88..92].copy_from_slice(&18u32.to_le_bytes());
+        h[92..94].copy_from_slice(&2u16.to_le_bytes());
+        h[94..96].copy_from_slice(&64u16.to_le_bytes());
+        h[96..98].copy_from_slice(&CSM_CRC32.to_le_bytes());
+        h[98..100].copy_from_slice(&4u16.to_le_bytes());
+        h[100..104].copy_from_slice(&256u32.to_le_bytes());
+        h[104] = 1;
+        h[105] = bitmap_mode;
+        let crc = partclone_crc32(0xFFFF_FFFF, &h[..106]);
+        h[106..110].copy_from_slice(&crc.to_le_bytes());
+        let mut v = h;
+        if bitmap_mode == 8 {
+            v.extend(std::iter::repeat_n(1u8, total as usize));
+            let bits = vec![0xFFu8; total.div_ceil(8) as usize];
+            v.extend_from_slice(&partclone_crc32(0xFFFF_FFFF, &bits).to_le_bytes());
+        }
+        for group in fs.chunks(256 * bs) {
+            v.extend_from_slice(group);
+            v.extend_from_slice(&partclone_crc32(0xFFFF_FFFF, group).to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn no_bitmap_and_byte_bitmap_and_v1_bitmap_damage() {
+        let dir = tmpdir("pc-modes");
+        let fs = noise(3 << 20, 5);
+        for mode in [0u8, 8] {
+            let p = dir.join(format!("mode{mode}"));
+            std::fs::write(&p, build_v2_mode(&fs, 4096, mode)).unwrap();
+            assert!(decode_file(&p).unwrap() == fs, "bitmap mode {mode}");
+        }
+        // No bitmap and 2^33 blocks claimed: nothing is allocated for it,
+        // and the missing data is reported.
+        let mut lying = build_v2_mode(&fs[..8192], 4096, 0);
+        for at in [60, 68, 76] {
+            lying[at..at + 8].copy_from_slice(&(1u64 << 33).to_le_bytes());
+        }
+        lying[52..60].copy_from_slice(&(1u64 << 50).to_le_bytes());
+        let crc = partclone_crc32(0xFFFF_FFFF, &lying[..106]);
+        lying[106..110].copy_from_slice(&crc.to_le_bytes());
+        let p = dir.join("lying0");
+        std::fs::write(&p, &lying).unwrap();
+        let mut r = open_file(&p).unwrap();
+        let e = r.next_run(1 << 20).err().expect("missing data not noticed");
+        assert!(e.to_string().contains("ends early"), "{e}");
+
+        // Format 0001 has no bitmap CRC: a flipped bitmap byte shows as a
+        // count that disagrees with the header.
+        let fs_img = make_fs(&dir, "ext4");
+        let v2 = std::fs::read(clone_fs(&dir, &fs_img, "ext4", &["-a0"], "v2")).unwrap();
+        let mut v1 = build_v1(&v2, 4);
+        let zero = V1_HEADER + v1[V1_HEADER..].iter().position(|&b| b == 0).unwrap();
+        v1[zero] = 1;
+        let p = dir.join("v1-bad-bitmap");
+        std::fs::write(&p, &v1).unwrap();
+        expect_corrupt(decode_file(&p), "v1-bad-bitmap", "bitmap marks");
+        let mut v1 = build_v1(&v2, 4);
+        v1[V1_HEADER + le64(&v2, 60) as usize + 2] ^= 1;
+        std::fs::write(&p, &v1).unwrap();
+        expect_corrupt(decode_file(&p), "v1-bad-bitmap", "BiTmAgIc");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
