@@ -1331,7 +1331,7 @@ pub(crate) mod tests {
         let p = dir.join("lying0");
         std::fs::write(&p, &lying).unwrap();
         let mut r = open_file(&p).unwrap();
-        let e = r.next_run(1 << 20).err().expect("missing data not noticed");
+        let e = r.next_run(1 << 20).expect_err("missing data not noticed");
         assert!(e.to_string().contains("ends early"), "{e}");
 
         // Format 0001 has no bitmap CRC: a flipped bitmap byte shows as a
