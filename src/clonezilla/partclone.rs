@@ -115,12 +115,16 @@ impl Sum {
         }
     }
 
-    /// Bytes of the checksum as partclone stores it.
-    fn value(&self) -> Vec<u8> {
+    /// The checksum as partclone stores it: the bytes and how many count.
+    fn value(&self) -> ([u8; 8], usize) {
+        let mut b = [0u8; 8];
         match self {
-            Sum::None => Vec::new(),
-            Sum::Crc(c) => c.to_le_bytes().to_vec(),
-            Sum::Xxh(x) => x.digest().to_le_bytes().to_vec(),
+            Sum::None => (b, 0),
+            Sum::Crc(c) => {
+                b[..4].copy_from_slice(&c.to_le_bytes());
+                (b, 4)
+            }
+            Sum::Xxh(x) => (x.digest().to_le_bytes(), 8),
         }
     }
 }
@@ -359,20 +363,22 @@ impl PartcloneReader {
     /// Reads the stored checksum of the current group and compares it;
     /// `end` is the partition offset just after the group (for messages).
     fn check_sum(&mut self, end: u64) -> Result<()> {
-        let want = self.sum.value();
-        let mut got = vec![0u8; self.stride];
-        self.input.exact(&mut got, "a block checksum")?;
+        let (want, len) = self.sum.value();
+        let want = &want[..len];
+        let mut got = [0u8; 8];
+        let got = &mut got[..self.stride];
+        self.input.exact(got, "a block checksum")?;
         if self.stride_unknown {
-            self.detect_v1_stride(&got)?;
+            self.detect_v1_stride(got)?;
         }
-        if got[..want.len()] != want[..] {
+        if got[..len] != *want {
             return Err(self.input.corrupt(format!(
                 "{} checksum mismatch over the {} blocks ending at partition offset {end} \
                  (stored {}, computed {})",
                 self.h.algo.name(),
                 self.in_group,
-                hex(&got[..want.len()]),
-                hex(&want)
+                hex(&got[..len]),
+                hex(want)
             )));
         }
         self.in_group = 0;
@@ -1042,6 +1048,7 @@ pub(crate) mod tests {
                 let m = e.to_string();
                 assert!(m.contains(name), "error does not name {name}: {m}");
                 assert!(m.contains(words), "error does not say {words:?}: {m}");
+                assert!(m.contains(" at byte ") && m.contains("(image offset "), "error has no position: {m}");
             }
             Err(e) => panic!("expected Corrupt, got {e}"),
             Ok(_) => panic!("damage not detected ({words})"),
