@@ -139,7 +139,7 @@ pub struct CzImage {
 /// is read as partclone only when it starts with partclone's magic.
 pub fn open_stream(part: &CzPartition) -> Result<Box<dyn BlockSource>> {
     let reader = pieces::PieceReader::open(&part.pieces)?;
-    let pos = reader.position();
+    let pos = if part.codec == Codec::None { reader.position().uncompressed() } else { reader.position() };
     let mut decoded = decompress::decoder(part.codec, reader)?;
     let kind = if part.kind == ImageKind::Partclone && part.fs == "dd" {
         // Look at the first bytes, then put them back in front.

@@ -130,7 +130,7 @@ impl NtfscloneReader {
     }
 
     fn at(&self) -> String {
-        format!("{} (image offset {})", self.pos, self.offset)
+        self.pos.at(self.offset)
     }
 
     fn corrupt(&self, msg: impl std::fmt::Display) -> Error {

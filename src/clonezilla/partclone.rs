@@ -173,7 +173,7 @@ struct Input {
 
 impl Input {
     fn at(&self) -> String {
-        format!("{} (image offset {})", self.pos, self.offset)
+        self.pos.at(self.offset)
     }
 
     fn corrupt(&self, msg: impl std::fmt::Display) -> Error {
@@ -367,14 +367,16 @@ impl PartcloneReader {
         let want = &want[..len];
         let mut got = [0u8; 8];
         let got = &mut got[..self.stride];
+        let stored_at = self.input.offset;
         self.input.exact(got, "a block checksum")?;
         if self.stride_unknown {
             self.detect_v1_stride(got)?;
         }
         if got[..len] != *want {
-            return Err(self.input.corrupt(format!(
-                "{} checksum mismatch over the {} blocks ending at partition offset {end} \
-                 (stored {}, computed {})",
+            return Err(Error::Corrupt(format!(
+                "{}: {} checksum mismatch over the {} blocks ending at partition offset {end} \
+                 (stored {}, computed {}; the checksum is stored at the position named)",
+                self.input.pos.at(stored_at),
                 self.h.algo.name(),
                 self.in_group,
                 hex(&got[..len]),
@@ -957,7 +959,7 @@ pub(crate) mod tests {
 
     fn open_file(path: &Path) -> Result<PartcloneReader> {
         let r = PieceReader::open(&[path.to_path_buf()])?;
-        let pos = r.position();
+        let pos = r.position().uncompressed();
         PartcloneReader::new(decoder(Codec::None, r)?, pos)
     }
 
@@ -1048,7 +1050,7 @@ pub(crate) mod tests {
                 let m = e.to_string();
                 assert!(m.contains(name), "error does not name {name}: {m}");
                 assert!(m.contains(words), "error does not say {words:?}: {m}");
-                assert!(m.contains(" at byte ") && m.contains("(image offset "), "error has no position: {m}");
+                assert!(m.contains(" at byte ") || m.contains("at image offset "), "error has no position: {m}");
             }
             Err(e) => panic!("expected Corrupt, got {e}"),
             Ok(_) => panic!("damage not detected ({words})"),
@@ -1134,6 +1136,30 @@ pub(crate) mod tests {
         let part = partition(pieces.clone(), Codec::Gzip, "ext4", ImageKind::Partclone, 0);
         let e = open_stream(&part).err().expect("missing piece not noticed");
         assert!(e.to_string().contains("sda1.ext4-ptcl-img.gz.ab"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn uncompressed_split_damage_names_the_exact_piece_and_byte() {
+        let dir = tmpdir("pc-exact");
+        let fs_img = make_fs(&dir, "ext4");
+        let image = clone_fs(&dir, &fs_img, "ext4", &["-a1", "-k1"], "img");
+        let mut bytes = std::fs::read(&image).unwrap();
+        let data_start = V2_HEADER + le64(&bytes, 60).div_ceil(8) as usize + 4;
+        // Block 1500's checksum lies in the third piece of 600 000 bytes.
+        let block = data_start + 1500 * (1024 + 4);
+        bytes[block + 10] ^= 0x40;
+        let stored_at = block + 1024;
+        let pieces = split(&dir.join("sda1.ext4-ptcl-img.uncomp"), &bytes, 600_000);
+        let part = partition(pieces, Codec::None, "ext4", ImageKind::Partclone, 0);
+        let mut s = open_stream(&part).unwrap();
+        let e = decode_all(s.as_mut(), 1 << 20).unwrap_err();
+        let want = format!(
+            "sda1.ext4-ptcl-img.uncomp.a{} at byte {}:",
+            (b'a' + (stored_at / 600_000) as u8) as char,
+            stored_at % 600_000
+        );
+        assert!(e.to_string().contains(&want), "{e} (want {want})");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -19,6 +19,11 @@ use crate::error::{Error, Result};
 #[derive(Clone)]
 pub struct PiecePos {
     pieces: Arc<[PathBuf]>,
+    /// Length of each piece when opened.
+    lengths: Arc<[u64]>,
+    /// The stream read above is the pieces' bytes themselves (no codec):
+    /// positions in it map exactly onto the pieces.
+    direct: bool,
     /// (index of the current piece, bytes consumed from it).
     state: Arc<Mutex<(usize, u64)>>,
 }
@@ -27,13 +32,45 @@ impl PiecePos {
     /// A position that names `file` alone (for readers not fed by pieces,
     /// e.g. in tests).
     pub fn single(file: &Path) -> PiecePos {
-        PiecePos { pieces: Arc::from(vec![file.to_path_buf()]), state: Arc::new(Mutex::new((0, 0))) }
+        PiecePos {
+            pieces: Arc::from(vec![file.to_path_buf()]),
+            lengths: Arc::from(vec![u64::MAX]),
+            direct: false,
+            state: Arc::new(Mutex::new((0, 0))),
+        }
     }
 
     /// The piece being read and the number of its bytes consumed so far.
     pub fn location(&self) -> (PathBuf, u64) {
         let (i, off) = *self.state.lock().unwrap_or_else(|e| e.into_inner());
         (self.pieces[i.min(self.pieces.len() - 1)].clone(), off)
+    }
+
+    /// The same position, marked as read without a codec: [`at`](Self::at)
+    /// then names the exact piece and byte of a stream offset.
+    pub fn uncompressed(mut self) -> PiecePos {
+        self.direct = true;
+        self
+    }
+
+    /// Where byte `stream_offset` of the stream read above is: exactly
+    /// ("X.ab at byte 123") when the stream is uncompressed, else the
+    /// compressed piece and how far the decoder has read in it (decoders
+    /// read ahead, so the damage is at or before that byte).
+    pub fn at(&self, stream_offset: u64) -> String {
+        if self.direct {
+            let mut off = stream_offset;
+            for (p, &len) in self.pieces.iter().zip(self.lengths.iter()) {
+                if off < len {
+                    return format!("{} at byte {off}", p.display());
+                }
+                off -= len;
+            }
+            let last = self.pieces.len() - 1;
+            return format!("{} at byte {}", self.pieces[last].display(), off + self.lengths[last]);
+        }
+        let (path, off) = self.location();
+        format!("{} (compressed; read up to byte {off}) at image offset {stream_offset}", path.display())
     }
 
     /// The first piece (the file name a user recognises).
@@ -134,6 +171,7 @@ impl PieceReader {
         if pieces.is_empty() {
             return Err(Error::Corrupt("a partition image has no file".into()));
         }
+        let mut lengths = Vec::with_capacity(pieces.len());
         for p in pieces {
             let meta = std::fs::metadata(p).map_err(|e| Error::io("opening image piece", p, None, e))?;
             if !meta.is_file() {
@@ -145,10 +183,16 @@ impl PieceReader {
                     p.display()
                 )));
             }
+            lengths.push(meta.len());
         }
         let pieces: Arc<[PathBuf]> = Arc::from(pieces.to_vec());
         let file = File::open(&pieces[0]).map_err(|e| Error::io("opening image piece", &pieces[0], None, e))?;
-        let pos = PiecePos { pieces: pieces.clone(), state: Arc::new(Mutex::new((0, 0))) };
+        let pos = PiecePos {
+            pieces: pieces.clone(),
+            lengths: Arc::from(lengths),
+            direct: false,
+            state: Arc::new(Mutex::new((0, 0))),
+        };
         Ok(PieceReader { pieces, index: 0, offset: 0, file: Some(file), pos })
     }
 
