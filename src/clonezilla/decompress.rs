@@ -132,10 +132,11 @@ pub(crate) mod tests {
     pub(crate) fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
         match codec {
             Codec::Zstd => {
-                // Two frames, as `zstd` writes for concatenated inputs.
+                // Two frames, the second from pzstd (which adds skippable
+                // frames holding its frame sizes).
                 let half = data.len() / 2;
-                let mut v = pipe("zstd", &["-q", "-c", "-3"], &data[..half]);
-                v.extend(pipe("zstd", &["-q", "-c", "-3"], &data[half..]));
+                let mut v = pipe("zstd", &["-q", "-c", "-3", "-T2"], &data[..half]);
+                v.extend(pipe("pzstd", &["-q", "-c", "-p", "2"], &data[half..]));
                 v
             }
             // pigz with a small block size: several deflate blocks; plus a
@@ -159,8 +160,9 @@ pub(crate) mod tests {
                 v
             }
             Codec::Bzip2 => {
+                // pbzip2 writes one bzip2 stream per 100 KB block.
                 let half = data.len() / 2;
-                let mut v = pipe("bzip2", &["-c", "-1"], &data[..half]);
+                let mut v = pipe("pbzip2", &["-c", "-1", "-b1", "-p2"], &data[..half]);
                 v.extend(pipe("bzip2", &["-c", "-1"], &data[half..]));
                 v
             }
