@@ -21,6 +21,7 @@ pub mod ntfsclone;
 pub mod partclone;
 pub mod pieces;
 
+use std::io::Read;
 use std::path::PathBuf;
 
 use crate::error::Result;
@@ -132,12 +133,30 @@ pub struct CzImage {
 }
 
 /// Opens the stored-bytes stream of `part`.
+///
+/// A `dd-ptcl-img` (partclone.dd) holds the partition's raw bytes when
+/// partclone 0.3 wrote it (its dd mode writes no header), so such a stream
+/// is read as partclone only when it starts with partclone's magic.
 pub fn open_stream(part: &CzPartition) -> Result<Box<dyn BlockSource>> {
     let reader = pieces::PieceReader::open(&part.pieces)?;
-    let decoded = decompress::decoder(part.codec, reader)?;
-    match part.kind {
-        ImageKind::Partclone => Ok(Box::new(partclone::PartcloneReader::new(decoded, part.pieces[0].clone())?)),
-        ImageKind::Ntfsclone => Ok(Box::new(ntfsclone::NtfscloneReader::new(decoded, part.pieces[0].clone())?)),
-        ImageKind::Raw => Ok(Box::new(partclone::RawReader::new(decoded, part.pieces[0].clone(), part.size))),
+    let pos = if part.codec == Codec::None { reader.position().uncompressed() } else { reader.position() };
+    let mut decoded = decompress::decoder(part.codec, reader)?;
+    let kind = if part.kind == ImageKind::Partclone && part.fs == "dd" {
+        // Look at the first bytes, then put them back in front.
+        let mut head = Vec::with_capacity(partclone::MAGIC.len());
+        (&mut decoded)
+            .take(partclone::MAGIC.len() as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| decompress::read_error(e, &pos, "the start of the image"))?;
+        let is_partclone = head == partclone::MAGIC;
+        decoded = Box::new(std::io::Cursor::new(head).chain(decoded));
+        if is_partclone { ImageKind::Partclone } else { ImageKind::Raw }
+    } else {
+        part.kind
+    };
+    match kind {
+        ImageKind::Partclone => Ok(Box::new(partclone::PartcloneReader::new(decoded, pos)?)),
+        ImageKind::Ntfsclone => Ok(Box::new(ntfsclone::NtfscloneReader::new(decoded, pos)?)),
+        ImageKind::Raw => Ok(Box::new(partclone::RawReader::new(decoded, pos, part.size))),
     }
 }
