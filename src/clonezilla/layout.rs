@@ -202,7 +202,7 @@ fn parse_sf(text: &str, file: &str) -> Result<SfDump> {
         let line = raw.trim();
         let n = i + 1;
         let bad = |why: &str| Error::Corrupt(format!("{file} line {n}: {why}: {line:?}"));
-        if line.is_empty() || line.starts_with('#') {
+        if line.is_empty() || line.starts_with('#') || line.starts_with("partition table of ") {
             continue;
         }
         if line.starts_with("/dev/") || line.contains(" : ") {
@@ -258,8 +258,6 @@ fn parse_sf(text: &str, file: &str) -> Result<SfDump> {
             "table-length" => {
                 d.table_length = Some(u32::try_from(num()?).ok().filter(|&t| t <= 4096).ok_or_else(|| bad("too long"))?)
             }
-            "partition table of /dev/sda" => {}
-            other if other.starts_with("partition table of") => {}
             _ => return Err(bad("unknown header")),
         }
     }
@@ -471,6 +469,13 @@ fn build_table(sf: &SfDump, disk: &str, disk_size: u64, ss: u32, file: &str) -> 
                     u8::from_str_radix(&p.ptype, 16).map_err(|_| bad(format!("type {:?} is not a byte", p.ptype)))?;
                 if t == 0 {
                     return Err(bad("type 0 with a size".into()));
+                }
+                if t == 0xEE {
+                    return Err(Error::Unsupported(format!(
+                        "{file} line {}: a GPT protective entry in a DOS dump: the image was saved by sfdisk \
+                         older than 2.26, which could not dump GPT; klon cannot rebuild this GPT from it",
+                        p.line
+                    )));
                 }
                 if number <= 4 {
                     if p.start > 0xFFFF_FFFF || p.size > 0xFFFF_FFFF {
@@ -774,7 +779,8 @@ impl CzImage {
         check_boot(&mut boot, &layout)?;
 
         // Partition images.
-        let parts_text = read_text(dir, "parts")?.unwrap_or_default();
+        let parts_text = read_text(dir, "parts")?
+            .ok_or_else(|| Error::Corrupt(format!("{}: the file `parts` is missing", dir.display())))?;
         let listed: Vec<String> = parts_text.split_whitespace().map(str::to_string).collect();
         if listed.len() > MAX_PARTS {
             return Err(Error::Corrupt(format!("`parts` lists more than {MAX_PARTS} partitions")));
@@ -1015,9 +1021,9 @@ impl Found {
             }
         };
         let file = self.base.clone();
-        let codec = match &self.codec_suffix {
-            Some(c) => codec_of(c, &file)?,
-            None => Codec::None,
+        let named = match &self.codec_suffix {
+            Some(c) => Some(codec_of(c, &file)?),
+            None => None,
         };
         let mut head = [0u8; 8];
         let mut f = File::open(&pieces[0]).map_err(io_ctx("opening", &pieces[0], None))?;
@@ -1034,6 +1040,8 @@ impl Found {
             return Err(Error::Corrupt(format!("{} is empty", pieces[0].display())));
         }
         let seen = sniff(&head[..n]);
+        // Old images without a codec suffix: the magic says.
+        let codec = named.unwrap_or(seen.unwrap_or(Codec::None));
         let agrees = match codec {
             Codec::None => seen.is_none(),
             c => seen == Some(c),

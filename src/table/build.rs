@@ -264,3 +264,62 @@ pub fn parse_gpt_entries(copy: &GptCopy, entries: &[u8], disk_size: u64, sector_
     super::sort_and_check(&mut parts, disk_size)?;
     Ok(parts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logical(number: u32, start: u64, sectors: u64) -> Partition {
+        Partition {
+            number,
+            start: start * 512,
+            size: sectors * 512,
+            type_id: "0x83".into(),
+            name: String::new(),
+            uuid: None,
+            attributes: 0,
+            logical: true,
+        }
+    }
+
+    fn layout(parts: Vec<Partition>, ext: (u64, u64)) -> DiskLayout {
+        DiskLayout {
+            kind: TableKind::Mbr,
+            sector_size: 512,
+            disk_size: 1 << 30,
+            disk_id: Some("0x12345678".into()),
+            partitions: parts,
+            extended: Some((ext.0 * 512, ext.1 * 512)),
+            gpt: None,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn ebr_chain_where_sfdisk_puts_it() {
+        let l = layout(vec![logical(5, 4096, 1000), logical(6, 8192, 2048)], (2048, 100_000));
+        let chain = mbr_ebr_chain(&l).unwrap();
+        let at: Vec<u64> = chain.iter().map(|(o, _)| o / 512).collect();
+        assert_eq!(at, [2048, 8192 - 2048]);
+        let first = &chain[0].1;
+        assert_eq!(u32::from_le_bytes(first[454..458].try_into().unwrap()), 4096 - 2048);
+        assert_eq!(first[446 + 16 + 4], 0x05);
+        // Link: relative to the extended partition, from the EBR to the partition's end.
+        assert_eq!(u32::from_le_bytes(first[470..474].try_into().unwrap()), 6144 - 2048);
+        assert_eq!(u32::from_le_bytes(first[474..478].try_into().unwrap()), 8192 + 2048 - 6144);
+        assert_eq!(&chain[1].1[462..478], &[0u8; 16]);
+        assert_eq!(&first[510..], &[0x55, 0xAA]);
+    }
+
+    #[test]
+    fn ebr_chain_refuses_what_sfdisk_cannot_rebuild() {
+        // Logical partitions 63 sectors apart (old DOS-style): the EBR of
+        // partition 6 would land inside partition 5.
+        let l = layout(vec![logical(5, 2111, 1000), logical(6, 3174, 1000)], (2048, 100_000));
+        let e = mbr_ebr_chain(&l).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("partition 6"), "{e}");
+        // Numbers out of disk order.
+        let l = layout(vec![logical(6, 4096, 1000), logical(5, 8192, 1000)], (2048, 100_000));
+        assert!(mbr_ebr_chain(&l).is_err());
+    }
+}
