@@ -195,3 +195,44 @@ pub fn check_file(dir: &Path, file: &Path) -> Result<usize> {
     }
     Ok(checked)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{Rng, TempDir, run};
+
+    /// Files written by coreutils' own tools check; a changed byte, a
+    /// missing file and a malformed line are refused naming the file.
+    #[test]
+    fn coreutils_sums() {
+        let t = TempDir::new("cz-sums");
+        let mut rng = Rng::seeded(3);
+        std::fs::write(t.join("a.img"), rng.bytes(3 << 20)).unwrap();
+        std::fs::write(t.join("b back\\slash"), b"x").unwrap();
+        std::fs::write(t.join("c"), b"").unwrap();
+        for (tool, out) in [("md5sum", "MD5SUMS"), ("sha1sum", "SHA1SUMS"), ("b2sum", "B2SUMS")] {
+            let text = run(std::process::Command::new(tool).current_dir(&t.0).args(["a.img", "b back\\slash", "c"]));
+            std::fs::write(t.join(out), text).unwrap();
+            assert_eq!(check_file(&t.0, Path::new(out)).unwrap(), 3, "{out}");
+        }
+        let short = run(std::process::Command::new("b2sum").current_dir(&t.0).args(["-l", "256", "-b", "c"]));
+        std::fs::write(t.join("B2SUMS"), short).unwrap();
+        assert_eq!(check_file(&t.0, &t.join("B2SUMS")).unwrap(), 1);
+        std::fs::write(t.join("B3SUMS"), format!("{}  c\n", blake3::hash(b""))).unwrap();
+        assert_eq!(check_file(&t.0, Path::new("B3SUMS")).unwrap(), 1);
+
+        let mut data = std::fs::read(t.join("a.img")).unwrap();
+        data[2 << 20] ^= 1;
+        std::fs::write(t.join("a.img"), data).unwrap();
+        let e = check_file(&t.0, Path::new("SHA1SUMS")).unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains("a.img does not match"), "{e}");
+        std::fs::remove_file(t.join("a.img")).unwrap();
+        let e = check_file(&t.0, Path::new("MD5SUMS")).unwrap_err();
+        assert!(matches!(e, Error::Corrupt(_)) && e.to_string().contains("a.img, which is missing"), "{e}");
+        std::fs::write(t.join("MD5SUMS"), "nothex  c\n").unwrap();
+        let e = check_file(&t.0, Path::new("MD5SUMS")).unwrap_err();
+        assert!(e.to_string().contains("MD5SUMS line 1"), "{e}");
+        std::fs::write(t.join("MD5SUMS"), "d41d8cd98f00b204e9800998ecf8427e  ../c\n").unwrap();
+        assert!(check_file(&t.0, Path::new("MD5SUMS")).is_err());
+    }
+}

@@ -1140,7 +1140,11 @@ fn gpt_boot(
     let mut backup_entries_lba = p.alternate_lba.saturating_sub(n_entries_sectors);
     let why_not = match &second {
         None => Some(format!("{name2} is missing")),
-        Some(b) if b.is_empty() || !(b.len() as u64).is_multiple_of(ss) || b.len() as u64 > GPT_2ND_MAX => {
+        Some(b)
+            if b.is_empty()
+                || !(b.len() as u64).is_multiple_of(ss)
+                || b.len() as u64 > GPT_2ND_MAX.min(layout.disk_size / 2) =>
+        {
             Some(format!("{name2} holds {} bytes, not whole sectors of the disk's end", b.len()))
         }
         Some(b) => {
@@ -1158,7 +1162,7 @@ fn gpt_boot(
                     };
                     let arr_off = h.entries_lba * ss;
                     let arr_end = arr_off + n_entries_sectors * ss;
-                    if h != same || p.alternate_lba != total - 1 {
+                    if h != same || h.entries_crc != p.entries_crc || p.alternate_lba != total - 1 {
                         Some(format!("the backup header in {name2} does not match the primary"))
                     } else if arr_end > (total - 1) * ss {
                         Some(format!("the backup entry array named in {name2} overlaps its header"))
