@@ -310,6 +310,25 @@ fn mbr_with_logical_partitions_zstd() {
     std::fs::write(&sf, text).unwrap();
     corrupt_naming(CzImage::open(&t.0), &format!("{d}-pt.sf"));
 
+    // Hidden data not saved: a warning. The MBR's entries damaged: rebuilt
+    // from the dump, byte for byte what sfdisk wrote. No saved EBR: the
+    // built one (sfdisk leaves its code area zero, like the source's).
+    let t = copy_of(&s.image.0);
+    std::fs::remove_file(t.join(&format!("{d}-hidden-data-after-mbr"))).unwrap();
+    std::fs::remove_file(t.join(&format!("{d}p3-ebr"))).unwrap();
+    let mbr = t.join(&format!("{d}-mbr"));
+    let mut b = std::fs::read(&mbr).unwrap();
+    b[446 + 16 + 8] ^= 0x10; // start of partition 2
+    std::fs::write(&mbr, b).unwrap();
+    let img2 = CzImage::open(&t.0).unwrap();
+    assert_eq!(img2.layout, s.layout);
+    assert_eq!(img2.boot.len(), 4);
+    for (off, bytes) in &img2.boot {
+        assert!(bytes == &s.source_bytes(*off, bytes.len()), "boot bytes at {off} differ from the source disk");
+    }
+    assert!(img2.warnings.iter().any(|w| w.contains("without -j2")), "{:?}", img2.warnings);
+    assert!(img2.warnings.iter().any(|w| w.contains("entries are rebuilt")), "{:?}", img2.warnings);
+
     // Without parted's record the disk size is unknown: refused.
     let t = copy_of(&s.image.0);
     std::fs::write(t.join(&format!("{d}-pt.parted")), "").unwrap();
