@@ -408,6 +408,12 @@ fn gpt_split_gzip() {
     assert!(!img2.layout.gpt.as_ref().unwrap().backup_valid);
     assert_eq!(img2.boot.len(), 1);
     assert!(img2.warnings.iter().any(|w| w.contains(&format!("{d}-gpt-2nd"))), "{:?}", img2.warnings);
+    // Without parted's record a GPT disk's size still shows in its header.
+    let t = copy_of(&s.image.0);
+    std::fs::write(t.join(&format!("{d}-pt.parted")), "").unwrap();
+    let img3 = CzImage::open(&t.0).unwrap();
+    assert_eq!(img3.layout, s.layout);
+    assert!(img3.warnings.iter().any(|w| w.contains("primary GPT header")), "{:?}", img3.warnings);
     // A codec suffix that lies about the data.
     let t = copy_of(&s.image.0);
     let from = t.join(&format!("{d}p5.vfat-ptcl-img.gz.aa"));
