@@ -72,22 +72,22 @@ pub(super) fn entries_sectors(num_entries: u32, entry_size: u32, sector_size: u6
 
 /// A GPT header, as far as this module reads and writes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Header {
-    my_lba: u64,
-    alternate_lba: u64,
-    first_usable: u64,
-    last_usable: u64,
-    disk_guid: [u8; 16],
-    entries_lba: u64,
-    num_entries: u32,
-    entry_size: u32,
-    entries_crc: u32,
+pub(super) struct Header {
+    pub(super) my_lba: u64,
+    pub(super) alternate_lba: u64,
+    pub(super) first_usable: u64,
+    pub(super) last_usable: u64,
+    pub(super) disk_guid: [u8; 16],
+    pub(super) entries_lba: u64,
+    pub(super) num_entries: u32,
+    pub(super) entry_size: u32,
+    pub(super) entries_crc: u32,
 }
 
 impl Header {
     /// Parses and validates the header in `buf` (one sector) read at `lba`
     /// of a disk of `total` sectors. The error says why it is invalid.
-    fn parse(buf: &[u8], lba: u64, total: u64, ss: u64) -> std::result::Result<Header, String> {
+    pub(super) fn parse(buf: &[u8], lba: u64, total: u64, ss: u64) -> std::result::Result<Header, String> {
         if &buf[0..8] != SIGNATURE {
             return Err("no \"EFI PART\" signature".into());
         }
@@ -214,7 +214,7 @@ fn consistent(p: &Header, p_entries: &[u8], b: &Copy) -> bool {
 
 /// Decodes the used entries of an array (type GUID not zero). `usable`, when
 /// given, is the usable LBA range: partitions outside it get a warning.
-fn parse_entries(
+pub(super) fn parse_entries(
     entries: &[u8],
     entry_size: u32,
     ss: u64,

@@ -23,7 +23,7 @@ fn has_signature(b: &[u8]) -> bool {
     b[510] == 0x55 && b[511] == 0xAA
 }
 
-fn is_extended(t: u8) -> bool {
+pub(super) fn is_extended(t: u8) -> bool {
     matches!(t, 0x05 | 0x0F | 0x85)
 }
 
@@ -318,7 +318,7 @@ fn read_chain(
 
 /// CHS address of `lba` in the usual 255-head, 63-sector geometry, capped
 /// at cylinder 1023 as fdisk does.
-fn chs(lba: u64) -> [u8; 3] {
+pub(super) fn chs(lba: u64) -> [u8; 3] {
     const HEADS: u64 = 255;
     const SECTORS: u64 = 63;
     let lba = if lba / (HEADS * SECTORS) > 1023 { HEADS * SECTORS * 1024 - 1 } else { lba };

@@ -2,6 +2,7 @@
 //! no table at all into one `DiskLayout`, and fixing a restored table up for
 //! a larger target disk.
 
+pub mod build;
 mod gpt;
 mod mbr;
 #[cfg(test)]
