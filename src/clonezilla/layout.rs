@@ -346,23 +346,6 @@ fn codec_of(suffix: &str, file: &str) -> Result<Codec> {
     })
 }
 
-/// The codec the first bytes of a file show, if they show one.
-fn sniff(b: &[u8]) -> Option<Codec> {
-    if b.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
-        Some(Codec::Zstd)
-    } else if b.starts_with(&[0x1F, 0x8B]) {
-        Some(Codec::Gzip)
-    } else if b.starts_with(&[0xFD, b'7', b'z', b'X', b'Z', 0]) {
-        Some(Codec::Xz)
-    } else if b.starts_with(&[0x04, 0x22, 0x4D, 0x18]) {
-        Some(Codec::Lz4)
-    } else if b.starts_with(b"BZh") {
-        Some(Codec::Bzip2)
-    } else {
-        None
-    }
-}
-
 /// The split suffix of piece `i`, as GNU split names them with its default
 /// two letters: aa..yz, then zaaa..zyzz, then zzaaaa, ...
 fn piece_suffix(mut i: u64) -> String {
@@ -1039,7 +1022,9 @@ impl Found {
         if n == 0 {
             return Err(Error::Corrupt(format!("{} is empty", pieces[0].display())));
         }
-        let seen = sniff(&head[..n]);
+        // The compressed codec the first bytes show (partclone's or
+        // ntfsclone's own magic, or anything else, means uncompressed).
+        let seen = super::decompress::sniff(&head[..n]).filter(|c| *c != Codec::None);
         // Old images without a codec suffix: the magic says.
         let codec = named.unwrap_or(seen.unwrap_or(Codec::None));
         let agrees = match codec {
