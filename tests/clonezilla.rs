@@ -166,15 +166,18 @@ fn mbr() -> &'static Fixture {
     })
 }
 
-/// GPT: an ESP (FAT), ext4 and NTFS; gzip (pigz), one file each, with SHA1SUMS.
+/// GPT: an ESP (FAT), NTFS and ext4 (last, so `--grow-last` grows ext4:
+/// a grown NTFS partition would have its backup boot sector, which NTFS
+/// keeps in the partition's last sector, in the wrong place); gzip (pigz),
+/// one file each, with SHA1SUMS.
 fn gpt() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let script = "label: gpt\n\
                       start=2048, size=40960, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI system\"\n\
-                      size=81920, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n\
-                      size=61440, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=data\n";
-        build("gpt", script, &[(1, "vfat"), (2, "ext4"), (3, "ntfs")], &["-z1p", "-i", "0", "-gs"])
+                      size=61440, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=data\n\
+                      size=81920, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n";
+        build("gpt", script, &[(1, "vfat"), (2, "ntfs"), (3, "ext4")], &["-z1p", "-i", "0", "-gs"])
     })
 }
 
@@ -294,9 +297,13 @@ fn gpt_image_restores_to_a_larger_used_disk() {
     for (a, b) in src_parts.iter().zip(&parts) {
         assert_eq!(a.start, b.start);
     }
-    assert_eq!(parts[2].start + parts[2].size, 300 * MIB / sector - 34, "--grow-last grows the last partition");
-    assert_same(&f.disk, &file, 440, 2048 * sector - 1024, "area between the GPT and the first partition");
-    check_filesystems(f, &file, &[(1, "vfat"), (2, "ext4"), (3, "ntfs")], &dir);
+    // It ends at the last usable sector: the backup GPT takes the last 33.
+    assert_eq!(parts[2].start + parts[2].size, 300 * MIB / sector - 33, "--grow-last grows the last partition");
+    // The boot code (Clonezilla's `-mbr`); the table itself was checked by
+    // sgdisk and the partitions' places above. (Clonezilla saves no data
+    // from the gap after a GPT: that is not restored.)
+    assert_same(&f.disk, &file, 0, 440, "boot code");
+    check_filesystems(f, &file, &[(1, "vfat"), (2, "ntfs"), (3, "ext4")], &dir);
 }
 
 #[test]
@@ -374,8 +381,9 @@ fn incomplete_images_are_refused_before_writing() {
     garbage_file(&target, 200 * MIB);
     let before = read_at(&target, 0, MIB);
     let o = klon(&["restore", "--yes", s(&image), s(&target)]);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains(&*pieces[1].file_name().unwrap().to_string_lossy()), "{}", stderr(&o));
+    let gone = pieces[1].file_name().unwrap().to_string_lossy().into_owned();
+    let (base, suffix) = gone.rsplit_once('.').unwrap();
+    fails_with(&o, 4, &[&format!("piece .{suffix} of {base} is missing")]);
     assert_eq!(read_at(&target, 0, MIB), before, "a refused restore wrote to the target");
     // A partition image missing altogether.
     let image2 = dir.join("missing-partition");
