@@ -81,18 +81,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
     };
     let report = backup::backup(&a.source, &a.image, &opts)?;
-    let verified = if a.no_verify {
-        None
-    } else {
-        let result = verify::verify(&report.image, workers, cli.quiet);
-        verify::record_result(&report.image, &result);
-        Some(result.map_err(|e| {
-            e.with_note(&format!(
-                "the image at {} was written but does not read back correctly: do not rely on it; check the image drive",
-                report.image.display()
-            ))
-        })?)
-    };
+    let verified = verify_new_image(&report.image, a.no_verify, workers, cli.quiet)?;
     if cli.json {
         return print_json(&json!({
             "image": report.image,
@@ -124,6 +113,21 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Reads a newly written image back (unless `skip`), keeping the outcome.
+fn verify_new_image(image: &Path, skip: bool, workers: usize, quiet: bool) -> Result<Option<verify::VerifyReport>> {
+    if skip {
+        return Ok(None);
+    }
+    let result = verify::verify(image, workers, quiet);
+    verify::record_result(image, &result);
+    result.map(Some).map_err(|e| {
+        e.with_note(&format!(
+            "the image at {} was written but does not read back correctly: do not rely on it; check the image drive",
+            image.display()
+        ))
+    })
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
@@ -237,18 +241,7 @@ fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
     let workers = threads(a.threads)?;
     let opts = czimage::ConvertOptions { level: a.level, split_size: a.split, quiet: cli.quiet, workers };
     let report = czimage::convert(&a.clonezilla_image, &a.image, &opts)?;
-    let verified = if a.no_verify {
-        None
-    } else {
-        let result = verify::verify(&report.image, workers, cli.quiet);
-        verify::record_result(&report.image, &result);
-        Some(result.map_err(|e| {
-            e.with_note(&format!(
-                "the image at {} was written but does not read back correctly: do not rely on it; check the drive",
-                report.image.display()
-            ))
-        })?)
-    };
+    let verified = verify_new_image(&report.image, a.no_verify, workers, cli.quiet)?;
     if cli.json {
         return print_json(&json!({
             "clonezilla_image": a.clonezilla_image, "image": report.image, "seconds": report.seconds,

@@ -100,6 +100,21 @@ pub fn read_error(e: io::Error, pos: &PiecePos, what: &str) -> Error {
     Error::Corrupt(format!("{pos}: the compressed data is damaged ({e}) while reading {what}"))
 }
 
+/// Reads into `buf` until it is full or the stream ends; returns the bytes
+/// read. Errors carry the position `pos` and `what` was being read.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8], pos: &PiecePos, what: &str) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_error(e, pos, what)),
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

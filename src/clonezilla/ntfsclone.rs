@@ -21,10 +21,10 @@
 //! a cluster; it holds the backup boot sector), only as many bytes as the
 //! device has there. Then the stream ends.
 
-use std::io::{self, Read};
+use std::io::Read;
 
 use super::BlockSource;
-use super::decompress::read_error;
+use super::decompress::read_full;
 use super::pieces::PiecePos;
 use crate::error::{Error, Result};
 
@@ -138,15 +138,7 @@ impl NtfscloneReader {
     }
 
     fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<usize> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.r.read(&mut buf[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_error(e, &self.pos, what)),
-            }
-        }
+        let done = read_full(&mut self.r, buf, &self.pos, what)?;
         self.offset += done as u64;
         Ok(done)
     }

@@ -59,11 +59,11 @@
 //! partclone.dd (0.3) writes no header at all: a `dd-ptcl-img` is usually
 //! the raw partition ([`open_stream`](super::open_stream) checks).
 
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::BlockSource;
-use super::decompress::read_error;
+use super::decompress::read_full;
 use super::pieces::PiecePos;
 use crate::error::{Error, Result};
 
@@ -203,14 +203,7 @@ impl Input {
             self.pending.drain(..n);
             done = n;
         }
-        while done < buf.len() {
-            match self.r.read(&mut buf[done..]) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_error(e, &self.pos, what)),
-            }
-        }
+        done += read_full(&mut self.r, &mut buf[done..], &self.pos, what)?;
         self.offset += done as u64;
         Ok(done)
     }

@@ -14,7 +14,8 @@ use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{Compression, FileInfo, Manifest, SourceInfo, now_rfc3339};
-use crate::image::{EncodedChunk, ImageWriter};
+use crate::image::writer::StreamFiles;
+use crate::image::{EncodedChunk, ImageWriter, StreamInfo};
 use crate::table;
 use crate::ui::progress::Progress;
 
@@ -103,30 +104,13 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     let plans = plan.streams;
 
     let writer = ImageWriter::create(image_dir, opts.split_size)?;
-    let written = write_streams(&source, &plans, &writer, opts);
-    let (files, read_bytes) = match written {
+    let (files, read_bytes) = match write_streams(&source, &plans, &writer, opts) {
         Ok(v) => v,
-        Err(e) => {
-            let partial = writer.partial_dir().to_path_buf();
-            let note = match writer.abandon() {
-                Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
-                Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
-            };
-            return Err(e.with_note(&note));
-        }
+        Err(e) => return Err(abandon(writer, e)),
     };
 
     let identity = crate::device::sysfs::disk_info(&source);
-    let mut stream_infos = Vec::with_capacity(plans.len());
-    for (plan, f) in plans.iter().zip(files) {
-        let mut info = plan.info.clone();
-        info.chunks = f.chunks;
-        info.stored_bytes = f.stored_bytes;
-        info.compressed_bytes = f.compressed_bytes;
-        info.index = f.index;
-        info.data_files = f.data_files;
-        stream_infos.push(info);
-    }
+    let stream_infos = plans.iter().zip(files).map(|(plan, f)| with_files(&plan.info, f)).collect();
     let manifest = Manifest {
         format: crate::image::manifest::FORMAT_NAME.to_string(),
         format_version: crate::image::format::FORMAT_VERSION,
@@ -168,19 +152,38 @@ fn write_streams(
     plans: &[streams::StreamPlan],
     writer: &ImageWriter,
     opts: &BackupOptions,
-) -> Result<(Vec<crate::image::writer::StreamFiles>, u64)> {
-    let mut writers =
-        plans.iter().enumerate().map(|(i, p)| writer.stream(i as u32, &p.info.name)).collect::<Result<Vec<_>>>()?;
-    let total: u64 = plans.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
-    // A progress bar per stream (partition).
-    let parts = plans.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
-    let mut progress = Progress::with_parts("backup", total, parts, opts.quiet);
-    let level = opts.level;
+) -> Result<(Vec<StreamFiles>, u64)> {
+    let infos: Vec<&StreamInfo> = plans.iter().map(|p| &p.info).collect();
+    let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
+    let order: Vec<usize> = (0..plans.len()).collect();
+    let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
+        read_jobs(source, plans, &order, send)
+    })?;
+    Ok((files, sizes.iter().sum()))
+}
 
+/// Encodes the jobs `produce` reads into the streams `infos` of `writer`
+/// on the pipeline, with a progress bar per stream (`sizes`: the bytes each
+/// stream's jobs hold). Returns the files of every stream.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn encode_streams(
+    writer: &ImageWriter,
+    infos: &[&StreamInfo],
+    sizes: &[u64],
+    label: &str,
+    level: i32,
+    workers: usize,
+    quiet: bool,
+    produce: impl FnOnce(&mut dyn FnMut(ReadJob) -> bool) -> Result<()> + Send,
+) -> Result<Vec<StreamFiles>> {
+    let mut writers =
+        infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect::<Result<Vec<_>>>()?;
+    let parts = infos.iter().zip(sizes).map(|(s, &n)| (streams::describe(s), n)).collect();
+    let mut progress = Progress::with_parts(label, sizes.iter().sum(), parts, quiet);
     pipeline::run(
-        opts.workers,
-        pipeline::depth(opts.workers),
-        |send| read_jobs(source, plans, &(0..plans.len()).collect::<Vec<_>>(), send),
+        workers,
+        pipeline::depth(workers),
+        produce,
         |job| encode(job, level),
         |out: Encoded| {
             if let Some(chunk) = &out.chunk {
@@ -191,8 +194,28 @@ fn write_streams(
         },
     )?;
     progress.finish();
-    let files = writers.into_iter().map(|w| w.finish()).collect::<Result<Vec<_>>>()?;
-    Ok((files, total))
+    writers.into_iter().map(|w| w.finish()).collect()
+}
+
+/// Removes the unfinished image of a failed job and says so in `e`.
+pub(crate) fn abandon(writer: ImageWriter, e: Error) -> Error {
+    let partial = writer.partial_dir().to_path_buf();
+    let note = match writer.abandon() {
+        Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
+        Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
+    };
+    e.with_note(&note)
+}
+
+/// A stream's manifest entry with the files written for it.
+pub(crate) fn with_files(info: &StreamInfo, f: StreamFiles) -> StreamInfo {
+    let mut info = info.clone();
+    info.chunks = f.chunks;
+    info.stored_bytes = f.stored_bytes;
+    info.compressed_bytes = f.compressed_bytes;
+    info.index = f.index;
+    info.data_files = f.data_files;
+    info
 }
 
 /// Reads the streams `order` of `plans` from `source` and hands the bytes to

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::backup::{Encoded, ReadJob, encode};
+use super::backup::{ReadJob, abandon, encode_streams, with_files};
 use super::pipeline;
 use super::restore::{RestoreOptions, RestoreReport};
 use super::streams::describe;
@@ -23,9 +23,9 @@ use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_strea
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
+use crate::image::ImageWriter;
 use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
-use crate::image::manifest::{Compression, FileInfo, Fill, Manifest, SourceInfo, StreamInfo, StreamKind, now_rfc3339};
-use crate::image::{ImageWriter, writer::StreamFiles};
+use crate::image::manifest::{Compression, Fill, Manifest, SourceInfo, StreamInfo, StreamKind, now_rfc3339};
 use crate::table::TableKind;
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
@@ -56,30 +56,11 @@ pub struct CzSource {
     streams: Vec<CzStream>,
 }
 
-fn empty_file() -> FileInfo {
-    FileInfo { name: String::new(), size: 0, blake3: None }
-}
-
+/// A stream whose unstored bytes are left alone on restore.
 fn stream_info(name: String, kind: StreamKind, partition: Option<u32>, start: u64, length: u64) -> StreamInfo {
-    StreamInfo {
-        name,
-        kind,
-        partition,
-        start,
-        length,
-        method: "raw".into(),
-        method_reason: String::new(),
-        fill: Fill::Free,
-        fs: None,
-        fs_block_size: None,
-        fs_total_bytes: None,
-        fs_used_bytes: None,
-        chunks: 0,
-        stored_bytes: 0,
-        compressed_bytes: 0,
-        index: empty_file(),
-        data_files: Vec::new(),
-    }
+    let mut info = super::streams::stream_info(name, kind, partition, start, length, None);
+    info.fill = Fill::Free;
+    info
 }
 
 /// The first page of a Linux swap area (version 1) of `size` bytes, with
@@ -584,28 +565,16 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     }
     let infos = src.stream_infos();
     let writer = ImageWriter::create(image_dir, opts.split_size)?;
-    let files = write_streams(&mut src, &infos, &writer, opts);
-    let files = match files {
+    let sizes: Vec<u64> = infos.iter().map(|s| s.stored_bytes).collect();
+    let refs: Vec<&StreamInfo> = infos.iter().collect();
+    let order: Vec<usize> = (0..infos.len()).collect();
+    let files = match encode_streams(&writer, &refs, &sizes, "convert", opts.level, opts.workers, opts.quiet, |send| {
+        src.read_jobs(&order, send)
+    }) {
         Ok(f) => f,
-        Err(e) => {
-            let partial = writer.partial_dir().to_path_buf();
-            let note = match writer.abandon() {
-                Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
-                Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
-            };
-            return Err(e.with_note(&note));
-        }
+        Err(e) => return Err(abandon(writer, e)),
     };
-    let mut streams = Vec::with_capacity(infos.len());
-    for (info, f) in infos.iter().zip(files) {
-        let mut info = info.clone();
-        info.chunks = f.chunks;
-        info.stored_bytes = f.stored_bytes;
-        info.compressed_bytes = f.compressed_bytes;
-        info.index = f.index;
-        info.data_files = f.data_files;
-        streams.push(info);
-    }
+    let streams = infos.iter().zip(files).map(|(info, f)| with_files(info, f)).collect();
     let layout = src.image.layout.clone();
     let manifest = Manifest {
         format: crate::image::manifest::FORMAT_NAME.to_string(),
@@ -630,35 +599,6 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     let bytes = src.stored_bytes();
     let image = writer.commit(&manifest)?;
     Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
-}
-
-fn write_streams(
-    src: &mut CzSource,
-    infos: &[StreamInfo],
-    writer: &ImageWriter,
-    opts: &ConvertOptions,
-) -> Result<Vec<StreamFiles>> {
-    let mut writers =
-        infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect::<Result<Vec<_>>>()?;
-    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
-    let mut progress = Progress::with_parts("convert", src.stored_bytes(), parts, opts.quiet);
-    let order: Vec<usize> = (0..infos.len()).collect();
-    let level = opts.level;
-    pipeline::run(
-        opts.workers,
-        pipeline::depth(opts.workers),
-        |send| src.read_jobs(&order, send),
-        |job| encode(job, level),
-        |out: Encoded| {
-            if let Some(chunk) = &out.chunk {
-                writers[out.stream].write_chunk(chunk)?;
-            }
-            progress.add_part(out.stream, out.read_len);
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    writers.into_iter().map(|w| w.finish()).collect()
 }
 
 /// A restore of either kind of image, for callers that take both.

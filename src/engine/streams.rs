@@ -53,7 +53,8 @@ fn empty_file() -> FileInfo {
     FileInfo { name: String::new(), size: 0, blake3: None }
 }
 
-fn stream_info(
+/// A stream's manifest entry before anything is written: raw, zero-filled.
+pub(crate) fn stream_info(
     name: String,
     kind: StreamKind,
     partition: Option<u32>,
