@@ -309,14 +309,12 @@ fn ntfs_backup_offset(boot: &[u8], part_len: u64) -> Option<u64> {
 pub fn verify(dir: &Path, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
     let mut src = CzSource::open(dir)?;
-    let mut checked_files = 0usize;
-    for f in &src.image.checksum_files.clone() {
+    for f in &src.image.checksum_files {
+        let n = crate::clonezilla::checksums::check_file(dir, f)?;
         if !quiet {
-            eprintln!("klon: checking {}", f.display());
+            eprintln!("klon: {}: {n} files match", f.display());
         }
-        checked_files += crate::clonezilla::checksums::check_file(dir, f)?;
     }
-    let _ = checked_files;
     let infos = src.stream_infos();
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("verify", src.stored_bytes(), parts, quiet);
@@ -560,7 +558,7 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
         return Err(Error::Usage(format!("--split must be at least {} MiB", super::backup::MIN_SPLIT >> 20)));
     }
     let mut src = CzSource::open(cz_dir)?;
-    for f in &src.image.checksum_files.clone() {
+    for f in &src.image.checksum_files {
         crate::clonezilla::checksums::check_file(cz_dir, f)?;
     }
     let infos = src.stream_infos();
