@@ -357,3 +357,53 @@ fn wizard_waits_for_the_image_drive_and_unmounts_it() {
     t.wait_for(&["KLON-EXITED 0"], 10);
     drop(lo);
 }
+
+#[test]
+fn wizard_lists_and_restores_a_clonezilla_image() {
+    require_root!();
+    let _g = lock();
+    let script = "label: dos\nstart=2048, size=61440, type=83, bootable\n";
+    let f = common::clonezilla::build("wizard", script, &[(1, "ext4")], &["-z9p", "-i", "0"]);
+    let tmp = TempDir::new("wizard-cz");
+    let dst_file = tmp.join("target.img");
+    garbage_file(&dst_file, 256 * MIB);
+    let dst = LoopDevice::attach(&dst_file, None);
+
+    // The wizard runs in the directory holding the Clonezilla image (`cz`).
+    let t = Tmux::start(&f._dir.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Restore an image");
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["Which image?", "(Clonezilla)"], 10);
+    assert!(s.contains("1 partition images"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
+    t.choose(&entry(&dst));
+    t.wait_for(&["Use the extra space?"], 10);
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["Type to confirm:"], 30);
+    assert!(s.contains("Clonezilla image"), "{s}");
+    t.text(&dev_name(&dst));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["restore done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    drop(dst);
+
+    // The filesystem is clean and holds the files put on the source.
+    assert_eq!(read_at(&f.disk, 0, 440), read_at(&dst_file, 0, 440), "boot code");
+    let part = tmp.join("p1");
+    std::fs::write(&part, read_at(&dst_file, 2048 * 512, 61440 * 512)).unwrap();
+    common::disks::run("e2fsck", &["-fn", part.to_str().unwrap()]);
+    for (_, name, data) in &f.files {
+        let got =
+            Command::new("debugfs").args(["-R", &format!("cat /{name}"), part.to_str().unwrap()]).output().unwrap();
+        assert!(got.stdout == *data, "{name} differs after the restore");
+    }
+}

@@ -1,4 +1,5 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
+pub mod clonezilla;
 pub mod disks;
 pub mod loop_device;
