@@ -107,7 +107,7 @@ impl ImageReader {
         }
         if !dir.join(MANIFEST_NAME).exists() {
             return Err(Error::Corrupt(format!(
-                "{} has no {MANIFEST_NAME}: it is not a klon image, or its manifest was deleted",
+                "{} has no {MANIFEST_NAME}: it is not a klon image (nor a Clonezilla image: no `disk` or `parts` file), or its manifest was deleted",
                 dir.display()
             )));
         }
