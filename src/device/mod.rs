@@ -196,6 +196,12 @@ impl Disk {
         Ok(())
     }
 
+    /// Starts writing `[offset, offset+len)` out to the drive without
+    /// waiting for it (see [`write_behind`]).
+    pub fn write_behind(&self, offset: u64, len: u64) {
+        write_behind(&self.file, offset, len);
+    }
+
     /// Flushes everything written to stable storage.
     pub fn sync(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io("flushing", &self.path, None, e))
@@ -212,5 +218,66 @@ impl Disk {
             let _ = nix::fcntl::posix_fadvise(&self.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         }
         Ok(())
+    }
+}
+
+/// Starts the writeback of the dirty pages of `[offset, offset+len)` of
+/// `file` without waiting for it, and drops the pages of the range that
+/// are already clean: POSIX_FADV_DONTNEED does both (a `WB_SYNC_NONE`
+/// writeback of the range, then an invalidation that leaves dirty pages and
+/// pages under writeback alone). Called behind a sequential writer, it keeps
+/// the drive writing while the CPU works, where the kernel alone would hold
+/// gigabytes of dirty pages until its background threshold and leave them
+/// to the final fsync. Advice only: errors are ignored, data is never lost.
+pub fn write_behind(file: &File, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let _ =
+        nix::fcntl::posix_fadvise(file, offset as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
+
+/// Calls [`write_behind`] for what a writer has written, once at least
+/// `step` bytes of nearly contiguous writes have gathered, so the advice
+/// costs one system call per `step` bytes.
+#[derive(Debug, Clone)]
+pub struct WriteBehind {
+    step: u64,
+    /// The range written since the last call: (start, end).
+    pending: Option<(u64, u64)>,
+}
+
+impl WriteBehind {
+    /// Writeback of the written ranges in steps of `step` bytes.
+    pub fn new(step: u64) -> WriteBehind {
+        WriteBehind { step, pending: None }
+    }
+
+    /// Notes that `[offset, offset+len)` of `file` was written, and starts
+    /// its writeback when enough has gathered. A write far from the ones
+    /// before it starts the writeback of those first.
+    pub fn wrote(&mut self, file: &File, offset: u64, len: u64) {
+        let end = offset + len;
+        self.pending = match self.pending {
+            Some((a, b)) if offset + self.step >= a && offset <= b + self.step => Some((a.min(offset), b.max(end))),
+            Some((a, b)) => {
+                write_behind(file, a, b - a);
+                Some((offset, end))
+            }
+            None => Some((offset, end)),
+        };
+        if let Some((a, b)) = self.pending
+            && b - a >= self.step
+        {
+            write_behind(file, a, b - a);
+            self.pending = None;
+        }
+    }
+
+    /// Starts the writeback of whatever is still pending.
+    pub fn flush(&mut self, file: &File) {
+        if let Some((a, b)) = self.pending.take() {
+            write_behind(file, a, b - a);
+        }
     }
 }
