@@ -196,6 +196,12 @@ impl Disk {
         Ok(())
     }
 
+    /// Starts writing `[offset, offset+len)` out to the drive without
+    /// waiting for it (see [`write_behind`]).
+    pub fn write_behind(&self, offset: u64, len: u64) {
+        write_behind(&self.file, offset, len);
+    }
+
     /// Flushes everything written to stable storage.
     pub fn sync(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io("flushing", &self.path, None, e))
@@ -212,5 +218,110 @@ impl Disk {
             let _ = nix::fcntl::posix_fadvise(&self.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         }
         Ok(())
+    }
+}
+
+/// Starts the writeback of the dirty pages of `[offset, offset+len)` of
+/// `file` without waiting for it, and drops the pages of the range that
+/// are already clean: POSIX_FADV_DONTNEED does both (a `WB_SYNC_NONE`
+/// writeback of the range, then an invalidation that leaves dirty pages and
+/// pages under writeback alone). Called behind a sequential writer, it keeps
+/// the drive writing while the CPU works, where the kernel alone would hold
+/// gigabytes of dirty pages until its background threshold and leave them
+/// to the final fsync. Advice only: errors are ignored, data is never lost.
+pub fn write_behind(file: &File, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    let _ =
+        nix::fcntl::posix_fadvise(file, offset as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+}
+
+/// Calls [`write_behind`] for what a writer has written, once at least
+/// `step` bytes of nearly contiguous writes have gathered, so the advice
+/// costs one system call per `step` bytes. The calls are made on a thread
+/// of its own (started with the first one, joined on drop): starting the
+/// writeback of 16 MiB can take tens of milliseconds (ext4 allocates the
+/// blocks then), which the writer, the last stage of a pipeline, must not
+/// wait for.
+#[derive(Debug)]
+pub struct WriteBehind {
+    step: u64,
+    /// The range written since the last call: (start, end).
+    pending: Option<(u64, u64)>,
+    /// The thread making the calls and the way to hand it ranges.
+    worker: Option<WritebackThread>,
+}
+
+/// A thread making [`write_behind`] calls for the (start, end) ranges it is sent.
+type WritebackThread = (crossbeam_channel::Sender<(u64, u64)>, std::thread::JoinHandle<()>);
+
+impl WriteBehind {
+    /// Writeback of the written ranges in steps of `step` bytes.
+    pub fn new(step: u64) -> WriteBehind {
+        WriteBehind { step, pending: None, worker: None }
+    }
+
+    /// Notes that `[offset, offset+len)` of `file` was written, and starts
+    /// its writeback when enough has gathered. A write far from the ones
+    /// before it starts the writeback of those first. Always use one
+    /// `WriteBehind` with one file.
+    pub fn wrote(&mut self, file: &File, offset: u64, len: u64) {
+        let end = offset + len;
+        self.pending = match self.pending {
+            Some((a, b)) if offset + self.step >= a && offset <= b + self.step => Some((a.min(offset), b.max(end))),
+            Some((a, b)) => {
+                self.start(file, a, b);
+                Some((offset, end))
+            }
+            None => Some((offset, end)),
+        };
+        if let Some((a, b)) = self.pending
+            && b - a >= self.step
+        {
+            self.start(file, a, b);
+            self.pending = None;
+        }
+    }
+
+    /// Starts the writeback of whatever is still pending.
+    pub fn flush(&mut self, file: &File) {
+        if let Some((a, b)) = self.pending.take() {
+            self.start(file, a, b);
+        }
+    }
+
+    fn start(&mut self, file: &File, a: u64, b: u64) {
+        if self.worker.is_none() {
+            // Without a thread (no fd left, or none to be had) the call is made here.
+            let spawned = file.try_clone().ok().and_then(|f| {
+                let (tx, rx) = crossbeam_channel::unbounded::<(u64, u64)>();
+                std::thread::Builder::new()
+                    .name("klon-writeback".into())
+                    .spawn(move || {
+                        for (a, b) in rx {
+                            write_behind(&f, a, b - a);
+                        }
+                    })
+                    .ok()
+                    .map(|h| (tx, h))
+            });
+            match spawned {
+                Some(w) => self.worker = Some(w),
+                None => return write_behind(file, a, b - a),
+            }
+        }
+        if let Some((tx, _)) = &self.worker {
+            let _ = tx.send((a, b));
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.worker.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! says were zeros, cleaning up after a failure, and checking the table
 //! that was written.
 
-use crate::device::Disk;
+use crate::device::{Disk, WriteBehind};
 use crate::error::{Error, Result};
 use crate::image::format::Extent;
 use crate::image::{Fill, StreamInfo, StreamKind};
@@ -11,6 +11,10 @@ use crate::table::{self, TableKind};
 use crate::ui::human_bytes;
 
 use super::streams::describe;
+
+/// Bytes written between two starts of their writeback (see
+/// [`WriteBehind`]): two chunks.
+pub const WRITE_BEHIND_STEP: u64 = 16 << 20;
 
 /// Size of the areas at the start and end of the target that hold tables
 /// and signatures, wiped before writing and after a failure.
@@ -185,6 +189,8 @@ pub struct TargetWriter<'a> {
     cursor: Vec<u64>,
     /// Content bytes written.
     pub written: u64,
+    /// Starts the drive writing behind us.
+    behind: WriteBehind,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -192,7 +198,7 @@ impl<'a> TargetWriter<'a> {
     /// the boot stream.
     pub fn new(target: &'a Disk, streams: &'a [StreamInfo], stale: &'a [Extent]) -> TargetWriter<'a> {
         let cursor = streams.iter().map(|s| s.start).collect();
-        TargetWriter { target, streams, stale, cursor, written: 0 }
+        TargetWriter { target, streams, stale, cursor, written: 0, behind: WriteBehind::new(WRITE_BEHIND_STEP) }
     }
 
     /// Writes `content`, the bytes of `extents` (in order), of stream `si`.
@@ -215,6 +221,7 @@ impl<'a> TargetWriter<'a> {
             } else {
                 target.write_all_at(data, start).map_err(|e| e.with_note(&place()))?;
             }
+            self.behind.wrote(&target.file, start, len);
             self.cursor[si] = start + len;
         }
         self.written += content.len() as u64;
@@ -222,7 +229,8 @@ impl<'a> TargetWriter<'a> {
     }
 
     /// Zeros what is left of the zero-filled streams; returns bytes written.
-    pub fn finish(self) -> Result<u64> {
+    pub fn finish(mut self) -> Result<u64> {
+        self.behind.flush(&self.target.file);
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
             if s.fill == Fill::Zero && self.cursor[si] < end {

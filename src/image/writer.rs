@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 
 use super::format::{self, ChunkHeader, Extent, IndexEntry};
 use super::manifest::{FileInfo, Manifest};
+use crate::device::WriteBehind;
 use crate::error::{Error, Result};
+
+/// Bytes of a data file written between two starts of their writeback.
+const WRITE_BEHIND_STEP: u64 = 16 << 20;
 
 /// Suffix of the directory an unfinished backup writes into.
 pub const PARTIAL_SUFFIX: &str = ".klon-partial";
@@ -77,6 +81,8 @@ impl ImageWriter {
             idx_path,
             seq: 0,
             stored_bytes: 0,
+            behind: WriteBehind::new(WRITE_BEHIND_STEP),
+            flushed: 0,
         })
     }
 
@@ -136,6 +142,10 @@ pub struct StreamWriter {
     idx_path: PathBuf,
     seq: u64,
     stored_bytes: u64,
+    /// Starts the drive writing the data file behind us.
+    behind: WriteBehind,
+    /// How much of the data file has left its buffer for the kernel.
+    flushed: u64,
 }
 
 /// A compressed chunk ready to be written.
@@ -179,12 +189,18 @@ impl StreamWriter {
             let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
             self.file = Some((BufWriter::with_capacity(1 << 20, f), path));
             self.file_off = 0;
+            self.flushed = 0;
         }
         let (w, path) = self.file.as_mut().expect("file open");
         let at = self.file_off;
         w.write_all(&head)
             .and_then(|_| w.write_all(&chunk.payload))
             .map_err(|e| Error::io("writing", &*path, Some(at), e))?;
+        let flushed = at + record_len - w.buffer().len() as u64;
+        if flushed > self.flushed {
+            self.behind.wrote(w.get_ref(), self.flushed, flushed - self.flushed);
+            self.flushed = flushed;
+        }
         let entry = IndexEntry {
             file: self.file_no,
             extent_count: chunk.extents.len() as u32,
@@ -205,6 +221,8 @@ impl StreamWriter {
     fn close_file(&mut self) -> Result<()> {
         if let Some((w, path)) = self.file.take() {
             let f = w.into_inner().map_err(|e| Error::io("writing", &path, None, e.into_error()))?;
+            // The fsync below writes what is still pending.
+            self.behind = WriteBehind::new(WRITE_BEHIND_STEP);
             f.sync_all().map_err(|e| Error::io("flushing", &path, None, e))?;
             // Written data need not stay in the page cache; a verify then reads the drive.
             let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
