@@ -13,7 +13,7 @@ use super::{cancel, streams};
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
-use crate::image::manifest::{Compression, FileInfo, Manifest, SourceInfo, now_rfc3339};
+use crate::image::manifest::{FileInfo, Manifest, SourceInfo};
 use crate::image::writer::StreamFiles;
 use crate::image::{EncodedChunk, ImageWriter, StreamInfo};
 use crate::table;
@@ -111,25 +111,16 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
 
     let identity = crate::device::sysfs::disk_info(&source);
     let stream_infos = plans.iter().zip(files).map(|(plan, f)| with_files(&plan.info, f)).collect();
-    let manifest = Manifest {
-        format: crate::image::manifest::FORMAT_NAME.to_string(),
-        format_version: crate::image::format::FORMAT_VERSION,
-        klon_version: env!("CARGO_PKG_VERSION").to_string(),
-        created: now_rfc3339(),
-        source: SourceInfo {
-            path: source_path.display().to_string(),
-            size: source.size,
-            logical_sector_size: layout.sector_size,
-            physical_sector_size: source.physical_sector_size,
-            model: identity.as_ref().and_then(|i| i.model.clone()),
-            serial: identity.as_ref().and_then(|i| i.serial.clone()),
-            transport: Some(identity.map(|i| i.transport).unwrap_or_else(|| "file".to_string())),
-        },
-        layout,
-        chunk_size: CHUNK_SIZE,
-        compression: Compression { algorithm: "zstd".to_string(), level: opts.level },
-        streams: stream_infos,
+    let source_info = SourceInfo {
+        path: source_path.display().to_string(),
+        size: source.size,
+        logical_sector_size: layout.sector_size,
+        physical_sector_size: source.physical_sector_size,
+        model: identity.as_ref().and_then(|i| i.model.clone()),
+        serial: identity.as_ref().and_then(|i| i.serial.clone()),
+        transport: Some(identity.map(|i| i.transport).unwrap_or_else(|| "file".to_string())),
     };
+    let manifest = Manifest::new(source_info, layout, opts.level, stream_infos);
     let image_bytes = image_size(&manifest);
     let image = writer.commit(&manifest)?;
     Ok(BackupReport {

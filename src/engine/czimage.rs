@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::fs::FsInfo;
 use crate::image::ImageWriter;
 use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
-use crate::image::manifest::{Compression, Fill, Manifest, SourceInfo, StreamInfo, StreamKind, now_rfc3339};
+use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::table::TableKind;
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
@@ -574,25 +574,16 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     };
     let streams = infos.iter().zip(files).map(|(info, f)| with_files(info, f)).collect();
     let layout = src.image.layout.clone();
-    let manifest = Manifest {
-        format: crate::image::manifest::FORMAT_NAME.to_string(),
-        format_version: crate::image::format::FORMAT_VERSION,
-        klon_version: env!("CARGO_PKG_VERSION").to_string(),
-        created: now_rfc3339(),
-        source: SourceInfo {
-            path: format!("{} (Clonezilla image of {})", cz_dir.display(), src.image.disk),
-            size: layout.disk_size,
-            logical_sector_size: layout.sector_size,
-            physical_sector_size: layout.sector_size,
-            model: None,
-            serial: None,
-            transport: Some("clonezilla".into()),
-        },
-        layout,
-        chunk_size: CHUNK_SIZE,
-        compression: Compression { algorithm: "zstd".to_string(), level: opts.level },
-        streams,
+    let source_info = SourceInfo {
+        path: format!("{} (Clonezilla image of {})", cz_dir.display(), src.image.disk),
+        size: layout.disk_size,
+        logical_sector_size: layout.sector_size,
+        physical_sector_size: layout.sector_size,
+        model: None,
+        serial: None,
+        transport: Some("clonezilla".into()),
     };
+    let manifest = Manifest::new(source_info, layout, opts.level, streams);
     let image_bytes = super::backup::image_size(&manifest);
     let bytes = src.stored_bytes();
     let image = writer.commit(&manifest)?;

@@ -149,6 +149,22 @@ pub struct StreamInfo {
 }
 
 impl Manifest {
+    /// The manifest of an image written now by this klon: `source` with
+    /// `layout`, chunks compressed with zstd at `level`, and `streams`.
+    pub fn new(source: SourceInfo, layout: DiskLayout, level: i32, streams: Vec<StreamInfo>) -> Manifest {
+        Manifest {
+            format: FORMAT_NAME.to_string(),
+            format_version: crate::image::format::FORMAT_VERSION,
+            klon_version: env!("CARGO_PKG_VERSION").to_string(),
+            created: now_rfc3339(),
+            source,
+            layout,
+            chunk_size: crate::image::format::CHUNK_SIZE,
+            compression: Compression { algorithm: "zstd".to_string(), level },
+            streams,
+        }
+    }
+
     /// Writes klon.json and klon.json.b3 into `dir` and syncs them.
     pub fn write(&self, dir: &Path) -> Result<()> {
         let mut json =
