@@ -6,6 +6,7 @@
 //! the engine treats both the same way.
 
 pub mod blockdev;
+pub mod direct;
 pub mod mounts;
 pub mod safety;
 pub mod sysfs;
@@ -47,13 +48,18 @@ pub struct Disk {
     pub ino: u64,
     /// True when the target file was created by klon (so it reads as zeros).
     pub fresh: bool,
+    /// The same disk opened for direct reads ([`Disk::read_bulk_at`]), where
+    /// it could be.
+    pub(crate) direct: Option<File>,
 }
 
 impl Disk {
     /// Opens a source read-only. klon never opens a source for writing.
     pub fn open_source(path: &Path) -> Result<Disk> {
         let file = OpenOptions::new().read(true).open(path).map_err(|e| Error::io("opening source", path, None, e))?;
-        Self::from_file(path, file)
+        let mut disk = Self::from_file(path, file)?;
+        disk.direct = direct::open(path);
+        Ok(disk)
     }
 
     /// Opens a disk read-only for inspection (info, read-back).
@@ -129,6 +135,7 @@ impl Disk {
                 dev: meta.rdev(),
                 ino: 0,
                 fresh: false,
+                direct: None,
             })
         } else if meta.file_type().is_file() {
             Ok(Disk {
@@ -141,6 +148,7 @@ impl Disk {
                 dev: meta.dev(),
                 ino: meta.ino(),
                 fresh: false,
+                direct: None,
             })
         } else {
             Err(Error::Usage(format!(
@@ -158,6 +166,21 @@ impl Disk {
     /// Reads exactly `buf.len()` bytes at `offset`.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`, for the bulk reads of a
+    /// job (every used block of a source): straight from the drive into
+    /// `buf`, past the page cache, where the disk was opened for it and the
+    /// read is aligned (see [`direct`]); otherwise, or if the direct read
+    /// fails for any reason, as [`Disk::read_exact_at`] does.
+    pub fn read_bulk_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(direct) = &self.direct
+            && direct::suits(offset, buf.len())
+            && direct::read_exact_at(direct, buf, offset).is_ok()
+        {
+            return Ok(());
+        }
+        self.read_exact_at(buf, offset)
     }
 
     /// Writes all of `buf` at `offset`.
@@ -298,11 +321,7 @@ impl WriteBehind {
                 let (tx, rx) = crossbeam_channel::unbounded::<(u64, u64)>();
                 std::thread::Builder::new()
                     .name("klon-writeback".into())
-                    .spawn(move || {
-                        for (a, b) in rx {
-                            write_behind(&f, a, b - a);
-                        }
-                    })
+                    .spawn(move || writeback_thread(f, rx))
                     .ok()
                     .map(|h| (tx, h))
             });
@@ -314,6 +333,44 @@ impl WriteBehind {
         if let Some((tx, _)) = &self.worker {
             let _ = tx.send((a, b));
         }
+    }
+}
+
+/// Bytes handed to the drive between two flushes of its write cache.
+const FLUSH_STEP: u64 = 128 << 20;
+
+/// The body of the writeback thread: [`write_behind`] for every range sent,
+/// and every [`FLUSH_STEP`] bytes a flush of the file to stable storage,
+/// made by a third thread so the writeback goes on meanwhile. A drive (or
+/// the host of a virtual one) with a write cache then empties it as the job
+/// goes, where one flush at the end would wait for all of it: here a flush
+/// of 768 MiB written since the last took 0.63 s, of 32 MiB 0.05 s. Errors
+/// of these flushes are left to the writer's own final flush, which reports
+/// them.
+fn writeback_thread(file: File, ranges: crossbeam_channel::Receiver<(u64, u64)>) {
+    let (flush, flushes) = crossbeam_channel::bounded::<()>(1);
+    let flusher = file.try_clone().ok().and_then(|f| {
+        std::thread::Builder::new()
+            .name("klon-flush".into())
+            .spawn(move || {
+                for () in flushes {
+                    let _ = f.sync_data();
+                }
+            })
+            .ok()
+    });
+    let mut unflushed = 0u64;
+    for (a, b) in ranges {
+        write_behind(&file, a, b - a);
+        unflushed += b - a;
+        // While a flush is running the next one waits for more bytes.
+        if unflushed >= FLUSH_STEP && flush.try_send(()).is_ok() {
+            unflushed = 0;
+        }
+    }
+    drop(flush);
+    if let Some(t) = flusher {
+        let _ = t.join();
     }
 }
 

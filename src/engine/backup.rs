@@ -241,7 +241,7 @@ pub(crate) fn read_jobs(
                 });
                 let at = j.buf.len();
                 j.buf.resize(at + piece as usize, 0);
-                source.read_exact_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
+                source.read_bulk_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
                 match j.extents.last_mut() {
                     Some(last) if last.0 + last.1 == offset => last.1 += piece,
                     _ => j.extents.push((offset, piece)),
