@@ -46,7 +46,7 @@ pub fn suits(offset: u64, len: usize) -> bool {
 pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     debug_assert!(suits(offset, buf.len()));
     if (buf.as_ptr() as usize).is_multiple_of(ALIGN) {
-        return file.read_exact_at(buf, offset);
+        return read_in_halves(file, buf, offset);
     }
     BOUNCE_BUF.with(|b| {
         let mut b = b.borrow_mut();
@@ -54,11 +54,32 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
         let mut done = 0;
         while done < buf.len() {
             let n = (buf.len() - done).min(BOUNCE);
-            file.read_exact_at(&mut bounce.as_mut_slice()[..n], offset + done as u64)?;
+            read_in_halves(file, &mut bounce.as_mut_slice()[..n], offset + done as u64)?;
             buf[done..done + n].copy_from_slice(&bounce.as_mut_slice()[..n]);
             done += n;
         }
         Ok(())
+    })
+}
+
+/// Reads of at least this size are split in two, read at the same time.
+const SPLIT_MIN: usize = 1 << 20;
+
+/// One direct read, or for a large one two at once (the second half on a
+/// thread of its own): a direct read has no readahead behind it, and two
+/// requests in flight keep a drive busy that one alone leaves waiting while
+/// the other work on the disk (writing the image) goes on.
+fn read_in_halves(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    if buf.len() < SPLIT_MIN {
+        return file.read_exact_at(buf, offset);
+    }
+    let mid = (buf.len() / 2).next_multiple_of(ALIGN);
+    let (a, b) = buf.split_at_mut(mid);
+    std::thread::scope(|s| {
+        let second = s.spawn(|| file.read_exact_at(b, offset + mid as u64));
+        let first = file.read_exact_at(a, offset);
+        let second = second.join().unwrap_or_else(|_| Err(std::io::Error::other("reading thread failed")));
+        first.and(second)
     })
 }
 
