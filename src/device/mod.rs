@@ -276,8 +276,9 @@ pub struct WriteBehind {
     worker: Option<WritebackThread>,
 }
 
-/// A thread making [`write_behind`] calls for the (start, end) ranges it is sent.
-type WritebackThread = (crossbeam_channel::Sender<(u64, u64)>, std::thread::JoinHandle<()>);
+/// A thread making [`write_behind`] calls for the (start, end) ranges it is
+/// sent; it ends with the first error of its flushes.
+type WritebackThread = (crossbeam_channel::Sender<(u64, u64)>, std::thread::JoinHandle<std::io::Result<()>>);
 
 impl WriteBehind {
     /// Writeback of the written ranges in steps of `step` bytes.
@@ -314,6 +315,22 @@ impl WriteBehind {
         }
     }
 
+    /// Starts the writeback of what is pending, waits for the thread and
+    /// returns the first error of its flushes. The flushes run on a
+    /// duplicate of the writer's file descriptor, which shares its error
+    /// state: an error a flush saw is not reported again to the writer's own
+    /// final fsync, so a writer must call this and report what it returns.
+    pub fn finish(mut self, file: &File) -> std::io::Result<()> {
+        self.flush(file);
+        match self.worker.take() {
+            Some((tx, handle)) => {
+                drop(tx);
+                handle.join().unwrap_or_else(|_| Err(std::io::Error::other("the writeback thread failed")))
+            }
+            None => Ok(()),
+        }
+    }
+
     fn start(&mut self, file: &File, a: u64, b: u64) {
         if self.worker.is_none() {
             // Without a thread (no fd left, or none to be had) the call is made here.
@@ -344,18 +361,24 @@ const FLUSH_STEP: u64 = 128 << 20;
 /// made by a third thread so the writeback goes on meanwhile. A drive (or
 /// the host of a virtual one) with a write cache then empties it as the job
 /// goes, where one flush at the end would wait for all of it: here a flush
-/// of 768 MiB written since the last took 0.63 s, of 32 MiB 0.05 s. Errors
-/// of these flushes are left to the writer's own final flush, which reports
-/// them.
-fn writeback_thread(file: File, ranges: crossbeam_channel::Receiver<(u64, u64)>) {
+/// of 768 MiB written since the last took 0.63 s, of 32 MiB 0.05 s. The
+/// first error of these flushes is the thread's result (see
+/// [`WriteBehind::finish`]).
+fn writeback_thread(file: File, ranges: crossbeam_channel::Receiver<(u64, u64)>) -> std::io::Result<()> {
     let (flush, flushes) = crossbeam_channel::bounded::<()>(1);
     let flusher = file.try_clone().ok().and_then(|f| {
         std::thread::Builder::new()
             .name("klon-flush".into())
             .spawn(move || {
+                let mut first = Ok(());
                 for () in flushes {
-                    let _ = f.sync_data();
+                    if let Err(e) = f.sync_data()
+                        && first.is_ok()
+                    {
+                        first = Err(e);
+                    }
                 }
+                first
             })
             .ok()
     });
@@ -369,8 +392,9 @@ fn writeback_thread(file: File, ranges: crossbeam_channel::Receiver<(u64, u64)>)
         }
     }
     drop(flush);
-    if let Some(t) = flusher {
-        let _ = t.join();
+    match flusher {
+        Some(t) => t.join().unwrap_or_else(|_| Err(std::io::Error::other("the flushing thread failed"))),
+        None => Ok(()),
     }
 }
 

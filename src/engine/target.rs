@@ -239,6 +239,8 @@ impl<'a> TargetWriter<'a> {
                     .map_err(|e| e.with_note(&describe(s)))?;
             }
         }
+        let target = self.target;
+        self.behind.finish(&target.file).map_err(|e| Error::io("flushing", &target.path, None, e))?;
         Ok(self.written)
     }
 }

@@ -222,7 +222,8 @@ impl StreamWriter {
         if let Some((w, path)) = self.file.take() {
             let f = w.into_inner().map_err(|e| Error::io("writing", &path, None, e.into_error()))?;
             // The fsync below writes what is still pending.
-            self.behind = WriteBehind::new(WRITE_BEHIND_STEP);
+            let behind = std::mem::replace(&mut self.behind, WriteBehind::new(WRITE_BEHIND_STEP));
+            behind.finish(&f).map_err(|e| Error::io("flushing", &path, None, e))?;
             f.sync_all().map_err(|e| Error::io("flushing", &path, None, e))?;
             // Written data need not stay in the page cache; a verify then reads the drive.
             let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
