@@ -1001,6 +1001,9 @@ mod tests {
                     for i in 0..3000 {
                         std::fs::remove_file(mnt.0.join(format!("f{i}"))).unwrap();
                     }
+                    // XFS frees a deleted inode's blocks in the background;
+                    // syncfs waits for that, so the next round has room.
+                    sh("sync", &["-f", mnt.0.to_str().unwrap()]);
                 }
                 populate(&mnt.0, 50);
             }
