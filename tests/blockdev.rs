@@ -155,3 +155,34 @@ fn mounted_target_and_mounted_source_are_refused() {
     let o = klon(&["restore", "--yes", s(&img), s(&a_file)]);
     assert_eq!(o.status.code(), Some(5), "restore onto the file behind a mounted/attached loop: {}", stderr(&o));
 }
+
+/// A restore whose writes fail part way (its target's filesystem fills up:
+/// a small tmpfs) ends with an I/O error that says so, removes a target
+/// file it created, and wipes the table areas of a target that was there,
+/// so a half-written disk is not mistaken for a good one.
+#[test]
+fn restore_that_runs_out_of_room_fails_and_cleans_up() {
+    require_root!();
+    let t = TempDir::new("enospc");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    make_gpt_disk(&src, 48 * MIB);
+    ok(&klon(&["backup", "--quiet", s(&src), s(&img)]));
+    let dir = t.join("small");
+    std::fs::create_dir(&dir).unwrap();
+    run("mount", &["-t", "tmpfs", "-o", "size=8m", "tmpfs", s(&dir)]);
+    let small = Mounted(dir);
+
+    let fresh = small.0.join("fresh.img");
+    let o = klon(&["restore", "--yes", s(&img), s(&fresh)]);
+    fails_with(&o, 3, &["No space left", "did not complete", "was removed"]);
+    assert!(!fresh.exists(), "the half-written target file was left behind");
+
+    let old = small.0.join("old.img");
+    std::fs::File::create(&old).unwrap().set_len(48 * MIB).unwrap();
+    write_at(&old, 0, &random_bytes(3, MIB as usize));
+    write_at(&old, 47 * MIB, &random_bytes(4, MIB as usize));
+    let o = klon(&["restore", "--yes", s(&img), s(&old)]);
+    fails_with(&o, 3, &["No space left", "partition table was wiped"]);
+    assert!(read_at(&old, 0, MIB).iter().all(|&b| b == 0), "the head of the target was not wiped");
+    assert!(read_at(&old, 47 * MIB, MIB).iter().all(|&b| b == 0), "the tail of the target was not wiped");
+}
