@@ -3,7 +3,6 @@
 //! says were zeros, cleaning up after a failure, and checking the table
 //! that was written.
 
-use crate::device::direct::{self, Batch, WriteQueue};
 use crate::device::{Disk, WriteBehind};
 use crate::error::{Error, Result};
 use crate::image::format::Extent;
@@ -192,8 +191,6 @@ pub struct TargetWriter<'a> {
     pub written: u64,
     /// Starts the drive writing behind us.
     behind: WriteBehind,
-    /// Direct writes of the aligned extents, where the target takes them.
-    direct: Option<WriteQueue>,
 }
 
 impl<'a> TargetWriter<'a> {
@@ -201,20 +198,14 @@ impl<'a> TargetWriter<'a> {
     /// the boot stream.
     pub fn new(target: &'a Disk, streams: &'a [StreamInfo], stale: &'a [Extent]) -> TargetWriter<'a> {
         let cursor = streams.iter().map(|s| s.start).collect();
-        let direct = direct::reopen_for_writing(&target.file)
-            .and_then(|d| WriteQueue::new(d, &target.file, crate::image::format::CHUNK_SIZE as usize));
-        TargetWriter { target, streams, stale, cursor, written: 0, behind: WriteBehind::new(WRITE_BEHIND_STEP), direct }
+        TargetWriter { target, streams, stale, cursor, written: 0, behind: WriteBehind::new(WRITE_BEHIND_STEP) }
     }
 
     /// Writes `content`, the bytes of `extents` (in order), of stream `si`.
-    /// Aligned extents are handed to the direct writers (copied into their
-    /// buffers), the others written through the page cache here.
     pub fn write(&mut self, si: usize, extents: &[Extent], content: &[u8]) -> Result<()> {
         let s = &self.streams[si];
         let target = self.target;
         let place = || describe(s);
-        let queue_error = |(at, e): (u64, std::io::Error)| Error::io("writing", &target.path, Some(at), e);
-        let mut batch: Option<Batch> = None;
         let mut pos = 0usize;
         for &(start, len) in extents {
             if s.fill == Fill::Zero && start > self.cursor[si] {
@@ -227,29 +218,11 @@ impl<'a> TargetWriter<'a> {
                     let rel = (a - start) as usize;
                     target.write_all_at(&data[rel..rel + l as usize], a).map_err(|e| e.with_note(&place()))?;
                 }
-            } else if let Some(queue) = self.direct.as_mut().filter(|_| direct::suits(start, data.len())) {
-                let mut b = match batch.take() {
-                    Some(b) => b,
-                    None => queue.batch().map_err(queue_error)?,
-                };
-                if !b.push(data, start) {
-                    queue.submit(b).map_err(queue_error)?;
-                    b = queue.batch().map_err(queue_error)?;
-                    if !b.push(data, start) {
-                        // Larger than a buffer: written here instead.
-                        target.write_all_at(data, start).map_err(|e| e.with_note(&place()))?;
-                    }
-                }
-                batch = Some(b);
             } else {
                 target.write_all_at(data, start).map_err(|e| e.with_note(&place()))?;
             }
             self.behind.wrote(&target.file, start, len);
             self.cursor[si] = start + len;
-        }
-        if let (Some(queue), Some(b)) = (self.direct.as_mut(), batch) {
-            // Even empty: the writers return its buffer to the queue.
-            queue.submit(b).map_err(queue_error)?;
         }
         self.written += content.len() as u64;
         Ok(())
@@ -257,9 +230,6 @@ impl<'a> TargetWriter<'a> {
 
     /// Zeros what is left of the zero-filled streams; returns bytes written.
     pub fn finish(mut self) -> Result<u64> {
-        if let Some(queue) = self.direct.take() {
-            queue.finish().map_err(|(at, e)| Error::io("writing", &self.target.path, Some(at), e))?;
-        }
         self.behind.flush(&self.target.file);
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
