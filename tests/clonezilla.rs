@@ -29,7 +29,7 @@ fn mbr() -> &'static Fixture {
                       size=61440, type=7\n\
                       size=20480, type=83\n";
         build(
-            "mbr",
+            TempDir::for_static("cz-mbr"),
             script,
             &[(1, "ext4"), (2, "vfat"), (5, "swap"), (6, "ntfs"), (7, "raw")],
             &["-z9p", "-i", "1", "-gm"],
@@ -48,7 +48,12 @@ fn gpt() -> &'static Fixture {
                       start=2048, size=40960, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name=\"EFI system\"\n\
                       size=61440, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, name=data\n\
                       size=81920, type=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=root\n";
-        build("gpt", script, &[(1, "vfat"), (2, "ntfs"), (3, "ext4")], &["-z1p", "-i", "0", "-gs"])
+        build(
+            TempDir::for_static("cz-gpt"),
+            script,
+            &[(1, "vfat"), (2, "ntfs"), (3, "ext4")],
+            &["-z1p", "-i", "0", "-gs"],
+        )
     })
 }
 

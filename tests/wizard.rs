@@ -363,7 +363,7 @@ fn wizard_lists_and_restores_a_clonezilla_image() {
     require_root!();
     let _g = lock();
     let script = "label: dos\nstart=2048, size=61440, type=83, bootable\n";
-    let f = common::clonezilla::build("wizard", script, &[(1, "ext4")], &["-z9p", "-i", "0"]);
+    let f = common::clonezilla::build(TempDir::new("cz-wizard"), script, &[(1, "ext4")], &["-z9p", "-i", "0"]);
     let tmp = TempDir::new("wizard-cz");
     let dst_file = tmp.join("target.img");
     garbage_file(&dst_file, 256 * MIB);

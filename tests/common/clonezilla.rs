@@ -86,11 +86,10 @@ fn ocs_lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Builds a disk from an sfdisk script and filesystems, saves it with
-/// ocs-sr (`options` choose compression, split and checksums) and moves
-/// the image into the fixture's directory.
-pub fn build(tag: &str, script: &str, fss: &[(u32, &str)], options: &[&str]) -> Fixture {
-    let dir = TempDir::new(&format!("cz-{tag}"));
+/// Builds a disk from an sfdisk script and filesystems in `dir`, saves it
+/// with ocs-sr (`options` choose compression, split and checksums) and
+/// moves the image into `dir`.
+pub fn build(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str]) -> Fixture {
     let disk = dir.join("source.img");
     blank_file(&disk, 200 * MIB);
     run_with_input("sfdisk", &["--quiet", disk.to_str().unwrap()], script);
@@ -112,7 +111,8 @@ pub fn build(tag: &str, script: &str, fss: &[(u32, &str)], options: &[&str]) -> 
             files.extend(content.into_iter().map(|(name, d)| (n, name, d)));
         }
     }
-    let name = format!("klon-test-{tag}-{}", std::process::id());
+    // A name of this run's own in ocs-sr's /home/partimag.
+    let name = format!("{}-{}", dir.0.file_name().unwrap().to_str().unwrap(), std::process::id());
     let image = dir.join("cz");
     {
         let _guard = ocs_lock();

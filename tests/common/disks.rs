@@ -25,6 +25,16 @@ impl TempDir {
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
+    /// A directory for a fixture a test binary keeps in a `static`, which is
+    /// never dropped (so one in /tmp would stay behind after every run):
+    /// Cargo's scratch directory for tests (target/tmp), under a fixed name
+    /// each run replaces, so at most the last run's copy is there.
+    pub fn for_static(tag: &str) -> TempDir {
+        let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("klon-test-{tag}"));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
     pub fn join(&self, s: &str) -> PathBuf {
         self.0.join(s)
     }
