@@ -186,3 +186,24 @@ fn restore_that_runs_out_of_room_fails_and_cleans_up() {
     assert!(read_at(&old, 0, MIB).iter().all(|&b| b == 0), "the head of the target was not wiped");
     assert!(read_at(&old, 47 * MIB, MIB).iter().all(|&b| b == 0), "the tail of the target was not wiped");
 }
+
+/// A backup whose image drive fills up (a small tmpfs) ends with an I/O
+/// error that says so and leaves nothing behind: no image, no unfinished
+/// one.
+#[test]
+fn backup_onto_a_full_image_drive_fails_and_leaves_nothing() {
+    require_root!();
+    let t = TempDir::new("full-drive");
+    let src = t.join("src.img");
+    blank_file(&src, 64 * MIB);
+    write_at(&src, 0, &random_bytes(8, 40 * MIB as usize));
+    let dir = t.join("drive");
+    std::fs::create_dir(&dir).unwrap();
+    run("mount", &["-t", "tmpfs", "-o", "size=8m", "tmpfs", s(&dir)]);
+    let drive = Mounted(dir);
+    let img = drive.0.join("image");
+    let o = klon(&["backup", s(&src), s(&img)]);
+    fails_with(&o, 3, &["No space left", "no image was written"]);
+    let left: Vec<_> = std::fs::read_dir(&drive.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "the full drive still holds {left:?}");
+}
