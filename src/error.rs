@@ -76,8 +76,25 @@ pub mod exit {
 }
 
 impl Error {
-    /// Builds an I/O error with its context.
+    /// Builds an I/O error with its context, and for the errors a user can
+    /// do something about (a full or read-only drive) what to do.
     pub fn io(what: impl Into<String>, path: impl AsRef<Path>, offset: Option<u64>, source: std::io::Error) -> Self {
+        // A block device says ENOSPC for a write past its end: not a full drive.
+        let on_a_filesystem = || {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(path.as_ref()).map_or(true, |m| !m.file_type().is_block_device())
+        };
+        let advice = match source.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) if on_a_filesystem() => {
+                Some("the drive it is on is full: make room there or use a larger drive")
+            }
+            Some(libc::EROFS) => Some("the drive it is on is read-only: use one that can be written"),
+            _ => None,
+        };
+        let source = match advice {
+            Some(a) => std::io::Error::new(source.kind(), format!("{source}; {a}")),
+            None => source,
+        };
         Error::Io { what: what.into(), path: path.as_ref().to_path_buf(), offset, source }
     }
 

@@ -174,7 +174,7 @@ fn restore_that_runs_out_of_room_fails_and_cleans_up() {
 
     let fresh = small.0.join("fresh.img");
     let o = klon(&["restore", "--yes", s(&img), s(&fresh)]);
-    fails_with(&o, 3, &["No space left", "did not complete", "was removed"]);
+    fails_with(&o, 3, &["No space left", "is full: make room", "did not complete", "was removed"]);
     assert!(!fresh.exists(), "the half-written target file was left behind");
 
     let old = small.0.join("old.img");
@@ -203,7 +203,7 @@ fn backup_onto_a_full_image_drive_fails_and_leaves_nothing() {
     let drive = Mounted(dir);
     let img = drive.0.join("image");
     let o = klon(&["backup", s(&src), s(&img)]);
-    fails_with(&o, 3, &["No space left", "no image was written"]);
+    fails_with(&o, 3, &["No space left", "is full: make room there or use a larger drive", "no image was written"]);
     let left: Vec<_> = std::fs::read_dir(&drive.0).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "the full drive still holds {left:?}");
 }
