@@ -165,7 +165,7 @@ pub fn write_disk(
         target.sync()?;
         let rewritten = table::fix_up_for_target(target, layout, grow_last)?;
         target.sync()?;
-        target.after_write()?;
+        target.after_write(verify_after)?;
         Ok((bytes, rewritten))
     });
     let (bytes, rewritten) = written.map_err(|e| fail(target, e))?;
