@@ -1,21 +1,26 @@
-//! Reads that bypass the page cache (O_DIRECT).
+//! Reads and writes that bypass the page cache (O_DIRECT).
 //!
 //! A backup reads every used byte of the source once: through the page cache
 //! each of those bytes costs the kernel a page allocated, filled, copied out
 //! and later reclaimed (here 2 GiB took 1.3 s of system time that way, 0.1 s
 //! read straight into our memory), and on a machine whose cores are busy
 //! compressing, that CPU is the backup's time. O_DIRECT has the drive put
-//! the data in our buffer.
+//! the data in our buffer. The image's data files are written the same way
+//! ([`DirectAppender`]): through the page cache, copying 3.4 GiB of image
+//! into it cost 4.4 s of CPU in a 6 GiB backup (perf: the kernel's copy into
+//! fresh page-cache pages ran at under 1 GB/s).
 //!
 //! O_DIRECT wants the file offset, the length and the memory address aligned
 //! to the logical block size; [`ALIGN`] (4096) covers every sector size klon
-//! accepts. Reads that are not aligned, and filesystems that refuse O_DIRECT,
-//! go through the page cache as before: this is a way of reading, never a
-//! reason for a read to fail.
+//! accepts. Reads and writes that are not aligned, and filesystems that
+//! refuse O_DIRECT, go through the page cache as before: this is a way of
+//! reading and writing, never a reason for either to fail.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
 
 /// Alignment of offsets, lengths and buffers for direct reads.
 pub const ALIGN: usize = 4096;
@@ -116,6 +121,233 @@ impl AlignedBuf {
     }
 }
 
+/// Size of each of the two buffers of a [`DirectAppender`].
+pub const APPEND_BUF: usize = 4 << 20;
+
+/// A write of an appender that failed: where, and why.
+#[derive(Debug)]
+pub struct AppendError {
+    /// File offset of the write.
+    pub offset: u64,
+    /// What the system said.
+    pub error: std::io::Error,
+}
+
+/// Writes a file from its start to its end, past the page cache where it
+/// can. Bytes gather in an aligned buffer; each full buffer is written by a
+/// thread of its own while the other buffer fills, so the caller waits for
+/// the drive only when it is a whole buffer ahead. The last, partial block
+/// goes through the page cache in [`DirectAppender::finish`].
+///
+/// Where the file cannot be opened for O_DIRECT, or a direct write fails
+/// for any reason, that buffer and all later ones are written through the
+/// page cache instead (and their writeback started at once, see
+/// [`super::write_behind`]); a write that fails that way too is the error.
+/// The buffers (2 × [`APPEND_BUF`]) are allocated by the first append and
+/// freed by `finish`.
+pub struct DirectAppender {
+    /// The file, opened the ordinary way: the tail and the fsync.
+    file: File,
+    /// Where full buffers go while no thread writes them.
+    sink: Option<Sink>,
+    /// The buffer being filled, and how much of it is.
+    fill: Option<AlignedBuf>,
+    used: usize,
+    /// File offset of the first byte of `fill`.
+    pos: u64,
+    /// The other buffer, when it is not being written.
+    spare: Option<AlignedBuf>,
+    /// The writing thread, once started.
+    writer: Option<AppendThread>,
+}
+
+/// Writes whole buffers: direct while that works, then through the page cache.
+struct Sink {
+    direct: Option<File>,
+    buffered: File,
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8], offset: u64) -> Result<(), AppendError> {
+        if let Some(d) = &self.direct {
+            if d.write_all_at(bytes, offset).is_ok() {
+                return Ok(());
+            }
+            self.direct = None;
+        }
+        self.buffered.write_all_at(bytes, offset).map_err(|error| AppendError { offset, error })?;
+        super::write_behind(&self.buffered, offset, bytes.len() as u64);
+        Ok(())
+    }
+}
+
+struct AppendThread {
+    jobs: Option<Sender<(AlignedBuf, u64)>>,
+    done: Receiver<(AlignedBuf, Result<(), AppendError>)>,
+    handle: Option<std::thread::JoinHandle<Sink>>,
+    in_flight: bool,
+}
+
+impl AppendThread {
+    /// Ends the thread (after the buffer it is writing) and takes its sink back.
+    fn stop(&mut self) -> Option<Sink> {
+        self.jobs = None;
+        self.handle.take().and_then(|h| h.join().ok())
+    }
+}
+
+impl Drop for AppendThread {
+    fn drop(&mut self) {
+        // An appender dropped unfinished (a failed job) stops its thread.
+        self.stop();
+    }
+}
+
+impl std::fmt::Debug for DirectAppender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DirectAppender(at {})", self.len())
+    }
+}
+
+impl DirectAppender {
+    /// Appends to `file`, a new, empty file; `direct` is the same file
+    /// opened with O_DIRECT (see [`open_for_append`]), or None to go
+    /// through the page cache. Fails only if `file` cannot be duplicated.
+    pub fn new(file: File, direct: Option<File>) -> std::io::Result<DirectAppender> {
+        let sink = Sink { direct, buffered: file.try_clone()? };
+        Ok(DirectAppender { file, sink: Some(sink), fill: None, used: 0, pos: 0, spare: None, writer: None })
+    }
+
+    /// Bytes appended so far.
+    pub fn len(&self) -> u64 {
+        self.pos + self.used as u64
+    }
+
+    /// Whether nothing was appended yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends `data`.
+    pub fn append(&mut self, mut data: &[u8]) -> Result<(), AppendError> {
+        while !data.is_empty() {
+            let buf = self.fill.get_or_insert_with(|| AlignedBuf::new(APPEND_BUF));
+            let n = data.len().min(APPEND_BUF - self.used);
+            buf.as_mut_slice()[self.used..self.used + n].copy_from_slice(&data[..n]);
+            self.used += n;
+            data = &data[n..];
+            if self.used == APPEND_BUF {
+                self.hand_over()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Has the full buffer written (by the thread, started by the first
+    /// call, or here if no thread can be had) and takes the spare one,
+    /// waiting for it if it is still being written.
+    fn hand_over(&mut self) -> Result<(), AppendError> {
+        let mut full = self.fill.take().expect("a full buffer");
+        let offset = self.pos;
+        self.pos += APPEND_BUF as u64;
+        self.used = 0;
+        if self.writer.is_none()
+            && let Some(sink) = self.sink.take()
+        {
+            self.writer = start_append_thread(sink).map_err(|sink| self.sink = Some(sink)).ok();
+        }
+        let next = match &mut self.writer {
+            Some(w) => {
+                let next = match self.spare.take() {
+                    Some(b) => b,
+                    None => match Self::wait(w)? {
+                        Some(b) => b,
+                        None => AlignedBuf::new(APPEND_BUF),
+                    },
+                };
+                let jobs = w.jobs.as_ref().expect("jobs end only when the thread stops");
+                jobs.send((full, offset)).expect("the writing thread runs until its jobs end");
+                w.in_flight = true;
+                next
+            }
+            None => {
+                self.sink.as_mut().expect("no thread: the sink is here").write(full.as_mut_slice(), offset)?;
+                full
+            }
+        };
+        self.fill = Some(next);
+        Ok(())
+    }
+
+    /// Waits for the buffer `w` is writing, if any; returns it.
+    fn wait(w: &mut AppendThread) -> Result<Option<AlignedBuf>, AppendError> {
+        if !w.in_flight {
+            return Ok(None);
+        }
+        w.in_flight = false;
+        let (buf, result) = w.done.recv().expect("the writing thread answers every job");
+        result.map(|()| Some(buf))
+    }
+
+    /// Writes what is left, flushes the file to stable storage and frees
+    /// the buffers. Returns the file and its length.
+    pub fn finish(mut self) -> Result<(File, u64), AppendError> {
+        let len = self.len();
+        if let Some(mut w) = self.writer.take() {
+            let waited = Self::wait(&mut w);
+            self.sink = w.stop();
+            waited?;
+        }
+        if let Some(mut buf) = self.fill.take() {
+            let bytes = &buf.as_mut_slice()[..self.used];
+            let whole = self.used / ALIGN * ALIGN;
+            let direct = self.sink.as_ref().and_then(|s| s.direct.as_ref());
+            let done = if whole > 0 && direct.is_some_and(|d| d.write_all_at(&bytes[..whole], self.pos).is_ok()) {
+                whole
+            } else {
+                0
+            };
+            let at = self.pos + done as u64;
+            self.file.write_all_at(&bytes[done..], at).map_err(|error| AppendError { offset: at, error })?;
+        }
+        self.file.sync_all().map_err(|error| AppendError { offset: len, error })?;
+        Ok((self.file, len))
+    }
+}
+
+/// Opens `path`, a file just created, a second time for direct writes;
+/// `None` where the filesystem refuses O_DIRECT.
+pub fn open_for_append(path: &Path) -> Option<File> {
+    OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+/// Starts the thread that writes the buffers it is sent at their offsets
+/// through `sink` and sends each back with the result; gives `sink` back
+/// if no thread can be started.
+fn start_append_thread(sink: Sink) -> std::result::Result<AppendThread, Sink> {
+    let (jobs, job_rx) = bounded::<(AlignedBuf, u64)>(1);
+    let (done_tx, done) = bounded(1);
+    // The sink travels by channel so that it can come back if the thread
+    // cannot be started (the closure, and whatever it owns, is then gone).
+    let (sink_tx, sink_rx) = bounded::<Sink>(1);
+    sink_tx.send(sink).expect("room for one");
+    let sink_back = sink_rx.clone();
+    let spawned = std::thread::Builder::new().name("klon-append".into()).spawn(move || {
+        let mut sink = sink_rx.recv().expect("sent before the thread started");
+        for (mut buf, offset) in job_rx {
+            let result = sink.write(buf.as_mut_slice(), offset);
+            if done_tx.send((buf, result)).is_err() {
+                break;
+            }
+        }
+        sink
+    });
+    match spawned {
+        Ok(handle) => Ok(AppendThread { jobs: Some(jobs), done, handle: Some(handle), in_flight: false }),
+        Err(_) => Err(sink_back.recv().expect("the sink is still in the channel")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +392,93 @@ mod tests {
         }
         let mut past = vec![0u8; 128 << 10];
         assert!(disk.read_bulk_at(&mut past, 3 << 20).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// tmpfs before Linux 6.6 refuses O_DIRECT; every other filesystem a
+    /// test directory is on takes it.
+    fn on_tmpfs(dir: &Path) -> bool {
+        nix::sys::statfs::statfs(dir).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+    }
+
+    /// Bytes that differ at every offset, so a misplaced block shows.
+    fn pattern(len: usize, seed: u32) -> Vec<u8> {
+        (0..len as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+    }
+
+    /// Appends `data` in pieces of the lengths `pieces` (cycled) to a new
+    /// file at `path`, opened for direct writes when `direct` says so, and
+    /// returns what `finish` said the length was.
+    fn append_all(path: &Path, data: &[u8], pieces: &[usize], direct: Option<File>) -> u64 {
+        let f = File::create(path).unwrap();
+        let mut a = DirectAppender::new(f, direct).unwrap();
+        let mut at = 0;
+        for &n in pieces.iter().cycle() {
+            if at == data.len() {
+                break;
+            }
+            let n = n.min(data.len() - at);
+            a.append(&data[at..at + n]).unwrap();
+            at += n;
+            assert_eq!(a.len(), at as u64);
+        }
+        let (_, len) = a.finish().unwrap();
+        len
+    }
+
+    #[test]
+    fn appended_files_hold_exactly_the_bytes_appended_whichever_way_they_were_written() {
+        let dir = std::env::temp_dir().join(format!("klon-append-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("data");
+        // Lengths around the buffer size and the block size: nothing, less
+        // than a block, whole buffers, several buffers and an odd tail.
+        let lengths = [0, 1, 4095, 4096, APPEND_BUF - 1, APPEND_BUF, APPEND_BUF + 1, 3 * APPEND_BUF + 12_345];
+        for (k, &len) in lengths.iter().enumerate() {
+            let data = pattern(len, k as u32);
+            for pieces in [&[len.max(1)][..], &[1, 4096, 100_000, 7], &[APPEND_BUF + 3]] {
+                // Direct where the filesystem allows it (None where it does not).
+                std::fs::remove_file(&path).ok();
+                File::create(&path).unwrap();
+                let direct = open_for_append(&path);
+                assert!(direct.is_some() || on_tmpfs(&dir), "{} refuses O_DIRECT", dir.display());
+                assert_eq!(append_all(&path, &data, pieces, direct), len as u64);
+                assert!(std::fs::read(&path).unwrap() == data, "direct, {len} bytes in pieces {pieces:?}");
+                // Through the page cache.
+                std::fs::remove_file(&path).unwrap();
+                assert_eq!(append_all(&path, &data, pieces, None), len as u64);
+                assert!(std::fs::read(&path).unwrap() == data, "buffered, {len} bytes in pieces {pieces:?}");
+                // A "direct" file every write to fails (opened read-only):
+                // each buffer falls back to the page cache, nothing is lost.
+                std::fs::remove_file(&path).unwrap();
+                File::create(&path).unwrap();
+                let refusing = File::open(&path).unwrap();
+                assert_eq!(append_all(&path, &data, pieces, Some(refusing)), len as u64);
+                assert!(std::fs::read(&path).unwrap() == data, "fallback, {len} bytes in pieces {pieces:?}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_append_that_cannot_be_written_is_an_error_with_its_offset() {
+        let dir = std::env::temp_dir().join(format!("klon-append-err-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("data");
+        File::create(&path).unwrap();
+        // Neither way can write: the file is open read-only both times.
+        let mut a = DirectAppender::new(File::open(&path).unwrap(), Some(File::open(&path).unwrap())).unwrap();
+        let data = pattern(3 * APPEND_BUF, 9);
+        // The first full buffer goes to the thread; its failure shows when
+        // that buffer is waited for (at the next hand-over) or at finish.
+        let err = a.append(&data).and_then(|()| a.finish().map(|_| ())).unwrap_err();
+        assert_eq!(err.offset, 0);
+        assert_eq!(err.error.raw_os_error(), Some(libc::EBADF));
+        // Only the tail, written at finish, fails there: its offset is where it goes.
+        let mut a = DirectAppender::new(File::open(&path).unwrap(), None).unwrap();
+        a.append(&data[..100]).unwrap();
+        let err = a.finish().unwrap_err();
+        assert_eq!((err.offset, err.error.raw_os_error()), (0, Some(libc::EBADF)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

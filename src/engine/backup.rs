@@ -171,6 +171,7 @@ pub(crate) fn encode_streams(
         infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect::<Result<Vec<_>>>()?;
     let parts = infos.iter().zip(sizes).map(|(s, &n)| (streams::describe(s), n)).collect();
     let mut progress = Progress::with_parts(label, sizes.iter().sum(), parts, quiet);
+    let mut current = None;
     pipeline::run(
         workers,
         pipeline::depth(workers),
@@ -178,6 +179,12 @@ pub(crate) fn encode_streams(
         |job| encode(job, level),
         |out: Encoded| {
             if let Some(chunk) = &out.chunk {
+                // A stream's data file is done when the next stream starts.
+                if let Some(prev) = current.replace(out.stream)
+                    && prev != out.stream
+                {
+                    writers[prev].end_file()?;
+                }
                 writers[out.stream].write_chunk(chunk)?;
             }
             progress.add_part(out.stream, out.read_len);

@@ -8,11 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::format::{self, ChunkHeader, Extent, IndexEntry};
 use super::manifest::{FileInfo, Manifest};
-use crate::device::WriteBehind;
+use crate::device::direct::{self, AppendError, DirectAppender};
 use crate::error::{Error, Result};
-
-/// Bytes of a data file written between two starts of their writeback.
-const WRITE_BEHIND_STEP: u64 = 16 << 20;
 
 /// Suffix of the directory an unfinished backup writes into.
 pub const PARTIAL_SUFFIX: &str = ".klon-partial";
@@ -73,7 +70,6 @@ impl ImageWriter {
             name: name.to_string(),
             stream,
             split_size: self.split_size,
-            file_no: 0,
             file: None,
             file_off: 0,
             files: Vec::new(),
@@ -81,8 +77,6 @@ impl ImageWriter {
             idx_path,
             seq: 0,
             stored_bytes: 0,
-            behind: WriteBehind::new(WRITE_BEHIND_STEP),
-            flushed: 0,
         })
     }
 
@@ -105,6 +99,11 @@ impl ImageWriter {
         std::fs::remove_dir_all(&self.partial_dir)
             .map_err(|e| Error::io("removing the unfinished image", &self.partial_dir, None, e))
     }
+}
+
+/// An appender's failure as klon's error for `path`.
+fn append_error(path: &Path, e: AppendError) -> Error {
+    Error::io("writing", path, Some(e.offset), e.error)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -134,18 +133,15 @@ pub struct StreamWriter {
     name: String,
     stream: u32,
     split_size: u64,
-    file_no: u32,
-    file: Option<(BufWriter<File>, PathBuf)>,
+    /// The data file being written (past the page cache where the drive's
+    /// filesystem allows: see [`DirectAppender`]) and its path.
+    file: Option<(DirectAppender, PathBuf)>,
     file_off: u64,
     files: Vec<FileInfo>,
     idx: BufWriter<File>,
     idx_path: PathBuf,
     seq: u64,
     stored_bytes: u64,
-    /// Starts the drive writing the data file behind us.
-    behind: WriteBehind,
-    /// How much of the data file has left its buffer for the kernel.
-    flushed: u64,
 }
 
 /// A compressed chunk ready to be written.
@@ -181,28 +177,22 @@ impl StreamWriter {
         let (head, header_crc) = header.encode();
         let record_len = (head.len() + chunk.payload.len()) as u64;
         if self.file.is_some() && self.file_off + record_len > self.split_size {
-            self.close_file()?;
-            self.file_no += 1;
+            self.end_file()?;
         }
         if self.file.is_none() {
-            let path = self.dir.join(format::data_file_name(&self.name, self.file_no));
+            // Files are numbered in the order they are made.
+            let path = self.dir.join(format::data_file_name(&self.name, self.files.len() as u32));
             let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
-            self.file = Some((BufWriter::with_capacity(1 << 20, f), path));
+            let appender = DirectAppender::new(f, direct::open_for_append(&path))
+                .map_err(|e| Error::io("opening", &path, None, e))?;
+            self.file = Some((appender, path));
             self.file_off = 0;
-            self.flushed = 0;
         }
         let (w, path) = self.file.as_mut().expect("file open");
         let at = self.file_off;
-        w.write_all(&head)
-            .and_then(|_| w.write_all(&chunk.payload))
-            .map_err(|e| Error::io("writing", &*path, Some(at), e))?;
-        let flushed = at + record_len - w.buffer().len() as u64;
-        if flushed > self.flushed {
-            self.behind.wrote(w.get_ref(), self.flushed, flushed - self.flushed);
-            self.flushed = flushed;
-        }
+        w.append(&head).and_then(|()| w.append(&chunk.payload)).map_err(|e| append_error(path, e))?;
         let entry = IndexEntry {
-            file: self.file_no,
+            file: self.files.len() as u32,
             extent_count: chunk.extents.len() as u32,
             offset: at,
             raw_len: chunk.raw_len,
@@ -218,14 +208,16 @@ impl StreamWriter {
         Ok(())
     }
 
-    fn close_file(&mut self) -> Result<()> {
+    /// Finishes the data file being written, if any (written, flushed to
+    /// stable storage): a later chunk starts the next one. The engine ends
+    /// a stream's file when the next stream begins, so that only one
+    /// stream's buffers are held at a time.
+    pub fn end_file(&mut self) -> Result<()> {
         if let Some((w, path)) = self.file.take() {
-            let f = w.into_inner().map_err(|e| Error::io("writing", &path, None, e.into_error()))?;
-            // The fsync below writes what is still pending.
-            let behind = std::mem::replace(&mut self.behind, WriteBehind::new(WRITE_BEHIND_STEP));
-            behind.finish(&f).map_err(|e| Error::io("flushing", &path, None, e))?;
-            f.sync_all().map_err(|e| Error::io("flushing", &path, None, e))?;
-            // Written data need not stay in the page cache; a verify then reads the drive.
+            let (f, len) = w.finish().map_err(|e| append_error(&path, e))?;
+            debug_assert_eq!(len, self.file_off);
+            // Written data need not stay in the page cache (the tail, or all
+            // of it where O_DIRECT was refused); a verify then reads the drive.
             let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             self.files.push(FileInfo { name, size: self.file_off, blake3: None });
@@ -235,7 +227,7 @@ impl StreamWriter {
 
     /// Closes the stream's files and returns what the manifest records.
     pub fn finish(mut self) -> Result<StreamFiles> {
-        self.close_file()?;
+        self.end_file()?;
         let mut idx = self.idx.into_inner().map_err(|e| Error::io("writing", &self.idx_path, None, e.into_error()))?;
         idx.seek(SeekFrom::Start(0)).map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
         idx.write_all_at(&format::encode_index_header(self.stream, self.seq), 0)
