@@ -127,8 +127,8 @@ pub const APPEND_BUF: usize = 4 << 20;
 /// A write of an appender that failed: where, and why.
 #[derive(Debug)]
 pub struct AppendError {
-    /// File offset of the write.
-    pub offset: u64,
+    /// File offset of the write; None for the final flush to stable storage.
+    pub offset: Option<u64>,
     /// What the system said.
     pub error: std::io::Error,
 }
@@ -155,8 +155,6 @@ pub struct DirectAppender {
     used: usize,
     /// File offset of the first byte of `fill`.
     pos: u64,
-    /// The other buffer, when it is not being written.
-    spare: Option<AlignedBuf>,
     /// The writing thread, once started.
     writer: Option<AppendThread>,
 }
@@ -175,7 +173,7 @@ impl Sink {
             }
             self.direct = None;
         }
-        self.buffered.write_all_at(bytes, offset).map_err(|error| AppendError { offset, error })?;
+        self.buffered.write_all_at(bytes, offset).map_err(|error| AppendError { offset: Some(offset), error })?;
         super::write_behind(&self.buffered, offset, bytes.len() as u64);
         Ok(())
     }
@@ -215,7 +213,7 @@ impl DirectAppender {
     /// through the page cache. Fails only if `file` cannot be duplicated.
     pub fn new(file: File, direct: Option<File>) -> std::io::Result<DirectAppender> {
         let sink = Sink { direct, buffered: file.try_clone()? };
-        Ok(DirectAppender { file, sink: Some(sink), fill: None, used: 0, pos: 0, spare: None, writer: None })
+        Ok(DirectAppender { file, sink: Some(sink), fill: None, used: 0, pos: 0, writer: None })
     }
 
     /// Bytes appended so far.
@@ -244,8 +242,9 @@ impl DirectAppender {
     }
 
     /// Has the full buffer written (by the thread, started by the first
-    /// call, or here if no thread can be had) and takes the spare one,
-    /// waiting for it if it is still being written.
+    /// call, or here if no thread can be had) and goes on with the other
+    /// one: new the first time, then the one the thread is writing, once
+    /// it is written.
     fn hand_over(&mut self) -> Result<(), AppendError> {
         let mut full = self.fill.take().expect("a full buffer");
         let offset = self.pos;
@@ -258,12 +257,9 @@ impl DirectAppender {
         }
         let next = match &mut self.writer {
             Some(w) => {
-                let next = match self.spare.take() {
+                let next = match Self::wait(w)? {
                     Some(b) => b,
-                    None => match Self::wait(w)? {
-                        Some(b) => b,
-                        None => AlignedBuf::new(APPEND_BUF),
-                    },
+                    None => AlignedBuf::new(APPEND_BUF),
                 };
                 let jobs = w.jobs.as_ref().expect("jobs end only when the thread stops");
                 jobs.send((full, offset)).expect("the writing thread runs until its jobs end");
@@ -308,9 +304,9 @@ impl DirectAppender {
                 0
             };
             let at = self.pos + done as u64;
-            self.file.write_all_at(&bytes[done..], at).map_err(|error| AppendError { offset: at, error })?;
+            self.file.write_all_at(&bytes[done..], at).map_err(|error| AppendError { offset: Some(at), error })?;
         }
-        self.file.sync_all().map_err(|error| AppendError { offset: len, error })?;
+        self.file.sync_all().map_err(|error| AppendError { offset: None, error })?;
         Ok((self.file, len))
     }
 }
@@ -472,13 +468,13 @@ mod tests {
         // The first full buffer goes to the thread; its failure shows when
         // that buffer is waited for (at the next hand-over) or at finish.
         let err = a.append(&data).and_then(|()| a.finish().map(|_| ())).unwrap_err();
-        assert_eq!(err.offset, 0);
+        assert_eq!(err.offset, Some(0));
         assert_eq!(err.error.raw_os_error(), Some(libc::EBADF));
         // Only the tail, written at finish, fails there: its offset is where it goes.
         let mut a = DirectAppender::new(File::open(&path).unwrap(), None).unwrap();
         a.append(&data[..100]).unwrap();
         let err = a.finish().unwrap_err();
-        assert_eq!((err.offset, err.error.raw_os_error()), (0, Some(libc::EBADF)));
+        assert_eq!((err.offset, err.error.raw_os_error()), (Some(0), Some(libc::EBADF)));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -103,7 +103,10 @@ impl ImageWriter {
 
 /// An appender's failure as klon's error for `path`.
 fn append_error(path: &Path, e: AppendError) -> Error {
-    Error::io("writing", path, Some(e.offset), e.error)
+    match e.offset {
+        Some(offset) => Error::io("writing", path, Some(offset), e.error),
+        None => Error::io("flushing", path, None, e.error),
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
