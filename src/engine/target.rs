@@ -240,7 +240,7 @@ impl<'a> TargetWriter<'a> {
             }
         }
         let target = self.target;
-        self.behind.finish(&target.file).map_err(|e| Error::io("flushing", &target.path, None, e))?;
+        self.behind.finish(&target.file);
         Ok(self.written)
     }
 }
