@@ -296,13 +296,12 @@ impl DirectAppender {
         }
         if let Some(mut buf) = self.fill.take() {
             let bytes = &buf.as_mut_slice()[..self.used];
-            let whole = self.used / ALIGN * ALIGN;
-            let direct = self.sink.as_ref().and_then(|s| s.direct.as_ref());
-            let done = if whole > 0 && direct.is_some_and(|d| d.write_all_at(&bytes[..whole], self.pos).is_ok()) {
-                whole
-            } else {
-                0
-            };
+            // Whole blocks the way full buffers went; the rest buffered.
+            let mut done = 0;
+            if let Some(sink) = &mut self.sink {
+                done = self.used / ALIGN * ALIGN;
+                sink.write(&bytes[..done], self.pos)?;
+            }
             let at = self.pos + done as u64;
             self.file.write_all_at(&bytes[done..], at).map_err(|error| AppendError { offset: Some(at), error })?;
         }
