@@ -183,6 +183,20 @@ impl Disk {
         self.read_exact_at(buf, offset)
     }
 
+    /// This disk opened a second time for direct writes (see
+    /// [`direct::DirectWriter`]); None where that is refused. The path is
+    /// opened again, so the result is used only if it is still the same
+    /// device or file.
+    pub fn open_for_direct_writes(&self) -> Option<File> {
+        let file = direct::open_for_writing(&self.path)?;
+        let meta = file.metadata().ok()?;
+        let same = match self.kind {
+            DiskKind::BlockDevice => meta.file_type().is_block_device() && meta.rdev() == self.dev,
+            DiskKind::File => meta.file_type().is_file() && meta.dev() == self.dev && meta.ino() == self.ino,
+        };
+        same.then_some(file)
+    }
+
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.file.write_all_at(buf, offset).map_err(|e| Error::io("writing", &self.path, Some(offset), e))
@@ -217,12 +231,6 @@ impl Disk {
             pos += n as u64;
         }
         Ok(())
-    }
-
-    /// Starts writing `[offset, offset+len)` out to the drive without
-    /// waiting for it (see [`write_behind`]).
-    pub fn write_behind(&self, offset: u64, len: u64) {
-        write_behind(&self.file, offset, len);
     }
 
     /// Flushes everything written to stable storage.
@@ -263,115 +271,4 @@ pub fn write_behind(file: &File, offset: u64, len: u64) {
     }
     let _ =
         nix::fcntl::posix_fadvise(file, offset as i64, len as i64, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-}
-
-/// Calls [`write_behind`] for what a writer has written, once at least
-/// `step` bytes of nearly contiguous writes have gathered, so the advice
-/// costs one system call per `step` bytes. The calls are made on a thread
-/// of its own (started with the first one, joined on drop): starting the
-/// writeback of 16 MiB can take tens of milliseconds (ext4 allocates the
-/// blocks then), which the writer, the last stage of a pipeline, must not
-/// wait for.
-#[derive(Debug)]
-pub struct WriteBehind {
-    step: u64,
-    /// The range written since the last call: (start, end).
-    pending: Option<(u64, u64)>,
-    /// The thread making the calls and the way to hand it ranges.
-    worker: Option<WritebackThread>,
-}
-
-/// A thread making [`write_behind`] calls for the (start, end) ranges it is sent.
-type WritebackThread = (crossbeam_channel::Sender<(u64, u64)>, std::thread::JoinHandle<()>);
-
-impl WriteBehind {
-    /// Writeback of the written ranges in steps of `step` bytes.
-    pub fn new(step: u64) -> WriteBehind {
-        WriteBehind { step, pending: None, worker: None }
-    }
-
-    /// Notes that `[offset, offset+len)` of `file` was written, and starts
-    /// its writeback when enough has gathered. A write far from the ones
-    /// before it starts the writeback of those first. Always use one
-    /// `WriteBehind` with one file.
-    pub fn wrote(&mut self, file: &File, offset: u64, len: u64) {
-        let end = offset + len;
-        self.pending = match self.pending {
-            Some((a, b)) if offset + self.step >= a && offset <= b + self.step => Some((a.min(offset), b.max(end))),
-            Some((a, b)) => {
-                self.start(file, a, b);
-                Some((offset, end))
-            }
-            None => Some((offset, end)),
-        };
-        if let Some((a, b)) = self.pending
-            && b - a >= self.step
-        {
-            self.start(file, a, b);
-            self.pending = None;
-        }
-    }
-
-    /// Starts the writeback of whatever is still pending.
-    pub fn flush(&mut self, file: &File) {
-        if let Some((a, b)) = self.pending.take() {
-            self.start(file, a, b);
-        }
-    }
-
-    /// Starts the writeback of what is pending and waits for the thread.
-    /// Errors of the writeback itself are the writer's final fsync's to
-    /// report (starting writeback does not consume them).
-    pub fn finish(mut self, file: &File) {
-        self.flush(file);
-        if let Some((tx, handle)) = self.worker.take() {
-            drop(tx);
-            let _ = handle.join();
-        }
-    }
-
-    fn start(&mut self, file: &File, a: u64, b: u64) {
-        if self.worker.is_none() {
-            // Without a thread (no fd left, or none to be had) the call is made here.
-            let spawned = file.try_clone().ok().and_then(|f| {
-                let (tx, rx) = crossbeam_channel::unbounded::<(u64, u64)>();
-                std::thread::Builder::new()
-                    .name("klon-writeback".into())
-                    .spawn(move || writeback_thread(f, rx))
-                    .ok()
-                    .map(|h| (tx, h))
-            });
-            match spawned {
-                Some(w) => self.worker = Some(w),
-                None => return write_behind(file, a, b - a),
-            }
-        }
-        if let Some((tx, _)) = &self.worker {
-            let _ = tx.send((a, b));
-        }
-    }
-}
-
-/// The body of the writeback thread: [`write_behind`] for every range sent.
-///
-/// It used to flush the file to stable storage every 128 MiB as well (on a
-/// third thread), so that a drive's write cache would empty as the job went.
-/// Measured on this machine's virtual disk, restoring 5.6 GiB from a RAM
-/// disk, six alternated rounds each: 11.4 s (median) without those flushes,
-/// 13.4 s with them, slower in every round (each flush of a file being
-/// filled also commits the filesystem's journal); dd writing the same
-/// bytes took 8.9-9.6 s.
-fn writeback_thread(file: File, ranges: crossbeam_channel::Receiver<(u64, u64)>) {
-    for (a, b) in ranges {
-        write_behind(&file, a, b - a);
-    }
-}
-
-impl Drop for WriteBehind {
-    fn drop(&mut self) {
-        if let Some((tx, handle)) = self.worker.take() {
-            drop(tx);
-            let _ = handle.join();
-        }
-    }
 }

@@ -99,7 +99,7 @@ fn copy_all(
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
     let mut progress = Progress::with_parts("clone", total, parts, opts.quiet);
-    let mut out = TargetWriter::new(target, infos, stale);
+    let mut out = TargetWriter::new(target, infos, stale)?;
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),

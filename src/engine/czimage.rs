@@ -396,7 +396,7 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
             let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
             let total = infos.iter().map(|s| s.stored_bytes).sum();
             let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
-            let mut out = TargetWriter::new(&target, &infos, stale);
+            let mut out = TargetWriter::new(&target, &infos, stale)?;
             let keep_hashes = opts.verify_after;
             pipeline::run(
                 opts.workers,

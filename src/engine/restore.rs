@@ -108,7 +108,7 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
-    let mut out = TargetWriter::new(target, streams, stale);
+    let mut out = TargetWriter::new(target, streams, stale)?;
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),

@@ -3,7 +3,8 @@
 //! says were zeros, cleaning up after a failure, and checking the table
 //! that was written.
 
-use crate::device::{Disk, WriteBehind};
+use crate::device::Disk;
+use crate::device::direct::{DirectWriter, WriteError};
 use crate::error::{Error, Result};
 use crate::image::format::Extent;
 use crate::image::{Fill, StreamInfo, StreamKind};
@@ -12,9 +13,11 @@ use crate::ui::human_bytes;
 
 use super::streams::describe;
 
-/// Bytes written between two starts of their writeback (see
-/// [`WriteBehind`]): two chunks.
-pub const WRITE_BEHIND_STEP: u64 = 16 << 20;
+/// Size of each of the two buffers the target is written through: each is
+/// written as two direct writes of half its size at once. Restoring 5.6 GiB
+/// from a RAM disk, 16 MiB buffers were no faster (median 14.4 s of seven
+/// alternated rounds, against 12.8 s with 8 MiB).
+pub const TARGET_WRITE_BUF: usize = 8 << 20;
 
 /// Size of the areas at the start and end of the target that hold tables
 /// and signatures, wiped before writing and after a failure.
@@ -180,6 +183,16 @@ pub fn write_disk(
 /// Writes chunks of content onto the target at their disk offsets, zeroing
 /// the gaps of streams whose unstored bytes were zeros, and leaving out the
 /// source's table areas that are stale on a larger target.
+///
+/// The content goes past the page cache where the target allows it (see
+/// [`DirectWriter`]): through the page cache, the kernel's copy of a 5.6 GiB
+/// restore into it cost about 8 s of CPU (39 % of the restore's samples),
+/// as much as decompressing and checking the image together. Dropping the
+/// writer unfinished waits for the write in flight, so nothing writes to
+/// the target once a failed restore starts cleaning up. The target is
+/// flushed to stable storage once, at the end: flushing it every 128 MiB
+/// as well made a restore of 5.6 GiB from a RAM disk take 13.4 s instead
+/// of 11.4 s (medians of six alternated rounds, slower in every round).
 #[derive(Debug)]
 pub struct TargetWriter<'a> {
     target: &'a Disk,
@@ -189,48 +202,49 @@ pub struct TargetWriter<'a> {
     cursor: Vec<u64>,
     /// Content bytes written.
     pub written: u64,
-    /// Starts the drive writing behind us.
-    behind: WriteBehind,
+    out: DirectWriter,
 }
 
 impl<'a> TargetWriter<'a> {
     /// A writer for `streams` onto `target`, leaving out `stale` ranges of
     /// the boot stream.
-    pub fn new(target: &'a Disk, streams: &'a [StreamInfo], stale: &'a [Extent]) -> TargetWriter<'a> {
+    pub fn new(target: &'a Disk, streams: &'a [StreamInfo], stale: &'a [Extent]) -> Result<TargetWriter<'a>> {
         let cursor = streams.iter().map(|s| s.start).collect();
-        TargetWriter { target, streams, stale, cursor, written: 0, behind: WriteBehind::new(WRITE_BEHIND_STEP) }
+        let file = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
+        let out = DirectWriter::new(file, target.open_for_direct_writes(), TARGET_WRITE_BUF)
+            .map_err(|e| Error::io("opening", &target.path, None, e))?
+            .in_halves();
+        Ok(TargetWriter { target, streams, stale, cursor, written: 0, out })
     }
 
     /// Writes `content`, the bytes of `extents` (in order), of stream `si`.
     pub fn write(&mut self, si: usize, extents: &[Extent], content: &[u8]) -> Result<()> {
         let s = &self.streams[si];
         let target = self.target;
-        let place = || describe(s);
         let mut pos = 0usize;
         for &(start, len) in extents {
             if s.fill == Fill::Zero && start > self.cursor[si] {
-                target.zero_range(self.cursor[si], start - self.cursor[si]).map_err(|e| e.with_note(&place()))?;
+                target.zero_range(self.cursor[si], start - self.cursor[si]).map_err(|e| e.with_note(&describe(s)))?;
             }
             let data = &content[pos..pos + len as usize];
             pos += len as usize;
             if s.kind == StreamKind::Boot && !self.stale.is_empty() {
                 for (a, l) in minus(start, len, self.stale) {
                     let rel = (a - start) as usize;
-                    target.write_all_at(&data[rel..rel + l as usize], a).map_err(|e| e.with_note(&place()))?;
+                    self.out.write_at(&data[rel..rel + l as usize], a).map_err(|e| self.error(e))?;
                 }
             } else {
-                target.write_all_at(data, start).map_err(|e| e.with_note(&place()))?;
+                self.out.write_at(data, start).map_err(|e| self.error(e))?;
             }
-            self.behind.wrote(&target.file, start, len);
             self.cursor[si] = start + len;
         }
         self.written += content.len() as u64;
         Ok(())
     }
 
-    /// Zeros what is left of the zero-filled streams; returns bytes written.
-    pub fn finish(mut self) -> Result<u64> {
-        self.behind.flush(&self.target.file);
+    /// Zeros what is left of the zero-filled streams, writes what is still
+    /// buffered and flushes the target; returns the content bytes written.
+    pub fn finish(self) -> Result<u64> {
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
             if s.fill == Fill::Zero && self.cursor[si] < end {
@@ -239,9 +253,30 @@ impl<'a> TargetWriter<'a> {
                     .map_err(|e| e.with_note(&describe(s)))?;
             }
         }
-        let target = self.target;
-        self.behind.finish(&target.file);
+        let (target, streams) = (self.target, self.streams);
+        self.out.finish().map_err(|e| write_error(target, streams, e))?;
         Ok(self.written)
+    }
+
+    fn error(&self, e: WriteError) -> Error {
+        write_error(self.target, self.streams, e)
+    }
+}
+
+/// A failed write (reported by the write, or by a later one, as writes
+/// are made behind the caller) as klon's error, naming the stream written.
+fn write_error(target: &Disk, streams: &[StreamInfo], e: WriteError) -> Error {
+    let Some(offset) = e.offset else {
+        return Error::io("flushing", &target.path, None, e.error);
+    };
+    let err = Error::io("writing", &target.path, Some(offset), e.error);
+    // The boot stream spans the whole disk: a partition holding the offset is the better name.
+    let holds = |s: &&StreamInfo| s.start <= offset && offset < s.start + s.length;
+    let stream =
+        streams.iter().filter(|s| s.kind != StreamKind::Boot).find(holds).or_else(|| streams.iter().find(holds));
+    match stream {
+        Some(s) => err.with_note(&describe(s)),
+        None => err,
     }
 }
 

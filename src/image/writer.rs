@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{self, ChunkHeader, Extent, IndexEntry};
 use super::manifest::{FileInfo, Manifest};
-use crate::device::direct::{self, AppendError, DirectAppender};
+use crate::device::direct::{self, DirectWriter, WriteError};
 use crate::error::{Error, Result};
 
 /// Suffix of the directory an unfinished backup writes into.
@@ -101,8 +101,12 @@ impl ImageWriter {
     }
 }
 
-/// An appender's failure as klon's error for `path`.
-fn append_error(path: &Path, e: AppendError) -> Error {
+/// Size of each of the two buffers a data file is written through: the
+/// size of its direct writes.
+const DATA_WRITE_BUF: usize = 4 << 20;
+
+/// A data file's write failure as klon's error for `path`.
+fn append_error(path: &Path, e: WriteError) -> Error {
     match e.offset {
         Some(offset) => Error::io("writing", path, Some(offset), e.error),
         None => Error::io("flushing", path, None, e.error),
@@ -137,8 +141,8 @@ pub struct StreamWriter {
     stream: u32,
     split_size: u64,
     /// The data file being written (past the page cache where the drive's
-    /// filesystem allows: see [`DirectAppender`]) and its path.
-    file: Option<(DirectAppender, PathBuf)>,
+    /// filesystem allows: see [`DirectWriter`]) and its path.
+    file: Option<(DirectWriter, PathBuf)>,
     file_off: u64,
     files: Vec<FileInfo>,
     idx: BufWriter<File>,
@@ -186,7 +190,7 @@ impl StreamWriter {
             // Files are numbered in the order they are made.
             let path = self.dir.join(format::data_file_name(&self.name, self.files.len() as u32));
             let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
-            let appender = DirectAppender::new(f, direct::open_for_append(&path))
+            let appender = DirectWriter::new(f, direct::open_for_writing(&path), DATA_WRITE_BUF)
                 .map_err(|e| Error::io("opening", &path, None, e))?;
             self.file = Some((appender, path));
             self.file_off = 0;
