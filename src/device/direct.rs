@@ -130,7 +130,7 @@ pub struct WriteError {
     pub error: std::io::Error,
 }
 
-/// Writes a file or a device at ascending offsets, past the page cache
+/// Writes a file or a device, each byte at most once, past the page cache
 /// where it can. Each *run* of contiguous writes gathers in an aligned
 /// buffer; each full buffer is written by a thread of its own while the
 /// other buffer fills, so the caller waits for the drive only when it is a
