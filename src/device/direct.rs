@@ -25,8 +25,9 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 /// Alignment of offsets, lengths and buffers for direct reads.
 pub const ALIGN: usize = 4096;
 
-/// Reads shorter than this go through the page cache: for them the saving
-/// is small and the readahead of the page cache is worth more.
+/// Reads, and runs of writes, shorter than this go through the page cache:
+/// for them the saving is small, and the readahead of the page cache (or
+/// its writeback, which lets the kernel merge small writes) is worth more.
 pub const MIN_DIRECT: usize = 64 << 10;
 
 /// Size of the bounce buffer used when the caller's buffer is not aligned.
