@@ -392,6 +392,17 @@ pub fn disk_info(disk: &Disk) -> Option<DiskInfo> {
     Some(info)
 }
 
+/// Whether `disk` is a block device whose whole disk says it spins
+/// (/sys/.../queue/rotational). False for image files and when sysfs does
+/// not say.
+pub fn is_rotational(disk: &Disk) -> bool {
+    if disk.kind != DiskKind::BlockDevice {
+        return false;
+    }
+    let Some(dir) = whole_disk_of(disk.dev).and_then(sys_dir_of) else { return false };
+    read_attr(&dir.join("queue/rotational")).is_some_and(|v| v == "1")
+}
+
 /// Whether the block device `devno` is mounted, used as swap or held.
 pub fn device_in_use(devno: u64) -> Result<bool> {
     Ok(Usage::load()?.in_use(devno))

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{FileInfo, Manifest, SourceInfo};
 use crate::image::writer::StreamFiles;
-use crate::image::{EncodedChunk, ImageWriter, StreamInfo};
+use crate::image::{EncodedChunk, ImageWriter, Lane, StreamInfo};
 use crate::table;
 use crate::ui::progress::Progress;
 
@@ -74,12 +74,15 @@ pub(crate) struct ReadJob {
     pub buf: Vec<u8>,
     /// Whether long zero runs may be left out.
     pub skip_zero: bool,
+    /// Which lane of its stream the chunk goes to (see [`read_jobs`]).
+    pub lane: Lane,
 }
 
 /// A job after encoding: the chunk to append (none when all of it was
 /// zeros that may be left out) and how many bytes were read for it.
 pub(crate) struct Encoded {
     pub stream: usize,
+    pub lane: Lane,
     pub read_len: u64,
     pub chunk: Option<EncodedChunk>,
 }
@@ -148,7 +151,7 @@ fn write_streams(
     let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
     let order: Vec<usize> = (0..plans.len()).collect();
     let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
-        read_jobs(source, plans, &order, send)
+        read_jobs(source, plans, &order, lanes_suit(source), send)
     })?;
     Ok((files, sizes.iter().sum()))
 }
@@ -185,7 +188,7 @@ pub(crate) fn encode_streams(
                 {
                     writers[prev].end_file()?;
                 }
-                writers[out.stream].write_chunk(chunk)?;
+                writers[out.stream].write_chunk_in(out.lane, chunk)?;
             }
             progress.add_part(out.stream, out.read_len);
             Ok(())
@@ -216,50 +219,182 @@ pub(crate) fn with_files(info: &StreamInfo, f: StreamFiles) -> StreamInfo {
     info
 }
 
+/// Each lane of a stream read in two lanes holds at least this many jobs:
+/// a stream of fewer than twice as many is read in one.
+const MIN_LANE_JOBS: usize = 2;
+
+/// Whether reading `source` in two lanes at once is likely to pay: not on
+/// a disk that says it spins, where alternating between two places costs
+/// a seek each time. Files (disk images) are read in lanes whatever holds
+/// them.
+pub(crate) fn lanes_suit(source: &Disk) -> bool {
+    !crate::device::sysfs::is_rotational(source)
+}
+
 /// Reads the streams `order` of `plans` from `source` and hands the bytes to
 /// `send` in jobs of at most CHUNK_SIZE bytes: one large read for raw
 /// streams, many small extents packed together for a filesystem's used
 /// blocks. Returns early (Ok) when `send` says the pipeline stopped.
+///
+/// With `lanes`, a filesystem's used blocks are read in two lanes (see
+/// [`StreamJobs`]).
 pub(crate) fn read_jobs(
     source: &Disk,
     plans: &[streams::StreamPlan],
     order: &[usize],
+    lanes: bool,
     send: &mut dyn FnMut(ReadJob) -> bool,
 ) -> Result<()> {
-    let mut job: Option<ReadJob> = None;
     for &si in order {
         let plan = &plans[si];
-        for &(start, len) in &plan.reads {
-            for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
-                cancel::check("reading the source")?;
-                let full = job.as_ref().is_some_and(|j| {
-                    j.stream != si
-                        || j.buf.len() as u64 + piece > CHUNK_SIZE as u64
-                        || j.extents.len() >= MAX_EXTENTS as usize
-                });
-                if full && !send(job.take().expect("job present")) {
-                    return Ok(());
-                }
-                let j = job.get_or_insert_with(|| ReadJob {
-                    stream: si,
-                    extents: Vec::new(),
-                    buf: Vec::with_capacity(CHUNK_SIZE as usize),
-                    skip_zero: plan.skip_zero,
-                });
-                let at = j.buf.len();
-                j.buf.resize(at + piece as usize, 0);
-                source.read_bulk_at(&mut j.buf[at..], offset).map_err(|e| e.with_note(&plan.describe()))?;
-                match j.extents.last_mut() {
-                    Some(last) if last.0 + last.1 == offset => last.1 += piece,
-                    _ => j.extents.push((offset, piece)),
-                }
+        // Zero runs may be left out of raw streams, so their jobs do not
+        // map one to one to chunks: they are read in one lane.
+        for (extents, lane) in StreamJobs::new(&plan.reads, lanes && !plan.skip_zero) {
+            if !send(read_job(source, plan, si, extents, lane)?) {
+                return Ok(());
             }
         }
     }
-    if let Some(j) = job {
-        send(j);
-    }
     Ok(())
+}
+
+/// The jobs of one stream, in the order they are read: in disk order, or
+/// in two lanes, where jobs from the first and the second half of the
+/// stream alternate.
+///
+/// Where data differs along the disk (text that keeps the compressor busy
+/// in one place, already compressed files that keep the drive busy in
+/// another) two lanes keep both the cores and the drive at work, where one
+/// sequence would use them in turns. Each job must make exactly one chunk:
+/// the second lane's chunks are numbered from the first lane's job count,
+/// and the image writer checks that the first lane ends there (see
+/// [`Lane`]).
+struct StreamJobs<'a> {
+    first: JobPacker<'a>,
+    /// Jobs the first lane has still to give.
+    first_left: usize,
+    second: Option<(JobPacker<'a>, Lane)>,
+    /// Flips before each job: the first job is the first lane's.
+    first_turn: bool,
+}
+
+impl<'a> StreamJobs<'a> {
+    fn new(reads: &'a [Extent], lanes: bool) -> StreamJobs<'a> {
+        let first = JobPacker::new(reads);
+        let mut jobs = StreamJobs { first: first.clone(), first_left: usize::MAX, second: None, first_turn: false };
+        if lanes {
+            let count = first.clone().count_jobs();
+            if count >= 2 * MIN_LANE_JOBS {
+                let first_jobs = count.div_ceil(2);
+                let mut rest = first;
+                for _ in 0..first_jobs {
+                    rest.next_job();
+                }
+                jobs.second = Some((rest, Lane::Second { first_seq: first_jobs as u64 }));
+                jobs.first_left = first_jobs;
+            }
+        }
+        jobs
+    }
+
+    fn next_first(&mut self) -> Option<(Vec<Extent>, Lane)> {
+        if self.first_left == 0 {
+            return None;
+        }
+        let extents = self.first.next_job()?;
+        self.first_left -= 1;
+        Some((extents, Lane::First))
+    }
+
+    fn next_second(&mut self) -> Option<(Vec<Extent>, Lane)> {
+        let (packer, lane) = self.second.as_mut()?;
+        Some((packer.next_job()?, *lane))
+    }
+}
+
+impl Iterator for StreamJobs<'_> {
+    type Item = (Vec<Extent>, Lane);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.first_turn = !self.first_turn;
+        if self.first_turn {
+            self.next_first().or_else(|| self.next_second())
+        } else {
+            self.next_second().or_else(|| self.next_first())
+        }
+    }
+}
+
+/// Reads the bytes of one job.
+fn read_job(
+    source: &Disk,
+    plan: &streams::StreamPlan,
+    stream: usize,
+    extents: Vec<Extent>,
+    lane: Lane,
+) -> Result<ReadJob> {
+    cancel::check("reading the source")?;
+    let len: u64 = extents.iter().map(|e| e.1).sum();
+    let mut buf = vec![0u8; len as usize];
+    let mut at = 0usize;
+    for &(offset, n) in &extents {
+        source.read_bulk_at(&mut buf[at..at + n as usize], offset).map_err(|e| e.with_note(&plan.describe()))?;
+        at += n as usize;
+    }
+    Ok(ReadJob { stream, extents, buf, skip_zero: plan.skip_zero, lane })
+}
+
+/// Packs a stream's reads into jobs: pieces that end on multiples of
+/// CHUNK_SIZE, as many as fit in CHUNK_SIZE bytes and MAX_EXTENTS extents,
+/// adjacent pieces merged into one extent.
+#[derive(Clone)]
+struct JobPacker<'a> {
+    reads: &'a [(u64, u64)],
+    /// The read being packed and how much of it is packed already.
+    read: usize,
+    done: u64,
+}
+
+impl<'a> JobPacker<'a> {
+    fn new(reads: &'a [(u64, u64)]) -> JobPacker<'a> {
+        JobPacker { reads, read: 0, done: 0 }
+    }
+
+    /// The next piece, without taking it.
+    fn peek(&mut self) -> Option<(u64, u64)> {
+        while let Some(&(start, len)) = self.reads.get(self.read) {
+            if self.done < len {
+                let pos = start + self.done;
+                let boundary = (pos / CHUNK_SIZE as u64 + 1) * CHUNK_SIZE as u64;
+                return Some((pos, boundary.min(start + len) - pos));
+            }
+            self.read += 1;
+            self.done = 0;
+        }
+        None
+    }
+
+    /// The extents of the next job.
+    fn next_job(&mut self) -> Option<Vec<Extent>> {
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut len = 0u64;
+        while let Some((offset, piece)) = self.peek() {
+            if !extents.is_empty() && (len + piece > CHUNK_SIZE as u64 || extents.len() >= MAX_EXTENTS as usize) {
+                break;
+            }
+            self.done += piece;
+            len += piece;
+            match extents.last_mut() {
+                Some(last) if last.0 + last.1 == offset => last.1 += piece,
+                _ => extents.push((offset, piece)),
+            }
+        }
+        (!extents.is_empty()).then_some(extents)
+    }
+
+    fn count_jobs(mut self) -> usize {
+        std::iter::from_fn(|| self.next_job()).count()
+    }
 }
 
 /// Splits `[start, start+len)` into pieces that end on multiples of `step`.
@@ -306,10 +441,10 @@ pub(crate) fn kept_content(job: ReadJob) -> (Vec<Extent>, Vec<u8>) {
 
 pub(crate) fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     let read_len = job.buf.len() as u64;
-    let stream = job.stream;
+    let (stream, lane) = (job.stream, job.lane);
     let (extents, content) = kept_content(job);
     if content.is_empty() {
-        return Ok(Encoded { stream, read_len, chunk: None });
+        return Ok(Encoded { stream, lane, read_len, chunk: None });
     }
     let content_hash = *blake3::hash(&content).as_bytes();
     let raw_len = content.len() as u32;
@@ -321,7 +456,7 @@ pub(crate) fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     let compressed = compress(&content, level)?;
     let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content) };
     let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
-    Ok(Encoded { stream, read_len, chunk: Some(chunk) })
+    Ok(Encoded { stream, lane, read_len, chunk: Some(chunk) })
 }
 
 /// zstd's window: a whole chunk. Matches may then reach back anywhere in
@@ -400,7 +535,13 @@ fn is_zero(b: &[u8]) -> bool {
 /// at disk offset `offset`; returns the extents kept and their bytes.
 #[cfg(test)]
 fn drop_zero_runs(offset: u64, buf: Vec<u8>) -> (Vec<Extent>, Vec<u8>) {
-    kept_content(ReadJob { stream: 0, extents: vec![(offset, buf.len() as u64)], buf, skip_zero: true })
+    kept_content(ReadJob {
+        stream: 0,
+        extents: vec![(offset, buf.len() as u64)],
+        buf,
+        skip_zero: true,
+        lane: Lane::First,
+    })
 }
 
 /// The byte ranges of `buf`, read at disk offset `offset`, that stay: all
@@ -459,6 +600,87 @@ mod tests {
             .collect()
     }
 
+    /// The jobs of `reads` as the packing rules make them, written out
+    /// piece by piece.
+    fn jobs_by_pieces(reads: &[Extent]) -> Vec<Vec<Extent>> {
+        let mut jobs: Vec<Vec<Extent>> = Vec::new();
+        let mut cur: Vec<Extent> = Vec::new();
+        let mut len = 0;
+        for &(start, n) in reads {
+            for (offset, piece) in pieces(start, n, CHUNK_SIZE as u64) {
+                if !cur.is_empty() && (len + piece > CHUNK_SIZE as u64 || cur.len() >= MAX_EXTENTS as usize) {
+                    jobs.push(std::mem::take(&mut cur));
+                    len = 0;
+                }
+                match cur.last_mut() {
+                    Some(last) if last.0 + last.1 == offset => last.1 += piece,
+                    _ => cur.push((offset, piece)),
+                }
+                len += piece;
+            }
+        }
+        if !cur.is_empty() {
+            jobs.push(cur);
+        }
+        jobs
+    }
+
+    const C: u64 = CHUNK_SIZE as u64;
+
+    /// Reads like a filesystem's: adjacent ranges, ranges across chunk
+    /// boundaries, thousands of small scattered blocks, one huge range.
+    fn fs_like_reads() -> Vec<Extent> {
+        let mut reads = vec![(4096, 3 << 20), ((3 << 20) + 4096, C), (3 * C - 4096, 8192)];
+        reads.extend((0..10_000u64).map(|i| (4 * C + i * 1024, 512)));
+        reads.push((20 * C + 512, 5 * C + 100));
+        reads
+    }
+
+    #[test]
+    fn jobs_are_packed_by_chunk_boundaries_size_and_extent_count() {
+        let reads = fs_like_reads();
+        let jobs: Vec<Vec<Extent>> = StreamJobs::new(&reads, false)
+            .map(|(e, lane)| {
+                assert_eq!(lane, Lane::First);
+                e
+            })
+            .collect();
+        assert_eq!(jobs, jobs_by_pieces(&reads));
+        // The scattered blocks fill one job up to the extent limit.
+        assert!(jobs.iter().any(|j| j.len() == MAX_EXTENTS as usize), "no job reached the extent limit");
+        assert!(jobs.iter().all(|j| j.iter().map(|e| e.1).sum::<u64>() <= C));
+        // Nothing read twice or left out.
+        let total: u64 = jobs.iter().flatten().map(|e| e.1).sum();
+        assert_eq!(total, reads.iter().map(|r| r.1).sum::<u64>());
+    }
+
+    #[test]
+    fn two_lanes_alternate_and_split_the_jobs_in_disk_order() {
+        let reads = fs_like_reads();
+        let single = jobs_by_pieces(&reads);
+        assert!(single.len() >= 7, "{} jobs", single.len());
+        let first_jobs = single.len().div_ceil(2);
+        let laned: Vec<(Vec<Extent>, Lane)> = StreamJobs::new(&reads, true).collect();
+        // First lane, second lane, first lane, ...: the first lane has one
+        // more job when the count is odd, so it gives the last one.
+        assert_eq!(laned.len(), single.len());
+        for (i, (_, lane)) in laned.iter().enumerate() {
+            let expected = if i % 2 == 0 { Lane::First } else { Lane::Second { first_seq: first_jobs as u64 } };
+            assert_eq!(*lane, expected, "job {i}");
+        }
+        // Each lane in disk order; the first lane, then the second, are the
+        // jobs of one lane exactly.
+        let firsts = laned.iter().filter(|(_, l)| *l == Lane::First).map(|(e, _)| e.clone());
+        let seconds = laned.iter().filter(|(_, l)| *l != Lane::First).map(|(e, _)| e.clone());
+        assert_eq!(firsts.clone().count(), first_jobs);
+        assert_eq!(firsts.chain(seconds).collect::<Vec<_>>(), single);
+        // Too few jobs for two lanes of at least MIN_LANE_JOBS: one lane.
+        let short = [(0, (2 * MIN_LANE_JOBS as u64 - 1) * C)];
+        assert!(StreamJobs::new(&short, true).all(|(_, l)| l == Lane::First));
+        let enough = [(0, 2 * MIN_LANE_JOBS as u64 * C)];
+        assert!(StreamJobs::new(&enough, true).any(|(_, l)| l != Lane::First));
+    }
+
     #[test]
     fn incompressible_chunks_are_recognised_by_samples() {
         let text: Vec<u8> =
@@ -472,7 +694,13 @@ mod tests {
         // Too small to judge by samples: compressed as usual.
         assert!(!looks_incompressible(&random(64 << 10)));
         // Incompressible content is stored as is, and reads back.
-        let job = ReadJob { stream: 0, extents: vec![(0, 4 << 20)], buf: random(4 << 20), skip_zero: false };
+        let job = ReadJob {
+            stream: 0,
+            extents: vec![(0, 4 << 20)],
+            buf: random(4 << 20),
+            skip_zero: false,
+            lane: Lane::First,
+        };
         let chunk = encode(job, 3).unwrap().chunk.unwrap();
         assert_eq!(chunk.flags, 0);
         assert_eq!(chunk.payload, random(4 << 20));
@@ -507,7 +735,7 @@ mod tests {
         let c = random(70 << 10);
         let extents = vec![(1 << 20, a.len() as u64), (8 << 20, b.len() as u64), ((9 << 20) + 512, c.len() as u64)];
         let buf = [&a[..], &b[..], &c[..]].concat();
-        let (ext, content) = kept_content(ReadJob { stream: 0, extents, buf, skip_zero: true });
+        let (ext, content) = kept_content(ReadJob { stream: 0, extents, buf, skip_zero: true, lane: Lane::First });
         assert_eq!(ext, vec![(1 << 20, 100 << 10), ((1 << 20) + (300 << 10), 100 << 10), ((9 << 20) + 512, 70 << 10)]);
         assert_eq!(content, [&a[..100 << 10], &a[300 << 10..], &c[..]].concat());
         assert_eq!(content.len(), (200 << 10) + (70 << 10));

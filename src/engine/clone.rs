@@ -103,7 +103,8 @@ fn copy_all(
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),
-        |send| read_jobs(source, streams, order, send),
+        // One lane: the target is written in disk order.
+        |send| read_jobs(source, streams, order, false, send),
         |job: ReadJob| {
             let (stream, read_len) = (job.stream, job.buf.len() as u64);
             let (extents, content) = kept_content(job);

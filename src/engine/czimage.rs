@@ -23,9 +23,9 @@ use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_strea
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
-use crate::image::ImageWriter;
 use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
+use crate::image::{ImageWriter, Lane};
 use crate::table::TableKind;
 use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
@@ -223,6 +223,7 @@ impl CzSource {
                     extents: Vec::new(),
                     buf: Vec::with_capacity(CHUNK_SIZE as usize),
                     skip_zero,
+                    lane: Lane::First,
                 });
                 j.buf.extend_from_slice(bytes);
                 match j.extents.last_mut() {

@@ -9,4 +9,4 @@ pub mod writer;
 
 pub use manifest::{Fill, Manifest, StreamInfo, StreamKind};
 pub use reader::{ImageReader, StoredChunk};
-pub use writer::{EncodedChunk, ImageWriter, StreamWriter};
+pub use writer::{EncodedChunk, ImageWriter, Lane, StreamWriter};

@@ -2,11 +2,10 @@
 //! final (fsync, rename) only when complete.
 
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, ChunkHeader, Extent, IndexEntry};
+use super::format::{self, ChunkHeader, Extent, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, IndexEntry};
 use super::manifest::{FileInfo, Manifest};
 use crate::device::direct::{self, DirectWriter, WriteError};
 use crate::error::{Error, Result};
@@ -61,21 +60,23 @@ impl ImageWriter {
     /// Starts writing stream number `stream` named `name`.
     pub fn stream(&self, stream: u32, name: &str) -> Result<StreamWriter> {
         let idx_path = self.partial_dir.join(format::index_file_name(name));
-        let idx_file = File::create(&idx_path).map_err(|e| Error::io("creating", &idx_path, None, e))?;
-        let mut idx = BufWriter::with_capacity(1 << 16, idx_file);
-        idx.write_all(&format::encode_index_header(stream, 0))
+        let idx = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&idx_path)
+            .map_err(|e| Error::io("creating", &idx_path, None, e))?;
+        idx.write_all_at(&format::encode_index_header(stream, 0), 0)
             .map_err(|e| Error::io("writing", &idx_path, Some(0), e))?;
         Ok(StreamWriter {
             dir: self.partial_dir.clone(),
             name: name.to_string(),
             stream,
             split_size: self.split_size,
-            file: None,
-            file_off: 0,
-            files: Vec::new(),
             idx,
             idx_path,
-            seq: 0,
+            first: LaneFiles::new(0),
+            second: None,
             stored_bytes: 0,
         })
     }
@@ -132,6 +133,26 @@ pub struct StreamFiles {
     pub compressed_bytes: u64,
 }
 
+/// Which run of a stream's chunks a chunk belongs to.
+///
+/// A backup may read a stream's second half at the same time as its first
+/// (see `engine::backup`). The image still holds one sequence of chunks in
+/// disk order: the second lane's chunks are numbered from `first_seq`, the
+/// number of chunks in the first lane, and its data files are numbered
+/// after the first lane's when the stream is finished. So the image is laid
+/// out exactly as if the stream had been written in one go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// From the stream's start.
+    First,
+    /// From chunk number `first_seq` to the stream's end.
+    Second {
+        /// Number of the lane's first chunk: how many chunks the first lane
+        /// holds.
+        first_seq: u64,
+    },
+}
+
 /// One stream being written: chunk records into split data files, their
 /// index entries into the index file.
 #[derive(Debug)]
@@ -140,15 +161,51 @@ pub struct StreamWriter {
     name: String,
     stream: u32,
     split_size: u64,
+    idx: File,
+    idx_path: PathBuf,
+    first: LaneFiles,
+    second: Option<LaneFiles>,
+    stored_bytes: u64,
+}
+
+/// The data files of one lane of a stream.
+#[derive(Debug)]
+struct LaneFiles {
+    /// Number of the lane's next chunk.
+    next_seq: u64,
+    /// Number of the lane's first chunk.
+    first_seq: u64,
     /// The data file being written (past the page cache where the drive's
     /// filesystem allows: see [`DirectWriter`]) and its path.
     file: Option<(DirectWriter, PathBuf)>,
     file_off: u64,
     files: Vec<FileInfo>,
-    idx: BufWriter<File>,
-    idx_path: PathBuf,
-    seq: u64,
-    stored_bytes: u64,
+}
+
+impl LaneFiles {
+    fn new(first_seq: u64) -> LaneFiles {
+        LaneFiles { next_seq: first_seq, first_seq, file: None, file_off: 0, files: Vec::new() }
+    }
+
+    /// Finishes the data file being written, if any.
+    fn end_file(&mut self) -> Result<()> {
+        if let Some((w, path)) = self.file.take() {
+            let (f, len) = w.finish().map_err(|e| append_error(&path, e))?;
+            debug_assert_eq!(len, self.file_off);
+            // Written data need not stay in the page cache (the tail, or all
+            // of it where O_DIRECT was refused); a verify then reads the drive.
+            let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            self.files.push(FileInfo { name, size: self.file_off, blake3: None });
+        }
+        Ok(())
+    }
+}
+
+/// Name a data file of a stream's second lane has until the stream is
+/// finished and its final number is known.
+fn second_lane_file_name(stream: &str, n: u32) -> String {
+    format!("{}.second-lane", format::data_file_name(stream, n))
 }
 
 /// A compressed chunk ready to be written.
@@ -169,12 +226,31 @@ pub struct EncodedChunk {
 }
 
 impl StreamWriter {
-    /// Appends one chunk record.
+    /// Appends one chunk record to the stream (its first lane).
     pub fn write_chunk(&mut self, chunk: &EncodedChunk) -> Result<()> {
+        self.write_chunk_in(Lane::First, chunk)
+    }
+
+    /// Appends one chunk record to lane `lane` of the stream.
+    pub fn write_chunk_in(&mut self, lane: Lane, chunk: &EncodedChunk) -> Result<()> {
+        let lane_files = match lane {
+            Lane::First => &mut self.first,
+            Lane::Second { first_seq } => {
+                let l = self.second.get_or_insert_with(|| LaneFiles::new(first_seq));
+                if l.first_seq != first_seq {
+                    return Err(Error::Corrupt(format!(
+                        "the image being written is inconsistent (a bug in klon): stream {} got a second lane starting at chunk {first_seq} after one starting at {}",
+                        self.name, l.first_seq
+                    )));
+                }
+                l
+            }
+        };
+        let seq = lane_files.next_seq;
         let header = ChunkHeader {
             stream: self.stream,
             flags: chunk.flags,
-            seq: self.seq,
+            seq,
             extents: chunk.extents.clone(),
             raw_len: chunk.raw_len,
             stored_len: chunk.payload.len() as u32,
@@ -183,23 +259,30 @@ impl StreamWriter {
         };
         let (head, header_crc) = header.encode();
         let record_len = (head.len() + chunk.payload.len()) as u64;
-        if self.file.is_some() && self.file_off + record_len > self.split_size {
-            self.end_file()?;
+        if lane_files.file.is_some() && lane_files.file_off + record_len > self.split_size {
+            lane_files.end_file()?;
         }
-        if self.file.is_none() {
-            // Files are numbered in the order they are made.
-            let path = self.dir.join(format::data_file_name(&self.name, self.files.len() as u32));
+        if lane_files.file.is_none() {
+            // Files are numbered in the order they are made (the second
+            // lane's get their numbers when the stream is finished).
+            let n = lane_files.files.len() as u32;
+            let name = match lane {
+                Lane::First => format::data_file_name(&self.name, n),
+                Lane::Second { .. } => second_lane_file_name(&self.name, n),
+            };
+            let path = self.dir.join(name);
             let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
             let appender = DirectWriter::new(f, direct::open_for_writing(&path), DATA_WRITE_BUF)
                 .map_err(|e| Error::io("opening", &path, None, e))?;
-            self.file = Some((appender, path));
-            self.file_off = 0;
+            lane_files.file = Some((appender, path));
+            lane_files.file_off = 0;
         }
-        let (w, path) = self.file.as_mut().expect("file open");
-        let at = self.file_off;
+        let (w, path) = lane_files.file.as_mut().expect("file open");
+        let at = lane_files.file_off;
         w.append(&head).and_then(|()| w.append(&chunk.payload)).map_err(|e| append_error(path, e))?;
+        // The second lane's file numbers are made final in `finish`.
         let entry = IndexEntry {
-            file: self.files.len() as u32,
+            file: lane_files.files.len() as u32,
             extent_count: chunk.extents.len() as u32,
             offset: at,
             raw_len: chunk.raw_len,
@@ -208,52 +291,165 @@ impl StreamWriter {
             payload_crc: chunk.payload_crc,
             content_hash: chunk.content_hash,
         };
-        self.idx.write_all(&entry.encode()).map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
-        self.file_off += record_len;
-        self.seq += 1;
+        let entry_at = (INDEX_HEADER_LEN + INDEX_ENTRY_LEN * seq as usize) as u64;
+        self.idx
+            .write_all_at(&entry.encode(), entry_at)
+            .map_err(|e| Error::io("writing", &self.idx_path, Some(entry_at), e))?;
+        lane_files.file_off += record_len;
+        lane_files.next_seq += 1;
         self.stored_bytes += chunk.raw_len as u64;
         Ok(())
     }
 
-    /// Finishes the data file being written, if any (written, flushed to
+    /// Finishes the data files being written, if any (written, flushed to
     /// stable storage): a later chunk starts the next one. The engine ends
-    /// a stream's file when the next stream begins, so that only one
+    /// a stream's files when the next stream begins, so that only one
     /// stream's buffers are held at a time.
     pub fn end_file(&mut self) -> Result<()> {
-        if let Some((w, path)) = self.file.take() {
-            let (f, len) = w.finish().map_err(|e| append_error(&path, e))?;
-            debug_assert_eq!(len, self.file_off);
-            // Written data need not stay in the page cache (the tail, or all
-            // of it where O_DIRECT was refused); a verify then reads the drive.
-            let _ = nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            self.files.push(FileInfo { name, size: self.file_off, blake3: None });
+        self.first.end_file()?;
+        if let Some(second) = &mut self.second {
+            second.end_file()?;
         }
         Ok(())
     }
 
     /// Closes the stream's files and returns what the manifest records.
+    /// A second lane's files are renamed to follow the first lane's, and
+    /// its index entries point at them by those numbers.
     pub fn finish(mut self) -> Result<StreamFiles> {
         self.end_file()?;
-        let mut idx = self.idx.into_inner().map_err(|e| Error::io("writing", &self.idx_path, None, e.into_error()))?;
-        idx.seek(SeekFrom::Start(0)).map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
-        idx.write_all_at(&format::encode_index_header(self.stream, self.seq), 0)
-            .map_err(|e| Error::io("writing", &self.idx_path, Some(0), e))?;
-        idx.sync_all().map_err(|e| Error::io("flushing", &self.idx_path, None, e))?;
-        drop(idx);
-        let bytes = std::fs::read(&self.idx_path).map_err(|e| Error::io("reading back", &self.idx_path, None, e))?;
+        let mut files = std::mem::take(&mut self.first.files);
+        let mut chunks = self.first.next_seq;
+        let first_files = files.len() as u32;
+        let mut renumber = None;
+        if let Some(second) = self.second.take() {
+            if second.first_seq != chunks {
+                return Err(Error::Corrupt(format!(
+                    "the image being written is inconsistent (a bug in klon): the first lane of stream {} holds {chunks} chunks, but the second starts at chunk {}",
+                    self.name, second.first_seq
+                )));
+            }
+            for (i, mut f) in second.files.into_iter().enumerate() {
+                let from = self.dir.join(&f.name);
+                let name = format::data_file_name(&self.name, first_files + i as u32);
+                let to = self.dir.join(&name);
+                std::fs::rename(&from, &to).map_err(|e| Error::io("renaming data file to", &to, None, e))?;
+                f.name = name;
+                files.push(f);
+            }
+            renumber = Some(second.first_seq..second.next_seq);
+            chunks = second.next_seq;
+        }
+        let len = INDEX_HEADER_LEN + INDEX_ENTRY_LEN * chunks as usize;
+        let mut bytes = vec![0u8; len];
+        self.idx.read_exact_at(&mut bytes, 0).map_err(|e| Error::io("reading back", &self.idx_path, None, e))?;
+        bytes[..INDEX_HEADER_LEN].copy_from_slice(&format::encode_index_header(self.stream, chunks));
+        for seq in renumber.into_iter().flatten() {
+            let at = INDEX_HEADER_LEN + INDEX_ENTRY_LEN * seq as usize;
+            let file = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) + first_files;
+            bytes[at..at + 4].copy_from_slice(&file.to_le_bytes());
+        }
+        self.idx.write_all_at(&bytes, 0).map_err(|e| Error::io("writing", &self.idx_path, Some(0), e))?;
+        self.idx.set_len(len as u64).map_err(|e| Error::io("writing", &self.idx_path, None, e))?;
+        self.idx.sync_all().map_err(|e| Error::io("flushing", &self.idx_path, None, e))?;
         let index = FileInfo {
             name: format::index_file_name(&self.name),
             size: bytes.len() as u64,
             blake3: Some(blake3::hash(&bytes).to_hex().to_string()),
         };
-        let compressed_bytes = self.files.iter().map(|f| f.size).sum();
-        Ok(StreamFiles {
-            index,
-            data_files: self.files,
-            chunks: self.seq,
-            stored_bytes: self.stored_bytes,
-            compressed_bytes,
-        })
+        let compressed_bytes = files.iter().map(|f| f.size).sum();
+        Ok(StreamFiles { index, data_files: files, chunks, stored_bytes: self.stored_bytes, compressed_bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+    use format::{CHUNK_HEADER_LEN, EXTENT_LEN};
+
+    /// Chunk number `i`: 1000 bytes at disk offset i MiB, stored as is.
+    fn chunk(i: u64) -> EncodedChunk {
+        let payload: Vec<u8> = (0..1000u64).map(|b| (b * 7 + i * 13) as u8).collect();
+        EncodedChunk {
+            extents: vec![(i << 20, 1000)],
+            raw_len: 1000,
+            flags: 0,
+            payload_crc: crc32fast::hash(&payload),
+            content_hash: *blake3::hash(&payload).as_bytes(),
+            payload,
+        }
+    }
+
+    const RECORD: u64 = (CHUNK_HEADER_LEN + EXTENT_LEN + 1000) as u64;
+
+    #[test]
+    fn two_lanes_make_one_stream_in_disk_order() {
+        let t = TempDir::new("lanes");
+        // Two records a file: each lane is split into several files.
+        let w = ImageWriter::create(&t.join("img"), 2 * RECORD + 10).unwrap();
+        let mut s = w.stream(1, "p1").unwrap();
+        let second = Lane::Second { first_seq: 5 };
+        for i in 0..5 {
+            s.write_chunk_in(Lane::First, &chunk(i)).unwrap();
+            if i < 4 {
+                s.write_chunk_in(second, &chunk(5 + i)).unwrap();
+            }
+        }
+        let files = s.finish().unwrap();
+        assert_eq!(files.chunks, 9);
+        // Files numbered one after another: the first lane's three, then
+        // the second lane's two; no lane names left behind.
+        let names: Vec<&str> = files.data_files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["p1.000", "p1.001", "p1.002", "p1.003", "p1.004"]);
+        let dir = w.partial_dir();
+        let mut on_disk: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        on_disk.sort();
+        assert_eq!(on_disk, ["p1.000", "p1.001", "p1.002", "p1.003", "p1.004", "p1.idx"]);
+        // The index lists chunks 0..9 in disk order; each entry points at a
+        // record with that sequence number and those extents, and the
+        // records of each file follow each other from 0 to its end.
+        let idx = std::fs::read(dir.join("p1.idx")).unwrap();
+        assert_eq!(idx.len(), INDEX_HEADER_LEN + 9 * INDEX_ENTRY_LEN);
+        assert_eq!(files.index.blake3.as_deref(), Some(blake3::hash(&idx).to_hex().as_str()));
+        assert_eq!(format::decode_index_header(&idx, "test").unwrap(), (1, 9));
+        let mut ends = vec![0u64; names.len()];
+        for seq in 0..9u64 {
+            let at = INDEX_HEADER_LEN + INDEX_ENTRY_LEN * seq as usize;
+            let e = IndexEntry::decode(&idx[at..at + INDEX_ENTRY_LEN]);
+            assert_eq!(e.offset, ends[e.file as usize], "chunk {seq}: records of a file must follow each other");
+            let data = std::fs::read(dir.join(names[e.file as usize])).unwrap();
+            let rec = &data[e.offset as usize..(e.offset + e.record_len()) as usize];
+            let head_len = CHUNK_HEADER_LEN + EXTENT_LEN;
+            let (h, crc) = ChunkHeader::decode(&rec[..head_len], "test").unwrap();
+            assert_eq!((h.seq, h.extents.clone(), crc), (seq, chunk(seq).extents, e.header_crc));
+            assert_eq!(&rec[head_len..], chunk(seq).payload.as_slice());
+            ends[e.file as usize] += e.record_len();
+        }
+        for (f, end) in files.data_files.iter().zip(&ends) {
+            assert_eq!(f.size, *end, "{} holds more than its records", f.name);
+            assert_eq!(std::fs::metadata(dir.join(&f.name)).unwrap().len(), *end);
+        }
+        w.abandon().unwrap();
+    }
+
+    #[test]
+    fn lanes_that_do_not_meet_are_refused() {
+        let t = TempDir::new("lanes-gap");
+        let w = ImageWriter::create(&t.join("img"), 1 << 30).unwrap();
+        // The first lane ends at chunk 2, the second starts at 3.
+        let mut s = w.stream(0, "p1").unwrap();
+        s.write_chunk_in(Lane::First, &chunk(0)).unwrap();
+        s.write_chunk_in(Lane::Second { first_seq: 3 }, &chunk(3)).unwrap();
+        s.write_chunk_in(Lane::First, &chunk(1)).unwrap();
+        let e = s.finish().unwrap_err().to_string();
+        assert!(e.contains("holds 2 chunks, but the second starts at chunk 3"), "{e}");
+        // A second lane cannot move.
+        let mut s = w.stream(1, "p2").unwrap();
+        s.write_chunk_in(Lane::Second { first_seq: 1 }, &chunk(1)).unwrap();
+        let e = s.write_chunk_in(Lane::Second { first_seq: 2 }, &chunk(2)).unwrap_err().to_string();
+        assert!(e.contains("second lane starting at chunk 2 after one starting at 1"), "{e}");
+        w.abandon().unwrap();
     }
 }
