@@ -11,6 +11,11 @@
 //! fresh page-cache pages ran at under 1 GB/s). So is a restore's or a
 //! clone's target, where that copy was about 8 s of CPU for 5.6 GiB.
 //!
+//! A backup reads into buffers of a [`BufPool`]: aligned, so the drive
+//! fills them without a bounce through another buffer, and reused, so no
+//! chunk's buffer is allocated and zeroed anew (together about 4 % of a
+//! backup's CPU).
+//!
 //! O_DIRECT wants the file offset, the length and the memory address aligned
 //! to the logical block size; [`ALIGN`] (4096) covers every sector size klon
 //! accepts. Reads and writes that are not aligned, and filesystems that
@@ -120,6 +125,92 @@ impl AlignedBuf {
     /// The buffer's bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.vec[self.start..self.start + self.len]
+    }
+}
+
+/// Bytes held in a Vec from some start: aligned for direct reads when taken
+/// from a [`BufPool`], from the Vec's first byte when made from a Vec.
+/// Dropped, a pooled buffer goes back to its pool, so the next one taken
+/// is neither allocated nor zeroed again.
+pub struct IoBuf {
+    vec: Vec<u8>,
+    start: usize,
+    len: usize,
+    pool: Option<Sender<Vec<u8>>>,
+}
+
+impl IoBuf {
+    /// Shortens the bytes to `len` (no-op if they are not longer).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Appends `bytes`. The bytes may move (and lose their alignment).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.vec.truncate(self.start + self.len);
+        self.vec.extend_from_slice(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl From<Vec<u8>> for IoBuf {
+    fn from(vec: Vec<u8>) -> IoBuf {
+        IoBuf { len: vec.len(), vec, start: 0, pool: None }
+    }
+}
+
+impl std::ops::Deref for IoBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.vec[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for IoBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.vec[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            // A full pool (or one no longer used) lets the buffer go.
+            let _ = pool.try_send(std::mem::take(&mut self.vec));
+        }
+    }
+}
+
+/// Buffers of up to `buf_len` bytes, aligned for direct reads, kept for
+/// reuse: at most `keep` wait in the pool, more may be out at a time.
+#[derive(Debug)]
+pub struct BufPool {
+    free: Receiver<Vec<u8>>,
+    give_back: Sender<Vec<u8>>,
+    buf_len: usize,
+}
+
+impl BufPool {
+    /// An empty pool.
+    pub fn new(keep: usize, buf_len: usize) -> BufPool {
+        let (give_back, free) = bounded(keep.max(1));
+        BufPool { free, give_back, buf_len }
+    }
+
+    /// A buffer of `len` bytes (at most the pool's buffer size) starting at
+    /// an aligned address. Its bytes are what the buffer held before (zeros
+    /// when new): the caller overwrites all of them.
+    pub fn take(&self, len: usize) -> IoBuf {
+        assert!(len <= self.buf_len, "a buffer of {len} bytes from a pool of {}", self.buf_len);
+        let vec = self.free.try_recv().unwrap_or_else(|_| vec![0u8; self.buf_len + ALIGN]);
+        let start = vec.as_ptr().align_offset(ALIGN);
+        IoBuf { vec, start, len, pool: Some(self.give_back.clone()) }
     }
 }
 
@@ -437,6 +528,34 @@ fn start_write_thread(sink: Sink) -> std::result::Result<WriteThread, Sink> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_buffers_are_aligned_and_reused() {
+        let pool = BufPool::new(2, 1 << 20);
+        let mut a = pool.take(1 << 20);
+        assert!((a.as_ptr() as usize).is_multiple_of(ALIGN));
+        assert_eq!(a.len(), 1 << 20);
+        a[..4].copy_from_slice(b"klon");
+        let addr = a.as_ptr();
+        drop(a);
+        // The same memory comes back, bytes as they were left.
+        let mut b = pool.take(4096);
+        assert_eq!((b.as_ptr(), b.len(), &b[..4]), (addr, 4096, &b"klon"[..]));
+        b.truncate(2);
+        assert_eq!(&b[..], b"kl");
+        b.truncate(100);
+        assert_eq!(b.len(), 2);
+        // A second buffer out at the same time is another one.
+        let c = pool.take(4096);
+        assert_ne!(c.as_ptr(), b.as_ptr());
+        // Bytes from a Vec: as they are, and they grow.
+        let mut v = IoBuf::from(b"abc".to_vec());
+        v.extend_from_slice(b"de");
+        assert_eq!(&v[..], b"abcde");
+        v.truncate(1);
+        v.extend_from_slice(b"z");
+        assert_eq!(&v[..], b"az");
+    }
 
     #[test]
     fn direct_reads_equal_buffered_reads_at_any_buffer_address() {

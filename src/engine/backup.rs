@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::pipeline;
 use super::{cancel, streams};
 use crate::device::Disk;
+use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{FileInfo, Manifest, SourceInfo};
@@ -71,7 +72,7 @@ pub(crate) struct ReadJob {
     /// Disk ranges the bytes of `buf` came from, in order.
     pub extents: Vec<Extent>,
     /// The bytes.
-    pub buf: Vec<u8>,
+    pub buf: IoBuf,
     /// Whether long zero runs may be left out.
     pub skip_zero: bool,
     /// Which lane of its stream the chunk goes to (see [`read_jobs`]).
@@ -245,12 +246,13 @@ pub(crate) fn read_jobs(
     lanes: bool,
     send: &mut dyn FnMut(ReadJob) -> bool,
 ) -> Result<()> {
+    let pool = BufPool::new(READ_BUFS_KEPT, CHUNK_SIZE as usize);
     for &si in order {
         let plan = &plans[si];
         // Zero runs may be left out of raw streams, so their jobs do not
         // map one to one to chunks: they are read in one lane.
         for (extents, lane) in StreamJobs::new(&plan.reads, lanes && !plan.skip_zero) {
-            if !send(read_job(source, plan, si, extents, lane)?) {
+            if !send(read_job(source, &pool, plan, si, extents, lane)?) {
                 return Ok(());
             }
         }
@@ -325,9 +327,15 @@ impl Iterator for StreamJobs<'_> {
     }
 }
 
-/// Reads the bytes of one job.
+/// Read buffers kept for reuse once their chunk is written: enough for
+/// every job in flight with 8 workers.
+const READ_BUFS_KEPT: usize = 24;
+
+/// Reads the bytes of one job into a buffer of `pool` (aligned: the drive
+/// reads straight into it; reused: not allocated or zeroed again).
 fn read_job(
     source: &Disk,
+    pool: &BufPool,
     plan: &streams::StreamPlan,
     stream: usize,
     extents: Vec<Extent>,
@@ -335,7 +343,7 @@ fn read_job(
 ) -> Result<ReadJob> {
     cancel::check("reading the source")?;
     let len: u64 = extents.iter().map(|e| e.1).sum();
-    let mut buf = vec![0u8; len as usize];
+    let mut buf = pool.take(len as usize);
     let mut at = 0usize;
     for &(offset, n) in &extents {
         source.read_bulk_at(&mut buf[at..at + n as usize], offset).map_err(|e| e.with_note(&plan.describe()))?;
@@ -416,7 +424,7 @@ pub fn pieces(start: u64, len: u64, step: u64) -> impl Iterator<Item = (u64, u64
 /// The extents and bytes a job keeps: all of it, or without its long zero
 /// runs when the stream allows that. The kept bytes are moved down within
 /// the job's own buffer: no copy when nothing is dropped, no new buffer.
-pub(crate) fn kept_content(job: ReadJob) -> (Vec<Extent>, Vec<u8>) {
+pub(crate) fn kept_content(job: ReadJob) -> (Vec<Extent>, IoBuf) {
     if !job.skip_zero {
         return (job.extents, job.buf);
     }
@@ -454,7 +462,7 @@ pub(crate) fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     // not make it smaller.
     let level = if looks_incompressible(&content) { level.min(1) } else { level };
     let compressed = compress(&content, level)?;
-    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed) } else { (0, content) };
+    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed.into()) } else { (0, content) };
     let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
     Ok(Encoded { stream, lane, read_len, chunk: Some(chunk) })
 }
@@ -535,13 +543,14 @@ fn is_zero(b: &[u8]) -> bool {
 /// at disk offset `offset`; returns the extents kept and their bytes.
 #[cfg(test)]
 fn drop_zero_runs(offset: u64, buf: Vec<u8>) -> (Vec<Extent>, Vec<u8>) {
-    kept_content(ReadJob {
+    let (extents, content) = kept_content(ReadJob {
         stream: 0,
         extents: vec![(offset, buf.len() as u64)],
-        buf,
+        buf: buf.into(),
         skip_zero: true,
         lane: Lane::First,
-    })
+    });
+    (extents, content.to_vec())
 }
 
 /// The byte ranges of `buf`, read at disk offset `offset`, that stay: all
@@ -697,13 +706,13 @@ mod tests {
         let job = ReadJob {
             stream: 0,
             extents: vec![(0, 4 << 20)],
-            buf: random(4 << 20),
+            buf: random(4 << 20).into(),
             skip_zero: false,
             lane: Lane::First,
         };
         let chunk = encode(job, 3).unwrap().chunk.unwrap();
         assert_eq!(chunk.flags, 0);
-        assert_eq!(chunk.payload, random(4 << 20));
+        assert_eq!(&chunk.payload[..], &random(4 << 20)[..]);
     }
 
     #[test]
@@ -735,9 +744,10 @@ mod tests {
         let c = random(70 << 10);
         let extents = vec![(1 << 20, a.len() as u64), (8 << 20, b.len() as u64), ((9 << 20) + 512, c.len() as u64)];
         let buf = [&a[..], &b[..], &c[..]].concat();
-        let (ext, content) = kept_content(ReadJob { stream: 0, extents, buf, skip_zero: true, lane: Lane::First });
+        let (ext, content) =
+            kept_content(ReadJob { stream: 0, extents, buf: buf.into(), skip_zero: true, lane: Lane::First });
         assert_eq!(ext, vec![(1 << 20, 100 << 10), ((1 << 20) + (300 << 10), 100 << 10), ((9 << 20) + 512, 70 << 10)]);
-        assert_eq!(content, [&a[..100 << 10], &a[300 << 10..], &c[..]].concat());
+        assert_eq!(content.to_vec(), [&a[..100 << 10], &a[300 << 10..], &c[..]].concat());
         assert_eq!(content.len(), (200 << 10) + (70 << 10));
     }
 

@@ -11,6 +11,7 @@ use super::streams::{self, PlanOptions, StreamPlan, describe};
 use super::target::{TargetWriter, check_fits, minus, write_disk, write_order};
 use super::{cancel, pipeline};
 use crate::device::Disk;
+use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::{Fill, StreamInfo};
@@ -110,7 +111,7 @@ fn copy_all(
             let (extents, content) = kept_content(job);
             Ok((stream, read_len, extents, content))
         },
-        |(stream, read_len, extents, content): (usize, u64, Vec<Extent>, Vec<u8>)| {
+        |(stream, read_len, extents, content): (usize, u64, Vec<Extent>, IoBuf)| {
             if !content.is_empty() {
                 out.write(stream, &extents, &content)?;
             }

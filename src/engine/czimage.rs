@@ -221,7 +221,7 @@ impl CzSource {
                 let j = job.get_or_insert_with(|| ReadJob {
                     stream: si,
                     extents: Vec::new(),
-                    buf: Vec::with_capacity(CHUNK_SIZE as usize),
+                    buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
                     skip_zero,
                     lane: Lane::First,
                 });
@@ -412,7 +412,7 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
                     progress.add_part(job.stream, job.buf.len() as u64);
                     if keep_hashes {
                         written_log.borrow_mut().push(if infos[job.stream].kind == StreamKind::Boot {
-                            Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf }
+                            Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf.to_vec() }
                         } else {
                             Written::Hash { stream: job.stream, extents: job.extents, hash }
                         });

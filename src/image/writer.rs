@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::format::{self, ChunkHeader, Extent, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, IndexEntry};
 use super::manifest::{FileInfo, Manifest};
-use crate::device::direct::{self, DirectWriter, WriteError};
+use crate::device::direct::{self, DirectWriter, IoBuf, WriteError};
 use crate::error::{Error, Result};
 
 /// Suffix of the directory an unfinished backup writes into.
@@ -218,7 +218,7 @@ pub struct EncodedChunk {
     /// FLAG_* bits.
     pub flags: u32,
     /// Stored bytes.
-    pub payload: Vec<u8>,
+    pub payload: IoBuf,
     /// crc32 of payload.
     pub payload_crc: u32,
     /// blake3 of content.
@@ -377,7 +377,7 @@ mod tests {
             flags: 0,
             payload_crc: crc32fast::hash(&payload),
             content_hash: *blake3::hash(&payload).as_bytes(),
-            payload,
+            payload: payload.into(),
         }
     }
 
@@ -424,7 +424,7 @@ mod tests {
             let head_len = CHUNK_HEADER_LEN + EXTENT_LEN;
             let (h, crc) = ChunkHeader::decode(&rec[..head_len], "test").unwrap();
             assert_eq!((h.seq, h.extents.clone(), crc), (seq, chunk(seq).extents, e.header_crc));
-            assert_eq!(&rec[head_len..], chunk(seq).payload.as_slice());
+            assert_eq!(&rec[head_len..], &chunk(seq).payload[..]);
             ends[e.file as usize] += e.record_len();
         }
         for (f, end) in files.data_files.iter().zip(&ends) {
