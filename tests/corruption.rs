@@ -118,6 +118,38 @@ fn damaged_manifest_index_or_checksum_file_is_caught() {
 }
 
 #[test]
+fn a_chunk_record_longer_than_klon_writes_is_refused_before_reading_it() {
+    // A consistent but forged image (checksums all made to match): the last
+    // record claims 9 MiB more payload, and its data file has them.
+    let t = TempDir::new("long-record");
+    let (_, img) = fresh_image(&t);
+    let grow = 9 * MIB;
+    let idx_path = img.join("disk.idx");
+    let mut idx = std::fs::read(&idx_path).unwrap();
+    let last = idx.len() - 64;
+    let stored = u32::from_le_bytes(idx[last + 20..last + 24].try_into().unwrap()) + grow as u32;
+    idx[last + 20..last + 24].copy_from_slice(&stored.to_le_bytes());
+    std::fs::write(&idx_path, &idx).unwrap();
+    let last_file = data_files(&img).pop().unwrap();
+    let size = std::fs::metadata(&last_file).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&last_file).unwrap();
+    f.set_len(size + grow).unwrap();
+    let manifest = img.join("klon.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let stream = &mut m["streams"][0];
+    assert_eq!(stream["name"], "disk");
+    stream["index"]["blake3"] = blake3::hash(&idx).to_hex().to_string().into();
+    let files = stream["data_files"].as_array_mut().unwrap();
+    let n = files.len();
+    files[n - 1]["size"] = (size + grow).into();
+    let text = serde_json::to_string_pretty(&m).unwrap() + "\n";
+    std::fs::write(&manifest, &text).unwrap();
+    std::fs::write(img.join("klon.json.b3"), format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex()))
+        .unwrap();
+    caught(&img, &t, "longer than any klon writes");
+}
+
+#[test]
 fn newer_format_version_is_refused_with_advice() {
     let t = TempDir::new("version");
     let (_, img) = fresh_image(&t);

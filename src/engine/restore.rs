@@ -14,6 +14,7 @@ use super::pipeline;
 use super::streams::describe;
 use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
 use crate::device::Disk;
+use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk};
@@ -126,7 +127,7 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
             let (stream, extents) = (c.stream, c.header.extents.clone());
             Ok((stream, extents, c.decode()?))
         },
-        |(stream, extents, content): (usize, Vec<Extent>, Vec<u8>)| {
+        |(stream, extents, content): (usize, Vec<Extent>, IoBuf)| {
             out.write(stream, &extents, &content)?;
             progress.add_part(stream, content.len() as u64);
             Ok(())
@@ -140,7 +141,13 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
 enum Check {
     /// Target bytes of a chunk's extents, and the image chunk when some of
     /// it must be compared byte by byte (parts were rewritten).
-    Chunk { stream: usize, header_hash: [u8; 32], extents: Vec<Extent>, bytes: Vec<u8>, image: Option<StoredChunk> },
+    Chunk {
+        stream: usize,
+        header_hash: [u8; 32],
+        extents: Vec<Extent>,
+        bytes: Vec<u8>,
+        image: Option<Box<StoredChunk>>,
+    },
     /// Target bytes that must be zero.
     Zero { stream: usize, offset: u64, bytes: Vec<u8> },
 }
@@ -190,7 +197,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                         bytes.extend_from_slice(&read_target(start, len)?);
                     }
                     let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
-                        Some(reader.read_chunk(si, seq as u64, e)?)
+                        Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
                     } else {
                         None
                     };
@@ -239,7 +246,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                             }
                         }
                         Some(chunk) => {
-                            let content = chunk.decode()?;
+                            let content = (*chunk).decode()?;
                             let mut pos = 0u64;
                             for &(start, len) in &extents {
                                 for (a, l) in minus(start, len, skip) {

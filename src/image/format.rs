@@ -30,6 +30,9 @@ pub const MAX_EXTENTS: u32 = 8192;
 
 /// Chunk flag: the payload is a zstd frame (otherwise stored as is).
 pub const FLAG_ZSTD: u32 = 1;
+/// Longest chunk record: a header with the most extents and a payload of
+/// a whole chunk.
+pub const MAX_RECORD_LEN: usize = CHUNK_HEADER_LEN + EXTENT_LEN * MAX_EXTENTS as usize + CHUNK_SIZE as usize;
 
 /// A byte range of the disk: (offset, length).
 pub type Extent = (u64, u64);

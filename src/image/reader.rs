@@ -5,9 +5,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, ChunkHeader, FLAG_ZSTD, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, IndexEntry};
+use super::format::{self, ChunkHeader, FLAG_ZSTD, INDEX_ENTRY_LEN, INDEX_HEADER_LEN, IndexEntry, MAX_RECORD_LEN};
 use super::manifest::{MANIFEST_NAME, Manifest, StreamInfo};
 use super::writer::{PARTIAL_SUFFIX, partial_dir_for};
+use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 
 /// An image opened for reading.
@@ -17,7 +18,13 @@ pub struct ImageReader {
     pub dir: PathBuf,
     /// Its checked manifest.
     pub manifest: Manifest,
+    /// Buffers for records and their content, reused.
+    bufs: BufPool,
 }
+
+/// Record and content buffers an [`ImageReader`] keeps for reuse: enough for
+/// every chunk in flight with 8 workers.
+const BUFS_KEPT: usize = 24;
 
 /// A chunk record read from a data file, not yet checked beyond its header.
 #[derive(Debug)]
@@ -27,8 +34,10 @@ pub struct StoredChunk {
     /// Its decoded header.
     pub header: ChunkHeader,
     /// The whole record as read; the payload is `record[payload_at..]`.
-    record: Vec<u8>,
+    record: IoBuf,
     payload_at: usize,
+    /// Where the content's buffer comes from.
+    bufs: BufPool,
     /// Where it was read from, for messages.
     pub location: String,
 }
@@ -41,26 +50,30 @@ impl StoredChunk {
 
     /// Checks the payload crc32, decompresses, checks the content blake3,
     /// and returns the content.
-    pub fn decode(self) -> Result<Vec<u8>> {
+    pub fn decode(self) -> Result<IoBuf> {
         let h = &self.header;
         if crc32fast::hash(self.payload()) != h.payload_crc {
             return Err(Error::Corrupt(format!("{}: stored data checksum (crc32) does not match", self.location)));
         }
         let content = if h.flags & FLAG_ZSTD != 0 {
-            let mut out = Vec::with_capacity(h.raw_len as usize);
-            DECOMPRESSOR
+            // The header said raw_len <= CHUNK_SIZE: the pool's buffers hold it.
+            let mut out = self.bufs.take(h.raw_len as usize);
+            let n = DECOMPRESSOR
                 .with(|d| {
                     let mut d = d.borrow_mut();
                     if d.is_none() {
                         *d = Some(zstd::bulk::Decompressor::new()?);
                     }
-                    d.as_mut().expect("created above").decompress_to_buffer(self.payload(), &mut out)
+                    d.as_mut().expect("created above").decompress_to_buffer(self.payload(), &mut out[..])
                 })
                 .map_err(|e| Error::Corrupt(format!("{}: data does not decompress: {e}", self.location)))?;
+            if n != out.len() {
+                return Err(Error::Corrupt(format!("{}: data decompresses to the wrong length", self.location)));
+            }
             out
         } else {
             let mut record = self.record;
-            record.drain(..self.payload_at);
+            record.skip_front(self.payload_at);
             record
         };
         if content.len() != h.raw_len as usize {
@@ -112,7 +125,7 @@ impl ImageReader {
             )));
         }
         let manifest = Manifest::load(dir)?;
-        let reader = ImageReader { dir: dir.to_path_buf(), manifest };
+        let reader = ImageReader { dir: dir.to_path_buf(), manifest, bufs: BufPool::new(BUFS_KEPT, MAX_RECORD_LEN) };
         reader.check_files()?;
         Ok(reader)
     }
@@ -247,12 +260,17 @@ impl ImageReader {
         let location = format!("{} at offset {} ({}, chunk {seq})", path.display(), e.offset, describe_stream(s));
         let header_len = e.record_len() - e.stored_len as u64;
         let len = if with_payload { e.record_len() } else { header_len };
-        let mut buf = vec![0u8; len as usize];
+        if !self.bufs.fits(len as usize) {
+            return Err(Error::Corrupt(format!(
+                "{location}: the index gives a chunk record longer than any klon writes"
+            )));
+        }
+        let mut buf = self.bufs.take(len as usize);
         f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
         let payload_at = header_len as usize;
         let (header, header_crc) = ChunkHeader::decode(&buf[..payload_at], &location)?;
         check_header_matches(&header, header_crc, e, stream, seq, s, &location)?;
-        Ok(StoredChunk { stream, header, record: buf, payload_at, location })
+        Ok(StoredChunk { stream, header, record: buf, payload_at, location, bufs: self.bufs.clone() })
     }
 }
 
