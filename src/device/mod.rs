@@ -188,13 +188,25 @@ impl Disk {
     /// opened again, so the result is used only if it is still the same
     /// device or file.
     pub fn open_for_direct_writes(&self) -> Option<File> {
-        let file = direct::open_for_writing(&self.path)?;
-        let meta = file.metadata().ok()?;
-        let same = match self.kind {
+        direct::open_for_writing(&self.path).filter(|f| self.is_opened_by(f))
+    }
+
+    /// Opens this disk a second time for direct reads, as a source is (see
+    /// [`Disk::read_bulk_at`]): a restore's read-back then reads what the
+    /// drive holds, past the page cache. Kept only if the path still leads
+    /// to the same device or file.
+    pub fn enable_direct_reads(&mut self) {
+        self.direct = direct::open(&self.path).filter(|f| self.is_opened_by(f));
+    }
+
+    /// Whether `file` is this disk: the same block device (rdev), or the
+    /// same file (device and inode).
+    fn is_opened_by(&self, file: &File) -> bool {
+        let Ok(meta) = file.metadata() else { return false };
+        match self.kind {
             DiskKind::BlockDevice => meta.file_type().is_block_device() && meta.rdev() == self.dev,
             DiskKind::File => meta.file_type().is_file() && meta.dev() == self.dev && meta.ino() == self.ino,
-        };
-        same.then_some(file)
+        }
     }
 
     /// Writes all of `buf` at `offset`.

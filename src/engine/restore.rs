@@ -14,7 +14,7 @@ use super::pipeline;
 use super::streams::describe;
 use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
 use crate::device::Disk;
-use crate::device::direct::IoBuf;
+use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk};
@@ -63,6 +63,7 @@ pub fn prepare(image_dir: &Path, target_path: &Path) -> Result<RestorePlan> {
     let mut target = Disk::open_target(target_path, Some(m.source.size))?;
     check_fits(&mut target, m.source.size, m.layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image_dir))?;
+    target.enable_direct_reads();
     Ok(RestorePlan { reader, target })
 }
 
@@ -141,16 +142,14 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
 enum Check {
     /// Target bytes of a chunk's extents, and the image chunk when some of
     /// it must be compared byte by byte (parts were rewritten).
-    Chunk {
-        stream: usize,
-        header_hash: [u8; 32],
-        extents: Vec<Extent>,
-        bytes: Vec<u8>,
-        image: Option<Box<StoredChunk>>,
-    },
+    Chunk { stream: usize, header_hash: [u8; 32], extents: Vec<Extent>, bytes: IoBuf, image: Option<Box<StoredChunk>> },
     /// Target bytes that must be zero.
-    Zero { stream: usize, offset: u64, bytes: Vec<u8> },
+    Zero { stream: usize, offset: u64, bytes: IoBuf },
 }
+
+/// Target buffers the read-back keeps for reuse: enough for every chunk in
+/// flight with 8 workers.
+const READ_BACK_BUFS_KEPT: usize = 24;
 
 /// Reads back everything the restore wrote and compares it with the image.
 fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &RestoreOptions) -> Result<()> {
@@ -161,9 +160,16 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
         .sum();
     let mut progress = Progress::new("read-back", total, opts.quiet);
-    let read_target = |offset: u64, len: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len as usize];
-        target.read_exact_at(&mut buf, offset)?;
+    // Reused buffers, read into in place (past the page cache where the
+    // target allows it).
+    let bufs = BufPool::new(READ_BACK_BUFS_KEPT, CHUNK_SIZE as usize);
+    let read_target = |extents: &[Extent]| -> Result<IoBuf> {
+        let mut buf = bufs.take(extents.iter().map(|e| e.1 as usize).sum());
+        let mut at = 0;
+        for &(offset, len) in extents {
+            target.read_bulk_at(&mut buf[at..at + len as usize], offset)?;
+            at += len as usize;
+        }
         Ok(buf)
     };
     pipeline::run(
@@ -179,7 +185,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                         return Ok(true);
                     }
                     for (off, len) in super::backup::pieces(from, to.saturating_sub(from), CHUNK_SIZE as u64) {
-                        if !send(Check::Zero { stream: si, offset: off, bytes: read_target(off, len)? }) {
+                        if !send(Check::Zero { stream: si, offset: off, bytes: read_target(&[(off, len)])? }) {
                             return Ok(false);
                         }
                     }
@@ -192,10 +198,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
-                    let mut bytes = Vec::with_capacity(header.raw_len as usize);
-                    for &(start, len) in &header.extents {
-                        bytes.extend_from_slice(&read_target(start, len)?);
-                    }
+                    let bytes = read_target(&header.extents)?;
                     let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
                         Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
                     } else {
@@ -272,4 +275,61 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
     )?;
     progress.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backup::{BackupOptions, DEFAULT_SPLIT, backup};
+    use crate::testutil::{Rng, TempDir};
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    fn poke(path: &Path, offset: u64, byte: u8) -> u8 {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut old = [0u8];
+        f.read_exact_at(&mut old, offset).unwrap();
+        f.write_all_at(&[byte], offset).unwrap();
+        f.sync_all().unwrap();
+        old[0]
+    }
+
+    #[test]
+    fn read_back_catches_changed_content_and_non_zero_gaps() {
+        let t = TempDir::new("read-back");
+        let (src, img, dst) = (t.join("src.img"), t.join("image"), t.join("dst.img"));
+        // A disk without a table: one raw stream whose zero runs are left
+        // out of the image and must read back as zeros.
+        let mut disk = vec![0u8; (24 * MIB) as usize];
+        let mut rng = Rng::seeded(7);
+        disk[..(8 * MIB) as usize].copy_from_slice(&rng.bytes((8 * MIB) as usize));
+        disk[(16 * MIB) as usize..(17 * MIB) as usize].copy_from_slice(&rng.bytes(MIB as usize));
+        std::fs::write(&src, &disk).unwrap();
+        let backup_opts = BackupOptions {
+            level: 1,
+            split_size: DEFAULT_SPLIT,
+            allow_mounted: false,
+            quiet: true,
+            workers: 2,
+            plan: Default::default(),
+        };
+        backup(&src, &img, &backup_opts).unwrap();
+        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        restore(prepare(&img, &dst).unwrap(), &opts).unwrap();
+        assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
+
+        let RestorePlan { reader, target } = prepare(&img, &dst).unwrap();
+        read_back(&reader, &target, &[], &opts).unwrap();
+        // A changed byte in stored content: named by its place.
+        let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);
+        let e = read_back(&reader, &target, &[], &opts).unwrap_err().to_string();
+        assert!(e.contains("verification after restore failed") && e.contains("differs from the image"), "{e}");
+        poke(&dst, 5 * MIB + 3, old);
+        read_back(&reader, &target, &[], &opts).unwrap();
+        // A non-zero byte where the source had zeros the image left out.
+        poke(&dst, 12 * MIB + 9, 1);
+        let e = read_back(&reader, &target, &[], &opts).unwrap_err().to_string();
+        assert!(e.contains(&format!("byte at disk offset {} should be zero", 12 * MIB + 9)), "{e}");
+    }
 }

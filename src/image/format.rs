@@ -140,8 +140,8 @@ impl ChunkHeader {
         if h.raw_len > CHUNK_SIZE || h.stored_len > CHUNK_SIZE {
             return Err(Error::Corrupt(format!("{where_}: chunk lengths out of range")));
         }
-        let sum: u64 = h.extents.iter().map(|e| e.1).sum();
-        if sum != h.raw_len as u64 || h.extents.iter().any(|e| e.1 == 0) {
+        let sum = h.extents.iter().try_fold(0u64, |sum, e| sum.checked_add(e.1));
+        if sum != Some(h.raw_len as u64) || h.extents.iter().any(|e| e.1 == 0) {
             return Err(Error::Corrupt(format!("{where_}: chunk extents do not add up to its length")));
         }
         if h.extents.windows(2).any(|w| w[0].0.checked_add(w[0].1).is_none_or(|end| end > w[1].0)) {
@@ -297,6 +297,13 @@ mod tests {
         h.raw_len = 1;
         let (b, _) = h.encode();
         assert!(ChunkHeader::decode(&b, "t").is_err());
+        // Lengths whose sum wraps around to the content length.
+        let mut h = sample();
+        h.raw_len = 4096;
+        h.extents = vec![(0, 4096 + (1 << 63)), (1 << 62, 1 << 63)];
+        let (b, _) = h.encode();
+        let e = ChunkHeader::decode(&b, "t").unwrap_err().to_string();
+        assert!(e.contains("do not add up"), "{e}");
     }
 
     #[test]
