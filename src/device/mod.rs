@@ -183,6 +183,18 @@ impl Disk {
         self.read_exact_at(buf, offset)
     }
 
+    /// Fills `buf` with the bytes of `extents` (offset, length), one after
+    /// another, by [`Disk::read_bulk_at`]; `buf` must be their total length.
+    pub fn read_extents(&self, extents: &[(u64, u64)], buf: &mut [u8]) -> Result<()> {
+        let mut at = 0usize;
+        for &(offset, len) in extents {
+            self.read_bulk_at(&mut buf[at..at + len as usize], offset)?;
+            at += len as usize;
+        }
+        debug_assert_eq!(at, buf.len());
+        Ok(())
+    }
+
     /// This disk opened a second time for direct writes (see
     /// [`direct::DirectWriter`]); None where that is refused. The path is
     /// opened again, so the result is used only if it is still the same

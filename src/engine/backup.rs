@@ -344,11 +344,7 @@ fn read_job(
     cancel::check("reading the source")?;
     let len: u64 = extents.iter().map(|e| e.1).sum();
     let mut buf = pool.take(len as usize);
-    let mut at = 0usize;
-    for &(offset, n) in &extents {
-        source.read_bulk_at(&mut buf[at..at + n as usize], offset).map_err(|e| e.with_note(&plan.describe()))?;
-        at += n as usize;
-    }
+    source.read_extents(&extents, &mut buf).map_err(|e| e.with_note(&plan.describe()))?;
     Ok(ReadJob { stream, extents, buf, skip_zero: plan.skip_zero, lane })
 }
 

@@ -165,11 +165,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
     let bufs = BufPool::new(READ_BACK_BUFS_KEPT, CHUNK_SIZE as usize);
     let read_target = |extents: &[Extent]| -> Result<IoBuf> {
         let mut buf = bufs.take(extents.iter().map(|e| e.1 as usize).sum());
-        let mut at = 0;
-        for &(offset, len) in extents {
-            target.read_bulk_at(&mut buf[at..at + len as usize], offset)?;
-            at += len as usize;
-        }
+        target.read_extents(extents, &mut buf)?;
         Ok(buf)
     };
     pipeline::run(
