@@ -64,12 +64,12 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Resul
     }
     BOUNCE_BUF.with(|b| {
         let mut b = b.borrow_mut();
-        let bounce = b.get_or_insert_with(|| AlignedBuf::new(BOUNCE));
+        let bounce = b.get_or_insert_with(|| IoBuf::aligned(BOUNCE));
         let mut done = 0;
         while done < buf.len() {
             let n = (buf.len() - done).min(BOUNCE);
-            read_in_halves(file, &mut bounce.as_mut_slice()[..n], offset + done as u64)?;
-            buf[done..done + n].copy_from_slice(&bounce.as_mut_slice()[..n]);
+            read_in_halves(file, &mut bounce[..n], offset + done as u64)?;
+            buf[done..done + n].copy_from_slice(&bounce[..n]);
             done += n;
         }
         Ok(())
@@ -98,40 +98,12 @@ fn read_in_halves(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<(
 }
 
 thread_local! {
-    static BOUNCE_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+    static BOUNCE_BUF: std::cell::RefCell<Option<IoBuf>> = const { std::cell::RefCell::new(None) };
 }
 
-/// A zeroed heap buffer whose usable part starts at a multiple of
-/// [`ALIGN`]: a Vec over-allocated by one alignment, used from its first
-/// aligned byte (the Vec is never resized, so the address holds).
-pub struct AlignedBuf {
-    vec: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl std::fmt::Debug for AlignedBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "AlignedBuf({} bytes)", self.len)
-    }
-}
-
-impl AlignedBuf {
-    /// A buffer of `len` bytes, all zero.
-    pub fn new(len: usize) -> AlignedBuf {
-        let vec = vec![0u8; len + ALIGN];
-        let start = vec.as_ptr().align_offset(ALIGN);
-        AlignedBuf { vec, start, len }
-    }
-
-    /// The buffer's bytes.
-    pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.vec[self.start..self.start + self.len]
-    }
-}
-
-/// Bytes held in a Vec from some start: aligned for direct reads when taken
-/// from a [`BufPool`], from the Vec's first byte when made from a Vec.
+/// Bytes held in a Vec from some start: aligned for direct I/O when made by
+/// [`IoBuf::aligned`] or taken from a [`BufPool`], from the Vec's first byte
+/// when made from a Vec.
 /// Dropped, a pooled buffer goes back to its pool, so the next one taken
 /// is neither allocated nor zeroed again.
 pub struct IoBuf {
@@ -142,6 +114,15 @@ pub struct IoBuf {
 }
 
 impl IoBuf {
+    /// `len` zero bytes starting at a multiple of [`ALIGN`], in a Vec
+    /// over-allocated by one alignment (never resized while aligned use
+    /// lasts, so the address holds); no pool.
+    pub fn aligned(len: usize) -> IoBuf {
+        let vec = vec![0u8; len + ALIGN];
+        let start = vec.as_ptr().align_offset(ALIGN);
+        IoBuf { vec, start, len, pool: None }
+    }
+
     /// Shortens the bytes to `len` (no-op if they are not longer).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -264,7 +245,7 @@ pub struct DirectWriter {
     /// Size of each buffer.
     buf_len: usize,
     /// The buffer being filled, and how much of it is.
-    fill: Option<AlignedBuf>,
+    fill: Option<IoBuf>,
     used: usize,
     /// File offset of the first byte of `fill`: aligned once `used` > 0.
     pos: u64,
@@ -330,14 +311,14 @@ fn write_small(file: &File, bytes: &[u8], offset: u64) -> Result<(), WriteError>
 
 /// A buffer for the thread to write: its first `len` bytes at `offset`.
 struct WriteJob {
-    buf: AlignedBuf,
+    buf: IoBuf,
     offset: u64,
     len: usize,
 }
 
 struct WriteThread {
     jobs: Option<Sender<WriteJob>>,
-    done: Receiver<(AlignedBuf, Result<(), WriteError>)>,
+    done: Receiver<(IoBuf, Result<(), WriteError>)>,
     handle: Option<std::thread::JoinHandle<Sink>>,
     in_flight: bool,
 }
@@ -417,9 +398,9 @@ impl DirectWriter {
             data = &data[head..];
         }
         while !data.is_empty() {
-            let buf = self.fill.get_or_insert_with(|| AlignedBuf::new(self.buf_len));
+            let buf = self.fill.get_or_insert_with(|| IoBuf::aligned(self.buf_len));
             let n = data.len().min(self.buf_len - self.used);
-            buf.as_mut_slice()[self.used..self.used + n].copy_from_slice(&data[..n]);
+            buf[self.used..self.used + n].copy_from_slice(&data[..n]);
             self.used += n;
             data = &data[n..];
             if self.used == self.buf_len {
@@ -439,7 +420,7 @@ impl DirectWriter {
         let end = self.end();
         let whole = if self.used >= MIN_DIRECT { self.used / ALIGN * ALIGN } else { 0 };
         let buf = self.fill.as_mut().expect("a run has a buffer");
-        write_small(&self.file, &buf.as_mut_slice()[whole..self.used], self.pos + whole as u64)?;
+        write_small(&self.file, &buf[whole..self.used], self.pos + whole as u64)?;
         if whole > 0 {
             self.hand_over(whole)?;
         }
@@ -453,7 +434,7 @@ impl DirectWriter {
     /// on with the other buffer: new the first time, then the one the
     /// thread is writing, once it is written.
     fn hand_over(&mut self, len: usize) -> Result<(), WriteError> {
-        let mut full = self.fill.take().expect("a buffer to write");
+        let full = self.fill.take().expect("a buffer to write");
         let offset = self.pos;
         self.pos += len as u64;
         self.used = 0;
@@ -466,7 +447,7 @@ impl DirectWriter {
             Some(w) => {
                 let next = match Self::wait(w)? {
                     Some(b) => b,
-                    None => AlignedBuf::new(self.buf_len),
+                    None => IoBuf::aligned(self.buf_len),
                 };
                 let jobs = w.jobs.as_ref().expect("jobs end only when the thread stops");
                 jobs.send(WriteJob { buf: full, offset, len }).expect("the writing thread runs until its jobs end");
@@ -475,7 +456,7 @@ impl DirectWriter {
             }
             None => {
                 let sink = self.sink.as_mut().expect("no thread: the sink is here");
-                sink.write(&full.as_mut_slice()[..len], offset)?;
+                sink.write(&full[..len], offset)?;
                 full
             }
         };
@@ -484,7 +465,7 @@ impl DirectWriter {
     }
 
     /// Waits for the buffer `w` is writing, if any; returns it.
-    fn wait(w: &mut WriteThread) -> Result<Option<AlignedBuf>, WriteError> {
+    fn wait(w: &mut WriteThread) -> Result<Option<IoBuf>, WriteError> {
         if !w.in_flight {
             return Ok(None);
         }
@@ -527,8 +508,8 @@ fn start_write_thread(sink: Sink) -> std::result::Result<WriteThread, Sink> {
     let sink_back = sink_rx.clone();
     let spawned = std::thread::Builder::new().name("klon-direct-write".into()).spawn(move || {
         let mut sink = sink_rx.recv().expect("sent before the thread started");
-        for WriteJob { mut buf, offset, len } in job_rx {
-            let result = sink.write(&buf.as_mut_slice()[..len], offset);
+        for WriteJob { buf, offset, len } in job_rx {
+            let result = sink.write(&buf[..len], offset);
             if done_tx.send((buf, result)).is_err() {
                 break;
             }
@@ -597,9 +578,9 @@ mod tests {
             read_exact_at(&f, buf, offset as u64).unwrap();
             assert_eq!(buf, &data[offset..offset + len], "offset {offset} len {len} at {at}");
         }
-        let mut aligned = AlignedBuf::new(1 << 20);
-        read_exact_at(&f, aligned.as_mut_slice(), 2 << 20).unwrap();
-        assert_eq!(aligned.as_mut_slice(), &data[2 << 20..3 << 20]);
+        let mut aligned = IoBuf::aligned(1 << 20);
+        read_exact_at(&f, &mut aligned, 2 << 20).unwrap();
+        assert_eq!(&aligned[..], &data[2 << 20..3 << 20]);
         // Past the end the read comes up short: an error, for the caller to retry buffered.
         let mut tail = vec![0u8; 64 << 10];
         assert!(read_exact_at(&f, &mut tail, 3 << 20).is_err());
