@@ -226,11 +226,6 @@ pub struct EncodedChunk {
 }
 
 impl StreamWriter {
-    /// Appends one chunk record to the stream (its first lane).
-    pub fn write_chunk(&mut self, chunk: &EncodedChunk) -> Result<()> {
-        self.write_chunk_in(Lane::First, chunk)
-    }
-
     /// Appends one chunk record to lane `lane` of the stream.
     pub fn write_chunk_in(&mut self, lane: Lane, chunk: &EncodedChunk) -> Result<()> {
         let lane_files = match lane {
