@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::backup::{ReadJob, kept_content, pieces, read_jobs};
+use super::read_back::DiskReader;
 use super::streams::{self, PlanOptions, StreamPlan, describe};
 use super::target::{TargetWriter, check_fits, minus, write_disk, write_order};
 use super::{cancel, pipeline};
@@ -52,6 +53,7 @@ pub fn prepare(source_path: &Path, target_path: &Path, plan: PlanOptions, allow_
     let mut target = Disk::open_target(target_path, Some(source.size))?;
     crate::device::safety::check_target(&target, Some(&source), None)?;
     check_fits(&mut target, source.size, layout.sector_size)?;
+    target.enable_direct_reads();
     let planned = streams::plan(&source, &layout, plan)?;
     Ok(ClonePlan { source, target, layout, streams: planned.streams, warnings: planned.warnings })
 }
@@ -138,6 +140,7 @@ fn compare(
 ) -> Result<()> {
     let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
     let mut progress = Progress::new("read-back", total, opts.quiet);
+    let (source, target) = (DiskReader::new(source), DiskReader::new(target));
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),
@@ -146,10 +149,7 @@ fn compare(
                 for &(start, len) in &streams[si].reads {
                     for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
                         cancel::check("read-back")?;
-                        let mut a = vec![0u8; piece as usize];
-                        let mut b = vec![0u8; piece as usize];
-                        source.read_exact_at(&mut a, offset)?;
-                        target.read_exact_at(&mut b, offset)?;
+                        let (a, b) = (source.read(&[(offset, piece)])?, target.read(&[(offset, piece)])?);
                         if !send((si, offset, a, b)) {
                             return Ok(());
                         }
@@ -158,7 +158,7 @@ fn compare(
             }
             Ok(())
         },
-        |(si, offset, a, b): (usize, u64, Vec<u8>, Vec<u8>)| {
+        |(si, offset, a, b): (usize, u64, IoBuf, IoBuf)| {
             let s = &streams[si];
             let zeros_left_alone = s.skip_zero && s.info.fill == Fill::Free;
             for (start, len) in minus(offset, a.len() as u64, skip) {

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use super::backup::{ReadJob, abandon, encode_streams, with_files};
 use super::pipeline;
+use super::read_back::{DiskReader, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
 use super::streams::describe;
 use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
@@ -347,6 +348,7 @@ pub fn prepare(dir: &Path, target_path: &Path) -> Result<CzRestorePlan> {
     let mut target = Disk::open_target(target_path, Some(layout.disk_size))?;
     check_fits(&mut target, layout.disk_size, layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(dir))?;
+    target.enable_direct_reads();
     Ok(CzRestorePlan { source, target })
 }
 
@@ -377,6 +379,20 @@ enum Written {
     /// The bytes themselves (areas outside partitions, where parts may be
     /// rewritten by the table fix-up and must be left out of the compare).
     Bytes { stream: usize, extents: Vec<Extent>, bytes: Vec<u8> },
+}
+
+impl Written {
+    fn stream(&self) -> usize {
+        match self {
+            Written::Hash { stream, .. } | Written::Bytes { stream, .. } => *stream,
+        }
+    }
+
+    fn extents(&self) -> &[Extent] {
+        match self {
+            Written::Hash { extents, .. } | Written::Bytes { extents, .. } => extents,
+        }
+    }
 }
 
 /// Restores a Clonezilla image onto the target. The caller has confirmed.
@@ -424,95 +440,68 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
             progress.finish();
             Ok(n)
         },
-        |skip| read_back(&target, &infos, &written_log.borrow(), skip, opts.quiet),
+        |skip| read_back(&target, &infos, written_log.take(), skip, opts),
     )?;
     Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Reads back what the restore wrote (and the zeros it wrote into the
 /// gaps of raw partitions) and compares.
-fn read_back(target: &Disk, infos: &[StreamInfo], log: &[Written], skip: &[Extent], quiet: bool) -> Result<()> {
-    let total: u64 = log
-        .iter()
-        .map(|w| match w {
-            Written::Hash { extents, .. } | Written::Bytes { extents, .. } => extents.iter().map(|e| e.1).sum::<u64>(),
-        })
-        .sum();
-    let mut progress = Progress::new("read-back", total, quiet);
-    let read = |extents: &[Extent]| -> Result<Vec<u8>> {
-        let mut buf = Vec::with_capacity(extents.iter().map(|e| e.1 as usize).sum());
-        for &(start, len) in extents {
-            let at = buf.len();
-            buf.resize(at + len as usize, 0);
-            target.read_exact_at(&mut buf[at..], start)?;
-        }
-        Ok(buf)
-    };
-    let differs = |stream: usize, at: u64| {
-        Error::VerifyAfter(format!(
-            "{}: data read back at disk offset {at} differs from the Clonezilla image",
-            describe(&infos[stream])
-        ))
-    };
-    for w in log {
-        super::cancel::check("read-back")?;
-        match w {
-            Written::Hash { stream, extents, hash } => {
-                if extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
-                    return Err(Error::VerifyAfter(format!(
-                        "{}: partition data overlaps the partition table areas; cannot compare it",
-                        describe(&infos[*stream])
-                    )));
-                }
-                let got = read(extents)?;
-                if blake3::hash(&got).as_bytes() != hash {
-                    return Err(differs(*stream, extents[0].0));
-                }
-                progress.add(got.len() as u64);
-            }
-            Written::Bytes { stream, extents, bytes } => {
-                let got = read(extents)?;
-                let mut pos = 0u64;
-                for &(start, len) in extents {
-                    for (a, l) in minus(start, len, skip) {
-                        let rel = (pos + a - start) as usize;
-                        if got[rel..rel + l as usize] != bytes[rel..rel + l as usize] {
-                            return Err(differs(*stream, a));
-                        }
-                    }
-                    pos += len;
-                }
-                progress.add(got.len() as u64);
-            }
-        }
-    }
+fn read_back(
+    target: &Disk,
+    infos: &[StreamInfo],
+    log: Vec<Written>,
+    skip: &[Extent],
+    opts: &RestoreOptions,
+) -> Result<()> {
     // Raw partitions: the gaps between stored runs must read back as zeros.
+    let mut gaps: Vec<(usize, Extent)> = Vec::new();
     for (si, s) in infos.iter().enumerate().filter(|(_, s)| s.fill == Fill::Zero) {
-        let mut covered: Vec<Extent> = log
-            .iter()
-            .filter_map(|w| match w {
-                Written::Hash { stream, extents, .. } | Written::Bytes { stream, extents, .. } if *stream == si => {
-                    Some(extents.clone())
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let mut covered: Vec<Extent> =
+            log.iter().filter(|w| w.stream() == si).flat_map(|w| w.extents().iter().copied()).collect();
         covered.sort();
         for (a, l) in minus(s.start, s.length, &covered) {
-            for (off, len) in super::backup::pieces(a, l, CHUNK_SIZE as u64) {
-                let mut buf = vec![0u8; len as usize];
-                target.read_exact_at(&mut buf, off)?;
-                if let Some(i) = buf.iter().position(|&b| b != 0) {
-                    return Err(Error::VerifyAfter(format!(
-                        "{}: byte at disk offset {} should be zero but is not",
-                        describe(s),
-                        off + i as u64
-                    )));
-                }
-            }
+            gaps.extend(super::backup::pieces(a, l, CHUNK_SIZE as u64).map(|piece| (si, piece)));
         }
     }
+    let total: u64 = log.iter().flat_map(|w| w.extents()).chain(gaps.iter().map(|(_, g)| g)).map(|e| e.1).sum();
+    let mut progress = Progress::new("read-back", total, opts.quiet);
+    let target = DiskReader::new(target);
+    pipeline::run(
+        opts.workers,
+        pipeline::depth(opts.workers),
+        |send| {
+            for w in log {
+                super::cancel::check("read-back")?;
+                let (stream, extents, expected) = match w {
+                    Written::Hash { stream, extents, hash } => {
+                        if extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
+                            return Err(Error::VerifyAfter(format!(
+                                "{}: partition data overlaps the partition table areas; cannot compare it",
+                                describe(&infos[stream])
+                            )));
+                        }
+                        (stream, extents, Expected::Hash(hash))
+                    }
+                    Written::Bytes { stream, extents, bytes } => (stream, extents, Expected::Bytes(bytes.into())),
+                };
+                if !send((stream, target.piece(extents, expected)?)) {
+                    return Ok(());
+                }
+            }
+            for (stream, gap) in gaps {
+                if !send((stream, target.piece(vec![gap], Expected::Zeros)?)) {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        },
+        |(stream, piece): (usize, Piece)| piece.check(&describe(&infos[stream]), "the Clonezilla image", skip),
+        |n| {
+            progress.add(n);
+            Ok(())
+        },
+    )?;
     progress.finish();
     Ok(())
 }
@@ -662,6 +651,61 @@ mod tests {
         assert_eq!(page[1036], 0x0f);
         assert_eq!(page[1051], 0xf0);
         assert_eq!(&page[1052..1058], b"myswap");
+    }
+
+    #[test]
+    fn read_back_catches_changed_bytes_and_non_zero_gaps() {
+        use crate::testutil::{Rng, TempDir};
+        use std::os::unix::fs::FileExt;
+        const MIB: u64 = 1 << 20;
+        let t = TempDir::new("cz-read-back");
+        let path = t.join("target.img");
+        // What a restore wrote: a boot area kept byte for byte, and runs of
+        // a raw partition (1 MiB .. 9 MiB) kept by hash, its gaps zeros.
+        let mut disk = vec![0u8; (10 * MIB) as usize];
+        let mut rng = Rng::seeded(11);
+        disk[..4096].copy_from_slice(&rng.bytes(4096));
+        let runs = [(MIB, 2 * MIB), (5 * MIB, MIB)];
+        for &(a, l) in &runs {
+            disk[a as usize..(a + l) as usize].copy_from_slice(&rng.bytes(l as usize));
+        }
+        std::fs::write(&path, &disk).unwrap();
+        let mut target = Disk::open_target(&path, None).unwrap();
+        target.enable_direct_reads();
+        let boot = stream_info("boot".into(), StreamKind::Boot, None, 0, MIB);
+        let mut raw = stream_info("p1".into(), StreamKind::Partition, Some(1), MIB, 8 * MIB);
+        raw.fill = Fill::Zero;
+        let infos = [boot, raw];
+        let log = || {
+            let mut log = vec![Written::Bytes { stream: 0, extents: vec![(0, 4096)], bytes: disk[..4096].to_vec() }];
+            log.extend(runs.iter().map(|&(a, l)| Written::Hash {
+                stream: 1,
+                extents: vec![(a, l)],
+                hash: *blake3::hash(&disk[a as usize..(a + l) as usize]).as_bytes(),
+            }));
+            log
+        };
+        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        let poke = |at: u64, byte: u8| {
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[byte], at).unwrap()
+        };
+
+        read_back(&target, &infos, log(), &[], &opts).unwrap();
+        // A changed byte in the boot area, then one in a run: each is caught.
+        for at in [100, 5 * MIB + 77] {
+            poke(at, !disk[at as usize]);
+            let e = read_back(&target, &infos, log(), &[], &opts).unwrap_err().to_string();
+            assert!(e.contains("differs from the Clonezilla image"), "{e}");
+            poke(at, disk[at as usize]);
+        }
+        // A changed byte the table fix-up may rewrite is left out.
+        poke(100, !disk[100]);
+        read_back(&target, &infos, log(), &[(64, 64)], &opts).unwrap();
+        poke(100, disk[100]);
+        // A non-zero byte in a gap of the raw partition.
+        poke(4 * MIB + 9, 1);
+        let e = read_back(&target, &infos, log(), &[], &opts).unwrap_err().to_string();
+        assert!(e.contains(&format!("byte at disk offset {} should be zero", 4 * MIB + 9)), "{e}");
     }
 
     #[test]

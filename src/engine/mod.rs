@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod clone;
 pub mod czimage;
 pub mod pipeline;
+pub mod read_back;
 pub mod restore;
 pub mod streams;
 pub mod target;

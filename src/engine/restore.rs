@@ -11,11 +11,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::pipeline;
+use super::read_back::{DiskReader, Expected, Piece};
 use super::streams::describe;
-use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
+use super::target::{TargetWriter, check_fits, intersects, write_disk, write_order};
 use crate::device::Disk;
-use crate::device::direct::{BufPool, IoBuf};
-use crate::error::{Error, Result};
+use crate::device::direct::IoBuf;
+use crate::error::Result;
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk};
 use crate::ui::human_bytes;
@@ -139,17 +140,14 @@ fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &Resto
     Ok(written)
 }
 
-enum Check {
-    /// Target bytes of a chunk's extents, and the image chunk when some of
-    /// it must be compared byte by byte (parts were rewritten).
-    Chunk { stream: usize, header_hash: [u8; 32], extents: Vec<Extent>, bytes: IoBuf, image: Option<Box<StoredChunk>> },
-    /// Target bytes that must be zero.
-    Zero { stream: usize, offset: u64, bytes: IoBuf },
+/// A piece of the target to compare, and the image chunk when some of it
+/// must be compared byte by byte (parts were rewritten after the restore):
+/// then decoded on a worker.
+struct Check {
+    stream: usize,
+    piece: Piece,
+    image: Option<Box<StoredChunk>>,
 }
-
-/// Target buffers the read-back keeps for reuse: enough for every chunk in
-/// flight with 8 workers.
-const READ_BACK_BUFS_KEPT: usize = 24;
 
 /// Reads back everything the restore wrote and compares it with the image.
 fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &RestoreOptions) -> Result<()> {
@@ -160,14 +158,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
         .sum();
     let mut progress = Progress::new("read-back", total, opts.quiet);
-    // Reused buffers, read into in place (past the page cache where the
-    // target allows it).
-    let bufs = BufPool::new(READ_BACK_BUFS_KEPT, CHUNK_SIZE as usize);
-    let read_target = |extents: &[Extent]| -> Result<IoBuf> {
-        let mut buf = bufs.take(extents.iter().map(|e| e.1 as usize).sum());
-        target.read_extents(extents, &mut buf)?;
-        Ok(buf)
-    };
+    let target = DiskReader::new(target);
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),
@@ -181,7 +172,8 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                         return Ok(true);
                     }
                     for (off, len) in super::backup::pieces(from, to.saturating_sub(from), CHUNK_SIZE as u64) {
-                        if !send(Check::Zero { stream: si, offset: off, bytes: read_target(&[(off, len)])? }) {
+                        let piece = target.piece(vec![(off, len)], Expected::Zeros)?;
+                        if !send(Check { stream: si, piece, image: None }) {
                             return Ok(false);
                         }
                     }
@@ -194,7 +186,6 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
-                    let bytes = read_target(&header.extents)?;
                     let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
                         Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
                     } else {
@@ -202,14 +193,8 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
                     };
                     let last = *header.extents.last().expect("a chunk has extents");
                     cursor = last.0 + last.1;
-                    let check = Check::Chunk {
-                        stream: si,
-                        header_hash: header.content_hash,
-                        extents: header.extents,
-                        bytes,
-                        image,
-                    };
-                    if !send(check) {
+                    let piece = target.piece(header.extents, Expected::Hash(header.content_hash))?;
+                    if !send(Check { stream: si, piece, image }) {
                         return Ok(());
                     }
                 }
@@ -219,50 +204,11 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
             }
             Ok(())
         },
-        |check: Check| -> Result<u64> {
-            match check {
-                Check::Zero { stream, offset, bytes } => {
-                    if let Some(i) = bytes.iter().position(|&b| b != 0) {
-                        return Err(Error::VerifyAfter(format!(
-                            "{}: byte at disk offset {} should be zero but is not",
-                            describe(&streams[stream]),
-                            offset + i as u64
-                        )));
-                    }
-                    Ok(bytes.len() as u64)
-                }
-                Check::Chunk { stream, header_hash, extents, bytes, image } => {
-                    let place = describe(&streams[stream]);
-                    match image {
-                        None => {
-                            if blake3::hash(&bytes).as_bytes() != &header_hash {
-                                let (a, _) = extents[0];
-                                let last = extents.last().expect("extents");
-                                return Err(Error::VerifyAfter(format!(
-                                    "{place}: data read back from disk bytes {a}..{} differs from the image",
-                                    last.0 + last.1
-                                )));
-                            }
-                        }
-                        Some(chunk) => {
-                            let content = (*chunk).decode()?;
-                            let mut pos = 0u64;
-                            for &(start, len) in &extents {
-                                for (a, l) in minus(start, len, skip) {
-                                    let rel = (pos + a - start) as usize;
-                                    if bytes[rel..rel + l as usize] != content[rel..rel + l as usize] {
-                                        return Err(Error::VerifyAfter(format!(
-                                            "{place}: data read back at disk offset {a} differs from the image"
-                                        )));
-                                    }
-                                }
-                                pos += len;
-                            }
-                        }
-                    }
-                    Ok(bytes.len() as u64)
-                }
+        |Check { stream, mut piece, image }: Check| {
+            if let Some(chunk) = image {
+                piece.expected = Expected::Bytes((*chunk).decode()?);
             }
+            piece.check(&describe(&streams[stream]), "the image", skip)
         },
         |n| {
             progress.add(n);
