@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::backup::{ReadJob, kept_content, pieces, read_jobs};
-use super::read_back::DiskReader;
+use super::read_back::{self, DiskReader};
 use super::streams::{self, PlanOptions, StreamPlan, describe};
 use super::target::{TargetWriter, check_fits, minus, write_disk, write_order};
 use super::{cancel, pipeline};
@@ -139,12 +139,13 @@ fn compare(
     opts: &CloneOptions,
 ) -> Result<()> {
     let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
-    let mut progress = Progress::new("read-back", total, opts.quiet);
-    let (source, target) = (DiskReader::new(source), DiskReader::new(target));
-    pipeline::run(
+    read_back::run(
+        target,
+        total,
         opts.workers,
-        pipeline::depth(opts.workers),
-        |send| {
+        opts.quiet,
+        |target, send| {
+            let source = DiskReader::new(source);
             for &si in order {
                 for &(start, len) in &streams[si].reads {
                     for (offset, piece) in pieces(start, len, CHUNK_SIZE as u64) {
@@ -179,11 +180,40 @@ fn compare(
             }
             Ok(a.len() as u64)
         },
-        |n| {
-            progress.add(n);
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    Ok(())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::restore::RestoreOptions;
+    use crate::testutil::{Rng, TempDir};
+    use std::os::unix::fs::FileExt;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn read_back_catches_a_changed_byte() {
+        let t = TempDir::new("clone-read-back");
+        let (src, dst) = (t.join("src.img"), t.join("dst.img"));
+        // A disk without a table: one raw stream, every non-zero block.
+        let mut disk = vec![0u8; (20 * MIB) as usize];
+        let mut rng = Rng::seeded(5);
+        disk[..(9 * MIB) as usize].copy_from_slice(&rng.bytes((9 * MIB) as usize));
+        std::fs::write(&src, &disk).unwrap();
+        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        clone(prepare(&src, &dst, PlanOptions::default(), false).unwrap(), &opts).unwrap();
+        assert!(std::fs::read(&dst).unwrap() == disk, "the clone differs from the source");
+
+        let ClonePlan { source, target, streams, .. } = prepare(&src, &dst, PlanOptions::default(), false).unwrap();
+        let order: Vec<usize> = (0..streams.len()).collect();
+        compare(&source, &target, &streams, &order, &[], &opts).unwrap();
+        let at = 8 * MIB + 4096 * 3 + 5;
+        std::fs::OpenOptions::new().write(true).open(&dst).unwrap().write_all_at(&[!disk[at as usize]], at).unwrap();
+        let e = compare(&source, &target, &streams, &order, &[], &opts).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("the target differs from the source near disk offset {}", at / 4096 * 4096)),
+            "{e}"
+        );
+    }
 }

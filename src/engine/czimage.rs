@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use super::backup::{ReadJob, abandon, encode_streams, with_files};
 use super::pipeline;
-use super::read_back::{DiskReader, Expected, Piece};
+use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
 use super::streams::describe;
 use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
@@ -465,12 +465,12 @@ fn read_back(
         }
     }
     let total: u64 = log.iter().flat_map(|w| w.extents()).chain(gaps.iter().map(|(_, g)| g)).map(|e| e.1).sum();
-    let mut progress = Progress::new("read-back", total, opts.quiet);
-    let target = DiskReader::new(target);
-    pipeline::run(
+    read_back::run(
+        target,
+        total,
         opts.workers,
-        pipeline::depth(opts.workers),
-        |send| {
+        opts.quiet,
+        |target, send| {
             for w in log {
                 super::cancel::check("read-back")?;
                 let (stream, extents, expected) = match w {
@@ -497,13 +497,7 @@ fn read_back(
             Ok(())
         },
         |(stream, piece): (usize, Piece)| piece.check(&describe(&infos[stream]), "the Clonezilla image", skip),
-        |n| {
-            progress.add(n);
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    Ok(())
+    )
 }
 
 /// Options of a conversion.

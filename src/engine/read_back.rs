@@ -9,7 +9,36 @@ use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
 
+use super::pipeline;
 use super::target::minus;
+use crate::ui::progress::Progress;
+
+/// Reads back `total` bytes of `target` on the pipeline, with a progress
+/// bar: `produce` reads pieces with the [`DiskReader`] it is given and sends
+/// them, `check` compares each on a worker and returns its length.
+pub fn run<I: Send>(
+    target: &Disk,
+    total: u64,
+    workers: usize,
+    quiet: bool,
+    produce: impl FnOnce(&DiskReader, &mut dyn FnMut(I) -> bool) -> Result<()> + Send,
+    check: impl Fn(I) -> Result<u64> + Sync,
+) -> Result<()> {
+    let mut progress = Progress::new("read-back", total, quiet);
+    let reader = DiskReader::new(target);
+    pipeline::run(
+        workers,
+        pipeline::depth(workers),
+        |send| produce(&reader, send),
+        check,
+        |n| {
+            progress.add(n);
+            Ok(())
+        },
+    )?;
+    progress.finish();
+    Ok(())
+}
 
 /// Buffers kept for reuse: enough for every piece in flight with 8 workers.
 const BUFS_KEPT: usize = 24;

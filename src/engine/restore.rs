@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::pipeline;
-use super::read_back::{DiskReader, Expected, Piece};
+use super::read_back::{self, Expected, Piece};
 use super::streams::describe;
 use super::target::{TargetWriter, check_fits, intersects, write_disk, write_order};
 use crate::device::Disk;
@@ -157,12 +157,12 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
         .iter()
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
         .sum();
-    let mut progress = Progress::new("read-back", total, opts.quiet);
-    let target = DiskReader::new(target);
-    pipeline::run(
+    read_back::run(
+        target,
+        total,
         opts.workers,
-        pipeline::depth(opts.workers),
-        |send| {
+        opts.quiet,
+        |target, send| {
             for &si in &order {
                 let s = &streams[si];
                 let entries: Vec<IndexEntry> = reader.index(si)?;
@@ -210,13 +210,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
             }
             piece.check(&describe(&streams[stream]), "the image", skip)
         },
-        |n| {
-            progress.add(n);
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    Ok(())
+    )
 }
 
 #[cfg(test)]
