@@ -1,16 +1,17 @@
 //! The read-back after a restore or clone: pieces of the target read again,
 //! past the page cache where the target allows it, and compared with what
-//! was written. klon images and Clonezilla images are restored by different
-//! readers but read back the same way: each says what a piece must hold
-//! ([`Expected`]) and [`Piece::check`] compares, on the pipeline's workers.
+//! was written, on the pipeline's workers ([`run`]). klon images and
+//! Clonezilla images are restored by different readers but read back the
+//! same way: each says what a piece must hold ([`Expected`]) and
+//! [`Piece::check`] compares. A clone compares the target with the source,
+//! both read by a [`DiskReader`].
 
+use super::pipeline;
+use super::target::minus;
 use crate::device::Disk;
 use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
-
-use super::pipeline;
-use super::target::minus;
 use crate::ui::progress::Progress;
 
 /// Reads back `total` bytes of `target` on the pipeline, with a progress
