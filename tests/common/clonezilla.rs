@@ -121,6 +121,9 @@ pub fn build(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str]) 
             dev.partition(n);
         }
         let devname = dev.path.file_name().unwrap().to_str().unwrap().to_string();
+        // ocs-sr saves under /home/partimag and stops when it is missing
+        // (the clonezilla package does not make it).
+        std::fs::create_dir_all("/home/partimag").expect("creating /home/partimag for ocs-sr");
         let mut args = vec!["-q2", "-b", "-j2", "-sfsck", "-scs", "-senc", "-p", "true"];
         args.extend_from_slice(options);
         args.extend_from_slice(&["savedisk", &name, &devname]);
