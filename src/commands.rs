@@ -200,7 +200,7 @@ fn report_written(
     if cli.json {
         return print_json(&json!({
             from_key: from, "target": to, "bytes_written": r.bytes_written,
-            "verified": r.verified, "seconds": r.seconds,
+            "verified": r.verified, "table_reread": r.table_reread, "seconds": r.seconds,
         }));
     }
     if !cli.quiet {
@@ -212,6 +212,9 @@ fn report_written(
             human_bytes(r.bytes_written),
             if r.verified { ", read back and compared" } else { ", not read back (--no-verify-after)" }
         );
+        if let Some(note) = r.table_note(to) {
+            println!("{note}");
+        }
     }
     Ok(())
 }

@@ -94,6 +94,35 @@ fn round_trip_between_loop_devices_512_and_4096() {
     }
 }
 
+/// A block device that cannot hold partitions (a loop device attached
+/// without partition scanning here; a logical volume, an md array or an nbd
+/// device in use) answers EINVAL when asked to re-read its table. That is
+/// no failure: the restore completes, is read back, says the table was not
+/// re-read, and the device holds the disk byte for byte.
+#[test]
+fn restore_onto_a_device_that_cannot_hold_partitions() {
+    require_root!();
+    let _l = lock();
+    let t = TempDir::new("nopart");
+    let (src, dst_file, img) = (t.join("src.img"), t.join("dst.img"), t.join("image"));
+    make_gpt_disk(&src, 40 * MIB);
+    garbage_file(&dst_file, 40 * MIB);
+    ok(&klon(&["backup", "--quiet", s(&src), s(&img)]));
+    let dst = LoopDevice::attach_without_partitions(&dst_file);
+    let o = klon(&["restore", "--yes", s(&img), s(&dst.path)]);
+    ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("read back and compared"), "{out}");
+    assert!(out.contains("cannot hold partitions"), "the summary does not say the table was not re-read:\n{out}");
+    let json = klon(&["restore", "--yes", "--json", s(&img), s(&dst.path)]);
+    ok(&json);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
+    assert_eq!(v["table_reread"], false, "{v}");
+    assert_eq!(v["verified"], true, "{v}");
+    drop(dst);
+    assert_same(&src, &dst_file, 0, 40 * MIB, "the whole disk");
+}
+
 #[test]
 fn sector_size_mismatch_is_refused_before_writing() {
     require_root!();

@@ -262,19 +262,30 @@ impl Disk {
         self.file.sync_all().map_err(|e| Error::io("flushing", &self.path, None, e))
     }
 
-    /// After writing: ask the kernel to re-read the partition table of a
-    /// block device and, `for_read_back`, drop the cached pages so a
-    /// read-back sees the disk (for a restore's 64 GiB target file that
-    /// took 80 ms, of a job of 4 s, when nothing was going to be read).
-    pub fn after_write(&self, for_read_back: bool) -> Result<()> {
+    /// After writing the partition table: asks the kernel to re-read it.
+    /// Returns `Some(false)`, without error, when the device cannot hold
+    /// partitions (a loop device attached without partition scanning, a
+    /// logical volume, an md array, an nbd device: BLKRRPART answers EINVAL
+    /// there), so the kernel shows no partition nodes for what was written;
+    /// `None` for a file, which has no table to re-read.
+    pub fn reread_table(&self) -> Result<Option<bool>> {
+        if self.kind != DiskKind::BlockDevice {
+            return Ok(None);
+        }
+        match blockdev::reread_partition_table(&self.file) {
+            Ok(()) => Ok(Some(true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(false)),
+            Err(e) => Err(Error::io("re-reading the partition table of", &self.path, None, e)),
+        }
+    }
+
+    /// Before reading back what was written: drops the cached pages, so a
+    /// read-back sees the drive (for a restore's 64 GiB target file that
+    /// took 80 ms, of a job of 4 s: only done when something is read).
+    pub fn drop_cache(&self) -> Result<()> {
         if self.kind == DiskKind::BlockDevice {
-            blockdev::reread_partition_table(&self.file)
-                .map_err(|e| Error::io("re-reading the partition table of", &self.path, None, e))?;
-            if for_read_back {
-                blockdev::flush_buffers(&self.file)
-                    .map_err(|e| Error::io("flushing buffers of", &self.path, None, e))?;
-            }
-        } else if for_read_back {
+            blockdev::flush_buffers(&self.file).map_err(|e| Error::io("flushing buffers of", &self.path, None, e))?;
+        } else {
             let _ = nix::fcntl::posix_fadvise(&self.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED);
         }
         Ok(())

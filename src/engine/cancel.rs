@@ -1,5 +1,5 @@
-//! Ctrl-C and SIGTERM: the first one asks running jobs to stop at the next
-//! chunk, so they can clean up and say what state they left.
+//! Ctrl-C, SIGTERM and SIGHUP: the first one asks running jobs to stop at
+//! the next chunk, so they can clean up and say what state they left.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +18,28 @@ extern "C" fn on_signal(_: libc::c_int) {
     }
 }
 
-/// Installs the SIGINT/SIGTERM handlers.
+/// SIGHUP: the terminal is gone. Nobody is there to ask, so the job stops
+/// at once; what it would print to the terminal goes to /dev/null instead
+/// (writing to a hung-up terminal fails, and a failed print must not cut
+/// the cleanup short).
+extern "C" fn on_hangup(_: libc::c_int) {
+    // SAFETY: open, isatty, dup2 and close are async-signal-safe; the path
+    // is a NUL-terminated static string.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                if libc::isatty(fd) == 1 {
+                    libc::dup2(null, fd);
+                }
+            }
+            libc::close(null);
+        }
+    }
+    REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// Installs the SIGINT/SIGTERM/SIGHUP handlers.
 pub fn install() {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
@@ -26,6 +47,9 @@ pub fn install() {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         let _ = unsafe { sigaction(sig, &action) };
     }
+    let hangup = SigAction::new(SigHandler::Handler(on_hangup), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only makes async-signal-safe calls (see on_hangup).
+    let _ = unsafe { sigaction(Signal::SIGHUP, &hangup) };
 }
 
 /// Restores the default SIGPIPE action, so `klon info | head` ends quietly

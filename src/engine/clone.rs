@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::backup::{ReadJob, kept_content, pieces, read_jobs};
 use super::read_back::{self, DiskReader};
 use super::streams::{self, PlanOptions, StreamPlan, describe};
-use super::target::{TargetWriter, check_fits, minus, write_disk, write_order};
+use super::target::{TargetWriter, WriteArea, check_fits, minus, write_disk, write_order};
 use super::{cancel, pipeline};
 use crate::device::Disk;
 use crate::device::direct::IoBuf;
@@ -78,15 +78,15 @@ pub fn clone(plan: ClonePlan, opts: &CloneOptions) -> Result<CloneReport> {
     let ClonePlan { source, target, layout, streams, warnings: _ } = plan;
     let infos: Vec<StreamInfo> = streams.iter().map(|p| p.info.clone()).collect();
     let order = write_order(&infos);
-    let bytes_written = write_disk(
+    let written = write_disk(
         &target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |stale| copy_all(&source, &target, &streams, &infos, &order, stale, opts),
+        |area| copy_all(&source, &target, &streams, &infos, &order, area, opts),
         |skip| compare(&source, &target, &streams, &order, skip, opts),
     )?;
-    Ok(CloneReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
+    Ok(CloneReport::new(written, opts.verify_after, started))
 }
 
 fn copy_all(
@@ -95,14 +95,14 @@ fn copy_all(
     streams: &[StreamPlan],
     infos: &[StreamInfo],
     order: &[usize],
-    stale: &[Extent],
+    area: &WriteArea,
     opts: &CloneOptions,
 ) -> Result<u64> {
     let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
     let mut progress = Progress::with_parts("clone", total, parts, opts.quiet);
-    let mut out = TargetWriter::new(target, infos, stale)?;
+    let mut out = TargetWriter::new(target, infos, area)?;
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),

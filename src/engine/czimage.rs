@@ -403,17 +403,17 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
     let infos = source.stream_infos();
     // Filled while writing, read by the read-back.
     let written_log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
-    let bytes_written = write_disk(
+    let written = write_disk(
         &target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |stale| {
+        |area| {
             let order = write_order(&infos);
             let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
             let total = infos.iter().map(|s| s.stored_bytes).sum();
             let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
-            let mut out = TargetWriter::new(&target, &infos, stale)?;
+            let mut out = TargetWriter::new(&target, &infos, area)?;
             let keep_hashes = opts.verify_after;
             pipeline::run(
                 opts.workers,
@@ -427,7 +427,10 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
                     out.write(job.stream, &job.extents, &job.buf)?;
                     progress.add_part(job.stream, job.buf.len() as u64);
                     if keep_hashes {
-                        written_log.borrow_mut().push(if infos[job.stream].kind == StreamKind::Boot {
+                        // Bytes written into the held table areas are compared byte by
+                        // byte, as the read-back before they are written leaves them out.
+                        let keep_bytes = infos[job.stream].kind == StreamKind::Boot || area.holds_any(&job.extents);
+                        written_log.borrow_mut().push(if keep_bytes {
                             Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf.to_vec() }
                         } else {
                             Written::Hash { stream: job.stream, extents: job.extents, hash }
@@ -442,7 +445,7 @@ pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreRepo
         },
         |skip| read_back(&target, &infos, written_log.take(), skip, opts),
     )?;
-    Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
+    Ok(RestoreReport::new(written, opts.verify_after, started))
 }
 
 /// Reads back what the restore wrote (and the zeros it wrote into the

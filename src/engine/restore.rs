@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::streams::describe;
-use super::target::{TargetWriter, check_fits, intersects, write_disk, write_order};
+use super::target::{TargetWriter, WriteArea, check_fits, intersects, write_disk, write_order};
 use crate::device::Disk;
 use crate::device::direct::IoBuf;
 use crate::error::Result;
@@ -51,6 +51,11 @@ pub struct RestoreReport {
     pub bytes_written: u64,
     /// Whether a read-back compared everything.
     pub verified: bool,
+    /// Whether the kernel re-read the target's partition table:
+    /// `Some(false)` for a block device that cannot hold partitions (a loop
+    /// device without partition scanning, a logical volume, md, nbd), `None`
+    /// for a file.
+    pub table_reread: Option<bool>,
     /// Wall-clock seconds.
     pub seconds: f64,
 }
@@ -93,25 +98,50 @@ pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport
     let started = Instant::now();
     let RestorePlan { reader, target } = plan;
     let layout = reader.manifest.layout.clone();
-    let bytes_written = write_disk(
+    let written = write_disk(
         &target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |stale| write_all(&reader, &target, stale, opts),
+        |area| write_all(&reader, &target, area, opts),
         |skip| read_back(&reader, &target, skip, opts),
     )?;
-    Ok(RestoreReport { bytes_written, verified: opts.verify_after, seconds: started.elapsed().as_secs_f64() })
+    Ok(RestoreReport::new(written, opts.verify_after, started))
 }
 
-fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &RestoreOptions) -> Result<u64> {
+impl RestoreReport {
+    /// What to tell the person when the kernel could not re-read the table
+    /// written on `target` (a device that cannot hold partitions).
+    pub fn table_note(&self, target: &Path) -> Option<String> {
+        (self.table_reread == Some(false)).then(|| {
+            format!(
+                "{} cannot hold partitions (a loop device without partition scanning, a logical volume, \
+                 an md array or an nbd device), so the kernel did not re-read the table written on it; \
+                 its partitions appear where the disk is used whole (in a virtual machine, or with `losetup -P`)",
+                target.display()
+            )
+        })
+    }
+
+    /// The report of a job that wrote a whole disk, started at `started`.
+    pub fn new(written: super::target::DiskWritten, verified: bool, started: Instant) -> RestoreReport {
+        RestoreReport {
+            bytes_written: written.bytes,
+            verified,
+            table_reread: written.table_reread,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+fn write_all(reader: &ImageReader, target: &Disk, area: &WriteArea, opts: &RestoreOptions) -> Result<u64> {
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
     let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
-    let mut out = TargetWriter::new(target, streams, stale)?;
+    let mut out = TargetWriter::new(target, streams, area)?;
     pipeline::run(
         opts.workers,
         pipeline::depth(opts.workers),

@@ -3,6 +3,8 @@
 //! says were zeros, cleaning up after a failure, and checking the table
 //! that was written.
 
+use std::cell::RefCell;
+
 use crate::device::Disk;
 use crate::device::direct::{DirectWriter, WriteError};
 use crate::error::{Error, Result};
@@ -11,6 +13,7 @@ use crate::image::{Fill, StreamInfo, StreamKind};
 use crate::table::{self, TableKind};
 use crate::ui::human_bytes;
 
+use super::read_back::{self, Expected};
 use super::streams::describe;
 
 /// Size of each of the two buffers the target is written through: each is
@@ -147,37 +150,161 @@ fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Re
     Ok(())
 }
 
+/// The table areas of the disk a job writes: its first and last
+/// [`WIPE_LEN`] bytes (the partition tables, the protective MBR, the
+/// filesystem superblock of a disk without a table). What the job writes
+/// there is held in memory while everything else is written and read back,
+/// and written last: a job stopped any earlier (killed, power lost) leaves
+/// these areas wiped, so the half-written disk has no table and no
+/// filesystem signature, and nothing takes it for a good disk.
+#[derive(Debug)]
+pub struct HeldBack {
+    /// The held ranges, sorted, not overlapping.
+    ranges: Vec<Extent>,
+    /// Their bytes: zeros (as [`wipe_table_areas`] left the target) where
+    /// nothing was written.
+    bytes: Vec<Vec<u8>>,
+}
+
+impl HeldBack {
+    /// The table areas of a disk of `disk_size` bytes.
+    pub fn new(disk_size: u64) -> HeldBack {
+        let head = WIPE_LEN.min(disk_size);
+        let tail = disk_size.saturating_sub(WIPE_LEN).max(head);
+        let ranges: Vec<Extent> = [(0, head), (tail, disk_size - tail)].into_iter().filter(|r| r.1 > 0).collect();
+        let bytes = ranges.iter().map(|r| vec![0u8; r.1 as usize]).collect();
+        HeldBack { ranges, bytes }
+    }
+
+    /// The held ranges.
+    pub fn ranges(&self) -> &[Extent] {
+        &self.ranges
+    }
+
+    /// Keeps the parts of `data` (the bytes of `start..`) that fall in the
+    /// held ranges; returns the parts outside them, to be written now.
+    fn divert<'d>(&mut self, start: u64, data: &'d [u8]) -> Vec<(u64, &'d [u8])> {
+        let len = data.len() as u64;
+        for (&(a, l), buf) in self.ranges.iter().zip(self.bytes.iter_mut()) {
+            let (from, to) = (start.max(a), (start + len).min(a + l));
+            if from < to {
+                let src = &data[(from - start) as usize..(to - start) as usize];
+                buf[(from - a) as usize..(to - a) as usize].copy_from_slice(src);
+            }
+        }
+        minus(start, len, &self.ranges)
+            .into_iter()
+            .map(|(a, l)| (a, &data[(a - start) as usize..(a - start + l) as usize]))
+            .collect()
+    }
+
+    /// Writes the held bytes onto the target, leaving out `stale` ranges.
+    fn write_to(&self, target: &Disk, stale: &[Extent]) -> Result<()> {
+        for (&(a, l), buf) in self.ranges.iter().zip(&self.bytes) {
+            for (x, n) in minus(a, l, stale) {
+                let rel = (x - a) as usize;
+                target.write_all_at(&buf[rel..rel + n as usize], x)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the held ranges back from the target and compares them with
+    /// what was held, leaving out `skip` (stale and rewritten tables).
+    fn check_on(&self, target: &Disk, skip: &[Extent]) -> Result<()> {
+        let reader = read_back::DiskReader::new(target);
+        for (&(a, l), buf) in self.ranges.iter().zip(&self.bytes) {
+            let piece = reader.piece(vec![(a, l)], Expected::Bytes(buf.clone().into()))?;
+            piece.check("the partition table areas", "what was written there", skip)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the writing step of a job that writes a whole disk is handed:
+/// where not to write, and the table areas it must not write yet.
+#[derive(Debug)]
+pub struct WriteArea {
+    /// The source's table areas that are stale on a larger target (its
+    /// backup GPT): never written.
+    pub stale: Vec<Extent>,
+    /// The table areas, held back until everything else is written and
+    /// read back.
+    pub held: RefCell<HeldBack>,
+}
+
+impl WriteArea {
+    /// The ranges a read-back before the held areas are written must not
+    /// compare: stale and held ones.
+    pub fn unwritten(&self) -> Vec<Extent> {
+        let mut v = self.stale.clone();
+        v.extend_from_slice(self.held.borrow().ranges());
+        v.sort();
+        v
+    }
+
+    /// Whether any of `extents` falls in a held range.
+    pub fn holds_any(&self, extents: &[Extent]) -> bool {
+        let held = self.held.borrow();
+        extents.iter().any(|&(a, l)| intersects(a, l, held.ranges()))
+    }
+}
+
+/// What a job that wrote a whole disk reports of the writing.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskWritten {
+    /// Content bytes written.
+    pub bytes: u64,
+    /// Whether the kernel re-read the table (see [`Disk::reread_table`]):
+    /// `Some(false)` for a block device that cannot hold partitions, `None`
+    /// for a file.
+    pub table_reread: Option<bool>,
+}
+
 /// The steps of every job that writes a whole disk (restore, clone): wipe
-/// the table areas; `write` everything (leaving out the `stale` ranges it is
-/// given); fix the table up for the target; sync and have the kernel re-read
-/// it; then, with `verify_after`, `read_back` everything (skipping the
-/// ranges it is given: stale and rewritten tables) and compare the table.
-/// Any failure after the first write is cleaned up by [`fail`]. Returns the
-/// bytes written.
+/// the table areas; `write` everything, leaving out the stale ranges and
+/// holding back the table areas it is given ([`WriteArea`]); with
+/// `verify_after`, `read_back` everything but those (it is given the ranges
+/// to skip); then write the held table areas, fix the table up for the
+/// target, sync, have the kernel re-read it, and with `verify_after` read
+/// the table areas back and compare the table. Any failure after the first
+/// write is cleaned up by [`fail`].
 pub fn write_disk(
     target: &Disk,
     layout: &table::DiskLayout,
     grow_last: bool,
     verify_after: bool,
-    write: impl FnOnce(&[Extent]) -> Result<u64>,
+    write: impl FnOnce(&WriteArea) -> Result<u64>,
     read_back: impl FnOnce(&[Extent]) -> Result<()>,
-) -> Result<u64> {
-    let stale = table::stale_ranges(layout, target.size);
+) -> Result<DiskWritten> {
+    let area = WriteArea {
+        stale: table::stale_ranges(layout, target.size),
+        held: RefCell::new(HeldBack::new(layout.disk_size.min(target.size))),
+    };
     wipe_table_areas(target)?;
-    let written = write(&stale).and_then(|bytes| {
+    let done = (|| {
+        let bytes = write(&area)?;
+        target.sync()?;
+        if verify_after {
+            target.drop_cache()?;
+            read_back(&area.unwritten())?;
+        }
+        let held = area.held.borrow();
+        held.write_to(target, &area.stale)?;
         target.sync()?;
         let rewritten = table::fix_up_for_target(target, layout, grow_last)?;
         target.sync()?;
-        target.after_write(verify_after)?;
-        Ok((bytes, rewritten))
-    });
-    let (bytes, rewritten) = written.map_err(|e| fail(target, e))?;
-    if verify_after {
-        let mut skip = stale;
-        skip.extend(rewritten);
-        read_back(&skip).and_then(|()| check_table(target, layout, grow_last)).map_err(|e| fail(target, e))?;
-    }
-    Ok(bytes)
+        let table_reread = target.reread_table()?;
+        if verify_after {
+            target.drop_cache()?;
+            let mut skip = area.stale.clone();
+            skip.extend(rewritten);
+            held.check_on(target, &skip)?;
+            check_table(target, layout, grow_last)?;
+        }
+        Ok(DiskWritten { bytes, table_reread })
+    })();
+    done.map_err(|e| fail(target, e))
 }
 
 /// Writes chunks of content onto the target at their disk offsets, zeroing
@@ -197,7 +324,7 @@ pub fn write_disk(
 pub struct TargetWriter<'a> {
     target: &'a Disk,
     streams: &'a [StreamInfo],
-    stale: &'a [Extent],
+    area: &'a WriteArea,
     /// Per stream: how far writing has got (gaps behind it are done).
     cursor: Vec<u64>,
     /// Content bytes written.
@@ -206,15 +333,15 @@ pub struct TargetWriter<'a> {
 }
 
 impl<'a> TargetWriter<'a> {
-    /// A writer for `streams` onto `target`, leaving out `stale` ranges of
-    /// the boot stream.
-    pub fn new(target: &'a Disk, streams: &'a [StreamInfo], stale: &'a [Extent]) -> Result<TargetWriter<'a>> {
+    /// A writer for `streams` onto `target`, leaving out the stale ranges of
+    /// the boot stream and holding back the table areas (see [`WriteArea`]).
+    pub fn new(target: &'a Disk, streams: &'a [StreamInfo], area: &'a WriteArea) -> Result<TargetWriter<'a>> {
         let cursor = streams.iter().map(|s| s.start).collect();
         let file = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
         let out = DirectWriter::new(file, target.open_for_direct_writes(), TARGET_WRITE_BUF)
             .map_err(|e| Error::io("opening", &target.path, None, e))?
             .in_halves();
-        Ok(TargetWriter { target, streams, stale, cursor, written: 0, out })
+        Ok(TargetWriter { target, streams, area, cursor, written: 0, out })
     }
 
     /// Writes `content`, the bytes of `extents` (in order), of stream `si`.
@@ -228,13 +355,17 @@ impl<'a> TargetWriter<'a> {
             }
             let data = &content[pos..pos + len as usize];
             pos += len as usize;
-            if s.kind == StreamKind::Boot && !self.stale.is_empty() {
-                for (a, l) in minus(start, len, self.stale) {
-                    let rel = (a - start) as usize;
-                    self.out.write_at(&data[rel..rel + l as usize], a).map_err(|e| self.error(e))?;
-                }
+            let fresh: Vec<Extent> = if s.kind == StreamKind::Boot && !self.area.stale.is_empty() {
+                minus(start, len, &self.area.stale)
             } else {
-                self.out.write_at(data, start).map_err(|e| self.error(e))?;
+                vec![(start, len)]
+            };
+            for (a, l) in fresh {
+                let rel = (a - start) as usize;
+                let parts = self.area.held.borrow_mut().divert(a, &data[rel..rel + l as usize]);
+                for (at, bytes) in parts {
+                    self.out.write_at(bytes, at).map_err(|e| self.error(e))?;
+                }
             }
             self.cursor[si] = start + len;
         }

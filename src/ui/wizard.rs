@@ -654,15 +654,21 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                         );
                         cmd = cmd.replace("  ", " ");
                         let body = match r {
-                            Ok(r) => format!(
-                                "Restored {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
-                                image.display(),
-                                tpath.display(),
-                                human_duration(r.seconds),
-                                human_bytes(r.bytes_written),
-                                rate(r.bytes_written, r.seconds),
-                                if r.verified { "OK, everything read back matches the image" } else { "not read back" }
-                            ),
+                            Ok(r) => {
+                                format!(
+                                    "Restored {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
+                                    image.display(),
+                                    tpath.display(),
+                                    human_duration(r.seconds),
+                                    human_bytes(r.bytes_written),
+                                    rate(r.bytes_written, r.seconds),
+                                    if r.verified {
+                                        "OK, everything read back matches the image"
+                                    } else {
+                                        "not read back"
+                                    }
+                                ) + &r.table_note(&tpath).map(|n| format!("\n\n{n}")).unwrap_or_default()
+                            }
                             Err(e) => format!("The restore did not finish.\n\n{}", explain(&e)),
                         };
                         drop(dir.take());
@@ -738,15 +744,21 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                     shell_quote(&t)
                 );
                 let body = match r {
-                    Ok(r) => format!(
-                        "Copied {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
-                        s.display(),
-                        t.display(),
-                        human_duration(r.seconds),
-                        human_bytes(r.bytes_written),
-                        rate(r.bytes_written, r.seconds),
-                        if r.verified { "OK, the target reads back the same as the source" } else { "not read back" }
-                    ),
+                    Ok(r) => {
+                        format!(
+                            "Copied {} to {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe same from a script:\n  {cmd}",
+                            s.display(),
+                            t.display(),
+                            human_duration(r.seconds),
+                            human_bytes(r.bytes_written),
+                            rate(r.bytes_written, r.seconds),
+                            if r.verified {
+                                "OK, the target reads back the same as the source"
+                            } else {
+                                "not read back"
+                            }
+                        ) + &r.table_note(&t).map(|n| format!("\n\n{n}")).unwrap_or_default()
+                    }
                     Err(e) => format!("The clone did not finish.\n\n{}", explain(&e)),
                 };
                 return scr.message("clone done", &body);

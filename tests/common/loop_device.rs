@@ -46,8 +46,22 @@ impl LoopDevice {
     /// Attaches `file` to a free loop device with partition scanning, with
     /// a logical sector size when given. Panics on failure.
     pub fn attach(file: &Path, sector_size: Option<u32>) -> LoopDevice {
+        Self::attach_with(file, sector_size, true)
+    }
+
+    /// Attaches `file` to a free loop device without partition scanning:
+    /// a block device that cannot hold partitions (BLKRRPART answers
+    /// EINVAL), as a logical volume, an md array or an nbd device.
+    pub fn attach_without_partitions(file: &Path) -> LoopDevice {
+        Self::attach_with(file, None, false)
+    }
+
+    fn attach_with(file: &Path, sector_size: Option<u32>, partitions: bool) -> LoopDevice {
         let ss = sector_size.map(|s| s.to_string());
-        let mut args = vec!["-f", "--show", "-P"];
+        let mut args = vec!["-f", "--show"];
+        if partitions {
+            args.push("-P");
+        }
         if let Some(s) = &ss {
             args.extend(["--sector-size", s.as_str()]);
         }
@@ -59,7 +73,9 @@ impl LoopDevice {
         // Own the device before anything can panic, so it gets detached.
         let dev = LoopDevice { path: PathBuf::from(&name) };
         assert!(name.starts_with("/dev/loop"), "unexpected losetup output {name:?}");
-        dev.rescan();
+        if partitions {
+            dev.rescan();
+        }
         dev
     }
 
