@@ -142,6 +142,7 @@ fn a_chunk_record_longer_than_klon_writes_is_refused_before_reading_it() {
     let files = stream["data_files"].as_array_mut().unwrap();
     let n = files.len();
     files[n - 1]["size"] = (size + grow).into();
+    stream["compressed_bytes"] = (stream["compressed_bytes"].as_u64().unwrap() + grow).into();
     let text = serde_json::to_string_pretty(&m).unwrap() + "\n";
     std::fs::write(&manifest, &text).unwrap();
     std::fs::write(img.join("klon.json.b3"), format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex()))
@@ -213,4 +214,113 @@ fn cancelled_backup_removes_its_unfinished_image() {
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("interrupted"));
     assert!(!partial.exists() && !img.exists(), "cancelled backup left files behind");
+}
+
+/// Rewrites the manifest of `img` through `edit` and makes its checksum
+/// match again: a forged image whose manifest lies but passes its blake3.
+fn forge(img: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let manifest = img.join("klon.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    edit(&mut m);
+    let text = serde_json::to_string_pretty(&m).unwrap() + "\n";
+    std::fs::write(&manifest, &text).unwrap();
+    std::fs::write(img.join("klon.json.b3"), format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex()))
+        .unwrap();
+}
+
+/// Verify fails with exit 4 naming `needle`, and a restore onto an existing
+/// target refuses with exit 4 before writing anything: the target, filled
+/// with a pattern, is byte for byte what it was.
+fn refused_before_writing(img: &Path, target: &Path, needle: &str) {
+    let before = std::fs::read(target).unwrap();
+    fails_with(&klon(&["verify", img.to_str().unwrap()]), 4, &[needle]);
+    let o = klon(&["restore", "--yes", img.to_str().unwrap(), target.to_str().unwrap()]);
+    fails_with(&o, 4, &[needle]);
+    assert!(std::fs::read(target).unwrap() == before, "a refused restore changed the target ({needle})");
+}
+
+/// A manifest that lies about the layout or the streams, or an index that
+/// does not match, is refused before the first byte is written, by every
+/// check that does not need the data; `verify` runs the same checks. Each
+/// of these used to pass `verify` or be found only after the restore had
+/// written earlier streams (and, with sector size 0, to panic).
+#[test]
+fn a_lying_manifest_or_index_is_refused_before_the_first_write() {
+    let t = TempDir::new("lies");
+    let (src, img, target) = (t.join("src.img"), t.join("image"), t.join("target.img"));
+    make_gpt_disk(&src, 48 * MIB);
+    ok(&klon(&["backup", "--quiet", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
+    let pattern: Vec<u8> = (0..48 * MIB).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&target, &pattern).unwrap();
+    let manifest = std::fs::read(img.join("klon.json")).unwrap();
+    let sum = std::fs::read(img.join("klon.json.b3")).unwrap();
+    let undo = || {
+        std::fs::write(img.join("klon.json"), &manifest).unwrap();
+        std::fs::write(img.join("klon.json.b3"), &sum).unwrap();
+    };
+    let parts = |m: &mut serde_json::Value| m["layout"]["partitions"].as_array_mut().unwrap().clone();
+
+    forge(&img, |m| m["layout"]["gpt"] = serde_json::Value::Null);
+    refused_before_writing(&img, &target, "GPT layout without its geometry");
+    undo();
+
+    forge(&img, |m| m["layout"]["partitions"][2]["size"] = (64 * MIB).into());
+    refused_before_writing(&img, &target, "partition 3 reaches past the end of the disk");
+    undo();
+
+    forge(&img, |m| {
+        let first = parts(m)[0].clone();
+        let many: Vec<serde_json::Value> = (1..=5000u64)
+            .map(|n| {
+                let mut p = first.clone();
+                p["number"] = n.into();
+                p
+            })
+            .collect();
+        m["layout"]["partitions"] = many.into();
+    });
+    refused_before_writing(&img, &target, "5000 partitions");
+    undo();
+
+    forge(&img, |m| m["layout"]["sector_size"] = 0.into());
+    refused_before_writing(&img, &target, "sector size 0");
+    undo();
+
+    forge(&img, |m| m["layout"]["sector_size"] = 4096.into());
+    refused_before_writing(&img, &target, "4096-byte sector");
+    undo();
+    forge(&img, |m| {
+        m["layout"]["sector_size"] = 4096.into();
+        m["source"]["logical_sector_size"] = 4096.into();
+    });
+    refused_before_writing(&img, &target, "4096-byte sector");
+    undo();
+
+    // A partition's stream that is not where its partition is.
+    forge(&img, |m| {
+        let s = m["streams"].as_array_mut().unwrap().iter_mut().find(|s| s["name"] == "p2").unwrap();
+        s["start"] = (s["start"].as_u64().unwrap() + 4096).into();
+    });
+    refused_before_writing(&img, &target, "p2");
+    undo();
+
+    // The index of the stream written last (the area outside partitions)
+    // damaged: found before any partition is written.
+    let idx = img.join("boot.idx");
+    flip(&idx, 30);
+    refused_before_writing(&img, &target, "boot.idx");
+    flip(&idx, 30);
+
+    // An index whose checksum the manifest agrees with, but whose records
+    // do not follow each other in the data file.
+    let mut bytes = std::fs::read(&idx).unwrap();
+    let n = bytes.len();
+    bytes[n - 64 + 8] ^= 0x10; // the last record's offset in its data file
+    std::fs::write(&idx, &bytes).unwrap();
+    forge(&img, |m| {
+        let s = m["streams"].as_array_mut().unwrap().iter_mut().find(|s| s["name"] == "boot").unwrap();
+        s["index"]["blake3"] = blake3::hash(&bytes).to_hex().to_string().into();
+    });
+    refused_before_writing(&img, &target, "boot.idx");
+    undo();
 }

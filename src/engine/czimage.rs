@@ -339,12 +339,16 @@ pub struct CzRestorePlan {
     pub target: Disk,
 }
 
-/// Opens the image (and every partition image's header) and the target, and
-/// refuses what klon refuses for its own images: a smaller target, another
-/// sector size, a target in use or holding the image.
+/// Opens the image (and every partition image's header) and checks the
+/// layout it gives, then opens the target, and refuses what klon refuses
+/// for its own images: a smaller target, another sector size, a target in
+/// use or holding the image.
 pub fn prepare(dir: &Path, target_path: &Path) -> Result<CzRestorePlan> {
     let source = CzSource::open(dir)?;
     let layout = &source.image.layout;
+    layout.check().map_err(|why| {
+        Error::Corrupt(format!("{}: the partition layout its files give is not possible: {why}", dir.display()))
+    })?;
     let mut target = Disk::open_target(target_path, Some(layout.disk_size))?;
     check_fits(&mut target, layout.disk_size, layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(dir))?;

@@ -42,6 +42,8 @@ pub struct RestorePlan {
     pub reader: ImageReader,
     /// The opened target (exclusively, for block devices).
     pub target: Disk,
+    /// Every stream's index, checked.
+    pub indexes: Vec<Vec<IndexEntry>>,
 }
 
 /// What a finished restore reports.
@@ -60,17 +62,20 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// Opens the image and the target and refuses, before anything is written,
-/// a target that is too small, has another sector size, is in use, or holds
-/// the image. A missing target path becomes a file of the source's size.
+/// Opens the image and checks everything that does not need its data (the
+/// manifest against itself and its layout, every index), then opens the
+/// target and refuses, before anything is written, a target that is too
+/// small, has another sector size, is in use, or holds the image. A missing
+/// target path becomes a file of the source's size.
 pub fn prepare(image_dir: &Path, target_path: &Path) -> Result<RestorePlan> {
     let reader = ImageReader::open(image_dir)?;
+    let indexes = reader.indexes()?;
     let m = &reader.manifest;
     let mut target = Disk::open_target(target_path, Some(m.source.size))?;
     check_fits(&mut target, m.source.size, m.layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image_dir))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { reader, target })
+    Ok(RestorePlan { reader, target, indexes })
 }
 
 impl RestorePlan {
@@ -96,15 +101,15 @@ impl RestorePlan {
 /// Writes the image onto the target. The caller has confirmed.
 pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
-    let RestorePlan { reader, target } = plan;
+    let RestorePlan { reader, target, indexes } = plan;
     let layout = reader.manifest.layout.clone();
     let written = write_disk(
         &target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |area| write_all(&reader, &target, area, opts),
-        |skip| read_back(&reader, &target, skip, opts),
+        |area| write_all(&reader, &indexes, &target, area, opts),
+        |skip| read_back(&reader, &indexes, &target, skip, opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }
@@ -134,7 +139,13 @@ impl RestoreReport {
     }
 }
 
-fn write_all(reader: &ImageReader, target: &Disk, area: &WriteArea, opts: &RestoreOptions) -> Result<u64> {
+fn write_all(
+    reader: &ImageReader,
+    indexes: &[Vec<IndexEntry>],
+    target: &Disk,
+    area: &WriteArea,
+    opts: &RestoreOptions,
+) -> Result<u64> {
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
     let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
@@ -147,8 +158,7 @@ fn write_all(reader: &ImageReader, target: &Disk, area: &WriteArea, opts: &Resto
         pipeline::depth(opts.workers),
         |send| {
             for &si in &order {
-                let entries = reader.index(si)?;
-                reader.for_each_chunk(si, &entries, |c| {
+                reader.for_each_chunk(si, &indexes[si], |c| {
                     super::cancel::check("restore")?;
                     Ok(send(c))
                 })?;
@@ -180,7 +190,13 @@ struct Check {
 }
 
 /// Reads back everything the restore wrote and compares it with the image.
-fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &RestoreOptions) -> Result<()> {
+fn read_back(
+    reader: &ImageReader,
+    indexes: &[Vec<IndexEntry>],
+    target: &Disk,
+    skip: &[Extent],
+    opts: &RestoreOptions,
+) -> Result<()> {
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
     let total: u64 = order
@@ -195,7 +211,7 @@ fn read_back(reader: &ImageReader, target: &Disk, skip: &[Extent], opts: &Restor
         |target, send| {
             for &si in &order {
                 let s = &streams[si];
-                let entries: Vec<IndexEntry> = reader.index(si)?;
+                let entries = &indexes[si];
                 let mut cursor = s.start;
                 let zeros_upto = |send: &mut dyn FnMut(Check) -> bool, from: u64, to: u64| -> Result<bool> {
                     if s.fill != Fill::Zero {
@@ -285,17 +301,17 @@ mod tests {
         restore(prepare(&img, &dst).unwrap(), &opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
 
-        let RestorePlan { reader, target } = prepare(&img, &dst).unwrap();
-        read_back(&reader, &target, &[], &opts).unwrap();
+        let RestorePlan { reader, target, indexes } = prepare(&img, &dst).unwrap();
+        read_back(&reader, &indexes, &target, &[], &opts).unwrap();
         // A changed byte in stored content: named by its place.
         let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);
-        let e = read_back(&reader, &target, &[], &opts).unwrap_err().to_string();
+        let e = read_back(&reader, &indexes, &target, &[], &opts).unwrap_err().to_string();
         assert!(e.contains("verification after restore failed") && e.contains("differs from the image"), "{e}");
         poke(&dst, 5 * MIB + 3, old);
-        read_back(&reader, &target, &[], &opts).unwrap();
+        read_back(&reader, &indexes, &target, &[], &opts).unwrap();
         // A non-zero byte where the source had zeros the image left out.
         poke(&dst, 12 * MIB + 9, 1);
-        let e = read_back(&reader, &target, &[], &opts).unwrap_err().to_string();
+        let e = read_back(&reader, &indexes, &target, &[], &opts).unwrap_err().to_string();
         assert!(e.contains(&format!("byte at disk offset {} should be zero", 12 * MIB + 9)), "{e}");
     }
 }

@@ -28,6 +28,8 @@ pub struct VerifyReport {
 pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
     let reader = ImageReader::open(dir)?;
+    // The checks a restore makes before writing, before any data is read.
+    let indexes = reader.indexes()?;
     let total: u64 = reader.manifest.streams.iter().map(|s| s.stored_bytes).sum();
     let streams = &reader.manifest.streams;
     // A progress bar per stream (partition).
@@ -42,9 +44,8 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
         workers,
         pipeline::depth(workers),
         |send| {
-            for si in 0..streams.len() {
-                let entries = reader_ref.index(si)?;
-                reader_ref.for_each_chunk(si, &entries, |c| {
+            for (si, entries) in indexes.iter().enumerate() {
+                reader_ref.for_each_chunk(si, entries, |c| {
                     super::cancel::check("verify")?;
                     Ok(send(c))
                 })?;

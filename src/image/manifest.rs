@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::format::{FORMAT_VERSION, hex};
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
-use crate::table::DiskLayout;
+use crate::table::{DiskLayout, TableKind};
 
 /// File name of the manifest inside an image directory.
 pub const MANIFEST_NAME: &str = "klon.json";
@@ -219,7 +219,13 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Structural checks on values a restore relies on.
+    /// Structural checks on values a restore relies on, all made before
+    /// anything is written: the layout is one klon could have read (see
+    /// [`DiskLayout::check`]), agrees with the source disk, and the streams
+    /// cover it as a backup lays them out (the area outside partitions and
+    /// one stream per partition at the partition's place, or one stream for
+    /// a disk without a table), with files named once and sized for the
+    /// chunks they hold.
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |what: String| Err(Error::Corrupt(format!("{}: {what}", path.display())));
         if self.chunk_size == 0 || self.chunk_size > super::format::CHUNK_SIZE {
@@ -228,6 +234,17 @@ impl Manifest {
         if self.layout.disk_size != self.source.size {
             return bad("layout and source disagree on the disk size".into());
         }
+        if let Err(why) = self.layout.check() {
+            return bad(format!("the partition layout is not possible: {why}"));
+        }
+        if self.source.logical_sector_size != self.layout.sector_size {
+            return bad(format!(
+                "the source disk has {}-byte sectors but its partition table was read with sector size {}",
+                self.source.logical_sector_size, self.layout.sector_size
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut partitions_seen = std::collections::HashSet::new();
         for s in &self.streams {
             let end = s.start.checked_add(s.length);
             if end.is_none_or(|e| e > self.source.size) {
@@ -240,7 +257,57 @@ impl Manifest {
                 if f.name.contains('/') || f.name.starts_with('.') {
                     return bad(format!("file name {:?} is not allowed", f.name));
                 }
+                if !names.insert(f.name.as_str()) {
+                    return bad(format!("file {} is listed twice", f.name));
+                }
             }
+            let whole = s.start == 0 && s.length == self.layout.disk_size;
+            let placed = match (s.kind, self.layout.kind) {
+                (StreamKind::Disk, TableKind::None) => whole && self.streams.len() == 1,
+                (StreamKind::Boot, TableKind::Gpt | TableKind::Mbr) => whole,
+                (StreamKind::Partition, TableKind::Gpt | TableKind::Mbr) => {
+                    let part = s.partition.and_then(|n| self.layout.partitions.iter().find(|p| p.number == n));
+                    part.is_some_and(|p| p.start == s.start && p.size == s.length)
+                        && partitions_seen.insert(s.partition)
+                }
+                _ => false,
+            };
+            if !placed {
+                return bad(format!(
+                    "stream {} ({:?}, bytes {}..{}) does not cover its part of the disk as the layout says",
+                    s.name,
+                    s.kind,
+                    s.start,
+                    s.start.saturating_add(s.length)
+                ));
+            }
+            let index_len = (s.chunks.checked_mul(super::format::INDEX_ENTRY_LEN as u64))
+                .and_then(|n| n.checked_add(super::format::INDEX_HEADER_LEN as u64));
+            let data_len = s.data_files.iter().try_fold(0u64, |sum, f| sum.checked_add(f.size));
+            let chunks_hold = s.chunks.checked_mul(u64::from(self.chunk_size));
+            if s.stored_bytes > s.length
+                || s.chunks > s.stored_bytes
+                || chunks_hold.is_some_and(|n| n < s.stored_bytes)
+                || index_len != Some(s.index.size)
+                || data_len != Some(s.compressed_bytes)
+                || s.data_files.len() as u64 > s.chunks
+            {
+                return bad(format!(
+                    "stream {}: its sizes do not agree ({} chunks, {} bytes stored of {}, index of {} bytes, \
+                     {} data files of {} bytes)",
+                    s.name,
+                    s.chunks,
+                    s.stored_bytes,
+                    s.length,
+                    s.index.size,
+                    s.data_files.len(),
+                    s.compressed_bytes
+                ));
+            }
+        }
+        let boot = self.streams.iter().filter(|s| s.kind == StreamKind::Boot).count();
+        if self.layout.kind != TableKind::None && boot != 1 {
+            return bad(format!("{boot} streams for the area outside partitions; an image has one"));
         }
         Ok(())
     }

@@ -202,6 +202,50 @@ impl ImageReader {
         Ok(entries)
     }
 
+    /// Reads and checks every stream's index (see [`ImageReader::index`]),
+    /// and that its entries agree with the manifest: each chunk holds 1 to
+    /// `chunk_size` bytes in a record no longer than klon writes, and
+    /// together they hold the stream's stored bytes. Restore does this
+    /// before it writes anything, verify before it reads any data: every
+    /// check that does not need the data comes first.
+    pub fn indexes(&self) -> Result<Vec<Vec<IndexEntry>>> {
+        let chunk_size = u64::from(self.manifest.chunk_size);
+        (0..self.manifest.streams.len())
+            .map(|si| {
+                let s = &self.manifest.streams[si];
+                let entries = self.index(si)?;
+                let path = self.dir.join(&s.index.name);
+                let mut sum = 0u64;
+                for (i, e) in entries.iter().enumerate() {
+                    let raw = u64::from(e.raw_len);
+                    if e.record_len() > MAX_RECORD_LEN as u64 {
+                        return Err(Error::Corrupt(format!(
+                            "{}: entry {i} gives a chunk record longer than any klon writes ({} bytes)",
+                            path.display(),
+                            e.record_len()
+                        )));
+                    }
+                    if raw == 0 || raw > chunk_size {
+                        return Err(Error::Corrupt(format!(
+                            "{}: entry {i} gives a chunk of {raw} bytes; chunks hold 1 to {chunk_size}",
+                            path.display()
+                        )));
+                    }
+                    sum += raw;
+                }
+                if sum != s.stored_bytes {
+                    return Err(Error::Corrupt(format!(
+                        "{}: the chunks of stream {} hold {sum} bytes, the manifest says {}",
+                        path.display(),
+                        s.name,
+                        s.stored_bytes
+                    )));
+                }
+                Ok(entries)
+            })
+            .collect()
+    }
+
     /// Reads every chunk record of stream `stream`, in order, handing each
     /// to `each`. Stops at the first error, or when `each` returns false.
     pub fn for_each_chunk(

@@ -66,6 +66,45 @@ pub(super) fn guid_from_string(s: &str) -> Option<[u8; 16]> {
 }
 
 /// Sectors taken by an entry array.
+/// Checks GPT geometry recorded for a disk of `disk_size` bytes with
+/// `ss`-byte sectors: an entry array of a size this module handles, the
+/// primary array after the header and before the usable area, the usable
+/// area and the backup copy inside the disk.
+pub(super) fn check_geometry(g: &GptGeometry, ss: u64, disk_size: u64) -> std::result::Result<(), String> {
+    let bad = |what: &str| Err(format!("GPT geometry: {what}"));
+    if g.entry_size < ENTRY_BASE as u32
+        || !g.entry_size.is_multiple_of(ENTRY_BASE as u32)
+        || u64::from(g.num_entries) * u64::from(g.entry_size) > MAX_ENTRIES_BYTES
+    {
+        return bad(&format!("an entry array of {} x {} bytes", g.num_entries, g.entry_size));
+    }
+    let sectors = disk_size / ss;
+    let n = entries_sectors(g.num_entries, g.entry_size, ss);
+    if g.primary_entries_lba < 2 || g.primary_entries_lba + n > g.first_usable_lba {
+        return bad("the primary entry array overlaps the header or the usable area");
+    }
+    if g.first_usable_lba > g.last_usable_lba.saturating_add(1) || g.last_usable_lba >= sectors {
+        return bad(&format!(
+            "usable sectors {}..={} do not lie within the disk of {sectors} sectors",
+            g.first_usable_lba, g.last_usable_lba
+        ));
+    }
+    // A backup copy found damaged or missing is rewritten by the restore:
+    // where the source's header said it was does not matter then.
+    if g.backup_valid
+        && (g.backup_header_lba >= sectors
+            || g.backup_header_lba <= g.last_usable_lba
+            || g.backup_entries_lba <= g.last_usable_lba
+            || g.backup_entries_lba + n > g.backup_header_lba)
+    {
+        return bad(&format!(
+            "the backup copy (header at sector {}) does not lie at the end of the disk",
+            g.backup_header_lba
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn entries_sectors(num_entries: u32, entry_size: u32, sector_size: u64) -> u64 {
     (u64::from(num_entries) * u64::from(entry_size)).div_ceil(sector_size)
 }

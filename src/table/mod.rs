@@ -170,6 +170,96 @@ pub fn read_layout(disk: &Disk) -> Result<DiskLayout> {
     mbr::read(disk, mbr_ss, &sec0)
 }
 
+/// Most partitions one disk can have: Linux's limit (DISK_MAX_PARTS).
+pub const MAX_PARTITIONS: usize = 256;
+
+impl DiskLayout {
+    /// Checks that the layout is one [`read_layout`] could have produced:
+    /// a sector size Linux supports, partitions on sector boundaries inside
+    /// the disk, numbered once each, not overlapping, and fitting their
+    /// table (GPT geometry inside the disk and entries inside its usable
+    /// area; MBR numbers and 32-bit sector fields). A layout read from an
+    /// image (its manifest) is checked before anything is written from it.
+    /// The error says what is wrong.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let ss = u64::from(self.sector_size);
+        if !matches!(self.sector_size, 512 | 1024 | 2048 | 4096) {
+            return Err(format!(
+                "sector size {} is not one Linux supports (512, 1024, 2048 or 4096)",
+                self.sector_size
+            ));
+        }
+        if self.partitions.len() > MAX_PARTITIONS {
+            return Err(format!("{} partitions: a disk holds at most {MAX_PARTITIONS}", self.partitions.len()));
+        }
+        let mut numbers: Vec<u32> = self.partitions.iter().map(|p| p.number).collect();
+        numbers.sort_unstable();
+        if let Some(w) = numbers.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("partition number {} is used twice", w[0]));
+        }
+        for p in &self.partitions {
+            if p.number == 0 {
+                return Err("a partition has number 0".into());
+            }
+            if p.start % ss != 0 || p.size % ss != 0 {
+                return Err(format!("partition {} does not lie on {ss}-byte sector boundaries", p.number));
+            }
+        }
+        let mut sorted = self.partitions.clone();
+        sort_and_check(&mut sorted, self.disk_size).map_err(|e| match e {
+            Error::Unsupported(m) if m.contains("does not lie within") => {
+                let p = sorted.iter().find(|p| p.start.checked_add(p.size).is_none_or(|e| e > self.disk_size));
+                match p {
+                    Some(p) => format!("partition {} reaches past the end of the disk ({m})", p.number),
+                    None => m,
+                }
+            }
+            other => other.to_string(),
+        })?;
+        match self.kind {
+            TableKind::None => {
+                if !self.partitions.is_empty() || self.gpt.is_some() || self.extended.is_some() {
+                    return Err("a disk without a partition table has partitions or table geometry".into());
+                }
+            }
+            TableKind::Gpt => {
+                let g = self.gpt.as_ref().ok_or("GPT layout without its geometry")?;
+                gpt::check_geometry(g, ss, self.disk_size)?;
+                for p in &self.partitions {
+                    if p.number > g.num_entries || p.logical {
+                        return Err(format!("GPT partition {} does not fit the entry array", p.number));
+                    }
+                    if p.start / ss < g.first_usable_lba || (p.start + p.size) / ss > g.last_usable_lba + 1 {
+                        return Err(format!("GPT partition {} lies outside the usable area", p.number));
+                    }
+                }
+            }
+            TableKind::Mbr => {
+                if self.gpt.is_some() {
+                    return Err("MBR layout with GPT geometry".into());
+                }
+                let ext = self.extended;
+                if let Some((a, l)) = ext
+                    && (a % ss != 0 || l % ss != 0 || a.checked_add(l).is_none_or(|e| e > self.disk_size))
+                {
+                    return Err("the extended partition does not lie within the disk".into());
+                }
+                for p in &self.partitions {
+                    let fits32 = p.start / ss <= u64::from(u32::MAX) && p.size / ss <= u64::from(u32::MAX);
+                    let inside_ext = ext.is_some_and(|(a, l)| p.start > a && p.start + p.size <= a + l);
+                    if !fits32
+                        || (p.logical && (p.number < 5 || !inside_ext))
+                        || (!p.logical && !(1..=4).contains(&p.number))
+                    {
+                        return Err(format!("MBR partition {} cannot be in an MBR where the layout puts it", p.number));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sorts partitions by start and checks that each lies within the disk and
 /// that none overlap (`Error::Unsupported` naming both partitions).
 fn sort_and_check(parts: &mut [Partition], disk_size: u64) -> Result<()> {

@@ -120,6 +120,7 @@ fn sfdisk_verify_ok(img: &Tmp) {
 
 /// Compares a GPT layout with sgdisk's view (512-byte sectors).
 fn check_against_sgdisk(img: &Tmp, layout: &DiskLayout) {
+    layout.check().expect("a layout read from a disk passes DiskLayout::check");
     let p = run("sgdisk", &["-p", img.s()], None);
     let guid = p.lines().find_map(|l| l.strip_prefix("Disk identifier (GUID): ")).expect("disk GUID in sgdisk -p");
     assert_eq!(layout.disk_id.as_deref(), Some(guid.trim()));
@@ -145,6 +146,7 @@ fn check_against_sgdisk(img: &Tmp, layout: &DiskLayout) {
 
 /// Compares a layout with `sfdisk --json` (GPT or dos).
 fn check_against_sfdisk(img: &Tmp, layout: &DiskLayout) {
+    layout.check().expect("a layout read from a disk passes DiskLayout::check");
     let ss = u64::from(layout.sector_size);
     let v = sfdisk_json(img);
     let t = &v["partitiontable"];
@@ -246,6 +248,7 @@ fn make_gpt_4096(size: u64) -> Tmp {
 
 /// Compares a 4096-byte-sector GPT layout with `fdisk -b 4096 -l`.
 fn check_against_fdisk_4k(img: &Tmp, layout: &DiskLayout) {
+    layout.check().expect("a layout read from a disk passes DiskLayout::check");
     let text = run("fdisk", &["-l", "-b", "4096", "-o", "Device,Start,End,Type-UUID,UUID,Name", img.s()], None);
     let id = text.lines().find_map(|l| l.strip_prefix("Disk identifier: ")).expect("disk id");
     assert_eq!(layout.disk_id.as_deref(), Some(id.trim()));
@@ -330,6 +333,7 @@ fn gpt_4096_matches_sfdisk() {
     assert_eq!((fallback.kind, fallback.sector_size), (TableKind::Gpt, 4096));
     assert_eq!(fallback.partitions, layout.partitions);
     assert!(fallback.warnings[0].starts_with("primary GPT"), "{:?}", fallback.warnings);
+    fallback.check().expect("a layout read from the backup GPT passes DiskLayout::check");
     let dst = copy_to_target(&img, &fallback, 80 * MIB);
     fix_up_for_target(&Disk::open_target(dst.path(), None).expect("open"), &fallback, false).expect("fix");
     fdisk_verify_4k_ok(&dst);
@@ -816,4 +820,49 @@ fn smaller_target_is_refused() {
     let dst = Tmp::new("small", 8 * MIB);
     let d = Disk::open_target(dst.path(), None).expect("open");
     assert!(matches!(fix_up_for_target(&d, &layout, false), Err(Error::Refused(_))));
+}
+
+/// Layouts no disk can have, as a forged manifest may carry them, are
+/// refused by `DiskLayout::check` with the reason; the real ones (and what
+/// they become on a larger target) pass.
+#[test]
+fn impossible_layouts_fail_the_check() {
+    let img = make_gpt_512(64 * MIB);
+    let good = read_layout(&img.open()).expect("read");
+    good.check().expect("real GPT layout");
+    layout_for_target(&good, 96 * MIB, true).check().expect("the layout on a larger target");
+    let mbr = make_mbr_logical(64 * MIB);
+    let good_mbr = read_layout(&mbr.open()).expect("read");
+    good_mbr.check().expect("real MBR layout");
+
+    let fails = |edit: &dyn Fn(&mut DiskLayout), base: &DiskLayout, why: &str| {
+        let mut l = base.clone();
+        edit(&mut l);
+        let e = l.check().expect_err(why);
+        assert!(e.contains(why), "{e} (expected {why:?})");
+    };
+    fails(&|l| l.gpt = None, &good, "GPT layout without its geometry");
+    fails(&|l| l.sector_size = 0, &good, "sector size 0");
+    fails(&|l| l.sector_size = 3000, &good, "sector size 3000");
+    fails(&|l| l.partitions[1].size = 128 * MIB, &good, "partition 2 reaches past the end");
+    fails(&|l| l.partitions[1].start += 1, &good, "sector boundaries");
+    fails(&|l| l.partitions[1].number = 1, &good, "number 1 is used twice");
+    fails(&|l| l.partitions[0].start = 1024, &good, "outside the usable area");
+    fails(&|l| l.partitions[1].start = l.partitions[0].start, &good, "overlap");
+    fails(
+        &|l| {
+            let p = l.partitions[0].clone();
+            l.partitions = (1..=300).map(|n| Partition { number: n, ..p.clone() }).collect();
+        },
+        &good,
+        "300 partitions",
+    );
+    fails(&|l| l.gpt.as_mut().unwrap().backup_header_lba = 1 << 40, &good, "backup copy");
+    fails(&|l| l.gpt.as_mut().unwrap().last_usable_lba = 1 << 40, &good, "usable sectors");
+    fails(&|l| l.gpt.as_mut().unwrap().entry_size = 100, &good, "entry array");
+    fails(&|l| l.gpt.as_mut().unwrap().num_entries = 1, &good, "does not fit the entry array");
+    fails(&|l| l.kind = TableKind::None, &good, "without a partition table has partitions");
+    let logical = good_mbr.partitions.iter().position(|p| p.logical).expect("a logical partition");
+    fails(&|l| l.partitions[logical].number = 3, &good_mbr, "cannot be in an MBR");
+    fails(&|l| l.extended = None, &good_mbr, "cannot be in an MBR");
 }
