@@ -8,16 +8,14 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::cli::{BackupArgs, Cli, CloneArgs, Command, ConvertArgs, InfoArgs, RestoreArgs, VerifyArgs};
-use crate::clonezilla::is_clonezilla_image;
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::czimage;
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::source;
 use crate::engine::streams::PlanOptions;
 use crate::engine::verify;
 use crate::error::{Error, Result};
-use crate::image::reader::describe_stream;
-use crate::image::{ImageReader, Manifest};
 use crate::ui::human_bytes;
 
 /// Runs the parsed command line.
@@ -131,7 +129,7 @@ fn verify_new_image(image: &Path, skip: bool, workers: usize, quiet: bool) -> Re
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let r = czimage::verify_any(&a.image, threads(a.threads)?, cli.quiet)?;
+    let r = source::verify(&a.image, threads(a.threads)?, cli.quiet)?;
     if cli.json {
         return print_json(&json!({
             "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,
@@ -182,8 +180,8 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
-    let plan = czimage::AnyRestorePlan::prepare(&a.image, &a.target)?;
-    confirm(&plan.target().path, &plan.describe(), a.write.yes)?;
+    let plan = source::prepare_restore(&a.image, &a.target)?;
+    confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let r = plan.restore(&opts)?;
     report_written(cli, "Restored", "image", &a.image, &a.target, &r)
 }
@@ -268,96 +266,9 @@ fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-fn cz_info(cli: &Cli, dir: &Path) -> Result<()> {
-    let src = czimage::CzSource::open(dir)?;
-    let im = &src.image;
-    let streams = src.stream_infos();
-    if cli.json {
-        return print_json(&json!({
-            "image": dir,
-            "format": "clonezilla",
-            "disk": im.disk,
-            "layout": im.layout,
-            "streams": streams,
-            "partition_images": im.partitions.iter().map(|p| json!({
-                "partition": p.number, "device": p.device, "fs": p.fs,
-                "kind": format!("{:?}", p.kind).to_lowercase(), "codec": format!("{:?}", p.codec).to_lowercase(),
-                "pieces": p.pieces, "bytes": p.pieces.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum::<u64>(),
-            })).collect::<Vec<_>>(),
-            "checksum_files": im.checksum_files,
-            "warnings": im.warnings,
-        }));
-    }
-    print!("{}", render_cz_info(&src));
-    Ok(())
-}
-
-/// The text `klon info` prints for a Clonezilla image.
-pub fn render_cz_info(src: &czimage::CzSource) -> String {
-    use std::fmt::Write as _;
-    let im = &src.image;
-    let mut o = String::new();
-    let _ = writeln!(o, "Image:        {} (Clonezilla)", im.dir.display());
-    let _ = writeln!(
-        o,
-        "Source:       {} — {}, {} bytes, {}-byte sectors",
-        im.disk,
-        human_bytes(im.layout.disk_size),
-        im.layout.disk_size,
-        im.layout.sector_size
-    );
-    let _ = writeln!(
-        o,
-        "Table:        {:?}{}",
-        im.layout.kind,
-        im.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
-    );
-    let _ = writeln!(o, "Streams:");
-    for st in src.stream_infos() {
-        let _ = writeln!(
-            o,
-            "  {:<24} start {:>14}  size {:>10}  {}",
-            describe_stream(&st),
-            st.start,
-            human_bytes(st.length),
-            st.fs.as_ref().map(|f| f.fstype.as_str()).unwrap_or("-")
-        );
-        let _ = writeln!(o, "  {:<24} {}; {} stored", "", st.method_reason, human_bytes(st.stored_bytes));
-        if let Some(p) = im.partitions.iter().find(|p| Some(p.number) == st.partition) {
-            let bytes: u64 = p.pieces.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
-            let names: Vec<String> =
-                p.pieces.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
-            let shown = if names.len() > 3 {
-                format!("{} … {} ({} pieces)", names[0], names[names.len() - 1], names.len())
-            } else {
-                names.join(", ")
-            };
-            let _ = writeln!(o, "  {:<24} {:?}-compressed, {}: {shown}", "", p.codec, human_bytes(bytes));
-        }
-    }
-    if im.checksum_files.is_empty() {
-        let _ = writeln!(o, "Checksums:    partclone's own (no checksum files)");
-    } else {
-        let names: Vec<String> = im
-            .checksum_files
-            .iter()
-            .map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned())
-            .collect();
-        let _ = writeln!(o, "Checksums:    partclone's own, and {}", names.join(", "));
-    }
-    for w in &im.warnings {
-        let _ = writeln!(o, "Note:         {w}");
-    }
-    let _ = writeln!(o, "Verified:     run klon verify (reads every byte; nothing is written to the image)");
-    o
-}
-
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
-    if is_clonezilla_image(&a.image) {
-        return cz_info(cli, &a.image);
-    }
-    let reader = match ImageReader::open(&a.image) {
-        Ok(r) => r,
+    let source = match source::open(&a.image) {
+        Ok(s) => s,
         Err(e @ Error::Corrupt(_)) => {
             if cli.json {
                 print_json(&json!({ "image": a.image, "complete": false, "problem": e.to_string() }))?;
@@ -368,98 +279,10 @@ fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    let m = &reader.manifest;
-    let last_verify = verify::last_result(&a.image);
+    let (text, json) = source.info();
     if cli.json {
-        return print_json(&json!({
-            "image": a.image,
-            "complete": true,
-            "last_verify": last_verify,
-            "image_bytes": backup::image_size(m),
-            "manifest": m,
-        }));
+        return print_json(&json);
     }
-    print!("{}", render_info(&a.image, m));
-    match last_verify {
-        Some(v) if v.ok => println!("Verified:     OK on {} (klon {})", v.time, v.klon_version),
-        Some(v) => {
-            println!("Verified:     FAILED on {}: {}", v.time, v.problem.as_deref().unwrap_or("unknown problem"))
-        }
-        None => println!("Verified:     never (run klon verify)"),
-    }
+    print!("{text}");
     Ok(())
-}
-
-/// The text `klon info` prints.
-pub fn render_info(dir: &Path, m: &Manifest) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let s = &m.source;
-    let _ = writeln!(o, "Image:        {}", dir.display());
-    let _ = writeln!(o, "Complete:     yes (size {})", human_bytes(backup::image_size(m)));
-    let _ = writeln!(o, "Created:      {} by klon {} (format {})", m.created, m.klon_version, m.format_version);
-    let _ = writeln!(
-        o,
-        "Source:       {} — {}, {} bytes, {}/{}-byte sectors, {}{}{}",
-        s.path,
-        human_bytes(s.size),
-        s.size,
-        s.logical_sector_size,
-        s.physical_sector_size,
-        s.transport.as_deref().unwrap_or("unknown"),
-        s.model.as_deref().map(|x| format!(", model {x}")).unwrap_or_default(),
-        s.serial.as_deref().map(|x| format!(", serial {x}")).unwrap_or_default(),
-    );
-    let _ = writeln!(
-        o,
-        "Table:        {:?}{}",
-        m.layout.kind,
-        m.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
-    );
-    let _ = writeln!(
-        o,
-        "Compression:  {} level {}, {} KiB chunks",
-        m.compression.algorithm,
-        m.compression.level,
-        m.chunk_size >> 10
-    );
-    let _ = writeln!(o, "Streams:");
-    for st in &m.streams {
-        let part = m.layout.partitions.iter().find(|p| Some(p.number) == st.partition);
-        let fs = st
-            .fs
-            .as_ref()
-            .map(|f| format!("{}{}", f.fstype, f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default()))
-            .unwrap_or_else(|| "-".into());
-        let _ = writeln!(
-            o,
-            "  {:<24} start {:>14}  size {:>10}  {}",
-            describe_stream(st),
-            st.start,
-            human_bytes(st.length),
-            part.map(|p| format!(
-                "type {}{}",
-                p.type_id,
-                if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }
-            ))
-            .unwrap_or_default()
-        );
-        let uuid = st.fs.as_ref().and_then(|f| f.uuid.as_deref()).map(|u| format!(", UUID {u}")).unwrap_or_default();
-        let used = match (st.fs_used_bytes, st.fs_total_bytes, st.fs_block_size) {
-            (Some(u), Some(t), Some(b)) => format!(", {} used of {} ({b}-byte blocks)", human_bytes(u), human_bytes(t)),
-            _ => String::new(),
-        };
-        let _ = writeln!(o, "  {:<24} filesystem {fs}{uuid}{used}", "");
-        let _ = writeln!(
-            o,
-            "  {:<24} method {}: {}; stored {} -> {} in {} chunks",
-            "",
-            st.method,
-            st.method_reason,
-            human_bytes(st.stored_bytes),
-            human_bytes(st.compressed_bytes),
-            st.chunks
-        );
-    }
-    o
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::device::Disk;
 use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
 use crate::engine::pipeline::default_workers;
-use crate::engine::restore::{self, RestoreOptions};
+use crate::engine::restore::RestoreOptions;
 use crate::engine::verify;
 use crate::error::{Error, Result};
 use crate::ui::human_bytes;
@@ -73,8 +73,8 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
     let f = std::fs::File::create(&target).map_err(|e| Error::io("creating", &target, None, e))?;
     f.set_len(96 * MIB).map_err(|e| Error::io("sizing", &target, None, e))?;
     drop(f);
-    let plan = restore::prepare(&image, &target)?;
-    let r = restore::restore(plan, &RestoreOptions { grow_last: true, verify_after: true, quiet, workers })?;
+    let plan = crate::engine::source::prepare_restore(&image, &target)?;
+    let r = plan.restore(&RestoreOptions { grow_last: true, verify_after: true, quiet, workers })?;
     println!(
         "4. Restored to a larger 96 MiB disk, last partition grown, read back and verified in {:.2} s: {}",
         r.seconds,

@@ -18,7 +18,7 @@ use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
 use super::streams::describe;
-use super::target::{TargetWriter, check_fits, intersects, minus, write_disk, write_order};
+use super::target::{TargetWriter, intersects, minus, write_disk, write_order};
 use super::verify::VerifyReport;
 use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_stream};
 use crate::device::Disk;
@@ -28,7 +28,6 @@ use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::image::{ImageWriter, Lane};
 use crate::table::TableKind;
-use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
 
 /// Where a stream's bytes come from.
@@ -110,12 +109,16 @@ fn holds_every_byte(part: &CzPartition) -> bool {
 }
 
 impl CzSource {
-    /// Opens the Clonezilla image at `dir`: its description files, and the
-    /// header and bitmap of every partition image (so sizes are known and a
-    /// damaged header is refused before anything is written).
+    /// Opens the Clonezilla image at `dir`: its description files (the
+    /// layout they give checked as a klon manifest's is), and the header and
+    /// bitmap of every partition image (so sizes are known and a damaged
+    /// header is refused before anything is written).
     pub fn open(dir: &Path) -> Result<CzSource> {
         let image = CzImage::open(dir)?;
         let layout = &image.layout;
+        layout.check().map_err(|why| {
+            Error::Corrupt(format!("{}: the partition layout its files give is not possible: {why}", dir.display()))
+        })?;
         let mut streams = Vec::new();
         if layout.kind != TableKind::None {
             let mut boot = stream_info("boot".into(), StreamKind::Boot, None, 0, layout.disk_size);
@@ -308,11 +311,11 @@ fn ntfs_backup_offset(boot: &[u8], part_len: u64) -> Option<u64> {
 
 /// Reads every byte of a Clonezilla image, checking partclone's checksums,
 /// the bitmaps and the checksum files (MD5SUMS, ...) when present.
-pub fn verify(dir: &Path, quiet: bool) -> Result<VerifyReport> {
+pub fn verify(src: &mut CzSource, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
-    let mut src = CzSource::open(dir)?;
+    let dir = src.image.dir.clone();
     for f in &src.image.checksum_files {
-        let n = crate::clonezilla::checksums::check_file(dir, f)?;
+        let n = crate::clonezilla::checksums::check_file(&dir, f)?;
         if !quiet {
             eprintln!("klon: {}: {n} files match", f.display());
         }
@@ -330,50 +333,6 @@ pub fn verify(dir: &Path, quiet: bool) -> Result<VerifyReport> {
     })?;
     progress.finish();
     Ok(VerifyReport { streams: infos.len(), chunks, bytes, seconds: started.elapsed().as_secs_f64() })
-}
-
-/// A restore of a Clonezilla image that passed every check before writing.
-pub struct CzRestorePlan {
-    source: CzSource,
-    /// The opened target.
-    pub target: Disk,
-}
-
-/// Opens the image (and every partition image's header) and checks the
-/// layout it gives, then opens the target, and refuses what klon refuses
-/// for its own images: a smaller target, another sector size, a target in
-/// use or holding the image.
-pub fn prepare(dir: &Path, target_path: &Path) -> Result<CzRestorePlan> {
-    let source = CzSource::open(dir)?;
-    let layout = &source.image.layout;
-    layout.check().map_err(|why| {
-        Error::Corrupt(format!("{}: the partition layout its files give is not possible: {why}", dir.display()))
-    })?;
-    let mut target = Disk::open_target(target_path, Some(layout.disk_size))?;
-    check_fits(&mut target, layout.disk_size, layout.sector_size)?;
-    crate::device::safety::check_target(&target, None, Some(dir))?;
-    target.enable_direct_reads();
-    Ok(CzRestorePlan { source, target })
-}
-
-impl CzRestorePlan {
-    /// One paragraph saying what will be overwritten, for confirmations.
-    pub fn describe(&self) -> String {
-        let im = &self.source.image;
-        let what = match self.target.kind {
-            crate::device::DiskKind::BlockDevice => "disk",
-            crate::device::DiskKind::File => "file",
-        };
-        format!(
-            "Everything on {what} {} ({}) will be overwritten with the Clonezilla image of {} ({}, {} partitions) in {}.",
-            self.target.path.display(),
-            human_bytes(self.target.size),
-            im.disk,
-            human_bytes(im.layout.disk_size),
-            im.layout.partitions.len(),
-            im.dir.display()
-        )
-    }
 }
 
 /// What the read-back compares for one job.
@@ -399,10 +358,10 @@ impl Written {
     }
 }
 
-/// Restores a Clonezilla image onto the target. The caller has confirmed.
-pub fn restore(plan: CzRestorePlan, opts: &RestoreOptions) -> Result<RestoreReport> {
+/// Restores a Clonezilla image onto the target, which passed every refusal
+/// (see [`super::source::prepare_restore`]). The caller has confirmed.
+pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
-    let CzRestorePlan { mut source, target } = plan;
     let layout = source.image.layout.clone();
     let infos = source.stream_infos();
     // Filled while writing, read by the read-back.
@@ -579,64 +538,6 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     let bytes = src.stored_bytes();
     let image = writer.commit(&manifest)?;
     Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
-}
-
-/// A restore of either kind of image, for callers that take both.
-pub enum AnyRestorePlan {
-    /// A klon image.
-    Klon(super::restore::RestorePlan),
-    /// A Clonezilla image.
-    Clonezilla(CzRestorePlan),
-}
-
-impl AnyRestorePlan {
-    /// Prepares the restore of the image at `dir` (klon's or Clonezilla's)
-    /// onto `target`, with every refusal made before anything is written.
-    pub fn prepare(dir: &Path, target: &Path) -> Result<AnyRestorePlan> {
-        if crate::clonezilla::is_clonezilla_image(dir) {
-            prepare(dir, target).map(AnyRestorePlan::Clonezilla)
-        } else {
-            super::restore::prepare(dir, target).map(AnyRestorePlan::Klon)
-        }
-    }
-
-    /// The target, opened.
-    pub fn target(&self) -> &Disk {
-        match self {
-            AnyRestorePlan::Klon(p) => &p.target,
-            AnyRestorePlan::Clonezilla(p) => &p.target,
-        }
-    }
-
-    /// One paragraph saying what will be overwritten, for confirmations.
-    pub fn describe(&self) -> String {
-        match self {
-            AnyRestorePlan::Klon(p) => p.describe(),
-            AnyRestorePlan::Clonezilla(p) => p.describe(),
-        }
-    }
-
-    /// Writes the image onto the target. The caller has confirmed.
-    pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
-        match self {
-            AnyRestorePlan::Klon(p) => super::restore::restore(p, opts),
-            AnyRestorePlan::Clonezilla(p) => restore(p, opts),
-        }
-    }
-}
-
-/// Verifies the image at `dir`, klon's or Clonezilla's. A klon image keeps
-/// the outcome (for the wizard's list); a Clonezilla image is only read.
-pub fn verify_any(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
-    if crate::clonezilla::is_clonezilla_image(dir) {
-        verify(dir, quiet)
-    } else {
-        let result = super::verify::verify(dir, workers, quiet);
-        if !matches!(&result, Err(Error::Cancelled(_))) {
-            super::verify::record_result(dir, &result);
-        }
-        result
-    }
 }
 
 #[cfg(test)]

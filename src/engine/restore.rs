@@ -13,13 +13,12 @@ use std::time::Instant;
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::streams::describe;
-use super::target::{TargetWriter, WriteArea, check_fits, intersects, write_disk, write_order};
+use super::target::{TargetWriter, WriteArea, intersects, write_disk, write_order};
 use crate::device::Disk;
 use crate::device::direct::IoBuf;
 use crate::error::Result;
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk};
-use crate::ui::human_bytes;
 use crate::ui::progress::Progress;
 
 /// Options of a restore.
@@ -33,17 +32,6 @@ pub struct RestoreOptions {
     pub quiet: bool,
     /// Worker threads.
     pub workers: usize,
-}
-
-/// A restore that passed every check and is ready to write.
-#[derive(Debug)]
-pub struct RestorePlan {
-    /// The image.
-    pub reader: ImageReader,
-    /// The opened target (exclusively, for block devices).
-    pub target: Disk,
-    /// Every stream's index, checked.
-    pub indexes: Vec<Vec<IndexEntry>>,
 }
 
 /// What a finished restore reports.
@@ -62,46 +50,16 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// Opens the image and checks everything that does not need its data (the
-/// manifest against itself and its layout, every index), then opens the
-/// target and refuses, before anything is written, a target that is too
-/// small, has another sector size, is in use, or holds the image. A missing
-/// target path becomes a file of the source's size.
-pub fn prepare(image_dir: &Path, target_path: &Path) -> Result<RestorePlan> {
-    let reader = ImageReader::open(image_dir)?;
-    let indexes = reader.indexes()?;
-    let m = &reader.manifest;
-    let mut target = Disk::open_target(target_path, Some(m.source.size))?;
-    check_fits(&mut target, m.source.size, m.layout.sector_size)?;
-    crate::device::safety::check_target(&target, None, Some(image_dir))?;
-    target.enable_direct_reads();
-    Ok(RestorePlan { reader, target, indexes })
-}
-
-impl RestorePlan {
-    /// One paragraph saying what will be overwritten, for confirmations.
-    pub fn describe(&self) -> String {
-        let m = &self.reader.manifest;
-        let what = match self.target.kind {
-            crate::device::DiskKind::BlockDevice => "disk",
-            crate::device::DiskKind::File => "file",
-        };
-        format!(
-            "Everything on {what} {} ({}) will be overwritten with the image of {} ({}, {} partitions, made {}).",
-            self.target.path.display(),
-            human_bytes(self.target.size),
-            m.source.model.as_deref().unwrap_or(&m.source.path),
-            human_bytes(m.source.size),
-            m.layout.partitions.len(),
-            m.created
-        )
-    }
-}
-
-/// Writes the image onto the target. The caller has confirmed.
-pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport> {
+/// Writes the image `reader` reads (with its checked `indexes`) onto the
+/// target, which passed every refusal (see
+/// [`super::source::prepare_restore`]). The caller has confirmed.
+pub fn restore(
+    reader: ImageReader,
+    indexes: Vec<Vec<IndexEntry>>,
+    target: Disk,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
     let started = Instant::now();
-    let RestorePlan { reader, target, indexes } = plan;
     let layout = reader.manifest.layout.clone();
     let written = write_disk(
         &target,
@@ -298,10 +256,13 @@ mod tests {
         };
         backup(&src, &img, &backup_opts).unwrap();
         let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
-        restore(prepare(&img, &dst).unwrap(), &opts).unwrap();
+        crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
 
-        let RestorePlan { reader, target, indexes } = prepare(&img, &dst).unwrap();
+        let reader = ImageReader::open(&img).unwrap();
+        let indexes = reader.indexes().unwrap();
+        let mut target = Disk::open_target(&dst, None).unwrap();
+        target.enable_direct_reads();
         read_back(&reader, &indexes, &target, &[], &opts).unwrap();
         // A changed byte in stored content: named by its place.
         let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);

@@ -7,7 +7,7 @@ use super::pipeline;
 use super::streams::describe;
 use crate::error::{Error, Result};
 use crate::image::ImageReader;
-use crate::image::format::Extent;
+use crate::image::format::{Extent, IndexEntry};
 use crate::ui::progress::Progress;
 
 /// What a verify reports.
@@ -26,10 +26,22 @@ pub struct VerifyReport {
 /// Checks every file, index, chunk header, payload crc32 and content
 /// blake3 of the image at `dir`.
 pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
-    let started = Instant::now();
     let reader = ImageReader::open(dir)?;
     // The checks a restore makes before writing, before any data is read.
     let indexes = reader.indexes()?;
+    verify_image(&reader, &indexes, workers, quiet)
+}
+
+/// Checks every chunk of the image `reader` reads, whose manifest and
+/// `indexes` were checked when it was opened.
+pub fn verify_image(
+    reader: &ImageReader,
+    indexes: &[Vec<IndexEntry>],
+    workers: usize,
+    quiet: bool,
+) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let dir = &reader.dir;
     let total: u64 = reader.manifest.streams.iter().map(|s| s.stored_bytes).sum();
     let streams = &reader.manifest.streams;
     // A progress bar per stream (partition).
@@ -39,7 +51,7 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let mut last_end: Vec<u64> = streams.iter().map(|s| s.start).collect();
     let mut chunks = 0u64;
     let mut bytes = 0u64;
-    let reader_ref = &reader;
+    let reader_ref = reader;
     pipeline::run(
         workers,
         pipeline::depth(workers),

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
 use crate::engine::clone::{self as clone_engine, CloneOptions};
-use crate::engine::czimage::AnyRestorePlan;
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::RestoreOptions;
 use crate::engine::streams::PlanOptions;
@@ -475,7 +474,7 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     ),
                 )?;
                 let r = run_job(scr, "verification", "Nothing is changed.", || {
-                    crate::engine::czimage::verify_any(&image, default_workers(), false)
+                    crate::engine::source::verify(&image, default_workers(), false)
                 });
                 let cmd = format!("klon verify {}", shell_quote(&image));
                 let body = match &r {
@@ -615,7 +614,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
             },
             4 => {
                 // All refusals happen here, before anything is written.
-                let plan = match AnyRestorePlan::prepare(&image, &list[target].info.path) {
+                let plan = match crate::engine::source::prepare_restore(&image, &list[target].info.path) {
                     Ok(p) => p,
                     Err(e) => {
                         scr.message(title, &explain(&e))?;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use crate::device::sysfs::{self, PartInfo};
 use crate::device::uevent::{self, UeventSocket, Woken};
 use crate::error::Result;
-use crate::image::ImageReader;
 use crate::ui::human_bytes;
 
 use super::disks;
@@ -222,82 +221,41 @@ pub struct Found {
 /// The images in `dir` (complete, unfinished, damaged), by name.
 pub fn list_images(dir: &Path) -> Vec<Found> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut paths: Vec<PathBuf> = rd
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_dir()
-                && (p.join("klon.json").exists()
-                    || p.to_string_lossy().ends_with(".klon-partial")
-                    || crate::clonezilla::is_clonezilla_image(p))
-        })
-        .collect();
+    let mut paths: Vec<PathBuf> =
+        rd.flatten().map(|e| e.path()).filter(|p| crate::engine::source::looks_like_image(p)).collect();
     paths.sort();
     paths.into_iter().map(|p| describe_image(&p)).collect()
 }
 
 fn describe_image(p: &Path) -> Found {
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if crate::clonezilla::is_clonezilla_image(p) {
-        return describe_clonezilla(p, name);
-    }
-    match ImageReader::open(p) {
-        Ok(r) => {
-            let m = &r.manifest;
-            let date = m.created.replace('T', " ").trim_end_matches('Z').chars().take(16).collect::<String>();
-            let model = m.source.model.clone().unwrap_or_else(|| m.source.path.clone());
-            let verified = match crate::engine::verify::last_result(p) {
-                None => "never verified".to_string(),
-                Some(v) if v.ok => {
-                    format!("verified OK {}", v.time.replace('T', " ").chars().take(16).collect::<String>())
-                }
-                Some(v) => {
-                    format!("verification FAILED {}", v.time.replace('T', " ").chars().take(16).collect::<String>())
-                }
+    let kind = |k: Option<&str>| k.map(|k| format!("  ({k})")).unwrap_or_default();
+    match crate::engine::source::summarize(p) {
+        Ok(s) => {
+            let text = format!(
+                "{name}{}{}\n      from {}  {}  image {}\n      {}",
+                kind(s.kind),
+                s.created.as_deref().map(|d| format!("  {d}")).unwrap_or_default(),
+                cut(&s.source, 30),
+                human_bytes(s.disk_size),
+                human_bytes(s.image_bytes),
+                s.state
+            );
+            let need = Some(disks::Need { size: s.disk_size, sector_size: s.sector_size });
+            Found { path: p.to_path_buf(), item: Item::new(text), need }
+        }
+        Err(e) => {
+            let (k, what) = if crate::clonezilla::is_clonezilla_image(p) {
+                (Some("Clonezilla"), "cannot be read")
+            } else {
+                (None, "not complete")
             };
-            let text = format!(
-                "{name}  {date}\n      from {}  {}  image {}\n      complete, {verified}",
-                cut(&model, 30),
-                human_bytes(m.source.size),
-                human_bytes(crate::engine::backup::image_size(m)),
-            );
-            let need = Some(disks::Need { size: m.source.size, sector_size: m.layout.sector_size });
-            Found { path: p.to_path_buf(), item: Item::new(text), need }
+            Found {
+                path: p.to_path_buf(),
+                item: Item::blocked(format!("{name}{}\n      {what}", kind(k)), format!("{e}")),
+                need: None,
+            }
         }
-        Err(e) => Found {
-            path: p.to_path_buf(),
-            item: Item::blocked(format!("{name}\n      not complete"), format!("{e}")),
-            need: None,
-        },
-    }
-}
-
-/// A Clonezilla image: its description files only (reading every partition
-/// image's header would slow the list down); verify reads the rest.
-fn describe_clonezilla(p: &Path, name: String) -> Found {
-    match crate::clonezilla::CzImage::open(p) {
-        Ok(im) => {
-            let bytes: u64 = im
-                .partitions
-                .iter()
-                .flat_map(|part| part.pieces.iter())
-                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-                .sum();
-            let text = format!(
-                "{name}  (Clonezilla)\n      from {}  {}  image {}\n      {} partition images, checked as they are read",
-                im.disk,
-                human_bytes(im.layout.disk_size),
-                human_bytes(bytes),
-                im.partitions.len()
-            );
-            let need = Some(disks::Need { size: im.layout.disk_size, sector_size: im.layout.sector_size });
-            Found { path: p.to_path_buf(), item: Item::new(text), need }
-        }
-        Err(e) => Found {
-            path: p.to_path_buf(),
-            item: Item::blocked(format!("{name}  (Clonezilla)\n      cannot be read"), format!("{e}")),
-            need: None,
-        },
     }
 }
 

@@ -1,0 +1,156 @@
+//! One interface for a source of an image: what `klon info`, `verify`,
+//! `restore` and the wizard's lists read, whatever kind of image it is.
+//!
+//! [`open`] is the one place that tells the kinds apart; each kind is one
+//! implementation of [`ImageSource`] in a file of its own: klon's own image
+//! directory ([`klon::KlonImage`]) and a Clonezilla image directory
+//! ([`clonezilla`]). A new kind (a repository's snapshot, a remote store)
+//! is a new file here and a line in [`open`] and [`summarize`], not a branch
+//! in every command.
+//!
+//! Opening a source makes every check that needs none of its data (for a
+//! klon image: the manifest against its layout, every index), so a restore
+//! refuses a bad image before it opens the target.
+
+pub mod clonezilla;
+pub mod klon;
+
+use std::path::Path;
+
+use super::restore::{RestoreOptions, RestoreReport};
+use super::target::check_fits;
+use super::verify::VerifyReport;
+use crate::device::{Disk, DiskKind};
+use crate::error::{Error, Result};
+use crate::table::DiskLayout;
+use crate::ui::human_bytes;
+
+/// A source of an image, opened and checked as far as it can be without
+/// reading its data.
+pub trait ImageSource: Send {
+    /// Where the image is, as it was named.
+    fn location(&self) -> &Path;
+
+    /// The layout of the disk the image holds.
+    fn layout(&self) -> &DiskLayout;
+
+    /// The image in a few words, for confirmations: "the image of Samsung
+    /// SSD (500 GB, 3 partitions, made …)".
+    fn describe(&self) -> String;
+
+    /// Reads every byte and checks every checksum, touching no disk.
+    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport>;
+
+    /// Writes the image onto `target`, which passed every refusal
+    /// ([`prepare_restore`]) and the person's confirmation.
+    fn restore(self: Box<Self>, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport>;
+
+    /// What `klon info` prints: the text, and the JSON for `--json`.
+    fn info(&self) -> (String, serde_json::Value);
+}
+
+/// Opens the image at `path`, whatever its kind, with every check that
+/// needs no data made.
+pub fn open(path: &Path) -> Result<Box<dyn ImageSource>> {
+    if crate::clonezilla::is_clonezilla_image(path) {
+        Ok(Box::new(crate::engine::czimage::CzSource::open(path)?))
+    } else {
+        Ok(Box::new(klon::KlonImage::open(path)?))
+    }
+}
+
+/// Whether `path` looks like an image directory of any kind klon reads
+/// (complete or not), for listing a drive's images.
+pub fn looks_like_image(path: &Path) -> bool {
+    path.is_dir() && (klon::looks_like_klon_image(path) || crate::clonezilla::is_clonezilla_image(path))
+}
+
+/// An image as a list shows it, read cheaply (no data, no index).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// "Clonezilla" for other kinds than klon's own, else None.
+    pub kind: Option<&'static str>,
+    /// The source disk: model, or the path it was read from.
+    pub source: String,
+    /// Source disk size.
+    pub disk_size: u64,
+    /// Source disk's logical sector size.
+    pub sector_size: u32,
+    /// When it was made (UTC, "YYYY-MM-DD HH:MM"), when known.
+    pub created: Option<String>,
+    /// Bytes the image takes.
+    pub image_bytes: u64,
+    /// Its state: "complete, verified OK …", "3 partition images, checked
+    /// as they are read".
+    pub state: String,
+}
+
+/// Reads what a list shows of the image at `path`, cheaply.
+pub fn summarize(path: &Path) -> Result<Summary> {
+    if crate::clonezilla::is_clonezilla_image(path) { clonezilla::summarize(path) } else { klon::summarize(path) }
+}
+
+/// Verifies the image at `path`, whatever its kind. A klon image keeps the
+/// outcome (for the wizard's list), also when it cannot be opened.
+pub fn verify(path: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
+    let result = open(path).and_then(|mut s| s.verify(workers, quiet));
+    if let Err(e) = &result
+        && !matches!(e, Error::Cancelled(_))
+    {
+        // Nothing is recorded outside a klon image's own directory.
+        klon::record_failure_to_open(path, &result);
+    }
+    result
+}
+
+/// A restore that passed every check and is ready to write.
+pub struct RestorePlan {
+    /// The image, opened and checked.
+    pub source: Box<dyn ImageSource>,
+    /// The opened target (exclusively, for block devices).
+    pub target: Disk,
+}
+
+impl std::fmt::Debug for RestorePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestorePlan")
+            .field("source", &self.source.location())
+            .field("target", &self.target.path)
+            .finish()
+    }
+}
+
+/// Opens and checks the image at `image` (everything that needs no data),
+/// then opens the target and refuses, before anything is written, a target
+/// that is too small, has another sector size, is in use, or holds the
+/// image. A missing target path becomes a file of the source's size.
+pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
+    let source = open(image)?;
+    let layout = source.layout();
+    let mut target = Disk::open_target(target, Some(layout.disk_size))?;
+    check_fits(&mut target, layout.disk_size, layout.sector_size)?;
+    crate::device::safety::check_target(&target, None, Some(image))?;
+    target.enable_direct_reads();
+    Ok(RestorePlan { source, target })
+}
+
+impl RestorePlan {
+    /// One paragraph saying what will be overwritten, for confirmations.
+    pub fn describe(&self) -> String {
+        let what = match self.target.kind {
+            DiskKind::BlockDevice => "disk",
+            DiskKind::File => "file",
+        };
+        format!(
+            "Everything on {what} {} ({}) will be overwritten with {}.",
+            self.target.path.display(),
+            human_bytes(self.target.size),
+            self.source.describe()
+        )
+    }
+
+    /// Writes the image onto the target. The caller has confirmed.
+    pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
+        self.source.restore(self.target, opts)
+    }
+}

@@ -1,0 +1,200 @@
+//! klon's own image directory as an [`ImageSource`].
+
+use std::path::Path;
+
+use super::{ImageSource, Summary};
+use crate::device::Disk;
+use crate::engine::backup::image_size;
+use crate::engine::restore::{self, RestoreOptions, RestoreReport};
+use crate::engine::verify::{self, VerifyReport};
+use crate::error::{Error, Result};
+use crate::image::format::IndexEntry;
+use crate::image::reader::describe_stream;
+use crate::image::writer::PARTIAL_SUFFIX;
+use crate::image::{ImageReader, Manifest};
+use crate::table::DiskLayout;
+use crate::ui::human_bytes;
+
+/// A klon image, opened: its checked manifest and every index, checked.
+#[derive(Debug)]
+pub struct KlonImage {
+    reader: ImageReader,
+    indexes: Vec<Vec<IndexEntry>>,
+}
+
+impl KlonImage {
+    /// Opens the image at `dir` and checks everything that needs no data:
+    /// the manifest (see `Manifest::validate`), every file's size and every
+    /// index ([`ImageReader::indexes`]).
+    pub fn open(dir: &Path) -> Result<KlonImage> {
+        let reader = ImageReader::open(dir)?;
+        let indexes = reader.indexes()?;
+        Ok(KlonImage { reader, indexes })
+    }
+
+    /// Its manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.reader.manifest
+    }
+}
+
+impl ImageSource for KlonImage {
+    fn location(&self) -> &Path {
+        &self.reader.dir
+    }
+
+    fn layout(&self) -> &DiskLayout {
+        &self.reader.manifest.layout
+    }
+
+    fn describe(&self) -> String {
+        let m = &self.reader.manifest;
+        format!(
+            "the image of {} ({}, {} partitions, made {})",
+            m.source.model.as_deref().unwrap_or(&m.source.path),
+            human_bytes(m.source.size),
+            m.layout.partitions.len(),
+            m.created
+        )
+    }
+
+    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport> {
+        let result = verify::verify_image(&self.reader, &self.indexes, workers, quiet);
+        if !matches!(&result, Err(Error::Cancelled(_))) {
+            verify::record_result(&self.reader.dir, &result);
+        }
+        result
+    }
+
+    fn restore(self: Box<Self>, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+        let KlonImage { reader, indexes } = *self;
+        restore::restore(reader, indexes, target, opts)
+    }
+
+    fn info(&self) -> (String, serde_json::Value) {
+        let (dir, m) = (&self.reader.dir, &self.reader.manifest);
+        let last_verify = verify::last_result(dir);
+        let json = serde_json::json!({
+            "image": dir,
+            "complete": true,
+            "last_verify": last_verify,
+            "image_bytes": image_size(m),
+            "manifest": m,
+        });
+        let mut text = render_info(dir, m);
+        text += &match last_verify {
+            Some(v) if v.ok => format!("Verified:     OK on {} (klon {})\n", v.time, v.klon_version),
+            Some(v) => {
+                format!("Verified:     FAILED on {}: {}\n", v.time, v.problem.as_deref().unwrap_or("unknown problem"))
+            }
+            None => "Verified:     never (run klon verify)\n".to_string(),
+        };
+        (text, json)
+    }
+}
+
+/// Whether `path` looks like a klon image directory, finished or not.
+pub fn looks_like_klon_image(path: &Path) -> bool {
+    path.join(crate::image::manifest::MANIFEST_NAME).exists() || path.to_string_lossy().ends_with(PARTIAL_SUFFIX)
+}
+
+/// What a list shows of the klon image at `dir`: its manifest only.
+pub fn summarize(dir: &Path) -> Result<Summary> {
+    let r = ImageReader::open(dir)?;
+    let m = &r.manifest;
+    let short = |t: &str| t.replace('T', " ").trim_end_matches('Z').chars().take(16).collect::<String>();
+    let state = match verify::last_result(dir) {
+        None => "complete, never verified".to_string(),
+        Some(v) if v.ok => format!("complete, verified OK {}", short(&v.time)),
+        Some(v) => format!("complete, verification FAILED {}", short(&v.time)),
+    };
+    Ok(Summary {
+        kind: None,
+        source: m.source.model.clone().unwrap_or_else(|| m.source.path.clone()),
+        disk_size: m.source.size,
+        sector_size: m.layout.sector_size,
+        created: Some(short(&m.created)),
+        image_bytes: image_size(m),
+        state,
+    })
+}
+
+/// Records a verification that failed before the image could be opened
+/// (a damaged manifest, a missing file), where `path` is a klon image.
+pub(super) fn record_failure_to_open(path: &Path, result: &Result<VerifyReport>) {
+    verify::record_result(path, result);
+}
+
+/// The text `klon info` prints.
+fn render_info(dir: &Path, m: &Manifest) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let s = &m.source;
+    let _ = writeln!(o, "Image:        {}", dir.display());
+    let _ = writeln!(o, "Complete:     yes (size {})", human_bytes(image_size(m)));
+    let _ = writeln!(o, "Created:      {} by klon {} (format {})", m.created, m.klon_version, m.format_version);
+    let _ = writeln!(
+        o,
+        "Source:       {} — {}, {} bytes, {}/{}-byte sectors, {}{}{}",
+        s.path,
+        human_bytes(s.size),
+        s.size,
+        s.logical_sector_size,
+        s.physical_sector_size,
+        s.transport.as_deref().unwrap_or("unknown"),
+        s.model.as_deref().map(|x| format!(", model {x}")).unwrap_or_default(),
+        s.serial.as_deref().map(|x| format!(", serial {x}")).unwrap_or_default(),
+    );
+    let _ = writeln!(
+        o,
+        "Table:        {:?}{}",
+        m.layout.kind,
+        m.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
+    );
+    let _ = writeln!(
+        o,
+        "Compression:  {} level {}, {} KiB chunks",
+        m.compression.algorithm,
+        m.compression.level,
+        m.chunk_size >> 10
+    );
+    let _ = writeln!(o, "Streams:");
+    for st in &m.streams {
+        let part = m.layout.partitions.iter().find(|p| Some(p.number) == st.partition);
+        let fs = st
+            .fs
+            .as_ref()
+            .map(|f| format!("{}{}", f.fstype, f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default()))
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            o,
+            "  {:<24} start {:>14}  size {:>10}  {}",
+            describe_stream(st),
+            st.start,
+            human_bytes(st.length),
+            part.map(|p| format!(
+                "type {}{}",
+                p.type_id,
+                if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }
+            ))
+            .unwrap_or_default()
+        );
+        let uuid = st.fs.as_ref().and_then(|f| f.uuid.as_deref()).map(|u| format!(", UUID {u}")).unwrap_or_default();
+        let used = match (st.fs_used_bytes, st.fs_total_bytes, st.fs_block_size) {
+            (Some(u), Some(t), Some(b)) => format!(", {} used of {} ({b}-byte blocks)", human_bytes(u), human_bytes(t)),
+            _ => String::new(),
+        };
+        let _ = writeln!(o, "  {:<24} filesystem {fs}{uuid}{used}", "");
+        let _ = writeln!(
+            o,
+            "  {:<24} method {}: {}; stored {} -> {} in {} chunks",
+            "",
+            st.method,
+            st.method_reason,
+            human_bytes(st.stored_bytes),
+            human_bytes(st.compressed_bytes),
+            st.chunks
+        );
+    }
+    o
+}
