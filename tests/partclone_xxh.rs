@@ -203,6 +203,28 @@ fn a_flipped_byte_in_an_xxh_group_is_named_by_file_and_offset() {
         let o = klon(&["restore", "--yes", "--no-verify-after", s(&copy), s(&target)]);
         fails_with(&o, 4, &[&format!("{algo} checksum mismatch"), &at(&pieces, stored_at)]);
         let _ = std::fs::remove_file(&target);
+        // Compressed again (gzip, one file): the file and the offsets in the
+        // decompressed stream are named.
+        if name == "xxh128-gz" {
+            let gz = dir.join("xxh128-gz-recompressed");
+            let pieces = with_uncompressed_p1(&fixtures().join(name), &gz, &data, 0);
+            let raw = gz.join(&pieces[0].0);
+            run("gzip", &["-n", s(&raw)]);
+            let file = pieces[0].0.replace(".uncomp", ".gz");
+            std::fs::rename(gz.join(format!("{}.gz", pieces[0].0)), gz.join(&file)).unwrap();
+            let o = klon(&["verify", s(&gz)]);
+            fails_with(
+                &o,
+                4,
+                &[
+                    &format!("{file} (compressed; read up to byte"),
+                    &format!(
+                        "at image offset {stored_at}: XXH128 checksum mismatch over the {blocks_in_group} blocks \
+                         stored from image offset {group_start}"
+                    ),
+                ],
+            );
+        }
         // The undamaged uncompressed stream verifies (so the damage, not the
         // repackaging, was caught).
         data[flipped as usize] ^= 0x10;

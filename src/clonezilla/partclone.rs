@@ -1475,6 +1475,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_unknown_checksum_mode_is_refused_naming_the_file_and_mode() {
+        let fs = noise(64 << 10, 3);
+        let mut v = build_v2_mode(&fs, 4096, 1);
+        // A mode after XXH128 (0x31), with a valid header CRC.
+        v[96..98].copy_from_slice(&0x32u16.to_le_bytes());
+        let crc = partclone_crc32(0xFFFF_FFFF, &v[..106]);
+        v[106..110].copy_from_slice(&crc.to_le_bytes());
+        let dir = tmpdir("pc-mode");
+        let p = dir.join("sda1.ext4-ptcl-img.uncomp");
+        std::fs::write(&p, &v).unwrap();
+        match open_file(&p) {
+            Err(e @ Error::Unsupported(_)) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("sda1.ext4-ptcl-img.uncomp") && m.contains("checksum mode 0x32 is not known"),
+                    "{m}"
+                );
+                assert!(m.contains("0x31 XXH128"), "{m}");
+            }
+            Err(e) => panic!("expected Unsupported, got {e}"),
+            Ok(_) => panic!("mode 0x32 accepted"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn no_bitmap_and_byte_bitmap_and_v1_bitmap_damage() {
         // partclone refuses to run without root.
         if !crate::testutil::have_root() {
