@@ -22,8 +22,8 @@
 //! | 88 | 4 | feature size (18) |
 //! | 92 | 2 | image version, binary (2) |
 //! | 94 | 2 | CPU bits of the writer (32/64) |
-//! | 96 | 2 | checksum mode: 0x00 none, 0x20 CRC32, 0x30 XXH64 |
-//! | 98 | 2 | checksum size (0, 4, 8) |
+//! | 96 | 2 | checksum mode: 0x00 none, 0x20 CRC32, 0x30 XXH64, 0x31 XXH128 |
+//! | 98 | 2 | checksum size (0, 4, 8, 16) |
 //! | 100 | 4 | blocks per checksum |
 //! | 104 | 1 | reseed checksum after each one (1) or not (0) |
 //! | 105 | 1 | bitmap mode: 0 none, 1 bits, 8 bytes |
@@ -36,12 +36,18 @@
 //!
 //! Blocks: the used blocks in order; after every `blocks per checksum` of
 //! them, and after the last (partial) group, the checksum of the group's
-//! bytes: partclone-CRC32 (4 bytes LE) or XXH64 seed 0 (8 bytes LE). With
-//! reseed = 1 (the default) each group starts afresh (CRC register
-//! 0xFFFFFFFF, new XXH64 state); with 0 (`-K`) the state runs on across
-//! groups. The default group is the copy buffer, 1 MiB / block size.
-//! Mode none: no checksums, blocks back to back. The stream ends right
-//! after the last checksum.
+//! bytes: partclone-CRC32 (4 bytes LE, `-a1`), XXH64 with seed 0 (8 bytes,
+//! the u64 LE, `-a2`) or XXH3-128 with seed 0 and the default secret (16
+//! bytes: the low 64 bits LE, then the high 64 bits LE, partclone's
+//! in-memory `XXH128_hash_t`; not xxhash's big-endian canonical form,
+//! `-a3`). With reseed = 1 (the default) each group starts afresh (CRC
+//! register 0xFFFFFFFF, new XXH state); with 0 (`-K`) the state runs on
+//! across groups and each checksum is the digest of everything so far. The
+//! default group is the copy buffer (`-z`, 1 MiB) / block size; ocs-sr
+//! passes `-z 10485760`. Mode none: no checksums, blocks back to back. The
+//! stream ends right after the last checksum. Clonezilla 5.15.18 and later
+//! save with `-a3`; partclone writes XXH64 since 0.3.39 and XXH128 since
+//! 0.3.46, when built with libxxhash (Debian's 0.3.23 has neither).
 //!
 //! Format 0001 (partclone before 0.3.0), 4160-byte header: magic (15),
 //! filesystem (15), `"0001"` (4), padding (2), block size u32 at 36, device
@@ -83,6 +89,9 @@ const BITMAP_CHUNK: usize = 1 << 20;
 const CSM_NONE: u16 = 0x00;
 const CSM_CRC32: u16 = 0x20;
 const CSM_XXH64: u16 = 0x30;
+const CSM_XXH128: u16 = 0x31;
+/// The longest checksum (XXH128).
+const MAX_SUM: usize = 16;
 
 /// partclone's CRC32 register update: the reflected CRC-32 without final
 /// inversion (`register` is the raw register, seeded with 0xFFFFFFFF).
@@ -98,6 +107,7 @@ enum Algo {
     None,
     Crc32,
     Xxh64,
+    Xxh128,
     /// Format 0001's broken CRC32.
     Crc32V1,
 }
@@ -108,6 +118,7 @@ impl Algo {
             Algo::None => "none",
             Algo::Crc32 => "CRC32",
             Algo::Xxh64 => "XXH64",
+            Algo::Xxh128 => "XXH128",
             Algo::Crc32V1 => "CRC32 (format 0001)",
         }
     }
@@ -118,6 +129,7 @@ enum Sum {
     None,
     Crc(u32),
     Xxh(Box<xxhash_rust::xxh64::Xxh64>),
+    Xxh128(Box<xxhash_rust::xxh3::Xxh3Default>),
 }
 
 impl Sum {
@@ -126,19 +138,36 @@ impl Sum {
             Algo::None => Sum::None,
             Algo::Crc32 | Algo::Crc32V1 => Sum::Crc(0xFFFF_FFFF),
             Algo::Xxh64 => Sum::Xxh(Box::new(xxhash_rust::xxh64::Xxh64::new(0))),
+            Algo::Xxh128 => Sum::Xxh128(Box::new(xxhash_rust::xxh3::Xxh3Default::new())),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            Sum::None => {}
+            Sum::Crc(c) => *c = partclone_crc32(*c, data),
+            Sum::Xxh(x) => x.update(data),
+            Sum::Xxh128(x) => x.update(data),
         }
     }
 
     /// The checksum as partclone stores it: the bytes and how many count.
-    fn value(&self) -> ([u8; 8], usize) {
-        let mut b = [0u8; 8];
+    /// The digests leave the state as it is (partclone's without reseed
+    /// run on from it).
+    fn value(&self) -> ([u8; MAX_SUM], usize) {
+        let mut b = [0u8; MAX_SUM];
         match self {
             Sum::None => (b, 0),
             Sum::Crc(c) => {
                 b[..4].copy_from_slice(&c.to_le_bytes());
                 (b, 4)
             }
-            Sum::Xxh(x) => (x.digest().to_le_bytes(), 8),
+            Sum::Xxh(x) => {
+                b[..8].copy_from_slice(&x.digest().to_le_bytes());
+                (b, 8)
+            }
+            // u128 LE = the low half LE, then the high half LE.
+            Sum::Xxh128(x) => (x.digest128().to_le_bytes(), 16),
         }
     }
 }
@@ -256,6 +285,8 @@ pub struct PartcloneReader {
     blocks_done: u64,
     /// Blocks in the current checksum group.
     in_group: u64,
+    /// Offset in the decompressed stream of the current group's first block.
+    group_start: u64,
     sum: Sum,
     /// Bytes stored per checksum (format 0001 can have 8 for 4).
     stride: usize,
@@ -286,6 +317,7 @@ impl PartcloneReader {
             next_block: 0,
             blocks_done: 0,
             in_group: 0,
+            group_start: 0,
             sum,
             stride,
             v1_scratch: Vec::new(),
@@ -339,13 +371,15 @@ impl PartcloneReader {
         while left > 0 {
             let group_left = if self.h.blocks_per_sum == 0 { left } else { self.h.blocks_per_sum - self.in_group };
             let n = left.min(group_left);
+            if self.in_group == 0 {
+                self.group_start = self.input.offset;
+            }
             let start = out.len();
             out.resize(start + n as usize * bs, 0);
             let what = format!("{n} data blocks at partition offset {}", part_offset + (blocks - left) * bs as u64);
             self.input.exact(&mut out[start..], &what)?;
             let seg = &out[start..];
             match &mut self.sum {
-                Sum::None => {}
                 Sum::Crc(c) if self.h.algo == Algo::Crc32V1 => {
                     for block in seg.chunks_exact(bs) {
                         self.v1_scratch.clear();
@@ -353,8 +387,7 @@ impl PartcloneReader {
                         *c = partclone_crc32(*c, &self.v1_scratch);
                     }
                 }
-                Sum::Crc(c) => *c = partclone_crc32(*c, seg),
-                Sum::Xxh(x) => x.update(seg),
+                sum => sum.update(seg),
             }
             self.in_group += n;
             self.blocks_done += n;
@@ -372,7 +405,7 @@ impl PartcloneReader {
     fn check_sum(&mut self, end: u64) -> Result<()> {
         let (want, len) = self.sum.value();
         let want = &want[..len];
-        let mut got = [0u8; 8];
+        let mut got = [0u8; MAX_SUM];
         let got = &mut got[..self.stride];
         let stored_at = self.input.offset;
         self.input.exact(got, "a block checksum")?;
@@ -380,12 +413,16 @@ impl PartcloneReader {
             self.detect_v1_stride(got)?;
         }
         if got[..len] != *want {
+            // The position named first is the checksum's; the group's
+            // blocks (one of which, or the checksum, is damaged) lie
+            // between the second and it.
             return Err(Error::Corrupt(format!(
-                "{}: {} checksum mismatch over the {} blocks ending at partition offset {end} \
-                 (stored {}, computed {}; the checksum is stored at the position named)",
+                "{}: {} checksum mismatch over the {} blocks stored from {} (partition data up to \
+                 offset {end}; stored {}, computed {})",
                 self.input.pos.at(stored_at),
                 self.h.algo.name(),
                 self.in_group,
+                self.input.pos.offset_only(self.group_start),
                 hex(&got[..len]),
                 hex(want)
             )));
@@ -514,9 +551,12 @@ fn read_header(input: &mut Input) -> Result<Header> {
                 CSM_NONE => Algo::None,
                 CSM_CRC32 => Algo::Crc32,
                 CSM_XXH64 => Algo::Xxh64,
+                CSM_XXH128 => Algo::Xxh128,
                 m => {
                     return Err(Error::Unsupported(format!(
-                        "{}: partclone checksum mode {m:#x} is not known (0x00 none, 0x20 CRC32, 0x30 XXH64 are)",
+                        "{}: partclone checksum mode {m:#x} is not known (0x00 none, 0x20 CRC32, 0x30 XXH64, \
+                         0x31 XXH128 are): the image may come from a newer partclone; klon cannot check or \
+                         restore it",
                         input.pos.first().display()
                     )));
                 }
@@ -527,6 +567,7 @@ fn read_header(input: &mut Input) -> Result<Header> {
                 Algo::None => 0,
                 Algo::Crc32 | Algo::Crc32V1 => 4,
                 Algo::Xxh64 => 8,
+                Algo::Xxh128 => 16,
             };
             if sum_size != expected_size || (algo != Algo::None && blocks_per_sum == 0) || head[104] > 1 {
                 return Err(input.corrupt(format!(
@@ -1336,6 +1377,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn xxh_digests_are_stored_as_partclone_keeps_them_in_memory() {
+        // xxhash's test vectors for empty input: XXH64 0xef46db3751d8e999;
+        // XXH3-128 high 0x99aa06d3014798d8, low 0x6001c324468d497f.
+        // partclone copies the u64 and the {low, high} struct as they lie
+        // in (little-endian) memory.
+        let (b, n) = Sum::new(Algo::Xxh64).value();
+        assert_eq!(hex(&b[..n]), "99e9d85137db46ef");
+        let (b, n) = Sum::new(Algo::Xxh128).value();
+        assert_eq!(hex(&b[..n]), "7f498d4624c30160d8984701d306aa99");
+        // Without reseed the digest leaves the state running.
+        let mut s = Sum::new(Algo::Xxh128);
+        s.update(b"abc");
+        let first = s.value();
+        s.update(b"def");
+        let mut whole = Sum::new(Algo::Xxh128);
+        whole.update(b"abcdef");
+        assert_eq!(s.value(), whole.value());
+        assert_ne!(first, whole.value());
+    }
+
+    #[test]
     fn format_0001_and_xxh64_images() {
         // partclone refuses to run without root.
         if !crate::testutil::have_root() {
@@ -1410,6 +1472,32 @@ pub(crate) mod tests {
             v.extend_from_slice(&partclone_crc32(0xFFFF_FFFF, group).to_le_bytes());
         }
         v
+    }
+
+    #[test]
+    fn an_unknown_checksum_mode_is_refused_naming_the_file_and_mode() {
+        let fs = noise(64 << 10, 3);
+        let mut v = build_v2_mode(&fs, 4096, 1);
+        // A mode after XXH128 (0x31), with a valid header CRC.
+        v[96..98].copy_from_slice(&0x32u16.to_le_bytes());
+        let crc = partclone_crc32(0xFFFF_FFFF, &v[..106]);
+        v[106..110].copy_from_slice(&crc.to_le_bytes());
+        let dir = tmpdir("pc-mode");
+        let p = dir.join("sda1.ext4-ptcl-img.uncomp");
+        std::fs::write(&p, &v).unwrap();
+        match open_file(&p) {
+            Err(e @ Error::Unsupported(_)) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("sda1.ext4-ptcl-img.uncomp") && m.contains("checksum mode 0x32 is not known"),
+                    "{m}"
+                );
+                assert!(m.contains("0x31 XXH128"), "{m}");
+            }
+            Err(e) => panic!("expected Unsupported, got {e}"),
+            Ok(_) => panic!("mode 0x32 accepted"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

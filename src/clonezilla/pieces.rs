@@ -59,18 +59,35 @@ impl PiecePos {
     /// read ahead, so the damage is at or before that byte).
     pub fn at(&self, stream_offset: u64) -> String {
         if self.direct {
-            let mut off = stream_offset;
-            for (p, &len) in self.pieces.iter().zip(self.lengths.iter()) {
-                if off < len {
-                    return format!("{} at byte {off}", p.display());
-                }
-                off -= len;
-            }
-            let last = self.pieces.len() - 1;
-            return format!("{} at byte {}", self.pieces[last].display(), off + self.lengths[last]);
+            let (p, off) = self.piece_of(stream_offset);
+            return format!("{} at byte {off}", p.display());
         }
         let (path, off) = self.location();
         format!("{} (compressed; read up to byte {off}) at image offset {stream_offset}", path.display())
+    }
+
+    /// The piece and byte holding `stream_offset` of an uncompressed image.
+    fn piece_of(&self, stream_offset: u64) -> (&Path, u64) {
+        let mut off = stream_offset;
+        for (p, &len) in self.pieces.iter().zip(self.lengths.iter()) {
+            if off < len {
+                return (p, off);
+            }
+            off -= len;
+        }
+        let last = self.pieces.len() - 1;
+        (&self.pieces[last], off + self.lengths[last])
+    }
+
+    /// Where `stream_offset` lies, for a second position in a message that
+    /// names the file's directory already: `PIECE at byte N` (file name
+    /// only) in an uncompressed image, `image offset N` in a compressed one.
+    pub fn offset_only(&self, stream_offset: u64) -> String {
+        if !self.direct {
+            return format!("image offset {stream_offset}");
+        }
+        let (p, off) = self.piece_of(stream_offset);
+        format!("{} at byte {off}", p.file_name().map_or(p.as_os_str(), |n| n).to_string_lossy())
     }
 
     /// The first piece (the file name a user recognises).
