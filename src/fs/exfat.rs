@@ -12,6 +12,12 @@
 //!
 //! A volume whose VolumeDirty flag is set (mounted, or not cleanly
 //! unmounted) is `Unclean`: its bitmap may not match its directories.
+//!
+//! No counter is cross-checked: the only one, the boot sector's
+//! PercentInUse, is a rounded percentage that the specification lets an
+//! implementation set to 0xFF (unknown) instead of keeping it current;
+//! exfat-fuse rewrites it only at unmount and only unless it is 0xFF, and
+//! the boot checksum leaves it out. The allocation bitmap is the authority.
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;
