@@ -255,3 +255,91 @@ fn needs_recovery_is_refused() {
 fn not_valid_state_is_refused() {
     refuses_unclean("ext4-state0", "ssv state 0");
 }
+
+/// The group (not 0) that holds the most data and has a block bitmap, and
+/// its descriptor flags, per dumpe2fs ("Group 2: (Blocks ...) [FLAGS]"
+/// followed by "  N free blocks, ...").
+fn group_with_data(part: &Path) -> (u64, u32) {
+    let text = run("dumpe2fs", &[part.to_str().unwrap()]);
+    let mut best: Option<(u64, u64, u32)> = None; // (free, group, flags)
+    let mut group: Option<(u64, u32)> = None;
+    for l in text.lines() {
+        let head = l.strip_prefix("Group ").and_then(|r| r.split_once(": (Blocks "));
+        if let Some((g, _)) = head {
+            let flags = [("INODE_UNINIT", 1), ("BLOCK_UNINIT", 2), ("ITABLE_ZEROED", 4)]
+                .iter()
+                .filter(|(n, _)| l.contains(n))
+                .map(|(_, v)| v)
+                .sum();
+            group = Some((g.parse().unwrap(), flags));
+            continue;
+        }
+        let Some(free) = l.trim().split_once(" free blocks,").and_then(|(n, _)| n.parse::<u64>().ok()) else {
+            continue;
+        };
+        if let Some((g, flags)) = group.take()
+            && g > 0
+            && flags & 2 == 0
+            && best.is_none_or(|b| free < b.0)
+        {
+            best = Some((free, g, flags));
+        }
+    }
+    let (free, g, flags) = best.expect("a group with data");
+    assert!(free < 4096, "group {g} has {free} free blocks: not enough data in it for the test");
+    (g, flags)
+}
+
+/// An ext4 whose group descriptor claims BLOCK_UNINIT for a group holding
+/// file data, with a valid checksum (debugfs recomputes it): e2fsck -fn
+/// reports it. klon used to skip the group's blocks, and the restore gave
+/// back wrong files with every command exiting 0; now the metadata fails a
+/// check, the partition is copied raw with a warning, and the restore
+/// gives back every byte of the partition.
+#[test]
+fn block_uninit_group_with_data_is_copied_raw() {
+    let t = TempDir::new("ext4-uninit-lie");
+    let files = t.join("files");
+    populate(&files, 40, 40);
+    std::fs::write(files.join("big.bin"), random_bytes(99, 20 * MIB as usize)).unwrap();
+    let part = t.join("part.img");
+    let part_len = 64 * MIB;
+    std::fs::write(&part, random_bytes(0xbad, part_len as usize)).unwrap();
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-b", "1024", "-d", files.to_str().unwrap(), part.to_str().unwrap()]);
+    let (g, flags) = group_with_data(&part);
+    // In one debugfs session: a second one would not rewrite the checksum.
+    let cmds = t.join("debugfs.cmds");
+    std::fs::write(&cmds, format!("set_bg {g} flags {}\nset_bg {g} checksum calc\n", flags | 2)).unwrap();
+    run("debugfs", &["-w", "-f", cmds.to_str().unwrap(), part.to_str().unwrap()]);
+    let o = Command::new("e2fsck").args(["-fn", part.to_str().unwrap()]).output().unwrap();
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !o.status.success() && said.contains("in use but group is marked BLOCK_UNINIT"),
+        "e2fsck -fn: {said:.2000}"
+    );
+    assert!(!said.contains("checksum"), "the forged descriptor's checksum is not valid: {said:.2000}");
+
+    let disk = t.join("src.img");
+    blank_file(&disk, part_len + 2 * MIB);
+    run("sgdisk", &["-n", "1:2048:+64M", "-t", "1:8300", disk.to_str().unwrap()]);
+    write_at(&disk, PART_START, &std::fs::read(&part).unwrap());
+    std::fs::remove_file(&part).unwrap();
+
+    let img = t.join("image");
+    let o = klon(&["backup", disk.to_str().unwrap(), img.to_str().unwrap()]);
+    ok(&o);
+    let err = stderr(&o);
+    let want = format!("group {g} is flagged BLOCK_UNINIT");
+    assert!(
+        err.contains("klon: warning:") && err.contains("metadata failed a check") && err.contains(&want),
+        "no warning naming the lying group:\n{err}"
+    );
+    let s = partition_stream(&img);
+    assert_eq!(s["method"], "raw", "{s}");
+    assert!(s["method_reason"].as_str().unwrap().contains(&want), "{s}");
+
+    let dst = t.join("dst.img");
+    garbage_file(&dst, part_len + 2 * MIB);
+    ok(&klon(&["restore", "--yes", img.to_str().unwrap(), dst.to_str().unwrap()]));
+    assert_same(&disk, &dst, PART_START, part_len, "the partition after a backup and restore");
+}

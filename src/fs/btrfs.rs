@@ -17,6 +17,11 @@
 //! pointer key. Tree walks visit each block at most once and are bounded
 //! by level (at most 8) and a node budget.
 //!
+//! Counters: each block group item's used bytes must equal the extents
+//! found in it, and their sum the superblock's bytes_used; both are kept
+//! in the same transactions as the extent tree (btrfs check reports a
+//! disagreement), so any difference is Corrupt.
+//!
 //! Not supported (Corrupt, so the partition is copied raw): filesystems on
 //! several devices, striped profiles (RAID0/10/5/6), extent-tree-v2,
 //! raid-stripe-tree and zoned filesystems. A log tree to replay is Unclean.
@@ -1215,6 +1220,41 @@ mod tests {
         sb.copy_from_slice(&good);
         put(&mut sb);
         check_against_tools(&img);
+    }
+
+    /// The superblock's bytes_used one sector more than the extents add up
+    /// to (checksum fixed): btrfs check reports it, and the metadata fails
+    /// the reader's check.
+    #[test]
+    fn superblock_bytes_used_mismatch_is_corrupt() {
+        let t = TempDir::new("bytes-used");
+        let root = t.join("root");
+        populate(&root, 21, 4);
+        let img = t.join("fs.img");
+        mkfs(&img, 128 << 20, &[], Some(&root));
+        let used = map_of(&img).unwrap();
+        assert!(used.used_bytes > 0);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let mut sb = vec![0u8; 4096];
+        f.read_exact_at(&mut sb, 65536).unwrap();
+        let bytes_used = le64(&sb, 0x78).unwrap();
+        let forged = bytes_used + 4096;
+        sb[0x78..0x80].copy_from_slice(&forged.to_le_bytes());
+        let c = crc32c::crc32c(&sb[32..]);
+        sb[..4].copy_from_slice(&c.to_le_bytes());
+        f.write_all_at(&sb, 65536).unwrap();
+        let (clean, said) = crate::testutil::try_sh("btrfs", &["check", img.to_str().unwrap()]);
+        assert!(
+            !clean && said.contains(&format!("super bytes used {forged} mismatches actual used {bytes_used}")),
+            "btrfs check: {said}"
+        );
+        match map_of(&img) {
+            Err(FsError::Corrupt(m)) => assert!(
+                m.contains(&format!("superblock records {forged} bytes used, the extent tree adds up to {bytes_used}")),
+                "{m}"
+            ),
+            other => panic!("a superblock bytes_used off by a sector must fail a check, got {other:?}"),
+        }
     }
 
     /// Flips bytes in the superblock and tree blocks (half the time fixing

@@ -8,10 +8,18 @@
 //!   up-case table (found in the root directory; the up-case table's
 //!   checksum is checked) are copied explicitly;
 //! - every cluster the allocation bitmap marks used is copied (files with
-//!   NoFatChain have no FAT entries but are marked in the bitmap).
+//!   NoFatChain have no FAT entries but are marked in the bitmap); the
+//!   bitmap must at least mark the root directory, the up-case table and
+//!   itself, or it fails the check.
 //!
 //! A volume whose VolumeDirty flag is set (mounted, or not cleanly
 //! unmounted) is `Unclean`: its bitmap may not match its directories.
+//!
+//! No counter is cross-checked: the only one, the boot sector's
+//! PercentInUse, is a rounded percentage that the specification lets an
+//! implementation set to 0xFF (unknown) instead of keeping it current;
+//! exfat-fuse rewrites it only at unmount and only unless it is 0xFF, and
+//! the boot checksum leaves it out. The allocation bitmap is the authority.
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;
@@ -255,6 +263,8 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     // to the end-of-directory mark for the bitmap and up-case table.
     let root = fat.chain(g.root, None, "the root directory")?;
     add_runs(&mut extents, &root);
+    // Clusters the allocation bitmap must mark used (checked below).
+    let mut must: Vec<(u32, u64, &str)> = root.iter().map(|&(c, n)| (c, n, "the root directory")).collect();
     let mut bitmaps: Vec<Entry> = Vec::new();
     let mut upcase: Option<Entry> = None;
     'scan: for &(s, n) in &root {
@@ -281,6 +291,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     }
     let runs = fat.chain(up.first, Some(up.len.div_ceil(g.cluster)), "the up-case table")?;
     add_runs(&mut extents, &runs);
+    must.extend(runs.iter().map(|&(c, n)| (c, n, "the up-case table")));
     let mut sum = 0u32;
     let mut left = up.len;
     for &(s, n) in &runs {
@@ -306,6 +317,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
         let runs = fat.chain(bm.first, Some(bm.len.div_ceil(g.cluster)), "the allocation bitmap")?;
         add_runs(&mut extents, &runs);
         if (bm.flags & 1) as u64 == g.active_fat {
+            must.extend(runs.iter().map(|&(c, n)| (c, n, "the allocation bitmap")));
             active = Some(runs);
         }
     }
@@ -315,6 +327,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     const CHUNK: u64 = 1 << 20;
     let mut bit = 0u64; // index of the next bitmap bit
     let mut run: Option<u64> = None;
+    let mut used_bits: Vec<(u64, u64)> = Vec::new();
     'bm: for &(s, n) in &active {
         let mut off = g.cluster_offset(s);
         let mut left = n * g.cluster;
@@ -331,6 +344,7 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
                         (true, None) => run = Some(bit),
                         (false, Some(r)) => {
                             extents.push((g.heap + r * g.cluster, (bit - r) * g.cluster));
+                            used_bits.push((r, bit - r));
                             run = None;
                         }
                         _ => {}
@@ -344,6 +358,16 @@ fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     }
     if let Some(r) = run {
         extents.push((g.heap + r * g.cluster, (bit - r) * g.cluster));
+        used_bits.push((r, bit - r));
+    }
+    // The bitmap must at least mark the structures found without it: one
+    // that does not (zeroed or stale) would leave files out unnoticed.
+    for (c, n, what) in must {
+        let first = c as u64 - 2;
+        let i = used_bits.partition_point(|r| r.0 + r.1 <= first);
+        if !used_bits.get(i).is_some_and(|r| r.0 <= first && first + n <= r.0 + r.1) {
+            return Err(corrupt(format!("the allocation bitmap marks clusters {c}..+{n} of {what} free")));
+        }
     }
     let (extents, used_bytes) = normalize(extents, g.total)?;
     Ok(UsedMap { block_size: g.cluster as u32, total_bytes: g.total, used_bytes, extents })
@@ -497,6 +521,34 @@ mod tests {
         check_layout("16M", "512", "512", true);
         check_layout("40M", "32K", "4096", false);
         check_layout("48M", "128K", "512", true);
+    }
+
+    /// A zeroed allocation bitmap (as a lost write leaves it) would leave
+    /// every file out; it must fail the check instead. (fsck.exfat -n of
+    /// exfatprogs 1.2.0 calls such a volume clean, so it is not asked.)
+    #[test]
+    fn bitmap_that_misses_system_structures_is_corrupt() {
+        use std::os::unix::fs::FileExt;
+        let t = TempDir::new("exfatbitmap");
+        let img_p = t.join("fs.img");
+        let img = img_p.to_str().unwrap();
+        sh("truncate", &["-s", "16M", img]);
+        sh("mkfs.exfat", &["-c", "4K", img]);
+        map_with(used_map, &img_p).unwrap();
+        let b = std::fs::read(&img_p).unwrap();
+        let bps = 1u64 << b[108];
+        let cluster = bps << b[109];
+        let heap = le32(&b, 88) as u64 * bps;
+        let root = heap + (le32(&b, 96) as u64 - 2) * cluster;
+        let dir = &b[root as usize..(root + cluster) as usize];
+        let e = dir.chunks_exact(32).find(|e| e[0] == 0x81).expect("an allocation bitmap entry");
+        let (first, len) = (le32(e, 20) as u64, le64(e, 24));
+        let f = std::fs::OpenOptions::new().write(true).open(&img_p).unwrap();
+        f.write_all_at(&vec![0u8; len as usize], heap + (first - 2) * cluster).unwrap();
+        match map_with(used_map, &img_p) {
+            Err(FsError::Corrupt(m)) => assert!(m.contains("allocation bitmap marks clusters"), "{m}"),
+            other => panic!("a zeroed allocation bitmap must fail a check, got {other:?}"),
+        }
     }
 
     #[test]

@@ -8,7 +8,12 @@
 //! is one, then one block bitmap per group (crc32c-checked with
 //! metadata_csum, its free count checked against the descriptor). A group
 //! flagged BLOCK_UNINIT has no bitmap on disk: it uses only the metadata
-//! placed in it, which is added for every group anyway.
+//! placed in it, which is added for every group anyway, and its
+//! descriptor's free count must say exactly that (a group that holds data
+//! but claims BLOCK_UNINIT fails the check instead of losing the data).
+//! Last, the descriptors' free counts must add up to the superblock's.
+//! Any disagreement among these counters is `FsError::Corrupt`: the
+//! partition is copied raw, with a warning.
 //!
 //! Always used, whatever the bitmaps say: the boot area and primary
 //! superblock, every superblock backup (sparse_super / sparse_super2), the
@@ -149,6 +154,8 @@ struct Super {
     csum_seed: u32,
     groups: u64,
     mmp_block: u64,
+    /// The superblock's free-block count (in blocks, also with bigalloc).
+    free_blocks: u64,
 }
 
 impl Super {
@@ -367,6 +374,7 @@ fn parse_super(sb: &[u8], vol_len: u64) -> Result<Super, FsError> {
         csum_seed,
         groups,
         mmp_block: u64::from_le_bytes(sb[0x168..0x170].try_into().unwrap()),
+        free_blocks: le32(sb, 0x0C) as u64 | if is64 { (le32(sb, 0x158) as u64) << 32 } else { 0 },
     };
     if s.meta_bg() && s.first_meta_bg > s.desc_blocks() {
         return Err(corrupt(format!(
@@ -582,20 +590,13 @@ fn bitmap_runs(bm: &[u8], nbits: u64, mut f: impl FnMut(u64, u64)) -> u64 {
     free
 }
 
-/// The used-block map of an ext2/3/4 filesystem.
-pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
-    let sb = vol.read_vec(1024, 1024)?;
-    let s = parse_super(&sb, vol.len)?;
-    check_clean(&sb)?;
-    drop(sb);
-    check_mmp(vol, &s)?;
-    let descs = read_descs(vol, &s)?;
-    let bs = s.block_size;
+/// Every piece of fixed metadata, as block ranges (superblock copies,
+/// descriptor and reserved GDT blocks, bitmaps, whole inode tables),
+/// sorted: checked to lie in the filesystem (in its own group without
+/// flex_bg) and not to overlap.
+fn fixed_meta(s: &Super, descs: &[Desc]) -> Result<Vec<(u64, u64)>, FsError> {
     let flex = s.incompat & INCOMPAT_FLEX_BG != 0;
     let itb = s.itable_blocks();
-
-    // Every piece of fixed metadata, as block ranges: checked to lie in
-    // the filesystem (in its own group without flex_bg) and not overlap.
     let mut meta: Vec<(u64, u64)> = Vec::new();
     let mut scratch = Vec::new();
     for g in 0..s.groups {
@@ -633,6 +634,76 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     {
         return Err(corrupt("metadata reaches past the end of the filesystem"));
     }
+    Ok(meta)
+}
+
+/// Clusters of group `g` that hold fixed metadata: `meta` (sorted,
+/// non-overlapping block ranges of every group's superblock copy,
+/// descriptors, reserved GDT, bitmaps and whole inode tables) counted in
+/// whole clusters, each once. This is what e2fsck (libext2fs) takes as
+/// used in a BLOCK_UNINIT group.
+fn meta_clusters_in_group(s: &Super, meta: &[(u64, u64)], g: u64) -> u64 {
+    let r = s.cluster_ratio;
+    let lo = s.group_first_block(g);
+    let hi = lo + s.group_blocks(g);
+    let mut count = 0;
+    // The last cluster counted, to count a cluster shared by two ranges once.
+    let mut last: Option<u64> = None;
+    let first = meta.partition_point(|&(a, n)| a + n <= lo);
+    for &(a, n) in meta[first..].iter().take_while(|&&(a, _)| a < hi) {
+        let (a, b) = (a.max(lo), (a + n).min(hi));
+        let (mut c0, c1) = (a / r, (b - 1) / r);
+        if let Some(l) = last
+            && l >= c0
+        {
+            c0 = l + 1;
+        }
+        if c1 >= c0 {
+            count += c1 - c0 + 1;
+            last = Some(c1);
+        }
+    }
+    count
+}
+
+/// The descriptors' free clusters must add up to the superblock's free
+/// block count (kept in blocks, also with bigalloc).
+///
+/// The descriptors are authoritative: the kernel counts free space from
+/// them at mount and writes the superblock's count from that whenever it
+/// writes the superblock (on a clean unmount and on a freeze), and mke2fs
+/// and e2fsck write both. e2fsck -n prints a disagreement ("Free blocks
+/// count wrong") but does not call it an error, because the superblock's
+/// count may lag where the kernel did not get to write the superblock (a
+/// crash, which klon refuses as unclean anyway). A disagreement is a failed
+/// check here all the same: a group whose descriptor lies (a BLOCK_UNINIT
+/// group that holds data, with its free count made to match) shows up
+/// only here, and the price of a stale count is a raw copy, not lost data.
+/// `e2fsck -f` recounts it.
+fn check_free_total(s: &Super, descs: &[Desc]) -> Result<(), FsError> {
+    let clusters: u64 = descs.iter().map(|d| d.free_clusters).sum();
+    let blocks = clusters.saturating_mul(s.cluster_ratio);
+    if blocks != s.free_blocks {
+        return Err(corrupt(format!(
+            "the group descriptors add up to {blocks} free blocks, the superblock says {} (if the filesystem \
+             is otherwise sound, `e2fsck -f` recounts them)",
+            s.free_blocks
+        )));
+    }
+    Ok(())
+}
+
+/// The used-block map of an ext2/3/4 filesystem.
+pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
+    let sb = vol.read_vec(1024, 1024)?;
+    let s = parse_super(&sb, vol.len)?;
+    check_clean(&sb)?;
+    drop(sb);
+    check_mmp(vol, &s)?;
+    let descs = read_descs(vol, &s)?;
+    let bs = s.block_size;
+    let itb = s.itable_blocks();
+    let meta = fixed_meta(&s, &descs)?;
 
     let mut ext: Vec<Extent> = Vec::new();
     // Boot area and primary superblock (block 0 is in no group with 1 KiB blocks).
@@ -640,7 +711,6 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     for &(a, n) in &meta {
         push_blocks(&s, &mut ext, a, n);
     }
-    drop(meta);
 
     // The unused tails of the inode tables (not stored).
     let mut holes: Vec<Extent> = Vec::new();
@@ -659,7 +729,17 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
             }
             if d.flags & BG_BLOCK_UNINIT != 0 {
                 // No bitmap on disk: the group holds only the metadata
-                // placed in it, already added above.
+                // placed in it, already added above. Its free count must
+                // say so too, as e2fsck computes it: a group that holds
+                // data but claims BLOCK_UNINIT would otherwise lose it.
+                let free = s.group_blocks(g).div_ceil(ratio) - meta_clusters_in_group(&s, &meta, g);
+                if free != d.free_clusters {
+                    return Err(corrupt(format!(
+                        "group {g} is flagged BLOCK_UNINIT (only its metadata in use: {free} free clusters), but \
+                         its descriptor says {} free clusters",
+                        d.free_clusters
+                    )));
+                }
                 continue;
             }
         }
@@ -690,7 +770,9 @@ pub fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
             )));
         }
     }
+    check_free_total(&s, &descs)?;
     drop(descs);
+    drop(meta);
 
     let total = s.blocks_count * bs;
     let (ext, _) = normalize(ext, total)?;
@@ -1051,6 +1133,154 @@ mod tests {
         assert!(matches!(map_of(&fs.img), Err(FsError::Corrupt(m)) if m.contains("bitmap checksum")));
         f.write_all_at(&b, bb * 1024 + 100).unwrap();
         map_of(&fs.img).unwrap();
+    }
+
+    /// The superblock and descriptors of an image, as the reader parses them.
+    fn super_and_descs(img: &Path) -> (Super, Vec<Desc>) {
+        let d = Disk::open_source(img).unwrap();
+        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let s = parse_super(&vol.read_vec(1024, 1024).unwrap(), vol.len).unwrap();
+        let descs = read_descs(&vol, &s).unwrap();
+        (s, descs)
+    }
+
+    /// Runs debugfs -w commands on `img` in one session.
+    fn debugfs_w(img: &Path, cmds: &[String]) {
+        let file = img.with_extension("debugfs");
+        std::fs::write(&file, cmds.join("\n") + "\n").unwrap();
+        sh("debugfs", &["-w", "-f", file.to_str().unwrap(), img.to_str().unwrap()]);
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    /// e2fsck -fn: whether it found errors, and what it said.
+    fn e2fsck_n(img: &Path) -> (bool, String) {
+        let o = output(Command::new("e2fsck").args(["-fn", img.to_str().unwrap()]));
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    }
+
+    /// The group (not 0) holding the most file data that has a bitmap.
+    fn group_with_data(img: &Path) -> (u64, Desc) {
+        let (s, descs) = super_and_descs(img);
+        let (g, d) = descs
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, d)| d.flags & BG_BLOCK_UNINIT == 0)
+            .min_by_key(|(g, d)| (d.free_clusters, *g))
+            .unwrap();
+        let g = g as u64;
+        assert!(
+            d.free_clusters + 100 < s.group_blocks(g) / s.cluster_ratio,
+            "group {g} ({} free) holds too little data for the test",
+            d.free_clusters
+        );
+        (g, *d)
+    }
+
+    /// Flags a group that holds file data BLOCK_UNINIT with a valid
+    /// descriptor checksum (recomputed by debugfs): e2fsck sees it, and so
+    /// must the reader (it used to skip the group's blocks: silent loss).
+    fn forged_block_uninit(tag: &str, size: u64, mkfs: &[&str], big: u64) {
+        let fs = make_fs(tag, size, mkfs, 40, big);
+        map_of(&fs.img).unwrap();
+        let (g, d) = group_with_data(&fs.img);
+        debugfs_w(
+            &fs.img,
+            &[format!("set_bg {g} flags {}", d.flags | BG_BLOCK_UNINIT), format!("set_bg {g} checksum calc")],
+        );
+        let (clean, said) = e2fsck_n(&fs.img);
+        assert!(
+            !clean && said.contains("in use but group is marked BLOCK_UNINIT"),
+            "{tag}: e2fsck -fn says:\n{}",
+            &said[..said.len().min(2000)]
+        );
+        assert!(
+            !said.contains("checksum"),
+            "{tag}: the forged descriptor's checksum is not valid:\n{}",
+            &said[..said.len().min(2000)]
+        );
+        match map_of(&fs.img) {
+            Err(FsError::Corrupt(m)) => {
+                assert!(
+                    m.contains(&format!("group {g} is flagged BLOCK_UNINIT"))
+                        && m.contains(&format!("says {} free", d.free_clusters)),
+                    "{tag}: {m}"
+                )
+            }
+            other => panic!("{tag}: a BLOCK_UNINIT group holding data must fail a check, got {other:?}"),
+        }
+
+        // Its free count made to match too: the descriptors now add up to
+        // more free blocks than the superblock says.
+        let (s, descs) = super_and_descs(&fs.img);
+        let meta = fixed_meta(&s, &descs).unwrap();
+        let uninit_free = s.group_blocks(g).div_ceil(s.cluster_ratio) - meta_clusters_in_group(&s, &meta, g);
+        debugfs_w(
+            &fs.img,
+            &[format!("set_bg {g} free_blocks_count {uninit_free}"), format!("set_bg {g} checksum calc")],
+        );
+        let (clean, said) = e2fsck_n(&fs.img);
+        assert!(
+            !clean && said.contains("marked BLOCK_UNINIT"),
+            "{tag}: e2fsck -fn says:\n{}",
+            &said[..said.len().min(2000)]
+        );
+        let sum: u64 = super_and_descs(&fs.img).1.iter().map(|d| d.free_clusters).sum::<u64>() * s.cluster_ratio;
+        match map_of(&fs.img) {
+            Err(FsError::Corrupt(m)) => assert!(
+                m.contains(&format!("add up to {sum} free blocks, the superblock says {}", s.free_blocks)),
+                "{tag}: {m}"
+            ),
+            other => panic!("{tag}: descriptors that disagree with the superblock must fail a check, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn block_uninit_group_holding_data_is_corrupt() {
+        forged_block_uninit("uninit-crc32c", 64 * MB, &["-t", "ext4", "-b", "1024"], 24 * MB);
+        forged_block_uninit(
+            "uninit-crc16",
+            64 * MB,
+            &["-t", "ext4", "-b", "1024", "-O", "^metadata_csum,^64bit,uninit_bg"],
+            24 * MB,
+        );
+        // Groups of 8192 clusters of 4 KiB: 32 MiB.
+        forged_block_uninit(
+            "uninit-bigalloc",
+            128 * MB,
+            &["-t", "ext4", "-b", "1024", "-O", "bigalloc", "-C", "4096"],
+            48 * MB,
+        );
+    }
+
+    /// The superblock's free count off by one: e2fsck reports it, the
+    /// reader fails the check (the partition goes raw, with a warning).
+    #[test]
+    fn superblock_free_count_mismatch_is_corrupt() {
+        for (tag, mkfs) in [
+            ("sb-free-4k", &["-t", "ext4", "-b", "4096"][..]),
+            ("sb-free-ext2", &["-t", "ext2", "-b", "1024"][..]),
+            ("sb-free-bigalloc", &["-t", "ext4", "-b", "4096", "-O", "bigalloc", "-C", "16384"][..]),
+        ] {
+            let fs = make_fs(tag, 64 * MB, mkfs, 20, 0);
+            map_of(&fs.img).unwrap();
+            let (s, _) = super_and_descs(&fs.img);
+            debugfs_w(&fs.img, &[format!("ssv free_blocks_count {}", s.free_blocks + 1)]);
+            let (_, said) = e2fsck_n(&fs.img);
+            let want = format!("Free blocks count wrong ({}, counted={})", s.free_blocks + 1, s.free_blocks);
+            assert!(said.contains(&want), "{tag}: e2fsck -fn says:\n{said}");
+            match map_of(&fs.img) {
+                Err(FsError::Corrupt(m)) => assert!(
+                    m.contains(&format!(
+                        "add up to {} free blocks, the superblock says {}",
+                        s.free_blocks,
+                        s.free_blocks + 1
+                    )),
+                    "{tag}: {m}"
+                ),
+                other => panic!("{tag}: a superblock free count off by one must fail a check, got {other:?}"),
+            }
+        }
     }
 
     /// Flips bytes in the superblock, the descriptors and the bitmaps

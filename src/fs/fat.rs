@@ -12,6 +12,11 @@
 //! are streamed in bounded chunks. FAT has no journal: the "dirty" bit some
 //! systems set while mounted is ignored (the FAT itself is the allocation
 //! state), so there is no Unclean case.
+//!
+//! No counter is cross-checked: FAT12/16 keep none, and FAT32's FSInfo
+//! free-cluster count and next-free hint are, by Microsoft's FAT
+//! specification, hints that "may be incorrect" (0xFFFFFFFF: unknown);
+//! systems leave them stale, so a disagreement says nothing about the FAT.
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;

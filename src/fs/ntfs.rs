@@ -17,6 +17,11 @@
 //! the boot area and the backup boot sector, which NTFS keeps in the sector
 //! after the volume's last sector (the partition's last sector): it is not
 //! inside any cluster, so $Bitmap does not cover it.
+//!
+//! NTFS keeps no free-cluster count on disk (Windows and ntfs-3g count
+//! $Bitmap's clear bits at mount), so there is no counter to cross-check;
+//! $Bitmap is the authority. It must at least mark the boot area, the
+//! $MFT's clusters and its own, or it fails the check.
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;

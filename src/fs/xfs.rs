@@ -13,6 +13,15 @@
 //! and longest extent. The free list is circular (`flfirst..=fllast`,
 //! `flcount` entries, wrapping at the AGFL size).
 //!
+//! Counters: the AGF's free-block count and longest free extent are
+//! authoritative (the allocator keeps them in the same transactions as the
+//! bnobt, and xfs_repair checks them against it), so a disagreement is
+//! `Corrupt`. The superblock's free-block count (sb_fdblocks) is not
+//! compared: with lazy-count (every v5 filesystem, and most v4 ones) it is
+//! only written at unmount and recomputed from the AGFs at mount, so it is
+//! not authoritative; without lazy-count it also counts the free-space
+//! btrees' own blocks, which this reader does not walk.
+//!
 //! XFS has no clean flag: the log tells. Its head is found from the cycle
 //! numbers stamped in every 512-byte log block (the last pass's cycle
 //! minus one after the head), and the filesystem is clean only if the last
@@ -851,6 +860,35 @@ mod tests {
         // The filesystem's own checker agrees the image is sound.
         sh("xfs_repair", &["-n", "-f", img.to_str().unwrap()]);
         m
+    }
+
+    /// An AGF whose free-block count disagrees with its bnobt (the CRC
+    /// recomputed by xfs_db, so only the count is wrong): xfs_repair -n
+    /// reports it, and the metadata fails the reader's check.
+    #[test]
+    fn agf_free_count_mismatch_is_corrupt() {
+        let t = TempDir::new("xfs-agf-count");
+        let img = t.join("fs.img");
+        mkfs(&img, 320 << 20, &[]);
+        map_of(&img).unwrap();
+        let p = img.to_str().unwrap();
+        let field = |name: &str| -> u64 {
+            let out = sh("xfs_db", &["-r", "-c", "agf 1", "-c", &format!("print {name}"), p]);
+            out.trim().strip_prefix(&format!("{name} = ")).unwrap().parse().unwrap()
+        };
+        let free = field("freeblks");
+        // One more (one less would fall below agf_longest, which xfs_db's
+        // write verifier refuses).
+        sh("xfs_db", &["-x", "-c", "agf 1", "-c", &format!("write freeblks {}", free + 1), p]);
+        let (_, said) = crate::testutil::try_sh("xfs_repair", &["-n", p]);
+        assert!(said.contains(&format!("agf_freeblks {}, counted {free} in ag 1", free + 1)), "xfs_repair -n: {said}");
+        match map_of(&img) {
+            Err(FsError::Corrupt(m)) => {
+                assert!(m.contains(&format!("AG 1: the bnobt holds {free} free blocks")), "{m}");
+                assert!(m.contains(&format!("the AGF says {}", free + 1)), "{m}")
+            }
+            other => panic!("an AGF free count off by one must fail a check, got {other:?}"),
+        }
     }
 
     #[test]
