@@ -63,6 +63,10 @@ pub struct BackupArgs {
     /// Skip reading the finished image back to check it.
     #[arg(long)]
     pub no_verify: bool,
+    /// Go on past sectors that cannot be read (a failing disk): read around
+    /// them, store them as zeros and list them in the image.
+    #[arg(long)]
+    pub rescue: bool,
     /// How the source is read.
     #[command(flatten)]
     pub read: ReadArgs,

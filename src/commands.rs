@@ -77,6 +77,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         quiet: cli.quiet,
         workers,
         plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
+        rescue: a.rescue,
     };
     let report = backup::backup(&a.source, &a.image, &opts)?;
     let verified = verify_new_image(&report.image, a.no_verify, workers, cli.quiet)?;
@@ -181,6 +182,12 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         workers: threads(a.threads)?,
     };
     let plan = source::prepare_restore(&a.image, &a.target)?;
+    if a.write.yes {
+        // Without --yes the confirmation shows them.
+        for w in plan.source.warnings() {
+            eprintln!("klon: warning: {w}");
+        }
+    }
     confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let r = plan.restore(&opts)?;
     report_written(cli, "Restored", "image", &a.image, &a.target, &r)

@@ -58,6 +58,7 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
             quiet,
             workers,
             plan: Default::default(),
+            rescue: false,
         },
     )?;
     println!(

@@ -35,6 +35,8 @@ pub struct BackupOptions {
     pub workers: usize,
     /// How partitions are read (raw or by their filesystem's used blocks).
     pub plan: streams::PlanOptions,
+    /// Read around unreadable sectors instead of stopping (see [`Rescue`]).
+    pub rescue: bool,
 }
 
 /// Smallest allowed --split: room for any chunk record.
@@ -108,13 +110,37 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     let plans = plan.streams;
 
     let writer = ImageWriter::create(image_dir, opts.split_size)?;
-    let (files, read_bytes) = match write_streams(&source, &plans, &writer, opts) {
+    let rescue = opts.rescue.then(|| Rescue::new(&source));
+    let (files, read_bytes) = match write_streams(&source, &plans, &writer, opts, rescue.as_ref()) {
         Ok(v) => v,
         Err(e) => return Err(abandon(writer, e)),
     };
 
     let identity = crate::device::sysfs::disk_info(&source);
-    let stream_infos = plans.iter().zip(files).map(|(plan, f)| with_files(&plan.info, f)).collect();
+    let mut unreadable = rescue.map(Rescue::into_ranges).unwrap_or_default();
+    let stream_infos: Vec<StreamInfo> = plans
+        .iter()
+        .zip(files)
+        .enumerate()
+        .map(|(si, (plan, f))| {
+            let mut info = with_files(&plan.info, f);
+            info.unreadable = unreadable.get_mut(si).map(std::mem::take).unwrap_or_default();
+            info
+        })
+        .collect();
+    let mut warnings = plan.warnings;
+    let lost: Vec<&StreamInfo> = stream_infos.iter().filter(|s| !s.unreadable.is_empty()).collect();
+    if !lost.is_empty() {
+        let bytes: u64 = lost.iter().map(|s| s.unreadable_bytes()).sum();
+        let ranges: usize = lost.iter().map(|s| s.unreadable.len()).sum();
+        let places: Vec<String> = lost.iter().map(|s| streams::describe(s)).collect();
+        let w = format!(
+            "{bytes} bytes in {ranges} places of {} could not be read and are stored as zeros (klon info lists them)",
+            places.join(", ")
+        );
+        eprintln!("klon: warning: {w}");
+        warnings.push(w);
+    }
     let source_info = SourceInfo {
         path: source_path.display().to_string(),
         size: source.size,
@@ -127,14 +153,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     let manifest = Manifest::new(source_info, layout, opts.level, stream_infos);
     let image_bytes = image_size(&manifest);
     let image = writer.commit(&manifest)?;
-    Ok(BackupReport {
-        image,
-        manifest,
-        seconds: started.elapsed().as_secs_f64(),
-        read_bytes,
-        image_bytes,
-        warnings: plan.warnings,
-    })
+    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings })
 }
 
 /// Total size of an image's files.
@@ -147,12 +166,13 @@ fn write_streams(
     plans: &[streams::StreamPlan],
     writer: &ImageWriter,
     opts: &BackupOptions,
+    rescue: Option<&Rescue>,
 ) -> Result<(Vec<StreamFiles>, u64)> {
     let infos: Vec<&StreamInfo> = plans.iter().map(|p| &p.info).collect();
     let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
     let order: Vec<usize> = (0..plans.len()).collect();
     let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
-        read_jobs(source, plans, &order, lanes_suit(source), send)
+        read_jobs(source, plans, &order, lanes_suit(source), rescue, send)
     })?;
     Ok((files, sizes.iter().sum()))
 }
@@ -244,6 +264,7 @@ pub(crate) fn read_jobs(
     plans: &[streams::StreamPlan],
     order: &[usize],
     lanes: bool,
+    rescue: Option<&Rescue>,
     send: &mut dyn FnMut(ReadJob) -> bool,
 ) -> Result<()> {
     let pool = BufPool::new(READ_BUFS_KEPT, CHUNK_SIZE as usize);
@@ -252,7 +273,7 @@ pub(crate) fn read_jobs(
         // Zero runs may be left out of raw streams, so their jobs do not
         // map one to one to chunks: they are read in one lane.
         for (extents, lane) in StreamJobs::new(&plan.reads, lanes && !plan.skip_zero) {
-            if !send(read_job(source, &pool, plan, si, extents, lane)?) {
+            if !send(read_job(source, &pool, plan, si, extents, lane, rescue)?) {
                 return Ok(());
             }
         }
@@ -340,12 +361,138 @@ fn read_job(
     stream: usize,
     extents: Vec<Extent>,
     lane: Lane,
+    rescue: Option<&Rescue>,
 ) -> Result<ReadJob> {
     cancel::check("reading the source")?;
     let len: u64 = extents.iter().map(|e| e.1).sum();
     let mut buf = pool.take(len as usize);
-    source.read_extents(&extents, &mut buf).map_err(|e| e.with_note(&plan.describe()))?;
+    match source.read_extents(&extents, &mut buf) {
+        Ok(()) => {}
+        Err(e) if is_media_error(&e) => match rescue {
+            Some(r) => r.read_around(source, stream, &extents, &mut buf)?,
+            None => {
+                return Err(e.with_note(&format!(
+                    "{}; the source has sectors that cannot be read: to copy everything else, \
+                     back it up with --rescue (the unreadable sectors are then stored as zeros and listed)",
+                    plan.describe()
+                )));
+            }
+        },
+        Err(e) => return Err(e.with_note(&plan.describe())),
+    }
     Ok(ReadJob { stream, extents, buf, skip_zero: plan.skip_zero, lane })
+}
+
+/// Whether `e` is a read error of the medium (EIO), which reading around
+/// can get past; anything else (the disk gone, a bad request) is not.
+fn is_media_error(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
+}
+
+/// Reading a source with unreadable sectors (`klon backup --rescue`).
+///
+/// A chunk's read that fails is read again in pieces of [`RESCUE_PIECE`]
+/// bytes on aligned disk offsets; a piece that fails is trimmed, as
+/// ddrescue does: read sector by sector from its start until a sector
+/// fails, and from its end backwards until one fails. What lies between the
+/// two failing sectors (both included) is unreadable: it is stored as zeros
+/// and recorded. So a piece costs at most one failed piece read and two
+/// failed sector reads, and no place is read again and again, which a dying
+/// drive may not survive. A sector between two bad ones in the same piece
+/// is not tried (ddrescue's scraping), and the retries happen where the
+/// error is found, not after everything readable was copied.
+pub(crate) struct Rescue {
+    sector: u64,
+    /// (stream, range) found unreadable, in the order found.
+    found: std::sync::Mutex<Vec<(usize, Extent)>>,
+}
+
+/// Pieces a failed read is read again in.
+pub const RESCUE_PIECE: u64 = 64 << 10;
+
+impl Rescue {
+    fn new(source: &Disk) -> Rescue {
+        Rescue { sector: u64::from(source.logical_sector_size.max(512)), found: Default::default() }
+    }
+
+    /// Reads `extents` into `buf` around unreadable sectors.
+    fn read_around(&self, source: &Disk, stream: usize, extents: &[Extent], buf: &mut [u8]) -> Result<()> {
+        let mut at = 0usize;
+        for &(offset, len) in extents {
+            let mut pos = offset;
+            while pos < offset + len {
+                cancel::check("reading the source")?;
+                let end = ((pos / RESCUE_PIECE + 1) * RESCUE_PIECE).min(offset + len);
+                let piece = &mut buf[at + (pos - offset) as usize..at + (end - offset) as usize];
+                match source.read_bulk_at(piece, pos) {
+                    Ok(()) => {}
+                    Err(e) if is_media_error(&e) => {
+                        if let Some(bad) = self.trim(source, pos, piece)? {
+                            self.found.lock().unwrap_or_else(|p| p.into_inner()).push((stream, bad));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+                pos = end;
+            }
+            at += len as usize;
+        }
+        Ok(())
+    }
+
+    /// Reads the piece at `pos` sector by sector from both ends; zeros and
+    /// returns what lies between the first failing sectors from each end.
+    fn trim(&self, source: &Disk, pos: u64, piece: &mut [u8]) -> Result<Option<Extent>> {
+        let len = piece.len() as u64;
+        let sector = |i: u64| (i * self.sector, (self.sector).min(len - i * self.sector));
+        let sectors = len.div_ceil(self.sector);
+        let read = |i: u64, piece: &mut [u8]| -> Result<bool> {
+            let (rel, n) = sector(i);
+            match source.read_exact_at(&mut piece[rel as usize..(rel + n) as usize], pos + rel) {
+                Ok(()) => Ok(true),
+                Err(e) if is_media_error(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let mut first = 0;
+        while first < sectors && read(first, piece)? {
+            first += 1;
+        }
+        if first == sectors {
+            return Ok(None); // every sector read this time
+        }
+        let mut last = sectors - 1;
+        while last > first && read(last, piece)? {
+            last -= 1;
+        }
+        let (a, _) = sector(first);
+        let (b, n) = sector(last);
+        piece[a as usize..(b + n) as usize].fill(0);
+        Ok(Some((pos + a, b + n - a)))
+    }
+
+    /// The unreadable ranges found, per stream (indexed by stream number),
+    /// sorted and merged.
+    fn into_ranges(self) -> Vec<Vec<Extent>> {
+        let found = self.found.into_inner().unwrap_or_else(|p| p.into_inner());
+        let streams = found.iter().map(|f| f.0 + 1).max().unwrap_or(0);
+        let mut out = vec![Vec::new(); streams];
+        for (si, r) in found {
+            out[si].push(r);
+        }
+        for ranges in &mut out {
+            ranges.sort();
+            let mut merged: Vec<Extent> = Vec::new();
+            for (a, l) in ranges.drain(..) {
+                match merged.last_mut() {
+                    Some(m) if m.0 + m.1 >= a => m.1 = m.1.max(a + l - m.0),
+                    _ => merged.push((a, l)),
+                }
+            }
+            *ranges = merged;
+        }
+        out
+    }
 }
 
 /// Packs a stream's reads into jobs: pieces that end on multiples of

@@ -253,6 +253,7 @@ mod tests {
             quiet: true,
             workers: 2,
             plan: Default::default(),
+            rescue: false,
         };
         backup(&src, &img, &backup_opts).unwrap();
         let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };

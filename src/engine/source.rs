@@ -47,6 +47,10 @@ pub trait ImageSource: Send {
 
     /// What `klon info` prints: the text, and the JSON for `--json`.
     fn info(&self) -> (String, serde_json::Value);
+
+    /// What a person must know before restoring it (source bytes that were
+    /// unreadable, parts of the image klon reads with a caveat).
+    fn warnings(&self) -> Vec<String>;
 }
 
 /// Opens the image at `path`, whatever its kind, with every check that
@@ -141,12 +145,16 @@ impl RestorePlan {
             DiskKind::BlockDevice => "disk",
             DiskKind::File => "file",
         };
-        format!(
+        let mut text = format!(
             "Everything on {what} {} ({}) will be overwritten with {}.",
             self.target.path.display(),
             human_bytes(self.target.size),
             self.source.describe()
-        )
+        );
+        for w in self.source.warnings() {
+            text += &format!("\nNote: {w}.");
+        }
+        text
     }
 
     /// Writes the image onto the target. The caller has confirmed.

@@ -80,6 +80,7 @@ pub(crate) fn stream_info(
         compressed_bytes: 0,
         index: empty_file(),
         data_files: Vec::new(),
+        unreadable: Vec::new(),
     }
 }
 

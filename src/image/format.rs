@@ -6,8 +6,12 @@
 
 use crate::error::{Error, Result};
 
-/// Version of the image format written by this klon and the only one read.
+/// Version of the image format klon writes when every source byte was read.
 pub const FORMAT_VERSION: u32 = 1;
+/// Format version of an image some of whose source bytes could not be read
+/// (`klon backup --rescue`): streams may list `unreadable` ranges. Version
+/// 1 readers refuse it rather than restore zeros without saying so.
+pub const FORMAT_VERSION_RESCUED: u32 = 2;
 
 /// Magic at the start of every chunk record.
 pub const CHUNK_MAGIC: &[u8; 8] = b"KLONCHK1";

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::format::{FORMAT_VERSION, hex};
+use super::format::{Extent, FORMAT_VERSION, FORMAT_VERSION_RESCUED, hex};
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
 use crate::table::{DiskLayout, TableKind};
@@ -146,6 +146,18 @@ pub struct StreamInfo {
     pub index: FileInfo,
     /// Data files in order.
     pub data_files: Vec<FileInfo>,
+    /// Disk ranges of the stream that could not be read from the source
+    /// (`--rescue`): stored as zeros. Sorted, not overlapping; only in
+    /// format version 2.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<Extent>,
+}
+
+impl StreamInfo {
+    /// Bytes of the stream that could not be read from the source.
+    pub fn unreadable_bytes(&self) -> u64 {
+        self.unreadable.iter().map(|r| r.1).sum()
+    }
 }
 
 impl Manifest {
@@ -154,7 +166,11 @@ impl Manifest {
     pub fn new(source: SourceInfo, layout: DiskLayout, level: i32, streams: Vec<StreamInfo>) -> Manifest {
         Manifest {
             format: FORMAT_NAME.to_string(),
-            format_version: crate::image::format::FORMAT_VERSION,
+            format_version: if streams.iter().any(|s| !s.unreadable.is_empty()) {
+                FORMAT_VERSION_RESCUED
+            } else {
+                FORMAT_VERSION
+            },
             klon_version: env!("CARGO_PKG_VERSION").to_string(),
             created: now_rfc3339(),
             source,
@@ -206,9 +222,9 @@ impl Manifest {
             return Err(Error::Corrupt(format!("{}: not a klon image manifest", path.display())));
         }
         let version = value.get("format_version").and_then(|v| v.as_u64()).unwrap_or(0);
-        if version != FORMAT_VERSION as u64 {
+        if version != FORMAT_VERSION as u64 && version != FORMAT_VERSION_RESCUED as u64 {
             return Err(Error::Unsupported(format!(
-                "{}: image format version {version}; this klon reads version {FORMAT_VERSION} — use a klon that matches the image",
+                "{}: image format version {version}; this klon reads versions {FORMAT_VERSION} and {FORMAT_VERSION_RESCUED} — use a klon that matches the image",
                 path.display()
             )));
         }
@@ -280,6 +296,18 @@ impl Manifest {
                     s.start,
                     s.start.saturating_add(s.length)
                 ));
+            }
+            let mut reach = s.start;
+            for &(a, l) in &s.unreadable {
+                let end = a.checked_add(l);
+                if self.format_version != FORMAT_VERSION_RESCUED
+                    || l == 0
+                    || a < reach
+                    || end.is_none_or(|e| e > s.start + s.length)
+                {
+                    return bad(format!("stream {}: its unreadable ranges are out of order or outside it", s.name));
+                }
+                reach = a + l;
             }
             let index_len = (s.chunks.checked_mul(super::format::INDEX_ENTRY_LEN as u64))
                 .and_then(|n| n.checked_add(super::format::INDEX_HEADER_LEN as u64));

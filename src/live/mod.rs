@@ -330,6 +330,7 @@ pub fn run_job(job: &Job) -> Result<String> {
             level: job.level,
             split: crate::engine::backup::DEFAULT_SPLIT,
             no_verify: false,
+            rescue: false,
             read: ReadArgs::default(),
             threads: None,
         }),

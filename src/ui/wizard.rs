@@ -376,6 +376,7 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
         quiet: false,
         workers,
         plan: PlanOptions::default(),
+        rescue: false,
     };
     let report =
         run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;

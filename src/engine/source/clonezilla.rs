@@ -41,6 +41,10 @@ impl ImageSource for CzSource {
         czimage::restore(*self, target, opts)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        self.image.warnings.clone()
+    }
+
     fn info(&self) -> (String, serde_json::Value) {
         let im = &self.image;
         let json = serde_json::json!({

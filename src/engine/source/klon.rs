@@ -71,6 +71,23 @@ impl ImageSource for KlonImage {
         restore::restore(reader, indexes, target, opts)
     }
 
+    fn warnings(&self) -> Vec<String> {
+        let m = &self.reader.manifest;
+        m.streams
+            .iter()
+            .filter(|s| !s.unreadable.is_empty())
+            .map(|s| {
+                format!(
+                    "{}: {} bytes in {} places were unreadable on the source when the image was made \
+                     (klon backup --rescue); they are restored as zeros (klon info lists them)",
+                    describe_stream(s),
+                    s.unreadable_bytes(),
+                    s.unreadable.len()
+                )
+            })
+            .collect()
+    }
+
     fn info(&self) -> (String, serde_json::Value) {
         let (dir, m) = (&self.reader.dir, &self.reader.manifest);
         let last_verify = verify::last_result(dir);
@@ -195,6 +212,19 @@ fn render_info(dir: &Path, m: &Manifest) -> String {
             human_bytes(st.compressed_bytes),
             st.chunks
         );
+        if !st.unreadable.is_empty() {
+            let shown: Vec<String> = st.unreadable.iter().take(8).map(|(a, l)| format!("{l} at {a}")).collect();
+            let more =
+                if st.unreadable.len() > 8 { format!(", and {} more", st.unreadable.len() - 8) } else { String::new() };
+            let _ = writeln!(
+                o,
+                "  {:<24} Unreadable: {} bytes in {} places on the source, restored as zeros (bytes at disk offset): {}{more}",
+                "",
+                st.unreadable_bytes(),
+                st.unreadable.len(),
+                shown.join(", ")
+            );
+        }
     }
     o
 }
