@@ -156,13 +156,13 @@ fn newer_format_version_is_refused_with_advice() {
     let (_, img) = fresh_image(&t);
     let manifest = img.join("klon.json");
     let text =
-        std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": 1", "\"format_version\": 2", 1);
+        std::fs::read_to_string(&manifest).unwrap().replacen("\"format_version\": 1", "\"format_version\": 3", 1);
     std::fs::write(&manifest, &text).unwrap();
     let sum = format!("{}  klon.json\n", blake3::hash(text.as_bytes()).to_hex());
     std::fs::write(img.join("klon.json.b3"), sum).unwrap();
     let o = klon(&["verify", img.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("version 2"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("version 3"), "{}", stderr(&o));
 }
 
 /// Starts a backup slow enough to be interrupted (1.5 GiB of text at zstd

@@ -121,11 +121,12 @@ fn bad_sectors_in_used_blocks_stop_a_backup_or_are_rescued() {
     require_root!();
     let t = TempDir::new("rescue");
     let (disk, (pstart, plen), (fa, fl), _free) = ext4_disk(&t);
-    // Two bad sectors in the file's data, 256 KiB apart (each in a 64 KiB
-    // piece of its own).
-    let bad1 = (fa + fl / 4) / 512 * 512;
-    let bad = [(bad1, 512), (bad1 + 256 * 1024 + 512, 512)];
-    assert!(bad[1].0 + 512 < fa + fl);
+    // Three bad sectors in the file's data: two 8 KiB apart in one 64 KiB
+    // piece (readable data between them, which only reading sector by
+    // sector gets back), one in a piece of its own 256 KiB further.
+    let bad1 = (fa + fl / 4) / (64 * 1024) * (64 * 1024) + 4096 + 512;
+    let bad = [(bad1, 512), (bad1 + 8192, 512), (bad1 + 256 * 1024, 512)];
+    assert!(bad1 > fa && bad[2].0 + 512 < fa + fl);
     let failing = FailingDisk::new(&t.0, &disk, &bad);
     let img = t.join("image");
 
@@ -146,10 +147,14 @@ fn bad_sectors_in_used_blocks_stop_a_backup_or_are_rescued() {
         p1["unreadable"].as_array().unwrap().iter().map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap())).collect();
     // Each bad sector is found, with at most the reading unit around it
     // (the page cache reads this file 4 KiB at a time), and nothing else.
-    assert_eq!(unreadable.len(), 2, "{unreadable:?}");
+    assert_eq!(unreadable.len(), 3, "{unreadable:?}");
     for (&(a, l), &(b, bl)) in unreadable.iter().zip(&bad) {
         assert!(a <= b && b + bl <= a + l && l <= 4096, "unreadable {a}+{l} does not fit bad sector {b}+{bl}");
     }
+    // What the second pass read sector by sector is a stream of its own.
+    let kinds: Vec<&str> =
+        v["manifest"]["streams"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.last(), Some(&"rescued"), "{kinds:?}");
     ok(&klon(&["verify", s(&img)]));
 
     let dst = t.join("dst.img");

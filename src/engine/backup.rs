@@ -111,9 +111,19 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
 
     let writer = ImageWriter::create(image_dir, opts.split_size)?;
     let rescue = opts.rescue.then(|| Rescue::new(&source));
-    let (files, read_bytes) = match write_streams(&source, &plans, &writer, opts, rescue.as_ref()) {
+    let (mut files, read_bytes) = match write_streams(&source, &plans, &writer, opts, rescue.as_ref()) {
         Ok(v) => v,
         Err(e) => return Err(abandon(writer, e)),
+    };
+    // The rescued stream, kept only when its second pass read something.
+    let rescued = (files.len() > plans.len()).then(|| files.pop()).flatten();
+    let rescued = match rescued {
+        Some(f) if f.chunks > 0 => Some(with_files(&rescued_stream(source.size), f)),
+        Some(f) => {
+            let _ = std::fs::remove_file(writer.partial_dir().join(&f.index.name));
+            None
+        }
+        None => None,
     };
 
     let identity = crate::device::sysfs::disk_info(&source);
@@ -128,6 +138,8 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
             info
         })
         .collect();
+    let mut stream_infos = stream_infos;
+    stream_infos.extend(rescued);
     let mut warnings = plan.warnings;
     let lost: Vec<&StreamInfo> = stream_infos.iter().filter(|s| !s.unreadable.is_empty()).collect();
     if !lost.is_empty() {
@@ -161,6 +173,9 @@ pub fn image_size(m: &Manifest) -> u64 {
     m.streams.iter().map(|s| s.index.size + s.data_files.iter().map(|f: &FileInfo| f.size).sum::<u64>()).sum()
 }
 
+/// Writes every stream of `plans`; with `rescue`, one more stream after
+/// them: the sectors its second pass read (see [`Rescue`]), whose files
+/// come last in the returned list.
 fn write_streams(
     source: &Disk,
     plans: &[streams::StreamPlan],
@@ -168,13 +183,31 @@ fn write_streams(
     opts: &BackupOptions,
     rescue: Option<&Rescue>,
 ) -> Result<(Vec<StreamFiles>, u64)> {
-    let infos: Vec<&StreamInfo> = plans.iter().map(|p| &p.info).collect();
-    let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
+    let rescued = rescued_stream(source.size);
+    let mut infos: Vec<&StreamInfo> = plans.iter().map(|p| &p.info).collect();
+    let mut sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
+    let read: u64 = sizes.iter().sum();
+    if rescue.is_some() {
+        infos.push(&rescued);
+        sizes.push(0);
+    }
     let order: Vec<usize> = (0..plans.len()).collect();
     let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
-        read_jobs(source, plans, &order, lanes_suit(source), rescue, send)
+        read_jobs(source, plans, &order, lanes_suit(source), rescue, send)?;
+        match rescue {
+            Some(r) => r.scrape(source, plans.len(), send),
+            None => Ok(()),
+        }
     })?;
-    Ok((files, sizes.iter().sum()))
+    Ok((files, read))
+}
+
+/// The stream of sectors a rescue read in its second pass.
+fn rescued_stream(disk_size: u64) -> StreamInfo {
+    let mut info = streams::stream_info("rescued".into(), crate::image::StreamKind::Rescued, None, 0, disk_size, None);
+    info.fill = crate::image::Fill::Free;
+    info.method_reason = "sectors read one by one after read errors, written over the zeros stored for them".into();
+    info
 }
 
 /// Encodes the jobs `produce` reads into the streams `infos` of `writer`
@@ -383,27 +416,35 @@ fn read_job(
     Ok(ReadJob { stream, extents, buf, skip_zero: plan.skip_zero, lane })
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Whether `e` is a read error of the medium (EIO), which reading around
 /// can get past; anything else (the disk gone, a bad request) is not.
 fn is_media_error(e: &Error) -> bool {
     matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
 }
 
-/// Reading a source with unreadable sectors (`klon backup --rescue`).
+/// Reading a source with unreadable sectors (`klon backup --rescue`), in
+/// two passes, as ddrescue does.
 ///
-/// A chunk's read that fails is read again in pieces of [`RESCUE_PIECE`]
-/// bytes on aligned disk offsets; a piece that fails is trimmed, as
-/// ddrescue does: read sector by sector from its start until a sector
-/// fails, and from its end backwards until one fails. What lies between the
-/// two failing sectors (both included) is unreadable: it is stored as zeros
-/// and recorded. So a piece costs at most one failed piece read and two
-/// failed sector reads, and no place is read again and again, which a dying
-/// drive may not survive. A sector between two bad ones in the same piece
-/// is not tried (ddrescue's scraping), and the retries happen where the
-/// error is found, not after everything readable was copied.
+/// First everything readable is copied: a chunk's read that fails is read
+/// again in pieces of [`RESCUE_PIECE`] bytes on aligned disk offsets, and a
+/// piece that fails is stored as zeros in its chunk and kept for later;
+/// the backup goes on. When every stream is written, each kept piece is
+/// read sector by sector, once each: from its start until a sector fails,
+/// from its end backwards until one fails (trimming), then the sectors
+/// between (scraping). The sectors read go into one more stream (kind
+/// `rescued`), which a restore writes over the zeros; those that fail are
+/// recorded as unreadable. So no place is read more than three times
+/// (chunk, piece, sector), and the readable rest is in the image before the
+/// drive is asked for its bad places again.
 pub(crate) struct Rescue {
     sector: u64,
-    /// (stream, range) found unreadable, in the order found.
+    /// (stream, piece) that failed in the first pass.
+    pending: std::sync::Mutex<Vec<(usize, Extent)>>,
+    /// (stream, sectors) that failed in the second.
     found: std::sync::Mutex<Vec<(usize, Extent)>>,
 }
 
@@ -412,10 +453,15 @@ pub const RESCUE_PIECE: u64 = 64 << 10;
 
 impl Rescue {
     fn new(source: &Disk) -> Rescue {
-        Rescue { sector: u64::from(source.logical_sector_size.max(512)), found: Default::default() }
+        Rescue {
+            sector: u64::from(source.logical_sector_size.max(512)),
+            pending: Default::default(),
+            found: Default::default(),
+        }
     }
 
-    /// Reads `extents` into `buf` around unreadable sectors.
+    /// First pass: reads `extents` into `buf` piece by piece, zeroing and
+    /// keeping the pieces that fail.
     fn read_around(&self, source: &Disk, stream: usize, extents: &[Extent], buf: &mut [u8]) -> Result<()> {
         let mut at = 0usize;
         for &(offset, len) in extents {
@@ -427,9 +473,8 @@ impl Rescue {
                 match source.read_bulk_at(piece, pos) {
                     Ok(()) => {}
                     Err(e) if is_media_error(&e) => {
-                        if let Some(bad) = self.trim(source, pos, piece)? {
-                            self.found.lock().unwrap_or_else(|p| p.into_inner()).push((stream, bad));
-                        }
+                        piece.fill(0);
+                        lock(&self.pending).push((stream, (pos, end - pos)));
                     }
                     Err(e) => return Err(e),
                 }
@@ -440,35 +485,76 @@ impl Rescue {
         Ok(())
     }
 
-    /// Reads the piece at `pos` sector by sector from both ends; zeros and
-    /// returns what lies between the first failing sectors from each end.
-    fn trim(&self, source: &Disk, pos: u64, piece: &mut [u8]) -> Result<Option<Extent>> {
-        let len = piece.len() as u64;
-        let sector = |i: u64| (i * self.sector, (self.sector).min(len - i * self.sector));
-        let sectors = len.div_ceil(self.sector);
-        let read = |i: u64, piece: &mut [u8]| -> Result<bool> {
-            let (rel, n) = sector(i);
-            match source.read_exact_at(&mut piece[rel as usize..(rel + n) as usize], pos + rel) {
-                Ok(()) => Ok(true),
-                Err(e) if is_media_error(&e) => Ok(false),
-                Err(e) => Err(e),
+    /// Second pass: reads the kept pieces sector by sector and sends what
+    /// was read as jobs of stream `rescued`, in disk order.
+    fn scrape(&self, source: &Disk, rescued: usize, send: &mut dyn FnMut(ReadJob) -> bool) -> Result<()> {
+        let mut pending = std::mem::take(&mut *lock(&self.pending));
+        pending.sort_by_key(|p| p.1);
+        let mut job: Option<ReadJob> = None;
+        let mut push = |offset: u64, bytes: &[u8], send: &mut dyn FnMut(ReadJob) -> bool| -> bool {
+            let full = job.as_ref().is_some_and(|j| {
+                j.buf.len() + bytes.len() > CHUNK_SIZE as usize || j.extents.len() >= MAX_EXTENTS as usize
+            });
+            if full && !send(job.take().expect("job present")) {
+                return false;
             }
+            let j = job.get_or_insert_with(|| ReadJob {
+                stream: rescued,
+                extents: Vec::new(),
+                buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
+                skip_zero: false,
+                lane: Lane::First,
+            });
+            j.buf.extend_from_slice(bytes);
+            match j.extents.last_mut() {
+                Some(last) if last.0 + last.1 == offset => last.1 += bytes.len() as u64,
+                _ => j.extents.push((offset, bytes.len() as u64)),
+            }
+            true
         };
-        let mut first = 0;
-        while first < sectors && read(first, piece)? {
-            first += 1;
+        for (stream, (pos, len)) in pending {
+            let mut piece = vec![0u8; len as usize];
+            let sectors = len.div_ceil(self.sector);
+            let span = |i: u64| (i * self.sector, self.sector.min(len - i * self.sector));
+            let mut good = vec![false; sectors as usize];
+            let mut read = |i: u64, piece: &mut [u8]| -> Result<bool> {
+                cancel::check("reading the source")?;
+                let (rel, n) = span(i);
+                let ok = match source.read_exact_at(&mut piece[rel as usize..(rel + n) as usize], pos + rel) {
+                    Ok(()) => true,
+                    Err(e) if is_media_error(&e) => false,
+                    Err(e) => return Err(e),
+                };
+                good[i as usize] = ok;
+                Ok(ok)
+            };
+            // Trim from the start, then from the end, then scrape between.
+            let mut first = 0;
+            while first < sectors && read(first, &mut piece)? {
+                first += 1;
+            }
+            let mut last = sectors;
+            while last > first + 1 && read(last - 1, &mut piece)? {
+                last -= 1;
+            }
+            for i in first + 1..last.saturating_sub(1) {
+                read(i, &mut piece)?;
+            }
+            for i in 0..sectors {
+                let (rel, n) = span(i);
+                if good[i as usize] {
+                    if !push(pos + rel, &piece[rel as usize..(rel + n) as usize], send) {
+                        return Ok(());
+                    }
+                } else {
+                    lock(&self.found).push((stream, (pos + rel, n)));
+                }
+            }
         }
-        if first == sectors {
-            return Ok(None); // every sector read this time
+        if let Some(j) = job {
+            send(j);
         }
-        let mut last = sectors - 1;
-        while last > first && read(last, piece)? {
-            last -= 1;
-        }
-        let (a, _) = sector(first);
-        let (b, n) = sector(last);
-        piece[a as usize..(b + n) as usize].fill(0);
-        Ok(Some((pos + a, b + n - a)))
+        Ok(())
     }
 
     /// The unreadable ranges found, per stream (indexed by stream number),

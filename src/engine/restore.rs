@@ -18,7 +18,7 @@ use crate::device::Disk;
 use crate::device::direct::IoBuf;
 use crate::error::Result;
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
-use crate::image::{Fill, ImageReader, StoredChunk};
+use crate::image::{Fill, ImageReader, StoredChunk, StreamKind};
 use crate::ui::progress::Progress;
 
 /// Options of a restore.
@@ -161,6 +161,17 @@ fn read_back(
         .iter()
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
         .sum();
+    // Sectors a rescue read late were written over the zeros the other
+    // streams hold there: those streams are compared around them.
+    let mut overlay: Vec<Extent> = Vec::new();
+    for (si, _) in streams.iter().enumerate().filter(|(_, s)| s.kind == StreamKind::Rescued) {
+        for (seq, e) in indexes[si].iter().enumerate() {
+            overlay.extend(reader.read_header(si, seq as u64, e)?.extents);
+        }
+    }
+    let mut skip_under: Vec<Extent> = skip.iter().copied().chain(overlay.iter().copied()).collect();
+    skip_under.sort();
+    let skip_for = |si: usize| if streams[si].kind == StreamKind::Rescued { skip } else { &skip_under[..] };
     read_back::run(
         target,
         total,
@@ -176,9 +187,11 @@ fn read_back(
                         return Ok(true);
                     }
                     for (off, len) in super::backup::pieces(from, to.saturating_sub(from), CHUNK_SIZE as u64) {
-                        let piece = target.piece(vec![(off, len)], Expected::Zeros)?;
-                        if !send(Check { stream: si, piece, image: None }) {
-                            return Ok(false);
+                        for gap in super::target::minus(off, len, &overlay) {
+                            let piece = target.piece(vec![gap], Expected::Zeros)?;
+                            if !send(Check { stream: si, piece, image: None }) {
+                                return Ok(false);
+                            }
                         }
                     }
                     Ok(true)
@@ -190,7 +203,7 @@ fn read_back(
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
-                    let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
+                    let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
                         Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
                     } else {
                         None
@@ -212,7 +225,7 @@ fn read_back(
             if let Some(chunk) = image {
                 piece.expected = Expected::Bytes((*chunk).decode()?);
             }
-            piece.check(&describe(&streams[stream]), "the image", skip)
+            piece.check(&describe(&streams[stream]), "the image", skip_for(stream))
         },
     )
 }

@@ -56,10 +56,16 @@ pub fn check_fits(target: &mut Disk, size: u64, sector_size: u32) -> Result<()> 
 }
 
 /// The streams in the order a restore writes them: partitions first, the
-/// area outside partitions (with the table) last.
+/// area outside partitions (with the table) after them, and the sectors a
+/// rescue recovered (which lie over any of them) last.
 pub fn write_order(streams: &[StreamInfo]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..streams.len()).filter(|&i| streams[i].kind != StreamKind::Boot).collect();
-    order.extend((0..streams.len()).filter(|&i| streams[i].kind == StreamKind::Boot));
+    let rank = |k: StreamKind| match k {
+        StreamKind::Partition | StreamKind::Disk => 0,
+        StreamKind::Boot => 1,
+        StreamKind::Rescued => 2,
+    };
+    let mut order: Vec<usize> = (0..streams.len()).collect();
+    order.sort_by_key(|&i| rank(streams[i].kind));
     order
 }
 
@@ -355,11 +361,12 @@ impl<'a> TargetWriter<'a> {
             }
             let data = &content[pos..pos + len as usize];
             pos += len as usize;
-            let fresh: Vec<Extent> = if s.kind == StreamKind::Boot && !self.area.stale.is_empty() {
-                minus(start, len, &self.area.stale)
-            } else {
-                vec![(start, len)]
-            };
+            let fresh: Vec<Extent> =
+                if matches!(s.kind, StreamKind::Boot | StreamKind::Rescued) && !self.area.stale.is_empty() {
+                    minus(start, len, &self.area.stale)
+                } else {
+                    vec![(start, len)]
+                };
             for (a, l) in fresh {
                 let rel = (a - start) as usize;
                 let parts = self.area.held.borrow_mut().divert(a, &data[rel..rel + l as usize]);
@@ -403,8 +410,11 @@ fn write_error(target: &Disk, streams: &[StreamInfo], e: WriteError) -> Error {
     let err = Error::io("writing", &target.path, Some(offset), e.error);
     // The boot stream spans the whole disk: a partition holding the offset is the better name.
     let holds = |s: &&StreamInfo| s.start <= offset && offset < s.start + s.length;
-    let stream =
-        streams.iter().filter(|s| s.kind != StreamKind::Boot).find(holds).or_else(|| streams.iter().find(holds));
+    let stream = streams
+        .iter()
+        .filter(|s| s.kind != StreamKind::Boot && s.kind != StreamKind::Rescued)
+        .find(holds)
+        .or_else(|| streams.iter().find(holds));
     match stream {
         Some(s) => err.with_note(&describe(s)),
         None => err,

@@ -80,6 +80,10 @@ pub enum StreamKind {
     Partition,
     /// The whole disk (no partition table).
     Disk,
+    /// Sectors read back from a failing source after everything else
+    /// (`--rescue`, format version 2): its chunks lie over parts of the
+    /// other streams, which hold zeros there, and a restore writes it last.
+    Rescued,
 }
 
 /// What the bytes of a stream's range that no chunk stores hold.
@@ -166,7 +170,7 @@ impl Manifest {
     pub fn new(source: SourceInfo, layout: DiskLayout, level: i32, streams: Vec<StreamInfo>) -> Manifest {
         Manifest {
             format: FORMAT_NAME.to_string(),
-            format_version: if streams.iter().any(|s| !s.unreadable.is_empty()) {
+            format_version: if streams.iter().any(|s| !s.unreadable.is_empty() || s.kind == StreamKind::Rescued) {
                 FORMAT_VERSION_RESCUED
             } else {
                 FORMAT_VERSION
@@ -279,7 +283,14 @@ impl Manifest {
             }
             let whole = s.start == 0 && s.length == self.layout.disk_size;
             let placed = match (s.kind, self.layout.kind) {
-                (StreamKind::Disk, TableKind::None) => whole && self.streams.len() == 1,
+                (StreamKind::Disk, TableKind::None) => {
+                    whole && self.streams.iter().filter(|o| o.kind != StreamKind::Rescued).count() == 1
+                }
+                (StreamKind::Rescued, _) => {
+                    whole
+                        && self.format_version == FORMAT_VERSION_RESCUED
+                        && self.streams.iter().filter(|o| o.kind == StreamKind::Rescued).count() == 1
+                }
                 (StreamKind::Boot, TableKind::Gpt | TableKind::Mbr) => whole,
                 (StreamKind::Partition, TableKind::Gpt | TableKind::Mbr) => {
                     let part = s.partition.and_then(|n| self.layout.partitions.iter().find(|p| p.number == n));

@@ -324,6 +324,7 @@ pub fn describe_stream(s: &StreamInfo) -> String {
     match (s.kind, s.partition) {
         (StreamKind::Partition, Some(n)) => format!("partition {n}"),
         (StreamKind::Boot, _) => "area outside partitions".to_string(),
+        (StreamKind::Rescued, _) => "sectors recovered after read errors".to_string(),
         _ => "whole disk".to_string(),
     }
 }
