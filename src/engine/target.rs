@@ -152,7 +152,8 @@ fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Re
 /// given); fix the table up for the target; sync and have the kernel re-read
 /// it; then, with `verify_after`, `read_back` everything (skipping the
 /// ranges it is given: stale and rewritten tables) and compare the table.
-/// Any failure after the first write is cleaned up by [`fail`]. Returns the
+/// Any failure after the first write is cleaned up by [`fail`]; a target
+/// file the job created is kept only when all of it succeeded. Returns the
 /// bytes written.
 pub fn write_disk(
     target: &Disk,
@@ -177,6 +178,7 @@ pub fn write_disk(
         skip.extend(rewritten);
         read_back(&skip).and_then(|()| check_table(target, layout, grow_last)).map_err(|e| fail(target, e))?;
     }
+    target.keep_created();
     Ok(bytes)
 }
 
