@@ -1,0 +1,82 @@
+//! The exit code and the message of failures that are easy to get wrong:
+//! what kind of failure it is decides the code (README's table).
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::disks::*;
+
+/// An image of a 4 MiB disk with some text on it.
+fn small_image(t: &TempDir) -> (PathBuf, PathBuf) {
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    blank_file(&src, 4 * MIB);
+    write_at(&src, 0, &text_bytes(7, MIB as usize));
+    ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
+    (src, img)
+}
+
+fn chmod(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs a copy of klon (in `t`, where user nobody can reach it) as user
+/// nobody, whom the permissions bind (root passes them all).
+fn klon_as_nobody(t: &TempDir, args: &[&str]) -> Output {
+    let bin = t.join("klon-bin");
+    if !bin.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_klon"), &bin).unwrap();
+        chmod(&bin, 0o755);
+        chmod(&t.0, 0o755);
+    }
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run setpriv (util-linux)")
+}
+
+/// An image klon may not read is an I/O error that says so (exit 3), not
+/// a damaged or foreign image (exit 4): a directory it may not search, and
+/// a manifest it may not read.
+#[test]
+fn an_image_klon_may_not_read_is_an_io_error_naming_the_permission() {
+    require_root!();
+    let t = TempDir::new("perm");
+    let (_, img) = small_image(&t);
+    let img_s = img.to_str().unwrap();
+    let target = t.join("target.img");
+
+    chmod(&img, 0o700);
+    for args in [vec!["verify", img_s], vec!["info", img_s], vec!["restore", "--yes", img_s, target.to_str().unwrap()]]
+    {
+        let o = klon_as_nobody(&t, &args);
+        fails_with(&o, 3, &[img_s, "Permission denied"]);
+        assert!(!stderr(&o).contains("not a klon image"), "{}", stderr(&o));
+    }
+    assert!(!target.exists());
+
+    chmod(&img, 0o755);
+    chmod(&img.join("klon.json"), 0o600);
+    let o = klon_as_nobody(&t, &["verify", img_s]);
+    fails_with(&o, 3, &["klon.json", "Permission denied"]);
+    chmod(&img.join("klon.json"), 0o644);
+    ok(&klon_as_nobody(&t, &["verify", img_s]));
+}
+
+/// A checksum file of the manifest that is not text is a damaged image
+/// (exit 4), not an I/O error.
+#[test]
+fn a_manifest_checksum_file_that_is_not_text_is_damage() {
+    let t = TempDir::new("b3-utf8");
+    let (_, img) = small_image(&t);
+    std::fs::write(img.join("klon.json.b3"), b"\xff\xfe\x80 klon.json\n").unwrap();
+    for cmd in ["verify", "info"] {
+        let o = klon(&[cmd, img.to_str().unwrap()]);
+        fails_with(&o, 4, &["klon.json.b3"]);
+    }
+}
