@@ -341,3 +341,44 @@ fn a_mounted_loop_device_over_the_same_file_blocks_the_overlapping_target() {
     check_target(&whole, None, None).unwrap();
     check_target(&range, None, None).unwrap();
 }
+
+/// A read-only target (`losetup -r`, or `blockdev --setro`) is refused
+/// before anything is written (exit 5), saying it is read-only; klon opened
+/// it and failed at the first write (exit 3).
+#[test]
+fn a_read_only_target_is_refused_up_front() {
+    require_root!();
+    let _g = lock();
+    let t = TempDir::new("read-only");
+    let (src, image, disk) = (t.0.join("src.img"), t.0.join("image"), t.0.join("disk.img"));
+    sparse_file(&src, 4 * MIB);
+    common::disks::write_at(&src, 0, &vec![0x5a; MIB as usize]);
+    let klon = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_klon")).args(args).output().unwrap();
+    let o = klon(&["backup", "--no-verify", src.to_str().unwrap(), image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sparse_file(&disk, 8 * MIB);
+
+    let check = |dev: &Path, how: &str| {
+        for args in [
+            vec!["restore", "--yes", image.to_str().unwrap(), dev.to_str().unwrap()],
+            vec!["clone", "--yes", src.to_str().unwrap(), dev.to_str().unwrap()],
+        ] {
+            let o = klon(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(5), "{how}: {err}");
+            assert!(err.contains(dev.to_str().unwrap()) && err.contains("read-only"), "{how}: {err}");
+        }
+    };
+    {
+        let out = sh("losetup", &["-f", "--show", "-r", disk.to_str().unwrap()]);
+        let lo = LoopDevice { path: PathBuf::from(out.trim()) };
+        check(&lo.path, "losetup -r");
+    }
+    {
+        let lo = LoopDevice::attach(&disk, None);
+        sh("blockdev", &["--setro", lo.path.to_str().unwrap()]);
+        check(&lo.path, "blockdev --setro");
+        sh("blockdev", &["--setrw", lo.path.to_str().unwrap()]);
+    }
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0), "a refused restore wrote to the disk");
+}

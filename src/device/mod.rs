@@ -107,6 +107,18 @@ impl Disk {
                             Error::io("opening target", path, None, e)
                         }
                     })?;
+                // The kernel opens a read-only device for writing and fails
+                // the first write: refuse it before anything is written.
+                let read_only =
+                    blockdev::is_read_only(&file).map_err(|e| Error::io("querying block device", path, None, e))?;
+                if read_only {
+                    return Err(Error::Refused(format!(
+                        "target {} is read-only (write-protected, attached with `losetup -r`, or set with \
+                         `blockdev --setro`); make it writable (blockdev --setrw {}) or choose another disk",
+                        path.display(),
+                        path.display()
+                    )));
+                }
                 Self::from_file(path, file)
             }
             Ok(meta) if meta.file_type().is_file() => {
