@@ -80,3 +80,69 @@ fn a_manifest_checksum_file_that_is_not_text_is_damage() {
         fails_with(&o, 4, &["klon.json.b3"]);
     }
 }
+
+/// `klon help --help` is a request for help like `klon help` (exit 0), and
+/// `klon help COMMAND` gives that command's help.
+#[test]
+fn help_of_help_succeeds() {
+    for args in [&["help", "--help"][..], &["help", "-h"], &["help"]] {
+        let o = klon(args);
+        ok(&o);
+        assert!(stdout(&o).contains("Usage: klon"), "{args:?}: {}", stdout(&o));
+    }
+    let o = klon(&["help", "restore"]);
+    ok(&o);
+    assert!(stdout(&o).contains("--grow-last"), "{}", stdout(&o));
+    fails_with(&klon(&["help", "no-such-command"]), 2, &["no-such-command"]);
+}
+
+/// The data files of an image (names ending in digits).
+fn data_files(img: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(img)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
+        .collect();
+    v.sort();
+    v
+}
+
+/// `verify --json` of a damaged image prints its report, with "ok": false
+/// and the problem, and keeps exit 4.
+#[test]
+fn verify_json_reports_a_failure() {
+    let t = TempDir::new("verify-json");
+    let (_, img) = small_image(&t);
+    let file = data_files(&img)[0].clone();
+    let len = std::fs::metadata(&file).unwrap().len();
+    let mut b = read_at(&file, len / 2, 1);
+    b[0] ^= 1;
+    write_at(&file, len / 2, &b);
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let o = klon(&["verify", "--json", img.to_str().unwrap()]);
+    fails_with(&o, 4, &[name]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("verify --json prints JSON on failure");
+    assert_eq!(v["ok"], serde_json::json!(false), "{v}");
+    assert_eq!(v["image"].as_str(), img.to_str());
+    assert!(v["problem"].as_str().is_some_and(|p| p.contains(name)), "{v}");
+    // A failure to open the image is reported the same way.
+    let o = klon(&["verify", "--json", t.join("nothing-here").to_str().unwrap()]);
+    fails_with(&o, 2, &["does not exist"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    assert_eq!(v["ok"], serde_json::json!(false), "{v}");
+}
+
+/// `demo --json` prints one JSON report of what the demo did, no text.
+#[test]
+fn demo_json_prints_a_json_report() {
+    let t = TempDir::new("demo-json");
+    let o = klon(&["demo", "--json", "--quiet", "--dir", t.join("demo").to_str().unwrap()]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("demo --json prints JSON");
+    assert_eq!(v["ok"], serde_json::json!(true), "{v}");
+    assert_eq!(v["source"]["size"].as_u64(), Some(64 * MIB), "{v}");
+    assert_eq!(v["restore"]["target_size"].as_u64(), Some(96 * MIB), "{v}");
+    assert_eq!(v["compared"]["partitions"].as_u64(), Some(3), "{v}");
+    assert!(v["backup"]["image_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
+    assert!(v["verify"]["chunks"].as_u64().is_some_and(|c| c > 0), "{v}");
+}
