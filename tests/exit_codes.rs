@@ -146,3 +146,47 @@ fn demo_json_prints_a_json_report() {
     assert!(v["backup"]["image_bytes"].as_u64().is_some_and(|b| b > 0), "{v}");
     assert!(v["verify"]["chunks"].as_u64().is_some_and(|c| c > 0), "{v}");
 }
+
+/// The files of a Clonezilla savedisk image of a 16 MiB MBR disk `sda`
+/// with one partition, without its partition images; `parts` as given.
+fn clonezilla_dir(dir: &Path, parts: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("disk"), "sda\n").unwrap();
+    std::fs::write(dir.join("parts"), parts).unwrap();
+    std::fs::write(dir.join("clonezilla-img"), "").unwrap();
+    std::fs::write(
+        dir.join("sda-pt.sf"),
+        "label: dos\ndevice: /dev/sda\nunit: sectors\nsector-size: 512\n\n\
+         /dev/sda1 : start=        2048, size=       16384, type=83\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("sda-pt.parted"),
+        "Model:  (file)\nDisk /dev/sda: 32768s\nSector size (logical/physical): 512B/512B\n\
+         Partition Table: msdos\nDisk Flags: \n\nNumber  Start  End     Size    Type     File system  Flags\n \
+         1      2048s  18431s  16384s  primary\n\n",
+    )
+    .unwrap();
+}
+
+/// An empty `parts` file is called empty, not missing: in a Clonezilla
+/// image (its partitions then have no data: a damaged image, exit 4), and
+/// in a directory that has only `disk` and `parts`.
+#[test]
+fn an_empty_clonezilla_parts_file_is_called_empty() {
+    let t = TempDir::new("cz-empty-parts");
+    let img = t.join("cz");
+    clonezilla_dir(&img, "");
+    for args in [vec!["info", img.to_str().unwrap()], vec!["verify", img.to_str().unwrap()]] {
+        let o = klon(&args);
+        fails_with(&o, 4, &["`parts` is empty"]);
+        assert!(!stderr(&o).contains("missing"), "{}", stderr(&o));
+    }
+    let only = t.join("only-lists");
+    std::fs::create_dir_all(&only).unwrap();
+    std::fs::write(only.join("disk"), "sda\n").unwrap();
+    std::fs::write(only.join("parts"), "").unwrap();
+    let o = klon(&["info", only.to_str().unwrap()]);
+    fails_with(&o, 4, &["`parts` is empty"]);
+    assert!(!stderr(&o).contains("no `disk` or `parts` file"), "{}", stderr(&o));
+}

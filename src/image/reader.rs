@@ -128,8 +128,9 @@ impl ImageReader {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::Corrupt(format!(
-                    "{} has no {MANIFEST_NAME}: it is not a klon image (nor a Clonezilla image: no `disk` or `parts` file), or its manifest was deleted",
-                    dir.display()
+                    "{} has no {MANIFEST_NAME}: it is not a klon image ({}), or its manifest was deleted",
+                    dir.display(),
+                    crate::clonezilla::layout::not_clonezilla_because(dir)
                 )));
             }
             Err(e) => return Err(Error::io("opening the image directory", dir, None, e)),
