@@ -190,3 +190,45 @@ fn an_empty_clonezilla_parts_file_is_called_empty() {
     fails_with(&o, 4, &["`parts` is empty"]);
     assert!(!stderr(&o).contains("no `disk` or `parts` file"), "{}", stderr(&o));
 }
+
+/// `klon info` reads only a small `last-verify.json` (klon's own is a few
+/// hundred bytes): a record padded to 2 MiB is ignored, not read whole and
+/// taken; a FIFO in its place is not opened (that waited for a writer).
+#[test]
+fn info_ignores_an_oversized_or_odd_last_verify_record() {
+    let t = TempDir::new("last-verify");
+    let (_, img) = small_image(&t);
+    let record = img.join("last-verify.json");
+    let mut text =
+        br#"{"time": "2026-01-01T00:00:00Z", "ok": true, "klon_version": "0.0.0", "problem": null}"#.to_vec();
+    ok(&klon(&["info", img.to_str().unwrap()]));
+    std::fs::write(&record, &text).unwrap();
+    assert!(stdout(&klon(&["info", img.to_str().unwrap()])).contains("Verified:     OK"));
+    text.resize(2 << 20, b' ');
+    std::fs::write(&record, &text).unwrap();
+    let o = klon(&["info", img.to_str().unwrap()]);
+    ok(&o);
+    assert!(stdout(&o).contains("Verified:     never"), "{}", stdout(&o));
+
+    std::fs::remove_file(&record).unwrap();
+    nix::unistd::mkfifo(&record, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_klon"))
+        .args(["info", img.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("klon info waited for a writer of the FIFO last-verify.json");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    assert!(stdout(&o).contains("Verified:     never"), "{}", stdout(&o));
+}

@@ -118,8 +118,25 @@ pub fn record_result(dir: &Path, result: &Result<VerifyReport>) {
     }
 }
 
+/// The largest `last-verify.json` that is read: klon writes a few hundred
+/// bytes (a problem's message included).
+const LAST_VERIFY_MAX: u64 = 64 << 10;
+
 /// The recorded outcome of the last verification of the image at `dir`.
+/// Informational: anything but a regular file of at most
+/// [`LAST_VERIFY_MAX`] bytes holding klon's record is ignored (a FIFO is
+/// not even opened, and no more than that is read).
 pub fn last_result(dir: &Path) -> Option<LastVerify> {
-    let text = std::fs::read(dir.join(LAST_VERIFY_NAME)).ok()?;
+    use std::io::Read;
+    let path = dir.join(LAST_VERIFY_NAME);
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > LAST_VERIFY_MAX {
+        return None;
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(&path).ok()?.take(LAST_VERIFY_MAX + 1).read_to_end(&mut text).ok()?;
+    if text.len() as u64 > LAST_VERIFY_MAX {
+        return None;
+    }
     serde_json::from_slice(&text).ok()
 }
