@@ -232,3 +232,45 @@ fn info_ignores_an_oversized_or_odd_last_verify_record() {
     ok(&o);
     assert!(stdout(&o).contains("Verified:     never"), "{}", stdout(&o));
 }
+
+/// Rewrites the manifest of `img` with `change` and its checksum file to
+/// match, as a damaged manifest with a recomputed sum would be.
+fn rewrite_manifest(img: &Path, change: impl FnOnce(&mut serde_json::Value)) {
+    let path = img.join("klon.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    change(&mut m);
+    let text = serde_json::to_vec_pretty(&m).unwrap();
+    std::fs::write(&path, &text).unwrap();
+    std::fs::write(img.join("klon.json.b3"), format!("{}  klon.json\n", blake3::hash(&text).to_hex())).unwrap();
+}
+
+/// Stored byte counts that add up past 2^64 in a manifest are damage
+/// (exit 4, said so), not an arithmetic overflow (a panic, exit 101).
+#[test]
+fn stored_bytes_adding_up_past_u64_are_damage() {
+    let t = TempDir::new("sum-overflow");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    make_gpt_disk(&src, 48 * MIB);
+    ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
+    rewrite_manifest(&img, |m| {
+        let streams = m["streams"].as_array_mut().unwrap();
+        assert!(streams.len() >= 2, "{streams:?}");
+        for s in streams {
+            s["stored_bytes"] = (u64::MAX / 2 + 1).into();
+            s["compressed_bytes"] = (u64::MAX / 2 + 1).into();
+        }
+    });
+    for args in [
+        vec!["verify", img.to_str().unwrap()],
+        vec!["restore", "--yes", img.to_str().unwrap(), t.join("dst.img").to_str().unwrap()],
+        vec!["info", img.to_str().unwrap()],
+        vec!["info", "--json", img.to_str().unwrap()],
+    ] {
+        let o = klon(&args);
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+        if args[0] != "info" {
+            fails_with(&o, 4, &["klon.json", "stored bytes", "damaged"]);
+        }
+    }
+    assert!(!t.join("dst.img").exists(), "the refused restore left its target file");
+}

@@ -61,6 +61,7 @@ pub struct RestoreReport {
 pub fn prepare(image_dir: &Path, target_path: &Path) -> Result<RestorePlan> {
     let reader = ImageReader::open(image_dir)?;
     let m = &reader.manifest;
+    super::verify::stored_total(image_dir, &m.streams)?;
     let mut target = Disk::open_target(target_path, Some(m.source.size))?;
     check_fits(&mut target, m.source.size, m.layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image_dir))?;
@@ -107,7 +108,7 @@ pub fn restore(plan: RestorePlan, opts: &RestoreOptions) -> Result<RestoreReport
 fn write_all(reader: &ImageReader, target: &Disk, stale: &[Extent], opts: &RestoreOptions) -> Result<u64> {
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
-    let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
+    let total = super::verify::stored_total(&reader.dir, streams)?;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);

@@ -28,7 +28,7 @@ pub struct VerifyReport {
 pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
     let reader = ImageReader::open(dir)?;
-    let total: u64 = reader.manifest.streams.iter().map(|s| s.stored_bytes).sum();
+    let total = stored_total(dir, &reader.manifest.streams)?;
     let streams = &reader.manifest.streams;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -73,7 +73,7 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
         },
     )?;
     progress.finish();
-    let stored: u64 = streams.iter().map(|s| s.stored_bytes).sum();
+    let stored = total;
     if bytes != stored {
         return Err(Error::Corrupt(format!(
             "{}: the chunks hold {bytes} bytes, the manifest says {stored}",
@@ -81,6 +81,19 @@ pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
         )));
     }
     Ok(VerifyReport { streams: streams.len(), chunks, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The content bytes the manifest of the image at `dir` says its streams
+/// store, in all; counts that add up past 2^64 (the manifest is untrusted)
+/// are damage, not an overflow.
+pub fn stored_total(dir: &Path, streams: &[crate::image::StreamInfo]) -> Result<u64> {
+    streams.iter().try_fold(0u64, |sum, s| sum.checked_add(s.stored_bytes)).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "{}: the stored bytes of the streams in {} add up to more than 2^64: the manifest is damaged",
+            dir.display(),
+            crate::image::manifest::MANIFEST_NAME
+        ))
+    })
 }
 
 /// File in an image directory recording the last verification's outcome.
