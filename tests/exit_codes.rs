@@ -274,3 +274,35 @@ fn stored_bytes_adding_up_past_u64_are_damage() {
     }
     assert!(!t.join("dst.img").exists(), "the refused restore left its target file");
 }
+
+/// A 0-byte source is refused as nothing to copy (exit 2, no image made);
+/// one smaller than a sector, or not a whole number of sectors, is copied
+/// with a warning saying so, and restores byte for byte.
+#[test]
+fn an_empty_or_partial_sector_source_is_refused_or_warned_about() {
+    let t = TempDir::new("tiny");
+    let empty = t.join("empty.img");
+    blank_file(&empty, 0);
+    let img = t.join("image0");
+    let o = klon(&["backup", empty.to_str().unwrap(), img.to_str().unwrap()]);
+    fails_with(&o, 2, &[empty.to_str().unwrap(), "0 bytes"]);
+    assert!(!img.exists() && !t.join("image0.klon-partial").exists());
+    let o = klon(&["clone", "--yes", empty.to_str().unwrap(), t.join("copy.img").to_str().unwrap()]);
+    fails_with(&o, 2, &[empty.to_str().unwrap(), "0 bytes"]);
+    assert!(!t.join("copy.img").exists());
+
+    let odd = t.join("odd.img");
+    std::fs::write(&odd, random_bytes(5, 511)).unwrap();
+    let img = t.join("image1");
+    let o = klon(&["backup", "--json", odd.to_str().unwrap(), img.to_str().unwrap()]);
+    ok(&o);
+    assert!(stderr(&o).contains("warning") && stderr(&o).contains("511 bytes"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(
+        v["warnings"].as_array().is_some_and(|w| w.iter().any(|w| w.as_str().unwrap().contains("511 bytes"))),
+        "{v}"
+    );
+    let back = t.join("back.img");
+    ok(&klon(&["restore", "--yes", img.to_str().unwrap(), back.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&back).unwrap(), random_bytes(5, 511));
+}
