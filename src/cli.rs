@@ -7,12 +7,12 @@ use clap::{Args, Parser, Subcommand};
 /// klon: back up disks into compressed, checksummed images; verify them;
 /// restore them to the same or a larger disk.
 #[derive(Debug, Parser)]
-#[command(name = "klon", version, about, long_about = None)]
+#[command(name = "klon", version, about, long_about = None, disable_help_subcommand = true)]
 pub struct Cli {
     /// No progress or chatter; errors are still printed.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Print the report as JSON on stdout (disks, backup, verify, restore, info).
+    /// Print the report as JSON on stdout (disks, backup, verify, restore, clone, info, convert, demo).
     #[arg(long, global = true)]
     pub json: bool,
     /// The command.
@@ -42,9 +42,20 @@ pub enum Command {
     /// Run klon's main job on a built-in sample disk: back up, verify,
     /// restore to a larger disk, compare.
     Demo(DemoArgs),
+    /// Print this message or the help of the given command.
+    // klon's own rather than clap's, which took `klon help --help` for a
+    // command named --help (exit 2).
+    Help(HelpArgs),
     /// The live USB system's internal commands (console sessions, jobs).
     #[command(hide = true)]
     Live(crate::live::LiveArgs),
+}
+
+/// `klon help`.
+#[derive(Debug, Args)]
+pub struct HelpArgs {
+    /// The command (and its subcommands) to describe.
+    pub command: Vec<String>,
 }
 
 /// `klon backup`.

@@ -28,9 +28,24 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Clone(a) => clone_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
         Command::Convert(a) => convert_cmd(cli, a),
-        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet),
+        Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet, cli.json),
+        Command::Help(a) => help(&a.command),
         Command::Live(a) => crate::live::run(cli, a),
     }
+}
+
+/// `klon help [COMMAND...]`: the help of klon, or of the command named.
+fn help(names: &[String]) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = crate::cli::Cli::command();
+    cmd.build();
+    let mut cur = &mut cmd;
+    for name in names {
+        cur = cur
+            .find_subcommand_mut(name)
+            .ok_or_else(|| Error::Usage(format!("klon has no command {name:?}; `klon help` lists the commands")))?;
+    }
+    cur.print_long_help().map_err(|e| Error::io("writing the help to", Path::new("stdout"), None, e))
 }
 
 fn print_json(value: &impl Serialize) -> Result<()> {
@@ -130,7 +145,16 @@ fn verify_new_image(image: &Path, skip: bool, workers: usize, quiet: bool) -> Re
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let r = source::verify(&a.image, threads(a.threads)?, cli.quiet)?;
+    let r = match source::verify(&a.image, threads(a.threads)?, cli.quiet) {
+        Ok(r) => r,
+        Err(e) => {
+            // The report says what failed too; the exit code stays the error's.
+            if cli.json {
+                print_json(&json!({ "image": a.image, "ok": false, "problem": e.to_string() }))?;
+            }
+            return Err(e);
+        }
+    };
     if cli.json {
         return print_json(&json!({
             "image": a.image, "ok": true, "streams": r.streams, "chunks": r.chunks,

@@ -15,8 +15,9 @@ use crate::ui::human_bytes;
 
 const MIB: u64 = 1 << 20;
 
-/// Runs the demo in `dir` (or a fresh temporary directory, removed after).
-pub fn run(dir: Option<&Path>, quiet: bool) -> Result<()> {
+/// Runs the demo in `dir` (or a fresh temporary directory, removed after);
+/// says what it did step by step, or with `json` prints one JSON report.
+pub fn run(dir: Option<&Path>, quiet: bool, json: bool) -> Result<()> {
     let (dir, temporary) = match dir {
         Some(d) => {
             std::fs::create_dir_all(d).map_err(|e| Error::io("creating", d, None, e))?;
@@ -28,14 +29,29 @@ pub fn run(dir: Option<&Path>, quiet: bool) -> Result<()> {
             (d, true)
         }
     };
-    let result = run_in(&dir, quiet);
+    let result = run_in(&dir, quiet, json);
     if temporary {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    result
+    let mut report = result?;
+    if json {
+        report["ok"] = serde_json::json!(true);
+        report["dir"] = serde_json::json!(dir);
+        report["dir_kept"] = serde_json::json!(!temporary);
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| Error::Unsupported(format!("encoding JSON: {e}")))?;
+        println!("{text}");
+    }
+    Ok(())
 }
 
-fn run_in(dir: &Path, quiet: bool) -> Result<()> {
+/// The steps of the demo; returns their report (for --json).
+fn run_in(dir: &Path, quiet: bool, json: bool) -> Result<serde_json::Value> {
+    let say = |line: String| {
+        if !json {
+            println!("{line}");
+        }
+    };
     let source = dir.join("sample-disk.img");
     let image = dir.join("sample-image");
     let target = dir.join("restored-disk.img");
@@ -45,7 +61,7 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
         }
     }
     make_sample_disk(&source, 64 * MIB)?;
-    println!("1. Made a 64 MiB sample disk with a GPT and 3 partitions: {}", source.display());
+    say(format!("1. Made a 64 MiB sample disk with a GPT and 3 partitions: {}", source.display()));
 
     let workers = default_workers();
     let b = backup::backup(
@@ -61,26 +77,26 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
             rescue: false,
         },
     )?;
-    println!(
+    say(format!(
         "2. Backed up in {:.2} s: read {}, image {} in {}",
         b.seconds,
         human_bytes(b.read_bytes),
         human_bytes(b.image_bytes),
         b.image.display()
-    );
+    ));
     let v = verify::verify(&image, workers, quiet)?;
-    println!("3. Verified every checksum: {} chunks, {} in {:.2} s", v.chunks, human_bytes(v.bytes), v.seconds);
+    say(format!("3. Verified every checksum: {} chunks, {} in {:.2} s", v.chunks, human_bytes(v.bytes), v.seconds));
 
     let f = std::fs::File::create(&target).map_err(|e| Error::io("creating", &target, None, e))?;
     f.set_len(96 * MIB).map_err(|e| Error::io("sizing", &target, None, e))?;
     drop(f);
     let plan = crate::engine::source::prepare_restore(&image, &target)?;
     let r = plan.restore(&RestoreOptions { grow_last: true, verify_after: true, quiet, workers })?;
-    println!(
+    say(format!(
         "4. Restored to a larger 96 MiB disk, last partition grown, read back and verified in {:.2} s: {}",
         r.seconds,
         target.display()
-    );
+    ));
 
     let src = Disk::open_read_only(&source)?;
     let dst = Disk::open_read_only(&target)?;
@@ -104,8 +120,22 @@ fn run_in(dir: &Path, quiet: bool) -> Result<()> {
     if buf_a[..440] != buf_b[..440] {
         return Err(Error::VerifyAfter("the MBR boot code differs".into()));
     }
-    println!("5. Compared: all {} partitions and the boot code are identical byte for byte.", layout.partitions.len());
-    Ok(())
+    say(format!(
+        "5. Compared: all {} partitions and the boot code are identical byte for byte.",
+        layout.partitions.len()
+    ));
+    Ok(serde_json::json!({
+        "source": { "path": source, "size": src.size, "partitions": layout.partitions.len() },
+        "backup": {
+            "image": b.image, "seconds": b.seconds, "read_bytes": b.read_bytes, "image_bytes": b.image_bytes,
+        },
+        "verify": { "chunks": v.chunks, "bytes": v.bytes, "seconds": v.seconds },
+        "restore": {
+            "target": target, "target_size": dst.size, "grow_last": true, "read_back": r.verified,
+            "bytes_written": r.bytes_written, "seconds": r.seconds,
+        },
+        "compared": { "partitions": layout.partitions.len(), "boot_code": true, "identical": true },
+    }))
 }
 
 /// Deterministic bytes that do not compress (xorshift64).

@@ -88,6 +88,9 @@ impl Error {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) if on_a_filesystem() => {
                 Some("the drive it is on is full: make room there or use a larger drive")
             }
+            Some(libc::EACCES) => {
+                Some("klon is not allowed to use it: run klon as root (sudo), or change its permissions")
+            }
             Some(libc::EROFS) => {
                 Some("the drive is read-only (write-protected, or mounted read-only): use one that can be written")
             }

@@ -279,3 +279,106 @@ fn target_that_is_the_source_is_refused() {
     check_target(&Disk::open_read_only(&b).unwrap(), Some(&dev), None).unwrap();
     check_target(&dev, Some(&Disk::open_read_only(&b).unwrap()), None).unwrap();
 }
+
+/// A second loop device over a range of the same file (`losetup --offset
+/// --sizelimit`, as a partition is attached on its own) shares sectors with
+/// the first: while either one's filesystem there is mounted, the other is
+/// refused as a target where the ranges overlap, naming the mounted device
+/// and where it is mounted; where they do not overlap it is accepted.
+#[test]
+fn a_mounted_loop_device_over_the_same_file_blocks_the_overlapping_target() {
+    require_root!();
+    let _g = lock();
+    let t = TempDir::new("loop-range");
+    let img = t.0.join("gpt.img");
+    let lo = gpt_loop_with_fs(&img);
+    // Partition 1's range: 1 MiB on, 24 MiB long.
+    let part = LoopDevice::attach_range(&img, MIB, 24 * MIB);
+    let mnt = t.0.join("mnt");
+    let whole = Disk::open_read_only(&lo.path).unwrap();
+    let p1 = Disk::open_read_only(&lo.partition(1)).unwrap();
+    let p2 = Disk::open_read_only(&lo.partition(2)).unwrap();
+    let range = Disk::open_read_only(&part.path).unwrap();
+    {
+        let _m = Mounted::new(&part.path, &mnt, "rw");
+        for target in [&whole, &p1] {
+            let msg = refusal(check_target(target, None, None));
+            eprintln!("{msg}");
+            assert!(msg.contains(part.path.to_str().unwrap()), "{msg}");
+            assert!(msg.contains(mnt.to_str().unwrap()), "{msg}");
+            assert!(msg.contains(&format!("{}", target.path.display())), "{msg}");
+        }
+        check_target(&p2, None, None).unwrap();
+
+        // The command line refuses it before writing anything (exit 5).
+        let src = t.0.join("src.img");
+        sparse_file(&src, 64 * MIB);
+        let image = t.0.join("image");
+        let o = Command::new(env!("CARGO_BIN_EXE_klon"))
+            .args(["backup", "--no-verify", src.to_str().unwrap(), image.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let before = std::fs::read(&img).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_klon"))
+            .args(["restore", "--yes", image.to_str().unwrap(), lo.path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{err}");
+        assert!(err.contains(part.path.to_str().unwrap()) && err.contains(mnt.to_str().unwrap()), "{err}");
+        assert!(std::fs::read(&img).unwrap() == before, "a refused restore changed the disk");
+    }
+    // The other way round: partition 1 of the whole-file loop device is
+    // mounted, the range device is the target.
+    {
+        let _m = Mounted::new(&lo.partition(1), &mnt, "rw");
+        let msg = refusal(check_target(&range, None, None));
+        assert!(msg.contains(lo.partition(1).to_str().unwrap()), "{msg}");
+        assert!(msg.contains(mnt.to_str().unwrap()), "{msg}");
+    }
+    // Unmounted: no obstacle.
+    check_target(&whole, None, None).unwrap();
+    check_target(&range, None, None).unwrap();
+}
+
+/// A read-only target (`losetup -r`, or `blockdev --setro`) is refused
+/// before anything is written (exit 5), saying it is read-only; klon opened
+/// it and failed at the first write (exit 3).
+#[test]
+fn a_read_only_target_is_refused_up_front() {
+    require_root!();
+    let _g = lock();
+    let t = TempDir::new("read-only");
+    let (src, image, disk) = (t.0.join("src.img"), t.0.join("image"), t.0.join("disk.img"));
+    sparse_file(&src, 4 * MIB);
+    common::disks::write_at(&src, 0, &vec![0x5a; MIB as usize]);
+    let klon = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_klon")).args(args).output().unwrap();
+    let o = klon(&["backup", "--no-verify", src.to_str().unwrap(), image.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sparse_file(&disk, 8 * MIB);
+
+    let check = |dev: &Path, how: &str| {
+        for args in [
+            vec!["restore", "--yes", image.to_str().unwrap(), dev.to_str().unwrap()],
+            vec!["clone", "--yes", src.to_str().unwrap(), dev.to_str().unwrap()],
+        ] {
+            let o = klon(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(5), "{how}: {err}");
+            assert!(err.contains(dev.to_str().unwrap()) && err.contains("read-only"), "{how}: {err}");
+        }
+    };
+    {
+        let out = sh("losetup", &["-f", "--show", "-r", disk.to_str().unwrap()]);
+        let lo = LoopDevice { path: PathBuf::from(out.trim()) };
+        check(&lo.path, "losetup -r");
+    }
+    {
+        let lo = LoopDevice::attach(&disk, None);
+        sh("blockdev", &["--setro", lo.path.to_str().unwrap()]);
+        check(&lo.path, "blockdev --setro");
+        sh("blockdev", &["--setrw", lo.path.to_str().unwrap()]);
+    }
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0), "a refused restore wrote to the disk");
+}

@@ -68,6 +68,24 @@ pub fn is_clonezilla_image(dir: &Path) -> bool {
     })
 }
 
+/// Why `dir` is not a klon image's nor a Clonezilla image's directory, for
+/// the message of a directory without `klon.json` that
+/// [`is_clonezilla_image`] did not take.
+pub fn not_clonezilla_because(dir: &Path) -> String {
+    let state = |name: &str| match std::fs::metadata(dir.join(name)) {
+        Ok(m) if m.is_file() && m.len() == 0 => "empty",
+        Ok(m) if m.is_file() => "there",
+        _ => "missing",
+    };
+    match (state("disk"), state("parts")) {
+        ("missing", "missing") => "nor a Clonezilla image: no `disk` or `parts` file".to_string(),
+        (disk, parts) => format!(
+            "nor a whole Clonezilla image: `disk` is {disk} and `parts` is {parts}, but there is no partition \
+             table dump (<disk>-pt.sf) or partition image"
+        ),
+    }
+}
+
 /// Reads a small text file whole; `None` when it does not exist.
 fn read_text(dir: &Path, name: &str) -> Result<Option<String>> {
     let path = dir.join(name);
@@ -765,6 +783,14 @@ impl CzImage {
         let parts_text = read_text(dir, "parts")?
             .ok_or_else(|| Error::Corrupt(format!("{}: the file `parts` is missing", dir.display())))?;
         let listed: Vec<String> = parts_text.split_whitespace().map(str::to_string).collect();
+        if listed.is_empty() && !layout.partitions.is_empty() {
+            return Err(Error::Corrupt(format!(
+                "{}: the file `parts` is empty, but {sf_name} describes {} partitions: the image holds \
+                 none of their contents (was the save interrupted?)",
+                dir.display(),
+                layout.partitions.len()
+            )));
+        }
         if listed.len() > MAX_PARTS {
             return Err(Error::Corrupt(format!("`parts` lists more than {MAX_PARTS} partitions")));
         }

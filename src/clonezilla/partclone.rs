@@ -200,7 +200,14 @@ fn le64(b: &[u8], at: usize) -> u64 {
 }
 fn text(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).trim().to_string()
+    printable(b[..end].trim_ascii())
+}
+
+/// `b` as text to show: printable ASCII as it is, every other byte escaped
+/// (`\x1b`), so a damaged header cannot put control sequences or bytes
+/// that are not text on the terminal.
+fn printable(b: &[u8]) -> String {
+    b.iter().flat_map(|&c| std::ascii::escape_default(c)).map(char::from).collect()
 }
 
 /// The decoded stream with its position, for error messages: the piece and
@@ -600,9 +607,9 @@ fn read_header(input: &mut Input) -> Result<Header> {
         }
         v => {
             return Err(Error::Unsupported(format!(
-                "{}: partclone image version {:?} is not known (0001 and 0002 are)",
+                "{}: partclone image version \"{}\" is not known (0001 and 0002 are)",
                 input.pos.first().display(),
-                String::from_utf8_lossy(v)
+                printable(v)
             )));
         }
     };
@@ -1472,6 +1479,39 @@ pub(crate) mod tests {
             v.extend_from_slice(&partclone_crc32(0xFFFF_FFFF, group).to_le_bytes());
         }
         v
+    }
+
+    /// Text fields of a header are shown escaped: a damaged or hostile
+    /// header's bytes must not reach the terminal as they are (an escape
+    /// sequence, or bytes that are not text).
+    #[test]
+    fn header_bytes_are_shown_escaped() {
+        let dir = tmpdir("pc-escaped");
+        let fs = noise(8192, 3);
+        let mut img = build_v2_mode(&fs, 4096, 0);
+        img[30..34].copy_from_slice(b"\x1b[2J");
+        let p = dir.join("bad-version");
+        std::fs::write(&p, &img).unwrap();
+        let e = open_file(&p).err().expect("unknown version taken");
+        let msg = e.to_string();
+        assert!(msg.contains(r"\x1b[2J"), "{msg}");
+        img[30..34].copy_from_slice(&[0xff, 0xfe, 0x00, 0x07]);
+        std::fs::write(&p, &img).unwrap();
+        let msg = open_file(&p).err().expect("unknown version taken").to_string();
+        assert!(msg.contains(r"\xff\xfe\x00\x07"), "{msg}");
+        assert!(!msg.contains('\u{fffd}') && !msg.chars().any(|c| c.is_control()), "{msg:?}");
+
+        // The partclone version and filesystem name in a description.
+        let mut img = build_v2_mode(&fs, 4096, 0);
+        img[16..22].copy_from_slice(b"\x1b]0;x\x07");
+        img[36..41].copy_from_slice(b"EX\xffF\x1b");
+        let crc = partclone_crc32(0xFFFF_FFFF, &img[..106]);
+        img[106..110].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&p, &img).unwrap();
+        let text = open_file(&p).unwrap().describe();
+        assert!(text.contains(r"\x1b]0;x\x07") && text.contains(r"EX\xffF\x1b"), "{text}");
+        assert!(!text.chars().any(|c| c.is_control() || c == '\u{fffd}'), "{text:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -14,7 +14,8 @@ pub mod uevent;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -48,6 +49,9 @@ pub struct Disk {
     pub ino: u64,
     /// True when the target file was created by klon (so it reads as zeros).
     pub fresh: bool,
+    /// The target file klon created, removed again when this disk is
+    /// dropped before [`Disk::keep_created`] (a refusal, a cancel).
+    pub(crate) created: Option<CreatedFile>,
     /// The same disk opened for direct reads ([`Disk::read_bulk_at`]), where
     /// it could be.
     pub(crate) direct: Option<File>,
@@ -70,9 +74,26 @@ impl Disk {
     /// Opens a restore target for writing. Block devices are opened with
     /// O_EXCL, which the kernel refuses while the device or any of its
     /// partitions is mounted or held by another user. A missing path is
-    /// created as a regular file of `create_size` bytes when given.
+    /// created as a regular file of `create_size` bytes when given; that
+    /// file is removed again when the disk is dropped unless
+    /// [`Disk::keep_created`] was called. Under /dev only block devices are
+    /// taken: a missing name there is a mistyped disk, not a file to create.
     pub fn open_target(path: &Path, create_size: Option<u64>) -> Result<Disk> {
-        match std::fs::metadata(path) {
+        let meta = std::fs::metadata(path);
+        if in_dev(path) && !meta.as_ref().is_ok_and(|m| m.file_type().is_block_device()) {
+            let what = match &meta {
+                Ok(m) if m.file_type().is_char_device() => "a character device, not a block device",
+                Ok(m) if m.is_dir() => "a directory",
+                Ok(_) => "not a block device",
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "there is no device by that name",
+                Err(_) => "it cannot be looked at",
+            };
+            return Err(Error::Refused(format!(
+                "target {} is not a disk ({what}); `klon disks` lists the disks",
+                path.display()
+            )));
+        }
+        match meta {
             Ok(meta) if meta.file_type().is_block_device() => {
                 let file =
                     OpenOptions::new().read(true).write(true).custom_flags(libc::O_EXCL).open(path).map_err(|e| {
@@ -86,6 +107,18 @@ impl Disk {
                             Error::io("opening target", path, None, e)
                         }
                     })?;
+                // The kernel opens a read-only device for writing and fails
+                // the first write: refuse it before anything is written.
+                let read_only =
+                    blockdev::is_read_only(&file).map_err(|e| Error::io("querying block device", path, None, e))?;
+                if read_only {
+                    return Err(Error::Refused(format!(
+                        "target {} is read-only (write-protected, attached with `losetup -r`, or set with \
+                         `blockdev --setro`); make it writable (blockdev --setrw {}) or choose another disk",
+                        path.display(),
+                        path.display()
+                    )));
+                }
                 Self::from_file(path, file)
             }
             Ok(meta) if meta.file_type().is_file() => {
@@ -109,9 +142,11 @@ impl Disk {
                     .create_new(true)
                     .open(path)
                     .map_err(|e| Error::io("creating target file", path, None, e))?;
+                let created = CreatedFile { path: path.to_path_buf(), keep: AtomicBool::new(false) };
                 file.set_len(size).map_err(|e| Error::io("sizing target file", path, None, e))?;
                 let mut disk = Self::from_file(path, file)?;
                 disk.fresh = true;
+                disk.created = Some(created);
                 Ok(disk)
             }
             Err(e) => Err(Error::io("opening target", path, None, e)),
@@ -135,6 +170,7 @@ impl Disk {
                 dev: meta.rdev(),
                 ino: 0,
                 fresh: false,
+                created: None,
                 direct: None,
             })
         } else if meta.file_type().is_file() {
@@ -148,6 +184,7 @@ impl Disk {
                 dev: meta.dev(),
                 ino: meta.ino(),
                 fresh: false,
+                created: None,
                 direct: None,
             })
         } else {
@@ -155,6 +192,14 @@ impl Disk {
                 "{} is neither a block device nor a regular file holding a disk image",
                 path.display()
             )))
+        }
+    }
+
+    /// Keeps the target file klon created when the disk is dropped: the
+    /// job that wrote it completed (a failed one removes it itself).
+    pub fn keep_created(&self) {
+        if let Some(c) = &self.created {
+            c.keep.store(true, Ordering::Relaxed);
         }
     }
 
@@ -290,6 +335,45 @@ impl Disk {
         }
         Ok(())
     }
+}
+
+/// A target file klon created; removed on drop unless kept.
+#[derive(Debug)]
+pub(crate) struct CreatedFile {
+    path: PathBuf,
+    keep: AtomicBool,
+}
+
+impl Drop for CreatedFile {
+    fn drop(&mut self) {
+        if !self.keep.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Whether `path` (made absolute, `.` and `..` resolved by name) is in
+/// /dev, where disks are; /dev/shm, a place for files, is not.
+fn in_dev(path: &Path) -> bool {
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        match std::env::current_dir() {
+            Ok(d) => d.join(path),
+            Err(_) => return false,
+        }
+    };
+    let mut norm = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                norm.pop();
+            }
+            Component::CurDir => {}
+            other => norm.push(other),
+        }
+    }
+    norm.starts_with("/dev") && !norm.starts_with("/dev/shm")
 }
 
 /// Starts the writeback of the dirty pages of `[offset, offset+len)` of

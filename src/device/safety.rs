@@ -42,8 +42,10 @@ pub fn check_source(source: &Disk, allow_mounted: bool) -> Result<()> {
 /// Refuses a restore target that is the source (same device, a partition
 /// of it or its whole disk, the same file, or a loop device over the source
 /// file or vice versa); a block device that is mounted, used as swap or held
-/// by another device (itself or any partition); a block device that holds
-/// `image_dir`; or a target file that lies inside `image_dir`.
+/// by another device (itself or any partition), or a loop device whose bytes
+/// another loop device over the same file shows and that one is; a block
+/// device that holds `image_dir`; or a target file that lies inside
+/// `image_dir`.
 pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Path>) -> Result<()> {
     if let Some(source) = source {
         check_not_same(target, source)?;
@@ -67,32 +69,9 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
             }
         }
         for (dev, via) in covered_devices(target.dev) {
-            let what = format!("{}{}", dev_name(dev), via_text(via));
-            if let Some(m) = mounts.iter().find(|m| m.is_on(dev)) {
-                return Err(Error::Refused(format!(
-                    "target {}: {what} is mounted at {}; unmount it (umount {}) before writing to this disk",
-                    target.path.display(),
-                    m.mountpoint.display(),
-                    shell_quote(&m.mountpoint),
-                )));
-            }
-            if swaps.contains(&dev) {
-                return Err(Error::Refused(format!(
-                    "target {}: {what} is in use as swap; turn it off (swapoff {}) before writing to this disk",
-                    target.path.display(),
-                    dev_name(dev),
-                )));
-            }
-            let h = sysfs::holders(dev);
-            if !h.is_empty() {
-                return Err(Error::Refused(format!(
-                    "target {}: {what} is held by {} (device mapper, LVM, RAID or an open encrypted volume); \
-                     close or deactivate it before writing to this disk",
-                    target.path.display(),
-                    h.iter().map(|n| format!("/dev/{n}")).collect::<Vec<_>>().join(", "),
-                )));
-            }
+            check_unused(target, dev, via, &mounts, &swaps)?;
         }
+        check_other_loop_devices(target, &mounts, &swaps)?;
     }
     if target.kind == DiskKind::File
         && let Some(dir) = image_dir
@@ -123,6 +102,89 @@ pub fn check_target(target: &Disk, source: Option<&Disk>, image_dir: Option<&Pat
         check_file_not_attached(target)?;
     }
     Ok(())
+}
+
+/// Refuses the target when `dev` (one of the devices covering it, reached
+/// from `via` when it is built on another) is mounted, used as swap or held
+/// by another device.
+fn check_unused(target: &Disk, dev: u64, via: Option<u64>, mounts: &[Mount], swaps: &[u64]) -> Result<()> {
+    let what = format!("{}{}", dev_name(dev), via_text(via));
+    if let Some(m) = mounts.iter().find(|m| m.is_on(dev)) {
+        return Err(Error::Refused(format!(
+            "target {}: {what} is mounted at {}; unmount it (umount {}) before writing to this disk",
+            target.path.display(),
+            m.mountpoint.display(),
+            shell_quote(&m.mountpoint),
+        )));
+    }
+    if swaps.contains(&dev) {
+        return Err(Error::Refused(format!(
+            "target {}: {what} is in use as swap; turn it off (swapoff {}) before writing to this disk",
+            target.path.display(),
+            dev_name(dev),
+        )));
+    }
+    let h = sysfs::holders(dev);
+    if !h.is_empty() {
+        return Err(Error::Refused(format!(
+            "target {}: {what} is held by {} (device mapper, LVM, RAID or an open encrypted volume); \
+             close or deactivate it before writing to this disk",
+            target.path.display(),
+            h.iter().map(|n| format!("/dev/{n}")).collect::<Vec<_>>().join(", "),
+        )));
+    }
+    Ok(())
+}
+
+/// For a target on a loop device: refuses it when another loop device
+/// over the same file shows some of the same bytes (`losetup --offset
+/// --sizelimit` attaches a partition's range on its own) and that device,
+/// a partition of it over those bytes, or a device built on them is
+/// mounted, swap or held. The kernel's O_EXCL sees none of that: it is
+/// another block device.
+fn check_other_loop_devices(target: &Disk, mounts: &[Mount], swaps: &[u64]) -> Result<()> {
+    let Some((file, start, len)) = file_range(target.dev) else { return Ok(()) };
+    let own = sysfs::whole_disk_of(target.dev);
+    for other in sysfs::loop_devnos() {
+        if Some(other) == own || loop_file_id(other) != Some(file) {
+            continue;
+        }
+        let mut bases = vec![other];
+        bases.extend(sysfs::partition_devnos(other));
+        for base in bases {
+            let Some((_, s, l)) = file_range(base) else { continue };
+            if !ranges_overlap((start, len), (s, l)) {
+                continue;
+            }
+            let backing = sysfs::name_of(other).and_then(|n| sysfs::loop_backing_file(&n));
+            let note = format!(
+                "{} is a loop device over the same file{} as the target, and bytes {}..{} of that file are in both",
+                dev_name(other),
+                backing.map(|b| format!(" {}", b.display())).unwrap_or_default(),
+                s.max(start),
+                s.saturating_add(l).min(start.saturating_add(len)),
+            );
+            for (dev, via) in with_holders(base) {
+                check_unused(target, dev, via, mounts, swaps).map_err(|e| e.with_note(&note))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two byte ranges (start, length) share a byte.
+fn ranges_overlap((a, al): (u64, u64), (b, bl): (u64, u64)) -> bool {
+    al > 0 && bl > 0 && a < b.saturating_add(bl) && b < a.saturating_add(al)
+}
+
+/// For a loop device or a partition of one: its backing file's
+/// (st_dev, st_ino) and the bytes of that file it shows (start, length).
+fn file_range(devno: u64) -> Option<((u64, u64), u64, u64)> {
+    let whole = sysfs::whole_disk_of(devno)?;
+    let file = loop_file_id(whole)?;
+    let offset = sysfs::loop_offset(&sysfs::name_of(whole)?)?;
+    let (start, len) = sysfs::range_in_disk(devno)?;
+    Some((file, offset.checked_add(start)?, len))
 }
 
 /// Refuses a target file that a loop device is attached to: it is in use
@@ -247,26 +309,38 @@ fn covered_devices(devno: u64) -> Vec<(u64, Option<u64>)> {
     }
     let mut out: Vec<(u64, Option<u64>)> = Vec::new();
     for b in base {
-        out.push((b, None));
-        let mut todo = vec![(b, 0u32)];
-        while let Some((d, depth)) = todo.pop() {
-            if depth > 8 || out.len() > 256 {
-                break;
-            }
-            for h in sysfs::holders(d) {
-                let dev = std::fs::read_to_string(Path::new("/sys/class/block").join(&h).join("dev"))
-                    .ok()
-                    .and_then(|t| sysfs::parse_devno(&t));
-                if let Some(hd) = dev
-                    && !out.iter().any(|(x, _)| *x == hd)
-                {
-                    out.push((hd, Some(b)));
-                    todo.push((hd, depth + 1));
-                }
+        add_with_holders(b, &mut out);
+    }
+    out
+}
+
+/// `devno` and everything built on it (holders, recursively), as
+/// [`covered_devices`] gives them, without a whole disk's partitions.
+fn with_holders(devno: u64) -> Vec<(u64, Option<u64>)> {
+    let mut out = Vec::new();
+    add_with_holders(devno, &mut out);
+    out
+}
+
+fn add_with_holders(b: u64, out: &mut Vec<(u64, Option<u64>)>) {
+    out.push((b, None));
+    let mut todo = vec![(b, 0u32)];
+    while let Some((d, depth)) = todo.pop() {
+        if depth > 8 || out.len() > 256 {
+            break;
+        }
+        for h in sysfs::holders(d) {
+            let dev = std::fs::read_to_string(Path::new("/sys/class/block").join(&h).join("dev"))
+                .ok()
+                .and_then(|t| sysfs::parse_devno(&t));
+            if let Some(hd) = dev
+                && !out.iter().any(|(x, _)| *x == hd)
+            {
+                out.push((hd, Some(b)));
+                todo.push((hd, depth + 1));
             }
         }
     }
-    out
 }
 
 fn via_text(via: Option<u64>) -> String {
@@ -372,6 +446,17 @@ mod tests {
         assert!(!overlap_rule(2, 1, 3, 1));
         assert!(!overlap_rule(1, 1, 4, 4));
         assert!(!overlap_rule(2, 1, 4, 4));
+    }
+
+    #[test]
+    fn byte_ranges_overlap_where_they_share_a_byte() {
+        assert!(ranges_overlap((0, 64), (1, 24)));
+        assert!(ranges_overlap((1, 24), (0, 64)));
+        assert!(ranges_overlap((10, 10), (19, 1)));
+        assert!(!ranges_overlap((10, 10), (20, 5)));
+        assert!(!ranges_overlap((20, 5), (10, 10)));
+        assert!(!ranges_overlap((0, 0), (0, 10)));
+        assert!(ranges_overlap((u64::MAX - 1, 10), (u64::MAX - 2, 2)));
     }
 
     #[test]

@@ -175,6 +175,33 @@ pub fn loop_backing_file(name: &str) -> Option<PathBuf> {
     read_attr(&Path::new("/sys/block").join(name).join("loop/backing_file")).map(PathBuf::from)
 }
 
+/// Where loop device `name` (e.g. "loop0") starts in its backing file
+/// (`losetup --offset`), in bytes.
+pub fn loop_offset(name: &str) -> Option<u64> {
+    if !name.starts_with("loop") || name.contains('/') {
+        return None;
+    }
+    read_u64(&Path::new("/sys/block").join(name).join("loop/offset"))
+}
+
+/// The bytes of its whole disk that block device `devno` covers: (0, size)
+/// for a whole disk, (start, size) for a partition.
+pub fn range_in_disk(devno: u64) -> Option<(u64, u64)> {
+    let dir = sys_dir_of(devno)?;
+    let size = read_u64(&dir.join("size"))?.checked_mul(512)?;
+    let start = if is_partition_dir(&dir) { read_u64(&dir.join("start"))?.checked_mul(512)? } else { 0 };
+    Some((start, size))
+}
+
+/// The device numbers of the loop devices that are attached.
+pub fn loop_devnos() -> Vec<u64> {
+    let Ok(rd) = fs::read_dir("/sys/block") else { return Vec::new() };
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop") && e.path().join("loop").is_dir())
+        .filter_map(|e| parse_devno(&read_attr(&e.path().join("dev"))?))
+        .collect()
+}
+
 /// The kernel name of a device number (e.g. "sda1").
 pub fn name_of(devno: u64) -> Option<String> {
     Some(sys_dir_of(devno)?.file_name()?.to_string_lossy().into_owned())

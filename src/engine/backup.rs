@@ -170,7 +170,12 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
 
 /// Total size of an image's files.
 pub fn image_size(m: &Manifest) -> u64 {
-    m.streams.iter().map(|s| s.index.size + s.data_files.iter().map(|f: &FileInfo| f.size).sum::<u64>()).sum()
+    // Saturating: the sizes come from a manifest, which may be damaged
+    // (ImageReader::open then finds the files' sizes differ).
+    m.streams
+        .iter()
+        .flat_map(|s| std::iter::once(&s.index).chain(&s.data_files))
+        .fold(0u64, |sum, f: &FileInfo| sum.saturating_add(f.size))
 }
 
 /// Writes every stream of `plans`; with `rescue`, one more stream after

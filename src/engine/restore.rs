@@ -106,7 +106,7 @@ fn write_all(
 ) -> Result<u64> {
     let streams = &reader.manifest.streams;
     let order = write_order(streams);
-    let total: u64 = streams.iter().map(|s| s.stored_bytes).sum();
+    let total = super::verify::stored_total(&reader.dir, streams)?;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);

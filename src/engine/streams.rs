@@ -87,8 +87,30 @@ pub(crate) fn stream_info(
 /// Plans the streams for `layout` of `source`: the area outside partitions
 /// first (tables, boot code, gaps), then one stream per partition; a disk
 /// without a table is one stream holding its filesystem (if any).
+///
+/// A source of 0 bytes is refused: there is nothing to copy, and it is most
+/// likely the wrong file or a reader without a card. One that is not a
+/// whole number of 512-byte sectors is copied as it is, with a warning.
 pub fn plan(source: &Disk, layout: &DiskLayout, opts: PlanOptions) -> Result<Plan> {
     let mut warnings = Vec::new();
+    if source.size == 0 {
+        return Err(Error::Usage(format!(
+            "source {} holds 0 bytes: there is nothing to copy (the wrong file, or a card reader without a card?)",
+            source.path.display()
+        )));
+    }
+    if source.size % 512 != 0 {
+        warnings.push(format!(
+            "source {} is {} bytes, {}; it is copied as it is",
+            source.path.display(),
+            source.size,
+            if source.size < 512 {
+                "smaller than one 512-byte sector: no disk is that small and no partition table fits in it (the wrong file?)"
+            } else {
+                "not a whole number of 512-byte sectors, as a disk always is (is it a disk image?)"
+            }
+        ));
+    }
     if layout.kind == TableKind::None {
         let fs = fs::probe(source, 0, layout.disk_size);
         let info = stream_info("disk".into(), StreamKind::Disk, None, 0, layout.disk_size, fs);

@@ -274,7 +274,8 @@ pub struct DiskWritten {
 /// to skip); then write the held table areas, fix the table up for the
 /// target, sync, have the kernel re-read it, and with `verify_after` read
 /// the table areas back and compare the table. Any failure after the first
-/// write is cleaned up by [`fail`].
+/// write is cleaned up by [`fail`]; a target file the job created is
+/// kept only when all of it succeeded.
 pub fn write_disk(
     target: &Disk,
     layout: &table::DiskLayout,
@@ -310,7 +311,9 @@ pub fn write_disk(
         }
         Ok(DiskWritten { bytes, table_reread })
     })();
-    done.map_err(|e| fail(target, e))
+    let written = done.map_err(|e| fail(target, e))?;
+    target.keep_created();
+    Ok(written)
 }
 
 /// Writes chunks of content onto the target at their disk offsets, zeroing

@@ -42,7 +42,7 @@ pub fn verify_image(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let dir = &reader.dir;
-    let total: u64 = reader.manifest.streams.iter().map(|s| s.stored_bytes).sum();
+    let total = stored_total(dir, &reader.manifest.streams)?;
     let streams = &reader.manifest.streams;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -86,7 +86,7 @@ pub fn verify_image(
         },
     )?;
     progress.finish();
-    let stored: u64 = streams.iter().map(|s| s.stored_bytes).sum();
+    let stored = total;
     if bytes != stored {
         return Err(Error::Corrupt(format!(
             "{}: the chunks hold {bytes} bytes, the manifest says {stored}",
@@ -94,6 +94,19 @@ pub fn verify_image(
         )));
     }
     Ok(VerifyReport { streams: streams.len(), chunks, bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The content bytes the manifest of the image at `dir` says its streams
+/// store, in all; counts that add up past 2^64 (the manifest is untrusted)
+/// are damage, not an overflow.
+pub fn stored_total(dir: &Path, streams: &[crate::image::StreamInfo]) -> Result<u64> {
+    streams.iter().try_fold(0u64, |sum, s| sum.checked_add(s.stored_bytes)).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "{}: the stored bytes of the streams in {} add up to more than 2^64: the manifest is damaged",
+            dir.display(),
+            crate::image::manifest::MANIFEST_NAME
+        ))
+    })
 }
 
 /// File in an image directory recording the last verification's outcome.
@@ -131,8 +144,25 @@ pub fn record_result(dir: &Path, result: &Result<VerifyReport>) {
     }
 }
 
+/// The largest `last-verify.json` that is read: klon writes a few hundred
+/// bytes (a problem's message included).
+const LAST_VERIFY_MAX: u64 = 64 << 10;
+
 /// The recorded outcome of the last verification of the image at `dir`.
+/// Informational: anything but a regular file of at most
+/// [`LAST_VERIFY_MAX`] bytes holding klon's record is ignored (a FIFO is
+/// not even opened, and no more than that is read).
 pub fn last_result(dir: &Path) -> Option<LastVerify> {
-    let text = std::fs::read(dir.join(LAST_VERIFY_NAME)).ok()?;
+    use std::io::Read;
+    let path = dir.join(LAST_VERIFY_NAME);
+    let meta = std::fs::metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > LAST_VERIFY_MAX {
+        return None;
+    }
+    let mut text = Vec::new();
+    std::fs::File::open(&path).ok()?.take(LAST_VERIFY_MAX + 1).read_to_end(&mut text).ok()?;
+    if text.len() as u64 > LAST_VERIFY_MAX {
+        return None;
+    }
     serde_json::from_slice(&text).ok()
 }

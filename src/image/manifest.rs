@@ -209,8 +209,13 @@ impl Manifest {
             )));
         }
         let json = std::fs::read(&path).map_err(|e| Error::io("reading", &path, None, e))?;
-        let sum_text =
-            std::fs::read_to_string(&sum_path).map_err(|e| missing_or_io(e, &sum_path, "manifest checksum"))?;
+        let sum_bytes = std::fs::read(&sum_path).map_err(|e| missing_or_io(e, &sum_path, "manifest checksum"))?;
+        let sum_text = std::str::from_utf8(&sum_bytes).map_err(|_| {
+            Error::Corrupt(format!(
+                "{}: the manifest checksum file is not text (it holds a blake3 sum in hex): it is damaged",
+                sum_path.display()
+            ))
+        })?;
         let expected = sum_text.split_whitespace().next().unwrap_or("");
         let actual = hex(blake3::hash(&json).as_bytes());
         if expected != actual {

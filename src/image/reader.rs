@@ -98,18 +98,24 @@ impl ImageReader {
     /// present with its recorded size.
     pub fn open(dir: &Path) -> Result<ImageReader> {
         let is_partial = dir.to_string_lossy().trim_end_matches('/').ends_with(PARTIAL_SUFFIX);
-        if !dir.exists() {
-            let partial = partial_dir_for(dir);
-            if partial.exists() {
-                return Err(Error::Corrupt(format!(
-                    "{} does not exist, but {} does: that backup did not finish and is not a usable image",
-                    dir.display(),
-                    partial.display()
-                )));
+        // Only a name that is not there is missing; any other failure to
+        // look (a permission) is an I/O error, not a missing image.
+        let dir_meta = match std::fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let partial = partial_dir_for(dir);
+                if partial.exists() {
+                    return Err(Error::Corrupt(format!(
+                        "{} does not exist, but {} does: that backup did not finish and is not a usable image",
+                        dir.display(),
+                        partial.display()
+                    )));
+                }
+                return Err(Error::Usage(format!("no image at {}: the directory does not exist", dir.display())));
             }
-            return Err(Error::Usage(format!("no image at {}: the directory does not exist", dir.display())));
-        }
-        if !dir.is_dir() {
+            Err(e) => return Err(Error::io("opening the image directory", dir, None, e)),
+        };
+        if !dir_meta.is_dir() {
             return Err(Error::Usage(format!("{} is not an image directory", dir.display())));
         }
         if is_partial {
@@ -118,11 +124,16 @@ impl ImageReader {
                 dir.display()
             )));
         }
-        if !dir.join(MANIFEST_NAME).exists() {
-            return Err(Error::Corrupt(format!(
-                "{} has no {MANIFEST_NAME}: it is not a klon image (nor a Clonezilla image: no `disk` or `parts` file), or its manifest was deleted",
-                dir.display()
-            )));
+        match std::fs::metadata(dir.join(MANIFEST_NAME)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Corrupt(format!(
+                    "{} has no {MANIFEST_NAME}: it is not a klon image ({}), or its manifest was deleted",
+                    dir.display(),
+                    crate::clonezilla::layout::not_clonezilla_because(dir)
+                )));
+            }
+            Err(e) => return Err(Error::io("opening the image directory", dir, None, e)),
         }
         let manifest = Manifest::load(dir)?;
         let reader = ImageReader { dir: dir.to_path_buf(), manifest, bufs: BufPool::new(BUFS_KEPT, MAX_RECORD_LEN) };

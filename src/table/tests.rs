@@ -197,6 +197,7 @@ fn copy_to_target(src: &Tmp, layout: &DiskLayout, target_size: u64) -> Tmp {
     let dst = Tmp::new("target", 0);
     std::fs::remove_file(dst.path()).expect("rm");
     let target = Disk::open_target(dst.path(), Some(target_size)).expect("create target");
+    target.keep_created();
     let data = std::fs::read(src.path()).expect("read source");
     let stale = stale_ranges(layout, target_size);
     let mut pos = 0u64;

@@ -79,6 +79,21 @@ impl LoopDevice {
         dev
     }
 
+    /// Attaches `size` bytes of `file` from `offset` on (`losetup --offset
+    /// --sizelimit`, no partition scanning), as a partition's range of a
+    /// disk image is attached on its own. Panics on failure.
+    pub fn attach_range(file: &Path, offset: u64, size: u64) -> LoopDevice {
+        let (o, s) = (offset.to_string(), size.to_string());
+        let args =
+            ["-f", "--show", "--offset", o.as_str(), "--sizelimit", s.as_str(), file.to_str().expect("utf-8 path")];
+        let out = run("losetup", &args);
+        assert!(out.status.success(), "losetup {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let dev = LoopDevice { path: PathBuf::from(&name) };
+        assert!(name.starts_with("/dev/loop"), "unexpected losetup output {name:?}");
+        dev
+    }
+
     /// Asks the kernel to (re)read the partitions (`partx -u`).
     pub fn rescan(&self) {
         let _ = run("partx", &["-u", self.path.to_str().unwrap()]);

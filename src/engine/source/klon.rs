@@ -28,6 +28,7 @@ impl KlonImage {
     /// index ([`ImageReader::indexes`]).
     pub fn open(dir: &Path) -> Result<KlonImage> {
         let reader = ImageReader::open(dir)?;
+        verify::stored_total(dir, &reader.manifest.streams)?;
         let indexes = reader.indexes()?;
         Ok(KlonImage { reader, indexes })
     }
