@@ -81,6 +81,58 @@ pub(crate) struct ReadJob {
     pub lane: Lane,
 }
 
+/// Packs bytes read at disk offsets into jobs of at most one chunk (and
+/// [`MAX_EXTENTS`] extents) of one stream each, adjacent bytes merged into
+/// one extent, handing each full job to the pipeline: for sources read
+/// piece by piece (a Clonezilla image's streams, a rescue's sectors).
+#[derive(Default)]
+pub(crate) struct JobFiller {
+    job: Option<ReadJob>,
+}
+
+impl JobFiller {
+    /// Adds `bytes`, read at disk `offset`, to the job of `stream`; sends
+    /// the job before when it is of another stream or full. False when the
+    /// pipeline stopped.
+    pub fn push(
+        &mut self,
+        stream: usize,
+        skip_zero: bool,
+        offset: u64,
+        bytes: &[u8],
+        send: &mut dyn FnMut(ReadJob) -> bool,
+    ) -> bool {
+        let full = self.job.as_ref().is_some_and(|j| {
+            j.stream != stream
+                || j.buf.len() + bytes.len() > CHUNK_SIZE as usize
+                || j.extents.len() >= MAX_EXTENTS as usize
+        });
+        if full && !send(self.job.take().expect("job present")) {
+            return false;
+        }
+        let j = self.job.get_or_insert_with(|| ReadJob {
+            stream,
+            extents: Vec::new(),
+            buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
+            skip_zero,
+            lane: Lane::First,
+        });
+        j.buf.extend_from_slice(bytes);
+        match j.extents.last_mut() {
+            Some(last) if last.0 + last.1 == offset => last.1 += bytes.len() as u64,
+            _ => j.extents.push((offset, bytes.len() as u64)),
+        }
+        true
+    }
+
+    /// Sends the last job, if any.
+    pub fn finish(self, send: &mut dyn FnMut(ReadJob) -> bool) {
+        if let Some(j) = self.job {
+            send(j);
+        }
+    }
+}
+
 /// A job after encoding: the chunk to append (none when all of it was
 /// zeros that may be left out) and how many bytes were read for it.
 pub(crate) struct Encoded {
@@ -495,28 +547,7 @@ impl Rescue {
     fn scrape(&self, source: &Disk, rescued: usize, send: &mut dyn FnMut(ReadJob) -> bool) -> Result<()> {
         let mut pending = std::mem::take(&mut *lock(&self.pending));
         pending.sort_by_key(|p| p.1);
-        let mut job: Option<ReadJob> = None;
-        let mut push = |offset: u64, bytes: &[u8], send: &mut dyn FnMut(ReadJob) -> bool| -> bool {
-            let full = job.as_ref().is_some_and(|j| {
-                j.buf.len() + bytes.len() > CHUNK_SIZE as usize || j.extents.len() >= MAX_EXTENTS as usize
-            });
-            if full && !send(job.take().expect("job present")) {
-                return false;
-            }
-            let j = job.get_or_insert_with(|| ReadJob {
-                stream: rescued,
-                extents: Vec::new(),
-                buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
-                skip_zero: false,
-                lane: Lane::First,
-            });
-            j.buf.extend_from_slice(bytes);
-            match j.extents.last_mut() {
-                Some(last) if last.0 + last.1 == offset => last.1 += bytes.len() as u64,
-                _ => j.extents.push((offset, bytes.len() as u64)),
-            }
-            true
-        };
+        let mut jobs = JobFiller::default();
         for (stream, (pos, len)) in pending {
             let mut piece = vec![0u8; len as usize];
             let sectors = len.div_ceil(self.sector);
@@ -548,7 +579,7 @@ impl Rescue {
             for i in 0..sectors {
                 let (rel, n) = span(i);
                 if good[i as usize] {
-                    if !push(pos + rel, &piece[rel as usize..(rel + n) as usize], send) {
+                    if !jobs.push(rescued, false, pos + rel, &piece[rel as usize..(rel + n) as usize], send) {
                         return Ok(());
                     }
                 } else {
@@ -556,9 +587,7 @@ impl Rescue {
                 }
             }
         }
-        if let Some(j) = job {
-            send(j);
-        }
+        jobs.finish(send);
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::backup::{ReadJob, abandon, encode_streams, with_files};
+use super::backup::{JobFiller, ReadJob, abandon, encode_streams, with_files};
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
@@ -24,9 +24,9 @@ use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_strea
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
-use crate::image::format::{CHUNK_SIZE, Extent, MAX_EXTENTS};
+use crate::image::ImageWriter;
+use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
-use crate::image::{ImageWriter, Lane};
 use crate::table::TableKind;
 use crate::ui::progress::Progress;
 
@@ -207,35 +207,13 @@ impl CzSource {
     /// of at most one chunk (and MAX_EXTENTS extents) of one stream. Stops
     /// early (Ok) when `send` says the pipeline stopped.
     fn read_jobs(&mut self, order: &[usize], send: &mut dyn FnMut(ReadJob) -> bool) -> Result<()> {
-        let mut job: Option<ReadJob> = None;
+        let mut jobs = JobFiller::default();
         for &si in order {
             let s = &mut self.streams[si];
             let skip_zero = s.skip_zero;
             let place = describe(&s.info);
             let (start, length) = (s.info.start, s.info.length);
-            let mut push = |offset: u64, bytes: &[u8]| -> bool {
-                let full = job.as_ref().is_some_and(|j| {
-                    j.stream != si
-                        || j.buf.len() + bytes.len() > CHUNK_SIZE as usize
-                        || j.extents.len() >= MAX_EXTENTS as usize
-                });
-                if full && !send(job.take().expect("job present")) {
-                    return false;
-                }
-                let j = job.get_or_insert_with(|| ReadJob {
-                    stream: si,
-                    extents: Vec::new(),
-                    buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
-                    skip_zero,
-                    lane: Lane::First,
-                });
-                j.buf.extend_from_slice(bytes);
-                match j.extents.last_mut() {
-                    Some(last) if last.0 + last.1 == offset => last.1 += bytes.len() as u64,
-                    _ => j.extents.push((offset, bytes.len() as u64)),
-                }
-                true
-            };
+            let mut push = |offset: u64, bytes: &[u8]| jobs.push(si, skip_zero, offset, bytes, send);
             match &mut s.origin {
                 Origin::Bytes(areas) => {
                     for (offset, bytes) in areas.iter() {
@@ -279,9 +257,7 @@ impl CzSource {
                 }
             }
         }
-        if let Some(j) = job {
-            send(j);
-        }
+        jobs.finish(send);
         Ok(())
     }
 }
