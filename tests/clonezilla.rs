@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::clonezilla::{Fixture, build};
+use common::clonezilla::{Fixture, build, build_parts};
 use common::disks::*;
 use common::loop_device::LoopDevice;
 
@@ -312,4 +312,43 @@ fn gpt_checksum_file_mismatch_is_refused() {
     write_at(&gpt2, 100, &b);
     let o = klon(&["verify", s(&image)]);
     fails_with(&o, 4, &["SHA1SUMS"]);
+}
+
+/// A partition image (`ocs-sr saveparts`, no `disk` file): `klon info`
+/// shows it and `klon verify` checks it (a flipped byte is caught); a
+/// restore is refused before anything is written, saying that restoring
+/// one partition is not there yet. Before, info and verify refused it too.
+#[test]
+fn saveparts_image_is_shown_and_verified_but_not_restored_as_a_disk() {
+    require_root!();
+    let f = build_parts(
+        TempDir::new("cz-parts"),
+        "label: dos\nstart=2048, size=81920, type=83\nstart=83968, size=81920, type=c\n",
+        &[(1, "ext4"), (2, "vfat")],
+        &["-z9p", "-i", "0"],
+        &[1],
+    );
+    assert!(!f.image.join("disk").exists() && f.image.join("parts").is_file());
+    let info = klon(&["info", s(&f.image)]);
+    ok(&info);
+    let text = stdout(&info);
+    assert!(text.contains("saveparts") && text.contains("partition 1"), "{text}");
+    ok(&klon(&["verify", s(&f.image)]));
+
+    let dst = f.image.parent().unwrap().join("dst.img");
+    let o = klon(&["restore", "--yes", s(&f.image), s(&dst)]);
+    fails_with(&o, 1, &["saveparts", "--partition", "nothing was written"]);
+    assert!(!dst.exists(), "a refused restore created its target");
+
+    // A flipped byte in the partition image is caught by verify.
+    let img = std::fs::read_dir(&f.image)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("ext4-ptcl-img"))
+        .expect("the ext4 partition image");
+    let len = std::fs::metadata(&img).unwrap().len();
+    let mut b = read_at(&img, len / 2, 1);
+    b[0] ^= 0x40;
+    write_at(&img, len / 2, &b);
+    fails_with(&klon(&["verify", s(&f.image)]), 4, &[img.file_name().unwrap().to_str().unwrap()]);
 }

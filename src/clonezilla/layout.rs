@@ -87,6 +87,21 @@ pub fn not_clonezilla_because(dir: &Path) -> String {
 }
 
 /// Reads a small text file whole; `None` when it does not exist.
+/// The disks whose partition table dump (`<disk>-pt.sf`) `dir` holds.
+fn saved_tables(dir: &Path) -> Result<Vec<String>> {
+    let mut disks = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(io_ctx("listing", dir, None))? {
+        let e = e.map_err(io_ctx("listing", dir, None))?;
+        if let Some(disk) = e.file_name().to_str().and_then(|n| n.strip_suffix("-pt.sf"))
+            && plain_name(disk)
+        {
+            disks.push(disk.to_string());
+        }
+    }
+    disks.sort();
+    Ok(disks)
+}
+
 fn read_text(dir: &Path, name: &str) -> Result<Option<String>> {
     let path = dir.join(name);
     let meta = match std::fs::metadata(&path) {
@@ -606,15 +621,24 @@ impl CzImage {
                 return Err(Error::Unsupported(format!("the Clonezilla image {} is {what}", dir.display())));
             }
         }
+        let mut saveparts = false;
         let disk_text = match read_text(dir, "disk")? {
             Some(t) => t,
             None if dir.join("parts").is_file() => {
-                return Err(Error::Unsupported(format!(
-                    "{} is a Clonezilla partition image (saveparts): it has no `disk` file and no partition \
-                     table, so klon cannot restore it as a disk; restore it with Clonezilla's restoreparts, \
-                     or save the whole disk with savedisk",
-                    dir.display()
-                )));
+                // saveparts writes no `disk` file, but the table files of
+                // the disk the partitions are on.
+                saveparts = true;
+                match saved_tables(dir)?.as_slice() {
+                    [one] => one.clone(),
+                    _ => {
+                        return Err(Error::Unsupported(format!(
+                            "{} is a Clonezilla partition image (saveparts) without the partition table of one \
+                             disk (no single <disk>-pt.sf), so klon cannot tell where its partitions belong; \
+                             restore it with Clonezilla's restoreparts",
+                            dir.display()
+                        )));
+                    }
+                }
             }
             None => return Err(Error::Corrupt(format!("{}: the file `disk` is missing", dir.display()))),
         };
@@ -839,8 +863,16 @@ impl CzImage {
         partitions.sort_by_key(|p: &CzPartition| {
             layout.partitions.iter().position(|q| q.number == p.number).unwrap_or(usize::MAX)
         });
+        if saveparts {
+            warnings.push(format!(
+                "a Clonezilla partition image (saveparts) of {} of {disk}: klon verifies it and shows it, but \
+                 restores whole disks only; restoring one partition (klon restore --partition) is not there yet, \
+                 so restore it with Clonezilla's restoreparts",
+                listed.join(", ")
+            ));
+        }
         for p in &layout.partitions {
-            if !seen.contains(&p.number) && !swap.iter().any(|s| s.number == p.number) {
+            if !saveparts && !seen.contains(&p.number) && !swap.iter().any(|s| s.number == p.number) {
                 warnings.push(format!(
                     "partition {} has no image in this Clonezilla image (not listed in `parts`): a restore \
                      creates it but leaves its contents as they are on the target",
@@ -856,7 +888,17 @@ impl CzImage {
                     .to_string(),
             );
         }
-        Ok(CzImage { dir: dir.to_path_buf(), disk, layout, boot, partitions, swap, checksum_files, warnings })
+        Ok(CzImage {
+            dir: dir.to_path_buf(),
+            disk,
+            layout,
+            boot,
+            partitions,
+            swap,
+            checksum_files,
+            warnings,
+            saveparts,
+        })
     }
 }
 

@@ -130,6 +130,9 @@ pub struct CzImage {
     pub checksum_files: Vec<PathBuf>,
     /// Things a user should know that do not stop a restore.
     pub warnings: Vec<String>,
+    /// Saved with `saveparts` (some partitions, no `disk` file): the table
+    /// files describe the disk they came from, but the image is not a disk.
+    pub saveparts: bool,
 }
 
 /// Opens the stored-bytes stream of `part`.

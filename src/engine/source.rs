@@ -51,6 +51,12 @@ pub trait ImageSource: Send {
     /// What a person must know before restoring it (source bytes that were
     /// unreadable, parts of the image klon reads with a caveat).
     fn warnings(&self) -> Vec<String>;
+
+    /// Refuses, before any target is opened, an image klon can show and
+    /// verify but not restore as a disk.
+    fn check_restorable(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Opens the image at `path`, whatever its kind, with every check that
@@ -130,6 +136,7 @@ impl std::fmt::Debug for RestorePlan {
 /// image. A missing target path becomes a file of the source's size.
 pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
     let source = open(image)?;
+    source.check_restorable()?;
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
     check_fits(&mut target, layout.disk_size, layout.sector_size)?;

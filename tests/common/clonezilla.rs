@@ -90,6 +90,16 @@ fn ocs_lock() -> std::sync::MutexGuard<'static, ()> {
 /// with ocs-sr (`options` choose compression, split and checksums) and
 /// moves the image into `dir`.
 pub fn build(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str]) -> Fixture {
+    build_with(dir, script, fss, options, None)
+}
+
+/// As [`build`], but saved with `ocs-sr saveparts` of the partitions
+/// `parts` (a partition image: no `disk` file).
+pub fn build_parts(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str], parts: &[u32]) -> Fixture {
+    build_with(dir, script, fss, options, Some(parts))
+}
+
+fn build_with(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str], saved: Option<&[u32]>) -> Fixture {
     let disk = dir.join("source.img");
     blank_file(&disk, 200 * MIB);
     run_with_input("sfdisk", &["--quiet", disk.to_str().unwrap()], script);
@@ -126,7 +136,14 @@ pub fn build(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str]) 
         std::fs::create_dir_all("/home/partimag").expect("creating /home/partimag for ocs-sr");
         let mut args = vec!["-q2", "-b", "-j2", "-sfsck", "-scs", "-senc", "-p", "true"];
         args.extend_from_slice(options);
-        args.extend_from_slice(&["savedisk", &name, &devname]);
+        let part_names: Vec<String> = saved.unwrap_or(&[]).iter().map(|n| format!("{devname}p{n}")).collect();
+        match saved {
+            None => args.extend_from_slice(&["savedisk", &name, &devname]),
+            Some(_) => {
+                args.extend_from_slice(&["saveparts", &name]);
+                args.extend(part_names.iter().map(String::as_str));
+            }
+        }
         let out = std::process::Command::new("ocs-sr").args(&args).output().expect("run ocs-sr (package clonezilla)");
         let saved = PathBuf::from("/home/partimag").join(&name);
         assert!(

@@ -45,11 +45,26 @@ impl ImageSource for CzSource {
         self.image.warnings.clone()
     }
 
+    fn check_restorable(&self) -> Result<()> {
+        if !self.image.saveparts {
+            return Ok(());
+        }
+        let parts: Vec<&str> = self.image.partitions.iter().map(|p| p.device.as_str()).collect();
+        Err(crate::error::Error::Unsupported(format!(
+            "{} is a Clonezilla partition image (saveparts) of {}, not of a whole disk: klon restores whole \
+             disks, and restoring one partition onto a partition (klon restore --partition) is not there yet; \
+             nothing was written. Restore it with Clonezilla's restoreparts, or verify it with klon verify",
+            self.image.dir.display(),
+            parts.join(", ")
+        )))
+    }
+
     fn info(&self) -> (String, serde_json::Value) {
         let im = &self.image;
         let json = serde_json::json!({
             "image": im.dir,
             "format": "clonezilla",
+            "saveparts": im.saveparts,
             "disk": im.disk,
             "layout": im.layout,
             "streams": self.stream_infos(),
@@ -90,7 +105,8 @@ fn render_cz_info(src: &CzSource) -> String {
     use std::fmt::Write as _;
     let im = &src.image;
     let mut o = String::new();
-    let _ = writeln!(o, "Image:        {} (Clonezilla)", im.dir.display());
+    let what = if im.saveparts { "Clonezilla, saveparts: partitions, not a disk" } else { "Clonezilla" };
+    let _ = writeln!(o, "Image:        {} ({what})", im.dir.display());
     let _ = writeln!(
         o,
         "Source:       {} — {}, {} bytes, {}-byte sectors",
