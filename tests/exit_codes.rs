@@ -306,3 +306,18 @@ fn an_empty_or_partial_sector_source_is_refused_or_warned_about() {
     ok(&klon(&["restore", "--yes", img.to_str().unwrap(), back.to_str().unwrap()]));
     assert_eq!(std::fs::read(&back).unwrap(), random_bytes(5, 511));
 }
+
+/// A directory encrypted with gocryptfs (as Clonezilla's newer `-enc`
+/// images are) is named as such, with what to do, not "not a klon image".
+#[test]
+fn a_gocryptfs_directory_is_named_with_what_to_do() {
+    let t = TempDir::new("gocryptfs");
+    let dir = t.join("enc");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("gocryptfs.conf"), b"{\"Version\": 2}").unwrap();
+    std::fs::write(dir.join("gocryptfs.diriv"), [7u8; 16]).unwrap();
+    std::fs::write(dir.join("Xq3kVf0aZ2-Qf8bB2pJ9yA"), b"ciphertext").unwrap();
+    for cmd in ["info", "verify"] {
+        fails_with(&klon(&[cmd, dir.to_str().unwrap()]), 1, &["encrypted with gocryptfs", "mount it with gocryptfs"]);
+    }
+}

@@ -127,6 +127,17 @@ impl ImageReader {
         match std::fs::metadata(dir.join(MANIFEST_NAME)) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // An encrypted directory (Clonezilla's -enc, or any gocryptfs
+                // or eCryptfs store) hides what it holds: say what it is.
+                if dir.join("gocryptfs.conf").is_file() {
+                    return Err(Error::Unsupported(format!(
+                        "{} is a directory encrypted with gocryptfs (it has gocryptfs.conf); klon cannot open it \
+                         without its key: mount it with gocryptfs (gocryptfs {} /some/dir) and give klon the \
+                         image in the mounted directory",
+                        dir.display(),
+                        dir.display()
+                    )));
+                }
                 return Err(Error::Corrupt(format!(
                     "{} has no {MANIFEST_NAME}: it is not a klon image ({}), or its manifest was deleted",
                     dir.display(),
