@@ -309,3 +309,19 @@ fn clone_of_a_filesystem_copies_only_used_blocks_and_stays_clean() {
     assert!(r["bytes_written"].as_u64().unwrap() < 16 * MIB, "clone wrote more than the used blocks: {r}");
     run("e2fsck", &["-fn", dst.to_str().unwrap()]);
 }
+
+/// What reading the partition table found and repaired reaches the person:
+/// a damaged backup GPT is a warning of the backup (and of a clone, in its
+/// confirmation), not only a line in the manifest.
+#[test]
+fn partition_table_warnings_are_printed() {
+    let t = TempDir::new("table-warning");
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    make_gpt_disk(&src, 40 * MIB);
+    // The backup GPT header, in the last sector, damaged.
+    write_at(&src, 40 * MIB - 512, &[0xAAu8; 512]);
+    let o = klon(&["backup", "--quiet", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]);
+    ok(&o);
+    let err = stderr(&o);
+    assert!(err.contains("klon: warning: partition table:") && err.contains("backup GPT"), "{err}");
+}

@@ -61,14 +61,18 @@ pub fn prepare(source_path: &Path, target_path: &Path, plan: PlanOptions, allow_
 impl ClonePlan {
     /// One paragraph saying what will be overwritten, for confirmations.
     pub fn describe(&self) -> String {
-        format!(
+        let mut text = format!(
             "Everything on {} ({}) will be overwritten with a copy of {} ({}, {} partitions).",
             self.target.path.display(),
             human_bytes(self.target.size),
             self.source.path.display(),
             human_bytes(self.source.size),
             self.layout.partitions.len()
-        )
+        );
+        for w in &self.warnings {
+            text += &format!("\nNote: {w}.");
+        }
+        text
     }
 }
 

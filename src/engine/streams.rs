@@ -92,7 +92,9 @@ pub(crate) fn stream_info(
 /// likely the wrong file or a reader without a card. One that is not a
 /// whole number of 512-byte sectors is copied as it is, with a warning.
 pub fn plan(source: &Disk, layout: &DiskLayout, opts: PlanOptions) -> Result<Plan> {
-    let mut warnings = Vec::new();
+    // What reading the table found and repaired (a damaged GPT copy, a GPT
+    // without protective MBR) is the person's to know, not only the manifest's.
+    let mut warnings: Vec<String> = layout.warnings.iter().map(|w| format!("partition table: {w}")).collect();
     if source.size == 0 {
         return Err(Error::Usage(format!(
             "source {} holds 0 bytes: there is nothing to copy (the wrong file, or a card reader without a card?)",
