@@ -88,9 +88,12 @@ impl Error {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) if on_a_filesystem() => {
                 Some("the drive it is on is full: make room there or use a larger drive")
             }
-            Some(libc::EROFS) => {
-                Some("the drive is read-only (write-protected, or mounted read-only): use one that can be written")
-            }
+            // A filesystem the kernel switched to read-only after an I/O
+            // error says EROFS too: the drive may be failing.
+            Some(libc::EROFS) => Some(
+                "the drive is read-only (write-protected, mounted read-only, or switched to read-only by the \
+                 kernel after an error on it: see `dmesg`): use one that can be written",
+            ),
             _ => None,
         };
         let source = match advice {
