@@ -92,13 +92,14 @@ impl FaultyDisk {
         std::fs::write(&script, text).unwrap();
         run("chmod", &["+x", script.to_str().unwrap()]);
         let file = mnt.join("disk");
+        let log = dir.join(&format!("{tag}-nbdfuse.log"));
         let child = Command::new("nbdfuse")
             .arg(&file)
             .args(["--command", "nbdkit", "-s", "sh"])
             .arg(&script)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run nbdfuse: {e} (scripts/test installs libnbd-bin and nbdkit)"));
         let disk = FaultyDisk { mnt, file, state, child };
@@ -109,7 +110,8 @@ impl FaultyDisk {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("nbdfuse did not expose {} at {}", backing.display(), disk.file.display());
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("nbdfuse did not expose {} at {}: {said}", backing.display(), disk.file.display());
     }
 
     /// Reads of `[start, end)` fail from now on.
