@@ -521,3 +521,32 @@ fn image_drive_read_error_fails_verify_and_restore() {
     fails_with(&out, 3, &["reading", data.to_str().unwrap(), "Input/output error", "partition table was wiped"]);
     assert_table_wiped(&target, size);
 }
+
+/// 1b. The same bad source sector in a clone: exit 3 naming the source's
+///     block, and the target, half written, has its table wiped.
+#[test]
+fn source_read_error_fails_a_clone_and_wipes_the_target_table() {
+    require_root!();
+    let dir = TempDir::new("fault-clone");
+    let src = ext4_source(&dir);
+    let block = physical_block(&src.part, "/big.bin", 400);
+    let bad = PART_START + block * BLOCK;
+    let faulty = FaultyDisk::new(&dir, "src", &src.disk);
+    faulty.bad_reads(&[(bad, bad + 512)]);
+    let size = 16 * MIB;
+    let target = dir.join("target.img");
+    used_target(&target, size);
+    let out = klon(&["clone", "--quiet", "--yes", faulty.file.to_str().unwrap(), target.to_str().unwrap()]);
+    fails_with(
+        &out,
+        3,
+        &[
+            "reading",
+            faulty.file.to_str().unwrap(),
+            &format!("at byte offset {bad}"),
+            "Input/output error",
+            "partition table was wiped",
+        ],
+    );
+    assert_table_wiped(&target, size);
+}
