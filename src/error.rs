@@ -91,9 +91,12 @@ impl Error {
             Some(libc::EACCES) => {
                 Some("klon is not allowed to use it: run klon as root (sudo), or change its permissions")
             }
-            Some(libc::EROFS) => {
-                Some("the drive is read-only (write-protected, or mounted read-only): use one that can be written")
-            }
+            // A filesystem the kernel switched to read-only after an I/O
+            // error says EROFS too: the drive may be failing.
+            Some(libc::EROFS) => Some(
+                "the drive is read-only (write-protected, mounted read-only, or switched to read-only by the \
+                 kernel after an error on it: see `dmesg`): use one that can be written",
+            ),
             _ => None,
         };
         let source = match advice {

@@ -265,13 +265,43 @@ impl Sink {
     fn write(&mut self, bytes: &[u8], offset: u64) -> Result<(), WriteError> {
         if let Some(d) = &self.direct {
             let written = if self.halves { write_in_halves(d, bytes, offset) } else { d.write_all_at(bytes, offset) };
-            if written.is_ok() {
-                return Ok(());
+            match written {
+                Ok(()) => return Ok(()),
+                // The drive failed, rather than refused a direct write:
+                // through the page cache the write would seem to work and
+                // fail only at the flush, naming no place. Find the block.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                    return locate_failure(offset, bytes.len(), |at, r| d.write_all_at(&bytes[r], at))
+                        .map_err(|(offset, error)| WriteError { offset: Some(offset), error });
+                }
+                Err(_) => self.direct = None,
             }
-            self.direct = None;
         }
         write_buffered(&self.buffered, bytes, offset)
     }
+}
+
+/// Where a read or a write of `len` bytes at `offset` that failed as a
+/// whole fails: `op(at, range)` does the part `range` of the bytes, at
+/// file offset `at`, and is tried again on each block of [`ALIGN`] bytes
+/// of the file in order (pieces of the first and last where the range
+/// starts or ends inside one). Returns the first failure with the offset
+/// of its block; Ok when every block worked (the failure passed, and the
+/// bytes are read or written). A drive that fails a request of megabytes
+/// names no sector; someone rescuing or replacing it needs one.
+pub fn locate_failure(
+    offset: u64,
+    len: usize,
+    mut op: impl FnMut(u64, std::ops::Range<usize>) -> std::io::Result<()>,
+) -> Result<(), (u64, std::io::Error)> {
+    let mut done = 0usize;
+    while done < len {
+        let at = offset + done as u64;
+        let n = (ALIGN - (at % ALIGN as u64) as usize).min(len - done);
+        op(at, done..done + n).map_err(|e| (at, e))?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// One direct write, or for a large one two at once (the second half on a
@@ -525,6 +555,32 @@ fn start_write_thread(sink: Sink) -> std::result::Result<WriteThread, Sink> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_is_located_to_its_block() {
+        let bad = 3 * ALIGN as u64 + 700;
+        let mut tried = Vec::new();
+        let r = locate_failure(1000, 5 * ALIGN, |at, range| {
+            tried.push((at, range.len()));
+            if at <= bad && bad < at + range.len() as u64 {
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        });
+        let (at, e) = r.unwrap_err();
+        assert_eq!((at, e.raw_os_error()), (3 * ALIGN as u64, Some(libc::EIO)));
+        // Blocks of the file in order, the first cut where the range starts.
+        assert_eq!(tried, [(1000, ALIGN - 1000), (4096, ALIGN), (8192, ALIGN), (12288, ALIGN)]);
+        // Nothing fails on the retry: the whole range is done.
+        let mut bytes = 0;
+        let all = locate_failure(0, 10_000, |_, r| {
+            bytes += r.len();
+            Ok(())
+        });
+        assert!(all.is_ok());
+        assert_eq!(bytes, 10_000);
+    }
 
     #[test]
     fn pooled_buffers_are_aligned_and_reused() {

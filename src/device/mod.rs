@@ -208,9 +208,15 @@ impl Disk {
         self.kind == other.kind && self.dev == other.dev && self.ino == other.ino
     }
 
-    /// Reads exactly `buf.len()` bytes at `offset`.
+    /// Reads exactly `buf.len()` bytes at `offset`. When that fails, the
+    /// bytes are read again block by block, and the error names the first
+    /// block that cannot be read (see [`direct::locate_failure`]).
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+        if self.file.read_exact_at(buf, offset).is_ok() {
+            return Ok(());
+        }
+        direct::locate_failure(offset, buf.len(), |at, range| self.file.read_exact_at(&mut buf[range], at))
+            .map_err(|(at, e)| Error::io("reading", &self.path, Some(at), e))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`, for the bulk reads of a

@@ -314,7 +314,10 @@ pub(crate) fn abandon(writer: ImageWriter, e: Error) -> Error {
     let partial = writer.partial_dir().to_path_buf();
     let note = match writer.abandon() {
         Ok(()) => "no image was written (the unfinished one was removed)".to_string(),
-        Err(_) => format!("the unfinished image is left at {}: delete it", partial.display()),
+        Err(r) => format!(
+            "removing the unfinished image failed too ({r}); it may be left at {}: delete it",
+            partial.display()
+        ),
     };
     e.with_note(&note)
 }

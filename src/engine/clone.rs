@@ -83,6 +83,7 @@ pub fn clone(plan: ClonePlan, opts: &CloneOptions) -> Result<CloneReport> {
     let infos: Vec<StreamInfo> = streams.iter().map(|p| p.info.clone()).collect();
     let order = write_order(&infos);
     let written = write_disk(
+        "clone",
         &target,
         &layout,
         opts.grow_last,

@@ -343,6 +343,7 @@ pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Res
     // Filled while writing, read by the read-back.
     let written_log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
     let written = write_disk(
+        "restore",
         &target,
         &layout,
         opts.grow_last,

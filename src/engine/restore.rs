@@ -62,6 +62,7 @@ pub fn restore(
     let started = Instant::now();
     let layout = reader.manifest.layout.clone();
     let written = write_disk(
+        "restore",
         &target,
         &layout,
         opts.grow_last,

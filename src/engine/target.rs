@@ -80,23 +80,24 @@ fn wipe_table_areas(target: &Disk) -> Result<()> {
 
 /// Cleans up after a failed write: the table areas are wiped again (or a
 /// target file the job created is removed), and the error says so.
-fn fail(target: &Disk, e: Error) -> Error {
+fn fail(job: &str, target: &Disk, e: Error) -> Error {
     if target.fresh {
         let note = match std::fs::remove_file(&target.path) {
             Ok(()) => {
-                format!("the restore did not complete; {} (created by this restore) was removed", target.path.display())
+                format!("the {job} did not complete; {} (created by this {job}) was removed", target.path.display())
             }
             Err(r) => {
-                format!("the restore did not complete; removing {} also failed ({r}): delete it", target.path.display())
+                format!("the {job} did not complete; removing {} also failed ({r}): delete it", target.path.display())
             }
         };
         return e.with_note(&note);
     }
     let note = match wipe_table_areas(target) {
-        Ok(()) => "the restore did not complete and the target's partition table was wiped, \
-                   so the half-restored disk cannot be mistaken for a good one"
-            .to_string(),
-        Err(w) => format!("the restore did not complete, and wiping the target's partition table also failed ({w})"),
+        Ok(()) => format!(
+            "the {job} did not complete and the target's partition table was wiped, \
+             so the half-written disk cannot be mistaken for a good one"
+        ),
+        Err(w) => format!("the {job} did not complete, and wiping the target's partition table also failed ({w})"),
     };
     e.with_note(&note)
 }
@@ -274,9 +275,11 @@ pub struct DiskWritten {
 /// to skip); then write the held table areas, fix the table up for the
 /// target, sync, have the kernel re-read it, and with `verify_after` read
 /// the table areas back and compare the table. Any failure after the first
-/// write is cleaned up by [`fail`]; a target file the job created is
-/// kept only when all of it succeeded.
+/// write is cleaned up by [`fail`], whose message names the `job`
+/// ("restore", "clone"); a target file the job created is kept only when
+/// all of it succeeded.
 pub fn write_disk(
+    job: &str,
     target: &Disk,
     layout: &table::DiskLayout,
     grow_last: bool,
@@ -311,7 +314,7 @@ pub fn write_disk(
         }
         Ok(DiskWritten { bytes, table_reread })
     })();
-    let written = done.map_err(|e| fail(target, e))?;
+    let written = done.map_err(|e| fail(job, target, e))?;
     target.keep_created();
     Ok(written)
 }

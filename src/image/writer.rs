@@ -95,10 +95,15 @@ impl ImageWriter {
         Ok(self.final_dir)
     }
 
-    /// Removes the unfinished image (after a failure or cancellation).
+    /// Removes the unfinished image (after a failure or cancellation), and
+    /// flushes its parent directory: until then the removal may exist only
+    /// in memory, and a drive that failed would show the unfinished image
+    /// again when plugged in anew.
     pub fn abandon(self) -> Result<()> {
         std::fs::remove_dir_all(&self.partial_dir)
-            .map_err(|e| Error::io("removing the unfinished image", &self.partial_dir, None, e))
+            .map_err(|e| Error::io("removing the unfinished image", &self.partial_dir, None, e))?;
+        let parent = self.partial_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        sync_dir(parent)
     }
 }
 
