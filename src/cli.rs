@@ -134,6 +134,15 @@ pub struct RestoreArgs {
     pub image: PathBuf,
     /// Target: a block device, or a file (created with the source disk's size when missing).
     pub target: PathBuf,
+    /// Restore only partition N of the image: TARGET is then the partition's
+    /// new place (a partition, a logical volume, or a file at least as large),
+    /// and nothing else is written.
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// With --partition: TARGET is a disk whose partition table is kept, and
+    /// its partition M receives the data.
+    #[arg(long, value_name = "M", requires = "partition")]
+    pub to: Option<u32>,
     /// How the target is written.
     #[command(flatten)]
     pub write: WriteArgs,

@@ -205,7 +205,15 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
-    let plan = source::prepare_restore(&a.image, &a.target)?;
+    let plan = match a.partition {
+        None => source::prepare_restore(&a.image, &a.target)?,
+        Some(_) if a.write.grow_last => {
+            return Err(Error::Usage(
+                "--grow-last grows a disk's last partition; it does not go with --partition".into(),
+            ));
+        }
+        Some(n) => source::prepare_partition_restore(&a.image, &a.target, n, a.to)?,
+    };
     if a.write.yes {
         // Without --yes the confirmation shows them.
         for w in plan.source.warnings() {

@@ -13,10 +13,10 @@ use std::time::Instant;
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::streams::describe;
-use super::target::{TargetWriter, WriteArea, intersects, write_disk, write_order};
+use super::target::{Shift, TargetWriter, WriteArea, intersects, write_disk, write_order, write_part};
 use crate::device::Disk;
 use crate::device::direct::IoBuf;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
 use crate::image::{Fill, ImageReader, StoredChunk, StreamKind};
 use crate::ui::progress::Progress;
@@ -68,7 +68,45 @@ pub fn restore(
         opts.grow_last,
         opts.verify_after,
         |area| write_all(&reader, &indexes, &target, area, opts),
-        |skip| read_back(&reader, &indexes, &target, skip, opts),
+        |skip| read_back(&reader, &indexes, &target, skip, Shift::default(), None, opts),
+    )?;
+    Ok(RestoreReport::new(written, opts.verify_after, started))
+}
+
+/// Writes partition `number` of the image onto the target at byte `to`,
+/// and nothing else; the target passed every refusal (see
+/// [`super::source::prepare_partition_restore`]). The caller has confirmed.
+pub fn restore_partition(
+    reader: ImageReader,
+    indexes: Vec<Vec<IndexEntry>>,
+    number: u32,
+    target: Disk,
+    to: u64,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let streams = &reader.manifest.streams;
+    if streams.iter().any(|s| s.kind == StreamKind::Rescued) {
+        return Err(Error::Unsupported(
+            "this image holds sectors a rescue read late (klon backup --rescue); restoring one partition of \
+             it is not there yet: restore the whole disk"
+                .into(),
+        ));
+    }
+    let si = streams
+        .iter()
+        .position(|s| s.partition == Some(number))
+        .ok_or_else(|| Error::Usage(format!("the image holds no stream for partition {number}")))?;
+    let (start, length) = (streams[si].start, streams[si].length);
+    let written = write_part(
+        "restore",
+        &target,
+        si,
+        (start, length),
+        to,
+        opts.verify_after,
+        |area| write_all(&reader, &indexes, &target, area, opts),
+        |skip, shift| read_back(&reader, &indexes, &target, skip, shift, Some(si), opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }
@@ -106,8 +144,11 @@ fn write_all(
     opts: &RestoreOptions,
 ) -> Result<u64> {
     let streams = &reader.manifest.streams;
-    let order = write_order(streams);
-    let total = super::verify::stored_total(&reader.dir, streams)?;
+    let order: Vec<usize> = write_order(streams).into_iter().filter(|&si| area.only.is_none_or(|o| o == si)).collect();
+    let total = match area.only {
+        Some(si) => streams[si].stored_bytes,
+        None => super::verify::stored_total(&reader.dir, streams)?,
+    };
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
@@ -149,15 +190,21 @@ struct Check {
 }
 
 /// Reads back everything the restore wrote and compares it with the image.
+/// Reads back what the restore wrote (every stream, or the `only` one) and
+/// compares it with the image; `shift` says where it landed on the target,
+/// `skip` (source offsets) what is not to be compared.
+#[allow(clippy::too_many_arguments)]
 fn read_back(
     reader: &ImageReader,
     indexes: &[Vec<IndexEntry>],
     target: &Disk,
     skip: &[Extent],
+    shift: Shift,
+    only: Option<usize>,
     opts: &RestoreOptions,
 ) -> Result<()> {
     let streams = &reader.manifest.streams;
-    let order = write_order(streams);
+    let order: Vec<usize> = write_order(streams).into_iter().filter(|&si| only.is_none_or(|o| o == si)).collect();
     let total: u64 = order
         .iter()
         .map(|&i| if streams[i].fill == Fill::Zero { streams[i].length } else { streams[i].stored_bytes })
@@ -170,9 +217,14 @@ fn read_back(
             overlay.extend(reader.read_header(si, seq as u64, e)?.extents);
         }
     }
+    // Pieces are read and compared where they landed on the target.
+    let skip_target = shift.extents(skip);
     let mut skip_under: Vec<Extent> = skip.iter().copied().chain(overlay.iter().copied()).collect();
     skip_under.sort();
-    let skip_for = |si: usize| if streams[si].kind == StreamKind::Rescued { skip } else { &skip_under[..] };
+    let skip_under_target = shift.extents(&skip_under);
+    let skip_for = |si: usize| {
+        if streams[si].kind == StreamKind::Rescued { &skip_target[..] } else { &skip_under_target[..] }
+    };
     read_back::run(
         target,
         total,
@@ -188,8 +240,8 @@ fn read_back(
                         return Ok(true);
                     }
                     for (off, len) in super::backup::pieces(from, to.saturating_sub(from), CHUNK_SIZE as u64) {
-                        for gap in super::target::minus(off, len, &overlay) {
-                            let piece = target.piece(vec![gap], Expected::Zeros)?;
+                        for (a, l) in super::target::minus(off, len, &overlay) {
+                            let piece = target.piece(vec![(shift.at(a), l)], Expected::Zeros)?;
                             if !send(Check { stream: si, piece, image: None }) {
                                 return Ok(false);
                             }
@@ -204,14 +256,15 @@ fn read_back(
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
-                    let image = if header.extents.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
+                    let landed = shift.extents(&header.extents);
+                    let image = if landed.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
                         Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
                     } else {
                         None
                     };
                     let last = *header.extents.last().expect("a chunk has extents");
                     cursor = last.0 + last.1;
-                    let piece = target.piece(header.extents, Expected::Hash(header.content_hash))?;
+                    let piece = target.piece(landed, Expected::Hash(header.content_hash))?;
                     if !send(Check { stream: si, piece, image }) {
                         return Ok(());
                     }
@@ -278,16 +331,16 @@ mod tests {
         let indexes = reader.indexes().unwrap();
         let mut target = Disk::open_target(&dst, None).unwrap();
         target.enable_direct_reads();
-        read_back(&reader, &indexes, &target, &[], &opts).unwrap();
+        read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap();
         // A changed byte in stored content: named by its place.
         let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);
-        let e = read_back(&reader, &indexes, &target, &[], &opts).unwrap_err().to_string();
+        let e = read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
         assert!(e.contains("verification after restore failed") && e.contains("differs from the image"), "{e}");
         poke(&dst, 5 * MIB + 3, old);
-        read_back(&reader, &indexes, &target, &[], &opts).unwrap();
+        read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap();
         // A non-zero byte where the source had zeros the image left out.
         poke(&dst, 12 * MIB + 9, 1);
-        let e = read_back(&reader, &indexes, &target, &[], &opts).unwrap_err().to_string();
+        let e = read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
         assert!(e.contains(&format!("byte at disk offset {} should be zero", 12 * MIB + 9)), "{e}");
     }
 }

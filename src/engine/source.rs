@@ -57,6 +57,22 @@ pub trait ImageSource: Send {
     fn check_restorable(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Writes partition `number` of the image onto `target` at byte `to`,
+    /// and nothing else ([`prepare_partition_restore`] made the refusals).
+    fn restore_partition(
+        self: Box<Self>,
+        number: u32,
+        target: Disk,
+        to: u64,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let _ = (number, target, to, opts);
+        Err(Error::Unsupported(format!(
+            "restoring one partition of {} is not there yet for this kind of image; nothing was written",
+            self.location().display()
+        )))
+    }
 }
 
 /// Opens the image at `path`, whatever its kind, with every check that
@@ -119,6 +135,9 @@ pub struct RestorePlan {
     pub source: Box<dyn ImageSource>,
     /// The opened target (exclusively, for block devices).
     pub target: Disk,
+    /// For a restore of one partition: its number in the image, and where
+    /// it goes on the target (bytes from the target's start).
+    pub partition: Option<(u32, u64)>,
 }
 
 impl std::fmt::Debug for RestorePlan {
@@ -142,7 +161,61 @@ pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
     check_fits(&mut target, layout.disk_size, layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target })
+    Ok(RestorePlan { source, target, partition: None })
+}
+
+/// Prepares the restore of partition `number` of the image at `image`
+/// onto `target`: the target is that partition's new place (a partition,
+/// a logical volume, a file), or with `onto` a disk whose table is kept
+/// and whose partition `onto` takes it. Refused before anything is
+/// written: a partition the image does not have, a place smaller than it,
+/// another sector size, a target in use or holding the image. A missing
+/// target path (without `onto`) becomes a file of the partition's size.
+pub fn prepare_partition_restore(image: &Path, target: &Path, number: u32, onto: Option<u32>) -> Result<RestorePlan> {
+    let source = open(image)?;
+    let layout = source.layout();
+    let Some(part) = layout.partitions.iter().find(|p| p.number == number).cloned() else {
+        let have: Vec<String> = layout.partitions.iter().map(|p| p.number.to_string()).collect();
+        return Err(Error::Usage(format!(
+            "the image at {} has no partition {number} (it has {})",
+            image.display(),
+            if have.is_empty() { "none".to_string() } else { have.join(", ") }
+        )));
+    };
+    let sector_size = layout.sector_size;
+    let mut target = Disk::open_target(target, onto.is_none().then_some(part.size))?;
+    let (to, room, place) = match onto {
+        None => (0, target.size, target.path.display().to_string()),
+        Some(m) => {
+            let tl = crate::table::read_layout(&target)?;
+            let Some(tp) = tl.partitions.iter().find(|p| p.number == m) else {
+                return Err(Error::Refused(format!(
+                    "{} has no partition {m} in its partition table; nothing was written",
+                    target.path.display()
+                )));
+            };
+            (tp.start, tp.size, format!("partition {m} of {}", target.path.display()))
+        }
+    };
+    if room < part.size {
+        return Err(Error::Refused(format!(
+            "partition {number} of the image needs {} ({} bytes), {place} has {} ({room} bytes); nothing was written",
+            human_bytes(part.size),
+            part.size,
+            human_bytes(room)
+        )));
+    }
+    if target.kind == DiskKind::BlockDevice && target.logical_sector_size != sector_size {
+        return Err(Error::Refused(format!(
+            "{} has {}-byte sectors, the image's disk had {sector_size}-byte sectors: a filesystem made for one \
+             may not mount on the other; nothing was written",
+            target.path.display(),
+            target.logical_sector_size
+        )));
+    }
+    crate::device::safety::check_target(&target, None, Some(image))?;
+    target.enable_direct_reads();
+    Ok(RestorePlan { source, target, partition: Some((number, to)) })
 }
 
 impl RestorePlan {
@@ -152,12 +225,21 @@ impl RestorePlan {
             DiskKind::BlockDevice => "disk",
             DiskKind::File => "file",
         };
-        let mut text = format!(
-            "Everything on {what} {} ({}) will be overwritten with {}.",
-            self.target.path.display(),
-            human_bytes(self.target.size),
-            self.source.describe()
-        );
+        let mut text = match self.partition {
+            None => format!(
+                "Everything on {what} {} ({}) will be overwritten with {}.",
+                self.target.path.display(),
+                human_bytes(self.target.size),
+                self.source.describe()
+            ),
+            Some((n, to)) => format!(
+                "{what} {} ({}) from byte {to} on will be overwritten with partition {n} of {}; \
+                 the rest of it is left as it is.",
+                self.target.path.display(),
+                human_bytes(self.target.size),
+                self.source.describe()
+            ),
+        };
         for w in self.source.warnings() {
             text += &format!("\nNote: {w}.");
         }
@@ -166,6 +248,9 @@ impl RestorePlan {
 
     /// Writes the image onto the target. The caller has confirmed.
     pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
-        self.source.restore(self.target, opts)
+        match self.partition {
+            None => self.source.restore(self.target, opts),
+            Some((n, to)) => self.source.restore_partition(n, self.target, to, opts),
+        }
     }
 }

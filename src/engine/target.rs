@@ -176,9 +176,13 @@ pub struct HeldBack {
 impl HeldBack {
     /// The table areas of a disk of `disk_size` bytes.
     pub fn new(disk_size: u64) -> HeldBack {
-        let head = WIPE_LEN.min(disk_size);
-        let tail = disk_size.saturating_sub(WIPE_LEN).max(head);
-        let ranges: Vec<Extent> = [(0, head), (tail, disk_size - tail)].into_iter().filter(|r| r.1 > 0).collect();
+        HeldBack::around(0, disk_size)
+    }
+
+    /// The first and last [`WIPE_LEN`] bytes of the range `start..start+len`
+    /// (a partition's: where its filesystem's signatures are).
+    pub fn around(start: u64, len: u64) -> HeldBack {
+        let ranges: Vec<Extent> = ends(start, len).into_iter().filter(|r| r.1 > 0).collect();
         let bytes = ranges.iter().map(|r| vec![0u8; r.1 as usize]).collect();
         HeldBack { ranges, bytes }
     }
@@ -205,26 +209,60 @@ impl HeldBack {
             .collect()
     }
 
-    /// Writes the held bytes onto the target, leaving out `stale` ranges.
-    fn write_to(&self, target: &Disk, stale: &[Extent]) -> Result<()> {
+    /// Writes the held bytes onto the target, where `shift` puts them,
+    /// leaving out `stale` ranges.
+    fn write_to(&self, target: &Disk, stale: &[Extent], shift: Shift) -> Result<()> {
         for (&(a, l), buf) in self.ranges.iter().zip(&self.bytes) {
             for (x, n) in minus(a, l, stale) {
                 let rel = (x - a) as usize;
-                target.write_all_at(&buf[rel..rel + n as usize], x)?;
+                target.write_all_at(&buf[rel..rel + n as usize], shift.at(x))?;
             }
         }
         Ok(())
     }
 
-    /// Reads the held ranges back from the target and compares them with
-    /// what was held, leaving out `skip` (stale and rewritten tables).
-    fn check_on(&self, target: &Disk, skip: &[Extent]) -> Result<()> {
+    /// Reads the held ranges back from the target (where `shift` put them)
+    /// and compares them with what was held, leaving out `skip` (stale and
+    /// rewritten tables, in the source's offsets).
+    fn check_on(&self, target: &Disk, skip: &[Extent], shift: Shift) -> Result<()> {
         let reader = read_back::DiskReader::new(target);
+        let skip = shift.extents(skip);
         for (&(a, l), buf) in self.ranges.iter().zip(&self.bytes) {
-            let piece = reader.piece(vec![(a, l)], Expected::Bytes(buf.clone().into()))?;
-            piece.check("the partition table areas", "what was written there", skip)?;
+            let piece = reader.piece(vec![(shift.at(a), l)], Expected::Bytes(buf.clone().into()))?;
+            piece.check("the areas written last", "what was written there", &skip)?;
         }
         Ok(())
+    }
+}
+
+/// The first and last [`WIPE_LEN`] bytes of `start..start+len` (one range
+/// when it is shorter than two).
+fn ends(start: u64, len: u64) -> [Extent; 2] {
+    let head = WIPE_LEN.min(len);
+    let tail = len.saturating_sub(WIPE_LEN).max(head);
+    [(start, head), (start + tail, len - tail)]
+}
+
+/// Where a job's writes land on the target: a source offset `x` at
+/// `x - from + to`. A whole disk is written where it was (`from` = `to` =
+/// 0); one partition may go elsewhere (`klon restore --partition`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shift {
+    /// Where the written range starts on the source.
+    pub from: u64,
+    /// Where it starts on the target.
+    pub to: u64,
+}
+
+impl Shift {
+    /// The target offset of source offset `x` (at least `from`).
+    pub fn at(self, x: u64) -> u64 {
+        x - self.from + self.to
+    }
+
+    /// `extents` (source offsets) where they land on the target.
+    pub fn extents(self, extents: &[Extent]) -> Vec<Extent> {
+        extents.iter().map(|&(a, l)| (self.at(a), l)).collect()
     }
 }
 
@@ -238,6 +276,10 @@ pub struct WriteArea {
     /// The table areas, held back until everything else is written and
     /// read back.
     pub held: RefCell<HeldBack>,
+    /// Where the writes land (see [`Shift`]).
+    pub shift: Shift,
+    /// The one stream written, when not all are (a partition restore).
+    pub only: Option<usize>,
 }
 
 impl WriteArea {
@@ -290,6 +332,8 @@ pub fn write_disk(
     let area = WriteArea {
         stale: table::stale_ranges(layout, target.size),
         held: RefCell::new(HeldBack::new(layout.disk_size.min(target.size))),
+        shift: Shift::default(),
+        only: None,
     };
     wipe_table_areas(target)?;
     let done = (|| {
@@ -300,7 +344,7 @@ pub fn write_disk(
             read_back(&area.unwritten())?;
         }
         let held = area.held.borrow();
-        held.write_to(target, &area.stale)?;
+        held.write_to(target, &area.stale, area.shift)?;
         target.sync()?;
         let rewritten = table::fix_up_for_target(target, layout, grow_last)?;
         target.sync()?;
@@ -309,12 +353,73 @@ pub fn write_disk(
             target.drop_cache()?;
             let mut skip = area.stale.clone();
             skip.extend(rewritten);
-            held.check_on(target, &skip)?;
+            held.check_on(target, &skip, area.shift)?;
             check_table(target, layout, grow_last)?;
         }
         Ok(DiskWritten { bytes, table_reread })
     })();
     let written = done.map_err(|e| fail(job, target, e))?;
+    target.keep_created();
+    Ok(written)
+}
+
+/// The steps of a job that writes one partition's bytes (the source range
+/// `part`, `(start, len)`) onto the target at `to`, leaving the rest of the
+/// target alone: the first and last MiB of the range on the target are
+/// wiped, `write` writes everything (holding those back, see [`WriteArea`]),
+/// with `verify_after` `read_back` compares it (given the ranges to skip,
+/// in source offsets), then the held areas are written and compared. A
+/// failure after the first write wipes the range's ends again, so a
+/// half-written filesystem is not taken for a good one.
+pub fn write_part(
+    job: &str,
+    target: &Disk,
+    stream: usize,
+    part: Extent,
+    to: u64,
+    verify_after: bool,
+    write: impl FnOnce(&WriteArea) -> Result<u64>,
+    read_back: impl FnOnce(&[Extent], Shift) -> Result<()>,
+) -> Result<DiskWritten> {
+    let area = WriteArea {
+        stale: Vec::new(),
+        held: RefCell::new(HeldBack::around(part.0, part.1)),
+        shift: Shift { from: part.0, to },
+        only: Some(stream),
+    };
+    let wipe = || -> Result<()> {
+        for (a, l) in ends(to, part.1) {
+            target.zero_range(a, l)?;
+        }
+        target.sync()
+    };
+    wipe()?;
+    let done = (|| -> Result<DiskWritten> {
+        let bytes = write(&area)?;
+        target.sync()?;
+        if verify_after {
+            target.drop_cache()?;
+            read_back(&area.unwritten(), area.shift)?;
+        }
+        let held = area.held.borrow();
+        held.write_to(target, &[], area.shift)?;
+        target.sync()?;
+        if verify_after {
+            target.drop_cache()?;
+            held.check_on(target, &[], area.shift)?;
+        }
+        Ok(DiskWritten { bytes, table_reread: None })
+    })();
+    let written = done.map_err(|e: Error| {
+        let note = match wipe() {
+            Ok(()) => format!(
+                "the {job} did not complete and the first and last MiB of the partition it wrote were wiped, \
+                 so the half-written filesystem cannot be mistaken for a good one"
+            ),
+            Err(w) => format!("the {job} did not complete, and wiping the partition's first MiB also failed ({w})"),
+        };
+        e.with_note(&note)
+    })?;
     target.keep_created();
     Ok(written)
 }
@@ -362,8 +467,11 @@ impl<'a> TargetWriter<'a> {
         let target = self.target;
         let mut pos = 0usize;
         for &(start, len) in extents {
+            let shift = self.area.shift;
             if s.fill == Fill::Zero && start > self.cursor[si] {
-                target.zero_range(self.cursor[si], start - self.cursor[si]).map_err(|e| e.with_note(&describe(s)))?;
+                target
+                    .zero_range(shift.at(self.cursor[si]), start - self.cursor[si])
+                    .map_err(|e| e.with_note(&describe(s)))?;
             }
             let data = &content[pos..pos + len as usize];
             pos += len as usize;
@@ -377,7 +485,7 @@ impl<'a> TargetWriter<'a> {
                 let rel = (a - start) as usize;
                 let parts = self.area.held.borrow_mut().divert(a, &data[rel..rel + l as usize]);
                 for (at, bytes) in parts {
-                    self.out.write_at(bytes, at).map_err(|e| self.error(e))?;
+                    self.out.write_at(bytes, shift.at(at)).map_err(|e| self.error(e))?;
                 }
             }
             self.cursor[si] = start + len;
@@ -391,9 +499,9 @@ impl<'a> TargetWriter<'a> {
     pub fn finish(self) -> Result<u64> {
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
-            if s.fill == Fill::Zero && self.cursor[si] < end {
+            if s.fill == Fill::Zero && self.cursor[si] < end && self.area.only.is_none_or(|o| o == si) {
                 self.target
-                    .zero_range(self.cursor[si], end - self.cursor[si])
+                    .zero_range(self.area.shift.at(self.cursor[si]), end - self.cursor[si])
                     .map_err(|e| e.with_note(&describe(s)))?;
             }
         }

@@ -337,6 +337,8 @@ pub fn run_job(job: &Job) -> Result<String> {
         JobKind::Restore => Command::Restore(RestoreArgs {
             image: image.clone(),
             target: disk.clone().unwrap_or_default(),
+            partition: None,
+            to: None,
             write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
             threads: None,
         }),

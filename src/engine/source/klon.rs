@@ -72,6 +72,17 @@ impl ImageSource for KlonImage {
         restore::restore(reader, indexes, target, opts)
     }
 
+    fn restore_partition(
+        self: Box<Self>,
+        number: u32,
+        target: Disk,
+        to: u64,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let KlonImage { reader, indexes } = *self;
+        restore::restore_partition(reader, indexes, number, target, to, opts)
+    }
+
     fn warnings(&self) -> Vec<String> {
         let m = &self.reader.manifest;
         m.streams
