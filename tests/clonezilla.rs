@@ -316,8 +316,9 @@ fn gpt_checksum_file_mismatch_is_refused() {
 
 /// A partition image (`ocs-sr saveparts`, no `disk` file): `klon info`
 /// shows it and `klon verify` checks it (a flipped byte is caught); a
-/// restore is refused before anything is written, saying that restoring
-/// one partition is not there yet. Before, info and verify refused it too.
+/// restore as a disk is refused before anything is written, and `--partition`
+/// restores its partition (e2fsck clean, files equal). Before, info,
+/// verify and restore all refused it.
 #[test]
 fn saveparts_image_is_shown_and_verified_but_not_restored_as_a_disk() {
     require_root!();
@@ -339,6 +340,22 @@ fn saveparts_image_is_shown_and_verified_but_not_restored_as_a_disk() {
     let o = klon(&["restore", "--yes", s(&f.image), s(&dst)]);
     fails_with(&o, 1, &["saveparts", "--partition", "nothing was written"]);
     assert!(!dst.exists(), "a refused restore created its target");
+    // Its partition, restored onto a file of its own (the partition's size),
+    // is a clean ext4 holding the files that were put on it.
+    let p1 = f.image.parent().unwrap().join("p1.img");
+    ok(&klon(&["restore", "--yes", "--partition", "1", s(&f.image), s(&p1)]));
+    let (parts, sector) = sfdisk_parts(&f.disk);
+    assert_eq!(std::fs::metadata(&p1).unwrap().len(), parts[0].size * sector);
+    run("e2fsck", &["-fn", s(&p1)]);
+    for (n, name, data) in &f.files {
+        if *n == 1 {
+            let out =
+                std::process::Command::new("debugfs").args(["-R", &format!("cat /{name}"), s(&p1)]).output().unwrap();
+            assert!(&out.stdout == data, "{name} differs after restoring partition 1");
+        }
+    }
+    // Partition 2 was not saved: asking for it is refused.
+    fails_with(&klon(&["restore", "--yes", "--partition", "2", s(&f.image), s(&p1)]), 2, &["partition 2"]);
 
     // A flipped byte in the partition image is caught by verify.
     let img = std::fs::read_dir(&f.image)

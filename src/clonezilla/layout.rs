@@ -865,9 +865,8 @@ impl CzImage {
         });
         if saveparts {
             warnings.push(format!(
-                "a Clonezilla partition image (saveparts) of {} of {disk}: klon verifies it and shows it, but \
-                 restores whole disks only; restoring one partition (klon restore --partition) is not there yet, \
-                 so restore it with Clonezilla's restoreparts",
+                "a Clonezilla partition image (saveparts) of {} of {disk}: not a whole disk; restore each \
+                 partition with klon restore --partition N",
                 listed.join(", ")
             ));
         }

@@ -18,7 +18,7 @@ use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
 use super::streams::describe;
-use super::target::{TargetWriter, intersects, minus, write_disk, write_order};
+use super::target::{Shift, TargetWriter, WriteArea, intersects, minus, write_disk, write_order, write_part};
 use super::verify::VerifyReport;
 use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_stream};
 use crate::device::Disk;
@@ -341,51 +341,94 @@ pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Res
     let layout = source.image.layout.clone();
     let infos = source.stream_infos();
     // Filled while writing, read by the read-back.
-    let written_log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
+    let log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
     let written = write_disk(
         "restore",
         &target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |area| {
-            let order = write_order(&infos);
-            let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
-            let total = infos.iter().map(|s| s.stored_bytes).sum();
-            let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
-            let mut out = TargetWriter::new(&target, &infos, area)?;
-            let keep_hashes = opts.verify_after;
-            pipeline::run(
-                opts.workers,
-                pipeline::depth(opts.workers),
-                |send| source.read_jobs(&order, send),
-                |job: ReadJob| {
-                    let hash = if keep_hashes { *blake3::hash(&job.buf).as_bytes() } else { [0; 32] };
-                    Ok((job, hash))
-                },
-                |(job, hash): (ReadJob, [u8; 32])| {
-                    out.write(job.stream, &job.extents, &job.buf)?;
-                    progress.add_part(job.stream, job.buf.len() as u64);
-                    if keep_hashes {
-                        // Bytes written into the held table areas are compared byte by
-                        // byte, as the read-back before they are written leaves them out.
-                        let keep_bytes = infos[job.stream].kind == StreamKind::Boot || area.holds_any(&job.extents);
-                        written_log.borrow_mut().push(if keep_bytes {
-                            Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf.to_vec() }
-                        } else {
-                            Written::Hash { stream: job.stream, extents: job.extents, hash }
-                        });
-                    }
-                    Ok(())
-                },
-            )?;
-            let n = out.finish()?;
-            progress.finish();
-            Ok(n)
-        },
-        |skip| read_back(&target, &infos, written_log.take(), skip, opts),
+        |area| write_streams(&mut source, &infos, &target, area, &log, opts),
+        |skip| read_back(&target, &infos, log.take(), skip, Shift::default(), None, opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
+}
+
+/// Writes partition `number` of a Clonezilla image (a disk's or a
+/// saveparts image) onto the target at byte `to`, and nothing else; the
+/// target passed every refusal. The caller has confirmed.
+pub fn restore_partition(
+    mut source: CzSource,
+    number: u32,
+    target: Disk,
+    to: u64,
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let infos = source.stream_infos();
+    let si = infos.iter().position(|s| s.partition == Some(number)).ok_or_else(|| {
+        Error::Usage(format!(
+            "the Clonezilla image at {} holds no image of partition {number}",
+            source.image.dir.display()
+        ))
+    })?;
+    let log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
+    let written = write_part(
+        "restore",
+        &target,
+        si,
+        (infos[si].start, infos[si].length),
+        to,
+        opts.verify_after,
+        |area| write_streams(&mut source, &infos, &target, area, &log, opts),
+        |skip, shift| read_back(&target, &infos, log.take(), skip, shift, Some(si), opts),
+    )?;
+    Ok(RestoreReport::new(written, opts.verify_after, started))
+}
+
+/// Writes the streams `area` selects onto the target, logging for the
+/// read-back what each job wrote.
+fn write_streams(
+    source: &mut CzSource,
+    infos: &[StreamInfo],
+    target: &Disk,
+    area: &WriteArea,
+    log: &std::cell::RefCell<Vec<Written>>,
+    opts: &RestoreOptions,
+) -> Result<u64> {
+    let order: Vec<usize> = write_order(infos).into_iter().filter(|&si| area.only.is_none_or(|o| o == si)).collect();
+    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let total = order.iter().map(|&si| infos[si].stored_bytes).sum();
+    let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
+    let mut out = TargetWriter::new(target, infos, area)?;
+    let keep_hashes = opts.verify_after;
+    pipeline::run(
+        opts.workers,
+        pipeline::depth(opts.workers),
+        |send| source.read_jobs(&order, send),
+        |job: ReadJob| {
+            let hash = if keep_hashes { *blake3::hash(&job.buf).as_bytes() } else { [0; 32] };
+            Ok((job, hash))
+        },
+        |(job, hash): (ReadJob, [u8; 32])| {
+            out.write(job.stream, &job.extents, &job.buf)?;
+            progress.add_part(job.stream, job.buf.len() as u64);
+            if keep_hashes {
+                // Bytes written into the held table areas are compared byte by
+                // byte, as the read-back before they are written leaves them out.
+                let keep_bytes = infos[job.stream].kind == StreamKind::Boot || area.holds_any(&job.extents);
+                log.borrow_mut().push(if keep_bytes {
+                    Written::Bytes { stream: job.stream, extents: job.extents, bytes: job.buf.to_vec() }
+                } else {
+                    Written::Hash { stream: job.stream, extents: job.extents, hash }
+                });
+            }
+            Ok(())
+        },
+    )?;
+    let n = out.finish()?;
+    progress.finish();
+    Ok(n)
 }
 
 /// Reads back what the restore wrote (and the zeros it wrote into the
@@ -395,11 +438,15 @@ fn read_back(
     infos: &[StreamInfo],
     log: Vec<Written>,
     skip: &[Extent],
+    shift: Shift,
+    only: Option<usize>,
     opts: &RestoreOptions,
 ) -> Result<()> {
+    // Pieces are read and compared where they landed on the target.
+    let skip = &shift.extents(skip)[..];
     // Raw partitions: the gaps between stored runs must read back as zeros.
     let mut gaps: Vec<(usize, Extent)> = Vec::new();
-    for (si, s) in infos.iter().enumerate().filter(|(_, s)| s.fill == Fill::Zero) {
+    for (si, s) in infos.iter().enumerate().filter(|&(si, s)| s.fill == Fill::Zero && only.is_none_or(|o| o == si)) {
         let mut covered: Vec<Extent> =
             log.iter().filter(|w| w.stream() == si).flat_map(|w| w.extents().iter().copied()).collect();
         covered.sort();
@@ -418,6 +465,7 @@ fn read_back(
                 super::cancel::check("read-back")?;
                 let (stream, extents, expected) = match w {
                     Written::Hash { stream, extents, hash } => {
+                        let extents = shift.extents(&extents);
                         if extents.iter().any(|&(a, l)| intersects(a, l, skip)) {
                             return Err(Error::VerifyAfter(format!(
                                 "{}: partition data overlaps the partition table areas; cannot compare it",
@@ -426,14 +474,16 @@ fn read_back(
                         }
                         (stream, extents, Expected::Hash(hash))
                     }
-                    Written::Bytes { stream, extents, bytes } => (stream, extents, Expected::Bytes(bytes.into())),
+                    Written::Bytes { stream, extents, bytes } => {
+                        (stream, shift.extents(&extents), Expected::Bytes(bytes.into()))
+                    }
                 };
                 if !send((stream, target.piece(extents, expected)?)) {
                     return Ok(());
                 }
             }
             for (stream, gap) in gaps {
-                if !send((stream, target.piece(vec![gap], Expected::Zeros)?)) {
+                if !send((stream, target.piece(shift.extents(&[gap]), Expected::Zeros)?)) {
                     return Ok(());
                 }
             }
@@ -569,21 +619,21 @@ mod tests {
             std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[byte], at).unwrap()
         };
 
-        read_back(&target, &infos, log(), &[], &opts).unwrap();
+        read_back(&target, &infos, log(), &[], Shift::default(), None, &opts).unwrap();
         // A changed byte in the boot area, then one in a run: each is caught.
         for at in [100, 5 * MIB + 77] {
             poke(at, !disk[at as usize]);
-            let e = read_back(&target, &infos, log(), &[], &opts).unwrap_err().to_string();
+            let e = read_back(&target, &infos, log(), &[], Shift::default(), None, &opts).unwrap_err().to_string();
             assert!(e.contains("differs from the Clonezilla image"), "{e}");
             poke(at, disk[at as usize]);
         }
         // A changed byte the table fix-up may rewrite is left out.
         poke(100, !disk[100]);
-        read_back(&target, &infos, log(), &[(64, 64)], &opts).unwrap();
+        read_back(&target, &infos, log(), &[(64, 64)], Shift::default(), None, &opts).unwrap();
         poke(100, disk[100]);
         // A non-zero byte in a gap of the raw partition.
         poke(4 * MIB + 9, 1);
-        let e = read_back(&target, &infos, log(), &[], &opts).unwrap_err().to_string();
+        let e = read_back(&target, &infos, log(), &[], Shift::default(), None, &opts).unwrap_err().to_string();
         assert!(e.contains(&format!("byte at disk offset {} should be zero", 4 * MIB + 9)), "{e}");
     }
 

@@ -51,12 +51,22 @@ impl ImageSource for CzSource {
         }
         let parts: Vec<&str> = self.image.partitions.iter().map(|p| p.device.as_str()).collect();
         Err(crate::error::Error::Unsupported(format!(
-            "{} is a Clonezilla partition image (saveparts) of {}, not of a whole disk: klon restores whole \
-             disks, and restoring one partition onto a partition (klon restore --partition) is not there yet; \
-             nothing was written. Restore it with Clonezilla's restoreparts, or verify it with klon verify",
+            "{} is a Clonezilla partition image (saveparts) of {}, not of a whole disk; nothing was written. \
+             Restore each partition with klon restore --partition N (onto a partition, or --to M into a \
+             partition of a disk)",
             self.image.dir.display(),
             parts.join(", ")
         )))
+    }
+
+    fn restore_partition(
+        self: Box<Self>,
+        number: u32,
+        target: Disk,
+        to: u64,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        czimage::restore_partition(*self, number, target, to, opts)
     }
 
     fn info(&self) -> (String, serde_json::Value) {
