@@ -337,8 +337,8 @@ impl Manifest {
                 || s.data_files.len() as u64 > s.chunks
             {
                 return bad(format!(
-                    "stream {}: its sizes do not agree ({} chunks, {} bytes stored of {}, index of {} bytes, \
-                     {} data files of {} bytes)",
+                    "stream {}: its sizes do not agree, the manifest is damaged ({} chunks, {} stored bytes of a \
+                     {}-byte range, index of {} bytes, {} data files of {} bytes)",
                     s.name,
                     s.chunks,
                     s.stored_bytes,
