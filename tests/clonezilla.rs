@@ -316,11 +316,12 @@ fn gpt_checksum_file_mismatch_is_refused() {
 
 /// A partition image (`ocs-sr saveparts`, no `disk` file): `klon info`
 /// shows it and `klon verify` checks it (a flipped byte is caught); a
-/// restore as a disk is refused before anything is written, and `--partition`
-/// restores its partition (e2fsck clean, files equal). Before, info,
+/// restore writes its partitions into the same partitions of a disk whose
+/// table has them (nothing else changes), and `--partition` restores one
+/// onto a place of its own (e2fsck clean, files equal). Before, info,
 /// verify and restore all refused it.
 #[test]
-fn saveparts_image_is_shown_and_verified_but_not_restored_as_a_disk() {
+fn saveparts_image_is_shown_verified_and_restored_partition_by_partition() {
     require_root!();
     let f = build_parts(
         TempDir::new("cz-parts"),
@@ -336,15 +337,30 @@ fn saveparts_image_is_shown_and_verified_but_not_restored_as_a_disk() {
     assert!(text.contains("saveparts") && text.contains("partition 1"), "{text}");
     ok(&klon(&["verify", s(&f.image)]));
 
+    // Restored as a whole into a disk whose table has the partitions: the
+    // saved partition is written into its place, nothing else changes.
     let dst = f.image.parent().unwrap().join("dst.img");
-    let o = klon(&["restore", "--yes", s(&f.image), s(&dst)]);
-    fails_with(&o, 1, &["saveparts", "--partition", "nothing was written"]);
-    assert!(!dst.exists(), "a refused restore created its target");
+    let (parts, sector) = sfdisk_parts(&f.disk);
+    let pattern: Vec<u8> = (0..std::fs::metadata(&f.disk).unwrap().len()).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&dst, &pattern).unwrap();
+    let table = read_at(&f.disk, 0, 512);
+    write_at(&dst, 0, &table);
+    let before = std::fs::read(&dst).unwrap();
+    ok(&klon(&["restore", "--yes", s(&f.image), s(&dst)]));
+    let after = std::fs::read(&dst).unwrap();
+    let (a, b) = ((parts[0].start * sector) as usize, ((parts[0].start + parts[0].size) * sector) as usize);
+    assert!(after[..a] == before[..a] && after[b..] == before[b..], "bytes outside partition 1 changed");
+    std::fs::write(f.image.parent().unwrap().join("dst-p1.img"), &after[a..b]).unwrap();
+    run("e2fsck", &["-fn", s(&f.image.parent().unwrap().join("dst-p1.img"))]);
+    // Onto a disk without those partitions: refused, nothing written.
+    let blank = f.image.parent().unwrap().join("blank.img");
+    blank_file(&blank, 64 * MIB);
+    fails_with(&klon(&["restore", "--yes", s(&f.image), s(&blank)]), 5, &["no partition 1", "nothing was written"]);
+    assert!(read_at(&blank, 0, MIB).iter().all(|&x| x == 0));
     // Its partition, restored onto a file of its own (the partition's size),
     // is a clean ext4 holding the files that were put on it.
     let p1 = f.image.parent().unwrap().join("p1.img");
     ok(&klon(&["restore", "--yes", "--partition", "1", s(&f.image), s(&p1)]));
-    let (parts, sector) = sfdisk_parts(&f.disk);
     assert_eq!(std::fs::metadata(&p1).unwrap().len(), parts[0].size * sector);
     run("e2fsck", &["-fn", s(&p1)]);
     for (n, name, data) in &f.files {

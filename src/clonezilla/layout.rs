@@ -865,8 +865,9 @@ impl CzImage {
         });
         if saveparts {
             warnings.push(format!(
-                "a Clonezilla partition image (saveparts) of {} of {disk}: not a whole disk; restore each \
-                 partition with klon restore --partition N",
+                "a Clonezilla partition image (saveparts) of {} of {disk}, not of a whole disk: a restore writes \
+                 them into the same partitions of a disk whose table has them, and leaves the rest of it alone \
+                 (klon restore --partition N puts one elsewhere)",
                 listed.join(", ")
             ));
         }

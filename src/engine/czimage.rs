@@ -358,9 +358,9 @@ pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Res
 /// saveparts image) onto the target at byte `to`, and nothing else; the
 /// target passed every refusal. The caller has confirmed.
 pub fn restore_partition(
-    mut source: CzSource,
+    source: &mut CzSource,
     number: u32,
-    target: Disk,
+    target: &Disk,
     to: u64,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
@@ -375,13 +375,13 @@ pub fn restore_partition(
     let log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
     let written = write_part(
         "restore",
-        &target,
+        target,
         si,
         (infos[si].start, infos[si].length),
         to,
         opts.verify_after,
-        |area| write_streams(&mut source, &infos, &target, area, &log, opts),
-        |skip, shift| read_back(&target, &infos, log.take(), skip, shift, Some(si), opts),
+        |area| write_streams(source, &infos, target, area, &log, opts),
+        |skip, shift| read_back(target, &infos, log.take(), skip, shift, Some(si), opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }

@@ -77,10 +77,10 @@ pub fn restore(
 /// and nothing else; the target passed every refusal (see
 /// [`super::source::prepare_partition_restore`]). The caller has confirmed.
 pub fn restore_partition(
-    reader: ImageReader,
-    indexes: Vec<Vec<IndexEntry>>,
+    reader: &ImageReader,
+    indexes: &[Vec<IndexEntry>],
     number: u32,
-    target: Disk,
+    target: &Disk,
     to: u64,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
@@ -100,13 +100,13 @@ pub fn restore_partition(
     let (start, length) = (streams[si].start, streams[si].length);
     let written = write_part(
         "restore",
-        &target,
+        target,
         si,
         (start, length),
         to,
         opts.verify_after,
-        |area| write_all(&reader, &indexes, &target, area, opts),
-        |skip, shift| read_back(&reader, &indexes, &target, skip, shift, Some(si), opts),
+        |area| write_all(reader, indexes, target, area, opts),
+        |skip, shift| read_back(reader, indexes, target, skip, shift, Some(si), opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }

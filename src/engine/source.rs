@@ -52,27 +52,23 @@ pub trait ImageSource: Send {
     /// unreadable, parts of the image klon reads with a caveat).
     fn warnings(&self) -> Vec<String>;
 
-    /// Refuses, before any target is opened, an image klon can show and
-    /// verify but not restore as a disk.
-    fn check_restorable(&self) -> Result<()> {
-        Ok(())
+    /// For an image of some partitions rather than a disk (Clonezilla's
+    /// saveparts): their numbers. Such an image is restored into the same
+    /// partitions of a disk whose table is kept.
+    fn saved_partitions(&self) -> Option<Vec<u32>> {
+        None
     }
 
     /// Writes partition `number` of the image onto `target` at byte `to`,
-    /// and nothing else ([`prepare_partition_restore`] made the refusals).
+    /// and nothing else (the refusals are made before: see
+    /// [`prepare_partition_restore`]).
     fn restore_partition(
-        self: Box<Self>,
+        &mut self,
         number: u32,
-        target: Disk,
+        target: &Disk,
         to: u64,
         opts: &RestoreOptions,
-    ) -> Result<RestoreReport> {
-        let _ = (number, target, to, opts);
-        Err(Error::Unsupported(format!(
-            "restoring one partition of {} is not there yet for this kind of image; nothing was written",
-            self.location().display()
-        )))
-    }
+    ) -> Result<RestoreReport>;
 }
 
 /// Opens the image at `path`, whatever its kind, with every check that
@@ -135,9 +131,10 @@ pub struct RestorePlan {
     pub source: Box<dyn ImageSource>,
     /// The opened target (exclusively, for block devices).
     pub target: Disk,
-    /// For a restore of one partition: its number in the image, and where
-    /// it goes on the target (bytes from the target's start).
-    pub partition: Option<(u32, u64)>,
+    /// For a restore of partitions rather than of the whole disk: each one's
+    /// number in the image, and where it goes on the target (bytes from the
+    /// target's start). Empty for a whole disk.
+    pub partitions: Vec<(u32, u64)>,
 }
 
 impl std::fmt::Debug for RestorePlan {
@@ -155,13 +152,15 @@ impl std::fmt::Debug for RestorePlan {
 /// image. A missing target path becomes a file of the source's size.
 pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
     let source = open(image)?;
-    source.check_restorable()?;
+    if let Some(saved) = source.saved_partitions() {
+        return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
+    }
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
     check_fits(&mut target, layout.disk_size, layout.sector_size)?;
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partition: None })
+    Ok(RestorePlan { source, target, partitions: Vec::new() })
 }
 
 /// Prepares the restore of partition `number` of the image at `image`
@@ -172,50 +171,75 @@ pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
 /// another sector size, a target in use or holding the image. A missing
 /// target path (without `onto`) becomes a file of the partition's size.
 pub fn prepare_partition_restore(image: &Path, target: &Path, number: u32, onto: Option<u32>) -> Result<RestorePlan> {
-    let source = open(image)?;
-    let layout = source.layout();
-    let Some(part) = layout.partitions.iter().find(|p| p.number == number).cloned() else {
-        let have: Vec<String> = layout.partitions.iter().map(|p| p.number.to_string()).collect();
-        return Err(Error::Usage(format!(
-            "the image at {} has no partition {number} (it has {})",
-            image.display(),
-            if have.is_empty() { "none".to_string() } else { have.join(", ") }
-        )));
-    };
-    let sector_size = layout.sector_size;
-    let mut target = Disk::open_target(target, onto.is_none().then_some(part.size))?;
-    let (to, room, place) = match onto {
-        None => (0, target.size, target.path.display().to_string()),
-        Some(m) => {
-            let tl = crate::table::read_layout(&target)?;
-            let Some(tp) = tl.partitions.iter().find(|p| p.number == m) else {
-                return Err(Error::Refused(format!(
-                    "{} has no partition {m} in its partition table; nothing was written",
-                    target.path.display()
-                )));
-            };
-            (tp.start, tp.size, format!("partition {m} of {}", target.path.display()))
-        }
-    };
-    if room < part.size {
-        return Err(Error::Refused(format!(
-            "partition {number} of the image needs {} ({} bytes), {place} has {} ({room} bytes); nothing was written",
-            human_bytes(part.size),
-            part.size,
-            human_bytes(room)
-        )));
+    prepare_partitions(open(image)?, image, target, &[(number, onto)])
+}
+
+/// Prepares the restore of the partitions `wanted` (number in the image,
+/// and the number of the partition of the target that receives it, or None
+/// for the target itself) of `source`, with the refusals of
+/// [`prepare_partition_restore`] for each.
+fn prepare_partitions(
+    source: Box<dyn ImageSource>,
+    image: &Path,
+    target: &Path,
+    wanted: &[(u32, Option<u32>)],
+) -> Result<RestorePlan> {
+    let layout = source.layout().clone();
+    let mut parts = Vec::new();
+    for &(number, _) in wanted {
+        let Some(part) = layout.partitions.iter().find(|p| p.number == number).cloned() else {
+            let have: Vec<String> = layout.partitions.iter().map(|p| p.number.to_string()).collect();
+            return Err(Error::Usage(format!(
+                "the image at {} has no partition {number} (it has {})",
+                image.display(),
+                if have.is_empty() { "none".to_string() } else { have.join(", ") }
+            )));
+        };
+        parts.push(part);
     }
-    if target.kind == DiskKind::BlockDevice && target.logical_sector_size != sector_size {
+    let create = match wanted {
+        [(_, None)] => Some(parts[0].size),
+        _ => None,
+    };
+    let mut target = Disk::open_target(target, create)?;
+    let target_layout =
+        if wanted.iter().any(|w| w.1.is_some()) { Some(crate::table::read_layout(&target)?) } else { None };
+    let mut placed = Vec::new();
+    for (&(number, onto), part) in wanted.iter().zip(&parts) {
+        let (to, room, place) = match (onto, &target_layout) {
+            (Some(m), Some(tl)) => {
+                let Some(tp) = tl.partitions.iter().find(|p| p.number == m) else {
+                    return Err(Error::Refused(format!(
+                        "{} has no partition {m} in its partition table; nothing was written",
+                        target.path.display()
+                    )));
+                };
+                (tp.start, tp.size, format!("partition {m} of {}", target.path.display()))
+            }
+            _ => (0, target.size, target.path.display().to_string()),
+        };
+        if room < part.size {
+            return Err(Error::Refused(format!(
+                "partition {number} of the image needs {} ({} bytes), {place} has {} ({room} bytes); nothing was written",
+                human_bytes(part.size),
+                part.size,
+                human_bytes(room)
+            )));
+        }
+        placed.push((number, to));
+    }
+    if target.kind == DiskKind::BlockDevice && target.logical_sector_size != layout.sector_size {
         return Err(Error::Refused(format!(
-            "{} has {}-byte sectors, the image's disk had {sector_size}-byte sectors: a filesystem made for one \
+            "{} has {}-byte sectors, the image's disk had {}-byte sectors: a filesystem made for one \
              may not mount on the other; nothing was written",
             target.path.display(),
-            target.logical_sector_size
+            target.logical_sector_size,
+            layout.sector_size
         )));
     }
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partition: Some((number, to)) })
+    Ok(RestorePlan { source, target, partitions: placed })
 }
 
 impl RestorePlan {
@@ -225,20 +249,23 @@ impl RestorePlan {
             DiskKind::BlockDevice => "disk",
             DiskKind::File => "file",
         };
-        let mut text = match self.partition {
-            None => format!(
+        let mut text = if self.partitions.is_empty() {
+            format!(
                 "Everything on {what} {} ({}) will be overwritten with {}.",
                 self.target.path.display(),
                 human_bytes(self.target.size),
                 self.source.describe()
-            ),
-            Some((n, to)) => format!(
-                "{what} {} ({}) from byte {to} on will be overwritten with partition {n} of {}; \
-                 the rest of it is left as it is.",
+            )
+        } else {
+            let places: Vec<String> =
+                self.partitions.iter().map(|(n, to)| format!("partition {n} at byte {to}")).collect();
+            format!(
+                "Parts of {what} {} ({}) will be overwritten with {} of {}; the rest of it is left as it is.",
                 self.target.path.display(),
                 human_bytes(self.target.size),
+                places.join(", "),
                 self.source.describe()
-            ),
+            )
         };
         for w in self.source.warnings() {
             text += &format!("\nNote: {w}.");
@@ -248,9 +275,21 @@ impl RestorePlan {
 
     /// Writes the image onto the target. The caller has confirmed.
     pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
-        match self.partition {
-            None => self.source.restore(self.target, opts),
-            Some((n, to)) => self.source.restore_partition(n, self.target, to, opts),
+        let RestorePlan { mut source, target, partitions } = self;
+        if partitions.is_empty() {
+            return source.restore(target, opts);
         }
+        let started = std::time::Instant::now();
+        let mut total: Option<RestoreReport> = None;
+        for (n, to) in partitions {
+            let r = source.restore_partition(n, &target, to, opts)?;
+            total = Some(match total {
+                None => r,
+                Some(t) => RestoreReport { bytes_written: t.bytes_written + r.bytes_written, ..t },
+            });
+        }
+        let mut report = total.expect("at least one partition");
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
     }
 }

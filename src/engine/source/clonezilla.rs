@@ -45,28 +45,18 @@ impl ImageSource for CzSource {
         self.image.warnings.clone()
     }
 
-    fn check_restorable(&self) -> Result<()> {
-        if !self.image.saveparts {
-            return Ok(());
-        }
-        let parts: Vec<&str> = self.image.partitions.iter().map(|p| p.device.as_str()).collect();
-        Err(crate::error::Error::Unsupported(format!(
-            "{} is a Clonezilla partition image (saveparts) of {}, not of a whole disk; nothing was written. \
-             Restore each partition with klon restore --partition N (onto a partition, or --to M into a \
-             partition of a disk)",
-            self.image.dir.display(),
-            parts.join(", ")
-        )))
+    fn saved_partitions(&self) -> Option<Vec<u32>> {
+        self.image.saveparts.then(|| self.image.partitions.iter().map(|p| p.number).collect())
     }
 
     fn restore_partition(
-        self: Box<Self>,
+        &mut self,
         number: u32,
-        target: Disk,
+        target: &Disk,
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        czimage::restore_partition(*self, number, target, to, opts)
+        czimage::restore_partition(self, number, target, to, opts)
     }
 
     fn info(&self) -> (String, serde_json::Value) {

@@ -73,14 +73,13 @@ impl ImageSource for KlonImage {
     }
 
     fn restore_partition(
-        self: Box<Self>,
+        &mut self,
         number: u32,
-        target: Disk,
+        target: &Disk,
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        let KlonImage { reader, indexes } = *self;
-        restore::restore_partition(reader, indexes, number, target, to, opts)
+        restore::restore_partition(&self.reader, &self.indexes, number, target, to, opts)
     }
 
     fn warnings(&self) -> Vec<String> {
