@@ -336,7 +336,7 @@ impl Written {
 
 /// Restores a Clonezilla image onto the target, which passed every refusal
 /// (see [`super::source::prepare_restore`]). The caller has confirmed.
-pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+pub fn restore(source: &mut CzSource, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let layout = source.image.layout.clone();
     let infos = source.stream_infos();
@@ -344,12 +344,12 @@ pub fn restore(mut source: CzSource, target: Disk, opts: &RestoreOptions) -> Res
     let log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
     let written = write_disk(
         "restore",
-        &target,
+        target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |area| write_streams(&mut source, &infos, &target, area, &log, opts),
-        |skip| read_back(&target, &infos, log.take(), skip, Shift::default(), None, opts),
+        |area| write_streams(source, &infos, target, area, &log, opts),
+        |skip| read_back(target, &infos, log.take(), skip, Shift::default(), None, opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }

@@ -54,21 +54,21 @@ pub struct RestoreReport {
 /// target, which passed every refusal (see
 /// [`super::source::prepare_restore`]). The caller has confirmed.
 pub fn restore(
-    reader: ImageReader,
-    indexes: Vec<Vec<IndexEntry>>,
-    target: Disk,
+    reader: &ImageReader,
+    indexes: &[Vec<IndexEntry>],
+    target: &Disk,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     let layout = reader.manifest.layout.clone();
     let written = write_disk(
         "restore",
-        &target,
+        target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |area| write_all(&reader, &indexes, &target, area, opts),
-        |skip| read_back(&reader, &indexes, &target, skip, Shift::default(), None, opts),
+        |area| write_all(reader, indexes, target, area, opts),
+        |skip| read_back(reader, indexes, target, skip, Shift::default(), None, opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }

@@ -43,7 +43,7 @@ pub trait ImageSource: Send {
 
     /// Writes the image onto `target`, which passed every refusal
     /// ([`prepare_restore`]) and the person's confirmation.
-    fn restore(self: Box<Self>, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport>;
+    fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport>;
 
     /// What `klon info` prints: the text, and the JSON for `--json`.
     fn info(&self) -> (String, serde_json::Value);
@@ -277,7 +277,7 @@ impl RestorePlan {
     pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
         let RestorePlan { mut source, target, partitions } = self;
         if partitions.is_empty() {
-            return source.restore(target, opts);
+            return source.restore(&target, opts);
         }
         let started = std::time::Instant::now();
         let mut total: Option<RestoreReport> = None;

@@ -37,8 +37,8 @@ impl ImageSource for CzSource {
         czimage::verify(self, quiet)
     }
 
-    fn restore(self: Box<Self>, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        czimage::restore(*self, target, opts)
+    fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+        czimage::restore(self, target, opts)
     }
 
     fn warnings(&self) -> Vec<String> {

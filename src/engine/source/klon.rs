@@ -67,9 +67,8 @@ impl ImageSource for KlonImage {
         result
     }
 
-    fn restore(self: Box<Self>, target: Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let KlonImage { reader, indexes } = *self;
-        restore::restore(reader, indexes, target, opts)
+    fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+        restore::restore(&self.reader, &self.indexes, target, opts)
     }
 
     fn restore_partition(
