@@ -340,7 +340,12 @@ fn mbr_with_logical_partitions_zstd() {
     std::fs::write(t.join("disk"), format!("{d} sdb\n")).unwrap();
     let e = CzImage::open(&t.0).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains(&format!("{d}, sdb")), "{e}");
+    // Without `disk` it is a saveparts image: its disk is the one whose
+    // table dump is there; without that dump it is refused.
     std::fs::remove_file(t.join("disk")).unwrap();
+    let parts = CzImage::open(&t.0).unwrap();
+    assert!(parts.saveparts && parts.disk == d, "{:?}", parts.disk);
+    std::fs::remove_file(t.join(&format!("{d}-pt.sf"))).unwrap();
     let e = CzImage::open(&t.0).unwrap_err();
     assert!(matches!(e, Error::Unsupported(_)) && e.to_string().contains("saveparts"), "{e}");
 }
