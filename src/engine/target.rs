@@ -146,7 +146,7 @@ fn check_table(target: &Disk, layout: &table::DiskLayout, grow_last: bool) -> Re
     })?;
     if found.kind != expected.kind || found.partitions != expected.partitions {
         return Err(Error::VerifyAfter(format!(
-            "the partition table read back from {} is not the one restored ({:?} with {} partitions, expected {:?} with {})",
+            "the partition table read back from {} is not the one restored ({} with {} partitions, expected {} with {})",
             target.path.display(),
             found.kind,
             found.partitions.len(),

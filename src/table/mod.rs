@@ -25,6 +25,17 @@ pub enum TableKind {
     None,
 }
 
+impl std::fmt::Display for TableKind {
+    /// As people write them: "GPT", "MBR", "none".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TableKind::Gpt => "GPT",
+            TableKind::Mbr => "MBR",
+            TableKind::None => "none",
+        })
+    }
+}
+
 /// One data partition (never an MBR extended container).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Partition {

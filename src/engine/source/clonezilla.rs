@@ -117,7 +117,7 @@ fn render_cz_info(src: &CzSource) -> String {
     );
     let _ = writeln!(
         o,
-        "Table:        {:?}{}",
+        "Table:        {}{}",
         im.layout.kind,
         im.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
     );

@@ -174,7 +174,7 @@ fn render_info(dir: &Path, m: &Manifest) -> String {
     );
     let _ = writeln!(
         o,
-        "Table:        {:?}{}",
+        "Table:        {}{}",
         m.layout.kind,
         m.layout.disk_id.as_deref().map(|x| format!(", disk id {x}")).unwrap_or_default()
     );
