@@ -123,7 +123,9 @@ fn info_names_the_disk_partitions_and_pieces() {
     let o = klon(&["info", s(&f.image)]);
     ok(&o);
     let text = stdout(&o);
-    for needle in ["Clonezilla", "Table:        MBR", "partition 1", "ext4", "partition 6", "ntfs", "swap", "pieces", "MD5SUMS"] {
+    for needle in
+        ["Clonezilla", "Table:        MBR", "partition 1", "ext4", "partition 6", "ntfs", "swap", "pieces", "MD5SUMS"]
+    {
         assert!(text.contains(needle), "info does not mention {needle}:\n{text}");
     }
     let o = klon(&["info", "--json", s(&f.image)]);

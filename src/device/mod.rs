@@ -219,6 +219,26 @@ impl Disk {
             .map_err(|(at, e)| Error::io("reading", &self.path, Some(at), e))
     }
 
+    /// One attempt to read exactly `buf.len()` bytes at `offset`: straight
+    /// from the drive where the disk allows it (as [`Disk::read_bulk_at`]),
+    /// else through the page cache, and no second attempt and no search for
+    /// the failing block when the drive says EIO. For reading a failing
+    /// disk (`--rescue`), where every read of a bad sector costs.
+    pub fn read_once_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if let Some(direct) = &self.direct
+            && direct::suits(offset, buf.len())
+        {
+            match direct::read_exact_at(direct, buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => {
+                    return Err(Error::io("reading", &self.path, Some(offset), e));
+                }
+                Err(_) => {}
+            }
+        }
+        self.file.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`, for the bulk reads of a
     /// job (every used block of a source): straight from the drive into
     /// `buf`, past the page cache, where the disk was opened for it and the

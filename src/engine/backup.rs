@@ -459,7 +459,15 @@ fn read_job(
     cancel::check("reading the source")?;
     let len: u64 = extents.iter().map(|e| e.1).sum();
     let mut buf = pool.take(len as usize);
-    match source.read_extents(&extents, &mut buf) {
+    // Rescuing, a failed read is not tried again block by block to name the
+    // block: the rescue reads around it, and every read of a bad sector costs.
+    let read = match rescue {
+        Some(_) => {
+            extents_at(&extents).try_for_each(|(e, at)| source.read_once_at(&mut buf[at..at + e.1 as usize], e.0))
+        }
+        None => source.read_extents(&extents, &mut buf),
+    };
+    match read {
         Ok(()) => {}
         Err(e) if is_media_error(&e) => match rescue {
             Some(r) => r.read_around(source, stream, &extents, &mut buf)?,
@@ -478,6 +486,16 @@ fn read_job(
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Each of `extents` with where its bytes start in a buffer that holds them
+/// one after another.
+fn extents_at(extents: &[Extent]) -> impl Iterator<Item = (Extent, usize)> + '_ {
+    extents.iter().scan(0usize, |at, &e| {
+        let here = *at;
+        *at += e.1 as usize;
+        Some((e, here))
+    })
 }
 
 /// Whether `e` is a read error of the medium (EIO), which reading around
@@ -513,6 +531,10 @@ pub const RESCUE_PIECE: u64 = 64 << 10;
 
 impl Rescue {
     fn new(source: &Disk) -> Rescue {
+        // No readahead: reads that go through the page cache (pieces and
+        // sectors that cannot be read past it) read only what they ask for,
+        // not the bad places after them again.
+        let _ = nix::fcntl::posix_fadvise(&source.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
         Rescue {
             sector: u64::from(source.logical_sector_size.max(512)),
             pending: Default::default(),
@@ -530,7 +552,7 @@ impl Rescue {
                 cancel::check("reading the source")?;
                 let end = ((pos / RESCUE_PIECE + 1) * RESCUE_PIECE).min(offset + len);
                 let piece = &mut buf[at + (pos - offset) as usize..at + (end - offset) as usize];
-                match source.read_bulk_at(piece, pos) {
+                match source.read_once_at(piece, pos) {
                     Ok(()) => {}
                     Err(e) if is_media_error(&e) => {
                         piece.fill(0);
@@ -559,7 +581,7 @@ impl Rescue {
             let mut read = |i: u64, piece: &mut [u8]| -> Result<bool> {
                 cancel::check("reading the source")?;
                 let (rel, n) = span(i);
-                let ok = match source.read_exact_at(&mut piece[rel as usize..(rel + n) as usize], pos + rel) {
+                let ok = match source.read_once_at(&mut piece[rel as usize..(rel + n) as usize], pos + rel) {
                     Ok(()) => true,
                     Err(e) if is_media_error(&e) => false,
                     Err(e) => return Err(e),
