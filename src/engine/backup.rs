@@ -511,9 +511,9 @@ fn is_media_error(e: &Error) -> bool {
 /// again in pieces of [`RESCUE_PIECE`] bytes on aligned disk offsets, and a
 /// piece that fails is stored as zeros in its chunk and kept for later;
 /// the backup goes on. When every stream is written, each kept piece is
-/// read sector by sector, once each: from its start until a sector fails,
-/// from its end backwards until one fails (trimming), then the sectors
-/// between (scraping). The sectors read go into one more stream (kind
+/// read [`RESCUE_UNIT`] bytes (or a sector, if larger) at a time, once
+/// each: from its start until a read fails, from its end backwards until
+/// one fails (trimming), then the units between (scraping). The sectors read go into one more stream (kind
 /// `rescued`), which a restore writes over the zeros; those that fail are
 /// recorded as unreadable. So no place is read more than three times
 /// (chunk, piece, sector), and the readable rest is in the image before the
@@ -528,6 +528,8 @@ pub(crate) struct Rescue {
 
 /// Pieces a failed read is read again in.
 pub const RESCUE_PIECE: u64 = 64 << 10;
+/// What the second pass of a rescue reads at a time, at least.
+pub const RESCUE_UNIT: u64 = 4096;
 
 impl Rescue {
     fn new(source: &Disk) -> Rescue {
@@ -535,8 +537,12 @@ impl Rescue {
         // sectors that cannot be read past it) read only what they ask for,
         // not the bad places after them again.
         let _ = nix::fcntl::posix_fadvise(&source.file, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM);
+        // The second pass reads 4 KiB at a time (or a larger sector): reads
+        // that go through the page cache fetch whole 4 KiB pages, so reading
+        // 512-byte sectors one by one would ask the drive for a bad page
+        // eight times over.
         Rescue {
-            sector: u64::from(source.logical_sector_size.max(512)),
+            sector: u64::from(source.logical_sector_size).max(RESCUE_UNIT),
             pending: Default::default(),
             found: Default::default(),
         }
