@@ -28,6 +28,8 @@ img swap 64K; mkswap "$T/swap" >/dev/null 2>&1 && head -c 8K "$T/swap" > "$S/fs_
 
 # Partition tables: a GPT and an MBR with an extended partition (EBR chain).
 img gpt 1M; sgdisk -a 8 -n 1:40:999 -n 2:1000:1900 -t 2:8300 "$T/gpt" >/dev/null; cp "$T/gpt" "$S/partition_table/gpt"
+# An ext4 in partition 1 gives the klon backup below chunk records to keep.
+mkfs.ext4 -q -F -E offset=$((40 * 512)) "$T/gpt" 400k 2>/dev/null
 img mbr 1M
 printf 'label: dos\n start=1, size=200, type=83\n start=300, size=1600, type=5\n start=301, size=500, type=83\n start=900, size=500, type=7\n' \
     | sfdisk -q "$T/mbr" >/dev/null
