@@ -21,7 +21,7 @@ for t in "${targets[@]}"; do
     # -max_len: the seeds are real images up to 2 MiB; mutations of larger
     # inputs are slower but reach the readers' deeper tables.
     if ! cargo +nightly fuzz run -O "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$secs" -jobs=1 -workers=1 -max_len=2200000 -rss_limit_mb=2048 -timeout=10 \
+        -max_total_time="$secs" -max_len=2200000 -rss_limit_mb=2048 -timeout=10 \
         -print_final_stats=1 >"logs/$t.log" 2>&1; then
         echo "   FAILED (crash, timeout or OOM): see fuzz/logs/$t.log and fuzz/artifacts/$t/"
         failed=1

@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! Shared by the targets: untrusted bytes as a file klon can open.
 
 use std::path::PathBuf;
