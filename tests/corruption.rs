@@ -19,16 +19,6 @@ fn fresh_image(t: &TempDir) -> (PathBuf, PathBuf) {
     (src, img)
 }
 
-fn data_files(img: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(img)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
-        .collect();
-    v.sort();
-    v
-}
-
 fn flip(path: &Path, off: u64) {
     let mut b = read_at(path, off, 1);
     b[0] ^= 0x01;

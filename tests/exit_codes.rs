@@ -4,19 +4,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::disks::*;
-
-/// An image of a 4 MiB disk with some text on it.
-fn small_image(t: &TempDir) -> (PathBuf, PathBuf) {
-    let (src, img) = (t.join("src.img"), t.join("image"));
-    blank_file(&src, 4 * MIB);
-    write_at(&src, 0, &text_bytes(7, MIB as usize));
-    ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
-    (src, img)
-}
 
 fn chmod(p: &Path, mode: u32) {
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -94,17 +85,6 @@ fn help_of_help_succeeds() {
     ok(&o);
     assert!(stdout(&o).contains("--grow-last"), "{}", stdout(&o));
     fails_with(&klon(&["help", "no-such-command"]), 2, &["no-such-command"]);
-}
-
-/// The data files of an image (names ending in digits).
-fn data_files(img: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(img)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
-        .collect();
-    v.sort();
-    v
 }
 
 /// `verify --json` of a damaged image prints its report, with "ok": false

@@ -7,15 +7,6 @@ use std::path::PathBuf;
 
 use common::disks::*;
 
-/// An image of a 4 MiB disk with some text on it.
-fn small_image(t: &TempDir) -> (PathBuf, PathBuf) {
-    let (src, img) = (t.join("src.img"), t.join("image"));
-    blank_file(&src, 4 * MIB);
-    write_at(&src, 0, &text_bytes(7, MIB as usize));
-    ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
-    (src, img)
-}
-
 #[test]
 fn a_dev_path_that_is_no_block_device_is_refused_and_nothing_is_created() {
     let t = TempDir::new("devpath");

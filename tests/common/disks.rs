@@ -318,3 +318,23 @@ pub fn make_mbr_disk(path: &Path, size: u64) -> Vec<SfPart> {
     write_at(path, 512, &text_bytes(3, 20000)); // "core.img" after the MBR
     parts
 }
+
+/// The data files of an image (names ending in digits).
+pub fn data_files(img: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(img)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e.to_str().unwrap().chars().all(|c| c.is_ascii_digit())))
+        .collect();
+    v.sort();
+    v
+}
+
+/// An image of a 4 MiB disk with some text on it.
+pub fn small_image(t: &TempDir) -> (PathBuf, PathBuf) {
+    let (src, img) = (t.join("src.img"), t.join("image"));
+    blank_file(&src, 4 * MIB);
+    write_at(&src, 0, &text_bytes(7, MIB as usize));
+    ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
+    (src, img)
+}
