@@ -17,8 +17,8 @@ use super::target::{Shift, TargetWriter, WriteArea, intersects, write_disk, writ
 use crate::device::Disk;
 use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
-use crate::image::format::{CHUNK_SIZE, Extent, IndexEntry};
-use crate::image::{Fill, ImageReader, StoredChunk, StreamKind};
+use crate::image::format::{CHUNK_SIZE, Extent};
+use crate::image::{ChunkStore, Fill, StoredChunk, StreamKind};
 use crate::ui::progress::Progress;
 
 /// Options of a restore.
@@ -50,25 +50,24 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// Writes the image `reader` reads (with its checked `indexes`) onto the
+/// Writes the image whose chunks `reader` reads onto the
 /// target, which passed every refusal (see
 /// [`super::source::prepare_restore`]). The caller has confirmed.
 pub fn restore(
-    reader: &ImageReader,
-    indexes: &[Vec<IndexEntry>],
+    reader: &dyn ChunkStore,
     target: &Disk,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
-    let layout = reader.manifest.layout.clone();
+    let layout = reader.manifest().layout.clone();
     let written = write_disk(
         "restore",
         target,
         &layout,
         opts.grow_last,
         opts.verify_after,
-        |area| write_all(reader, indexes, target, area, opts),
-        |skip| read_back(reader, indexes, target, skip, Shift::default(), None, opts),
+        |area| write_all(reader, target, area, opts),
+        |skip| read_back(reader, target, skip, Shift::default(), None, opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }
@@ -77,15 +76,14 @@ pub fn restore(
 /// and nothing else; the target passed every refusal (see
 /// [`super::source::prepare_partition_restore`]). The caller has confirmed.
 pub fn restore_partition(
-    reader: &ImageReader,
-    indexes: &[Vec<IndexEntry>],
+    reader: &dyn ChunkStore,
     number: u32,
     target: &Disk,
     to: u64,
     opts: &RestoreOptions,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
-    let streams = &reader.manifest.streams;
+    let streams = &reader.manifest().streams;
     if streams.iter().any(|s| s.kind == StreamKind::Rescued) {
         return Err(Error::Unsupported(
             "this image holds sectors a rescue read late (klon backup --rescue); restoring one partition of \
@@ -105,8 +103,8 @@ pub fn restore_partition(
         (start, length),
         to,
         opts.verify_after,
-        |area| write_all(reader, indexes, target, area, opts),
-        |skip, shift| read_back(reader, indexes, target, skip, shift, Some(si), opts),
+        |area| write_all(reader, target, area, opts),
+        |skip, shift| read_back(reader, target, skip, shift, Some(si), opts),
     )?;
     Ok(RestoreReport::new(written, opts.verify_after, started))
 }
@@ -137,17 +135,16 @@ impl RestoreReport {
 }
 
 fn write_all(
-    reader: &ImageReader,
-    indexes: &[Vec<IndexEntry>],
+    reader: &dyn ChunkStore,
     target: &Disk,
     area: &WriteArea,
     opts: &RestoreOptions,
 ) -> Result<u64> {
-    let streams = &reader.manifest.streams;
+    let streams = &reader.manifest().streams;
     let order: Vec<usize> = write_order(streams).into_iter().filter(|&si| area.only.is_none_or(|o| o == si)).collect();
     let total = match area.only {
         Some(si) => streams[si].stored_bytes,
-        None => super::verify::stored_total(&reader.dir, streams)?,
+        None => super::verify::stored_total(reader.location(), streams)?,
     };
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -158,7 +155,7 @@ fn write_all(
         pipeline::depth(opts.workers),
         |send| {
             for &si in &order {
-                reader.for_each_chunk(si, &indexes[si], |c| {
+                reader.for_each_chunk(si, &mut |c| {
                     super::cancel::check("restore")?;
                     Ok(send(c))
                 })?;
@@ -195,15 +192,14 @@ struct Check {
 /// `skip` (source offsets) what is not to be compared.
 #[allow(clippy::too_many_arguments)]
 fn read_back(
-    reader: &ImageReader,
-    indexes: &[Vec<IndexEntry>],
+    reader: &dyn ChunkStore,
     target: &Disk,
     skip: &[Extent],
     shift: Shift,
     only: Option<usize>,
     opts: &RestoreOptions,
 ) -> Result<()> {
-    let streams = &reader.manifest.streams;
+    let streams = &reader.manifest().streams;
     let order: Vec<usize> = write_order(streams).into_iter().filter(|&si| only.is_none_or(|o| o == si)).collect();
     let total: u64 = order
         .iter()
@@ -213,8 +209,8 @@ fn read_back(
     // streams hold there: those streams are compared around them.
     let mut overlay: Vec<Extent> = Vec::new();
     for (si, _) in streams.iter().enumerate().filter(|(_, s)| s.kind == StreamKind::Rescued) {
-        for (seq, e) in indexes[si].iter().enumerate() {
-            overlay.extend(reader.read_header(si, seq as u64, e)?.extents);
+        for seq in 0..reader.chunk_count(si) {
+            overlay.extend(reader.read_header(si, seq as u64)?.extents);
         }
     }
     // Pieces are read and compared where they landed on the target.
@@ -233,7 +229,6 @@ fn read_back(
         |target, send| {
             for &si in &order {
                 let s = &streams[si];
-                let entries = &indexes[si];
                 let mut cursor = s.start;
                 let zeros_upto = |send: &mut dyn FnMut(Check) -> bool, from: u64, to: u64| -> Result<bool> {
                     if s.fill != Fill::Zero {
@@ -249,16 +244,16 @@ fn read_back(
                     }
                     Ok(true)
                 };
-                for (seq, e) in entries.iter().enumerate() {
+                for seq in 0..reader.chunk_count(si) as u64 {
                     super::cancel::check("read-back")?;
-                    let header = reader.read_header(si, seq as u64, e)?;
+                    let header = reader.read_header(si, seq)?;
                     let first = header.extents[0].0;
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
                     let landed = shift.extents(&header.extents);
                     let image = if landed.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
-                        Some(Box::new(reader.read_chunk(si, seq as u64, e)?))
+                        Some(Box::new(reader.read_chunk(si, seq)?))
                     } else {
                         None
                     };
@@ -327,20 +322,19 @@ mod tests {
         crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
 
-        let reader = ImageReader::open(&img).unwrap();
-        let indexes = reader.indexes().unwrap();
+        let image = crate::engine::source::klon::KlonImage::open(&img).unwrap();
         let mut target = Disk::open_target(&dst, None).unwrap();
         target.enable_direct_reads();
-        read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap();
+        read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap();
         // A changed byte in stored content: named by its place.
         let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);
-        let e = read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
+        let e = read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
         assert!(e.contains("verification after restore failed") && e.contains("differs from the image"), "{e}");
         poke(&dst, 5 * MIB + 3, old);
-        read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap();
+        read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap();
         // A non-zero byte where the source had zeros the image left out.
         poke(&dst, 12 * MIB + 9, 1);
-        let e = read_back(&reader, &indexes, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
+        let e = read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
         assert!(e.contains(&format!("byte at disk offset {} should be zero", 12 * MIB + 9)), "{e}");
     }
 }

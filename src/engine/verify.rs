@@ -6,8 +6,8 @@ use std::time::Instant;
 use super::pipeline;
 use super::streams::describe;
 use crate::error::{Error, Result};
-use crate::image::ImageReader;
-use crate::image::format::{Extent, IndexEntry};
+use crate::image::ChunkStore;
+use crate::image::format::Extent;
 use crate::ui::progress::Progress;
 
 /// What a verify reports.
@@ -26,24 +26,18 @@ pub struct VerifyReport {
 /// Checks every file, index, chunk header, payload crc32 and content
 /// blake3 of the image at `dir`.
 pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
-    let reader = ImageReader::open(dir)?;
     // The checks a restore makes before writing, before any data is read.
-    let indexes = reader.indexes()?;
-    verify_image(&reader, &indexes, workers, quiet)
+    let image = super::source::klon::KlonImage::open(dir)?;
+    verify_image(&image, workers, quiet)
 }
 
-/// Checks every chunk of the image `reader` reads, whose manifest and
-/// `indexes` were checked when it was opened.
-pub fn verify_image(
-    reader: &ImageReader,
-    indexes: &[Vec<IndexEntry>],
-    workers: usize,
-    quiet: bool,
-) -> Result<VerifyReport> {
+/// Checks every chunk of the image whose chunks `reader` reads (its
+/// manifest and indexes were checked when it was opened).
+pub fn verify_image(reader: &dyn ChunkStore, workers: usize, quiet: bool) -> Result<VerifyReport> {
     let started = Instant::now();
-    let dir = &reader.dir;
-    let total = stored_total(dir, &reader.manifest.streams)?;
-    let streams = &reader.manifest.streams;
+    let dir = reader.location();
+    let streams = &reader.manifest().streams;
+    let total = stored_total(dir, streams)?;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = Progress::with_parts("verify", total, parts, quiet);
@@ -56,8 +50,8 @@ pub fn verify_image(
         workers,
         pipeline::depth(workers),
         |send| {
-            for (si, entries) in indexes.iter().enumerate() {
-                reader_ref.for_each_chunk(si, entries, |c| {
+            for si in 0..streams.len() {
+                reader_ref.for_each_chunk(si, &mut |c| {
                     super::cancel::check("verify")?;
                     Ok(send(c))
                 })?;

@@ -43,6 +43,20 @@ pub struct StoredChunk {
 }
 
 impl StoredChunk {
+    /// A chunk read by a store other than an image's data files: `header`
+    /// says what it holds, `record[payload_at..]` is its stored payload,
+    /// whose buffer came from `bufs`.
+    pub fn new(
+        stream: usize,
+        header: ChunkHeader,
+        record: IoBuf,
+        payload_at: usize,
+        bufs: BufPool,
+        location: String,
+    ) -> StoredChunk {
+        StoredChunk { stream, header, record, payload_at, bufs, location }
+    }
+
     /// The stored payload.
     pub fn payload(&self) -> &[u8] {
         &self.record[self.payload_at..]

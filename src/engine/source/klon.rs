@@ -8,10 +8,10 @@ use crate::engine::backup::image_size;
 use crate::engine::restore::{self, RestoreOptions, RestoreReport};
 use crate::engine::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
-use crate::image::format::IndexEntry;
+use crate::image::format::{ChunkHeader, IndexEntry};
 use crate::image::reader::describe_stream;
 use crate::image::writer::PARTIAL_SUFFIX;
-use crate::image::{ImageReader, Manifest};
+use crate::image::{ChunkStore, ImageReader, Manifest, StoredChunk};
 use crate::table::DiskLayout;
 use crate::ui::human_bytes;
 
@@ -39,6 +39,32 @@ impl KlonImage {
     }
 }
 
+impl ChunkStore for KlonImage {
+    fn location(&self) -> &Path {
+        &self.reader.dir
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.reader.manifest
+    }
+
+    fn chunk_count(&self, stream: usize) -> usize {
+        self.indexes[stream].len()
+    }
+
+    fn for_each_chunk(&self, stream: usize, each: &mut dyn FnMut(StoredChunk) -> Result<bool>) -> Result<()> {
+        self.reader.for_each_chunk(stream, &self.indexes[stream], each)
+    }
+
+    fn read_chunk(&self, stream: usize, seq: u64) -> Result<StoredChunk> {
+        self.reader.read_chunk(stream, seq, &self.indexes[stream][seq as usize])
+    }
+
+    fn read_header(&self, stream: usize, seq: u64) -> Result<ChunkHeader> {
+        self.reader.read_header(stream, seq, &self.indexes[stream][seq as usize])
+    }
+}
+
 impl ImageSource for KlonImage {
     fn location(&self) -> &Path {
         &self.reader.dir
@@ -60,7 +86,7 @@ impl ImageSource for KlonImage {
     }
 
     fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport> {
-        let result = verify::verify_image(&self.reader, &self.indexes, workers, quiet);
+        let result = verify::verify_image(self, workers, quiet);
         if !matches!(&result, Err(Error::Cancelled(_))) {
             verify::record_result(&self.reader.dir, &result);
         }
@@ -68,7 +94,7 @@ impl ImageSource for KlonImage {
     }
 
     fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        restore::restore(&self.reader, &self.indexes, target, opts)
+        restore::restore(self, target, opts)
     }
 
     fn restore_partition(
@@ -78,7 +104,7 @@ impl ImageSource for KlonImage {
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        restore::restore_partition(&self.reader, &self.indexes, number, target, to, opts)
+        restore::restore_partition(self, number, target, to, opts)
     }
 
     fn warnings(&self) -> Vec<String> {
