@@ -178,7 +178,6 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
         None => None,
     };
 
-    let identity = crate::device::sysfs::disk_info(&source);
     let mut unreadable = rescue.map(Rescue::into_ranges).unwrap_or_default();
     let stream_infos: Vec<StreamInfo> = plans
         .iter()
@@ -205,19 +204,25 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
         eprintln!("klon: warning: {w}");
         warnings.push(w);
     }
-    let source_info = SourceInfo {
-        path: source_path.display().to_string(),
+    let source_info = source_info(source_path, &source, &layout);
+    let manifest = Manifest::new(source_info, layout, opts.level, stream_infos);
+    let image_bytes = image_size(&manifest);
+    let image = writer.commit(&manifest)?;
+    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings })
+}
+
+/// What a manifest records of the source disk.
+pub(crate) fn source_info(path: &Path, source: &Disk, layout: &table::DiskLayout) -> SourceInfo {
+    let identity = crate::device::sysfs::disk_info(source);
+    SourceInfo {
+        path: path.display().to_string(),
         size: source.size,
         logical_sector_size: layout.sector_size,
         physical_sector_size: source.physical_sector_size,
         model: identity.as_ref().and_then(|i| i.model.clone()),
         serial: identity.as_ref().and_then(|i| i.serial.clone()),
         transport: Some(identity.map(|i| i.transport).unwrap_or_else(|| "file".to_string())),
-    };
-    let manifest = Manifest::new(source_info, layout, opts.level, stream_infos);
-    let image_bytes = image_size(&manifest);
-    let image = writer.commit(&manifest)?;
-    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings })
+    }
 }
 
 /// Total size of an image's files.
@@ -250,7 +255,7 @@ fn write_streams(
     }
     let order: Vec<usize> = (0..plans.len()).collect();
     let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
-        read_jobs(source, plans, &order, lanes_suit(source), rescue, send)?;
+        read_jobs(source, plans, &order, lanes_suit(source), None, rescue, send)?;
         match rescue {
             Some(r) => r.scrape(source, plans.len(), send),
             None => Ok(()),
@@ -351,12 +356,14 @@ pub(crate) fn lanes_suit(source: &Disk) -> bool {
 /// blocks. Returns early (Ok) when `send` says the pipeline stopped.
 ///
 /// With `lanes`, a filesystem's used blocks are read in two lanes (see
-/// [`StreamJobs`]).
+/// [`StreamJobs`]); with `window`, no job crosses a multiple of it (a
+/// repository's chunks: see [`JobPacker`]).
 pub(crate) fn read_jobs(
     source: &Disk,
     plans: &[streams::StreamPlan],
     order: &[usize],
     lanes: bool,
+    window: Option<u64>,
     rescue: Option<&Rescue>,
     send: &mut dyn FnMut(ReadJob) -> bool,
 ) -> Result<()> {
@@ -365,7 +372,7 @@ pub(crate) fn read_jobs(
         let plan = &plans[si];
         // Zero runs may be left out of raw streams, so their jobs do not
         // map one to one to chunks: they are read in one lane.
-        for (extents, lane) in StreamJobs::new(&plan.reads, lanes && !plan.skip_zero) {
+        for (extents, lane) in StreamJobs::new(&plan.reads, lanes && !plan.skip_zero, window) {
             if !send(read_job(source, &pool, plan, si, extents, lane, rescue)?) {
                 return Ok(());
             }
@@ -395,8 +402,8 @@ struct StreamJobs<'a> {
 }
 
 impl<'a> StreamJobs<'a> {
-    fn new(reads: &'a [Extent], lanes: bool) -> StreamJobs<'a> {
-        let first = JobPacker::new(reads);
+    fn new(reads: &'a [Extent], lanes: bool, window: Option<u64>) -> StreamJobs<'a> {
+        let first = JobPacker::new(reads, window);
         let mut jobs = StreamJobs { first: first.clone(), first_left: usize::MAX, second: None, first_turn: false };
         if lanes {
             let count = first.clone().count_jobs();
@@ -655,11 +662,15 @@ struct JobPacker<'a> {
     /// The read being packed and how much of it is packed already.
     read: usize,
     done: u64,
+    /// With a window: every job lies inside one window of that many bytes
+    /// aligned to disk offsets (a repository's chunks); without, a job
+    /// holds up to a chunk's worth wherever the bytes lie.
+    window: Option<u64>,
 }
 
 impl<'a> JobPacker<'a> {
-    fn new(reads: &'a [(u64, u64)]) -> JobPacker<'a> {
-        JobPacker { reads, read: 0, done: 0 }
+    fn new(reads: &'a [(u64, u64)], window: Option<u64>) -> JobPacker<'a> {
+        JobPacker { reads, read: 0, done: 0, window }
     }
 
     /// The next piece, without taking it.
@@ -667,7 +678,8 @@ impl<'a> JobPacker<'a> {
         while let Some(&(start, len)) = self.reads.get(self.read) {
             if self.done < len {
                 let pos = start + self.done;
-                let boundary = (pos / CHUNK_SIZE as u64 + 1) * CHUNK_SIZE as u64;
+                let step = self.window.unwrap_or(CHUNK_SIZE as u64);
+                let boundary = (pos / step + 1) * step;
                 return Some((pos, boundary.min(start + len) - pos));
             }
             self.read += 1;
@@ -681,7 +693,10 @@ impl<'a> JobPacker<'a> {
         let mut extents: Vec<Extent> = Vec::new();
         let mut len = 0u64;
         while let Some((offset, piece)) = self.peek() {
-            if !extents.is_empty() && (len + piece > CHUNK_SIZE as u64 || extents.len() >= MAX_EXTENTS as usize) {
+            let other_window = self.window.is_some_and(|w| extents.first().is_some_and(|f| f.0 / w != offset / w));
+            if !extents.is_empty()
+                && (other_window || len + piece > CHUNK_SIZE as u64 || extents.len() >= MAX_EXTENTS as usize)
+            {
                 break;
             }
             self.done += piece;
@@ -750,15 +765,21 @@ pub(crate) fn encode(job: ReadJob, level: i32) -> Result<Encoded> {
     }
     let content_hash = *blake3::hash(&content).as_bytes();
     let raw_len = content.len() as u32;
+    let (flags, payload) = stored_payload(content, level)?;
+    let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
+    Ok(Encoded { stream, lane, read_len, chunk: Some(chunk) })
+}
+
+/// The payload to store for `content`, and its flags: a zstd frame at
+/// `level`, or the content as is when that is not smaller.
+pub(crate) fn stored_payload(content: IoBuf, level: i32) -> Result<(u32, IoBuf)> {
     // Random or already compressed data: samples say so, and zstd's fastest
     // level gets what little there is to get (headers between compressed
     // files) at a fraction of the cost. Stored as is when even that does
     // not make it smaller.
     let level = if looks_incompressible(&content) { level.min(1) } else { level };
     let compressed = compress(&content, level)?;
-    let (flags, payload) = if compressed.len() < content.len() { (FLAG_ZSTD, compressed.into()) } else { (0, content) };
-    let chunk = EncodedChunk { extents, raw_len, flags, payload_crc: crc32fast::hash(&payload), content_hash, payload };
-    Ok(Encoded { stream, lane, read_len, chunk: Some(chunk) })
+    Ok(if compressed.len() < content.len() { (FLAG_ZSTD, compressed.into()) } else { (0, content) })
 }
 
 /// zstd's window: a whole chunk. Matches may then reach back anywhere in
@@ -942,7 +963,7 @@ mod tests {
     #[test]
     fn jobs_are_packed_by_chunk_boundaries_size_and_extent_count() {
         let reads = fs_like_reads();
-        let jobs: Vec<Vec<Extent>> = StreamJobs::new(&reads, false)
+        let jobs: Vec<Vec<Extent>> = StreamJobs::new(&reads, false, None)
             .map(|(e, lane)| {
                 assert_eq!(lane, Lane::First);
                 e
@@ -958,12 +979,34 @@ mod tests {
     }
 
     #[test]
+    fn with_a_window_every_job_is_the_reads_of_one_window() {
+        let reads = fs_like_reads();
+        const W: u64 = 1 << 20;
+        for lanes in [false, true] {
+            let jobs: Vec<Vec<Extent>> = StreamJobs::new(&reads, lanes, Some(W)).map(|(e, _)| e).collect();
+            let mut windows = std::collections::HashSet::new();
+            for j in &jobs {
+                let w = j[0].0 / W;
+                assert!(j.iter().all(|e| e.0 / W == w && (e.0 + e.1 - 1) / W == w), "a job crosses a window: {j:?}");
+                // One job per window (none here reaches the extent limit in 1 MiB).
+                assert!(windows.insert(w), "window {w} split into two jobs");
+            }
+            // Every window that has reads has its job, and nothing is lost.
+            let want: std::collections::HashSet<u64> =
+                reads.iter().flat_map(|&(a, l)| (a / W)..=((a + l - 1) / W)).collect();
+            assert_eq!(windows, want);
+            let total: u64 = jobs.iter().flatten().map(|e| e.1).sum();
+            assert_eq!(total, reads.iter().map(|r| r.1).sum::<u64>());
+        }
+    }
+
+    #[test]
     fn two_lanes_alternate_and_split_the_jobs_in_disk_order() {
         let reads = fs_like_reads();
         let single = jobs_by_pieces(&reads);
         assert!(single.len() >= 7, "{} jobs", single.len());
         let first_jobs = single.len().div_ceil(2);
-        let laned: Vec<(Vec<Extent>, Lane)> = StreamJobs::new(&reads, true).collect();
+        let laned: Vec<(Vec<Extent>, Lane)> = StreamJobs::new(&reads, true, None).collect();
         // First lane, second lane, first lane, ...: the first lane has one
         // more job when the count is odd, so it gives the last one.
         assert_eq!(laned.len(), single.len());
@@ -979,9 +1022,9 @@ mod tests {
         assert_eq!(firsts.chain(seconds).collect::<Vec<_>>(), single);
         // Too few jobs for two lanes of at least MIN_LANE_JOBS: one lane.
         let short = [(0, (2 * MIN_LANE_JOBS as u64 - 1) * C)];
-        assert!(StreamJobs::new(&short, true).all(|(_, l)| l == Lane::First));
+        assert!(StreamJobs::new(&short, true, None).all(|(_, l)| l == Lane::First));
         let enough = [(0, 2 * MIN_LANE_JOBS as u64 * C)];
-        assert!(StreamJobs::new(&enough, true).any(|(_, l)| l != Lane::First));
+        assert!(StreamJobs::new(&enough, true, None).any(|(_, l)| l != Lane::First));
     }
 
     #[test]

@@ -112,7 +112,7 @@ fn copy_all(
         opts.workers,
         pipeline::depth(opts.workers),
         // One lane: the target is written in disk order.
-        |send| read_jobs(source, streams, order, false, None, send),
+        |send| read_jobs(source, streams, order, false, None, None, send),
         |job: ReadJob| {
             let (stream, read_len) = (job.stream, job.buf.len() as u64);
             let (extents, content) = kept_content(job);

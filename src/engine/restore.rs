@@ -53,11 +53,7 @@ pub struct RestoreReport {
 /// Writes the image whose chunks `reader` reads onto the
 /// target, which passed every refusal (see
 /// [`super::source::prepare_restore`]). The caller has confirmed.
-pub fn restore(
-    reader: &dyn ChunkStore,
-    target: &Disk,
-    opts: &RestoreOptions,
-) -> Result<RestoreReport> {
+pub fn restore(reader: &dyn ChunkStore, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let layout = reader.manifest().layout.clone();
     let written = write_disk(
@@ -134,12 +130,7 @@ impl RestoreReport {
     }
 }
 
-fn write_all(
-    reader: &dyn ChunkStore,
-    target: &Disk,
-    area: &WriteArea,
-    opts: &RestoreOptions,
-) -> Result<u64> {
+fn write_all(reader: &dyn ChunkStore, target: &Disk, area: &WriteArea, opts: &RestoreOptions) -> Result<u64> {
     let streams = &reader.manifest().streams;
     let order: Vec<usize> = write_order(streams).into_iter().filter(|&si| area.only.is_none_or(|o| o == si)).collect();
     let total = match area.only {

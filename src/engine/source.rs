@@ -14,6 +14,7 @@
 
 pub mod clonezilla;
 pub mod klon;
+pub mod snapshot;
 
 use std::path::Path;
 
@@ -74,7 +75,9 @@ pub trait ImageSource: Send {
 /// Opens the image at `path`, whatever its kind, with every check that
 /// needs no data made.
 pub fn open(path: &Path) -> Result<Box<dyn ImageSource>> {
-    if crate::clonezilla::is_clonezilla_image(path) {
+    if let Some((repo, spec)) = crate::repo::split_spec(path) {
+        Ok(Box::new(snapshot::SnapshotImage::open(&repo, spec.as_deref())?))
+    } else if crate::clonezilla::is_clonezilla_image(path) {
         Ok(Box::new(crate::engine::czimage::CzSource::open(path)?))
     } else {
         Ok(Box::new(klon::KlonImage::open(path)?))
@@ -84,7 +87,10 @@ pub fn open(path: &Path) -> Result<Box<dyn ImageSource>> {
 /// Whether `path` looks like an image directory of any kind klon reads
 /// (complete or not), for listing a drive's images.
 pub fn looks_like_image(path: &Path) -> bool {
-    path.is_dir() && (klon::looks_like_klon_image(path) || crate::clonezilla::is_clonezilla_image(path))
+    path.is_dir()
+        && (klon::looks_like_klon_image(path)
+            || crate::clonezilla::is_clonezilla_image(path)
+            || crate::repo::is_repository(path))
 }
 
 /// An image as a list shows it, read cheaply (no data, no index).
@@ -109,7 +115,13 @@ pub struct Summary {
 
 /// Reads what a list shows of the image at `path`, cheaply.
 pub fn summarize(path: &Path) -> Result<Summary> {
-    if crate::clonezilla::is_clonezilla_image(path) { clonezilla::summarize(path) } else { klon::summarize(path) }
+    if let Some((repo, spec)) = crate::repo::split_spec(path) {
+        snapshot::summarize(&repo, spec.as_deref())
+    } else if crate::clonezilla::is_clonezilla_image(path) {
+        clonezilla::summarize(path)
+    } else {
+        klon::summarize(path)
+    }
 }
 
 /// Verifies the image at `path`, whatever its kind. A klon image keeps the

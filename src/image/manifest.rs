@@ -251,7 +251,18 @@ impl Manifest {
     /// one stream per partition at the partition's place, or one stream for
     /// a disk without a table), with files named once and sized for the
     /// chunks they hold.
+    /// Checks the manifest of a repository's snapshot, which has no files
+    /// of its own (its chunks are listed in the snapshot's table): the same
+    /// checks as for an image but those of files and their sizes.
+    pub fn validate_without_files(&self, path: &Path) -> Result<()> {
+        self.validate_as(path, false)
+    }
+
     fn validate(&self, path: &Path) -> Result<()> {
+        self.validate_as(path, true)
+    }
+
+    fn validate_as(&self, path: &Path, files: bool) -> Result<()> {
         let bad = |what: String| Err(Error::Corrupt(format!("{}: {what}", path.display())));
         if self.chunk_size == 0 || self.chunk_size > super::format::CHUNK_SIZE {
             return bad(format!("chunk size {} out of range", self.chunk_size));
@@ -278,7 +289,7 @@ impl Manifest {
             if s.name.is_empty() || !s.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return bad(format!("stream name {:?} is not allowed", s.name));
             }
-            for f in s.data_files.iter().chain(std::iter::once(&s.index)) {
+            for f in s.data_files.iter().chain(std::iter::once(&s.index)).filter(|_| files) {
                 if f.name.contains('/') || f.name.starts_with('.') {
                     return bad(format!("file name {:?} is not allowed", f.name));
                 }
@@ -332,9 +343,11 @@ impl Manifest {
             if s.stored_bytes > s.length
                 || s.chunks > s.stored_bytes
                 || chunks_hold.is_some_and(|n| n < s.stored_bytes)
-                || index_len != Some(s.index.size)
-                || data_len != Some(s.compressed_bytes)
-                || s.data_files.len() as u64 > s.chunks
+                || (files
+                    && (index_len != Some(s.index.size)
+                        || data_len != Some(s.compressed_bytes)
+                        || s.data_files.len() as u64 > s.chunks))
+                || (!files && (!s.data_files.is_empty() || s.index.size != 0))
             {
                 return bad(format!(
                     "stream {}: its sizes do not agree, the manifest is damaged ({} chunks, {} stored bytes of a \

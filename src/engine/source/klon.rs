@@ -179,13 +179,21 @@ pub(super) fn record_failure_to_open(path: &Path, result: &Result<VerifyReport>)
 }
 
 /// The text `klon info` prints.
-fn render_info(dir: &Path, m: &Manifest) -> String {
+pub(crate) fn render_info(dir: &Path, m: &Manifest) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let s = &m.source;
     let _ = writeln!(o, "Image:        {}", dir.display());
     let _ = writeln!(o, "Complete:     yes (size {})", human_bytes(image_size(m)));
     let _ = writeln!(o, "Created:      {} by klon {} (format {})", m.created, m.klon_version, m.format_version);
+    o + &render_body(m)
+}
+
+/// What `klon info` prints of an image after its first lines: the source's
+/// table, the compression, and every stream.
+pub(crate) fn render_body(m: &Manifest) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let s = &m.source;
     let _ = writeln!(
         o,
         "Source:       {} — {}, {} bytes, {}/{}-byte sectors, {}{}{}",

@@ -1,0 +1,260 @@
+//! Backup into a repository: disk -> snapshot.
+//!
+//! The disk is read as for an image, but each chunk holds the used bytes of
+//! one window of the disk (aligned to disk offsets), so a chunk's content
+//! changes only when something in its window does. Workers hash each
+//! chunk; one the repository has is not compressed again and costs only a
+//! line of the snapshot's table. New chunks are packed into pack files; the
+//! snapshot is written after every pack is synced, so it exists only when
+//! all its data does.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::backup::{BackupOptions, kept_content, lanes_suit, read_jobs, source_info, stored_payload};
+use super::{pipeline, streams};
+use crate::device::Disk;
+use crate::device::direct::IoBuf;
+use crate::error::{Error, Result};
+use crate::image::format::Extent;
+use crate::image::manifest::FileInfo;
+use crate::image::{Manifest, StreamInfo};
+use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
+use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
+use crate::repo::{Repository, is_repository};
+use crate::table;
+use crate::ui::progress::Progress;
+
+/// What a snapshot records besides the disk.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOptions {
+    /// A label for the snapshot.
+    pub label: Option<String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// The window of a repository created by this backup.
+    pub window: u32,
+}
+
+/// What a backup into a repository reports.
+#[derive(Debug)]
+pub struct SnapshotReport {
+    /// The repository.
+    pub repository: PathBuf,
+    /// Whether this backup created it.
+    pub created_repository: bool,
+    /// The new snapshot's id.
+    pub id: String,
+    /// The snapshot.
+    pub snapshot: SnapshotFile,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Chunks the repository had already.
+    pub reused_chunks: u64,
+    /// Warnings (partitions copied raw because their metadata failed a check).
+    pub warnings: Vec<String>,
+    /// The packs it wrote.
+    pub packs_written: Vec<String>,
+}
+
+/// A chunk after a worker: where it goes, its id, and its stored payload
+/// (flags and bytes) when the repository did not have it.
+struct Hashed {
+    stream: usize,
+    read_len: u64,
+    chunk: Option<HashedChunk>,
+}
+
+struct HashedChunk {
+    extents: Vec<Extent>,
+    raw_len: u32,
+    id: ChunkId,
+    payload: Option<(u32, IoBuf)>,
+}
+
+/// Backs up `source_path` as a new snapshot of the repository at `dir`
+/// (created when `dir` does not exist or is empty).
+pub fn backup_to_repository(
+    source_path: &Path,
+    dir: &Path,
+    opts: &BackupOptions,
+    sopts: &SnapshotOptions,
+) -> Result<SnapshotReport> {
+    let started = Instant::now();
+    let (time, utc_offset) = snapshot::now_and_offset();
+    if !(1..=22).contains(&opts.level) {
+        return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", opts.level)));
+    }
+    if opts.rescue {
+        return Err(Error::Unsupported(
+            "--rescue writes a standalone image, not a snapshot of a repository: back up the failing disk \
+             into a new directory (klon backup --rescue SOURCE NEW-DIR), restore that to a good disk, and \
+             back the good disk up into the repository"
+                .into(),
+        ));
+    }
+    let source = Disk::open_source(source_path)?;
+    crate::device::safety::check_source(&source, opts.allow_mounted)?;
+    crate::device::safety::check_image_dir_not_on(&source, dir)?;
+    let layout = table::read_layout(&source)?;
+    let plan = streams::plan(&source, &layout, opts.plan)?;
+    for w in &plan.warnings {
+        eprintln!("klon: warning: {w}");
+    }
+    let created_repository = !is_repository(dir);
+    let repo = if created_repository { Repository::create(dir, sopts.window)? } else { Repository::open(dir)? };
+    let _lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
+    let index = repo.load_index()?;
+    let window = u64::from(repo.config.window);
+
+    let plans = &plan.streams;
+    let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
+    let read_bytes: u64 = sizes.iter().sum();
+    let parts = plans.iter().zip(&sizes).map(|(p, &n)| (streams::describe(&p.info), n)).collect();
+    let mut progress = Progress::with_parts("backup", read_bytes, parts, opts.quiet);
+    let mut table: Vec<Vec<TableEntry>> = vec![Vec::new(); plans.len()];
+    let mut stored: Vec<u64> = vec![0; plans.len()];
+    let mut writer = PackWriter::new(&repo.packs_dir(), &repo.tmp_dir());
+    let mut written: HashSet<ChunkId> = HashSet::new();
+    let mut added = Added::default();
+    let mut reused_chunks = 0u64;
+    let order: Vec<usize> = (0..plans.len()).collect();
+    let level = opts.level;
+    let run = pipeline::run(
+        opts.workers,
+        pipeline::depth(opts.workers),
+        |send| read_jobs(&source, plans, &order, lanes_suit(&source), Some(window), None, send),
+        |job| {
+            let (stream, read_len) = (job.stream, job.buf.len() as u64);
+            let (extents, content) = kept_content(job);
+            if content.is_empty() {
+                return Ok(Hashed { stream, read_len, chunk: None });
+            }
+            let id = *blake3::hash(&content).as_bytes();
+            let raw_len = content.len() as u32;
+            let payload = if index.blobs.contains_key(&id) { None } else { Some(stored_payload(content, level)?) };
+            Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload }) })
+        },
+        |h: Hashed| {
+            progress.add_part(h.stream, h.read_len);
+            let Some(HashedChunk { extents, raw_len, id, payload }) = h.chunk else { return Ok(()) };
+            match payload {
+                Some((flags, payload)) if written.insert(id) => {
+                    writer.add(&NewBlob {
+                        id,
+                        raw_len,
+                        flags,
+                        payload_crc: crc32fast::hash(&payload),
+                        payload: &payload,
+                    })?;
+                    added.chunks += 1;
+                    added.content_bytes += u64::from(raw_len);
+                    added.stored_bytes += (pack::BLOB_HEADER_LEN + payload.len()) as u64;
+                    stored[h.stream] += payload.len() as u64;
+                }
+                Some((_, payload)) => stored[h.stream] += payload.len() as u64,
+                None => {
+                    reused_chunks += 1;
+                    stored[h.stream] += index.blobs.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
+                }
+            }
+            table[h.stream].push(TableEntry { id, raw_len, extents });
+            Ok(())
+        },
+    );
+    if let Err(e) = run.and_then(|()| writer.commit()) {
+        writer.abandon();
+        return Err(e.with_note("no snapshot was made (what was written of it is removed by klon prune)"));
+    }
+    progress.finish();
+
+    // Two lanes interleave a stream's chunks: the table lists them in disk order.
+    for entries in &mut table {
+        entries.sort_by_key(|e| e.extents[0].0);
+    }
+    let infos: Vec<StreamInfo> = plans
+        .iter()
+        .zip(&table)
+        .zip(&stored)
+        .map(|((p, entries), &stored)| {
+            let mut info = p.info.clone();
+            info.chunks = entries.len() as u64;
+            info.stored_bytes = entries.iter().map(|e| u64::from(e.raw_len)).sum();
+            info.compressed_bytes = stored;
+            info.index = FileInfo { name: String::new(), size: 0, blake3: None };
+            info.data_files = Vec::new();
+            info
+        })
+        .collect();
+    let mut image = Manifest::new(source_info(source_path, &source, &layout), layout, opts.level, infos);
+    image.chunk_size = repo.config.window;
+    image.created = snapshot::rfc3339(time);
+    let file = SnapshotFile {
+        format: snapshot::FORMAT_NAME.into(),
+        format_version: snapshot::FORMAT_VERSION,
+        repository: repo.config.id.clone(),
+        time,
+        created: snapshot::rfc3339(time),
+        utc_offset,
+        hostname: crate::repo::lock::hostname(),
+        label: sopts.label.clone(),
+        tags: sopts.tags.clone(),
+        table: FileInfo { name: String::new(), size: 0, blake3: None },
+        added,
+        image,
+    };
+    let id = snapshot::write(&repo, file, &table)?;
+    let snapshot = SnapshotFile::load(&repo, &id)?;
+    Ok(SnapshotReport {
+        repository: dir.to_path_buf(),
+        created_repository,
+        id,
+        snapshot,
+        seconds: started.elapsed().as_secs_f64(),
+        read_bytes,
+        reused_chunks,
+        warnings: plan.warnings,
+        packs_written: writer.written.iter().map(|p| p.name.clone()).collect(),
+    })
+}
+
+/// Reads back every pack a backup wrote (`packs`) and checks each chunk in
+/// it: header, crc32, zstd, blake3, and the pack's blake3 against its
+/// name. The chunks it reused were checked when they were written; `klon
+/// verify REPO:ID` reads every chunk of a snapshot.
+pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
+    let repo = Repository::open(dir)?;
+    let packs_dir = repo.packs_dir();
+    let mut indexes = Vec::new();
+    for name in packs {
+        indexes.push(pack::PackIndex::load(&pack::index_path(&packs_dir, name), name)?);
+    }
+    let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
+    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
+    let mut bytes = 0u64;
+    let mut buf = Vec::new();
+    for idx in &indexes {
+        let path = pack::pack_path(&packs_dir, &idx.name);
+        let f = std::fs::File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
+        let mut hasher = blake3::Hasher::new();
+        for b in &idx.entries {
+            super::cancel::check("verify")?;
+            buf.resize(b.record_len() as usize, 0);
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, b.offset)
+                .map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
+            let where_ = format!("chunk {} in {} at offset {}", snapshot::short(&b.id), path.display(), b.offset);
+            pack::check_record(b, &buf, &mut decomp, &where_)?;
+            hasher.update(&buf);
+            bytes += buf.len() as u64;
+            progress.add(buf.len() as u64);
+        }
+        if hasher.finalize().to_hex().as_str() != idx.name {
+            return Err(Error::Corrupt(format!("{}: the pack's blake3 is not its name", path.display())));
+        }
+    }
+    progress.finish();
+    Ok(bytes)
+}

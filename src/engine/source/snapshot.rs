@@ -1,0 +1,298 @@
+//! A snapshot in a repository as an [`ImageSource`], and the store of its
+//! chunks (the repository's packs) as a [`ChunkStore`].
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{ImageSource, Summary};
+use crate::device::Disk;
+use crate::device::direct::BufPool;
+use crate::engine::restore::{self, RestoreOptions, RestoreReport};
+use crate::engine::verify::{self, VerifyReport};
+use crate::error::{Error, Result};
+use crate::image::format::{CHUNK_SIZE, ChunkHeader};
+use crate::image::{ChunkStore, Manifest, StoredChunk};
+use crate::repo::pack::{self, BLOB_HEADER_LEN};
+use crate::repo::snapshot::{Table, short};
+use crate::repo::{BlobIndex, Repository, SnapshotEntry};
+use crate::table::DiskLayout;
+use crate::ui::human_bytes;
+
+/// A snapshot, opened: its file, its table, and where each of its chunks
+/// is, all checked.
+#[derive(Debug)]
+pub struct SnapshotImage {
+    repo: Repository,
+    snapshot: SnapshotEntry,
+    table: Table,
+    index: BlobIndex,
+    /// `REPO:ID`, as messages name it.
+    location: PathBuf,
+    bufs: BufPool,
+}
+
+impl SnapshotImage {
+    /// Opens snapshot `spec` (an id, a prefix, `latest`, or none for the
+    /// latest) of the repository at `dir`, and checks everything that needs
+    /// no data: the snapshot's file and table, that every chunk it names is
+    /// in a pack's index with the same length, and that those packs are
+    /// there with their recorded sizes.
+    pub fn open(dir: &Path, spec: Option<&str>) -> Result<SnapshotImage> {
+        let repo = Repository::open(dir)?;
+        let snapshot = repo.resolve(spec)?;
+        let table = snapshot.file.load_table(&repo)?;
+        let index = repo.load_index()?;
+        let location = PathBuf::from(format!("{}:{}", dir.display(), snapshot.short_id()));
+        let m = &snapshot.file.image;
+        let mut packs_used = std::collections::BTreeSet::new();
+        for (si, entries) in table.iter().enumerate() {
+            for (seq, e) in entries.iter().enumerate() {
+                match index.blobs.get(&e.id) {
+                    Some((p, b)) if b.raw_len == e.raw_len => {
+                        packs_used.insert(*p);
+                    }
+                    Some(_) => {
+                        return Err(Error::Corrupt(format!(
+                            "{}: chunk {} ({}, chunk {seq}) has another length in the repository than the snapshot says",
+                            location.display(),
+                            short(&e.id),
+                            crate::image::reader::describe_stream(&m.streams[si])
+                        )));
+                    }
+                    None => {
+                        return Err(Error::Corrupt(format!(
+                            "{}: chunk {} ({}, disk offset {}) is missing from the repository: no pack holds it \
+                             (run klon check {})",
+                            location.display(),
+                            short(&e.id),
+                            crate::image::reader::describe_stream(&m.streams[si]),
+                            e.extents[0].0,
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+        for p in packs_used {
+            let (name, size) = &index.packs[p as usize];
+            let path = pack::pack_path(&repo.packs_dir(), name);
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.len() == *size => {}
+                Ok(meta) => {
+                    return Err(Error::Corrupt(format!(
+                        "{}: {} bytes, its index says {size}: the pack is damaged",
+                        path.display(),
+                        meta.len()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::Corrupt(format!(
+                        "{}: the pack is missing, and snapshot {} needs it",
+                        path.display(),
+                        snapshot.short_id()
+                    )));
+                }
+                Err(e) => return Err(Error::io("reading", &path, None, e)),
+            }
+        }
+        Ok(SnapshotImage {
+            repo,
+            snapshot,
+            table,
+            index,
+            location,
+            bufs: BufPool::new(24, BLOB_HEADER_LEN + CHUNK_SIZE as usize),
+        })
+    }
+
+    /// The snapshot.
+    pub fn snapshot(&self) -> &SnapshotEntry {
+        &self.snapshot
+    }
+
+    fn header(&self, stream: usize, seq: u64) -> ChunkHeader {
+        let e = &self.table[stream][seq as usize];
+        let (_, b) = self.index.get(&e.id).expect("checked when opened");
+        ChunkHeader {
+            stream: stream as u32,
+            flags: b.flags,
+            seq,
+            extents: e.extents.clone(),
+            raw_len: b.raw_len,
+            stored_len: b.stored_len,
+            payload_crc: b.payload_crc,
+            content_hash: e.id,
+        }
+    }
+
+    fn read(&self, stream: usize, seq: u64, open: &mut Option<(String, File)>) -> Result<StoredChunk> {
+        let e = &self.table[stream][seq as usize];
+        let (name, b) = self.index.get(&e.id).expect("checked when opened");
+        let path = pack::pack_path(&self.repo.packs_dir(), name);
+        if open.as_ref().is_none_or(|o| o.0 != name) {
+            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
+            *open = Some((name.to_string(), f));
+        }
+        let (_, f) = open.as_ref().expect("opened above");
+        let location = format!(
+            "{} at offset {} (chunk {}, {} of snapshot {}, chunk {seq})",
+            path.display(),
+            b.offset,
+            short(&e.id),
+            crate::image::reader::describe_stream(&self.snapshot.file.image.streams[stream]),
+            self.snapshot.short_id()
+        );
+        let mut buf = self.bufs.take(b.record_len() as usize);
+        f.read_exact_at(&mut buf, b.offset).map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
+        b.check_header(&buf[..BLOB_HEADER_LEN], &location)?;
+        Ok(StoredChunk::new(stream, self.header(stream, seq), buf, BLOB_HEADER_LEN, self.bufs.clone(), location))
+    }
+}
+
+impl ChunkStore for SnapshotImage {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.snapshot.file.image
+    }
+
+    fn chunk_count(&self, stream: usize) -> usize {
+        self.table[stream].len()
+    }
+
+    fn for_each_chunk(&self, stream: usize, each: &mut dyn FnMut(StoredChunk) -> Result<bool>) -> Result<()> {
+        let mut open = None;
+        for seq in 0..self.table[stream].len() as u64 {
+            if !each(self.read(stream, seq, &mut open)?)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunk(&self, stream: usize, seq: u64) -> Result<StoredChunk> {
+        self.read(stream, seq, &mut None)
+    }
+
+    fn read_header(&self, stream: usize, seq: u64) -> Result<ChunkHeader> {
+        Ok(self.header(stream, seq))
+    }
+}
+
+impl ImageSource for SnapshotImage {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn layout(&self) -> &DiskLayout {
+        &self.snapshot.file.image.layout
+    }
+
+    fn describe(&self) -> String {
+        let f = &self.snapshot.file;
+        let m = &f.image;
+        format!(
+            "snapshot {} of {} ({}, {} partitions, made {} on {})",
+            self.snapshot.short_id(),
+            m.source.model.as_deref().unwrap_or(&m.source.path),
+            human_bytes(m.source.size),
+            m.layout.partitions.len(),
+            f.created,
+            f.hostname
+        )
+    }
+
+    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport> {
+        let result = verify::verify_image(self, workers, quiet);
+        if !matches!(&result, Err(Error::Cancelled(_))) {
+            crate::repo::check::record(
+                &self.repo,
+                &self.snapshot.id,
+                &result.as_ref().map(|_| ()).map_err(|e| e.to_string()),
+            );
+        }
+        result
+    }
+
+    fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+        let _lock = crate::repo::lock::take(&self.repo.locks_dir(), "restore", false)?;
+        restore::restore(self, target, opts)
+    }
+
+    fn restore_partition(
+        &mut self,
+        number: u32,
+        target: &Disk,
+        to: u64,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let _lock = crate::repo::lock::take(&self.repo.locks_dir(), "restore", false)?;
+        restore::restore_partition(self, number, target, to, opts)
+    }
+
+    fn info(&self) -> (String, serde_json::Value) {
+        let f = &self.snapshot.file;
+        let last = crate::repo::check::last(&self.repo, &self.snapshot.id);
+        let json = serde_json::json!({
+            "repository": self.repo.dir,
+            "snapshot": self.snapshot.id,
+            "complete": true,
+            "last_verify": last,
+            "hostname": f.hostname,
+            "label": f.label,
+            "tags": f.tags,
+            "time": f.time,
+            "utc_offset": f.utc_offset,
+            "added": f.added,
+            "manifest": f.image,
+        });
+        let mut text = format!(
+            "Snapshot:     {} in repository {}\nCreated:      {} on {}{}{} by klon {}\nAdded:        {} new ({} chunks) to the repository\n",
+            self.snapshot.id,
+            self.repo.dir.display(),
+            f.created,
+            f.hostname,
+            f.label.as_deref().map(|l| format!(", label \"{l}\"")).unwrap_or_default(),
+            if f.tags.is_empty() { String::new() } else { format!(", tags {}", f.tags.join(",")) },
+            f.image.klon_version,
+            human_bytes(f.added.stored_bytes),
+            f.added.chunks
+        );
+        text += &super::klon::render_body(&f.image);
+        text += &match last {
+            Some(v) if v.ok => format!("Verified:     OK on {}\n", v.time),
+            Some(v) => format!("Verified:     FAILED on {}: {}\n", v.time, v.problem.as_deref().unwrap_or("unknown")),
+            None => "Verified:     never (run klon verify)\n".to_string(),
+        };
+        (text, json)
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// What a list shows of the latest snapshot of the repository at `dir`.
+pub fn summarize(dir: &Path, spec: Option<&str>) -> Result<Summary> {
+    let repo = Repository::open(dir)?;
+    let s = repo.resolve(spec)?;
+    let m = &s.file.image;
+    let short_time = |t: &str| t.replace('T', " ").trim_end_matches('Z').chars().take(16).collect::<String>();
+    let state = match crate::repo::check::last(&repo, &s.id) {
+        None => format!("snapshot {}, never verified", s.short_id()),
+        Some(v) if v.ok => format!("snapshot {}, verified OK {}", s.short_id(), short_time(&v.time)),
+        Some(v) => format!("snapshot {}, verification FAILED {}", s.short_id(), short_time(&v.time)),
+    };
+    Ok(Summary {
+        kind: Some("repository"),
+        source: m.source.model.clone().unwrap_or_else(|| m.source.path.clone()),
+        disk_size: m.source.size,
+        sector_size: m.layout.sector_size,
+        created: Some(short_time(&s.file.created)),
+        image_bytes: m.streams.iter().map(|st| st.compressed_bytes).sum(),
+        state,
+    })
+}

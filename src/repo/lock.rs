@@ -1,0 +1,200 @@
+//! Locks of a repository: files in `locks/`.
+//!
+//! A backup, a check or a restore takes a shared lock; forget and prune an
+//! exclusive one. Each first creates its own lock file, then looks at the
+//! others: a shared lock gives way if an exclusive one is there, an
+//! exclusive lock if any other is. Since both sides create before they
+//! look, two jobs that start at the same moment cannot both go on (at
+//! worst both give way). A lock left by a process that is gone (same
+//! machine and boot, no such process; or an earlier boot of this machine)
+//! is stale: it is removed, and said so. A lock of another machine is
+//! never removed by itself: `klon unlock` does that, on the person's word.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What a lock file holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// "shared" or "exclusive".
+    pub kind: String,
+    /// What holds it: "backup", "prune", …
+    pub job: String,
+    /// The machine's host name.
+    pub hostname: String,
+    /// The kernel's boot id (/proc/sys/kernel/random/boot_id).
+    pub boot_id: String,
+    /// The process.
+    pub pid: u32,
+    /// When it was taken (RFC 3339 UTC).
+    pub time: String,
+}
+
+/// A lock held; removed when dropped.
+#[derive(Debug)]
+pub struct Lock {
+    path: PathBuf,
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The host name of this machine.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+/// Takes a lock on the repository whose lock directory is `locks`, for
+/// `job`; `exclusive` for jobs that delete.
+pub fn take(locks: &Path, job: &str, exclusive: bool) -> Result<Lock> {
+    super::pack::create_dir_synced(locks)?;
+    let kind = if exclusive { "exclusive" } else { "shared" };
+    let me = LockInfo {
+        kind: kind.into(),
+        job: job.into(),
+        hostname: hostname(),
+        boot_id: boot_id(),
+        pid: std::process::id(),
+        time: crate::image::manifest::now_rfc3339(),
+    };
+    let name = format!("{kind}-{}-{}.lock", me.pid, super::pack::random_hex(6));
+    let path = locks.join(&name);
+    let json = serde_json::to_vec_pretty(&me).expect("a lock serializes");
+    crate::image::manifest::write_synced(&path, &json)?;
+    let lock = Lock { path };
+    for (other, info) in others(locks, &name)? {
+        let info = match info {
+            Some(i) => i,
+            // A lock file being written this very moment, or damaged:
+            // counted as held.
+            None => LockInfo {
+                kind: "exclusive".into(),
+                job: "unknown".into(),
+                hostname: "unknown".into(),
+                boot_id: String::new(),
+                pid: 0,
+                time: "unknown".into(),
+            },
+        };
+        if is_stale(&info, &me) {
+            eprintln!(
+                "klon: removing a stale lock of the repository ({} by process {} on {}, since {}: that process is gone)",
+                info.job, info.pid, info.hostname, info.time
+            );
+            let _ = std::fs::remove_file(&other);
+            continue;
+        }
+        if exclusive || info.kind != "shared" {
+            let repo = locks.parent().unwrap_or(locks);
+            return Err(Error::Refused(format!(
+                "the repository {} is in use: {} ({} lock) by process {} on {} since {}; wait until it ends. \
+                 If that process is gone (a crash, the machine was switched off), run `klon unlock {}`",
+                repo.display(),
+                info.job,
+                info.kind,
+                info.pid,
+                info.hostname,
+                info.time,
+                repo.display()
+            )));
+        }
+    }
+    Ok(lock)
+}
+
+/// Every lock file but `mine`, with what it holds (None when it cannot be
+/// read as a lock).
+fn others(locks: &Path, mine: &str) -> Result<Vec<(PathBuf, Option<LockInfo>)>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(locks).map_err(|e| Error::io("listing", locks, None, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", locks, None, e))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name == mine || !name.ends_with(".lock") {
+            continue;
+        }
+        let info = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        out.push((entry.path(), info));
+    }
+    Ok(out)
+}
+
+fn is_stale(info: &LockInfo, me: &LockInfo) -> bool {
+    if info.hostname != me.hostname || info.boot_id.is_empty() {
+        return false;
+    }
+    if info.boot_id != me.boot_id {
+        // Taken before this machine last started: nothing holds it now.
+        return true;
+    }
+    !Path::new(&format!("/proc/{}", info.pid)).exists()
+}
+
+/// Removes every lock of the repository whose lock directory is `locks`
+/// (`klon unlock`); returns what they were.
+pub fn remove_all(locks: &Path) -> Result<Vec<LockInfo>> {
+    if !locks.exists() {
+        return Ok(Vec::new());
+    }
+    let mut removed = Vec::new();
+    for (path, info) in others(locks, "")? {
+        std::fs::remove_file(&path).map_err(|e| Error::io("removing", &path, None, e))?;
+        removed.extend(info);
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    #[test]
+    fn shared_locks_coexist_exclusive_excludes_and_stale_locks_go() {
+        let t = TempDir::new("locks");
+        let locks = t.join("locks");
+        let a = take(&locks, "backup", false).unwrap();
+        let b = take(&locks, "check", false).unwrap();
+        let e = take(&locks, "prune", true).unwrap_err().to_string();
+        assert!(e.contains("is in use") && e.contains("klon unlock"), "{e}");
+        drop(a);
+        drop(b);
+        let x = take(&locks, "prune", true).unwrap();
+        let e = take(&locks, "backup", false).unwrap_err().to_string();
+        assert!(e.contains("prune (exclusive lock)"), "{e}");
+        drop(x);
+        // A lock of a process that is gone, on this machine and boot.
+        let mut dead = LockInfo {
+            kind: "exclusive".into(),
+            job: "prune".into(),
+            hostname: hostname(),
+            boot_id: boot_id(),
+            pid: u32::MAX - 1,
+            time: "then".into(),
+        };
+        std::fs::write(locks.join("exclusive-dead.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
+        let l = take(&locks, "backup", false).unwrap();
+        assert!(!locks.join("exclusive-dead.lock").exists());
+        drop(l);
+        // Another machine's lock stays until klon unlock.
+        dead.hostname = "elsewhere".into();
+        std::fs::write(locks.join("exclusive-other.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
+        assert!(take(&locks, "backup", false).is_err());
+        assert_eq!(remove_all(&locks).unwrap().len(), 1);
+        take(&locks, "backup", false).unwrap();
+    }
+}

@@ -1,0 +1,394 @@
+//! A repository: deduplicated snapshots of whole disks in one directory.
+//!
+//! Chunks are the used bytes of fixed windows of the disk, aligned to disk
+//! offsets, named by their blake3 and kept once, packed into pack files.
+//! A snapshot lists, per stream, which chunk holds which disk ranges; it is
+//! a complete image on its own (no chain of increments). docs/REPOSITORY.md
+//! describes every file byte for byte.
+
+pub mod check;
+pub mod lock;
+pub mod pack;
+pub mod policy;
+pub mod prune;
+pub mod snapshot;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use pack::{BlobEntry, ChunkId, PackIndex};
+use snapshot::SnapshotFile;
+
+/// File name of a repository's configuration.
+pub const CONFIG_NAME: &str = "klon-repository.json";
+/// Value of the configuration's `format` field.
+pub const FORMAT_NAME: &str = "klon-repository";
+/// The repository format version klon writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// File of a repository holding its retention policy, when one was saved
+/// (`klon forget --save`, the wizard's "Keep" setting): applied after
+/// each backup. Not covered by a checksum; a damaged one is refused.
+pub const KEEP_NAME: &str = "keep.json";
+
+/// A saved retention policy: how many snapshots each rule keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keep {
+    /// The newest N.
+    pub last: u32,
+    /// The newest of each of the N latest hours that have one.
+    pub hourly: u32,
+    /// Days.
+    pub daily: u32,
+    /// ISO weeks.
+    pub weekly: u32,
+    /// Months.
+    pub monthly: u32,
+    /// Years.
+    pub yearly: u32,
+}
+
+impl Keep {
+    /// The policy as `forget` applies it.
+    pub fn policy(&self) -> policy::Policy {
+        policy::Policy {
+            last: self.last,
+            hourly: self.hourly,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+            yearly: self.yearly,
+        }
+    }
+
+    /// Whether no rule keeps anything (no policy).
+    pub fn is_empty(&self) -> bool {
+        *self == Keep::default()
+    }
+
+    /// Parses `last=3,daily=7,weekly=4` (the live job's `keep` key).
+    pub fn parse(s: &str) -> std::result::Result<Keep, String> {
+        let mut k = Keep::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, n) = part.split_once('=').ok_or_else(|| format!("{part:?}: write RULE=N, e.g. daily=7"))?;
+            let n: u32 = n.trim().parse().map_err(|_| format!("{part:?}: N must be a whole number"))?;
+            let slot = match name.trim() {
+                "last" => &mut k.last,
+                "hourly" => &mut k.hourly,
+                "daily" => &mut k.daily,
+                "weekly" => &mut k.weekly,
+                "monthly" => &mut k.monthly,
+                "yearly" => &mut k.yearly,
+                other => {
+                    return Err(format!("{other:?} is not a rule: use last, hourly, daily, weekly, monthly or yearly"));
+                }
+            };
+            *slot = n;
+        }
+        if k.is_empty() {
+            return Err("the policy keeps nothing: give at least one rule, e.g. daily=7".into());
+        }
+        Ok(k)
+    }
+}
+
+/// Default window: chunks hold the used bytes of 4 MiB of the disk.
+pub const DEFAULT_WINDOW: u32 = 4 << 20;
+
+/// A repository's configuration (`klon-repository.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// "klon-repository".
+    pub format: String,
+    /// 1.
+    pub format_version: u32,
+    /// 32 hex digits, random: snapshots name the repository they belong to.
+    pub id: String,
+    /// When it was made (RFC 3339 UTC).
+    pub created: String,
+    /// Bytes of the disk each chunk covers at most (a power of two, 1 to 8 MiB).
+    pub window: u32,
+}
+
+/// A repository, opened.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its checked configuration.
+    pub config: Config,
+}
+
+/// Where each chunk of a repository is: every pack's index, loaded.
+#[derive(Debug, Default)]
+pub struct BlobIndex {
+    /// The packs, by number.
+    pub packs: Vec<(String, u64)>,
+    /// Each chunk's pack number and entry (the first found, when a prune
+    /// that was cut short left a chunk in two packs).
+    pub blobs: HashMap<ChunkId, (u32, BlobEntry)>,
+}
+
+impl BlobIndex {
+    /// Where chunk `id` is.
+    pub fn get(&self, id: &ChunkId) -> Option<(&str, &BlobEntry)> {
+        self.blobs.get(id).map(|(p, e)| (self.packs[*p as usize].0.as_str(), e))
+    }
+}
+
+/// A snapshot in a repository: its id (the blake3 of its file) and what
+/// the file says.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    /// 64 hex digits.
+    pub id: String,
+    /// The snapshot file, read and checked (not its table).
+    pub file: SnapshotFile,
+}
+
+impl SnapshotEntry {
+    /// The short id people type: the first 8 hex digits.
+    pub fn short_id(&self) -> &str {
+        &self.id[..8]
+    }
+}
+
+/// Whether `path` is a repository's directory.
+pub fn is_repository(path: &Path) -> bool {
+    path.join(CONFIG_NAME).is_file()
+}
+
+/// Splits `REPO:SNAPSHOT`: the repository and the snapshot asked for, when
+/// `path` names a repository (a path that exists as given is never split).
+pub fn split_spec(path: &Path) -> Option<(PathBuf, Option<String>)> {
+    if is_repository(path) {
+        return Some((path.to_path_buf(), None));
+    }
+    let s = path.to_str()?;
+    let (repo, snap) = s.rsplit_once(':')?;
+    (!snap.contains('/') && is_repository(Path::new(repo))).then(|| (PathBuf::from(repo), Some(snap.to_string())))
+}
+
+impl Repository {
+    /// The directory of packs.
+    pub fn packs_dir(&self) -> PathBuf {
+        self.dir.join("packs")
+    }
+
+    /// The directory of snapshots.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// Where unfinished files are written.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// The directory of locks.
+    pub fn locks_dir(&self) -> PathBuf {
+        self.dir.join("locks")
+    }
+
+    /// Creates a repository in `dir`, which must not exist or be empty.
+    pub fn create(dir: &Path, window: u32) -> Result<Repository> {
+        check_window(window).map_err(Error::Usage)?;
+        match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if entries.next().is_some() {
+                    return Err(Error::Refused(format!(
+                        "{} exists and is not empty, and is not a klon repository: give a new directory \
+                         (or an existing repository)",
+                        dir.display()
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the repository", dir, None, e))?;
+            }
+            Err(e) => return Err(Error::io("opening", dir, None, e)),
+        }
+        let config = Config {
+            format: FORMAT_NAME.into(),
+            format_version: FORMAT_VERSION,
+            id: pack::random_hex(16),
+            created: crate::image::manifest::now_rfc3339(),
+            window,
+        };
+        let repo = Repository { dir: dir.to_path_buf(), config };
+        for d in [repo.packs_dir(), repo.snapshots_dir(), repo.tmp_dir(), repo.locks_dir()] {
+            pack::create_dir_synced(&d)?;
+        }
+        let mut json = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
+        json.push(b'\n');
+        let tmp = repo.tmp_dir().join(format!("{CONFIG_NAME}.tmp"));
+        crate::image::manifest::write_synced(&tmp, &json)?;
+        let path = dir.join(CONFIG_NAME);
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
+        pack::sync_dir(dir)?;
+        Ok(repo)
+    }
+
+    /// Opens the repository in `dir` and checks its configuration.
+    pub fn open(dir: &Path) -> Result<Repository> {
+        let path = dir.join(CONFIG_NAME);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Usage(format!("{} is not a klon repository (no {CONFIG_NAME})", dir.display())));
+            }
+            Err(e) => return Err(Error::io("reading", &path, None, e)),
+        };
+        let config: Config = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Corrupt(format!("{}: not a readable repository configuration: {e}", path.display())))?;
+        if config.format != FORMAT_NAME {
+            return Err(Error::Corrupt(format!("{}: not a klon repository configuration", path.display())));
+        }
+        if config.format_version != FORMAT_VERSION {
+            return Err(Error::Unsupported(format!(
+                "{}: repository format version {}; this klon reads version {FORMAT_VERSION}: use a newer klon",
+                path.display(),
+                config.format_version
+            )));
+        }
+        if let Err(why) = check_window(config.window) {
+            return Err(Error::Corrupt(format!("{}: {why}", path.display())));
+        }
+        if pack::decode_hex32(&format!("{:0<64}", config.id)).is_none() || config.id.len() != 32 {
+            return Err(Error::Corrupt(format!("{}: the repository id is not 32 hex digits", path.display())));
+        }
+        Ok(Repository { dir: dir.to_path_buf(), config })
+    }
+
+    /// The saved retention policy, if any.
+    pub fn keep(&self) -> Result<Option<Keep>> {
+        let path = self.dir.join(KEEP_NAME);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<Keep>(&b).map(Some).map_err(|e| {
+                Error::Corrupt(format!(
+                    "{}: not a readable retention policy ({e}): save it again with klon forget --save",
+                    path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("reading", &path, None, e)),
+        }
+    }
+
+    /// Saves `keep` as the repository's retention policy.
+    pub fn save_keep(&self, keep: &Keep) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(keep).expect("a policy serializes");
+        json.push(b'\n');
+        let tmp = self.tmp_dir().join(format!("{KEEP_NAME}.{}.tmp", std::process::id()));
+        crate::image::manifest::write_synced(&tmp, &json)?;
+        let path = self.dir.join(KEEP_NAME);
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
+        pack::sync_dir(&self.dir)
+    }
+
+    /// Reads every pack's index. A pack without an index is not part of
+    /// the repository yet (a backup was cut short while writing it).
+    pub fn load_index(&self) -> Result<BlobIndex> {
+        let mut index = BlobIndex::default();
+        for name in self.pack_names(".idx")? {
+            let idx = PackIndex::load(&pack::index_path(&self.packs_dir(), &name), &name)?;
+            let n = index.packs.len() as u32;
+            for e in &idx.entries {
+                index.blobs.entry(e.id).or_insert((n, *e));
+            }
+            index.packs.push((name, idx.pack_size));
+        }
+        Ok(index)
+    }
+
+    /// The names of the packs having a file ending in `ext` (".pack",
+    /// ".idx"), sorted.
+    pub fn pack_names(&self, ext: &str) -> Result<Vec<String>> {
+        let packs = self.packs_dir();
+        let mut names = Vec::new();
+        for sub in read_dir_names(&packs)? {
+            if sub.len() != 2 {
+                continue;
+            }
+            for f in read_dir_names(&packs.join(&sub))? {
+                if let Some(name) = f.strip_suffix(ext)
+                    && name.starts_with(&sub)
+                    && pack::decode_hex32(name).is_some()
+                {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every snapshot, newest first, each file checked (not its table).
+    pub fn snapshots(&self) -> Result<Vec<SnapshotEntry>> {
+        let mut out = Vec::new();
+        for f in read_dir_names(&self.snapshots_dir())? {
+            let Some(id) = f.strip_suffix(".json") else { continue };
+            if pack::decode_hex32(id).is_none() {
+                continue;
+            }
+            let file = SnapshotFile::load(self, id)?;
+            out.push(SnapshotEntry { id: id.to_string(), file });
+        }
+        out.sort_by(|a, b| b.file.time.cmp(&a.file.time).then_with(|| b.id.cmp(&a.id)));
+        Ok(out)
+    }
+
+    /// The snapshot `spec` names: an id, a unique prefix of one, `latest`,
+    /// or none (the latest).
+    pub fn resolve(&self, spec: Option<&str>) -> Result<SnapshotEntry> {
+        let all = self.snapshots()?;
+        let spec = spec.filter(|s| !s.is_empty() && *s != "latest");
+        let found: Vec<&SnapshotEntry> = match spec {
+            None => all.iter().take(1).collect(),
+            Some(p) => all.iter().filter(|s| s.id.starts_with(&p.to_ascii_lowercase())).collect(),
+        };
+        match (found.as_slice(), spec) {
+            ([one], _) => Ok((*one).clone()),
+            ([], None) => Err(Error::Usage(format!(
+                "the repository {} holds no snapshot yet: back up into it first",
+                self.dir.display()
+            ))),
+            ([], Some(p)) => Err(Error::Usage(format!(
+                "no snapshot {p} in {}: `klon snapshots {}` lists them",
+                self.dir.display(),
+                self.dir.display()
+            ))),
+            (many, Some(p)) => Err(Error::Usage(format!(
+                "{} snapshots start with {p}: give more of the id ({})",
+                many.len(),
+                many.iter().map(|s| &s.id[..12]).collect::<Vec<_>>().join(", ")
+            ))),
+            (_, None) => unreachable!("take(1) gives at most one"),
+        }
+    }
+}
+
+fn check_window(window: u32) -> std::result::Result<(), String> {
+    if window.is_power_of_two() && ((1 << 20)..=crate::image::format::CHUNK_SIZE).contains(&window) {
+        Ok(())
+    } else {
+        Err(format!("window {window} is not a power of two from 1 MiB to 8 MiB"))
+    }
+}
+
+/// The names in a directory, or none when it does not exist.
+pub fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("listing", dir, None, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("listing", dir, None, e))?;
+        names.push(entry.file_name().to_string_lossy().to_string());
+    }
+    Ok(names)
+}

@@ -1,0 +1,212 @@
+//! `klon prune`: free the room of chunks no snapshot references.
+//!
+//! Runs under the repository's exclusive lock (no backup at the same
+//! time). Every snapshot and every pack index is read first; if any of
+//! them cannot be read, nothing is deleted (a damaged snapshot may need
+//! chunks that would look unreferenced). Then: packs none of whose chunks
+//! are referenced are deleted (index first, then pack); packs with more
+//! than a fifth of their bytes unreferenced are rewritten with only the
+//! referenced chunks (each checked on the way), the new packs synced
+//! before the old ones are deleted; files a cut-short job left (a pack
+//! without an index, unfinished files in `tmp/`, a table no snapshot names)
+//! are deleted. Killed at any point, no chunk a snapshot references is
+//! lost: at worst a chunk is in two packs, or an unreferenced file stays.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::FileExt;
+
+use serde::Serialize;
+
+use super::pack::{self, BLOB_HEADER_LEN, ChunkId, NewBlob, PackIndex, PackWriter};
+use super::{Repository, read_dir_names};
+use crate::error::{Error, Result};
+
+/// A pack is rewritten when more than this share of its bytes is unused.
+const REPACK_UNUSED_PERCENT: u64 = 20;
+
+/// What a prune did (or, dry, would do).
+#[derive(Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// Whether anything was deleted.
+    pub dry_run: bool,
+    /// Packs deleted whole.
+    pub packs_deleted: usize,
+    /// Packs rewritten with only their referenced chunks.
+    pub packs_rewritten: usize,
+    /// Chunks no snapshot references, dropped.
+    pub chunks_dropped: usize,
+    /// Chunks kept.
+    pub chunks_kept: usize,
+    /// Other files deleted (left by jobs that were cut short).
+    pub leftovers: usize,
+    /// Bytes freed on the drive.
+    pub bytes_freed: u64,
+    /// Bytes the repository's packs take after it.
+    pub bytes_after: u64,
+}
+
+/// Applies `policy` to the repository's snapshots (the caller holds the
+/// exclusive lock): the snapshot files of those it does not keep are
+/// deleted (unless `dry_run`). Their tables and chunks stay until a prune.
+/// Returns every decision, newest first, with the snapshots.
+pub fn forget(
+    repo: &Repository,
+    policy: &super::policy::Policy,
+    dry_run: bool,
+) -> Result<(Vec<super::policy::Decision>, Vec<super::SnapshotEntry>)> {
+    let all = repo.snapshots()?;
+    let items: Vec<super::policy::Item> = all
+        .iter()
+        .map(|s| super::policy::Item { id: &s.id, time: s.file.time, utc_offset: s.file.utc_offset })
+        .collect();
+    let decisions = super::policy::apply(policy, &items)?;
+    if !dry_run {
+        for d in decisions.iter().filter(|d| !d.keep) {
+            // Its table may be another snapshot's too (the same disk
+            // content twice): prune removes tables no snapshot names.
+            let json = repo.snapshots_dir().join(format!("{}.json", d.id));
+            std::fs::remove_file(&json).map_err(|e| Error::io("removing", &json, None, e))?;
+        }
+        pack::sync_dir(&repo.snapshots_dir())?;
+    }
+    Ok((decisions, all))
+}
+
+/// Prunes the repository (whose exclusive lock the caller holds), as if
+/// the snapshots `forgotten` were gone (a dry run of forget --prune).
+pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]) -> Result<PruneReport> {
+    let mut report = PruneReport { dry_run, ..Default::default() };
+    let packs_dir = repo.packs_dir();
+
+    // Everything a snapshot references; refuse on any damage.
+    let mut referenced: HashSet<ChunkId> = HashSet::new();
+    let mut tables: HashSet<String> = HashSet::new();
+    for s in repo.snapshots().map_err(refuse)?.into_iter().filter(|s| !forgotten.contains(&s.id)) {
+        tables.insert(s.file.table.name.clone());
+        for stream in s.file.load_table(repo).map_err(refuse)? {
+            referenced.extend(stream.into_iter().map(|e| e.id));
+        }
+    }
+    let mut indexes = Vec::new();
+    for name in repo.pack_names(".idx")? {
+        indexes.push(PackIndex::load(&pack::index_path(&packs_dir, &name), &name).map_err(refuse)?);
+    }
+
+    // Which pack keeps each referenced chunk: the first that has it.
+    let mut keeper: HashMap<ChunkId, usize> = HashMap::new();
+    for (pi, idx) in indexes.iter().enumerate() {
+        for e in &idx.entries {
+            if referenced.contains(&e.id) {
+                keeper.entry(e.id).or_insert(pi);
+            }
+        }
+    }
+    if let Some(missing) = referenced.iter().find(|id| !keeper.contains_key(*id)) {
+        return Err(refuse(Error::Corrupt(format!(
+            "chunk {} that a snapshot references is in no pack",
+            super::snapshot::short(missing)
+        ))));
+    }
+
+    let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir());
+    let mut old_to_delete = Vec::new();
+    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
+    for (pi, idx) in indexes.iter().enumerate() {
+        let used: Vec<&pack::BlobEntry> = idx.entries.iter().filter(|e| keeper.get(&e.id) == Some(&pi)).collect();
+        let used_bytes: u64 = used.iter().map(|e| e.record_len()).sum();
+        report.chunks_dropped += idx.entries.len() - used.len();
+        report.chunks_kept += used.len();
+        let unused = idx.pack_size - used_bytes;
+        if used.is_empty() {
+            report.packs_deleted += 1;
+            report.bytes_freed += idx.pack_size;
+            old_to_delete.push(idx.name.clone());
+        } else if unused * 100 > idx.pack_size * REPACK_UNUSED_PERCENT {
+            report.packs_rewritten += 1;
+            report.bytes_freed += unused;
+            report.bytes_after += used_bytes;
+            if !dry_run {
+                let path = pack::pack_path(&packs_dir, &idx.name);
+                let f = std::fs::File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
+                let mut buf = Vec::new();
+                for e in used {
+                    crate::engine::cancel::check("prune")?;
+                    buf.resize(e.record_len() as usize, 0);
+                    f.read_exact_at(&mut buf, e.offset)
+                        .map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
+                    let where_ =
+                        format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
+                    pack::check_record(e, &buf, &mut decomp, &where_)?;
+                    writer.add(&NewBlob {
+                        id: e.id,
+                        raw_len: e.raw_len,
+                        flags: e.flags,
+                        payload_crc: e.payload_crc,
+                        payload: &buf[BLOB_HEADER_LEN..],
+                    })?;
+                }
+            }
+            old_to_delete.push(idx.name.clone());
+        } else {
+            report.bytes_after += idx.pack_size;
+        }
+    }
+    if !dry_run {
+        if let Err(e) = writer.commit() {
+            writer.abandon();
+            return Err(e);
+        }
+        // The rewritten packs are durable: now the old ones may go.
+        report.bytes_after += writer.written.iter().map(|p| p.pack_size).sum::<u64>();
+        for name in &old_to_delete {
+            remove(&pack::index_path(&packs_dir, name))?;
+            remove(&pack::pack_path(&packs_dir, name))?;
+        }
+        for sub in read_dir_names(&packs_dir)? {
+            let _ = std::fs::remove_dir(packs_dir.join(sub));
+        }
+    }
+
+    // What cut-short jobs left: packs without an index, unfinished files,
+    // tables no snapshot names.
+    let with_index: HashSet<String> = repo.pack_names(".idx")?.into_iter().collect();
+    let mut leftovers = Vec::new();
+    for name in repo.pack_names(".pack")? {
+        if !with_index.contains(&name) {
+            leftovers.push(pack::pack_path(&packs_dir, &name));
+        }
+    }
+    for f in read_dir_names(&repo.tmp_dir())? {
+        leftovers.push(repo.tmp_dir().join(f));
+    }
+    for f in read_dir_names(&repo.snapshots_dir())? {
+        if f.ends_with(".table") && !tables.contains(&f) {
+            leftovers.push(repo.snapshots_dir().join(f));
+        }
+    }
+    for path in leftovers {
+        report.leftovers += 1;
+        report.bytes_freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if !dry_run {
+            remove(&path)?;
+        }
+    }
+    if !quiet && !dry_run {
+        let _ = pack::sync_dir(&repo.snapshots_dir());
+    }
+    Ok(report)
+}
+
+fn remove(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing", path, None, e)),
+    }
+}
+
+fn refuse(e: Error) -> Error {
+    e.with_note(
+        "nothing was deleted: prune deletes only when every snapshot and pack index reads correctly (run klon check)",
+    )
+}
