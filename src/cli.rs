@@ -25,8 +25,19 @@ pub struct Cli {
 pub enum Command {
     /// List whole disks with their partitions and filesystems.
     Disks,
-    /// Back up a disk (block device or disk image file) into a new image directory.
+    /// Back up a disk (block device or disk image file) into a new image
+    /// directory, or as a new snapshot of a repository.
     Backup(BackupArgs),
+    /// List a repository's snapshots, newest first, and how it grows.
+    Snapshots(SnapshotsArgs),
+    /// Drop a repository's snapshots a retention policy does not keep.
+    Forget(ForgetArgs),
+    /// Free the room of chunks no snapshot of a repository references.
+    Prune(PruneArgs),
+    /// Check a repository: structure and references, with --read-data every byte.
+    Check(CheckArgs),
+    /// Remove a repository's locks (after a crash left one another machine holds).
+    Unlock(UnlockArgs),
     /// Check every checksum of an image without touching any disk.
     Verify(VerifyArgs),
     /// Restore an image onto a disk or a file (destroys what the target holds).
@@ -63,8 +74,27 @@ pub struct HelpArgs {
 pub struct BackupArgs {
     /// Disk to back up: a block device (/dev/sda) or a file holding a disk image.
     pub source: PathBuf,
-    /// Image directory to create; it must not exist yet.
+    /// Image directory to create (it must not exist yet), or a repository
+    /// to add a snapshot to.
     pub image: PathBuf,
+    /// Make IMAGE a repository if it is not one yet (it must not exist, or
+    /// be empty): backups over time then store only what changed.
+    #[arg(long)]
+    pub repo: bool,
+    /// Save this retention policy in the repository (e.g. daily=7,weekly=4;
+    /// rules last, hourly, daily, weekly, monthly, yearly) and apply it
+    /// after this and every later backup (repositories only).
+    #[arg(long, value_name = "RULES")]
+    pub keep: Option<String>,
+    /// A label for the snapshot (repositories only).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// A tag for the snapshot; may be given more than once (repositories only).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Bytes of the disk one chunk of a new repository covers (1M to 8M, a power of two).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    pub window: u64,
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = 3)]
     pub level: i32,
@@ -117,10 +147,80 @@ pub struct WriteArgs {
     pub no_verify_after: bool,
 }
 
+/// `klon snapshots`.
+#[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    /// The repository.
+    pub repo: PathBuf,
+}
+
+/// `klon forget`.
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// The repository.
+    pub repo: PathBuf,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest snapshot of each of the N latest hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// Keep the newest snapshot of each of the N latest days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest snapshot of each of the N latest ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest snapshot of each of the N latest months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// Keep the newest snapshot of each of the N latest years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Say what would be dropped (and with --prune, freed), change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Prune afterwards: free the room of chunks no kept snapshot references.
+    #[arg(long)]
+    pub prune: bool,
+    /// Save the policy in the repository: applied (with a prune) after each
+    /// backup into it, and by `klon forget REPO` without --keep options.
+    #[arg(long)]
+    pub save: bool,
+}
+
+/// `klon prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// The repository.
+    pub repo: PathBuf,
+    /// Say what would be freed, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `klon check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The repository.
+    pub repo: PathBuf,
+    /// Read and check every byte of every pack too.
+    #[arg(long)]
+    pub read_data: bool,
+}
+
+/// `klon unlock`.
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// The repository.
+    pub repo: PathBuf,
+}
+
 /// `klon verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Image directory (klon's, or a Clonezilla image directory).
+    /// Image directory (klon's, or a Clonezilla image directory), or
+    /// REPO[:SNAPSHOT] (default: the latest snapshot).
     pub image: PathBuf,
     /// Worker threads (default: one per core).
     #[arg(long)]
@@ -130,7 +230,8 @@ pub struct VerifyArgs {
 /// `klon restore`.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Image directory (klon's, or a Clonezilla image directory).
+    /// Image directory (klon's, or a Clonezilla image directory), or
+    /// REPO[:SNAPSHOT] (default: the latest snapshot).
     pub image: PathBuf,
     /// Target: a block device, or a file (created with the source disk's size when missing).
     pub target: PathBuf,
@@ -172,7 +273,8 @@ pub struct CloneArgs {
 /// `klon info`.
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Image directory (klon's, or a Clonezilla image directory).
+    /// Image directory (klon's, or a Clonezilla image directory), or
+    /// REPO[:SNAPSHOT] (default: the latest snapshot).
     pub image: PathBuf,
 }
 

@@ -18,11 +18,18 @@ use crate::engine::verify;
 use crate::error::{Error, Result};
 use crate::ui::human_bytes;
 
+mod repo_cmds;
+
 /// Runs the parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Disks => disks(cli),
         Command::Backup(a) => backup_cmd(cli, a),
+        Command::Snapshots(a) => repo_cmds::snapshots(cli, a),
+        Command::Forget(a) => repo_cmds::forget(cli, a),
+        Command::Prune(a) => repo_cmds::prune(cli, a),
+        Command::Check(a) => repo_cmds::check(cli, a),
+        Command::Unlock(a) => repo_cmds::unlock(cli, a),
         Command::Verify(a) => verify_cmd(cli, a),
         Command::Restore(a) => restore_cmd(cli, a),
         Command::Clone(a) => clone_cmd(cli, a),
@@ -94,6 +101,15 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
         rescue: a.rescue,
     };
+    if a.repo || crate::repo::is_repository(&a.image) {
+        return repo_cmds::backup(cli, a, &opts);
+    }
+    if a.label.is_some() || !a.tags.is_empty() || a.keep.is_some() {
+        return Err(Error::Usage(format!(
+            "--label, --tag and --keep are for snapshots of a repository; {} is not one (give --repo to make it one)",
+            a.image.display()
+        )));
+    }
     let report = backup::backup(&a.source, &a.image, &opts)?;
     let verified = verify_new_image(&report.image, a.no_verify, workers, cli.quiet)?;
     if cli.json {

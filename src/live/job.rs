@@ -13,6 +13,8 @@
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
 //! | `level` | backup: zstd level (default 3) |
+//! | `repo` | backup: `yes` makes `image` a repository if it is not one yet (an existing repository always gets a new snapshot) |
+//! | `keep` | backup into a repository: the retention policy to save and apply after the backup, e.g. `daily=7,weekly=4` |
 //! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
 //! | `shell` | without a job: start with a rescue shell on every console |
 //! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
@@ -87,6 +89,10 @@ pub struct Job {
     pub grow_last: bool,
     /// Backup: zstd level.
     pub level: i32,
+    /// Backup: make the image a repository if it is not one.
+    pub repo: bool,
+    /// Backup into a repository: the retention policy (`daily=7,weekly=4`).
+    pub keep: Option<String>,
     /// Seconds to wait for devices to appear.
     pub wait_secs: u64,
 }
@@ -159,8 +165,21 @@ fn normalise_key(k: &str) -> String {
     k.trim().to_ascii_lowercase().replace('-', "_")
 }
 
-const KEYS: &[&str] =
-    &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
+const KEYS: &[&str] = &[
+    "job",
+    "source",
+    "target",
+    "image",
+    "drive",
+    "after",
+    "grow_last",
+    "level",
+    "repo",
+    "keep",
+    "wait",
+    "live",
+    "shell",
+];
 
 fn yes(key: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
@@ -199,6 +218,10 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         None => 3,
         Some(l) => l.parse().map_err(|_| Error::Usage(format!("level={l}: a number from 1 to 22")))?,
     };
+    let keep = get("keep");
+    if let Some(k) = &keep {
+        crate::repo::Keep::parse(k).map_err(|why| Error::Usage(format!("keep={k}: {why}")))?;
+    }
     let wait_secs = match get("wait") {
         None => 30,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
@@ -212,6 +235,8 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         after: After::parse(get("after").as_deref().unwrap_or(""))?,
         grow_last: yes("grow_last", get("grow_last").as_deref().unwrap_or(""))?,
         level,
+        repo: yes("repo", get("repo").as_deref().unwrap_or(""))?,
+        keep,
         wait_secs,
     }))
 }
@@ -277,6 +302,22 @@ mod tests {
         assert!(c("klon.job=verify klon.image=x klon.after=dance").is_err());
         assert!(c("klon.job=verify klon.image=x klon.colour=red").is_err());
         assert!(c("klon.job=verify klon.image=x").unwrap().is_some());
+        let e = c("klon.job=backup klon.source=/dev/sda klon.image=x klon.keep=daily").unwrap_err().to_string();
+        assert!(e.contains("keep=daily") && e.contains("RULE=N"), "{e}");
+        let e = c("klon.job=backup klon.source=/dev/sda klon.image=x klon.keep=often=3").unwrap_err().to_string();
+        assert!(e.contains("not a rule"), "{e}");
+    }
+
+    #[test]
+    fn a_backup_into_a_repository_with_a_policy() {
+        let c = |s: &str| parse(&BTreeMap::new(), &from_cmdline(s));
+        let j = c("klon.job=backup klon.source=/dev/sda klon.image=laptop klon.repo=yes klon.keep=daily=7,weekly=4")
+            .unwrap()
+            .unwrap();
+        assert!(j.repo);
+        assert_eq!(j.keep.as_deref(), Some("daily=7,weekly=4"));
+        let k = crate::repo::Keep::parse(j.keep.as_deref().unwrap()).unwrap();
+        assert_eq!((k.daily, k.weekly, k.last), (7, 4, 0));
     }
 
     #[test]

@@ -327,6 +327,11 @@ pub fn run_job(job: &Job) -> Result<String> {
         JobKind::Backup => Command::Backup(BackupArgs {
             source: disk.clone().unwrap_or_default(),
             image: image.clone(),
+            repo: job.repo,
+            keep: job.keep.clone(),
+            label: None,
+            tags: Vec::new(),
+            window: u64::from(crate::repo::DEFAULT_WINDOW),
             level: job.level,
             split: crate::engine::backup::DEFAULT_SPLIT,
             no_verify: false,

@@ -1,0 +1,348 @@
+//! The commands of repositories: backup into one, snapshots, forget,
+//! prune, check, unlock.
+
+use serde_json::json;
+
+use super::print_json;
+use crate::cli::{BackupArgs, CheckArgs, Cli, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
+use crate::engine::backup::BackupOptions;
+use crate::engine::snapshot::{self, SnapshotOptions};
+use crate::error::{Error, Result};
+use crate::repo::{Keep, Repository, check as repo_check, lock, prune as repo_prune};
+use crate::ui::human_bytes;
+
+/// `klon backup SOURCE REPO`: a new snapshot.
+pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<()> {
+    let window = u32::try_from(a.window).map_err(|_| Error::Usage("--window is at most 8M".into()))?;
+    let keep = match &a.keep {
+        Some(k) => Some(Keep::parse(k).map_err(|why| Error::Usage(format!("--keep {k}: {why}")))?),
+        None => None,
+    };
+    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window };
+    let report = snapshot::backup_to_repository(&a.source, &a.image, opts, &sopts)?;
+    let verified = if a.no_verify {
+        None
+    } else {
+        Some(snapshot::verify_added(&a.image, &report.packs_written, cli.quiet).map_err(|e| {
+            e.with_note(&format!(
+                "snapshot {} was written but what it added does not read back correctly: do not rely on it; \
+                 check the drive, then run klon check --read-data {}",
+                &report.id[..8],
+                a.image.display()
+            ))
+        })?)
+    };
+    let s = &report.snapshot;
+    let full: u64 = s.image.streams.iter().map(|st| st.stored_bytes).sum();
+    let print_backup = || {
+        println!(
+            "Backed up {} ({}) as snapshot {} of {}{} in {:.1} s: read {}, added {} in {} new chunks ({} chunks were there already){}",
+            a.source.display(),
+            human_bytes(s.image.source.size),
+            &report.id[..8],
+            report.repository.display(),
+            if report.created_repository { " (new repository)" } else { "" },
+            report.seconds,
+            human_bytes(report.read_bytes),
+            human_bytes(s.added.stored_bytes),
+            s.added.chunks,
+            report.reused_chunks,
+            match verified {
+                Some(_) => ", what it added verified",
+                None => ", not verified (--no-verify)",
+            }
+        )
+    };
+    if !cli.quiet && !cli.json {
+        print_backup();
+    }
+    if let Some(k) = &keep {
+        Repository::open(&a.image)?.save_keep(k)?;
+    }
+    let kept = apply_saved_policy(cli, &a.image)
+        .map_err(|e| e.with_note(&format!("the backup itself succeeded: snapshot {} is complete", &report.id[..8])))?;
+    if cli.json {
+        return print_json(&json!({
+            "repository": report.repository,
+            "created_repository": report.created_repository,
+            "snapshot": report.id,
+            "seconds": report.seconds,
+            "read_bytes": report.read_bytes,
+            "content_bytes": full,
+            "added": s.added,
+            "reused_chunks": report.reused_chunks,
+            "verified": verified.is_some(),
+            "warnings": report.warnings,
+            "keep": kept,
+        }));
+    }
+    Ok(())
+}
+
+/// `klon snapshots REPO`.
+pub(super) fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
+    let repo = Repository::open(&a.repo)?;
+    let all = repo.snapshots()?;
+    let growth = growth(&repo, &all)?;
+    if cli.json {
+        let list: Vec<_> = all
+            .iter()
+            .map(|s| {
+                let f = &s.file;
+                json!({
+                    "id": s.id, "short_id": s.short_id(), "time": f.time, "created": f.created,
+                    "utc_offset": f.utc_offset, "hostname": f.hostname, "label": f.label, "tags": f.tags,
+                    "source": f.image.source,
+                    "content_bytes": f.image.streams.iter().map(|st| st.stored_bytes).sum::<u64>(),
+                    "added": f.added,
+                    "last_check": repo_check::last(&repo, &s.id),
+                })
+            })
+            .collect();
+        return print_json(&json!({ "repository": repo.dir, "snapshots": list, "growth": growth }));
+    }
+    if all.is_empty() {
+        println!("{}: no snapshots yet", repo.dir.display());
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<20} {:<16} {:<28} {:>10} {:>10}  last check",
+        "id", "time (UTC)", "host", "source", "size", "added"
+    );
+    for s in &all {
+        let f = &s.file;
+        let src = &f.image.source;
+        let source = format!(
+            "{} {}",
+            src.model.as_deref().unwrap_or(&src.path),
+            src.serial.as_deref().map(|x| format!("#{x}")).unwrap_or_default()
+        );
+        let check = match repo_check::last(&repo, &s.id) {
+            Some(c) if c.ok => format!("OK {}", &c.time[..10]),
+            Some(c) => format!("FAILED {}", &c.time[..10]),
+            None => "never".into(),
+        };
+        println!(
+            "{:<9} {:<20} {:<16} {:<28} {:>10} {:>10}  {check}{}",
+            s.short_id(),
+            f.created.replace('T', " ").trim_end_matches('Z'),
+            f.label.as_deref().unwrap_or(&f.hostname),
+            source.trim().chars().take(28).collect::<String>(),
+            human_bytes(f.image.streams.iter().map(|st| st.stored_bytes).sum()),
+            human_bytes(f.added.stored_bytes),
+            if f.tags.is_empty() { String::new() } else { format!("  [{}]", f.tags.join(",")) }
+        );
+    }
+    println!(
+        "\n{} snapshots holding {} of disk content in {} of packs: {:.1}× deduplication and compression.",
+        all.len(),
+        human_bytes(growth.content_bytes),
+        human_bytes(growth.pack_bytes),
+        if growth.pack_bytes > 0 { growth.content_bytes as f64 / growth.pack_bytes as f64 } else { 0.0 }
+    );
+    if let Some(avg) = growth.average_added {
+        println!(
+            "The last backups added {} each on average; {} free on the drive hold about {} more like them.",
+            human_bytes(avg),
+            human_bytes(growth.free_bytes),
+            growth.more_backups.map(|n| n.to_string()).unwrap_or_else(|| "many".into())
+        );
+    }
+    Ok(())
+}
+
+/// How a repository grows.
+#[derive(Debug, serde::Serialize)]
+struct Growth {
+    /// Disk content all snapshots hold, counted once per snapshot.
+    content_bytes: u64,
+    /// Bytes of the repository's packs.
+    pack_bytes: u64,
+    /// Bytes free on the filesystem that holds the repository.
+    free_bytes: u64,
+    /// What each of the last (up to 10) backups but the first added, on average.
+    average_added: Option<u64>,
+    /// How many more such backups fit in the free room.
+    more_backups: Option<u64>,
+}
+
+fn growth(repo: &Repository, all: &[crate::repo::SnapshotEntry]) -> Result<Growth> {
+    let content_bytes = all.iter().flat_map(|s| &s.file.image.streams).map(|st| st.stored_bytes).sum();
+    let index = repo.load_index()?;
+    let pack_bytes = index.packs.iter().map(|p| p.1).sum();
+    let free_bytes =
+        nix::sys::statvfs::statvfs(&repo.dir).map(|v| v.blocks_available() * v.fragment_size()).unwrap_or(0);
+    // The oldest snapshot added everything: leave it out of the average.
+    let recent: Vec<u64> = all
+        .iter()
+        .take(10)
+        .filter(|s| !std::ptr::eq(*s, all.last().expect("not empty")))
+        .map(|s| s.file.added.stored_bytes)
+        .collect();
+    let average_added = (!recent.is_empty()).then(|| recent.iter().sum::<u64>() / recent.len() as u64);
+    let more_backups = average_added.and_then(|a| (a > 0).then(|| free_bytes / a));
+    Ok(Growth { content_bytes, pack_bytes, free_bytes, average_added, more_backups })
+}
+
+/// `klon forget REPO --keep-…`.
+pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
+    let given = Keep {
+        last: a.keep_last,
+        hourly: a.keep_hourly,
+        daily: a.keep_daily,
+        weekly: a.keep_weekly,
+        monthly: a.keep_monthly,
+        yearly: a.keep_yearly,
+    };
+    let repo = Repository::open(&a.repo)?;
+    let keep = if given.is_empty() {
+        repo.keep()?.ok_or_else(|| {
+            Error::Usage(format!(
+                "give at least one --keep-… option (klon forget never deletes every snapshot); {} has no saved \
+                 policy (--save keeps one, applied after each backup)",
+                repo.dir.display()
+            ))
+        })?
+    } else {
+        given
+    };
+    let _lock = lock::take(&repo.locks_dir(), "forget", true)?;
+    let policy = keep.policy();
+    let (decisions, all) = repo_prune::forget(&repo, &policy, a.dry_run)?;
+    if a.save && !a.dry_run {
+        repo.save_keep(&keep)?;
+    }
+    let forgotten: Vec<String> = decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()).collect();
+    let pruned = if a.prune { Some(repo_prune::prune(&repo, a.dry_run, cli.quiet, &forgotten)?) } else { None };
+    if cli.json {
+        return print_json(&json!({
+            "repository": repo.dir, "dry_run": a.dry_run, "policy": policy.describe(),
+            "decisions": decisions.iter().map(|d| json!({"id": d.id, "keep": d.keep, "reasons": d.reasons})).collect::<Vec<_>>(),
+            "prune": pruned,
+        }));
+    }
+    if !cli.quiet {
+        for d in &decisions {
+            let s = all.iter().find(|s| s.id == d.id).expect("decided on these");
+            println!(
+                "{} {}  {}  {}",
+                if d.keep { "keep" } else { "drop" },
+                &d.id[..8],
+                s.file.created.replace('T', " ").trim_end_matches('Z'),
+                if d.keep { d.reasons.join(", ") } else { String::new() }
+            );
+        }
+        let dropped = decisions.iter().filter(|d| !d.keep).count();
+        let verb = if a.dry_run { "would drop" } else { "dropped" };
+        println!("{}: {verb} {dropped} of {} snapshots ({})", repo.dir.display(), decisions.len(), policy.describe());
+        if let Some(p) = &pruned {
+            print_prune(p);
+        } else if dropped > 0 && !a.dry_run {
+            println!("Their room is freed by klon prune {} (or forget --prune).", repo.dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// After a backup into a repository with a saved policy: forget and prune.
+fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_json::Value>> {
+    let repo = Repository::open(dir)?;
+    let Some(keep) = repo.keep()? else { return Ok(None) };
+    let _lock = lock::take(&repo.locks_dir(), "forget", true)?;
+    let (decisions, _) = repo_prune::forget(&repo, &keep.policy(), false)?;
+    let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
+    let pruned = if dropped.is_empty() { None } else { Some(repo_prune::prune(&repo, false, cli.quiet, &[])?) };
+    if !cli.quiet && !cli.json {
+        println!(
+            "Keep policy ({}): {}{}",
+            keep.policy().describe(),
+            if dropped.is_empty() {
+                "every snapshot kept".to_string()
+            } else {
+                format!("dropped {}", dropped.join(", "))
+            },
+            pruned.as_ref().map(|p| format!(", freed {}", human_bytes(p.bytes_freed))).unwrap_or_default()
+        );
+    }
+    Ok(Some(json!({ "policy": keep.policy().describe(), "dropped": dropped, "prune": pruned })))
+}
+
+/// `klon prune REPO`.
+pub(super) fn prune(cli: &Cli, a: &PruneArgs) -> Result<()> {
+    let repo = Repository::open(&a.repo)?;
+    let _lock = lock::take(&repo.locks_dir(), "prune", true)?;
+    let r = repo_prune::prune(&repo, a.dry_run, cli.quiet, &[])?;
+    if cli.json {
+        return print_json(&r);
+    }
+    if !cli.quiet {
+        print_prune(&r);
+    }
+    Ok(())
+}
+
+fn print_prune(r: &repo_prune::PruneReport) {
+    let (verb, del, rew) =
+        if r.dry_run { ("would free", "would delete", "rewrite") } else { ("freed", "deleted", "rewrote") };
+    println!(
+        "Prune {verb} {}: {del} {} packs, {rew} {}, dropped {} unreferenced chunks, kept {}; {} leftover files of cut-short jobs. Packs now take {}.",
+        human_bytes(r.bytes_freed),
+        r.packs_deleted,
+        r.packs_rewritten,
+        r.chunks_dropped,
+        r.chunks_kept,
+        r.leftovers,
+        human_bytes(r.bytes_after)
+    );
+}
+
+/// `klon check REPO [--read-data]`.
+pub(super) fn check(cli: &Cli, a: &CheckArgs) -> Result<()> {
+    let r = repo_check::check(&a.repo, a.read_data, cli.quiet)?;
+    if cli.json {
+        print_json(&json!({ "repository": a.repo, "ok": r.problems.is_empty(), "report": r }))?;
+    } else if !cli.quiet || !r.problems.is_empty() {
+        for n in &r.notes {
+            println!("note: {n}");
+        }
+        for p in &r.problems {
+            println!("PROBLEM: {p}");
+        }
+        println!(
+            "{}: {} — {} snapshots, {} packs, {} chunks{}",
+            a.repo.display(),
+            if r.problems.is_empty() { "OK".to_string() } else { format!("{} problems", r.problems.len()) },
+            r.snapshots,
+            r.packs,
+            r.chunks,
+            if a.read_data {
+                format!(", {} read and checked", human_bytes(r.bytes_read))
+            } else {
+                ", data not read (--read-data reads it)".into()
+            }
+        );
+    }
+    if r.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Corrupt(format!(
+            "{}: {} problems (listed above): {}",
+            a.repo.display(),
+            r.problems.len(),
+            r.problems[0]
+        )))
+    }
+}
+
+/// `klon unlock REPO`.
+pub(super) fn unlock(cli: &Cli, a: &UnlockArgs) -> Result<()> {
+    let repo = Repository::open(&a.repo)?;
+    let removed = lock::remove_all(&repo.locks_dir())?;
+    if !cli.quiet {
+        for l in &removed {
+            println!("removed the lock of {} (process {} on {}, since {})", l.job, l.pid, l.hostname, l.time);
+        }
+        println!("{}: {} locks removed", repo.dir.display(), removed.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! Repositories: snapshots of disks over time, deduplicated; each restored
+//! on its own byte for byte (ext4 by its files and e2fsck); retention and
+//! prune; damage of every kind of repository file caught before a write.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::disks::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A GPT disk: partition 1 ext4 (192 MiB) with 60 MB of files, partition 2
+/// raw data (16 MiB, half random).
+struct Disk {
+    path: PathBuf,
+    p1: (u64, u64),
+    p2: (u64, u64),
+}
+
+fn make_disk(t: &TempDir, name: &str, seed: u64) -> Disk {
+    let (path, files) = (t.join(name), t.join(&format!("{name}.files")));
+    std::fs::create_dir(&files).unwrap();
+    for i in 0..60u64 {
+        std::fs::write(files.join(format!("r{i}")), random_bytes(seed * 100 + i, 700_000)).unwrap();
+        std::fs::write(files.join(format!("t{i}")), text_bytes(seed * 100 + 50 + i, 300_000)).unwrap();
+    }
+    blank_file(&path, 220 * MIB);
+    run_with_input(
+        "sfdisk",
+        &["-q", s(&path)],
+        "label: gpt\nstart=2048, size=393216, type=L\nstart=395264, size=32768, type=L\n",
+    );
+    let (parts, _) = sfdisk_parts(&path);
+    let p1 = (parts[0].start * 512, parts[0].size * 512);
+    let p2 = (parts[1].start * 512, parts[1].size * 512);
+    run("mke2fs", &["-q", "-t", "ext4", "-d", s(&files), "-E", &format!("offset={}", p1.0), s(&path), "192M"]);
+    write_at(&path, p2.0, &random_bytes(seed + 7, (8 * MIB) as usize));
+    Disk { path, p1, p2 }
+}
+
+fn fs_spec(disk: &Path, p: (u64, u64)) -> String {
+    format!("{}?offset={}", s(disk), p.0)
+}
+
+/// Writes a file into the ext4 of partition 1 (no mount: debugfs).
+fn put_file(d: &Disk, t: &TempDir, name: &str, bytes: &[u8]) {
+    let tmp = t.join("put.tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    let _ = std::process::Command::new("debugfs")
+        .args(["-w", "-R", &format!("rm {name}"), &fs_spec(&d.path, d.p1)])
+        .output();
+    run("debugfs", &["-w", "-R", &format!("write {} {name}", s(&tmp)), &fs_spec(&d.path, d.p1)]);
+}
+
+/// Every file of the ext4 in partition `p` of `disk`, dumped into `out`.
+fn dump_files(disk: &Path, p: (u64, u64), out: &Path) {
+    std::fs::create_dir_all(out).unwrap();
+    run("debugfs", &["-R", &format!("rdump / {}", s(out)), &fs_spec(disk, p)]);
+}
+
+/// Checks that `restored` holds what `original` held: the area outside
+/// partitions and the raw partition byte for byte, the ext4 clean by
+/// e2fsck and its files equal.
+fn assert_restored(t: &TempDir, original: &Path, restored: &Path, d: &Disk, tag: &str) {
+    assert_same(original, restored, 0, d.p1.0, &format!("{tag}: area before partition 1"));
+    assert_same(original, restored, d.p2.0, d.p2.1, &format!("{tag}: raw partition 2"));
+    let len = std::fs::metadata(original).unwrap().len();
+    assert_same(original, restored, d.p2.0 + d.p2.1, len - d.p2.0 - d.p2.1, &format!("{tag}: backup GPT"));
+    run("e2fsck", &["-fn", &fs_spec(restored, d.p1)]);
+    let (a, b) = (t.join(&format!("{tag}.orig")), t.join(&format!("{tag}.rest")));
+    dump_files(original, d.p1, &a);
+    dump_files(restored, d.p1, &b);
+    run("diff", &["-r", "--no-dereference", s(&a), s(&b)]);
+}
+
+fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_str(&stdout(o)).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}
+
+fn snapshot_ids(repo: &Path) -> Vec<String> {
+    let o = klon(&["--json", "snapshots", s(repo)]);
+    ok(&o);
+    json(&o)["snapshots"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn snapshots_over_time_and_of_two_disks_each_restore_alone() {
+    let t = TempDir::new("repo-rt");
+    let d = make_disk(&t, "a.img", 1);
+    let repo = t.join("repo");
+    let mut states: Vec<PathBuf> = Vec::new();
+    let mut added = Vec::new();
+    for round in 0..3u64 {
+        if round > 0 {
+            // Change about 1 MiB of files and 64 KiB of the raw partition.
+            put_file(&d, &t, &format!("r{round}"), &random_bytes(900 + round, 700_000));
+            put_file(&d, &t, &format!("new{round}"), &text_bytes(950 + round, 200_000));
+            write_at(&d.path, d.p2.0 + round * 3 * MIB, &random_bytes(990 + round, 65536));
+        }
+        let state = t.join(&format!("state{round}.img"));
+        std::fs::copy(&d.path, &state).unwrap();
+        states.push(state);
+        let mut args = vec!["--json", "backup", s(&d.path), s(&repo), "--label", "laptop"];
+        if round == 0 {
+            args.push("--repo");
+        }
+        let o = klon(&args);
+        ok(&o);
+        let r = json(&o);
+        assert_eq!(r["created_repository"], round == 0);
+        added.push(r["added"]["stored_bytes"].as_u64().unwrap());
+    }
+    // The first snapshot holds everything; each later one only the windows
+    // (4 MiB) where something changed: about 1 MB of files (written where
+    // ext4 puts them, their old blocks freed elsewhere, and metadata) and
+    // 64 KiB raw: a few windows of the ~20 the disk's data spans.
+    assert!(added[0] > 40 * MIB, "{added:?}");
+    for &a in &added[1..] {
+        assert!(a < added[0] / 3, "a later snapshot added {a} bytes, the first {}: {added:?}", added[0]);
+    }
+    // An unchanged disk adds nothing.
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    assert_eq!(json(&o)["added"]["chunks"], 0, "{}", stdout(&o));
+
+    // A second disk into the same repository.
+    let e = make_disk(&t, "b.img", 2);
+    ok(&klon(&["backup", "--quiet", s(&e.path), s(&repo), "--tag", "desktop"]));
+
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids.len(), 5);
+    // Newest first: b, unchanged a, a round 2, 1, 0.
+    let expect: Vec<(&str, &Path, &Disk)> = vec![
+        (&ids[0], &e.path, &e),
+        (&ids[1], &states[2], &d),
+        (&ids[2], &states[2], &d),
+        (&ids[3], &states[1], &d),
+        (&ids[4], &states[0], &d),
+    ];
+    for (i, (id, original, disk)) in expect.into_iter().enumerate() {
+        let out = t.join(&format!("out{i}.img"));
+        let spec = format!("{}:{}", s(&repo), &id[..10]);
+        ok(&klon(&["verify", "--quiet", &spec]));
+        let o = klon(&["restore", "--yes", &spec, s(&out)]);
+        ok(&o);
+        assert!(stdout(&o).contains("read back and compared"), "{}", stdout(&o));
+        assert_restored(&t, original, &out, disk, &format!("snap{i}"));
+        std::fs::remove_file(&out).unwrap();
+    }
+    // One partition of an older snapshot onto a file of its own.
+    let part = t.join("p1.img");
+    ok(&klon(&[
+        "restore",
+        "--yes",
+        "--quiet",
+        "--partition",
+        "1",
+        &format!("{}:{}", s(&repo), &ids[3][..8]),
+        s(&part),
+    ]));
+    run("e2fsck", &["-fn", s(&part)]);
+    let (a, b) = (t.join("part.orig"), t.join("part.rest"));
+    dump_files(&states[1], d.p1, &a);
+    dump_files(&part, (0, d.p1.1), &b);
+    run("diff", &["-r", "--no-dereference", s(&a), s(&b)]);
+    // `latest` and no snapshot name the newest.
+    let o = klon(&["--json", "info", &format!("{}:latest", s(&repo))]);
+    ok(&o);
+    assert_eq!(json(&o)["snapshot"], ids[0].as_str());
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+}
+
+#[test]
+fn forget_and_prune_free_room_and_keep_every_kept_snapshot_whole() {
+    let t = TempDir::new("repo-prune");
+    let d = make_disk(&t, "a.img", 3);
+    let repo = t.join("repo");
+    let mut states = Vec::new();
+    for round in 0..4u64 {
+        if round > 0 {
+            // Replace 4 MiB of the raw partition: new chunks each time.
+            write_at(&d.path, d.p2.0 + 4 * MIB, &random_bytes(500 + round, (4 * MIB) as usize));
+        }
+        let state = t.join(&format!("state{round}.img"));
+        std::fs::copy(&d.path, &state).unwrap();
+        states.push(state);
+        let mut args = vec!["backup", "--quiet", s(&d.path), s(&repo)];
+        if round == 0 {
+            args.push("--repo");
+        }
+        ok(&klon(&args));
+    }
+    let ids = snapshot_ids(&repo);
+    // No policy: refused, nothing dropped.
+    let o = klon(&["forget", s(&repo)]);
+    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(snapshot_ids(&repo).len(), 4);
+    // Dry run first: says what would go, changes nothing.
+    let before = dir_size(&repo);
+    let o = klon(&["--json", "forget", "--keep-last", "2", "--prune", "--dry-run", s(&repo)]);
+    ok(&o);
+    let dry = json(&o);
+    assert_eq!(snapshot_ids(&repo), ids);
+    assert_eq!(dir_size(&repo), before);
+    let would_free = dry["prune"]["bytes_freed"].as_u64().unwrap();
+    assert!(would_free >= 4 * MIB, "{dry}");
+    // For real.
+    let o = klon(&["--json", "forget", "--keep-last", "2", "--prune", s(&repo)]);
+    ok(&o);
+    let real = json(&o);
+    assert_eq!(real["prune"]["bytes_freed"], dry["prune"]["bytes_freed"], "dry run and real run differ");
+    assert_eq!(snapshot_ids(&repo), ids[..2].to_vec());
+    assert!(dir_size(&repo) + would_free <= before + 64 * 1024, "{} + {would_free} > {before}", dir_size(&repo));
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    for (i, id) in ids[..2].iter().enumerate() {
+        let out = t.join(&format!("out{i}.img"));
+        ok(&klon(&["restore", "--yes", "--quiet", &format!("{}:{id}", s(&repo)), s(&out)]));
+        assert_restored(&t, &states[3 - i], &out, &d, &format!("kept{i}"));
+    }
+    // A second prune has nothing left to do.
+    let o = klon(&["--json", "prune", s(&repo)]);
+    ok(&o);
+    assert_eq!(json(&o)["bytes_freed"], 0, "{}", stdout(&o));
+
+    // A saved policy is applied (with a prune) after each backup, and by
+    // forget without --keep options.
+    ok(&klon(&["forget", "--quiet", "--keep-last", "1", "--save", s(&repo)]));
+    assert_eq!(snapshot_ids(&repo).len(), 1);
+    write_at(&d.path, d.p2.0, &random_bytes(600, (4 * MIB) as usize));
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    let r = json(&o);
+    assert_eq!(r["keep"]["dropped"].as_array().map(|a| a.len()), Some(1), "{r}");
+    assert!(r["keep"]["prune"]["bytes_freed"].as_u64().unwrap() >= 4 * MIB, "{r}");
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids, vec![r["snapshot"].as_str().unwrap().to_string()]);
+    let out = t.join("after-keep.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_same(&d.path, &out, d.p2.0, d.p2.1, "raw partition after the saved policy ran");
+    ok(&klon(&["forget", "--quiet", s(&repo)]));
+    std::fs::write(repo.join("keep.json"), "{ damaged").unwrap();
+    let o = klon(&["forget", s(&repo)]);
+    fails_with(&o, 4, &["keep.json", "--save"]);
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut sum = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        sum += if m.is_dir() { dir_size(&e.path()) } else { m.len() };
+    }
+    sum
+}
+
+/// Every file of the repository of kind `ext` (".pack", ".idx", ".json", ".table", config).
+fn files_ending(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_ending(&p, ext));
+        } else if p.to_string_lossy().ends_with(ext) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn damage_to_any_repository_file_is_caught_before_a_write() {
+    let t = TempDir::new("repo-damage");
+    let d = make_disk(&t, "a.img", 4);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let pristine = t.join("pristine");
+    run("cp", &["-a", s(&repo), s(&pristine)]);
+    let target = t.join("target.img");
+    let pattern = random_bytes(77, (220 * MIB) as usize);
+
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        ("config", Box::new(|r: &Path| flip(&r.join("klon-repository.json"), 30)), "klon-repository.json"),
+        (
+            "snapshot file",
+            Box::new(|r: &Path| {
+                flip(
+                    &files_ending(r, ".json").into_iter().find(|p| p.to_string_lossy().contains("snapshots")).unwrap(),
+                    100,
+                )
+            }),
+            "checksum (blake3, its name)",
+        ),
+        ("table", Box::new(|r: &Path| flip(&files_ending(r, ".table")[0], 40)), "table's checksum"),
+        ("pack index", Box::new(|r: &Path| flip(&files_ending(r, ".idx")[0], 70)), "pack index's checksum"),
+        ("pack truncated", Box::new(|r: &Path| truncate_by(&files_ending(r, ".pack")[0], 10)), "the pack is damaged"),
+        (
+            "pack missing",
+            Box::new(|r: &Path| std::fs::remove_file(&files_ending(r, ".pack")[0]).unwrap()),
+            "the pack is missing",
+        ),
+        (
+            "index missing",
+            Box::new(|r: &Path| std::fs::remove_file(&files_ending(r, ".idx")[0]).unwrap()),
+            "missing from the repository",
+        ),
+    ];
+    for (what, damage, needle) in cases {
+        let r = t.join("damaged");
+        let _ = std::fs::remove_dir_all(&r);
+        run("cp", &["-a", s(&pristine), s(&r)]);
+        damage(&r);
+        std::fs::write(&target, &pattern).unwrap();
+        let o = klon(&["restore", "--yes", s(&r), s(&target)]);
+        assert_ne!(o.status.code(), Some(0), "{what}: restore succeeded");
+        assert!(stderr(&o).contains(needle), "{what}: {}", stderr(&o));
+        assert!(std::fs::read(&target).unwrap() == pattern, "{what}: the target was written");
+        let o = klon(&["verify", s(&r)]);
+        assert_ne!(o.status.code(), Some(0), "{what}: verify passed");
+        let o = klon(&["check", s(&r)]);
+        assert_ne!(o.status.code(), Some(0), "{what}: check passed");
+    }
+
+    // A flipped byte inside a chunk's data: check --read-data names the
+    // chunk, the snapshot, the partition and the disk offset; verify fails.
+    let r = t.join("damaged");
+    let _ = std::fs::remove_dir_all(&r);
+    run("cp", &["-a", s(&pristine), s(&r)]);
+    let pack = &files_ending(&r, ".pack")[0];
+    flip(pack, std::fs::metadata(pack).unwrap().len() / 2);
+    ok(&klon(&["check", "--quiet", s(&r)]));
+    let o = klon(&["check", "--read-data", s(&r)]);
+    fails_with(&o, 4, &[]);
+    let out = stdout(&o);
+    assert!(
+        out.contains("PROBLEM: ")
+            && out.contains("chunk ")
+            && out.contains("it holds snapshot ")
+            && out.contains("disk offset"),
+        "{out}"
+    );
+    assert!(out.contains("partition") || out.contains("area outside"), "{out}");
+    assert_ne!(klon(&["verify", s(&r)]).status.code(), Some(0));
+}
+
+fn flip(path: &Path, at: u64) {
+    let mut b = std::fs::read(path).unwrap();
+    let i = (at as usize).min(b.len() - 1);
+    b[i] ^= 0x5a;
+    std::fs::write(path, b).unwrap();
+}
+
+fn truncate_by(path: &Path, n: u64) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len - n).unwrap();
+}
+
+#[test]
+fn a_busy_repository_is_refused_with_advice_and_unlock_clears_a_foreign_lock() {
+    let t = TempDir::new("repo-lock");
+    let d = make_disk(&t, "a.img", 5);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    // Another machine's prune holds the repository.
+    let lock = serde_json::json!({"kind": "exclusive", "job": "prune", "hostname": "elsewhere",
+        "boot_id": "x", "pid": 1, "time": "2026-01-01T00:00:00Z"});
+    std::fs::write(repo.join("locks/exclusive-1-abc.lock"), lock.to_string()).unwrap();
+    let o = klon(&["backup", s(&d.path), s(&repo)]);
+    fails_with(&o, 5, &["is in use", "prune", "elsewhere", "klon unlock"]);
+    assert_eq!(snapshot_ids(&repo).len(), 1);
+    ok(&klon(&["unlock", s(&repo)]));
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo)]));
+    assert_eq!(snapshot_ids(&repo).len(), 2);
+    // A policy given with the backup: a bad one is refused before reading;
+    // a good one is saved and applied.
+    let o = klon(&["backup", s(&d.path), s(&repo), "--keep", "sometimes"]);
+    fails_with(&o, 2, &["--keep sometimes", "RULE=N"]);
+    assert_eq!(snapshot_ids(&repo).len(), 2);
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo), "--keep", "last=2"]));
+    assert_eq!(snapshot_ids(&repo).len(), 2);
+    assert!(std::fs::read_to_string(repo.join("keep.json")).unwrap().contains("\"last\": 2"));
+    // --keep, --label and --tag are for repositories only.
+    let o = klon(&["backup", s(&d.path), s(&t.join("plain")), "--keep", "last=2"]);
+    fails_with(&o, 2, &["for snapshots of a repository", "--repo"]);
+}
+
+/// A seeded generator for kill points.
+fn next(seed: &mut u64) -> u64 {
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    *seed
+}
+
+/// Starts `klon args` and kills it (SIGKILL) after `ms` milliseconds;
+/// true when it had finished by then.
+fn run_killed(args: &[&str], ms: u64) -> bool {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_klon"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    while std::time::Instant::now() < until {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{args:?} failed before it was killed");
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    child.wait().unwrap();
+    false
+}
+
+#[test]
+fn backups_and_prunes_killed_at_random_points_lose_no_complete_snapshot() {
+    let t = TempDir::new("repo-kill");
+    let d = make_disk(&t, "a.img", 6);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    // Which disk state each snapshot holds.
+    let mut state_of: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+    let first = t.join("state0.img");
+    std::fs::copy(&d.path, &first).unwrap();
+    state_of.insert(snapshot_ids(&repo)[0].clone(), first);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut killed, mut finished) = (0, 0);
+    for round in 1..=10u64 {
+        write_at(&d.path, d.p2.0 + (round % 4) * 2 * MIB, &random_bytes(700 + round, (2 * MIB) as usize));
+        put_file(&d, &t, &format!("k{round}"), &random_bytes(800 + round, 1_500_000));
+        let state = t.join(&format!("state{round}.img"));
+        std::fs::copy(&d.path, &state).unwrap();
+        let before: std::collections::HashSet<String> = snapshot_ids(&repo).into_iter().collect();
+        let ms = next(&mut seed) % 2500;
+        if run_killed(&["backup", "--quiet", s(&d.path), s(&repo)], ms) {
+            finished += 1
+        } else {
+            killed += 1
+        }
+        for id in snapshot_ids(&repo) {
+            if !before.contains(&id) {
+                state_of.insert(id, state.clone());
+            }
+        }
+        // Every complete snapshot's chunks are there; what a killed job
+        // left is only noted.
+        ok(&klon(&["check", "--quiet", s(&repo)]));
+        if round % 2 == 0 {
+            let ms = next(&mut seed) % 1500;
+            if run_killed(&["forget", "--quiet", "--keep-last", "3", "--prune", s(&repo)], ms) {
+                finished += 1
+            } else {
+                killed += 1
+            }
+            ok(&klon(&["check", "--quiet", s(&repo)]));
+        }
+    }
+    assert!(killed >= 3, "only {killed} jobs were killed ({finished} finished): the kill points miss the work");
+    ok(&klon(&["prune", "--quiet", s(&repo)]));
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    assert!(files_ending(&repo.join("tmp"), "").is_empty(), "prune left unfinished files");
+    for (i, id) in snapshot_ids(&repo).iter().enumerate() {
+        let out = t.join(&format!("out{i}.img"));
+        ok(&klon(&["restore", "--yes", "--quiet", &format!("{}:{id}", s(&repo)), s(&out)]));
+        assert_restored(&t, &state_of[id], &out, &d, &format!("kill{i}"));
+        std::fs::remove_file(&out).unwrap();
+    }
+}
