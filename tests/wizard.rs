@@ -166,20 +166,53 @@ fn wizard_backup_verify_restore_and_back_step() {
     t.keys(&["Enter"]);
     t.wait_for(&["Directory:"], 10);
     t.keys(&["Enter"]); // the default: the current directory
-    let s = t.wait_for(&["Image name:"], 10);
+    let s = t.wait_for(&["Repository name:"], 10);
     assert!(s.contains(&format!("in {}", images.display())), "{s}");
     t.keys(&["Enter"]);
-    let s = t.wait_for(&["> Start the backup", "Compression level: 3", "Verify the image afterwards: yes"], 10);
-    assert!(s.contains(&src.path.display().to_string()));
+    let s = t.wait_for(
+        &["> Start the backup", "Compression level: 3", "Verify the image afterwards: yes", "Keep: every snapshot"],
+        10,
+    );
+    assert!(s.contains(&src.path.display().to_string()) && s.contains("into the new"), "{s}");
     t.keys(&["Enter"]);
     let s = t.wait_for(&["backup done", "Press Enter"], 120);
     assert!(s.contains("Verification: OK"), "{s}");
     assert!(s.contains(&format!("klon backup {}", src.path.display())), "{s}");
-    assert!(s.contains("Compression:") && s.contains("Image:"), "{s}");
-    let image: PathBuf =
-        std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("an image");
-    assert!(image.join("klon.json").exists());
-    assert!(image.join("last-verify.json").exists());
+    assert!(s.contains("in a new repository") && s.contains("Added:"), "{s}");
+    let repo: PathBuf =
+        std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("a repository");
+    assert!(repo.join("klon-repository.json").exists());
+    t.keys(&["Enter"]);
+
+    // A second backup of the same disk: the same repository is proposed, a
+    // Keep policy is set; the unchanged disk adds nothing.
+    t.wait_for(&["main menu"], 10);
+    t.choose("Back up a disk");
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(&src));
+    t.wait_for(&["Where are the images?"], 30);
+    t.choose("Type a directory");
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Repository name:"], 10);
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["> Start the backup"], 10);
+    assert!(!s.contains("into the new"), "{s}");
+    t.choose("Keep:");
+    t.wait_for(&["Keep:"], 10);
+    t.text("nonsense=3");
+    t.keys(&["Enter"]);
+    t.wait_for(&["is not a rule"], 10);
+    t.keys(&["Enter"]);
+    t.choose("Keep:");
+    t.text("last=5");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Keep: last 5"], 10);
+    t.highlight("Start the backup");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["backup done", "Press Enter"], 120);
+    assert!(s.contains("Added:        0 B in 0 new chunks") && s.contains("no snapshot dropped"), "{s}");
+    assert!(repo.join("keep.json").exists());
     t.keys(&["Enter"]);
 
     // Verify.
@@ -189,8 +222,9 @@ fn wizard_backup_verify_restore_and_back_step() {
     t.keys(&["Enter"]);
     t.wait_for(&["Directory:"], 10);
     t.keys(&["Enter"]);
-    let s = t.wait_for(&["Which image?", "complete, verified OK"], 10);
-    assert!(s.contains("image "), "{s}");
+    let s = t.wait_for(&["Which image?", "snapshot "], 10);
+    let name = repo.file_name().unwrap().to_string_lossy().to_string();
+    assert_eq!(s.matches(&format!("{name}:")).count(), 2, "both snapshots are listed: {s}");
     t.keys(&["Enter"]);
     let s = t.wait_for(&["verify done", "Press Enter"], 120);
     assert!(s.contains("Verification: OK"), "{s}");

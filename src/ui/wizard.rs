@@ -15,12 +15,12 @@ pub mod screen;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
+use crate::engine::backup::{BackupOptions, DEFAULT_SPLIT};
+use crate::engine::cancel;
 use crate::engine::clone::{self as clone_engine, CloneOptions};
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::RestoreOptions;
 use crate::engine::streams::PlanOptions;
-use crate::engine::{cancel, verify};
 use crate::error::{Error, Result};
 use crate::ui::{human_bytes, human_duration, progress};
 
@@ -208,18 +208,19 @@ fn pick_source(scr: &Screen, ctx: &WizardContext, title: &str, list: &[Listed], 
 }
 
 fn default_image_name(dir: &Path, l: &Listed) -> String {
-    let base = format!(
-        "{}-{}",
-        disks::safe_name(l.info.model.as_deref().unwrap_or(&l.info.name)),
-        &crate::image::manifest::now_rfc3339()[..10]
-    );
-    let mut name = base.clone();
+    // A repository of this disk on the drive: backups over time go there.
+    let base = disks::safe_name(l.info.model.as_deref().unwrap_or(&l.info.name));
+    if crate::repo::is_repository(&dir.join(&base)) || !dir.join(&base).exists() {
+        return base;
+    }
     let mut n = 2;
-    while dir.join(&name).exists() || crate::image::writer::partial_dir_for(&dir.join(&name)).exists() {
-        name = format!("{base}-{n}");
+    loop {
+        let name = format!("{base}-{n}");
+        if crate::repo::is_repository(&dir.join(&name)) || !dir.join(&name).exists() {
+            return name;
+        }
         n += 1;
     }
-    name
 }
 
 fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
@@ -231,6 +232,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
     let mut name = String::new();
     let mut level = 3i32;
     let mut verify_after = true;
+    let mut keep: Option<crate::repo::Keep> = None;
     loop {
         match step {
             0 => match pick_source(scr, ctx, title, &list, src)? {
@@ -261,15 +263,17 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
             2 => {
                 let d = dir.as_ref().expect("chosen");
                 let body = format!(
-                    "The image is a new directory in {}. The name proposed is the disk's model and today's date.",
+                    "Backups go into a repository in {}: a directory that keeps every backup of the disk as a \
+                     snapshot and stores only what changed since the others. The name proposed is the disk's \
+                     model; the name of an existing repository adds a snapshot to it.",
                     d.path.display()
                 );
-                match scr.input(title, &body, "Image name", &name)? {
+                match scr.input(title, &body, "Repository name", &name)? {
                     Nav::Back => step = 1,
                     Nav::Go(n) => {
                         if n.is_empty() || n.contains('/') {
-                            scr.message(title, "Type a name without '/', for example laptop-2026-01-31.")?;
-                        } else if d.path.join(&n).exists() {
+                            scr.message(title, "Type a name without '/', for example laptop.")?;
+                        } else if d.path.join(&n).exists() && !crate::repo::is_repository(&d.path.join(&n)) {
                             scr.message(
                                 title,
                                 &format!("{n} already exists in {}: choose another name.", d.path.display()),
@@ -284,13 +288,23 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
             3 => {
                 let d = dir.as_ref().expect("chosen");
                 let l = &list[src];
+                let repo_dir = d.path.join(&name);
+                let existing = crate::repo::Repository::open(&repo_dir).ok();
+                if keep.is_none() {
+                    keep = existing.as_ref().and_then(|r| r.keep().ok().flatten());
+                }
                 let body = format!(
-                    "Copy {} ({}, {}) into the new image {}.\nThe disk is only read.",
+                    "Copy {} ({}, {}) as a new snapshot into the {}repository {}.\nThe disk is only read.",
                     l.info.path.display(),
                     l.info.model.as_deref().unwrap_or("unknown model"),
                     human_bytes(l.info.size),
-                    d.path.join(&name).display()
+                    if existing.is_some() { "" } else { "new " },
+                    repo_dir.display()
                 );
+                let keep_text = match &keep {
+                    Some(k) => k.policy().describe(),
+                    None => "every snapshot".to_string(),
+                };
                 let items = [
                     Item::new("Start the backup"),
                     Item::new(format!("Compression level: {level} (1 fastest .. 19 smallest; Enter changes)")),
@@ -298,6 +312,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                         "Verify the image afterwards: {} (Enter changes)",
                         if verify_after { "yes" } else { "no" }
                     )),
+                    Item::new(format!("Keep: {keep_text} (Enter changes)")),
                 ];
                 match scr.select(title, &body, "Ready", &items, 0)? {
                     Nav::Back => step = 2,
@@ -315,14 +330,34 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                             }
                         }
                     }
-                    Nav::Go(_) => verify_after = !verify_after,
+                    Nav::Go(2) => verify_after = !verify_after,
+                    Nav::Go(_) => {
+                        let now = keep.map(|k| keep_spec(&k)).unwrap_or_default();
+                        if let Nav::Go(t) = scr.input(
+                            title,
+                            "Which snapshots to keep after each backup, e.g. daily=7,weekly=4,monthly=12 \
+                             (rules: last, hourly, daily, weekly, monthly, yearly: the newest snapshot of each of \
+                             the N latest days, weeks, ... that have one). Empty: keep every snapshot.",
+                            "Keep",
+                            &now,
+                        )? {
+                            if t.trim().is_empty() {
+                                keep = None;
+                            } else {
+                                match crate::repo::Keep::parse(&t) {
+                                    Ok(k) => keep = Some(k),
+                                    Err(why) => scr.message(title, &format!("{why}."))?,
+                                }
+                            }
+                        }
+                    }
                 }
             }
             _ => {
                 let d = dir.take().expect("chosen");
                 let image = d.path.join(&name);
                 let source = list[src].info.path.clone();
-                let r = run_backup(scr, &source, &image, level, verify_after);
+                let r = run_snapshot(scr, &source, &image, level, verify_after, keep);
                 drop(d); // unmount a drive the wizard mounted
                 return r;
             }
@@ -361,13 +396,36 @@ fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() 
     })
 }
 
-fn rate(bytes: u64, secs: f64) -> String {
-    format!("{}/s", human_bytes((bytes as f64 / secs.max(0.001)) as u64))
+/// `daily=7,weekly=4`: a policy as the Keep setting is typed.
+fn keep_spec(k: &crate::repo::Keep) -> String {
+    [
+        ("last", k.last),
+        ("hourly", k.hourly),
+        ("daily", k.daily),
+        ("weekly", k.weekly),
+        ("monthly", k.monthly),
+        ("yearly", k.yearly),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(r, n)| format!("{r}={n}"))
+    .collect::<Vec<_>>()
+    .join(",")
 }
 
-fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_after: bool) -> Result<()> {
+/// Backs `source` up as a new snapshot of the repository `repo` (made if
+/// need be), verifies what it added, saves the Keep policy and applies it.
+fn run_snapshot(
+    scr: &Screen,
+    source: &Path,
+    repo: &Path,
+    level: i32,
+    verify_after: bool,
+    keep: Option<crate::repo::Keep>,
+) -> Result<()> {
+    use crate::engine::snapshot;
     let title = "back up a disk";
-    scr.page(title, &format!("Backing up {} to {}. Ctrl-C stops.", source.display(), image.display()))?;
+    scr.page(title, &format!("Backing up {} into {}. Ctrl-C stops.", source.display(), repo.display()))?;
     let workers = default_workers();
     let opts = BackupOptions {
         level,
@@ -378,49 +436,71 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
         plan: PlanOptions::default(),
         rescue: false,
     };
+    let sopts = snapshot::SnapshotOptions { window: crate::repo::DEFAULT_WINDOW, ..Default::default() };
     let report =
-        run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;
-    let verified = if verify_after {
-        scr.term.write_line("Verifying the image ...").ok();
-        let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
-            verify::verify(&report.image, workers, false)
-        });
-        verify::record_result(&report.image, &r);
-        Some(r)
+        run_job(scr, "backup", "No snapshot is made.", || snapshot::backup_to_repository(source, repo, &opts, &sopts))?;
+    let verdict = if verify_after {
+        scr.term.write_line("Verifying what the backup added ...").ok();
+        match run_job(scr, "verification", "The snapshot stays; it is just not checked.", || {
+            snapshot::verify_added(repo, &report.packs_written, false)
+        }) {
+            Ok(_) => "OK, every chunk this backup added reads back and its checksums hold".to_string(),
+            Err(e) => format!("FAILED: {e}. Do not rely on this snapshot; check the image drive."),
+        }
     } else {
-        None
+        "not verified (you turned it off)".to_string()
     };
-    let ratio = if report.image_bytes > 0 { report.read_bytes as f64 / report.image_bytes as f64 } else { 0.0 };
-    let verdict = match &verified {
-        None => "not verified (you turned it off)".to_string(),
-        Some(Ok(v)) => format!("OK, every checksum holds (checked in {})", human_duration(v.seconds)),
-        Some(Err(e)) => format!("FAILED: {e}. Do not rely on this image; check the image drive."),
-    };
-    let mut cmd = format!("klon backup {} {}", shell_quote(source), shell_quote(image));
-    if level != 3 {
-        cmd.push_str(&format!(" --level {level}"));
+    let mut kept = String::new();
+    if let Some(k) = keep {
+        let r = crate::repo::Repository::open(repo)?;
+        r.save_keep(&k)?;
+        let _lock = crate::repo::lock::take(&r.locks_dir(), "forget", true)?;
+        let (decisions, _) = crate::repo::prune::forget(&r, &k.policy(), false)?;
+        let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
+        let freed = if dropped.is_empty() { 0 } else { crate::repo::prune::prune(&r, false, true, &[])?.bytes_freed };
+        kept = format!(
+            "Keep:         {} — {}\n",
+            k.policy().describe(),
+            if dropped.is_empty() {
+                "no snapshot dropped".to_string()
+            } else {
+                format!(
+                    "dropped {} older snapshots ({}), freed {}",
+                    dropped.len(),
+                    dropped.join(", "),
+                    human_bytes(freed)
+                )
+            }
+        );
     }
-    if !verify_after {
-        cmd.push_str(" --no-verify");
-    }
+    let s = &report.snapshot;
     let warnings = report.warnings.iter().map(|w| format!("Warning: {w}\n")).collect::<String>();
     let body = format!(
-        "Backup of {} finished.\n\n\
+        "Backup of {} finished: snapshot {}{}.\n\n\
          Time:         {}\n\
          Read:         {} at {}\n\
-         Image:        {} ({})\n\
-         Compression:  {ratio:.1}:1\n\
+         Added:        {} in {} new chunks ({} were in the repository already)\n\
          Verification: {verdict}\n\
-         {warnings}\n\
-         The same from a script:\n  {cmd}",
+         {kept}{warnings}\n\
+         Every snapshot restores on its own (Restore an image lists them).\n\
+         The same from a script:\n  klon backup {} {}",
         source.display(),
+        &report.id[..8],
+        if report.created_repository { " in a new repository" } else { "" },
         human_duration(report.seconds),
         human_bytes(report.read_bytes),
         rate(report.read_bytes, report.seconds),
-        human_bytes(report.image_bytes),
-        report.image.display(),
+        human_bytes(s.added.stored_bytes),
+        s.added.chunks,
+        report.reused_chunks,
+        shell_quote(source),
+        shell_quote(repo),
     );
     scr.message("backup done", &body)
+}
+
+fn rate(bytes: u64, secs: f64) -> String {
+    format!("{}/s", human_bytes((bytes as f64 / secs.max(0.001)) as u64))
 }
 
 // ---------------------------------------------------------------- images

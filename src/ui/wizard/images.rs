@@ -224,7 +224,22 @@ pub fn list_images(dir: &Path) -> Vec<Found> {
     let mut paths: Vec<PathBuf> =
         rd.flatten().map(|e| e.path()).filter(|p| crate::engine::source::looks_like_image(p)).collect();
     paths.sort();
-    paths.into_iter().map(|p| describe_image(&p)).collect()
+    paths.into_iter().flat_map(|p| expand_repository(p).into_iter().map(|p| describe_image(&p))).collect()
+}
+
+/// A repository stands for its snapshots, newest first (`REPO:ID`); any
+/// other image for itself. A repository that cannot be read is listed
+/// once, as damaged.
+fn expand_repository(p: PathBuf) -> Vec<PathBuf> {
+    if !crate::repo::is_repository(&p) {
+        return vec![p];
+    }
+    match crate::repo::Repository::open(&p).and_then(|r| r.snapshots()) {
+        Ok(list) if !list.is_empty() => {
+            list.iter().map(|s| PathBuf::from(format!("{}:{}", p.display(), s.short_id()))).collect()
+        }
+        _ => vec![p],
+    }
 }
 
 fn describe_image(p: &Path) -> Found {
