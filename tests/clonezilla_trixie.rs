@@ -1,0 +1,130 @@
+//! Clonezilla images made by today's Debian Clonezilla, from the committed
+//! fixtures in tests/fixtures/clonezilla-trixie/: Debian 13 (trixie)'s
+//! clonezilla 5.9.9 (ocs-sr) with partclone 0.3.36 saved two small sample
+//! disks (see make-clonezilla-trixie.sh and PROVENANCE there). `klon info`
+//! and `verify` take each image, a restore gives the sample disk back byte
+//! for byte (against the committed SHA256SUMS) with clean filesystems, and
+//! `klon convert` makes a klon image that restores the same disk.
+//!
+//! Needs no root: the targets are files.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::disks::*;
+
+/// The gpt sample disk: p1 FAT16 ESP at sector 2048 (32768 sectors), p2
+/// ext4 at 34816 (40960 sectors).
+const GPT_P1: (u64, u64) = (2048 * 512, 32768 * 512);
+const GPT_P2: (u64, u64) = (34816 * 512, 40960 * 512);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clonezilla-trixie")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The committed sum of `name` (gpt-disk, gpt-p1.vfat, ...).
+fn committed_sum(name: &str) -> String {
+    let sums = std::fs::read_to_string(fixtures().join("SHA256SUMS")).unwrap();
+    sums.lines()
+        .find_map(|l| l.strip_suffix(name).map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| panic!("{name} is not in SHA256SUMS"))
+}
+
+fn sha256(path: &Path) -> String {
+    run("sha256sum", &[s(path)]).split_whitespace().next().unwrap().to_string()
+}
+
+/// Writes bytes `range` of `disk` to `out` and checks their sum against
+/// the committed `name` and the filesystem with its own checker.
+fn check_part(disk: &Path, range: (u64, u64), out: &Path, name: &str) {
+    std::fs::write(out, read_at(disk, range.0, range.1)).unwrap();
+    assert_eq!(sha256(out), committed_sum(name), "{}: {name} differs from the sample's", disk.display());
+    if name.ends_with(".ext4") {
+        run("e2fsck", &["-fn", s(out)]);
+    } else {
+        run("fsck.fat", &["-n", s(out)]);
+    }
+    std::fs::remove_file(out).unwrap();
+}
+
+/// Both savedisk images of the GPT disk (zstd; pigz with B2SUMS): info
+/// names partclone 0.3.36 and its CRC32 checksums, verify checks B2SUMS
+/// too, a restore is the sample disk byte for byte (tables, protective
+/// MBR's boot code, backup GPT, both filesystems clean), and so is the
+/// restore of the klon image `convert` makes of it.
+#[test]
+fn trixie_gpt_images_verify_restore_and_convert_byte_for_byte() {
+    let dir = TempDir::new("cztrixie-gpt");
+    for name in ["gpt-zst", "gpt-gz"] {
+        let image = fixtures().join(name);
+        let o = klon(&["info", s(&image)]);
+        ok(&o);
+        let info = stdout(&o);
+        assert!(
+            info.contains("Table:        GPT, disk id 5EED7A1E-0000-4000-8000-0000000000AA")
+                && info.contains("partclone 0.3.36), FAT16, 512-byte blocks")
+                && info.contains("partclone 0.3.36), EXTFS, 1024-byte blocks")
+                && info.contains("CRC32 every 10240 blocks"),
+            "{name}: info says\n{info}"
+        );
+        let o = klon(&["verify", s(&image)]);
+        ok(&o);
+        if name == "gpt-gz" {
+            assert!(stderr(&o).contains("B2SUMS: 20 files match"), "{name}: verify says\n{}", stderr(&o));
+        }
+        let target = dir.join(&format!("{name}.img"));
+        ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
+        assert_eq!(sha256(&target), committed_sum("gpt-disk"), "{name}: the restored disk differs from the sample");
+        check_part(&target, GPT_P1, &dir.join("p1"), "gpt-p1.vfat");
+        check_part(&target, GPT_P2, &dir.join("p2"), "gpt-p2.ext4");
+        std::fs::remove_file(&target).unwrap();
+
+        let converted = dir.join(&format!("{name}.klon"));
+        ok(&klon(&["convert", s(&image), s(&converted)]));
+        ok(&klon(&["verify", s(&converted)]));
+        ok(&klon(&["restore", "--yes", s(&converted), s(&target)]));
+        assert_eq!(
+            sha256(&target),
+            committed_sum("gpt-disk"),
+            "{name}: the disk restored from the converted image differs"
+        );
+        std::fs::remove_file(&target).unwrap();
+    }
+}
+
+/// The saveparts image of both GPT partitions: info and verify take it; a
+/// restore into a disk whose table has the partitions (here the sample's
+/// table, partitions zeroed) gives the sample disk back byte for byte, and
+/// `--partition 2` restores the ext4 alone onto a file of its size.
+#[test]
+fn trixie_saveparts_image_restores_into_a_disk_with_its_table() {
+    let dir = TempDir::new("cztrixie-parts");
+    let image = fixtures().join("gpt-parts");
+    assert!(!image.join("disk").exists());
+    let o = klon(&["info", s(&image)]);
+    ok(&o);
+    assert!(stdout(&o).contains("saveparts"), "{}", stdout(&o));
+    ok(&klon(&["verify", s(&image)]));
+
+    // A disk with the sample's table and nothing in its partitions: the
+    // whole-disk restore of the savedisk image, partitions zeroed.
+    let target = dir.join("target.img");
+    ok(&klon(&["restore", "--yes", s(&fixtures().join("gpt-zst")), s(&target)]));
+    for (off, len) in [GPT_P1, GPT_P2] {
+        write_at(&target, off, &vec![0u8; len as usize]);
+    }
+    assert_ne!(sha256(&target), committed_sum("gpt-disk"));
+    ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
+    assert_eq!(sha256(&target), committed_sum("gpt-disk"), "the partitions restored from saveparts differ");
+
+    let p2 = dir.join("p2.img");
+    ok(&klon(&["restore", "--yes", "--partition", "2", s(&image), s(&p2)]));
+    assert_eq!(std::fs::metadata(&p2).unwrap().len(), GPT_P2.1);
+    assert_eq!(sha256(&p2), committed_sum("gpt-p2.ext4"), "partition 2 restored alone differs");
+    run("e2fsck", &["-fn", s(&p2)]);
+}
