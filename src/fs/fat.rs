@@ -213,6 +213,26 @@ fn entry(kind: Kind, raw: &[u8], i: usize) -> u32 {
     }
 }
 
+/// The data clusters (numbered from 2) the FAT copies in `meta` mark used,
+/// by the same rule as [`DRIVER`]: non-zero and not the bad-cluster mark in
+/// any copy. `meta` holds the volume's bytes from its start; `None` when
+/// it ends before the last FAT copy does.
+pub fn used_clusters(g: &Geometry, meta: &[u8]) -> Option<Vec<u64>> {
+    let fats_end = g.fat_start + g.nfats * g.fat_bytes;
+    if (meta.len() as u64) < fats_end {
+        return None;
+    }
+    let copies: Vec<&[u8]> =
+        (0..g.nfats).map(|k| &meta[(g.fat_start + k * g.fat_bytes) as usize..][..g.fat_bytes as usize]).collect();
+    let used = (2..g.clusters + 2).filter(|&c| {
+        copies.iter().any(|raw| {
+            let v = entry(g.kind, raw, c as usize);
+            v != 0 && v != g.kind.bad()
+        })
+    });
+    Some(used.collect())
+}
+
 fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     let boot = vol.read_vec(0, 512)?;
     let g = parse_bpb(&boot, vol.len)?;
