@@ -169,3 +169,33 @@ fn trixie_fat12_image_missing_clusters_is_refused() {
     assert_eq!(sha256(&p1), committed_sum("mbr-p1.ext4"), "partition 1 restored alone differs");
     run("e2fsck", &["-fn", s(&p1)]);
 }
+
+/// An image holding a LUKS volume Clonezilla opened while saving (ocs-sr
+/// 5.9.9 asks; with `-luks yes`): `luks-dev.list` maps the partition to
+/// the mapper name its decrypted filesystem was saved under, and the LUKS
+/// header is in `<part>-luksHeader.bin` (laid out as 5.9.9's
+/// ocs-functions writes them; device-mapper is missing here, so no real
+/// save). `parts` still names the partition, which has no image of its
+/// own. klon cannot re-create the LUKS container: info, verify and restore
+/// refuse, naming the partition, the mapper name and what to do, not "the
+/// image file is missing".
+#[test]
+fn an_image_of_an_opened_luks_volume_is_refused_with_what_to_do() {
+    let dir = TempDir::new("cztrixie-luks");
+    let image = dir.join("luks");
+    run("cp", &["-a", s(&fixtures().join("gpt-zst")), s(&image)]);
+    std::fs::rename(image.join("loop0p2.ext4-ptcl-img.zst"), image.join("ocs_luks_Ab3.ext4-ptcl-img.zst")).unwrap();
+    std::fs::write(
+        image.join("luks-dev.list"),
+        "# <Block device> <UUID> <Device mapped name>\n\
+         /dev/loop0p2 0c5e4d2a-1b3c-4d5e-8f70-123456789abc ocs_luks_Ab3\n",
+    )
+    .unwrap();
+    std::fs::write(image.join("loop0p2-luksHeader.bin"), vec![0u8; 16384]).unwrap();
+    let why = ["LUKS", "loop0p2 (saved decrypted as ocs_luks_Ab3)", "luks-dev.list", "ocs-sr restoredisk"];
+    fails_with(&klon(&["info", s(&image)]), 1, &why);
+    fails_with(&klon(&["verify", s(&image)]), 1, &why);
+    let target = dir.join("target.img");
+    fails_with(&klon(&["restore", "--yes", s(&image), s(&target)]), 1, &why);
+    assert!(!target.exists() || read_at(&target, 0, 1 << 20).iter().all(|&b| b == 0));
+}
