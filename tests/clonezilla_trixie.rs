@@ -103,7 +103,8 @@ fn trixie_gpt_images_verify_restore_and_convert_byte_for_byte() {
 /// The saveparts image of both GPT partitions: info and verify take it; a
 /// restore into a disk whose table has the partitions (here the sample's
 /// table, partitions zeroed) gives the sample disk back byte for byte, and
-/// `--partition 2` restores the ext4 alone onto a file of its size.
+/// `--partition 2` restores the ext4 alone onto a file of its size; the
+/// klon image `convert` makes of it restores the whole disk.
 #[test]
 fn trixie_saveparts_image_restores_into_a_disk_with_its_table() {
     let dir = TempDir::new("cztrixie-parts");
@@ -130,6 +131,18 @@ fn trixie_saveparts_image_restores_into_a_disk_with_its_table() {
     assert_eq!(std::fs::metadata(&p2).unwrap().len(), GPT_P2.1);
     assert_eq!(sha256(&p2), committed_sum("gpt-p2.ext4"), "partition 2 restored alone differs");
     run("e2fsck", &["-fn", s(&p2)]);
+
+    // Both partitions were saved, so the klon image `convert` makes of it
+    // (table files included) restores the whole sample disk.
+    let converted = dir.join("converted");
+    ok(&klon(&["convert", s(&image), s(&converted)]));
+    let whole = dir.join("whole.img");
+    ok(&klon(&["restore", "--yes", s(&converted), s(&whole)]));
+    assert_eq!(
+        sha256(&whole),
+        committed_sum("gpt-disk"),
+        "the disk restored from the converted saveparts image differs"
+    );
 }
 
 /// The MBR image: partclone 0.3.36 (as 0.3.23) reads a FAT12 table 16 bits
@@ -198,4 +211,28 @@ fn an_image_of_an_opened_luks_volume_is_refused_with_what_to_do() {
     let target = dir.join("target.img");
     fails_with(&klon(&["restore", "--yes", s(&image), s(&target)]), 1, &why);
     assert!(!target.exists() || read_at(&target, 0, 1 << 20).iter().all(|&b| b == 0));
+}
+
+/// 5.9.9 makes its checksum files in one pass that now covers the
+/// `Info-*.txt` files written before it (5.3's did not), but not
+/// `Info-img-id.txt`, written after: verify checks what B2SUMS lists, so a
+/// changed Info-dmi.txt fails naming it, a changed Info-img-id.txt does not.
+#[test]
+fn trixie_b2sums_cover_the_info_files_written_before_them() {
+    let dir = TempDir::new("cztrixie-b2");
+    let b2 = std::fs::read_to_string(fixtures().join("gpt-gz/B2SUMS")).unwrap();
+    assert!(b2.contains("  Info-dmi.txt\n") && !b2.contains("Info-img-id.txt") && !b2.contains("SUMS\n"), "{b2}");
+    for (file, fails) in [("Info-dmi.txt", true), ("Info-img-id.txt", false)] {
+        let image = dir.join(file);
+        run("cp", &["-a", s(&fixtures().join("gpt-gz")), s(&image)]);
+        let mut text = std::fs::read(image.join(file)).unwrap();
+        text.extend_from_slice(b"changed\n");
+        std::fs::write(image.join(file), text).unwrap();
+        let o = klon(&["verify", s(&image)]);
+        if fails {
+            fails_with(&o, 4, &["Info-dmi.txt does not match its checksum in B2SUMS"]);
+        } else {
+            ok(&o);
+        }
+    }
 }
