@@ -507,8 +507,17 @@ pub(crate) mod tests {
         let (ref_ext, used, clusters, cluster) = reference(img);
         assert_eq!(map.extents, ref_ext, "FAT{bits} size {size} spc {spc} sector {sector}");
         assert_eq!(map.block_size as u64, cluster);
-        let g = parse_bpb(&std::fs::read(&img_p).unwrap()[..512], u64::MAX).unwrap();
+        let bytes = std::fs::read(&img_p).unwrap();
+        let g = parse_bpb(&bytes[..512], u64::MAX).unwrap();
         assert_eq!(g.clusters, clusters);
+        // used_clusters (read from bytes in memory) names the same clusters
+        // as mshowfat, and none without the whole FATs.
+        let listed = used_clusters(&g, &bytes).unwrap();
+        assert_eq!(listed.len() as u64, used);
+        let mut ext = vec![(0, g.data_start)];
+        ext.extend(listed.iter().map(|c| (g.data_start + (c - 2) * g.cluster, g.cluster)));
+        assert_eq!(normalize(ext, u64::MAX).unwrap().0, ref_ext);
+        assert_eq!(used_clusters(&g, &bytes[..(g.fat_start + g.nfats * g.fat_bytes - 1) as usize]), None);
         assert_eq!(map.used_bytes, g.data_start + used * cluster);
         if full {
             assert!(used * 100 / clusters >= 95, "only {used}/{clusters} used");
