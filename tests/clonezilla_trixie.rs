@@ -236,3 +236,28 @@ fn trixie_b2sums_cover_the_info_files_written_before_them() {
         }
     }
 }
+
+/// Files 5.9.9 writes only on some machines, informational for a restore:
+/// `efi-nvram.dat` (`efibootmgr -v`, booted with UEFI), `<part>.info`
+/// (`PARTITION_TYPE=Win_boot_reserved`), `Info-lshw.txt`, `Info-OS-prober.txt`
+/// (contents as ocs-functions writes them). An image with them verifies and
+/// restores the same disk.
+#[test]
+fn trixie_informational_files_are_ignored() {
+    let dir = TempDir::new("cztrixie-info");
+    let image = dir.join("extra");
+    run("cp", &["-a", s(&fixtures().join("gpt-zst")), s(&image)]);
+    for (file, text) in [
+        ("efi-nvram.dat", "BootCurrent: 0001\nBoot0001* debian\tHD(1,GPT,5eed7a1e-0001-4000-8000-000000000001)\n"),
+        ("loop0p1.info", "PARTITION_TYPE=Win_boot_reserved\n"),
+        ("Info-lshw.txt", "klon-test\n    description: Computer\n"),
+        ("Info-OS-prober.txt", "/dev/loop0p2:Debian GNU/Linux 13 (trixie):Debian:linux\n"),
+    ] {
+        std::fs::write(image.join(file), text).unwrap();
+    }
+    ok(&klon(&["info", s(&image)]));
+    ok(&klon(&["verify", s(&image)]));
+    let target = dir.join("target.img");
+    ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
+    assert_eq!(sha256(&target), committed_sum("gpt-disk"));
+}
