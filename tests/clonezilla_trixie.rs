@@ -38,6 +38,12 @@ fn committed_sum(name: &str) -> String {
         .unwrap_or_else(|| panic!("{name} is not in SHA256SUMS"))
 }
 
+/// The disk name an image was saved from (`loop0`: the loop device the
+/// script got, in the files' names).
+fn disk_name(image: &str) -> String {
+    std::fs::read_to_string(fixtures().join(image).join("disk")).unwrap().trim().to_string()
+}
+
 fn sha256(path: &Path) -> String {
     run("sha256sum", &[s(path)]).split_whitespace().next().unwrap().to_string()
 }
@@ -160,8 +166,9 @@ fn trixie_fat12_image_missing_clusters_is_refused() {
     let o = klon(&["info", s(&image)]);
     ok(&o);
     assert!(stdout(&o).contains("FAT12, 512-byte blocks"), "{}", stdout(&o));
+    let file = format!("{}p5.fat12-ptcl-img.zst", disk_name("mbr-zst"));
     let why = [
-        "loop0p5.fat12-ptcl-img.zst",
+        file.as_str(),
         "the FAT marks 38 clusters in use, partclone's bitmap leaves out 10 of them (clusters 30..39;",
         "partclone issue #268",
         "partclone 0.3.36",
@@ -197,15 +204,20 @@ fn an_image_of_an_opened_luks_volume_is_refused_with_what_to_do() {
     let dir = TempDir::new("cztrixie-luks");
     let image = dir.join("luks");
     run("cp", &["-a", s(&fixtures().join("gpt-zst")), s(&image)]);
-    std::fs::rename(image.join("loop0p2.ext4-ptcl-img.zst"), image.join("ocs_luks_Ab3.ext4-ptcl-img.zst")).unwrap();
+    let p2 = format!("{}p2", disk_name("gpt-zst"));
+    std::fs::rename(image.join(format!("{p2}.ext4-ptcl-img.zst")), image.join("ocs_luks_Ab3.ext4-ptcl-img.zst"))
+        .unwrap();
     std::fs::write(
         image.join("luks-dev.list"),
-        "# <Block device> <UUID> <Device mapped name>\n\
-         /dev/loop0p2 0c5e4d2a-1b3c-4d5e-8f70-123456789abc ocs_luks_Ab3\n",
+        format!(
+            "# <Block device> <UUID> <Device mapped name>\n\
+             /dev/{p2} 0c5e4d2a-1b3c-4d5e-8f70-123456789abc ocs_luks_Ab3\n"
+        ),
     )
     .unwrap();
-    std::fs::write(image.join("loop0p2-luksHeader.bin"), vec![0u8; 16384]).unwrap();
-    let why = ["LUKS", "loop0p2 (saved decrypted as ocs_luks_Ab3)", "luks-dev.list", "ocs-sr restoredisk"];
+    std::fs::write(image.join(format!("{p2}-luksHeader.bin")), vec![0u8; 16384]).unwrap();
+    let named = format!("{p2} (saved decrypted as ocs_luks_Ab3)");
+    let why = ["LUKS", named.as_str(), "luks-dev.list", "ocs-sr restoredisk"];
     fails_with(&klon(&["info", s(&image)]), 1, &why);
     fails_with(&klon(&["verify", s(&image)]), 1, &why);
     let target = dir.join("target.img");
@@ -247,11 +259,15 @@ fn trixie_informational_files_are_ignored() {
     let dir = TempDir::new("cztrixie-info");
     let image = dir.join("extra");
     run("cp", &["-a", s(&fixtures().join("gpt-zst")), s(&image)]);
+    let disk = disk_name("gpt-zst");
     for (file, text) in [
-        ("efi-nvram.dat", "BootCurrent: 0001\nBoot0001* debian\tHD(1,GPT,5eed7a1e-0001-4000-8000-000000000001)\n"),
-        ("loop0p1.info", "PARTITION_TYPE=Win_boot_reserved\n"),
-        ("Info-lshw.txt", "klon-test\n    description: Computer\n"),
-        ("Info-OS-prober.txt", "/dev/loop0p2:Debian GNU/Linux 13 (trixie):Debian:linux\n"),
+        (
+            "efi-nvram.dat".to_string(),
+            "BootCurrent: 0001\nBoot0001* debian\tHD(1,GPT,5eed7a1e-0001-4000-8000-000000000001)\n".to_string(),
+        ),
+        (format!("{disk}p1.info"), "PARTITION_TYPE=Win_boot_reserved\n".to_string()),
+        ("Info-lshw.txt".to_string(), "klon-test\n    description: Computer\n".to_string()),
+        ("Info-OS-prober.txt".to_string(), format!("/dev/{disk}p2:Debian GNU/Linux 13 (trixie):Debian:linux\n")),
     ] {
         std::fs::write(image.join(file), text).unwrap();
     }
