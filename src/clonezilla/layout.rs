@@ -621,6 +621,7 @@ impl CzImage {
                 return Err(Error::Unsupported(format!("the Clonezilla image {} is {what}", dir.display())));
             }
         }
+        refuse_opened_luks(dir)?;
         let mut saveparts = false;
         let disk_text = match read_text(dir, "disk")? {
             Some(t) => t,
@@ -900,6 +901,38 @@ impl CzImage {
             saveparts,
         })
     }
+}
+
+/// Refuses an image holding LUKS volumes Clonezilla opened while saving
+/// (5.9.9 asks): `luks-dev.list` has a line `/dev/<part> <uuid> <mapper
+/// name>` per volume, whose decrypted filesystem is saved as `<mapper
+/// name>.<fs>-ptcl-img.*` and whose LUKS header is in
+/// `<part>-luksHeader.bin`. Clonezilla's restore rebuilds the container
+/// (luksFormat with the saved header, then the filesystem into it); klon
+/// does not.
+fn refuse_opened_luks(dir: &Path) -> Result<()> {
+    let Some(text) = read_text(dir, "luks-dev.list")? else { return Ok(()) };
+    let volumes: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let part = f[0].strip_prefix("/dev/").unwrap_or(f[0]);
+            match f.get(2) {
+                Some(map) => format!("{part} (saved decrypted as {map})"),
+                None => part.to_string(),
+            }
+        })
+        .collect();
+    Err(Error::Unsupported(format!(
+        "the Clonezilla image {} holds LUKS-encrypted partitions that Clonezilla opened and saved decrypted: {} \
+         (listed in luks-dev.list, their LUKS headers in <part>-luksHeader.bin); klon does not re-create LUKS \
+         containers, so it cannot restore or check this image: restore it with Clonezilla (ocs-sr restoredisk), \
+         which writes the LUKS header back and the filesystem into it",
+        dir.display(),
+        if volumes.is_empty() { "none named".to_string() } else { volumes.join(", ") }
+    )))
 }
 
 /// Whether two 64-byte primary tables describe the same partitions (start,

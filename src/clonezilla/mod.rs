@@ -9,6 +9,8 @@
 //! - [`pieces`]: split pieces (`.aa`, `.ab`, ...) read as one stream.
 //! - [`decompress`]: zstd, gzip, xz, lz4, bzip2 or none, by magic.
 //! - [`partclone`]: partclone's image formats 0001 and 0002.
+//! - [`fat12_check`]: a partclone FAT12 image's bitmap against its FAT
+//!   (partclone before its 2025 fix leaves out clusters in use).
 //! - [`ntfsclone`]: ntfsclone's "special image" (`*.ntfs-img`).
 //!
 //! Every partition image becomes a [`BlockSource`]: the partition's stored
@@ -16,6 +18,7 @@
 
 pub mod checksums;
 pub mod decompress;
+pub mod fat12_check;
 pub mod layout;
 pub mod ntfsclone;
 pub mod partclone;

@@ -70,6 +70,7 @@ use std::path::{Path, PathBuf};
 
 use super::BlockSource;
 use super::decompress::read_full;
+use super::fat12_check::{self, Fat12Check, Step};
 use super::pieces::PiecePos;
 use crate::error::{Error, Result};
 
@@ -302,6 +303,9 @@ pub struct PartcloneReader {
     /// Scratch for format 0001's checksum (a block of one repeated byte).
     v1_scratch: Vec<u8>,
     finished: bool,
+    /// A FAT12 image's FAT, compared with the bitmap as it passes (see
+    /// [`fat12_check`]).
+    fat12: Option<Fat12Check>,
 }
 
 impl PartcloneReader {
@@ -329,7 +333,11 @@ impl PartcloneReader {
             stride,
             v1_scratch: Vec::new(),
             finished: false,
+            fat12: None,
         };
+        if reader.h.fs == "FAT12" && !reader.all_used {
+            reader.fat12 = Some(Fat12Check::default());
+        }
         if reader.h.used_blocks == 0 {
             reader.finish()?;
         }
@@ -339,6 +347,39 @@ impl PartcloneReader {
     /// The image file (first piece).
     pub fn file(&self) -> &Path {
         &self.file
+    }
+
+    /// Feeds a run to the FAT12 check; fails when the FAT marks clusters
+    /// in use that the bitmap leaves out.
+    fn check_fat12(&mut self, offset: u64, run: &[u8]) -> Result<()> {
+        let Some(mut check) = self.fat12.take() else { return Ok(()) };
+        let (bs, size) = (u64::from(self.h.block_size), self.h.device_size);
+        match check.feed(offset, run, bs, size, |b| b < self.h.total_blocks && self.is_used(b)) {
+            Step::More => self.fat12 = Some(check),
+            Step::Done => {}
+            Step::Incomplete(m) => {
+                let by = if self.h.ptc_version.is_empty() {
+                    "partclone".to_string()
+                } else {
+                    format!("partclone {}", self.h.ptc_version)
+                };
+                return Err(Error::Corrupt(format!(
+                    "{}: this image of a FAT12 filesystem is incomplete: the FAT marks {} clusters in use, \
+                     partclone's bitmap leaves out {} of them (clusters {}; {} bytes of files and directories), \
+                     so they are not in the image. {by} reads FAT12 tables 16 bits per entry instead of 12 \
+                     (partclone issue #268, fixed in 2025; Debian's 0.3.23 and 0.3.36 have it): any restore of \
+                     this image, Clonezilla's too, leaves those files holding zeros. Save the filesystem again \
+                     with a partclone that has the fix, or with `klon backup`; the image's other partitions \
+                     restore one at a time with `klon restore --partition N`",
+                    self.file.display(),
+                    m.in_use,
+                    m.left_out.len(),
+                    fat12_check::ranges(&m.left_out, 8),
+                    m.left_out.len() as u64 * m.cluster,
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn is_used(&self, block: u64) -> bool {
@@ -753,6 +794,7 @@ impl BlockSource for PartcloneReader {
         }
         let mut out = Vec::with_capacity((n * bs) as usize);
         self.read_blocks(&mut out, n, first * bs)?;
+        self.check_fat12(first * bs, &out)?;
         self.next_block = first + n;
         if self.blocks_done == self.h.used_blocks {
             self.finish()?;

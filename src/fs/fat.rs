@@ -213,6 +213,26 @@ fn entry(kind: Kind, raw: &[u8], i: usize) -> u32 {
     }
 }
 
+/// The data clusters (numbered from 2) the FAT copies in `meta` mark used,
+/// by the same rule as [`DRIVER`]: non-zero and not the bad-cluster mark in
+/// any copy. `meta` holds the volume's bytes from its start; `None` when
+/// it ends before the last FAT copy does.
+pub fn used_clusters(g: &Geometry, meta: &[u8]) -> Option<Vec<u64>> {
+    let fats_end = g.fat_start + g.nfats * g.fat_bytes;
+    if (meta.len() as u64) < fats_end {
+        return None;
+    }
+    let copies: Vec<&[u8]> =
+        (0..g.nfats).map(|k| &meta[(g.fat_start + k * g.fat_bytes) as usize..][..g.fat_bytes as usize]).collect();
+    let used = (2..g.clusters + 2).filter(|&c| {
+        copies.iter().any(|raw| {
+            let v = entry(g.kind, raw, c as usize);
+            v != 0 && v != g.kind.bad()
+        })
+    });
+    Some(used.collect())
+}
+
 fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     let boot = vol.read_vec(0, 512)?;
     let g = parse_bpb(&boot, vol.len)?;
@@ -487,8 +507,17 @@ pub(crate) mod tests {
         let (ref_ext, used, clusters, cluster) = reference(img);
         assert_eq!(map.extents, ref_ext, "FAT{bits} size {size} spc {spc} sector {sector}");
         assert_eq!(map.block_size as u64, cluster);
-        let g = parse_bpb(&std::fs::read(&img_p).unwrap()[..512], u64::MAX).unwrap();
+        let bytes = std::fs::read(&img_p).unwrap();
+        let g = parse_bpb(&bytes[..512], u64::MAX).unwrap();
         assert_eq!(g.clusters, clusters);
+        // used_clusters (read from bytes in memory) names the same clusters
+        // as mshowfat, and none without the whole FATs.
+        let listed = used_clusters(&g, &bytes).unwrap();
+        assert_eq!(listed.len() as u64, used);
+        let mut ext = vec![(0, g.data_start)];
+        ext.extend(listed.iter().map(|c| (g.data_start + (c - 2) * g.cluster, g.cluster)));
+        assert_eq!(normalize(ext, u64::MAX).unwrap().0, ref_ext);
+        assert_eq!(used_clusters(&g, &bytes[..(g.fat_start + g.nfats * g.fat_bytes - 1) as usize]), None);
         assert_eq!(map.used_bytes, g.data_start + used * cluster);
         if full {
             assert!(used * 100 / clusters >= 95, "only {used}/{clusters} used");
