@@ -20,6 +20,7 @@ pub mod error;
 pub mod fs;
 pub mod image;
 pub mod live;
+pub mod repo;
 pub mod table;
 #[cfg(test)]
 mod testutil;

@@ -1,0 +1,3 @@
+//! The snapshot repository.
+
+pub mod policy;
