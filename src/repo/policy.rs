@@ -824,7 +824,9 @@ mod tests {
         for (k, r) in reasons.iter_mut().enumerate().take(last) {
             r.push(format!("last {}", k + 1));
         }
-        let keys: [(&str, u32, fn(i64) -> String); 5] = [
+        // (rule, its count, the period of a local time as printed)
+        type Key = (&'static str, u32, fn(i64) -> String);
+        let keys: [Key; 5] = [
             ("hourly", policy.hourly, |t| {
                 let (y, m, d, h, _, _) = date(t);
                 format!("{y}-{m:02}-{d:02} {h:02}:00")
@@ -926,7 +928,7 @@ mod tests {
             // the kept ones, and never everything removed.
             assert_eq!(got.len(), items.len());
             assert!(got[0].1, "seed {seed}: the newest is always kept");
-            assert!(got.iter().all(|(_, keep, reasons)| *keep == !reasons.is_empty()));
+            assert!(got.iter().all(|(_, keep, reasons)| *keep != reasons.is_empty()));
             let time = |id: &str| items.iter().find(|i| i.id == id).unwrap().time;
             assert!(got.windows(2).all(|w| (time(&w[0].0), &w[0].0) > (time(&w[1].0), &w[1].0)));
             oldest_reasons += got.iter().filter(|g| g.2.iter().any(|r| r.starts_with("oldest"))).count();
