@@ -637,6 +637,25 @@ mod tests {
                 "s01 keep monthly 2026-10",
             ]
         );
+        // With --keep-yearly 2 only 2026 has snapshots: s01 stays as the oldest too.
+        let policy = Policy { yearly: 2, ..policy };
+        let d = apply(&policy, &items).unwrap();
+        assert_eq!(d[0].reasons.last().unwrap(), "yearly 2026");
+        assert_eq!(d[11].reasons, ["monthly 2026-10", "oldest (--keep-yearly 2, only 1 year has snapshots)"]);
+    }
+
+    #[test]
+    fn the_repeated_hour_when_clocks_go_back_is_one_hour() {
+        // 25 October 2026 in Berlin: 02:30 CEST (+2, 00:30 UTC), then 02:30
+        // CET (+1, 01:30 UTC): one hour on the clock, its later snapshot kept.
+        let cest = Item { id: "cest", time: utc(2026, 10, 25, 0, 30), utc_offset: 7200 };
+        let cet = Item { id: "cet", time: utc(2026, 10, 25, 1, 30), utc_offset: 3600 };
+        // The hour before: 01:30 CEST. With --keep-hourly 2 the second hour
+        // kept is 01:00, not the first 02:30.
+        let before = Item { id: "before", time: utc(2026, 10, 24, 23, 30), utc_offset: 7200 };
+        let d = apply(&Policy { hourly: 2, ..Policy::default() }, &[cest, cet, before]).unwrap();
+        assert_eq!(ids(&d), ["cet", "cest", "before"]);
+        assert_eq!(kept(&d), [("cet", vec!["hourly 2026-10-25 02:00"]), ("before", vec!["hourly 2026-10-25 01:00"])]);
     }
 
     #[test]
@@ -805,7 +824,9 @@ mod tests {
         for (k, r) in reasons.iter_mut().enumerate().take(last) {
             r.push(format!("last {}", k + 1));
         }
-        let keys: [(&str, u32, fn(i64) -> String); 5] = [
+        // (rule, its count, the period of a local time as printed)
+        type Key = (&'static str, u32, fn(i64) -> String);
+        let keys: [Key; 5] = [
             ("hourly", policy.hourly, |t| {
                 let (y, m, d, h, _, _) = date(t);
                 format!("{y}-{m:02}-{d:02} {h:02}:00")
@@ -907,7 +928,7 @@ mod tests {
             // the kept ones, and never everything removed.
             assert_eq!(got.len(), items.len());
             assert!(got[0].1, "seed {seed}: the newest is always kept");
-            assert!(got.iter().all(|(_, keep, reasons)| *keep == !reasons.is_empty()));
+            assert!(got.iter().all(|(_, keep, reasons)| *keep != reasons.is_empty()));
             let time = |id: &str| items.iter().find(|i| i.id == id).unwrap().time;
             assert!(got.windows(2).all(|w| (time(&w[0].0), &w[0].0) > (time(&w[1].0), &w[1].0)));
             oldest_reasons += got.iter().filter(|g| g.2.iter().any(|r| r.starts_with("oldest"))).count();
