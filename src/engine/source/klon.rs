@@ -9,6 +9,7 @@ use crate::engine::restore::{self, RestoreOptions, RestoreReport};
 use crate::engine::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
 use crate::image::format::IndexEntry;
+use crate::image::manifest::StreamInfo;
 use crate::image::reader::describe_stream;
 use crate::image::writer::PARTIAL_SUFFIX;
 use crate::image::{ImageReader, Manifest};
@@ -152,6 +153,98 @@ pub(super) fn record_failure_to_open(path: &Path, result: &Result<VerifyReport>)
     verify::record_result(path, result);
 }
 
+/// How many unreadable ranges of a stream `klon info` names one by one.
+const UNREADABLE_SHOWN: usize = 8;
+
+/// `klon info`'s lines on a stream's unreadable ranges: each with its
+/// partition and filesystem blocks, then how to find the files they hit.
+fn render_unreadable(o: &mut String, st: &StreamInfo) {
+    use std::fmt::Write as _;
+    let pad = "";
+    let _ = writeln!(
+        o,
+        "  {pad:<24} Unreadable: {} bytes in {} places on the source, restored as zeros:",
+        st.unreadable_bytes(),
+        st.unreadable.len(),
+    );
+    let place = match st.partition {
+        Some(n) => format!("partition {n}"),
+        None => "the disk".to_string(),
+    };
+    let fstype = st.fs.as_ref().map(|f| f.fstype.as_str());
+    // Filesystem blocks are counted from the stream's start (the partition's
+    // start, or the disk's for a filesystem on the whole disk).
+    let blocks: Vec<(u64, u64)> = match st.fs_block_size {
+        Some(bs) if bs > 0 => st
+            .unreadable
+            .iter()
+            .map(|&(a, l)| {
+                let rel = a.saturating_sub(st.start);
+                (rel / bs as u64, (rel + l.max(1) - 1) / bs as u64)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    for (i, &(a, l)) in st.unreadable.iter().enumerate().take(UNREADABLE_SHOWN) {
+        let at = match (blocks.get(i), st.fs_block_size) {
+            (Some(&(f, t)), Some(bs)) => {
+                let b = if f == t { format!("block {f}") } else { format!("blocks {f}-{t}") };
+                format!("{place}, {} {b} ({bs}-byte blocks)", fstype.unwrap_or("filesystem"))
+            }
+            _ => format!("{place}, byte {} of it (copied raw: no filesystem blocks known)", a.saturating_sub(st.start)),
+        };
+        let _ = writeln!(o, "  {pad:<24}   {l} bytes at disk offset {a}: {at}");
+    }
+    if st.unreadable.len() > UNREADABLE_SHOWN {
+        let _ = writeln!(
+            o,
+            "  {pad:<24}   and {} more (klon info --json lists them all)",
+            st.unreadable.len() - UNREADABLE_SHOWN
+        );
+    }
+    if blocks.is_empty() {
+        return;
+    }
+    let dev = match st.partition {
+        Some(n) => format!("/dev/sdX{n}"),
+        None => "/dev/sdX".to_string(),
+    };
+    // debugfs is given at most HINT_BLOCKS blocks (the first ones).
+    const HINT_BLOCKS: usize = 64;
+    let list = |sep: &str| {
+        let mut all: Vec<u64> = blocks.iter().flat_map(|&(f, t)| f..=t).take(HINT_BLOCKS + 1).collect();
+        all.dedup();
+        let more = if all.len() > HINT_BLOCKS { " (the first blocks only)" } else { "" };
+        all.truncate(HINT_BLOCKS);
+        (all.iter().map(u64::to_string).collect::<Vec<_>>().join(sep), more)
+    };
+    let hint = match fstype {
+        Some("ext2" | "ext3" | "ext4") => {
+            let (l, more) = list(" ");
+            format!(
+                "Files hit: restore the image, then on the restored {place} ({dev} here) \
+                 debugfs -R \"icheck {l}\" {dev} names the inode using each block{more}, and \
+                 debugfs -R \"ncheck INODE...\" {dev} the inodes' paths"
+            )
+        }
+        Some("ntfs") => {
+            let ranges: Vec<String> =
+                blocks.iter().map(|&(f, t)| if f == t { f.to_string() } else { format!("{f}-{t}") }).collect();
+            format!(
+                "Files hit: restore the image, then on the restored {place} ({dev} here) \
+                 ntfscluster -c RANGE {dev} names the files with data in RANGE, for each RANGE of: {}",
+                ranges.join(", ")
+            )
+        }
+        Some(other) => format!(
+            "Files hit: restore the image and ask {other}'s own tools on the restored {place} which files \
+             use these blocks (block = byte offset in the {place} / block size)"
+        ),
+        None => return,
+    };
+    let _ = writeln!(o, "  {pad:<24} {hint}");
+}
+
 /// The text `klon info` prints.
 fn render_info(dir: &Path, m: &Manifest) -> String {
     use std::fmt::Write as _;
@@ -223,17 +316,7 @@ fn render_info(dir: &Path, m: &Manifest) -> String {
             st.chunks
         );
         if !st.unreadable.is_empty() {
-            let shown: Vec<String> = st.unreadable.iter().take(8).map(|(a, l)| format!("{l} at {a}")).collect();
-            let more =
-                if st.unreadable.len() > 8 { format!(", and {} more", st.unreadable.len() - 8) } else { String::new() };
-            let _ = writeln!(
-                o,
-                "  {:<24} Unreadable: {} bytes in {} places on the source, restored as zeros (bytes at disk offset): {}{more}",
-                "",
-                st.unreadable_bytes(),
-                st.unreadable.len(),
-                shown.join(", ")
-            );
+            render_unreadable(&mut o, st);
         }
     }
     o
