@@ -8,10 +8,12 @@
 
 mod common;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use common::disks::*;
 use common::failing::{FailingDisk, ext4_disk};
+use common::loop_device::LoopDevice;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -100,4 +102,87 @@ fn bad_sectors_in_used_blocks_stop_a_backup_or_are_rescued() {
             assert_eq!(x, y, "byte {at} differs");
         }
     }
+}
+
+/// Removes a directory this test made under /run (the job's mount point)
+/// if it was not there before.
+struct RemoveIfNew(Vec<PathBuf>);
+
+impl RemoveIfNew {
+    fn new(dirs: &[&str]) -> RemoveIfNew {
+        RemoveIfNew(dirs.iter().map(PathBuf::from).filter(|d| !d.exists()).collect())
+    }
+}
+
+impl Drop for RemoveIfNew {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The names in directory `dir` of the ext4 image `fs`.
+fn ls(fs: &Path, dir: &str) -> Vec<String> {
+    let out = run("debugfs", &["-R", &format!("ls -p {dir}"), s(fs)]);
+    // -p: "/inode/mode/uid/gid/name/size/" per entry.
+    out.lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .map(String::from)
+        .collect()
+}
+
+/// An unattended backup job (the live system's klon.conf) of a disk with a
+/// bad sector in a file: without `rescue` it fails with an I/O error that
+/// names the setting and leaves no image on the drive; with `rescue = yes`
+/// it copies everything else, and its result line says how many bytes could
+/// not be read, where, and that the image is not a perfect copy.
+#[test]
+fn unattended_backup_of_a_failing_disk_needs_the_rescue_setting() {
+    require_root!();
+    let t = TempDir::new("rescue-job");
+    let (disk, _, (fa, fl)) = ext4_disk(&t);
+    let bad = (fa + fl / 2) / 4096 * 4096 + 1024;
+    let failing = FailingDisk::new(&t.0, &disk, &[(bad, 512)]);
+    let src = LoopDevice::attach_direct(&failing.path());
+    let drive_file = t.join("drive.img");
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "KLONJOBTEST", s(&drive_file), "64M"]);
+    let drive = LoopDevice::attach_without_partitions(&drive_file);
+    let _run_dirs = RemoveIfNew::new(&["/run/klon", "/run/klon/drive"]);
+    let conf = format!(
+        "job = backup\nsource = {}\nimage = pc\ndrive = {}\nwait = 5\nafter = poweroff\n",
+        src.path.display(),
+        drive.path.display()
+    );
+    let job = |extra: &str| {
+        let settings = klon::live::job::from_config(&format!("{conf}{extra}")).unwrap();
+        klon::live::job::parse(&settings, &BTreeMap::new()).unwrap().expect("a job")
+    };
+
+    let e = klon::live::run_job(&job("")).expect_err("a backup of a failing disk without rescue succeeded");
+    let msg = e.to_string();
+    assert_eq!(e.exit_code(), 3, "{msg}");
+    assert!(msg.contains("Input/output error") && msg.contains(&src.path.display().to_string()), "{msg}");
+    assert!(msg.contains("rescue = yes") && msg.contains("klon.rescue=yes"), "the setting is not named: {msg}");
+    assert!(ls(&drive_file, "/klon-images").is_empty(), "a failed job left {:?}", ls(&drive_file, "/klon-images"));
+
+    let summary = klon::live::run_job(&job("rescue = yes\n")).expect("the rescue job");
+    assert!(summary.contains("backup of") && summary.contains("NOT a perfect copy"), "{summary}");
+    assert!(summary.contains("could not be read") && summary.contains("partition 1"), "{summary}");
+    assert_eq!(ls(&drive_file, "/klon-images"), ["pc"]);
+    // The image on the drive records the range and checks out.
+    let out = t.join("out");
+    std::fs::create_dir(&out).unwrap();
+    run("debugfs", &["-R", &format!("rdump /klon-images/pc {}", out.display()), s(&drive_file)]);
+    let img = out.join("pc");
+    ok(&klon(&["verify", s(&img)]));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", s(&img)]))).unwrap();
+    let p1 = v["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["name"] == "p1").unwrap();
+    let ranges = p1["unreadable"].as_array().unwrap();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    let (a, l) = (ranges[0][0].as_u64().unwrap(), ranges[0][1].as_u64().unwrap());
+    assert!(a <= bad && bad + 512 <= a + l && l <= 4096, "unreadable {a}+{l} does not fit the bad sector {bad}");
+    assert!(summary.contains(&format!("{l} bytes")), "{summary}");
+    drop(src);
 }

@@ -13,6 +13,7 @@
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
 //! | `level` | backup: zstd level (default 3) |
+//! | `rescue` | backup: `yes` reads around unreadable sectors (`klon backup --rescue`) |
 //! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
 //! | `shell` | without a job: start with a rescue shell on every console |
 //! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
@@ -87,6 +88,9 @@ pub struct Job {
     pub grow_last: bool,
     /// Backup: zstd level.
     pub level: i32,
+    /// Backup: read around unreadable sectors, storing them as zeros
+    /// (`klon backup --rescue`).
+    pub rescue: bool,
     /// Seconds to wait for devices to appear.
     pub wait_secs: u64,
 }
@@ -160,7 +164,7 @@ fn normalise_key(k: &str) -> String {
 }
 
 const KEYS: &[&str] =
-    &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "wait", "live", "shell"];
+    &["job", "source", "target", "image", "drive", "after", "grow_last", "level", "rescue", "wait", "live", "shell"];
 
 fn yes(key: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
@@ -199,6 +203,10 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         None => 3,
         Some(l) => l.parse().map_err(|_| Error::Usage(format!("level={l}: a number from 1 to 22")))?,
     };
+    let rescue = yes("rescue", get("rescue").as_deref().unwrap_or(""))?;
+    if rescue && kind != JobKind::Backup {
+        return Err(Error::Usage(format!("rescue=yes is for job=backup, not job={}: remove it", kind.name())));
+    }
     let wait_secs = match get("wait") {
         None => 30,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
@@ -212,6 +220,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         after: After::parse(get("after").as_deref().unwrap_or(""))?,
         grow_last: yes("grow_last", get("grow_last").as_deref().unwrap_or(""))?,
         level,
+        rescue,
         wait_secs,
     }))
 }
@@ -252,6 +261,9 @@ mod tests {
         assert_eq!(job.source.as_deref(), Some("/dev/sda"));
         assert_eq!(job.after, After::Poweroff);
         assert_eq!(job.level, 3);
+        assert!(!job.rescue);
+        let rescue = parse(&file, &from_cmdline("klon.rescue")).unwrap().unwrap();
+        assert!(rescue.rescue, "a bare klon.rescue means yes");
         // The command line wins, and job=none switches a file's job off.
         assert_eq!(parse(&file, &from_cmdline("klon.job=none")).unwrap(), None);
         let r =
@@ -277,6 +289,8 @@ mod tests {
         assert!(c("klon.job=verify klon.image=x klon.after=dance").is_err());
         assert!(c("klon.job=verify klon.image=x klon.colour=red").is_err());
         assert!(c("klon.job=verify klon.image=x").unwrap().is_some());
+        assert!(c("klon.job=verify klon.image=x klon.rescue=yes").is_err(), "rescue is for backups");
+        assert!(c("klon.job=backup klon.source=/dev/sda klon.image=x klon.rescue=maybe").is_err());
     }
 
     #[test]
