@@ -156,6 +156,10 @@ fn confirm_leave(scr: &Screen, q: &str) -> Result<bool> {
 /// An error in plain words with what to do next.
 fn explain(e: &Error) -> String {
     let next = match e {
+        e if backup::is_unreadable_source(e) => {
+            "The disk may be failing. To copy everything that can be read, back it up again and answer yes \
+             when rescue mode is offered (klon backup --rescue from a script)."
+        }
         Error::Refused(_) => "Nothing was written. Choose differently, or fix what is named above.",
         Error::Cancelled(_) => "",
         Error::Io { .. } => "Check the cables and the drive (dmesg shows the kernel's messages), then try again.",
@@ -365,21 +369,48 @@ fn rate(bytes: u64, secs: f64) -> String {
     format!("{}/s", human_bytes((bytes as f64 / secs.max(0.001)) as u64))
 }
 
+/// After a backup stopped at sectors of `source` that cannot be read:
+/// says so, explains rescue mode, and asks whether to back up again in it.
+fn offer_rescue(scr: &Screen, source: &Path, e: &Error) -> Result<bool> {
+    let body = format!(
+        "The backup stopped: {} has sectors that cannot be read (the disk may be failing).\n\n{e}\n\n\
+         Rescue mode copies everything that can be read first, then tries the unreadable places again in \
+         smaller pieces, asking the disk for each sector at most three times so a dying disk is not worn \
+         out. Sectors that still cannot be read are stored as zeros and listed in the image (klon info \
+         shows where). The image will then not be a perfect copy of the disk.",
+        source.display()
+    );
+    scr.page("back up a disk", &body)?;
+    scr.yes_no("Back up again in rescue mode?", true)
+}
+
 fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_after: bool) -> Result<()> {
     let title = "back up a disk";
-    scr.page(title, &format!("Backing up {} to {}. Ctrl-C stops.", source.display(), image.display()))?;
     let workers = default_workers();
-    let opts = BackupOptions {
-        level,
-        split_size: DEFAULT_SPLIT,
-        allow_mounted: false,
-        quiet: false,
-        workers,
-        plan: PlanOptions::default(),
-        rescue: false,
+    let mut rescue = false;
+    let report = loop {
+        let mode = if rescue { " in rescue mode" } else { "" };
+        scr.page(title, &format!("Backing up {} to {}{mode}. Ctrl-C stops.", source.display(), image.display()))?;
+        let opts = BackupOptions {
+            level,
+            split_size: DEFAULT_SPLIT,
+            allow_mounted: false,
+            quiet: false,
+            workers,
+            plan: PlanOptions::default(),
+            rescue,
+        };
+        match run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts)) {
+            Ok(r) => break r,
+            Err(e) if !rescue && backup::is_unreadable_source(&e) => {
+                if !offer_rescue(scr, source, &e)? {
+                    return Err(e);
+                }
+                rescue = true;
+            }
+            Err(e) => return Err(e),
+        }
     };
-    let report =
-        run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts))?;
     let verified = if verify_after {
         scr.term.write_line("Verifying the image ...").ok();
         let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
@@ -396,16 +427,34 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
         Some(Ok(v)) => format!("OK, every checksum holds (checked in {})", human_duration(v.seconds)),
         Some(Err(e)) => format!("FAILED: {e}. Do not rely on this image; check the image drive."),
     };
-    let mut cmd = format!("klon backup {} {}", shell_quote(source), shell_quote(image));
+    let mut cmd =
+        format!("klon backup{} {} {}", if rescue { " --rescue" } else { "" }, shell_quote(source), shell_quote(image));
     if level != 3 {
         cmd.push_str(&format!(" --level {level}"));
     }
     if !verify_after {
         cmd.push_str(" --no-verify");
     }
-    let warnings = report.warnings.iter().map(|w| format!("Warning: {w}\n")).collect::<String>();
+    // What a rescue could not read; the backup's warning saying the same
+    // is left out.
+    let lost = report.manifest.unreadable_places();
+    let mut warnings = report
+        .warnings
+        .iter()
+        .filter(|w| lost.is_none() || !w.contains("could not be read"))
+        .map(|w| format!("Warning: {w}\n"))
+        .collect::<String>();
+    if let Some(places) = &lost {
+        warnings = format!(
+            "Unreadable:   {} bytes ({places})\n\n\
+             THE IMAGE IS NOT A PERFECT COPY: those bytes are zeros in it, and on every disk restored from it. \
+             klon info {} lists where they are and how to find the files they hit.\n{warnings}",
+            report.manifest.unreadable_bytes(),
+            shell_quote(&report.image)
+        );
+    }
     let body = format!(
-        "Backup of {} finished.\n\n\
+        "Backup of {}{} finished.\n\n\
          Time:         {}\n\
          Read:         {} at {}\n\
          Image:        {} ({})\n\
@@ -414,6 +463,7 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
          {warnings}\n\
          The same from a script:\n  {cmd}",
         source.display(),
+        if rescue { " in rescue mode" } else { "" },
         human_duration(report.seconds),
         human_bytes(report.read_bytes),
         rate(report.read_bytes, report.seconds),
