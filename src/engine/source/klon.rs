@@ -321,3 +321,64 @@ fn render_info(dir: &Path, m: &Manifest) -> String {
     }
     o
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::streams::stream_info;
+    use crate::fs::FsInfo;
+    use crate::image::StreamKind;
+
+    /// Partition 2 at 1 MiB holding `fstype` with `block`-byte blocks (or
+    /// copied raw), with the unreadable disk ranges `bad`.
+    fn part(fstype: &str, block: Option<u32>, bad: Vec<(u64, u64)>) -> String {
+        let fs = FsInfo { fstype: fstype.into(), label: None, uuid: None };
+        let mut st = stream_info("p2".into(), StreamKind::Partition, Some(2), 1 << 20, 64 << 20, Some(fs));
+        st.fs_block_size = block;
+        st.unreadable = bad;
+        let mut o = String::new();
+        render_unreadable(&mut o, &st);
+        o.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn unreadable_ranges_are_named_by_partition_and_filesystem_block() {
+        let o = part("ntfs", Some(4096), vec![((1 << 20) + 8192 + 512, 512), ((1 << 20) + 40960 - 512, 1024)]);
+        assert!(o.contains("Unreadable: 1536 bytes in 2 places"), "{o}");
+        assert!(
+            o.contains(&format!(
+                "512 bytes at disk offset {}: partition 2, ntfs block 2 (4096-byte blocks)",
+                (1 << 20) + 8192 + 512
+            )),
+            "{o}"
+        );
+        // A range across a block boundary names both blocks.
+        assert!(o.contains("partition 2, ntfs blocks 9-10 (4096-byte blocks)"), "{o}");
+        assert!(o.contains("ntfscluster -c RANGE /dev/sdX2") && o.contains("for each RANGE of: 2, 9-10"), "{o}");
+
+        let o = part("xfs", Some(4096), vec![((1 << 20) + 4096, 4096)]);
+        assert!(o.contains("partition 2, xfs block 1 (4096-byte blocks)"), "{o}");
+        assert!(o.contains("ask xfs's own tools on the restored partition 2"), "{o}");
+        assert!(!o.contains("debugfs") && !o.contains("ntfscluster"), "{o}");
+    }
+
+    #[test]
+    fn unreadable_ranges_of_a_raw_copy_give_the_offset_in_the_partition() {
+        let o = part("crypto_LUKS", None, vec![((1 << 20) + 5000, 512)]);
+        assert!(o.contains("partition 2, byte 5000 of it (copied raw: no filesystem blocks known)"), "{o}");
+        assert!(!o.contains("Files hit"), "no block numbers, no hint: {o}");
+    }
+
+    #[test]
+    fn many_unreadable_ranges_are_cut_short() {
+        // Twelve ranges of 64 KiB (16 blocks each): 8 shown, the ext hint
+        // names the first 64 blocks only.
+        let bad: Vec<(u64, u64)> = (0..12).map(|i| ((1 << 20) + i * (1 << 20), 65536)).collect();
+        let o = part("ext4", Some(4096), bad);
+        assert!(o.contains("and 4 more (klon info --json lists them all)"), "{o}");
+        let icheck = o.split('"').nth(1).unwrap();
+        assert_eq!(icheck.split(' ').count(), 1 + 64, "{icheck}");
+        assert!(icheck.starts_with("icheck 0 1 ") && icheck.ends_with(" 782 783"), "{icheck}");
+        assert!(o.contains("(the first blocks only)"), "{o}");
+    }
+}
