@@ -157,8 +157,8 @@ fn confirm_leave(scr: &Screen, q: &str) -> Result<bool> {
 fn explain(e: &Error) -> String {
     let next = match e {
         e if backup::is_unreadable_source(e) => {
-            "The disk may be failing. To copy everything that can be read, back it up again and answer yes \
-             when rescue mode is offered (klon backup --rescue from a script)."
+            "The disk may be failing. To copy everything that can be read, choose Back up a disk and answer \
+             yes when rescue mode is offered (klon backup --rescue from a script)."
         }
         Error::Refused(_) => "Nothing was written. Choose differently, or fix what is named above.",
         Error::Cancelled(_) => "",
