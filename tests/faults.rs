@@ -174,15 +174,6 @@ fn shell_quote(p: &Path) -> String {
     format!("'{}'", p.to_str().unwrap().replace('\'', r"'\''"))
 }
 
-/// Attaches `file` to a free loop device with direct I/O (so nothing of
-/// the faulty file is served from the page cache).
-fn attach_direct(file: &Path) -> LoopDevice {
-    let name = run("losetup", &["-f", "--show", "--direct-io=on", file.to_str().unwrap()]);
-    let dev = LoopDevice { path: PathBuf::from(name.trim()) };
-    assert!(dev.path.to_string_lossy().starts_with("/dev/loop"), "unexpected losetup output {name:?}");
-    dev
-}
-
 const PART_START: u64 = MIB;
 const PART_MIB: u64 = 12;
 const BLOCK: u64 = 4096;
@@ -395,7 +386,7 @@ impl ImageDrive {
     }
 
     fn plug(&mut self) {
-        let lo = attach_direct(&self.faulty.file);
+        let lo = LoopDevice::attach_direct(&self.faulty.file);
         self.mounted = Some(Mounted::new(&lo.path, &self.mnt, "rw"));
         self.lo = Some(lo);
     }

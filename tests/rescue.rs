@@ -8,106 +8,15 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use common::disks::*;
+use common::failing::{FailingDisk, ext4_disk};
+use common::loop_device::LoopDevice;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `disk` served by nbdkit with the sectors `bad` (byte ranges) failing
-/// every read with EIO, as the file `<dir>/mnt/disk`; unmounted on drop.
-struct FailingDisk {
-    mnt: PathBuf,
-    child: Child,
-}
-
-impl FailingDisk {
-    fn new(dir: &Path, disk: &Path, bad: &[(u64, u64)]) -> FailingDisk {
-        let size = std::fs::metadata(disk).unwrap().len();
-        // A ddrescue mapfile: '+' read fine, '-' bad sector.
-        let mut map = String::from("# Mapfile\n0x0 +\n");
-        let mut pos = 0u64;
-        for &(a, l) in bad {
-            if a > pos {
-                map += &format!("{pos:#x} {:#x} +\n", a - pos);
-            }
-            map += &format!("{a:#x} {l:#x} -\n");
-            pos = a + l;
-        }
-        if pos < size {
-            map += &format!("{pos:#x} {:#x} +\n", size - pos);
-        }
-        let mapfile = dir.join("map");
-        std::fs::write(&mapfile, map).unwrap();
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let child = Command::new("nbdfuse")
-            .arg(mnt.join("disk"))
-            .args(["--command", "nbdkit", "-s", "--filter=ddrescue", "file"])
-            .arg(disk)
-            .arg(format!("ddrescue-mapfile={}", mapfile.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run nbdfuse (package nbdfuse; scripts/test installs it)");
-        let d = FailingDisk { mnt, child };
-        for _ in 0..100 {
-            if d.path().exists() {
-                return d;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nbdfuse did not expose {}", d.path().display());
-    }
-
-    fn path(&self) -> PathBuf {
-        self.mnt.join("disk")
-    }
-}
-
-impl Drop for FailingDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).status();
-        for _ in 0..50 {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// An MBR disk with one ext4 partition at 1 MiB holding one file of random
-/// data; returns the disk, the partition's (start, size), and the disk
-/// byte range of the file's data.
-fn ext4_disk(t: &TempDir) -> (PathBuf, (u64, u64), (u64, u64)) {
-    let (disk, part, files) = (t.join("disk.img"), t.join("part.img"), t.join("files"));
-    std::fs::create_dir(&files).unwrap();
-    std::fs::write(files.join("data.bin"), random_bytes(31, (6 * MIB) as usize)).unwrap();
-    blank_file(&part, 31 * MIB);
-    run("mkfs.ext4", &["-q", "-F", "-b", "4096", "-d", s(&files), s(&part)]);
-    // Where the file's blocks are, from the filesystem's own tool.
-    let stat = run("debugfs", &["-R", "stat /data.bin", s(&part)]);
-    let extents = stat.lines().skip_while(|l| !l.starts_with("EXTENTS:")).nth(1).unwrap().to_string();
-    // "(0-1535):1234-2769" (maybe more after a comma): the first run.
-    let run0 = extents.split(',').next().unwrap();
-    let phys = run0.split(':').nth(1).unwrap().trim();
-    let (a, b) = phys.split_once('-').unwrap();
-    let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
-    assert!(b - a > 64, "the file's first run is too short: {extents}");
-    blank_file(&disk, 33 * MIB);
-    run_with_input("sfdisk", &["-q", s(&disk)], "label: dos\nstart=2048, size=63488, type=83\n");
-    let start = MIB;
-    let bytes = std::fs::read(&part).unwrap();
-    write_at(&disk, start, &bytes);
-    let file_data = (start + a * 4096, (b - a + 1) * 4096);
-    (disk, (start, 31 * MIB), file_data)
 }
 
 /// A read error inside used blocks stops a plain backup with an I/O error
@@ -151,6 +60,24 @@ fn bad_sectors_in_used_blocks_stop_a_backup_or_are_rescued() {
         assert!(a <= b && b + bl <= a + l && l <= 4096, "unreadable {a}+{l} does not fit bad sector {b}+{bl}");
     }
     // What the second pass read sector by sector is a stream of its own.
+    // Each range is named by its partition and its filesystem blocks, and
+    // the hint's debugfs command, run as printed, leads to the file.
+    for &(a, l) in &unreadable {
+        let (first, last) = ((a - pstart) / 4096, (a + l - 1 - pstart) / 4096);
+        let blocks = if first == last { format!("block {first}") } else { format!("blocks {first}-{last}") };
+        let want = format!("{l} bytes at disk offset {a}: partition 1, ext4 {blocks} (4096-byte blocks)");
+        assert!(info.contains(&want), "klon info does not say {want:?}:\n{info}");
+    }
+    let icheck = info.lines().find(|l| l.contains("icheck")).unwrap_or_else(|| panic!("no icheck hint:\n{info}"));
+    let request = icheck.split('"').nth(1).unwrap();
+    assert!(request.starts_with("icheck "), "{icheck}");
+    assert!(icheck.contains("ncheck"), "{icheck}");
+    let part = t.join("part.img");
+    let said = run("debugfs", &["-R", request, s(&part)]);
+    let inodes: Vec<&str> = said.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert_eq!(inodes.len(), 3, "debugfs {request}: {said}");
+    let names = run("debugfs", &["-R", &format!("ncheck {}", inodes.join(" ")), s(&part)]);
+    assert!(names.lines().skip(1).all(|l| l.ends_with("/data.bin")) && names.contains("/data.bin"), "{names}");
     let kinds: Vec<&str> =
         v["manifest"]["streams"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds.last(), Some(&"rescued"), "{kinds:?}");
@@ -175,4 +102,87 @@ fn bad_sectors_in_used_blocks_stop_a_backup_or_are_rescued() {
             assert_eq!(x, y, "byte {at} differs");
         }
     }
+}
+
+/// Removes a directory this test made under /run (the job's mount point)
+/// if it was not there before.
+struct RemoveIfNew(Vec<PathBuf>);
+
+impl RemoveIfNew {
+    fn new(dirs: &[&str]) -> RemoveIfNew {
+        RemoveIfNew(dirs.iter().map(PathBuf::from).filter(|d| !d.exists()).collect())
+    }
+}
+
+impl Drop for RemoveIfNew {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// The names in directory `dir` of the ext4 image `fs`.
+fn ls(fs: &Path, dir: &str) -> Vec<String> {
+    let out = run("debugfs", &["-R", &format!("ls -p {dir}"), s(fs)]);
+    // -p: "/inode/mode/uid/gid/name/size/" per entry.
+    out.lines()
+        .filter_map(|l| l.split('/').nth(5))
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .map(String::from)
+        .collect()
+}
+
+/// An unattended backup job (the live system's klon.conf) of a disk with a
+/// bad sector in a file: without `rescue` it fails with an I/O error that
+/// names the setting and leaves no image on the drive; with `rescue = yes`
+/// it copies everything else, and its result line says how many bytes could
+/// not be read, where, and that the image is not a perfect copy.
+#[test]
+fn unattended_backup_of_a_failing_disk_needs_the_rescue_setting() {
+    require_root!();
+    let t = TempDir::new("rescue-job");
+    let (disk, _, (fa, fl)) = ext4_disk(&t);
+    let bad = (fa + fl / 2) / 4096 * 4096 + 1024;
+    let failing = FailingDisk::new(&t.0, &disk, &[(bad, 512)]);
+    let src = LoopDevice::attach_direct(&failing.path());
+    let drive_file = t.join("drive.img");
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "KLONJOBTEST", s(&drive_file), "64M"]);
+    let drive = LoopDevice::attach_without_partitions(&drive_file);
+    let _run_dirs = RemoveIfNew::new(&["/run/klon", "/run/klon/drive"]);
+    let conf = format!(
+        "job = backup\nsource = {}\nimage = pc\ndrive = {}\nwait = 5\nafter = poweroff\n",
+        src.path.display(),
+        drive.path.display()
+    );
+    let job = |extra: &str| {
+        let settings = klon::live::job::from_config(&format!("{conf}{extra}")).unwrap();
+        klon::live::job::parse(&settings, &BTreeMap::new()).unwrap().expect("a job")
+    };
+
+    let e = klon::live::run_job(&job("")).expect_err("a backup of a failing disk without rescue succeeded");
+    let msg = e.to_string();
+    assert_eq!(e.exit_code(), 3, "{msg}");
+    assert!(msg.contains("Input/output error") && msg.contains(&src.path.display().to_string()), "{msg}");
+    assert!(msg.contains("rescue = yes") && msg.contains("klon.rescue=yes"), "the setting is not named: {msg}");
+    assert!(ls(&drive_file, "/klon-images").is_empty(), "a failed job left {:?}", ls(&drive_file, "/klon-images"));
+
+    let summary = klon::live::run_job(&job("rescue = yes\n")).expect("the rescue job");
+    assert!(summary.contains("backup of") && summary.contains("NOT a perfect copy"), "{summary}");
+    assert!(summary.contains("could not be read") && summary.contains("partition 1"), "{summary}");
+    assert_eq!(ls(&drive_file, "/klon-images"), ["pc"]);
+    // The image on the drive records the range and checks out.
+    let out = t.join("out");
+    std::fs::create_dir(&out).unwrap();
+    run("debugfs", &["-R", &format!("rdump /klon-images/pc {}", out.display()), s(&drive_file)]);
+    let img = out.join("pc");
+    ok(&klon(&["verify", s(&img)]));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&klon(&["info", "--json", s(&img)]))).unwrap();
+    let p1 = v["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["name"] == "p1").unwrap();
+    let ranges = p1["unreadable"].as_array().unwrap();
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    let (a, l) = (ranges[0][0].as_u64().unwrap(), ranges[0][1].as_u64().unwrap());
+    assert!(a <= bad && bad + 512 <= a + l && l <= 4096, "unreadable {a}+{l} does not fit the bad sector {bad}");
+    assert!(summary.contains(&format!("{l} bytes")), "{summary}");
+    drop(src);
 }

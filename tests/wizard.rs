@@ -207,7 +207,7 @@ fn wizard_backup_verify_restore_and_back_step() {
     t.choose("Keep:");
     t.text("last=5");
     t.keys(&["Enter"]);
-    t.wait_for(&["Keep: last 5"], 10);
+    t.wait_for(&["Keep: keep the 5 newest snapshots"], 10);
     t.highlight("Start the backup");
     t.keys(&["Enter"]);
     let s = t.wait_for(&["backup done", "Press Enter"], 120);
@@ -440,4 +440,102 @@ fn wizard_lists_and_restores_a_clonezilla_image() {
             Command::new("debugfs").args(["-R", &format!("cat /{name}"), part.to_str().unwrap()]).output().unwrap();
         assert!(got.stdout == *data, "{name} differs after the restore");
     }
+}
+
+/// The screen's words joined by single spaces (lines wrap anywhere).
+fn flat(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// From the main menu: back up `src` into the current directory under
+/// the proposed name, verified, and start it.
+fn start_backup(t: &Tmux, src: &LoopDevice) {
+    t.wait_for(&["main menu"], 20);
+    t.choose("Back up a disk");
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(src));
+    t.wait_for(&["Where are the images?", "> Type a directory"], 30);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Repository name:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["> Start the backup"], 10);
+    t.keys(&["Enter"]);
+}
+
+/// A source with bad sectors in a file (real EIO from nbdkit's ddrescue
+/// filter, through a loop device): the backup stops, the wizard says why
+/// and offers rescue mode, explaining it. No leaves no image; yes runs the
+/// rescue, and the summary names how many bytes could not be read and
+/// where, and says the image is not a perfect copy.
+#[test]
+fn wizard_offers_a_rescue_when_the_source_has_unreadable_sectors() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-rescue");
+    let (disk, _, (fa, fl)) = common::failing::ext4_disk(&tmp);
+    let bad1 = (fa + fl / 3) / 4096 * 4096 + 512;
+    let bad = [(bad1, 512), (bad1 + 300 * 1024, 1024)];
+    assert!(bad[1].0 + bad[1].1 < fa + fl);
+    let failing = common::failing::FailingDisk::new(&tmp.0, &disk, &bad);
+    let src = LoopDevice::attach_direct(&failing.path());
+    let images = tmp.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let entries = || std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).collect::<Vec<_>>();
+
+    let t = Tmux::start(&images);
+    start_backup(&t, &src);
+    let s = flat(&t.wait_for(&["Back up again in rescue mode?"], 120));
+    for needle in [
+        "sectors that cannot be read",
+        "no snapshot was made, and the new repository was removed",
+        "everything that can be read first",
+        "stored as zeros",
+        "listed in the image",
+        "not be a perfect copy",
+    ] {
+        assert!(s.contains(needle), "the offer does not say {needle:?}:\n{s}");
+    }
+    // No: the error stays, and nothing is left in the directory.
+    t.keys(&["n"]);
+    let s = flat(&t.wait_for(&["error", "Press Enter"], 10));
+    assert!(s.contains("Input/output error") && s.contains("--rescue"), "{s}");
+    assert!(entries().is_empty(), "a refused rescue left {:?}", entries());
+    t.keys(&["Enter"]);
+
+    // Yes: the rescue runs.
+    start_backup(&t, &src);
+    t.wait_for(&["Back up again in rescue mode?"], 120);
+    t.keys(&["y"]);
+    let s = flat(&t.wait_for(&["backup done", "Press Enter"], 120));
+    let image = entries().into_iter().find(|p| p.is_dir()).expect("an image");
+    // A repository takes no rescued backup: a standalone image beside where it would be.
+    assert!(image.file_name().unwrap().to_string_lossy().contains("-rescue-"), "{}", image.display());
+    assert!(image.join("klon.json").exists());
+    let v: serde_json::Value = serde_json::from_str(&common::disks::stdout(&common::disks::klon(&[
+        "info",
+        "--json",
+        image.to_str().unwrap(),
+    ])))
+    .unwrap();
+    let p1 = v["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["name"] == "p1").unwrap();
+    let ranges: Vec<(u64, u64)> =
+        p1["unreadable"].as_array().unwrap().iter().map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap())).collect();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    for (&(a, l), &(b, bl)) in ranges.iter().zip(&bad) {
+        assert!(a <= b && b + bl <= a + l && l <= 4096, "unreadable {a}+{l} does not fit bad sectors {b}+{bl}");
+    }
+    let lost: u64 = ranges.iter().map(|r| r.1).sum();
+    let want = format!("Unreadable: {lost} bytes (partition 1: {lost} bytes in 2 places)");
+    assert!(s.contains(&want), "the summary does not say {want:?}:\n{s}");
+    assert!(s.contains("THE IMAGE IS NOT A PERFECT COPY: those bytes are zeros in it"), "{s}");
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(s.contains(&format!("klon backup --rescue {}", src.path.display())), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    drop(t);
+    drop(src);
 }

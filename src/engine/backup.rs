@@ -480,7 +480,7 @@ fn read_job(
             Some(r) => r.read_around(source, stream, &extents, &mut buf)?,
             None => {
                 return Err(e.with_note(&format!(
-                    "{}; the source has sectors that cannot be read: to copy everything else, \
+                    "{}; {UNREADABLE_SOURCE}: to copy everything else, \
                      back it up with --rescue (the unreadable sectors are then stored as zeros and listed)",
                     plan.describe()
                 )));
@@ -503,6 +503,16 @@ fn extents_at(extents: &[Extent]) -> impl Iterator<Item = (Extent, usize)> + '_ 
         *at += e.1 as usize;
         Some((e, here))
     })
+}
+
+/// Said by a backup that stopped at a sector of the source it could not read.
+const UNREADABLE_SOURCE: &str = "the source has sectors that cannot be read";
+
+/// Whether `e` is a backup stopped by a sector of the source that could not
+/// be read, which `rescue` can get past (the wizard and unattended jobs
+/// offer or name it).
+pub fn is_unreadable_source(e: &Error) -> bool {
+    matches!(e, Error::Io { source, .. } if source.to_string().contains(UNREADABLE_SOURCE))
 }
 
 /// Whether `e` is a read error of the medium (EIO), which reading around

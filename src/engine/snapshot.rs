@@ -167,7 +167,19 @@ pub fn backup_to_repository(
     );
     if let Err(e) = run.and_then(|()| writer.commit()) {
         writer.abandon();
-        return Err(e.with_note("no snapshot was made (what was written of it is removed by klon prune)"));
+        drop(_lock);
+        return Err(if created_repository {
+            // Nothing else is in a repository this backup made.
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => e.with_note("no snapshot was made, and the new repository was removed"),
+                Err(r) => e.with_note(&format!(
+                    "no snapshot was made; removing the new repository {} failed too ({r}): delete it",
+                    dir.display()
+                )),
+            }
+        } else {
+            e.with_note("no snapshot was made (what was written of it is removed by klon prune)")
+        });
     }
     progress.finish();
 

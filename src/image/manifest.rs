@@ -165,6 +165,33 @@ impl StreamInfo {
 }
 
 impl Manifest {
+    /// Bytes of the source a rescue could not read (stored as zeros).
+    pub fn unreadable_bytes(&self) -> u64 {
+        self.streams.iter().map(StreamInfo::unreadable_bytes).fold(0, u64::saturating_add)
+    }
+
+    /// Where the source could not be read, per stream: "partition 1: 1536
+    /// bytes in 3 places", or `None` when everything was read.
+    pub fn unreadable_places(&self) -> Option<String> {
+        let places: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|s| !s.unreadable.is_empty())
+            .map(|s| {
+                let n = s.unreadable.len();
+                format!(
+                    "{}: {} bytes in {n} place{}",
+                    crate::image::reader::describe_stream(s),
+                    s.unreadable_bytes(),
+                    if n == 1 { "" } else { "s" }
+                )
+            })
+            .collect();
+        (!places.is_empty()).then(|| places.join(", "))
+    }
+}
+
+impl Manifest {
     /// The manifest of an image written now by this klon: `source` with
     /// `layout`, chunks compressed with zstd at `level`, and `streams`.
     pub fn new(source: SourceInfo, layout: DiskLayout, level: i32, streams: Vec<StreamInfo>) -> Manifest {

@@ -15,6 +15,7 @@
 //! | `level` | backup: zstd level (default 3) |
 //! | `repo` | backup: `yes` makes `image` a repository if it is not one yet (an existing repository always gets a new snapshot) |
 //! | `keep` | backup into a repository: the retention policy to save and apply after the backup, e.g. `daily=7,weekly=4` |
+//! | `rescue` | backup: `yes` reads around unreadable sectors (`klon backup --rescue`) |
 //! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
 //! | `shell` | without a job: start with a rescue shell on every console |
 //! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
@@ -93,6 +94,9 @@ pub struct Job {
     pub repo: bool,
     /// Backup into a repository: the retention policy (`daily=7,weekly=4`).
     pub keep: Option<String>,
+    /// Backup: read around unreadable sectors, storing them as zeros
+    /// (`klon backup --rescue`).
+    pub rescue: bool,
     /// Seconds to wait for devices to appear.
     pub wait_secs: u64,
 }
@@ -174,6 +178,7 @@ const KEYS: &[&str] = &[
     "after",
     "grow_last",
     "level",
+    "rescue",
     "repo",
     "keep",
     "wait",
@@ -222,6 +227,10 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
     if let Some(k) = &keep {
         crate::repo::Keep::parse(k).map_err(|why| Error::Usage(format!("keep={k}: {why}")))?;
     }
+    let rescue = yes("rescue", get("rescue").as_deref().unwrap_or(""))?;
+    if rescue && kind != JobKind::Backup {
+        return Err(Error::Usage(format!("rescue=yes is for job=backup, not job={}: remove it", kind.name())));
+    }
     let wait_secs = match get("wait") {
         None => 30,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
@@ -237,6 +246,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         level,
         repo: yes("repo", get("repo").as_deref().unwrap_or(""))?,
         keep,
+        rescue,
         wait_secs,
     }))
 }
@@ -277,6 +287,9 @@ mod tests {
         assert_eq!(job.source.as_deref(), Some("/dev/sda"));
         assert_eq!(job.after, After::Poweroff);
         assert_eq!(job.level, 3);
+        assert!(!job.rescue);
+        let rescue = parse(&file, &from_cmdline("klon.rescue")).unwrap().unwrap();
+        assert!(rescue.rescue, "a bare klon.rescue means yes");
         // The command line wins, and job=none switches a file's job off.
         assert_eq!(parse(&file, &from_cmdline("klon.job=none")).unwrap(), None);
         let r =
@@ -306,6 +319,8 @@ mod tests {
         assert!(e.contains("keep=daily") && e.contains("RULE=N"), "{e}");
         let e = c("klon.job=backup klon.source=/dev/sda klon.image=x klon.keep=often=3").unwrap_err().to_string();
         assert!(e.contains("not a rule"), "{e}");
+        assert!(c("klon.job=verify klon.image=x klon.rescue=yes").is_err(), "rescue is for backups");
+        assert!(c("klon.job=backup klon.source=/dev/sda klon.image=x klon.rescue=maybe").is_err());
     }
 
     #[test]

@@ -335,7 +335,7 @@ pub fn run_job(job: &Job) -> Result<String> {
             level: job.level,
             split: crate::engine::backup::DEFAULT_SPLIT,
             no_verify: false,
-            rescue: false,
+            rescue: job.rescue,
             read: ReadArgs::default(),
             threads: None,
         }),
@@ -351,7 +351,25 @@ pub fn run_job(job: &Job) -> Result<String> {
     };
     let cli = Cli { quiet: false, json: false, command };
     let started = std::time::Instant::now();
-    let result = crate::commands::run(&cli);
+    let result = crate::commands::run(&cli).map_err(|e| match job.kind {
+        JobKind::Backup if !job.rescue && crate::engine::backup::is_unreadable_source(&e) => e.with_note(
+            "in an unattended job: rescue = yes in klon.conf, or klon.rescue=yes on the kernel command line",
+        ),
+        _ => e,
+    });
+    // A rescued backup's result says what it could not read.
+    let lost = match (&result, job.kind) {
+        (Ok(()), JobKind::Backup) => crate::image::Manifest::load(&image).ok().and_then(|m| {
+            m.unreadable_places().map(|places| {
+                format!(
+                    "; WARNING: {} bytes could not be read and are stored as zeros ({places}; klon info lists them): \
+                     the image is NOT a perfect copy of the disk",
+                    m.unreadable_bytes()
+                )
+            })
+        }),
+        _ => None,
+    };
     let unmounted = drive.unmount();
     result?;
     unmounted?;
@@ -361,7 +379,7 @@ pub fn run_job(job: &Job) -> Result<String> {
         (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
         _ => format!("verify of {image}"),
     };
-    Ok(format!("{what} in {:.1} s", started.elapsed().as_secs_f64()))
+    Ok(format!("{what} in {:.1} s{}", started.elapsed().as_secs_f64(), lost.unwrap_or_default()))
 }
 
 /// `klon live job FILE`: runs the job, prints KLON-RESULT on every console,

@@ -15,12 +15,12 @@ pub mod screen;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::engine::backup::{BackupOptions, DEFAULT_SPLIT};
-use crate::engine::cancel;
+use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
 use crate::engine::clone::{self as clone_engine, CloneOptions};
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::RestoreOptions;
 use crate::engine::streams::PlanOptions;
+use crate::engine::{cancel, verify};
 use crate::error::{Error, Result};
 use crate::ui::{human_bytes, human_duration, progress};
 
@@ -156,6 +156,10 @@ fn confirm_leave(scr: &Screen, q: &str) -> Result<bool> {
 /// An error in plain words with what to do next.
 fn explain(e: &Error) -> String {
     let next = match e {
+        e if backup::is_unreadable_source(e) => {
+            "The disk may be failing. To copy everything that can be read, choose Back up a disk and answer \
+             yes when rescue mode is offered (klon backup --rescue from a script)."
+        }
         Error::Refused(_) => "Nothing was written. Choose differently, or fix what is named above.",
         Error::Cancelled(_) => "",
         Error::Io { .. } => "Check the cables and the drive (dmesg shows the kernel's messages), then try again.",
@@ -396,6 +400,25 @@ fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() 
     })
 }
 
+/// Where a rescued backup of a disk whose snapshots go into `repo` is
+/// written: a new directory beside it, `NAME-rescue-DATE` (`-2`, … when
+/// taken).
+fn rescue_image_name(repo: &Path) -> PathBuf {
+    let base = format!(
+        "{}-rescue-{}",
+        repo.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into()),
+        &crate::image::manifest::now_rfc3339()[..10]
+    );
+    let parent = repo.parent().unwrap_or(Path::new("."));
+    let mut path = parent.join(&base);
+    let mut n = 2;
+    while path.exists() || crate::image::writer::partial_dir_for(&path).exists() {
+        path = parent.join(format!("{base}-{n}"));
+        n += 1;
+    }
+    path
+}
+
 /// `daily=7,weekly=4`: a policy as the Keep setting is typed.
 fn keep_spec(k: &crate::repo::Keep) -> String {
     [
@@ -437,8 +460,20 @@ fn run_snapshot(
         rescue: false,
     };
     let sopts = snapshot::SnapshotOptions { window: crate::repo::DEFAULT_WINDOW, ..Default::default() };
-    let report =
-        run_job(scr, "backup", "No snapshot is made.", || snapshot::backup_to_repository(source, repo, &opts, &sopts))?;
+    let report = match run_job(scr, "backup", "No snapshot is made.", || {
+        snapshot::backup_to_repository(source, repo, &opts, &sopts)
+    }) {
+        Ok(r) => r,
+        Err(e) if backup::is_unreadable_source(&e) => {
+            if !offer_rescue(scr, source, &e)? {
+                return Err(e);
+            }
+            // A repository takes no rescued backup: a standalone image beside it.
+            let image = rescue_image_name(repo);
+            return run_backup(scr, source, &image, level, verify_after, true);
+        }
+        Err(e) => return Err(e),
+    };
     let verdict = if verify_after {
         scr.term.write_line("Verifying what the backup added ...").ok();
         match run_job(scr, "verification", "The snapshot stays; it is just not checked.", || {
@@ -495,6 +530,113 @@ fn run_snapshot(
         report.reused_chunks,
         shell_quote(source),
         shell_quote(repo),
+    );
+    scr.message("backup done", &body)
+}
+
+/// After a backup stopped at sectors of `source` that cannot be read:
+/// says so, explains rescue mode, and asks whether to back up again in it.
+fn offer_rescue(scr: &Screen, source: &Path, e: &Error) -> Result<bool> {
+    let body = format!(
+        "The backup stopped: {} has sectors that cannot be read (the disk may be failing).\n\n{e}\n\n\
+         Rescue mode copies everything that can be read first, then tries the unreadable places again in \
+         smaller pieces, asking the disk for each sector at most three times so a dying disk is not worn \
+         out. Sectors that still cannot be read are stored as zeros and listed in the image (klon info \
+         shows where). The image will then not be a perfect copy of the disk.",
+        source.display()
+    );
+    scr.page("back up a disk", &body)?;
+    scr.yes_no("Back up again in rescue mode?", true)
+}
+
+/// Backs `source` up into a new standalone image `image`; with `rescue`,
+/// reading around unreadable sectors from the start, else offering that
+/// when the backup meets one.
+fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_after: bool, rescue: bool) -> Result<()> {
+    let title = "back up a disk";
+    let workers = default_workers();
+    let mut rescue = rescue;
+    let report = loop {
+        let mode = if rescue { " in rescue mode" } else { "" };
+        scr.page(title, &format!("Backing up {} to {}{mode}. Ctrl-C stops.", source.display(), image.display()))?;
+        let opts = BackupOptions {
+            level,
+            split_size: DEFAULT_SPLIT,
+            allow_mounted: false,
+            quiet: false,
+            workers,
+            plan: PlanOptions::default(),
+            rescue,
+        };
+        match run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts)) {
+            Ok(r) => break r,
+            Err(e) if !rescue && backup::is_unreadable_source(&e) => {
+                if !offer_rescue(scr, source, &e)? {
+                    return Err(e);
+                }
+                rescue = true;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let verified = if verify_after {
+        scr.term.write_line("Verifying the image ...").ok();
+        let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
+            verify::verify(&report.image, workers, false)
+        });
+        verify::record_result(&report.image, &r);
+        Some(r)
+    } else {
+        None
+    };
+    let ratio = if report.image_bytes > 0 { report.read_bytes as f64 / report.image_bytes as f64 } else { 0.0 };
+    let verdict = match &verified {
+        None => "not verified (you turned it off)".to_string(),
+        Some(Ok(v)) => format!("OK, every checksum holds (checked in {})", human_duration(v.seconds)),
+        Some(Err(e)) => format!("FAILED: {e}. Do not rely on this image; check the image drive."),
+    };
+    let mut cmd =
+        format!("klon backup{} {} {}", if rescue { " --rescue" } else { "" }, shell_quote(source), shell_quote(image));
+    if level != 3 {
+        cmd.push_str(&format!(" --level {level}"));
+    }
+    if !verify_after {
+        cmd.push_str(" --no-verify");
+    }
+    // What a rescue could not read; the backup's warning saying the same
+    // is left out.
+    let lost = report.manifest.unreadable_places();
+    let mut warnings = report
+        .warnings
+        .iter()
+        .filter(|w| lost.is_none() || !w.contains("could not be read"))
+        .map(|w| format!("Warning: {w}\n"))
+        .collect::<String>();
+    if let Some(places) = &lost {
+        warnings = format!(
+            "Unreadable:   {} bytes ({places})\n\n\
+             THE IMAGE IS NOT A PERFECT COPY: those bytes are zeros in it, and on every disk restored from it. \
+             klon info {} lists where they are and how to find the files they hit.\n{warnings}",
+            report.manifest.unreadable_bytes(),
+            shell_quote(&report.image)
+        );
+    }
+    let body = format!(
+        "Backup of {}{} finished.\n\n\
+         Time:         {}\n\
+         Read:         {} at {}\n\
+         Image:        {} ({})\n\
+         Compression:  {ratio:.1}:1\n\
+         Verification: {verdict}\n\
+         {warnings}\n\
+         The same from a script:\n  {cmd}",
+        source.display(),
+        if rescue { " in rescue mode" } else { "" },
+        human_duration(report.seconds),
+        human_bytes(report.read_bytes),
+        rate(report.read_bytes, report.seconds),
+        human_bytes(report.image_bytes),
+        report.image.display(),
     );
     scr.message("backup done", &body)
 }

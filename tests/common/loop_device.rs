@@ -56,6 +56,19 @@ impl LoopDevice {
         Self::attach_with(file, None, false)
     }
 
+    /// Attaches `file` to a free loop device with direct I/O and without
+    /// partition scanning, so nothing of the file is served from the page
+    /// cache: every read of a bad sector of a failing file reaches it.
+    pub fn attach_direct(file: &Path) -> LoopDevice {
+        let args = ["-f", "--show", "--direct-io=on", file.to_str().expect("utf-8 path")];
+        let out = run("losetup", &args);
+        assert!(out.status.success(), "losetup {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let dev = LoopDevice { path: PathBuf::from(&name) };
+        assert!(name.starts_with("/dev/loop"), "unexpected losetup output {name:?}");
+        dev
+    }
+
     fn attach_with(file: &Path, sector_size: Option<u32>, partitions: bool) -> LoopDevice {
         let ss = sector_size.map(|s| s.to_string());
         let mut args = vec!["-f", "--show"];

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 pub mod clonezilla;
 pub mod disks;
+pub mod failing;
 pub mod loop_device;

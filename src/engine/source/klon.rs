@@ -9,6 +9,7 @@ use crate::engine::restore::{self, RestoreOptions, RestoreReport};
 use crate::engine::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
 use crate::image::format::{ChunkHeader, IndexEntry};
+use crate::image::manifest::StreamInfo;
 use crate::image::reader::describe_stream;
 use crate::image::writer::PARTIAL_SUFFIX;
 use crate::image::{ChunkStore, ImageReader, Manifest, StoredChunk};
@@ -178,6 +179,98 @@ pub(super) fn record_failure_to_open(path: &Path, result: &Result<VerifyReport>)
     verify::record_result(path, result);
 }
 
+/// How many unreadable ranges of a stream `klon info` names one by one.
+const UNREADABLE_SHOWN: usize = 8;
+
+/// `klon info`'s lines on a stream's unreadable ranges: each with its
+/// partition and filesystem blocks, then how to find the files they hit.
+fn render_unreadable(o: &mut String, st: &StreamInfo) {
+    use std::fmt::Write as _;
+    let pad = "";
+    let _ = writeln!(
+        o,
+        "  {pad:<24} Unreadable: {} bytes in {} places on the source, restored as zeros:",
+        st.unreadable_bytes(),
+        st.unreadable.len(),
+    );
+    let place = match st.partition {
+        Some(n) => format!("partition {n}"),
+        None => "the disk".to_string(),
+    };
+    let fstype = st.fs.as_ref().map(|f| f.fstype.as_str());
+    // Filesystem blocks are counted from the stream's start (the partition's
+    // start, or the disk's for a filesystem on the whole disk).
+    let blocks: Vec<(u64, u64)> = match st.fs_block_size {
+        Some(bs) if bs > 0 => st
+            .unreadable
+            .iter()
+            .map(|&(a, l)| {
+                let rel = a.saturating_sub(st.start);
+                (rel / bs as u64, (rel + l.max(1) - 1) / bs as u64)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    for (i, &(a, l)) in st.unreadable.iter().enumerate().take(UNREADABLE_SHOWN) {
+        let at = match (blocks.get(i), st.fs_block_size) {
+            (Some(&(f, t)), Some(bs)) => {
+                let b = if f == t { format!("block {f}") } else { format!("blocks {f}-{t}") };
+                format!("{place}, {} {b} ({bs}-byte blocks)", fstype.unwrap_or("filesystem"))
+            }
+            _ => format!("{place}, byte {} of it (copied raw: no filesystem blocks known)", a.saturating_sub(st.start)),
+        };
+        let _ = writeln!(o, "  {pad:<24}   {l} bytes at disk offset {a}: {at}");
+    }
+    if st.unreadable.len() > UNREADABLE_SHOWN {
+        let _ = writeln!(
+            o,
+            "  {pad:<24}   and {} more (klon info --json lists them all)",
+            st.unreadable.len() - UNREADABLE_SHOWN
+        );
+    }
+    if blocks.is_empty() {
+        return;
+    }
+    let dev = match st.partition {
+        Some(n) => format!("/dev/sdX{n}"),
+        None => "/dev/sdX".to_string(),
+    };
+    // debugfs is given at most HINT_BLOCKS blocks (the first ones).
+    const HINT_BLOCKS: usize = 64;
+    let list = |sep: &str| {
+        let mut all: Vec<u64> = blocks.iter().flat_map(|&(f, t)| f..=t).take(HINT_BLOCKS + 1).collect();
+        all.dedup();
+        let more = if all.len() > HINT_BLOCKS { " (the first blocks only)" } else { "" };
+        all.truncate(HINT_BLOCKS);
+        (all.iter().map(u64::to_string).collect::<Vec<_>>().join(sep), more)
+    };
+    let hint = match fstype {
+        Some("ext2" | "ext3" | "ext4") => {
+            let (l, more) = list(" ");
+            format!(
+                "Files hit: restore the image, then on the restored {place} ({dev} here) \
+                 debugfs -R \"icheck {l}\" {dev} names the inode using each block{more}, and \
+                 debugfs -R \"ncheck INODE...\" {dev} the inodes' paths"
+            )
+        }
+        Some("ntfs") => {
+            let ranges: Vec<String> =
+                blocks.iter().map(|&(f, t)| if f == t { f.to_string() } else { format!("{f}-{t}") }).collect();
+            format!(
+                "Files hit: restore the image, then on the restored {place} ({dev} here) \
+                 ntfscluster -c RANGE {dev} names the files with data in RANGE, for each RANGE of: {}",
+                ranges.join(", ")
+            )
+        }
+        Some(other) => format!(
+            "Files hit: restore the image and ask {other}'s own tools on the restored {place} which files \
+             use these blocks (block = byte offset in the {place} / block size)"
+        ),
+        None => return,
+    };
+    let _ = writeln!(o, "  {pad:<24} {hint}");
+}
+
 /// The text `klon info` prints.
 pub(crate) fn render_info(dir: &Path, m: &Manifest) -> String {
     use std::fmt::Write as _;
@@ -257,18 +350,69 @@ pub(crate) fn render_body(m: &Manifest) -> String {
             st.chunks
         );
         if !st.unreadable.is_empty() {
-            let shown: Vec<String> = st.unreadable.iter().take(8).map(|(a, l)| format!("{l} at {a}")).collect();
-            let more =
-                if st.unreadable.len() > 8 { format!(", and {} more", st.unreadable.len() - 8) } else { String::new() };
-            let _ = writeln!(
-                o,
-                "  {:<24} Unreadable: {} bytes in {} places on the source, restored as zeros (bytes at disk offset): {}{more}",
-                "",
-                st.unreadable_bytes(),
-                st.unreadable.len(),
-                shown.join(", ")
-            );
+            render_unreadable(&mut o, st);
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::streams::stream_info;
+    use crate::fs::FsInfo;
+    use crate::image::StreamKind;
+
+    /// Partition 2 at 1 MiB holding `fstype` with `block`-byte blocks (or
+    /// copied raw), with the unreadable disk ranges `bad`.
+    fn part(fstype: &str, block: Option<u32>, bad: Vec<(u64, u64)>) -> String {
+        let fs = FsInfo { fstype: fstype.into(), label: None, uuid: None };
+        let mut st = stream_info("p2".into(), StreamKind::Partition, Some(2), 1 << 20, 64 << 20, Some(fs));
+        st.fs_block_size = block;
+        st.unreadable = bad;
+        let mut o = String::new();
+        render_unreadable(&mut o, &st);
+        o.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn unreadable_ranges_are_named_by_partition_and_filesystem_block() {
+        let o = part("ntfs", Some(4096), vec![((1 << 20) + 8192 + 512, 512), ((1 << 20) + 40960 - 512, 1024)]);
+        assert!(o.contains("Unreadable: 1536 bytes in 2 places"), "{o}");
+        assert!(
+            o.contains(&format!(
+                "512 bytes at disk offset {}: partition 2, ntfs block 2 (4096-byte blocks)",
+                (1 << 20) + 8192 + 512
+            )),
+            "{o}"
+        );
+        // A range across a block boundary names both blocks.
+        assert!(o.contains("partition 2, ntfs blocks 9-10 (4096-byte blocks)"), "{o}");
+        assert!(o.contains("ntfscluster -c RANGE /dev/sdX2") && o.contains("for each RANGE of: 2, 9-10"), "{o}");
+
+        let o = part("xfs", Some(4096), vec![((1 << 20) + 4096, 4096)]);
+        assert!(o.contains("partition 2, xfs block 1 (4096-byte blocks)"), "{o}");
+        assert!(o.contains("ask xfs's own tools on the restored partition 2"), "{o}");
+        assert!(!o.contains("debugfs") && !o.contains("ntfscluster"), "{o}");
+    }
+
+    #[test]
+    fn unreadable_ranges_of_a_raw_copy_give_the_offset_in_the_partition() {
+        let o = part("crypto_LUKS", None, vec![((1 << 20) + 5000, 512)]);
+        assert!(o.contains("partition 2, byte 5000 of it (copied raw: no filesystem blocks known)"), "{o}");
+        assert!(!o.contains("Files hit"), "no block numbers, no hint: {o}");
+    }
+
+    #[test]
+    fn many_unreadable_ranges_are_cut_short() {
+        // Twelve ranges of 64 KiB (16 blocks each): 8 shown, the ext hint
+        // names the first 64 blocks only.
+        let bad: Vec<(u64, u64)> = (0..12).map(|i| ((1 << 20) + i * (1 << 20), 65536)).collect();
+        let o = part("ext4", Some(4096), bad);
+        assert!(o.contains("and 4 more (klon info --json lists them all)"), "{o}");
+        let icheck = o.split('"').nth(1).unwrap();
+        assert_eq!(icheck.split(' ').count(), 1 + 64, "{icheck}");
+        assert!(icheck.starts_with("icheck 0 1 ") && icheck.ends_with(" 782 783"), "{icheck}");
+        assert!(o.contains("(the first blocks only)"), "{o}");
+    }
 }
