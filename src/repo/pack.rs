@@ -240,6 +240,8 @@ pub struct PackWriter {
     pub written: Vec<PackIndex>,
     /// Index files and directories not yet flushed.
     unsynced: Vec<PathBuf>,
+    /// Packs being closed, each on its thread.
+    closing: Vec<std::thread::JoinHandle<Result<(PackIndex, PathBuf, PathBuf)>>>,
 }
 
 struct OpenPack {
@@ -261,6 +263,7 @@ impl PackWriter {
             open: None,
             written: Vec::new(),
             unsynced: Vec::new(),
+            closing: Vec::new(),
         }
     }
 
@@ -294,21 +297,29 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Closes the open pack, if any: flush, name, rename, write its index.
+    /// Closes the open pack, if any: on a thread of its own (so that the
+    /// backup goes on meanwhile), its last bytes are written and flushed to
+    /// stable storage, it is named and renamed into place, and its index is
+    /// written after it. [`PackWriter::commit`] waits for every one.
     pub fn close(&mut self) -> Result<()> {
         let Some(p) = self.open.take() else { return Ok(()) };
-        let (file, size) = p.file.finish().map_err(|e| write_error(&p.path, e))?;
-        drop(file);
-        let name = p.hasher.finalize().to_hex().to_string();
-        let dir = pack_dir(&self.packs, &name);
-        create_dir_synced(&dir)?;
-        let dest = pack_path(&self.packs, &name);
-        std::fs::rename(&p.path, &dest).map_err(|e| Error::io("renaming into place", &dest, None, e))?;
-        let index = PackIndex { name: name.clone(), pack_size: size, entries: p.entries };
-        let idx_tmp = self.tmp.join(format!("{name}.idx.tmp"));
-        std::fs::write(&idx_tmp, index.encode()).map_err(|e| Error::io("writing", &idx_tmp, None, e))?;
-        let idx = index_path(&self.packs, &name);
-        std::fs::rename(&idx_tmp, &idx).map_err(|e| Error::io("renaming into place", &idx, None, e))?;
+        let (packs, tmp) = (self.packs.clone(), self.tmp.clone());
+        let closing = std::thread::Builder::new()
+            .name("klon-pack-close".into())
+            .spawn(move || finish_pack(p, &packs, &tmp))
+            .map_err(|e| Error::io("starting a thread to close", &self.tmp, None, e))?;
+        self.closing.push(closing);
+        // At most a few packs are being closed at once: each holds buffers.
+        if self.closing.len() > 2 {
+            let oldest = self.closing.remove(0);
+            self.take_closed(oldest)?;
+        }
+        Ok(())
+    }
+
+    fn take_closed(&mut self, h: std::thread::JoinHandle<Result<(PackIndex, PathBuf, PathBuf)>>) -> Result<()> {
+        let (index, idx, dir) =
+            h.join().unwrap_or_else(|_| Err(Error::Unsupported("closing a pack stopped unexpectedly".into())))?;
         self.unsynced.push(idx);
         if !self.unsynced.contains(&dir) {
             self.unsynced.push(dir);
@@ -317,10 +328,20 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Closes the open pack and flushes every index written (and the
-    /// directories naming them and the packs) to stable storage.
+    /// Closes the open pack, waits for every pack being closed, and
+    /// flushes every index written (and the directories naming them and
+    /// the packs) to stable storage.
     pub fn commit(&mut self) -> Result<()> {
-        self.close()?;
+        let closed = self.close();
+        let mut first_error = closed.err();
+        for h in std::mem::take(&mut self.closing) {
+            if let Err(e) = self.take_closed(h) {
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
         for path in std::mem::take(&mut self.unsynced) {
             if path.is_dir() {
                 sync_dir(&path)?;
@@ -332,13 +353,37 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Removes the unfinished pack, if any (after a failure).
+    /// Removes the unfinished pack, if any (after a failure), and waits for
+    /// the packs being closed (complete ones stay: prune removes them if no
+    /// snapshot comes to use them).
     pub fn abandon(&mut self) {
         if let Some(p) = self.open.take() {
             drop(p.file);
             let _ = std::fs::remove_file(&p.path);
         }
+        for h in std::mem::take(&mut self.closing) {
+            let _ = h.join();
+        }
     }
+}
+
+/// Finishes pack `p`: flushed, named by its blake3, renamed into place,
+/// then its index written beside it. Returns the index, and the index's
+/// path and directory, which are yet to be flushed.
+fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path) -> Result<(PackIndex, PathBuf, PathBuf)> {
+    let (file, size) = p.file.finish().map_err(|e| write_error(&p.path, e))?;
+    drop(file);
+    let name = p.hasher.finalize().to_hex().to_string();
+    let dir = pack_dir(packs, &name);
+    create_dir_synced(&dir)?;
+    let dest = pack_path(packs, &name);
+    std::fs::rename(&p.path, &dest).map_err(|e| Error::io("renaming into place", &dest, None, e))?;
+    let index = PackIndex { name: name.clone(), pack_size: size, entries: p.entries };
+    let idx_tmp = tmp.join(format!("{name}.idx.tmp"));
+    std::fs::write(&idx_tmp, index.encode()).map_err(|e| Error::io("writing", &idx_tmp, None, e))?;
+    let idx = index_path(packs, &name);
+    std::fs::rename(&idx_tmp, &idx).map_err(|e| Error::io("renaming into place", &idx, None, e))?;
+    Ok((index, idx, dir))
 }
 
 fn write_error(path: &Path, e: direct::WriteError) -> Error {
