@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::device::direct::{self, DirectWriter};
 use crate::error::{Error, Result};
 use crate::image::format::hex;
 
@@ -128,7 +127,7 @@ pub fn index_path(packs: &Path, name: &str) -> PathBuf {
 /// A pack index, read and checked.
 #[derive(Debug, Clone)]
 pub struct PackIndex {
-    /// The pack's name: 64 hex digits, the blake3 of the pack file.
+    /// The pack's name: 64 hex digits, random.
     pub name: String,
     /// The pack file's size.
     pub pack_size: u64,
@@ -226,11 +225,12 @@ pub struct NewBlob<'a> {
 }
 
 /// Writes blobs into packs under `packs/`, through a file in `tmp/`: a
-/// pack gets its name (its blake3) when it is closed, is flushed to stable
+/// pack gets its (random) name when it is closed, is flushed to stable
 /// storage and renamed into place, and its index is written after it. A
 /// pack without its index is not part of the repository (prune removes
-/// it). Packs are written past the page cache where the filesystem allows
-/// (as an image's data files are), so flushing one costs little.
+/// it). Packs are written in order, each byte once, through the page
+/// cache (FUSE drivers of FAT mishandle what O_DIRECT writes); closing,
+/// which waits for the flush, runs on a thread of its own.
 /// [`PackWriter::commit`] makes every index written durable.
 pub struct PackWriter {
     packs: PathBuf,
@@ -246,8 +246,8 @@ pub struct PackWriter {
 
 struct OpenPack {
     path: PathBuf,
-    file: DirectWriter,
-    hasher: blake3::Hasher,
+    file: std::io::BufWriter<File>,
+    size: u64,
     entries: Vec<BlobEntry>,
 }
 
@@ -272,14 +272,13 @@ impl PackWriter {
         if self.open.is_none() {
             let path = self.tmp.join(format!("pack-{}-{}.tmp", std::process::id(), random_hex(8)));
             let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
-            let file = DirectWriter::new(f, direct::open_for_writing(&path), PACK_WRITE_BUF)
-                .map_err(|e| Error::io("opening", &path, None, e))?;
-            self.open = Some(OpenPack { path, file, hasher: blake3::Hasher::new(), entries: Vec::new() });
+            let file = std::io::BufWriter::with_capacity(PACK_WRITE_BUF, f);
+            self.open = Some(OpenPack { path, file, size: 0, entries: Vec::new() });
         }
         let p = self.open.as_mut().expect("opened above");
         let e = BlobEntry {
             id: blob.id,
-            offset: p.file.end(),
+            offset: p.size,
             stored_len: blob.payload.len() as u32,
             raw_len: blob.raw_len,
             payload_crc: blob.payload_crc,
@@ -287,11 +286,12 @@ impl PackWriter {
         };
         let h = e.header();
         for part in [&h[..], blob.payload] {
-            p.file.append(part).map_err(|err| write_error(&p.path, err))?;
-            p.hasher.update(part);
+            std::io::Write::write_all(&mut p.file, part)
+                .map_err(|err| Error::io("writing", &p.path, Some(p.size), err))?;
         }
+        p.size += e.record_len();
         p.entries.push(e);
-        if p.file.end() >= PACK_TARGET {
+        if p.size >= PACK_TARGET {
             self.close()?;
         }
         Ok(())
@@ -367,13 +367,15 @@ impl PackWriter {
     }
 }
 
-/// Finishes pack `p`: flushed, named by its blake3, renamed into place,
+/// Finishes pack `p`: flushed, given a random name, renamed into place,
 /// then its index written beside it. Returns the index, and the index's
 /// path and directory, which are yet to be flushed.
 fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path) -> Result<(PackIndex, PathBuf, PathBuf)> {
-    let (file, size) = p.file.finish().map_err(|e| write_error(&p.path, e))?;
+    let size = p.size;
+    let file = p.file.into_inner().map_err(|e| Error::io("writing", &p.path, None, e.into_error()))?;
+    file.sync_all().map_err(|e| Error::io("flushing", &p.path, None, e))?;
     drop(file);
-    let name = p.hasher.finalize().to_hex().to_string();
+    let name = random_hex(32);
     let dir = pack_dir(packs, &name);
     create_dir_synced(&dir)?;
     let dest = pack_path(packs, &name);
@@ -384,13 +386,6 @@ fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path) -> Result<(PackIndex, Path
     let idx = index_path(packs, &name);
     std::fs::rename(&idx_tmp, &idx).map_err(|e| Error::io("renaming into place", &idx, None, e))?;
     Ok((index, idx, dir))
-}
-
-fn write_error(path: &Path, e: direct::WriteError) -> Error {
-    match e.offset {
-        Some(offset) => Error::io("writing", path, Some(offset), e.error),
-        None => Error::io("flushing", path, None, e.error),
-    }
 }
 
 /// Checks a whole blob record read from a pack against its index entry
@@ -500,7 +495,7 @@ mod tests {
         assert!(std::fs::read_dir(&tmp).unwrap().next().is_none(), "unfinished files left in tmp/");
         let name = &w.written[0].name;
         let pack = std::fs::read(pack_path(&packs, name)).unwrap();
-        assert_eq!(blake3::hash(&pack).to_hex().as_str(), name.as_str(), "a pack's name is its blake3");
+        assert_eq!(pack.len() as u64, w.written[0].pack_size);
         let idx = PackIndex::load(&index_path(&packs, name), name).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         for (e, c) in idx.entries.iter().zip(&contents) {
