@@ -206,13 +206,13 @@ pub fn backup_to_repository(
         .collect();
     let mut image = Manifest::new(source_info(source_path, &source, &layout), layout, opts.level, infos);
     image.chunk_size = repo.config.window;
-    image.created = snapshot::rfc3339(time);
+    image.created = crate::image::manifest::rfc3339(time);
     let file = SnapshotFile {
         format: snapshot::FORMAT_NAME.into(),
         format_version: snapshot::FORMAT_VERSION,
         repository: repo.config.id.clone(),
         time,
-        created: snapshot::rfc3339(time),
+        created: crate::image::manifest::rfc3339(time),
         utc_offset,
         hostname: crate::repo::lock::hostname(),
         label: sopts.label.clone(),

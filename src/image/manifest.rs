@@ -416,9 +416,14 @@ pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Current time as RFC 3339 UTC ("2026-11-23T06:00:00Z").
 pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (secs / 86400, secs % 86400);
+    rfc3339(secs as i64)
+}
+
+/// `secs` since 1970-01-01 UTC as RFC 3339 UTC.
+pub fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil date from days since 1970-01-01 (proleptic Gregorian).
-    let z = days as i64 + 719_468;
+    let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
@@ -432,6 +437,13 @@ pub fn now_rfc3339() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rfc3339_of_known_instants() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_609_459_199), "2020-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339(1_709_164_800), "2024-02-29T00:00:00Z");
+    }
+
     #[test]
     fn rfc3339_shape() {
         let s = super::now_rfc3339();
