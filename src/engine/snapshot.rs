@@ -247,22 +247,14 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
         indexes.push(pack::PackIndex::load(&pack::index_path(&packs_dir, name), name)?);
     }
     let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
-    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
     let mut bytes = 0u64;
-    let mut buf = Vec::new();
     for idx in &indexes {
-        let path = pack::pack_path(&packs_dir, &idx.name);
-        let f = std::fs::File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
-        for b in &idx.entries {
-            super::cancel::check("verify")?;
-            buf.resize(b.record_len() as usize, 0);
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, b.offset)
-                .map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
-            let where_ = format!("chunk {} in {} at offset {}", snapshot::short(&b.id), path.display(), b.offset);
-            pack::check_record(b, &buf, &mut decomp, &where_)?;
-            bytes += buf.len() as u64;
-            progress.add(buf.len() as u64);
-        }
+        pack::check_blobs(&packs_dir, idx, |_, record, checked| {
+            checked?;
+            bytes += record.len() as u64;
+            progress.add(record.len() as u64);
+            Ok(())
+        })?;
     }
     progress.finish();
     Ok(bytes)

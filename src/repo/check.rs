@@ -2,7 +2,6 @@
 //! `--read-data` every byte; and the record of each snapshot's last check.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -183,25 +182,20 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         let total: u64 = indexes.iter().map(|i| i.pack_size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
         for idx in &indexes {
-            let path = pack::pack_path(&packs_dir, &idx.name);
-            let Ok(f) = std::fs::File::open(&path) else { continue };
-            let mut buf = Vec::new();
-            let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
-            for e in &idx.entries {
-                super::super::engine::cancel::check("check")?;
-                buf.resize(e.record_len() as usize, 0);
-                if let Err(err) = f.read_exact_at(&mut buf, e.offset) {
-                    report.problems.push(format!("{}: reading at offset {}: {err}", path.display(), e.offset));
-                    break;
-                }
-                report.bytes_read += buf.len() as u64;
-                progress.add(buf.len() as u64);
-                let where_ = format!("chunk {} in {} at offset {}", short(&e.id), path.display(), e.offset);
-                if let Err(why) = pack::check_record(e, &buf, &mut decomp, &where_) {
+            let read = pack::check_blobs(&packs_dir, idx, |e, record, checked| {
+                report.bytes_read += record.len() as u64;
+                progress.add(record.len() as u64);
+                if let Err(why) = checked {
                     let affected =
                         users.get(&e.id).map(|u| u.join("; ")).unwrap_or_else(|| "no snapshot uses it".into());
                     report.problems.push(format!("{why}; it holds {affected}"));
                 }
+                Ok(())
+            });
+            match read {
+                Ok(()) => {}
+                Err(e @ Error::Cancelled(_)) => return Err(e),
+                Err(e) => report.problems.push(e.to_string()),
             }
         }
         progress.finish();

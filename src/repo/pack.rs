@@ -409,6 +409,31 @@ pub fn check_record(e: &BlobEntry, record: &[u8], decomp: &mut zstd::bulk::Decom
     Ok(())
 }
 
+/// Reads every blob record of the pack `idx` indexes (under `packs`) in
+/// order and checks it with [`check_record`], handing each entry, its
+/// record and the check's outcome to `each`. Stops at the first read error
+/// (returned), or at the first error `each` returns.
+pub fn check_blobs(
+    packs: &Path,
+    idx: &PackIndex,
+    mut each: impl FnMut(&BlobEntry, &[u8], Result<()>) -> Result<()>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = pack_path(packs, &idx.name);
+    let f = File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
+    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
+    let mut buf = Vec::new();
+    for e in &idx.entries {
+        crate::engine::cancel::check("checking packs")?;
+        buf.resize(e.record_len() as usize, 0);
+        f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
+        let where_ = format!("chunk {} in {} at offset {}", hex(&e.id[..6]), path.display(), e.offset);
+        let checked = check_record(e, &buf, &mut decomp, &where_);
+        each(e, &buf, checked)?;
+    }
+    Ok(())
+}
+
 /// Creates `dir` if missing and syncs its parent.
 pub fn create_dir_synced(dir: &Path) -> Result<()> {
     match std::fs::create_dir(dir) {
