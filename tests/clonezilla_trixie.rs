@@ -30,29 +30,17 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The committed sum of `name` (gpt-disk, gpt-p1.vfat, ...).
-fn committed_sum(name: &str) -> String {
-    let sums = std::fs::read_to_string(fixtures().join("SHA256SUMS")).unwrap();
-    sums.lines()
-        .find_map(|l| l.strip_suffix(name).map(|h| h.trim().to_string()))
-        .unwrap_or_else(|| panic!("{name} is not in SHA256SUMS"))
-}
-
 /// The disk name an image was saved from (`loop0`: the loop device the
 /// script got, in the files' names).
 fn disk_name(image: &str) -> String {
     std::fs::read_to_string(fixtures().join(image).join("disk")).unwrap().trim().to_string()
 }
 
-fn sha256(path: &Path) -> String {
-    run("sha256sum", &[s(path)]).split_whitespace().next().unwrap().to_string()
-}
-
 /// Writes bytes `range` of `disk` to `out` and checks their sum against
 /// the committed `name` and the filesystem with its own checker.
 fn check_part(disk: &Path, range: (u64, u64), out: &Path, name: &str) {
     std::fs::write(out, read_at(disk, range.0, range.1)).unwrap();
-    assert_eq!(sha256(out), committed_sum(name), "{}: {name} differs from the sample's", disk.display());
+    assert_eq!(sha256(out), committed_sum(&fixtures(), name), "{}: {name} differs from the sample's", disk.display());
     if name.ends_with(".ext4") {
         run("e2fsck", &["-fn", s(out)]);
     } else {
@@ -88,7 +76,11 @@ fn trixie_gpt_images_verify_restore_and_convert_byte_for_byte() {
         }
         let target = dir.join(&format!("{name}.img"));
         ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
-        assert_eq!(sha256(&target), committed_sum("gpt-disk"), "{name}: the restored disk differs from the sample");
+        assert_eq!(
+            sha256(&target),
+            committed_sum(&fixtures(), "gpt-disk"),
+            "{name}: the restored disk differs from the sample"
+        );
         check_part(&target, GPT_P1, &dir.join("p1"), "gpt-p1.vfat");
         check_part(&target, GPT_P2, &dir.join("p2"), "gpt-p2.ext4");
         std::fs::remove_file(&target).unwrap();
@@ -99,7 +91,7 @@ fn trixie_gpt_images_verify_restore_and_convert_byte_for_byte() {
         ok(&klon(&["restore", "--yes", s(&converted), s(&target)]));
         assert_eq!(
             sha256(&target),
-            committed_sum("gpt-disk"),
+            committed_sum(&fixtures(), "gpt-disk"),
             "{name}: the disk restored from the converted image differs"
         );
         std::fs::remove_file(&target).unwrap();
@@ -128,14 +120,18 @@ fn trixie_saveparts_image_restores_into_a_disk_with_its_table() {
     for (off, len) in [GPT_P1, GPT_P2] {
         write_at(&target, off, &vec![0u8; len as usize]);
     }
-    assert_ne!(sha256(&target), committed_sum("gpt-disk"));
+    assert_ne!(sha256(&target), committed_sum(&fixtures(), "gpt-disk"));
     ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
-    assert_eq!(sha256(&target), committed_sum("gpt-disk"), "the partitions restored from saveparts differ");
+    assert_eq!(
+        sha256(&target),
+        committed_sum(&fixtures(), "gpt-disk"),
+        "the partitions restored from saveparts differ"
+    );
 
     let p2 = dir.join("p2.img");
     ok(&klon(&["restore", "--yes", "--partition", "2", s(&image), s(&p2)]));
     assert_eq!(std::fs::metadata(&p2).unwrap().len(), GPT_P2.1);
-    assert_eq!(sha256(&p2), committed_sum("gpt-p2.ext4"), "partition 2 restored alone differs");
+    assert_eq!(sha256(&p2), committed_sum(&fixtures(), "gpt-p2.ext4"), "partition 2 restored alone differs");
     run("e2fsck", &["-fn", s(&p2)]);
 
     // Both partitions were saved, so the klon image `convert` makes of it
@@ -146,7 +142,7 @@ fn trixie_saveparts_image_restores_into_a_disk_with_its_table() {
     ok(&klon(&["restore", "--yes", s(&converted), s(&whole)]));
     assert_eq!(
         sha256(&whole),
-        committed_sum("gpt-disk"),
+        committed_sum(&fixtures(), "gpt-disk"),
         "the disk restored from the converted saveparts image differs"
     );
 }
@@ -186,7 +182,7 @@ fn trixie_fat12_image_missing_clusters_is_refused() {
     let p1 = dir.join("p1.img");
     ok(&klon(&["restore", "--yes", "--partition", "1", s(&image), s(&p1)]));
     assert_eq!(std::fs::metadata(&p1).unwrap().len(), MBR_P1.1);
-    assert_eq!(sha256(&p1), committed_sum("mbr-p1.ext4"), "partition 1 restored alone differs");
+    assert_eq!(sha256(&p1), committed_sum(&fixtures(), "mbr-p1.ext4"), "partition 1 restored alone differs");
     run("e2fsck", &["-fn", s(&p1)]);
 }
 
@@ -275,5 +271,5 @@ fn trixie_informational_files_are_ignored() {
     ok(&klon(&["verify", s(&image)]));
     let target = dir.join("target.img");
     ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
-    assert_eq!(sha256(&target), committed_sum("gpt-disk"));
+    assert_eq!(sha256(&target), committed_sum(&fixtures(), "gpt-disk"));
 }

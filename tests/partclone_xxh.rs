@@ -28,18 +28,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The committed sum of `name` (source-disk, source-p1.ext4, source-p2.vfat).
-fn committed_sum(name: &str) -> String {
-    let sums = std::fs::read_to_string(fixtures().join("SHA256SUMS")).unwrap();
-    sums.lines()
-        .find_map(|l| l.strip_suffix(name).map(|h| h.trim().to_string()))
-        .unwrap_or_else(|| panic!("{name} is not in SHA256SUMS"))
-}
-
-fn sha256(path: &Path) -> String {
-    run("sha256sum", &[s(path)]).split_whitespace().next().unwrap().to_string()
-}
-
 /// The image directories, and what `klon info` says of their checksums.
 const IMAGES: &[(&str, &str)] = &[
     ("none-zst", "no checksums"),
@@ -74,13 +62,17 @@ fn every_checksum_mode_verifies_and_restores_byte_for_byte() {
         ok(&o);
         let target = dir.join(&format!("{name}.img"));
         ok(&klon(&["restore", "--yes", s(&image), s(&target)]));
-        assert_eq!(sha256(&target), committed_sum("source-disk"), "{name}: the restored disk differs from the source");
+        assert_eq!(
+            sha256(&target),
+            committed_sum(&fixtures(), "source-disk"),
+            "{name}: the restored disk differs from the source"
+        );
         for (n, (off, len), fs, checker) in
             [(1, P1, "source-p1.ext4", &["e2fsck", "-fn"]), (2, P2, "source-p2.vfat", &["fsck.fat", "-n"])]
         {
             let part = dir.join(&format!("{name}-p{n}"));
             std::fs::write(&part, read_at(&target, off, len)).unwrap();
-            assert_eq!(sha256(&part), committed_sum(fs), "{name}: partition {n} differs from the source");
+            assert_eq!(sha256(&part), committed_sum(&fixtures(), fs), "{name}: partition {n} differs from the source");
             run(checker[0], &[checker[1], s(&part)]);
             std::fs::remove_file(&part).unwrap();
         }
@@ -92,7 +84,11 @@ fn every_checksum_mode_verifies_and_restores_byte_for_byte() {
     ok(&klon(&["convert", s(&fixtures().join("xxh128-gz")), s(&converted)]));
     let target = dir.join("converted.img");
     ok(&klon(&["restore", "--yes", s(&converted), s(&target)]));
-    assert_eq!(sha256(&target), committed_sum("source-disk"), "the disk restored from the converted image differs");
+    assert_eq!(
+        sha256(&target),
+        committed_sum(&fixtures(), "source-disk"),
+        "the disk restored from the converted image differs"
+    );
 }
 
 /// The decompressed partclone image of partition 1 (its pieces in order).

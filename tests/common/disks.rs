@@ -338,3 +338,16 @@ pub fn small_image(t: &TempDir) -> (PathBuf, PathBuf) {
     ok(&klon(&["backup", "--no-verify", src.to_str().unwrap(), img.to_str().unwrap()]));
     (src, img)
 }
+
+/// The sum of `name` in the `SHA256SUMS` file of the fixture directory `dir`.
+pub fn committed_sum(dir: &Path, name: &str) -> String {
+    let sums = std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    sums.lines()
+        .find_map(|l| l.strip_suffix(name).map(|h| h.trim().to_string()))
+        .unwrap_or_else(|| panic!("{name} is not in {}", dir.join("SHA256SUMS").display()))
+}
+
+/// The sha256 of a file, as sha256sum prints it.
+pub fn sha256(path: &Path) -> String {
+    run("sha256sum", &[path.to_str().unwrap()]).split_whitespace().next().unwrap().to_string()
+}
