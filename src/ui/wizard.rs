@@ -400,6 +400,20 @@ fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() 
     })
 }
 
+/// How the wizard backs a disk up: its defaults, the level chosen, rescue
+/// mode or not.
+fn backup_options(level: i32, rescue: bool) -> BackupOptions {
+    BackupOptions {
+        level,
+        split_size: DEFAULT_SPLIT,
+        allow_mounted: false,
+        quiet: false,
+        workers: default_workers(),
+        plan: PlanOptions::default(),
+        rescue,
+    }
+}
+
 /// Where a rescued backup of a disk whose snapshots go into `repo` is
 /// written: a new directory beside it, `NAME-rescue-DATE` (`-2`, … when
 /// taken).
@@ -449,16 +463,7 @@ fn run_snapshot(
     use crate::engine::snapshot;
     let title = "back up a disk";
     scr.page(title, &format!("Backing up {} into {}. Ctrl-C stops.", source.display(), repo.display()))?;
-    let workers = default_workers();
-    let opts = BackupOptions {
-        level,
-        split_size: DEFAULT_SPLIT,
-        allow_mounted: false,
-        quiet: false,
-        workers,
-        plan: PlanOptions::default(),
-        rescue: false,
-    };
+    let opts = backup_options(level, false);
     let sopts = snapshot::SnapshotOptions { window: crate::repo::DEFAULT_WINDOW, ..Default::default() };
     let report = match run_job(scr, "backup", "No snapshot is made.", || {
         snapshot::backup_to_repository(source, repo, &opts, &sopts)
@@ -559,15 +564,7 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
     let report = loop {
         let mode = if rescue { " in rescue mode" } else { "" };
         scr.page(title, &format!("Backing up {} to {}{mode}. Ctrl-C stops.", source.display(), image.display()))?;
-        let opts = BackupOptions {
-            level,
-            split_size: DEFAULT_SPLIT,
-            allow_mounted: false,
-            quiet: false,
-            workers,
-            plan: PlanOptions::default(),
-            rescue,
-        };
+        let opts = backup_options(level, rescue);
         match run_job(scr, "backup", "The unfinished image will be removed.", || backup::backup(source, image, &opts)) {
             Ok(r) => break r,
             Err(e) if !rescue && backup::is_unreadable_source(&e) => {
