@@ -173,6 +173,67 @@ fn snapshots_over_time_and_of_two_disks_each_restore_alone() {
     ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
 }
 
+/// Rewrites snapshot `id`'s file with its `time` set to `time` (as a
+/// machine with a wrong clock would have written it) under its new name,
+/// which it returns.
+fn set_time(repo: &Path, id: &str, time: i64) -> String {
+    let old = repo.join("snapshots").join(format!("{id}.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&old).unwrap()).unwrap();
+    v["time"] = time.into();
+    let bytes = serde_json::to_vec_pretty(&v).unwrap();
+    let new = blake3::hash(&bytes).to_hex().to_string();
+    std::fs::write(repo.join("snapshots").join(format!("{new}.json")), &bytes).unwrap();
+    std::fs::remove_file(&old).unwrap();
+    new
+}
+
+fn snapshot_time(repo: &Path, id: &str) -> i64 {
+    let f = std::fs::read(repo.join("snapshots").join(format!("{id}.json"))).unwrap();
+    serde_json::from_slice::<serde_json::Value>(&f).unwrap()["time"].as_i64().unwrap()
+}
+
+/// The backup made last is the newest: `latest`, the list and
+/// `forget --keep-last` agree on it even when two backups start in the
+/// same second or the clock went back between them (a live stick on a
+/// machine whose clock is wrong).
+#[test]
+fn the_backup_made_last_is_the_latest_whatever_the_clock_says() {
+    let t = TempDir::new("repo-order");
+    let d = make_disk(&t, "a.img", 3);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    write_at(&d.path, d.p2.0, &random_bytes(4242, 65536));
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo)]));
+    let ids = snapshot_ids(&repo);
+    assert_eq!(ids.len(), 2);
+    let first_time = snapshot_time(&repo, &ids[1]);
+    // The second backup as a clock a day behind would have stamped it;
+    // then both in the same second.
+    let mut second = ids[0].clone();
+    for time in [first_time - 86_400, first_time] {
+        second = set_time(&repo, &second, time);
+        assert_eq!(snapshot_ids(&repo), [second.clone(), ids[1].clone()], "the list's order (time {time})");
+        let o = klon(&["--json", "info", s(&repo)]);
+        ok(&o);
+        assert_eq!(json(&o)["snapshot"], second.as_str(), "latest is not the backup made last (time {time})");
+        let out = t.join("out.img");
+        ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+        assert_same(&d.path, &out, 0, std::fs::metadata(&d.path).unwrap().len(), "restore of latest");
+        std::fs::remove_file(&out).unwrap();
+        let o = klon(&["--json", "forget", "--keep-last", "1", "--dry-run", s(&repo)]);
+        ok(&o);
+        let r = json(&o);
+        let keep: Vec<&str> = r["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["keep"] == true)
+            .map(|x| x["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(keep, [second.as_str()], "forget --keep-last 1 keeps the wrong one: {}", stdout(&o));
+    }
+}
+
 #[test]
 fn forget_and_prune_free_room_and_keep_every_kept_snapshot_whole() {
     let t = TempDir::new("repo-prune");

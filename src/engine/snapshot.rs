@@ -212,6 +212,7 @@ pub fn backup_to_repository(
         format_version: snapshot::FORMAT_VERSION,
         repository: repo.config.id.clone(),
         time,
+        sequence: repo.snapshots()?.iter().map(|s| s.file.sequence).max().unwrap_or(0) + 1,
         created: crate::image::manifest::rfc3339(time),
         utc_offset,
         hostname: crate::repo::lock::hostname(),

@@ -149,6 +149,12 @@ pub struct SnapshotEntry {
 }
 
 impl SnapshotEntry {
+    /// What "newer" means: made later (`sequence`), then started later,
+    /// then the greater id.
+    pub fn order(&self) -> (u64, i64, &str) {
+        (self.file.sequence, self.file.time, &self.id)
+    }
+
     /// The short id people type: the first 8 hex digits.
     pub fn short_id(&self) -> &str {
         &self.id[..8]
@@ -336,7 +342,7 @@ impl Repository {
             let file = SnapshotFile::load(self, id)?;
             out.push(SnapshotEntry { id: id.to_string(), file });
         }
-        out.sort_by(|a, b| b.file.time.cmp(&a.file.time).then_with(|| b.id.cmp(&a.id)));
+        out.sort_by(|a, b| b.order().cmp(&a.order()));
         Ok(out)
     }
 

@@ -4,9 +4,11 @@
 //! description of the same rules.
 //!
 //! The rules, as restic (0.17 and later) applies them:
-//! - The snapshots are walked from the newest to the oldest: by time, and at
-//!   the same second by id (the greater id counts as the newer), so the
-//!   result does not depend on the order of the input.
+//! - The snapshots are walked from the newest to the oldest: by the order
+//!   they were made (`sequence`), then by time, then by id (the greater id
+//!   counts as the newer), so the result does not depend on the order of
+//!   the input. (restic orders by time alone; a live stick's clock can be
+//!   wrong, and the backup made last must not count as the oldest.)
 //! - `last N` keeps the N newest snapshots.
 //! - `hourly`/`daily`/`weekly`/`monthly`/`yearly N` keep the newest snapshot
 //!   of each of the N most recent hours/days/ISO weeks/months/years that have
@@ -100,6 +102,9 @@ fn join_and(parts: &[String]) -> String {
 pub struct Item<'a> {
     /// The snapshot's id, unique in the repository.
     pub id: &'a str,
+    /// Its place in the order snapshots were made (the newest has the
+    /// greatest); equal (0) for snapshots that do not record it.
+    pub sequence: u64,
     /// When it was made: UTC seconds since 1970-01-01.
     pub time: i64,
     /// The UTC offset of the clock of the machine that made it, in seconds
@@ -152,7 +157,7 @@ pub fn apply(policy: &Policy, items: &[Item]) -> Result<Vec<Decision>, Error> {
     }
 
     let mut order: Vec<&Item> = items.iter().collect();
-    order.sort_by(|a, b| (b.time, b.id).cmp(&(a.time, a.id)));
+    order.sort_by(|a, b| (b.sequence, b.time, b.id).cmp(&(a.sequence, a.time, a.id)));
 
     let rules: Vec<(Rule, u32)> = Rule::ALL.iter().map(|&r| (r, r.count(policy))).filter(|&(_, n)| n > 0).collect();
     // Per rule, the periods it has met so far (each was filled by the first,
@@ -345,7 +350,7 @@ mod tests {
     }
 
     fn it(id: &str, time: i64) -> Item<'_> {
-        Item { id, time, utc_offset: 0 }
+        Item { id, sequence: 0, time, utc_offset: 0 }
     }
 
     /// (id, reasons) of the kept snapshots, newest first.
@@ -645,14 +650,26 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_made_last_is_the_newest_whatever_its_time() {
+        // Made in this order: a, b (clock a day behind), c (same second as b).
+        let a = Item { id: "a", sequence: 1, time: utc(2026, 12, 4, 12, 0), utc_offset: 0 };
+        let b = Item { id: "b", sequence: 2, time: utc(2026, 12, 3, 12, 0), utc_offset: 0 };
+        let c = Item { id: "0c", sequence: 3, time: utc(2026, 12, 3, 12, 0), utc_offset: 0 };
+        let last2 = Policy { last: 2, ..Policy::default() };
+        let d = apply(&last2, &[a, b, c]).unwrap();
+        assert_eq!(ids(&d), ["0c", "b", "a"]);
+        assert_eq!(kept(&d), [("0c", vec!["last 1"]), ("b", vec!["last 2"])]);
+    }
+
+    #[test]
     fn the_repeated_hour_when_clocks_go_back_is_one_hour() {
         // 25 October 2026 in Berlin: 02:30 CEST (+2, 00:30 UTC), then 02:30
         // CET (+1, 01:30 UTC): one hour on the clock, its later snapshot kept.
-        let cest = Item { id: "cest", time: utc(2026, 10, 25, 0, 30), utc_offset: 7200 };
-        let cet = Item { id: "cet", time: utc(2026, 10, 25, 1, 30), utc_offset: 3600 };
+        let cest = Item { id: "cest", sequence: 0, time: utc(2026, 10, 25, 0, 30), utc_offset: 7200 };
+        let cet = Item { id: "cet", sequence: 0, time: utc(2026, 10, 25, 1, 30), utc_offset: 3600 };
         // The hour before: 01:30 CEST. With --keep-hourly 2 the second hour
         // kept is 01:00, not the first 02:30.
-        let before = Item { id: "before", time: utc(2026, 10, 24, 23, 30), utc_offset: 7200 };
+        let before = Item { id: "before", sequence: 0, time: utc(2026, 10, 24, 23, 30), utc_offset: 7200 };
         let d = apply(&Policy { hourly: 2, ..Policy::default() }, &[cest, cet, before]).unwrap();
         assert_eq!(ids(&d), ["cet", "cest", "before"]);
         assert_eq!(kept(&d), [("cet", vec!["hourly 2026-10-25 02:00"]), ("before", vec!["hourly 2026-10-25 01:00"])]);
@@ -677,9 +694,9 @@ mod tests {
         let instant = utc(2026, 12, 3, 23, 30);
         // The same instant: 23:30 on 3 December in London, 00:30 on
         // 4 December in Berlin, 18:30 on 3 December in New York.
-        let london = Item { id: "london", time: instant, utc_offset: 0 };
-        let berlin = Item { id: "berlin", time: instant, utc_offset: 3600 };
-        let new_york = Item { id: "new-york", time: instant, utc_offset: -5 * 3600 };
+        let london = Item { id: "london", sequence: 0, time: instant, utc_offset: 0 };
+        let berlin = Item { id: "berlin", sequence: 0, time: instant, utc_offset: 3600 };
+        let new_york = Item { id: "new-york", sequence: 0, time: instant, utc_offset: -5 * 3600 };
         let daily = Policy { daily: 5, ..Policy::default() };
         let d = apply(&daily, &[london, berlin, new_york]).unwrap();
         // At the same second the order is by id: new-york, london, berlin.
@@ -694,12 +711,12 @@ mod tests {
             [("new-york", vec!["hourly 2026-12-03 18:00"]), ("berlin", vec!["hourly 2026-12-04 00:00"])]
         );
         // India (+5:30) at 18:29 UTC is 23:59; at 18:30 it is midnight.
-        let before = Item { id: "i1", time: utc(2026, 12, 3, 18, 29), utc_offset: 19_800 };
-        let after = Item { id: "i2", time: utc(2026, 12, 3, 18, 30), utc_offset: 19_800 };
+        let before = Item { id: "i1", sequence: 0, time: utc(2026, 12, 3, 18, 29), utc_offset: 19_800 };
+        let after = Item { id: "i2", sequence: 0, time: utc(2026, 12, 3, 18, 30), utc_offset: 19_800 };
         let d = apply(&Policy { daily: 2, ..Policy::default() }, &[before, after]).unwrap();
         assert_eq!(kept(&d), [("i2", vec!["daily 2026-12-04"]), ("i1", vec!["daily 2026-12-03"])]);
         // Before 1970 too (negative times).
-        let old = Item { id: "old", time: -1, utc_offset: 3600 };
+        let old = Item { id: "old", sequence: 0, time: -1, utc_offset: 3600 };
         let d = apply(&Policy { daily: 1, yearly: 1, ..Policy::default() }, &[old]).unwrap();
         assert_eq!(kept(&d), [("old", vec!["daily 1970-01-01", "yearly 1970"])]);
     }
@@ -738,26 +755,26 @@ mod tests {
     #[test]
     fn damaged_snapshot_lists_are_refused() {
         let policy = Policy { last: 1, ..Policy::default() };
-        let bad = Item { id: "x1", time: 0, utc_offset: 18 * 3600 + 1 };
+        let bad = Item { id: "x1", sequence: 0, time: 0, utc_offset: 18 * 3600 + 1 };
         let e = apply(&policy, &[it("a", 0), bad]).unwrap_err();
         assert!(matches!(e, Error::Corrupt(_)), "{e:?}");
         assert!(e.to_string().contains("snapshot x1 records a UTC offset of 64801 s"), "{e}");
         // ±18 h exactly is accepted.
         for off in [18 * 3600, -18 * 3600] {
-            assert!(apply(&policy, &[Item { id: "x", time: 0, utc_offset: off }]).is_ok());
+            assert!(apply(&policy, &[Item { id: "x", sequence: 0, time: 0, utc_offset: off }]).is_ok());
         }
 
         let e = apply(&policy, &[it("a", 0), it("b", 1), it("a", 2)]).unwrap_err();
         assert!(matches!(e, Error::Corrupt(_)), "{e:?}");
         assert!(e.to_string().contains("two snapshots have the id a"), "{e}");
 
-        let e = apply(&policy, &[Item { id: "far", time: i64::MAX, utc_offset: 1 }]).unwrap_err();
+        let e = apply(&policy, &[Item { id: "far", sequence: 0, time: i64::MAX, utc_offset: 1 }]).unwrap_err();
         assert!(e.to_string().contains("snapshot far records the time 9223372036854775807 s"), "{e}");
         // The extremes themselves are dates (far from any real one), not panics.
         let all = Policy { last: 2, hourly: 2, daily: 2, weekly: 2, monthly: 2, yearly: 2 };
         let items = [
-            Item { id: "max", time: i64::MAX - MAX_UTC_OFFSET as i64, utc_offset: MAX_UTC_OFFSET },
-            Item { id: "min", time: i64::MIN + MAX_UTC_OFFSET as i64, utc_offset: -MAX_UTC_OFFSET },
+            Item { id: "max", sequence: 0, time: i64::MAX - MAX_UTC_OFFSET as i64, utc_offset: MAX_UTC_OFFSET },
+            Item { id: "min", sequence: 0, time: i64::MIN + MAX_UTC_OFFSET as i64, utc_offset: -MAX_UTC_OFFSET },
         ];
         let d = apply(&all, &items).unwrap();
         assert_eq!(ids(&d), ["max", "min"]);
@@ -898,7 +915,7 @@ mod tests {
                     base - rng.below(span) as i64
                 };
                 let utc_offset = if mixed { offsets[rng.below(offsets.len() as u64) as usize] } else { fixed };
-                items.push(Item { id: name, time, utc_offset });
+                items.push(Item { id: name, sequence: 0, time, utc_offset });
             }
             let mut policy = Policy::default();
             while policy.is_empty() {

@@ -57,7 +57,12 @@ pub fn forget(
     let all = repo.snapshots()?;
     let items: Vec<super::policy::Item> = all
         .iter()
-        .map(|s| super::policy::Item { id: &s.id, time: s.file.time, utc_offset: s.file.utc_offset })
+        .map(|s| super::policy::Item {
+            id: &s.id,
+            sequence: s.file.sequence,
+            time: s.file.time,
+            utc_offset: s.file.utc_offset,
+        })
         .collect();
     let decisions = super::policy::apply(policy, &items)?;
     if !dry_run {

@@ -45,6 +45,12 @@ pub struct SnapshotFile {
     pub repository: String,
     /// When the backup started, seconds since 1970-01-01 UTC.
     pub time: i64,
+    /// Its place in the order snapshots were made: one more than the
+    /// greatest of the repository's snapshots when it was committed (under
+    /// the lock), so the one made last is the newest even when two start in
+    /// the same second or the clock went back. 0 when absent.
+    #[serde(default)]
+    pub sequence: u64,
     /// The same instant, RFC 3339 UTC.
     pub created: String,
     /// The UTC offset of the machine that made it, in seconds.
