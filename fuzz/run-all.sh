@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for SECONDS each (default 120), one at a time, one
-# worker: fuzz/run-all.sh [SECONDS] [TARGET...]. Needs the nightly toolchain
+# worker: fuzz/run-all.sh [SECONDS] [TARGET...]; two may run side by side.
+# Needs the nightly toolchain
 # and cargo-fuzz (cargo install cargo-fuzz). Each run starts from
 # fuzz/seeds/<target> plus what earlier runs found (fuzz/corpus/<target>,
 # not committed); crashes land in fuzz/artifacts/<target>/. libFuzzer's last
@@ -28,6 +29,11 @@ for t in "${targets[@]}"; do
     fi
     grep -E '^#[0-9]+.*(DONE|pulse|NEW|REDUCE)' "logs/$t.log" | tail -1
     grep -E '^stat::number_of_executed_units' "logs/$t.log"
-    rm -rf /dev/shm/klon-fuzz-*
+    # Scratch of runs that ended (each names its pid): two scripts may run
+    # side by side, each one target at a time.
+    for d in /dev/shm/klon-fuzz-*; do
+        [ -e "$d" ] || continue
+        kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"
+    done
 done
 exit $failed
