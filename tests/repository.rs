@@ -173,6 +173,135 @@ fn snapshots_over_time_and_of_two_disks_each_restore_alone() {
     ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
 }
 
+/// A window whose content changed in a few blocks is stored as those
+/// blocks and a reference to the window's chunk in an earlier snapshot (a
+/// delta blob); each snapshot still restores alone, byte for byte, after
+/// the snapshot holding the bases is forgotten and pruned; damage to a
+/// base is caught and names the snapshots that need it.
+#[test]
+fn changed_windows_are_stored_as_their_changed_blocks() {
+    let t = TempDir::new("repo-delta");
+    let d = make_disk(&t, "a.img", 5);
+    let repo = t.join("repo");
+    let o = klon(&["--json", "backup", "--repo", s(&d.path), s(&repo)]);
+    ok(&o);
+    let first = json(&o)["added"]["stored_bytes"].as_u64().unwrap();
+    let first_packs = files_ending(&repo, ".pack");
+    let mut states = Vec::new();
+    for round in 1..=2u64 {
+        // About 100 KB of files rewritten, 8 KiB of the raw partition.
+        put_file(&d, &t, &format!("r{round}"), &random_bytes(500 + round, 100_000));
+        write_at(&d.path, d.p2.0 + round * MIB + 4096, &random_bytes(600 + round, 8192));
+        let state = t.join(&format!("state{round}.img"));
+        std::fs::copy(&d.path, &state).unwrap();
+        states.push(state);
+        let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+        ok(&o);
+        let added = &json(&o)["added"];
+        let (stored, deltas) = (added["stored_bytes"].as_u64().unwrap(), added["deltas"].as_u64().unwrap());
+        assert!(deltas >= 2, "round {round}: {deltas} delta blobs: {added}");
+        // The changed bytes (110 KB, incompressible) and the filesystem's
+        // metadata around them, not whole windows of 4 MiB.
+        assert!(stored < 1_000_000, "round {round} added {stored} bytes (first backup {first}): {added}");
+    }
+    let ids = snapshot_ids(&repo);
+    for (i, state) in states.iter().rev().enumerate() {
+        let out = t.join("out.img");
+        let spec = format!("{}:{}", s(&repo), &ids[i][..8]);
+        ok(&klon(&["verify", "--quiet", &spec]));
+        ok(&klon(&["restore", "--yes", "--quiet", &spec, s(&out)]));
+        assert_restored(&t, state, &out, &d, &format!("delta{i}"));
+        std::fs::remove_file(&out).unwrap();
+    }
+
+    // The bases are in the first backup's packs: damaged there, they are
+    // caught, and check names the snapshots built on them.
+    let damaged = t.join("damaged");
+    run("cp", &["-a", s(&repo), s(&damaged)]);
+    for p in &first_packs {
+        let p = damaged.join(p.strip_prefix(&repo).unwrap());
+        let len = std::fs::metadata(&p).unwrap().len();
+        for k in 1..64 {
+            flip(&p, len * k / 64);
+        }
+    }
+    let o = klon(&["verify", &format!("{}:{}", s(&damaged), &ids[0][..8])]);
+    assert_ne!(o.status.code(), Some(0), "verify of a snapshot with damaged bases passed");
+    let o = klon(&["check", "--read-data", s(&damaged)]);
+    fails_with(&o, 4, &[]);
+    assert!(stdout(&o).contains(&format!("snapshot {}", &ids[0][..8])), "{}", stdout(&o));
+
+    // Forget the snapshots holding the bases whole: prune keeps the bases.
+    ok(&klon(&["forget", "--quiet", "--keep-last", "1", "--prune", s(&repo)]));
+    assert_eq!(snapshot_ids(&repo), [ids[0].clone()]);
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_restored(&t, &states[1], &out, &d, "after-prune");
+}
+
+/// A version 1 repository is read and backed up into without delta blobs
+/// (a klon that reads only version 1 can still read it); a newer version
+/// is refused with advice.
+#[test]
+fn a_version_1_repository_gets_no_delta_blobs_and_a_newer_one_is_refused() {
+    let t = TempDir::new("repo-v1");
+    let d = make_disk(&t, "a.img", 8);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let config = repo.join("klon-repository.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"format_version\": 2"), "{text}");
+    std::fs::write(&config, text.replace("\"format_version\": 2", "\"format_version\": 1")).unwrap();
+    write_at(&d.path, d.p2.0 + MIB, &random_bytes(4444, 8192));
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    assert_eq!(json(&o)["added"]["deltas"], 0, "{}", stdout(&o));
+    for f in files_ending(&repo, ".idx") {
+        assert_eq!(&std::fs::read(&f).unwrap()[24..32], &[0u8; 8], "{}: a delta count", f.display());
+    }
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "v1");
+    std::fs::write(&config, text.replace("\"format_version\": 2", "\"format_version\": 3")).unwrap();
+    let o = klon(&["snapshots", s(&repo)]);
+    fails_with(&o, 1, &["repository format version 3", "use a newer klon"]);
+}
+
+/// A delta left in a pack after its base was pruned (no snapshot used
+/// either) is not reused by a later backup of the same content: that
+/// snapshot stores the chunk again and restores on its own.
+#[test]
+fn a_delta_whose_base_was_pruned_is_not_reused() {
+    let t = TempDir::new("repo-orphan");
+    let d = make_disk(&t, "a.img", 7);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let first_packs: Vec<PathBuf> =
+        files_ending(&repo, ".pack").into_iter().chain(files_ending(&repo, ".idx")).collect();
+    write_at(&d.path, d.p2.0 + MIB, &random_bytes(4343, 8192));
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    assert!(json(&o)["added"]["deltas"].as_u64().unwrap() >= 1, "{}", stdout(&o));
+    // What forgetting both and a prune that removed the first backup's
+    // packs (and kept the second's) leave: deltas whose base is gone.
+    for f in files_ending(&repo.join("snapshots"), "") {
+        std::fs::remove_file(f).unwrap();
+    }
+    for f in &first_packs {
+        std::fs::remove_file(f).unwrap();
+    }
+    let o = klon(&["check", s(&repo)]);
+    ok(&o);
+    assert!(stdout(&o).contains("which a prune removed"), "{}", stdout(&o));
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "orphan");
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+}
+
 /// Rewrites snapshot `id`'s file with its `time` set to `time` (as a
 /// machine with a wrong clock would have written it) under its new name,
 /// which it returns.

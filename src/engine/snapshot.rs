@@ -8,7 +8,7 @@
 //! snapshot is written after every pack is synced, so it exists only when
 //! all its data does.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -21,8 +21,9 @@ use crate::image::format::Extent;
 use crate::image::manifest::FileInfo;
 use crate::image::{Manifest, StreamInfo};
 use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
+use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
-use crate::repo::{Repository, is_repository};
+use crate::repo::{BlobIndex, Repository, delta, is_repository};
 use crate::table;
 use crate::ui::progress::Progress;
 
@@ -73,6 +74,10 @@ struct HashedChunk {
     raw_len: u32,
     id: ChunkId,
     payload: Option<(u32, IoBuf)>,
+    /// The base a delta payload applies to (the payload starts with it).
+    base: Option<ChunkId>,
+    /// Why a delta could not be made (the base did not read back).
+    warning: Option<String>,
 }
 
 /// Backs up `source_path` as a new snapshot of the repository at `dir`
@@ -109,6 +114,14 @@ pub fn backup_to_repository(
     let _lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
     let index = repo.load_index()?;
     let window = u64::from(repo.config.window);
+    let src_info = source_info(source_path, &source, &layout);
+    let bases = if repo.config.format_version >= 2 {
+        parent_bases(&repo, &index, &src_info, window)
+    } else {
+        Default::default()
+    };
+    let packs_dir = repo.packs_dir();
+    let mut warnings = plan.warnings.clone();
 
     let plans = &plan.streams;
     let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
@@ -138,12 +151,31 @@ pub fn backup_to_repository(
             }
             let id = *blake3::hash(&content).as_bytes();
             let raw_len = content.len() as u32;
-            let payload = if index.blobs.contains_key(&id) { None } else { Some(stored_payload(content, level)?) };
-            Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload }) })
+            let (mut payload, mut base, mut warning) = (None, None, None);
+            if !index.usable(&id) {
+                if let Some(b) = bases.get(&(extents[0].0 / window)) {
+                    match delta_payload(&packs_dir, &index, b, &content, level) {
+                        Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            warning = Some(format!(
+                                "the chunk an earlier snapshot has at disk offset {} did not read back ({e}): \
+                                 this one is stored whole; run klon check --read-data",
+                                extents[0].0
+                            ))
+                        }
+                    }
+                }
+                if payload.is_none() {
+                    payload = Some(stored_payload(content, level)?);
+                }
+            }
+            Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload, base, warning }) })
         },
         |h: Hashed| {
             progress.add_part(h.stream, h.read_len);
-            let Some(HashedChunk { extents, raw_len, id, payload }) = h.chunk else { return Ok(()) };
+            let Some(HashedChunk { extents, raw_len, id, payload, base, warning }) = h.chunk else { return Ok(()) };
+            warnings.extend(warning);
             match payload {
                 Some((flags, payload)) if written.insert(id) => {
                     writer.add(&NewBlob {
@@ -152,7 +184,11 @@ pub fn backup_to_repository(
                         flags,
                         payload_crc: crc32fast::hash(&payload),
                         payload: &payload,
+                        base,
                     })?;
+                    if base.is_some() {
+                        added.deltas += 1;
+                    }
                     added.chunks += 1;
                     added.content_bytes += u64::from(raw_len);
                     added.stored_bytes += (pack::BLOB_HEADER_LEN + payload.len()) as u64;
@@ -204,7 +240,7 @@ pub fn backup_to_repository(
             info
         })
         .collect();
-    let mut image = Manifest::new(source_info(source_path, &source, &layout), layout, opts.level, infos);
+    let mut image = Manifest::new(src_info, layout, opts.level, infos);
     image.chunk_size = repo.config.window;
     image.created = crate::image::manifest::rfc3339(time);
     let file = SnapshotFile {
@@ -232,7 +268,7 @@ pub fn backup_to_repository(
         seconds: started.elapsed().as_secs_f64(),
         read_bytes,
         reused_chunks,
-        warnings: plan.warnings,
+        warnings,
         packs_written: writer.written.iter().map(|p| p.name.clone()).collect(),
     })
 }
@@ -247,10 +283,12 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     for name in packs {
         indexes.push(pack::PackIndex::load(&pack::index_path(&packs_dir, name), name)?);
     }
+    let all = repo.load_index()?;
+    let mut bases = ContentReader::new(packs_dir.clone(), &all)?;
     let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
     let mut bytes = 0u64;
     for idx in &indexes {
-        pack::check_blobs(&packs_dir, idx, |_, record, checked| {
+        pack::check_blobs(&packs_dir, idx, &mut |b| bases.full(b), |_, record, checked| {
             checked?;
             bytes += record.len() as u64;
             progress.add(record.len() as u64);
@@ -259,4 +297,57 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     }
     progress.finish();
     Ok(bytes)
+}
+
+/// The full chunk each window of the disk had in the newest snapshot of
+/// the same disk (same size, and the same serial number or, without one,
+/// the same path; else the newest of the same size): what a changed
+/// window's chunk is stored as changes to. Keyed by window number. Empty
+/// when there is no such snapshot or its table does not read (then every
+/// new chunk is stored whole; check names the damage).
+fn parent_bases(
+    repo: &Repository,
+    index: &BlobIndex,
+    source: &crate::image::manifest::SourceInfo,
+    window: u64,
+) -> HashMap<u64, ChunkId> {
+    let Ok(all) = repo.snapshots() else { return HashMap::new() };
+    let same_size: Vec<_> = all.iter().filter(|s| s.file.image.source.size == source.size).collect();
+    let same_disk = |s: &&&crate::repo::SnapshotEntry| {
+        let other = &s.file.image.source;
+        match (&other.serial, &source.serial) {
+            (Some(a), Some(b)) => a == b,
+            _ => other.path == source.path,
+        }
+    };
+    let Some(parent) = same_size.iter().find(same_disk).or(same_size.first()) else { return HashMap::new() };
+    let Ok(table) = parent.file.load_table(repo) else { return HashMap::new() };
+    let mut bases = HashMap::new();
+    for e in table.iter().flatten() {
+        if let Some((_, b)) = index.blobs.get(&e.id)
+            && index.usable(&e.id)
+        {
+            bases.entry(e.extents[0].0 / window).or_insert(b.base.unwrap_or(e.id));
+        }
+    }
+    bases
+}
+
+/// `content` stored as changes to chunk `base`: the payload (the base's
+/// id, then the patch, compressed when that is smaller) and its flags, or
+/// None when too much of it is new for that to pay.
+fn delta_payload(
+    packs: &Path,
+    index: &BlobIndex,
+    base: &ChunkId,
+    content: &[u8],
+    level: i32,
+) -> Result<Option<(u32, IoBuf)>> {
+    let base_content = ContentReader::new(packs.to_path_buf(), index)?.full(base)?;
+    let Some(patch) = delta::encode(&base_content, content) else { return Ok(None) };
+    let (flags, stored) = stored_payload(IoBuf::from(patch), level)?;
+    let mut payload = Vec::with_capacity(32 + stored.len());
+    payload.extend_from_slice(base);
+    payload.extend_from_slice(&stored);
+    Ok(Some((flags | pack::FLAG_DELTA, IoBuf::from(payload))))
 }

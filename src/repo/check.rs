@@ -128,13 +128,9 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         ));
     }
     report.packs = indexes.len();
-    let mut where_is: HashMap<ChunkId, (usize, usize)> = HashMap::new();
-    for (pi, idx) in indexes.iter().enumerate() {
-        for (ei, e) in idx.entries.iter().enumerate() {
-            where_is.entry(e.id).or_insert((pi, ei));
-        }
-    }
-    report.chunks = where_is.len();
+    // Where reads take each chunk from (see BlobIndex::of).
+    let all = super::BlobIndex::of(&indexes);
+    report.chunks = all.blobs.len();
 
     // Snapshots: which of them use each chunk, and where.
     let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
@@ -161,11 +157,11 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
             let stream = crate::image::reader::describe_stream(&snap.image.streams[si]);
             for e in entries {
                 let place = format!("snapshot {} {stream} at disk offset {}", &id[..8], e.extents[0].0);
-                match where_is.get(&e.id) {
+                match all.blobs.get(&e.id) {
                     None => report
                         .problems
                         .push(format!("chunk {} is missing from every pack; it holds {place}", short(&e.id))),
-                    Some(&(pi, ei)) if indexes[pi].entries[ei].raw_len != e.raw_len => report
+                    Some((_, b)) if b.raw_len != e.raw_len => report
                         .problems
                         .push(format!("chunk {}: its length differs from what {place} needs", short(&e.id))),
                     Some(_) => {}
@@ -178,13 +174,57 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         }
     }
 
+    // Each delta's base: there, and whole (not a delta itself); the
+    // snapshots a delta holds are held by its base too.
+    for (pi, idx) in indexes.iter().enumerate() {
+        for e in idx.entries.iter().filter(|e| e.base.is_some()) {
+            let base = e.base.expect("filtered");
+            // A copy reads do not take (the chunk is in another pack too)
+            // holds no snapshot.
+            let used_by = if read_from(&all, pi, e) { users.get(&e.id).cloned().unwrap_or_default() } else { vec![] };
+            match all.blobs.get(&base) {
+                None if used_by.is_empty() => report.notes.push(format!(
+                    "chunk {} is stored as changes to chunk {}, which a prune removed; no snapshot uses it, \
+                     klon prune removes it",
+                    short(&e.id),
+                    short(&base)
+                )),
+                None => report.problems.push(format!(
+                    "chunk {} is stored as changes to chunk {}, which is missing from every pack; it holds {}",
+                    short(&e.id),
+                    short(&base),
+                    if used_by.is_empty() { "no snapshot".to_string() } else { used_by.join("; ") }
+                )),
+                Some((_, b)) if b.base.is_some() => report.problems.push(format!(
+                    "chunk {} is stored as changes to chunk {}, which is stored as changes too: the pack indexes \
+                     are damaged",
+                    short(&e.id),
+                    short(&base)
+                )),
+                Some(_) => {
+                    let u = users.entry(base).or_default();
+                    for place in used_by {
+                        if u.len() < 8 && !u.contains(&place) {
+                            u.push(place);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     if read_data {
+        let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all)?;
         let total: u64 = indexes.iter().map(|i| i.pack_size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
-        for idx in &indexes {
-            let read = pack::check_blobs(&packs_dir, idx, |e, record, checked| {
+        for (pi, idx) in indexes.iter().enumerate() {
+            let read = pack::check_blobs(&packs_dir, idx, &mut |b| bases.full(b), |e, record, checked| {
                 report.bytes_read += record.len() as u64;
                 progress.add(record.len() as u64);
+                // An unused delta whose base a prune removed was noted above.
+                let orphan = e.base.is_some_and(|b| !all.blobs.contains_key(&b))
+                    && !(read_from(&all, pi, e) && users.contains_key(&e.id));
+                let checked = if orphan { Ok(()) } else { checked };
                 if let Err(why) = checked {
                     let affected =
                         users.get(&e.id).map(|u| u.join("; ")).unwrap_or_else(|| "no snapshot uses it".into());
@@ -206,4 +246,10 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         record_many(&repo, &snapshot_ids, &result);
     }
     Ok(report)
+}
+
+/// Whether reads take chunk `e` from pack number `pi` (and not another
+/// copy of it).
+fn read_from(all: &super::BlobIndex, pi: usize, e: &pack::BlobEntry) -> bool {
+    all.blobs.get(&e.id).is_some_and(|(p, c)| *p as usize == pi && c.offset == e.offset)
 }

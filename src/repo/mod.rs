@@ -7,10 +7,12 @@
 //! describes every file byte for byte.
 
 pub mod check;
+pub mod delta;
 pub mod lock;
 pub mod pack;
 pub mod policy;
 pub mod prune;
+pub mod read;
 pub mod snapshot;
 
 use std::collections::HashMap;
@@ -26,8 +28,10 @@ use snapshot::SnapshotFile;
 pub const CONFIG_NAME: &str = "klon-repository.json";
 /// Value of the configuration's `format` field.
 pub const FORMAT_NAME: &str = "klon-repository";
-/// The repository format version klon writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The repository format version klon writes: 2 may hold delta blobs.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version klon reads (and backs up into, without deltas).
+pub const FORMAT_VERSION_MIN: u32 = 1;
 /// File of a repository holding its retention policy, when one was saved
 /// (`klon forget --save`, the wizard's "Keep" setting): applied after
 /// each backup. Not covered by a checksum; a damaged one is refused.
@@ -132,6 +136,46 @@ pub struct BlobIndex {
 }
 
 impl BlobIndex {
+    /// The blobs of these packs' indexes. A chunk in more than one pack (a
+    /// prune cut short, or a chunk stored again because its delta's base
+    /// was gone) is taken from the first pack that has it readable: whole,
+    /// or a delta whose base is there whole.
+    pub fn of(indexes: &[PackIndex]) -> BlobIndex {
+        let mut index = BlobIndex::default();
+        let mut others = Vec::new();
+        for (n, idx) in indexes.iter().enumerate() {
+            for e in &idx.entries {
+                match index.blobs.entry(e.id) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert((n as u32, *e));
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => others.push((n as u32, *e)),
+                }
+            }
+            index.packs.push((idx.name.clone(), idx.pack_size));
+        }
+        // Whole copies first (they make bases usable), then deltas.
+        others.sort_by_key(|(_, e)| e.base.is_some());
+        for (n, e) in others {
+            let whole_base = |b: &ChunkId| index.blobs.get(b).is_some_and(|(_, be)| be.base.is_none());
+            if !index.usable(&e.id) && e.base.as_ref().is_none_or(whole_base) {
+                index.blobs.insert(e.id, (n, e));
+            }
+        }
+        index
+    }
+
+    /// Whether chunk `id` can be read: it is in a pack, and when it is a
+    /// delta its base is too, whole. A prune removes a base no snapshot
+    /// needs while an unused delta of it may stay in a pack it keeps: a
+    /// backup must not reuse that delta.
+    pub fn usable(&self, id: &ChunkId) -> bool {
+        match self.blobs.get(id) {
+            None => false,
+            Some((_, e)) => e.base.is_none_or(|b| self.blobs.get(&b).is_some_and(|(_, be)| be.base.is_none())),
+        }
+    }
+
     /// Where chunk `id` is.
     pub fn get(&self, id: &ChunkId) -> Option<(&str, &BlobEntry)> {
         self.blobs.get(id).map(|(p, e)| (self.packs[*p as usize].0.as_str(), e))
@@ -252,9 +296,10 @@ impl Repository {
         if config.format != FORMAT_NAME {
             return Err(Error::Corrupt(format!("{}: not a klon repository configuration", path.display())));
         }
-        if config.format_version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&config.format_version) {
             return Err(Error::Unsupported(format!(
-                "{}: repository format version {}; this klon reads version {FORMAT_VERSION}: use a newer klon",
+                "{}: repository format version {}; this klon reads versions {FORMAT_VERSION_MIN} to \
+                 {FORMAT_VERSION}: use a newer klon",
                 path.display(),
                 config.format_version
             )));
@@ -297,16 +342,11 @@ impl Repository {
     /// Reads every pack's index. A pack without an index is not part of
     /// the repository yet (a backup was cut short while writing it).
     pub fn load_index(&self) -> Result<BlobIndex> {
-        let mut index = BlobIndex::default();
+        let mut indexes = Vec::new();
         for name in self.pack_names(".idx")? {
-            let idx = PackIndex::load(&pack::index_path(&self.packs_dir(), &name), &name)?;
-            let n = index.packs.len() as u32;
-            for e in &idx.entries {
-                index.blobs.entry(e.id).or_insert((n, *e));
-            }
-            index.packs.push((name, idx.pack_size));
+            indexes.push(PackIndex::load(&pack::index_path(&self.packs_dir(), &name), &name)?);
         }
-        Ok(index)
+        Ok(BlobIndex::of(&indexes))
     }
 
     /// The names of the packs having a file ending in `ext` (".pack",

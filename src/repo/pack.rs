@@ -1,9 +1,10 @@
 //! Pack files and their indexes: where a repository keeps its chunks.
 //!
 //! A pack is a file of blob records, one per chunk: a 64-byte header and
-//! the stored payload. Its name is the blake3 of its bytes. Its index
-//! (same name, `.idx`) lists each blob's id (the blake3 of its content),
-//! where it is and its checksums, and ends in the blake3 of everything
+//! the stored payload (a delta blob's payload starts with its base's id;
+//! see `delta`). Its name is random. Its index (same name, `.idx`) lists
+//! each blob's id (the blake3 of its content), where it is, its checksums
+//! and the base of each delta blob, and ends in the blake3 of everything
 //! before. docs/REPOSITORY.md describes the bytes; keep the two in step.
 
 use std::fs::File;
@@ -30,6 +31,10 @@ pub const MAX_PACK_ENTRIES: u64 = 1 << 20;
 /// A chunk's id: the blake3 of its content.
 pub type ChunkId = [u8; 32];
 
+/// Blob flag: the payload is its base chunk's id, then a patch (zstd, as
+/// FLAG_ZSTD says) that makes the content from the base's (`delta`).
+pub const FLAG_DELTA: u32 = 2;
+
 /// Where a blob is and what it holds, as its pack's index says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobEntry {
@@ -43,8 +48,10 @@ pub struct BlobEntry {
     pub raw_len: u32,
     /// crc32 of the stored payload.
     pub payload_crc: u32,
-    /// FLAG_* bits (bit 0: the payload is a zstd frame).
+    /// FLAG_* bits (bit 0: the payload is a zstd frame; bit 1: a delta).
     pub flags: u32,
+    /// A delta blob's base: the full chunk its patch applies to.
+    pub base: Option<ChunkId>,
 }
 
 impl BlobEntry {
@@ -103,6 +110,7 @@ impl BlobEntry {
             raw_len: u32_at(44),
             payload_crc: u32_at(48),
             flags: u32_at(52),
+            base: None,
         }
     }
 }
@@ -138,15 +146,20 @@ pub struct PackIndex {
 impl PackIndex {
     /// The index's bytes.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(PACK_INDEX_HEADER_LEN + PACK_ENTRY_LEN * self.entries.len() + 32);
+        let bases: Vec<&ChunkId> = self.entries.iter().filter_map(|e| e.base.as_ref()).collect();
+        let mut b =
+            Vec::with_capacity(PACK_INDEX_HEADER_LEN + PACK_ENTRY_LEN * self.entries.len() + 32 * bases.len() + 32);
         b.extend_from_slice(PACK_INDEX_MAGIC);
         b.extend_from_slice(&(self.entries.len() as u64).to_le_bytes());
         b.extend_from_slice(&self.pack_size.to_le_bytes());
-        b.extend_from_slice(&[0u8; 8]);
+        b.extend_from_slice(&(bases.len() as u64).to_le_bytes());
         let name = decode_hex32(&self.name).expect("a pack's name is 64 hex digits");
         b.extend_from_slice(&name);
         for e in &self.entries {
             b.extend_from_slice(&e.encode());
+        }
+        for base in bases {
+            b.extend_from_slice(base);
         }
         let sum = *blake3::hash(&b).as_bytes();
         b.extend_from_slice(&sum);
@@ -173,23 +186,40 @@ impl PackIndex {
         }
         let count = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
         let pack_size = u64::from_le_bytes(body[16..24].try_into().expect("8 bytes"));
-        if body[24..32] != [0u8; 8] {
-            return bad("reserved bytes are not zero");
-        }
+        let deltas = u64::from_le_bytes(body[24..32].try_into().expect("8 bytes"));
         if decode_hex32(name).as_ref().map(|n| &n[..]) != Some(&body[32..64]) {
             return bad("the index belongs to another pack");
         }
-        if count > MAX_PACK_ENTRIES || (body.len() - PACK_INDEX_HEADER_LEN) as u64 != count * PACK_ENTRY_LEN as u64 {
+        if count > MAX_PACK_ENTRIES
+            || deltas > count
+            || (body.len() - PACK_INDEX_HEADER_LEN) as u64 != count * PACK_ENTRY_LEN as u64 + deltas * 32
+        {
             return bad("the index's length does not match its entry count");
         }
-        let entries: Vec<BlobEntry> =
-            body[PACK_INDEX_HEADER_LEN..].chunks_exact(PACK_ENTRY_LEN).map(BlobEntry::decode).collect();
+        let entries_end = PACK_INDEX_HEADER_LEN + count as usize * PACK_ENTRY_LEN;
+        let mut entries: Vec<BlobEntry> =
+            body[PACK_INDEX_HEADER_LEN..entries_end].chunks_exact(PACK_ENTRY_LEN).map(BlobEntry::decode).collect();
+        let mut bases = body[entries_end..].chunks_exact(32);
         let mut at = 0u64;
-        for (i, e) in entries.iter().enumerate() {
-            if e.offset != at || e.raw_len == 0 || e.raw_len > crate::image::format::CHUNK_SIZE || e.flags > 1 {
+        for (i, e) in entries.iter_mut().enumerate() {
+            if e.offset != at
+                || e.raw_len == 0
+                || e.raw_len > crate::image::format::CHUNK_SIZE
+                || e.flags & !(crate::image::format::FLAG_ZSTD | FLAG_DELTA) != 0
+                || (e.flags & FLAG_DELTA != 0 && e.stored_len < 32)
+            {
                 return bad(&format!("entry {i} does not follow the previous blob or is out of range"));
             }
+            if e.flags & FLAG_DELTA != 0 {
+                let Some(base) = bases.next() else {
+                    return bad("the index lists fewer bases than delta blobs");
+                };
+                e.base = Some(base.try_into().expect("32 bytes"));
+            }
             at += e.record_len();
+        }
+        if bases.next().is_some() {
+            return bad("the index lists more bases than delta blobs");
         }
         if at != pack_size {
             return bad("the blobs do not fill the pack's recorded size");
@@ -220,8 +250,10 @@ pub struct NewBlob<'a> {
     pub flags: u32,
     /// crc32 of `payload`.
     pub payload_crc: u32,
-    /// The stored payload.
+    /// The stored payload (a delta's starts with `base`).
     pub payload: &'a [u8],
+    /// A delta blob's base.
+    pub base: Option<ChunkId>,
 }
 
 /// Writes blobs into packs under `packs/`, through a file in `tmp/`: a
@@ -283,6 +315,7 @@ impl PackWriter {
             raw_len: blob.raw_len,
             payload_crc: blob.payload_crc,
             flags: blob.flags,
+            base: blob.base,
         };
         let h = e.header();
         for part in [&h[..], blob.payload] {
@@ -388,20 +421,57 @@ fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path) -> Result<(PackIndex, Path
     Ok((index, idx, dir))
 }
 
-/// Checks a whole blob record read from a pack against its index entry
-/// `e`: header, payload crc32, and the content's blake3 (its id).
-pub fn check_record(e: &BlobEntry, record: &[u8], decomp: &mut zstd::bulk::Decompressor, where_: &str) -> Result<()> {
+/// Checks a blob record's header and payload crc32 against its index
+/// entry `e` (and that a delta's payload names the base the index does),
+/// and returns what its payload stores: the content, or a delta's patch,
+/// decompressed.
+pub fn unpack_record(
+    e: &BlobEntry,
+    record: &[u8],
+    decomp: &mut zstd::bulk::Decompressor,
+    where_: &str,
+) -> Result<Vec<u8>> {
     e.check_header(&record[..BLOB_HEADER_LEN.min(record.len())], where_)?;
-    let payload = &record[BLOB_HEADER_LEN..];
+    let mut payload = &record[BLOB_HEADER_LEN..];
     if crc32fast::hash(payload) != e.payload_crc {
         return Err(Error::Corrupt(format!("{where_}: stored data checksum (crc32) does not match")));
     }
-    let content = if e.flags & crate::image::format::FLAG_ZSTD != 0 {
+    if let Some(base) = &e.base {
+        if payload.get(..32) != Some(&base[..]) {
+            return Err(Error::Corrupt(format!("{where_}: the delta's base is not the one its pack's index names")));
+        }
+        payload = &payload[32..];
+    }
+    // A patch is a little longer than the content at most (its block list).
+    let max = e.raw_len as usize
+        + if e.base.is_some() { 8 + 4 * crate::image::format::CHUNK_SIZE as usize / 4096 } else { 0 };
+    if e.flags & crate::image::format::FLAG_ZSTD != 0 {
         decomp
-            .decompress(payload, e.raw_len as usize)
-            .map_err(|err| Error::Corrupt(format!("{where_}: data does not decompress: {err}")))?
+            .decompress(payload, max)
+            .map_err(|err| Error::Corrupt(format!("{where_}: data does not decompress: {err}")))
     } else {
-        payload.to_vec()
+        Ok(payload.to_vec())
+    }
+}
+
+/// Checks a whole blob record read from a pack against its index entry
+/// `e`: header, payload crc32, and the content's blake3 (its id). A delta
+/// blob's content is made from its base's, which `base` reads (checked).
+pub fn check_record(
+    e: &BlobEntry,
+    record: &[u8],
+    decomp: &mut zstd::bulk::Decompressor,
+    base: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
+    where_: &str,
+) -> Result<()> {
+    let stored = unpack_record(e, record, decomp, where_)?;
+    let content = match &e.base {
+        None => stored,
+        Some(b) => {
+            let base = base(b)?;
+            super::delta::apply(&base, &stored, e.raw_len as usize)
+                .map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?
+        }
     };
     if content.len() != e.raw_len as usize || blake3::hash(&content).as_bytes() != &e.id {
         return Err(Error::Corrupt(format!("{where_}: content checksum (blake3) does not match")));
@@ -410,12 +480,14 @@ pub fn check_record(e: &BlobEntry, record: &[u8], decomp: &mut zstd::bulk::Decom
 }
 
 /// Reads every blob record of the pack `idx` indexes (under `packs`) in
-/// order and checks it with [`check_record`], handing each entry, its
-/// record and the check's outcome to `each`. Stops at the first read error
-/// (returned), or at the first error `each` returns.
+/// order and checks it with [`check_record`] (delta blobs' bases read by
+/// `base`), handing each entry, its record and the check's outcome to
+/// `each`. Stops at the first read error (returned), or at the first error
+/// `each` returns.
 pub fn check_blobs(
     packs: &Path,
     idx: &PackIndex,
+    base: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
     mut each: impl FnMut(&BlobEntry, &[u8], Result<()>) -> Result<()>,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
@@ -428,7 +500,7 @@ pub fn check_blobs(
         buf.resize(e.record_len() as usize, 0);
         f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
         let where_ = format!("chunk {} in {} at offset {}", hex(&e.id[..6]), path.display(), e.offset);
-        let checked = check_record(e, &buf, &mut decomp, &where_);
+        let checked = check_record(e, &buf, &mut decomp, base, &where_);
         each(e, &buf, checked)?;
     }
     Ok(())
@@ -483,8 +555,11 @@ mod tests {
             raw_len: 10,
             payload_crc: 1,
             flags: 1,
+            base: None,
         };
-        let idx = PackIndex { name: hex(&[7u8; 32]), pack_size: 2 * 64 + 30, entries: vec![e(0, 10), e(74, 20)] };
+        let delta = BlobEntry { flags: FLAG_DELTA | 1, base: Some([9; 32]), ..e(158, 40) };
+        let idx =
+            PackIndex { name: hex(&[7u8; 32]), pack_size: 3 * 64 + 70, entries: vec![e(0, 10), e(74, 20), delta] };
         let b = idx.encode();
         let back = PackIndex::decode(&b, &idx.name, "x").unwrap();
         assert_eq!(back.entries, idx.entries);
@@ -496,7 +571,7 @@ mod tests {
         let err = PackIndex::decode(&b, &hex(&[8u8; 32]), "x").unwrap_err().to_string();
         assert!(err.contains("belongs to another pack"), "{err}");
         // Entries that leave a gap are refused even with a good checksum.
-        let gap = PackIndex { entries: vec![e(0, 10), e(80, 14)], ..idx.clone() };
+        let gap = PackIndex { entries: vec![e(0, 10), e(80, 14)], pack_size: 2 * 64 + 24, ..idx.clone() };
         let err = PackIndex::decode(&gap.encode(), &idx.name, "x").unwrap_err().to_string();
         assert!(err.contains("entry 1 does not follow"), "{err}");
     }
@@ -512,8 +587,15 @@ mod tests {
         let contents: Vec<Vec<u8>> = (0..40).map(|i| rng.bytes(1000 + i * 997)).collect();
         for c in &contents {
             let id = *blake3::hash(c).as_bytes();
-            w.add(&NewBlob { id, raw_len: c.len() as u32, flags: 0, payload_crc: crc32fast::hash(c), payload: c })
-                .unwrap();
+            w.add(&NewBlob {
+                id,
+                raw_len: c.len() as u32,
+                flags: 0,
+                payload_crc: crc32fast::hash(c),
+                payload: c,
+                base: None,
+            })
+            .unwrap();
         }
         w.commit().unwrap();
         assert_eq!(w.written.len(), 1);
@@ -523,22 +605,23 @@ mod tests {
         assert_eq!(pack.len() as u64, w.written[0].pack_size);
         let idx = PackIndex::load(&index_path(&packs, name), name).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
+        let mut no_base = |_: &ChunkId| -> Result<Vec<u8>> { unreachable!("no delta blobs here") };
         for (e, c) in idx.entries.iter().zip(&contents) {
             let rec = &pack[e.offset as usize..(e.offset + e.record_len()) as usize];
-            check_record(e, rec, &mut d, "t").unwrap();
+            check_record(e, rec, &mut d, &mut no_base, "t").unwrap();
             assert_eq!(&rec[BLOB_HEADER_LEN..], &c[..]);
             // Any flipped byte of the record is caught.
             for at in [0, 9, 30, 57, BLOB_HEADER_LEN, rec.len() - 1] {
                 let mut bad = rec.to_vec();
                 bad[at] ^= 0x10;
-                assert!(check_record(e, &bad, &mut d, "t").is_err(), "flip at {at} not caught");
+                assert!(check_record(e, &bad, &mut d, &mut no_base, "t").is_err(), "flip at {at} not caught");
             }
         }
     }
 
     #[test]
     fn blob_header_checks() {
-        let e = BlobEntry { id: [3; 32], offset: 0, stored_len: 5, raw_len: 9, payload_crc: 77, flags: 0 };
+        let e = BlobEntry { id: [3; 32], offset: 0, stored_len: 5, raw_len: 9, payload_crc: 77, flags: 0, base: None };
         let h = e.header();
         e.check_header(&h, "p").unwrap();
         let mut d = h;

@@ -96,16 +96,15 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
     for name in repo.pack_names(".idx")? {
         indexes.push(PackIndex::load(&pack::index_path(&packs_dir, &name), &name).map_err(refuse)?);
     }
+    let all = super::BlobIndex::of(&indexes);
+    // A delta needs its base: a base is referenced as long as one of its
+    // deltas is.
+    let bases: Vec<ChunkId> = referenced.iter().filter_map(|id| all.blobs.get(id).and_then(|(_, e)| e.base)).collect();
+    referenced.extend(bases);
 
-    // Which pack keeps each referenced chunk: the first that has it.
-    let mut keeper: HashMap<ChunkId, usize> = HashMap::new();
-    for (pi, idx) in indexes.iter().enumerate() {
-        for e in &idx.entries {
-            if referenced.contains(&e.id) {
-                keeper.entry(e.id).or_insert(pi);
-            }
-        }
-    }
+    // Which pack keeps each referenced chunk: the one reads take it from.
+    let keeper: HashMap<ChunkId, usize> =
+        referenced.iter().filter_map(|id| all.blobs.get(id).map(|(p, _)| (*id, *p as usize))).collect();
     if let Some(missing) = referenced.iter().find(|id| !keeper.contains_key(*id)) {
         return Err(refuse(Error::Corrupt(format!(
             "chunk {} that a snapshot references is in no pack",
@@ -116,6 +115,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
     let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir());
     let mut old_to_delete = Vec::new();
     let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
+    let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all)?;
     for (pi, idx) in indexes.iter().enumerate() {
         let used: Vec<&pack::BlobEntry> = idx.entries.iter().filter(|e| keeper.get(&e.id) == Some(&pi)).collect();
         let used_bytes: u64 = used.iter().map(|e| e.record_len()).sum();
@@ -141,13 +141,14 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
                         .map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
                     let where_ =
                         format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
-                    pack::check_record(e, &buf, &mut decomp, &where_)?;
+                    pack::check_record(e, &buf, &mut decomp, &mut |b| bases.full(b), &where_)?;
                     writer.add(&NewBlob {
                         id: e.id,
                         raw_len: e.raw_len,
                         flags: e.flags,
                         payload_crc: e.payload_crc,
                         payload: &buf[BLOB_HEADER_LEN..],
+                        base: e.base,
                     })?;
                 }
             }

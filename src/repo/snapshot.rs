@@ -32,6 +32,10 @@ pub struct Added {
     pub content_bytes: u64,
     /// Bytes of pack files written (blob records).
     pub stored_bytes: u64,
+    /// How many of the new chunks are stored as changes to an earlier
+    /// snapshot's chunk of the same window (delta blobs).
+    #[serde(default)]
+    pub deltas: u64,
 }
 
 /// A snapshot file (`snapshots/ID.json`).

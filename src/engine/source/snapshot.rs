@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, ChunkHeader};
 use crate::image::{ChunkStore, Manifest, StoredChunk};
 use crate::repo::pack::{self, BLOB_HEADER_LEN};
+use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{Table, short};
 use crate::repo::{BlobIndex, Repository, SnapshotEntry};
 use crate::table::DiskLayout;
@@ -51,6 +52,26 @@ impl SnapshotImage {
                 match index.blobs.get(&e.id) {
                     Some((p, b)) if b.raw_len == e.raw_len => {
                         packs_used.insert(*p);
+                        if let Some(base) = &b.base {
+                            match index.blobs.get(base) {
+                                Some((bp, bb)) if bb.base.is_none() => {
+                                    packs_used.insert(*bp);
+                                }
+                                found => {
+                                    return Err(Error::Corrupt(format!(
+                                        "{}: chunk {} ({}, disk offset {}) is stored as changes to chunk {}, which \
+                                         the repository {} (run klon check {})",
+                                        location.display(),
+                                        short(&e.id),
+                                        crate::image::reader::describe_stream(&m.streams[si]),
+                                        e.extents[0].0,
+                                        short(base),
+                                        if found.is_none() { "does not hold" } else { "holds as changes too" },
+                                        dir.display()
+                                    )));
+                                }
+                            }
+                        }
                     }
                     Some(_) => {
                         return Err(Error::Corrupt(format!(
@@ -111,9 +132,24 @@ impl SnapshotImage {
         &self.snapshot
     }
 
+    /// Chunk `seq`'s header. A delta's payload, as [`Self::read`] hands it
+    /// on, is its content, so its flags and crc32 are those of the content
+    /// (the crc32 known only once it is made).
     fn header(&self, stream: usize, seq: u64) -> ChunkHeader {
         let e = &self.table[stream][seq as usize];
         let (_, b) = self.index.get(&e.id).expect("checked when opened");
+        if b.base.is_some() {
+            return ChunkHeader {
+                stream: stream as u32,
+                flags: 0,
+                seq,
+                extents: e.extents.clone(),
+                raw_len: b.raw_len,
+                stored_len: b.raw_len,
+                payload_crc: 0,
+                content_hash: e.id,
+            };
+        }
         ChunkHeader {
             stream: stream as u32,
             flags: b.flags,
@@ -143,6 +179,18 @@ impl SnapshotImage {
             crate::image::reader::describe_stream(&self.snapshot.file.image.streams[stream]),
             self.snapshot.short_id()
         );
+        if b.base.is_some() {
+            // Made here from its base and patch, and checked; handed on
+            // as a chunk stored whole.
+            let content = ContentReader::new(self.repo.packs_dir(), &self.index)?
+                .content(&e.id)
+                .map_err(|err| err.with_note(&format!("(for {location})")))?;
+            let mut buf = self.bufs.take(BLOB_HEADER_LEN + content.len());
+            buf[BLOB_HEADER_LEN..].copy_from_slice(&content);
+            let mut header = self.header(stream, seq);
+            header.payload_crc = crc32fast::hash(&content);
+            return Ok(StoredChunk::new(stream, header, buf, BLOB_HEADER_LEN, self.bufs.clone(), location));
+        }
         let mut buf = self.bufs.take(b.record_len() as usize);
         f.read_exact_at(&mut buf, b.offset).map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
         b.check_header(&buf[..BLOB_HEADER_LEN], &location)?;

@@ -1,0 +1,86 @@
+//! Reading chunks' contents by id from a repository's packs: a full
+//! chunk's stored payload, or a delta's base and patch, checked against
+//! the chunk's blake3 either way.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use super::BlobIndex;
+use super::pack::{self, ChunkId};
+use super::snapshot::short;
+use crate::error::{Error, Result};
+
+/// Reads chunks' contents through one index; keeps the last pack open.
+pub struct ContentReader<'a> {
+    packs: PathBuf,
+    index: &'a BlobIndex,
+    decomp: zstd::bulk::Decompressor<'static>,
+    open: Option<(u32, File)>,
+    buf: Vec<u8>,
+}
+
+impl<'a> ContentReader<'a> {
+    /// A reader of the chunks `index` lists, in the packs under `packs`.
+    pub fn new(packs: PathBuf, index: &'a BlobIndex) -> Result<ContentReader<'a>> {
+        let decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
+        Ok(ContentReader { packs, index, decomp, open: None, buf: Vec::new() })
+    }
+
+    /// The content of chunk `id`, checked (a delta made from its base).
+    pub fn content(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (stored, base, raw_len, where_) = self.stored(id)?;
+        let content = match base {
+            None => stored,
+            Some(b) => {
+                let base = self.full(&b).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
+                super::delta::apply(&base, &stored, raw_len)
+                    .map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?
+            }
+        };
+        check_content(&content, id, raw_len, &where_)?;
+        Ok(content)
+    }
+
+    /// The content of full (not delta) chunk `id`, checked: a delta's base.
+    pub fn full(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (stored, base, raw_len, where_) = self.stored(id)?;
+        if base.is_some() {
+            return Err(Error::Corrupt(format!(
+                "{where_}: a delta's base is itself a delta: the repository's indexes are damaged"
+            )));
+        }
+        check_content(&stored, id, raw_len, &where_)?;
+        Ok(stored)
+    }
+
+    /// Chunk `id`'s record, checked as far as it goes without its base:
+    /// its stored bytes decompressed, its base, its length and its place.
+    fn stored(&mut self, id: &ChunkId) -> Result<(Vec<u8>, Option<ChunkId>, usize, String)> {
+        let Some((p, e)) = self.index.blobs.get(id) else {
+            return Err(Error::Corrupt(format!(
+                "chunk {} is in no pack of the repository (run klon check)",
+                short(id)
+            )));
+        };
+        let name = &self.index.packs[*p as usize].0;
+        let path = pack::pack_path(&self.packs, name);
+        if self.open.as_ref().is_none_or(|o| o.0 != *p) {
+            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
+            self.open = Some((*p, f));
+        }
+        let f = &self.open.as_ref().expect("opened above").1;
+        self.buf.resize(e.record_len() as usize, 0);
+        f.read_exact_at(&mut self.buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
+        let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
+        let stored = pack::unpack_record(e, &self.buf, &mut self.decomp, &where_)?;
+        Ok((stored, e.base, e.raw_len as usize, where_))
+    }
+}
+
+fn check_content(content: &[u8], id: &ChunkId, raw_len: usize, where_: &str) -> Result<()> {
+    if content.len() != raw_len || blake3::hash(content).as_bytes() != id {
+        return Err(Error::Corrupt(format!("{where_}: content checksum (blake3) does not match")));
+    }
+    Ok(())
+}
