@@ -238,6 +238,17 @@ fn changed_windows_are_stored_as_their_changed_blocks() {
     let out = t.join("out.img");
     ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
     assert_restored(&t, &states[1], &out, &d, "after-prune");
+    std::fs::remove_file(&out).unwrap();
+
+    // Windows of 1 MiB (the smallest): the same, with a delta on top.
+    let small = t.join("repo-1m");
+    ok(&klon(&["backup", "--quiet", "--repo", "--window", "1M", s(&d.path), s(&small)]));
+    write_at(&d.path, d.p2.0 + 5 * MIB, &random_bytes(4545, 4096));
+    let o = klon(&["--json", "backup", s(&d.path), s(&small)]);
+    ok(&o);
+    assert!(json(&o)["added"]["deltas"].as_u64().unwrap() >= 1, "{}", stdout(&o));
+    ok(&klon(&["restore", "--yes", "--quiet", s(&small), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "window-1m");
 }
 
 /// A version 1 repository is read and backed up into without delta blobs

@@ -367,7 +367,9 @@ pub(crate) fn read_jobs(
     rescue: Option<&Rescue>,
     send: &mut dyn FnMut(ReadJob) -> bool,
 ) -> Result<()> {
-    let pool = BufPool::new(READ_BUFS_KEPT, CHUNK_SIZE as usize);
+    // A job holds at most one window (or chunk): buffers of that size, so
+    // the more jobs in flight of smaller windows hold no more memory.
+    let pool = BufPool::new(READ_BUFS_KEPT, window.map_or(CHUNK_SIZE as usize, |w| w as usize));
     for &si in order {
         let plan = &plans[si];
         // Zero runs may be left out of raw streams, so their jobs do not

@@ -288,7 +288,7 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
     let mut bytes = 0u64;
     for idx in &indexes {
-        pack::check_blobs(&packs_dir, idx, &mut |b| bases.full(b), |_, record, checked| {
+        pack::check_blobs(&packs_dir, idx, &mut |b| bases.base(b), |_, record, checked| {
             checked?;
             bytes += record.len() as u64;
             progress.add(record.len() as u64);

@@ -218,7 +218,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         let total: u64 = indexes.iter().map(|i| i.pack_size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
         for (pi, idx) in indexes.iter().enumerate() {
-            let read = pack::check_blobs(&packs_dir, idx, &mut |b| bases.full(b), |e, record, checked| {
+            let read = pack::check_blobs(&packs_dir, idx, &mut |b| bases.base(b), |e, record, checked| {
                 report.bytes_read += record.len() as u64;
                 progress.add(record.len() as u64);
                 // An unused delta whose base a prune removed was noted above.

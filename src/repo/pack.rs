@@ -461,7 +461,7 @@ pub fn check_record(
     e: &BlobEntry,
     record: &[u8],
     decomp: &mut zstd::bulk::Decompressor,
-    base: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
+    base: &mut dyn FnMut(&ChunkId) -> Result<std::rc::Rc<Vec<u8>>>,
     where_: &str,
 ) -> Result<()> {
     let stored = unpack_record(e, record, decomp, where_)?;
@@ -487,7 +487,7 @@ pub fn check_record(
 pub fn check_blobs(
     packs: &Path,
     idx: &PackIndex,
-    base: &mut dyn FnMut(&ChunkId) -> Result<Vec<u8>>,
+    base: &mut dyn FnMut(&ChunkId) -> Result<std::rc::Rc<Vec<u8>>>,
     mut each: impl FnMut(&BlobEntry, &[u8], Result<()>) -> Result<()>,
 ) -> Result<()> {
     use std::os::unix::fs::FileExt;
@@ -605,7 +605,7 @@ mod tests {
         assert_eq!(pack.len() as u64, w.written[0].pack_size);
         let idx = PackIndex::load(&index_path(&packs, name), name).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
-        let mut no_base = |_: &ChunkId| -> Result<Vec<u8>> { unreachable!("no delta blobs here") };
+        let mut no_base = |_: &ChunkId| -> Result<std::rc::Rc<Vec<u8>>> { unreachable!("no delta blobs here") };
         for (e, c) in idx.entries.iter().zip(&contents) {
             let rec = &pack[e.offset as usize..(e.offset + e.record_len()) as usize];
             check_record(e, rec, &mut d, &mut no_base, "t").unwrap();

@@ -141,7 +141,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
                         .map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
                     let where_ =
                         format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
-                    pack::check_record(e, &buf, &mut decomp, &mut |b| bases.full(b), &where_)?;
+                    pack::check_record(e, &buf, &mut decomp, &mut |b| bases.base(b), &where_)?;
                     writer.add(&NewBlob {
                         id: e.id,
                         raw_len: e.raw_len,

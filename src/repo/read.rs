@@ -11,20 +11,26 @@ use super::pack::{self, ChunkId};
 use super::snapshot::short;
 use crate::error::{Error, Result};
 
-/// Reads chunks' contents through one index; keeps the last pack open.
+/// Bases kept in memory, read last: deltas of one window in many
+/// snapshots share their base, and a prune or check meets them in turn.
+const BASES_KEPT: usize = 8;
+
+/// Reads chunks' contents through one index; keeps the last pack open
+/// and the last bases read.
 pub struct ContentReader<'a> {
     packs: PathBuf,
     index: &'a BlobIndex,
     decomp: zstd::bulk::Decompressor<'static>,
     open: Option<(u32, File)>,
     buf: Vec<u8>,
+    bases: std::collections::VecDeque<(ChunkId, std::rc::Rc<Vec<u8>>)>,
 }
 
 impl<'a> ContentReader<'a> {
     /// A reader of the chunks `index` lists, in the packs under `packs`.
     pub fn new(packs: PathBuf, index: &'a BlobIndex) -> Result<ContentReader<'a>> {
         let decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
-        Ok(ContentReader { packs, index, decomp, open: None, buf: Vec::new() })
+        Ok(ContentReader { packs, index, decomp, open: None, buf: Vec::new(), bases: Default::default() })
     }
 
     /// The content of chunk `id`, checked (a delta made from its base).
@@ -33,7 +39,7 @@ impl<'a> ContentReader<'a> {
         let content = match base {
             None => stored,
             Some(b) => {
-                let base = self.full(&b).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
+                let base = self.base(&b).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
                 super::delta::apply(&base, &stored, raw_len)
                     .map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?
             }
@@ -52,6 +58,19 @@ impl<'a> ContentReader<'a> {
         }
         check_content(&stored, id, raw_len, &where_)?;
         Ok(stored)
+    }
+
+    /// Base `id`'s content, checked: from memory when read lately.
+    pub fn base(&mut self, id: &ChunkId) -> Result<std::rc::Rc<Vec<u8>>> {
+        if let Some((_, c)) = self.bases.iter().find(|(b, _)| b == id) {
+            return Ok(c.clone());
+        }
+        let c = std::rc::Rc::new(self.full(id)?);
+        if self.bases.len() == BASES_KEPT {
+            self.bases.pop_front();
+        }
+        self.bases.push_back((*id, c.clone()));
+        Ok(c)
     }
 
     /// Chunk `id`'s record, checked as far as it goes without its base:
