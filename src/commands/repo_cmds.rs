@@ -90,7 +90,7 @@ pub(super) fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
             .map(|s| {
                 let f = &s.file;
                 json!({
-                    "id": s.id, "short_id": s.short_id(), "time": f.time, "created": f.created,
+                    "id": s.id, "short_id": s.short_id(), "time": f.time, "sequence": f.sequence, "created": f.created,
                     "utc_offset": f.utc_offset, "hostname": f.hostname, "label": f.label, "tags": f.tags,
                     "source": f.image.source,
                     "content_bytes": f.image.streams.iter().map(|st| st.stored_bytes).sum::<u64>(),
