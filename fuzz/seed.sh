@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 S=$PWD/seeds
 T=$(mktemp -d /dev/shm/klon-seed.XXXXXX)
 trap 'rm -rf "$T"' EXIT
-rm -rf "$S"; mkdir -p "$S"/{manifest,chunk_index,partition_table,fs_used,partclone,ntfsclone,cz_layout}
+rm -rf "$S"; mkdir -p "$S"/{manifest,chunk_index,partition_table,fs_used,partclone,ntfsclone,cz_layout,repository}
 
 img() { rm -f "$T/$1"; truncate -s "$2" "$T/$1"; }
 
@@ -63,4 +63,26 @@ if [ -f "$T/img/klon.json" ]; then
 else
     echo "seed.sh: no klon binary at $KLON (cargo build first): manifest and chunk_index seeds left empty" >&2
 fi
+# A repository's pack indexes (one with a delta blob), each after the
+# target's mode byte 0; a patch (mode 1: three bytes of content length,
+# then the patch); two contents to make a patch from (mode 2).
+if [ -x "$KLON" ]; then
+    head -c 16M /dev/urandom > "$T/raw"
+    "$KLON" backup --quiet --repo "$T/raw" "$T/repo" >/dev/null
+    dd if=/dev/urandom of="$T/raw" bs=4096 seek=100 count=3 conv=notrunc status=none
+    "$KLON" backup --quiet "$T/raw" "$T/repo" >/dev/null
+    n=0
+    for f in "$T"/repo/packs/*/*.idx; do
+        n=$((n + 1)); { printf '\x00'; head -c -32 "$f"; } > "$S/repository/index-$n"
+    done
+fi
+python3 - "$S/repository" <<'PY'
+import random, struct, sys
+d = sys.argv[1]
+lit = random.Random(1).randbytes(7712)
+ops = struct.pack("<II", 4096, 3) + struct.pack("<III", (1 << 31) | 3, 2, 7712)
+open(f"{d}/delta-1", "wb").write(bytes([1]) + (3 * 4096 + 7712).to_bytes(3, "big") + ops + lit)
+a = random.Random(2).randbytes(4096)
+open(f"{d}/encode-1", "wb").write(bytes([2]) + a + (a[:2048] + b"new bytes here" * 10 + a[2048:])[:4096])
+PY
 du -sh "$S"
