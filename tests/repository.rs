@@ -230,6 +230,15 @@ fn changed_windows_are_stored_as_their_changed_blocks() {
     let o = klon(&["check", "--read-data", s(&damaged)]);
     fails_with(&o, 4, &[]);
     assert!(stdout(&o).contains(&format!("snapshot {}", &ids[0][..8])), "{}", stdout(&o));
+    // A backup whose bases do not read back stores its changed windows
+    // whole, and says so.
+    let changed = t.join("changed.img");
+    std::fs::copy(&d.path, &changed).unwrap();
+    write_at(&changed, d.p2.0 + 3 * MIB, &random_bytes(4646, 4096));
+    let o = klon(&["--json", "backup", s(&changed), s(&damaged)]);
+    ok(&o);
+    assert!(stderr(&o).contains("did not read back") && stderr(&o).contains("stored whole"), "{}", stderr(&o));
+    assert_eq!(json(&o)["added"]["deltas"], 0, "{}", stdout(&o));
 
     // Forget the snapshots holding the bases whole: prune keeps the bases.
     ok(&klon(&["forget", "--quiet", "--keep-last", "1", "--prune", s(&repo)]));

@@ -175,7 +175,10 @@ pub fn backup_to_repository(
         |h: Hashed| {
             progress.add_part(h.stream, h.read_len);
             let Some(HashedChunk { extents, raw_len, id, payload, base, warning }) = h.chunk else { return Ok(()) };
-            warnings.extend(warning);
+            if let Some(w) = warning {
+                eprintln!("klon: warning: {w}");
+                warnings.push(w);
+            }
             match payload {
                 Some((flags, payload)) if written.insert(id) => {
                     writer.add(&NewBlob {
