@@ -138,26 +138,16 @@ impl SnapshotImage {
     fn header(&self, stream: usize, seq: u64) -> ChunkHeader {
         let e = &self.table[stream][seq as usize];
         let (_, b) = self.index.get(&e.id).expect("checked when opened");
-        if b.base.is_some() {
-            return ChunkHeader {
-                stream: stream as u32,
-                flags: 0,
-                seq,
-                extents: e.extents.clone(),
-                raw_len: b.raw_len,
-                stored_len: b.raw_len,
-                payload_crc: 0,
-                content_hash: e.id,
-            };
-        }
+        let (flags, stored_len, payload_crc) =
+            if b.base.is_some() { (0, b.raw_len, 0) } else { (b.flags, b.stored_len, b.payload_crc) };
         ChunkHeader {
             stream: stream as u32,
-            flags: b.flags,
+            flags,
             seq,
             extents: e.extents.clone(),
             raw_len: b.raw_len,
-            stored_len: b.stored_len,
-            payload_crc: b.payload_crc,
+            stored_len,
+            payload_crc,
             content_hash: e.id,
         }
     }
@@ -166,11 +156,6 @@ impl SnapshotImage {
         let e = &self.table[stream][seq as usize];
         let (name, b) = self.index.get(&e.id).expect("checked when opened");
         let path = pack::pack_path(&self.repo.packs_dir(), name);
-        if open.as_ref().is_none_or(|o| o.0 != name) {
-            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
-            *open = Some((name.to_string(), f));
-        }
-        let (_, f) = open.as_ref().expect("opened above");
         let location = format!(
             "{} at offset {} (chunk {}, {} of snapshot {}, chunk {seq})",
             path.display(),
@@ -191,6 +176,11 @@ impl SnapshotImage {
             header.payload_crc = crc32fast::hash(&content);
             return Ok(StoredChunk::new(stream, header, buf, BLOB_HEADER_LEN, self.bufs.clone(), location));
         }
+        if open.as_ref().is_none_or(|o| o.0 != name) {
+            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
+            *open = Some((name.to_string(), f));
+        }
+        let (_, f) = open.as_ref().expect("opened above");
         let mut buf = self.bufs.take(b.record_len() as usize);
         f.read_exact_at(&mut buf, b.offset).map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
         b.check_header(&buf[..BLOB_HEADER_LEN], &location)?;
