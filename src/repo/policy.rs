@@ -1,5 +1,5 @@
 //! Which snapshots `klon forget` keeps: the retention policy, as a pure
-//! function from a policy and a list of snapshots (id, time, UTC offset) to
+//! function from a policy and a list of snapshots (id, sequence, time, UTC offset) to
 //! one decision per snapshot. No I/O; docs/RETENTION.md is the user's
 //! description of the same rules.
 //!
