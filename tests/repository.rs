@@ -264,15 +264,15 @@ fn changed_windows_are_stored_as_their_changed_blocks() {
 /// (a klon that reads only version 1 can still read it); a newer version
 /// is refused with advice.
 #[test]
-fn a_version_1_repository_gets_no_delta_blobs_and_a_newer_one_is_refused() {
+fn older_repository_versions_get_only_what_they_read_and_a_newer_one_is_refused() {
     let t = TempDir::new("repo-v1");
     let d = make_disk(&t, "a.img", 8);
     let repo = t.join("repo");
     ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
     let config = repo.join("klon-repository.json");
     let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("\"format_version\": 2"), "{text}");
-    std::fs::write(&config, text.replace("\"format_version\": 2", "\"format_version\": 1")).unwrap();
+    assert!(text.contains("\"format_version\": 3"), "{text}");
+    std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 1")).unwrap();
     write_at(&d.path, d.p2.0 + MIB, &random_bytes(4444, 8192));
     let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
     ok(&o);
@@ -283,9 +283,103 @@ fn a_version_1_repository_gets_no_delta_blobs_and_a_newer_one_is_refused() {
     let out = t.join("out.img");
     ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
     assert_restored(&t, &d.path, &out, &d, "v1");
-    std::fs::write(&config, text.replace("\"format_version\": 2", "\"format_version\": 3")).unwrap();
+    // Version 2 takes deltas, but only of whole chunks: no chains, which a
+    // klon that reads version 2 would take for damage.
+    std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 2")).unwrap();
+    for round in 1..=2 {
+        write_at(&d.path, d.p2.0 + MIB + round * 65536, &random_bytes(4444 + round, 8192));
+        let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+        ok(&o);
+        assert_eq!(json(&o)["added"]["deltas"], 1, "{}", stdout(&o));
+    }
+    assert_eq!(depths(&repo).into_iter().max(), Some(1), "a chain of deltas in a version 2 repository");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "v2");
+    std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 4")).unwrap();
     let o = klon(&["snapshots", s(&repo)]);
-    fails_with(&o, 1, &["repository format version 3", "use a newer klon"]);
+    fails_with(&o, 1, &["repository format version 4", "use a newer klon"]);
+}
+
+/// Every chunk's base in the repository's pack indexes (None for a chunk
+/// stored whole), read from the bytes docs/REPOSITORY.md lays out.
+fn bases_in(repo: &Path) -> std::collections::HashMap<[u8; 32], Option<[u8; 32]>> {
+    let mut all = std::collections::HashMap::new();
+    for f in files_ending(repo, ".idx") {
+        let b = std::fs::read(&f).unwrap();
+        let n = u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize;
+        let mut bases = b[64 + 56 * n..].chunks_exact(32);
+        for e in b[64..64 + 56 * n].chunks_exact(56) {
+            let flags = u32::from_le_bytes(e[52..56].try_into().unwrap());
+            let base = (flags & 2 != 0).then(|| bases.next().unwrap().try_into().unwrap());
+            all.insert(e[..32].try_into().unwrap(), base);
+        }
+    }
+    all
+}
+
+/// How many deltas lead from each chunk to a whole one.
+fn depths(repo: &Path) -> Vec<usize> {
+    let bases = bases_in(repo);
+    bases
+        .keys()
+        .map(|id| {
+            let (mut at, mut depth) = (id, 0);
+            while let Some(Some(b)) = bases.get(at) {
+                (at, depth) = (b, depth + 1);
+                assert!(depth <= 64, "the chain of bases loops");
+            }
+            depth
+        })
+        .collect()
+}
+
+/// A window changed in backup after backup is stored as changes to its
+/// previous chunk, that one as changes to the one before… (a chain, so
+/// each backup adds only what changed since the last), never more than
+/// 8 deltas deep: the 9th change starts again from the whole chunk. Each
+/// snapshot restores byte for byte, and check reads every chain.
+#[test]
+fn a_window_changed_again_and_again_is_a_chain_of_deltas_at_most_8_deep() {
+    let t = TempDir::new("repo-chain");
+    let d = make_disk(&t, "a.img", 9);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let mut states = Vec::new();
+    for round in 1..=10u64 {
+        // 8 KiB of the raw partition, each time elsewhere in one window.
+        write_at(&d.path, d.p2.0 + round * 64 * 1024, &random_bytes(700 + round, 8192));
+        let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+        ok(&o);
+        let added = &json(&o)["added"];
+        assert_eq!(added["deltas"], 1, "round {round}: {added}");
+        // The 8 KiB changed, not all the changes since the first backup;
+        // but the 9th change, stored as changes to the whole chunk, holds
+        // the 9 changes since.
+        let limit = if round == 9 { 9 * 8192 + 8000 } else { 16_000 };
+        assert!(added["stored_bytes"].as_u64().unwrap() < limit, "round {round}: {added}");
+        let max = depths(&repo).into_iter().max().unwrap();
+        assert_eq!(max, round.min(8) as usize, "round {round}: the deepest chain");
+        if round % 4 == 0 || round == 9 {
+            let state = t.join(&format!("state{round}.img"));
+            std::fs::copy(&d.path, &state).unwrap();
+            states.push((state, snapshot_ids(&repo)[0].clone()));
+        }
+    }
+    for (state, id) in &states {
+        let out = t.join("out.img");
+        let spec = format!("{}:{}", s(&repo), &id[..8]);
+        ok(&klon(&["verify", "--quiet", &spec]));
+        ok(&klon(&["restore", "--yes", "--quiet", &spec, s(&out)]));
+        assert_restored(&t, state, &out, &d, &format!("chain-{}", &id[..8]));
+        std::fs::remove_file(&out).unwrap();
+    }
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    // Forget all but the newest: prune keeps its whole chain.
+    ok(&klon(&["forget", "--quiet", "--keep-last", "1", "--prune", s(&repo)]));
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "chain-pruned");
 }
 
 /// A delta left in a pack after its base was pruned (no snapshot used

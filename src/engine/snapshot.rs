@@ -23,7 +23,7 @@ use crate::image::{Manifest, StreamInfo};
 use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
 use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
-use crate::repo::{BlobIndex, Repository, delta, is_repository};
+use crate::repo::{BlobIndex, MAX_DELTA_DEPTH, Repository, delta, is_repository};
 use crate::table;
 use crate::ui::progress::Progress;
 
@@ -116,7 +116,7 @@ pub fn backup_to_repository(
     let window = u64::from(repo.config.window);
     let src_info = source_info(source_path, &source, &layout);
     let bases = if repo.config.format_version >= 2 {
-        parent_bases(&repo, &index, &src_info, window)
+        parent_bases(&repo, &index, &src_info, window, repo.config.format_version >= 3)
     } else {
         Default::default()
     };
@@ -302,17 +302,21 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     Ok(bytes)
 }
 
-/// The full chunk each window of the disk had in the newest snapshot of
-/// the same disk (same size, and the same serial number or, without one,
-/// the same path; else the newest of the same size): what a changed
-/// window's chunk is stored as changes to. Keyed by window number. Empty
-/// when there is no such snapshot or its table does not read (then every
-/// new chunk is stored whole; check names the damage).
+/// The chunk each window of the disk had in the newest snapshot of the
+/// same disk (same size, and the same serial number or, without one, the
+/// same path; else the newest of the same size): what a changed window's
+/// chunk is stored as changes to. That chunk itself, when it is whole or
+/// fewer than [`MAX_DELTA_DEPTH`] deltas lead to it and the repository
+/// (format 3 on) takes chains of deltas; else the whole chunk its chain
+/// ends in. Keyed by window number. Empty when there is no such snapshot
+/// or its table does not read (then every new chunk is stored whole;
+/// check names the damage).
 fn parent_bases(
     repo: &Repository,
     index: &BlobIndex,
     source: &crate::image::manifest::SourceInfo,
     window: u64,
+    chains: bool,
 ) -> HashMap<u64, ChunkId> {
     let Ok(all) = repo.snapshots() else { return HashMap::new() };
     let same_size: Vec<_> = all.iter().filter(|s| s.file.image.source.size == source.size).collect();
@@ -327,11 +331,12 @@ fn parent_bases(
     let Ok(table) = parent.file.load_table(repo) else { return HashMap::new() };
     let mut bases = HashMap::new();
     for e in table.iter().flatten() {
-        if let Some((_, b)) = index.blobs.get(&e.id)
-            && index.usable(&e.id)
-        {
-            bases.entry(e.extents[0].0 / window).or_insert(b.base.unwrap_or(e.id));
-        }
+        let base = match index.depth(&e.id) {
+            None => continue,
+            Some(d) if chains && d < MAX_DELTA_DEPTH => e.id,
+            Some(_) => *index.chain(&e.id).last().expect("never empty"),
+        };
+        bases.entry(e.extents[0].0 / window).or_insert(base);
     }
     bases
 }
@@ -346,7 +351,7 @@ fn delta_payload(
     content: &[u8],
     level: i32,
 ) -> Result<Option<(u32, IoBuf)>> {
-    let base_content = ContentReader::new(packs.to_path_buf(), index)?.full(base)?;
+    let base_content = ContentReader::new(packs.to_path_buf(), index)?.content(base)?;
     let Some(patch) = delta::encode(&base_content, content) else { return Ok(None) };
     let (flags, stored) = stored_payload(IoBuf::from(patch), level)?;
     let mut payload = Vec::with_capacity(32 + stored.len());

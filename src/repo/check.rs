@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pack::{self, ChunkId, PackIndex};
 use super::snapshot::short;
-use super::{Repository, read_dir_names};
+use super::{MAX_DELTA_DEPTH, Repository, read_dir_names};
 use crate::error::{Error, Result};
 
 /// File of a repository that records each snapshot's last verification.
@@ -174,14 +174,33 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         }
     }
 
-    // Each delta's base: there, and whole (not a delta itself); the
-    // snapshots a delta holds are held by its base too.
+    // The snapshots a delta holds are held by every chunk down its chain
+    // of bases too.
+    let mut inherited: Vec<(ChunkId, Vec<String>)> = Vec::new();
+    for (pi, idx) in indexes.iter().enumerate() {
+        for e in idx.entries.iter().filter(|e| e.base.is_some() && read_from(&all, pi, e)) {
+            if let Some(used_by) = users.get(&e.id) {
+                inherited.extend(all.chain(&e.id).into_iter().skip(1).map(|b| (b, used_by.clone())));
+            }
+        }
+    }
+    for (base, used_by) in inherited {
+        let u = users.entry(base).or_default();
+        for place in used_by {
+            if u.len() < 8 && !u.contains(&place) {
+                u.push(place);
+            }
+        }
+    }
+    // Each delta's base: there, and its chain of bases ending in a whole
+    // chunk within MAX_DELTA_DEPTH deltas.
     for (pi, idx) in indexes.iter().enumerate() {
         for e in idx.entries.iter().filter(|e| e.base.is_some()) {
             let base = e.base.expect("filtered");
             // A copy reads do not take (the chunk is in another pack too)
             // holds no snapshot.
             let used_by = if read_from(&all, pi, e) { users.get(&e.id).cloned().unwrap_or_default() } else { vec![] };
+            let holds = || if used_by.is_empty() { "no snapshot".to_string() } else { used_by.join("; ") };
             match all.blobs.get(&base) {
                 None if used_by.is_empty() => report.notes.push(format!(
                     "chunk {} is stored as changes to chunk {}, which a prune removed; no snapshot uses it, \
@@ -193,22 +212,21 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
                     "chunk {} is stored as changes to chunk {}, which is missing from every pack; it holds {}",
                     short(&e.id),
                     short(&base),
-                    if used_by.is_empty() { "no snapshot".to_string() } else { used_by.join("; ") }
+                    holds()
                 )),
-                Some((_, b)) if b.base.is_some() => report.problems.push(format!(
-                    "chunk {} is stored as changes to chunk {}, which is stored as changes too: the pack indexes \
-                     are damaged",
-                    short(&e.id),
-                    short(&base)
-                )),
-                Some(_) => {
-                    let u = users.entry(base).or_default();
-                    for place in used_by {
-                        if u.len() < 8 && !u.contains(&place) {
-                            u.push(place);
-                        }
-                    }
+                Some(_)
+                    if all.depth(&e.id).is_none()
+                        && all.chain(&e.id).last().is_some_and(|c| all.blobs.contains_key(c)) =>
+                {
+                    report.problems.push(format!(
+                        "chunk {} is stored as changes to chunk {}, whose chain of bases is longer than \
+                         {MAX_DELTA_DEPTH} deltas or loops: the pack indexes are damaged; it holds {}",
+                        short(&e.id),
+                        short(&base),
+                        holds()
+                    ))
                 }
+                Some(_) => {}
             }
         }
     }

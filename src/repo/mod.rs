@@ -28,10 +28,14 @@ use snapshot::SnapshotFile;
 pub const CONFIG_NAME: &str = "klon-repository.json";
 /// Value of the configuration's `format` field.
 pub const FORMAT_NAME: &str = "klon-repository";
-/// The repository format version klon writes: 2 may hold delta blobs.
-pub const FORMAT_VERSION: u32 = 2;
+/// The repository format version klon writes: 2 may hold delta blobs, 3
+/// deltas whose base is a delta (chains of at most [`MAX_DELTA_DEPTH`]).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version klon reads (and backs up into, without deltas).
 pub const FORMAT_VERSION_MIN: u32 = 1;
+/// The most deltas between a chunk and the whole chunk its chain of bases
+/// ends in: what one read of it costs at worst.
+pub const MAX_DELTA_DEPTH: usize = 8;
 /// File of a repository holding its retention policy, when one was saved
 /// (`klon forget --save`, the wizard's "Keep" setting): applied after
 /// each backup. Not covered by a checksum; a damaged one is refused.
@@ -154,26 +158,60 @@ impl BlobIndex {
             }
             index.packs.push((idx.name.clone(), idx.pack_size));
         }
-        // Whole copies first (they make bases usable), then deltas.
+        // Whole copies first (they make bases usable), then deltas, as
+        // long as one more becomes readable.
         others.sort_by_key(|(_, e)| e.base.is_some());
-        for (n, e) in others {
-            let whole_base = |b: &ChunkId| index.blobs.get(b).is_some_and(|(_, be)| be.base.is_none());
-            if !index.usable(&e.id) && e.base.as_ref().is_none_or(whole_base) {
-                index.blobs.insert(e.id, (n, e));
+        loop {
+            let before = others.len();
+            others.retain(|(n, e)| {
+                let readable = e.base.as_ref().is_none_or(|b| index.depth(b).is_some_and(|d| d < MAX_DELTA_DEPTH));
+                if !index.usable(&e.id) && readable {
+                    index.blobs.insert(e.id, (*n, *e));
+                    return false;
+                }
+                true
+            });
+            if others.len() == before {
+                break;
             }
         }
         index
     }
 
     /// Whether chunk `id` can be read: it is in a pack, and when it is a
-    /// delta its base is too, whole. A prune removes a base no snapshot
+    /// delta its chain of bases is there, ending in a whole chunk within
+    /// [`MAX_DELTA_DEPTH`] deltas. A prune removes a base no snapshot
     /// needs while an unused delta of it may stay in a pack it keeps: a
     /// backup must not reuse that delta.
     pub fn usable(&self, id: &ChunkId) -> bool {
-        match self.blobs.get(id) {
-            None => false,
-            Some((_, e)) => e.base.is_none_or(|b| self.blobs.get(&b).is_some_and(|(_, be)| be.base.is_none())),
+        self.depth(id).is_some()
+    }
+
+    /// How many deltas lead from chunk `id` to the whole chunk its chain of
+    /// bases ends in (0 for a whole chunk); None when a link is missing or
+    /// the chain is longer than [`MAX_DELTA_DEPTH`] (a loop included).
+    pub fn depth(&self, id: &ChunkId) -> Option<usize> {
+        let mut at = id;
+        for depth in 0..=MAX_DELTA_DEPTH {
+            match &self.blobs.get(at)?.1.base {
+                None => return Some(depth),
+                Some(b) => at = b,
+            }
         }
+        None
+    }
+
+    /// Chunk `id`, then its base, its base's base…: the chain reads follow
+    /// (at most [`MAX_DELTA_DEPTH`] + 1 chunks; it stops at a missing one).
+    pub fn chain(&self, id: &ChunkId) -> Vec<ChunkId> {
+        let mut chain = vec![*id];
+        while chain.len() <= MAX_DELTA_DEPTH {
+            match self.blobs.get(chain.last().expect("not empty")).and_then(|(_, e)| e.base) {
+                Some(b) => chain.push(b),
+                None => break,
+            }
+        }
+        chain
     }
 
     /// Where chunk `id` is.
@@ -437,4 +475,64 @@ pub fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
         names.push(entry.file_name().to_string_lossy().to_string());
     }
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(id: u8, base: Option<u8>) -> BlobEntry {
+        BlobEntry {
+            id: [id; 32],
+            offset: 0,
+            stored_len: 40,
+            raw_len: 4096,
+            payload_crc: 0,
+            flags: if base.is_some() { pack::FLAG_DELTA } else { 0 },
+            base: base.map(|b| [b; 32]),
+        }
+    }
+
+    fn index(packs: &[&[BlobEntry]]) -> BlobIndex {
+        let indexes: Vec<PackIndex> = packs
+            .iter()
+            .enumerate()
+            .map(|(n, e)| PackIndex { name: format!("{n:064}"), pack_size: 0, entries: e.to_vec() })
+            .collect();
+        BlobIndex::of(&indexes)
+    }
+
+    #[test]
+    fn a_chain_is_readable_up_to_the_deepest_allowed_and_no_further() {
+        // 1 is whole; 2 is a delta of 1, 3 of 2, … 12 of 11.
+        let chain: Vec<BlobEntry> =
+            std::iter::once(blob(1, None)).chain((2..=12).map(|i| blob(i, Some(i - 1)))).collect();
+        let idx = index(&[&chain]);
+        assert_eq!(idx.depth(&[1; 32]), Some(0));
+        assert_eq!(idx.depth(&[9; 32]), Some(MAX_DELTA_DEPTH));
+        assert_eq!(idx.depth(&[10; 32]), None, "9 deltas deep");
+        assert!(idx.usable(&[9; 32]) && !idx.usable(&[10; 32]));
+        assert_eq!(idx.chain(&[3; 32]), vec![[3; 32], [2; 32], [1; 32]]);
+        assert_eq!(idx.chain(&[12; 32]).len(), MAX_DELTA_DEPTH + 1, "a chain read stops");
+    }
+
+    #[test]
+    fn bases_that_loop_or_are_missing_make_no_chunk_readable() {
+        let idx = index(&[&[blob(1, Some(2)), blob(2, Some(1)), blob(3, Some(3)), blob(4, Some(5)), blob(6, Some(4))]]);
+        for id in [1, 2, 3, 4, 6] {
+            assert_eq!(idx.depth(&[id; 32]), None, "chunk {id}");
+        }
+        assert_eq!(idx.chain(&[6; 32]), vec![[6; 32], [4; 32], [5; 32]], "up to the missing one");
+        assert_eq!(idx.chain(&[1; 32]).len(), MAX_DELTA_DEPTH + 1);
+    }
+
+    #[test]
+    fn a_chunk_in_two_packs_is_read_from_the_copy_whose_chain_is_whole() {
+        // Pack 0: 3 as a delta of 2, whose base 1 is gone; 4 a delta of 3.
+        // Pack 1: 3 again, whole. Pack 2: 2 whole (after 3's copy is seen).
+        let idx = index(&[&[blob(3, Some(2)), blob(4, Some(3))], &[blob(3, None)], &[blob(2, Some(1))]]);
+        assert_eq!(idx.blobs[&[3; 32]].0, 1, "the whole copy");
+        assert_eq!(idx.depth(&[4; 32]), Some(1));
+        assert!(!idx.usable(&[2; 32]));
+    }
 }

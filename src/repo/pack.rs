@@ -50,7 +50,8 @@ pub struct BlobEntry {
     pub payload_crc: u32,
     /// FLAG_* bits (bit 0: the payload is a zstd frame; bit 1: a delta).
     pub flags: u32,
-    /// A delta blob's base: the full chunk its patch applies to.
+    /// A delta blob's base: the chunk its patch applies to (whole, or a
+    /// delta itself from format 3 on).
     pub base: Option<ChunkId>,
 }
 

@@ -97,9 +97,13 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
         indexes.push(PackIndex::load(&pack::index_path(&packs_dir, &name), &name).map_err(refuse)?);
     }
     let all = super::BlobIndex::of(&indexes);
-    // A delta needs its base: a base is referenced as long as one of its
-    // deltas is.
-    let bases: Vec<ChunkId> = referenced.iter().filter_map(|id| all.blobs.get(id).and_then(|(_, e)| e.base)).collect();
+    // A delta needs its chain of bases: a base is referenced as long as
+    // one of its deltas is.
+    let bases: Vec<ChunkId> = referenced
+        .iter()
+        .filter(|id| all.blobs.get(*id).is_some_and(|(_, e)| e.base.is_some()))
+        .flat_map(|id| all.chain(id).into_iter().skip(1))
+        .collect();
     referenced.extend(bases);
 
     // Which pack keeps each referenced chunk: the one reads take it from.

@@ -1,14 +1,15 @@
 //! Reading chunks' contents by id from a repository's packs: a full
-//! chunk's stored payload, or a delta's base and patch, checked against
-//! the chunk's blake3 either way.
+//! chunk's stored payload, or a delta's base (made the same way, down its
+//! chain of bases) and patch, checked against the chunk's blake3 either
+//! way.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use super::BlobIndex;
 use super::pack::{self, ChunkId};
 use super::snapshot::short;
+use super::{BlobIndex, MAX_DELTA_DEPTH};
 use crate::error::{Error, Result};
 
 /// Bases kept in memory, read last: deltas of one window in many
@@ -35,11 +36,27 @@ impl<'a> ContentReader<'a> {
 
     /// The content of chunk `id`, checked (a delta made from its base).
     pub fn content(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.made(id, 0)
+    }
+
+    /// Base `id`'s content, checked: from memory when read lately.
+    pub fn base(&mut self, id: &ChunkId) -> Result<std::rc::Rc<Vec<u8>>> {
+        self.base_at(id, 1)
+    }
+
+    /// Chunk `id`'s content, `depth` deltas down a chain of bases.
+    fn made(&mut self, id: &ChunkId, depth: usize) -> Result<Vec<u8>> {
         let (stored, base, raw_len, where_) = self.stored(id)?;
         let content = match base {
             None => stored,
+            Some(_) if depth >= MAX_DELTA_DEPTH => {
+                return Err(Error::Corrupt(format!(
+                    "{where_}: more than {MAX_DELTA_DEPTH} deltas lead to this chunk (or its bases loop): the \
+                     repository's indexes are damaged"
+                )));
+            }
             Some(b) => {
-                let base = self.base(&b).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
+                let base = self.base_at(&b, depth + 1).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
                 super::delta::apply(&base, &stored, raw_len)
                     .map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?
             }
@@ -48,24 +65,11 @@ impl<'a> ContentReader<'a> {
         Ok(content)
     }
 
-    /// The content of full (not delta) chunk `id`, checked: a delta's base.
-    pub fn full(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
-        let (stored, base, raw_len, where_) = self.stored(id)?;
-        if base.is_some() {
-            return Err(Error::Corrupt(format!(
-                "{where_}: a delta's base is itself a delta: the repository's indexes are damaged"
-            )));
-        }
-        check_content(&stored, id, raw_len, &where_)?;
-        Ok(stored)
-    }
-
-    /// Base `id`'s content, checked: from memory when read lately.
-    pub fn base(&mut self, id: &ChunkId) -> Result<std::rc::Rc<Vec<u8>>> {
+    fn base_at(&mut self, id: &ChunkId, depth: usize) -> Result<std::rc::Rc<Vec<u8>>> {
         if let Some((_, c)) = self.bases.iter().find(|(b, _)| b == id) {
             return Ok(c.clone());
         }
-        let c = std::rc::Rc::new(self.full(id)?);
+        let c = std::rc::Rc::new(self.made(id, depth)?);
         if self.bases.len() == BASES_KEPT {
             self.bases.pop_front();
         }

@@ -52,25 +52,37 @@ impl SnapshotImage {
                 match index.blobs.get(&e.id) {
                     Some((p, b)) if b.raw_len == e.raw_len => {
                         packs_used.insert(*p);
-                        if let Some(base) = &b.base {
-                            match index.blobs.get(base) {
-                                Some((bp, bb)) if bb.base.is_none() => {
-                                    packs_used.insert(*bp);
-                                }
-                                found => {
-                                    return Err(Error::Corrupt(format!(
-                                        "{}: chunk {} ({}, disk offset {}) is stored as changes to chunk {}, which \
-                                         the repository {} (run klon check {})",
-                                        location.display(),
-                                        short(&e.id),
-                                        crate::image::reader::describe_stream(&m.streams[si]),
-                                        e.extents[0].0,
-                                        short(base),
-                                        if found.is_none() { "does not hold" } else { "holds as changes too" },
-                                        dir.display()
-                                    )));
-                                }
+                        if b.base.is_some() {
+                            let chain = index.chain(&e.id);
+                            if index.depth(&e.id).is_none() {
+                                let last = chain.last().expect("never empty");
+                                return Err(Error::Corrupt(format!(
+                                    "{}: chunk {} ({}, disk offset {}) is stored as changes to chunk {}, {} (run \
+                                     klon check {})",
+                                    location.display(),
+                                    short(&e.id),
+                                    crate::image::reader::describe_stream(&m.streams[si]),
+                                    e.extents[0].0,
+                                    short(&chain[1]),
+                                    if index.blobs.contains_key(last) {
+                                        format!(
+                                            "whose chain of bases is longer than {} deltas or loops: the pack indexes are damaged",
+                                            crate::repo::MAX_DELTA_DEPTH
+                                        )
+                                    } else if chain.len() == 2 {
+                                        format!("which the repository {} does not hold", dir.display())
+                                    } else {
+                                        format!(
+                                            "whose chain of bases needs chunk {}, which the repository {} does not \
+                                             hold",
+                                            short(last),
+                                            dir.display()
+                                        )
+                                    },
+                                    dir.display()
+                                )));
                             }
+                            packs_used.extend(chain.iter().skip(1).map(|c| index.blobs[c].0));
                         }
                     }
                     Some(_) => {
