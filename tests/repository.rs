@@ -550,6 +550,45 @@ fn forget_and_prune_free_room_and_keep_every_kept_snapshot_whole() {
     fails_with(&o, 4, &["keep.json", "--save"]);
 }
 
+/// Prune copies the chunks it keeps out of a pack it rewrites: a damaged
+/// one stops it, named, with every pack and snapshot left in place.
+#[test]
+fn a_damaged_chunk_that_prune_would_copy_stops_it_and_nothing_is_deleted() {
+    let t = TempDir::new("repo-prune-damaged");
+    let d = make_disk(&t, "a.img", 4);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let first_pack = files_ending(&repo, ".pack");
+    assert_eq!(first_pack.len(), 1);
+    // Most of the disk new: the first backup's pack is mostly unneeded.
+    write_at(&d.path, d.p2.0, &random_bytes(800, (8 * MIB) as usize));
+    for i in 0..40 {
+        put_file(&d, &t, &format!("r{i}"), &random_bytes(900 + i, 700_000));
+    }
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo)]));
+    let o = klon(&["--json", "forget", "--keep-last", "1", "--prune", "--dry-run", s(&repo)]);
+    ok(&o);
+    assert_eq!(json(&o)["prune"]["packs_rewritten"], 1, "{}", stdout(&o));
+    // The pack's first record (the partition table: kept) damaged in its
+    // stored bytes.
+    flip(&first_pack[0], 64 + 2);
+    let listing = |dir: &Path| {
+        let mut v: Vec<(PathBuf, u64)> = files_ending(dir, "")
+            .into_iter()
+            .filter(|f| !f.starts_with(dir.join("locks")))
+            .map(|f| (f.clone(), std::fs::metadata(&f).unwrap().len()))
+            .collect();
+        v.sort();
+        v
+    };
+    ok(&klon(&["forget", "--quiet", "--keep-last", "1", s(&repo)]));
+    let before = listing(&repo);
+    let o = klon(&["prune", s(&repo)]);
+    fails_with(&o, 4, &["crc32", s(&first_pack[0]), "nothing was deleted", "klon check --read-data"]);
+    assert_eq!(listing(&repo), before, "prune changed the repository's files");
+    assert!(files_ending(&repo.join("tmp"), "").is_empty(), "prune left unfinished files");
+}
+
 fn dir_size(dir: &Path) -> u64 {
     let mut sum = 0;
     for e in std::fs::read_dir(dir).unwrap() {

@@ -423,17 +423,12 @@ fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path) -> Result<(PackIndex, Path
 }
 
 /// Checks a blob record's header and payload crc32 against its index
-/// entry `e` (and that a delta's payload names the base the index does),
-/// and returns what its payload stores: the content, or a delta's patch,
-/// decompressed.
-pub fn unpack_record(
-    e: &BlobEntry,
-    record: &[u8],
-    decomp: &mut zstd::bulk::Decompressor,
-    where_: &str,
-) -> Result<Vec<u8>> {
+/// entry `e`, and that a delta's payload names the base the index does:
+/// the record is the one its writer wrote, byte for byte. Returns what
+/// follows a delta's base id (the payload otherwise).
+pub fn check_stored<'r>(e: &BlobEntry, record: &'r [u8], where_: &str) -> Result<&'r [u8]> {
     e.check_header(&record[..BLOB_HEADER_LEN.min(record.len())], where_)?;
-    let mut payload = &record[BLOB_HEADER_LEN..];
+    let payload = &record[BLOB_HEADER_LEN..];
     if crc32fast::hash(payload) != e.payload_crc {
         return Err(Error::Corrupt(format!("{where_}: stored data checksum (crc32) does not match")));
     }
@@ -441,8 +436,20 @@ pub fn unpack_record(
         if payload.get(..32) != Some(&base[..]) {
             return Err(Error::Corrupt(format!("{where_}: the delta's base is not the one its pack's index names")));
         }
-        payload = &payload[32..];
+        return Ok(&payload[32..]);
     }
+    Ok(payload)
+}
+
+/// Checks a blob record as [`check_stored`] does, and returns what its
+/// payload stores: the content, or a delta's patch, decompressed.
+pub fn unpack_record(
+    e: &BlobEntry,
+    record: &[u8],
+    decomp: &mut zstd::bulk::Decompressor,
+    where_: &str,
+) -> Result<Vec<u8>> {
+    let payload = check_stored(e, record, where_)?;
     // A patch is a little longer than the content at most (its block list).
     let max = e.raw_len as usize
         + if e.base.is_some() { 8 + 4 * crate::image::format::CHUNK_SIZE as usize / 4096 } else { 0 };

@@ -6,7 +6,8 @@
 //! chunks that would look unreferenced). Then: packs none of whose chunks
 //! are referenced are deleted (index first, then pack); packs with more
 //! than a fifth of their bytes unreferenced are rewritten with only the
-//! referenced chunks (each checked on the way), the new packs synced
+//! referenced chunks (each record checked on the way: its header and the
+//! crc32 of its stored bytes, which are copied as they are), the new packs synced
 //! before the old ones are deleted; files a cut-short job left (a pack
 //! without an index, unfinished files in `tmp/`, a table no snapshot names)
 //! are deleted. Killed at any point, no chunk a snapshot references is
@@ -118,8 +119,6 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
 
     let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir());
     let mut old_to_delete = Vec::new();
-    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
-    let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all)?;
     for (pi, idx) in indexes.iter().enumerate() {
         let used: Vec<&pack::BlobEntry> = idx.entries.iter().filter(|e| keeper.get(&e.id) == Some(&pi)).collect();
         let used_bytes: u64 = used.iter().map(|e| e.record_len()).sum();
@@ -134,27 +133,12 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
             report.packs_rewritten += 1;
             report.bytes_freed += unused;
             report.bytes_after += used_bytes;
-            if !dry_run {
-                let path = pack::pack_path(&packs_dir, &idx.name);
-                let f = std::fs::File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
-                let mut buf = Vec::new();
-                for e in used {
-                    crate::engine::cancel::check("prune")?;
-                    buf.resize(e.record_len() as usize, 0);
-                    f.read_exact_at(&mut buf, e.offset)
-                        .map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
-                    let where_ =
-                        format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
-                    pack::check_record(e, &buf, &mut decomp, &mut |b| bases.base(b), &where_)?;
-                    writer.add(&NewBlob {
-                        id: e.id,
-                        raw_len: e.raw_len,
-                        flags: e.flags,
-                        payload_crc: e.payload_crc,
-                        payload: &buf[BLOB_HEADER_LEN..],
-                        base: e.base,
-                    })?;
-                }
+            if !dry_run && let Err(e) = copy_blobs(&packs_dir, &idx.name, &used, &mut writer) {
+                writer.abandon();
+                return Err(e.with_note(
+                    "nothing was deleted (the chunks copied so far are in new packs too: the next prune removes \
+                     the spare copies)",
+                ));
             }
             old_to_delete.push(idx.name.clone());
         } else {
@@ -205,6 +189,38 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
         let _ = pack::sync_dir(&repo.snapshots_dir());
     }
     Ok(report)
+}
+
+/// Copies the records `used` of pack `name` into `writer`, each checked on
+/// the way: a copy, so the record must be the one its backup wrote (and
+/// read back), byte for byte — its header and the crc32 of its stored
+/// bytes.
+fn copy_blobs(
+    packs_dir: &std::path::Path,
+    name: &str,
+    used: &[&pack::BlobEntry],
+    writer: &mut PackWriter,
+) -> Result<()> {
+    let path = pack::pack_path(packs_dir, name);
+    let f = std::fs::File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
+    let mut buf = Vec::new();
+    for e in used {
+        crate::engine::cancel::check("prune")?;
+        buf.resize(e.record_len() as usize, 0);
+        f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
+        let where_ = format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
+        pack::check_stored(e, &buf, &where_)
+            .map_err(|err| err.with_note("run klon check --read-data to see which snapshots need it"))?;
+        writer.add(&NewBlob {
+            id: e.id,
+            raw_len: e.raw_len,
+            flags: e.flags,
+            payload_crc: e.payload_crc,
+            payload: &buf[BLOB_HEADER_LEN..],
+            base: e.base,
+        })?;
+    }
+    Ok(())
 }
 
 fn remove(path: &std::path::Path) -> Result<()> {
