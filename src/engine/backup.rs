@@ -8,17 +8,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::pipeline;
+use super::sink::{ChunkEncoder, Finished, ImageSink};
 use super::{cancel, streams};
 use crate::device::Disk;
 use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{FileInfo, Manifest, SourceInfo};
-use crate::image::writer::StreamFiles;
+use crate::image::writer::{StreamFiles, StreamWriter};
 use crate::image::{EncodedChunk, ImageWriter, Lane, StreamInfo};
 use crate::table;
-use crate::ui::progress::Progress;
 
 /// Options of a backup.
 #[derive(Debug, Clone)]
@@ -142,6 +141,39 @@ pub(crate) struct Encoded {
     pub chunk: Option<EncodedChunk>,
 }
 
+/// A source disk opened for a backup: checked, its table read, and what to
+/// read of it planned.
+pub(crate) struct SourceDisk {
+    /// The disk, read-only.
+    pub disk: Disk,
+    /// Its partition table.
+    pub layout: table::DiskLayout,
+    /// What is read of each stream; warnings (printed when opened).
+    pub plan: streams::Plan,
+}
+
+impl SourceDisk {
+    /// Opens `path` for a backup into `dest`, refusing a source partition
+    /// mounted read-write (unless `allow_mounted`) and a destination on the
+    /// source itself; prints the plan's warnings.
+    pub fn open(path: &Path, dest: &Path, allow_mounted: bool, plan: streams::PlanOptions) -> Result<SourceDisk> {
+        let disk = Disk::open_source(path)?;
+        crate::device::safety::check_source(&disk, allow_mounted)?;
+        crate::device::safety::check_image_dir_not_on(&disk, dest)?;
+        let layout = table::read_layout(&disk)?;
+        let plan = streams::plan(&disk, &layout, plan)?;
+        for w in &plan.warnings {
+            eprintln!("klon: warning: {w}");
+        }
+        Ok(SourceDisk { disk, layout, plan })
+    }
+
+    /// Each stream's name and the bytes read of it, for progress.
+    pub fn parts(&self) -> Vec<(String, u64)> {
+        self.plan.streams.iter().map(|p| (streams::describe(&p.info), p.reads.iter().map(|r| r.1).sum())).collect()
+    }
+}
+
 /// Backs up `source_path` into a new image directory `image_dir`.
 pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Result<BackupReport> {
     let started = Instant::now();
@@ -151,48 +183,37 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     if opts.split_size < MIN_SPLIT {
         return Err(Error::Usage(format!("--split must be at least {} MiB", MIN_SPLIT >> 20)));
     }
-    let source = Disk::open_source(source_path)?;
-    crate::device::safety::check_source(&source, opts.allow_mounted)?;
-    crate::device::safety::check_image_dir_not_on(&source, image_dir)?;
-    let layout = table::read_layout(&source)?;
-    let plan = streams::plan(&source, &layout, opts.plan)?;
-    for w in &plan.warnings {
-        eprintln!("klon: warning: {w}");
+    let src = SourceDisk::open(source_path, image_dir, opts.allow_mounted, opts.plan)?;
+    let source = &src.disk;
+    let plans = &src.plan.streams;
+    let mut infos: Vec<StreamInfo> = plans.iter().map(|p| p.info.clone()).collect();
+    let mut parts = src.parts();
+    let read_bytes = parts.iter().map(|p| p.1).sum();
+    // A rescue's second pass: one more stream, the sectors it read.
+    let rescue = opts.rescue.then(|| Rescue::new(source));
+    if rescue.is_some() {
+        infos.push(rescued_stream(source.size));
+        parts.push((streams::describe(infos.last().expect("pushed")), 0));
     }
-    let plans = plan.streams;
-
-    let writer = ImageWriter::create(image_dir, opts.split_size)?;
-    let rescue = opts.rescue.then(|| Rescue::new(&source));
-    let (mut files, read_bytes) = match write_streams(&source, &plans, &writer, opts, rescue.as_ref()) {
-        Ok(v) => v,
-        Err(e) => return Err(abandon(writer, e)),
-    };
-    // The rescued stream, kept only when its second pass read something.
-    let rescued = (files.len() > plans.len()).then(|| files.pop()).flatten();
-    let rescued = match rescued {
-        Some(f) if f.chunks > 0 => Some(with_files(&rescued_stream(source.size), f)),
-        Some(f) => {
-            let _ = std::fs::remove_file(writer.partial_dir().join(&f.index.name));
-            None
+    let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
+    let order: Vec<usize> = (0..plans.len()).collect();
+    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, opts.quiet, |send| {
+        read_jobs(source, plans, &order, lanes_suit(source), None, rescue.as_ref(), send)?;
+        match &rescue {
+            Some(r) => r.scrape(source, plans.len(), send),
+            None => Ok(()),
         }
-        None => None,
-    };
+    });
+    if let Err(e) = filled {
+        return Err(sink.abandon(e));
+    }
 
     let mut unreadable = rescue.map(Rescue::into_ranges).unwrap_or_default();
-    let stream_infos: Vec<StreamInfo> = plans
-        .iter()
-        .zip(files)
-        .enumerate()
-        .map(|(si, (plan, f))| {
-            let mut info = with_files(&plan.info, f);
-            info.unreadable = unreadable.get_mut(si).map(std::mem::take).unwrap_or_default();
-            info
-        })
-        .collect();
-    let mut stream_infos = stream_infos;
-    stream_infos.extend(rescued);
-    let mut warnings = plan.warnings;
-    let lost: Vec<&StreamInfo> = stream_infos.iter().filter(|s| !s.unreadable.is_empty()).collect();
+    for (si, info) in infos.iter_mut().enumerate().take(plans.len()) {
+        info.unreadable = unreadable.get_mut(si).map(std::mem::take).unwrap_or_default();
+    }
+    let mut warnings = src.plan.warnings.clone();
+    let lost: Vec<&StreamInfo> = infos.iter().filter(|s| !s.unreadable.is_empty()).collect();
     if !lost.is_empty() {
         let bytes: u64 = lost.iter().map(|s| s.unreadable_bytes()).sum();
         let ranges: usize = lost.iter().map(|s| s.unreadable.len()).sum();
@@ -204,11 +225,96 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
         eprintln!("klon: warning: {w}");
         warnings.push(w);
     }
-    let source_info = source_info(source_path, &source, &layout);
-    let manifest = Manifest::new(source_info, layout, opts.level, stream_infos);
+    let source_info = source_info(source_path, source, &src.layout);
+    let done = Finished { source: source_info, layout: src.layout.clone(), streams: infos, level: opts.level };
+    let (image, manifest) = sink.commit(done)?;
     let image_bytes = image_size(&manifest);
-    let image = writer.commit(&manifest)?;
     Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings })
+}
+
+/// A new image directory (docs/FORMAT.md): each chunk compressed on the
+/// workers and appended to its stream's files; final when committed.
+pub(crate) struct ImageDirSink {
+    writer: ImageWriter,
+    streams: Vec<StreamWriter>,
+    /// The stream chunks last went to: its data file ends when another's
+    /// chunks come.
+    current: Option<usize>,
+    level: i32,
+}
+
+impl ImageDirSink {
+    /// Starts the image at `dir` (under a partial name) with the streams
+    /// `infos`.
+    pub fn create(dir: &Path, split_size: u64, infos: &[StreamInfo], level: i32) -> Result<ImageDirSink> {
+        let writer = ImageWriter::create(dir, split_size)?;
+        let streams = match infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect() {
+            Ok(s) => s,
+            Err(e) => return Err(abandon(writer, e)),
+        };
+        Ok(ImageDirSink { writer, streams, current: None, level })
+    }
+}
+
+/// An image's chunks: compressed at a level.
+pub(crate) struct Compress(i32);
+
+impl ChunkEncoder for Compress {
+    type Chunk = Encoded;
+    fn encode(&self, job: ReadJob) -> Result<Encoded> {
+        encode(job, self.0)
+    }
+}
+
+impl ImageSink for ImageDirSink {
+    type Encoder = Compress;
+    /// The image's directory and manifest.
+    type Report = (PathBuf, Manifest);
+
+    fn window(&self) -> Option<u64> {
+        None
+    }
+
+    fn encoder(&self) -> Compress {
+        Compress(self.level)
+    }
+
+    fn store(&mut self, out: Encoded) -> Result<(usize, u64)> {
+        if let Some(chunk) = &out.chunk {
+            if let Some(prev) = self.current.replace(out.stream)
+                && prev != out.stream
+            {
+                self.streams[prev].end_file()?;
+            }
+            self.streams[out.stream].write_chunk_in(out.lane, chunk)?;
+        }
+        Ok((out.stream, out.read_len))
+    }
+
+    fn commit(self, done: Finished) -> Result<(PathBuf, Manifest)> {
+        let files: Result<Vec<StreamFiles>> = self.streams.into_iter().map(|w| w.finish()).collect();
+        let files = match files {
+            Ok(f) => f,
+            Err(e) => return Err(abandon(self.writer, e)),
+        };
+        let mut streams = Vec::new();
+        for (info, f) in done.streams.iter().zip(files) {
+            // A rescue's stream is kept only when its second pass read
+            // something.
+            if info.kind == crate::image::StreamKind::Rescued && f.chunks == 0 {
+                let _ = std::fs::remove_file(self.writer.partial_dir().join(&f.index.name));
+                continue;
+            }
+            streams.push(with_files(info, f));
+        }
+        let manifest = Manifest::new(done.source, done.layout, done.level, streams);
+        let image = self.writer.commit(&manifest)?;
+        Ok((image, manifest))
+    }
+
+    fn abandon(self, e: Error) -> Error {
+        abandon(self.writer, e)
+    }
 }
 
 /// What a manifest records of the source disk.
@@ -235,83 +341,12 @@ pub fn image_size(m: &Manifest) -> u64 {
         .fold(0u64, |sum, f: &FileInfo| sum.saturating_add(f.size))
 }
 
-/// Writes every stream of `plans`; with `rescue`, one more stream after
-/// them: the sectors its second pass read (see [`Rescue`]), whose files
-/// come last in the returned list.
-fn write_streams(
-    source: &Disk,
-    plans: &[streams::StreamPlan],
-    writer: &ImageWriter,
-    opts: &BackupOptions,
-    rescue: Option<&Rescue>,
-) -> Result<(Vec<StreamFiles>, u64)> {
-    let rescued = rescued_stream(source.size);
-    let mut infos: Vec<&StreamInfo> = plans.iter().map(|p| &p.info).collect();
-    let mut sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
-    let read: u64 = sizes.iter().sum();
-    if rescue.is_some() {
-        infos.push(&rescued);
-        sizes.push(0);
-    }
-    let order: Vec<usize> = (0..plans.len()).collect();
-    let files = encode_streams(writer, &infos, &sizes, "backup", opts.level, opts.workers, opts.quiet, |send| {
-        read_jobs(source, plans, &order, lanes_suit(source), None, rescue, send)?;
-        match rescue {
-            Some(r) => r.scrape(source, plans.len(), send),
-            None => Ok(()),
-        }
-    })?;
-    Ok((files, read))
-}
-
 /// The stream of sectors a rescue read in its second pass.
 fn rescued_stream(disk_size: u64) -> StreamInfo {
     let mut info = streams::stream_info("rescued".into(), crate::image::StreamKind::Rescued, None, 0, disk_size, None);
     info.fill = crate::image::Fill::Free;
     info.method_reason = "sectors read one by one after read errors, written over the zeros stored for them".into();
     info
-}
-
-/// Encodes the jobs `produce` reads into the streams `infos` of `writer`
-/// on the pipeline, with a progress bar per stream (`sizes`: the bytes each
-/// stream's jobs hold). Returns the files of every stream.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn encode_streams(
-    writer: &ImageWriter,
-    infos: &[&StreamInfo],
-    sizes: &[u64],
-    label: &str,
-    level: i32,
-    workers: usize,
-    quiet: bool,
-    produce: impl FnOnce(&mut dyn FnMut(ReadJob) -> bool) -> Result<()> + Send,
-) -> Result<Vec<StreamFiles>> {
-    let mut writers =
-        infos.iter().enumerate().map(|(i, s)| writer.stream(i as u32, &s.name)).collect::<Result<Vec<_>>>()?;
-    let parts = infos.iter().zip(sizes).map(|(s, &n)| (streams::describe(s), n)).collect();
-    let mut progress = Progress::with_parts(label, sizes.iter().sum(), parts, quiet);
-    let mut current = None;
-    pipeline::run(
-        workers,
-        pipeline::depth(workers),
-        produce,
-        |job| encode(job, level),
-        |out: Encoded| {
-            if let Some(chunk) = &out.chunk {
-                // A stream's data file is done when the next stream starts.
-                if let Some(prev) = current.replace(out.stream)
-                    && prev != out.stream
-                {
-                    writers[prev].end_file()?;
-                }
-                writers[out.stream].write_chunk_in(out.lane, chunk)?;
-            }
-            progress.add_part(out.stream, out.read_len);
-            Ok(())
-        },
-    )?;
-    progress.finish();
-    writers.into_iter().map(|w| w.finish()).collect()
 }
 
 /// Removes the unfinished image of a failed job and says so in `e`.

@@ -13,10 +13,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::backup::{JobFiller, ReadJob, abandon, encode_streams, with_files};
+use super::backup::{ImageDirSink, JobFiller, ReadJob};
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
+use super::sink::{Finished, ImageSink};
 use super::streams::describe;
 use super::target::{Shift, TargetWriter, WriteArea, intersects, minus, write_disk, write_order, write_part};
 use super::verify::VerifyReport;
@@ -24,7 +25,6 @@ use crate::clonezilla::{BlockSource, CzImage, CzPartition, ImageKind, open_strea
 use crate::device::Disk;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
-use crate::image::ImageWriter;
 use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::table::TableKind;
@@ -539,17 +539,14 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
         crate::clonezilla::checksums::check_file(cz_dir, f)?;
     }
     let infos = src.stream_infos();
-    let writer = ImageWriter::create(image_dir, opts.split_size)?;
-    let sizes: Vec<u64> = infos.iter().map(|s| s.stored_bytes).collect();
-    let refs: Vec<&StreamInfo> = infos.iter().collect();
+    let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
+    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let order: Vec<usize> = (0..infos.len()).collect();
-    let files = match encode_streams(&writer, &refs, &sizes, "convert", opts.level, opts.workers, opts.quiet, |send| {
-        src.read_jobs(&order, send)
-    }) {
-        Ok(f) => f,
-        Err(e) => return Err(abandon(writer, e)),
-    };
-    let streams = infos.iter().zip(files).map(|(info, f)| with_files(info, f)).collect();
+    let filled =
+        super::sink::fill(&mut sink, "convert", parts, opts.workers, opts.quiet, |send| src.read_jobs(&order, send));
+    if let Err(e) = filled {
+        return Err(sink.abandon(e));
+    }
     let layout = src.image.layout.clone();
     let source_info = SourceInfo {
         path: format!("{} (Clonezilla image of {})", cz_dir.display(), src.image.disk),
@@ -560,10 +557,9 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
         serial: None,
         transport: Some("clonezilla".into()),
     };
-    let manifest = Manifest::new(source_info, layout, opts.level, streams);
+    let (image, manifest) = sink.commit(Finished { source: source_info, layout, streams: infos, level: opts.level })?;
     let image_bytes = super::backup::image_size(&manifest);
     let bytes = src.stored_bytes();
-    let image = writer.commit(&manifest)?;
     Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
 }
 

@@ -8,6 +8,7 @@ pub mod czimage;
 pub mod pipeline;
 pub mod read_back;
 pub mod restore;
+pub mod sink;
 pub mod snapshot;
 pub mod source;
 pub mod streams;

@@ -10,21 +10,22 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::backup::{BackupOptions, kept_content, lanes_suit, read_jobs, source_info, stored_payload};
-use super::{pipeline, streams};
-use crate::device::Disk;
+use super::backup::{
+    BackupOptions, ReadJob, SourceDisk, kept_content, lanes_suit, read_jobs, source_info, stored_payload,
+};
+use super::sink::{ChunkEncoder, Finished, ImageSink};
 use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
 use crate::image::format::Extent;
-use crate::image::manifest::FileInfo;
+use crate::image::manifest::{FileInfo, SourceInfo};
 use crate::image::{Manifest, StreamInfo};
 use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
 use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
 use crate::repo::{BlobIndex, MAX_DELTA_DEPTH, Repository, delta, is_repository};
-use crate::table;
 use crate::ui::progress::Progress;
 
 /// What a snapshot records besides the disk.
@@ -63,7 +64,7 @@ pub struct SnapshotReport {
 
 /// A chunk after a worker: where it goes, its id, and its stored payload
 /// (flags and bytes) when the repository did not have it.
-struct Hashed {
+pub(crate) struct Hashed {
     stream: usize,
     read_len: u64,
     chunk: Option<HashedChunk>,
@@ -89,7 +90,6 @@ pub fn backup_to_repository(
     sopts: &SnapshotOptions,
 ) -> Result<SnapshotReport> {
     let started = Instant::now();
-    let (time, utc_offset) = snapshot::now_and_offset();
     if !(1..=22).contains(&opts.level) {
         return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", opts.level)));
     }
@@ -101,179 +101,269 @@ pub fn backup_to_repository(
                 .into(),
         ));
     }
-    let source = Disk::open_source(source_path)?;
-    crate::device::safety::check_source(&source, opts.allow_mounted)?;
-    crate::device::safety::check_image_dir_not_on(&source, dir)?;
-    let layout = table::read_layout(&source)?;
-    let plan = streams::plan(&source, &layout, opts.plan)?;
-    for w in &plan.warnings {
-        eprintln!("klon: warning: {w}");
-    }
-    let created_repository = !is_repository(dir);
-    let repo = if created_repository { Repository::create(dir, sopts.window)? } else { Repository::open(dir)? };
-    let _lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
-    let index = repo.load_index()?;
-    let window = u64::from(repo.config.window);
-    let src_info = source_info(source_path, &source, &layout);
-    let bases = if repo.config.format_version >= 2 {
-        parent_bases(&repo, &index, &src_info, window, repo.config.format_version >= 3)
-    } else {
-        Default::default()
-    };
-    let packs_dir = repo.packs_dir();
-    let mut warnings = plan.warnings.clone();
-
-    let plans = &plan.streams;
-    let sizes: Vec<u64> = plans.iter().map(|p| p.reads.iter().map(|r| r.1).sum()).collect();
-    let read_bytes: u64 = sizes.iter().sum();
-    let parts = plans.iter().zip(&sizes).map(|(p, &n)| (streams::describe(&p.info), n)).collect();
-    let mut progress = Progress::with_parts("backup", read_bytes, parts, opts.quiet);
-    let mut table: Vec<Vec<TableEntry>> = vec![Vec::new(); plans.len()];
-    let mut stored: Vec<u64> = vec![0; plans.len()];
-    let mut writer = PackWriter::new(&repo.packs_dir(), &repo.tmp_dir());
-    let mut written: HashSet<ChunkId> = HashSet::new();
-    let mut added = Added::default();
-    let mut reused_chunks = 0u64;
+    let src = SourceDisk::open(source_path, dir, opts.allow_mounted, opts.plan)?;
+    let src_info = source_info(source_path, &src.disk, &src.layout);
+    let mut sink = SnapshotSink::open(dir, sopts, &src_info, opts.level)?;
+    let parts = src.parts();
+    let read_bytes = parts.iter().map(|p| p.1).sum();
+    let plans = &src.plan.streams;
     let order: Vec<usize> = (0..plans.len()).collect();
-    let level = opts.level;
-    // Chunks are a window, not CHUNK_SIZE: as many more in flight keep the
-    // same bytes read ahead as a standalone image's backup.
-    let depth = pipeline::depth(opts.workers) * (crate::image::format::CHUNK_SIZE as usize / window as usize).max(1);
-    let run = pipeline::run(
-        opts.workers,
-        depth,
-        |send| read_jobs(&source, plans, &order, lanes_suit(&source), Some(window), None, send),
-        |job| {
-            let (stream, read_len) = (job.stream, job.buf.len() as u64);
-            let (extents, content) = kept_content(job);
-            if content.is_empty() {
-                return Ok(Hashed { stream, read_len, chunk: None });
-            }
-            let id = *blake3::hash(&content).as_bytes();
-            let raw_len = content.len() as u32;
-            let (mut payload, mut base, mut warning) = (None, None, None);
-            if !index.usable(&id) {
-                if let Some(b) = bases.get(&(extents[0].0 / window)) {
-                    match delta_payload(&packs_dir, &index, b, &content, level) {
-                        Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
-                        Ok(None) => {}
-                        Err(e) => {
-                            warning = Some(format!(
-                                "the chunk an earlier snapshot has at disk offset {} did not read back ({e}): \
-                                 this one is stored whole; run klon check --read-data",
-                                extents[0].0
-                            ))
-                        }
+    let window = sink.window();
+    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, opts.quiet, |send| {
+        read_jobs(&src.disk, plans, &order, lanes_suit(&src.disk), window, None, send)
+    });
+    if let Err(e) = filled {
+        return Err(sink.abandon(e));
+    }
+    let streams = plans.iter().map(|p| p.info.clone()).collect();
+    let done = Finished { source: src_info, layout: src.layout.clone(), streams, level: opts.level };
+    let mut report = sink.commit(done)?;
+    report.read_bytes = read_bytes;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// A new snapshot in a repository (docs/REPOSITORY.md): each chunk hashed
+/// on the workers; one the repository has costs a line of the table, a new
+/// one is stored (as a delta of the previous snapshot's chunk of its
+/// window when that pays) in new packs. The snapshot is written when
+/// committed, after every pack is durable.
+pub(crate) struct SnapshotSink {
+    dir: PathBuf,
+    repo: Repository,
+    created_repository: bool,
+    _lock: crate::repo::lock::Lock,
+    encoder: SnapshotEncoder,
+    opts: SnapshotOptions,
+    time: i64,
+    utc_offset: i32,
+    table: Vec<Vec<TableEntry>>,
+    stored: Vec<u64>,
+    writer: PackWriter,
+    written: HashSet<ChunkId>,
+    added: Added,
+    reused_chunks: u64,
+    warnings: Vec<String>,
+}
+
+/// A repository's chunks: hashed, looked up, and new ones stored as
+/// deltas or compressed.
+#[derive(Clone)]
+pub(crate) struct SnapshotEncoder {
+    index: Arc<BlobIndex>,
+    bases: Arc<HashMap<u64, ChunkId>>,
+    packs_dir: PathBuf,
+    window: u64,
+    level: i32,
+}
+
+impl SnapshotSink {
+    /// Opens the repository at `dir` for a new snapshot of `source`
+    /// (creating it when `dir` does not exist or is empty), under a shared
+    /// lock, with its index and the chunks of the disk's previous snapshot.
+    pub fn open(dir: &Path, opts: &SnapshotOptions, source: &SourceInfo, level: i32) -> Result<SnapshotSink> {
+        let (time, utc_offset) = snapshot::now_and_offset();
+        let created_repository = !is_repository(dir);
+        let repo = if created_repository { Repository::create(dir, opts.window)? } else { Repository::open(dir)? };
+        let lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
+        let index = repo.load_index()?;
+        let window = u64::from(repo.config.window);
+        let bases = if repo.config.format_version >= 2 {
+            parent_bases(&repo, &index, source, window, repo.config.format_version >= 3)
+        } else {
+            Default::default()
+        };
+        let encoder = SnapshotEncoder {
+            index: Arc::new(index),
+            bases: Arc::new(bases),
+            packs_dir: repo.packs_dir(),
+            window,
+            level,
+        };
+        Ok(SnapshotSink {
+            dir: dir.to_path_buf(),
+            created_repository,
+            _lock: lock,
+            encoder,
+            opts: opts.clone(),
+            time,
+            utc_offset,
+            table: Vec::new(),
+            stored: Vec::new(),
+            writer: PackWriter::new(&repo.packs_dir(), &repo.tmp_dir()),
+            written: HashSet::new(),
+            added: Added::default(),
+            reused_chunks: 0,
+            warnings: Vec::new(),
+            repo,
+        })
+    }
+}
+
+impl ChunkEncoder for SnapshotEncoder {
+    type Chunk = Hashed;
+
+    fn encode(&self, job: ReadJob) -> Result<Hashed> {
+        let (stream, read_len) = (job.stream, job.buf.len() as u64);
+        let (extents, content) = kept_content(job);
+        if content.is_empty() {
+            return Ok(Hashed { stream, read_len, chunk: None });
+        }
+        let id = *blake3::hash(&content).as_bytes();
+        let raw_len = content.len() as u32;
+        let (mut payload, mut base, mut warning) = (None, None, None);
+        if !self.index.usable(&id) {
+            if let Some(b) = self.bases.get(&(extents[0].0 / self.window)) {
+                match delta_payload(&self.packs_dir, &self.index, b, &content, self.level) {
+                    Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        warning = Some(format!(
+                            "the chunk an earlier snapshot has at disk offset {} did not read back ({e}): \
+                             this one is stored whole; run klon check --read-data",
+                            extents[0].0
+                        ))
                     }
                 }
-                if payload.is_none() {
-                    payload = Some(stored_payload(content, level)?);
-                }
             }
-            Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload, base, warning }) })
-        },
-        |h: Hashed| {
-            progress.add_part(h.stream, h.read_len);
-            let Some(HashedChunk { extents, raw_len, id, payload, base, warning }) = h.chunk else { return Ok(()) };
-            if let Some(w) = warning {
-                eprintln!("klon: warning: {w}");
-                warnings.push(w);
+            if payload.is_none() {
+                payload = Some(stored_payload(content, self.level)?);
             }
-            match payload {
-                Some((flags, payload)) if written.insert(id) => {
-                    writer.add(&NewBlob {
-                        id,
-                        raw_len,
-                        flags,
-                        payload_crc: crc32fast::hash(&payload),
-                        payload: &payload,
-                        base,
-                    })?;
-                    if base.is_some() {
-                        added.deltas += 1;
-                    }
-                    added.chunks += 1;
-                    added.content_bytes += u64::from(raw_len);
-                    added.stored_bytes += (pack::BLOB_HEADER_LEN + payload.len()) as u64;
-                    stored[h.stream] += payload.len() as u64;
+        }
+        Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload, base, warning }) })
+    }
+}
+
+impl ImageSink for SnapshotSink {
+    type Encoder = SnapshotEncoder;
+    type Report = SnapshotReport;
+
+    fn window(&self) -> Option<u64> {
+        Some(self.encoder.window)
+    }
+
+    fn encoder(&self) -> SnapshotEncoder {
+        self.encoder.clone()
+    }
+
+    fn store(&mut self, h: Hashed) -> Result<(usize, u64)> {
+        let (stream, read) = (h.stream, h.read_len);
+        let Some(HashedChunk { extents, raw_len, id, payload, base, warning }) = h.chunk else {
+            return Ok((stream, read));
+        };
+        if self.table.len() <= stream {
+            self.table.resize(stream + 1, Vec::new());
+            self.stored.resize(stream + 1, 0);
+        }
+        if let Some(w) = warning {
+            eprintln!("klon: warning: {w}");
+            self.warnings.push(w);
+        }
+        match payload {
+            Some((flags, payload)) if self.written.insert(id) => {
+                self.writer.add(&NewBlob {
+                    id,
+                    raw_len,
+                    flags,
+                    payload_crc: crc32fast::hash(&payload),
+                    payload: &payload,
+                    base,
+                })?;
+                if base.is_some() {
+                    self.added.deltas += 1;
                 }
-                Some((_, payload)) => stored[h.stream] += payload.len() as u64,
-                None => {
-                    reused_chunks += 1;
-                    stored[h.stream] += index.blobs.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
-                }
+                self.added.chunks += 1;
+                self.added.content_bytes += u64::from(raw_len);
+                self.added.stored_bytes += (pack::BLOB_HEADER_LEN + payload.len()) as u64;
+                self.stored[stream] += payload.len() as u64;
             }
-            table[h.stream].push(TableEntry { id, raw_len, extents });
-            Ok(())
-        },
-    );
-    if let Err(e) = run.and_then(|()| writer.commit()) {
-        writer.abandon();
-        drop(_lock);
-        return Err(if created_repository {
+            Some((_, payload)) => self.stored[stream] += payload.len() as u64,
+            None => {
+                self.reused_chunks += 1;
+                self.stored[stream] += self.encoder.index.blobs.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
+            }
+        }
+        self.table[stream].push(TableEntry { id, raw_len, extents });
+        Ok((stream, read))
+    }
+
+    fn commit(mut self, done: Finished) -> Result<SnapshotReport> {
+        if let Err(e) = self.writer.commit() {
+            return Err(self.abandon(e));
+        }
+        let repo = &self.repo;
+        let mut table = std::mem::take(&mut self.table);
+        table.resize(done.streams.len(), Vec::new());
+        self.stored.resize(done.streams.len(), 0);
+        // Two lanes interleave a stream's chunks: the table lists them in
+        // disk order.
+        for entries in &mut table {
+            entries.sort_by_key(|e| e.extents[0].0);
+        }
+        let infos: Vec<StreamInfo> = done
+            .streams
+            .iter()
+            .zip(&table)
+            .zip(&self.stored)
+            .map(|((info, entries), &stored)| {
+                let mut info = info.clone();
+                info.chunks = entries.len() as u64;
+                info.stored_bytes = entries.iter().map(|e| u64::from(e.raw_len)).sum();
+                info.compressed_bytes = stored;
+                info.index = FileInfo { name: String::new(), size: 0, blake3: None };
+                info.data_files = Vec::new();
+                info
+            })
+            .collect();
+        let mut image = Manifest::new(done.source, done.layout, done.level, infos);
+        image.chunk_size = repo.config.window;
+        image.created = crate::image::manifest::rfc3339(self.time);
+        let file = SnapshotFile {
+            format: snapshot::FORMAT_NAME.into(),
+            format_version: snapshot::FORMAT_VERSION,
+            repository: repo.config.id.clone(),
+            time: self.time,
+            sequence: repo.snapshots()?.iter().map(|s| s.file.sequence).max().unwrap_or(0) + 1,
+            created: crate::image::manifest::rfc3339(self.time),
+            utc_offset: self.utc_offset,
+            hostname: crate::repo::lock::hostname(),
+            label: self.opts.label.clone(),
+            tags: self.opts.tags.clone(),
+            table: FileInfo { name: String::new(), size: 0, blake3: None },
+            added: self.added,
+            image,
+        };
+        let id = snapshot::write(repo, file, &table)?;
+        let snapshot = SnapshotFile::load(repo, &id)?;
+        Ok(SnapshotReport {
+            repository: self.dir.clone(),
+            created_repository: self.created_repository,
+            id,
+            snapshot,
+            seconds: 0.0,
+            read_bytes: 0,
+            reused_chunks: self.reused_chunks,
+            warnings: self.warnings,
+            packs_written: self.writer.written.iter().map(|p| p.name.clone()).collect(),
+        })
+    }
+
+    fn abandon(mut self, e: Error) -> Error {
+        self.writer.abandon();
+        drop(self._lock);
+        if self.created_repository {
             // Nothing else is in a repository this backup made.
-            match std::fs::remove_dir_all(dir) {
+            match std::fs::remove_dir_all(&self.dir) {
                 Ok(()) => e.with_note("no snapshot was made, and the new repository was removed"),
                 Err(r) => e.with_note(&format!(
                     "no snapshot was made; removing the new repository {} failed too ({r}): delete it",
-                    dir.display()
+                    self.dir.display()
                 )),
             }
         } else {
             e.with_note("no snapshot was made (what was written of it is removed by klon prune)")
-        });
+        }
     }
-    progress.finish();
-
-    // Two lanes interleave a stream's chunks: the table lists them in disk order.
-    for entries in &mut table {
-        entries.sort_by_key(|e| e.extents[0].0);
-    }
-    let infos: Vec<StreamInfo> = plans
-        .iter()
-        .zip(&table)
-        .zip(&stored)
-        .map(|((p, entries), &stored)| {
-            let mut info = p.info.clone();
-            info.chunks = entries.len() as u64;
-            info.stored_bytes = entries.iter().map(|e| u64::from(e.raw_len)).sum();
-            info.compressed_bytes = stored;
-            info.index = FileInfo { name: String::new(), size: 0, blake3: None };
-            info.data_files = Vec::new();
-            info
-        })
-        .collect();
-    let mut image = Manifest::new(src_info, layout, opts.level, infos);
-    image.chunk_size = repo.config.window;
-    image.created = crate::image::manifest::rfc3339(time);
-    let file = SnapshotFile {
-        format: snapshot::FORMAT_NAME.into(),
-        format_version: snapshot::FORMAT_VERSION,
-        repository: repo.config.id.clone(),
-        time,
-        sequence: repo.snapshots()?.iter().map(|s| s.file.sequence).max().unwrap_or(0) + 1,
-        created: crate::image::manifest::rfc3339(time),
-        utc_offset,
-        hostname: crate::repo::lock::hostname(),
-        label: sopts.label.clone(),
-        tags: sopts.tags.clone(),
-        table: FileInfo { name: String::new(), size: 0, blake3: None },
-        added,
-        image,
-    };
-    let id = snapshot::write(&repo, file, &table)?;
-    let snapshot = SnapshotFile::load(&repo, &id)?;
-    Ok(SnapshotReport {
-        repository: dir.to_path_buf(),
-        created_repository,
-        id,
-        snapshot,
-        seconds: started.elapsed().as_secs_f64(),
-        read_bytes,
-        reused_chunks,
-        warnings,
-        packs_written: writer.written.iter().map(|p| p.name.clone()).collect(),
-    })
 }
 
 /// Reads back every pack a backup wrote (`packs`) and checks each chunk in
