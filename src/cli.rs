@@ -283,8 +283,22 @@ pub struct InfoArgs {
 pub struct ConvertArgs {
     /// Clonezilla image directory (holding `disk`, `parts`, `*-pt.sf`, `*-ptcl-img.*`).
     pub clonezilla_image: PathBuf,
-    /// klon image directory to create; it must not exist yet.
+    /// klon image directory to create (it must not exist yet), or a
+    /// repository to add a snapshot to.
     pub image: PathBuf,
+    /// Make IMAGE a repository if it is not one yet (it must not exist, or
+    /// be empty), and the Clonezilla image a snapshot in it.
+    #[arg(long)]
+    pub repo: bool,
+    /// A label for the snapshot (repositories only).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// A tag for the snapshot; may be given more than once (repositories only).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Bytes of the disk one chunk of a new repository covers (1M to 8M, a power of two).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    pub window: u64,
     /// zstd compression level (1-22).
     #[arg(long, default_value_t = 3)]
     pub level: i32,

@@ -296,6 +296,9 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
 fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
     let workers = threads(a.threads)?;
     let opts = czimage::ConvertOptions { level: a.level, split_size: a.split, quiet: cli.quiet, workers };
+    if a.repo || crate::repo::is_repository(&a.image) {
+        return repo_cmds::convert(cli, a, &opts);
+    }
     let report = czimage::convert(&a.clonezilla_image, &a.image, &opts)?;
     let verified = verify_new_image(&report.image, a.no_verify, workers, cli.quiet)?;
     if cli.json {

@@ -202,6 +202,55 @@ fn convert_makes_a_klon_image_that_restores_the_same_disk() {
     assert_same(&f.disk, &target, 0, size, "disk restored from the converted image");
 }
 
+/// A Clonezilla image made a snapshot of a repository: it restores the
+/// same disk, a second conversion of it adds no chunk, and a damaged one
+/// leaves no snapshot (and no new repository) behind.
+#[test]
+fn convert_into_a_repository_makes_a_snapshot_that_restores_the_same_disk() {
+    require_root!();
+    let f = mbr();
+    let dir = TempDir::new("cz-convert-repo");
+    let repo = dir.join("repo");
+    let o = klon(&["--json", "convert", "--repo", s(&f.image), s(&repo)]);
+    ok(&o);
+    let first: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(first["created_repository"], true, "{first}");
+    assert!(first["added"]["chunks"].as_u64().unwrap() > 0, "{first}");
+    let o = klon(&["--json", "convert", s(&f.image), s(&repo)]);
+    ok(&o);
+    let second: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(second["added"]["chunks"], 0, "the same image again added chunks: {second}");
+    assert_eq!(second["reused_chunks"], first["added"]["chunks"], "{second}");
+    ok(&klon(&["check", "--read-data", s(&repo)]));
+    let target = dir.join("restored.img");
+    ok(&klon(&["restore", "--yes", s(&repo), s(&target)]));
+    let size = std::fs::metadata(&f.disk).unwrap().len();
+    assert_same(&f.disk, &target, 0, size, "disk restored from the snapshot of the Clonezilla image");
+
+    let damaged = dir.join("cz");
+    copy_image(&f.image, &damaged);
+    std::fs::remove_file(damaged.join("MD5SUMS")).unwrap();
+    let piece = std::fs::read_dir(&damaged)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().contains("p1.ext4-ptcl-img"))
+        .unwrap();
+    let len = std::fs::metadata(&piece).unwrap().len();
+    let mut b = read_at(&piece, len / 2, 1);
+    b[0] ^= 0x40;
+    write_at(&piece, len / 2, &b);
+    let new_repo = dir.join("repo2");
+    let o = klon(&["convert", "--repo", s(&damaged), s(&new_repo)]);
+    fails_with(&o, 4, &["ptcl-img", "no snapshot was made"]);
+    assert!(!new_repo.exists(), "the new repository was left behind");
+    let o = klon(&["convert", s(&damaged), s(&repo)]);
+    fails_with(&o, 4, &["ptcl-img", "no snapshot was made"]);
+    let o = klon(&["--json", "snapshots", s(&repo)]);
+    ok(&o);
+    let list: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 2, "a snapshot of the damaged image was made");
+}
+
 #[test]
 fn damaged_data_is_caught_by_verify_and_restore() {
     require_root!();

@@ -1,11 +1,12 @@
-//! The commands of repositories: backup into one, snapshots, forget,
-//! prune, check, unlock.
+//! The commands of repositories: backup and convert into one, snapshots,
+//! forget, prune, check, unlock.
 
 use serde_json::json;
 
 use super::print_json;
-use crate::cli::{BackupArgs, CheckArgs, Cli, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
+use crate::cli::{BackupArgs, CheckArgs, Cli, ConvertArgs, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
 use crate::engine::backup::BackupOptions;
+use crate::engine::czimage::ConvertOptions;
 use crate::engine::snapshot::{self, SnapshotOptions};
 use crate::error::{Error, Result};
 use crate::repo::{Keep, Repository, check as repo_check, lock, prune as repo_prune};
@@ -20,18 +21,7 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
     };
     let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window };
     let report = snapshot::backup_to_repository(&a.source, &a.image, opts, &sopts)?;
-    let verified = if a.no_verify {
-        None
-    } else {
-        Some(snapshot::verify_added(&a.image, &report.packs_written, cli.quiet).map_err(|e| {
-            e.with_note(&format!(
-                "snapshot {} was written but what it added does not read back correctly: do not rely on it; \
-                 check the drive, then run klon check --read-data {}",
-                &report.id[..8],
-                a.image.display()
-            ))
-        })?)
-    };
+    let verified = verify_added(cli, &report, a.no_verify)?;
     let s = &report.snapshot;
     let full: u64 = s.image.streams.iter().map(|st| st.stored_bytes).sum();
     let print_backup = || {
@@ -75,6 +65,62 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
             "warnings": report.warnings,
             "keep": kept,
         }));
+    }
+    Ok(())
+}
+
+/// Reads back what a new snapshot added (unless `no_verify`).
+fn verify_added(cli: &Cli, report: &snapshot::SnapshotReport, no_verify: bool) -> Result<Option<u64>> {
+    if no_verify {
+        return Ok(None);
+    }
+    let bytes = snapshot::verify_added(&report.repository, &report.packs_written, cli.quiet).map_err(|e| {
+        e.with_note(&format!(
+            "snapshot {} was written but what it added does not read back correctly: do not rely on it; \
+             check the drive, then run klon check --read-data {}",
+            &report.id[..8],
+            report.repository.display()
+        ))
+    })?;
+    Ok(Some(bytes))
+}
+
+/// `klon convert CLONEZILLA-IMAGE REPO`: the Clonezilla image as a new
+/// snapshot.
+pub(super) fn convert(cli: &Cli, a: &ConvertArgs, opts: &ConvertOptions) -> Result<()> {
+    let window = u32::try_from(a.window).map_err(|_| Error::Usage("--window is at most 8M".into()))?;
+    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window };
+    let report = crate::engine::czimage::convert_to_repository(&a.clonezilla_image, &a.image, opts, &sopts)?;
+    let verified = verify_added(cli, &report, a.no_verify)?;
+    let s = &report.snapshot;
+    if cli.json {
+        return print_json(&json!({
+            "clonezilla_image": a.clonezilla_image,
+            "repository": report.repository,
+            "created_repository": report.created_repository,
+            "snapshot": report.id,
+            "seconds": report.seconds,
+            "bytes": report.read_bytes,
+            "added": s.added,
+            "reused_chunks": report.reused_chunks,
+            "verified": verified.is_some(),
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "Converted {} to snapshot {} of {}{} in {:.1} s: {} of data, added {} in {} new chunks ({} chunks were \
+             there already){}",
+            a.clonezilla_image.display(),
+            &report.id[..8],
+            report.repository.display(),
+            if report.created_repository { " (new repository)" } else { "" },
+            report.seconds,
+            human_bytes(report.read_bytes),
+            human_bytes(s.added.stored_bytes),
+            s.added.chunks,
+            report.reused_chunks,
+            if verified.is_some() { ", what it added verified" } else { ", not verified (--no-verify)" }
+        );
     }
     Ok(())
 }

@@ -84,15 +84,22 @@ pub(crate) struct ReadJob {
 /// [`MAX_EXTENTS`] extents) of one stream each, adjacent bytes merged into
 /// one extent, handing each full job to the pipeline: for sources read
 /// piece by piece (a Clonezilla image's streams, a rescue's sectors).
+/// With a window (a repository's), no job crosses a multiple of it.
 #[derive(Default)]
 pub(crate) struct JobFiller {
     job: Option<ReadJob>,
+    window: Option<u64>,
 }
 
 impl JobFiller {
-    /// Adds `bytes`, read at disk `offset`, to the job of `stream`; sends
-    /// the job before when it is of another stream or full. False when the
-    /// pipeline stopped.
+    /// A filler whose jobs do not cross multiples of `window`.
+    pub fn new(window: Option<u64>) -> JobFiller {
+        JobFiller { job: None, window }
+    }
+
+    /// Adds `bytes` (at most a chunk), read at disk `offset`, to the job of
+    /// `stream`; sends the job before when it is of another stream or
+    /// window, or full. False when the pipeline stopped.
     pub fn push(
         &mut self,
         stream: usize,
@@ -101,10 +108,33 @@ impl JobFiller {
         bytes: &[u8],
         send: &mut dyn FnMut(ReadJob) -> bool,
     ) -> bool {
+        let Some(w) = self.window else { return self.push_piece(stream, skip_zero, offset, bytes, send) };
+        let mut at = 0;
+        while at < bytes.len() {
+            let here = offset + at as u64;
+            let n = ((w - here % w) as usize).min(bytes.len() - at);
+            if !self.push_piece(stream, skip_zero, here, &bytes[at..at + n], send) {
+                return false;
+            }
+            at += n;
+        }
+        true
+    }
+
+    fn push_piece(
+        &mut self,
+        stream: usize,
+        skip_zero: bool,
+        offset: u64,
+        bytes: &[u8],
+        send: &mut dyn FnMut(ReadJob) -> bool,
+    ) -> bool {
+        let window = self.window;
         let full = self.job.as_ref().is_some_and(|j| {
             j.stream != stream
                 || j.buf.len() + bytes.len() > CHUNK_SIZE as usize
                 || j.extents.len() >= MAX_EXTENTS as usize
+                || window.is_some_and(|w| j.extents[0].0 / w != offset / w)
         });
         if full && !send(self.job.take().expect("job present")) {
             return false;
@@ -112,7 +142,7 @@ impl JobFiller {
         let j = self.job.get_or_insert_with(|| ReadJob {
             stream,
             extents: Vec::new(),
-            buf: Vec::with_capacity(CHUNK_SIZE as usize).into(),
+            buf: Vec::with_capacity(window.map_or(CHUNK_SIZE as usize, |w| w as usize)).into(),
             skip_zero,
             lane: Lane::First,
         });
@@ -1023,6 +1053,34 @@ mod tests {
         // Nothing read twice or left out.
         let total: u64 = jobs.iter().flatten().map(|e| e.1).sum();
         assert_eq!(total, reads.iter().map(|r| r.1).sum::<u64>());
+    }
+
+    #[test]
+    fn a_job_filler_with_a_window_cuts_pieces_at_its_multiples() {
+        let mut jobs = Vec::new();
+        let mut filler = JobFiller::new(Some(1 << 20));
+        let mut send = |j: ReadJob| {
+            jobs.push(j);
+            true
+        };
+        // 1.5 MiB from 0.75 MiB, then 0.25 MiB right after (merged into the
+        // job of its window), then another stream.
+        let a: Vec<u8> = (0..3 << 19).map(|i| i as u8).collect();
+        assert!(filler.push(0, false, 3 << 18, &a, &mut send));
+        assert!(filler.push(0, false, 9 << 18, &[7; 1 << 18], &mut send));
+        assert!(filler.push(1, false, 10 << 18, &[9; 100], &mut send));
+        filler.finish(&mut send);
+        let got: Vec<(usize, Vec<Extent>)> = jobs.iter().map(|j| (j.stream, j.extents.clone())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, vec![(3 << 18, 1 << 18)]),
+                (0, vec![(1 << 20, 1 << 20)]),
+                (0, vec![(2 << 20, 2 << 18)]),
+                (1, vec![(10 << 18, 100)]),
+            ]
+        );
+        assert_eq!(&jobs[1].buf[..4], &a[1 << 18..(1 << 18) + 4], "bytes follow their offsets");
     }
 
     #[test]

@@ -207,7 +207,17 @@ impl CzSource {
     /// of at most one chunk (and MAX_EXTENTS extents) of one stream. Stops
     /// early (Ok) when `send` says the pipeline stopped.
     fn read_jobs(&mut self, order: &[usize], send: &mut dyn FnMut(ReadJob) -> bool) -> Result<()> {
-        let mut jobs = JobFiller::default();
+        self.read_jobs_in(order, None, send)
+    }
+
+    /// [`Self::read_jobs`], with no job crossing a multiple of `window`.
+    fn read_jobs_in(
+        &mut self,
+        order: &[usize],
+        window: Option<u64>,
+        send: &mut dyn FnMut(ReadJob) -> bool,
+    ) -> Result<()> {
+        let mut jobs = JobFiller::new(window);
         for &si in order {
             let s = &mut self.streams[si];
             let skip_zero = s.skip_zero;
@@ -528,16 +538,10 @@ pub struct ConvertReport {
 /// partial name and renamed only when complete.
 pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let started = Instant::now();
-    if !(1..=22).contains(&opts.level) {
-        return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", opts.level)));
-    }
     if opts.split_size < super::backup::MIN_SPLIT {
         return Err(Error::Usage(format!("--split must be at least {} MiB", super::backup::MIN_SPLIT >> 20)));
     }
-    let mut src = CzSource::open(cz_dir)?;
-    for f in &src.image.checksum_files {
-        crate::clonezilla::checksums::check_file(cz_dir, f)?;
-    }
+    let (mut src, source_info) = open_for_convert(cz_dir, opts.level)?;
     let infos = src.stream_infos();
     let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -548,6 +552,53 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
         return Err(sink.abandon(e));
     }
     let layout = src.image.layout.clone();
+    let (image, manifest) = sink.commit(Finished { source: source_info, layout, streams: infos, level: opts.level })?;
+    let image_bytes = super::backup::image_size(&manifest);
+    let bytes = src.stored_bytes();
+    Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Turns the Clonezilla image at `cz_dir` into a new snapshot of the
+/// repository at `repo` (created when it does not exist or is empty), as
+/// a backup of the disk would be: only what the repository lacks is
+/// stored. Every checksum of the Clonezilla image is checked on the way.
+pub fn convert_to_repository(
+    cz_dir: &Path,
+    repo: &Path,
+    opts: &ConvertOptions,
+    sopts: &super::snapshot::SnapshotOptions,
+) -> Result<super::snapshot::SnapshotReport> {
+    let started = Instant::now();
+    let (mut src, source_info) = open_for_convert(cz_dir, opts.level)?;
+    let infos = src.stream_infos();
+    let mut sink = super::snapshot::SnapshotSink::open(repo, sopts, &source_info, opts.level)?;
+    let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
+    let order: Vec<usize> = (0..infos.len()).collect();
+    let window = sink.window();
+    let filled = super::sink::fill(&mut sink, "convert", parts, opts.workers, opts.quiet, |send| {
+        src.read_jobs_in(&order, window, send)
+    });
+    if let Err(e) = filled {
+        return Err(sink.abandon(e));
+    }
+    let layout = src.image.layout.clone();
+    let mut report = sink.commit(Finished { source: source_info, layout, streams: infos, level: opts.level })?;
+    report.read_bytes = src.stored_bytes();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Opens the Clonezilla image at `cz_dir` for a conversion, its checksum
+/// files checked; and what the new image records of its disk.
+fn open_for_convert(cz_dir: &Path, level: i32) -> Result<(CzSource, SourceInfo)> {
+    if !(1..=22).contains(&level) {
+        return Err(Error::Usage(format!("compression level {level} is out of range: use 1 to 22")));
+    }
+    let src = CzSource::open(cz_dir)?;
+    for f in &src.image.checksum_files {
+        crate::clonezilla::checksums::check_file(cz_dir, f)?;
+    }
+    let layout = &src.image.layout;
     let source_info = SourceInfo {
         path: format!("{} (Clonezilla image of {})", cz_dir.display(), src.image.disk),
         size: layout.disk_size,
@@ -557,10 +608,7 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
         serial: None,
         transport: Some("clonezilla".into()),
     };
-    let (image, manifest) = sink.commit(Finished { source: source_info, layout, streams: infos, level: opts.level })?;
-    let image_bytes = super::backup::image_size(&manifest);
-    let bytes = src.stored_bytes();
-    Ok(ConvertReport { image, manifest, bytes, image_bytes, seconds: started.elapsed().as_secs_f64() })
+    Ok((src, source_info))
 }
 
 #[cfg(test)]
