@@ -40,6 +40,20 @@ pub struct StoredChunk {
     bufs: BufPool,
     /// Where it was read from, for messages.
     pub location: String,
+    /// For a chunk its store makes when decoded (a repository's delta,
+    /// from its chain of bases): how, on the worker that decodes it.
+    make: Option<Make>,
+}
+
+/// Makes a chunk's content, checked against its blake3.
+pub type MakeContent = Box<dyn FnOnce() -> Result<Vec<u8>> + Send>;
+
+struct Make(MakeContent);
+
+impl std::fmt::Debug for Make {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(made when decoded)")
+    }
 }
 
 impl StoredChunk {
@@ -54,7 +68,21 @@ impl StoredChunk {
         bufs: BufPool,
         location: String,
     ) -> StoredChunk {
-        StoredChunk { stream, header, record, payload_at, bufs, location }
+        StoredChunk { stream, header, record, payload_at, bufs, location, make: None }
+    }
+
+    /// A chunk whose content `make` makes, checked against its blake3,
+    /// when it is decoded (on a worker): `header` says what it holds.
+    pub fn made(stream: usize, header: ChunkHeader, make: MakeContent, bufs: BufPool, location: String) -> StoredChunk {
+        StoredChunk {
+            stream,
+            header,
+            record: IoBuf::from(Vec::new()),
+            payload_at: 0,
+            bufs,
+            location,
+            make: Some(Make(make)),
+        }
     }
 
     /// The stored payload.
@@ -64,7 +92,14 @@ impl StoredChunk {
 
     /// Checks the payload crc32, decompresses, checks the content blake3,
     /// and returns the content.
-    pub fn decode(self) -> Result<IoBuf> {
+    pub fn decode(mut self) -> Result<IoBuf> {
+        if let Some(make) = self.make.take() {
+            let content = (make.0)()?;
+            if content.len() != self.header.raw_len as usize {
+                return Err(Error::Corrupt(format!("{}: the chunk made has the wrong length", self.location)));
+            }
+            return Ok(IoBuf::from(content));
+        }
         let h = &self.header;
         if crc32fast::hash(self.payload()) != h.payload_crc {
             return Err(Error::Corrupt(format!("{}: stored data checksum (crc32) does not match", self.location)));
@@ -350,7 +385,7 @@ impl ImageReader {
         let payload_at = header_len as usize;
         let (header, header_crc) = ChunkHeader::decode(&buf[..payload_at], &location)?;
         check_header_matches(&header, header_crc, e, stream, seq, s, &location)?;
-        Ok(StoredChunk { stream, header, record: buf, payload_at, location, bufs: self.bufs.clone() })
+        Ok(StoredChunk { stream, header, record: buf, payload_at, location, bufs: self.bufs.clone(), make: None })
     }
 }
 

@@ -27,7 +27,7 @@ pub struct SnapshotImage {
     repo: Repository,
     snapshot: SnapshotEntry,
     table: Table,
-    index: BlobIndex,
+    index: std::sync::Arc<BlobIndex>,
     /// `REPO:ID`, as messages name it.
     location: PathBuf,
     bufs: BufPool,
@@ -133,7 +133,7 @@ impl SnapshotImage {
             repo,
             snapshot,
             table,
-            index,
+            index: std::sync::Arc::new(index),
             location,
             bufs: BufPool::new(24, BLOB_HEADER_LEN + CHUNK_SIZE as usize),
         })
@@ -177,16 +177,18 @@ impl SnapshotImage {
             self.snapshot.short_id()
         );
         if b.base.is_some() {
-            // Made here from its base and patch, and checked; handed on
-            // as a chunk stored whole.
-            let content = ContentReader::new(self.repo.packs_dir(), &self.index)?
-                .content(&e.id)
-                .map_err(|err| err.with_note(&format!("(for {location})")))?;
-            let mut buf = self.bufs.take(BLOB_HEADER_LEN + content.len());
-            buf[BLOB_HEADER_LEN..].copy_from_slice(&content);
-            let mut header = self.header(stream, seq);
-            header.payload_crc = crc32fast::hash(&content);
-            return Ok(StoredChunk::new(stream, header, buf, BLOB_HEADER_LEN, self.bufs.clone(), location));
+            // Made from its chain of bases and checked when decoded: on
+            // a worker, as decompressing a whole chunk is.
+            let (packs, index, id) = (self.repo.packs_dir(), self.index.clone(), e.id);
+            let note = format!("(for {location})");
+            let make = move || ContentReader::new(packs, &index)?.content(&id).map_err(|err| err.with_note(&note));
+            return Ok(StoredChunk::made(
+                stream,
+                self.header(stream, seq),
+                Box::new(make),
+                self.bufs.clone(),
+                location,
+            ));
         }
         if open.as_ref().is_none_or(|o| o.0 != name) {
             let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
