@@ -101,7 +101,7 @@ pub fn plan(source: &Disk, layout: &DiskLayout, opts: PlanOptions) -> Result<Pla
             source.path.display()
         )));
     }
-    if source.size % 512 != 0 {
+    if !source.size.is_multiple_of(512) {
         warnings.push(format!(
             "source {} is {} bytes, {}; it is copied as it is",
             source.path.display(),

@@ -371,6 +371,7 @@ pub fn write_disk(
 /// in source offsets), then the held areas are written and compared. A
 /// failure after the first write wipes the range's ends again, so a
 /// half-written filesystem is not taken for a good one.
+#[allow(clippy::too_many_arguments)]
 pub fn write_part(
     job: &str,
     target: &Disk,
