@@ -38,6 +38,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Remove a repository's locks (after a crash left one another machine holds).
     Unlock(UnlockArgs),
+    /// Copy snapshots into another repository (a second drive), sending only
+    /// the chunks it lacks.
+    Copy(CopyArgs),
     /// Check every checksum of an image without touching any disk.
     Verify(VerifyArgs),
     /// Restore an image onto a disk or a file (destroys what the target holds).
@@ -207,6 +210,24 @@ pub struct CheckArgs {
     /// Read and check every byte of every pack too.
     #[arg(long)]
     pub read_data: bool,
+}
+
+/// `klon copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The repository to copy from.
+    pub from: PathBuf,
+    /// The repository to copy into (created, with the same window, when it
+    /// does not exist or is empty).
+    pub to: PathBuf,
+    /// Snapshots to copy: ids, unique prefixes or `latest` (default: all).
+    pub snapshots: Vec<String>,
+    /// zstd level for deltas sent whole (into a repository of format 1 or 2).
+    #[arg(long, default_value_t = 3)]
+    pub level: i32,
+    /// Skip reading back the packs written.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 /// `klon unlock`.

@@ -30,6 +30,7 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Prune(a) => repo_cmds::prune(cli, a),
         Command::Check(a) => repo_cmds::check(cli, a),
         Command::Unlock(a) => repo_cmds::unlock(cli, a),
+        Command::Copy(a) => repo_cmds::copy(cli, a),
         Command::Verify(a) => verify_cmd(cli, a),
         Command::Restore(a) => restore_cmd(cli, a),
         Command::Clone(a) => clone_cmd(cli, a),

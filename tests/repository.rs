@@ -382,6 +382,90 @@ fn a_window_changed_again_and_again_is_a_chain_of_deltas_at_most_8_deep() {
     assert_restored(&t, &d.path, &out, &d, "chain-pruned");
 }
 
+/// `klon copy` sends only the chunks the destination lacks, each copy
+/// restores alone, a second copy sends nothing, one cut short is finished
+/// by the next, damage in the source stops it before any snapshot is
+/// written, and a destination of format 2 gets deltas' content whole.
+#[test]
+fn copy_sends_only_what_the_destination_lacks_and_each_copy_restores_alone() {
+    let t = TempDir::new("repo-copy");
+    let d = make_disk(&t, "a.img", 12);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let change = |round: u64| {
+        write_at(&d.path, d.p2.0 + round * 65536, &random_bytes(1200 + round, 8192));
+        put_file(&d, &t, &format!("r{round}"), &random_bytes(1300 + round, 100_000));
+    };
+    change(1);
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo)]));
+    let state2 = t.join("state2.img");
+    std::fs::copy(&d.path, &state2).unwrap();
+
+    let copy = t.join("copy");
+    let o = klon(&["--json", "copy", s(&repo), s(&copy)]);
+    ok(&o);
+    let r = json(&o);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["chunks"].as_u64().unwrap() > 0 && r["verified"] == true, "{r}");
+    ok(&klon(&["check", "--quiet", "--read-data", s(&copy)]));
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&copy), s(&out)]));
+    assert_restored(&t, &state2, &out, &d, "copy");
+    // Again: nothing to send.
+    let o = klon(&["--json", "copy", s(&repo), s(&copy)]);
+    ok(&o);
+    let r = json(&o);
+    assert_eq!((r["copied"].as_array().unwrap().len(), r["skipped"].as_array().unwrap().len()), (0, 2), "{r}");
+    assert_eq!(r["chunks"], 0, "{r}");
+    // A third backup: only what it added is sent.
+    change(2);
+    let o = klon(&["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    let added = json(&o)["added"]["chunks"].as_u64().unwrap();
+    let o = klon(&["--json", "copy", s(&repo), s(&copy)]);
+    ok(&o);
+    let r = json(&o);
+    assert_eq!(r["copied"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["chunks"], added, "the copy sent more than the backup added: {r}");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&copy), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "copy-3");
+    ok(&klon(&["check", "--quiet", "--read-data", s(&copy)]));
+
+    // Cut short, then finished by the next copy.
+    for ms in [40, 150, 400] {
+        let cut = t.join(&format!("cut{ms}"));
+        run_killed(&["copy", "--quiet", s(&repo), s(&cut)], ms);
+        ok(&klon(&["copy", "--quiet", s(&repo), s(&cut)]));
+        ok(&klon(&["check", "--quiet", "--read-data", s(&cut)]));
+        assert_eq!(snapshot_ids(&cut).len(), 3, "after a copy killed at {ms} ms");
+    }
+
+    // Into format 2: deltas go whole.
+    let v2 = t.join("v2");
+    ok(&klon(&["copy", "--quiet", s(&repo), s(&v2), "latest"]));
+    for f in files_ending(&v2.join("snapshots"), "").into_iter().chain(files_ending(&v2.join("packs"), "")) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let config = v2.join("klon-repository.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 2")).unwrap();
+    ok(&klon(&["copy", "--quiet", s(&repo), s(&v2)]));
+    assert_eq!(depths(&v2).into_iter().max(), Some(0), "a delta in a copy of format 2");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&v2), s(&out)]));
+    assert_restored(&t, &d.path, &out, &d, "copy-v2");
+
+    // Damage in the source: refused, no snapshot, the new repository gone.
+    let packs = files_ending(&repo, ".pack");
+    for p in &packs {
+        let len = std::fs::metadata(p).unwrap().len();
+        flip(p, len / 2);
+    }
+    let bad = t.join("bad");
+    let o = klon(&["copy", s(&repo), s(&bad)]);
+    fails_with(&o, 4, &["no snapshot was copied", "removed"]);
+    assert!(!bad.exists(), "the new repository was left behind");
+}
+
 /// A delta left in a pack after its base was pruned (no snapshot used
 /// either) is not reused by a later backup of the same content: that
 /// snapshot stores the chunk again and restores on its own.

@@ -1,10 +1,10 @@
 //! The commands of repositories: backup and convert into one, snapshots,
-//! forget, prune, check, unlock.
+//! forget, prune, check, copy, unlock.
 
 use serde_json::json;
 
 use super::print_json;
-use crate::cli::{BackupArgs, CheckArgs, Cli, ConvertArgs, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
+use crate::cli::{BackupArgs, CheckArgs, Cli, ConvertArgs, CopyArgs, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
 use crate::engine::backup::BackupOptions;
 use crate::engine::czimage::ConvertOptions;
 use crate::engine::snapshot::{self, SnapshotOptions};
@@ -389,6 +389,71 @@ pub(super) fn unlock(cli: &Cli, a: &UnlockArgs) -> Result<()> {
             println!("removed the lock of {} (process {} on {}, since {})", l.job, l.pid, l.hostname, l.time);
         }
         println!("{}: {} locks removed", repo.dir.display(), removed.len());
+    }
+    Ok(())
+}
+
+/// `klon copy FROM TO [SNAPSHOT...]`.
+pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    if !(1..=22).contains(&a.level) {
+        return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", a.level)));
+    }
+    let src = Repository::open(&a.from)?;
+    let _src_lock = lock::take(&src.locks_dir(), "copy", false)?;
+    let created = !crate::repo::is_repository(&a.to);
+    let dst = if created { Repository::create(&a.to, src.config.window)? } else { Repository::open(&a.to)? };
+    let dst_lock = lock::take(&dst.locks_dir(), "copy", false)?;
+    let report = match crate::repo::copy::copy(&src, &dst, &a.snapshots, a.level) {
+        Ok(r) => r,
+        Err(e) if created && dst.snapshots().is_ok_and(|s| s.is_empty()) => {
+            drop(dst_lock);
+            let note = match std::fs::remove_dir_all(&a.to) {
+                Ok(()) => "the new repository was removed".to_string(),
+                Err(r) => format!("removing the new repository {} failed too ({r}): delete it", a.to.display()),
+            };
+            return Err(e.with_note(&note));
+        }
+        Err(e) => return Err(e),
+    };
+    let verified = if a.no_verify || report.packs_written.is_empty() {
+        None
+    } else {
+        Some(snapshot::verify_added(&a.to, &report.packs_written, cli.quiet).map_err(|e| {
+            e.with_note(&format!(
+                "the copies were written but what they added does not read back correctly: do not rely on them; \
+                 check the drive, then run klon check --read-data {}",
+                a.to.display()
+            ))
+        })?)
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    if cli.json {
+        return print_json(&json!({
+            "from": a.from, "to": a.to, "created_repository": created,
+            "copied": report.copied.iter().map(|(new, old)| json!({"snapshot": new, "from": old})).collect::<Vec<_>>(),
+            "skipped": report.skipped, "chunks": report.chunks, "stored_bytes": report.stored_bytes,
+            "verified": verified.is_some(), "seconds": seconds,
+        }));
+    }
+    if !cli.quiet {
+        for (new, old) in &report.copied {
+            println!("copied snapshot {} as {}", &old[..8], &new[..8]);
+        }
+        println!(
+            "{} snapshots copied into {}{} ({} there already) in {seconds:.1} s: {} chunks sent, {}{}",
+            report.copied.len(),
+            a.to.display(),
+            if created { " (new repository)" } else { "" },
+            report.skipped.len(),
+            report.chunks,
+            human_bytes(report.stored_bytes),
+            match verified {
+                Some(_) if report.chunks > 0 => ", read back",
+                _ if report.chunks == 0 => "",
+                _ => ", not read back (--no-verify)",
+            }
+        );
     }
     Ok(())
 }

@@ -331,6 +331,7 @@ impl ImageSink for SnapshotSink {
             tags: self.opts.tags.clone(),
             table: FileInfo { name: String::new(), size: 0, blake3: None },
             added: self.added,
+            original: None,
             image,
         };
         let id = snapshot::write(repo, file, &table)?;

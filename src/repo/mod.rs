@@ -7,6 +7,7 @@
 //! describes every file byte for byte.
 
 pub mod check;
+pub mod copy;
 pub mod delta;
 pub mod lock;
 pub mod pack;
@@ -127,6 +128,25 @@ pub struct Repository {
     pub dir: PathBuf,
     /// Its checked configuration.
     pub config: Config,
+}
+
+/// Whether `dir` holds only what [`Repository::create`] makes before the
+/// configuration: its four directories, empty but for the configuration
+/// being written in `tmp/`.
+fn is_unfinished_creation(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.into_iter().all(|e| {
+        let Ok(e) = e else { return false };
+        let name = e.file_name().to_string_lossy().to_string();
+        let Ok(inside) = std::fs::read_dir(e.path()) else { return false };
+        let inside: Vec<String> =
+            inside.filter_map(|i| i.ok()).map(|i| i.file_name().to_string_lossy().to_string()).collect();
+        match name.as_str() {
+            "packs" | "snapshots" | "locks" => inside.is_empty(),
+            "tmp" => inside.iter().all(|i| *i == format!("{CONFIG_NAME}.tmp")),
+            _ => false,
+        }
+    })
 }
 
 /// Where each chunk of a repository is: every pack's index, loaded.
@@ -280,12 +300,13 @@ impl Repository {
         self.dir.join("locks")
     }
 
-    /// Creates a repository in `dir`, which must not exist or be empty.
+    /// Creates a repository in `dir`, which must not exist or be empty
+    /// (or hold what a creation cut short left: its empty directories).
     pub fn create(dir: &Path, window: u32) -> Result<Repository> {
         check_window(window).map_err(Error::Usage)?;
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
-                if entries.next().is_some() {
+                if entries.next().is_some() && !is_unfinished_creation(dir) {
                     return Err(Error::Refused(format!(
                         "{} exists and is not empty, and is not a klon repository: give a new directory \
                          (or an existing repository)",
@@ -500,6 +521,23 @@ mod tests {
             .map(|(n, e)| PackIndex { name: format!("{n:064}"), pack_size: 0, entries: e.to_vec() })
             .collect();
         BlobIndex::of(&indexes)
+    }
+
+    #[test]
+    fn a_creation_cut_short_is_created_over_and_anything_else_is_refused() {
+        let t = crate::testutil::TempDir::new("repo-create");
+        let dir = t.join("r");
+        for d in ["packs", "snapshots", "locks", "tmp"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        std::fs::write(dir.join("tmp").join(format!("{CONFIG_NAME}.tmp")), b"{").unwrap();
+        Repository::create(&dir, 4 << 20).unwrap();
+        Repository::open(&dir).unwrap();
+        let other = t.join("o");
+        std::fs::create_dir_all(other.join("packs")).unwrap();
+        std::fs::write(other.join("packs").join("a-file"), b"x").unwrap();
+        let e = Repository::create(&other, 4 << 20).unwrap_err().to_string();
+        assert!(e.contains("is not empty"), "{e}");
     }
 
     #[test]

@@ -71,6 +71,10 @@ pub struct SnapshotFile {
     pub table: FileInfo,
     /// What this backup added to the repository.
     pub added: Added,
+    /// For a copy (`klon copy`): the id of the snapshot it copies, as
+    /// first made (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
     /// The image: source, layout and streams as in a klon image's manifest,
     /// with no files (`index` empty, `data_files` none; `compressed_bytes`
     /// is the stored bytes of the chunks it references).
