@@ -1,15 +1,19 @@
 //! A repository's binary files (src/repo/): pack indexes (their blake3 is
 //! recomputed over the fuzzed bytes, as a fuzzer cannot guess it) and
 //! delta patches, applied to a base; what decodes encodes back to the same
-//! bytes, and a patch made from two contents makes the second again.
+//! bytes, and a patch made from two contents makes the second again; and
+//! chains of bases (loops, missing links, too deep) across packs: every
+//! lookup ends, and a chunk is readable exactly when its chain reaches a
+//! whole chunk within the limit.
 #![no_main]
 use klon::repo::delta;
-use klon::repo::pack::PackIndex;
+use klon::repo::pack::{BlobEntry, FLAG_DELTA, PackIndex};
+use klon::repo::{BlobIndex, MAX_DELTA_DEPTH};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
-    match mode % 3 {
+    match mode % 4 {
         0 => {
             let mut bytes = rest.to_vec();
             let sum = *blake3::hash(&bytes).as_bytes();
@@ -29,6 +33,39 @@ fuzz_target!(|data: &[u8]| {
             let base: Vec<u8> = (0..16 * delta::BLOCK).map(|i| (i / delta::BLOCK) as u8).collect();
             if let Ok(out) = delta::apply(&base, patch, raw_len) {
                 assert_eq!(out.len(), raw_len);
+            }
+        }
+        3 => {
+            // Packs of blobs: each pair of bytes a chunk (ids 0..32) and its
+            // base (none when the byte is 255); a byte 254 starts a pack.
+            let mut packs: Vec<Vec<BlobEntry>> = vec![Vec::new()];
+            for pair in rest.chunks_exact(2) {
+                if pair[0] == 254 {
+                    packs.push(Vec::new());
+                    continue;
+                }
+                let base = (pair[1] != 255).then_some([pair[1] % 32; 32]);
+                let flags = if base.is_some() { FLAG_DELTA } else { 0 };
+                let e = BlobEntry { id: [pair[0] % 32; 32], offset: 0, stored_len: 40, raw_len: 1, payload_crc: 0, flags, base };
+                packs.last_mut().expect("one at least").push(e);
+            }
+            let indexes: Vec<PackIndex> = packs
+                .into_iter()
+                .enumerate()
+                .map(|(n, entries)| PackIndex { name: format!("{n:064}"), pack_size: 0, entries })
+                .collect();
+            let index = BlobIndex::of(&indexes);
+            for id in index.blobs.keys() {
+                let chain = index.chain(id);
+                assert!(chain.len() <= MAX_DELTA_DEPTH + 1);
+                match index.depth(id) {
+                    Some(d) => {
+                        assert_eq!(chain.len(), d + 1, "a readable chunk's chain");
+                        assert!(index.blobs[chain.last().expect("not empty")].1.base.is_none());
+                        assert!(index.usable(id));
+                    }
+                    None => assert!(!index.usable(id)),
+                }
             }
         }
         _ => {

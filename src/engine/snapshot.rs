@@ -442,7 +442,7 @@ fn delta_payload(
     content: &[u8],
     level: i32,
 ) -> Result<Option<(u32, IoBuf)>> {
-    let base_content = ContentReader::new(packs.to_path_buf(), index)?.content(base)?;
+    let base_content = ContentReader::uncached(packs.to_path_buf(), index)?.content(base)?;
     let Some(patch) = delta::encode(&base_content, content) else { return Ok(None) };
     let (flags, stored) = stored_payload(IoBuf::from(patch), level)?;
     let mut payload = Vec::with_capacity(32 + stored.len());

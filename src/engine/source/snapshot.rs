@@ -181,7 +181,7 @@ impl SnapshotImage {
             // a worker, as decompressing a whole chunk is.
             let (packs, index, id) = (self.repo.packs_dir(), self.index.clone(), e.id);
             let note = format!("(for {location})");
-            let make = move || ContentReader::new(packs, &index)?.content(&id).map_err(|err| err.with_note(&note));
+            let make = move || ContentReader::uncached(packs, &index)?.content(&id).map_err(|err| err.with_note(&note));
             return Ok(StoredChunk::made(
                 stream,
                 self.header(stream, seq),
