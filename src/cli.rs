@@ -293,6 +293,10 @@ pub struct MountArgs {
     /// Serve in this process until unmounted or Ctrl-C, instead of in the background.
     #[arg(long)]
     pub foreground: bool,
+    /// Also mount each partition's filesystem read-only on DIR/pN/ (no
+    /// journal replayed); klon umount unmounts them too.
+    #[arg(long)]
+    pub mount_filesystems: bool,
 }
 
 /// `klon umount`.

@@ -324,12 +324,13 @@ fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
 }
 
 fn mount_cmd(cli: &Cli, a: &MountArgs) -> Result<()> {
-    let opts = crate::engine::mount::MountOptions { foreground: a.foreground };
+    let opts = crate::engine::mount::MountOptions { foreground: a.foreground, mount_filesystems: a.mount_filesystems };
     crate::engine::mount::mount(&a.image, &a.dir, &opts, |m| {
         let files: Vec<_> =
             m.files.iter().map(|f| json!({ "name": f.name, "start": f.start, "size": f.size })).collect();
         if cli.json {
-            let _ = print_json(&json!({ "image": m.image, "dir": m.dir, "files": files }));
+            let _ =
+                print_json(&json!({ "image": m.image, "dir": m.dir, "files": files, "filesystems": m.filesystems }));
         } else if !cli.quiet {
             print!("{}", m.text());
         }

@@ -248,3 +248,91 @@ fn umount_refuses_what_klon_did_not_mount() {
     fails_with(&klon(&["umount", s(&dir)]), 5, &["is not a klon mount", "tmpfs"]);
     assert!(is_mounted(&dir));
 }
+
+/// The back files of the loop devices attached now.
+fn loop_back_files() -> String {
+    run("losetup", &["-l", "-n", "-O", "BACK-FILE"])
+}
+
+#[test]
+fn mount_filesystems_mounts_each_read_only_and_umount_undoes_all() {
+    require_root!();
+    let t = TempDir::new("mount-fs");
+    let (disk, files, dir, log) = (t.join("src.img"), t.join("files"), t.join("mnt"), t.join("mount.log"));
+    std::fs::create_dir(&files).unwrap();
+    let (a, b) = (random_bytes(31, 2 << 20), text_bytes(32, 300_000));
+    std::fs::write(files.join("a.bin"), &a).unwrap();
+    std::fs::write(files.join("b.txt"), &b).unwrap();
+    // GPT: ext4 with files (24 MiB), FAT with a file (16 MiB), XFS
+    // (64 MiB), raw data.
+    blank_file(&disk, 112 * MIB);
+    run_with_input(
+        "sfdisk",
+        &["-q", s(&disk)],
+        "label: gpt\nstart=2048, size=49152, type=L\nsize=32768, type=U\nsize=131072, type=L\nsize=8192, type=L\n",
+    );
+    let (parts, _) = sfdisk_parts(&disk);
+    let (p1, p2) = (parts[0].start * 512, parts[1].start * 512);
+    run("mke2fs", &["-q", "-t", "ext4", "-d", s(&files), "-E", &format!("offset={p1}"), s(&disk), "24M"]);
+    // A journal to replay (as after a crash): a read-only mount that would
+    // replay it fails on a read-only device; klon mounts it without.
+    let fs = format!("{}?offset={p1}", s(&disk));
+    run("debugfs", &["-w", "-R", "feature needs_recovery", &fs]);
+    let fat = t.join("fat.img");
+    blank_file(&fat, parts[1].size * 512);
+    run("mkfs.vfat", &["-n", "KLONFAT", s(&fat)]);
+    run("mcopy", &["-i", s(&fat), s(&files.join("b.txt")), "::/B.TXT"]);
+    write_at(&disk, p2, &std::fs::read(&fat).unwrap());
+    let xfs = t.join("xfs.img");
+    blank_file(&xfs, parts[2].size * 512);
+    let xfs_env = [("TEST_DIR", "/tmp"), ("TEST_DEV", "/dev/null"), ("QA_CHECK_FS", "1")];
+    run_env("mkfs.xfs", &["-q", "-L", "KLONXFS", s(&xfs)], &xfs_env);
+    write_at(&disk, parts[2].start * 512, &std::fs::read(&xfs).unwrap());
+    write_at(&disk, parts[3].start * 512, &random_bytes(33, (4 * MIB) as usize));
+    let img = t.join("image");
+    ok(&klon(&["backup", "--quiet", "--raw-unclean", s(&disk), s(&img)]));
+
+    std::fs::create_dir(&dir).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_klon"))
+        .args(["mount", "--mount-filesystems", s(&img), s(&dir)])
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .output()
+        .unwrap();
+    let _guard = MountGuard(dir.clone());
+    ok(&o);
+    let said = stdout(&o);
+    assert!(said.contains("p1 (ext4): mounted on") && said.contains("(ro,noload)"), "{said}");
+    assert!(said.contains("p3 (xfs): mounted on") && said.contains("(ro,norecovery)"), "{said}");
+    assert!(!said.contains("p4 ("), "{said}");
+    assert_eq!(std::fs::read(dir.join("p1/a.bin")).unwrap(), a);
+    assert_eq!(std::fs::read(dir.join("p1/b.txt")).unwrap(), b);
+    assert_eq!(std::fs::read_dir(dir.join("p3")).unwrap().count(), 0);
+    assert!(!dir.join("p4").exists());
+    // A kernel without a FAT driver (this host's has none): said so, and
+    // the rest mounted all the same.
+    let have_vfat = std::fs::read_to_string("/proc/filesystems").unwrap().lines().any(|l| l.ends_with("\tvfat"));
+    let mut mounted = vec![(1, "ext4"), (3, "xfs")];
+    if have_vfat {
+        assert!(said.contains("p2 (vfat): mounted on"), "{said}");
+        assert_eq!(std::fs::read(dir.join("p2/B.TXT")).unwrap(), b);
+        mounted.push((2, "vfat"));
+    } else {
+        assert!(said.contains("p2 (vfat): not mounted: the kernel has no vfat driver"), "{said}");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    for (n, fstype) in mounted {
+        let at = format!("{}/p{n}", s(&dir));
+        let line = mounts.lines().find(|l| l.split(' ').nth(1) == Some(&at)).unwrap_or_else(|| panic!("{mounts}"));
+        assert!(line.split(' ').nth(2) == Some(fstype) && line.split(' ').nth(3).unwrap().starts_with("ro,"), "{line}");
+    }
+    assert!(loop_back_files().contains(s(&dir)), "{}", loop_back_files());
+    // Not while a file in a filesystem is open: that one is named.
+    let open = std::fs::File::open(dir.join("p1/a.bin")).unwrap();
+    fails_with(&klon(&["umount", s(&dir)]), 5, &["is in use", &format!("{}/p1", s(&dir))]);
+    drop(open);
+    ok(&klon(&["umount", s(&dir)]));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(s(&dir)), "{mounts}");
+    assert!(!loop_back_files().contains(s(&dir)), "a loop device is left: {}", loop_back_files());
+}

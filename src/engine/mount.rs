@@ -208,22 +208,62 @@ pub struct MountFile {
     pub start: u64,
     /// Its size.
     pub size: u64,
+    /// The filesystem it holds, as the backup found it (`ext4`, `vfat`, …).
+    pub fs: Option<String>,
+}
+
+impl MountFile {
+    /// Its name without `.img`: `p2`, the directory its filesystem is
+    /// mounted on with `--mount-filesystems`.
+    pub fn stem(&self) -> &str {
+        self.name.trim_end_matches(".img")
+    }
 }
 
 /// The files a mount of `view` shows: the disk, then each partition.
 pub fn files(view: &DiskView) -> Vec<MountFile> {
-    let layout = &view.manifest().layout;
-    let mut files = vec![MountFile { name: "disk.img".into(), start: 0, size: view.size() }];
-    for p in &layout.partitions {
-        files.push(MountFile { name: format!("p{}.img", p.number), start: p.start, size: p.size });
+    let m = view.manifest();
+    let fs_of = |partition: Option<u32>| {
+        m.streams
+            .iter()
+            .find(|s| s.partition == partition && s.kind != crate::image::StreamKind::Boot)
+            .and_then(|s| s.fs.as_ref())
+            .map(|f| f.fstype.clone())
+    };
+    let disk_fs = if m.layout.partitions.is_empty() { fs_of(None) } else { None };
+    let mut files = vec![MountFile { name: "disk.img".into(), start: 0, size: view.size(), fs: disk_fs }];
+    for p in &m.layout.partitions {
+        files.push(MountFile {
+            name: format!("p{}.img", p.number),
+            start: p.start,
+            size: p.size,
+            fs: fs_of(Some(p.number)),
+        });
     }
     files
 }
 
-/// The FUSE filesystem: a directory of [`MountFile`]s (inode 2 onwards).
+/// How a filesystem of type `fstype` (as the probe names it) is mounted
+/// read-only without writing to it: the kernel types to try and the
+/// options that keep a journal or log from being replayed.
+fn read_only_mount(fstype: &str) -> Option<(&'static [&'static str], &'static str)> {
+    let types = crate::device::mounts::kernel_types(fstype);
+    let options = match fstype {
+        "ext3" | "ext4" => "noload",
+        "xfs" => "norecovery",
+        "btrfs" => "rescue=nologreplay",
+        _ => "",
+    };
+    (!types.is_empty()).then_some((types, options))
+}
+
+/// The FUSE filesystem: a directory of [`MountFile`]s (inode 2 onwards),
+/// and the empty directories their filesystems are mounted on (after them).
 struct ImageFs {
     view: DiskView,
     files: Vec<MountFile>,
+    /// The names of the directories, with `--mount-filesystems`.
+    dirs: Vec<String>,
     uid: u32,
     gid: u32,
     time: SystemTime,
@@ -235,7 +275,10 @@ const ROOT: u64 = 1;
 
 impl ImageFs {
     fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let dir = ino.checked_sub(2 + self.files.len() as u64).filter(|&d| d < self.dirs.len() as u64);
         let (kind, perm, size, nlink) = if ino == ROOT {
+            (FileType::Directory, 0o555, 0, 2 + self.dirs.len() as u32)
+        } else if dir.is_some() {
             (FileType::Directory, 0o555, 0, 2)
         } else {
             let f = self.files.get(ino.checked_sub(2)? as usize)?;
@@ -260,6 +303,17 @@ impl ImageFs {
         })
     }
 
+    /// The root directory's entries: inode, type, name.
+    fn entries(&self) -> Vec<(u64, FileType, String)> {
+        let mut entries = vec![(ROOT, FileType::Directory, ".".to_string()), (ROOT, FileType::Directory, "..".into())];
+        entries
+            .extend(self.files.iter().enumerate().map(|(i, f)| (i as u64 + 2, FileType::RegularFile, f.name.clone())));
+        let first_dir = 2 + self.files.len() as u64;
+        entries
+            .extend(self.dirs.iter().enumerate().map(|(i, d)| (first_dir + i as u64, FileType::Directory, d.clone())));
+        entries
+    }
+
     fn file(&self, ino: INodeNo) -> Option<&MountFile> {
         self.files.get(u64::from(ino).checked_sub(2)? as usize)
     }
@@ -275,9 +329,9 @@ impl Filesystem for ImageFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let found = (u64::from(parent) == ROOT)
-            .then(|| self.files.iter().position(|f| OsStr::new(&f.name) == name))
+            .then(|| self.entries().into_iter().skip(2).find(|e| OsStr::new(&e.2) == name))
             .flatten()
-            .and_then(|i| self.attr(i as u64 + 2));
+            .and_then(|e| self.attr(e.0));
         match found {
             Some(attr) => reply.entry(&TTL, &attr, fuser::Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -333,12 +387,14 @@ impl Filesystem for ImageFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        if u64::from(ino) != ROOT {
-            return reply.error(Errno::ENOTDIR);
-        }
-        let mut entries = vec![(ROOT, FileType::Directory, ".".to_string()), (ROOT, FileType::Directory, "..".into())];
-        entries
-            .extend(self.files.iter().enumerate().map(|(i, f)| (i as u64 + 2, FileType::RegularFile, f.name.clone())));
+        let entries = match u64::from(ino) {
+            ROOT => self.entries(),
+            // A mount point's own directory, under what is mounted on it.
+            d if self.attr(d).is_some_and(|a| a.kind == FileType::Directory) => {
+                vec![(d, FileType::Directory, ".".to_string()), (ROOT, FileType::Directory, "..".into())]
+            }
+            _ => return reply.error(Errno::ENOTDIR),
+        };
         for (i, (ino, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
                 break;
@@ -354,6 +410,9 @@ pub struct MountOptions {
     /// Serve in this process until unmounted (or Ctrl-C) rather than in
     /// the background.
     pub foreground: bool,
+    /// Also mount every filesystem the kernel can mount, read-only, on
+    /// `DIR/pN/`.
+    pub mount_filesystems: bool,
 }
 
 /// What a mount shows, for the command's report.
@@ -365,6 +424,9 @@ pub struct Mounted {
     pub dir: PathBuf,
     /// Its files.
     pub files: Vec<MountFile>,
+    /// With `--mount-filesystems`: per filesystem, where it was mounted or
+    /// why it was not.
+    pub filesystems: Vec<String>,
 }
 
 impl Mounted {
@@ -375,11 +437,13 @@ impl Mounted {
             .iter()
             .map(|f| format!("  {:<10} {:>10}  ({} bytes)", f.name, human_bytes(f.size), f.size))
             .collect();
+        let fss: String = self.filesystems.iter().map(|f| format!("  {f}\n")).collect();
         format!(
-            "Mounted {} read-only on {}:\n{}\n`klon umount {}` unmounts it.\n",
+            "Mounted {} read-only on {}:\n{}\n{}`klon umount {}` unmounts it.\n",
             self.image.display(),
             self.dir.display(),
             list.join("\n"),
+            fss,
             self.dir.display()
         )
     }
@@ -426,11 +490,18 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
     check_dir(dir)?;
     let view = DiskView::new(store)?;
     let files = files(&view);
-    let mounted = Mounted { image: image.to_path_buf(), dir: dir.to_path_buf(), files: files.clone() };
+    let mut mounted =
+        Mounted { image: image.to_path_buf(), dir: dir.to_path_buf(), files: files.clone(), filesystems: Vec::new() };
+    let to_mount: Vec<MountFile> = if opts.mount_filesystems {
+        files.iter().filter(|f| f.fs.as_deref().and_then(read_only_mount).is_some()).cloned().collect()
+    } else {
+        Vec::new()
+    };
     let is_snapshot = crate::repo::split_spec(image).map(|(repo, _)| repo);
     let fs = ImageFs {
         view,
         files,
+        dirs: to_mount.iter().map(|f| f.stem().to_string()).collect(),
         uid: nix::unistd::geteuid().as_raw(),
         gid: nix::unistd::getegid().as_raw(),
         time: SystemTime::now(),
@@ -457,11 +528,59 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
     if opts.foreground {
         let _lock = take_lock()?;
         let session = Session::new(fs, dir, &config).map_err(|e| mount_error(dir, e))?;
-        ready(&mounted);
-        return serve(session, dir);
+        return serve(session, dir, &to_mount, |fss| {
+            mounted.filesystems = fss;
+            ready(&mounted);
+        });
     }
     let session = Session::new(fs, dir, &config).map_err(|e| mount_error(dir, e))?;
-    daemon::detach(session, dir, take_lock, || ready(&mounted))
+    daemon::detach(session, dir, &to_mount, take_lock, |fss| {
+        mounted.filesystems = fss;
+        ready(&mounted)
+    })
+}
+
+/// Mounts the filesystem of each of `files` (in the mount on `dir`)
+/// read-only on `dir/pN`, through a loop device that goes away with the
+/// mount; says for each where it is mounted, or why not.
+fn mount_filesystems(dir: &Path, files: &[MountFile]) -> Vec<String> {
+    use nix::mount::MsFlags;
+    let mut said = Vec::new();
+    for f in files {
+        let fstype = f.fs.as_deref().unwrap_or_default();
+        let Some((types, options)) = read_only_mount(fstype) else { continue };
+        let (file, at) = (dir.join(&f.name), dir.join(f.stem()));
+        let device = match crate::device::loopdev::attach_read_only(&file) {
+            Ok(d) => d,
+            Err(e) => {
+                said.push(format!("{} ({fstype}): not mounted: {e}", f.stem()));
+                continue;
+            }
+        };
+        let flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        let data = (!options.is_empty()).then_some(options);
+        let mut last = nix::Error::ENODEV;
+        let done = types.iter().any(|t| match nix::mount::mount(Some(&device.path), &at, Some(*t), flags, data) {
+            Ok(()) => true,
+            Err(e) => {
+                last = e;
+                false
+            }
+        });
+        said.push(if done {
+            let opts = if options.is_empty() { "ro".to_string() } else { format!("ro,{options}") };
+            format!("{} ({fstype}): mounted on {} ({opts})", f.stem(), at.display())
+        } else {
+            let why = match last {
+                nix::Error::ENODEV => format!("the kernel has no {} driver", types[0]),
+                e => format!("{} says {e}", types.join("/")),
+            };
+            format!("{} ({fstype}): not mounted: {why}", f.stem())
+        });
+        // The loop device stays while mounted, and clears itself after.
+        drop(device);
+    }
+    said
 }
 
 fn mount_error(dir: &Path, e: std::io::Error) -> Error {
@@ -474,9 +593,11 @@ fn mount_error(dir: &Path, e: std::io::Error) -> Error {
 }
 
 /// Serves requests until the mount goes away (`klon umount`), or Ctrl-C,
-/// SIGTERM or SIGHUP ask to unmount it.
-fn serve(session: Session<ImageFs>, dir: &Path) -> Result<()> {
+/// SIGTERM or SIGHUP ask to unmount it. Once it serves, mounts the
+/// filesystems of `to_mount` and tells `ready` what became of them.
+fn serve(session: Session<ImageFs>, dir: &Path, to_mount: &[MountFile], ready: impl FnOnce(Vec<String>)) -> Result<()> {
     let background = session.spawn().map_err(|e| Error::io("serving the mount on", dir, None, e))?;
+    ready(mount_filesystems(dir, to_mount));
     let mut background = Some(background);
     let mut said_busy = false;
     loop {
@@ -502,21 +623,42 @@ fn serve(session: Session<ImageFs>, dir: &Path) -> Result<()> {
     background.take().expect("still serving").join().map_err(|e| Error::io("serving the mount on", dir, None, e))
 }
 
-/// Unmounts the klon mount on `dir`: the filesystems under it first, if
-/// any, then the mount itself.
+/// Unmounts the klon mount on `dir`: the filesystems mounted under it
+/// first, then the mount itself.
 fn unmount(dir: &Path) -> Result<()> {
-    nix::mount::umount(dir).map_err(|e| {
-        if e == nix::errno::Errno::EBUSY {
-            Error::Refused(format!(
-                "{} is in use: a file in it is still open (or a filesystem is mounted from it); close it and \
-                 run klon umount {} again",
-                dir.display(),
-                dir.display()
-            ))
-        } else {
-            Error::io("unmounting", dir, None, std::io::Error::from(e))
+    let busy = |what: &Path| {
+        Error::Refused(format!(
+            "{} is in use: a file in it is still open (or a filesystem is mounted from it); close it and \
+             run klon umount {} again",
+            what.display(),
+            dir.display()
+        ))
+    };
+    let mut below: Vec<PathBuf> = crate::device::mounts::mounts()?
+        .into_iter()
+        .map(|m| m.mountpoint)
+        .filter(|m| m.starts_with(dir) && m != dir)
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in &below {
+        match nix::mount::umount(m.as_path()) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) => return Err(busy(m)),
+            Err(e) => return Err(Error::io("unmounting", m, None, e.into())),
         }
-    })
+    }
+    // A loop device lets go of its file a moment after its filesystem is
+    // unmounted.
+    let mut tries = if below.is_empty() { 1 } else { 20 };
+    loop {
+        tries -= 1;
+        match nix::mount::umount(dir) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if tries > 0 => std::thread::sleep(Duration::from_millis(100)),
+            Err(nix::errno::Errno::EBUSY) => return Err(busy(dir)),
+            Err(e) => return Err(Error::io("unmounting", dir, None, e.into())),
+        }
+    }
 }
 
 /// `klon umount DIR`: unmounts the klon mount on `dir`. Anything else
@@ -555,7 +697,7 @@ mod daemon {
 
     use fuser::Session;
 
-    use super::{ImageFs, serve};
+    use super::{ImageFs, MountFile, serve};
     use crate::error::{Error, Result};
 
     /// Hands `session` (mounted, not yet served) to a child process in a
@@ -565,8 +707,9 @@ mod daemon {
     pub(super) fn detach(
         session: Session<ImageFs>,
         dir: &Path,
+        to_mount: &[MountFile],
         take_lock: impl FnOnce() -> Result<Option<crate::repo::lock::Lock>>,
-        ready: impl FnOnce(),
+        ready: impl FnOnce(Vec<String>),
     ) -> Result<()> {
         let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
         if threads != 1 {
@@ -590,8 +733,8 @@ mod daemon {
                 let mut said = String::new();
                 let _ = std::fs::File::from(read_end).read_to_string(&mut said);
                 match said.split_once('\n') {
-                    Some(("ok", _)) => {
-                        ready();
+                    Some(("ok", filesystems)) => {
+                        ready(filesystems.lines().map(str::to_string).collect());
                         Ok(())
                     }
                     Some((code, message)) => {
@@ -608,7 +751,7 @@ mod daemon {
             }
             Ok(nix::unistd::ForkResult::Child) => {
                 drop(read_end);
-                let code = child(session, dir, take_lock, write_end);
+                let code = child(session, dir, to_mount, take_lock, write_end);
                 std::process::exit(code);
             }
         }
@@ -619,6 +762,7 @@ mod daemon {
     fn child(
         mut session: Session<ImageFs>,
         dir: &Path,
+        to_mount: &[MountFile],
         take_lock: impl FnOnce() -> Result<Option<crate::repo::lock::Lock>>,
         report: OwnedFd,
     ) -> i32 {
@@ -634,9 +778,11 @@ mod daemon {
                 return e.exit_code();
             }
         };
-        let _ = report.write_all(b"ok\n");
-        drop(report);
-        match serve(session, dir) {
+        let ready = |filesystems: Vec<String>| {
+            let _ = write!(report, "ok\n{}", filesystems.join("\n"));
+            drop(report);
+        };
+        match serve(session, dir, to_mount, ready) {
             Ok(()) => 0,
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "klon mount: {e}");
