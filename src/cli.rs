@@ -50,6 +50,11 @@ pub enum Command {
     Clone(CloneArgs),
     /// Describe an image: source disk, table, partitions, sizes, completeness.
     Info(InfoArgs),
+    /// Show an image read-only as files through FUSE: disk.img and pN.img
+    /// per partition (klon umount DIR unmounts it).
+    Mount(MountArgs),
+    /// Unmount what klon mount mounted on a directory.
+    Umount(UmountArgs),
     /// Turn a Clonezilla image directory into a new klon image (checking
     /// every checksum of the Clonezilla image on the way).
     Convert(ConvertArgs),
@@ -297,6 +302,29 @@ pub struct InfoArgs {
     /// Image directory (klon's, or a Clonezilla image directory), or
     /// REPO[:SNAPSHOT] (default: the latest snapshot).
     pub image: PathBuf,
+}
+
+/// `klon mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Image directory (klon's), or REPO[:SNAPSHOT] (default: the latest snapshot).
+    pub image: PathBuf,
+    /// An empty directory to show the image's files in.
+    pub dir: PathBuf,
+    /// Serve in this process until unmounted or Ctrl-C, instead of in the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Also mount each partition's filesystem read-only on DIR/pN/ (no
+    /// journal replayed); klon umount unmounts them too.
+    #[arg(long)]
+    pub mount_filesystems: bool,
+}
+
+/// `klon umount`.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// The directory klon mount mounted an image on.
+    pub dir: PathBuf,
 }
 
 /// `klon convert`.

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::cli::{BackupArgs, Cli, CloneArgs, Command, ConvertArgs, InfoArgs, RestoreArgs, VerifyArgs};
+use crate::cli::{BackupArgs, Cli, CloneArgs, Command, ConvertArgs, InfoArgs, MountArgs, RestoreArgs, VerifyArgs};
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::czimage;
 use crate::engine::pipeline::default_workers;
@@ -36,6 +36,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Clone(a) => clone_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
         Command::Convert(a) => convert_cmd(cli, a),
+        Command::Mount(a) => mount_cmd(cli, a),
+        Command::Umount(a) => crate::engine::mount::umount(&a.dir),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet, cli.json),
         Command::Help(a) => help(&a.command),
         Command::Live(a) => crate::live::run(cli, a),
@@ -323,6 +325,21 @@ fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn mount_cmd(cli: &Cli, a: &MountArgs) -> Result<()> {
+    let opts = crate::engine::mount::MountOptions { foreground: a.foreground, mount_filesystems: a.mount_filesystems };
+    crate::engine::mount::mount(&a.image, &a.dir, &opts, |m| {
+        let files: Vec<_> =
+            m.files.iter().map(|f| json!({ "name": f.name, "start": f.start, "size": f.size })).collect();
+        if cli.json {
+            let _ =
+                print_json(&json!({ "image": m.image, "dir": m.dir, "files": files, "filesystems": m.filesystems }));
+        } else if !cli.quiet {
+            print!("{}", m.text());
+        }
+        let _ = std::io::stdout().flush();
+    })
 }
 
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
