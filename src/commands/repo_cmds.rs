@@ -9,6 +9,7 @@ use crate::engine::backup::BackupOptions;
 use crate::engine::czimage::ConvertOptions;
 use crate::engine::snapshot::{self, SnapshotOptions};
 use crate::error::{Error, Result};
+use crate::repo::pack::{self, PackIndex};
 use crate::repo::{Keep, Repository, check as repo_check, lock, prune as repo_prune};
 use crate::ui::human_bytes;
 
@@ -214,8 +215,12 @@ struct Growth {
 
 fn growth(repo: &Repository, all: &[crate::repo::SnapshotEntry]) -> Result<Growth> {
     let content_bytes = all.iter().flat_map(|s| &s.file.image.streams).map(|st| st.stored_bytes).sum();
-    let index = repo.load_index()?;
-    let pack_bytes = index.packs.iter().map(|p| p.1).sum();
+    // One index at a time: all of them at once (repo.load_index) would
+    // hold every chunk's entry in memory for a sum of pack sizes.
+    let mut pack_bytes = 0;
+    for name in repo.pack_names(".idx")? {
+        pack_bytes += PackIndex::load(&pack::index_path(&repo.packs_dir(), &name), &name)?.pack_size;
+    }
     let free_bytes =
         nix::sys::statvfs::statvfs(&repo.dir).map(|v| v.blocks_available() * v.fragment_size()).unwrap_or(0);
     // The oldest snapshot added everything: leave it out of the average.
