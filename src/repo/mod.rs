@@ -163,39 +163,13 @@ impl BlobIndex {
     /// The blobs of these packs' indexes. A chunk in more than one pack (a
     /// prune cut short, or a chunk stored again because its delta's base
     /// was gone) is taken from the first pack that has it readable: whole,
-    /// or a delta whose base is there whole.
+    /// or a delta whose chain of bases is.
     pub fn of(indexes: &[PackIndex]) -> BlobIndex {
-        let mut index = BlobIndex::default();
-        let mut others = Vec::new();
-        for (n, idx) in indexes.iter().enumerate() {
-            for e in &idx.entries {
-                match index.blobs.entry(e.id) {
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        v.insert((n as u32, *e));
-                    }
-                    std::collections::hash_map::Entry::Occupied(_) => others.push((n as u32, *e)),
-                }
-            }
-            index.packs.push((idx.name.clone(), idx.pack_size));
+        let mut b = BlobIndexBuilder::with_capacity(indexes.iter().map(|i| i.entries.len()).sum());
+        for idx in indexes {
+            b.add(idx);
         }
-        // Whole copies first (they make bases usable), then deltas, as
-        // long as one more becomes readable.
-        others.sort_by_key(|(_, e)| e.base.is_some());
-        loop {
-            let before = others.len();
-            others.retain(|(n, e)| {
-                let readable = e.base.as_ref().is_none_or(|b| index.depth(b).is_some_and(|d| d < MAX_DELTA_DEPTH));
-                if !index.usable(&e.id) && readable {
-                    index.blobs.insert(e.id, (*n, *e));
-                    return false;
-                }
-                true
-            });
-            if others.len() == before {
-                break;
-            }
-        }
-        index
+        b.finish()
     }
 
     /// Whether chunk `id` can be read: it is in a pack, and when it is a
@@ -237,6 +211,60 @@ impl BlobIndex {
     /// Where chunk `id` is.
     pub fn get(&self, id: &ChunkId) -> Option<(&str, &BlobEntry)> {
         self.blobs.get(id).map(|(p, e)| (self.packs[*p as usize].0.as_str(), e))
+    }
+}
+
+/// Builds a [`BlobIndex`] one pack index at a time, so that a caller need
+/// not hold every pack index with it.
+pub struct BlobIndexBuilder {
+    index: BlobIndex,
+    /// Later copies of chunks some pack already holds.
+    others: Vec<(u32, BlobEntry)>,
+}
+
+impl BlobIndexBuilder {
+    /// A builder with room for `chunks` entries (no regrowing as it fills).
+    pub fn with_capacity(chunks: usize) -> BlobIndexBuilder {
+        let index = BlobIndex { packs: Vec::new(), blobs: HashMap::with_capacity(chunks) };
+        BlobIndexBuilder { index, others: Vec::new() }
+    }
+
+    /// Adds the next pack's index.
+    pub fn add(&mut self, idx: &PackIndex) {
+        let n = self.index.packs.len() as u32;
+        for e in &idx.entries {
+            match self.index.blobs.entry(e.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert((n, *e));
+                }
+                std::collections::hash_map::Entry::Occupied(_) => self.others.push((n, *e)),
+            }
+        }
+        self.index.packs.push((idx.name.clone(), idx.pack_size));
+    }
+
+    /// The index, each chunk in more than one pack taken from the first
+    /// that has it readable.
+    pub fn finish(self) -> BlobIndex {
+        let (mut index, mut others) = (self.index, self.others);
+        // Whole copies first (they make bases usable), then deltas, as
+        // long as one more becomes readable.
+        others.sort_by_key(|(_, e)| e.base.is_some());
+        loop {
+            let before = others.len();
+            others.retain(|(n, e)| {
+                let readable = e.base.as_ref().is_none_or(|b| index.depth(b).is_some_and(|d| d < MAX_DELTA_DEPTH));
+                if !index.usable(&e.id) && readable {
+                    index.blobs.insert(e.id, (*n, *e));
+                    return false;
+                }
+                true
+            });
+            if others.len() == before {
+                break;
+            }
+        }
+        index
     }
 }
 
@@ -401,11 +429,21 @@ impl Repository {
     /// Reads every pack's index. A pack without an index is not part of
     /// the repository yet (a backup was cut short while writing it).
     pub fn load_index(&self) -> Result<BlobIndex> {
-        let mut indexes = Vec::new();
-        for name in self.pack_names(".idx")? {
-            indexes.push(PackIndex::load(&pack::index_path(&self.packs_dir(), &name), &name)?);
+        let names = self.pack_names(".idx")?;
+        // Room for every entry at once (an index file is 56 bytes an entry
+        // and a little more), and one pack index held at a time.
+        // (Bounded: a damaged index may say any size; loading refuses it.)
+        let mut chunks = 0u64;
+        for name in &names {
+            let path = pack::index_path(&self.packs_dir(), name);
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            chunks += (len / pack::PACK_ENTRY_LEN as u64).min(1 << 20);
         }
-        Ok(BlobIndex::of(&indexes))
+        let mut b = BlobIndexBuilder::with_capacity(chunks.min(1 << 23) as usize);
+        for name in &names {
+            b.add(&PackIndex::load(&pack::index_path(&self.packs_dir(), name), name)?);
+        }
+        Ok(b.finish())
     }
 
     /// The names of the packs having a file ending in `ext` (".pack",
