@@ -77,6 +77,7 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
     let dst_index = dst.load_index()?;
     let chains = dst.config.format_version >= 3;
     let mut reader = ContentReader::new(src.packs_dir(), &src_index)?;
+    let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
     let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir());
     let src_packs = src.packs_dir();
     // The chunks sent, and how many deltas lead from each to a whole
@@ -106,16 +107,23 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
                         let below = sent.get(&b).copied().or_else(|| dst_index.depth(&b))?;
                         (chains && below < MAX_DELTA_DEPTH).then_some(below + 1)
                     });
-                    report.stored_bytes +=
-                        send(&mut reader, &src_packs, &src_index, &id, depth.is_none(), level, &mut writer).map_err(
-                            |err| {
-                                err.with_note(&format!(
-                                    "(a chunk of snapshot {} at disk offset {})",
-                                    s.short_id(),
-                                    e.extents[0].0
-                                ))
-                            },
-                        )?;
+                    report.stored_bytes += send(
+                        &mut reader,
+                        &mut decomp,
+                        &src_packs,
+                        &src_index,
+                        &id,
+                        depth.is_none(),
+                        level,
+                        &mut writer,
+                    )
+                    .map_err(|err| {
+                        err.with_note(&format!(
+                            "(a chunk of snapshot {} at disk offset {})",
+                            s.short_id(),
+                            e.extents[0].0
+                        ))
+                    })?;
                     report.chunks += 1;
                     sent.insert(id, depth.unwrap_or(0));
                 }
@@ -152,8 +160,10 @@ fn original_of(s: &SnapshotEntry) -> &str {
 /// Reads chunk `id` from the source's packs (under `packs`), checked, and
 /// writes it into `writer`: its record as stored, or (a delta, when
 /// `whole`) its content stored whole. Returns the bytes written.
+#[allow(clippy::too_many_arguments)]
 fn send(
     reader: &mut ContentReader,
+    decomp: &mut zstd::bulk::Decompressor,
     packs: &std::path::Path,
     index: &BlobIndex,
     id: &ChunkId,
@@ -164,9 +174,9 @@ fn send(
     let Some((pack_name, e)) = index.get(id) else {
         return Err(Error::Corrupt(format!("chunk {} is in no pack of the source (run klon check)", short(id))));
     };
-    // The content, checked: its blake3 (a delta made from its bases).
-    let content = reader.content(id)?;
     if e.base.is_some() && whole {
+        // The content, checked: its blake3 (made from its bases).
+        let content = reader.content(id)?;
         let (flags, payload) = crate::engine::backup::stored_payload(content.into(), level)?;
         writer.add(&NewBlob {
             id: *id,
@@ -181,15 +191,10 @@ fn send(
     let path = pack::pack_path(packs, pack_name);
     let record = read_record(&path, e)?;
     let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
-    pack::check_stored(e, &record, &where_)?;
-    writer.add(&NewBlob {
-        id: *id,
-        raw_len: e.raw_len,
-        flags: e.flags,
-        payload_crc: e.payload_crc,
-        payload: &record[BLOB_HEADER_LEN..],
-        base: e.base,
-    })?;
+    // Read once: the record checked whole (its content's blake3, a delta
+    // made from its bases), then written as it is.
+    pack::check_record(e, &record, decomp, &mut |b| reader.base(b), &where_)?;
+    writer.add_record(e, &record)?;
     Ok(record.len() as u64)
 }
 

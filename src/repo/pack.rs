@@ -300,6 +300,19 @@ impl PackWriter {
         }
     }
 
+    /// Appends the record of blob `e` as another pack stored it (checked
+    /// by the caller): the same bytes, in a new pack.
+    pub fn add_record(&mut self, e: &BlobEntry, record: &[u8]) -> Result<()> {
+        self.add(&NewBlob {
+            id: e.id,
+            raw_len: e.raw_len,
+            flags: e.flags,
+            payload_crc: e.payload_crc,
+            payload: &record[BLOB_HEADER_LEN..],
+            base: e.base,
+        })
+    }
+
     /// Appends a blob; closes the pack when it is full.
     pub fn add(&mut self, blob: &NewBlob) -> Result<()> {
         if self.open.is_none() {

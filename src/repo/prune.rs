@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 
 use serde::Serialize;
 
-use super::pack::{self, BLOB_HEADER_LEN, ChunkId, NewBlob, PackIndex, PackWriter};
+use super::pack::{self, ChunkId, PackIndex, PackWriter};
 use super::{Repository, read_dir_names};
 use crate::error::{Error, Result};
 
@@ -211,14 +211,7 @@ fn copy_blobs(
         let where_ = format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
         pack::check_stored(e, &buf, &where_)
             .map_err(|err| err.with_note("run klon check --read-data to see which snapshots need it"))?;
-        writer.add(&NewBlob {
-            id: e.id,
-            raw_len: e.raw_len,
-            flags: e.flags,
-            payload_crc: e.payload_crc,
-            payload: &buf[BLOB_HEADER_LEN..],
-            base: e.base,
-        })?;
+        writer.add_record(e, &buf)?;
     }
     Ok(())
 }
