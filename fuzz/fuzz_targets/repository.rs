@@ -54,14 +54,16 @@ fuzz_target!(|data: &[u8]| {
                 .enumerate()
                 .map(|(n, entries)| PackIndex { name: format!("{n:064}"), pack_size: 0, entries })
                 .collect();
-            let index = BlobIndex::of(&indexes);
-            for id in index.blobs.keys() {
+            let index = BlobIndex::of(&indexes).expect("few chunks");
+            for pos in 0..index.len() {
+                let id = index.id_at(pos);
                 let chain = index.chain(id);
                 assert!(chain.len() <= MAX_DELTA_DEPTH + 1);
                 match index.depth(id) {
                     Some(d) => {
                         assert_eq!(chain.len(), d + 1, "a readable chunk's chain");
-                        assert!(index.blobs[chain.last().expect("not empty")].1.base.is_none());
+                        let (_, last) = index.get(chain.last().expect("not empty")).expect("a readable chain");
+                        assert!(last.base.is_none());
                         assert!(index.usable(id));
                     }
                     None => assert!(!index.usable(id)),

@@ -280,7 +280,7 @@ impl ImageSink for SnapshotSink {
             Some((_, payload)) => self.stored[stream] += payload.len() as u64,
             None => {
                 self.reused_chunks += 1;
-                self.stored[stream] += self.encoder.index.blobs.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
+                self.stored[stream] += self.encoder.index.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
             }
         }
         self.table[stream].push(TableEntry { id, raw_len, extents });

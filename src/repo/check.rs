@@ -1,14 +1,15 @@
 //! `klon check`: a repository's structure and references, and with
 //! `--read-data` every byte; and the record of each snapshot's last check.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::index::{Base, Bits};
 use super::pack::{self, ChunkId, PackIndex};
 use super::snapshot::short;
-use super::{MAX_DELTA_DEPTH, Repository, read_dir_names};
+use super::{BlobIndex, MAX_DELTA_DEPTH, Repository, read_dir_names};
 use crate::error::{Error, Result};
 
 /// File of a repository that records each snapshot's last verification.
@@ -97,27 +98,30 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     let packs_dir = repo.packs_dir();
 
-    // Packs and their indexes.
-    let mut indexes: Vec<PackIndex> = Vec::new();
+    // Packs and their indexes, into one table of every chunk (see
+    // BlobIndex), one pack index held at a time.
     let idx_names = repo.pack_names(".idx")?;
     let pack_names = repo.pack_names(".pack")?;
+    let mut builder = repo.index_builder(&idx_names);
     for name in &idx_names {
-        match PackIndex::load(&pack::index_path(&packs_dir, name), name) {
-            Ok(idx) => {
+        let loaded = PackIndex::load(&pack::index_path(&packs_dir, name), name).and_then(|idx| {
+            builder.add(&idx)?;
+            Ok(idx.pack_size)
+        });
+        match loaded {
+            Ok(size) => {
                 let path = pack::pack_path(&packs_dir, name);
                 match std::fs::metadata(&path) {
-                    Ok(m) if m.len() == idx.pack_size => {}
+                    Ok(m) if m.len() == size => {}
                     Ok(m) => report.problems.push(format!(
-                        "{}: {} bytes, its index says {}: the pack is damaged",
+                        "{}: {} bytes, its index says {size}: the pack is damaged",
                         path.display(),
                         m.len(),
-                        idx.pack_size
                     )),
                     Err(_) => {
                         report.problems.push(format!("{}: the pack is missing (its index is there)", path.display()))
                     }
                 }
-                indexes.push(idx);
             }
             Err(e) => report.problems.push(e.to_string()),
         }
@@ -127,14 +131,14 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
             "pack {name} has no index (a backup was cut short while writing it): nothing uses it, klon prune removes it"
         ));
     }
-    report.packs = indexes.len();
-    // Where reads take each chunk from (see BlobIndex::of).
-    let all = super::BlobIndex::of(&indexes);
-    report.chunks = all.blobs.len();
+    let all = builder.finish();
+    report.packs = all.packs.len();
+    report.chunks = all.len();
 
-    // Snapshots: which of them use each chunk, and where.
-    let mut users: HashMap<ChunkId, Vec<String>> = HashMap::new();
-    let mut snapshot_ids = Vec::new();
+    // Snapshots: which chunks they use (a bit a chunk; who uses a chunk
+    // is looked up again only for a problem that names them).
+    let mut used = Bits::new(all.len());
+    let mut snapshots = Vec::new();
     for f in read_dir_names(&repo.snapshots_dir())? {
         let Some(id) = f.strip_suffix(".json") else { continue };
         let snap = match super::snapshot::SnapshotFile::load(&repo, id) {
@@ -151,104 +155,98 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
                 continue;
             }
         };
-        snapshot_ids.push(id.to_string());
         report.snapshots += 1;
         for (si, entries) in table.iter().enumerate() {
-            let stream = crate::image::reader::describe_stream(&snap.image.streams[si]);
             for e in entries {
-                let place = format!("snapshot {} {stream} at disk offset {}", &id[..8], e.extents[0].0);
-                match all.blobs.get(&e.id) {
-                    None => report
-                        .problems
-                        .push(format!("chunk {} is missing from every pack; it holds {place}", short(&e.id))),
-                    Some((_, b)) if b.raw_len != e.raw_len => report
-                        .problems
-                        .push(format!("chunk {}: its length differs from what {place} needs", short(&e.id))),
-                    Some(_) => {}
+                let place = || place(id, &snap, si, e);
+                match all.position(&e.id) {
+                    None => report.problems.push(format!(
+                        "chunk {} is missing from every pack; it holds {}",
+                        short(&e.id),
+                        place()
+                    )),
+                    Some(p) if all.entry_at(p).raw_len != e.raw_len => report.problems.push(format!(
+                        "chunk {}: its length differs from what {} needs",
+                        short(&e.id),
+                        place()
+                    )),
+                    Some(p) => used.set(p),
                 }
-                let u = users.entry(e.id).or_default();
-                if u.len() < 8 {
-                    u.push(place);
-                }
+            }
+        }
+        snapshots.push((id.to_string(), snap));
+    }
+    // The snapshots a delta holds are held by every chunk down its chain
+    // of bases too.
+    for p in 0..all.len() {
+        if used.get(p) && all.base_at(p) != Base::Whole {
+            for b in all.bases_at(p) {
+                used.set(b);
             }
         }
     }
 
-    // The snapshots a delta holds are held by every chunk down its chain
-    // of bases too.
-    let mut inherited: Vec<(ChunkId, Vec<String>)> = Vec::new();
-    for (pi, idx) in indexes.iter().enumerate() {
-        for e in idx.entries.iter().filter(|e| e.base.is_some() && read_from(&all, pi, e)) {
-            if let Some(used_by) = users.get(&e.id) {
-                inherited.extend(all.chain(&e.id).into_iter().skip(1).map(|b| (b, used_by.clone())));
-            }
-        }
-    }
-    for (base, used_by) in inherited {
-        let u = users.entry(base).or_default();
-        for place in used_by {
-            if u.len() < 8 && !u.contains(&place) {
-                u.push(place);
-            }
-        }
-    }
+    // Problems that name the snapshots holding a chunk: (problem, chunk,
+    // what to say when none does).
+    let mut holders: Vec<(usize, ChunkId, &str)> = Vec::new();
     // Each delta's base: there, and its chain of bases ending in a whole
-    // chunk within MAX_DELTA_DEPTH deltas.
-    for (pi, idx) in indexes.iter().enumerate() {
-        for e in idx.entries.iter().filter(|e| e.base.is_some()) {
-            let base = e.base.expect("filtered");
-            // A copy reads do not take (the chunk is in another pack too)
-            // holds no snapshot.
-            let used_by = if read_from(&all, pi, e) { users.get(&e.id).cloned().unwrap_or_default() } else { vec![] };
-            let holds = || if used_by.is_empty() { "no snapshot".to_string() } else { used_by.join("; ") };
-            match all.blobs.get(&base) {
-                None if used_by.is_empty() => report.notes.push(format!(
-                    "chunk {} is stored as changes to chunk {}, which a prune removed; no snapshot uses it, \
-                     klon prune removes it",
-                    short(&e.id),
-                    short(&base)
-                )),
-                None => report.problems.push(format!(
-                    "chunk {} is stored as changes to chunk {}, which is missing from every pack; it holds {}",
+    // chunk within MAX_DELTA_DEPTH deltas. A copy reads do not take (the
+    // chunk is in another pack too) holds no snapshot.
+    let read = (0..all.len()).filter(|p| all.base_at(*p) != Base::Whole).map(|p| (all.entry_at(p), used.get(p)));
+    let spare = all.spares().filter(|(_, e)| e.base.is_some()).map(|(_, e)| (e, false));
+    for (e, holds) in read.chain(spare) {
+        let base = e.base.expect("filtered");
+        if !all.contains(&base) {
+            if holds {
+                holders.push((report.problems.len(), e.id, "no snapshot"));
+                report.problems.push(format!(
+                    "chunk {} is stored as changes to chunk {}, which is missing from every pack",
                     short(&e.id),
                     short(&base),
-                    holds()
-                )),
-                Some(_)
-                    if all.depth(&e.id).is_none()
-                        && all.chain(&e.id).last().is_some_and(|c| all.blobs.contains_key(c)) =>
-                {
-                    report.problems.push(format!(
-                        "chunk {} is stored as changes to chunk {}, whose chain of bases is longer than \
-                         {MAX_DELTA_DEPTH} deltas or loops: the pack indexes are damaged; it holds {}",
-                        short(&e.id),
-                        short(&base),
-                        holds()
-                    ))
-                }
-                Some(_) => {}
+                ));
+            } else {
+                report.notes.push(format!(
+                    "chunk {} is stored as changes to chunk {}, which a prune removed; no snapshot uses it, klon \
+                     prune removes it",
+                    short(&e.id),
+                    short(&base)
+                ));
+            }
+        } else if all.depth(&e.id).is_none() && all.chain(&e.id).last().is_some_and(|c| all.contains(c)) {
+            let problem = format!(
+                "chunk {} is stored as changes to chunk {}, whose chain of bases is longer than {MAX_DELTA_DEPTH} \
+                 deltas or loops: the pack indexes are damaged",
+                short(&e.id),
+                short(&base),
+            );
+            if holds {
+                holders.push((report.problems.len(), e.id, "no snapshot"));
+                report.problems.push(problem);
+            } else {
+                report.problems.push(format!("{problem}; it holds no snapshot"));
             }
         }
     }
 
     if read_data {
         let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all)?;
-        let total: u64 = indexes.iter().map(|i| i.pack_size).sum();
+        let total: u64 = all.packs.iter().map(|p| p.size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
-        for (pi, idx) in indexes.iter().enumerate() {
-            let read = pack::check_blobs(&packs_dir, idx, &mut |b| bases.base(b), |e, record, checked| {
-                report.bytes_read += record.len() as u64;
-                progress.add(record.len() as u64);
-                // An unused delta whose base a prune removed was noted above.
-                let orphan = e.base.is_some_and(|b| !all.blobs.contains_key(&b))
-                    && !(read_from(&all, pi, e) && users.contains_key(&e.id));
-                let checked = if orphan { Ok(()) } else { checked };
-                if let Err(why) = checked {
-                    let affected =
-                        users.get(&e.id).map(|u| u.join("; ")).unwrap_or_else(|| "no snapshot uses it".into());
-                    report.problems.push(format!("{why}; it holds {affected}"));
-                }
-                Ok(())
+        for (pi, info) in all.packs.iter().enumerate() {
+            let read = PackIndex::load(&pack::index_path(&packs_dir, &info.name), &info.name).and_then(|idx| {
+                pack::check_blobs(&packs_dir, &idx, &mut |b| bases.base(b), |e, record, checked| {
+                    report.bytes_read += record.len() as u64;
+                    progress.add(record.len() as u64);
+                    // An unused delta whose base a prune removed was noted
+                    // above.
+                    let orphan = e.base.is_some_and(|b| !all.contains(&b))
+                        && !(all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| used.get(p)));
+                    if let (false, Err(why)) = (orphan, checked) {
+                        holders.push((report.problems.len(), e.id, "no snapshot uses it"));
+                        report.problems.push(why.to_string());
+                    }
+                    Ok(())
+                })
             });
             match read {
                 Ok(()) => {}
@@ -259,15 +257,65 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         progress.finish();
     }
 
+    name_holders(&repo, &all, &snapshots, &holders, &mut report.problems);
     let result = if report.problems.is_empty() { Ok(()) } else { Err(report.problems.join("; ")) };
     if read_data {
-        record_many(&repo, &snapshot_ids, &result);
+        let ids: Vec<String> = snapshots.into_iter().map(|(id, _)| id).collect();
+        record_many(&repo, &ids, &result);
     }
     Ok(report)
 }
 
-/// Whether reads take chunk `e` from pack number `pi` (and not another
-/// copy of it).
-fn read_from(all: &super::BlobIndex, pi: usize, e: &pack::BlobEntry) -> bool {
-    all.blobs.get(&e.id).is_some_and(|(p, c)| *p as usize == pi && c.offset == e.offset)
+/// Where the chunk `e` of stream `si` of snapshot `id` goes, as problems
+/// name it.
+fn place(id: &str, snap: &super::snapshot::SnapshotFile, si: usize, e: &super::snapshot::TableEntry) -> String {
+    let stream = crate::image::reader::describe_stream(&snap.image.streams[si]);
+    format!("snapshot {} {stream} at disk offset {}", &id[..8], e.extents[0].0)
+}
+
+/// Ends each problem of `holders` with the snapshots that hold its chunk
+/// (at most 8 places: snapshot, partition and disk offset), through a
+/// delta's chain of bases too: the tables are read again, only when some
+/// problem needs them.
+fn name_holders(
+    repo: &Repository,
+    all: &BlobIndex,
+    snapshots: &[(String, super::snapshot::SnapshotFile)],
+    holders: &[(usize, ChunkId, &str)],
+    problems: &mut [String],
+) {
+    const MOST: usize = 8;
+    if holders.is_empty() {
+        return;
+    }
+    // The chunks named, and every chunk whose chain of bases reaches one.
+    let mut named: BTreeMap<usize, Vec<String>> =
+        holders.iter().filter_map(|(_, id, _)| all.position(id)).map(|p| (p, Vec::new())).collect();
+    let mut reaches = Bits::new(all.len());
+    for p in 0..all.len() {
+        if named.contains_key(&p) || all.bases_at(p).any(|b| named.contains_key(&b)) {
+            reaches.set(p);
+        }
+    }
+    for (id, snap) in snapshots {
+        let Ok(table) = snap.load_table(repo) else { continue };
+        for (si, entries) in table.iter().enumerate() {
+            for e in entries {
+                let Some(p) = all.position(&e.id).filter(|p| reaches.get(*p)) else { continue };
+                for link in std::iter::once(p).chain(all.bases_at(p)) {
+                    if let Some(places) = named.get_mut(&link).filter(|v| v.len() < MOST) {
+                        let here = place(id, snap, si, e);
+                        if !places.contains(&here) {
+                            places.push(here);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (i, id, none) in holders {
+        let places = all.position(id).and_then(|p| named.get(&p)).filter(|v| !v.is_empty());
+        let holds = places.map(|v| v.join("; ")).unwrap_or_else(|| none.to_string());
+        problems[*i] = format!("{}; it holds {holds}", problems[*i]);
+    }
 }

@@ -103,7 +103,7 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
                     crate::engine::cancel::check("copy")?;
                     // A delta goes as it is onto a base the destination
                     // reads within the chain limit; else as its content.
-                    let depth = src_index.blobs.get(&id).and_then(|(_, b)| b.base).and_then(|b| {
+                    let depth = src_index.get(&id).and_then(|(_, b)| b.base).and_then(|b| {
                         let below = sent.get(&b).copied().or_else(|| dst_index.depth(&b))?;
                         (chains && below < MAX_DELTA_DEPTH).then_some(below + 1)
                     });
@@ -174,6 +174,7 @@ fn send(
     let Some((pack_name, e)) = index.get(id) else {
         return Err(Error::Corrupt(format!("chunk {} is in no pack of the source (run klon check)", short(id))));
     };
+    let e = &e;
     if e.base.is_some() && whole {
         // The content, checked: its blake3 (made from its bases).
         let content = reader.content(id)?;

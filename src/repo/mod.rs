@@ -9,6 +9,7 @@
 pub mod check;
 pub mod copy;
 pub mod delta;
+pub mod index;
 pub mod lock;
 pub mod pack;
 pub mod policy;
@@ -16,13 +17,13 @@ pub mod prune;
 pub mod read;
 pub mod snapshot;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use pack::{BlobEntry, ChunkId, PackIndex};
+pub use index::{BlobIndex, BlobIndexBuilder};
+use pack::PackIndex;
 use snapshot::SnapshotFile;
 
 /// File name of a repository's configuration.
@@ -147,125 +148,6 @@ fn is_unfinished_creation(dir: &Path) -> bool {
             _ => false,
         }
     })
-}
-
-/// Where each chunk of a repository is: every pack's index, loaded.
-#[derive(Debug, Default)]
-pub struct BlobIndex {
-    /// The packs, by number.
-    pub packs: Vec<(String, u64)>,
-    /// Each chunk's pack number and entry (the first found, when a prune
-    /// that was cut short left a chunk in two packs).
-    pub blobs: HashMap<ChunkId, (u32, BlobEntry)>,
-}
-
-impl BlobIndex {
-    /// The blobs of these packs' indexes. A chunk in more than one pack (a
-    /// prune cut short, or a chunk stored again because its delta's base
-    /// was gone) is taken from the first pack that has it readable: whole,
-    /// or a delta whose chain of bases is.
-    pub fn of(indexes: &[PackIndex]) -> BlobIndex {
-        let mut b = BlobIndexBuilder::with_capacity(indexes.iter().map(|i| i.entries.len()).sum());
-        for idx in indexes {
-            b.add(idx);
-        }
-        b.finish()
-    }
-
-    /// Whether chunk `id` can be read: it is in a pack, and when it is a
-    /// delta its chain of bases is there, ending in a whole chunk within
-    /// [`MAX_DELTA_DEPTH`] deltas. A prune removes a base no snapshot
-    /// needs while an unused delta of it may stay in a pack it keeps: a
-    /// backup must not reuse that delta.
-    pub fn usable(&self, id: &ChunkId) -> bool {
-        self.depth(id).is_some()
-    }
-
-    /// How many deltas lead from chunk `id` to the whole chunk its chain of
-    /// bases ends in (0 for a whole chunk); None when a link is missing or
-    /// the chain is longer than [`MAX_DELTA_DEPTH`] (a loop included).
-    pub fn depth(&self, id: &ChunkId) -> Option<usize> {
-        let mut at = id;
-        for depth in 0..=MAX_DELTA_DEPTH {
-            match &self.blobs.get(at)?.1.base {
-                None => return Some(depth),
-                Some(b) => at = b,
-            }
-        }
-        None
-    }
-
-    /// Chunk `id`, then its base, its base's base…: the chain reads follow
-    /// (at most [`MAX_DELTA_DEPTH`] + 1 chunks; it stops at a missing one).
-    pub fn chain(&self, id: &ChunkId) -> Vec<ChunkId> {
-        let mut chain = vec![*id];
-        while chain.len() <= MAX_DELTA_DEPTH {
-            match self.blobs.get(chain.last().expect("not empty")).and_then(|(_, e)| e.base) {
-                Some(b) => chain.push(b),
-                None => break,
-            }
-        }
-        chain
-    }
-
-    /// Where chunk `id` is.
-    pub fn get(&self, id: &ChunkId) -> Option<(&str, &BlobEntry)> {
-        self.blobs.get(id).map(|(p, e)| (self.packs[*p as usize].0.as_str(), e))
-    }
-}
-
-/// Builds a [`BlobIndex`] one pack index at a time, so that a caller need
-/// not hold every pack index with it.
-pub struct BlobIndexBuilder {
-    index: BlobIndex,
-    /// Later copies of chunks some pack already holds.
-    others: Vec<(u32, BlobEntry)>,
-}
-
-impl BlobIndexBuilder {
-    /// A builder with room for `chunks` entries (no regrowing as it fills).
-    pub fn with_capacity(chunks: usize) -> BlobIndexBuilder {
-        let index = BlobIndex { packs: Vec::new(), blobs: HashMap::with_capacity(chunks) };
-        BlobIndexBuilder { index, others: Vec::new() }
-    }
-
-    /// Adds the next pack's index.
-    pub fn add(&mut self, idx: &PackIndex) {
-        let n = self.index.packs.len() as u32;
-        for e in &idx.entries {
-            match self.index.blobs.entry(e.id) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert((n, *e));
-                }
-                std::collections::hash_map::Entry::Occupied(_) => self.others.push((n, *e)),
-            }
-        }
-        self.index.packs.push((idx.name.clone(), idx.pack_size));
-    }
-
-    /// The index, each chunk in more than one pack taken from the first
-    /// that has it readable.
-    pub fn finish(self) -> BlobIndex {
-        let (mut index, mut others) = (self.index, self.others);
-        // Whole copies first (they make bases usable), then deltas, as
-        // long as one more becomes readable.
-        others.sort_by_key(|(_, e)| e.base.is_some());
-        loop {
-            let before = others.len();
-            others.retain(|(n, e)| {
-                let readable = e.base.as_ref().is_none_or(|b| index.depth(b).is_some_and(|d| d < MAX_DELTA_DEPTH));
-                if !index.usable(&e.id) && readable {
-                    index.blobs.insert(e.id, (*n, *e));
-                    return false;
-                }
-                true
-            });
-            if others.len() == before {
-                break;
-            }
-        }
-        index
-    }
 }
 
 /// A snapshot in a repository: its id (the blake3 of its file) and what
@@ -430,20 +312,25 @@ impl Repository {
     /// the repository yet (a backup was cut short while writing it).
     pub fn load_index(&self) -> Result<BlobIndex> {
         let names = self.pack_names(".idx")?;
-        // Room for every entry at once (an index file is 56 bytes an entry
-        // and a little more), and one pack index held at a time.
-        // (Bounded: a damaged index may say any size; loading refuses it.)
-        let mut chunks = 0u64;
+        let mut b = self.index_builder(&names);
         for name in &names {
+            b.add(&PackIndex::load(&pack::index_path(&self.packs_dir(), name), name)?)?;
+        }
+        Ok(b.finish())
+    }
+
+    /// A builder with room for every entry of the pack indexes `names` at
+    /// once (an index file is 56 bytes an entry and a little more), so
+    /// that its table is never copied to grow. (Bounded: a damaged index
+    /// may say any size; loading refuses it.)
+    pub fn index_builder(&self, names: &[String]) -> BlobIndexBuilder {
+        let mut chunks = 0u64;
+        for name in names {
             let path = pack::index_path(&self.packs_dir(), name);
             let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             chunks += (len / pack::PACK_ENTRY_LEN as u64).min(1 << 20);
         }
-        let mut b = BlobIndexBuilder::with_capacity(chunks.min(1 << 23) as usize);
-        for name in &names {
-            b.add(&PackIndex::load(&pack::index_path(&self.packs_dir(), name), name)?);
-        }
-        Ok(b.finish())
+        BlobIndexBuilder::with_capacity(chunks.min(1 << 24) as usize)
     }
 
     /// The names of the packs having a file ending in `ext` (".pack",
@@ -540,27 +427,6 @@ pub fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
 mod tests {
     use super::*;
 
-    fn blob(id: u8, base: Option<u8>) -> BlobEntry {
-        BlobEntry {
-            id: [id; 32],
-            offset: 0,
-            stored_len: 40,
-            raw_len: 4096,
-            payload_crc: 0,
-            flags: if base.is_some() { pack::FLAG_DELTA } else { 0 },
-            base: base.map(|b| [b; 32]),
-        }
-    }
-
-    fn index(packs: &[&[BlobEntry]]) -> BlobIndex {
-        let indexes: Vec<PackIndex> = packs
-            .iter()
-            .enumerate()
-            .map(|(n, e)| PackIndex { name: format!("{n:064}"), pack_size: 0, entries: e.to_vec() })
-            .collect();
-        BlobIndex::of(&indexes)
-    }
-
     #[test]
     fn a_creation_cut_short_is_created_over_and_anything_else_is_refused() {
         let t = crate::testutil::TempDir::new("repo-create");
@@ -576,39 +442,5 @@ mod tests {
         std::fs::write(other.join("packs").join("a-file"), b"x").unwrap();
         let e = Repository::create(&other, 4 << 20).unwrap_err().to_string();
         assert!(e.contains("is not empty"), "{e}");
-    }
-
-    #[test]
-    fn a_chain_is_readable_up_to_the_deepest_allowed_and_no_further() {
-        // 1 is whole; 2 is a delta of 1, 3 of 2, … 12 of 11.
-        let chain: Vec<BlobEntry> =
-            std::iter::once(blob(1, None)).chain((2..=12).map(|i| blob(i, Some(i - 1)))).collect();
-        let idx = index(&[&chain]);
-        assert_eq!(idx.depth(&[1; 32]), Some(0));
-        assert_eq!(idx.depth(&[9; 32]), Some(MAX_DELTA_DEPTH));
-        assert_eq!(idx.depth(&[10; 32]), None, "9 deltas deep");
-        assert!(idx.usable(&[9; 32]) && !idx.usable(&[10; 32]));
-        assert_eq!(idx.chain(&[3; 32]), vec![[3; 32], [2; 32], [1; 32]]);
-        assert_eq!(idx.chain(&[12; 32]).len(), MAX_DELTA_DEPTH + 1, "a chain read stops");
-    }
-
-    #[test]
-    fn bases_that_loop_or_are_missing_make_no_chunk_readable() {
-        let idx = index(&[&[blob(1, Some(2)), blob(2, Some(1)), blob(3, Some(3)), blob(4, Some(5)), blob(6, Some(4))]]);
-        for id in [1, 2, 3, 4, 6] {
-            assert_eq!(idx.depth(&[id; 32]), None, "chunk {id}");
-        }
-        assert_eq!(idx.chain(&[6; 32]), vec![[6; 32], [4; 32], [5; 32]], "up to the missing one");
-        assert_eq!(idx.chain(&[1; 32]).len(), MAX_DELTA_DEPTH + 1);
-    }
-
-    #[test]
-    fn a_chunk_in_two_packs_is_read_from_the_copy_whose_chain_is_whole() {
-        // Pack 0: 3 as a delta of 2, whose base 1 is gone; 4 a delta of 3.
-        // Pack 1: 3 again, whole. Pack 2: 2 whole (after 3's copy is seen).
-        let idx = index(&[&[blob(3, Some(2)), blob(4, Some(3))], &[blob(3, None)], &[blob(2, Some(1))]]);
-        assert_eq!(idx.blobs[&[3; 32]].0, 1, "the whole copy");
-        assert_eq!(idx.depth(&[4; 32]), Some(1));
-        assert!(!idx.usable(&[2; 32]));
     }
 }

@@ -13,11 +13,12 @@
 //! are deleted. Killed at any point, no chunk a snapshot references is
 //! lost: at worst a chunk is in two packs, or an unreferenced file stays.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::FileExt;
 
 use serde::Serialize;
 
+use super::index::{Base, Bits};
 use super::pack::{self, ChunkId, PackIndex, PackWriter};
 use super::{Repository, read_dir_names};
 use crate::error::{Error, Result};
@@ -84,65 +85,82 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
     let mut report = PruneReport { dry_run, ..Default::default() };
     let packs_dir = repo.packs_dir();
 
-    // Everything a snapshot references; refuse on any damage.
-    let mut referenced: HashSet<ChunkId> = HashSet::new();
+    // Everything a snapshot references (a bit for each chunk of the
+    // index); refuse on any damage.
+    let all = repo.load_index().map_err(refuse)?;
+    let mut referenced = Bits::new(all.len());
     let mut tables: HashSet<String> = HashSet::new();
     for s in repo.snapshots().map_err(refuse)?.into_iter().filter(|s| !forgotten.contains(&s.id)) {
         tables.insert(s.file.table.name.clone());
-        for stream in s.file.load_table(repo).map_err(refuse)? {
-            referenced.extend(stream.into_iter().map(|e| e.id));
+        for e in s.file.load_table(repo).map_err(refuse)?.iter().flatten() {
+            match all.position(&e.id) {
+                Some(p) => referenced.set(p),
+                None => return Err(refuse(in_no_pack(&e.id, &format!("snapshot {}", s.short_id())))),
+            }
         }
     }
-    let mut indexes = Vec::new();
-    for name in repo.pack_names(".idx")? {
-        indexes.push(PackIndex::load(&pack::index_path(&packs_dir, &name), &name).map_err(refuse)?);
-    }
-    let all = super::BlobIndex::of(&indexes);
     // A delta needs its chain of bases: a base is referenced as long as
     // one of its deltas is.
-    let bases: Vec<ChunkId> = referenced
-        .iter()
-        .filter(|id| all.blobs.get(*id).is_some_and(|(_, e)| e.base.is_some()))
-        .flat_map(|id| all.chain(id).into_iter().skip(1))
-        .collect();
-    referenced.extend(bases);
-
-    // Which pack keeps each referenced chunk: the one reads take it from.
-    let keeper: HashMap<ChunkId, usize> =
-        referenced.iter().filter_map(|id| all.blobs.get(id).map(|(p, _)| (*id, *p as usize))).collect();
-    if let Some(missing) = referenced.iter().find(|id| !keeper.contains_key(*id)) {
-        return Err(refuse(Error::Corrupt(format!(
-            "chunk {} that a snapshot references is in no pack",
-            super::snapshot::short(missing)
-        ))));
+    for p in 0..all.len() {
+        if !referenced.get(p) {
+            continue;
+        }
+        let mut at = p;
+        loop {
+            match all.base_at(at) {
+                Base::Whole => break,
+                Base::At(b) if !referenced.get(b) => {
+                    referenced.set(b);
+                    at = b;
+                }
+                // Marked, and its chain with it (or being marked now).
+                Base::At(_) => break,
+                Base::Absent(b) => return Err(refuse(in_no_pack(b, "a delta's chain of bases"))),
+            }
+        }
     }
 
+    // What each pack keeps: the referenced chunks reads take from it.
+    let mut kept = vec![(0u64, 0u32); all.packs.len()];
+    for p in (0..all.len()).filter(|p| referenced.get(*p)) {
+        let k = &mut kept[all.pack_at(p) as usize];
+        k.0 += all.entry_at(p).record_len();
+        k.1 += 1;
+    }
     let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir());
     let mut old_to_delete = Vec::new();
-    for (pi, idx) in indexes.iter().enumerate() {
-        let used: Vec<&pack::BlobEntry> = idx.entries.iter().filter(|e| keeper.get(&e.id) == Some(&pi)).collect();
-        let used_bytes: u64 = used.iter().map(|e| e.record_len()).sum();
-        report.chunks_dropped += idx.entries.len() - used.len();
-        report.chunks_kept += used.len();
-        let unused = idx.pack_size - used_bytes;
-        if used.is_empty() {
+    for (pi, (info, (used_bytes, used))) in all.packs.iter().zip(kept).enumerate() {
+        report.chunks_dropped += (info.chunks - used) as usize;
+        report.chunks_kept += used as usize;
+        let unused = info.size - used_bytes;
+        if used == 0 {
             report.packs_deleted += 1;
-            report.bytes_freed += idx.pack_size;
-            old_to_delete.push(idx.name.clone());
-        } else if unused * 100 > idx.pack_size * REPACK_UNUSED_PERCENT {
+            report.bytes_freed += info.size;
+            old_to_delete.push(info.name.clone());
+        } else if unused * 100 > info.size * REPACK_UNUSED_PERCENT {
             report.packs_rewritten += 1;
             report.bytes_freed += unused;
             report.bytes_after += used_bytes;
-            if !dry_run && let Err(e) = copy_blobs(&packs_dir, &idx.name, &used, &mut writer) {
-                writer.abandon();
-                return Err(e.with_note(
-                    "nothing was deleted (the chunks copied so far are in new packs too: the next prune removes \
-                     the spare copies)",
-                ));
+            if !dry_run {
+                let copied = PackIndex::load(&pack::index_path(&packs_dir, &info.name), &info.name).and_then(|idx| {
+                    let used: Vec<&pack::BlobEntry> = idx
+                        .entries
+                        .iter()
+                        .filter(|e| all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| referenced.get(p)))
+                        .collect();
+                    copy_blobs(&packs_dir, &info.name, &used, &mut writer)
+                });
+                if let Err(e) = copied {
+                    writer.abandon();
+                    return Err(e.with_note(
+                        "nothing was deleted (the chunks copied so far are in new packs too: the next prune \
+                         removes the spare copies)",
+                    ));
+                }
             }
-            old_to_delete.push(idx.name.clone());
+            old_to_delete.push(info.name.clone());
         } else {
-            report.bytes_after += idx.pack_size;
+            report.bytes_after += info.size;
         }
     }
     if !dry_run {
@@ -222,6 +240,10 @@ fn remove(path: &std::path::Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io("removing", path, None, e)),
     }
+}
+
+fn in_no_pack(id: &ChunkId, what: &str) -> Error {
+    Error::Corrupt(format!("chunk {} that {what} references is in no pack", super::snapshot::short(id)))
 }
 
 fn refuse(e: Error) -> Error {

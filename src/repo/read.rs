@@ -116,23 +116,23 @@ impl<'a> ContentReader<'a> {
     /// Chunk `id`'s record, checked as far as it goes without its base:
     /// its stored bytes decompressed, its base, its length and its place.
     fn stored(&mut self, id: &ChunkId) -> Result<(Vec<u8>, Option<ChunkId>, usize, String)> {
-        let Some((p, e)) = self.index.blobs.get(id) else {
+        let Some((p, e)) = self.index.position(id).map(|at| (self.index.pack_at(at), self.index.entry_at(at))) else {
             return Err(Error::Corrupt(format!(
                 "chunk {} is in no pack of the repository (run klon check)",
                 short(id)
             )));
         };
-        let name = &self.index.packs[*p as usize].0;
+        let name = &self.index.packs[p as usize].name;
         let path = pack::pack_path(&self.packs, name);
-        if self.open.as_ref().is_none_or(|o| o.0 != *p) {
+        if self.open.as_ref().is_none_or(|o| o.0 != p) {
             let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
-            self.open = Some((*p, f));
+            self.open = Some((p, f));
         }
         let f = &self.open.as_ref().expect("opened above").1;
         self.buf.resize(e.record_len() as usize, 0);
         f.read_exact_at(&mut self.buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
         let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
-        let stored = pack::unpack_record(e, &self.buf, &mut self.decomp, &where_)?;
+        let stored = pack::unpack_record(&e, &self.buf, &mut self.decomp, &where_)?;
         Ok((stored, e.base, e.raw_len as usize, where_))
     }
 }

@@ -49,9 +49,9 @@ impl SnapshotImage {
         let mut packs_used = std::collections::BTreeSet::new();
         for (si, entries) in table.iter().enumerate() {
             for (seq, e) in entries.iter().enumerate() {
-                match index.blobs.get(&e.id) {
+                match index.position(&e.id).map(|p| (index.pack_at(p), index.entry_at(p))) {
                     Some((p, b)) if b.raw_len == e.raw_len => {
-                        packs_used.insert(*p);
+                        packs_used.insert(p);
                         if b.base.is_some() {
                             let chain = index.chain(&e.id);
                             if index.depth(&e.id).is_none() {
@@ -64,7 +64,7 @@ impl SnapshotImage {
                                     crate::image::reader::describe_stream(&m.streams[si]),
                                     e.extents[0].0,
                                     short(&chain[1]),
-                                    if index.blobs.contains_key(last) {
+                                    if index.contains(last) {
                                         format!(
                                             "whose chain of bases is longer than {} deltas or loops: the pack indexes are damaged",
                                             crate::repo::MAX_DELTA_DEPTH
@@ -82,7 +82,8 @@ impl SnapshotImage {
                                     dir.display()
                                 )));
                             }
-                            packs_used.extend(chain.iter().skip(1).map(|c| index.blobs[c].0));
+                            packs_used
+                                .extend(chain.iter().skip(1).map(|c| index.pack_of(c).expect("a chain that reads")));
                         }
                     }
                     Some(_) => {
@@ -108,7 +109,7 @@ impl SnapshotImage {
             }
         }
         for p in packs_used {
-            let (name, size) = &index.packs[p as usize];
+            let crate::repo::index::PackInfo { name, size, .. } = &index.packs[p as usize];
             let path = pack::pack_path(&repo.packs_dir(), name);
             match std::fs::metadata(&path) {
                 Ok(meta) if meta.len() == *size => {}
