@@ -380,6 +380,40 @@ fn a_window_changed_again_and_again_is_a_chain_of_deltas_at_most_8_deep() {
     let out = t.join("out.img");
     ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
     assert_restored(&t, &d.path, &out, &d, "chain-pruned");
+
+    // A flipped byte in the whole chunk a delta of the newest snapshot is
+    // made from: check names that snapshot, which holds the chunk only
+    // through its chain of bases, and the disk offset.
+    let bases = bases_in(&repo);
+    let (pack, offset, stored_len) = records_in(&repo)
+        .into_iter()
+        .find(|(_, id, ..)| bases[id].is_none() && bases.values().any(|b| b.as_ref() == Some(id)))
+        .map(|(pack, _, offset, stored_len)| (pack, offset, stored_len))
+        .expect("a whole chunk that is a delta's base");
+    flip(&pack, offset + 64 + stored_len / 2);
+    let o = klon(&["check", "--read-data", s(&repo)]);
+    fails_with(&o, 4, &[]);
+    let newest = &snapshot_ids(&repo)[0][..8];
+    let out = stdout(&o);
+    let root = format!("{} at offset {offset}:", pack.display());
+    let line = out.lines().find(|l| l.contains(&root)).unwrap_or_else(|| panic!("no problem names {root}: {out}"));
+    assert!(line.contains(&format!("it holds snapshot {newest} ")) && line.contains("disk offset"), "{out}");
+}
+
+/// Every record of the repository's packs: its pack file, chunk id,
+/// offset and stored length, read from the pack indexes' bytes.
+fn records_in(repo: &Path) -> Vec<(PathBuf, [u8; 32], u64, u64)> {
+    let mut all = Vec::new();
+    for f in files_ending(repo, ".idx") {
+        let b = std::fs::read(&f).unwrap();
+        let n = u64::from_le_bytes(b[8..16].try_into().unwrap()) as usize;
+        for e in b[64..64 + 56 * n].chunks_exact(56) {
+            let offset = u64::from_le_bytes(e[32..40].try_into().unwrap());
+            let stored_len = u64::from(u32::from_le_bytes(e[40..44].try_into().unwrap()));
+            all.push((f.with_extension("pack"), e[..32].try_into().unwrap(), offset, stored_len));
+        }
+    }
+    all
 }
 
 /// `klon copy` sends only the chunks the destination lacks, each copy

@@ -186,9 +186,8 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         }
     }
 
-    // Problems that name the snapshots holding a chunk: (problem, chunk,
-    // what to say when none does).
-    let mut holders: Vec<(usize, ChunkId, &str)> = Vec::new();
+    // Problems that name the snapshots holding a chunk: (problem, chunk).
+    let mut holders: Vec<(usize, ChunkId)> = Vec::new();
     // Each delta's base: there, and its chain of bases ending in a whole
     // chunk within MAX_DELTA_DEPTH deltas. A copy reads do not take (the
     // chunk is in another pack too) holds no snapshot.
@@ -198,7 +197,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
         let base = e.base.expect("filtered");
         if !all.contains(&base) {
             if holds {
-                holders.push((report.problems.len(), e.id, "no snapshot"));
+                holders.push((report.problems.len(), e.id));
                 report.problems.push(format!(
                     "chunk {} is stored as changes to chunk {}, which is missing from every pack",
                     short(&e.id),
@@ -220,7 +219,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
                 short(&base),
             );
             if holds {
-                holders.push((report.problems.len(), e.id, "no snapshot"));
+                holders.push((report.problems.len(), e.id));
                 report.problems.push(problem);
             } else {
                 report.problems.push(format!("{problem}; it holds no snapshot"));
@@ -242,7 +241,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
                     let orphan = e.base.is_some_and(|b| !all.contains(&b))
                         && !(all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| used.get(p)));
                     if let (false, Err(why)) = (orphan, checked) {
-                        holders.push((report.problems.len(), e.id, "no snapshot uses it"));
+                        holders.push((report.problems.len(), e.id));
                         report.problems.push(why.to_string());
                     }
                     Ok(())
@@ -281,7 +280,7 @@ fn name_holders(
     repo: &Repository,
     all: &BlobIndex,
     snapshots: &[(String, super::snapshot::SnapshotFile)],
-    holders: &[(usize, ChunkId, &str)],
+    holders: &[(usize, ChunkId)],
     problems: &mut [String],
 ) {
     const MOST: usize = 8;
@@ -290,7 +289,7 @@ fn name_holders(
     }
     // The chunks named, and every chunk whose chain of bases reaches one.
     let mut named: BTreeMap<usize, Vec<String>> =
-        holders.iter().filter_map(|(_, id, _)| all.position(id)).map(|p| (p, Vec::new())).collect();
+        holders.iter().filter_map(|(_, id)| all.position(id)).map(|p| (p, Vec::new())).collect();
     let mut reaches = Bits::new(all.len());
     for p in 0..all.len() {
         if named.contains_key(&p) || all.bases_at(p).any(|b| named.contains_key(&b)) {
@@ -313,9 +312,9 @@ fn name_holders(
             }
         }
     }
-    for (i, id, none) in holders {
+    for (i, id) in holders {
         let places = all.position(id).and_then(|p| named.get(&p)).filter(|v| !v.is_empty());
-        let holds = places.map(|v| v.join("; ")).unwrap_or_else(|| none.to_string());
+        let holds = places.map(|v| v.join("; ")).unwrap_or_else(|| "no snapshot".to_string());
         problems[*i] = format!("{}; it holds {holds}", problems[*i]);
     }
 }
