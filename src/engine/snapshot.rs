@@ -8,7 +8,7 @@
 //! snapshot is written after every pack is synced, so it exists only when
 //! all its data does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,7 +151,7 @@ pub(crate) struct SnapshotSink {
 #[derive(Clone)]
 pub(crate) struct SnapshotEncoder {
     index: Arc<BlobIndex>,
-    bases: Arc<HashMap<u64, ChunkId>>,
+    bases: Arc<WindowBases>,
     packs_dir: PathBuf,
     window: u64,
     level: i32,
@@ -213,7 +213,7 @@ impl ChunkEncoder for SnapshotEncoder {
         let raw_len = content.len() as u32;
         let (mut payload, mut base, mut warning) = (None, None, None);
         if !self.index.usable(&id) {
-            if let Some(b) = self.bases.get(&(extents[0].0 / self.window)) {
+            if let Some(b) = self.bases.get(extents[0].0 / self.window).map(|p| self.index.id_at(p)) {
                 match delta_payload(&self.packs_dir, &self.index, b, &content, self.level) {
                     Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
                     Ok(None) => {}
@@ -283,7 +283,7 @@ impl ImageSink for SnapshotSink {
                 self.stored[stream] += self.encoder.index.get(&id).map_or(0, |(_, b)| u64::from(b.stored_len));
             }
         }
-        self.table[stream].push(TableEntry { id, raw_len, extents });
+        self.table[stream].push(TableEntry { id, raw_len, extents: extents.into() });
         Ok((stream, read))
     }
 
@@ -408,8 +408,8 @@ fn parent_bases(
     source: &crate::image::manifest::SourceInfo,
     window: u64,
     chains: bool,
-) -> HashMap<u64, ChunkId> {
-    let Ok(all) = repo.snapshots() else { return HashMap::new() };
+) -> WindowBases {
+    let Ok(all) = repo.snapshots() else { return WindowBases::default() };
     let same_size: Vec<_> = all.iter().filter(|s| s.file.image.source.size == source.size).collect();
     let same_disk = |s: &&&crate::repo::SnapshotEntry| {
         let other = &s.file.image.source;
@@ -418,18 +418,34 @@ fn parent_bases(
             _ => other.path == source.path,
         }
     };
-    let Some(parent) = same_size.iter().find(same_disk).or(same_size.first()) else { return HashMap::new() };
-    let Ok(table) = parent.file.load_table(repo) else { return HashMap::new() };
-    let mut bases = HashMap::new();
+    let Some(parent) = same_size.iter().find(same_disk).or(same_size.first()) else { return WindowBases::default() };
+    let Ok(table) = parent.file.load_table(repo) else { return WindowBases::default() };
+    let mut bases = Vec::with_capacity(table.iter().map(Vec::len).sum());
     for e in table.iter().flatten() {
-        let base = match index.depth(&e.id) {
+        let Some(at) = index.position(&e.id) else { continue };
+        let base = match index.depth_at(at) {
             None => continue,
-            Some(d) if chains && d < MAX_DELTA_DEPTH => e.id,
-            Some(_) => *index.chain(&e.id).last().expect("never empty"),
+            Some(d) if chains && d < MAX_DELTA_DEPTH => at,
+            Some(_) => index.bases_at(at).last().unwrap_or(at),
         };
-        bases.entry(e.extents[0].0 / window).or_insert(base);
+        bases.push((e.extents[0].0 / window, base as u32));
     }
-    bases
+    // The first chunk of each window (a stable sort keeps table order).
+    bases.sort_by_key(|(w, _)| *w);
+    bases.dedup_by_key(|(w, _)| *w);
+    WindowBases(bases)
+}
+
+/// The chunk each window of the disk had in its previous snapshot (see
+/// [`parent_bases`]), by its place in the repository's [`BlobIndex`],
+/// sorted by window: 16 bytes a window.
+#[derive(Debug, Default)]
+struct WindowBases(Vec<(u64, u32)>);
+
+impl WindowBases {
+    fn get(&self, window: u64) -> Option<usize> {
+        self.0.binary_search_by_key(&window, |(w, _)| *w).ok().map(|i| self.0[i].1 as usize)
+    }
 }
 
 /// `content` stored as changes to chunk `base`: the payload (the base's

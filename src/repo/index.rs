@@ -308,7 +308,6 @@ impl BlobIndexBuilder {
             }
         }
         slots.truncate(kept);
-        slots.shrink_to_fit();
         let mut buckets = vec![0u32; BUCKETS + 1];
         let mut at = 0;
         for (b, start) in buckets.iter_mut().enumerate() {

@@ -89,7 +89,37 @@ pub struct TableEntry {
     /// Its content length.
     pub raw_len: u32,
     /// Where its content goes on the disk, in order.
-    pub extents: Vec<Extent>,
+    pub extents: Extents,
+}
+
+/// A chunk's disk ranges, in order: one (most chunks) held inline, more
+/// on the heap (a table of a 2 TiB disk holds half a million).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Extents {
+    /// One range.
+    One(Extent),
+    /// Several (or none).
+    Many(Box<[Extent]>),
+}
+
+impl std::ops::Deref for Extents {
+    type Target = [Extent];
+
+    fn deref(&self) -> &[Extent] {
+        match self {
+            Extents::One(e) => std::slice::from_ref(e),
+            Extents::Many(v) => v,
+        }
+    }
+}
+
+impl From<Vec<Extent>> for Extents {
+    fn from(v: Vec<Extent>) -> Extents {
+        match v[..] {
+            [one] => Extents::One(one),
+            _ => Extents::Many(v.into_boxed_slice()),
+        }
+    }
 }
 
 /// A snapshot's table: per stream, its chunks in disk order.
@@ -178,7 +208,7 @@ pub fn encode_table(table: &Table) -> Vec<u8> {
             b.extend_from_slice(&e.id);
             b.extend_from_slice(&e.raw_len.to_le_bytes());
             b.extend_from_slice(&(e.extents.len() as u32).to_le_bytes());
-            for &(a, l) in &e.extents {
+            for &(a, l) in e.extents.iter() {
                 b.extend_from_slice(&a.to_le_bytes());
                 b.extend_from_slice(&l.to_le_bytes());
             }
@@ -241,7 +271,7 @@ pub fn decode_table(b: &[u8], m: &Manifest, where_: &str) -> Result<Table> {
                 return bad(format!("stream {} chunk {i}: its disk ranges do not hold its length", s.name));
             }
             sum += len;
-            entries.push(TableEntry { id: id.try_into().expect("32 bytes"), raw_len: raw, extents });
+            entries.push(TableEntry { id: id.try_into().expect("32 bytes"), raw_len: raw, extents: extents.into() });
         }
         if sum != s.stored_bytes {
             return bad(format!(

@@ -157,7 +157,7 @@ impl SnapshotImage {
             stream: stream as u32,
             flags,
             seq,
-            extents: e.extents.clone(),
+            extents: e.extents.to_vec(),
             raw_len: b.raw_len,
             stored_len,
             payload_crc,
