@@ -45,6 +45,23 @@ impl MountGuard {
         assert!(is_mounted(dir), "klon mount returned, but nothing is mounted on {}", dir.display());
         guard
     }
+
+    /// Runs `klon mount IMAGE DIR` with stderr a pipe (as a script that
+    /// captures its output has it), read to its end once klon returns.
+    fn piped(image: &str, dir: &Path) -> (MountGuard, String) {
+        std::fs::create_dir_all(dir).unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_klon"))
+            .args(["mount", image, s(dir)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let guard = MountGuard(dir.to_path_buf());
+        assert!(o.status.success(), "klon mount failed ({}): {}", o.status, stderr(&o));
+        assert!(is_mounted(dir), "klon mount returned, but nothing is mounted on {}", dir.display());
+        (guard, stderr(&o))
+    }
 }
 
 impl Drop for MountGuard {
@@ -205,6 +222,21 @@ fn a_damaged_chunk_is_an_io_error_and_the_rest_still_reads() {
     assert!(is_mounted(&dir));
     drop(p1);
     ok(&klon(&["umount", s(&dir)]));
+    assert!(!is_mounted(&dir));
+
+    // Mounted from a script that reads klon's stderr through a pipe (which
+    // klon does not hold open once mounted, so the script is not kept
+    // waiting): the message goes to the kernel log.
+    let (guard, _) = MountGuard::piped(s(&img), &dir);
+    let p1 = std::fs::File::open(dir.join("p1.img")).unwrap();
+    let e = p1.read_exact_at(&mut buf[..4096], bad_from).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    drop(p1);
+    let log = Command::new("dmesg").output().unwrap();
+    let log = String::from_utf8_lossy(&log.stdout);
+    let said = log.lines().filter(|l| l.contains("klon mount") && l.contains(s(&data))).collect::<Vec<_>>();
+    assert!(said.iter().any(|l| l.contains("I/O error (EIO)") && l.contains("chunk 1")), "the kernel log has {said:?}");
+    drop(guard);
     assert!(!is_mounted(&dir));
 }
 

@@ -373,14 +373,16 @@ impl Filesystem for ImageFs {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 use std::io::Write as _;
-                let _ = writeln!(
-                    std::io::stderr(),
+                // One write: the kernel log (see quiet_stdio) keeps each
+                // write as one record.
+                let message = format!(
                     "klon mount: reading {} bytes at offset {offset} of {} (image {}) failed, the reader gets an \
-                     I/O error (EIO): {e}",
+                     I/O error (EIO): {e}\n",
                     len,
                     f.name,
                     self.view.location().display()
                 );
+                let _ = std::io::stderr().write_all(message.as_bytes());
                 reply.error(Errno::EIO);
             }
         }
@@ -612,7 +614,8 @@ fn serve(session: Session<ImageFs>, dir: &Path, to_mount: &[MountFile], ready: i
                 Err(e) => {
                     if !said_busy {
                         use std::io::Write as _;
-                        let _ = writeln!(std::io::stderr(), "klon mount: cannot unmount {}: {e}", dir.display());
+                        let _ = std::io::stderr()
+                            .write_all(format!("klon mount: cannot unmount {}: {e}\n", dir.display()).as_bytes());
                         said_busy = true;
                     }
                     super::cancel::reset();
@@ -785,15 +788,17 @@ mod daemon {
         match serve(session, dir, to_mount, ready) {
             Ok(()) => 0,
             Err(e) => {
-                let _ = writeln!(std::io::stderr(), "klon mount: {e}");
+                let _ = std::io::stderr().write_all(format!("klon mount: {e}\n").as_bytes());
                 e.exit_code()
             }
         }
     }
 
     /// stdin and stdout become /dev/null; stderr, where damaged chunks are
-    /// reported, stays where it was when that is a terminal or a file (a
-    /// pipe would keep whoever reads it waiting until the unmount).
+    /// reported, stays where it was when that is a terminal or a file. A
+    /// pipe would keep whoever reads it waiting until the unmount: then
+    /// the reports go to the kernel log (`dmesg`), or nowhere when it
+    /// cannot be written.
     fn quiet_stdio() {
         let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") else {
             return;
@@ -801,14 +806,15 @@ mod daemon {
         let keep_stderr = std::fs::metadata("/proc/self/fd/2")
             .map(|m| m.file_type().is_char_device() || m.file_type().is_file())
             .unwrap_or(false);
-        let mut fds = vec![0, 1];
+        let kmsg = (!keep_stderr).then(|| std::fs::OpenOptions::new().write(true).open("/dev/kmsg").ok()).flatten();
+        let mut fds = vec![(0, null.as_raw_fd()), (1, null.as_raw_fd())];
         if !keep_stderr {
-            fds.push(2);
+            fds.push((2, kmsg.as_ref().map_or(null.as_raw_fd(), |k| k.as_raw_fd())));
         }
-        for fd in fds {
+        for (fd, to) in fds {
             // SAFETY: dup2 onto the standard descriptors, which stay open.
             unsafe {
-                libc::dup2(null.as_raw_fd(), fd);
+                libc::dup2(to, fd);
             }
         }
     }
