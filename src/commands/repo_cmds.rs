@@ -25,27 +25,9 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
     let verified = verify_added(cli, &report, a.no_verify)?;
     let s = &report.snapshot;
     let full: u64 = s.image.streams.iter().map(|st| st.stored_bytes).sum();
-    let print_backup = || {
-        println!(
-            "Backed up {} ({}) as snapshot {} of {}{} in {:.1} s: read {}, added {} in {} new chunks ({} chunks were there already){}",
-            a.source.display(),
-            human_bytes(s.image.source.size),
-            &report.id[..8],
-            report.repository.display(),
-            if report.created_repository { " (new repository)" } else { "" },
-            report.seconds,
-            human_bytes(report.read_bytes),
-            human_bytes(s.added.stored_bytes),
-            s.added.chunks,
-            report.reused_chunks,
-            match verified {
-                Some(_) => ", what it added verified",
-                None => ", not verified (--no-verify)",
-            }
-        )
-    };
     if !cli.quiet && !cli.json {
-        print_backup();
+        let what = format!("Backed up {} ({})", a.source.display(), human_bytes(s.image.source.size));
+        println!("{what} as {}", added_summary(&report, verified.is_some()));
     }
     if let Some(k) = &keep {
         Repository::open(&a.image)?.save_keep(k)?;
@@ -68,6 +50,24 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
         }));
     }
     Ok(())
+}
+
+/// "snapshot ID of REPO in S s: read …, added … in N new chunks …": what
+/// a backup or conversion into a repository did.
+fn added_summary(report: &snapshot::SnapshotReport, verified: bool) -> String {
+    let s = &report.snapshot;
+    format!(
+        "snapshot {} of {}{} in {:.1} s: read {}, added {} in {} new chunks ({} chunks were there already){}",
+        &report.id[..8],
+        report.repository.display(),
+        if report.created_repository { " (new repository)" } else { "" },
+        report.seconds,
+        human_bytes(report.read_bytes),
+        human_bytes(s.added.stored_bytes),
+        s.added.chunks,
+        report.reused_chunks,
+        if verified { ", what it added verified" } else { ", not verified (--no-verify)" }
+    )
 }
 
 /// Reads back what a new snapshot added (unless `no_verify`).
@@ -108,20 +108,7 @@ pub(super) fn convert(cli: &Cli, a: &ConvertArgs, opts: &ConvertOptions) -> Resu
         }));
     }
     if !cli.quiet {
-        println!(
-            "Converted {} to snapshot {} of {}{} in {:.1} s: {} of data, added {} in {} new chunks ({} chunks were \
-             there already){}",
-            a.clonezilla_image.display(),
-            &report.id[..8],
-            report.repository.display(),
-            if report.created_repository { " (new repository)" } else { "" },
-            report.seconds,
-            human_bytes(report.read_bytes),
-            human_bytes(s.added.stored_bytes),
-            s.added.chunks,
-            report.reused_chunks,
-            if verified.is_some() { ", what it added verified" } else { ", not verified (--no-verify)" }
-        );
+        println!("Converted {} to {}", a.clonezilla_image.display(), added_summary(&report, verified.is_some()));
     }
     Ok(())
 }
