@@ -147,7 +147,8 @@ pub struct WriteArgs {
     /// Do not ask: needed when standard input is not a terminal.
     #[arg(long)]
     pub yes: bool,
-    /// Extend the last partition's table entry to the end of a larger target.
+    /// Extend the last partition to the end of a larger target, and grow its filesystem (ext2/3/4, NTFS, XFS,
+    /// btrfs) with it.
     #[arg(long)]
     pub grow_last: bool,
     /// Skip reading everything back after writing.

@@ -257,6 +257,7 @@ fn report_written(
         return print_json(&json!({
             from_key: from, "target": to, "bytes_written": r.bytes_written,
             "verified": r.verified, "table_reread": r.table_reread, "seconds": r.seconds,
+            "growth": r.growth,
         }));
     }
     if !cli.quiet {
@@ -271,6 +272,12 @@ fn report_written(
         if let Some(note) = r.table_note(to) {
             println!("{note}");
         }
+        if let Some(g) = r.growth.as_ref().filter(|g| g.grown) {
+            println!("{}", g.note);
+        }
+    }
+    if let Some(g) = r.growth.as_ref().filter(|g| !g.grown) {
+        eprintln!("klon: warning: {}", g.note);
     }
     Ok(())
 }

@@ -163,7 +163,10 @@ fn gpt_image_restores_to_a_larger_used_disk() {
     let file = dir.join("larger.img");
     garbage_file(&file, 300 * MIB);
     let dev = LoopDevice::attach(&file, None);
-    ok(&klon(&["restore", "--yes", "--grow-last", s(&f.image), s(&dev.path)]));
+    let o = klon(&["restore", "--yes", "--grow-last", s(&f.image), s(&dev.path)]);
+    ok(&o);
+    // The last partition's ext4 grew with it (checked clean below).
+    assert!(stdout(&o).contains("resize2fs grew its ext4 to fill it"), "{}{}", stdout(&o), stderr(&o));
     drop(dev);
     let v = run("sgdisk", &["-v", s(&file)]);
     assert!(v.contains("No problems found"), "sgdisk -v: {v}");

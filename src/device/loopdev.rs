@@ -1,5 +1,6 @@
-//! Attaching a file to a loop device, read-only, for mounting the
-//! filesystem it holds (`klon mount --mount-filesystems`). The device is
+//! Attaching a file to a loop device: read-only, for mounting the
+//! filesystem it holds (`klon mount --mount-filesystems`), or a partition
+//! of a restored disk, for growing its filesystem. The device is
 //! set to clear itself: the kernel detaches it once its last user (the
 //! mount) lets go, so an unmount leaves no loop device behind.
 #![allow(unsafe_code)]
@@ -45,7 +46,18 @@ pub struct LoopDevice {
 
 /// Attaches `file` read-only to a free loop device.
 pub fn attach_read_only(file: &Path) -> Result<LoopDevice> {
-    let backing = File::open(file).map_err(|e| Error::io("opening", file, None, e))?;
+    attach(file, 0, 0, true)
+}
+
+/// Attaches `len` bytes of `file` (a file or a block device) from byte
+/// `offset` to a free loop device, writable unless `read_only` (`len` 0:
+/// to the end).
+pub fn attach(file: &Path, offset: u64, len: u64, read_only: bool) -> Result<LoopDevice> {
+    let backing = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(file)
+        .map_err(|e| Error::io("opening", file, None, e))?;
     let ctl_path = Path::new("/dev/loop-control");
     let ctl = std::fs::OpenOptions::new()
         .read(true)
@@ -62,7 +74,9 @@ pub fn attach_read_only(file: &Path) -> Result<LoopDevice> {
             return Err(Error::io("finding a free loop device with", ctl_path, None, std::io::Error::last_os_error()));
         }
         let path = PathBuf::from(format!("/dev/loop{n}"));
-        let device = match File::open(&path) {
+        // The kernel makes the device read-only unless it is opened for
+        // writing.
+        let device = match std::fs::OpenOptions::new().read(true).write(!read_only).open(&path) {
             Ok(d) => d,
             Err(e) => {
                 last = e;
@@ -83,12 +97,12 @@ pub fn attach_read_only(file: &Path) -> Result<LoopDevice> {
             device: 0,
             inode: 0,
             rdevice: 0,
-            offset: 0,
-            sizelimit: 0,
+            offset,
+            sizelimit: len,
             number: 0,
             encrypt_type: 0,
             encrypt_key_size: 0,
-            flags: LO_FLAGS_AUTOCLEAR | LO_FLAGS_READ_ONLY,
+            flags: LO_FLAGS_AUTOCLEAR | if read_only { LO_FLAGS_READ_ONLY } else { 0 },
             file_name: [0; 64],
             crypt_name: [0; 64],
             encrypt_key: [0; 32],

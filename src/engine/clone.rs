@@ -91,7 +91,12 @@ pub fn clone(plan: ClonePlan, opts: &CloneOptions) -> Result<CloneReport> {
         |area| copy_all(&source, &target, &streams, &infos, &order, area, opts),
         |skip| compare(&source, &target, &streams, &order, skip, opts),
     )?;
-    Ok(CloneReport::new(written, opts.verify_after, started))
+    let mut report = CloneReport::new(written, opts.verify_after, started);
+    if opts.grow_last {
+        report.growth = super::grow::grow_last(&target, &layout);
+        report.seconds = started.elapsed().as_secs_f64();
+    }
+    Ok(report)
 }
 
 fn copy_all(

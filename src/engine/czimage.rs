@@ -361,7 +361,12 @@ pub fn restore(source: &mut CzSource, target: &Disk, opts: &RestoreOptions) -> R
         |area| write_streams(source, &infos, target, area, &log, opts),
         |skip| read_back(target, &infos, log.take(), skip, Shift::default(), None, opts),
     )?;
-    Ok(RestoreReport::new(written, opts.verify_after, started))
+    let mut report = RestoreReport::new(written, opts.verify_after, started);
+    if opts.grow_last {
+        report.growth = super::grow::grow_last(target, &layout);
+        report.seconds = started.elapsed().as_secs_f64();
+    }
+    Ok(report)
 }
 
 /// Writes partition `number` of a Clonezilla image (a disk's or a

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod cancel;
 pub mod clone;
 pub mod czimage;
+pub mod grow;
 pub mod mount;
 pub mod pipeline;
 pub mod read_back;

@@ -48,6 +48,8 @@ pub struct RestoreReport {
     pub table_reread: Option<bool>,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// With `grow_last`, what became of the grown partition's filesystem.
+    pub growth: Option<super::grow::Growth>,
 }
 
 /// Writes the image whose chunks `reader` reads onto the
@@ -65,7 +67,12 @@ pub fn restore(reader: &dyn ChunkStore, target: &Disk, opts: &RestoreOptions) ->
         |area| write_all(reader, target, area, opts),
         |skip| read_back(reader, target, skip, Shift::default(), None, opts),
     )?;
-    Ok(RestoreReport::new(written, opts.verify_after, started))
+    let mut report = RestoreReport::new(written, opts.verify_after, started);
+    if opts.grow_last {
+        report.growth = super::grow::grow_last(target, &layout);
+        report.seconds = started.elapsed().as_secs_f64();
+    }
+    Ok(report)
 }
 
 /// Writes partition `number` of the image onto the target at byte `to`,
@@ -119,6 +126,12 @@ impl RestoreReport {
         })
     }
 
+    /// What `--grow-last` did to the grown partition's filesystem (a
+    /// warning when it keeps its size).
+    pub fn growth_note(&self) -> Option<String> {
+        self.growth.as_ref().map(|g| if g.grown { g.note.clone() } else { format!("Warning: {}", g.note) })
+    }
+
     /// The report of a job that wrote a whole disk, started at `started`.
     pub fn new(written: super::target::DiskWritten, verified: bool, started: Instant) -> RestoreReport {
         RestoreReport {
@@ -126,6 +139,7 @@ impl RestoreReport {
             verified,
             table_reread: written.table_reread,
             seconds: started.elapsed().as_secs_f64(),
+            growth: None,
         }
     }
 }

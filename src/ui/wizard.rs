@@ -887,6 +887,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                                         "not read back"
                                     }
                                 ) + &r.table_note(&tpath).map(|n| format!("\n\n{n}")).unwrap_or_default()
+                                    + &r.growth_note().map(|n| format!("\n\n{n}")).unwrap_or_default()
                             }
                             Err(e) => format!("The restore did not finish.\n\n{}", explain(&e)),
                         };
@@ -977,6 +978,7 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                                 "not read back"
                             }
                         ) + &r.table_note(&t).map(|n| format!("\n\n{n}")).unwrap_or_default()
+                            + &r.growth_note().map(|n| format!("\n\n{n}")).unwrap_or_default()
                     }
                     Err(e) => format!("The clone did not finish.\n\n{}", explain(&e)),
                 };
