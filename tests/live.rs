@@ -83,17 +83,38 @@ fn live_image() -> PathBuf {
     .clone()
 }
 
-/// The source disk: GPT, an ext4 and a FAT partition with files, boot code.
-/// Returns the partitions as (start, length) in bytes.
+/// The source disk: GPT, an ext4 and a FAT partition with files, then a
+/// small ext4 (last, for --grow-last to grow), boot code. Returns the
+/// partitions as (start, length) in bytes.
 fn make_source(dir: &TempDir) -> (PathBuf, Vec<(u64, u64)>) {
     let disk = dir.join("source.img");
     blank_file(&disk, 64 * MIB);
     let d = disk.to_str().unwrap();
     run(
         "sgdisk",
-        &["-n", "1:2048:+28M", "-t", "1:8300", "-c", "1:root", "-n", "2:0:+16M", "-t", "2:0700", "-c", "2:data", d],
+        &[
+            "-n",
+            "1:2048:+28M",
+            "-t",
+            "1:8300",
+            "-c",
+            "1:root",
+            "-n",
+            "2:0:+16M",
+            "-t",
+            "2:0700",
+            "-c",
+            "2:data",
+            "-n",
+            "3:0:+8M",
+            "-t",
+            "3:8300",
+            "-c",
+            "3:home",
+            d,
+        ],
     );
-    let parts = [(MIB, 28 * MIB), (29 * MIB, 16 * MIB)];
+    let parts = [(MIB, 28 * MIB), (29 * MIB, 16 * MIB), (45 * MIB, 8 * MIB)];
     // ext4 from a folder.
     let tree = dir.join("tree");
     std::fs::create_dir_all(tree.join("etc")).unwrap();
@@ -110,7 +131,12 @@ fn make_source(dir: &TempDir) -> (PathBuf, Vec<(u64, u64)>) {
     let r = dir.join("blob.bin");
     std::fs::write(&r, random_bytes(12, MIB as usize)).unwrap();
     mtools("mcopy", &["-i", p2.to_str().unwrap(), f.to_str().unwrap(), r.to_str().unwrap(), "::/"]);
-    for (p, (start, _)) in [p1, p2].iter().zip(parts) {
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("notes.txt"), text_bytes(13, 500_000)).unwrap();
+    let p3 = dir.join("p3.img");
+    run("mkfs.ext4", &["-q", "-F", "-L", "home", "-d", home.to_str().unwrap(), p3.to_str().unwrap(), "8M"]);
+    for (p, (start, _)) in [p1, p2, p3].iter().zip(parts) {
         write_at(&disk, start, &std::fs::read(p).unwrap());
     }
     write_at(&disk, 0, &random_bytes(440, 440)); // boot code
@@ -339,14 +365,15 @@ fn backup_restore(fw: Firmware) {
     let b = boot(&dir, fw, &stick, &disks, None);
     result_line(&b, fw, "restore");
 
-    // From the host: the partitions match byte for byte, the table is
-    // valid on the larger disk and the last partition grew.
-    for (i, (start, len)) in parts.iter().enumerate() {
+    // From the host: the partitions match byte for byte (but the last,
+    // whose ext4 grew), the table is valid on the larger disk and the last
+    // partition grew, with its filesystem.
+    for (i, (start, len)) in parts.iter().enumerate().take(2) {
         assert_same(&source, &target, *start, *len, &format!("{fw:?}: partition {}", i + 1));
     }
     let v = run("sgdisk", &["-v", target.to_str().unwrap()]);
     assert!(v.contains("No problems found"), "{fw:?}: sgdisk -v on the restored disk:\n{v}");
-    let info = run("sgdisk", &["-i", "2", target.to_str().unwrap()]);
+    let info = run("sgdisk", &["-i", "3", target.to_str().unwrap()]);
     let last: u64 = info
         .lines()
         .find_map(|l| l.strip_prefix("Last sector: "))
@@ -354,6 +381,20 @@ fn backup_restore(fw: Firmware) {
         .and_then(|n| n.parse().ok())
         .expect("last sector");
     assert!(last * 512 > 90 * MIB, "{fw:?}: the last partition did not grow (ends at sector {last})");
+    let p3 = dir.join("restored-p3.img");
+    let p3_len = (last + 1) * 512 - 45 * MIB;
+    std::fs::write(&p3, common::disks::read_at(&target, 45 * MIB, p3_len)).unwrap();
+    run("e2fsck", &["-fn", p3.to_str().unwrap()]);
+    let sb = run("dumpe2fs", &["-h", p3.to_str().unwrap()]);
+    let field = |key: &str| -> u64 { sb.lines().find_map(|l| l.strip_prefix(key)).unwrap().trim().parse().unwrap() };
+    let blocks = field("Block count:");
+    assert!(
+        blocks * field("Block size:") > p3_len - MIB,
+        "{fw:?}: the last partition's ext4 did not grow ({blocks} blocks):\n{}",
+        b.transcript()
+    );
+    let notes = run("debugfs", &["-R", "cat /notes.txt", p3.to_str().unwrap()]);
+    assert!(notes.as_bytes() == text_bytes(13, 500_000), "{fw:?}: the grown ext4's file differs");
     assert_eq!(read_first(&target, 440), read_first(&source, 440), "{fw:?}: boot code");
     let p1 = dir.join("restored-p1.img");
     std::fs::write(&p1, common::disks::read_at(&target, MIB, 28 * MIB)).unwrap();
