@@ -81,6 +81,7 @@ pub(crate) fn stream_info(
         index: empty_file(),
         data_files: Vec::new(),
         unreadable: Vec::new(),
+        lvm: None,
     }
 }
 
@@ -149,6 +150,28 @@ fn volume_plan(
     let Some(fs_info) = info.fs.clone() else {
         return Ok(raw(info, "no filesystem klon reads: every block that is not zero".into()));
     };
+    if fs_info.fstype == "LVM2_member" {
+        let volume = Volume { disk: source, start: info.start, len: info.length };
+        return Ok(match fs::lvm::read(&volume) {
+            Ok(vg) => {
+                let reason = format!(
+                    "LVM2 physical volume of volume group {} ({} logical volumes); klon does not read the \
+                     filesystems inside yet: every block that is not zero",
+                    vg.name,
+                    vg.lvs.len()
+                );
+                info.lvm = Some(vg);
+                raw(info, reason)
+            }
+            Err(e) => {
+                warnings.push(format!(
+                    "{place} (LVM2 physical volume): its metadata failed a check ({e}); copying it raw, every block \
+                     that is not zero"
+                ));
+                raw(info, format!("LVM2 metadata failed a check: {e}"))
+            }
+        });
+    }
     let Some(driver) = fs::driver_for(&fs_info.fstype) else {
         let reason = format!("{}: klon does not read its allocation; every block that is not zero", fs_info.fstype);
         return Ok(raw(info, reason));

@@ -169,7 +169,7 @@ fn probe_lvm2(r: &Region) -> Option<FsInfo> {
 
 /// LVM2's label checksum: CRC-32 (reflected, 0xedb88320) from the initial
 /// value 0xf597a6cf, without a final inversion.
-fn lvm_crc(data: &[u8]) -> u32 {
+pub(crate) fn lvm_crc(data: &[u8]) -> u32 {
     const TAB: [u32; 16] = [
         0x00000000, 0x1db71064, 0x3b6e20c8, 0x26d930ac, 0x76dc4190, 0x6b6b51f4, 0x4db26158, 0x5005713c, 0xedb88320,
         0xf00f9344, 0xd6d6a3e8, 0xcb61b38c, 0x9b64c2b0, 0x86d3d2d4, 0xa00ae278, 0xbdbdf21c,

@@ -155,6 +155,10 @@ pub struct StreamInfo {
     /// format version 2.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<Extent>,
+    /// For an LVM2 physical volume: its volume group, as its newest
+    /// metadata describes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<crate::fs::lvm::VolumeGroup>,
 }
 
 impl StreamInfo {

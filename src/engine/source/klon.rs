@@ -339,6 +339,9 @@ pub(crate) fn render_body(m: &Manifest) -> String {
             _ => String::new(),
         };
         let _ = writeln!(o, "  {:<24} filesystem {fs}{uuid}{used}", "");
+        if let Some(vg) = &st.lvm {
+            render_lvm(&mut o, vg);
+        }
         let _ = writeln!(
             o,
             "  {:<24} method {}: {}; stored {} -> {} in {} chunks",
@@ -354,6 +357,39 @@ pub(crate) fn render_body(m: &Manifest) -> String {
         }
     }
     o
+}
+
+/// A volume group under its PV's stream: the group, then each logical
+/// volume with its size and where its segments lie.
+fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        o,
+        "  {:<24} volume group {} (UUID {}, {} extents, metadata seqno {}), {} logical volumes:",
+        "",
+        vg.name,
+        vg.uuid,
+        human_bytes(vg.extent_size),
+        vg.seqno,
+        vg.lvs.len()
+    );
+    for lv in &vg.lvs {
+        let segs: Vec<String> = lv
+            .segments
+            .iter()
+            .map(|s| {
+                let on: Vec<String> = s.stripes.iter().map(|(pv, e)| format!("{pv}:{e}")).collect();
+                format!(
+                    "{} {} extents{}",
+                    s.kind,
+                    s.extent_count,
+                    if on.is_empty() { String::new() } else { format!(" at {}", on.join(",")) }
+                )
+            })
+            .collect();
+        let size = human_bytes(lv.extents().saturating_mul(vg.extent_size));
+        let _ = writeln!(o, "  {:<24}   LV {} {size}: {}", "", lv.name, segs.join("; "));
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,541 @@
+//! LVM2 physical volumes, read without device-mapper: the label, the PV
+//! header, the metadata area and its newest metadata text (checked by its
+//! crc, wrapping around the ring buffer), parsed into the volume group
+//! with its logical volumes and their segments. Read-only; nothing is
+//! activated. (Layout facts from LVM2's documentation and on-disk data;
+//! the code is klon's own.)
+
+use serde::{Deserialize, Serialize};
+
+use super::{FsError, Volume};
+
+/// Magic of a metadata area header.
+const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
+/// Length of a metadata area header; a wrapped text goes on after it.
+const MDA_HEADER_LEN: u64 = 512;
+/// Most metadata text klon reads (LVM's default area is 1 MiB).
+const MAX_TEXT: u64 = 16 << 20;
+/// Deepest nesting of sections in metadata text.
+const MAX_DEPTH: usize = 16;
+
+/// A volume group as one of its PVs' metadata describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeGroup {
+    /// Its name.
+    pub name: String,
+    /// Its UUID, as LVM prints it.
+    pub uuid: String,
+    /// The metadata's sequence number (higher is newer).
+    pub seqno: u64,
+    /// Bytes an extent.
+    pub extent_size: u64,
+    /// This PV's UUID.
+    pub pv_uuid: String,
+    /// The PVs of the group.
+    pub pvs: Vec<PhysicalVolume>,
+    /// Its logical volumes, in the metadata's order.
+    pub lvs: Vec<LogicalVolume>,
+}
+
+/// A PV of the group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhysicalVolume {
+    /// Its name in the metadata (pv0, pv1, …).
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// Byte offset of its first extent from the PV's start.
+    pub pe_start: u64,
+    /// Its extents.
+    pub pe_count: u64,
+}
+
+/// A logical volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogicalVolume {
+    /// Its name.
+    pub name: String,
+    /// Its UUID.
+    pub uuid: String,
+    /// Its segments, by logical extent.
+    pub segments: Vec<Segment>,
+}
+
+impl LogicalVolume {
+    /// Its extents.
+    pub fn extents(&self) -> u64 {
+        self.segments.iter().map(|s| s.extent_count).fold(0, u64::saturating_add)
+    }
+}
+
+/// A run of a logical volume's extents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// Its first logical extent.
+    pub start_extent: u64,
+    /// Its extents.
+    pub extent_count: u64,
+    /// LVM's segment type: `linear` (a one-stripe `striped`), `striped`,
+    /// `thin-pool`, `thin`, `mirror`, `raid1`, …
+    pub kind: String,
+    /// For striped and linear segments: each stripe's PV name and first
+    /// extent on it.
+    pub stripes: Vec<(String, u64)>,
+    /// Bytes a stripe's run (striped segments of more than one stripe).
+    pub stripe_size: u64,
+}
+
+impl Segment {
+    /// Where the segment's bytes lie on PV `pv` (its byte offset from the
+    /// PV's start, and length), for a linear segment; None for others.
+    pub fn linear_on(&self, vg: &VolumeGroup, pv: &str) -> Option<(u64, u64)> {
+        let [(name, first)] = &self.stripes[..] else { return None };
+        if self.kind != "linear" || name != pv {
+            return None;
+        }
+        let p = vg.pvs.iter().find(|p| p.name == *pv)?;
+        let at = p.pe_start.checked_add(first.checked_mul(vg.extent_size)?)?;
+        Some((at, self.extent_count.checked_mul(vg.extent_size)?))
+    }
+}
+
+/// Reads the volume group from the PV that `v` holds (its label in one of
+/// the first four sectors). An error says what failed and where.
+pub fn read(v: &Volume) -> Result<VolumeGroup, FsError> {
+    let bad = |why: String| Err(FsError::Corrupt(why));
+    let (label_at, b) = (0..4u64)
+        .find_map(|s| v.read_vec(s * 512, 512).ok().filter(|b| &b[..8] == b"LABELONE").map(|b| (s, b)))
+        .ok_or_else(|| FsError::Corrupt("no LVM2 label in the first 4 sectors".into()))?;
+    if &b[24..32] != b"LVM2 001" || le64(&b, 8) != label_at {
+        return bad(format!("the LVM2 label at sector {label_at} is not one klon reads"));
+    }
+    if le32(&b, 16) != crc(&b[20..]) {
+        return bad(format!("the LVM2 label at sector {label_at}: its crc does not match"));
+    }
+    // The PV header: uuid, size, then the data areas and the metadata
+    // areas, each list ended by a zero entry.
+    let mut at = le32(&b, 20) as usize;
+    let pv_uuid = uuid_of(b.get(at..at + 32).ok_or_else(|| FsError::Corrupt("the PV header is cut off".into()))?)?;
+    at += 40;
+    let mut lists: [Vec<(u64, u64)>; 2] = [Vec::new(), Vec::new()];
+    for list in &mut lists {
+        loop {
+            let Some(e) = b.get(at..at + 16) else { return bad("the PV header's area lists are cut off".into()) };
+            at += 16;
+            let (off, size) = (le64(e, 0), le64(e, 8));
+            if off == 0 {
+                break;
+            }
+            list.push((off, size));
+        }
+    }
+    let mdas = &lists[1];
+    if mdas.is_empty() {
+        return bad("the PV has no metadata area (its volume group's metadata is on another PV)".into());
+    }
+    let mut newest: Option<VolumeGroup> = None;
+    let mut last_error = None;
+    for &(start, size) in mdas {
+        match metadata_text(v, start, size).and_then(|t| parse_vg(&t, &pv_uuid)) {
+            Ok(vg) if newest.as_ref().is_none_or(|n| vg.seqno > n.seqno) => newest = Some(vg),
+            Ok(_) => {}
+            Err(e) => last_error = Some(e),
+        }
+    }
+    match (newest, last_error) {
+        (Some(vg), _) => Ok(vg),
+        (None, Some(e)) => Err(e),
+        (None, None) => bad("no metadata area holds metadata".into()),
+    }
+}
+
+/// The current metadata text of the area at byte `start` (`size` bytes).
+fn metadata_text(v: &Volume, start: u64, size: u64) -> Result<String, FsError> {
+    let bad = |why: &str| Err(FsError::Corrupt(format!("the LVM2 metadata area at byte {start}: {why}")));
+    let h = v.read_vec(start, MDA_HEADER_LEN)?;
+    if &h[4..20] != MDA_MAGIC || le32(&h, 20) != 1 {
+        return bad("not a metadata area header klon reads");
+    }
+    if le32(&h, 0) != crc(&h[4..]) {
+        return bad("its header's crc does not match");
+    }
+    if le64(&h, 24) != start || le64(&h, 32) != size || size <= MDA_HEADER_LEN {
+        return bad("its header gives another place or size");
+    }
+    // The first location is the current text.
+    let (off, len, sum) = (le64(&h, 40), le64(&h, 48), le32(&h, 56));
+    if off == 0 || len == 0 {
+        return bad("it holds no metadata");
+    }
+    if off < MDA_HEADER_LEN || off >= size || len > size - MDA_HEADER_LEN || len > MAX_TEXT {
+        return bad("its metadata's place or length is out of range");
+    }
+    // The text may wrap to just after the header.
+    let first = len.min(size - off);
+    let mut text = v.read_vec(start + off, first)?;
+    if first < len {
+        text.extend(v.read_vec(start + MDA_HEADER_LEN, len - first)?);
+    }
+    if crc(&text) != sum {
+        return bad("its metadata text's crc does not match");
+    }
+    while text.last() == Some(&0) {
+        text.pop();
+    }
+    String::from_utf8(text).or_else(|_| bad("its metadata text is not UTF-8"))
+}
+
+/// A value of the metadata text.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Number(i64),
+    Text(String),
+    List(Vec<Value>),
+    Section(Vec<(String, Value)>),
+}
+
+impl Value {
+    fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Section(items) => items.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    fn number(&self, key: &str) -> Result<u64, String> {
+        match self.get(key) {
+            Some(Value::Number(n)) if *n >= 0 => Ok(*n as u64),
+            _ => Err(format!("no number {key}")),
+        }
+    }
+
+    fn text(&self, key: &str) -> Result<String, String> {
+        match self.get(key) {
+            Some(Value::Text(t)) => Ok(t.clone()),
+            _ => Err(format!("no text {key}")),
+        }
+    }
+
+    fn sections(&self) -> impl Iterator<Item = (&String, &Value)> {
+        let items = match self {
+            Value::Section(items) => &items[..],
+            _ => &[],
+        };
+        items.iter().filter(|(_, v)| matches!(v, Value::Section(_))).map(|(k, v)| (k, v))
+    }
+}
+
+/// Parses LVM's text format: `key = value` (numbers, "strings", [lists])
+/// and `name { … }` sections; `#` starts a comment.
+fn parse_text(text: &str) -> Result<Value, String> {
+    let mut p = Parser { b: text.as_bytes(), at: 0 };
+    let items = p.items(0)?;
+    p.skip();
+    if p.at != p.b.len() {
+        return Err(format!("unexpected '{}' at byte {}", p.b[p.at] as char, p.at));
+    }
+    Ok(Value::Section(items))
+}
+
+struct Parser<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Parser<'_> {
+    fn skip(&mut self) {
+        while let Some(&c) = self.b.get(self.at) {
+            if c == b'#' {
+                while self.b.get(self.at).is_some_and(|&c| c != b'\n') {
+                    self.at += 1;
+                }
+            } else if c.is_ascii_whitespace() {
+                self.at += 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn name(&mut self) -> Option<String> {
+        let from = self.at;
+        while self.b.get(self.at).is_some_and(|c| c.is_ascii_alphanumeric() || b"_.+-".contains(c)) {
+            self.at += 1;
+        }
+        (self.at > from).then(|| String::from_utf8_lossy(&self.b[from..self.at]).into_owned())
+    }
+
+    fn items(&mut self, depth: usize) -> Result<Vec<(String, Value)>, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("sections nested deeper than {MAX_DEPTH}"));
+        }
+        let mut items = Vec::new();
+        loop {
+            self.skip();
+            match self.b.get(self.at) {
+                None | Some(b'}') => return Ok(items),
+                _ => {}
+            }
+            let at = self.at;
+            let key = self.name().ok_or_else(|| format!("a name expected at byte {at}"))?;
+            self.skip();
+            match self.b.get(self.at) {
+                Some(b'{') => {
+                    self.at += 1;
+                    let inner = self.items(depth + 1)?;
+                    self.skip();
+                    if self.b.get(self.at) != Some(&b'}') {
+                        return Err(format!("section {key} is not closed"));
+                    }
+                    self.at += 1;
+                    items.push((key, Value::Section(inner)));
+                }
+                Some(b'=') => {
+                    self.at += 1;
+                    let v = self.value(depth)?;
+                    items.push((key, v));
+                }
+                _ => return Err(format!("'=' or '{{' expected after {key} at byte {}", self.at)),
+            }
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, String> {
+        self.skip();
+        let at = self.at;
+        match self.b.get(at) {
+            Some(b'"') => {
+                self.at += 1;
+                let mut s = Vec::new();
+                loop {
+                    match self.b.get(self.at) {
+                        None => return Err(format!("a string from byte {at} is not closed")),
+                        Some(b'"') => break,
+                        Some(b'\\') => {
+                            self.at += 1;
+                            s.extend(self.b.get(self.at));
+                        }
+                        Some(&c) => s.push(c),
+                    }
+                    self.at += 1;
+                }
+                self.at += 1;
+                Ok(Value::Text(String::from_utf8_lossy(&s).into_owned()))
+            }
+            Some(b'[') => {
+                if depth > MAX_DEPTH {
+                    return Err(format!("lists nested deeper than {MAX_DEPTH}"));
+                }
+                self.at += 1;
+                let mut list = Vec::new();
+                loop {
+                    self.skip();
+                    if self.b.get(self.at) == Some(&b']') {
+                        self.at += 1;
+                        return Ok(Value::List(list));
+                    }
+                    list.push(self.value(depth + 1)?);
+                    self.skip();
+                    match self.b.get(self.at) {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {}
+                        _ => return Err(format!("a list from byte {at} is not closed")),
+                    }
+                }
+            }
+            Some(c) if c.is_ascii_digit() || *c == b'-' => {
+                self.at += 1;
+                while self.b.get(self.at).is_some_and(u8::is_ascii_digit) {
+                    self.at += 1;
+                }
+                let s = std::str::from_utf8(&self.b[at..self.at]).expect("ASCII");
+                s.parse().map(Value::Number).map_err(|_| format!("number {s} at byte {at} is out of range"))
+            }
+            _ => Err(format!("a value expected at byte {at}")),
+        }
+    }
+}
+
+/// The volume group the metadata text describes (its one top-level
+/// section), as PV `pv_uuid` holds it.
+fn parse_vg(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError> {
+    let bad = |why: String| FsError::Corrupt(format!("the LVM2 metadata text: {why}"));
+    let top = parse_text(text).map_err(bad)?;
+    let mut vgs = top.sections();
+    let (name, vg) = vgs.next().ok_or_else(|| bad("no volume group in it".into()))?;
+    let sectors = |v: u64| v.checked_mul(512).ok_or_else(|| bad("a size is out of range".into()));
+    let extent_size = sectors(vg.number("extent_size").map_err(bad)?)?;
+    if extent_size == 0 {
+        return Err(bad("extent_size is 0".into()));
+    }
+    let mut pvs = Vec::new();
+    for (pv_name, pv) in vg.get("physical_volumes").map(|p| p.sections().collect::<Vec<_>>()).unwrap_or_default() {
+        pvs.push(PhysicalVolume {
+            name: pv_name.clone(),
+            uuid: pv.text("id").map_err(|e| bad(format!("PV {pv_name}: {e}")))?,
+            pe_start: sectors(pv.number("pe_start").map_err(|e| bad(format!("PV {pv_name}: {e}")))?)?,
+            pe_count: pv.number("pe_count").map_err(|e| bad(format!("PV {pv_name}: {e}")))?,
+        });
+    }
+    let mut lvs = Vec::new();
+    for (lv_name, lv) in vg.get("logical_volumes").map(|l| l.sections().collect::<Vec<_>>()).unwrap_or_default() {
+        let lv_bad = |e: String| bad(format!("LV {lv_name}: {e}"));
+        let mut segments = Vec::new();
+        for (seg_name, seg) in lv.sections().filter(|(k, _)| k.starts_with("segment")) {
+            let seg_bad = |e: String| lv_bad(format!("{seg_name}: {e}"));
+            let mut kind = seg.text("type").map_err(seg_bad)?;
+            let mut stripes = Vec::new();
+            if let Some(Value::List(items)) = seg.get("stripes") {
+                for pair in items.chunks(2) {
+                    match pair {
+                        [Value::Text(pv), Value::Number(n)] if *n >= 0 => stripes.push((pv.clone(), *n as u64)),
+                        _ => return Err(seg_bad("its stripes are not pairs of a PV and an extent".into())),
+                    }
+                }
+            }
+            if kind == "striped" && stripes.len() == 1 {
+                kind = "linear".into();
+            }
+            let stripe_size = match seg.get("stripe_size") {
+                Some(Value::Number(n)) if *n >= 0 => sectors(*n as u64)?,
+                _ => 0,
+            };
+            segments.push(Segment {
+                start_extent: seg.number("start_extent").map_err(seg_bad)?,
+                extent_count: seg.number("extent_count").map_err(seg_bad)?,
+                kind,
+                stripes,
+                stripe_size,
+            });
+        }
+        segments.sort_by_key(|s| s.start_extent);
+        lvs.push(LogicalVolume { name: lv_name.clone(), uuid: lv.text("id").map_err(lv_bad)?, segments });
+    }
+    Ok(VolumeGroup {
+        name: name.clone(),
+        uuid: vg.text("id").map_err(bad)?,
+        seqno: vg.number("seqno").map_err(bad)?,
+        extent_size,
+        pv_uuid: pv_uuid.to_string(),
+        pvs,
+        lvs,
+    })
+}
+
+/// A PV UUID as LVM prints it (32 characters in groups of 6-4-4-4-4-4-6).
+fn uuid_of(raw: &[u8]) -> Result<String, FsError> {
+    if !raw.iter().all(u8::is_ascii_alphanumeric) {
+        return Err(FsError::Corrupt("the PV header's UUID is not LVM's".into()));
+    }
+    let mut uuid = String::with_capacity(38);
+    for (i, &c) in raw.iter().enumerate() {
+        if matches!(i, 6 | 10 | 14 | 18 | 22 | 26) {
+            uuid.push('-');
+        }
+        uuid.push(c as char);
+    }
+    Ok(uuid)
+}
+
+use super::probe::lvm_crc as crc;
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"vgt {
+id = "yzHROh-e4n0-EgUI-9tDH-qhC7-UoKI-pBlHCC"
+seqno = 2
+format = "lvm2" # informational
+status = ["RESIZEABLE", "READ", "WRITE"]
+flags = []
+extent_size = 8192
+physical_volumes {
+pv0 {
+id = "syhlGy-rWBn-NvOq-jCnq-vHLA-c22z-4sUjA6"
+device = "/dev/loop0"
+dev_size = 131072
+pe_start = 2048
+pe_count = 15
+}
+}
+logical_volumes {
+lv2 {
+id = "hhhhhh-bbbb-cccc-dddd-eeee-ffff-gggggg"
+segment_count = 2
+segment2 {
+start_extent = 1
+extent_count = 2
+type = "striped"
+stripe_count = 1
+stripes = [
+"pv0", 2
+]
+}
+segment1 {
+start_extent = 0
+extent_count = 1
+type = "striped"
+stripe_count = 1
+stripes = ["pv0", 5]
+}
+}
+pool {
+id = "pppppp-bbbb-cccc-dddd-eeee-ffff-gggggg"
+segment1 {
+start_extent = 0
+extent_count = 3
+type = "thin-pool"
+metadata = "pool_tmeta"
+pool = "pool_tdata"
+}
+}
+}
+}
+# Generated by LVM2
+contents = "Text Format Volume Group"
+version = 1
+description = "a \"quoted\" word"
+creation_time = 1796439027
+"#;
+
+    #[test]
+    fn a_volume_group_reads_with_its_segments_in_order() {
+        let vg = parse_vg(TEXT, "pv-uuid").unwrap();
+        assert_eq!((vg.name.as_str(), vg.seqno, vg.extent_size), ("vgt", 2, 4 << 20));
+        assert_eq!(vg.pvs[0].pe_start, 1 << 20);
+        let lv2 = &vg.lvs[0];
+        assert_eq!(lv2.extents(), 3);
+        assert_eq!(lv2.segments[0].stripes, vec![("pv0".to_string(), 5)]);
+        assert_eq!(lv2.segments[0].linear_on(&vg, "pv0"), Some(((1 << 20) + 5 * (4 << 20), 4 << 20)));
+        assert_eq!(lv2.segments[1].kind, "linear");
+        assert_eq!(vg.lvs[1].segments[0].kind, "thin-pool");
+        assert_eq!(vg.lvs[1].segments[0].linear_on(&vg, "pv0"), None);
+    }
+
+    #[test]
+    fn hostile_text_is_refused_with_where() {
+        for (text, needle) in [
+            ("vg { id = \"x\" ", "not closed"),
+            ("vg { extent_size = 99999999999999999999 }", "out of range"),
+            (&"a { ".repeat(40), "deeper"),
+            ("vg { id = [\"a\", ", "a value expected"),
+            ("vg { = 3 }", "a name expected"),
+            ("vg { seqno = 1 id = \"u\" extent_size = 0 }", "extent_size is 0"),
+            ("x = 1", "no volume group"),
+        ] {
+            let e = parse_vg(text, "p").unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
+        let bad_stripes = TEXT.replace("stripes = [\"pv0\", 5]", "stripes = [\"pv0\", \"pv1\"]");
+        assert!(parse_vg(&bad_stripes, "p").unwrap_err().to_string().contains("pairs"));
+    }
+}

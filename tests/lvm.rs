@@ -1,0 +1,211 @@
+//! LVM2 physical volumes: a backup records the volume group that the PV's
+//! newest metadata describes (its logical volumes and where their
+//! segments lie), as LVM's own tools report it; `klon info` shows it. A
+//! PV whose metadata fails its checksum is copied raw with a warning.
+//! Fixtures are made without device-mapper: pvcreate and vgcreate on a
+//! loop device, the logical volumes written into the metadata with
+//! vgcfgrestore (nothing is activated).
+
+mod common;
+
+use std::path::Path;
+
+use common::disks::*;
+use common::loop_device::LoopDevice;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// LVM's tools without udev, host backups or archives of the test's VG.
+const CONFIG: &str = "backup { backup = 0 archive = 0 } activation { udev_sync = 0 udev_rules = 0 }";
+
+fn lvm(cmd: &str, args: &[&str]) -> String {
+    let mut all = vec!["--config", CONFIG];
+    all.extend(args);
+    run_env(cmd, &all, &[("LVM_SUPPRESS_FD_WARNINGS", "1")])
+}
+
+const PV_SIZE: u64 = 64 * MIB;
+const PV_START: u64 = 9 * MIB;
+
+/// Logical volumes added to the metadata text of volume group `vg` (as
+/// vgcfgbackup wrote it): lv_root linear on extents 0-1, lv_data in two
+/// segments (extent 5, then extents 2-3), and a two-stripe volume.
+fn with_lvs(text: &str) -> String {
+    let lvs = r#"
+	logical_volumes {
+		lv_root {
+			id = "aaaaaa-bbbb-cccc-dddd-eeee-ffff-000001"
+			status = ["READ", "WRITE", "VISIBLE"]
+			flags = []
+			segment_count = 1
+			segment1 {
+				start_extent = 0
+				extent_count = 2
+				type = "striped"
+				stripe_count = 1
+				stripes = [
+					"pv0", 0
+				]
+			}
+		}
+		lv_data {
+			id = "aaaaaa-bbbb-cccc-dddd-eeee-ffff-000002"
+			status = ["READ", "WRITE", "VISIBLE"]
+			flags = []
+			segment_count = 2
+			segment1 {
+				start_extent = 0
+				extent_count = 1
+				type = "striped"
+				stripe_count = 1
+				stripes = [
+					"pv0", 5
+				]
+			}
+			segment2 {
+				start_extent = 1
+				extent_count = 2
+				type = "striped"
+				stripe_count = 1
+				stripes = [
+					"pv0", 2
+				]
+			}
+		}
+	}
+"#;
+    let end = text.rfind('}').expect("the VG section's end");
+    format!("{}{lvs}{}", &text[..end], &text[end..])
+}
+
+/// A GPT disk whose second partition is an LVM2 PV of volume group `vg`
+/// with the logical volumes of [`with_lvs`]; returns the disk and what
+/// LVM's own tools report of it: `lvs --segments` as (name, first logical
+/// extent, extents, first PV extent, type), the extent size and the PV's
+/// first extent, in bytes.
+fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64, u64, String)>, u64, u64) {
+    let pv = t.join("pv.img");
+    blank_file(&pv, PV_SIZE);
+    let dev = LoopDevice::attach_without_partitions(&pv);
+    let d = s(&dev.path);
+    lvm("pvcreate", &["-q", d]);
+    lvm("vgcreate", &["-q", vg, d]);
+    let text = t.join("vg.txt");
+    lvm("vgcfgbackup", &["-q", "-f", s(&text), vg]);
+    let edited = t.join("vg-lvs.txt");
+    std::fs::write(&edited, with_lvs(&std::fs::read_to_string(&text).unwrap())).unwrap();
+    lvm("vgcfgrestore", &["-q", "-f", s(&edited), vg]);
+    let out = lvm(
+        "lvs",
+        &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges,segtype", "--reportformat", "json", vg],
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let segs = report["report"][0]["seg"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let num = |k: &str| g[k].as_str().unwrap().trim().parse::<u64>().unwrap();
+            let ranges = g["seg_pe_ranges"].as_str().unwrap();
+            let first = ranges.rsplit(':').next().unwrap().split('-').next().unwrap().parse().unwrap();
+            (
+                g["lv_name"].as_str().unwrap().to_string(),
+                num("seg_start_pe"),
+                num("seg_size_pe"),
+                first,
+                g["segtype"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let bytes = |s: String| s.trim().trim_end_matches('B').parse::<u64>().unwrap();
+    let extent = bytes(lvm("vgs", &["--noheadings", "--units", "b", "-o", "vg_extent_size", vg]));
+    let pe_start = bytes(lvm("pvs", &["--noheadings", "--units", "b", "-o", "pe_start", d]));
+    drop(dev);
+
+    let disk = t.join("disk.img");
+    blank_file(&disk, PV_START + PV_SIZE + MIB);
+    run("sgdisk", &["-n", "1:2048:+8M", "-t", "1:8300", "-n", "2:0:+64M", "-t", "2:8E00", s(&disk)]);
+    let (parts, sector) = sfdisk_parts(&disk);
+    assert_eq!(parts[1].start * sector, PV_START);
+    write_at(&disk, PV_START, &std::fs::read(&pv).unwrap());
+    (disk, segs, extent, pe_start)
+}
+
+#[test]
+fn a_backup_records_the_volume_group_as_lvm_reports_it() {
+    require_root!();
+    let t = TempDir::new("lvm-vg");
+    let vg = format!("klontest{}", std::process::id());
+    let (disk, segs, extent, pe_start) = lvm_disk(&t, &vg);
+    let img = t.join("image");
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+    let o = klon(&["--json", "info", s(&img)]);
+    ok(&o);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let st = info["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 2).unwrap().clone();
+    let got = &st["lvm"];
+    assert_eq!(got["name"], vg.as_str(), "{st}");
+    assert_eq!(got["extent_size"], extent, "{st}");
+    assert_eq!(got["pvs"][0]["pe_start"], pe_start, "{st}");
+    // Every segment LVM lists, as klon read it (no more, no fewer).
+    let mut klon_segs = Vec::new();
+    for lv in got["lvs"].as_array().unwrap() {
+        for g in lv["segments"].as_array().unwrap() {
+            klon_segs.push((
+                lv["name"].as_str().unwrap().to_string(),
+                g["start_extent"].as_u64().unwrap(),
+                g["extent_count"].as_u64().unwrap(),
+                g["stripes"][0][1].as_u64().unwrap(),
+                g["kind"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    let (mut a, mut b) = (segs.clone(), klon_segs);
+    a.sort();
+    b.sort();
+    assert_eq!(b, a, "klon's segments against lvs --segments");
+    // The text report shows the group and its volumes.
+    let text = stdout(&klon(&["info", s(&img)]));
+    assert!(
+        text.contains(&format!("volume group {vg}"))
+            && text.contains("LV lv_data 12.6 MB: linear 1 extents at pv0:5; linear 2 extents at pv0:2"),
+        "{text}"
+    );
+    // The image still restores the disk byte for byte where it matters:
+    // the PV (label, metadata, extents) is copied whole but for zeros.
+    let out = t.join("restored.img");
+    ok(&klon(&["restore", "--yes", s(&img), s(&out)]));
+    assert_same(&disk, &out, PV_START, PV_SIZE, "the PV");
+}
+
+#[test]
+fn metadata_that_fails_its_checksum_is_copied_raw_with_a_warning() {
+    require_root!();
+    let t = TempDir::new("lvm-bad");
+    let vg = format!("klonbad{}", std::process::id());
+    let (disk, ..) = lvm_disk(&t, &vg);
+    // The metadata area's header at 4 KiB of the PV names where the text
+    // is: flip a byte in the middle of it.
+    let h = read_at(&disk, PV_START + 4096, 512);
+    let off = u64::from_le_bytes(h[40..48].try_into().unwrap());
+    let len = u64::from_le_bytes(h[48..56].try_into().unwrap());
+    let at = PV_START + 4096 + off + len / 2;
+    let old = read_at(&disk, at, 1)[0];
+    write_at(&disk, at, &[old ^ 0x20]);
+    let img = t.join("image");
+    let o = klon(&["backup", s(&disk), s(&img)]);
+    ok(&o);
+    let said = stderr(&o);
+    assert!(
+        said.contains("LVM2 physical volume") && said.contains("crc does not match") && said.contains("raw"),
+        "{said}"
+    );
+    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["--json", "info", s(&img)]))).unwrap();
+    let st = info["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 2).unwrap().clone();
+    assert!(st.get("lvm").is_none() && st["method"] == "raw", "{st}");
+    let out = t.join("restored.img");
+    ok(&klon(&["restore", "--yes", s(&img), s(&out)]));
+    assert_same(&disk, &out, PV_START, PV_SIZE, "the PV");
+}
