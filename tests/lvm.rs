@@ -1,7 +1,10 @@
-//! LVM2 physical volumes: a backup records the volume group that the PV's
-//! newest metadata describes (its logical volumes and where their
-//! segments lie), as LVM's own tools report it; `klon info` shows it. A
-//! PV whose metadata fails its checksum is copied raw with a warning.
+//! LVM2 physical volumes: a backup reads the volume group from the PV's
+//! newest metadata as LVM's own tools report it (`klon info` shows it),
+//! stores the label and metadata whole, a linear logical volume's
+//! filesystem by its used blocks, other volumes whole, and no free
+//! extent; the restore passes e2fsck, holds the same files, and LVM's
+//! tools read the same group from it. A PV whose metadata fails its
+//! checksum is copied raw with a warning.
 //! Fixtures are made without device-mapper: pvcreate and vgcreate on a
 //! loop device, the logical volumes written into the metadata with
 //! vgcfgrestore (nothing is activated).
@@ -86,8 +89,9 @@ fn with_lvs(text: &str) -> String {
 /// extent, extents, first PV extent, type), the extent size and the PV's
 /// first extent, in bytes.
 fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64, u64, String)>, u64, u64) {
+    // Stale data everywhere LVM does not write: in free extents too.
     let pv = t.join("pv.img");
-    blank_file(&pv, PV_SIZE);
+    std::fs::write(&pv, random_bytes(90, PV_SIZE as usize)).unwrap();
     let dev = LoopDevice::attach_without_partitions(&pv);
     let d = s(&dev.path);
     lvm("pvcreate", &["-q", d]);
@@ -102,7 +106,7 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
         &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges,segtype", "--reportformat", "json", vg],
     );
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let segs = report["report"][0]["seg"]
+    let segs: Vec<(String, u64, u64, u64, String)> = report["report"][0]["seg"]
         .as_array()
         .unwrap()
         .iter()
@@ -123,6 +127,15 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
     let extent = bytes(lvm("vgs", &["--noheadings", "--units", "b", "-o", "vg_extent_size", vg]));
     let pe_start = bytes(lvm("pvs", &["--noheadings", "--units", "b", "-o", "pe_start", d]));
     drop(dev);
+    // lv_root holds ext4 with files (its free blocks stale random data),
+    // at the place LVM's tools give (not klon's reading).
+    let (_, _, _, first, _) = segs.iter().find(|s| s.0 == "lv_root").unwrap();
+    let fs = t.join("root.img");
+    std::fs::write(&fs, random_bytes(91, 8 * MIB as usize)).unwrap();
+    let tree = t.join("tree");
+    populate(&tree);
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-E", "nodiscard", "-d", s(&tree), s(&fs)]);
+    write_at(&pv, pe_start + first * extent, &std::fs::read(&fs).unwrap());
 
     let disk = t.join("disk.img");
     blank_file(&disk, PV_START + PV_SIZE + MIB);
@@ -133,8 +146,16 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
     (disk, segs, extent, pe_start)
 }
 
+/// The files of lv_root's ext4.
+fn populate(dir: &Path) {
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::write(dir.join("etc/hostname"), "pve\n").unwrap();
+    std::fs::write(dir.join("random.bin"), random_bytes(92, 2 * MIB as usize)).unwrap();
+    std::fs::write(dir.join("text.txt"), text_bytes(93, 300_000)).unwrap();
+}
+
 #[test]
-fn a_backup_records_the_volume_group_as_lvm_reports_it() {
+fn a_pv_is_stored_by_what_its_volumes_use_and_restores_as_lvm_reads_it() {
     require_root!();
     let t = TempDir::new("lvm-vg");
     let vg = format!("klontest{}", std::process::id());
@@ -170,14 +191,56 @@ fn a_backup_records_the_volume_group_as_lvm_reports_it() {
     let text = stdout(&klon(&["info", s(&img)]));
     assert!(
         text.contains(&format!("volume group {vg}"))
-            && text.contains("LV lv_data 12.6 MB: linear 1 extents at pv0:5; linear 2 extents at pv0:2"),
+            && text.contains("LV lv_data 12.6 MB: linear 1 extents at pv0:5; linear 2 extents at pv0:2")
+            && text.contains("filesystem ext4, method ext4"),
         "{text}"
     );
-    // The image still restores the disk byte for byte where it matters:
-    // the PV (label, metadata, extents) is copied whole but for zeros.
+
+    // Stored: the metadata area, ext4's used blocks and lv_data (three
+    // extents, copied whole) — not the stale data of the free extents and
+    // of ext4's free blocks.
+    assert_eq!(st["method"], "lvm", "{st}");
+    let stored = st["stored_bytes"].as_u64().unwrap();
+    let root = got["lvs"].as_array().unwrap().iter().find(|l| l["name"] == "lv_root").unwrap();
+    let ext4_used = root["used_bytes"].as_u64().unwrap();
+    assert!(ext4_used < 5 * MIB, "{root}");
+    let expected = pe_start + ext4_used + 3 * extent;
+    assert!(stored <= expected + expected / 20, "stored {stored} bytes, expected at most about {expected}");
+
+    // Restored onto garbage: the label and metadata, lv_data, and lv_root's
+    // ext4 (fsck-clean, same files), each where LVM's tools place them.
     let out = t.join("restored.img");
+    garbage_file(&out, std::fs::metadata(&disk).unwrap().len());
     ok(&klon(&["restore", "--yes", s(&img), s(&out)]));
-    assert_same(&disk, &out, PV_START, PV_SIZE, "the PV");
+    assert_same(&disk, &out, PV_START, pe_start, "the PV label and metadata");
+    for (lv, _, n, first, _) in segs.iter().filter(|s| s.0 == "lv_data") {
+        assert_same(&disk, &out, PV_START + pe_start + first * extent, n * extent, lv);
+    }
+    let (_, _, n, first, _) = segs.iter().find(|s| s.0 == "lv_root").unwrap();
+    let root_img = t.join("restored-root.img");
+    std::fs::write(&root_img, read_at(&out, PV_START + pe_start + first * extent, n * extent)).unwrap();
+    run("e2fsck", &["-fn", s(&root_img)]);
+    let expected_tree = t.join("expected");
+    populate(&expected_tree);
+    {
+        let dir = t.join("mnt");
+        let _m = Mounted::new(&root_img, &dir, "ro,loop");
+        run("diff", &["-r", "-x", "lost+found", s(&expected_tree), s(&dir)]);
+    }
+    // LVM's own tools read the same group from the restored PV.
+    let pv_back = t.join("restored-pv.img");
+    std::fs::write(&pv_back, read_at(&out, PV_START, PV_SIZE)).unwrap();
+    let dev = LoopDevice::attach_without_partitions(&pv_back);
+    let back = lvm("lvs", &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges", "--noheadings", &vg]);
+    drop(dev);
+    for (lv, start, n, first, _) in &segs {
+        let want = format!(":{first}-{}", first + n - 1);
+        let found = back.lines().any(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.len() >= 4 && w[0] == lv && w[1] == start.to_string() && w[3].ends_with(&want)
+        });
+        assert!(found, "{lv} at {start}: no {want} in the restored PV's lvs:\n{back}");
+    }
 }
 
 #[test]

@@ -153,16 +153,23 @@ fn volume_plan(
     if fs_info.fstype == "LVM2_member" {
         let volume = Volume { disk: source, start: info.start, len: info.length };
         return Ok(match fs::lvm::read(&volume) {
-            Ok(vg) => {
-                let reason = format!(
-                    "LVM2 physical volume of volume group {} ({} logical volumes); klon does not read the \
-                     filesystems inside yet: every block that is not zero",
-                    vg.name,
-                    vg.lvs.len()
-                );
+            Ok(vg) if opts.raw_all => {
+                info.lvm = Some(vg);
+                raw(info, "--raw: every block that is not zero".into())
+            }
+            Ok(vg) if vg.pvs.len() != 1 || vg.pvs[0].uuid != vg.pv_uuid => {
+                warnings.push(format!(
+                    "{place} is one of {} LVM2 physical volumes of volume group {}: its logical volumes may lie on \
+                     disks klon is not imaging, so this one is copied raw (every block that is not zero); image \
+                     every disk of the group to keep the group whole",
+                    vg.pvs.len(),
+                    vg.name
+                ));
+                let reason = format!("LVM2 physical volume of volume group {}, which spans several PVs", vg.name);
                 info.lvm = Some(vg);
                 raw(info, reason)
             }
+            Ok(vg) => lvm_plan(source, info, vg, opts, warnings)?,
             Err(e) => {
                 warnings.push(format!(
                     "{place} (LVM2 physical volume): its metadata failed a check ({e}); copying it raw, every block \
@@ -208,6 +215,122 @@ fn volume_plan(
         ))),
         Err(FsError::Io(e)) => Err(e.with_note(&format!("reading the {} metadata of {place}", fs_info.fstype))),
     }
+}
+
+/// An LVM2 physical volume holding the whole of its volume group: its
+/// label and metadata (everything before the first extent) whole; each
+/// logical volume of one linear segment probed like a partition (a
+/// filesystem klon reads gives its used blocks, swap its header), any
+/// other (several segments, striped, thin pool, mirror, …) copied whole;
+/// free extents not at all (a restore leaves them alone).
+fn lvm_plan(
+    source: &Disk,
+    mut info: StreamInfo,
+    mut vg: fs::lvm::VolumeGroup,
+    opts: PlanOptions,
+    warnings: &mut Vec<String>,
+) -> Result<StreamPlan> {
+    let place = describe(&info);
+    let pe_start = vg.pvs[0].pe_start;
+    let mut reads: Vec<Extent> = vec![(0, pe_start.min(info.length))];
+    let mut used = 0u64;
+    let mut methods = Vec::new();
+    for i in 0..vg.lvs.len() {
+        let lv = &vg.lvs[i];
+        let ranges: Option<Vec<Extent>> = lv.segments.iter().map(|s| s.linear_on(&vg, &vg.pvs[0].name)).collect();
+        let Some(ranges) =
+            ranges.filter(|r| r.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= info.length)))
+        else {
+            let kinds: Vec<&str> = lv.segments.iter().map(|s| s.kind.as_str()).collect();
+            warnings.push(format!(
+                "{place}: LVM2 logical volume {}/{} ({}) is copied whole: klon maps only linear volumes yet",
+                vg.name,
+                lv.name,
+                kinds.join(", ")
+            ));
+            let mut whole = Vec::new();
+            for s in &lv.segments {
+                for (pv, first) in &s.stripes {
+                    if let Some(p) = vg.pvs.iter().find(|p| p.name == *pv) {
+                        let at = p.pe_start.saturating_add(first.saturating_mul(vg.extent_size));
+                        // A stripe's share of the segment's extents.
+                        let len = s.extent_count.div_ceil(s.stripes.len() as u64).saturating_mul(vg.extent_size);
+                        whole.push((at.min(info.length), len.min(info.length.saturating_sub(at))));
+                    }
+                }
+            }
+            used += whole.iter().map(|e| e.1).sum::<u64>();
+            reads.extend(whole);
+            let m = (format!("raw ({})", kinds.join(", ")), None, None);
+            methods.push((lv.name.clone(), m));
+            continue;
+        };
+        let (method, fs_info, lv_used, lv_reads) = if let [(start, len)] = ranges[..] {
+            let fs_info = crate::fs::probe::probe(source, info.start + start, len);
+            let driver = fs_info.as_ref().and_then(|f| fs::driver_for(&f.fstype));
+            match (fs_info, driver) {
+                (Some(f), Some(d)) => {
+                    let volume = Volume { disk: source, start: info.start + start, len };
+                    match (d.used_map)(&volume) {
+                        Ok(map) => {
+                            let r: Vec<Extent> = map.extents.iter().map(|&(s, l)| (start + s, l)).collect();
+                            (f.fstype.clone(), Some(f), map.used_bytes, r)
+                        }
+                        Err(FsError::Corrupt(why)) => {
+                            warnings.push(format!(
+                                "{place}: LVM2 logical volume {}/{} ({}): its metadata failed a check ({why}); \
+                                 copied whole",
+                                vg.name, lv.name, f.fstype
+                            ));
+                            ("raw".to_string(), Some(f), len, vec![(start, len)])
+                        }
+                        Err(FsError::Unclean(why)) if opts.raw_unclean => {
+                            (format!("raw (not clean: {why}; --raw-unclean)"), Some(f), len, vec![(start, len)])
+                        }
+                        Err(FsError::Unclean(why)) => {
+                            return Err(Error::Refused(format!(
+                                "{place}: LVM2 logical volume {}/{} ({}) is not clean: {why}. Its allocation maps \
+                                 may not tell the truth; repair it first, or back it up raw with --raw-unclean",
+                                vg.name, lv.name, f.fstype
+                            )));
+                        }
+                        Err(FsError::Io(e)) => {
+                            return Err(e.with_note(&format!("reading LVM2 logical volume {}/{}", vg.name, lv.name)));
+                        }
+                    }
+                }
+                (f, _) => ("raw".to_string(), f, len, vec![(start, len)]),
+            }
+        } else {
+            let len = ranges.iter().map(|r| r.1).sum();
+            ("raw (several segments)".to_string(), None, len, ranges.clone())
+        };
+        used += lv_used;
+        reads.extend(lv_reads);
+        methods.push((lv.name.clone(), (method, fs_info, Some(lv_used))));
+    }
+    let (reads, _) = fs::normalize(reads, info.length).map_err(|e| {
+        Error::Corrupt(format!("{place}: the LVM2 metadata places a volume outside the partition: {e}"))
+    })?;
+    for (lv, (method, fs_info, used)) in methods {
+        if let Some(l) = vg.lvs.iter_mut().find(|l| l.name == lv) {
+            l.method = Some(method);
+            l.fs = fs_info;
+            l.used_bytes = used;
+        }
+    }
+    info.method = "lvm".into();
+    info.method_reason = format!(
+        "LVM2 physical volume of volume group {}: its label and metadata whole, each linear logical volume by the \
+         blocks its filesystem uses (or whole), free extents not at all",
+        vg.name
+    );
+    info.fill = Fill::Free;
+    info.fs_used_bytes = Some(used + pe_start);
+    info.fs_total_bytes = Some(info.length);
+    info.lvm = Some(vg);
+    let reads = reads.into_iter().map(|(s, l)| (info.start + s, l)).collect();
+    Ok(StreamPlan { reads, skip_zero: false, info })
 }
 
 /// The byte ranges of the disk outside every data partition.

@@ -59,6 +59,16 @@ pub struct LogicalVolume {
     pub uuid: String,
     /// Its segments, by logical extent.
     pub segments: Vec<Segment>,
+    /// How a backup copied it: the filesystem whose used blocks it read,
+    /// or "raw (why)" (absent: the PV was copied raw).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The filesystem found in it, when it was probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs: Option<super::probe::FsInfo>,
+    /// Bytes of it the backup copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<u64>,
 }
 
 impl LogicalVolume {
@@ -409,7 +419,14 @@ fn parse_vg(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError> {
             });
         }
         segments.sort_by_key(|s| s.start_extent);
-        lvs.push(LogicalVolume { name: lv_name.clone(), uuid: lv.text("id").map_err(lv_bad)?, segments });
+        lvs.push(LogicalVolume {
+            name: lv_name.clone(),
+            uuid: lv.text("id").map_err(lv_bad)?,
+            segments,
+            method: None,
+            fs: None,
+            used_bytes: None,
+        });
     }
     Ok(VolumeGroup {
         name: name.clone(),

@@ -389,6 +389,11 @@ fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
             .collect();
         let size = human_bytes(lv.extents().saturating_mul(vg.extent_size));
         let _ = writeln!(o, "  {:<24}   LV {} {size}: {}", "", lv.name, segs.join("; "));
+        if let Some(m) = &lv.method {
+            let fs = lv.fs.as_ref().map(|f| format!("filesystem {}, ", f.fstype)).unwrap_or_default();
+            let used = lv.used_bytes.map(|u| format!(", {} copied", human_bytes(u))).unwrap_or_default();
+            let _ = writeln!(o, "  {:<24}     {fs}method {m}{used}", "");
+        }
     }
 }
 
