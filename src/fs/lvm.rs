@@ -146,7 +146,7 @@ pub fn read(v: &Volume) -> Result<VolumeGroup, FsError> {
     let mut newest: Option<VolumeGroup> = None;
     let mut last_error = None;
     for &(start, size) in mdas {
-        match metadata_text(v, start, size).and_then(|t| parse_vg(&t, &pv_uuid)) {
+        match metadata_text(v, start, size).and_then(|t| parse_metadata(&t, &pv_uuid)) {
             Ok(vg) if newest.as_ref().is_none_or(|n| vg.seqno > n.seqno) => newest = Some(vg),
             Ok(_) => {}
             Err(e) => last_error = Some(e),
@@ -368,7 +368,7 @@ impl Parser<'_> {
 
 /// The volume group the metadata text describes (its one top-level
 /// section), as PV `pv_uuid` holds it.
-fn parse_vg(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError> {
+pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError> {
     let bad = |why: String| FsError::Corrupt(format!("the LVM2 metadata text: {why}"));
     let top = parse_text(text).map_err(bad)?;
     let mut vgs = top.sections();
@@ -526,7 +526,7 @@ creation_time = 1796439027
 
     #[test]
     fn a_volume_group_reads_with_its_segments_in_order() {
-        let vg = parse_vg(TEXT, "pv-uuid").unwrap();
+        let vg = parse_metadata(TEXT, "pv-uuid").unwrap();
         assert_eq!((vg.name.as_str(), vg.seqno, vg.extent_size), ("vgt", 2, 4 << 20));
         assert_eq!(vg.pvs[0].pe_start, 1 << 20);
         let lv2 = &vg.lvs[0];
@@ -549,10 +549,10 @@ creation_time = 1796439027
             ("vg { seqno = 1 id = \"u\" extent_size = 0 }", "extent_size is 0"),
             ("x = 1", "no volume group"),
         ] {
-            let e = parse_vg(text, "p").unwrap_err().to_string();
+            let e = parse_metadata(text, "p").unwrap_err().to_string();
             assert!(e.contains(needle), "{text:?}: {e}");
         }
         let bad_stripes = TEXT.replace("stripes = [\"pv0\", 5]", "stripes = [\"pv0\", \"pv1\"]");
-        assert!(parse_vg(&bad_stripes, "p").unwrap_err().to_string().contains("pairs"));
+        assert!(parse_metadata(&bad_stripes, "p").unwrap_err().to_string().contains("pairs"));
     }
 }
