@@ -77,6 +77,9 @@ fn grow(target: &Path, start: u64, len: u64, fstype: Option<&str>) -> std::resul
         "xfs" => "xfs_growfs",
         "btrfs" => "btrfs",
         "" => return Err("it holds no filesystem klon knows".into()),
+        "LVM2_member" => {
+            return Err("it is an LVM2 physical volume: pvresize on it adds the new room to its volume group".into());
+        }
         other => return Err(format!("klon does not grow {other} filesystems (grow it with its own tools)")),
     };
     let dev = loopdev::attach(target, start, len, false).map_err(|e| e.to_string())?;
