@@ -430,11 +430,21 @@ fn wizard_lists_and_restores_a_clonezilla_image() {
     t.wait_for(&["KLON-EXITED 0"], 10);
     drop(dst);
 
-    // The filesystem is clean and holds the files put on the source.
+    // The partition grew (the wizard's default), and its filesystem with
+    // it: clean, filling it, holding the files put on the source.
     assert_eq!(read_at(&f.disk, 0, 440), read_at(&dst_file, 0, 440), "boot code");
+    let (parts, sector) = common::disks::sfdisk_parts(&dst_file);
+    assert_eq!(parts[0].start, 2048);
+    assert!(parts[0].size > 61440, "the partition did not grow");
     let part = tmp.join("p1");
-    std::fs::write(&part, read_at(&dst_file, 2048 * 512, 61440 * 512)).unwrap();
+    std::fs::write(&part, read_at(&dst_file, 2048 * sector, parts[0].size * sector)).unwrap();
     common::disks::run("e2fsck", &["-fn", part.to_str().unwrap()]);
+    let sb = common::disks::run("dumpe2fs", &["-h", part.to_str().unwrap()]);
+    let field = |key: &str| -> u64 { sb.lines().find_map(|l| l.strip_prefix(key)).unwrap().trim().parse().unwrap() };
+    assert!(
+        field("Block count:") * field("Block size:") > (parts[0].size * sector).saturating_sub(MIB),
+        "the ext4 did not grow with its partition"
+    );
     for (_, name, data) in &f.files {
         let got =
             Command::new("debugfs").args(["-R", &format!("cat /{name}"), part.to_str().unwrap()]).output().unwrap();
