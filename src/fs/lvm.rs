@@ -440,7 +440,7 @@ pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError>
 }
 
 /// A PV UUID as LVM prints it (32 characters in groups of 6-4-4-4-4-4-6).
-fn uuid_of(raw: &[u8]) -> Result<String, FsError> {
+pub(crate) fn uuid_of(raw: &[u8]) -> Result<String, FsError> {
     if !raw.iter().all(u8::is_ascii_alphanumeric) {
         return Err(FsError::Corrupt("the PV header's UUID is not LVM's".into()));
     }

@@ -150,18 +150,7 @@ fn probe_lvm2(r: &Region) -> Option<FsInfo> {
             continue;
         }
         let off = le32(&b, 20)? as usize;
-        let id = slice(&b, off, 32)?;
-        if !id.iter().all(|c| c.is_ascii_alphanumeric()) {
-            return None;
-        }
-        let id = std::str::from_utf8(id).ok()?;
-        let mut uuid = String::with_capacity(38);
-        for (i, ch) in id.chars().enumerate() {
-            if matches!(i, 6 | 10 | 14 | 18 | 22 | 26) {
-                uuid.push('-');
-            }
-            uuid.push(ch);
-        }
+        let uuid = super::lvm::uuid_of(slice(&b, off, 32)?).ok()?;
         return info("LVM2_member", None, Some(uuid));
     }
     None
