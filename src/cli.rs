@@ -15,6 +15,10 @@ pub struct Cli {
     /// Print the report as JSON on stdout (disks, backup, verify, restore, clone, info, convert, demo).
     #[arg(long, global = true)]
     pub json: bool,
+    /// The passphrase of encrypted repositories: the first line of FILE
+    /// (else KLON_PASSPHRASE, KLON_PASSPHRASE_FILE, or typed when asked).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -36,6 +40,11 @@ pub enum Command {
     Prune(PruneArgs),
     /// Check a repository: structure and references, with --read-data every byte.
     Check(CheckArgs),
+    /// Make a new, empty repository (--encrypt: encrypted).
+    Init(InitArgs),
+    /// List, add, remove or change the passphrases of an encrypted repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Remove a repository's locks (after a crash left one another machine holds).
     Unlock(UnlockArgs),
     /// Copy snapshots into another repository (a second drive), sending only
@@ -89,6 +98,11 @@ pub struct BackupArgs {
     /// be empty): backups over time then store only what changed.
     #[arg(long)]
     pub repo: bool,
+    /// Make the new repository encrypted (implies --repo): a passphrase from
+    /// --passphrase-file, KLON_PASSPHRASE, KLON_PASSPHRASE_FILE or typed twice;
+    /// a recovery key is shown once.
+    #[arg(long)]
+    pub encrypt: bool,
     /// Save this retention policy in the repository (e.g. daily=7,weekly=4;
     /// rules last, hourly, daily, weekly, monthly, yearly) and apply it
     /// after this and every later backup (repositories only).
@@ -228,12 +242,71 @@ pub struct CopyArgs {
     pub to: PathBuf,
     /// Snapshots to copy: ids, unique prefixes or `latest` (default: all).
     pub snapshots: Vec<String>,
-    /// zstd level for deltas sent whole (into a repository of format 1 or 2).
+    /// zstd level for chunks stored again (deltas into a repository of
+    /// format 1 or 2; every chunk into one with other keys).
     #[arg(long, default_value_t = 3)]
     pub level: i32,
+    /// The destination's passphrase, when it is not the source's: the
+    /// first line of FILE (else KLON_TO_PASSPHRASE, else the source's).
+    #[arg(long, value_name = "FILE")]
+    pub to_passphrase_file: Option<std::path::PathBuf>,
     /// Skip reading back the packs written.
     #[arg(long)]
     pub no_verify: bool,
+}
+
+/// `klon init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// The directory to make a repository (it must not exist, or be empty).
+    pub repo: PathBuf,
+    /// Encrypt it: a passphrase (from --passphrase-file, KLON_PASSPHRASE,
+    /// KLON_PASSPHRASE_FILE, or typed twice); a recovery key is shown once.
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Bytes of the disk one chunk covers (1M to 8M, a power of two).
+    #[arg(long, value_parser = parse_size, default_value = "4M")]
+    pub window: u64,
+}
+
+/// `klon key`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// The key slots of an encrypted repository.
+    List(KeyRepoArgs),
+    /// Add a passphrase (the new one from --new-passphrase-file,
+    /// KLON_NEW_PASSPHRASE, or typed twice).
+    Add(KeyNewArgs),
+    /// Change the passphrase that unlocked the repository.
+    Passwd(KeyNewArgs),
+    /// Remove a key slot (not the last one).
+    Remove(KeyRemoveArgs),
+}
+
+/// `klon key list`.
+#[derive(Debug, Args)]
+pub struct KeyRepoArgs {
+    /// The repository.
+    pub repo: PathBuf,
+}
+
+/// `klon key add`, `klon key passwd`.
+#[derive(Debug, Args)]
+pub struct KeyNewArgs {
+    /// The repository.
+    pub repo: PathBuf,
+    /// The new passphrase: the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    pub new_passphrase_file: Option<PathBuf>,
+}
+
+/// `klon key remove`.
+#[derive(Debug, Args)]
+pub struct KeyRemoveArgs {
+    /// The repository.
+    pub repo: PathBuf,
+    /// The key slot's id (klon key list shows them).
+    pub slot: String,
 }
 
 /// `klon unlock`.

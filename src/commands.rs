@@ -22,6 +22,9 @@ mod repo_cmds;
 
 /// Runs the parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
+    if let Some(f) = &cli.passphrase_file {
+        crate::repo::crypto::set_passphrase_file(f)?;
+    }
     match &cli.command {
         Command::Disks => disks(cli),
         Command::Backup(a) => backup_cmd(cli, a),
@@ -30,6 +33,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Prune(a) => repo_cmds::prune(cli, a),
         Command::Check(a) => repo_cmds::check(cli, a),
         Command::Unlock(a) => repo_cmds::unlock(cli, a),
+        Command::Init(a) => repo_cmds::init(cli, a),
+        Command::Key(k) => repo_cmds::key(cli, k),
         Command::Copy(a) => repo_cmds::copy(cli, a),
         Command::Verify(a) => verify_cmd(cli, a),
         Command::Restore(a) => restore_cmd(cli, a),
@@ -104,7 +109,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
         rescue: a.rescue,
     };
-    if a.repo || crate::repo::is_repository(&a.image) {
+    if a.repo || a.encrypt || crate::repo::is_repository(&a.image) {
         return repo_cmds::backup(cli, a, &opts);
     }
     if a.label.is_some() || !a.tags.is_empty() || a.keep.is_some() {

@@ -50,6 +50,11 @@ pub enum Error {
     /// A disk structure (partition table, filesystem) klon cannot handle.
     #[error("{0}")]
     Unsupported(String),
+
+    /// An encrypted repository's passphrase or recovery key is wrong or
+    /// missing.
+    #[error("{0}")]
+    Key(String),
 }
 
 fn fmt_offset(offset: Option<u64>) -> String {
@@ -73,6 +78,8 @@ pub mod exit {
     pub const VERIFY: i32 = 4;
     /// Refused for safety, or cancelled at a confirmation.
     pub const REFUSED: i32 = 5;
+    /// An encrypted repository's passphrase (or recovery key) is wrong or missing.
+    pub const KEY: i32 = 6;
 }
 
 impl Error {
@@ -121,6 +128,7 @@ impl Error {
             Error::Refused(m) => Error::Refused(format!("{m}; {note}")),
             Error::Cancelled(m) => Error::Cancelled(format!("{m}; {note}")),
             Error::Unsupported(m) => Error::Unsupported(format!("{m}; {note}")),
+            Error::Key(m) => Error::Key(format!("{m}; {note}")),
         }
     }
 
@@ -132,6 +140,7 @@ impl Error {
             Error::Corrupt(_) | Error::VerifyAfter(_) => exit::VERIFY,
             Error::Refused(_) | Error::Cancelled(_) => exit::REFUSED,
             Error::Unsupported(_) => exit::FAILURE,
+            Error::Key(_) => exit::KEY,
         }
     }
 }

@@ -88,6 +88,7 @@ fn with_lvs(text: &str) -> String {
 /// LVM's own tools report of it: `lvs --segments` as (name, first logical
 /// extent, extents, first PV extent, type), the extent size and the PV's
 /// first extent, in bytes.
+#[allow(clippy::type_complexity)]
 fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64, u64, String)>, u64, u64) {
     // Stale data everywhere LVM does not write: in free extents too.
     let pv = t.join("pv.img");

@@ -295,9 +295,12 @@ fn older_repository_versions_get_only_what_they_read_and_a_newer_one_is_refused(
     assert_eq!(depths(&repo).into_iter().max(), Some(1), "a chain of deltas in a version 2 repository");
     ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
     assert_restored(&t, &d.path, &out, &d, "v2");
+    // Version 4 is encryption: one without it is damage; 5 is newer.
     std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 4")).unwrap();
+    fails_with(&klon(&["snapshots", s(&repo)]), 4, &["says encrypted, but there is no encryption"]);
+    std::fs::write(&config, text.replace("\"format_version\": 3", "\"format_version\": 5")).unwrap();
     let o = klon(&["snapshots", s(&repo)]);
-    fails_with(&o, 1, &["repository format version 4", "use a newer klon"]);
+    fails_with(&o, 1, &["repository format version 5", "use a newer klon"]);
 }
 
 /// Every chunk's base in the repository's pack indexes (None for a chunk
@@ -933,4 +936,202 @@ fn backups_and_prunes_killed_at_random_points_lose_no_complete_snapshot() {
         assert_restored(&t, &state_of[id], &out, &d, &format!("kill{i}"));
         std::fs::remove_file(&out).unwrap();
     }
+}
+
+/// klon with the passphrase `pass` in KLON_PASSPHRASE (none: no
+/// passphrase anywhere), standard input not a terminal.
+fn klon_pw(pass: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_klon"));
+    c.args(args).stdin(std::process::Stdio::null());
+    for v in ["KLON_PASSPHRASE", "KLON_PASSPHRASE_FILE", "KLON_NEW_PASSPHRASE"] {
+        c.env_remove(v);
+    }
+    if let Some(p) = pass {
+        c.env("KLON_PASSPHRASE", p);
+    }
+    c.output().expect("run klon")
+}
+
+/// Every file under `dir`.
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() { out.extend(all_files(&p)) } else { out.push(p) }
+    }
+    out
+}
+
+/// The pack's records: (offset, stored length), walking their headers.
+fn pack_records(pack: &Path) -> Vec<(usize, usize)> {
+    let b = std::fs::read(pack).unwrap();
+    let (mut at, mut out) = (0usize, Vec::new());
+    while at + 64 <= b.len() {
+        assert_eq!(&b[at..at + 8], b"KLONBLB1", "no record at {at} of {}", pack.display());
+        let stored = u32::from_le_bytes(b[at + 16..at + 20].try_into().unwrap()) as usize;
+        out.push((at, stored));
+        at += 64 + stored;
+    }
+    assert_eq!(at, b.len());
+    out
+}
+
+#[test]
+fn an_encrypted_repository_hides_what_it_holds_and_every_snapshot_restores() {
+    let t = TempDir::new("repo-encrypted");
+    let d = make_disk(&t, "marker-source-name.img", 11);
+    let marker: Vec<u8> = b"KLON-PLAINTEXT-MARKER-3f9a1c ".repeat(40_000);
+    put_file(&d, &t, "marker.txt", &marker);
+    let repo = t.join("repo");
+    let pw = Some("correct horse battery staple");
+    let o = klon_pw(pw, &["backup", "--encrypt", "--label", "label-in-the-clear-7d2e", s(&d.path), s(&repo)]);
+    ok(&o);
+    // The recovery key, shown once on standard error: 8 groups of 8 hex digits.
+    let err = stderr(&o);
+    let recovery = err
+        .split_whitespace()
+        .find(|w| w.len() == 71 && w.split('-').count() == 8)
+        .unwrap_or_else(|| panic!("no recovery key shown: {err}"))
+        .to_string();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("klon-repository.json")).unwrap()).unwrap();
+    assert_eq!(config["format_version"], 4);
+    assert_eq!(config["encryption"]["cipher"], "xchacha20poly1305");
+    let first = t.join("first.img");
+    std::fs::copy(&d.path, &first).unwrap();
+
+    // A second backup of the changed disk stores deltas, sealed too.
+    put_file(&d, &t, "t3", &text_bytes(999, 300_000));
+    put_file(&d, &t, "marker2.txt", &marker[..200_000]);
+    let o = klon_pw(pw, &["--json", "backup", s(&d.path), s(&repo)]);
+    ok(&o);
+    assert!(json(&o)["added"]["deltas"].as_u64().unwrap() > 0, "{}", stdout(&o));
+
+    // Nothing the disk or the snapshot says is in any file in the clear:
+    // no file's content, the source's name, the label.
+    for f in all_files(&repo) {
+        let b = std::fs::read(&f).unwrap();
+        for needle in [&b"KLON-PLAINTEXT-MARKER"[..], b"marker-source-name", b"label-in-the-clear", b"lost+found"] {
+            assert!(
+                !b.windows(needle.len()).any(|w| w == needle),
+                "{} holds {:?} in the clear",
+                f.display(),
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+
+    // Every snapshot restores, with the passphrase or the recovery key.
+    let ids = {
+        let o = klon_pw(pw, &["--json", "snapshots", s(&repo)]);
+        ok(&o);
+        json(&o)["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids.len(), 2);
+    let target = t.join("target.img");
+    let _ = std::fs::remove_file(&target);
+    ok(&klon_pw(pw, &["restore", "--yes", &format!("{}:{}", s(&repo), &ids[1][..8]), s(&target)]));
+    assert_restored(&t, &first, &target, &d, "oldest");
+    std::fs::remove_file(&target).unwrap();
+    ok(&klon_pw(Some(&recovery), &["restore", "--yes", s(&repo), s(&target)]));
+    assert_restored(&t, &d.path, &target, &d, "latest");
+    ok(&klon_pw(Some(&recovery.to_uppercase().replace('-', " ")), &["verify", s(&repo)]));
+    ok(&klon_pw(pw, &["check", "--read-data", s(&repo)]));
+
+    // A wrong passphrase, or none, is refused with exit 6 before anything
+    // is written.
+    let pattern = random_bytes(5, (220 * MIB) as usize);
+    std::fs::write(&target, &pattern).unwrap();
+    for (pass, needle) in [(Some("wrong"), "does not unlock"), (None, "needs a passphrase")] {
+        for args in [vec!["restore", "--yes", s(&repo), s(&target)], vec!["snapshots", s(&repo)]] {
+            let o = klon_pw(pass, &args);
+            fails_with(&o, 6, &[needle]);
+        }
+    }
+    assert!(std::fs::read(&target).unwrap() == pattern, "a refused restore wrote the target");
+    let plain = t.join("plain");
+    ok(&klon_pw(None, &["init", s(&plain)]));
+    fails_with(&klon_pw(pw, &["backup", "--encrypt", s(&d.path), s(&plain)]), 2, &["not encrypted"]);
+
+    // A changed byte in a sealed chunk is named by check and fails verify
+    // and restore. (Its checksums cannot be forged to match: the pack's
+    // index, which records them, is sealed; a payload changed with its
+    // checksums made to match fails to authenticate: src/repo/pack.rs's
+    // tests.)
+    let damaged = t.join("damaged");
+    run("cp", &["-a", s(&repo), s(&damaged)]);
+    let pack = files_ending(&damaged, ".pack").into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let (at, stored) = pack_records(&pack).into_iter().max_by_key(|r| r.1).unwrap();
+    flip(&pack, (at + 64 + stored / 2) as u64);
+    let o = klon_pw(pw, &["check", "--read-data", s(&damaged)]);
+    fails_with(&o, 4, &[]);
+    let out = stdout(&o);
+    assert!(out.contains("PROBLEM: ") && out.contains("it holds snapshot ") && out.contains("disk offset"), "{out}");
+    fails_with(&klon_pw(pw, &["verify", s(&damaged)]), 4, &["checksum"]);
+    fails_with(&klon_pw(pw, &["restore", "--yes", s(&damaged), s(&target)]), 4, &["checksum"]);
+
+    // Keys: add a passphrase, change it, and the last one cannot go.
+    let newpw = t.join("new-pass");
+    std::fs::write(&newpw, "second passphrase\n").unwrap();
+    ok(&klon_pw(pw, &["key", "add", s(&repo), "--new-passphrase-file", s(&newpw)]));
+    ok(&klon_pw(Some("second passphrase"), &["snapshots", s(&repo)]));
+    std::fs::write(&newpw, "third passphrase\n").unwrap();
+    ok(&klon_pw(Some("second passphrase"), &["key", "passwd", s(&repo), "--new-passphrase-file", s(&newpw)]));
+    fails_with(&klon_pw(Some("second passphrase"), &["snapshots", s(&repo)]), 6, &["does not unlock"]);
+    let pwfile = t.join("pw");
+    std::fs::write(&pwfile, "third passphrase\n").unwrap();
+    ok(&klon_pw(None, &["--passphrase-file", s(&pwfile), "snapshots", s(&repo)]));
+    let o = klon_pw(pw, &["--json", "key", "list", s(&repo)]);
+    ok(&o);
+    let slots: Vec<(String, String)> = json(&o)["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| (k["id"].as_str().unwrap().to_string(), k["kind"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(slots.iter().filter(|k| k.1 == "passphrase").count(), 2, "{slots:?}");
+    let first_slot = &slots[0].0;
+    ok(&klon_pw(pw, &["key", "remove", s(&repo), first_slot]));
+    fails_with(&klon_pw(pw, &["snapshots", s(&repo)]), 6, &["does not unlock"]);
+    let last = slots.iter().rev().find(|k| k.1 == "passphrase").unwrap().0.clone();
+    fails_with(&klon_pw(Some("third passphrase"), &["key", "remove", s(&repo), &last]), 5, &["last passphrase"]);
+
+    // A copy into a new directory has the same keys: records go as they
+    // are, the copy checks and restores. Into a repository with other keys
+    // (none, or its own passphrase) every chunk is read, named and sealed
+    // again: the copies check and restore too.
+    let pw3 = Some("third passphrase");
+    let copy = t.join("copy");
+    ok(&klon_pw(pw3, &["copy", s(&repo), s(&copy)]));
+    ok(&klon_pw(pw3, &["check", "--read-data", s(&copy)]));
+    std::fs::remove_file(&target).unwrap();
+    ok(&klon_pw(pw3, &["restore", "--yes", s(&copy), s(&target)]));
+    assert_restored(&t, &d.path, &target, &d, "copy");
+    ok(&klon_pw(pw3, &["copy", s(&repo), s(&plain)]));
+    ok(&klon_pw(None, &["check", "--read-data", s(&plain)]));
+    std::fs::remove_file(&target).unwrap();
+    ok(&klon_pw(None, &["restore", "--yes", s(&plain), s(&target)]));
+    assert_restored(&t, &d.path, &target, &d, "plain copy");
+    let other = t.join("other");
+    ok(&klon_pw(Some("other passphrase"), &["init", "--encrypt", s(&other)]));
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_klon"));
+    c.args(["copy", s(&repo), s(&other)]).stdin(std::process::Stdio::null()).env_remove("KLON_PASSPHRASE_FILE");
+    let o =
+        c.env("KLON_PASSPHRASE", "third passphrase").env("KLON_TO_PASSPHRASE", "other passphrase").output().unwrap();
+    ok(&o);
+    ok(&klon_pw(Some("other passphrase"), &["check", "--read-data", s(&other)]));
+    let o = klon_pw(pw3, &["copy", s(&repo), s(&other)]);
+    fails_with(&o, 6, &["KLON_TO_PASSPHRASE"]);
+
+    // Forget and prune keep the newest whole.
+    ok(&klon_pw(pw3, &["forget", "--keep-last", "1", "--prune", s(&repo)]));
+    ok(&klon_pw(pw3, &["check", "--read-data", s(&repo)]));
+    std::fs::remove_file(&target).unwrap();
+    ok(&klon_pw(pw3, &["restore", "--yes", s(&repo), s(&target)]));
+    assert_restored(&t, &d.path, &target, &d, "pruned");
 }

@@ -4,12 +4,15 @@
 use serde_json::json;
 
 use super::print_json;
-use crate::cli::{BackupArgs, CheckArgs, Cli, ConvertArgs, CopyArgs, ForgetArgs, PruneArgs, SnapshotsArgs, UnlockArgs};
+use crate::cli::{
+    BackupArgs, CheckArgs, Cli, ConvertArgs, CopyArgs, ForgetArgs, InitArgs, KeyCommand, PruneArgs, SnapshotsArgs,
+    UnlockArgs,
+};
 use crate::engine::backup::BackupOptions;
 use crate::engine::czimage::ConvertOptions;
 use crate::engine::snapshot::{self, SnapshotOptions};
 use crate::error::{Error, Result};
-use crate::repo::pack::{self, PackIndex};
+use crate::repo::crypto;
 use crate::repo::{Keep, Repository, check as repo_check, lock, prune as repo_prune};
 use crate::ui::human_bytes;
 
@@ -20,8 +23,9 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
         Some(k) => Some(Keep::parse(k).map_err(|why| Error::Usage(format!("--keep {k}: {why}")))?),
         None => None,
     };
-    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window };
+    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window, encrypt: a.encrypt };
     let report = snapshot::backup_to_repository(&a.source, &a.image, opts, &sopts)?;
+    show_recovery_key(&report.repository, report.recovery_key.as_deref());
     let verified = verify_added(cli, &report, a.no_verify)?;
     let s = &report.snapshot;
     let full: u64 = s.image.streams.iter().map(|st| st.stored_bytes).sum();
@@ -47,9 +51,22 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs, opts: &BackupOptions) -> Result<
             "verified": verified.is_some(),
             "warnings": report.warnings,
             "keep": kept,
+            "recovery_key": report.recovery_key,
         }));
     }
     Ok(())
+}
+
+/// Shows the recovery key of a new encrypted repository, on standard
+/// error (even with --quiet: it is shown only this once).
+fn show_recovery_key(repo: &std::path::Path, key: Option<&str>) {
+    if let Some(k) = key {
+        eprintln!(
+            "klon: {} is encrypted. Its recovery key unlocks it if the passphrase is lost; write it down and keep it \
+             apart from the drive, it is shown only now:\n\n    {k}\n",
+            repo.display()
+        );
+    }
 }
 
 /// "snapshot ID of REPO in S s: read …, added … in N new chunks …": what
@@ -90,7 +107,7 @@ fn verify_added(cli: &Cli, report: &snapshot::SnapshotReport, no_verify: bool) -
 /// snapshot.
 pub(super) fn convert(cli: &Cli, a: &ConvertArgs, opts: &ConvertOptions) -> Result<()> {
     let window = u32::try_from(a.window).map_err(|_| Error::Usage("--window is at most 8M".into()))?;
-    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window };
+    let sopts = SnapshotOptions { label: a.label.clone(), tags: a.tags.clone(), window, encrypt: false };
     let report = crate::engine::czimage::convert_to_repository(&a.clonezilla_image, &a.image, opts, &sopts)?;
     let verified = verify_added(cli, &report, a.no_verify)?;
     let s = &report.snapshot;
@@ -206,7 +223,7 @@ fn growth(repo: &Repository, all: &[crate::repo::SnapshotEntry]) -> Result<Growt
     // hold every chunk's entry in memory for a sum of pack sizes.
     let mut pack_bytes = 0;
     for name in repo.pack_names(".idx")? {
-        pack_bytes += PackIndex::load(&pack::index_path(&repo.packs_dir(), &name), &name)?.pack_size;
+        pack_bytes += repo.pack_index(&name)?.pack_size;
     }
     let free_bytes =
         nix::sys::statvfs::statvfs(&repo.dir).map(|v| v.blocks_available() * v.fragment_size()).unwrap_or(0);
@@ -372,6 +389,106 @@ pub(super) fn check(cli: &Cli, a: &CheckArgs) -> Result<()> {
     }
 }
 
+/// `klon init REPO [--encrypt]`.
+pub(super) fn init(cli: &Cli, a: &InitArgs) -> Result<()> {
+    let window = u32::try_from(a.window).map_err(|_| Error::Usage("--window is at most 8M".into()))?;
+    if crate::repo::is_repository(&a.repo) {
+        return Err(Error::Usage(format!("{} is a repository already", a.repo.display())));
+    }
+    let repo = Repository::create_with(&a.repo, window, a.encrypt)?;
+    show_recovery_key(&repo.dir, repo.recovery_key.as_deref());
+    if cli.json {
+        return print_json(&json!({
+            "repository": repo.dir,
+            "id": repo.config.id,
+            "window": repo.config.window,
+            "encrypted": repo.keys.encrypted(),
+            "recovery_key": repo.recovery_key,
+        }));
+    }
+    if !cli.quiet {
+        println!(
+            "{}: a new {}repository (window {})",
+            repo.dir.display(),
+            if repo.keys.encrypted() { "encrypted " } else { "" },
+            human_bytes(u64::from(window))
+        );
+    }
+    Ok(())
+}
+
+/// `klon key list|add|passwd|remove REPO`.
+pub(super) fn key(cli: &Cli, k: &KeyCommand) -> Result<()> {
+    let dir = match k {
+        KeyCommand::List(a) => &a.repo,
+        KeyCommand::Add(a) | KeyCommand::Passwd(a) => &a.repo,
+        KeyCommand::Remove(a) => &a.repo,
+    };
+    let mut repo = Repository::open(dir)?;
+    let Some(enc) = repo.config.encryption.clone() else {
+        return Err(Error::Usage(format!(
+            "{} is not encrypted: it has no keys (klon init --encrypt makes an encrypted repository)",
+            dir.display()
+        )));
+    };
+    let used = repo.keys.slot().unwrap_or_default().to_string();
+    let mut slots = enc.keys.clone();
+    let changed = match k {
+        KeyCommand::List(_) => None,
+        KeyCommand::Add(a) | KeyCommand::Passwd(a) => {
+            let pass = crypto::new_passphrase(&format!("{}", dir.display()), a.new_passphrase_file.as_deref())?;
+            let slot = crypto::add_passphrase(&repo.keys, &pass)?;
+            let id = slot.id.clone();
+            slots.push(slot);
+            if matches!(k, KeyCommand::Passwd(_)) {
+                slots.retain(|s| s.id != used);
+                Some(format!("passphrase {used} replaced by {id}"))
+            } else {
+                Some(format!("passphrase {id} added"))
+            }
+        }
+        KeyCommand::Remove(a) => {
+            if !slots.iter().any(|s| s.id == a.slot) {
+                return Err(Error::Usage(format!(
+                    "{} has no key slot {} (klon key list shows them)",
+                    dir.display(),
+                    a.slot
+                )));
+            }
+            slots.retain(|s| s.id != a.slot);
+            if !slots.iter().any(|s| s.kind == "passphrase") {
+                return Err(Error::Refused(format!(
+                    "{} is the last passphrase of {}: add another first (klon key add)",
+                    a.slot,
+                    dir.display()
+                )));
+            }
+            Some(format!("key slot {} removed", a.slot))
+        }
+    };
+    if let Some(what) = &changed {
+        let _lock = lock::take(&repo.locks_dir(), "key", true)?;
+        repo.set_key_slots(slots.clone())?;
+        if !cli.quiet && !cli.json {
+            println!("{}: {what}", dir.display());
+        }
+    }
+    if cli.json {
+        return print_json(&json!({
+            "repository": repo.dir,
+            "changed": changed,
+            "keys": slots.iter().map(|s| json!({"id": s.id, "kind": s.kind, "created": s.created,
+                "unlocked_with": s.id == used})).collect::<Vec<_>>(),
+        }));
+    }
+    if changed.is_none() && !cli.quiet {
+        for s in &slots {
+            println!("{}  {:<10}  added {}{}", s.id, s.kind, s.created, if s.id == used { "  (used now)" } else { "" });
+        }
+    }
+    Ok(())
+}
+
 /// `klon unlock REPO`.
 pub(super) fn unlock(cli: &Cli, a: &UnlockArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
@@ -394,7 +511,22 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
     let src = Repository::open(&a.from)?;
     let _src_lock = lock::take(&src.locks_dir(), "copy", false)?;
     let created = !crate::repo::is_repository(&a.to);
-    let dst = if created { Repository::create(&a.to, src.config.window)? } else { Repository::open(&a.to)? };
+    let to_secret = match (&a.to_passphrase_file, std::env::var("KLON_TO_PASSPHRASE")) {
+        (Some(f), _) => Some(crypto::read_passphrase_file(f)?),
+        (None, Ok(p)) if !p.is_empty() => Some(p),
+        _ => None,
+    };
+    let dst = if created {
+        Repository::create_like(&a.to, &src)?
+    } else {
+        Repository::open_with(&a.to, to_secret.as_deref()).map_err(|e| match e {
+            Error::Key(_) => e.with_note(
+                "the destination's passphrase, when it is not the source's: --to-passphrase-file FILE or \
+                 KLON_TO_PASSPHRASE",
+            ),
+            e => e,
+        })?
+    };
     let dst_lock = lock::take(&dst.locks_dir(), "copy", false)?;
     let report = match crate::repo::copy::copy(&src, &dst, &a.snapshots, a.level) {
         Ok(r) => r,

@@ -79,6 +79,9 @@ pub enum Expected {
     /// bytes rewritten after the restore (see `skip` in [`Piece::check`])
     /// must be compared byte by byte.
     Hash([u8; 32]),
+    /// Bytes whose blake3 keyed with the first is the second (the chunk ids
+    /// of an encrypted repository), compared whole like `Hash`.
+    KeyedHash([u8; 32], [u8; 32]),
     /// These bytes, except where they fall in `skip`.
     Bytes(IoBuf),
     /// Zeros only: the gaps of a raw partition that the image left out.
@@ -106,8 +109,13 @@ impl Piece {
         let differs =
             |at: u64| Error::VerifyAfter(format!("{place}: data read back at disk offset {at} differs from {image}"));
         match &self.expected {
-            Expected::Hash(hash) => {
-                if blake3::hash(got).as_bytes() != hash {
+            Expected::Hash(_) | Expected::KeyedHash(..) => {
+                let matches = match &self.expected {
+                    Expected::KeyedHash(key, hash) => blake3::keyed_hash(key, got).as_bytes() == hash,
+                    Expected::Hash(hash) => blake3::hash(got).as_bytes() == hash,
+                    _ => unreachable!("matched above"),
+                };
+                if !matches {
                     let (a, _) = self.extents[0];
                     let (b, l) = *self.extents.last().expect("a piece has extents");
                     return Err(Error::VerifyAfter(format!(

@@ -264,7 +264,11 @@ fn read_back(
                     };
                     let last = *header.extents.last().expect("a chunk has extents");
                     cursor = last.0 + last.1;
-                    let piece = target.piece(landed, Expected::Hash(header.content_hash))?;
+                    let expected = match reader.hash_key() {
+                        Some(key) => Expected::KeyedHash(key, header.content_hash),
+                        None => Expected::Hash(header.content_hash),
+                    };
+                    let piece = target.piece(landed, expected)?;
                     if !send(Check { stream: si, piece, image }) {
                         return Ok(());
                     }

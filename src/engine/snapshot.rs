@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::image::format::Extent;
 use crate::image::manifest::{FileInfo, SourceInfo};
 use crate::image::{Manifest, StreamInfo};
+use crate::repo::crypto::{Keys, Sealed};
 use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
 use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
@@ -37,6 +38,9 @@ pub struct SnapshotOptions {
     pub tags: Vec<String>,
     /// The window of a repository created by this backup.
     pub window: u32,
+    /// Encrypt a repository created by this backup (its passphrase from
+    /// `repo::crypto::passphrase`); an existing one must then be encrypted.
+    pub encrypt: bool,
 }
 
 /// What a backup into a repository reports.
@@ -46,6 +50,9 @@ pub struct SnapshotReport {
     pub repository: PathBuf,
     /// Whether this backup created it.
     pub created_repository: bool,
+    /// The recovery key of an encrypted repository this backup created:
+    /// to show once.
+    pub recovery_key: Option<String>,
     /// The new snapshot's id.
     pub id: String,
     /// The snapshot.
@@ -151,6 +158,7 @@ pub(crate) struct SnapshotSink {
 #[derive(Clone)]
 pub(crate) struct SnapshotEncoder {
     index: Arc<BlobIndex>,
+    keys: Keys,
     bases: Arc<WindowBases>,
     packs_dir: PathBuf,
     window: u64,
@@ -164,7 +172,18 @@ impl SnapshotSink {
     pub fn open(dir: &Path, opts: &SnapshotOptions, source: &SourceInfo, level: i32) -> Result<SnapshotSink> {
         let (time, utc_offset) = snapshot::now_and_offset();
         let created_repository = !is_repository(dir);
-        let repo = if created_repository { Repository::create(dir, opts.window)? } else { Repository::open(dir)? };
+        let repo = if created_repository {
+            Repository::create_with(dir, opts.window, opts.encrypt)?
+        } else {
+            Repository::open(dir)?
+        };
+        if opts.encrypt && !repo.keys.encrypted() {
+            return Err(Error::Usage(format!(
+                "{} is a repository that is not encrypted: --encrypt makes a new one encrypted (back up into a \
+                 new directory, then klon copy what this one holds there if you want it too)",
+                dir.display()
+            )));
+        }
         let lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
         let index = repo.load_index()?;
         let window = u64::from(repo.config.window);
@@ -175,6 +194,7 @@ impl SnapshotSink {
         };
         let encoder = SnapshotEncoder {
             index: Arc::new(index),
+            keys: repo.keys.clone(),
             bases: Arc::new(bases),
             packs_dir: repo.packs_dir(),
             window,
@@ -190,7 +210,7 @@ impl SnapshotSink {
             utc_offset,
             table: Vec::new(),
             stored: Vec::new(),
-            writer: PackWriter::new(&repo.packs_dir(), &repo.tmp_dir()),
+            writer: PackWriter::new(&repo.packs_dir(), &repo.tmp_dir(), &repo.keys),
             written: HashSet::new(),
             added: Added::default(),
             reused_chunks: 0,
@@ -209,12 +229,12 @@ impl ChunkEncoder for SnapshotEncoder {
         if content.is_empty() {
             return Ok(Hashed { stream, read_len, chunk: None });
         }
-        let id = *blake3::hash(&content).as_bytes();
+        let id = self.keys.chunk_id(&content);
         let raw_len = content.len() as u32;
         let (mut payload, mut base, mut warning) = (None, None, None);
         if !self.index.usable(&id) {
             if let Some(b) = self.bases.get(extents[0].0 / self.window).map(|p| self.index.id_at(p)) {
-                match delta_payload(&self.packs_dir, &self.index, b, &content, self.level) {
+                match delta_payload(&self.packs_dir, &self.index, &self.keys, b, &content, self.level) {
                     Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
                     Ok(None) => {}
                     Err(e) => {
@@ -228,6 +248,14 @@ impl ChunkEncoder for SnapshotEncoder {
             }
             if payload.is_none() {
                 payload = Some(stored_payload(content, self.level)?);
+            }
+            // Sealed here, on the workers.
+            if self.keys.encrypted()
+                && let Some((flags, plain)) = payload.take()
+            {
+                let flags = flags | pack::FLAG_SEALED;
+                let sealed = self.keys.seal(Sealed::Blob { id: &id, flags, raw_len }, &plain);
+                payload = Some((flags, IoBuf::from(sealed)));
             }
         }
         Ok(Hashed { stream, read_len, chunk: Some(HashedChunk { extents, raw_len, id, payload, base, warning }) })
@@ -339,6 +367,7 @@ impl ImageSink for SnapshotSink {
         Ok(SnapshotReport {
             repository: self.dir.clone(),
             created_repository: self.created_repository,
+            recovery_key: self.repo.recovery_key.clone(),
             id,
             snapshot,
             seconds: 0.0,
@@ -375,14 +404,14 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     let packs_dir = repo.packs_dir();
     let mut indexes = Vec::new();
     for name in packs {
-        indexes.push(pack::PackIndex::load(&pack::index_path(&packs_dir, name), name)?);
+        indexes.push(repo.pack_index(name)?);
     }
     let all = repo.load_index()?;
-    let mut bases = ContentReader::new(packs_dir.clone(), &all)?;
+    let mut bases = ContentReader::new(packs_dir.clone(), &all, &repo.keys)?;
     let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
     let mut bytes = 0u64;
     for idx in &indexes {
-        pack::check_blobs(&packs_dir, idx, &mut |b| bases.base(b), |_, record, checked| {
+        pack::check_blobs(&packs_dir, idx, &repo.keys, &mut |b| bases.base(b), |_, record, checked| {
             checked?;
             bytes += record.len() as u64;
             progress.add(record.len() as u64);
@@ -454,11 +483,12 @@ impl WindowBases {
 fn delta_payload(
     packs: &Path,
     index: &BlobIndex,
+    keys: &Keys,
     base: &ChunkId,
     content: &[u8],
     level: i32,
 ) -> Result<Option<(u32, IoBuf)>> {
-    let base_content = ContentReader::uncached(packs.to_path_buf(), index)?.content(base)?;
+    let base_content = ContentReader::uncached(packs.to_path_buf(), index, keys)?.content(base)?;
     let Some(patch) = delta::encode(&base_content, content) else { return Ok(None) };
     let (flags, stored) = stored_payload(IoBuf::from(patch), level)?;
     let mut payload = Vec::with_capacity(32 + stored.len());

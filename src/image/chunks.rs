@@ -31,4 +31,10 @@ pub trait ChunkStore: Sync {
     /// Reads only the header of chunk `seq` of stream `stream`: where its
     /// content goes and its blake3.
     fn read_header(&self, stream: usize, seq: u64) -> Result<ChunkHeader>;
+
+    /// The key a header's content hash is keyed with (an encrypted
+    /// repository's chunk ids), or None: plain blake3.
+    fn hash_key(&self) -> Option<[u8; 32]> {
+        None
+    }
 }

@@ -16,6 +16,8 @@
 //! | `repo` | backup: `yes` makes `image` a repository if it is not one yet (an existing repository always gets a new snapshot) |
 //! | `keep` | backup into a repository: the retention policy to save and apply after the backup, e.g. `daily=7,weekly=4` |
 //! | `rescue` | backup: `yes` reads around unreadable sectors (`klon backup --rescue`) |
+//! | `encrypt` | backup: `yes` makes a new repository encrypted (with `passphrase`) |
+//! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
 //! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
 //! | `shell` | without a job: start with a rescue shell on every console |
 //! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
@@ -99,6 +101,20 @@ pub struct Job {
     pub rescue: bool,
     /// Seconds to wait for devices to appear.
     pub wait_secs: u64,
+    /// Backup: make a new repository encrypted.
+    pub encrypt: bool,
+    /// The passphrase of an encrypted repository (from klon.conf only).
+    pub passphrase: Option<Secret>,
+}
+
+/// A passphrase: compared and cloned, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
 }
 
 /// Splits a kernel command line into words, keeping double-quoted parts
@@ -181,6 +197,8 @@ const KEYS: &[&str] = &[
     "rescue",
     "repo",
     "keep",
+    "encrypt",
+    "passphrase",
     "wait",
     "live",
     "shell",
@@ -197,6 +215,13 @@ fn yes(key: &str, v: &str) -> Result<bool> {
 /// Merges the config file's settings with the command line's (the command
 /// line wins) and checks the job. `Ok(None)`: no job asked for.
 pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>) -> Result<Option<Job>> {
+    if cmdline.contains_key("passphrase") {
+        return Err(Error::Usage(
+            "klon.passphrase on the kernel command line would be readable by anyone who sees it: put \
+             passphrase = \"…\" in klon.conf on the stick"
+                .into(),
+        ));
+    }
     let mut s = config.clone();
     s.extend(cmdline.iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(k) = s.keys().find(|k| !KEYS.contains(&k.as_str())) {
@@ -248,6 +273,8 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         keep,
         rescue,
         wait_secs,
+        encrypt: yes("encrypt", get("encrypt").as_deref().unwrap_or(""))?,
+        passphrase: s.get("passphrase").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
     }))
 }
 
@@ -269,6 +296,19 @@ mod tests {
         assert_eq!(m.get("grow_last").unwrap(), "yes");
         assert_eq!(m.get("target").unwrap(), "serial=T1");
         assert!(!m.contains_key("console"));
+    }
+
+    #[test]
+    fn a_passphrase_comes_from_klon_conf_only_and_is_never_printed() {
+        let conf =
+            from_config("job = backup\nsource = /dev/sda\nimage = r\nencrypt = yes\npassphrase = \"two words\"\n")
+                .unwrap();
+        let job = parse(&conf, &BTreeMap::new()).unwrap().unwrap();
+        assert!(job.encrypt);
+        assert_eq!(job.passphrase, Some(Secret("two words".into())));
+        assert!(!format!("{job:?}").contains("two words"));
+        let e = parse(&conf, &from_cmdline("klon.passphrase=x")).unwrap_err().to_string();
+        assert!(e.contains("kernel command line"), "{e}");
     }
 
     #[test]

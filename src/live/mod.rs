@@ -328,6 +328,7 @@ pub fn run_job(job: &Job) -> Result<String> {
             source: disk.clone().unwrap_or_default(),
             image: image.clone(),
             repo: job.repo,
+            encrypt: job.encrypt,
             keep: job.keep.clone(),
             label: None,
             tags: Vec::new(),
@@ -349,7 +350,10 @@ pub fn run_job(job: &Job) -> Result<String> {
         }),
         JobKind::Verify => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
     };
-    let cli = Cli { quiet: false, json: false, command };
+    if let Some(p) = &job.passphrase {
+        crate::repo::crypto::set_passphrase(p.0.clone());
+    }
+    let cli = Cli { quiet: false, json: false, passphrase_file: None, command };
     let started = std::time::Instant::now();
     let result = crate::commands::run(&cli).map_err(|e| match job.kind {
         JobKind::Backup if !job.rescue && crate::engine::backup::is_unreadable_source(&e) => e.with_note(

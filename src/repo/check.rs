@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::index::{Base, Bits};
-use super::pack::{self, ChunkId, PackIndex};
+use super::pack::{self, ChunkId};
 use super::snapshot::short;
 use super::{BlobIndex, MAX_DELTA_DEPTH, Repository, read_dir_names};
 use crate::error::{Error, Result};
@@ -104,7 +104,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     let pack_names = repo.pack_names(".pack")?;
     let mut builder = repo.index_builder(&idx_names);
     for name in &idx_names {
-        let loaded = PackIndex::load(&pack::index_path(&packs_dir, name), name).and_then(|idx| {
+        let loaded = repo.pack_index(name).and_then(|idx| {
             builder.add(&idx)?;
             Ok(idx.pack_size)
         });
@@ -228,12 +228,12 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     }
 
     if read_data {
-        let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all)?;
+        let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all, &repo.keys)?;
         let total: u64 = all.packs.iter().map(|p| p.size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
         for (pi, info) in all.packs.iter().enumerate() {
-            let read = PackIndex::load(&pack::index_path(&packs_dir, &info.name), &info.name).and_then(|idx| {
-                pack::check_blobs(&packs_dir, &idx, &mut |b| bases.base(b), |e, record, checked| {
+            let read = repo.pack_index(&info.name).and_then(|idx| {
+                pack::check_blobs(&packs_dir, &idx, &repo.keys, &mut |b| bases.base(b), |e, record, checked| {
                     report.bytes_read += record.len() as u64;
                     progress.add(record.len() as u64);
                     // An unused delta whose base a prune removed was noted

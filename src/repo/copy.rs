@@ -73,12 +73,15 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
     chosen.dedup_by(|a, b| a.id == b.id);
 
     let held: HashSet<String> = dst.snapshots()?.iter().map(|s| original_of(s).to_string()).collect();
+    if !src.keys.same_as(&dst.keys) {
+        return copy_rekeyed(src, dst, chosen, &held, level);
+    }
     let src_index = src.load_index()?;
     let dst_index = dst.load_index()?;
     let chains = dst.config.format_version >= 3;
-    let mut reader = ContentReader::new(src.packs_dir(), &src_index)?;
+    let mut reader = ContentReader::new(src.packs_dir(), &src_index, &src.keys)?;
     let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
-    let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir());
+    let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir(), &dst.keys);
     let src_packs = src.packs_dir();
     // The chunks sent, and how many deltas lead from each to a whole
     // chunk in the destination.
@@ -115,6 +118,7 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
                         &id,
                         depth.is_none(),
                         level,
+                        &src.keys,
                         &mut writer,
                     )
                     .map_err(|err| {
@@ -152,6 +156,86 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
     Ok(report)
 }
 
+/// Copies `chosen` into `dst` whose keys are not `src`'s (one encrypted
+/// and the other not, or each with its own): every chunk is read and
+/// checked with the source's keys, named with the destination's (its
+/// keyed id there), and one the destination lacks is stored whole and
+/// sealed with the destination's keys; each snapshot's table is written
+/// with the destination's ids. Deltas do not cross: a base's id differs.
+fn copy_rekeyed(
+    src: &Repository,
+    dst: &Repository,
+    chosen: Vec<SnapshotEntry>,
+    held: &HashSet<String>,
+    level: i32,
+) -> Result<CopyReport> {
+    let src_index = src.load_index()?;
+    let dst_index = dst.load_index()?;
+    let mut reader = ContentReader::new(src.packs_dir(), &src_index, &src.keys)?;
+    let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir(), &dst.keys);
+    // Each source chunk met, by its id in the destination.
+    let mut renamed: HashMap<ChunkId, ChunkId> = HashMap::new();
+    let mut sent: HashSet<ChunkId> = HashSet::new();
+    let mut report = CopyReport::default();
+    let mut ready = Vec::new();
+    let result = (|| {
+        for s in chosen {
+            if held.contains(original_of(&s)) {
+                report.skipped.push(s.id.clone());
+                continue;
+            }
+            let mut table = s.file.load_table(src)?;
+            for e in table.iter_mut().flatten() {
+                if let Some(id) = renamed.get(&e.id) {
+                    e.id = *id;
+                    continue;
+                }
+                crate::engine::cancel::check("copy")?;
+                let note = || format!("(a chunk of snapshot {} at disk offset {})", s.short_id(), e.extents[0].0);
+                let content = reader.content(&e.id).map_err(|err| err.with_note(&note()))?;
+                let id = dst.keys.chunk_id(&content);
+                if !dst_index.usable(&id) && sent.insert(id) {
+                    let (flags, plain) = crate::engine::backup::stored_payload(content.into(), level)?;
+                    let flags = if dst.keys.encrypted() { flags | pack::FLAG_SEALED } else { flags };
+                    let payload =
+                        dst.keys.seal(super::crypto::Sealed::Blob { id: &id, flags, raw_len: e.raw_len }, &plain);
+                    writer.add(&NewBlob {
+                        id,
+                        raw_len: e.raw_len,
+                        flags,
+                        payload_crc: crc32fast::hash(&payload),
+                        payload: &payload,
+                        base: None,
+                    })?;
+                    report.chunks += 1;
+                    report.stored_bytes += (BLOB_HEADER_LEN + payload.len()) as u64;
+                }
+                renamed.insert(e.id, id);
+                e.id = id;
+            }
+            ready.push((s, table));
+        }
+        writer.commit()
+    })();
+    if let Err(e) = result {
+        writer.abandon();
+        return Err(e.with_note(
+            "no snapshot was copied; the chunks that arrived stay in the destination and are not sent again \
+             (klon prune removes them if no copy comes to use them)",
+        ));
+    }
+    report.packs_written = writer.written.iter().map(|p| p.name.clone()).collect();
+    for (s, table) in ready {
+        let mut file: SnapshotFile = s.file.clone();
+        file.original = Some(original_of(&s).to_string());
+        file.repository = dst.config.id.clone();
+        file.sequence = dst.snapshots()?.iter().map(|d| d.file.sequence).max().unwrap_or(0) + 1;
+        let id = super::snapshot::write(dst, file, &table)?;
+        report.copied.push((id, s.id.clone()));
+    }
+    Ok(report)
+}
+
 /// The id a snapshot was first made under.
 fn original_of(s: &SnapshotEntry) -> &str {
     s.file.original.as_deref().unwrap_or(&s.id)
@@ -169,6 +253,7 @@ fn send(
     id: &ChunkId,
     whole: bool,
     level: i32,
+    keys: &super::crypto::Keys,
     writer: &mut PackWriter,
 ) -> Result<u64> {
     let Some((pack_name, e)) = index.get(id) else {
@@ -178,7 +263,9 @@ fn send(
     if e.base.is_some() && whole {
         // The content, checked: its blake3 (made from its bases).
         let content = reader.content(id)?;
-        let (flags, payload) = crate::engine::backup::stored_payload(content.into(), level)?;
+        let (flags, plain) = crate::engine::backup::stored_payload(content.into(), level)?;
+        let flags = if keys.encrypted() { flags | pack::FLAG_SEALED } else { flags };
+        let payload = keys.seal(super::crypto::Sealed::Blob { id, flags, raw_len: e.raw_len }, &plain);
         writer.add(&NewBlob {
             id: *id,
             raw_len: e.raw_len,
@@ -194,7 +281,7 @@ fn send(
     let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
     // Read once: the record checked whole (its content's blake3, a delta
     // made from its bases), then written as it is.
-    pack::check_record(e, &record, decomp, &mut |b| reader.base(b), &where_)?;
+    pack::check_record(e, &record, keys, decomp, &mut |b| reader.base(b), &where_)?;
     writer.add_record(e, &record)?;
     Ok(record.len() as u64)
 }

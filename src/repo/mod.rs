@@ -8,6 +8,7 @@
 
 pub mod check;
 pub mod copy;
+pub mod crypto;
 pub mod delta;
 pub mod index;
 pub mod lock;
@@ -33,8 +34,13 @@ pub const FORMAT_NAME: &str = "klon-repository";
 /// The repository format version klon writes: 2 may hold delta blobs, 3
 /// deltas whose base is a delta (chains of at most [`MAX_DELTA_DEPTH`]).
 pub const FORMAT_VERSION: u32 = 3;
+/// The version of an encrypted repository (an older klon must refuse it
+/// rather than misread it): 3 and encryption.
+pub const FORMAT_VERSION_ENCRYPTED: u32 = 4;
 /// The oldest version klon reads (and backs up into, without deltas).
 pub const FORMAT_VERSION_MIN: u32 = 1;
+/// The newest version klon reads.
+pub const FORMAT_VERSION_MAX: u32 = FORMAT_VERSION_ENCRYPTED;
 /// The most deltas between a chunk and the whole chunk its chain of bases
 /// ends in: what one read of it costs at worst.
 pub const MAX_DELTA_DEPTH: usize = 8;
@@ -120,6 +126,9 @@ pub struct Config {
     pub created: String,
     /// Bytes of the disk each chunk covers at most (a power of two, 1 to 8 MiB).
     pub window: u32,
+    /// How it is encrypted, when it is (format version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crypto::Encryption>,
 }
 
 /// A repository, opened.
@@ -129,6 +138,10 @@ pub struct Repository {
     pub dir: PathBuf,
     /// Its checked configuration.
     pub config: Config,
+    /// Its keys, unlocked (none when it is not encrypted).
+    pub keys: crypto::Keys,
+    /// The recovery key of an encrypted repository just made: shown once.
+    pub recovery_key: Option<String>,
 }
 
 /// Whether `dir` holds only what [`Repository::create`] makes before the
@@ -213,6 +226,46 @@ impl Repository {
     /// Creates a repository in `dir`, which must not exist or be empty
     /// (or hold what a creation cut short left: its empty directories).
     pub fn create(dir: &Path, window: u32) -> Result<Repository> {
+        Repository::create_with(dir, window, false)
+    }
+
+    /// Creates a repository as [`Repository::create`] does, encrypted when
+    /// `encrypt` (its passphrase from [`crypto::passphrase`]; the recovery
+    /// key in `recovery_key`, to show once).
+    pub fn create_with(dir: &Path, window: u32, encrypt: bool) -> Result<Repository> {
+        let id = pack::random_hex(16);
+        let (encryption, keys, recovery_key) = if encrypt {
+            let pass = crypto::passphrase(&format!("the new repository {}", dir.display()), true)?;
+            let (enc, keys, recovery) = crypto::create(&pass)?;
+            (Some(enc), keys, Some(recovery))
+        } else {
+            (None, crypto::Keys::none(), None)
+        };
+        Repository::create_keyed(dir, window, id, encryption, keys, recovery_key)
+    }
+
+    /// Creates a repository with the window and the encryption (key
+    /// slots and keys) of `like`: the same chunk ids and seals, so `klon
+    /// copy` moves records as they are.
+    pub fn create_like(dir: &Path, like: &Repository) -> Result<Repository> {
+        Repository::create_keyed(
+            dir,
+            like.config.window,
+            pack::random_hex(16),
+            like.config.encryption.clone(),
+            like.keys.clone(),
+            None,
+        )
+    }
+
+    fn create_keyed(
+        dir: &Path,
+        window: u32,
+        id: String,
+        encryption: Option<crypto::Encryption>,
+        keys: crypto::Keys,
+        recovery_key: Option<String>,
+    ) -> Result<Repository> {
         check_window(window).map_err(Error::Usage)?;
         match std::fs::read_dir(dir) {
             Ok(mut entries) => {
@@ -231,27 +284,56 @@ impl Repository {
         }
         let config = Config {
             format: FORMAT_NAME.into(),
-            format_version: FORMAT_VERSION,
-            id: pack::random_hex(16),
+            format_version: if encryption.is_some() { FORMAT_VERSION_ENCRYPTED } else { FORMAT_VERSION },
+            id,
             created: crate::image::manifest::now_rfc3339(),
             window,
+            encryption,
         };
-        let repo = Repository { dir: dir.to_path_buf(), config };
+        if keys.encrypted() {
+            crypto::remember(&config.id, &keys);
+        }
+        let repo = Repository { dir: dir.to_path_buf(), config, keys, recovery_key };
         for d in [repo.packs_dir(), repo.snapshots_dir(), repo.tmp_dir(), repo.locks_dir()] {
             pack::create_dir_synced(&d)?;
         }
-        let mut json = serde_json::to_vec_pretty(&repo.config).expect("config serializes");
-        json.push(b'\n');
-        let tmp = repo.tmp_dir().join(format!("{CONFIG_NAME}.tmp"));
-        crate::image::manifest::write_synced(&tmp, &json)?;
-        let path = dir.join(CONFIG_NAME);
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
-        pack::sync_dir(dir)?;
+        repo.write_config(&format!("{CONFIG_NAME}.tmp"))?;
         Ok(repo)
+    }
+
+    /// Writes the configuration through `tmp/NAME`, renamed into place.
+    fn write_config(&self, tmp_name: &str) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(&self.config).expect("config serializes");
+        json.push(b'\n');
+        let tmp = self.tmp_dir().join(tmp_name);
+        crate::image::manifest::write_synced(&tmp, &json)?;
+        let path = self.dir.join(CONFIG_NAME);
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
+        pack::sync_dir(&self.dir)
+    }
+
+    /// Replaces the key slots of an encrypted repository (`klon key`):
+    /// under the exclusive lock, the configuration rewritten atomically.
+    pub fn set_key_slots(&mut self, slots: Vec<crypto::KeySlot>) -> Result<()> {
+        let Some(enc) = self.config.encryption.as_mut() else {
+            return Err(Error::Usage(format!("{} is not encrypted", self.dir.display())));
+        };
+        if slots.is_empty() {
+            return Err(Error::Refused("that would leave no key to unlock the repository".into()));
+        }
+        enc.keys = slots;
+        self.write_config(&format!("{CONFIG_NAME}.{}.tmp", std::process::id()))
     }
 
     /// Opens the repository in `dir` and checks its configuration.
     pub fn open(dir: &Path) -> Result<Repository> {
+        Repository::open_with(dir, None)
+    }
+
+    /// Opens the repository in `dir` as [`Repository::open`] does; when
+    /// it is encrypted, unlocked with `secret` if given (else the
+    /// passphrase [`crypto::passphrase`] finds).
+    pub fn open_with(dir: &Path, secret: Option<&str>) -> Result<Repository> {
         let path = dir.join(CONFIG_NAME);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -265,10 +347,10 @@ impl Repository {
         if config.format != FORMAT_NAME {
             return Err(Error::Corrupt(format!("{}: not a klon repository configuration", path.display())));
         }
-        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&config.format_version) {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION_MAX).contains(&config.format_version) {
             return Err(Error::Unsupported(format!(
                 "{}: repository format version {}; this klon reads versions {FORMAT_VERSION_MIN} to \
-                 {FORMAT_VERSION}: use a newer klon",
+                 {FORMAT_VERSION_MAX}: use a newer klon",
                 path.display(),
                 config.format_version
             )));
@@ -279,7 +361,35 @@ impl Repository {
         if pack::decode_hex32(&format!("{:0<64}", config.id)).is_none() || config.id.len() != 32 {
             return Err(Error::Corrupt(format!("{}: the repository id is not 32 hex digits", path.display())));
         }
-        Ok(Repository { dir: dir.to_path_buf(), config })
+        let keys = match &config.encryption {
+            None if config.format_version >= FORMAT_VERSION_ENCRYPTED => {
+                return Err(Error::Corrupt(format!(
+                    "{}: format version {} says encrypted, but there is no encryption in it",
+                    path.display(),
+                    config.format_version
+                )));
+            }
+            None => crypto::Keys::none(),
+            Some(_) if config.format_version < FORMAT_VERSION_ENCRYPTED => {
+                return Err(Error::Corrupt(format!(
+                    "{}: encrypted, but its format version {} is older than encryption (4)",
+                    path.display(),
+                    config.format_version
+                )));
+            }
+            Some(enc) => match secret {
+                Some(s) => {
+                    crypto::check_config(enc)
+                        .map_err(|why| Error::Unsupported(format!("{}: {why}", path.display())))?;
+                    let keys = crypto::unlock(enc, s, &dir.display().to_string())?;
+                    // Later opens in this process (the read-back) use them.
+                    crypto::remember(&config.id, &keys);
+                    keys
+                }
+                None => crypto::keys_for(&config.id, enc, &dir.display().to_string())?,
+            },
+        };
+        Ok(Repository { dir: dir.to_path_buf(), config, keys, recovery_key: None })
     }
 
     /// The saved retention policy, if any.
@@ -314,9 +424,14 @@ impl Repository {
         let names = self.pack_names(".idx")?;
         let mut b = self.index_builder(&names);
         for name in &names {
-            b.add(&PackIndex::load(&pack::index_path(&self.packs_dir(), name), name)?)?;
+            b.add(&self.pack_index(name)?)?;
         }
         Ok(b.finish())
+    }
+
+    /// The index of pack `name`, read, opened and checked.
+    pub fn pack_index(&self, name: &str) -> Result<PackIndex> {
+        PackIndex::load(&pack::index_path(&self.packs_dir(), name), name, &self.keys)
     }
 
     /// A builder with room for every entry of the pack indexes `names` at

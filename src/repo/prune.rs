@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use serde::Serialize;
 
 use super::index::{Base, Bits};
-use super::pack::{self, ChunkId, PackIndex, PackWriter};
+use super::pack::{self, ChunkId, PackWriter};
 use super::{Repository, read_dir_names};
 use crate::error::{Error, Result};
 
@@ -127,7 +127,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
         k.0 += all.entry_at(p).record_len();
         k.1 += 1;
     }
-    let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir());
+    let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir(), &repo.keys);
     let mut old_to_delete = Vec::new();
     for (pi, (info, (used_bytes, used))) in all.packs.iter().zip(kept).enumerate() {
         report.chunks_dropped += (info.chunks - used) as usize;
@@ -142,13 +142,13 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
             report.bytes_freed += unused;
             report.bytes_after += used_bytes;
             if !dry_run {
-                let copied = PackIndex::load(&pack::index_path(&packs_dir, &info.name), &info.name).and_then(|idx| {
+                let copied = repo.pack_index(&info.name).and_then(|idx| {
                     let used: Vec<&pack::BlobEntry> = idx
                         .entries
                         .iter()
                         .filter(|e| all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| referenced.get(p)))
                         .collect();
-                    copy_blobs(&packs_dir, &info.name, &used, &mut writer)
+                    copy_blobs(&packs_dir, &info.name, &used, &repo.keys, &mut writer)
                 });
                 if let Err(e) = copied {
                     writer.abandon();
@@ -217,6 +217,7 @@ fn copy_blobs(
     packs_dir: &std::path::Path,
     name: &str,
     used: &[&pack::BlobEntry],
+    keys: &super::crypto::Keys,
     writer: &mut PackWriter,
 ) -> Result<()> {
     let path = pack::pack_path(packs_dir, name);
@@ -227,7 +228,7 @@ fn copy_blobs(
         buf.resize(e.record_len() as usize, 0);
         f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
         let where_ = format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
-        pack::check_stored(e, &buf, &where_)
+        pack::check_stored(e, &buf, keys, &where_)
             .map_err(|err| err.with_note("run klon check --read-data to see which snapshots need it"))?;
         writer.add_record(e, &buf)?;
     }

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
+use super::crypto::Keys;
 use super::pack::{self, ChunkId};
 use super::snapshot::short;
 use super::{BlobIndex, MAX_DELTA_DEPTH};
@@ -21,6 +22,7 @@ const BASES_KEPT: usize = 8;
 pub struct ContentReader<'a> {
     packs: PathBuf,
     index: &'a BlobIndex,
+    keys: Keys,
     decomp: zstd::bulk::Decompressor<'static>,
     open: Option<(u32, File)>,
     buf: Vec<u8>,
@@ -35,11 +37,13 @@ pub struct ContentReader<'a> {
 
 impl<'a> ContentReader<'a> {
     /// A reader of the chunks `index` lists, in the packs under `packs`.
-    pub fn new(packs: PathBuf, index: &'a BlobIndex) -> Result<ContentReader<'a>> {
+    /// (sealed and named with `keys` in an encrypted repository).
+    pub fn new(packs: PathBuf, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
         let decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
         Ok(ContentReader {
             packs,
             index,
+            keys: keys.clone(),
             decomp,
             open: None,
             buf: Vec::new(),
@@ -53,8 +57,8 @@ impl<'a> ContentReader<'a> {
     /// content and its base's in memory. Only the chunk's own blake3 is
     /// checked (it covers every link of its chain), unless it fails: then
     /// every link's, to name the one at fault.
-    pub fn uncached(packs: PathBuf, index: &'a BlobIndex) -> Result<ContentReader<'a>> {
-        Ok(ContentReader { keep: 0, check_links: false, ..ContentReader::new(packs, index)? })
+    pub fn uncached(packs: PathBuf, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
+        Ok(ContentReader { keep: 0, check_links: false, ..ContentReader::new(packs, index, keys)? })
     }
 
     /// The content of chunk `id`, checked (a delta made from its base).
@@ -93,7 +97,7 @@ impl<'a> ContentReader<'a> {
             }
         };
         if depth == 0 || self.check_links {
-            check_content(&content, id, raw_len, &where_)?;
+            check_content(&self.keys, &content, id, raw_len, &where_)?;
         }
         Ok(content)
     }
@@ -132,13 +136,13 @@ impl<'a> ContentReader<'a> {
         self.buf.resize(e.record_len() as usize, 0);
         f.read_exact_at(&mut self.buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
         let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
-        let stored = pack::unpack_record(&e, &self.buf, &mut self.decomp, &where_)?;
+        let stored = pack::unpack_record(&e, &self.buf, &self.keys, &mut self.decomp, &where_)?;
         Ok((stored, e.base, e.raw_len as usize, where_))
     }
 }
 
-fn check_content(content: &[u8], id: &ChunkId, raw_len: usize, where_: &str) -> Result<()> {
-    if content.len() != raw_len || blake3::hash(content).as_bytes() != id {
+fn check_content(keys: &Keys, content: &[u8], id: &ChunkId, raw_len: usize, where_: &str) -> Result<()> {
+    if content.len() != raw_len || keys.chunk_id(content) != *id {
         return Err(Error::Corrupt(format!("{where_}: content checksum (blake3) does not match")));
     }
     Ok(())

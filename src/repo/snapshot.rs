@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::Repository;
+use super::crypto::Sealed;
 use super::pack::{self, ChunkId};
 use crate::error::{Error, Result};
 use crate::image::Manifest;
@@ -138,7 +139,8 @@ impl SnapshotFile {
                 path.display()
             )));
         }
-        let s: SnapshotFile = serde_json::from_slice(&bytes)
+        let json = repo.keys.open_file(Sealed::Snapshot, &bytes, &path.display().to_string())?;
+        let s: SnapshotFile = serde_json::from_slice(&json)
             .map_err(|e| Error::Corrupt(format!("{}: not a readable snapshot: {e}", path.display())))?;
         if s.format != FORMAT_NAME {
             return Err(Error::Corrupt(format!("{}: not a klon snapshot", path.display())));
@@ -184,7 +186,8 @@ impl SnapshotFile {
                 path.display()
             )));
         }
-        decode_table(&bytes, &self.image, &path.display().to_string())
+        let where_ = path.display().to_string();
+        decode_table(&repo.keys.open_file(Sealed::Table, &bytes, &where_)?, &self.image, &where_)
     }
 }
 
@@ -293,7 +296,7 @@ pub fn decode_table(b: &[u8], m: &Manifest, where_: &str) -> Result<Table> {
 pub fn write(repo: &Repository, mut file: SnapshotFile, table: &Table) -> Result<String> {
     let dir = repo.snapshots_dir();
     let tmp = repo.tmp_dir();
-    let bytes = encode_table(table);
+    let bytes = repo.keys.seal_file(Sealed::Table, &encode_table(table));
     let hash = blake3::hash(&bytes).to_hex().to_string();
     file.table = FileInfo { name: format!("{hash}.table"), size: bytes.len() as u64, blake3: Some(hash) };
     let table_tmp = tmp.join(format!("{}.tmp", file.table.name));
@@ -302,6 +305,7 @@ pub fn write(repo: &Repository, mut file: SnapshotFile, table: &Table) -> Result
     std::fs::rename(&table_tmp, &table_path).map_err(|e| Error::io("renaming into place", &table_path, None, e))?;
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Corrupt(format!("encoding snapshot: {e}")))?;
     json.push(b'\n');
+    let json = repo.keys.seal_file(Sealed::Snapshot, &json);
     let id = blake3::hash(&json).to_hex().to_string();
     let json_tmp = tmp.join(format!("{id}.json.tmp"));
     crate::image::manifest::write_synced(&json_tmp, &json)?;

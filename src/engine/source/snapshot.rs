@@ -151,8 +151,9 @@ impl SnapshotImage {
     fn header(&self, stream: usize, seq: u64) -> ChunkHeader {
         let e = &self.table[stream][seq as usize];
         let (_, b) = self.index.get(&e.id).expect("checked when opened");
+        let made = b.base.is_some() || self.repo.keys.encrypted();
         let (flags, stored_len, payload_crc) =
-            if b.base.is_some() { (0, b.raw_len, 0) } else { (b.flags, b.stored_len, b.payload_crc) };
+            if made { (0, b.raw_len, 0) } else { (b.flags, b.stored_len, b.payload_crc) };
         ChunkHeader {
             stream: stream as u32,
             flags,
@@ -180,9 +181,10 @@ impl SnapshotImage {
         if b.base.is_some() {
             // Made from its chain of bases and checked when decoded: on
             // a worker, as decompressing a whole chunk is.
-            let (packs, index, id) = (self.repo.packs_dir(), self.index.clone(), e.id);
+            let (packs, index, id, keys) = (self.repo.packs_dir(), self.index.clone(), e.id, self.repo.keys.clone());
             let note = format!("(for {location})");
-            let make = move || ContentReader::uncached(packs, &index)?.content(&id).map_err(|err| err.with_note(&note));
+            let make =
+                move || ContentReader::uncached(packs, &index, &keys)?.content(&id).map_err(|err| err.with_note(&note));
             return Ok(StoredChunk::made(
                 stream,
                 self.header(stream, seq),
@@ -199,6 +201,33 @@ impl SnapshotImage {
         let mut buf = self.bufs.take(b.record_len() as usize);
         f.read_exact_at(&mut buf, b.offset).map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
         b.check_header(&buf[..BLOB_HEADER_LEN], &location)?;
+        if self.repo.keys.encrypted() {
+            // Opened (authenticated), decompressed and checked against its
+            // keyed id on a worker.
+            let (keys, id, loc) = (self.repo.keys.clone(), e.id, location.clone());
+            let make = move || -> Result<Vec<u8>> {
+                let content = DECOMPRESSOR.with(|d| -> Result<Vec<u8>> {
+                    let mut d = d.borrow_mut();
+                    if d.is_none() {
+                        *d = Some(
+                            zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?,
+                        );
+                    }
+                    pack::unpack_record(&b, &buf, &keys, d.as_mut().expect("made above"), &loc)
+                })?;
+                if content.len() != b.raw_len as usize || keys.chunk_id(&content) != id {
+                    return Err(Error::Corrupt(format!("{loc}: content checksum (keyed blake3) does not match")));
+                }
+                Ok(content)
+            };
+            return Ok(StoredChunk::made(
+                stream,
+                self.header(stream, seq),
+                Box::new(make),
+                self.bufs.clone(),
+                location,
+            ));
+        }
         Ok(StoredChunk::new(stream, self.header(stream, seq), buf, BLOB_HEADER_LEN, self.bufs.clone(), location))
     }
 }
@@ -232,6 +261,10 @@ impl ChunkStore for SnapshotImage {
 
     fn read_header(&self, stream: usize, seq: u64) -> Result<ChunkHeader> {
         Ok(self.header(stream, seq))
+    }
+
+    fn hash_key(&self) -> Option<[u8; 32]> {
+        self.repo.keys.id_key()
     }
 }
 
@@ -348,4 +381,11 @@ pub fn summarize(dir: &Path, spec: Option<&str>) -> Result<Summary> {
         image_bytes: m.streams.iter().map(|st| st.compressed_bytes).sum(),
         state,
     })
+}
+
+thread_local! {
+    /// One zstd decompression context per worker thread, for the chunks of
+    /// an encrypted repository (opened before they decompress).
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
