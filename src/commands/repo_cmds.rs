@@ -150,7 +150,9 @@ pub(super) fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
                 })
             })
             .collect();
-        return print_json(&json!({ "repository": repo.dir, "snapshots": list, "growth": growth }));
+        return print_json(&json!({
+            "repository": repo.dir, "encrypted": repo.keys.encrypted(), "snapshots": list, "growth": growth
+        }));
     }
     if all.is_empty() {
         println!("{}: no snapshots yet", repo.dir.display());
@@ -185,10 +187,11 @@ pub(super) fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
         );
     }
     println!(
-        "\n{} snapshots holding {} of disk content in {} of packs: {:.1}× deduplication and compression.",
+        "\n{} snapshots holding {} of disk content in {} of {}packs: {:.1}× deduplication and compression.",
         all.len(),
         human_bytes(growth.content_bytes),
         human_bytes(growth.pack_bytes),
+        if repo.keys.encrypted() { "encrypted " } else { "" },
         if growth.pack_bytes > 0 { growth.content_bytes as f64 / growth.pack_bytes as f64 } else { 0.0 }
     );
     if let Some(avg) = growth.average_added {
