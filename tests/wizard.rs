@@ -549,3 +549,85 @@ fn wizard_offers_a_rescue_when_the_source_has_unreadable_sectors() {
     drop(t);
     drop(src);
 }
+
+/// The wizard makes an encrypted repository when asked (the passphrase
+/// typed twice, the recovery key shown once on the result page), and asks
+/// for the passphrase when it lists the repository's snapshots to
+/// restore: the restored partitions are the source's.
+#[test]
+fn wizard_makes_an_encrypted_repository_and_restores_from_it() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-encrypted");
+    let src_file = tmp.join("source.img");
+    let dst_file = tmp.join("target.img");
+    make_gpt_disk(&src_file, 64 * MIB);
+    garbage_file(&dst_file, 64 * MIB);
+    let images = tmp.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let src = LoopDevice::attach(&src_file, None);
+    let dst = LoopDevice::attach(&dst_file, None);
+
+    let t = Tmux::start(&images);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Back up a disk");
+    t.wait_for(&["Which disk do you want to copy?"], 30);
+    t.choose(&entry(&src));
+    t.wait_for(&["Where are the images?", "> Type a directory"], 30);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Repository name:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["> Start the backup", "Encrypt the new repository: no"], 10);
+    t.choose("Encrypt the new repository");
+    t.wait_for(&["Encrypt the new repository: yes"], 10);
+    t.highlight("Start the backup");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Passphrase for the new repository"], 10);
+    t.text("wizard passphrase");
+    t.keys(&["Enter"]);
+    t.wait_for(&["The same passphrase again"], 10);
+    t.text("wizard passphrase");
+    t.keys(&["Enter"]);
+    let s = flat(&t.wait_for(&["backup done", "Press Enter"], 120));
+    assert!(s.contains("in a new repository") && s.contains("The repository is encrypted"), "{s}");
+    assert!(s.contains("recovery key"), "{s}");
+    let repo: PathBuf =
+        std::fs::read_dir(&images).unwrap().flatten().map(|e| e.path()).find(|p| p.is_dir()).expect("a repository");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("klon-repository.json")).unwrap()).unwrap();
+    assert_eq!(config["format_version"], 4, "{config}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+
+    // Restore, in a new session: the list asks for the passphrase.
+    let t = Tmux::start(&images);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Restore an image");
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Passphrase for the encrypted repository"], 20);
+    t.text("wizard passphrase");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which image?", "snapshot "], 20);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
+    t.choose(&entry(&dst));
+    t.wait_for(&["Type to confirm:"], 30);
+    t.text(&dev_name(&dst));
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["restore done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    for (start, len) in data_ranges(&src_file) {
+        assert_same(&src_file, &dst_file, start, len, "restored partition");
+    }
+}

@@ -238,6 +238,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
     let mut level = 3i32;
     let mut verify_after = true;
     let mut keep: Option<crate::repo::Keep> = None;
+    let mut encrypt = false;
     loop {
         match step {
             0 => match pick_source(scr, ctx, title, &list, src)? {
@@ -294,7 +295,9 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let d = dir.as_ref().expect("chosen");
                 let l = &list[src];
                 let repo_dir = d.path.join(&name);
-                let existing = crate::repo::Repository::open(&repo_dir).ok();
+                let exists = crate::repo::is_repository(&repo_dir);
+                // (An encrypted one asks for its passphrase here, once.)
+                let existing = if exists { crate::repo::Repository::open(&repo_dir).ok() } else { None };
                 if keep.is_none() {
                     keep = existing.as_ref().and_then(|r| r.keep().ok().flatten());
                 }
@@ -303,7 +306,12 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     l.info.path.display(),
                     l.info.model.as_deref().unwrap_or("unknown model"),
                     human_bytes(l.info.size),
-                    if existing.is_some() { "" } else { "new " },
+                    match &existing {
+                        Some(r) if r.keys.encrypted() => "encrypted ",
+                        Some(_) => "",
+                        None if exists => "(unreadable: see the message after Start) ",
+                        None => "new ",
+                    },
                     repo_dir.display()
                 );
                 let keep_text = match &keep {
@@ -319,6 +327,13 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     )),
                     Item::new(format!("Keep: {keep_text} (Enter changes)")),
                 ];
+                let mut items = items.to_vec();
+                if !exists {
+                    items.push(Item::new(format!(
+                        "Encrypt the new repository: {} (Enter changes; a passphrase is asked at the start)",
+                        if encrypt { "yes" } else { "no" }
+                    )));
+                }
                 match scr.select(title, &body, "Ready", &items, 0)? {
                     Nav::Back => step = 2,
                     Nav::Go(0) => step = 4,
@@ -336,6 +351,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                         }
                     }
                     Nav::Go(2) => verify_after = !verify_after,
+                    Nav::Go(4) => encrypt = !encrypt,
                     Nav::Go(_) => {
                         let now = keep.map(|k| keep_spec(&k)).unwrap_or_default();
                         if let Nav::Go(t) = scr.input(
@@ -362,7 +378,8 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let d = dir.take().expect("chosen");
                 let image = d.path.join(&name);
                 let source = list[src].info.path.clone();
-                let r = run_snapshot(scr, &source, &image, level, verify_after, keep);
+                let encrypt = encrypt && !crate::repo::is_repository(&image);
+                let r = run_snapshot(scr, &source, &image, level, verify_after, keep, encrypt);
                 drop(d); // unmount a drive the wizard mounted
                 return r;
             }
@@ -460,12 +477,18 @@ fn run_snapshot(
     level: i32,
     verify_after: bool,
     keep: Option<crate::repo::Keep>,
+    encrypt: bool,
 ) -> Result<()> {
     use crate::engine::snapshot;
     let title = "back up a disk";
     scr.page(title, &format!("Backing up {} into {}. Ctrl-C stops.", source.display(), repo.display()))?;
     let opts = backup_options(level, false);
-    let sopts = snapshot::SnapshotOptions { window: crate::repo::DEFAULT_WINDOW, ..Default::default() };
+    if encrypt {
+        // Asked here, on this thread (typed twice), not on the backup's.
+        let p = crate::repo::crypto::passphrase(&format!("the new repository {}", repo.display()), true)?;
+        crate::repo::crypto::set_passphrase(p);
+    }
+    let sopts = snapshot::SnapshotOptions { window: crate::repo::DEFAULT_WINDOW, encrypt, ..Default::default() };
     let report = match run_job(scr, "backup", "No snapshot is made.", || {
         snapshot::backup_to_repository(source, repo, &opts, &sopts)
     }) {
@@ -515,7 +538,13 @@ fn run_snapshot(
         );
     }
     let s = &report.snapshot;
-    let warnings = report.warnings.iter().map(|w| format!("Warning: {w}\n")).collect::<String>();
+    let mut warnings = report.warnings.iter().map(|w| format!("Warning: {w}\n")).collect::<String>();
+    if let Some(k) = &report.recovery_key {
+        warnings += &format!(
+            "The repository is encrypted. Its recovery key unlocks it if the passphrase is lost: write it down \
+             and keep it apart from the drive; it is shown only now:\n  {k}\n"
+        );
+    }
     let body = format!(
         "Backup of {} finished: snapshot {}{}.\n\n\
          Time:         {}\n\
