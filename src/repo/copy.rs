@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::crypto::{Keys, Sealed};
 use super::pack::{self, BLOB_HEADER_LEN, ChunkId, NewBlob, PackWriter};
 use super::read::ContentReader;
 use super::snapshot::{SnapshotFile, short};
@@ -136,7 +137,20 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
         }
         writer.commit()
     })();
-    if let Err(e) = result {
+    finish(dst, writer, result, ready, report)
+}
+
+/// Ends a copy whose packs `writer` wrote (`sent`: how that went): on
+/// failure, nothing more; else, every pack being durable, the snapshots
+/// `ready` with their tables, in the source's order.
+fn finish(
+    dst: &Repository,
+    mut writer: PackWriter,
+    sent: Result<()>,
+    ready: Vec<(SnapshotEntry, super::snapshot::Table)>,
+    mut report: CopyReport,
+) -> Result<CopyReport> {
+    if let Err(e) = sent {
         writer.abandon();
         return Err(e.with_note(
             "no snapshot was copied; the chunks that arrived stay in the destination and are not sent again \
@@ -144,7 +158,6 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
         ));
     }
     report.packs_written = writer.written.iter().map(|p| p.name.clone()).collect();
-    // Every pack is durable: now the snapshots, in the source's order.
     for (s, table) in ready {
         let mut file: SnapshotFile = s.file.clone();
         file.original = Some(original_of(&s).to_string());
@@ -154,6 +167,25 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
         report.copied.push((id, s.id.clone()));
     }
     Ok(report)
+}
+
+/// Stores `content` (chunk `id` in the destination) whole into `writer`:
+/// compressed at `level` as a backup would, sealed with `keys` when they
+/// are. Returns the bytes written.
+fn store_whole(writer: &mut PackWriter, keys: &Keys, id: &ChunkId, content: Vec<u8>, level: i32) -> Result<u64> {
+    let raw_len = content.len() as u32;
+    let (flags, plain) = crate::engine::backup::stored_payload(content.into(), level)?;
+    let flags = if keys.encrypted() { flags | pack::FLAG_SEALED } else { flags };
+    let payload = keys.seal(Sealed::Blob { id, flags, raw_len }, &plain);
+    writer.add(&NewBlob {
+        id: *id,
+        raw_len,
+        flags,
+        payload_crc: crc32fast::hash(&payload),
+        payload: &payload,
+        base: None,
+    })?;
+    Ok((BLOB_HEADER_LEN + payload.len()) as u64)
 }
 
 /// Copies `chosen` into `dst` whose keys are not `src`'s (one encrypted
@@ -195,20 +227,8 @@ fn copy_rekeyed(
                 let content = reader.content(&e.id).map_err(|err| err.with_note(&note()))?;
                 let id = dst.keys.chunk_id(&content);
                 if !dst_index.usable(&id) && sent.insert(id) {
-                    let (flags, plain) = crate::engine::backup::stored_payload(content.into(), level)?;
-                    let flags = if dst.keys.encrypted() { flags | pack::FLAG_SEALED } else { flags };
-                    let payload =
-                        dst.keys.seal(super::crypto::Sealed::Blob { id: &id, flags, raw_len: e.raw_len }, &plain);
-                    writer.add(&NewBlob {
-                        id,
-                        raw_len: e.raw_len,
-                        flags,
-                        payload_crc: crc32fast::hash(&payload),
-                        payload: &payload,
-                        base: None,
-                    })?;
+                    report.stored_bytes += store_whole(&mut writer, &dst.keys, &id, content, level)?;
                     report.chunks += 1;
-                    report.stored_bytes += (BLOB_HEADER_LEN + payload.len()) as u64;
                 }
                 renamed.insert(e.id, id);
                 e.id = id;
@@ -217,23 +237,7 @@ fn copy_rekeyed(
         }
         writer.commit()
     })();
-    if let Err(e) = result {
-        writer.abandon();
-        return Err(e.with_note(
-            "no snapshot was copied; the chunks that arrived stay in the destination and are not sent again \
-             (klon prune removes them if no copy comes to use them)",
-        ));
-    }
-    report.packs_written = writer.written.iter().map(|p| p.name.clone()).collect();
-    for (s, table) in ready {
-        let mut file: SnapshotFile = s.file.clone();
-        file.original = Some(original_of(&s).to_string());
-        file.repository = dst.config.id.clone();
-        file.sequence = dst.snapshots()?.iter().map(|d| d.file.sequence).max().unwrap_or(0) + 1;
-        let id = super::snapshot::write(dst, file, &table)?;
-        report.copied.push((id, s.id.clone()));
-    }
-    Ok(report)
+    finish(dst, writer, result, ready, report)
 }
 
 /// The id a snapshot was first made under.
@@ -253,7 +257,7 @@ fn send(
     id: &ChunkId,
     whole: bool,
     level: i32,
-    keys: &super::crypto::Keys,
+    keys: &Keys,
     writer: &mut PackWriter,
 ) -> Result<u64> {
     let Some((pack_name, e)) = index.get(id) else {
@@ -261,20 +265,8 @@ fn send(
     };
     let e = &e;
     if e.base.is_some() && whole {
-        // The content, checked: its blake3 (made from its bases).
-        let content = reader.content(id)?;
-        let (flags, plain) = crate::engine::backup::stored_payload(content.into(), level)?;
-        let flags = if keys.encrypted() { flags | pack::FLAG_SEALED } else { flags };
-        let payload = keys.seal(super::crypto::Sealed::Blob { id, flags, raw_len: e.raw_len }, &plain);
-        writer.add(&NewBlob {
-            id: *id,
-            raw_len: e.raw_len,
-            flags,
-            payload_crc: crc32fast::hash(&payload),
-            payload: &payload,
-            base: None,
-        })?;
-        return Ok((BLOB_HEADER_LEN + payload.len()) as u64);
+        // The content, checked: its id (made from its bases).
+        return store_whole(writer, keys, id, reader.content(id)?, level);
     }
     let path = pack::pack_path(packs, pack_name);
     let record = read_record(&path, e)?;
