@@ -325,6 +325,7 @@ impl ImageSource for SnapshotImage {
         let json = serde_json::json!({
             "repository": self.repo.dir,
             "snapshot": self.snapshot.id,
+            "encrypted": self.repo.keys.encrypted(),
             "complete": true,
             "last_verify": last,
             "hostname": f.hostname,
@@ -347,6 +348,9 @@ impl ImageSource for SnapshotImage {
             human_bytes(f.added.stored_bytes),
             f.added.chunks
         );
+        if let Some(slot) = self.repo.keys.slot() {
+            text += &format!("Encrypted:    yes (XChaCha20-Poly1305; unlocked with key slot {slot})\n");
+        }
         text += &super::klon::render_body(&f.image);
         text += &match last {
             Some(v) if v.ok => format!("Verified:     OK on {}\n", v.time),
