@@ -582,6 +582,8 @@ fn wizard_makes_an_encrypted_repository_and_restores_from_it() {
     t.wait_for(&["> Start the backup", "Encrypt the new repository: no"], 10);
     t.choose("Encrypt the new repository");
     t.wait_for(&["Encrypt the new repository: yes"], 10);
+    t.choose("Then copy the snapshot to another drive");
+    t.wait_for(&["Then copy the snapshot to another drive: yes"], 10);
     t.highlight("Start the backup");
     t.keys(&["Enter"]);
     t.wait_for(&["Passphrase for the new repository"], 10);
@@ -598,6 +600,31 @@ fn wizard_makes_an_encrypted_repository_and_restores_from_it() {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(repo.join("klon-repository.json")).unwrap()).unwrap();
     assert_eq!(config["format_version"], 4, "{config}");
+    t.keys(&["Enter"]);
+    // The copy: to a second directory, the same keys, read back.
+    let second = tmp.join("second");
+    std::fs::create_dir(&second).unwrap();
+    t.wait_for(&["copy to another drive", "Where are the images?"], 10);
+    t.choose("Type a directory");
+    t.wait_for(&["Directory:"], 10);
+    for _ in 0..images.display().to_string().len() + 4 {
+        t.keys(&["BSpace"]);
+    }
+    t.text(&second.display().to_string());
+    t.keys(&["Enter"]);
+    let s = flat(&t.wait_for(&["copy done", "Press Enter"], 60));
+    assert!(s.contains("1 snapshot") && s.contains("read back and checked"), "{s}");
+    let copy = second.join(repo.file_name().unwrap());
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_klon"));
+    let o = c
+        .args(["check", "--read-data", copy.to_str().unwrap()])
+        .env("KLON_PASSPHRASE", "wizard passphrase")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let copy_config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("klon-repository.json")).unwrap()).unwrap();
+    assert_eq!(copy_config["encryption"], config["encryption"], "the copy has other keys");
     t.keys(&["Enter"]);
     t.wait_for(&["main menu"], 10);
     t.choose("Quit");

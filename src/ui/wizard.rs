@@ -239,6 +239,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
     let mut verify_after = true;
     let mut keep: Option<crate::repo::Keep> = None;
     let mut encrypt = false;
+    let mut copy_after = false;
     loop {
         match step {
             0 => match pick_source(scr, ctx, title, &list, src)? {
@@ -328,6 +329,10 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     Item::new(format!("Keep: {keep_text} (Enter changes)")),
                 ];
                 let mut items = items.to_vec();
+                items.push(Item::new(format!(
+                    "Then copy the snapshot to another drive: {} (Enter changes; the drive is asked afterwards)",
+                    if copy_after { "yes" } else { "no" }
+                )));
                 if !exists {
                     items.push(Item::new(format!(
                         "Encrypt the new repository: {} (Enter changes; a passphrase is asked at the start)",
@@ -351,7 +356,8 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                         }
                     }
                     Nav::Go(2) => verify_after = !verify_after,
-                    Nav::Go(4) => encrypt = !encrypt,
+                    Nav::Go(4) => copy_after = !copy_after,
+                    Nav::Go(5) => encrypt = !encrypt,
                     Nav::Go(_) => {
                         let now = keep.map(|k| keep_spec(&k)).unwrap_or_default();
                         if let Nav::Go(t) = scr.input(
@@ -380,10 +386,99 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let source = list[src].info.path.clone();
                 let encrypt = encrypt && !crate::repo::is_repository(&image);
                 let r = run_snapshot(scr, &source, &image, level, verify_after, keep, encrypt);
+                if let (Ok(Some(id)), true) = (&r, copy_after) {
+                    let not_on = Some(list[src].info.devno);
+                    let copied = copy_to_another_drive(scr, ctx, st, &image, id, not_on, &d.path);
+                    drop(d); // unmount a drive the wizard mounted
+                    return copied;
+                }
                 drop(d); // unmount a drive the wizard mounted
-                return r;
+                return r.map(|_| ());
             }
         }
+    }
+}
+
+/// After a backup into `repo` made snapshot `id`: copies it into a
+/// repository of the same name on another drive (or directory) that the
+/// person chooses — a second copy — made with the same window and keys
+/// when it is new; only the chunks it lacks are sent, then read back.
+fn copy_to_another_drive(
+    scr: &Screen,
+    ctx: &WizardContext,
+    st: &mut State,
+    repo: &Path,
+    id: &str,
+    not_on: Option<u64>,
+    first_dir: &Path,
+) -> Result<()> {
+    let title = "copy to another drive";
+    let name = repo.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let dir = loop {
+        let Nav::Go(d) = images::choose_dir_at(
+            scr,
+            title,
+            ctx.live,
+            &ctx.exclude,
+            not_on,
+            &mut st.last_dir,
+            Path::new(images::COPY_MOUNT),
+        )?
+        else {
+            return Ok(());
+        };
+        if same_dir(&d.path, first_dir) || (d.mounted.is_some() && same_filesystem(&d.path, first_dir)) {
+            scr.message(title, "That is where the backup went: choose another drive or directory.")?;
+            continue;
+        }
+        break d;
+    };
+    let to = dir.path.join(&name);
+    if to.exists() && !crate::repo::is_repository(&to) {
+        return scr.message(title, &format!("{} exists and is not a repository: nothing was copied.", to.display()));
+    }
+    scr.page(title, &format!("Copying snapshot {} into {} ...", &id[..8], to.display()))?;
+    let copied = run_job(scr, "copy", "No snapshot is copied.", || -> Result<crate::repo::copy::CopyReport> {
+        use crate::repo::{Repository, copy, lock};
+        let src = Repository::open(repo)?;
+        let _src_lock = lock::take(&src.locks_dir(), "copy", false)?;
+        let dst =
+            if crate::repo::is_repository(&to) { Repository::open(&to)? } else { Repository::create_like(&to, &src)? };
+        let _dst_lock = lock::take(&dst.locks_dir(), "copy", false)?;
+        let report = copy::copy(&src, &dst, &[id.to_string()], 3)?;
+        crate::engine::snapshot::verify_added(&to, &report.packs_written, false)?;
+        Ok(report)
+    });
+    let body = match copied {
+        Ok(r) => format!(
+            "Copied into {}: {} ({} chunks, {} sent), what it added read back and checked.\n\n\
+             The same from a script:\n  klon copy {} {} {}",
+            to.display(),
+            if r.copied.is_empty() { "the snapshot was there already".to_string() } else { "1 snapshot".to_string() },
+            r.chunks,
+            human_bytes(r.stored_bytes),
+            shell_quote(repo),
+            shell_quote(&to),
+            &id[..8]
+        ),
+        Err(e) => format!("The copy failed: {e}\n\nThe backup itself is complete; copy it again later."),
+    };
+    let r = scr.message("copy done", &body);
+    drop(dir); // unmount a drive the wizard mounted
+    r
+}
+
+/// Whether `a` and `b` are on the same filesystem (a drive mounted twice).
+fn same_filesystem(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if x.dev() == y.dev())
+}
+
+/// Whether `a` and `b` are the same directory.
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
     }
 }
 
@@ -478,7 +573,7 @@ fn run_snapshot(
     verify_after: bool,
     keep: Option<crate::repo::Keep>,
     encrypt: bool,
-) -> Result<()> {
+) -> Result<Option<String>> {
     use crate::engine::snapshot;
     let title = "back up a disk";
     scr.page(title, &format!("Backing up {} into {}. Ctrl-C stops.", source.display(), repo.display()))?;
@@ -499,7 +594,7 @@ fn run_snapshot(
             }
             // A repository takes no rescued backup: a standalone image beside it.
             let image = rescue_image_name(repo);
-            return run_backup(scr, source, &image, level, verify_after, true);
+            return run_backup(scr, source, &image, level, verify_after, true).map(|()| None);
         }
         Err(e) => return Err(e),
     };
@@ -566,7 +661,8 @@ fn run_snapshot(
         shell_quote(source),
         shell_quote(repo),
     );
-    scr.message("backup done", &body)
+    scr.message("backup done", &body)?;
+    Ok(Some(report.id.clone()))
 }
 
 /// After a backup stopped at sectors of `source` that cannot be read:

@@ -16,6 +16,8 @@ use crate::device::mounts::{IMAGE_FS, Mounted};
 
 /// Where the live system mounts the image drive.
 pub const LIVE_MOUNT: &str = "/run/klon/images-drive";
+/// Where it mounts a second drive, for a copy of a repository.
+pub const COPY_MOUNT: &str = "/run/klon/copy-drive";
 
 /// The chosen place for images.
 #[derive(Debug)]
@@ -79,6 +81,19 @@ pub fn choose_dir(
     exclude: &[PathBuf],
     not_on: Option<u64>,
     last: &mut String,
+) -> Result<Nav<ImageDir>> {
+    choose_dir_at(scr, title, live, exclude, not_on, last, Path::new(LIVE_MOUNT))
+}
+
+/// [`choose_dir`], a chosen drive mounted at `mount_at`.
+pub fn choose_dir_at(
+    scr: &Screen,
+    title: &str,
+    live: bool,
+    exclude: &[PathBuf],
+    not_on: Option<u64>,
+    last: &mut String,
+    mount_at: &Path,
 ) -> Result<Nav<ImageDir>> {
     let mut preselect: Option<PathBuf> = None;
     loop {
@@ -152,7 +167,7 @@ pub fn choose_dir(
         } else {
             drives[i - offset].clone()
         };
-        let at = PathBuf::from(LIVE_MOUNT);
+        let at = mount_at.to_path_buf();
         scr.page(
             title,
             &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()),
