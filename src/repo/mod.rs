@@ -233,6 +233,8 @@ impl Repository {
     /// `encrypt` (its passphrase from [`crypto::passphrase`]; the recovery
     /// key in `recovery_key`, to show once).
     pub fn create_with(dir: &Path, window: u32, encrypt: bool) -> Result<Repository> {
+        // Refused before a passphrase is asked for.
+        check_creatable(dir, window)?;
         let id = pack::random_hex(16);
         let (encryption, keys, recovery_key) = if encrypt {
             let pass = crypto::passphrase(&format!("the new repository {}", dir.display()), true)?;
@@ -266,21 +268,8 @@ impl Repository {
         keys: crypto::Keys,
         recovery_key: Option<String>,
     ) -> Result<Repository> {
-        check_window(window).map_err(Error::Usage)?;
-        match std::fs::read_dir(dir) {
-            Ok(mut entries) => {
-                if entries.next().is_some() && !is_unfinished_creation(dir) {
-                    return Err(Error::Refused(format!(
-                        "{} exists and is not empty, and is not a klon repository: give a new directory \
-                         (or an existing repository)",
-                        dir.display()
-                    )));
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the repository", dir, None, e))?;
-            }
-            Err(e) => return Err(Error::io("opening", dir, None, e)),
+        if check_creatable(dir, window)? {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the repository", dir, None, e))?;
         }
         let config = Config {
             format: FORMAT_NAME.into(),
@@ -515,6 +504,26 @@ impl Repository {
     }
 }
 
+/// Checks that a repository can be made in `dir` with `window`: `dir` is
+/// missing (returns true), empty, or what a creation cut short left.
+fn check_creatable(dir: &Path, window: u32) -> Result<bool> {
+    check_window(window).map_err(Error::Usage)?;
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() && !is_unfinished_creation(dir) {
+                return Err(Error::Refused(format!(
+                    "{} exists and is not empty, and is not a klon repository: give a new directory \
+                     (or an existing repository)",
+                    dir.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(Error::io("opening", dir, None, e)),
+    }
+}
+
 fn check_window(window: u32) -> std::result::Result<(), String> {
     if window.is_power_of_two() && ((1 << 20)..=crate::image::format::CHUNK_SIZE).contains(&window) {
         Ok(())
@@ -557,5 +566,9 @@ mod tests {
         std::fs::write(other.join("packs").join("a-file"), b"x").unwrap();
         let e = Repository::create(&other, 4 << 20).unwrap_err().to_string();
         assert!(e.contains("is not empty"), "{e}");
+        // An encrypted one is refused there too, before any passphrase is
+        // asked for (none is given here: asking would fail with Key).
+        let e = Repository::create_with(&other, 4 << 20, true).unwrap_err();
+        assert!(matches!(e, Error::Refused(_)), "{e}");
     }
 }
