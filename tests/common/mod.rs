@@ -4,3 +4,4 @@ pub mod clonezilla;
 pub mod disks;
 pub mod failing;
 pub mod loop_device;
+pub mod repo_disk;
