@@ -194,11 +194,13 @@ pub(super) fn snapshots(cli: &Cli, a: &SnapshotsArgs) -> Result<()> {
         if repo.keys.encrypted() { "encrypted " } else { "" },
         if growth.pack_bytes > 0 { growth.content_bytes as f64 / growth.pack_bytes as f64 } else { 0.0 }
     );
-    if let Some(avg) = growth.average_added {
+    if let (Some(avg), None) = (growth.average_added, growth.free_bytes) {
+        println!("The last backups added {} each on average.", human_bytes(avg));
+    } else if let (Some(avg), Some(free)) = (growth.average_added, growth.free_bytes) {
         println!(
             "The last backups added {} each on average; {} free on the drive hold about {} more like them.",
             human_bytes(avg),
-            human_bytes(growth.free_bytes),
+            human_bytes(free),
             growth.more_backups.map(|n| n.to_string()).unwrap_or_else(|| "many".into())
         );
     }
@@ -212,8 +214,9 @@ struct Growth {
     content_bytes: u64,
     /// Bytes of the repository's packs.
     pack_bytes: u64,
-    /// Bytes free on the filesystem that holds the repository.
-    free_bytes: u64,
+    /// Bytes free on the filesystem that holds the repository (none
+    /// known for object storage).
+    free_bytes: Option<u64>,
     /// What each of the last (up to 10) backups but the first added, on average.
     average_added: Option<u64>,
     /// How many more such backups fit in the free room.
@@ -225,11 +228,13 @@ fn growth(repo: &Repository, all: &[crate::repo::SnapshotEntry]) -> Result<Growt
     // One index at a time: all of them at once (repo.load_index) would
     // hold every chunk's entry in memory for a sum of pack sizes.
     let mut pack_bytes = 0;
-    for name in repo.pack_names(".idx")? {
+    for (name, _) in repo.pack_names(".idx")? {
         pack_bytes += repo.pack_index(&name)?.pack_size;
     }
-    let free_bytes =
-        nix::sys::statvfs::statvfs(&repo.dir).map(|v| v.blocks_available() * v.fragment_size()).unwrap_or(0);
+    let free_bytes = repo
+        .store
+        .local_dir()
+        .map(|dir| nix::sys::statvfs::statvfs(dir).map(|v| v.blocks_available() * v.fragment_size()).unwrap_or(0));
     // The oldest snapshot added everything: leave it out of the average.
     let recent: Vec<u64> = all
         .iter()
@@ -238,7 +243,7 @@ fn growth(repo: &Repository, all: &[crate::repo::SnapshotEntry]) -> Result<Growt
         .map(|s| s.file.added.stored_bytes)
         .collect();
     let average_added = (!recent.is_empty()).then(|| recent.iter().sum::<u64>() / recent.len() as u64);
-    let more_backups = average_added.and_then(|a| (a > 0).then(|| free_bytes / a));
+    let more_backups = average_added.zip(free_bytes).and_then(|(a, free)| (a > 0).then(|| free / a));
     Ok(Growth { content_bytes, pack_bytes, free_bytes, average_added, more_backups })
 }
 
@@ -264,7 +269,7 @@ pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
     } else {
         given
     };
-    let _lock = lock::take(&repo.locks_dir(), "forget", true)?;
+    let _lock = repo.lock("forget", true)?;
     let policy = keep.policy();
     let (decisions, all) = repo_prune::forget(&repo, &policy, a.dry_run)?;
     if a.save && !a.dry_run {
@@ -306,7 +311,7 @@ pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
 fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_json::Value>> {
     let repo = Repository::open(dir)?;
     let Some(keep) = repo.keep()? else { return Ok(None) };
-    let _lock = lock::take(&repo.locks_dir(), "forget", true)?;
+    let _lock = repo.lock("forget", true)?;
     let (decisions, _) = repo_prune::forget(&repo, &keep.policy(), false)?;
     let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
     let pruned = if dropped.is_empty() { None } else { Some(repo_prune::prune(&repo, false, cli.quiet, &[])?) };
@@ -328,7 +333,7 @@ fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_j
 /// `klon prune REPO`.
 pub(super) fn prune(cli: &Cli, a: &PruneArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
-    let _lock = lock::take(&repo.locks_dir(), "prune", true)?;
+    let _lock = repo.lock("prune", true)?;
     let r = repo_prune::prune(&repo, a.dry_run, cli.quiet, &[])?;
     if cli.json {
         return print_json(&r);
@@ -395,7 +400,7 @@ pub(super) fn check(cli: &Cli, a: &CheckArgs) -> Result<()> {
 /// `klon init REPO [--encrypt]`.
 pub(super) fn init(cli: &Cli, a: &InitArgs) -> Result<()> {
     let window = u32::try_from(a.window).map_err(|_| Error::Usage("--window is at most 8M".into()))?;
-    if crate::repo::is_repository(&a.repo) {
+    if crate::repo::exists(&a.repo)? {
         return Err(Error::Usage(format!("{} is a repository already", a.repo.display())));
     }
     let repo = Repository::create_with(&a.repo, window, a.encrypt)?;
@@ -470,7 +475,7 @@ pub(super) fn key(cli: &Cli, k: &KeyCommand) -> Result<()> {
         }
     };
     if let Some(what) = &changed {
-        let _lock = lock::take(&repo.locks_dir(), "key", true)?;
+        let _lock = repo.lock("key", true)?;
         repo.set_key_slots(slots.clone())?;
         if !cli.quiet && !cli.json {
             println!("{}: {what}", dir.display());
@@ -495,7 +500,7 @@ pub(super) fn key(cli: &Cli, k: &KeyCommand) -> Result<()> {
 /// `klon unlock REPO`.
 pub(super) fn unlock(cli: &Cli, a: &UnlockArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
-    let removed = lock::remove_all(&repo.locks_dir())?;
+    let removed = lock::remove_all(&*repo.store)?;
     if !cli.quiet {
         for l in &removed {
             println!("removed the lock of {} (process {} on {}, since {})", l.job, l.pid, l.hostname, l.time);
@@ -512,8 +517,8 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
         return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", a.level)));
     }
     let src = Repository::open(&a.from)?;
-    let _src_lock = lock::take(&src.locks_dir(), "copy", false)?;
-    let created = !crate::repo::is_repository(&a.to);
+    let _src_lock = src.lock("copy", false)?;
+    let created = !crate::repo::exists(&a.to)?;
     let to_secret = match (&a.to_passphrase_file, std::env::var("KLON_TO_PASSPHRASE")) {
         (Some(f), _) => Some(crypto::read_passphrase_file(f)?),
         (None, Ok(p)) if !p.is_empty() => Some(p),
@@ -530,12 +535,12 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
             e => e,
         })?
     };
-    let dst_lock = lock::take(&dst.locks_dir(), "copy", false)?;
+    let dst_lock = dst.lock("copy", false)?;
     let report = match crate::repo::copy::copy(&src, &dst, &a.snapshots, a.level) {
         Ok(r) => r,
         Err(e) if created && dst.snapshots().is_ok_and(|s| s.is_empty()) => {
             drop(dst_lock);
-            let note = match std::fs::remove_dir_all(&a.to) {
+            let note = match dst.store.destroy() {
                 Ok(()) => "the new repository was removed".to_string(),
                 Err(r) => format!("removing the new repository {} failed too ({r}): delete it", a.to.display()),
             };

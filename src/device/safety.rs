@@ -211,6 +211,10 @@ fn check_file_not_attached(target: &Disk) -> Result<()> {
 /// for an image-file source, inside a loop-mounted filesystem of that file.
 /// The directory may not exist yet: its nearest existing ancestor is checked.
 pub fn check_image_dir_not_on(source: &Disk, image_dir: &Path) -> Result<()> {
+    if crate::repo::store::is_remote(image_dir) {
+        // An object store is on no disk of this machine.
+        return Ok(());
+    }
     let mounts = mounts::mounts()?;
     let Some(part) = block_device_of_dir(image_dir, &mounts) else { return Ok(()) };
     for base in sysfs::underlying_devices(part) {

@@ -486,8 +486,22 @@ fn check_dir(dir: &Path) -> Result<()> {
 /// `foreground`, once it is unmounted again).
 pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&Mounted)) -> Result<()> {
     // The background process works from /, so as not to keep a directory busy.
-    let absolute = |p: &Path| std::path::absolute(p).map_err(|e| Error::io("looking at", p, None, e));
+    let absolute = |p: &Path| {
+        if crate::repo::store::is_remote(p) {
+            return Ok(p.to_path_buf());
+        }
+        std::path::absolute(p).map_err(|e| Error::io("looking at", p, None, e))
+    };
     let (image, dir) = (&absolute(image)?, &absolute(dir)?);
+    if crate::repo::store::is_remote(image) && !opts.foreground {
+        return Err(Error::Usage(format!(
+            "{} is in object storage: klon mounts it in the foreground only (its network client runs threads, \
+             which a process going to the background cannot take along): add --foreground and leave it running; \
+             klon umount {} from another terminal, or Ctrl-C, ends it",
+            image.display(),
+            dir.display()
+        )));
+    }
     let store = open_store(image)?;
     check_dir(dir)?;
     let view = DiskView::new(store)?;
@@ -522,7 +536,7 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
         match &is_snapshot {
             Some(repo) => {
                 let repo = crate::repo::Repository::open(repo)?;
-                Ok(Some(crate::repo::lock::take(&repo.locks_dir(), "mount", false)?))
+                Ok(Some(repo.lock("mount", false)?))
             }
             None => Ok(None),
         }

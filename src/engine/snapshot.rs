@@ -26,7 +26,8 @@ use crate::repo::crypto::{Keys, Sealed};
 use crate::repo::pack::{self, ChunkId, NewBlob, PackWriter};
 use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
-use crate::repo::{BlobIndex, MAX_DELTA_DEPTH, Repository, delta, is_repository};
+use crate::repo::store::Store;
+use crate::repo::{BlobIndex, MAX_DELTA_DEPTH, Repository, delta};
 use crate::ui::progress::Progress;
 
 /// What a snapshot records besides the disk.
@@ -160,7 +161,7 @@ pub(crate) struct SnapshotEncoder {
     index: Arc<BlobIndex>,
     keys: Keys,
     bases: Arc<WindowBases>,
-    packs_dir: PathBuf,
+    store: Arc<dyn Store>,
     window: u64,
     level: i32,
 }
@@ -171,7 +172,7 @@ impl SnapshotSink {
     /// lock, with its index and the chunks of the disk's previous snapshot.
     pub fn open(dir: &Path, opts: &SnapshotOptions, source: &SourceInfo, level: i32) -> Result<SnapshotSink> {
         let (time, utc_offset) = snapshot::now_and_offset();
-        let created_repository = !is_repository(dir);
+        let created_repository = !crate::repo::exists(dir)?;
         let repo = if created_repository {
             Repository::create_with(dir, opts.window, opts.encrypt)?
         } else {
@@ -184,7 +185,7 @@ impl SnapshotSink {
                 dir.display()
             )));
         }
-        let lock = crate::repo::lock::take(&repo.locks_dir(), "backup", false)?;
+        let lock = repo.lock("backup", false)?;
         let index = repo.load_index()?;
         let window = u64::from(repo.config.window);
         let bases = if repo.config.format_version >= 2 {
@@ -196,7 +197,7 @@ impl SnapshotSink {
             index: Arc::new(index),
             keys: repo.keys.clone(),
             bases: Arc::new(bases),
-            packs_dir: repo.packs_dir(),
+            store: repo.store.clone(),
             window,
             level,
         };
@@ -210,7 +211,7 @@ impl SnapshotSink {
             utc_offset,
             table: Vec::new(),
             stored: Vec::new(),
-            writer: PackWriter::new(&repo.packs_dir(), &repo.tmp_dir(), &repo.keys),
+            writer: PackWriter::new(repo.store.clone(), &repo.keys),
             written: HashSet::new(),
             added: Added::default(),
             reused_chunks: 0,
@@ -234,9 +235,12 @@ impl ChunkEncoder for SnapshotEncoder {
         let (mut payload, mut base, mut warning) = (None, None, None);
         if !self.index.usable(&id) {
             if let Some(b) = self.bases.get(extents[0].0 / self.window).map(|p| self.index.id_at(p)) {
-                match delta_payload(&self.packs_dir, &self.index, &self.keys, b, &content, self.level) {
+                match delta_payload(&self.store, &self.index, &self.keys, b, &content, self.level) {
                     Ok(Some(p)) => (payload, base) = (Some(p), Some(*b)),
                     Ok(None) => {}
+                    // The repository cannot be read (a drive's I/O error,
+                    // a server gone): nothing more can be written either.
+                    Err(e) if !matches!(e, Error::Corrupt(_)) => return Err(e),
                     Err(e) => {
                         warning = Some(format!(
                             "the chunk an earlier snapshot has at disk offset {} did not read back ({e}): \
@@ -383,7 +387,7 @@ impl ImageSink for SnapshotSink {
         drop(self._lock);
         if self.created_repository {
             // Nothing else is in a repository this backup made.
-            match std::fs::remove_dir_all(&self.dir) {
+            match crate::repo::store::open(&self.dir).and_then(|s| s.destroy()) {
                 Ok(()) => e.with_note("no snapshot was made, and the new repository was removed"),
                 Err(r) => e.with_note(&format!(
                     "no snapshot was made; removing the new repository {} failed too ({r}): delete it",
@@ -401,17 +405,16 @@ impl ImageSink for SnapshotSink {
 /// verify REPO:ID` reads every chunk of a snapshot.
 pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     let repo = Repository::open(dir)?;
-    let packs_dir = repo.packs_dir();
     let mut indexes = Vec::new();
     for name in packs {
         indexes.push(repo.pack_index(name)?);
     }
     let all = repo.load_index()?;
-    let mut bases = ContentReader::new(packs_dir.clone(), &all, &repo.keys)?;
+    let mut bases = ContentReader::new(repo.store.clone(), &all, &repo.keys)?;
     let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
     let mut bytes = 0u64;
     for idx in &indexes {
-        pack::check_blobs(&packs_dir, idx, &repo.keys, &mut |b| bases.base(b), |_, record, checked| {
+        pack::check_blobs(&*repo.store, idx, &repo.keys, &mut |b| bases.base(b), |_, record, checked| {
             checked?;
             bytes += record.len() as u64;
             progress.add(record.len() as u64);
@@ -481,14 +484,14 @@ impl WindowBases {
 /// id, then the patch, compressed when that is smaller) and its flags, or
 /// None when too much of it is new for that to pay.
 fn delta_payload(
-    packs: &Path,
+    store: &Arc<dyn Store>,
     index: &BlobIndex,
     keys: &Keys,
     base: &ChunkId,
     content: &[u8],
     level: i32,
 ) -> Result<Option<(u32, IoBuf)>> {
-    let base_content = ContentReader::uncached(packs.to_path_buf(), index, keys)?.content(base)?;
+    let base_content = ContentReader::uncached(store.clone(), index, keys)?.content(base)?;
     let Some(patch) = delta::encode(&base_content, content) else { return Ok(None) };
     let (flags, stored) = stored_payload(IoBuf::from(patch), level)?;
     let mut payload = Vec::with_capacity(32 + stored.len());

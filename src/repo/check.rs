@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::index::{Base, Bits};
 use super::pack::{self, ChunkId};
 use super::snapshot::short;
-use super::{BlobIndex, MAX_DELTA_DEPTH, Repository, read_dir_names};
+use super::{BlobIndex, MAX_DELTA_DEPTH, Repository};
 use crate::error::{Error, Result};
 
 /// File of a repository that records each snapshot's last verification.
@@ -28,7 +28,12 @@ pub struct LastCheck {
 }
 
 fn load_checks(repo: &Repository) -> BTreeMap<String, LastCheck> {
-    std::fs::read(repo.dir.join(CHECKS_NAME)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    repo.store
+        .read(CHECKS_NAME, 64 << 20)
+        .ok()
+        .flatten()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 /// Records the outcome of verifying snapshot `id` (best effort: the
@@ -49,17 +54,15 @@ fn record_many(repo: &Repository, ids: &[String], result: &std::result::Result<(
             },
         );
     }
-    let known: std::collections::HashSet<String> = read_dir_names(&repo.snapshots_dir())
+    let known: std::collections::HashSet<String> = repo
+        .snapshot_files()
         .unwrap_or_default()
         .into_iter()
         .filter_map(|n| n.strip_suffix(".json").map(String::from))
         .collect();
     all.retain(|k, _| known.contains(k));
     if let Ok(json) = serde_json::to_vec_pretty(&all) {
-        let tmp = repo.tmp_dir().join(format!("{CHECKS_NAME}.{}.tmp", std::process::id()));
-        if std::fs::write(&tmp, json).is_ok() {
-            let _ = std::fs::rename(&tmp, repo.dir.join(CHECKS_NAME));
-        }
+        let _ = repo.store.write(CHECKS_NAME, &json);
     }
 }
 
@@ -94,39 +97,36 @@ pub struct CheckReport {
 /// and offset, and the snapshots, partitions and disk offsets it affects.
 pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     let repo = Repository::open(dir)?;
-    let _lock = super::lock::take(&repo.locks_dir(), "check", false)?;
+    let _lock = repo.lock("check", false)?;
     let mut report = CheckReport::default();
-    let packs_dir = repo.packs_dir();
 
     // Packs and their indexes, into one table of every chunk (see
     // BlobIndex), one pack index held at a time.
-    let idx_names = repo.pack_names(".idx")?;
-    let pack_names = repo.pack_names(".pack")?;
-    let mut builder = repo.index_builder(&idx_names);
-    for name in &idx_names {
+    let idx_files = repo.pack_names(".idx")?;
+    let pack_files = repo.pack_names(".pack")?;
+    let mut builder = repo.index_builder(&idx_files);
+    let idx_names: Vec<&String> = idx_files.iter().map(|(n, _)| n).collect();
+    for name in idx_names.iter().copied() {
         let loaded = repo.pack_index(name).and_then(|idx| {
             builder.add(&idx)?;
             Ok(idx.pack_size)
         });
         match loaded {
             Ok(size) => {
-                let path = pack::pack_path(&packs_dir, name);
-                match std::fs::metadata(&path) {
-                    Ok(m) if m.len() == size => {}
-                    Ok(m) => report.problems.push(format!(
-                        "{}: {} bytes, its index says {size}: the pack is damaged",
-                        path.display(),
-                        m.len(),
-                    )),
-                    Err(_) => {
-                        report.problems.push(format!("{}: the pack is missing (its index is there)", path.display()))
+                let file = pack::pack_file(name);
+                let path = repo.store.locate(&file);
+                match pack_files.binary_search_by(|(n, _)| n.cmp(name)).map(|at| pack_files[at].1) {
+                    Ok(len) if len == size => {}
+                    Ok(len) => {
+                        report.problems.push(format!("{path}: {len} bytes, its index says {size}: the pack is damaged"))
                     }
+                    Err(_) => report.problems.push(format!("{path}: the pack is missing (its index is there)")),
                 }
             }
             Err(e) => report.problems.push(e.to_string()),
         }
     }
-    for name in pack_names.iter().filter(|n| idx_names.binary_search(n).is_err()) {
+    for (name, _) in pack_files.iter().filter(|(n, _)| idx_names.binary_search(&n).is_err()) {
         report.notes.push(format!(
             "pack {name} has no index (a backup was cut short while writing it): nothing uses it, klon prune removes it"
         ));
@@ -139,7 +139,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     // is looked up again only for a problem that names them).
     let mut used = Bits::new(all.len());
     let mut snapshots = Vec::new();
-    for f in read_dir_names(&repo.snapshots_dir())? {
+    for f in repo.snapshot_files()? {
         let Some(id) = f.strip_suffix(".json") else { continue };
         let snap = match super::snapshot::SnapshotFile::load(&repo, id) {
             Ok(s) => s,
@@ -228,12 +228,12 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     }
 
     if read_data {
-        let mut bases = super::read::ContentReader::new(packs_dir.clone(), &all, &repo.keys)?;
+        let mut bases = super::read::ContentReader::new(repo.store.clone(), &all, &repo.keys)?;
         let total: u64 = all.packs.iter().map(|p| p.size).sum();
         let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
         for (pi, info) in all.packs.iter().enumerate() {
             let read = repo.pack_index(&info.name).and_then(|idx| {
-                pack::check_blobs(&packs_dir, &idx, &repo.keys, &mut |b| bases.base(b), |e, record, checked| {
+                pack::check_blobs(&*repo.store, &idx, &repo.keys, &mut |b| bases.base(b), |e, record, checked| {
                     report.bytes_read += record.len() as u64;
                     progress.add(record.len() as u64);
                     // An unused delta whose base a prune removed was noted

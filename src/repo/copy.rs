@@ -80,10 +80,9 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
     let src_index = src.load_index()?;
     let dst_index = dst.load_index()?;
     let chains = dst.config.format_version >= 3;
-    let mut reader = ContentReader::new(src.packs_dir(), &src_index, &src.keys)?;
+    let mut reader = ContentReader::new(src.store.clone(), &src_index, &src.keys)?;
     let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
-    let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir(), &dst.keys);
-    let src_packs = src.packs_dir();
+    let mut writer = PackWriter::new(dst.store.clone(), &dst.keys);
     // The chunks sent, and how many deltas lead from each to a whole
     // chunk in the destination.
     let mut sent: HashMap<ChunkId, usize> = HashMap::new();
@@ -114,7 +113,7 @@ pub fn copy(src: &Repository, dst: &Repository, which: &[String], level: i32) ->
                     report.stored_bytes += send(
                         &mut reader,
                         &mut decomp,
-                        &src_packs,
+                        &*src.store,
                         &src_index,
                         &id,
                         depth.is_none(),
@@ -203,8 +202,8 @@ fn copy_rekeyed(
 ) -> Result<CopyReport> {
     let src_index = src.load_index()?;
     let dst_index = dst.load_index()?;
-    let mut reader = ContentReader::new(src.packs_dir(), &src_index, &src.keys)?;
-    let mut writer = PackWriter::new(&dst.packs_dir(), &dst.tmp_dir(), &dst.keys);
+    let mut reader = ContentReader::new(src.store.clone(), &src_index, &src.keys)?;
+    let mut writer = PackWriter::new(dst.store.clone(), &dst.keys);
     // Each source chunk met, by its id in the destination.
     let mut renamed: HashMap<ChunkId, ChunkId> = HashMap::new();
     let mut sent: HashSet<ChunkId> = HashSet::new();
@@ -245,14 +244,14 @@ fn original_of(s: &SnapshotEntry) -> &str {
     s.file.original.as_deref().unwrap_or(&s.id)
 }
 
-/// Reads chunk `id` from the source's packs (under `packs`), checked, and
+/// Reads chunk `id` from the source's packs (in `store`), checked, and
 /// writes it into `writer`: its record as stored, or (a delta, when
 /// `whole`) its content stored whole. Returns the bytes written.
 #[allow(clippy::too_many_arguments)]
 fn send(
     reader: &mut ContentReader,
     decomp: &mut zstd::bulk::Decompressor,
-    packs: &std::path::Path,
+    store: &dyn super::store::Store,
     index: &BlobIndex,
     id: &ChunkId,
     whole: bool,
@@ -268,20 +267,13 @@ fn send(
         // The content, checked: its id (made from its bases).
         return store_whole(writer, keys, id, reader.content(id)?, level);
     }
-    let path = pack::pack_path(packs, pack_name);
-    let record = read_record(&path, e)?;
-    let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
+    let file = pack::pack_file(pack_name);
+    let mut record = vec![0; e.record_len() as usize];
+    store.open(&file)?.read_exact_at(&mut record, e.offset)?;
+    let where_ = format!("chunk {} in {} at offset {}", short(id), store.locate(&file), e.offset);
     // Read once: the record checked whole (its content's blake3, a delta
     // made from its bases), then written as it is.
     pack::check_record(e, &record, keys, decomp, &mut |b| reader.base(b), &where_)?;
     writer.add_record(e, &record)?;
     Ok(record.len() as u64)
-}
-
-fn read_record(path: &std::path::Path, e: &pack::BlobEntry) -> Result<Vec<u8>> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(path).map_err(|err| Error::io("opening", path, None, err))?;
-    let mut buf = vec![0; e.record_len() as usize];
-    f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", path, Some(e.offset), err))?;
-    Ok(buf)
 }

@@ -10,10 +10,12 @@
 //! is stale: it is removed, and said so. A lock of another machine is
 //! never removed by itself: `klon unlock` does that, on the person's word.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::store::Store;
 use crate::error::{Error, Result};
 
 /// What a lock file holds.
@@ -36,14 +38,21 @@ pub struct LockInfo {
 /// A lock held; removed when dropped.
 #[derive(Debug)]
 pub struct Lock {
-    path: PathBuf,
+    store: Arc<dyn Store>,
+    name: String,
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = self.store.remove(&self.name);
     }
 }
+
+/// The lock files' directory.
+const LOCKS: &str = "locks";
+
+/// A lock file holds a few hundred bytes.
+const LOCK_MAX: u64 = 64 << 10;
 
 /// The host name of this machine.
 pub fn hostname() -> String {
@@ -58,10 +67,9 @@ fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-/// Takes a lock on the repository whose lock directory is `locks`, for
-/// `job`; `exclusive` for jobs that delete.
-pub fn take(locks: &Path, job: &str, exclusive: bool) -> Result<Lock> {
-    super::pack::create_dir_synced(locks)?;
+/// Takes a lock on the repository in `store`, for `job`; `exclusive` for
+/// jobs that delete.
+pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool) -> Result<Lock> {
     let kind = if exclusive { "exclusive" } else { "shared" };
     let me = LockInfo {
         kind: kind.into(),
@@ -71,12 +79,11 @@ pub fn take(locks: &Path, job: &str, exclusive: bool) -> Result<Lock> {
         pid: std::process::id(),
         time: crate::image::manifest::now_rfc3339(),
     };
-    let name = format!("{kind}-{}-{}.lock", me.pid, super::pack::random_hex(6));
-    let path = locks.join(&name);
+    let name = format!("{LOCKS}/{kind}-{}-{}.lock", me.pid, super::pack::random_hex(6));
     let json = serde_json::to_vec_pretty(&me).expect("a lock serializes");
-    crate::image::manifest::write_synced(&path, &json)?;
-    let lock = Lock { path };
-    for (other, info) in others(locks, &name)? {
+    store.write(&name, &json)?;
+    let lock = Lock { store: store.clone(), name: name.clone() };
+    for (other, info) in others(&**store, &name)? {
         let info = match info {
             Some(i) => i,
             // A lock file being written this very moment, or damaged:
@@ -95,21 +102,15 @@ pub fn take(locks: &Path, job: &str, exclusive: bool) -> Result<Lock> {
                 "klon: removing a stale lock of the repository ({} by process {} on {}, since {}: that process is gone)",
                 info.job, info.pid, info.hostname, info.time
             );
-            let _ = std::fs::remove_file(&other);
+            let _ = store.remove(&other);
             continue;
         }
         if exclusive || info.kind != "shared" {
-            let repo = locks.parent().unwrap_or(locks);
+            let repo = store.location();
             return Err(Error::Refused(format!(
                 "the repository {} is in use: {} ({} lock) by process {} on {} since {}; wait until it ends. \
                  If that process is gone (a crash, the machine was switched off), run `klon unlock {}`",
-                repo.display(),
-                info.job,
-                info.kind,
-                info.pid,
-                info.hostname,
-                info.time,
-                repo.display()
+                repo, info.job, info.kind, info.pid, info.hostname, info.time, repo
             )));
         }
     }
@@ -118,17 +119,14 @@ pub fn take(locks: &Path, job: &str, exclusive: bool) -> Result<Lock> {
 
 /// Every lock file but `mine`, with what it holds (None when it cannot be
 /// read as a lock).
-fn others(locks: &Path, mine: &str) -> Result<Vec<(PathBuf, Option<LockInfo>)>> {
+fn others(store: &dyn Store, mine: &str) -> Result<Vec<(String, Option<LockInfo>)>> {
     let mut out = Vec::new();
-    let entries = std::fs::read_dir(locks).map_err(|e| Error::io("listing", locks, None, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("listing", locks, None, e))?;
-        let name = entry.file_name().to_string_lossy().to_string();
+    for (name, _) in store.list(LOCKS)? {
         if name == mine || !name.ends_with(".lock") {
             continue;
         }
-        let info = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        out.push((entry.path(), info));
+        let info = store.read(&name, LOCK_MAX).ok().flatten().and_then(|b| serde_json::from_slice(&b).ok());
+        out.push((name, info));
     }
     Ok(out)
 }
@@ -144,15 +142,12 @@ fn is_stale(info: &LockInfo, me: &LockInfo) -> bool {
     !Path::new(&format!("/proc/{}", info.pid)).exists()
 }
 
-/// Removes every lock of the repository whose lock directory is `locks`
-/// (`klon unlock`); returns what they were.
-pub fn remove_all(locks: &Path) -> Result<Vec<LockInfo>> {
-    if !locks.exists() {
-        return Ok(Vec::new());
-    }
+/// Removes every lock of the repository in `store` (`klon unlock`);
+/// returns what they were.
+pub fn remove_all(store: &dyn Store) -> Result<Vec<LockInfo>> {
     let mut removed = Vec::new();
-    for (path, info) in others(locks, "")? {
-        std::fs::remove_file(&path).map_err(|e| Error::io("removing", &path, None, e))?;
+    for (name, info) in others(store, "")? {
+        store.remove(&name)?;
         removed.extend(info);
     }
     Ok(removed)
@@ -166,15 +161,18 @@ mod tests {
     #[test]
     fn shared_locks_coexist_exclusive_excludes_and_stale_locks_go() {
         let t = TempDir::new("locks");
-        let locks = t.join("locks");
-        let a = take(&locks, "backup", false).unwrap();
-        let b = take(&locks, "check", false).unwrap();
-        let e = take(&locks, "prune", true).unwrap_err().to_string();
+        let locks = t.join("r/locks");
+        let local = crate::repo::store::LocalStore::new(&t.join("r"));
+        local.prepare().unwrap();
+        let store: Arc<dyn Store> = Arc::new(local);
+        let a = take(&store, "backup", false).unwrap();
+        let b = take(&store, "check", false).unwrap();
+        let e = take(&store, "prune", true).unwrap_err().to_string();
         assert!(e.contains("is in use") && e.contains("klon unlock"), "{e}");
         drop(a);
         drop(b);
-        let x = take(&locks, "prune", true).unwrap();
-        let e = take(&locks, "backup", false).unwrap_err().to_string();
+        let x = take(&store, "prune", true).unwrap();
+        let e = take(&store, "backup", false).unwrap_err().to_string();
         assert!(e.contains("prune (exclusive lock)"), "{e}");
         drop(x);
         // A lock of a process that is gone, on this machine and boot.
@@ -187,14 +185,14 @@ mod tests {
             time: "then".into(),
         };
         std::fs::write(locks.join("exclusive-dead.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        let l = take(&locks, "backup", false).unwrap();
+        let l = take(&store, "backup", false).unwrap();
         assert!(!locks.join("exclusive-dead.lock").exists());
         drop(l);
         // Another machine's lock stays until klon unlock.
         dead.hostname = "elsewhere".into();
         std::fs::write(locks.join("exclusive-other.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        assert!(take(&locks, "backup", false).is_err());
-        assert_eq!(remove_all(&locks).unwrap().len(), 1);
-        take(&locks, "backup", false).unwrap();
+        assert!(take(&store, "backup", false).is_err());
+        assert_eq!(remove_all(&*store).unwrap().len(), 1);
+        take(&store, "backup", false).unwrap();
     }
 }

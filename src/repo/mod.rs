@@ -16,9 +16,12 @@ pub mod pack;
 pub mod policy;
 pub mod prune;
 pub mod read;
+pub mod s3;
 pub mod snapshot;
+pub mod store;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +29,7 @@ use crate::error::{Error, Result};
 pub use index::{BlobIndex, BlobIndexBuilder};
 use pack::PackIndex;
 use snapshot::SnapshotFile;
+use store::Store;
 
 /// File name of a repository's configuration.
 pub const CONFIG_NAME: &str = "klon-repository.json";
@@ -134,33 +138,16 @@ pub struct Config {
 /// A repository, opened.
 #[derive(Debug, Clone)]
 pub struct Repository {
-    /// Its directory.
+    /// Where it is, as given: its directory.
     pub dir: PathBuf,
+    /// What holds its files.
+    pub store: Arc<dyn Store>,
     /// Its checked configuration.
     pub config: Config,
     /// Its keys, unlocked (none when it is not encrypted).
     pub keys: crypto::Keys,
     /// The recovery key of an encrypted repository just made: shown once.
     pub recovery_key: Option<String>,
-}
-
-/// Whether `dir` holds only what [`Repository::create`] makes before the
-/// configuration: its four directories, empty but for the configuration
-/// being written in `tmp/`.
-fn is_unfinished_creation(dir: &Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else { return false };
-    entries.into_iter().all(|e| {
-        let Ok(e) = e else { return false };
-        let name = e.file_name().to_string_lossy().to_string();
-        let Ok(inside) = std::fs::read_dir(e.path()) else { return false };
-        let inside: Vec<String> =
-            inside.filter_map(|i| i.ok()).map(|i| i.file_name().to_string_lossy().to_string()).collect();
-        match name.as_str() {
-            "packs" | "snapshots" | "locks" => inside.is_empty(),
-            "tmp" => inside.iter().all(|i| *i == format!("{CONFIG_NAME}.tmp")),
-            _ => false,
-        }
-    })
 }
 
 /// A snapshot in a repository: its id (the blake3 of its file) and what
@@ -186,41 +173,48 @@ impl SnapshotEntry {
     }
 }
 
-/// Whether `path` is a repository's directory.
+/// Whether `path` is a repository: a directory holding one, or an
+/// `s3://` address (whether one is there is found out when it is opened).
 pub fn is_repository(path: &Path) -> bool {
-    path.join(CONFIG_NAME).is_file()
+    store::is_remote(path) || path.join(CONFIG_NAME).is_file()
 }
 
 /// Splits `REPO:SNAPSHOT`: the repository and the snapshot asked for, when
 /// `path` names a repository (a path that exists as given is never split).
 pub fn split_spec(path: &Path) -> Option<(PathBuf, Option<String>)> {
+    let s = path.to_str();
+    if let Some(url) = s.filter(|_| store::is_remote(path)) {
+        return Some(match url["s3://".len()..].rsplit_once(':') {
+            Some((repo, snap)) if !snap.contains('/') => {
+                (PathBuf::from(format!("s3://{repo}")), Some(snap.to_string()))
+            }
+            _ => (path.to_path_buf(), None),
+        });
+    }
     if is_repository(path) {
         return Some((path.to_path_buf(), None));
     }
-    let s = path.to_str()?;
-    let (repo, snap) = s.rsplit_once(':')?;
+    let (repo, snap) = s?.rsplit_once(':')?;
     (!snap.contains('/') && is_repository(Path::new(repo))).then(|| (PathBuf::from(repo), Some(snap.to_string())))
 }
 
+/// Whether a repository is at `path` (its configuration is there): for
+/// an `s3://` address, asked of the store.
+pub fn exists(path: &Path) -> Result<bool> {
+    if !store::is_remote(path) {
+        return Ok(is_repository(path));
+    }
+    Ok(store::open(path)?.size(CONFIG_NAME)?.is_some())
+}
+
+/// The largest configuration or retention policy klon reads.
+const CONFIG_MAX: u64 = 1 << 20;
+
 impl Repository {
-    /// The directory of packs.
-    pub fn packs_dir(&self) -> PathBuf {
-        self.dir.join("packs")
-    }
-
-    /// The directory of snapshots.
-    pub fn snapshots_dir(&self) -> PathBuf {
-        self.dir.join("snapshots")
-    }
-
-    /// Where unfinished files are written.
-    pub fn tmp_dir(&self) -> PathBuf {
-        self.dir.join("tmp")
-    }
-
-    /// The directory of locks.
-    pub fn locks_dir(&self) -> PathBuf {
-        self.dir.join("locks")
+    /// Takes a lock on the repository for `job` (see [`lock`]); exclusive
+    /// for jobs that delete. Held until the lock is dropped.
+    pub fn lock(&self, job: &str, exclusive: bool) -> Result<lock::Lock> {
+        lock::take(&self.store, job, exclusive)
     }
 
     /// Creates a repository in `dir`, which must not exist or be empty
@@ -234,7 +228,8 @@ impl Repository {
     /// key in `recovery_key`, to show once).
     pub fn create_with(dir: &Path, window: u32, encrypt: bool) -> Result<Repository> {
         // Refused before a passphrase is asked for.
-        check_creatable(dir, window)?;
+        let store = store::open(dir)?;
+        check_creatable(&*store, window)?;
         let id = pack::random_hex(16);
         let (encryption, keys, recovery_key) = if encrypt {
             let pass = crypto::passphrase(&format!("the new repository {}", dir.display()), true)?;
@@ -243,7 +238,7 @@ impl Repository {
         } else {
             (None, crypto::Keys::none(), None)
         };
-        Repository::create_keyed(dir, window, id, encryption, keys, recovery_key)
+        Repository::create_keyed(dir, store, window, id, encryption, keys, recovery_key)
     }
 
     /// Creates a repository with the window and the encryption (key
@@ -252,6 +247,7 @@ impl Repository {
     pub fn create_like(dir: &Path, like: &Repository) -> Result<Repository> {
         Repository::create_keyed(
             dir,
+            store::open(dir)?,
             like.config.window,
             pack::random_hex(16),
             like.config.encryption.clone(),
@@ -262,15 +258,15 @@ impl Repository {
 
     fn create_keyed(
         dir: &Path,
+        store: Arc<dyn Store>,
         window: u32,
         id: String,
         encryption: Option<crypto::Encryption>,
         keys: crypto::Keys,
         recovery_key: Option<String>,
     ) -> Result<Repository> {
-        if check_creatable(dir, window)? {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the repository", dir, None, e))?;
-        }
+        check_creatable(&*store, window)?;
+        store.prepare()?;
         let config = Config {
             format: FORMAT_NAME.into(),
             format_version: if encryption.is_some() { FORMAT_VERSION_ENCRYPTED } else { FORMAT_VERSION },
@@ -282,23 +278,16 @@ impl Repository {
         if keys.encrypted() {
             crypto::remember(&config.id, &keys);
         }
-        let repo = Repository { dir: dir.to_path_buf(), config, keys, recovery_key };
-        for d in [repo.packs_dir(), repo.snapshots_dir(), repo.tmp_dir(), repo.locks_dir()] {
-            pack::create_dir_synced(&d)?;
-        }
-        repo.write_config(&format!("{CONFIG_NAME}.tmp"))?;
+        let repo = Repository { dir: dir.to_path_buf(), store, config, keys, recovery_key };
+        repo.write_config()?;
         Ok(repo)
     }
 
-    /// Writes the configuration through `tmp/NAME`, renamed into place.
-    fn write_config(&self, tmp_name: &str) -> Result<()> {
+    /// Writes the configuration (atomically: the old one or the new one).
+    fn write_config(&self) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(&self.config).expect("config serializes");
         json.push(b'\n');
-        let tmp = self.tmp_dir().join(tmp_name);
-        crate::image::manifest::write_synced(&tmp, &json)?;
-        let path = self.dir.join(CONFIG_NAME);
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
-        pack::sync_dir(&self.dir)
+        self.store.write(CONFIG_NAME, &json)
     }
 
     /// Replaces the key slots of an encrypted repository (`klon key`):
@@ -311,7 +300,7 @@ impl Repository {
             return Err(Error::Refused("that would leave no key to unlock the repository".into()));
         }
         enc.keys = slots;
-        self.write_config(&format!("{CONFIG_NAME}.{}.tmp", std::process::id()))
+        self.write_config()
     }
 
     /// Opens the repository in `dir` and checks its configuration.
@@ -323,13 +312,10 @@ impl Repository {
     /// it is encrypted, unlocked with `secret` if given (else the
     /// passphrase [`crypto::passphrase`] finds).
     pub fn open_with(dir: &Path, secret: Option<&str>) -> Result<Repository> {
-        let path = dir.join(CONFIG_NAME);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Usage(format!("{} is not a klon repository (no {CONFIG_NAME})", dir.display())));
-            }
-            Err(e) => return Err(Error::io("reading", &path, None, e)),
+        let store = store::open(dir)?;
+        let path = PathBuf::from(store.locate(CONFIG_NAME));
+        let Some(bytes) = store.read(CONFIG_NAME, CONFIG_MAX)? else {
+            return Err(Error::Usage(format!("{} is not a klon repository (no {CONFIG_NAME})", dir.display())));
         };
         let config: Config = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Corrupt(format!("{}: not a readable repository configuration: {e}", path.display())))?;
@@ -378,33 +364,25 @@ impl Repository {
                 None => crypto::keys_for(&config.id, enc, &dir.display().to_string())?,
             },
         };
-        Ok(Repository { dir: dir.to_path_buf(), config, keys, recovery_key: None })
+        Ok(Repository { dir: dir.to_path_buf(), store, config, keys, recovery_key: None })
     }
 
     /// The saved retention policy, if any.
     pub fn keep(&self) -> Result<Option<Keep>> {
-        let path = self.dir.join(KEEP_NAME);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice::<Keep>(&b).map(Some).map_err(|e| {
-                Error::Corrupt(format!(
-                    "{}: not a readable retention policy ({e}): save it again with klon forget --save",
-                    path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io("reading", &path, None, e)),
-        }
+        let Some(b) = self.store.read(KEEP_NAME, CONFIG_MAX)? else { return Ok(None) };
+        serde_json::from_slice::<Keep>(&b).map(Some).map_err(|e| {
+            Error::Corrupt(format!(
+                "{}: not a readable retention policy ({e}): save it again with klon forget --save",
+                self.store.locate(KEEP_NAME)
+            ))
+        })
     }
 
     /// Saves `keep` as the repository's retention policy.
     pub fn save_keep(&self, keep: &Keep) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(keep).expect("a policy serializes");
         json.push(b'\n');
-        let tmp = self.tmp_dir().join(format!("{KEEP_NAME}.{}.tmp", std::process::id()));
-        crate::image::manifest::write_synced(&tmp, &json)?;
-        let path = self.dir.join(KEEP_NAME);
-        std::fs::rename(&tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
-        pack::sync_dir(&self.dir)
+        self.store.write(KEEP_NAME, &json)
     }
 
     /// Reads every pack's index. A pack without an index is not part of
@@ -412,7 +390,7 @@ impl Repository {
     pub fn load_index(&self) -> Result<BlobIndex> {
         let names = self.pack_names(".idx")?;
         let mut b = self.index_builder(&names);
-        for name in &names {
+        for (name, _) in &names {
             b.add(&self.pack_index(name)?)?;
         }
         Ok(b.finish())
@@ -420,49 +398,49 @@ impl Repository {
 
     /// The index of pack `name`, read, opened and checked.
     pub fn pack_index(&self, name: &str) -> Result<PackIndex> {
-        PackIndex::load(&pack::index_path(&self.packs_dir(), name), name, &self.keys)
+        PackIndex::load(&*self.store, name, &self.keys)
     }
 
     /// A builder with room for every entry of the pack indexes `names` at
     /// once (an index file is 56 bytes an entry and a little more), so
     /// that its table is never copied to grow. (Bounded: a damaged index
     /// may say any size; loading refuses it.)
-    pub fn index_builder(&self, names: &[String]) -> BlobIndexBuilder {
+    pub fn index_builder(&self, indexes: &[(String, u64)]) -> BlobIndexBuilder {
         let mut chunks = 0u64;
-        for name in names {
-            let path = pack::index_path(&self.packs_dir(), name);
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        for (_, len) in indexes {
             chunks += (len / pack::PACK_ENTRY_LEN as u64).min(1 << 20);
         }
         BlobIndexBuilder::with_capacity(chunks.min(1 << 24) as usize)
     }
 
     /// The names of the packs having a file ending in `ext` (".pack",
-    /// ".idx"), sorted.
-    pub fn pack_names(&self, ext: &str) -> Result<Vec<String>> {
-        let packs = self.packs_dir();
+    /// ".idx"), sorted, with the sizes of those files.
+    pub fn pack_names(&self, ext: &str) -> Result<Vec<(String, u64)>> {
         let mut names = Vec::new();
-        for sub in read_dir_names(&packs)? {
-            if sub.len() != 2 {
-                continue;
-            }
-            for f in read_dir_names(&packs.join(&sub))? {
-                if let Some(name) = f.strip_suffix(ext)
-                    && name.starts_with(&sub)
-                    && pack::decode_hex32(name).is_some()
-                {
-                    names.push(name.to_string());
-                }
+        for (f, size) in self.store.list("packs")? {
+            let Some((sub, file)) = f.strip_prefix("packs/").and_then(|f| f.split_once('/')) else { continue };
+            if let Some(name) = file.strip_suffix(ext)
+                && sub.len() == 2
+                && name.starts_with(sub)
+                && pack::decode_hex32(name).is_some()
+            {
+                names.push((name.to_string(), size));
             }
         }
         names.sort();
         Ok(names)
     }
 
+    /// The names of the files in `snapshots/`.
+    pub fn snapshot_files(&self) -> Result<Vec<String>> {
+        let files = self.store.list("snapshots")?;
+        Ok(files.into_iter().filter_map(|(f, _)| f.strip_prefix("snapshots/").map(str::to_string)).collect())
+    }
+
     /// Every snapshot, newest first, each file checked (not its table).
     pub fn snapshots(&self) -> Result<Vec<SnapshotEntry>> {
         let mut out = Vec::new();
-        for f in read_dir_names(&self.snapshots_dir())? {
+        for f in self.snapshot_files()? {
             let Some(id) = f.strip_suffix(".json") else { continue };
             if pack::decode_hex32(id).is_none() {
                 continue;
@@ -504,24 +482,18 @@ impl Repository {
     }
 }
 
-/// Checks that a repository can be made in `dir` with `window`: `dir` is
-/// missing (returns true), empty, or what a creation cut short left.
-fn check_creatable(dir: &Path, window: u32) -> Result<bool> {
+/// Checks that a repository can be made in `store` with `window`: the
+/// store is missing, empty, or holds what a creation cut short left.
+fn check_creatable(store: &dyn Store, window: u32) -> Result<()> {
     check_window(window).map_err(Error::Usage)?;
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            if entries.next().is_some() && !is_unfinished_creation(dir) {
-                return Err(Error::Refused(format!(
-                    "{} exists and is not empty, and is not a klon repository: give a new directory \
-                     (or an existing repository)",
-                    dir.display()
-                )));
-            }
-            Ok(false)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(Error::io("opening", dir, None, e)),
+    if !store.is_empty_for_creation()? {
+        return Err(Error::Refused(format!(
+            "{} exists and is not empty, and is not a klon repository: give a new directory \
+             (or an existing repository)",
+            store.location()
+        )));
     }
+    Ok(())
 }
 
 fn check_window(window: u32) -> std::result::Result<(), String> {
@@ -530,21 +502,6 @@ fn check_window(window: u32) -> std::result::Result<(), String> {
     } else {
         Err(format!("window {window} is not a power of two from 1 MiB to 8 MiB"))
     }
-}
-
-/// The names in a directory, or none when it does not exist.
-pub fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io("listing", dir, None, e)),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io("listing", dir, None, e))?;
-        names.push(entry.file_name().to_string_lossy().to_string());
-    }
-    Ok(names)
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::crypto::{Keys, Sealed};
+use super::store::{ObjectWriter, Store};
 use crate::error::{Error, Result};
 use crate::image::format::hex;
 
@@ -127,22 +128,20 @@ impl BlobEntry {
     }
 }
 
-/// The directory of pack `name` under the repository's `packs/`: the
+/// The file of pack `name` in its repository: under `packs/` and the
 /// first two hex digits of its name, so no directory holds too many files
 /// for FAT32.
-pub fn pack_dir(packs: &Path, name: &str) -> PathBuf {
-    packs.join(&name[..2])
+pub fn pack_file(name: &str) -> String {
+    format!("packs/{}/{name}.pack", &name[..2])
 }
 
-/// The path of pack `name`.
-pub fn pack_path(packs: &Path, name: &str) -> PathBuf {
-    pack_dir(packs, name).join(format!("{name}.pack"))
+/// The file of the index of pack `name`.
+pub fn index_file(name: &str) -> String {
+    format!("packs/{}/{name}.idx", &name[..2])
 }
 
-/// The path of the index of pack `name`.
-pub fn index_path(packs: &Path, name: &str) -> PathBuf {
-    pack_dir(packs, name).join(format!("{name}.idx"))
-}
+/// Pack indexes are at most this large (entries, bases and the header).
+pub const INDEX_MAX: u64 = PACK_INDEX_HEADER_LEN as u64 + (PACK_ENTRY_LEN as u64 + 32) * MAX_PACK_ENTRIES + 4096;
 
 /// A pack index, read and checked.
 #[derive(Debug, Clone)]
@@ -178,13 +177,16 @@ impl PackIndex {
         b
     }
 
-    /// Reads and checks the index at `path` of the pack named `name`: its
-    /// own blake3, that it names that pack, and that its records follow
-    /// each other with no gap and fill the pack's recorded size.
+    /// Reads and checks the index of the pack named `name` in `store`:
+    /// its own blake3, that it names that pack, and that its records
+    /// follow each other with no gap and fill the pack's recorded size.
     /// In an encrypted repository, the file is sealed and opened with `keys`.
-    pub fn load(path: &Path, name: &str, keys: &Keys) -> Result<PackIndex> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io("reading", path, None, e))?;
-        PackIndex::decode(&bytes, name, keys, &path.display().to_string())
+    pub fn load(store: &dyn Store, name: &str, keys: &Keys) -> Result<PackIndex> {
+        let file = index_file(name);
+        let Some(bytes) = store.read(&file, INDEX_MAX)? else {
+            return Err(Error::Corrupt(format!("{}: the pack's index is missing", store.locate(&file))));
+        };
+        PackIndex::decode(&bytes, name, keys, &store.locate(&file))
     }
 
     /// The index file's bytes: [`PackIndex::encode`], sealed when `keys` are.
@@ -281,50 +283,34 @@ pub struct NewBlob<'a> {
     pub base: Option<ChunkId>,
 }
 
-/// Writes blobs into packs under `packs/`, through a file in `tmp/`: a
-/// pack gets its (random) name when it is closed, is flushed to stable
-/// storage and renamed into place, and its index is written after it. A
-/// pack without its index is not part of the repository (prune removes
-/// it). Packs are written in order, each byte once, through the page
-/// cache (FUSE drivers of FAT mishandle what O_DIRECT writes); closing,
-/// which waits for the flush, runs on a thread of its own.
-/// [`PackWriter::commit`] makes every index written durable.
+/// Writes blobs into packs of a store: a pack gets a random name, is
+/// written in order, each byte once, and made durable and visible whole
+/// when it is closed; its index is written after it. A pack without its
+/// index is not part of the repository (prune removes it). Closing, which
+/// waits for the flush (or the upload), runs on a thread of its own;
+/// [`PackWriter::commit`] waits for every one.
 pub struct PackWriter {
-    packs: PathBuf,
-    tmp: PathBuf,
+    store: Arc<dyn Store>,
     keys: Keys,
     open: Option<OpenPack>,
     /// Packs closed so far.
     pub written: Vec<PackIndex>,
-    /// Index files and directories not yet flushed.
-    unsynced: Vec<PathBuf>,
     /// Packs being closed, each on its thread.
-    closing: Vec<std::thread::JoinHandle<Result<(PackIndex, PathBuf, PathBuf)>>>,
+    closing: Vec<std::thread::JoinHandle<Result<PackIndex>>>,
 }
 
 struct OpenPack {
-    path: PathBuf,
-    file: std::io::BufWriter<File>,
+    name: String,
+    file: Box<dyn ObjectWriter>,
     size: u64,
     entries: Vec<BlobEntry>,
 }
 
-/// Size of the buffers a pack is written through.
-const PACK_WRITE_BUF: usize = 4 << 20;
-
 impl PackWriter {
-    /// A writer of packs into `packs/`, whose unfinished files are in
-    /// `tmp/`; the indexes are sealed when `keys` are (the blobs come sealed).
-    pub fn new(packs: &Path, tmp: &Path, keys: &Keys) -> PackWriter {
-        PackWriter {
-            packs: packs.to_path_buf(),
-            tmp: tmp.to_path_buf(),
-            keys: keys.clone(),
-            open: None,
-            written: Vec::new(),
-            unsynced: Vec::new(),
-            closing: Vec::new(),
-        }
+    /// A writer of packs into `store`; the indexes are sealed when `keys`
+    /// are (the blobs come sealed).
+    pub fn new(store: Arc<dyn Store>, keys: &Keys) -> PackWriter {
+        PackWriter { store, keys: keys.clone(), open: None, written: Vec::new(), closing: Vec::new() }
     }
 
     /// Appends the record of blob `e` as another pack stored it (checked
@@ -343,10 +329,9 @@ impl PackWriter {
     /// Appends a blob; closes the pack when it is full.
     pub fn add(&mut self, blob: &NewBlob) -> Result<()> {
         if self.open.is_none() {
-            let path = self.tmp.join(format!("pack-{}-{}.tmp", std::process::id(), random_hex(8)));
-            let f = File::create(&path).map_err(|e| Error::io("creating", &path, None, e))?;
-            let file = std::io::BufWriter::with_capacity(PACK_WRITE_BUF, f);
-            self.open = Some(OpenPack { path, file, size: 0, entries: Vec::new() });
+            let name = random_hex(32);
+            let file = self.store.create(&pack_file(&name))?;
+            self.open = Some(OpenPack { name, file, size: 0, entries: Vec::new() });
         }
         let p = self.open.as_mut().expect("opened above");
         let e = BlobEntry {
@@ -358,11 +343,8 @@ impl PackWriter {
             flags: blob.flags,
             base: blob.base,
         };
-        let h = e.header();
-        for part in [&h[..], blob.payload] {
-            std::io::Write::write_all(&mut p.file, part)
-                .map_err(|err| Error::io("writing", &p.path, Some(p.size), err))?;
-        }
+        p.file.write_all(&e.header())?;
+        p.file.write_all(blob.payload)?;
         p.size += e.record_len();
         p.entries.push(e);
         if p.size >= PACK_TARGET {
@@ -372,16 +354,15 @@ impl PackWriter {
     }
 
     /// Closes the open pack, if any: on a thread of its own (so that the
-    /// backup goes on meanwhile), its last bytes are written and flushed to
-    /// stable storage, it is named and renamed into place, and its index is
-    /// written after it. [`PackWriter::commit`] waits for every one.
+    /// backup goes on meanwhile), it is made durable and visible, and its
+    /// index is written after it. [`PackWriter::commit`] waits for every one.
     pub fn close(&mut self) -> Result<()> {
         let Some(p) = self.open.take() else { return Ok(()) };
-        let (packs, tmp, keys) = (self.packs.clone(), self.tmp.clone(), self.keys.clone());
+        let (store, keys) = (self.store.clone(), self.keys.clone());
         let closing = std::thread::Builder::new()
             .name("klon-pack-close".into())
-            .spawn(move || finish_pack(p, &packs, &tmp, &keys))
-            .map_err(|e| Error::io("starting a thread to close", &self.tmp, None, e))?;
+            .spawn(move || finish_pack(p, &*store, &keys))
+            .map_err(|e| Error::Unsupported(format!("starting a thread to close a pack: {e}")))?;
         self.closing.push(closing);
         // At most a few packs are being closed at once: each holds buffers.
         if self.closing.len() > 2 {
@@ -391,20 +372,15 @@ impl PackWriter {
         Ok(())
     }
 
-    fn take_closed(&mut self, h: std::thread::JoinHandle<Result<(PackIndex, PathBuf, PathBuf)>>) -> Result<()> {
-        let (index, idx, dir) =
+    fn take_closed(&mut self, h: std::thread::JoinHandle<Result<PackIndex>>) -> Result<()> {
+        let index =
             h.join().unwrap_or_else(|_| Err(Error::Unsupported("closing a pack stopped unexpectedly".into())))?;
-        self.unsynced.push(idx);
-        if !self.unsynced.contains(&dir) {
-            self.unsynced.push(dir);
-        }
         self.written.push(index);
         Ok(())
     }
 
-    /// Closes the open pack, waits for every pack being closed, and
-    /// flushes every index written (and the directories naming them and
-    /// the packs) to stable storage.
+    /// Closes the open pack and waits for every pack being closed: every
+    /// pack and index written is durable when it returns.
     pub fn commit(&mut self) -> Result<()> {
         let closed = self.close();
         let mut first_error = closed.err();
@@ -413,27 +389,18 @@ impl PackWriter {
                 first_error.get_or_insert(e);
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        for path in std::mem::take(&mut self.unsynced) {
-            if path.is_dir() {
-                sync_dir(&path)?;
-            } else {
-                let f = File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
-                f.sync_all().map_err(|e| Error::io("flushing", &path, None, e))?;
-            }
-        }
-        Ok(())
     }
 
-    /// Removes the unfinished pack, if any (after a failure), and waits for
+    /// Drops the unfinished pack, if any (after a failure), and waits for
     /// the packs being closed (complete ones stay: prune removes them if no
     /// snapshot comes to use them).
     pub fn abandon(&mut self) {
         if let Some(p) = self.open.take() {
-            drop(p.file);
-            let _ = std::fs::remove_file(&p.path);
+            p.file.abort();
         }
         for h in std::mem::take(&mut self.closing) {
             let _ = h.join();
@@ -441,25 +408,12 @@ impl PackWriter {
     }
 }
 
-/// Finishes pack `p`: flushed, given a random name, renamed into place,
-/// then its index written beside it. Returns the index, and the index's
-/// path and directory, which are yet to be flushed.
-fn finish_pack(p: OpenPack, packs: &Path, tmp: &Path, keys: &Keys) -> Result<(PackIndex, PathBuf, PathBuf)> {
-    let size = p.size;
-    let file = p.file.into_inner().map_err(|e| Error::io("writing", &p.path, None, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io("flushing", &p.path, None, e))?;
-    drop(file);
-    let name = random_hex(32);
-    let dir = pack_dir(packs, &name);
-    create_dir_synced(&dir)?;
-    let dest = pack_path(packs, &name);
-    std::fs::rename(&p.path, &dest).map_err(|e| Error::io("renaming into place", &dest, None, e))?;
-    let index = PackIndex { name: name.clone(), pack_size: size, entries: p.entries };
-    let idx_tmp = tmp.join(format!("{name}.idx.tmp"));
-    std::fs::write(&idx_tmp, index.file_bytes(keys)).map_err(|e| Error::io("writing", &idx_tmp, None, e))?;
-    let idx = index_path(packs, &name);
-    std::fs::rename(&idx_tmp, &idx).map_err(|e| Error::io("renaming into place", &idx, None, e))?;
-    Ok((index, idx, dir))
+/// Finishes pack `p`: made durable and visible, then its index written.
+fn finish_pack(p: OpenPack, store: &dyn Store, keys: &Keys) -> Result<PackIndex> {
+    p.file.finish()?;
+    let index = PackIndex { name: p.name, pack_size: p.size, entries: p.entries };
+    store.write(&index_file(&index.name), &index.file_bytes(keys))?;
+    Ok(index)
 }
 
 /// Checks a blob record's header and payload crc32 against its index
@@ -557,47 +511,25 @@ pub fn check_record(
 /// `each`. Stops at the first read error (returned), or at the first error
 /// `each` returns.
 pub fn check_blobs(
-    packs: &Path,
+    store: &dyn Store,
     idx: &PackIndex,
     keys: &Keys,
     base: &mut dyn FnMut(&ChunkId) -> Result<std::rc::Rc<Vec<u8>>>,
     mut each: impl FnMut(&BlobEntry, &[u8], Result<()>) -> Result<()>,
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let path = pack_path(packs, &idx.name);
-    let f = File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
+    let file = pack_file(&idx.name);
+    let f = store.open(&file)?;
     let mut decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
     let mut buf = Vec::new();
     for e in &idx.entries {
         crate::engine::cancel::check("checking packs")?;
         buf.resize(e.record_len() as usize, 0);
-        f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
-        let where_ = format!("chunk {} in {} at offset {}", hex(&e.id[..6]), path.display(), e.offset);
+        f.read_exact_at(&mut buf, e.offset)?;
+        let where_ = format!("chunk {} in {} at offset {}", hex(&e.id[..6]), store.locate(&file), e.offset);
         let checked = check_record(e, &buf, keys, &mut decomp, base, &where_);
         each(e, &buf, checked)?;
     }
     Ok(())
-}
-
-/// Creates `dir` if missing and syncs its parent.
-pub fn create_dir_synced(dir: &Path) -> Result<()> {
-    match std::fs::create_dir(dir) {
-        Ok(()) => sync_dir(dir.parent().unwrap_or(Path::new("."))),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(Error::io("creating the directory", dir, None, e)),
-    }
-}
-
-/// Syncs a directory (its entries).
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    let f = File::open(dir).map_err(|e| Error::io("opening", dir, None, e))?;
-    match f.sync_all() {
-        Ok(()) => Ok(()),
-        // Some filesystems (FAT through some drivers) refuse fsync on a
-        // directory; its entries are then written with the files' syncs.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
-        Err(e) => Err(Error::io("flushing the directory", dir, None, e)),
-    }
 }
 
 /// `n` random bytes in hex, from the kernel.
@@ -689,10 +621,9 @@ mod tests {
         let (_, sealed, _) = crate::repo::crypto::create("pw").unwrap();
         for keys in [Keys::none(), sealed] {
             let t = crate::testutil::TempDir::new("packs");
-            let (packs, tmp) = (t.join("packs"), t.join("tmp"));
-            std::fs::create_dir_all(&packs).unwrap();
-            std::fs::create_dir_all(&tmp).unwrap();
-            let mut w = PackWriter::new(&packs, &tmp, &keys);
+            let store = crate::repo::store::LocalStore::new(&t.join("r"));
+            store.prepare().unwrap();
+            let mut w = PackWriter::new(Arc::new(store.clone()), &keys);
             let mut rng = crate::testutil::Rng::seeded(5);
             let contents: Vec<Vec<u8>> = (0..40).map(|i| rng.bytes(1000 + i * 997)).collect();
             let flags = if keys.encrypted() { FLAG_SEALED } else { 0 };
@@ -711,11 +642,11 @@ mod tests {
             }
             w.commit().unwrap();
             assert_eq!(w.written.len(), 1);
-            assert!(std::fs::read_dir(&tmp).unwrap().next().is_none(), "unfinished files left in tmp/");
+            assert!(std::fs::read_dir(t.join("r/tmp")).unwrap().next().is_none(), "unfinished files left in tmp/");
             let name = &w.written[0].name;
-            let pack = std::fs::read(pack_path(&packs, name)).unwrap();
+            let pack = std::fs::read(t.join("r").join(pack_file(name))).unwrap();
             assert_eq!(pack.len() as u64, w.written[0].pack_size);
-            let idx = PackIndex::load(&index_path(&packs, name), name, &keys).unwrap();
+            let idx = PackIndex::load(&store, name, &keys).unwrap();
             let mut d = zstd::bulk::Decompressor::new().unwrap();
             let mut no_base = |_: &ChunkId| -> Result<std::rc::Rc<Vec<u8>>> { unreachable!("no delta blobs here") };
             for (e, c) in idx.entries.iter().zip(&contents) {

@@ -14,13 +14,12 @@
 //! lost: at worst a chunk is in two packs, or an unreferenced file stays.
 
 use std::collections::HashSet;
-use std::os::unix::fs::FileExt;
 
 use serde::Serialize;
 
+use super::Repository;
 use super::index::{Base, Bits};
 use super::pack::{self, ChunkId, PackWriter};
-use super::{Repository, read_dir_names};
 use crate::error::{Error, Result};
 
 /// A pack is rewritten when more than this share of its bytes is unused.
@@ -71,10 +70,9 @@ pub fn forget(
         for d in decisions.iter().filter(|d| !d.keep) {
             // Its table may be another snapshot's too (the same disk
             // content twice): prune removes tables no snapshot names.
-            let json = repo.snapshots_dir().join(format!("{}.json", d.id));
-            std::fs::remove_file(&json).map_err(|e| Error::io("removing", &json, None, e))?;
+            repo.store.remove(&format!("snapshots/{}.json", d.id))?;
         }
-        pack::sync_dir(&repo.snapshots_dir())?;
+        repo.store.sync("snapshots")?;
     }
     Ok((decisions, all))
 }
@@ -83,7 +81,6 @@ pub fn forget(
 /// the snapshots `forgotten` were gone (a dry run of forget --prune).
 pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]) -> Result<PruneReport> {
     let mut report = PruneReport { dry_run, ..Default::default() };
-    let packs_dir = repo.packs_dir();
 
     // Everything a snapshot references (a bit for each chunk of the
     // index); refuse on any damage.
@@ -127,7 +124,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
         k.0 += all.entry_at(p).record_len();
         k.1 += 1;
     }
-    let mut writer = PackWriter::new(&packs_dir, &repo.tmp_dir(), &repo.keys);
+    let mut writer = PackWriter::new(repo.store.clone(), &repo.keys);
     let mut old_to_delete = Vec::new();
     for (pi, (info, (used_bytes, used))) in all.packs.iter().zip(kept).enumerate() {
         report.chunks_dropped += (info.chunks - used) as usize;
@@ -148,7 +145,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
                         .iter()
                         .filter(|e| all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| referenced.get(p)))
                         .collect();
-                    copy_blobs(&packs_dir, &info.name, &used, &repo.keys, &mut writer)
+                    copy_blobs(&*repo.store, &info.name, &used, &repo.keys, &mut writer)
                 });
                 if let Err(e) = copied {
                     writer.abandon();
@@ -171,40 +168,35 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
         // The rewritten packs are durable: now the old ones may go.
         report.bytes_after += writer.written.iter().map(|p| p.pack_size).sum::<u64>();
         for name in &old_to_delete {
-            remove(&pack::index_path(&packs_dir, name))?;
-            remove(&pack::pack_path(&packs_dir, name))?;
-        }
-        for sub in read_dir_names(&packs_dir)? {
-            let _ = std::fs::remove_dir(packs_dir.join(sub));
+            repo.store.remove(&pack::index_file(name))?;
+            repo.store.remove(&pack::pack_file(name))?;
         }
     }
 
     // What cut-short jobs left: packs without an index, unfinished files,
     // tables no snapshot names.
-    let with_index: HashSet<String> = repo.pack_names(".idx")?.into_iter().collect();
+    let with_index: HashSet<String> = repo.pack_names(".idx")?.into_iter().map(|(n, _)| n).collect();
     let mut leftovers = Vec::new();
-    for name in repo.pack_names(".pack")? {
+    for (name, size) in repo.pack_names(".pack")? {
         if !with_index.contains(&name) {
-            leftovers.push(pack::pack_path(&packs_dir, &name));
+            leftovers.push((pack::pack_file(&name), size));
         }
     }
-    for f in read_dir_names(&repo.tmp_dir())? {
-        leftovers.push(repo.tmp_dir().join(f));
-    }
-    for f in read_dir_names(&repo.snapshots_dir())? {
-        if f.ends_with(".table") && !tables.contains(&f) {
-            leftovers.push(repo.snapshots_dir().join(f));
+    leftovers.extend(repo.store.list(super::store::TMP_DIR)?);
+    for (f, size) in repo.store.list("snapshots")? {
+        if f.ends_with(".table") && !f.strip_prefix("snapshots/").is_some_and(|t| tables.contains(t)) {
+            leftovers.push((f, size));
         }
     }
-    for path in leftovers {
+    for (file, size) in leftovers {
         report.leftovers += 1;
-        report.bytes_freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        report.bytes_freed += size;
         if !dry_run {
-            remove(&path)?;
+            repo.store.remove(&file)?;
         }
     }
     if !quiet && !dry_run {
-        let _ = pack::sync_dir(&repo.snapshots_dir());
+        let _ = repo.store.sync("snapshots");
     }
     Ok(report)
 }
@@ -214,33 +206,26 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
 /// read back), byte for byte — its header and the crc32 of its stored
 /// bytes.
 fn copy_blobs(
-    packs_dir: &std::path::Path,
+    store: &dyn super::store::Store,
     name: &str,
     used: &[&pack::BlobEntry],
     keys: &super::crypto::Keys,
     writer: &mut PackWriter,
 ) -> Result<()> {
-    let path = pack::pack_path(packs_dir, name);
-    let f = std::fs::File::open(&path).map_err(|e| Error::io("opening", &path, None, e))?;
+    let file = pack::pack_file(name);
+    let f = store.open(&file)?;
     let mut buf = Vec::new();
     for e in used {
         crate::engine::cancel::check("prune")?;
         buf.resize(e.record_len() as usize, 0);
-        f.read_exact_at(&mut buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
-        let where_ = format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), path.display(), e.offset);
+        f.read_exact_at(&mut buf, e.offset)?;
+        let where_ =
+            format!("chunk {} in {} at offset {}", super::snapshot::short(&e.id), store.locate(&file), e.offset);
         pack::check_stored(e, &buf, keys, &where_)
             .map_err(|err| err.with_note("run klon check --read-data to see which snapshots need it"))?;
         writer.add_record(e, &buf)?;
     }
     Ok(())
-}
-
-fn remove(path: &std::path::Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("removing", path, None, e)),
-    }
 }
 
 fn in_no_pack(id: &ChunkId, what: &str) -> Error {

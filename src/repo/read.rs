@@ -3,13 +3,12 @@
 //! chain of bases) and patch, checked against the chunk's blake3 either
 //! way.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::crypto::Keys;
 use super::pack::{self, ChunkId};
 use super::snapshot::short;
+use super::store::{Object, Store};
 use super::{BlobIndex, MAX_DELTA_DEPTH};
 use crate::error::{Error, Result};
 
@@ -20,11 +19,11 @@ const BASES_KEPT: usize = 8;
 /// Reads chunks' contents through one index; keeps the last pack open
 /// and the last bases read.
 pub struct ContentReader<'a> {
-    packs: PathBuf,
+    store: Arc<dyn Store>,
     index: &'a BlobIndex,
     keys: Keys,
     decomp: zstd::bulk::Decompressor<'static>,
-    open: Option<(u32, File)>,
+    open: Option<(u32, Box<dyn Object>)>,
     buf: Vec<u8>,
     bases: std::collections::VecDeque<(ChunkId, std::rc::Rc<Vec<u8>>)>,
     /// How many bases are kept.
@@ -36,12 +35,12 @@ pub struct ContentReader<'a> {
 }
 
 impl<'a> ContentReader<'a> {
-    /// A reader of the chunks `index` lists, in the packs under `packs`.
+    /// A reader of the chunks `index` lists, in the packs of `store`
     /// (sealed and named with `keys` in an encrypted repository).
-    pub fn new(packs: PathBuf, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
+    pub fn new(store: Arc<dyn Store>, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
         let decomp = zstd::bulk::Decompressor::new().map_err(|e| Error::Unsupported(format!("zstd: {e}")))?;
         Ok(ContentReader {
-            packs,
+            store,
             index,
             keys: keys.clone(),
             decomp,
@@ -57,8 +56,8 @@ impl<'a> ContentReader<'a> {
     /// content and its base's in memory. Only the chunk's own blake3 is
     /// checked (it covers every link of its chain), unless it fails: then
     /// every link's, to name the one at fault.
-    pub fn uncached(packs: PathBuf, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
-        Ok(ContentReader { keep: 0, check_links: false, ..ContentReader::new(packs, index, keys)? })
+    pub fn uncached(store: Arc<dyn Store>, index: &'a BlobIndex, keys: &Keys) -> Result<ContentReader<'a>> {
+        Ok(ContentReader { keep: 0, check_links: false, ..ContentReader::new(store, index, keys)? })
     }
 
     /// The content of chunk `id`, checked (a delta made from its base).
@@ -127,15 +126,14 @@ impl<'a> ContentReader<'a> {
             )));
         };
         let name = &self.index.packs[p as usize].name;
-        let path = pack::pack_path(&self.packs, name);
+        let file = pack::pack_file(name);
         if self.open.as_ref().is_none_or(|o| o.0 != p) {
-            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
-            self.open = Some((p, f));
+            self.open = Some((p, self.store.open(&file)?));
         }
         let f = &self.open.as_ref().expect("opened above").1;
         self.buf.resize(e.record_len() as usize, 0);
-        f.read_exact_at(&mut self.buf, e.offset).map_err(|err| Error::io("reading", &path, Some(e.offset), err))?;
-        let where_ = format!("chunk {} in {} at offset {}", short(id), path.display(), e.offset);
+        f.read_exact_at(&mut self.buf, e.offset)?;
+        let where_ = format!("chunk {} in {} at offset {}", short(id), self.store.locate(&file), e.offset);
         let stored = pack::unpack_record(&e, &self.buf, &self.keys, &mut self.decomp, &where_)?;
         Ok((stored, e.base, e.raw_len as usize, where_))
     }

@@ -3,13 +3,11 @@
 //! table's bytes, recorded in the JSON): which chunk holds which disk
 //! ranges of each stream.
 
-use std::path::Path;
-
 use serde::{Deserialize, Serialize};
 
 use super::Repository;
 use super::crypto::Sealed;
-use super::pack::{self, ChunkId};
+use super::pack::ChunkId;
 use crate::error::{Error, Result};
 use crate::image::Manifest;
 use crate::image::format::{Extent, MAX_EXTENTS, hex};
@@ -131,8 +129,9 @@ impl SnapshotFile {
     /// its format, that it belongs to this repository, and its image
     /// (layout and streams, as for an image's manifest).
     pub fn load(repo: &Repository, id: &str) -> Result<SnapshotFile> {
-        let path = repo.snapshots_dir().join(format!("{id}.json"));
-        let bytes = read_limited(&path, SNAPSHOT_MAX)?;
+        let name = format!("snapshots/{id}.json");
+        let path = std::path::PathBuf::from(repo.store.locate(&name));
+        let bytes = read_limited(repo, &name, SNAPSHOT_MAX)?;
         if blake3::hash(&bytes).to_hex().as_str() != id {
             return Err(Error::Corrupt(format!(
                 "{}: the snapshot's checksum (blake3, its name) does not match its bytes: it is damaged",
@@ -176,27 +175,28 @@ impl SnapshotFile {
     /// that it agrees with the streams (chunk counts, each chunk's extents
     /// inside its stream and in order, the bytes they hold).
     pub fn load_table(&self, repo: &Repository) -> Result<Table> {
-        let path = repo.snapshots_dir().join(&self.table.name);
-        let bytes = read_limited(&path, self.table.size.max(1))?;
+        let name = format!("snapshots/{}", self.table.name);
+        let path = repo.store.locate(&name);
+        let bytes = read_limited(repo, &name, self.table.size.max(1))?;
         if bytes.len() as u64 != self.table.size
             || Some(blake3::hash(&bytes).to_hex().as_str()) != self.table.blake3.as_deref()
         {
             return Err(Error::Corrupt(format!(
-                "{}: the table's checksum (blake3) or size does not match the snapshot",
-                path.display()
+                "{path}: the table's checksum (blake3) or size does not match the snapshot"
             )));
         }
-        let where_ = path.display().to_string();
+        let where_ = path;
         decode_table(&repo.keys.open_file(Sealed::Table, &bytes, &where_)?, &self.image, &where_)
     }
 }
 
-fn read_limited(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io("reading", path, None, e))?;
-    if meta.len() > max {
-        return Err(Error::Corrupt(format!("{}: larger than any klon writes", path.display())));
+/// File `name` of `repo`, refused when larger than `max`; a missing one
+/// is damage.
+fn read_limited(repo: &Repository, name: &str, max: u64) -> Result<Vec<u8>> {
+    match repo.store.read(name, max)? {
+        Some(b) => Ok(b),
+        None => Err(Error::Corrupt(format!("{}: the file is missing", repo.store.locate(name)))),
     }
-    std::fs::read(path).map_err(|e| Error::io("reading", path, None, e))
 }
 
 /// A table's bytes.
@@ -294,25 +294,16 @@ pub fn decode_table(b: &[u8], m: &Manifest, where_: &str) -> Result<Table> {
 /// before it is renamed into place, so the snapshot exists only when all
 /// of it does. Returns the snapshot's id.
 pub fn write(repo: &Repository, mut file: SnapshotFile, table: &Table) -> Result<String> {
-    let dir = repo.snapshots_dir();
-    let tmp = repo.tmp_dir();
     let bytes = repo.keys.seal_file(Sealed::Table, &encode_table(table));
     let hash = blake3::hash(&bytes).to_hex().to_string();
     file.table = FileInfo { name: format!("{hash}.table"), size: bytes.len() as u64, blake3: Some(hash) };
-    let table_tmp = tmp.join(format!("{}.tmp", file.table.name));
-    crate::image::manifest::write_synced(&table_tmp, &bytes)?;
-    let table_path = dir.join(&file.table.name);
-    std::fs::rename(&table_tmp, &table_path).map_err(|e| Error::io("renaming into place", &table_path, None, e))?;
+    repo.store.write(&format!("snapshots/{}", file.table.name), &bytes)?;
     let mut json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Corrupt(format!("encoding snapshot: {e}")))?;
     json.push(b'\n');
     let json = repo.keys.seal_file(Sealed::Snapshot, &json);
     let id = blake3::hash(&json).to_hex().to_string();
-    let json_tmp = tmp.join(format!("{id}.json.tmp"));
-    crate::image::manifest::write_synced(&json_tmp, &json)?;
-    pack::sync_dir(&dir)?;
-    let path = dir.join(format!("{id}.json"));
-    std::fs::rename(&json_tmp, &path).map_err(|e| Error::io("renaming into place", &path, None, e))?;
-    pack::sync_dir(&dir)?;
+    // Written last: the snapshot exists once this file does.
+    repo.store.write(&format!("snapshots/{id}.json"), &json)?;
     Ok(id)
 }
 

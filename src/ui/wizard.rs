@@ -439,12 +439,12 @@ fn copy_to_another_drive(
     }
     scr.page(title, &format!("Copying snapshot {} into {} ...", &id[..8], to.display()))?;
     let copied = run_job(scr, "copy", "No snapshot is copied.", || -> Result<crate::repo::copy::CopyReport> {
-        use crate::repo::{Repository, copy, lock};
+        use crate::repo::{Repository, copy};
         let src = Repository::open(repo)?;
-        let _src_lock = lock::take(&src.locks_dir(), "copy", false)?;
+        let _src_lock = src.lock("copy", false)?;
         let dst =
             if crate::repo::is_repository(&to) { Repository::open(&to)? } else { Repository::create_like(&to, &src)? };
-        let _dst_lock = lock::take(&dst.locks_dir(), "copy", false)?;
+        let _dst_lock = dst.lock("copy", false)?;
         let report = copy::copy(&src, &dst, &[id.to_string()], 3)?;
         crate::engine::snapshot::verify_added(&to, &report.packs_written, false)?;
         Ok(report)
@@ -613,7 +613,7 @@ fn run_snapshot(
     if let Some(k) = keep {
         let r = crate::repo::Repository::open(repo)?;
         r.save_keep(&k)?;
-        let _lock = crate::repo::lock::take(&r.locks_dir(), "forget", true)?;
+        let _lock = r.lock("forget", true)?;
         let (decisions, _) = crate::repo::prune::forget(&r, &k.policy(), false)?;
         let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
         let freed = if dropped.is_empty() { 0 } else { crate::repo::prune::prune(&r, false, true, &[])?.bytes_freed };

@@ -3,5 +3,6 @@
 pub mod clonezilla;
 pub mod disks;
 pub mod failing;
+pub mod garage;
 pub mod loop_device;
 pub mod repo_disk;

@@ -82,4 +82,3 @@ pub fn snapshot_ids(repo: &Path) -> Vec<String> {
     ok(&o);
     json(&o)["snapshots"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect()
 }
-

@@ -1,8 +1,6 @@
 //! A snapshot in a repository as an [`ImageSource`], and the store of its
 //! chunks (the repository's packs) as a [`ChunkStore`].
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{ImageSource, Summary};
@@ -16,6 +14,7 @@ use crate::image::{ChunkStore, Manifest, StoredChunk};
 use crate::repo::pack::{self, BLOB_HEADER_LEN};
 use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{Table, short};
+use crate::repo::store::Object;
 use crate::repo::{BlobIndex, Repository, SnapshotEntry};
 use crate::table::DiskLayout;
 use crate::ui::human_bytes;
@@ -108,26 +107,23 @@ impl SnapshotImage {
                 }
             }
         }
+        let stored: std::collections::HashMap<String, u64> = repo.pack_names(".pack")?.into_iter().collect();
         for p in packs_used {
             let crate::repo::index::PackInfo { name, size, .. } = &index.packs[p as usize];
-            let path = pack::pack_path(&repo.packs_dir(), name);
-            match std::fs::metadata(&path) {
-                Ok(meta) if meta.len() == *size => {}
-                Ok(meta) => {
+            let path = repo.store.locate(&pack::pack_file(name));
+            match stored.get(name) {
+                Some(len) if len == size => {}
+                Some(len) => {
                     return Err(Error::Corrupt(format!(
-                        "{}: {} bytes, its index says {size}: the pack is damaged",
-                        path.display(),
-                        meta.len()
+                        "{path}: {len} bytes, its index says {size}: the pack is damaged"
                     )));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                None => {
                     return Err(Error::Corrupt(format!(
-                        "{}: the pack is missing, and snapshot {} needs it",
-                        path.display(),
+                        "{path}: the pack is missing, and snapshot {} needs it",
                         snapshot.short_id()
                     )));
                 }
-                Err(e) => return Err(Error::io("reading", &path, None, e)),
             }
         }
         Ok(SnapshotImage {
@@ -166,13 +162,13 @@ impl SnapshotImage {
         }
     }
 
-    fn read(&self, stream: usize, seq: u64, open: &mut Option<(String, File)>) -> Result<StoredChunk> {
+    fn read(&self, stream: usize, seq: u64, open: &mut Option<(String, Box<dyn Object>)>) -> Result<StoredChunk> {
         let e = &self.table[stream][seq as usize];
         let (name, b) = self.index.get(&e.id).expect("checked when opened");
-        let path = pack::pack_path(&self.repo.packs_dir(), name);
+        let file = pack::pack_file(name);
         let location = format!(
             "{} at offset {} (chunk {}, {} of snapshot {}, chunk {seq})",
-            path.display(),
+            self.repo.store.locate(&file),
             b.offset,
             short(&e.id),
             crate::image::reader::describe_stream(&self.snapshot.file.image.streams[stream]),
@@ -181,10 +177,10 @@ impl SnapshotImage {
         if b.base.is_some() {
             // Made from its chain of bases and checked when decoded: on
             // a worker, as decompressing a whole chunk is.
-            let (packs, index, id, keys) = (self.repo.packs_dir(), self.index.clone(), e.id, self.repo.keys.clone());
+            let (store, index, id, keys) = (self.repo.store.clone(), self.index.clone(), e.id, self.repo.keys.clone());
             let note = format!("(for {location})");
             let make =
-                move || ContentReader::uncached(packs, &index, &keys)?.content(&id).map_err(|err| err.with_note(&note));
+                move || ContentReader::uncached(store, &index, &keys)?.content(&id).map_err(|err| err.with_note(&note));
             return Ok(StoredChunk::made(
                 stream,
                 self.header(stream, seq),
@@ -194,12 +190,11 @@ impl SnapshotImage {
             ));
         }
         if open.as_ref().is_none_or(|o| o.0 != name) {
-            let f = File::open(&path).map_err(|err| Error::io("opening", &path, None, err))?;
-            *open = Some((name.to_string(), f));
+            *open = Some((name.to_string(), self.repo.store.open(&file)?));
         }
         let (_, f) = open.as_ref().expect("opened above");
         let mut buf = self.bufs.take(b.record_len() as usize);
-        f.read_exact_at(&mut buf, b.offset).map_err(|err| Error::io("reading", &path, Some(b.offset), err))?;
+        f.read_exact_at(&mut buf, b.offset)?;
         b.check_header(&buf[..BLOB_HEADER_LEN], &location)?;
         if self.repo.keys.encrypted() {
             // Opened (authenticated), decompressed and checked against its
@@ -304,7 +299,7 @@ impl ImageSource for SnapshotImage {
     }
 
     fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let _lock = crate::repo::lock::take(&self.repo.locks_dir(), "restore", false)?;
+        let _lock = self.repo.lock("restore", false)?;
         restore::restore(self, target, opts)
     }
 
@@ -315,7 +310,7 @@ impl ImageSource for SnapshotImage {
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        let _lock = crate::repo::lock::take(&self.repo.locks_dir(), "restore", false)?;
+        let _lock = self.repo.lock("restore", false)?;
         restore::restore_partition(self, number, target, to, opts)
     }
 

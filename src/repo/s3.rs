@@ -1,0 +1,408 @@
+//! A repository in an S3-compatible object store: `s3://BUCKET/PREFIX`.
+//!
+//! Each file of the repository is one object, `PREFIX/NAME`. A pack is
+//! uploaded in parts as it is written (a multipart upload, a few parts in
+//! flight), so nothing is staged on a local disk, and becomes visible only
+//! when the upload completes; every other file is one PUT. Objects are
+//! never changed in place, so the snapshot file, written last, appears
+//! only when every object it needs is there.
+//!
+//! The endpoint, region and credentials come from where S3 users keep
+//! them: `AWS_ENDPOINT_URL`, `AWS_REGION` (or `AWS_DEFAULT_REGION`),
+//! `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`),
+//! else the profile (`AWS_PROFILE`, else `default`) of
+//! `~/.aws/credentials` and `~/.aws/config` (or the files
+//! `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name). Addressing
+//! is path-style (`ENDPOINT/BUCKET/KEY`), as self-hosted stores expect.
+//! Requests that fail with a server error or time out are retried with
+//! backoff for up to `KLON_S3_RETRY_SECONDS` (default 120).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload, RetryConfig, WriteMultipart};
+
+use super::store::{Object, ObjectWriter, Store};
+use crate::error::{Error, Result};
+
+/// Parts of a pack's upload: 8 MiB (S3 wants at least 5 MiB but the last).
+const PART_SIZE: usize = 8 << 20;
+/// Parts of one pack in flight at once.
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// An S3 bucket (and a prefix in it) holding a repository.
+pub struct S3Store {
+    bucket: String,
+    prefix: String,
+    conn: Arc<Conn>,
+}
+
+/// A client and the runtime its requests run on (its threads do not
+/// survive a fork: `klon mount` of a bucket stays in the foreground).
+struct Conn {
+    client: AmazonS3,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Conn {
+    fn new(builder: AmazonS3Builder, url: &str) -> Result<Conn> {
+        let client = builder.build().map_err(|e| Error::Usage(format!("{url}: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("klon-s3")
+            // The sockets are written on these threads: a server that
+            // goes away must give the write an error (EPIPE), not the
+            // process the SIGPIPE that klon leaves fatal for `| head`.
+            .on_thread_start(|| {
+                use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+                let mut set = SigSet::empty();
+                set.add(Signal::SIGPIPE);
+                let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+            })
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Unsupported(format!("starting the S3 client: {e}")))?;
+        Ok(Conn { client, runtime })
+    }
+}
+
+impl std::fmt::Debug for S3Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Store").field("bucket", &self.bucket).field("prefix", &self.prefix).finish()
+    }
+}
+
+/// Splits `s3://BUCKET/PREFIX` into the bucket and the prefix (no slash at
+/// either end).
+pub fn parse_url(url: &str) -> std::result::Result<(String, String), String> {
+    let rest = url.strip_prefix("s3://").ok_or_else(|| format!("{url} is not an s3:// address"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+        return Err(format!(
+            "{url}: {bucket:?} is not a bucket name (3 to 63 lower-case letters, digits, dots and hyphens): write \
+             s3://BUCKET/PREFIX"
+        ));
+    }
+    let prefix = prefix.trim_matches('/');
+    if prefix.split('/').any(|p| p.is_empty() || p == "." || p == "..") && !prefix.is_empty() {
+        return Err(format!("{url}: the prefix {prefix:?} has an empty, . or .. part"));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+impl S3Store {
+    /// Connects to the repository at `url` (`s3://BUCKET/PREFIX`) with the
+    /// settings found in the environment and the AWS files. Nothing is
+    /// sent yet.
+    pub fn open(url: &str) -> Result<S3Store> {
+        S3Store::open_with(url, &settings())
+    }
+
+    /// Connects to the repository at `url` with `settings` (by the names
+    /// of the AWS files: aws_access_key_id, aws_secret_access_key,
+    /// aws_session_token, region, endpoint_url).
+    pub fn open_with(url: &str, settings: &HashMap<String, String>) -> Result<S3Store> {
+        let (bucket, prefix) = parse_url(url).map_err(Error::Usage)?;
+        let get = |k: &str| settings.get(k).cloned();
+        let (Some(key), Some(secret)) = (get("aws_access_key_id"), get("aws_secret_access_key")) else {
+            return Err(Error::Usage(format!(
+                "{url}: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile in \
+                 ~/.aws/credentials)"
+            )));
+        };
+        let retry_secs = std::env::var("KLON_S3_RETRY_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(120);
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(&bucket)
+            .with_access_key_id(key)
+            .with_secret_access_key(secret)
+            .with_region(get("region").unwrap_or_else(|| "us-east-1".into()))
+            .with_virtual_hosted_style_request(false)
+            .with_retry(RetryConfig {
+                max_retries: 10,
+                retry_timeout: Duration::from_secs(retry_secs),
+                ..Default::default()
+            });
+        if let Some(token) = get("aws_session_token") {
+            b = b.with_token(token);
+        }
+        if let Some(endpoint) = get("endpoint_url") {
+            b = b.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
+        }
+        let conn = Conn::new(b, url)?;
+        Ok(S3Store { bucket, prefix, conn: Arc::new(conn) })
+    }
+
+    fn key(&self, name: &str) -> ObjectPath {
+        if self.prefix.is_empty() {
+            ObjectPath::from(name)
+        } else {
+            ObjectPath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    fn fail(&self, what: &str, name: &str, e: object_store::Error) -> Error {
+        let hint = match &e {
+            object_store::Error::NotFound { .. } => "",
+            _ if e.to_string().contains("NoSuchBucket") => ": the bucket does not exist: create it first",
+            _ if e.to_string().contains("AccessDenied") || e.to_string().contains("403") => {
+                ": access denied: check the key and that it may use the bucket"
+            }
+            _ => "",
+        };
+        Error::io(what, self.locate(name), None, std::io::Error::other(format!("{e}{hint}")))
+    }
+}
+
+/// The settings of the environment, else of the profile's files, by
+/// name: aws_access_key_id, aws_secret_access_key, aws_session_token,
+/// region, endpoint_url.
+fn settings() -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+    let credentials =
+        std::env::var("AWS_SHARED_CREDENTIALS_FILE").unwrap_or_else(|_| format!("{home}/.aws/credentials"));
+    let config = std::env::var("AWS_CONFIG_FILE").unwrap_or_else(|_| format!("{home}/.aws/config"));
+    // In the config file a profile other than default is "[profile NAME]".
+    let in_config = if profile == "default" { profile.clone() } else { format!("profile {profile}") };
+    for (file, section) in [(config, in_config), (credentials, profile)] {
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        out.extend(ini_section(&text, &section));
+    }
+    for (var, name) in [
+        ("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+        ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+        ("AWS_SESSION_TOKEN", "aws_session_token"),
+        ("AWS_DEFAULT_REGION", "region"),
+        ("AWS_REGION", "region"),
+        ("AWS_ENDPOINT_URL_S3", "endpoint_url"),
+        ("AWS_ENDPOINT_URL", "endpoint_url"),
+    ] {
+        if let Ok(v) = std::env::var(var)
+            && !v.is_empty()
+        {
+            out.insert(name.to_string(), v);
+        }
+    }
+    out
+}
+
+/// The `key = value` lines of section `[name]` of an INI file.
+fn ini_section(text: &str, name: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            inside = section.trim() == name;
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            out.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+impl Store for S3Store {
+    fn location(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    fn read(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
+        let c = &self.conn;
+        let key = self.key(name);
+        let got = c.runtime.block_on(async {
+            let r = c.client.get(&key).await?;
+            if r.meta.size > max {
+                return Ok(Err(r.meta.size));
+            }
+            r.bytes().await.map(Ok)
+        });
+        match got {
+            Ok(Ok(b)) => Ok(Some(b.to_vec())),
+            Ok(Err(_)) => Err(Error::Corrupt(format!("{}: larger than any klon writes", self.locate(name)))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail("reading", name, e)),
+        }
+    }
+
+    fn open(&self, name: &str) -> Result<Box<dyn Object>> {
+        Ok(Box::new(S3Object { conn: self.conn.clone(), key: self.key(name), location: self.locate(name) }))
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let c = &self.conn;
+        let key = self.key(name);
+        let payload = PutPayload::from(bytes.to_vec());
+        c.runtime.block_on(c.client.put(&key, payload)).map_err(|e| self.fail("writing", name, e))?;
+        Ok(())
+    }
+
+    fn create(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
+        let c = &self.conn;
+        let key = self.key(name);
+        let upload = c.runtime.block_on(c.client.put_multipart(&key)).map_err(|e| self.fail("starting", name, e))?;
+        Ok(Box::new(S3Writer {
+            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+            conn: c.clone(),
+            location: self.locate(name),
+        }))
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
+        let c = &self.conn;
+        let prefix = self.key(dir);
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let metas: Vec<object_store::ObjectMeta> =
+            c.runtime.block_on(c.client.list(Some(&prefix)).try_collect()).map_err(|e| self.fail("listing", dir, e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(|n| (n.to_string(), m.size)))
+            .collect())
+    }
+
+    fn size(&self, name: &str) -> Result<Option<u64>> {
+        let c = &self.conn;
+        match c.runtime.block_on(c.client.head(&self.key(name))) {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.fail("reading", name, e)),
+        }
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let c = &self.conn;
+        match c.runtime.block_on(c.client.delete(&self.key(name))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.fail("removing", name, e)),
+        }
+    }
+
+    fn sync(&self, _dir: &str) -> Result<()> {
+        // A request that returned is durable.
+        Ok(())
+    }
+
+    fn is_empty_for_creation(&self) -> Result<bool> {
+        let c = &self.conn;
+        let prefix = if self.prefix.is_empty() { None } else { Some(ObjectPath::from(self.prefix.as_str())) };
+        let first = c
+            .runtime
+            .block_on(async { c.client.list(prefix.as_ref()).try_next().await })
+            .map_err(|e| self.fail("listing", "", e))?;
+        Ok(first.is_none())
+    }
+
+    fn prepare(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn destroy(&self) -> Result<()> {
+        let c = &self.conn;
+        let prefix = if self.prefix.is_empty() { None } else { Some(ObjectPath::from(self.prefix.as_str())) };
+        let metas: Vec<object_store::ObjectMeta> = c
+            .runtime
+            .block_on(c.client.list(prefix.as_ref()).try_collect())
+            .map_err(|e| self.fail("listing", "", e))?;
+        for m in metas {
+            match c.runtime.block_on(c.client.delete(&m.location)) {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.fail("removing", m.location.as_ref(), e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct S3Object {
+    conn: Arc<Conn>,
+    key: ObjectPath,
+    location: String,
+}
+
+impl Object for S3Object {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let range = offset..offset + buf.len() as u64;
+        let got =
+            self.conn.runtime.block_on(self.conn.client.get_range(&self.key, range)).map_err(|e| {
+                Error::io("reading", &self.location, Some(offset), std::io::Error::other(e.to_string()))
+            })?;
+        if got.len() != buf.len() {
+            return Err(Error::io(
+                "reading",
+                &self.location,
+                Some(offset),
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the object is shorter than its index says"),
+            ));
+        }
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
+}
+
+struct S3Writer {
+    upload: Option<WriteMultipart>,
+    conn: Arc<Conn>,
+    location: String,
+}
+
+impl S3Writer {
+    fn fail(&self, what: &str, e: object_store::Error) -> Error {
+        Error::io(what, &self.location, None, std::io::Error::other(e.to_string()))
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
+        let upload = self.upload.as_mut().expect("a writer is used until it finishes");
+        // At most PARTS_IN_FLIGHT parts held: memory stays bounded.
+        let waited = self.conn.runtime.block_on(upload.wait_for_capacity(PARTS_IN_FLIGHT));
+        if let Err(e) = waited {
+            return Err(self.fail("uploading", e));
+        }
+        let _in_runtime = self.conn.runtime.enter();
+        upload.write(bytes);
+        Ok(())
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        let upload = self.upload.take().expect("finished once");
+        match self.conn.runtime.block_on(upload.finish()) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail("finishing the upload of", e)),
+        }
+    }
+
+    fn abort(mut self: Box<Self>) {
+        if let Some(upload) = self.upload.take() {
+            let _ = self.conn.runtime.block_on(upload.abort());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_and_profiles_are_read_as_s3_users_write_them() {
+        assert_eq!(parse_url("s3://backups/host-a/").unwrap(), ("backups".into(), "host-a".into()));
+        assert_eq!(parse_url("s3://backups").unwrap(), ("backups".into(), String::new()));
+        for bad in ["s3://", "s3://UPPER/x", "s3://ab", "s3://b-u/x//y", "s3://bkt/../x", "/dir"] {
+            assert!(parse_url(bad).is_err(), "{bad} taken");
+        }
+        let ini = "[default]\naws_access_key_id = A\n[other]\nAWS_Secret_Access_Key=B\n# c\n";
+        assert_eq!(ini_section(ini, "default"), vec![("aws_access_key_id".to_string(), "A".to_string())]);
+        assert_eq!(ini_section(ini, "other"), vec![("aws_secret_access_key".to_string(), "B".to_string())]);
+    }
+}
