@@ -161,6 +161,16 @@ fn make_image_drive(dir: &TempDir) -> PathBuf {
     disk
 }
 
+/// A second drive for copies: GPT, one ext4 partition labelled KLONCOPY
+/// (ext4, so that the host reads it back with debugfs).
+fn make_copy_drive(dir: &TempDir) -> PathBuf {
+    let disk = dir.join("copies.img");
+    blank_file(&disk, 160 * MIB);
+    run("sgdisk", &["-n", "1:2048:0", "-t", "1:8300", disk.to_str().unwrap()]);
+    run("mke2fs", &["-q", "-t", "ext4", "-L", "KLONCOPY", "-E", "offset=1048576", disk.to_str().unwrap(), "150M"]);
+    disk
+}
+
 /// A copy of the live image with `conf` as klon.conf on its FAT partition.
 fn stick_with(dir: &TempDir, name: &str, conf: Option<&str>) -> PathBuf {
     let stick = dir.join(name);
@@ -334,20 +344,31 @@ fn backup_restore(fw: Firmware) {
     let images = make_image_drive(&dir);
     let target = dir.join("target.img");
     blank_file(&target, 96 * MIB);
-    let disks = [
+    let copies = make_copy_drive(&dir);
+    let mut disks = vec![
         (source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC"),
         (images.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD"),
         (target.as_path(), "nvme,drive=DRIVE,serial=KLONTGT"),
     ];
+    // Under BIOS the backup goes into a repository, and its snapshot is
+    // copied to a second drive; under UEFI it is a standalone image.
+    let into_repo = fw == Firmware::Bios;
+    if into_repo {
+        disks.push((copies.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONCPYD"));
+    }
 
     // 1: unattended backup from klon.conf.
-    let stick = stick_with(
-        &dir,
-        "stick-backup.img",
-        Some("# test\njob = backup\nsource = serial=KLONSRC\nimage = pc-1\ndrive = LABEL=KLONIMG\nafter = poweroff\n"),
+    let conf = format!(
+        "# test\njob = backup\nsource = serial=KLONSRC\nimage = pc-1\ndrive = LABEL=KLONIMG\nafter = poweroff\n{}",
+        if into_repo { "repo = yes\ncopy_drive = LABEL=KLONCOPY\n" } else { "" }
     );
+    let stick = stick_with(&dir, "stick-backup.img", Some(&conf));
     let b = boot(&dir, fw, &stick, &disks, None);
-    result_line(&b, fw, "backup");
+    let line = result_line(&b, fw, "backup");
+    if into_repo {
+        assert!(line.contains("copied to klon-images/pc-1"), "{fw:?}: no copy in the result: {line}");
+        check_copy(&dir, &copies, &source, &parts);
+    }
     assert!(b.find("powering off").is_some(), "{fw:?}: no power-off after the backup:\n{}", b.transcript());
     if fw == Firmware::Uefi {
         assert!(b.find("Secure Boot on").is_some(), "UEFI boot without Secure Boot:\n{}", b.transcript());
@@ -399,6 +420,32 @@ fn backup_restore(fw: Firmware) {
     let p1 = dir.join("restored-p1.img");
     std::fs::write(&p1, common::disks::read_at(&target, MIB, 28 * MIB)).unwrap();
     run("e2fsck", &["-fn", p1.to_str().unwrap()]);
+}
+
+/// The repository the job copied to the second drive, read from the host:
+/// `klon check --read-data` passes, it holds one snapshot, and that
+/// restores the source's partitions byte for byte.
+fn check_copy(dir: &TempDir, copies: &Path, source: &Path, parts: &[(u64, u64)]) {
+    let out = dir.join("copied");
+    std::fs::create_dir_all(&out).unwrap();
+    let spec = format!("{}?offset=1048576", copies.display());
+    run("debugfs", &["-R", &format!("rdump /klon-images/pc-1 {}", out.display()), &spec]);
+    let repo = out.join("pc-1");
+    let klon = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_klon")).args(args).output().unwrap();
+        assert!(o.status.success(), "klon {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    klon(&["check", "--quiet", "--read-data", repo.to_str().unwrap()]);
+    let list: serde_json::Value =
+        serde_json::from_str(&klon(&["--json", "snapshots", repo.to_str().unwrap()])).unwrap();
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "the copy holds {list}");
+    let restored = dir.join("from-copy.img");
+    blank_file(&restored, std::fs::metadata(source).unwrap().len());
+    klon(&["restore", "--yes", "--quiet", repo.to_str().unwrap(), restored.to_str().unwrap()]);
+    for (i, (start, len)) in parts.iter().enumerate().take(2) {
+        assert_same(source, &restored, *start, *len, &format!("the copy's partition {}", i + 1));
+    }
 }
 
 /// A line for the test log even when the harness captures output.

@@ -400,6 +400,20 @@ impl ImageSink for SnapshotSink {
     }
 }
 
+/// Copies snapshot `id` of the repository `from` into the repository `to`
+/// (made with `from`'s window and keys when it does not exist), under a
+/// shared lock of each, then reads back what the copy wrote: the
+/// wizard's "copy to another drive" and the unattended job's `copy_drive`.
+pub fn copy_snapshot_into(from: &Path, to: &Path, id: &str, quiet: bool) -> Result<crate::repo::copy::CopyReport> {
+    let src = Repository::open(from)?;
+    let _src_lock = src.lock("copy", false)?;
+    let dst = if crate::repo::exists(to)? { Repository::open(to)? } else { Repository::create_like(to, &src)? };
+    let _dst_lock = dst.lock("copy", false)?;
+    let report = crate::repo::copy::copy(&src, &dst, &[id.to_string()], 3)?;
+    verify_added(to, &report.packs_written, quiet)?;
+    Ok(report)
+}
+
 /// Reads back every pack a backup wrote (`packs`) and checks each chunk in
 /// it: header, crc32, zstd, blake3 (the blobs tile the pack: every byte). The chunks it reused were checked when they were written; `klon
 /// verify REPO:ID` reads every chunk of a snapshot.

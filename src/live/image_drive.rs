@@ -126,6 +126,8 @@ pub fn choose<'a>(cands: &'a [Candidate], spec: Option<&str>) -> Result<&'a Cand
 pub struct ImageDrive {
     /// The device mounted.
     pub device: PathBuf,
+    /// The device number of the disk it is on.
+    pub disk_devno: u64,
     /// Where.
     pub mountpoint: PathBuf,
     read_only: bool,
@@ -137,7 +139,13 @@ impl ImageDrive {
     /// `read_only`.
     pub fn mount(c: &Candidate, at: &Path, read_only: bool) -> Result<ImageDrive> {
         let mounted = Mounted::mount(&c.device, &c.fs.fstype, at, read_only)?;
-        Ok(ImageDrive { device: c.device.clone(), mountpoint: at.to_path_buf(), read_only, mounted })
+        Ok(ImageDrive {
+            device: c.device.clone(),
+            disk_devno: c.disk_devno,
+            mountpoint: at.to_path_buf(),
+            read_only,
+            mounted,
+        })
     }
 
     /// The images folder; created if missing when mounted read-write.

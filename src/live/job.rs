@@ -15,6 +15,7 @@
 //! | `level` | backup: zstd level (default 3) |
 //! | `repo` | backup: `yes` makes `image` a repository if it is not one yet (an existing repository always gets a new snapshot) |
 //! | `keep` | backup into a repository: the retention policy to save and apply after the backup, e.g. `daily=7,weekly=4` |
+//! | `copy_drive` | backup into a repository: then copy the new snapshot into the repository of the same name on this second drive (`LABEL=…`, `UUID=…` or `/dev/sdd1`; made with the same keys when missing), read back |
 //! | `rescue` | backup: `yes` reads around unreadable sectors (`klon backup --rescue`) |
 //! | `encrypt` | backup: `yes` makes a new repository encrypted (with `passphrase`) |
 //! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
@@ -96,6 +97,9 @@ pub struct Job {
     pub repo: bool,
     /// Backup into a repository: the retention policy (`daily=7,weekly=4`).
     pub keep: Option<String>,
+    /// Backup into a repository: the second drive the new snapshot is
+    /// copied to (a drive spec as for `drive`).
+    pub copy_drive: Option<String>,
     /// Backup: read around unreadable sectors, storing them as zeros
     /// (`klon backup --rescue`).
     pub rescue: bool,
@@ -197,6 +201,7 @@ const KEYS: &[&str] = &[
     "rescue",
     "repo",
     "keep",
+    "copy_drive",
     "encrypt",
     "passphrase",
     "wait",
@@ -256,6 +261,17 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
     if rescue && kind != JobKind::Backup {
         return Err(Error::Usage(format!("rescue=yes is for job=backup, not job={}: remove it", kind.name())));
     }
+    let copy_drive = get("copy_drive");
+    if let Some(c) = &copy_drive {
+        if kind != JobKind::Backup {
+            return Err(Error::Usage(format!("copy_drive={c} is for job=backup, not job={}: remove it", kind.name())));
+        }
+        if get("drive").is_some_and(|d| d.eq_ignore_ascii_case(c)) {
+            return Err(Error::Usage(format!(
+                "copy_drive={c} names the image drive itself: the copy must go to a second drive"
+            )));
+        }
+    }
     let wait_secs = match get("wait") {
         None => 30,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
@@ -271,6 +287,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         level,
         repo: yes("repo", get("repo").as_deref().unwrap_or(""))?,
         keep,
+        copy_drive,
         rescue,
         wait_secs,
         encrypt: yes("encrypt", get("encrypt").as_deref().unwrap_or(""))?,
@@ -373,6 +390,21 @@ mod tests {
         assert_eq!(j.keep.as_deref(), Some("daily=7,weekly=4"));
         let k = crate::repo::Keep::parse(j.keep.as_deref().unwrap()).unwrap();
         assert_eq!((k.daily, k.weekly, k.last), (7, 4, 0));
+    }
+
+    #[test]
+    fn a_copy_to_a_second_drive_is_for_backups_to_another_drive() {
+        let c = |s: &str| parse(&BTreeMap::new(), &from_cmdline(s));
+        let j = c("klon.job=backup klon.source=/dev/sda klon.image=pc klon.repo=yes klon.drive=LABEL=A \
+                   klon.copy-drive=LABEL=B")
+        .unwrap()
+        .unwrap();
+        assert_eq!(j.copy_drive.as_deref(), Some("LABEL=B"));
+        let e = c("klon.job=restore klon.target=/dev/sda klon.image=pc klon.copy_drive=LABEL=B").unwrap_err();
+        assert!(e.to_string().contains("is for job=backup"), "{e}");
+        let e = c("klon.job=backup klon.source=/dev/sda klon.image=pc klon.drive=LABEL=A klon.copy_drive=label=a")
+            .unwrap_err();
+        assert!(e.to_string().contains("second drive"), "{e}");
     }
 
     #[test]

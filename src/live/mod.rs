@@ -33,6 +33,9 @@ pub const LIVE_LABEL: &str = "KLONLIVE";
 pub const BOOT_MNT: &str = "/run/klon/boot";
 /// Where the image drive is mounted.
 pub const DRIVE_MNT: &str = "/run/klon/drive";
+/// Where a second drive that snapshots are copied to is mounted (the job's
+/// `copy_drive`, the wizard's "copy to another drive").
+pub const COPY_MNT: &str = "/run/klon/copy-drive";
 /// The merged job settings PID 1 hands to the job process.
 pub const JOB_FILE: &str = "/run/klon/job.conf";
 /// Written by the job process once it has printed its KLON-RESULT line.
@@ -268,15 +271,17 @@ pub fn disk_matches(d: &DiskInfo, spec: &str) -> bool {
     d.path == Path::new(spec)
 }
 
-fn mount_drive(job: &Job, exclude: &[u64]) -> Result<ImageDrive> {
+/// Mounts the drive `spec` names (the only candidate when none), on
+/// none of the disks `exclude`, at `at`.
+fn mount_drive(spec: Option<&str>, wait_secs: u64, exclude: &[u64], at: &str, read_only: bool) -> Result<ImageDrive> {
     let live = live_spec();
-    let wait = Duration::from_secs(job.wait_secs);
+    let wait = Duration::from_secs(wait_secs);
     let picked = crate::device::uevent::wait_for(wait, || {
         let disks = sysfs::list_disks().ok()?;
         let mut ex = live_disks(&disks, &live);
         ex.extend_from_slice(exclude);
         let cands = image_drive::candidates(&disks, &ex);
-        match image_drive::choose(&cands, job.drive.as_deref()) {
+        match image_drive::choose(&cands, spec) {
             Ok(c) => Some(c.clone()),
             Err(_) => None,
         }
@@ -289,7 +294,7 @@ fn mount_drive(job: &Job, exclude: &[u64]) -> Result<ImageDrive> {
             let mut ex = live_disks(&disks, &live);
             ex.extend_from_slice(exclude);
             let cands = image_drive::candidates(&disks, &ex);
-            return Err(image_drive::choose(&cands, job.drive.as_deref())
+            return Err(image_drive::choose(&cands, spec)
                 .err()
                 .unwrap_or_else(|| Error::Usage("no image drive".into())));
         }
@@ -301,8 +306,8 @@ fn mount_drive(job: &Job, exclude: &[u64]) -> Result<ImageDrive> {
             m.display()
         )));
     }
-    eprintln!("klon: image drive {}", c.describe());
-    ImageDrive::mount(&c, Path::new(DRIVE_MNT), job.kind != JobKind::Backup)
+    eprintln!("klon: {} {}", if at == DRIVE_MNT { "image drive" } else { "second drive" }, c.describe());
+    ImageDrive::mount(&c, Path::new(at), read_only)
 }
 
 fn devno_of(path: &Path) -> Option<u64> {
@@ -320,7 +325,7 @@ pub fn run_job(job: &Job) -> Result<String> {
         JobKind::Verify => None,
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
-    let drive = mount_drive(job, &exclude)?;
+    let drive = mount_drive(job.drive.as_deref(), job.wait_secs, &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
     let on_drive = drive.device.display().to_string();
     let image = drive.images_dir()?.join(&job.image);
     let command = match job.kind {
@@ -374,8 +379,18 @@ pub fn run_job(job: &Job) -> Result<String> {
         }),
         _ => None,
     };
+    // The new snapshot to the second drive, once the backup is complete.
+    let copied = match (&result, &job.copy_drive) {
+        (Ok(()), Some(spec)) => {
+            let mut not_on = exclude.clone();
+            not_on.push(drive.disk_devno);
+            Some(copy_to_second_drive(job, spec, &image, &not_on))
+        }
+        _ => None,
+    };
     let unmounted = drive.unmount();
     result?;
+    let copied = copied.transpose()?.unwrap_or_default();
     unmounted?;
     let image = format!("image {IMAGES}/{} on {on_drive}", job.image, IMAGES = image_drive::IMAGES_DIR);
     let what = match (job.kind, disk) {
@@ -383,7 +398,37 @@ pub fn run_job(job: &Job) -> Result<String> {
         (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
         _ => format!("verify of {image}"),
     };
-    Ok(format!("{what} in {:.1} s{}", started.elapsed().as_secs_f64(), lost.unwrap_or_default()))
+    Ok(format!("{what} in {:.1} s{copied}{}", started.elapsed().as_secs_f64(), lost.unwrap_or_default()))
+}
+
+/// Copies the newest snapshot of the repository `repo` (just made) into
+/// the repository of the same name on the drive `spec` names (on none of
+/// the disks `not_on`). Returns what to add to the job's summary.
+fn copy_to_second_drive(job: &Job, spec: &str, repo: &Path, not_on: &[u64]) -> Result<String> {
+    let note = |e: Error| e.with_note("the backup itself is complete; the copy to the second drive failed");
+    if !crate::repo::is_repository(repo) {
+        return Err(Error::Usage(format!(
+            "copy_drive={spec}: {} is a standalone image, not a repository (set repo = yes to back up into one)",
+            job.image
+        )));
+    }
+    let id = crate::repo::Repository::open(repo).and_then(|r| r.resolve(None)).map_err(note)?.id;
+    let second = mount_drive(Some(spec), job.wait_secs, not_on, COPY_MNT, false).map_err(note)?;
+    let on = second.device.display().to_string();
+    let copied = second
+        .images_dir()
+        .and_then(|dir| crate::engine::snapshot::copy_snapshot_into(repo, &dir.join(&job.image), &id, false))
+        .map_err(note);
+    let unmounted = second.unmount();
+    let report = copied?;
+    unmounted.map_err(note)?;
+    Ok(format!(
+        "; snapshot {} copied to {}/{} on {on} ({} chunks sent, read back)",
+        &id[..8],
+        image_drive::IMAGES_DIR,
+        job.image,
+        report.chunks
+    ))
 }
 
 /// `klon live job FILE`: runs the job, prints KLON-RESULT on every console,

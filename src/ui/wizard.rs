@@ -439,15 +439,7 @@ fn copy_to_another_drive(
     }
     scr.page(title, &format!("Copying snapshot {} into {} ...", &id[..8], to.display()))?;
     let copied = run_job(scr, "copy", "No snapshot is copied.", || -> Result<crate::repo::copy::CopyReport> {
-        use crate::repo::{Repository, copy};
-        let src = Repository::open(repo)?;
-        let _src_lock = src.lock("copy", false)?;
-        let dst =
-            if crate::repo::is_repository(&to) { Repository::open(&to)? } else { Repository::create_like(&to, &src)? };
-        let _dst_lock = dst.lock("copy", false)?;
-        let report = copy::copy(&src, &dst, &[id.to_string()], 3)?;
-        crate::engine::snapshot::verify_added(&to, &report.packs_written, false)?;
-        Ok(report)
+        crate::engine::snapshot::copy_snapshot_into(repo, &to, id, false)
     });
     let body = match copied {
         Ok(r) => format!(

@@ -17,7 +17,7 @@ use crate::device::mounts::{IMAGE_FS, Mounted};
 /// Where the live system mounts the image drive.
 pub const LIVE_MOUNT: &str = "/run/klon/images-drive";
 /// Where it mounts a second drive, for a copy of a repository.
-pub const COPY_MOUNT: &str = "/run/klon/copy-drive";
+pub const COPY_MOUNT: &str = crate::live::COPY_MNT;
 
 /// The chosen place for images.
 #[derive(Debug)]
