@@ -93,3 +93,38 @@ fn repository_on_exfat() {
 fn repository_on_fat32() {
     round_trip_on("fat32");
 }
+
+/// A repository on a read-only filesystem (a write-protected drive; the
+/// live system mounts the image drive read-only to restore): restore,
+/// verify and check read it without a lock file, and what would change it
+/// fails with exit 3 naming the read-only drive. Before, the lock file's
+/// write failed every one of them (the live system's unattended restore
+/// from a repository never worked).
+#[test]
+fn a_repository_on_a_read_only_drive_restores_verifies_and_checks() {
+    require_root!();
+    let t = TempDir::new("repo-ro");
+    let src = source(&t);
+    let drive = t.join("drive.img");
+    blank_file(&drive, 128 * MIB);
+    run("mkfs.ext4", &["-q", s(&drive)]);
+    let lo = LoopDevice::attach_without_partitions(&drive);
+    let mnt = t.join("mnt");
+    let mounted = common::disks::Mounted::new(&lo.path, &mnt, "rw");
+    let repo = mnt.join("laptop");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&src), s(&repo)]));
+    write_at(&src, 52 * MIB, &random_bytes(98, (1 << 20) as usize));
+    ok(&klon(&["backup", "--quiet", s(&src), s(&repo)]));
+    run("mount", &["-o", "remount,ro", s(&mnt)]);
+    let out = t.join("out.img");
+    ok(&klon(&["restore", "--yes", "--quiet", s(&repo), s(&out)]));
+    assert_same(&src, &out, 0, 64 * MIB, "restore from a read-only drive");
+    ok(&klon(&["verify", "--quiet", s(&repo)]));
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+    let o = klon(&["forget", "--keep-last", "1", "--prune", s(&repo)]);
+    fails_with(&o, 3, &["read-only"]);
+    let o = klon(&["backup", "--quiet", s(&src), s(&repo)]);
+    fails_with(&o, 3, &["read-only"]);
+    drop(mounted);
+    drop(lo);
+}

@@ -9,6 +9,12 @@
 //! machine and boot, no such process; or an earlier boot of this machine)
 //! is stale: it is removed, and said so. A lock of another machine is
 //! never removed by itself: `klon unlock` does that, on the person's word.
+//!
+//! A repository on a read-only filesystem (a write-protected drive, or the
+//! live system's image drive, mounted read-only for a restore or a verify)
+//! takes no lock file: nothing on this machine can change it meanwhile, so
+//! a job that only reads goes on without one, and one that would write
+//! fails at its first write anyway.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,12 +45,15 @@ pub struct LockInfo {
 #[derive(Debug)]
 pub struct Lock {
     store: Arc<dyn Store>,
-    name: String,
+    /// Its file; none on a read-only filesystem.
+    name: Option<String>,
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = self.store.remove(&self.name);
+        if let Some(name) = &self.name {
+            let _ = self.store.remove(name);
+        }
     }
 }
 
@@ -81,8 +90,13 @@ pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool) -> Result<Lock> 
     };
     let name = format!("{LOCKS}/{kind}-{}-{}.lock", me.pid, super::pack::random_hex(6));
     let json = serde_json::to_vec_pretty(&me).expect("a lock serializes");
-    store.write(&name, &json)?;
-    let lock = Lock { store: store.clone(), name: name.clone() };
+    match store.write(&name, &json) {
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+            return Ok(Lock { store: store.clone(), name: None });
+        }
+        written => written?,
+    }
+    let lock = Lock { store: store.clone(), name: Some(name.clone()) };
     for (other, info) in others(&**store, &name)? {
         let info = match info {
             Some(i) => i,
