@@ -137,6 +137,19 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
     populate(&tree);
     run("mke2fs", &["-q", "-F", "-t", "ext4", "-E", "nodiscard", "-d", s(&tree), s(&fs)]);
     write_at(&pv, pe_start + first * extent, &std::fs::read(&fs).unwrap());
+    // lv_data holds ext4 too, across its two segments (its first extent
+    // at PV extent 5, the next two at extents 2-3): each piece where
+    // lvs --segments puts it.
+    let data = t.join("data.img");
+    std::fs::write(&data, random_bytes(94, 12 * MIB as usize)).unwrap();
+    let data_tree = t.join("data-tree");
+    populate_data(&data_tree);
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-E", "nodiscard", "-d", s(&data_tree), s(&data)]);
+    let data_bytes = std::fs::read(&data).unwrap();
+    for (_, start, n, first, _) in segs.iter().filter(|s| s.0 == "lv_data") {
+        let piece = &data_bytes[(start * extent) as usize..((start + n) * extent) as usize];
+        write_at(&pv, pe_start + first * extent, piece);
+    }
 
     let disk = t.join("disk.img");
     blank_file(&disk, PV_START + PV_SIZE + MIB);
@@ -145,6 +158,34 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
     assert_eq!(parts[1].start * sector, PV_START);
     write_at(&disk, PV_START, &std::fs::read(&pv).unwrap());
     (disk, segs, extent, pe_start)
+}
+
+/// The files of lv_data's ext4: more than one extent's worth, so that
+/// they lie in both segments.
+fn populate_data(dir: &Path) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::write(dir.join("images/vm-100.raw"), random_bytes(95, 5 * MIB as usize)).unwrap();
+    std::fs::write(dir.join("notes.txt"), text_bytes(96, 400_000)).unwrap();
+}
+
+/// Reads logical volume `lv`'s bytes from the PV inside `disk`, segment by
+/// segment, where `lvs --segments` puts them.
+fn lv_bytes(disk: &Path, segs: &[(String, u64, u64, u64, String)], lv: &str, extent: u64, pe_start: u64) -> Vec<u8> {
+    let mut mine: Vec<&(String, u64, u64, u64, String)> = segs.iter().filter(|s| s.0 == lv).collect();
+    mine.sort_by_key(|s| s.1);
+    mine.iter()
+        .flat_map(|(_, _, n, first, _)| read_at(disk, PV_START + pe_start + first * extent, n * extent))
+        .collect()
+}
+
+/// An ext4 image is clean and holds the files `populate` makes.
+fn assert_ext4_holds(t: &TempDir, img: &Path, populate: fn(&Path), tag: &str) {
+    run("e2fsck", &["-fn", s(img)]);
+    let expected = t.join(&format!("expected-{tag}"));
+    populate(&expected);
+    let dir = t.join(&format!("mnt-{tag}"));
+    let _m = Mounted::new(img, &dir, "ro,loop");
+    run("diff", &["-r", "-x", "lost+found", s(&expected), s(&dir)]);
 }
 
 /// The files of lv_root's ext4.
@@ -197,36 +238,30 @@ fn a_pv_is_stored_by_what_its_volumes_use_and_restores_as_lvm_reads_it() {
         "{text}"
     );
 
-    // Stored: the metadata area, ext4's used blocks and lv_data (three
-    // extents, copied whole) — not the stale data of the free extents and
-    // of ext4's free blocks.
+    // Stored: the metadata area and the used blocks of both ext4s (lv_data's
+    // across its two segments) — not the stale data of the free extents
+    // and of the filesystems' free blocks.
     assert_eq!(st["method"], "lvm", "{st}");
     let stored = st["stored_bytes"].as_u64().unwrap();
-    let root = got["lvs"].as_array().unwrap().iter().find(|l| l["name"] == "lv_root").unwrap();
-    let ext4_used = root["used_bytes"].as_u64().unwrap();
-    assert!(ext4_used < 5 * MIB, "{root}");
-    let expected = pe_start + ext4_used + 3 * extent;
+    let lv_of = |name: &str| got["lvs"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone();
+    let (root, data) = (lv_of("lv_root"), lv_of("lv_data"));
+    assert_eq!((root["method"].as_str(), data["method"].as_str()), (Some("ext4"), Some("ext4")), "{got}");
+    let (root_used, data_used) = (root["used_bytes"].as_u64().unwrap(), data["used_bytes"].as_u64().unwrap());
+    assert!(root_used < 5 * MIB && data_used < 8 * MIB, "{root} {data}");
+    let expected = pe_start + root_used + data_used;
     assert!(stored <= expected + expected / 20, "stored {stored} bytes, expected at most about {expected}");
 
-    // Restored onto garbage: the label and metadata, lv_data, and lv_root's
-    // ext4 (fsck-clean, same files), each where LVM's tools place them.
+    // Restored onto garbage: the label and metadata, and both ext4s
+    // (fsck-clean, same files), each volume read back where LVM's tools
+    // place its segments.
     let out = t.join("restored.img");
     garbage_file(&out, std::fs::metadata(&disk).unwrap().len());
     ok(&klon(&["restore", "--yes", s(&img), s(&out)]));
     assert_same(&disk, &out, PV_START, pe_start, "the PV label and metadata");
-    for (lv, _, n, first, _) in segs.iter().filter(|s| s.0 == "lv_data") {
-        assert_same(&disk, &out, PV_START + pe_start + first * extent, n * extent, lv);
-    }
-    let (_, _, n, first, _) = segs.iter().find(|s| s.0 == "lv_root").unwrap();
-    let root_img = t.join("restored-root.img");
-    std::fs::write(&root_img, read_at(&out, PV_START + pe_start + first * extent, n * extent)).unwrap();
-    run("e2fsck", &["-fn", s(&root_img)]);
-    let expected_tree = t.join("expected");
-    populate(&expected_tree);
-    {
-        let dir = t.join("mnt");
-        let _m = Mounted::new(&root_img, &dir, "ro,loop");
-        run("diff", &["-r", "-x", "lost+found", s(&expected_tree), s(&dir)]);
+    for (lv, fill) in [("lv_root", populate as fn(&Path)), ("lv_data", populate_data)] {
+        let img = t.join(&format!("restored-{lv}.img"));
+        std::fs::write(&img, lv_bytes(&out, &segs, lv, extent, pe_start)).unwrap();
+        assert_ext4_holds(&t, &img, fill, lv);
     }
     // LVM's own tools read the same group from the restored PV.
     let pv_back = t.join("restored-pv.img");

@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let disk = klon::device::Disk::open_read_only(&path).unwrap();
     let len = disk.size;
     let _ = klon::fs::probe(&disk, 0, len);
-    let vol = klon::fs::Volume { disk: &disk, start: 0, len };
+    let vol = klon::fs::Volume::new(&disk, 0, len);
     let _ = klon::fs::lvm::read(&vol);
     // LVM's metadata text on its own (the fuzzer cannot forge its crc).
     if let Ok(vg) = klon::fs::lvm::parse_metadata(&String::from_utf8_lossy(data), "pv") {

@@ -151,7 +151,7 @@ fn volume_plan(
         return Ok(raw(info, "no filesystem klon reads: every block that is not zero".into()));
     };
     if fs_info.fstype == "LVM2_member" {
-        let volume = Volume { disk: source, start: info.start, len: info.length };
+        let volume = Volume::new(source, info.start, info.length);
         return Ok(match fs::lvm::read(&volume) {
             Ok(vg) if opts.raw_all => {
                 info.lvm = Some(vg);
@@ -186,7 +186,7 @@ fn volume_plan(
     if opts.raw_all {
         return Ok(raw(info, "--raw: every block that is not zero".into()));
     }
-    let volume = Volume { disk: source, start: info.start, len: info.length };
+    let volume = Volume::new(source, info.start, info.length);
     match (driver.used_map)(&volume) {
         Ok(map) => {
             info.method = fs_info.fstype.clone();
@@ -219,10 +219,10 @@ fn volume_plan(
 
 /// An LVM2 physical volume holding the whole of its volume group: its
 /// label and metadata (everything before the first extent) whole; each
-/// logical volume of one linear segment probed like a partition (a
-/// filesystem klon reads gives its used blocks, swap its header), any
-/// other (several segments, striped, thin pool, mirror, …) copied whole;
-/// free extents not at all (a restore leaves them alone).
+/// linear logical volume (of one segment or several, anywhere on the PV)
+/// probed like a partition (a filesystem klon reads gives its used
+/// blocks, swap its header), any other (striped, thin pool, mirror, …)
+/// copied whole; free extents not at all (a restore leaves them alone).
 fn lvm_plan(
     source: &Disk,
     mut info: StreamInfo,
@@ -238,12 +238,20 @@ fn lvm_plan(
     for i in 0..vg.lvs.len() {
         let lv = &vg.lvs[i];
         let ranges: Option<Vec<Extent>> = lv.segments.iter().map(|s| s.linear_on(&vg, &vg.pvs[0].name)).collect();
+        // The segments follow each other from the volume's first extent
+        // (sorted when read): else its bytes' order is not known.
+        let contiguous = lv
+            .segments
+            .iter()
+            .try_fold(0u64, |next, s| (s.start_extent == next).then(|| next.saturating_add(s.extent_count)))
+            .is_some();
         let Some(ranges) =
-            ranges.filter(|r| r.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= info.length)))
+            ranges.filter(|r| contiguous && r.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= info.length)))
         else {
             let kinds: Vec<&str> = lv.segments.iter().map(|s| s.kind.as_str()).collect();
             warnings.push(format!(
-                "{place}: LVM2 logical volume {}/{} ({}) is copied whole: klon maps only linear volumes yet",
+                "{place}: LVM2 logical volume {}/{} ({}) is copied whole: klon maps linear volumes (of segments \
+                 that follow each other) only",
                 vg.name,
                 lv.name,
                 kinds.join(", ")
@@ -265,45 +273,40 @@ fn lvm_plan(
             methods.push((lv.name.clone(), m));
             continue;
         };
-        let (method, fs_info, lv_used, lv_reads) = if let [(start, len)] = ranges[..] {
-            let fs_info = crate::fs::probe::probe(source, info.start + start, len);
-            let driver = fs_info.as_ref().and_then(|f| fs::driver_for(&f.fstype));
-            match (fs_info, driver) {
-                (Some(f), Some(d)) => {
-                    let volume = Volume { disk: source, start: info.start + start, len };
-                    match (d.used_map)(&volume) {
-                        Ok(map) => {
-                            let r: Vec<Extent> = map.extents.iter().map(|&(s, l)| (start + s, l)).collect();
-                            (f.fstype.clone(), Some(f), map.used_bytes, r)
-                        }
-                        Err(FsError::Corrupt(why)) => {
-                            warnings.push(format!(
-                                "{place}: LVM2 logical volume {}/{} ({}): its metadata failed a check ({why}); \
-                                 copied whole",
-                                vg.name, lv.name, f.fstype
-                            ));
-                            ("raw".to_string(), Some(f), len, vec![(start, len)])
-                        }
-                        Err(FsError::Unclean(why)) if opts.raw_unclean => {
-                            (format!("raw (not clean: {why}; --raw-unclean)"), Some(f), len, vec![(start, len)])
-                        }
-                        Err(FsError::Unclean(why)) => {
-                            return Err(Error::Refused(format!(
-                                "{place}: LVM2 logical volume {}/{} ({}) is not clean: {why}. Its allocation maps \
-                                 may not tell the truth; repair it first, or back it up raw with --raw-unclean",
-                                vg.name, lv.name, f.fstype
-                            )));
-                        }
-                        Err(FsError::Io(e)) => {
-                            return Err(e.with_note(&format!("reading LVM2 logical volume {}/{}", vg.name, lv.name)));
-                        }
-                    }
+        // The volume's bytes, wherever its segments put them on the PV.
+        let len: u64 = ranges.iter().map(|r| r.1).sum();
+        let volume = Volume { disk: source, start: info.start, len, pieces: &ranges };
+        let whole = |f| ("raw".to_string(), f, len, ranges.clone());
+        let fs_info = crate::fs::probe::probe_volume(&volume);
+        let driver = fs_info.as_ref().and_then(|f| fs::driver_for(&f.fstype));
+        let (method, fs_info, lv_used, lv_reads) = match (fs_info, driver) {
+            (Some(f), Some(d)) => match (d.used_map)(&volume) {
+                Ok(map) => {
+                    let r: Vec<Extent> = map.extents.iter().flat_map(|&(s, l)| volume.on_disk(s, l)).collect();
+                    (f.fstype.clone(), Some(f), map.used_bytes, r)
                 }
-                (f, _) => ("raw".to_string(), f, len, vec![(start, len)]),
-            }
-        } else {
-            let len = ranges.iter().map(|r| r.1).sum();
-            ("raw (several segments)".to_string(), None, len, ranges.clone())
+                Err(FsError::Corrupt(why)) => {
+                    warnings.push(format!(
+                        "{place}: LVM2 logical volume {}/{} ({}): its metadata failed a check ({why}); copied whole",
+                        vg.name, lv.name, f.fstype
+                    ));
+                    whole(Some(f))
+                }
+                Err(FsError::Unclean(why)) if opts.raw_unclean => {
+                    (format!("raw (not clean: {why}; --raw-unclean)"), Some(f), len, ranges.clone())
+                }
+                Err(FsError::Unclean(why)) => {
+                    return Err(Error::Refused(format!(
+                        "{place}: LVM2 logical volume {}/{} ({}) is not clean: {why}. Its allocation maps may not \
+                         tell the truth; repair it first, or back it up raw with --raw-unclean",
+                        vg.name, lv.name, f.fstype
+                    )));
+                }
+                Err(FsError::Io(e)) => {
+                    return Err(e.with_note(&format!("reading LVM2 logical volume {}/{}", vg.name, lv.name)));
+                }
+            },
+            (f, _) => whole(f),
         };
         used += lv_used;
         reads.extend(lv_reads);

@@ -980,7 +980,7 @@ mod tests {
 
     fn map_of(img: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         used_map(&vol)
     }
 
@@ -1275,7 +1275,7 @@ mod tests {
         // Tree blocks: the METADATA_ITEMs of the extent tree, at their
         // physical place (single profile: from the used map's own reader).
         let d = Disk::open_source(&img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         let sb = read_super(&vol).unwrap();
         let mut rd = Reader { vol: &vol, sb: &sb, visited: HashSet::new(), budget: u64::MAX, blocks: Vec::new() };
         let sys = parse_sys_chunks(&sb).unwrap();

@@ -840,7 +840,7 @@ mod tests {
     fn map_of(img: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(img).unwrap();
         let len = d.size;
-        used_map(&Volume { disk: &d, start: 0, len })
+        used_map(&Volume::new(&d, 0, len))
     }
 
     fn field(text: &str, name: &str) -> Option<u64> {
@@ -1138,7 +1138,7 @@ mod tests {
     /// The superblock and descriptors of an image, as the reader parses them.
     fn super_and_descs(img: &Path) -> (Super, Vec<Desc>) {
         let d = Disk::open_source(img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         let s = parse_super(&vol.read_vec(1024, 1024).unwrap(), vol.len).unwrap();
         let descs = read_descs(&vol, &s).unwrap();
         (s, descs)

@@ -307,7 +307,7 @@ pub(crate) mod tests {
     pub(crate) fn map_with(f: fn(&Volume) -> Result<UsedMap, FsError>, img: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(img).unwrap();
         let len = d.size;
-        f(&Volume { disk: &d, start: 0, len })
+        f(&Volume::new(&d, 0, len))
     }
 
     /// Copies only `map`'s extents of `src` into a new file `dst` of the
@@ -587,7 +587,7 @@ pub(crate) mod tests {
             assert_eq!(map_with(used_map, &img).unwrap().extents, clean.extents, "FAT{bits}");
             // A partition shorter than the filesystem is refused.
             let d = Disk::open_source(&img).unwrap();
-            let r = used_map(&Volume { disk: &d, start: 0, len: d.size - 512 });
+            let r = used_map(&Volume::new(&d, 0, d.size - 512));
             assert!(matches!(r, Err(FsError::Corrupt(_))), "{r:?}");
         }
     }

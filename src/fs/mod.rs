@@ -53,18 +53,30 @@ impl std::fmt::Display for FsError {
 pub const MAX_METADATA_READ: u64 = 256 << 20;
 
 /// Read access to one partition, with offsets relative to its start and
-/// every read checked against its end.
+/// every read checked against its end. A volume may be made of pieces
+/// (an LVM2 logical volume of several segments): then its bytes are those
+/// of each piece in turn.
 #[derive(Debug, Clone, Copy)]
 pub struct Volume<'a> {
     /// The disk holding the partition.
     pub disk: &'a Disk,
-    /// Byte offset of the partition on the disk.
+    /// Byte offset of the partition on the disk (of the area holding the
+    /// pieces, when there are some).
     pub start: u64,
-    /// Length of the partition in bytes.
+    /// Length of the partition in bytes (the pieces' sum, when there are
+    /// some).
     pub len: u64,
+    /// The pieces in the order of the volume's bytes, each (offset from
+    /// `start`, length); none: the volume is `len` bytes at `start`.
+    pub pieces: &'a [Extent],
 }
 
-impl Volume<'_> {
+impl<'a> Volume<'a> {
+    /// The `len` bytes at `start` of `disk`.
+    pub fn new(disk: &'a Disk, start: u64, len: u64) -> Volume<'a> {
+        Volume { disk, start, len, pieces: &[] }
+    }
+
     /// Reads `buf.len()` bytes at `offset` within the partition. A read past
     /// the end is `FsError::Corrupt` (the metadata pointed outside).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), FsError> {
@@ -76,7 +88,37 @@ impl Volume<'_> {
                 self.len
             )));
         }
-        self.disk.read_exact_at(buf, self.start + offset).map_err(FsError::Io)
+        if self.pieces.is_empty() {
+            return self.disk.read_exact_at(buf, self.start + offset).map_err(FsError::Io);
+        }
+        let mut done = 0usize;
+        for (at, len) in self.on_disk(offset, buf.len() as u64) {
+            let n = len as usize;
+            self.disk.read_exact_at(&mut buf[done..done + n], self.start + at).map_err(FsError::Io)?;
+            done += n;
+        }
+        if done != buf.len() {
+            return Err(FsError::Corrupt(format!("the volume's pieces do not cover bytes {offset}..+{}", buf.len())));
+        }
+        Ok(())
+    }
+
+    /// Where the `len` bytes at `offset` of the volume are, as ranges from
+    /// `start` in the volume's order (one range when there are no pieces;
+    /// what the pieces do not cover is left out).
+    pub fn on_disk(&self, offset: u64, len: u64) -> Vec<Extent> {
+        if self.pieces.is_empty() {
+            return vec![(offset, len)];
+        }
+        let (end, mut at, mut out) = (offset.saturating_add(len), 0u64, Vec::new());
+        for &(p_start, p_len) in self.pieces {
+            let (from, to) = (offset.max(at), end.min(at.saturating_add(p_len)));
+            if from < to {
+                out.push((p_start + (from - at), to - from));
+            }
+            at = at.saturating_add(p_len);
+        }
+        out
     }
 
     /// Reads `len` bytes at `offset` into a new buffer; `len` is bounded by
@@ -150,6 +192,29 @@ pub fn normalize(mut extents: Vec<Extent>, limit: u64) -> Result<(Vec<Extent>, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_of_pieces_reads_each_piece_in_turn() {
+        let t = crate::testutil::TempDir::new("pieces");
+        let path = t.join("disk");
+        let bytes: Vec<u8> = (0..100u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let disk = Disk::open_read_only(&path).unwrap();
+        // Bytes 60..70, then 10..30, then 80..85 of the disk, from 5 on.
+        let pieces = [(55, 10), (5, 20), (75, 5)];
+        let v = Volume { disk: &disk, start: 5, len: 35, pieces: &pieces };
+        let mut buf = [0u8; 35];
+        v.read_at(&mut buf, 0).unwrap();
+        let want: Vec<u8> = (60..70).chain(10..30).chain(80..85).collect();
+        assert_eq!(buf.to_vec(), want);
+        let mut mid = [0u8; 12];
+        v.read_at(&mut mid, 8).unwrap();
+        assert_eq!(mid.to_vec(), want[8..20].to_vec());
+        assert_eq!(v.on_disk(8, 24), vec![(63, 2), (5, 20), (75, 2)]);
+        assert!(matches!(v.read_at(&mut [0u8; 2], 34), Err(FsError::Corrupt(_))));
+        // Without pieces: the bytes at start.
+        assert_eq!(Volume::new(&disk, 5, 10).on_disk(2, 3), vec![(2, 3)]);
+    }
 
     #[test]
     fn normalize_merges_and_checks() {

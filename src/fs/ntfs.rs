@@ -972,7 +972,7 @@ mod tests {
 
     fn map(file: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(file).unwrap();
-        let v = Volume { disk: &d, start: 0, len: d.size };
+        let v = Volume::new(&d, 0, d.size);
         used_map(&v)
     }
 
@@ -1113,7 +1113,7 @@ mod tests {
                 r => panic!("hibernated ({i}): {r:?}"),
             }
             let d = Disk::open_source(&f).unwrap();
-            let v = Volume { disk: &d, start: 0, len: d.size };
+            let v = Volume::new(&d, 0, d.size);
             let fs = open(&v).unwrap();
             let blocks = fs.read_record(REC_ROOT).unwrap().attrs.iter().any(|a| a.ty == AT_INDEX_ALLOCATION);
             assert!(blocks, "case {i}: the root index has index blocks");
@@ -1154,7 +1154,7 @@ mod tests {
         ntfsfix_clean(&f);
         let fs_map = check_against_ntfsclone(&f, &t.0, 512);
         let d = Disk::open_source(&f).unwrap();
-        let v = Volume { disk: &d, start: 0, len: d.size };
+        let v = Volume::new(&d, 0, d.size);
         let fs = open(&v).unwrap();
         let rec0 = fs.read_record(REC_MFT).unwrap();
         let has_list = rec0.attrs.iter().any(|a| a.ty == AT_ATTRIBUTE_LIST);
@@ -1189,7 +1189,7 @@ mod tests {
         // Regions: boot sector, records 0..16, the root's index block(s)
         // and the bitmap's first bytes (found through the reader).
         let d = Disk::open_source(&f).unwrap();
-        let v = Volume { disk: &d, start: 0, len: d.size };
+        let v = Volume::new(&d, 0, d.size);
         let fs = open(&v).unwrap();
         let mut regions: Vec<(usize, usize)> = vec![(0, 512), (mft, 16 * rec)];
         let root = fs.read_record(REC_ROOT).unwrap();

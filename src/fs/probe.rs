@@ -25,11 +25,20 @@ pub struct FsInfo {
 /// directory or MFT blocks that hold the label). Returns `None` when
 /// nothing known is found or the structures are inconsistent.
 pub fn probe(disk: &Disk, start: u64, len: u64) -> Option<FsInfo> {
-    let end = start.checked_add(len)?;
-    if end > disk.size {
+    probe_volume(&super::Volume::new(disk, start, len))
+}
+
+/// Probes `volume` (a partition, or a volume made of pieces) as [`probe`]
+/// does.
+pub fn probe_volume(volume: &super::Volume) -> Option<FsInfo> {
+    let on_disk = volume.on_disk(0, volume.len);
+    let inside = |&(at, len): &(u64, u64)| {
+        volume.start.checked_add(at).and_then(|s| s.checked_add(len)).is_some_and(|e| e <= volume.disk.size)
+    };
+    if !on_disk.iter().all(inside) {
         return None;
     }
-    let r = Region { disk, start, len };
+    let r = Region { volume };
     probe_luks(&r)
         .or_else(|| probe_lvm2(&r))
         .or_else(|| probe_xfs(&r))
@@ -43,21 +52,15 @@ pub fn probe(disk: &Disk, start: u64, len: u64) -> Option<FsInfo> {
 
 /// A bounds-checked window onto a disk.
 struct Region<'a> {
-    disk: &'a Disk,
-    start: u64,
-    len: u64,
+    volume: &'a super::Volume<'a>,
 }
 
 impl Region<'_> {
     /// Reads `n` bytes at `off` within the region, or `None` when out of
     /// bounds or unreadable.
     fn read(&self, off: u64, n: usize) -> Option<Vec<u8>> {
-        let end = off.checked_add(n as u64)?;
-        if end > self.len {
-            return None;
-        }
         let mut buf = vec![0u8; n];
-        self.disk.read_exact_at(&mut buf, self.start.checked_add(off)?).ok()?;
+        self.volume.read_at(&mut buf, off).ok()?;
         Some(buf)
     }
 }

@@ -96,7 +96,7 @@ mod tests {
 
     fn map(file: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(file).unwrap();
-        let v = Volume { disk: &d, start: 0, len: d.size };
+        let v = Volume::new(&d, 0, d.size);
         used_map(&v)
     }
 

@@ -772,7 +772,7 @@ mod tests {
     fn map_of(img: &Path) -> Result<UsedMap, FsError> {
         let d = Disk::open_source(img).unwrap();
         let len = d.size;
-        used_map(&Volume { disk: &d, start: 0, len })
+        used_map(&Volume::new(&d, 0, len))
     }
 
     /// Files of many sizes, directories, a symlink; then every other small
@@ -999,7 +999,7 @@ mod tests {
                 );
             }
             let d = Disk::open_source(&img).unwrap();
-            let vol = Volume { disk: &d, start: 0, len: d.size };
+            let vol = Volume::new(&d, 0, d.size);
             let sb = read_sb(&vol).unwrap();
             for agno in 0..sb.agcount {
                 let agf = vol.read_vec(sb.ag_byte(agno, 0) + sb.sect_size, sb.sect_size).unwrap();
@@ -1012,7 +1012,7 @@ mod tests {
     /// Reads the log head's cycle for a test.
     fn log_cycle(img: &Path) -> u32 {
         let d = Disk::open_source(img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         let sb = read_sb(&vol).unwrap();
         let log =
             Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
@@ -1070,7 +1070,7 @@ mod tests {
             populate(&mnt.0, 100);
         }
         let d = Disk::open_source(&img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         let sb = read_sb(&vol).unwrap();
         let log =
             Log { vol: &vol, start: sb.ag_byte(sb.log_ag, sb.log_agbno), bbs: sb.log_blocks * sb.block_size / BB };
@@ -1131,7 +1131,7 @@ mod tests {
         // Truncated: the filesystem is larger than its partition.
         mkfs(&img, 48 << 20, &[]);
         let d = Disk::open_source(&img).unwrap();
-        let r = used_map(&Volume { disk: &d, start: 0, len: 40 << 20 });
+        let r = used_map(&Volume::new(&d, 0, 40 << 20));
         assert!(matches!(r, Err(FsError::Corrupt(m)) if m.contains("larger than its partition")));
         std::fs::write(&img, Rng::seeded(5).low_bytes(1 << 20)).unwrap();
         assert!(matches!(map_of(&img), Err(FsError::Corrupt(_))));
@@ -1146,7 +1146,7 @@ mod tests {
     /// its head, found with the reader's own helpers on a sound image.
     fn metadata_regions(img: &Path) -> Vec<Region> {
         let d = Disk::open_source(img).unwrap();
-        let vol = Volume { disk: &d, start: 0, len: d.size };
+        let vol = Volume::new(&d, 0, d.size);
         let sb = read_sb(&vol).unwrap();
         let crc = |off: u64, len: u64, at: usize| sb.v5.then_some((off, len, at));
         let mut out: Vec<Region> = vec![(0, sb.sect_size, crc(0, sb.sect_size, SB_CRC_OFF))];
@@ -1224,7 +1224,7 @@ mod tests {
                 block[at..at + 4].copy_from_slice(&c.to_le_bytes());
             }
             w.write_all_at(&block, save_off).unwrap();
-            let vol = Volume { disk: &d, start: 0, len: d.size };
+            let vol = Volume::new(&d, 0, d.size);
             let r = std::panic::catch_unwind(|| used_map(&vol));
             w.write_all_at(&saved, save_off).unwrap();
             match r {
@@ -1266,7 +1266,7 @@ mod tests {
                     let c = crc32c(&block);
                     block[at..at + 4].copy_from_slice(&c.to_le_bytes());
                     w.write_all_at(&block, off).unwrap();
-                    let vol = Volume { disk: &d, start: 0, len: d.size };
+                    let vol = Volume::new(&d, 0, d.size);
                     match std::panic::catch_unwind(|| used_map(&vol)) {
                         Ok(Ok(_)) => counts[0] += 1,
                         Ok(Err(FsError::Corrupt(_))) => counts[1] += 1,

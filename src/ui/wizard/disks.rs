@@ -30,7 +30,7 @@ pub struct Listed {
 
 fn used_of(disk: &Disk, fstype: &str, start: u64, len: u64) -> Option<u64> {
     let driver = fs::driver_for(fstype)?;
-    (driver.used_map)(&Volume { disk, start, len }).ok().map(|m| m.used_bytes)
+    (driver.used_map)(&Volume::new(disk, start, len)).ok().map(|m| m.used_bytes)
 }
 
 /// Whether `d` is the live stick: a partition (or the whole disk) labelled
