@@ -179,6 +179,26 @@ fn volume_plan(
             }
         });
     }
+    match fs_info.fstype.as_str() {
+        "linux_raid_member" => {
+            warnings.push(format!(
+                "{place} is a member of Linux md RAID array {}: it is copied raw (every block that is not zero, \
+                 its md superblock included), and the array's other members are not imaged by this backup; image \
+                 every member disk too, or back up the assembled array (/dev/mdN) from a system that runs it",
+                fs_info.label.as_deref().or(fs_info.uuid.as_deref()).unwrap_or("(no name)")
+            ));
+            return Ok(raw(info, "Linux md RAID member: every block that is not zero, its superblock included".into()));
+        }
+        "crypto_LUKS" => {
+            return Ok(raw(
+                info,
+                "LUKS-encrypted: what it holds cannot be read without its key, so every block that is not zero \
+                 (its header and key slots included)"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
     let Some(driver) = fs::driver_for(&fs_info.fstype) else {
         let reason = format!("{}: klon does not read its allocation; every block that is not zero", fs_info.fstype);
         return Ok(raw(info, reason));

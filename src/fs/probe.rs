@@ -39,7 +39,11 @@ pub fn probe_volume(volume: &super::Volume) -> Option<FsInfo> {
         return None;
     }
     let r = Region { volume };
-    probe_luks(&r)
+    // An md RAID member first: a v1.0 or 0.90 member holds a filesystem
+    // from its first byte, and imaging that filesystem alone would lose
+    // the array's superblock at the member's end.
+    probe_md(&r)
+        .or_else(|| probe_luks(&r))
         .or_else(|| probe_lvm2(&r))
         .or_else(|| probe_xfs(&r))
         .or_else(|| probe_btrfs(&r))
@@ -138,6 +142,63 @@ fn probe_luks(r: &Region) -> Option<FsInfo> {
         _ => return None,
     };
     info("crypto_LUKS", label, uuid)
+}
+
+// ---------------------------------------------------------------- md RAID
+
+/// The md superblock's magic, little-endian in v1 and in a 0.90 member
+/// written on a little-endian machine.
+const MD_MAGIC: u32 = 0xa92b_4efc;
+
+/// A Linux md RAID member (blkid's linux_raid_member): a version-1
+/// superblock at the member's start (1.1), at 4 KiB (1.2) or 8 KiB before
+/// its end (1.0, on a 4 KiB boundary), its checksum checked; or a 0.90
+/// superblock in the last 64 KiB-aligned 64 KiB. Label: the array's name
+/// (v1); UUID: the array's.
+fn probe_md(r: &Region) -> Option<FsInfo> {
+    let len = r.volume.len;
+    let v1_places = [Some(0), Some(4096), len.checked_sub(8192).map(|o| o & !4095)];
+    for at in v1_places.into_iter().flatten() {
+        let Some(b) = r.read(at, 1024) else { continue };
+        if le32(&b, 0)? != MD_MAGIC || le32(&b, 4)? != 1 || le64(&b, 144)? != at / 512 {
+            continue;
+        }
+        let max_dev = le32(&b, 220)? as usize;
+        let size = 256 + max_dev.checked_mul(2)?;
+        let sb = if size <= b.len() { b } else { r.read(at, size.min(1 << 20))? };
+        if md1_checksum(slice(&sb, 0, size)?) != le32(&sb, 216)? {
+            continue;
+        }
+        return info("linux_raid_member", c_label(slice(&sb, 32, 32)?), uuid_string(slice(&sb, 16, 16)?));
+    }
+    let at = (len & !65535).checked_sub(65536)?;
+    let b = r.read(at, 64)?;
+    if le32(&b, 0)? == MD_MAGIC && le32(&b, 4)? == 0 && le32(&b, 8)? == 90 {
+        // The array's UUID: the words set_uuid0, then set_uuid1 to 3, each
+        // written most significant byte first (as blkid shows it).
+        let mut u = Vec::with_capacity(16);
+        for at in [20, 52, 56, 60] {
+            u.extend_from_slice(&le32(&b, at)?.to_be_bytes());
+        }
+        return info("linux_raid_member", None, uuid_string(&u));
+    }
+    None
+}
+
+/// The checksum of a version-1 md superblock `sb` (256 bytes and two per
+/// device role): the sum of its little-endian 32-bit words with the
+/// checksum field taken as 0, the carry folded in once.
+fn md1_checksum(sb: &[u8]) -> u32 {
+    let mut sum = 0u64;
+    for (i, w) in sb.chunks(4).enumerate() {
+        let word = match w {
+            [a, b, c, d] if i * 4 != 216 => u32::from_le_bytes([*a, *b, *c, *d]),
+            [a, b] => u32::from(u16::from_le_bytes([*a, *b])),
+            _ => 0,
+        };
+        sum += u64::from(word);
+    }
+    ((sum & 0xffff_ffff) + (sum >> 32)) as u32
 }
 
 // ---------------------------------------------------------------- LVM2
@@ -638,6 +699,53 @@ mod tests {
     }
 
     const LUKS_UUID: &[u8] = b"3f1e9a2c-5b7d-4e8f-9a0b-1c2d3e4f5a6b";
+
+    /// A version-1 md superblock for a member of `len` bytes at byte
+    /// `at` (what mdadm writes, with the fields blkid and klon read).
+    fn md1(at: u64, name: &str) -> Vec<u8> {
+        let mut b = vec![0u8; 1024];
+        b[0..4].copy_from_slice(&MD_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&1u32.to_le_bytes());
+        b[16..32].copy_from_slice(&[0x5a, 0x11, 0x3c, 0x09, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        b[32..32 + name.len()].copy_from_slice(name.as_bytes());
+        b[72..76].copy_from_slice(&1u32.to_le_bytes()); // RAID1
+        b[92..96].copy_from_slice(&2u32.to_le_bytes()); // two devices
+        b[144..152].copy_from_slice(&(at / 512).to_le_bytes());
+        b[220..224].copy_from_slice(&2u32.to_le_bytes()); // max_dev
+        b[256..260].copy_from_slice(&[0, 0, 1, 0]); // roles 0 and 1
+        let sum = md1_checksum(&b[..260]);
+        b[216..220].copy_from_slice(&sum.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn md_raid_members_of_each_superblock_version() {
+        // 1.2 at 4 KiB; 1.0 8 KiB before the end (of an 8 MB image), with
+        // an ext4 from byte 0 that must not win; 0.90 in the last 64 KiB.
+        let got = check_synthetic("md12", &[(4096, &md1(4096, "pve:0"))]);
+        assert_eq!((got.fstype.as_str(), got.label.as_deref()), ("linux_raid_member", Some("pve:0")));
+        assert_eq!(got.uuid.as_deref(), Some("5a113c09-0102-0304-0506-0708090a0b0c"));
+        let end = (8 * MB - 8192) & !4095;
+        let mut ext = vec![0u8; 2048];
+        ext[1024 + 0x38..1024 + 0x3a].copy_from_slice(&0xef53u16.to_le_bytes());
+        let got = check_synthetic("md10", &[(0, &ext), (end, &md1(end, "host:1"))]);
+        assert_eq!(got.fstype, "linux_raid_member");
+        let mut b = vec![0u8; 4096];
+        b[0..4].copy_from_slice(&MD_MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&90u32.to_le_bytes());
+        b[20..24].copy_from_slice(&[1, 2, 3, 4]);
+        b[52..64].copy_from_slice(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+        let got = check_synthetic("md090", &[((8 * MB & !65535) - 65536, &b)]);
+        assert_eq!(got.fstype, "linux_raid_member");
+        // A flipped byte: the checksum fails, and it is not a member.
+        let mut bad = md1(4096, "pve:0");
+        bad[40] ^= 1;
+        let img = TempFile::new("md-bad", 8 * MB);
+        let f = std::fs::OpenOptions::new().write(true).open(&img.0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &bad, 4096).unwrap();
+        let disk = Disk::open_read_only(&img.0).unwrap();
+        assert!(probe(&disk, 0, disk.size).is_none());
+    }
 
     #[test]
     fn luks1() {
