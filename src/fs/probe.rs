@@ -735,7 +735,7 @@ mod tests {
         b[8..12].copy_from_slice(&90u32.to_le_bytes());
         b[20..24].copy_from_slice(&[1, 2, 3, 4]);
         b[52..64].copy_from_slice(&[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
-        let got = check_synthetic("md090", &[((8 * MB & !65535) - 65536, &b)]);
+        let got = check_synthetic("md090", &[(((8 * MB) & !65535) - 65536, &b)]);
         assert_eq!(got.fstype, "linux_raid_member");
         // A flipped byte: the checksum fails, and it is not a member.
         let mut bad = md1(4096, "pve:0");
