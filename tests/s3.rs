@@ -86,6 +86,39 @@ fn backups_into_a_bucket_restore_byte_for_byte_and_forget_prune_and_check_work()
     }
     ok(&klon_s3(&g, &["check", "--quiet", "--read-data", repo]));
     ok(&klon_s3(&g, &["verify", "--quiet", &format!("{repo}:{}", &newest[1][..8])]));
+    // Mounted from the bucket (in the foreground, FUSE: root), the
+    // snapshot's disk reads as its restore wrote it; random reads too.
+    if common::loop_device::have_root() {
+        let dir = t.join("mnt");
+        std::fs::create_dir(&dir).unwrap();
+        let mut mount = Command::new(env!("CARGO_BIN_EXE_klon"))
+            .args(["mount", "--foreground", &format!("{repo}:{}", newest[0]), s(&dir)])
+            .envs(g.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let disk_img = dir.join("disk.img");
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !disk_img.exists() {
+            assert!(std::time::Instant::now() < until, "the bucket's snapshot was not mounted");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let restored = t.join("second.img");
+        let len = std::fs::metadata(&restored).unwrap().len();
+        let read = std::panic::catch_unwind(|| {
+            assert_eq!(sha256(&disk_img), sha256(&restored), "the mounted disk differs from the restored one");
+            for off in [len / 3, 7 * MIB + 12345, len - 4096] {
+                assert_eq!(read_at(&disk_img, off, 4096), read_at(&restored, off, 4096), "at {off}");
+            }
+        });
+        ok(&klon(&["umount", s(&dir)]));
+        assert!(mount.wait().unwrap().success(), "klon mount --foreground did not end cleanly");
+        if let Err(e) = read {
+            std::panic::resume_unwind(e);
+        }
+    }
 
     // A snapshot of another disk, then forget all but it and prune: the
     // first disk's chunks go, the other still restores.
