@@ -138,7 +138,7 @@ pub struct Config {
 /// A repository, opened.
 #[derive(Debug, Clone)]
 pub struct Repository {
-    /// Where it is, as given: its directory.
+    /// Where it is, as given: its directory, or its `s3://` address.
     pub dir: PathBuf,
     /// What holds its files.
     pub store: Arc<dyn Store>,

@@ -311,6 +311,8 @@ impl Object for LocalObject {
 /// Size of the buffers a file is written through.
 const WRITE_BUF: usize = 4 << 20;
 
+/// A file written in order through the page cache (FUSE drivers of FAT
+/// mishandle what O_DIRECT writes), in `tmp/` until it is finished.
 struct LocalWriter {
     store: LocalStore,
     name: String,
