@@ -14,17 +14,23 @@
 //! `~/.aws/credentials` and `~/.aws/config` (or the files
 //! `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name). Addressing
 //! is path-style (`ENDPOINT/BUCKET/KEY`), as self-hosted stores expect.
-//! Requests that fail with a server error or time out are retried with
-//! backoff for up to `KLON_S3_RETRY_SECONDS` (default 120).
+//! A request that fails in a way that may pass (a server error, a
+//! time-out, a dropped or stalled connection) is sent again with backoff
+//! for up to `KLON_S3_RETRY_SECONDS` (default 120) after it first fails;
+//! one that the server refuses (access denied, no such bucket) is not.
+//! A request carrying a part or a window of a pack is given up (and sent
+//! again) after `KLON_S3_TIMEOUT_SECONDS` (default 600), others after 60.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{ClientOptions, MultipartId, ObjectStore, PutPayload, RetryConfig};
 
 use super::store::{Object, ObjectWriter, Store};
 use crate::error::{Error, Result};
@@ -44,13 +50,71 @@ pub struct S3Store {
 /// A client and the runtime its requests run on (its threads do not
 /// survive a fork: `klon mount` of a bucket stays in the foreground).
 struct Conn {
+    /// For requests that carry little.
     client: AmazonS3,
+    /// For parts of uploads and reads of whole files and windows.
+    bulk: AmazonS3,
     runtime: tokio::runtime::Runtime,
+    /// How long a request is tried again.
+    budget: Duration,
+}
+
+/// Whether a failed request may pass if sent again: the connection
+/// failed, stalled or was cut, or the server answered 5xx, 408 or 429 (or
+/// an error in a 200 answer, as S3 may). klon's only retries: the
+/// client's own are off, as they leave out some of these (a part whose
+/// body was being sent when the connection stalled).
+fn transient(e: &object_store::Error) -> bool {
+    if !matches!(e, object_store::Error::Generic { .. }) {
+        // Not found, access denied, a failed precondition: an answer.
+        return false;
+    }
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<reqwest::Error>().is_some() || s.downcast_ref::<std::io::Error>().is_some() {
+            return true;
+        }
+        source = s.source();
+    }
+    let text = e.to_string();
+    ["status code: 5", "status code: 408", "status code: 429", "error response"].iter().any(|t| text.contains(t))
+}
+
+/// Runs the request `f` makes until it succeeds, fails in a way that is
+/// an answer, or `budget` has passed since it first failed (a request
+/// that timed out after minutes is still tried again).
+async fn retrying<T, F, Fut>(budget: Duration, mut f: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = object_store::Result<T>>,
+{
+    let mut failed: Option<Instant> = None;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Err(e) if transient(&e) && failed.get_or_insert_with(Instant::now).elapsed() + pause < budget => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            done => return done,
+        }
+    }
 }
 
 impl Conn {
-    fn new(builder: AmazonS3Builder, url: &str) -> Result<Conn> {
-        let client = builder.build().map_err(|e| Error::Usage(format!("{url}: {e}")))?;
+    /// Runs the request `f` makes on the runtime, sent again while it
+    /// fails in a way that may pass.
+    fn run<T, F, Fut>(&self, f: F) -> object_store::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = object_store::Result<T>>,
+    {
+        self.runtime.block_on(retrying(self.budget, f))
+    }
+
+    fn new(control: AmazonS3Builder, bulk: AmazonS3Builder, url: &str, budget: Duration) -> Result<Conn> {
+        let client = control.build().map_err(|e| Error::Usage(format!("{url}: {e}")))?;
+        let bulk = bulk.build().map_err(|e| Error::Usage(format!("{url}: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("klon-s3")
@@ -66,7 +130,7 @@ impl Conn {
             .enable_all()
             .build()
             .map_err(|e| Error::Unsupported(format!("starting the S3 client: {e}")))?;
-        Ok(Conn { client, runtime })
+        Ok(Conn { client, bulk, runtime, budget })
     }
 }
 
@@ -129,18 +193,29 @@ impl S3Store {
             // and blake3, read back after every backup); TLS, where the
             // endpoint uses it, guards the bytes on the way.
             .with_unsigned_payload(true)
-            .with_retry(RetryConfig {
-                max_retries: 10,
-                retry_timeout: Duration::from_secs(retry_secs),
-                ..Default::default()
-            });
+            .with_retry(RetryConfig { max_retries: 0, retry_timeout: Duration::ZERO, ..Default::default() });
         if let Some(token) = get("aws_session_token") {
             b = b.with_token(token);
         }
+        let mut http = false;
         if let Some(endpoint) = get("endpoint_url") {
-            b = b.with_allow_http(endpoint.starts_with("http://")).with_endpoint(endpoint);
+            http = endpoint.starts_with("http://");
+            b = b.with_endpoint(endpoint);
         }
-        let conn = Conn::new(b, url)?;
+        // A request that moves no data (a listing, a HEAD, completing an
+        // upload) is given a minute; one that carries a part or a window
+        // of a pack KLON_S3_TIMEOUT_SECONDS (ten minutes: 8 MiB take one
+        // at 1 Mbit/s), so that a slow uplink is slow, not failing, and a
+        // stalled connection is still given up and tried again.
+        let bulk = std::env::var("KLON_S3_TIMEOUT_SECONDS").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(600);
+        let with_timeout = |secs| {
+            let options = ClientOptions::new()
+                .with_timeout(Duration::from_secs(secs))
+                .with_connect_timeout(Duration::from_secs(10))
+                .with_allow_http(http);
+            b.clone().with_client_options(options)
+        };
+        let conn = Conn::new(with_timeout(60), with_timeout(bulk.max(1)), url, Duration::from_secs(retry_secs))?;
         Ok(S3Store { bucket, prefix, conn: Arc::new(conn) })
     }
 
@@ -228,8 +303,8 @@ impl Store for S3Store {
     fn read(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>> {
         let c = &self.conn;
         let key = self.key(name);
-        let got = c.runtime.block_on(async {
-            let r = c.client.get(&key).await?;
+        let got = c.run(|| async {
+            let r = c.bulk.get(&key).await?;
             if r.meta.size > max {
                 return Ok(Err(r.meta.size));
             }
@@ -256,18 +331,23 @@ impl Store for S3Store {
         let c = &self.conn;
         let key = self.key(name);
         let payload = PutPayload::from(bytes.to_vec());
-        c.runtime.block_on(c.client.put(&key, payload)).map_err(|e| self.fail("writing", name, e))?;
+        c.run(|| c.bulk.put(&key, payload.clone())).map_err(|e| self.fail("writing", name, e))?;
         Ok(())
     }
 
     fn create(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
         let c = &self.conn;
         let key = self.key(name);
-        let upload = c.runtime.block_on(c.client.put_multipart(&key)).map_err(|e| self.fail("starting", name, e))?;
+        let id = c.run(|| c.client.create_multipart(&key)).map_err(|e| self.fail("starting", name, e))?;
         Ok(Box::new(S3Writer {
-            upload: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
             conn: c.clone(),
+            key,
+            id: Some(id),
             location: self.locate(name),
+            buf: Vec::with_capacity(PART_SIZE),
+            parts: Vec::new(),
+            sent: 0,
+            tasks: tokio::task::JoinSet::new(),
         }))
     }
 
@@ -276,7 +356,7 @@ impl Store for S3Store {
         let prefix = self.key(dir);
         let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
         let metas: Vec<object_store::ObjectMeta> =
-            c.runtime.block_on(c.client.list(Some(&prefix)).try_collect()).map_err(|e| self.fail("listing", dir, e))?;
+            c.run(|| c.client.list(Some(&prefix)).try_collect()).map_err(|e| self.fail("listing", dir, e))?;
         Ok(metas
             .into_iter()
             .filter_map(|m| m.location.as_ref().strip_prefix(&strip).map(|n| (n.to_string(), m.size)))
@@ -285,7 +365,8 @@ impl Store for S3Store {
 
     fn size(&self, name: &str) -> Result<Option<u64>> {
         let c = &self.conn;
-        match c.runtime.block_on(c.client.head(&self.key(name))) {
+        let key = self.key(name);
+        match c.run(|| c.client.head(&key)) {
             Ok(m) => Ok(Some(m.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.fail("reading", name, e)),
@@ -294,7 +375,8 @@ impl Store for S3Store {
 
     fn remove(&self, name: &str) -> Result<()> {
         let c = &self.conn;
-        match c.runtime.block_on(c.client.delete(&self.key(name))) {
+        let key = self.key(name);
+        match c.run(|| c.client.delete(&key)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.fail("removing", name, e)),
         }
@@ -309,8 +391,7 @@ impl Store for S3Store {
         let c = &self.conn;
         let prefix = if self.prefix.is_empty() { None } else { Some(ObjectPath::from(self.prefix.as_str())) };
         let first = c
-            .runtime
-            .block_on(async { c.client.list(prefix.as_ref()).try_next().await })
+            .run(|| async { c.client.list(prefix.as_ref()).try_next().await })
             .map_err(|e| self.fail("listing", "", e))?;
         Ok(first.is_none())
     }
@@ -322,12 +403,10 @@ impl Store for S3Store {
     fn destroy(&self) -> Result<()> {
         let c = &self.conn;
         let prefix = if self.prefix.is_empty() { None } else { Some(ObjectPath::from(self.prefix.as_str())) };
-        let metas: Vec<object_store::ObjectMeta> = c
-            .runtime
-            .block_on(c.client.list(prefix.as_ref()).try_collect())
-            .map_err(|e| self.fail("listing", "", e))?;
+        let metas: Vec<object_store::ObjectMeta> =
+            c.run(|| c.client.list(prefix.as_ref()).try_collect()).map_err(|e| self.fail("listing", "", e))?;
         for m in metas {
-            match c.runtime.block_on(c.client.delete(&m.location)) {
+            match c.run(|| c.client.delete(&m.location)) {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(self.fail("removing", m.location.as_ref(), e)),
             }
@@ -383,8 +462,7 @@ impl S3Object {
                 let size = ra.size.unwrap_or(u64::MAX);
                 let range = w * WINDOW..((w + 1) * WINDOW).min(size);
                 self.conn
-                    .runtime
-                    .block_on(self.conn.client.get_range(&self.key, range))
+                    .run(|| self.conn.bulk.get_range(&self.key, range.clone()))
                     .map_err(|e| self.fail(offset, e))?
             }
         };
@@ -419,11 +497,8 @@ impl Object for S3Object {
                     h.abort();
                 }
             }
-            let got = self
-                .conn
-                .runtime
-                .block_on(self.conn.client.get_range(&self.key, offset..end))
-                .map_err(|e| self.fail(offset, e))?;
+            let got =
+                self.conn.run(|| self.conn.bulk.get_range(&self.key, offset..end)).map_err(|e| self.fail(offset, e))?;
             if got.len() != buf.len() {
                 return Err(self.fail(offset, "the object is shorter than its index says"));
             }
@@ -431,8 +506,7 @@ impl Object for S3Object {
             return Ok(());
         }
         if ra.size.is_none() {
-            let meta =
-                self.conn.runtime.block_on(self.conn.client.head(&self.key)).map_err(|e| self.fail(offset, e))?;
+            let meta = self.conn.run(|| self.conn.client.head(&self.key)).map_err(|e| self.fail(offset, e))?;
             ra.size = Some(meta.size);
         }
         let size = ra.size.expect("known above");
@@ -445,9 +519,12 @@ impl Object for S3Object {
             if w * WINDOW >= size || ra.windows.contains_key(&w) {
                 continue;
             }
-            let (client, key) = (self.conn.client.clone(), self.key.clone());
+            let (client, key, budget) = (self.conn.bulk.clone(), self.key.clone(), self.conn.budget);
             let range = w * WINDOW..((w + 1) * WINDOW).min(size);
-            let h = self.conn.runtime.spawn(async move { client.get_range(&key, range).await });
+            let h = self
+                .conn
+                .runtime
+                .spawn(async move { retrying(budget, || client.get_range(&key, range.clone())).await });
             ra.windows.insert(w, Window::Fetching(h));
         }
         for w in first..=last {
@@ -460,42 +537,109 @@ impl Object for S3Object {
     }
 }
 
+/// A pack being uploaded: full parts are sent as they fill, at most
+/// PARTS_IN_FLIGHT at once, each tried again on its own (same part
+/// number) while it fails in a way that may pass.
 struct S3Writer {
-    upload: Option<WriteMultipart>,
     conn: Arc<Conn>,
+    key: ObjectPath,
+    /// The upload, until it is completed or aborted.
+    id: Option<MultipartId>,
     location: String,
+    /// Bytes of the part being filled.
+    buf: Vec<u8>,
+    /// The parts the server has, by number.
+    parts: Vec<Option<PartId>>,
+    /// Parts sent (done or in flight).
+    sent: usize,
+    tasks: tokio::task::JoinSet<(usize, object_store::Result<PartId>)>,
 }
 
 impl S3Writer {
-    fn fail(&self, what: &str, e: object_store::Error) -> Error {
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> Error {
         Error::io(what, &self.location, None, std::io::Error::other(e.to_string()))
+    }
+
+    /// Waits for one part in flight to be done.
+    fn join_one(&mut self) -> Result<()> {
+        let Some(joined) = self.conn.runtime.block_on(self.tasks.join_next()) else { return Ok(()) };
+        let (n, got) = joined.map_err(|e| self.fail("uploading", e))?;
+        let part = got.map_err(|e| self.fail("uploading", e))?;
+        self.parts[n] = Some(part);
+        Ok(())
+    }
+
+    /// Sends what is in the buffer as the next part.
+    fn send_part(&mut self) -> Result<()> {
+        while self.tasks.len() >= PARTS_IN_FLIGHT {
+            self.join_one()?;
+        }
+        let n = self.sent;
+        self.sent += 1;
+        self.parts.push(None);
+        let payload = PutPayload::from(std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE)));
+        let (client, key, budget) = (self.conn.bulk.clone(), self.key.clone(), self.conn.budget);
+        let id = self.id.clone().expect("a writer is used until it finishes");
+        self.tasks.spawn_on(
+            async move { (n, retrying(budget, || client.put_part(&key, &id, n, payload.clone())).await) },
+            self.conn.runtime.handle(),
+        );
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<()> {
+        // The last part may be short (or, for an empty object, empty).
+        if !self.buf.is_empty() || self.sent == 0 {
+            self.send_part()?;
+        }
+        while !self.tasks.is_empty() {
+            self.join_one()?;
+        }
+        let parts: Vec<PartId> = self.parts.iter().map(|p| p.clone().expect("every part is done")).collect();
+        let id = self.id.clone().expect("completed once");
+        let c = &self.conn;
+        c.run(|| c.client.complete_multipart(&self.key, &id, parts.clone()))
+            .map_err(|e| self.fail("finishing the upload of", e))?;
+        self.id = None;
+        Ok(())
     }
 }
 
 impl ObjectWriter for S3Writer {
-    fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        let upload = self.upload.as_mut().expect("a writer is used until it finishes");
-        // At most PARTS_IN_FLIGHT parts held: memory stays bounded.
-        let waited = self.conn.runtime.block_on(upload.wait_for_capacity(PARTS_IN_FLIGHT));
-        if let Err(e) = waited {
-            return Err(self.fail("uploading", e));
+    fn write_all(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let take = (PART_SIZE - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == PART_SIZE {
+                self.send_part()?;
+            }
         }
-        let _in_runtime = self.conn.runtime.enter();
-        upload.write(bytes);
         Ok(())
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
-        let upload = self.upload.take().expect("finished once");
-        match self.conn.runtime.block_on(upload.finish()) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.fail("finishing the upload of", e)),
+        let done = self.complete();
+        if done.is_err() {
+            self.abort_upload();
         }
+        done
     }
 
     fn abort(mut self: Box<Self>) {
-        if let Some(upload) = self.upload.take() {
-            let _ = self.conn.runtime.block_on(upload.abort());
+        self.abort_upload();
+    }
+}
+
+impl S3Writer {
+    /// Stops the parts in flight and drops the upload (best effort: an
+    /// upload never completed is no object; stores drop such uploads by
+    /// their lifecycle rules).
+    fn abort_upload(&mut self) {
+        self.tasks.abort_all();
+        if let Some(id) = self.id.take() {
+            let c = &self.conn;
+            let _ = c.runtime.block_on(c.client.abort_multipart(&self.key, &id));
         }
     }
 }

@@ -6,3 +6,4 @@ pub mod failing;
 pub mod garage;
 pub mod loop_device;
 pub mod repo_disk;
+pub mod stall;
