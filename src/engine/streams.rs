@@ -237,12 +237,25 @@ fn volume_plan(
     }
 }
 
+/// How a backup copied one logical volume: its method, the filesystem
+/// found, the bytes copied, the bytes mapped (thin), and the byte ranges
+/// (from the PV's start) to copy.
+struct LvCopy {
+    method: String,
+    fs: Option<FsInfo>,
+    used: u64,
+    mapped: Option<u64>,
+    reads: Vec<Extent>,
+}
+
 /// An LVM2 physical volume holding the whole of its volume group: its
 /// label and metadata (everything before the first extent) whole; each
 /// linear logical volume (of one segment or several, anywhere on the PV)
 /// probed like a partition (a filesystem klon reads gives its used
-/// blocks, swap its header), any other (striped, thin pool, mirror, …)
-/// copied whole; free extents not at all (a restore leaves them alone).
+/// blocks, swap its header); each thin pool whose metadata reads by what
+/// its thin volumes map, and of that what their filesystems use; any
+/// other (striped, mirror, …) copied whole; free extents not at all (a
+/// restore leaves them alone).
 fn lvm_plan(
     source: &Disk,
     mut info: StreamInfo,
@@ -253,25 +266,28 @@ fn lvm_plan(
     let place = describe(&info);
     let pe_start = vg.pvs[0].pe_start;
     let mut reads: Vec<Extent> = vec![(0, pe_start.min(info.length))];
-    let mut used = 0u64;
-    let mut methods = Vec::new();
-    for i in 0..vg.lvs.len() {
-        let lv = &vg.lvs[i];
-        let ranges: Option<Vec<Extent>> = lv.segments.iter().map(|s| s.linear_on(&vg, &vg.pvs[0].name)).collect();
-        // The segments follow each other from the volume's first extent
-        // (sorted when read): else its bytes' order is not known.
-        let contiguous = lv
-            .segments
-            .iter()
-            .try_fold(0u64, |next, s| (s.start_extent == next).then(|| next.saturating_add(s.extent_count)))
-            .is_some();
-        let Some(ranges) =
-            ranges.filter(|r| contiguous && r.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= info.length)))
-        else {
-            let kinds: Vec<&str> = lv.segments.iter().map(|s| s.kind.as_str()).collect();
+    let mut copies: Vec<(String, LvCopy)> = Vec::new();
+    for pool in vg.lvs.iter().filter(|l| l.segments.iter().any(|s| s.pool.is_some())) {
+        if let Some(done) = thin_pool_plan(source, &info, &vg, pool, opts, warnings)? {
+            copies.extend(done);
+        }
+    }
+    for lv in &vg.lvs {
+        if copies.iter().any(|(name, _)| *name == lv.name) {
+            continue;
+        }
+        let kinds: Vec<&str> = lv.segments.iter().map(|s| s.kind.as_str()).collect();
+        if lv.segments.iter().any(|s| s.pool.is_some() || s.thin.is_some()) {
+            // A pool whose metadata did not read (said above): its data
+            // volume is copied whole, and with it this volume's blocks.
+            let method = format!("raw ({}; in its pool's data volume, copied whole)", kinds.join(", "));
+            copies.push((lv.name.clone(), LvCopy { method, fs: None, used: 0, mapped: None, reads: Vec::new() }));
+            continue;
+        }
+        let Some(ranges) = linear_ranges(&vg, lv, info.length) else {
             warnings.push(format!(
                 "{place}: LVM2 logical volume {}/{} ({}) is copied whole: klon maps linear volumes (of segments \
-                 that follow each other) only",
+                 that follow each other) and thin pools only",
                 vg.name,
                 lv.name,
                 kinds.join(", ")
@@ -287,73 +303,251 @@ fn lvm_plan(
                     }
                 }
             }
-            used += whole.iter().map(|e| e.1).sum::<u64>();
-            reads.extend(whole);
-            let m = (format!("raw ({})", kinds.join(", ")), None, None);
-            methods.push((lv.name.clone(), m));
+            let used = whole.iter().map(|e| e.1).sum::<u64>();
+            let method = format!("raw ({})", kinds.join(", "));
+            copies.push((lv.name.clone(), LvCopy { method, fs: None, used, mapped: None, reads: whole }));
             continue;
         };
         // The volume's bytes, wherever its segments put them on the PV.
         let len: u64 = ranges.iter().map(|r| r.1).sum();
-        let volume = Volume { disk: source, start: info.start, len, pieces: &ranges };
-        let whole = |f| ("raw".to_string(), f, len, ranges.clone());
-        let fs_info = crate::fs::probe::probe_volume(&volume);
-        let driver = fs_info.as_ref().and_then(|f| fs::driver_for(&f.fstype));
-        let (method, fs_info, lv_used, lv_reads) = match (fs_info, driver) {
-            (Some(f), Some(d)) => match (d.used_map)(&volume) {
-                Ok(map) => {
-                    let r: Vec<Extent> = map.extents.iter().flat_map(|&(s, l)| volume.on_disk(s, l)).collect();
-                    (f.fstype.clone(), Some(f), map.used_bytes, r)
-                }
-                Err(FsError::Corrupt(why)) => {
-                    warnings.push(format!(
-                        "{place}: LVM2 logical volume {}/{} ({}): its metadata failed a check ({why}); copied whole",
-                        vg.name, lv.name, f.fstype
-                    ));
-                    whole(Some(f))
-                }
-                Err(FsError::Unclean(why)) if opts.raw_unclean => {
-                    (format!("raw (not clean: {why}; --raw-unclean)"), Some(f), len, ranges.clone())
-                }
-                Err(FsError::Unclean(why)) => {
-                    return Err(Error::Refused(format!(
-                        "{place}: LVM2 logical volume {}/{} ({}) is not clean: {why}. Its allocation maps may not \
-                         tell the truth; repair it first, or back it up raw with --raw-unclean",
-                        vg.name, lv.name, f.fstype
-                    )));
-                }
-                Err(FsError::Io(e)) => {
-                    return Err(e.with_note(&format!("reading LVM2 logical volume {}/{}", vg.name, lv.name)));
-                }
-            },
-            (f, _) => whole(f),
-        };
-        used += lv_used;
-        reads.extend(lv_reads);
-        methods.push((lv.name.clone(), (method, fs_info, Some(lv_used))));
+        let pieces = fs::Piece::chain(&ranges);
+        let volume = Volume { disk: source, start: info.start, len, pieces: &pieces };
+        let copy = probe_lv(
+            &volume,
+            ranges.clone(),
+            &format!("{place}: LVM2 logical volume {}/{}", vg.name, lv.name),
+            opts,
+            warnings,
+        )?;
+        copies.push((lv.name.clone(), copy));
     }
-    let (reads, _) = fs::normalize(reads, info.length).map_err(|e| {
+    for (_, c) in &mut copies {
+        reads.append(&mut c.reads);
+    }
+    let (reads, stored) = fs::normalize(reads, info.length).map_err(|e| {
         Error::Corrupt(format!("{place}: the LVM2 metadata places a volume outside the partition: {e}"))
     })?;
-    for (lv, (method, fs_info, used)) in methods {
+    for (lv, c) in copies {
         if let Some(l) = vg.lvs.iter_mut().find(|l| l.name == lv) {
-            l.method = Some(method);
-            l.fs = fs_info;
-            l.used_bytes = used;
+            l.method = Some(c.method);
+            l.fs = c.fs;
+            l.used_bytes = Some(c.used);
+            l.mapped_bytes = c.mapped;
         }
     }
     info.method = "lvm".into();
     info.method_reason = format!(
         "LVM2 physical volume of volume group {}: its label and metadata whole, each linear logical volume by the \
-         blocks its filesystem uses (or whole), free extents not at all",
+         blocks its filesystem uses (or whole), each thin pool by the blocks its thin volumes map and their \
+         filesystems use, free extents not at all",
         vg.name
     );
     info.fill = Fill::Free;
-    info.fs_used_bytes = Some(used + pe_start);
+    info.fs_used_bytes = Some(stored);
     info.fs_total_bytes = Some(info.length);
     info.lvm = Some(vg);
     let reads = reads.into_iter().map(|(s, l)| (info.start + s, l)).collect();
     Ok(StreamPlan { reads, skip_zero: false, info })
+}
+
+/// Where a linear logical volume's bytes lie on the PV (offsets from
+/// its start, in the volume's order), if it is linear on this PV, its
+/// segments follow each other from its first extent (sorted when read),
+/// and all lie inside the partition (`length` bytes).
+fn linear_ranges(vg: &fs::lvm::VolumeGroup, lv: &fs::lvm::LogicalVolume, length: u64) -> Option<Vec<Extent>> {
+    let ranges: Vec<Extent> = lv.segments.iter().map(|s| s.linear_on(vg, &vg.pvs[0].name)).collect::<Option<_>>()?;
+    let contiguous = lv
+        .segments
+        .iter()
+        .try_fold(0u64, |next, s| (s.start_extent == next).then(|| next.saturating_add(s.extent_count)))
+        .is_some();
+    let inside = ranges.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= length));
+    (contiguous && inside && !ranges.is_empty()).then_some(ranges)
+}
+
+/// Probes one volume (a logical volume, a thin volume) like a partition:
+/// a filesystem klon reads gives the ranges of its used blocks, anything
+/// else is copied as `whole` (ranges from the PV's start). `place` names
+/// it in warnings and errors.
+fn probe_lv(
+    volume: &Volume,
+    whole: Vec<Extent>,
+    place: &str,
+    opts: PlanOptions,
+    warnings: &mut Vec<String>,
+) -> Result<LvCopy> {
+    let whole_used = whole.iter().map(|e| e.1).sum::<u64>();
+    let raw = |method: String, fs| LvCopy { method, fs, used: whole_used, mapped: None, reads: whole.clone() };
+    let fs_info = fs::probe::probe_volume(volume);
+    let Some((f, d)) = fs_info.as_ref().and_then(|f| fs::driver_for(&f.fstype).map(|d| (f.clone(), d))) else {
+        return Ok(raw("raw".into(), fs_info));
+    };
+    if opts.raw_all {
+        return Ok(raw("raw (--raw)".into(), Some(f)));
+    }
+    match (d.used_map)(volume) {
+        Ok(map) => {
+            let reads: Vec<Extent> = map.extents.iter().flat_map(|&(s, l)| volume.on_disk(s, l)).collect();
+            let used = reads.iter().map(|e| e.1).sum();
+            Ok(LvCopy { method: f.fstype.clone(), fs: Some(f), used, mapped: None, reads })
+        }
+        Err(FsError::Corrupt(why)) => {
+            warnings.push(format!("{place} ({}): its metadata failed a check ({why}); copied whole", f.fstype));
+            Ok(raw("raw".into(), Some(f)))
+        }
+        Err(FsError::Unclean(why)) if opts.raw_unclean => {
+            Ok(raw(format!("raw (not clean: {why}; --raw-unclean)"), Some(f)))
+        }
+        Err(FsError::Unclean(why)) => Err(Error::Refused(format!(
+            "{place} ({}) is not clean: {why}. Its allocation maps may not tell the truth; repair it first, or \
+             back it up raw with --raw-unclean",
+            f.fstype
+        ))),
+        Err(FsError::Io(e)) => Err(e.with_note(&format!("reading {place}"))),
+    }
+}
+
+/// A thin pool of the group: its metadata read from its metadata volume
+/// (copied whole, as a linear volume, by the caller), its data volume by
+/// the data blocks some thin device maps, and of a thin volume's blocks
+/// those its filesystem uses when klon reads it. None (with a warning)
+/// when the pool cannot be mapped: its data volume is then copied whole.
+fn thin_pool_plan(
+    source: &Disk,
+    info: &StreamInfo,
+    vg: &fs::lvm::VolumeGroup,
+    pool_lv: &fs::lvm::LogicalVolume,
+    opts: PlanOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Option<Vec<(String, LvCopy)>>> {
+    let place = format!("{}: LVM2 thin pool {}/{}", describe(info), vg.name, pool_lv.name);
+    let mut whole_instead = |why: String| {
+        warnings.push(format!("{place}: {why}; its data volume is copied whole"));
+        Ok(None)
+    };
+    let [seg] = &pool_lv.segments[..] else { return whole_instead("it has more than one segment".into()) };
+    let Some(p) = &seg.pool else { return whole_instead("it has more than one segment".into()) };
+    let find = |name: &str| vg.lvs.iter().find(|l| l.name == name);
+    let (Some(meta_lv), Some(data_lv)) = (find(&p.metadata), find(&p.data)) else {
+        return whole_instead(format!("its volumes {} and {} are not both in the metadata", p.metadata, p.data));
+    };
+    let (Some(meta_r), Some(data_r)) =
+        (linear_ranges(vg, meta_lv, info.length), linear_ranges(vg, data_lv, info.length))
+    else {
+        return whole_instead(format!("its volumes {} and {} are not both linear on this PV", p.metadata, p.data));
+    };
+    let meta_pieces = fs::Piece::chain(&meta_r);
+    let meta = Volume { disk: source, start: info.start, len: meta_r.iter().map(|r| r.1).sum(), pieces: &meta_pieces };
+    let pool = match fs::thin::read(&meta) {
+        Ok(pool) => pool,
+        Err(FsError::Io(e)) => return Err(e.with_note(&format!("reading the metadata of {place}"))),
+        Err(e) => return whole_instead(format!("its metadata failed a check ({e})")),
+    };
+    let data_pieces = fs::Piece::chain(&data_r);
+    let data_len: u64 = data_r.iter().map(|r| r.1).sum();
+    let data = Volume { disk: source, start: info.start, len: data_len, pieces: &data_pieces };
+    let cb = pool.data_block_size;
+    if cb != p.chunk_size {
+        return whole_instead(format!(
+            "its metadata has data blocks of {cb} bytes where LVM's metadata says {}",
+            p.chunk_size
+        ));
+    }
+    if pool.data_blocks.checked_mul(cb).is_none_or(|b| b > data_len) {
+        return whole_instead(format!(
+            "its metadata counts {} data blocks of {cb} bytes, more than its data volume {} holds",
+            pool.data_blocks, p.data
+        ));
+    }
+    // Every mapped data block (all within the data volume: checked
+    // above), as ranges from the PV's start.
+    let mapped_of = |dev: &fs::thin::ThinDevice| -> Vec<Extent> {
+        dev.runs.iter().flat_map(|&(_, d, n)| data.on_disk(d * cb, n * cb)).collect()
+    };
+    let mut out: Vec<(String, LvCopy)> = Vec::new();
+    let mut claimed = std::collections::BTreeSet::new();
+    let mut pool_reads: Vec<Extent> = Vec::new();
+    let mut all_mapped: Vec<Extent> = Vec::new();
+    for lv in
+        vg.lvs.iter().filter(|l| l.segments.iter().any(|s| s.thin.as_ref().is_some_and(|t| t.pool == pool_lv.name)))
+    {
+        let [fs::lvm::Segment { thin: Some(t), .. }] = &lv.segments[..] else {
+            warnings.push(format!(
+                "{place}: thin volume {} has more than one segment; its pool's blocks are copied as mapped",
+                lv.name
+            ));
+            continue;
+        };
+        let Some(dev) = pool.devices.get(&t.device_id) else {
+            warnings.push(format!(
+                "{place}: thin volume {} is device {} of the pool, which the pool's metadata does not have: \
+                 nothing of it is stored (LVM's and the pool's metadata disagree; run thin_check)",
+                lv.name, t.device_id
+            ));
+            let copy = LvCopy {
+                method: "none (no such thin device)".into(),
+                fs: None,
+                used: 0,
+                mapped: Some(0),
+                reads: Vec::new(),
+            };
+            out.push((lv.name.clone(), copy));
+            continue;
+        };
+        claimed.insert(t.device_id);
+        let size = lv.extents().saturating_mul(vg.extent_size);
+        // The volume's mapped blocks where they lie, and any mapped past
+        // its end (kept, as the pool holds them).
+        let mut pieces = Vec::new();
+        let mut beyond = Vec::new();
+        for &(v, d, n) in &dev.runs {
+            let (at, total) = (v.saturating_mul(cb), n * cb);
+            let inside = size.saturating_sub(at).min(total);
+            let mut off = at;
+            for (disk, len) in data.on_disk(d * cb, inside) {
+                pieces.push(fs::Piece { at: off, disk, len });
+                off += len;
+            }
+            if inside < total {
+                beyond.extend(data.on_disk(d * cb + inside, total - inside));
+            }
+        }
+        let mapped = mapped_of(dev);
+        all_mapped.extend(mapped.iter().copied());
+        let volume = Volume { disk: source, start: info.start, len: size, pieces: &pieces };
+        let whole: Vec<Extent> = pieces.iter().map(|p| (p.disk, p.len)).collect();
+        let mut copy = probe_lv(&volume, whole, &format!("{place}: thin volume {}", lv.name), opts, warnings)?;
+        copy.reads.extend(beyond);
+        copy.used = copy.reads.iter().map(|e| e.1).sum();
+        copy.mapped = Some(dev.mapped_blocks.saturating_mul(cb));
+        copy.method = format!("{} (thin)", copy.method);
+        pool_reads.extend(copy.reads.iter().copied());
+        out.push((lv.name.clone(), copy));
+    }
+    for (id, dev) in pool.devices.iter().filter(|(id, _)| !claimed.contains(id)) {
+        warnings.push(format!(
+            "{place}: thin device {id} has no logical volume in LVM's metadata; its {} mapped blocks are copied \
+             as they are",
+            dev.mapped_blocks
+        ));
+        let mapped = mapped_of(dev);
+        all_mapped.extend(mapped.iter().copied());
+        pool_reads.extend(mapped);
+    }
+    let (_, mapped_bytes) =
+        fs::normalize(all_mapped, info.length).map_err(|e| Error::Corrupt(format!("{place}: {e}")))?;
+    let (pool_reads, stored) =
+        fs::normalize(pool_reads, info.length).map_err(|e| Error::Corrupt(format!("{place}: {e}")))?;
+    let method = "thin pool: the data blocks its thin volumes map and their filesystems use".to_string();
+    out.push((
+        pool_lv.name.clone(),
+        LvCopy { method: method.clone(), fs: None, used: stored, mapped: Some(mapped_bytes), reads: Vec::new() },
+    ));
+    out.push((
+        data_lv.name.clone(),
+        LvCopy { method, fs: None, used: stored, mapped: Some(mapped_bytes), reads: pool_reads },
+    ));
+    Ok(Some(out))
 }
 
 /// The byte ranges of the disk outside every data partition.

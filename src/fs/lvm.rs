@@ -69,6 +69,10 @@ pub struct LogicalVolume {
     /// Bytes of it the backup copied.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_bytes: Option<u64>,
+    /// For a thin volume, bytes of it mapped in its pool; for a thin
+    /// pool, bytes of its data blocks that some thin device maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_bytes: Option<u64>,
 }
 
 impl LogicalVolume {
@@ -93,6 +97,37 @@ pub struct Segment {
     pub stripes: Vec<(String, u64)>,
     /// Bytes a stripe's run (striped segments of more than one stripe).
     pub stripe_size: u64,
+    /// For a `thin-pool` segment: its metadata and data volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolSegment>,
+    /// For a `thin` segment: its pool and device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin: Option<ThinSegment>,
+}
+
+/// What a `thin-pool` segment names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolSegment {
+    /// The (hidden) volume holding the pool's metadata (`NAME_tmeta`).
+    pub metadata: String,
+    /// The (hidden) volume holding its data blocks (`NAME_tdata`).
+    pub data: String,
+    /// Bytes a data block (LVM's chunk_size).
+    pub chunk_size: u64,
+    /// The transaction id LVM expects of the pool's metadata.
+    pub transaction_id: u64,
+}
+
+/// What a `thin` segment names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinSegment {
+    /// The thin pool volume.
+    pub pool: String,
+    /// Its device id in the pool's metadata.
+    pub device_id: u64,
+    /// The volume it is a snapshot of, if it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 impl Segment {
@@ -410,12 +445,31 @@ pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError>
                 Some(Value::Number(n)) if *n >= 0 => sectors(*n as u64)?,
                 _ => 0,
             };
+            let pool = match kind.as_str() {
+                "thin-pool" => Some(PoolSegment {
+                    metadata: seg.text("metadata").map_err(seg_bad)?,
+                    data: seg.text("pool").map_err(seg_bad)?,
+                    chunk_size: sectors(seg.number("chunk_size").map_err(seg_bad)?)?,
+                    transaction_id: seg.number("transaction_id").map_err(seg_bad)?,
+                }),
+                _ => None,
+            };
+            let thin = match kind.as_str() {
+                "thin" => Some(ThinSegment {
+                    pool: seg.text("thin_pool").map_err(seg_bad)?,
+                    device_id: seg.number("device_id").map_err(seg_bad)?,
+                    origin: seg.text("origin").ok(),
+                }),
+                _ => None,
+            };
             segments.push(Segment {
                 start_extent: seg.number("start_extent").map_err(seg_bad)?,
                 extent_count: seg.number("extent_count").map_err(seg_bad)?,
                 kind,
                 stripes,
                 stripe_size,
+                pool,
+                thin,
             });
         }
         segments.sort_by_key(|s| s.start_extent);
@@ -426,6 +480,7 @@ pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError>
             method: None,
             fs: None,
             used_bytes: None,
+            mapped_bytes: None,
         });
     }
     Ok(VolumeGroup {

@@ -20,6 +20,7 @@ pub mod lvm;
 pub mod ntfs;
 pub mod probe;
 pub mod swap;
+pub mod thin;
 pub mod xfs;
 
 pub use probe::{FsInfo, probe};
@@ -54,8 +55,9 @@ pub const MAX_METADATA_READ: u64 = 256 << 20;
 
 /// Read access to one partition, with offsets relative to its start and
 /// every read checked against its end. A volume may be made of pieces
-/// (an LVM2 logical volume of several segments): then its bytes are those
-/// of each piece in turn.
+/// (an LVM2 logical volume of several segments, a thin volume's mapped
+/// blocks): then its bytes are where the pieces put them, and bytes no
+/// piece covers read as zeros (a thin volume's unmapped blocks).
 #[derive(Debug, Clone, Copy)]
 pub struct Volume<'a> {
     /// The disk holding the partition.
@@ -66,9 +68,37 @@ pub struct Volume<'a> {
     /// Length of the partition in bytes (the pieces' sum, when there are
     /// some).
     pub len: u64,
-    /// The pieces in the order of the volume's bytes, each (offset from
-    /// `start`, length); none: the volume is `len` bytes at `start`.
-    pub pieces: &'a [Extent],
+    /// The pieces, by their place in the volume (not overlapping); none:
+    /// the volume is `len` bytes at `start`.
+    pub pieces: &'a [Piece],
+}
+
+/// A run of a volume's bytes: `len` bytes at `at` in the volume lie at
+/// `disk` (an offset from the volume's `start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    /// Where the run begins in the volume.
+    pub at: u64,
+    /// Where it lies, from the volume's `start`.
+    pub disk: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl Piece {
+    /// The pieces of a volume whose bytes are `ranges` (each an offset
+    /// from `start` and a length) one after another.
+    pub fn chain(ranges: &[Extent]) -> Vec<Piece> {
+        let mut at = 0u64;
+        ranges
+            .iter()
+            .map(|&(disk, len)| {
+                let p = Piece { at, disk, len };
+                at = at.saturating_add(len);
+                p
+            })
+            .collect()
+    }
 }
 
 impl<'a> Volume<'a> {
@@ -91,16 +121,23 @@ impl<'a> Volume<'a> {
         if self.pieces.is_empty() {
             return self.disk.read_exact_at(buf, self.start + offset).map_err(FsError::Io);
         }
-        let mut done = 0usize;
-        for (at, len) in self.on_disk(offset, buf.len() as u64) {
-            let n = len as usize;
-            self.disk.read_exact_at(&mut buf[done..done + n], self.start + at).map_err(FsError::Io)?;
-            done += n;
-        }
-        if done != buf.len() {
-            return Err(FsError::Corrupt(format!("the volume's pieces do not cover bytes {offset}..+{}", buf.len())));
+        buf.fill(0);
+        for (p, from, to) in self.overlapping(offset, buf.len() as u64) {
+            let into = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.disk.read_exact_at(into, self.start + p.disk + (from - p.at)).map_err(FsError::Io)?;
         }
         Ok(())
+    }
+
+    /// The pieces that hold some of the `len` bytes at `offset`, each with
+    /// the part of the volume it holds of them (from, to).
+    fn overlapping(&self, offset: u64, len: u64) -> impl Iterator<Item = (&Piece, u64, u64)> {
+        let end = offset.saturating_add(len);
+        let first = self.pieces.partition_point(|p| p.at.saturating_add(p.len) <= offset);
+        self.pieces[first..].iter().take_while(move |p| p.at < end).filter_map(move |p| {
+            let (from, to) = (offset.max(p.at), end.min(p.at.saturating_add(p.len)));
+            (from < to).then_some((p, from, to))
+        })
     }
 
     /// Where the `len` bytes at `offset` of the volume are, as ranges from
@@ -110,15 +147,7 @@ impl<'a> Volume<'a> {
         if self.pieces.is_empty() {
             return vec![(offset, len)];
         }
-        let (end, mut at, mut out) = (offset.saturating_add(len), 0u64, Vec::new());
-        for &(p_start, p_len) in self.pieces {
-            let (from, to) = (offset.max(at), end.min(at.saturating_add(p_len)));
-            if from < to {
-                out.push((p_start + (from - at), to - from));
-            }
-            at = at.saturating_add(p_len);
-        }
-        out
+        self.overlapping(offset, len).map(|(p, from, to)| (p.disk + (from - p.at), to - from)).collect()
     }
 
     /// Reads `len` bytes at `offset` into a new buffer; `len` is bounded by
@@ -201,7 +230,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let disk = Disk::open_read_only(&path).unwrap();
         // Bytes 60..70, then 10..30, then 80..85 of the disk, from 5 on.
-        let pieces = [(55, 10), (5, 20), (75, 5)];
+        let pieces = Piece::chain(&[(55, 10), (5, 20), (75, 5)]);
         let v = Volume { disk: &disk, start: 5, len: 35, pieces: &pieces };
         let mut buf = [0u8; 35];
         v.read_at(&mut buf, 0).unwrap();
@@ -214,6 +243,15 @@ mod tests {
         assert!(matches!(v.read_at(&mut [0u8; 2], 34), Err(FsError::Corrupt(_))));
         // Without pieces: the bytes at start.
         assert_eq!(Volume::new(&disk, 5, 10).on_disk(2, 3), vec![(2, 3)]);
+        // With gaps (a thin volume's unmapped blocks): zeros there, and
+        // no place on the disk.
+        let sparse = [Piece { at: 4, disk: 10, len: 3 }, Piece { at: 10, disk: 50, len: 2 }];
+        let v = Volume { disk: &disk, start: 0, len: 16, pieces: &sparse };
+        let mut all = [0xffu8; 16];
+        v.read_at(&mut all, 0).unwrap();
+        assert_eq!(all, [0, 0, 0, 0, 10, 11, 12, 0, 0, 0, 50, 51, 0, 0, 0, 0]);
+        assert_eq!(v.on_disk(5, 7), vec![(11, 2), (50, 2)]);
+        assert_eq!(v.on_disk(0, 4), vec![]);
     }
 
     #[test]
