@@ -279,20 +279,30 @@ fn fixture(t: &TempDir, vg: &str) -> Fixture {
             maps.entry(*dev).or_default().insert(c, d);
         }
     }
-    // Stale data in mapped chunks the container's ext4 does not use (a
-    // deleted file's blocks): random, in chunks wholly free.
+    // Stale data in mapped chunks the filesystems do not use (a deleted
+    // file's blocks): random, in chunks wholly free, 96 in the
+    // container's ext4 and 96 in the VM's partition (from 1 MiB, chunk
+    // 16 of its disk).
     let used_after = used_blocks(&after);
+    let used_vm = used_blocks(&vm_fs);
     let per_chunk = CHUNK / FS_BLOCK;
-    let free_chunks: Vec<u64> = (0..8 * EXTENT / CHUNK)
-        .filter(|c| (c * per_chunk..(c + 1) * per_chunk).all(|b| !used_after.contains(&b)))
-        .filter(|c| !maps[&2].contains_key(c))
-        .take(128)
-        .collect();
-    assert_eq!(free_chunks.len(), 128, "the container's ext4 has too few free chunks for the stale data");
-    for (i, c) in free_chunks.iter().enumerate() {
-        let d = alloc();
-        blocks.insert(d, random_bytes(400 + i as u64, CHUNK as usize));
-        maps.get_mut(&2).unwrap().insert(*c, d);
+    let free = |used: &BTreeSet<u64>, first: u64, chunks: u64, dev: u64| -> Vec<u64> {
+        let got: Vec<u64> = (0..chunks)
+            .filter(|c| (c * per_chunk..(c + 1) * per_chunk).all(|b| !used.contains(&b)))
+            .map(|c| c + first)
+            .filter(|c| !maps[&dev].contains_key(c))
+            .take(96)
+            .collect();
+        assert_eq!(got.len(), 96, "too few free chunks in device {dev} for the stale data");
+        got
+    };
+    let stale = [(2, free(&used_after, 0, 8 * EXTENT / CHUNK, 2)), (1, free(&used_vm, 16, 46 * MIB / CHUNK, 1))];
+    for (dev, chunks) in stale {
+        for c in chunks {
+            let d = alloc();
+            blocks.insert(d, random_bytes(400 + d, CHUNK as usize));
+            maps.get_mut(&dev).unwrap().insert(c, d);
+        }
     }
     assert!(blocks.len() < DATA_BLOCKS as usize);
     for (d, bytes) in &blocks {
@@ -329,16 +339,20 @@ fn fixture(t: &TempDir, vg: &str) -> Fixture {
     // What a backup should store: the PV's label and metadata, the pool
     // metadata and its spare whole, root's used blocks, a swap header
     // page, and of the pool's data blocks the 4 KiB blocks some
-    // filesystem uses there. The VM disk's partition table is not read
-    // by klon: its mapped chunks count whole.
-    let used: BTreeMap<u64, BTreeSet<u64>> = [(2, used_after), (3, used_blocks(&before))].into_iter().collect();
+    // filesystem uses there, or the VM disk's table and gaps.
+    let used_before = used_blocks(&before);
+    let (part_first, part_end) = (MIB / FS_BLOCK, 47 * MIB / FS_BLOCK);
+    let used = |dev: u64, block: u64| match dev {
+        1 => block < part_first || block >= part_end || used_vm.contains(&(block - part_first)),
+        2 => used_after.contains(&block),
+        _ => used_before.contains(&block),
+    };
     let mut per_block: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
     for (dev, m) in &maps {
         for (v, d) in m {
             let set = per_block.entry(*d).or_default();
             for i in 0..per_chunk {
-                let fs_block = v * per_chunk + i;
-                if *dev == 1 || used[dev].contains(&fs_block) {
+                if used(*dev, v * per_chunk + i) {
                     set.insert(i);
                 }
             }
@@ -386,7 +400,7 @@ fn fixture(t: &TempDir, vg: &str) -> Fixture {
     let trees = [("root", root_tree), ("vm-100-disk-0", vm_tree), ("vm-101-disk-0", after_tree), ("snap", before_tree)]
         .into_iter()
         .collect();
-    Fixture { disk, pv_start, pe_start, lvs, thin_dump, trees, expected, stale_mapped: 128 * CHUNK }
+    Fixture { disk, pv_start, pe_start, lvs, thin_dump, trees, expected, stale_mapped: 192 * CHUNK }
 }
 
 /// Each device's mappings (virtual block → data block) as thin_dump
@@ -488,10 +502,19 @@ fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_and_restores_fo
     assert_eq!(st["method"], "lvm", "{st}");
     let lv = |name: &str| st["lvm"]["lvs"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone();
     assert_eq!(lv("vm-101-disk-0")["method"], "ext4 (thin)", "{st}");
+    assert_eq!(lv("vm-100-disk-0")["method"], "GPT table: p1 ext4 (thin)", "{st}");
     assert_eq!(lv("snap_vm-101-disk-0_before")["method"], "ext4 (thin)", "{st}");
     assert_eq!(lv("vm-101-disk-0")["segments"][0]["thin"]["device_id"], 2, "{st}");
     assert_eq!(lv("snap_vm-101-disk-0_before")["segments"][0]["thin"]["origin"], "vm-101-disk-0", "{st}");
     assert_eq!(lv("data")["segments"][0]["pool"]["data"], "data_tdata", "{st}");
+    let text = stdout(&klon(&["info", s(&img)]));
+    assert!(
+        text.contains("device 3 of pool data, a snapshot of vm-101-disk-0")
+            && text.contains("data in data_tdata, metadata in data_tmeta")
+            && text.contains("GPT table: p1 ext4 (thin)")
+            && text.contains(" mapped, "),
+        "{text}"
+    );
 
     // Stored: what the filesystems use (and the metadata), not the stale
     // data in unmapped blocks, free extents, or mapped blocks no
@@ -510,4 +533,40 @@ fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_and_restores_fo
     ok(&klon(&["restore", "--yes", "--quiet", s(&img), s(&out)]));
     assert_restored(&t, &f, &out, &vg, "restored");
     ok(&klon(&["verify", "--quiet", s(&img)]));
+}
+
+#[test]
+fn a_pool_whose_metadata_fails_its_checksum_is_copied_whole_with_a_warning_and_restores() {
+    require_root!();
+    let t = TempDir::new("thin-bad");
+    let vg = format!("pvebad{}", std::process::id());
+    let f = fixture(&t, &vg);
+    // Flip a byte inside the node at the root of the mapping tree (its
+    // block number at byte 320 of the superblock).
+    let meta = f.pv_start + f.pe_start + 8 * EXTENT;
+    let root = u64::from_le_bytes(read_at(&f.disk, meta + 320, 8).try_into().unwrap());
+    assert!(root > 0 && root < EXTENT / 4096, "mapping root {root}");
+    let at = meta + root * 4096 + 1000;
+    let old = read_at(&f.disk, at, 1)[0];
+    write_at(&f.disk, at, &[old ^ 0x01]);
+
+    let img = t.join("image");
+    let o = klon(&["backup", "--quiet", s(&f.disk), s(&img)]);
+    ok(&o);
+    let said = stderr(&o);
+    assert!(
+        said.contains("thin pool") && said.contains("fails its checksum") && said.contains("copied whole"),
+        "{said}"
+    );
+    let o = klon(&["--json", "info", s(&img)]);
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let st = info["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 3).unwrap().clone();
+    let data = st["lvm"]["lvs"].as_array().unwrap().iter().find(|l| l["name"] == "data_tdata").unwrap().clone();
+    assert_eq!((data["method"].as_str(), data["used_bytes"].as_u64()), (Some("raw"), Some(16 * EXTENT)), "{data}");
+    // The pool's data volume byte for byte, its metadata as it was
+    // (with the flipped byte: klon keeps what it found).
+    let out = t.join("restored.img");
+    garbage_file(&out, std::fs::metadata(&f.disk).unwrap().len());
+    ok(&klon(&["restore", "--yes", "--quiet", s(&img), s(&out)]));
+    assert_same(&f.disk, &out, meta, 17 * EXTENT, "the pool's metadata and data volumes");
 }

@@ -267,7 +267,7 @@ fn lvm_plan(
     let pe_start = vg.pvs[0].pe_start;
     let mut reads: Vec<Extent> = vec![(0, pe_start.min(info.length))];
     let mut copies: Vec<(String, LvCopy)> = Vec::new();
-    for pool in vg.lvs.iter().filter(|l| l.segments.iter().any(|s| s.pool.is_some())) {
+    for pool in vg.lvs.iter().filter(|l| l.segments.iter().any(|s| s.kind == "thin-pool")) {
         if let Some(done) = thin_pool_plan(source, &info, &vg, pool, opts, warnings)? {
             copies.extend(done);
         }
@@ -277,7 +277,7 @@ fn lvm_plan(
             continue;
         }
         let kinds: Vec<&str> = lv.segments.iter().map(|s| s.kind.as_str()).collect();
-        if lv.segments.iter().any(|s| s.pool.is_some() || s.thin.is_some()) {
+        if lv.segments.iter().any(|s| s.kind == "thin-pool" || s.kind == "thin") {
             // A pool whose metadata did not read (said above): its data
             // volume is copied whole, and with it this volume's blocks.
             let method = format!("raw ({}; in its pool's data volume, copied whole)", kinds.join(", "));
@@ -407,6 +407,54 @@ fn probe_lv(
     }
 }
 
+/// What to copy of a thin volume of `size` bytes whose mapped blocks are
+/// `pieces` (from `start`): a filesystem klon reads by its used blocks; a
+/// disk (a virtual machine's: a partition table inside) by its table and
+/// gaps as mapped and each partition probed in turn; anything else as
+/// mapped. Unmapped blocks are never read from the disk.
+fn thin_volume_copy(
+    source: &Disk,
+    start: u64,
+    size: u64,
+    pieces: &[fs::Piece],
+    place: &str,
+    opts: PlanOptions,
+    warnings: &mut Vec<String>,
+) -> Result<LvCopy> {
+    let as_mapped = |p: &[fs::Piece]| p.iter().map(|p| (p.disk, p.len)).collect::<Vec<Extent>>();
+    if pieces.is_empty() {
+        // (A volume without pieces would be read as the bytes at start.)
+        return Ok(LvCopy { method: "nothing mapped".into(), fs: None, used: 0, mapped: None, reads: Vec::new() });
+    }
+    let volume = Volume { disk: source, start, len: size, pieces };
+    let disk = crate::table::VolumeDisk { volume, name: place.to_string() };
+    let layout = match crate::table::read_layout(&disk) {
+        Ok(l) if l.kind != TableKind::None && !l.partitions.is_empty() => l,
+        Ok(_) => return probe_lv(&volume, as_mapped(pieces), place, opts, warnings),
+        Err(e @ Error::Io { .. }) => return Err(e.with_note(&format!("reading the partition table of {place}"))),
+        Err(e) => {
+            warnings.push(format!("{place}: its partition table could not be read ({e}); copied as mapped"));
+            return Ok(LvCopy { method: "raw".into(), fs: None, used: 0, mapped: None, reads: as_mapped(pieces) });
+        }
+    };
+    // The table, boot code and gaps as mapped; each partition probed.
+    let mut reads: Vec<Extent> = outside(&layout).iter().flat_map(|&(s, l)| volume.on_disk(s, l)).collect();
+    let mut methods = Vec::new();
+    for p in &layout.partitions {
+        let sub = fs::sub_pieces(pieces, p.start, p.size);
+        if sub.is_empty() {
+            methods.push(format!("p{} nothing mapped", p.number));
+            continue;
+        }
+        let part = Volume { disk: source, start, len: p.size, pieces: &sub };
+        let c = probe_lv(&part, as_mapped(&sub), &format!("{place}, partition {}", p.number), opts, warnings)?;
+        methods.push(format!("p{} {}", p.number, c.method));
+        reads.extend(c.reads);
+    }
+    let method = format!("{} table: {}", layout.kind, methods.join(", "));
+    Ok(LvCopy { method, fs: None, used: 0, mapped: None, reads })
+}
+
 /// A thin pool of the group: its metadata read from its metadata volume
 /// (copied whole, as a linear volume, by the caller), its data volume by
 /// the data blocks some thin device maps, and of a thin volume's blocks
@@ -426,7 +474,9 @@ fn thin_pool_plan(
         Ok(None)
     };
     let [seg] = &pool_lv.segments[..] else { return whole_instead("it has more than one segment".into()) };
-    let Some(p) = &seg.pool else { return whole_instead("it has more than one segment".into()) };
+    let Some(p) = &seg.pool else {
+        return whole_instead("LVM's metadata does not give its metadata and data volumes and block size".into());
+    };
     let find = |name: &str| vg.lvs.iter().find(|l| l.name == name);
     let (Some(meta_lv), Some(data_lv)) = (find(&p.metadata), find(&p.data)) else {
         return whole_instead(format!("its volumes {} and {} are not both in the metadata", p.metadata, p.data));
@@ -514,9 +564,15 @@ fn thin_pool_plan(
         }
         let mapped = mapped_of(dev);
         all_mapped.extend(mapped.iter().copied());
-        let volume = Volume { disk: source, start: info.start, len: size, pieces: &pieces };
-        let whole: Vec<Extent> = pieces.iter().map(|p| (p.disk, p.len)).collect();
-        let mut copy = probe_lv(&volume, whole, &format!("{place}: thin volume {}", lv.name), opts, warnings)?;
+        let mut copy = thin_volume_copy(
+            source,
+            info.start,
+            size,
+            &pieces,
+            &format!("{place}: thin volume {}", lv.name),
+            opts,
+            warnings,
+        )?;
         copy.reads.extend(beyond);
         copy.used = copy.reads.iter().map(|e| e.1).sum();
         copy.mapped = Some(dev.mapped_blocks.saturating_mul(cb));

@@ -445,23 +445,27 @@ pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError>
                 Some(Value::Number(n)) if *n >= 0 => sectors(*n as u64)?,
                 _ => 0,
             };
-            let pool = match kind.as_str() {
-                "thin-pool" => Some(PoolSegment {
-                    metadata: seg.text("metadata").map_err(seg_bad)?,
-                    data: seg.text("pool").map_err(seg_bad)?,
-                    chunk_size: sectors(seg.number("chunk_size").map_err(seg_bad)?)?,
-                    transaction_id: seg.number("transaction_id").map_err(seg_bad)?,
-                }),
-                _ => None,
-            };
-            let thin = match kind.as_str() {
-                "thin" => Some(ThinSegment {
-                    pool: seg.text("thin_pool").map_err(seg_bad)?,
-                    device_id: seg.number("device_id").map_err(seg_bad)?,
-                    origin: seg.text("origin").ok(),
-                }),
-                _ => None,
-            };
+            // A thin segment's fields, when all are there (else the pool
+            // is copied whole, with a warning, where it is planned).
+            let pool = (kind == "thin-pool")
+                .then(|| {
+                    Some(PoolSegment {
+                        metadata: seg.text("metadata").ok()?,
+                        data: seg.text("pool").ok()?,
+                        chunk_size: seg.number("chunk_size").ok()?.checked_mul(512)?,
+                        transaction_id: seg.number("transaction_id").ok()?,
+                    })
+                })
+                .flatten();
+            let thin = (kind == "thin")
+                .then(|| {
+                    Some(ThinSegment {
+                        pool: seg.text("thin_pool").ok()?,
+                        device_id: seg.number("device_id").ok()?,
+                        origin: seg.text("origin").ok(),
+                    })
+                })
+                .flatten();
             segments.push(Segment {
                 start_extent: seg.number("start_extent").map_err(seg_bad)?,
                 extent_count: seg.number("extent_count").map_err(seg_bad)?,

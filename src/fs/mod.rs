@@ -162,6 +162,19 @@ impl<'a> Volume<'a> {
     }
 }
 
+/// The pieces of the `len` bytes at `offset` of a volume made of
+/// `pieces`, as a volume of their own (from 0).
+pub fn sub_pieces(pieces: &[Piece], offset: u64, len: u64) -> Vec<Piece> {
+    let end = offset.saturating_add(len);
+    pieces
+        .iter()
+        .filter_map(|p| {
+            let (from, to) = (offset.max(p.at), end.min(p.at.saturating_add(p.len)));
+            (from < to).then(|| Piece { at: from - offset, disk: p.disk + (from - p.at), len: to - from })
+        })
+        .collect()
+}
+
 /// The blocks a filesystem uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsedMap {

@@ -244,3 +244,103 @@ fn le32(b: &[u8], at: usize) -> u32 {
 fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Disk;
+
+    /// Puts `b`'s checksum in place for its kind.
+    fn seal(b: &mut [u8], xor: u32) {
+        let sum = !crate::fs::crc32c::crc32c(&b[4..]) ^ xor;
+        b[..4].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    /// A leaf node at block `n` with `entries` (key, value bytes).
+    fn leaf(n: u64, value_size: usize, entries: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK as usize];
+        let max = (BLOCK as usize - NODE_HEADER) / (8 + value_size) / 3 * 3;
+        b[4..8].copy_from_slice(&LEAF.to_le_bytes());
+        b[8..16].copy_from_slice(&n.to_le_bytes());
+        b[16..20].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+        b[20..24].copy_from_slice(&(max as u32).to_le_bytes());
+        b[24..28].copy_from_slice(&(value_size as u32).to_le_bytes());
+        for (i, (k, v)) in entries.iter().enumerate() {
+            b[NODE_HEADER + i * 8..NODE_HEADER + i * 8 + 8].copy_from_slice(&k.to_le_bytes());
+            let at = NODE_HEADER + max * 8 + i * value_size;
+            b[at..at + value_size].copy_from_slice(v);
+        }
+        seal(&mut b, NODE_XOR);
+        b
+    }
+
+    /// Metadata of one device (id 7) mapping virtual blocks 0, 1, 5 to
+    /// data blocks 3, 4, 9, as blocks: superblock, details, top mapping
+    /// tree, the device's tree.
+    fn metadata(mapped_in_details: u64, data_blocks: u64) -> Vec<Vec<u8>> {
+        let mut sb = vec![0u8; BLOCK as usize];
+        sb[32..40].copy_from_slice(&MAGIC.to_le_bytes());
+        sb[40..44].copy_from_slice(&2u32.to_le_bytes());
+        sb[48..56].copy_from_slice(&5u64.to_le_bytes());
+        sb[64..72].copy_from_slice(&data_blocks.to_le_bytes());
+        sb[320..328].copy_from_slice(&2u64.to_le_bytes());
+        sb[328..336].copy_from_slice(&1u64.to_le_bytes());
+        sb[336..340].copy_from_slice(&128u32.to_le_bytes());
+        sb[340..344].copy_from_slice(&8u32.to_le_bytes());
+        sb[344..352].copy_from_slice(&4u64.to_le_bytes());
+        seal(&mut sb, SUPERBLOCK_XOR);
+        let mut detail = vec![0u8; 24];
+        detail[..8].copy_from_slice(&mapped_in_details.to_le_bytes());
+        let bt = |d: u64| (d << 24 | 1).to_le_bytes().to_vec();
+        vec![
+            sb,
+            leaf(1, 24, &[(7, detail)]),
+            leaf(2, 8, &[(7, 3u64.to_le_bytes().to_vec())]),
+            leaf(3, 8, &[(0, bt(3)), (1, bt(4)), (5, bt(9))]),
+        ]
+    }
+
+    fn read_blocks(blocks: &[Vec<u8>]) -> Result<ThinPool, String> {
+        let t = crate::testutil::TempDir::new("thin-meta");
+        let path = t.join("meta");
+        std::fs::write(&path, blocks.concat()).unwrap();
+        let disk = Disk::open_read_only(&path).unwrap();
+        read(&Volume::new(&disk, 0, disk.size)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn mappings_are_read_as_runs_and_every_inconsistency_is_named() {
+        let pool = read_blocks(&metadata(3, 16)).unwrap();
+        assert_eq!((pool.data_block_size, pool.data_blocks, pool.transaction_id), (65536, 16, 5));
+        assert_eq!(pool.devices[&7], ThinDevice { runs: vec![(0, 3, 2), (5, 9, 1)], mapped_blocks: 3 });
+
+        let mut flipped = metadata(3, 16);
+        flipped[3][100] ^= 1;
+        assert!(read_blocks(&flipped).unwrap_err().contains("block 3) fails its checksum"));
+        let e = read_blocks(&metadata(4, 16)).unwrap_err();
+        assert!(e.contains("thin device 7 has 3 mappings where its details count 4"), "{e}");
+        let e = read_blocks(&metadata(2, 16)).unwrap_err();
+        assert!(e.contains("more mappings than the 2"), "{e}");
+        let e = read_blocks(&metadata(3, 9)).unwrap_err();
+        assert!(e.contains("maps to data block 9, past the pool's 9"), "{e}");
+        // A needs_check flag, keys out of order, a node naming another
+        // block, a loop of internal nodes.
+        let mut m = metadata(3, 16);
+        m[0][4] = 1;
+        seal(&mut m[0], SUPERBLOCK_XOR);
+        assert!(read_blocks(&m).unwrap_err().contains("needing a check"));
+        let mut m = metadata(3, 16);
+        let bt = |d: u64| (d << 24).to_le_bytes().to_vec();
+        m[3] = leaf(3, 8, &[(1, bt(3)), (0, bt(4))]);
+        assert!(read_blocks(&m).unwrap_err().contains("out of order"));
+        let mut m = metadata(3, 16);
+        m[3] = leaf(2, 8, &[(0, bt(3))]);
+        assert!(read_blocks(&m).unwrap_err().contains("it says it is block 2"));
+        let mut m = metadata(3, 16);
+        let mut looped = leaf(3, 8, &[(0, 3u64.to_le_bytes().to_vec())]);
+        looped[4..8].copy_from_slice(&INTERNAL.to_le_bytes());
+        seal(&mut looped, NODE_XOR);
+        m[3] = looped;
+        assert!(read_blocks(&m).unwrap_err().contains("deeper than 16 levels"));
+    }
+}

@@ -4,7 +4,7 @@
 //! On-disk format (UEFI spec, little-endian): the header at LBA 1 (primary)
 //! and at the last LBA (backup), each pointing at its own entry array.
 
-use super::{DiskLayout, GptGeometry, Partition, TableKind, mbr, sort_and_check};
+use super::{DiskLayout, GptGeometry, Partition, TableKind, TableSource, mbr, sort_and_check};
 use crate::device::Disk;
 use crate::error::{Error, Result};
 
@@ -218,12 +218,12 @@ struct Copy {
 
 /// Reads the GPT copy whose header is at `lba`. I/O errors are errors; an
 /// invalid copy is `Ok(Err(reason))`.
-fn read_copy(disk: &Disk, lba: u64, ss: u64, total: u64) -> Result<std::result::Result<Copy, String>> {
+fn read_copy(disk: &dyn TableSource, lba: u64, ss: u64, total: u64) -> Result<std::result::Result<Copy, String>> {
     if lba >= total {
         return Ok(Err(format!("LBA {lba} lies beyond the end of the disk ({total} sectors)")));
     }
     let mut buf = vec![0u8; ss as usize];
-    disk.read_exact_at(&mut buf, lba * ss)?;
+    disk.read_table_bytes(&mut buf, lba * ss)?;
     let header = match Header::parse(&buf, lba, total, ss) {
         Ok(h) => h,
         Err(why) => return Ok(Err(why)),
@@ -231,7 +231,7 @@ fn read_copy(disk: &Disk, lba: u64, ss: u64, total: u64) -> Result<std::result::
     // Bounded by MAX_ENTRIES_BYTES and within the disk (checked in parse).
     let mut entries = vec![0u8; header.num_entries as usize * header.entry_size as usize];
     if !entries.is_empty() {
-        disk.read_exact_at(&mut entries, header.entries_lba * ss)?;
+        disk.read_table_bytes(&mut entries, header.entries_lba * ss)?;
     }
     if crc32fast::hash(&entries) != header.entries_crc {
         return Ok(Err("partition entry array CRC32 mismatch".into()));
@@ -304,9 +304,10 @@ pub(super) fn parse_entries(
 /// Reads a GPT with `sector_size`-byte sectors: the primary copy if valid,
 /// else the backup at the last LBA (with a warning). `None` when neither
 /// copy is valid.
-pub(super) fn read(disk: &Disk, sector_size: u32) -> Result<Option<DiskLayout>> {
+pub(super) fn read(disk: &dyn TableSource, sector_size: u32) -> Result<Option<DiskLayout>> {
     let ss = u64::from(sector_size);
-    let total = disk.size / ss;
+    let size = disk.table_source_size();
+    let total = size / ss;
     if total < 3 {
         return Ok(None);
     }
@@ -369,11 +370,11 @@ pub(super) fn read(disk: &Disk, sector_size: u32) -> Result<Option<DiskLayout>> 
     let h = &chosen.header;
     let mut partitions =
         parse_entries(&chosen.entries, h.entry_size, ss, total, Some((h.first_usable, h.last_usable)), &mut warnings)?;
-    sort_and_check(&mut partitions, disk.size)?;
+    sort_and_check(&mut partitions, size)?;
     Ok(Some(DiskLayout {
         kind: TableKind::Gpt,
         sector_size,
-        disk_size: disk.size,
+        disk_size: size,
         disk_id: Some(guid_to_string(&h.disk_guid)),
         partitions,
         extended: None,

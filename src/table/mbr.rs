@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 
-use super::{DiskLayout, Partition, TableKind, gpt::last_by_end, sort_and_check};
+use super::{DiskLayout, Partition, TableKind, TableSource, gpt::last_by_end, sort_and_check};
 use crate::device::Disk;
 use crate::error::{Error, Result};
 
@@ -118,8 +118,8 @@ struct Parsed {
 /// Reads an MBR layout from sector 0 (`sec0`, its first 512 bytes). Gives a
 /// `TableKind::None` layout when sector 0 is no MBR (no 0x55AA signature,
 /// invalid status bytes, or a filesystem boot sector).
-pub(super) fn read(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<DiskLayout> {
-    let none = DiskLayout::no_table(sector_size, disk.size);
+pub(super) fn read(disk: &dyn TableSource, sector_size: u32, sec0: &[u8]) -> Result<DiskLayout> {
+    let none = DiskLayout::no_table(sector_size, disk.table_source_size());
     if !has_signature(sec0) {
         return Ok(none);
     }
@@ -131,8 +131,8 @@ pub(super) fn read(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<DiskLay
         return Err(Error::Unsupported(format!(
             "{} has a GPT protective MBR but neither its primary nor its backup GPT header is valid \
              (read with {sector_size}-byte logical sectors{}); repair the GPT (e.g. with gdisk) first",
-            disk.path.display(),
-            if disk.kind == crate::device::DiskKind::File { ", and 4096 for GPT" } else { "" }
+            disk.table_source_name(),
+            if disk.sector_sizes().len() > 1 { ", and 4096 for GPT" } else { "" }
         )));
     }
     match parse(disk, sector_size, sec0) {
@@ -144,9 +144,10 @@ pub(super) fn read(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<DiskLay
     }
 }
 
-fn parse(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<Parsed> {
+fn parse(disk: &dyn TableSource, sector_size: u32, sec0: &[u8]) -> Result<Parsed> {
     let ss = u64::from(sector_size);
-    let total = disk.size / ss;
+    let size = disk.table_source_size();
+    let total = size / ss;
     let mut warnings = Vec::new();
     let mut partitions = Vec::new();
     let mut extended = None;
@@ -202,12 +203,12 @@ fn parse(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<Parsed> {
         Some((_, start, size)) => read_chain(disk, ss, start, size, &mut partitions, &mut warnings)?,
         None => Vec::new(),
     };
-    sort_and_check(&mut partitions, disk.size)?;
+    sort_and_check(&mut partitions, size)?;
     Ok(Parsed {
         layout: DiskLayout {
             kind: TableKind::Mbr,
             sector_size,
-            disk_size: disk.size,
+            disk_size: size,
             disk_id: Some(format!("0x{:08x}", le32(sec0, 440))),
             partitions,
             extended: extended.map(|(_, s, n)| (s * ss, n * ss)),
@@ -222,7 +223,7 @@ fn parse(disk: &Disk, sector_size: u32, sec0: &[u8]) -> Result<Parsed> {
 /// Follows the EBR chain of the extended partition at `ext_start` (sectors),
 /// adding logical partitions numbered from 5.
 fn read_chain(
-    disk: &Disk,
+    disk: &dyn TableSource,
     ss: u64,
     ext_start: u64,
     ext_size: u64,
@@ -245,7 +246,7 @@ fn read_chain(
             return Err(Error::Unsupported(format!("the EBR chain loops back to LBA {ebr}")));
         }
         let mut buf = [0u8; 512];
-        disk.read_exact_at(&mut buf, ebr * ss)?;
+        disk.read_table_bytes(&mut buf, ebr * ss)?;
         if !has_signature(&buf) {
             if ebr != ext_start {
                 warnings.push(format!("EBR at LBA {ebr} has no 0x55AA signature; the chain ends there"));

@@ -13,6 +13,70 @@ use serde::{Deserialize, Serialize};
 use crate::device::{Disk, DiskKind};
 use crate::error::{Error, Result};
 
+/// What a partition table is read from: a disk, or a volume that holds a
+/// whole disk's bytes (a virtual machine's disk in an LVM thin volume).
+pub trait TableSource {
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_table_bytes(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Its size in bytes.
+    fn table_source_size(&self) -> u64;
+    /// Its name in messages.
+    fn table_source_name(&self) -> String;
+    /// The logical sector sizes to try: a block device's own; for a file
+    /// or a volume 512, then 4096 for a GPT.
+    fn sector_sizes(&self) -> Vec<u32>;
+}
+
+impl TableSource for Disk {
+    fn read_table_bytes(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+
+    fn table_source_size(&self) -> u64 {
+        self.size
+    }
+
+    fn table_source_name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn sector_sizes(&self) -> Vec<u32> {
+        match self.kind {
+            DiskKind::BlockDevice => vec![self.logical_sector_size],
+            DiskKind::File => vec![512, 4096],
+        }
+    }
+}
+
+/// A volume holding a disk: `name` in messages.
+pub struct VolumeDisk<'a> {
+    /// The volume.
+    pub volume: crate::fs::Volume<'a>,
+    /// What to call it.
+    pub name: String,
+}
+
+impl TableSource for VolumeDisk<'_> {
+    fn read_table_bytes(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.volume.read_at(buf, offset).map_err(|e| match e {
+            crate::fs::FsError::Io(e) => e,
+            other => Error::Corrupt(format!("{}: {other}", self.name)),
+        })
+    }
+
+    fn table_source_size(&self) -> u64 {
+        self.volume.len
+    }
+
+    fn table_source_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn sector_sizes(&self) -> Vec<u32> {
+        vec![512, 4096]
+    }
+}
+
 /// Which partition table a disk carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,24 +206,21 @@ impl DiskLayout {
 /// A whole-disk FAT/NTFS/exFAT boot sector is not mistaken for an MBR. A
 /// protective MBR without a valid GPT, overlapping partitions and partitions
 /// beyond the end of the disk are `Error::Unsupported`.
-pub fn read_layout(disk: &Disk) -> Result<DiskLayout> {
-    let sizes: &[u32] = match disk.kind {
-        DiskKind::BlockDevice => &[disk.logical_sector_size],
-        DiskKind::File => &[512, 4096],
-    };
+pub fn read_layout(disk: &dyn TableSource) -> Result<DiskLayout> {
+    let sizes = disk.sector_sizes();
     let mbr_ss = sizes[0];
     if !matches!(mbr_ss, 512 | 1024 | 2048 | 4096) {
         return Err(Error::Unsupported(format!(
             "{}: logical sector size {mbr_ss} is not supported",
-            disk.path.display()
+            disk.table_source_name()
         )));
     }
-    if disk.size < 512 {
-        return Ok(DiskLayout::no_table(mbr_ss, disk.size));
+    if disk.table_source_size() < 512 {
+        return Ok(DiskLayout::no_table(mbr_ss, disk.table_source_size()));
     }
     let mut sec0 = [0u8; 512];
-    disk.read_exact_at(&mut sec0, 0)?;
-    for &ss in sizes {
+    disk.read_table_bytes(&mut sec0, 0)?;
+    for &ss in &sizes {
         let Some(mut layout) = gpt::read(disk, ss)? else { continue };
         if mbr::has_protective_entry(&sec0) {
             return Ok(layout);

@@ -379,8 +379,23 @@ fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
             .iter()
             .map(|s| {
                 let on: Vec<String> = s.stripes.iter().map(|(pv, e)| format!("{pv}:{e}")).collect();
+                let what = match (&s.pool, &s.thin) {
+                    (Some(p), _) => format!(
+                        ", data in {}, metadata in {}, {} blocks",
+                        p.data,
+                        p.metadata,
+                        human_bytes(p.chunk_size)
+                    ),
+                    (_, Some(t)) => format!(
+                        ", device {} of pool {}{}",
+                        t.device_id,
+                        t.pool,
+                        t.origin.as_ref().map(|o| format!(", a snapshot of {o}")).unwrap_or_default()
+                    ),
+                    _ => String::new(),
+                };
                 format!(
-                    "{} {} extents{}",
+                    "{} {} extents{}{what}",
                     s.kind,
                     s.extent_count,
                     if on.is_empty() { String::new() } else { format!(" at {}", on.join(",")) }
@@ -391,7 +406,8 @@ fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
         let _ = writeln!(o, "  {:<24}   LV {} {size}: {}", "", lv.name, segs.join("; "));
         if let Some(m) = &lv.method {
             let fs = lv.fs.as_ref().map(|f| format!("filesystem {}, ", f.fstype)).unwrap_or_default();
-            let used = lv.used_bytes.map(|u| format!(", {} copied", human_bytes(u))).unwrap_or_default();
+            let mapped = lv.mapped_bytes.map(|u| format!(", {} mapped", human_bytes(u))).unwrap_or_default();
+            let used = lv.used_bytes.map(|u| format!("{mapped}, {} copied", human_bytes(u))).unwrap_or_default();
             let _ = writeln!(o, "  {:<24}     {fs}method {m}{used}", "");
         }
     }
