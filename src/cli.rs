@@ -7,7 +7,15 @@ use clap::{Args, Parser, Subcommand};
 /// klon: back up disks into compressed, checksummed images; verify them;
 /// restore them to the same or a larger disk.
 #[derive(Debug, Parser)]
-#[command(name = "klon", version, about, long_about = None, disable_help_subcommand = true)]
+#[command(
+    name = "klon",
+    version,
+    about,
+    long_about = None,
+    disable_help_subcommand = true,
+    override_usage = "klon [OPTIONS] <COMMAND>\n       klon               (no command, on a terminal: the wizard's menus)",
+    after_help = EXAMPLES
+)]
 pub struct Cli {
     /// No progress or chatter; errors are still printed.
     #[arg(long, short, global = true)]
@@ -23,6 +31,21 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// What `klon --help` ends with.
+const EXAMPLES: &str = "\
+Examples:
+  klon                                   the wizard: back up, restore, clone from menus
+  klon disks                             the disks, their partitions and filesystems
+  klon backup /dev/sda /mnt/usb/laptop   an image of /dev/sda (used blocks only)
+  klon verify /mnt/usb/laptop            every checksum, no disk touched
+  klon restore /mnt/usb/laptop /dev/sdb  onto /dev/sdb (asks first; --yes in scripts)
+  klon backup --repo /dev/sda /mnt/usb/repo   a snapshot in a repository (only what changed)
+  klon demo                              all of it on a built-in sample disk
+
+klon help COMMAND shows a command's options. Exit codes: 0 done, 1 unsupported,
+2 usage, 3 I/O, 4 damaged image or read-back differs, 5 refused or cancelled,
+6 wrong passphrase (the README has the table).";
 
 /// Commands.
 #[derive(Debug, Subcommand)]
@@ -70,6 +93,12 @@ pub enum Command {
     /// Run klon's main job on a built-in sample disk: back up, verify,
     /// restore to a larger disk, compare.
     Demo(DemoArgs),
+    /// Print the completions of klon's commands and options for SHELL
+    /// (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(CompletionsArgs),
+    /// Write klon's man pages (klon.1 and one per command) into DIR, or
+    /// print klon.1 on stdout.
+    Man(ManArgs),
     /// Print this message or the help of the given command.
     // klon's own rather than clap's, which took `klon help --help` for a
     // command named --help (exit 2).
@@ -84,6 +113,23 @@ pub enum Command {
 pub struct HelpArgs {
     /// The command (and its subcommands) to describe.
     pub command: Vec<String>,
+}
+
+/// `klon completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// `klon man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Directory to write klon.1 and klon-COMMAND.1 into (e.g.
+    /// /usr/local/share/man/man1); without it, klon.1 goes to stdout.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `klon backup`.

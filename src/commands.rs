@@ -45,6 +45,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Umount(a) => crate::engine::mount::umount(&a.dir),
         Command::Demo(a) => crate::demo::run(a.dir.as_deref(), cli.quiet, cli.json),
         Command::Help(a) => help(&a.command),
+        Command::Completions(a) => completions(a.shell),
+        Command::Man(a) => man(a.dir.as_deref()),
         Command::Live(a) => crate::live::run(cli, a),
     }
 }
@@ -61,6 +63,62 @@ fn help(names: &[String]) -> Result<()> {
             .ok_or_else(|| Error::Usage(format!("klon has no command {name:?}; `klon help` lists the commands")))?;
     }
     cur.print_long_help().map_err(|e| Error::io("writing the help to", Path::new("stdout"), None, e))
+}
+
+/// `klon completions SHELL`: the shell's completion script on stdout.
+fn completions(shell: clap_complete::Shell) -> Result<()> {
+    use clap::CommandFactory;
+    let full = crate::cli::Cli::command();
+    // The generators offer hidden commands too: leave the live system's
+    // own out.
+    let mut cmd = clap::Command::new("klon")
+        .disable_help_subcommand(true)
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|c| !c.is_hide_set()).cloned());
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "klon", &mut out);
+    std::io::Write::write_all(&mut std::io::stdout(), &out)
+        .map_err(|e| Error::io("writing the completions to", Path::new("stdout"), None, e))
+}
+
+/// `klon man [--dir DIR]`: klon.1 on stdout, or klon.1 and one page per
+/// command (klon-backup.1, klon-key-add.1, …) written into DIR.
+fn man(dir: Option<&Path>) -> Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = crate::cli::Cli::command();
+    cmd.build();
+    let Some(dir) = dir else {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .render(&mut out)
+            .map_err(|e| Error::io("writing the man page to", Path::new("stdout"), None, e))?;
+        return std::io::Write::write_all(&mut std::io::stdout(), &out)
+            .map_err(|e| Error::io("writing the man page to", Path::new("stdout"), None, e));
+    };
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, None, e))?;
+    // Hidden commands (the live system's own) get no page.
+    let hidden = |c: &clap::Command| c.is_hide_set();
+    let mut pages = vec![("klon".to_string(), cmd.clone())];
+    let mut todo: Vec<(String, clap::Command)> =
+        cmd.get_subcommands().filter(|c| !hidden(c)).map(|c| (format!("klon-{}", c.get_name()), c.clone())).collect();
+    while let Some((name, c)) = todo.pop() {
+        todo.extend(
+            c.get_subcommands().filter(|s| !hidden(s)).map(|s| (format!("{name}-{}", s.get_name()), s.clone())),
+        );
+        pages.push((name, c));
+    }
+    for (name, c) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        let c = c.bin_name(name.replace('-', " "));
+        clap_mangen::Man::new(c)
+            .title(name.clone())
+            .render(&mut out)
+            .map_err(|e| Error::io("writing", &path, None, e))?;
+        std::fs::write(&path, out).map_err(|e| Error::io("writing", &path, None, e))?;
+    }
+    Ok(())
 }
 
 fn print_json(value: &impl Serialize) -> Result<()> {

@@ -301,3 +301,76 @@ fn a_gocryptfs_directory_is_named_with_what_to_do() {
         fails_with(&klon(&[cmd, dir.to_str().unwrap()]), 1, &["encrypted with gocryptfs", "mount it with gocryptfs"]);
     }
 }
+
+#[test]
+fn help_names_the_wizard_and_its_examples_are_real_commands() {
+    let o = klon(&["--help"]);
+    ok(&o);
+    let help = stdout(&o);
+    assert!(help.contains("no command, on a terminal: the wizard"), "{help}");
+    let examples: Vec<&str> =
+        help.lines().skip_while(|l| *l != "Examples:").skip(1).take_while(|l| !l.is_empty()).collect();
+    assert!(examples.len() >= 5, "{help}");
+    for line in examples {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[0], "klon", "{line}");
+        // Each example's command exists and takes the options it shows.
+        if words.len() > 1 && !words[1].starts_with('/') && words[1] != "the" {
+            ok(&klon(&["help", words[1]]));
+            let long = stdout(&klon(&["help", words[1]]));
+            for opt in words.iter().filter(|w| w.starts_with("--")) {
+                assert!(long.contains(opt), "klon {} has no {opt}:\n{long}", words[1]);
+            }
+        }
+    }
+}
+
+#[test]
+fn bash_completion_completes_commands_and_options() {
+    let o = klon(&["completions", "bash"]);
+    ok(&o);
+    let t = TempDir::new("completions");
+    let script = t.join("klon.bash");
+    std::fs::write(&script, stdout(&o)).unwrap();
+    // What bash offers after "klon ba" and after "klon backup --ra".
+    let complete = |words: &str| {
+        let probe = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}}-1)); \
+             _klon klon \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            script.display()
+        );
+        let o = std::process::Command::new("bash").args(["--norc", "-c", &probe]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    assert_eq!(complete("klon ba"), "backup");
+    assert!(!complete("klon l").split(' ').any(|w| w == "live"), "the hidden live command is offered");
+    let opts = complete("klon backup --ra");
+    assert!(opts.split(' ').any(|w| w == "--raw") && opts.split(' ').any(|w| w == "--raw-unclean"), "{opts}");
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let o = klon(&["completions", shell]);
+        ok(&o);
+        assert!(stdout(&o).contains("backup") && stdout(&o).contains("raw-unclean"), "{shell}");
+    }
+    fails_with(&klon(&["completions", "tcsh"]), 2, &["tcsh"]);
+}
+
+#[test]
+fn man_pages_are_written_for_every_command() {
+    let t = TempDir::new("man");
+    let dir = t.join("man1");
+    ok(&klon(&["man", "--dir", dir.to_str().unwrap()]));
+    let mut pages: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    pages.sort();
+    for want in ["klon.1", "klon-backup.1", "klon-restore.1", "klon-key-add.1", "klon-completions.1"] {
+        assert!(pages.iter().any(|p| p == want), "no {want} in {pages:?}");
+    }
+    assert!(!pages.iter().any(|p| p.contains("live")), "a page for the live system's hidden command: {pages:?}");
+    let backup = std::fs::read_to_string(dir.join("klon-backup.1")).unwrap();
+    assert!(backup.starts_with(".ie") || backup.contains(".TH klon-backup 1"), "{backup}");
+    assert!(backup.contains("raw\\-unclean") && backup.contains("klon backup"), "{backup}");
+    let o = klon(&["man"]);
+    ok(&o);
+    assert!(stdout(&o).contains(".TH klon 1"), "{}", stdout(&o));
+}
