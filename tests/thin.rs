@@ -570,3 +570,24 @@ fn a_pool_whose_metadata_fails_its_checksum_is_copied_whole_with_a_warning_and_r
     ok(&klon(&["restore", "--yes", "--quiet", s(&img), s(&out)]));
     assert_same(&f.disk, &out, meta, 17 * EXTENT, "the pool's metadata and data volumes");
 }
+
+#[test]
+fn the_disk_list_names_the_volume_group_its_volumes_and_the_thin_volumes_in_its_pool() {
+    require_root!();
+    let t = TempDir::new("thin-disks");
+    let vg = format!("pvelist{}", std::process::id());
+    let f = fixture(&t, &vg);
+    let dev = LoopDevice::attach(&f.disk, None);
+    let o = klon(&["--json", "disks"]);
+    ok(&o);
+    let disks: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let ours =
+        disks.as_array().unwrap().iter().find(|d| d["path"] == s(&dev.path)).unwrap_or_else(|| panic!("{disks}"));
+    let pv = ours["partitions"].as_array().unwrap().iter().find(|p| p["number"] == 3).unwrap().clone();
+    let want = format!(
+        "volume group {vg}: root, swap, data (thin pool: vm-100-disk-0, vm-101-disk-0, snap_vm-101-disk-0_before)"
+    );
+    assert_eq!(pv["lvm"].as_str(), Some(want.as_str()), "{pv}");
+    let text = stdout(&klon(&["disks"]));
+    assert!(text.contains(&format!("volume group {vg}: root, swap, data (thin pool: vm-100")), "{text}");
+}

@@ -76,6 +76,10 @@ pub struct PartInfo {
     pub mountpoints: Vec<PathBuf>,
     /// Mounted, used as swap, or held by another device (dm, md, LVM).
     pub in_use: bool,
+    /// For an LVM2 physical volume: its volume group and volumes, as
+    /// `VolumeGroup::summary` puts them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<String>,
 }
 
 fn read_attr(path: &Path) -> Option<String> {
@@ -337,6 +341,13 @@ fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> 
                 continue;
             };
             let pname = e.file_name().to_string_lossy().into_owned();
+            let fs = disk.and_then(|d| probe(d, start, psize));
+            let lvm = match (disk, &fs) {
+                (Some(d), Some(f)) if f.fstype == "LVM2_member" => {
+                    crate::fs::lvm::read(&crate::fs::Volume::new(d, start, psize)).ok().map(|vg| vg.summary())
+                }
+                _ => None,
+            };
             partitions.push(PartInfo {
                 number: number as u32,
                 path: dev_path(&pname),
@@ -344,9 +355,10 @@ fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> 
                 start,
                 size: psize,
                 type_id: type_of(start),
-                fs: disk.and_then(|d| probe(d, start, psize)),
+                fs,
                 mountpoints: usage.mountpoints(pdev),
                 in_use: usage.in_use(pdev),
+                lvm,
             });
         }
     }
@@ -517,6 +529,10 @@ pub fn render_disks(disks: &[DiskInfo]) -> String {
             );
             out.push_str(&cut(line.trim_end(), 80));
             out.push('\n');
+            if let Some(vg) = &p.lvm {
+                out.push_str(&cut(&format!("        {vg}"), 80));
+                out.push('\n');
+            }
         }
     }
     out
@@ -603,6 +619,7 @@ mod tests {
                 fs: Some(FsInfo { fstype: "vfat".into(), label: Some("EFI".into()), uuid: Some("ABCD-1234".into()) }),
                 mountpoints: vec!["/boot/efi/with/a/really/long/path/that/goes/on/and/on/forever".into()],
                 in_use: true,
+                lvm: None,
             }],
             fs: None,
             mountpoints: vec![],

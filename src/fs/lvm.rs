@@ -59,6 +59,10 @@ pub struct LogicalVolume {
     pub uuid: String,
     /// Its segments, by logical extent.
     pub segments: Vec<Segment>,
+    /// LVM's own volume, not shown to users (a thin pool's `_tmeta` and
+    /// `_tdata`, the spare metadata volume): its status lacks VISIBLE.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
     /// How a backup copied it: the filesystem whose used blocks it read,
     /// or "raw (why)" (absent: the PV was copied raw).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -141,6 +145,28 @@ impl Segment {
         let p = vg.pvs.iter().find(|p| p.name == *pv)?;
         let at = p.pe_start.checked_add(first.checked_mul(vg.extent_size)?)?;
         Some((at, self.extent_count.checked_mul(vg.extent_size)?))
+    }
+}
+
+impl VolumeGroup {
+    /// One line for a disk list: the group and its visible volumes, a
+    /// thin pool with the thin volumes in it ("pve: root, swap, data
+    /// (thin pool: vm-100-disk-0, …)").
+    pub fn summary(&self) -> String {
+        let in_pool = |pool: &str| -> Vec<&str> {
+            let of = |l: &&LogicalVolume| l.segments.iter().any(|s| s.thin.as_ref().is_some_and(|t| t.pool == pool));
+            self.lvs.iter().filter(of).map(|l| l.name.as_str()).collect()
+        };
+        let lvs: Vec<String> = self
+            .lvs
+            .iter()
+            .filter(|l| !l.hidden && !l.segments.iter().any(|s| s.kind == "thin"))
+            .map(|l| match l.segments.iter().any(|s| s.kind == "thin-pool") {
+                true => format!("{} (thin pool: {})", l.name, in_pool(&l.name).join(", ")),
+                false => l.name.clone(),
+            })
+            .collect();
+        format!("volume group {}: {}", self.name, if lvs.is_empty() { "no volumes".into() } else { lvs.join(", ") })
     }
 }
 
@@ -480,6 +506,7 @@ pub fn parse_metadata(text: &str, pv_uuid: &str) -> Result<VolumeGroup, FsError>
         lvs.push(LogicalVolume {
             name: lv_name.clone(),
             uuid: lv.text("id").map_err(lv_bad)?,
+            hidden: !matches!(lv.get("status"), Some(Value::List(l)) if l.contains(&Value::Text("VISIBLE".into()))),
             segments,
             method: None,
             fs: None,

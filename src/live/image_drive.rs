@@ -199,6 +199,7 @@ mod tests {
                     fs: Some(f),
                     mountpoints: vec![],
                     in_use: false,
+                    lvm: None,
                 })
                 .collect(),
             fs: None,

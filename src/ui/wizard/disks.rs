@@ -130,6 +130,11 @@ pub fn describe(l: &Listed) -> String {
             &format!("\n      part {}: {} {fstype}{label}{used}{mounted}", p.number, human_bytes(p.size)),
             78,
         ));
+        // An LVM2 PV: what a person knows the disk by (the Proxmox host's
+        // volume group and its VM disks).
+        if let Some(vg) = &p.lvm {
+            s.push_str(&cut(&format!("\n        {vg}"), 78));
+        }
     }
     s
 }
@@ -272,11 +277,26 @@ mod tests {
                 fs: Some(FsInfo { fstype: "ext4".into(), label: Some("data".into()), uuid: None }),
                 mountpoints: vec![],
                 in_use: false,
+                lvm: None,
             }],
             fs: None,
             mountpoints: vec![],
             in_use: false,
         }
+    }
+
+    #[test]
+    fn an_lvm_physical_volume_shows_its_volume_group() {
+        let mut d = disk(100 << 30);
+        d.partitions[0].fs = Some(FsInfo { fstype: "LVM2_member".into(), label: None, uuid: None });
+        d.partitions[0].lvm = Some("volume group pve: root, swap, data (thin pool: vm-100-disk-0)".into());
+        let text = describe(&Listed { info: d, used: vec![None] });
+        assert!(
+            text.contains(
+                "part 1: 107.4 GB LVM2_member\n        volume group pve: root, swap, data (thin pool: vm-100-disk-0)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart
             fs: info.fs.clone(),
             mountpoints: info.mountpoints.clone(),
             in_use: info.in_use,
+            lvm: None,
         });
         for p in info.partitions.iter().chain(whole.as_ref()) {
             let Some(f) = &p.fs else { continue };
