@@ -284,7 +284,7 @@ fn lvm_plan(
             copies.push((lv.name.clone(), LvCopy { method, fs: None, used: 0, mapped: None, reads: Vec::new() }));
             continue;
         }
-        let Some(ranges) = linear_ranges(&vg, lv, info.length) else {
+        let Some(ranges) = vg.linear_ranges(lv, info.length) else {
             warnings.push(format!(
                 "{place}: LVM2 logical volume {}/{} ({}) is copied whole: klon maps linear volumes (of segments \
                  that follow each other) and thin pools only",
@@ -348,21 +348,6 @@ fn lvm_plan(
     info.lvm = Some(vg);
     let reads = reads.into_iter().map(|(s, l)| (info.start + s, l)).collect();
     Ok(StreamPlan { reads, skip_zero: false, info })
-}
-
-/// Where a linear logical volume's bytes lie on the PV (offsets from
-/// its start, in the volume's order), if it is linear on this PV, its
-/// segments follow each other from its first extent (sorted when read),
-/// and all lie inside the partition (`length` bytes).
-fn linear_ranges(vg: &fs::lvm::VolumeGroup, lv: &fs::lvm::LogicalVolume, length: u64) -> Option<Vec<Extent>> {
-    let ranges: Vec<Extent> = lv.segments.iter().map(|s| s.linear_on(vg, &vg.pvs[0].name)).collect::<Option<_>>()?;
-    let contiguous = lv
-        .segments
-        .iter()
-        .try_fold(0u64, |next, s| (s.start_extent == next).then(|| next.saturating_add(s.extent_count)))
-        .is_some();
-    let inside = ranges.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= length));
-    (contiguous && inside && !ranges.is_empty()).then_some(ranges)
 }
 
 /// Probes one volume (a logical volume, a thin volume) like a partition:
@@ -469,51 +454,16 @@ fn thin_pool_plan(
     warnings: &mut Vec<String>,
 ) -> Result<Option<Vec<(String, LvCopy)>>> {
     let place = format!("{}: LVM2 thin pool {}/{}", describe(info), vg.name, pool_lv.name);
-    let mut whole_instead = |why: String| {
-        warnings.push(format!("{place}: {why}; its data volume is copied whole"));
-        Ok(None)
+    let open = match fs::lvm::OpenPool::open(vg, pool_lv, source, info.start, info.length) {
+        Ok(open) => open,
+        Err(fs::lvm::PoolError::Io(e)) => return Err(e.with_note(&format!("reading the metadata of {place}"))),
+        Err(fs::lvm::PoolError::Unmapped(why)) => {
+            warnings.push(format!("{place}: {why}; its data volume is copied whole"));
+            return Ok(None);
+        }
     };
-    let [seg] = &pool_lv.segments[..] else { return whole_instead("it has more than one segment".into()) };
-    let Some(p) = &seg.pool else {
-        return whole_instead("LVM's metadata does not give its metadata and data volumes and block size".into());
-    };
-    let find = |name: &str| vg.lvs.iter().find(|l| l.name == name);
-    let (Some(meta_lv), Some(data_lv)) = (find(&p.metadata), find(&p.data)) else {
-        return whole_instead(format!("its volumes {} and {} are not both in the metadata", p.metadata, p.data));
-    };
-    let (Some(meta_r), Some(data_r)) =
-        (linear_ranges(vg, meta_lv, info.length), linear_ranges(vg, data_lv, info.length))
-    else {
-        return whole_instead(format!("its volumes {} and {} are not both linear on this PV", p.metadata, p.data));
-    };
-    let meta_pieces = fs::Piece::chain(&meta_r);
-    let meta = Volume { disk: source, start: info.start, len: meta_r.iter().map(|r| r.1).sum(), pieces: &meta_pieces };
-    let pool = match fs::thin::read(&meta) {
-        Ok(pool) => pool,
-        Err(FsError::Io(e)) => return Err(e.with_note(&format!("reading the metadata of {place}"))),
-        Err(e) => return whole_instead(format!("its metadata failed a check ({e})")),
-    };
-    let data_pieces = fs::Piece::chain(&data_r);
-    let data_len: u64 = data_r.iter().map(|r| r.1).sum();
-    let data = Volume { disk: source, start: info.start, len: data_len, pieces: &data_pieces };
-    let cb = pool.data_block_size;
-    if cb != p.chunk_size {
-        return whole_instead(format!(
-            "its metadata has data blocks of {cb} bytes where LVM's metadata says {}",
-            p.chunk_size
-        ));
-    }
-    if pool.data_blocks.checked_mul(cb).is_none_or(|b| b > data_len) {
-        return whole_instead(format!(
-            "its metadata counts {} data blocks of {cb} bytes, more than its data volume {} holds",
-            pool.data_blocks, p.data
-        ));
-    }
-    // Every mapped data block (all within the data volume: checked
-    // above), as ranges from the PV's start.
-    let mapped_of = |dev: &fs::thin::ThinDevice| -> Vec<Extent> {
-        dev.runs.iter().flat_map(|&(_, d, n)| data.on_disk(d * cb, n * cb)).collect()
-    };
+    let (pool, cb) = (&open.pool, open.pool.data_block_size);
+    let data_lv = pool_lv.segments[0].pool.as_ref().map(|p| p.data.clone()).unwrap_or_default();
     let mut out: Vec<(String, LvCopy)> = Vec::new();
     let mut claimed = std::collections::BTreeSet::new();
     let mut pool_reads: Vec<Extent> = Vec::new();
@@ -548,21 +498,8 @@ fn thin_pool_plan(
         let size = lv.extents().saturating_mul(vg.extent_size);
         // The volume's mapped blocks where they lie, and any mapped past
         // its end (kept, as the pool holds them).
-        let mut pieces = Vec::new();
-        let mut beyond = Vec::new();
-        for &(v, d, n) in &dev.runs {
-            let (at, total) = (v.saturating_mul(cb), n * cb);
-            let inside = size.saturating_sub(at).min(total);
-            let mut off = at;
-            for (disk, len) in data.on_disk(d * cb, inside) {
-                pieces.push(fs::Piece { at: off, disk, len });
-                off += len;
-            }
-            if inside < total {
-                beyond.extend(data.on_disk(d * cb + inside, total - inside));
-            }
-        }
-        let mapped = mapped_of(dev);
+        let (pieces, beyond) = open.pieces(dev, size);
+        let mapped = open.mapped(dev);
         all_mapped.extend(mapped.iter().copied());
         let mut copy = thin_volume_copy(
             source,
@@ -586,7 +523,7 @@ fn thin_pool_plan(
              as they are",
             dev.mapped_blocks
         ));
-        let mapped = mapped_of(dev);
+        let mapped = open.mapped(dev);
         all_mapped.extend(mapped.iter().copied());
         pool_reads.extend(mapped);
     }
@@ -599,10 +536,7 @@ fn thin_pool_plan(
         pool_lv.name.clone(),
         LvCopy { method: method.clone(), fs: None, used: stored, mapped: Some(mapped_bytes), reads: Vec::new() },
     ));
-    out.push((
-        data_lv.name.clone(),
-        LvCopy { method, fs: None, used: stored, mapped: Some(mapped_bytes), reads: pool_reads },
-    ));
+    out.push((data_lv, LvCopy { method, fs: None, used: stored, mapped: Some(mapped_bytes), reads: pool_reads }));
     Ok(Some(out))
 }
 

@@ -7,7 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{FsError, Volume};
+use super::{FsError, Piece, ReadAt, Volume};
+use crate::image::format::Extent;
 
 /// Magic of a metadata area header.
 const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
@@ -167,6 +168,156 @@ impl VolumeGroup {
             })
             .collect();
         format!("volume group {}: {}", self.name, if lvs.is_empty() { "no volumes".into() } else { lvs.join(", ") })
+    }
+}
+
+impl VolumeGroup {
+    /// Where a linear logical volume's bytes lie on this PV (offsets from
+    /// its start, in the volume's order), if it is linear on this PV, its
+    /// segments follow each other from its first extent (sorted when
+    /// read), and all lie inside the PV's `length` bytes.
+    pub fn linear_ranges(&self, lv: &LogicalVolume, length: u64) -> Option<Vec<Extent>> {
+        let ranges: Vec<Extent> =
+            lv.segments.iter().map(|s| s.linear_on(self, &self.pvs[0].name)).collect::<Option<_>>()?;
+        let contiguous = lv
+            .segments
+            .iter()
+            .try_fold(0u64, |next, s| (s.start_extent == next).then(|| next.saturating_add(s.extent_count)))
+            .is_some();
+        let inside = ranges.iter().all(|&(s, l)| s.checked_add(l).is_some_and(|e| e <= length));
+        (contiguous && inside && !ranges.is_empty()).then_some(ranges)
+    }
+
+    /// The logical volume named `name`.
+    pub fn lv(&self, name: &str) -> Option<&LogicalVolume> {
+        self.lvs.iter().find(|l| l.name == name)
+    }
+
+    /// The thin volumes of pool `pool` (each of one thin segment), with
+    /// their device ids.
+    pub fn thin_volumes<'a>(&'a self, pool: &'a str) -> impl Iterator<Item = (&'a LogicalVolume, u64)> + 'a {
+        self.lvs.iter().filter_map(move |l| match &l.segments[..] {
+            [Segment { thin: Some(t), .. }] if t.pool == pool => Some((l, t.device_id)),
+            _ => None,
+        })
+    }
+}
+
+/// A thin pool of a volume group on a PV, its metadata read.
+#[derive(Debug)]
+pub struct OpenPool {
+    /// Its metadata volume's bytes on the PV (offsets from its start).
+    pub metadata: Vec<Extent>,
+    /// Its data volume's pieces on the PV.
+    pub data: Vec<Piece>,
+    /// Its data volume's size.
+    pub data_len: u64,
+    /// What its metadata says.
+    pub pool: super::thin::ThinPool,
+}
+
+/// Why a thin pool could not be mapped.
+#[derive(Debug)]
+pub enum PoolError {
+    /// Its volumes or metadata do not allow it (said why).
+    Unmapped(String),
+    /// Reading failed.
+    Io(crate::Error),
+}
+
+impl OpenPool {
+    /// Reads thin pool `pool_lv` of `vg`, whose PV is the `length` bytes
+    /// at `start` of `disk`: its metadata and data volumes must be linear
+    /// on the PV and its metadata pass every check.
+    pub fn open(
+        vg: &VolumeGroup,
+        pool_lv: &LogicalVolume,
+        disk: &dyn ReadAt,
+        start: u64,
+        length: u64,
+    ) -> Result<OpenPool, PoolError> {
+        let no = |why: String| Err(PoolError::Unmapped(why));
+        let [seg] = &pool_lv.segments[..] else { return no("it has more than one segment".into()) };
+        let Some(p) = &seg.pool else {
+            return no("LVM's metadata does not give its metadata and data volumes and block size".into());
+        };
+        let (Some(meta_lv), Some(data_lv)) = (vg.lv(&p.metadata), vg.lv(&p.data)) else {
+            return no(format!("its volumes {} and {} are not both in the metadata", p.metadata, p.data));
+        };
+        let (Some(metadata), Some(data_r)) = (vg.linear_ranges(meta_lv, length), vg.linear_ranges(data_lv, length))
+        else {
+            return no(format!("its volumes {} and {} are not both linear on this PV", p.metadata, p.data));
+        };
+        let meta_pieces = Piece::chain(&metadata);
+        let meta = Volume { disk, start, len: metadata.iter().map(|r| r.1).sum(), pieces: &meta_pieces };
+        let pool = match super::thin::read(&meta) {
+            Ok(pool) => pool,
+            Err(FsError::Io(e)) => return Err(PoolError::Io(e)),
+            Err(e) => return no(format!("its metadata failed a check ({e})")),
+        };
+        let data_len: u64 = data_r.iter().map(|r| r.1).sum();
+        let cb = pool.data_block_size;
+        if cb != p.chunk_size {
+            return no(format!(
+                "its metadata has data blocks of {cb} bytes where LVM's metadata says {}",
+                p.chunk_size
+            ));
+        }
+        if pool.data_blocks.checked_mul(cb).is_none_or(|b| b > data_len) {
+            return no(format!(
+                "its metadata counts {} data blocks of {cb} bytes, more than its data volume {} holds",
+                pool.data_blocks, p.data
+            ));
+        }
+        Ok(OpenPool { metadata, data: Piece::chain(&data_r), data_len, pool })
+    }
+
+    /// Where the `len` bytes at `offset` of the data volume lie on the PV.
+    fn data_on_disk(&self, offset: u64, len: u64) -> Vec<Extent> {
+        // (Reads nothing: the disk is not used.)
+        Volume { disk: &NoDisk, start: 0, len: self.data_len, pieces: &self.data }.on_disk(offset, len)
+    }
+
+    /// The PV ranges of every data block thin device `dev` maps (all
+    /// inside the data volume: checked when opened).
+    pub fn mapped(&self, dev: &super::thin::ThinDevice) -> Vec<Extent> {
+        let cb = self.pool.data_block_size;
+        dev.runs.iter().flat_map(|&(_, d, n)| self.data_on_disk(d * cb, n * cb)).collect()
+    }
+
+    /// Thin device `dev` as a volume of `size` bytes: its pieces on the
+    /// PV (unmapped blocks are gaps, read as zeros), and the PV ranges of
+    /// blocks it maps past `size`.
+    pub fn pieces(&self, dev: &super::thin::ThinDevice, size: u64) -> (Vec<Piece>, Vec<Extent>) {
+        let cb = self.pool.data_block_size;
+        let (mut pieces, mut beyond) = (Vec::new(), Vec::new());
+        for &(v, d, n) in &dev.runs {
+            let (at, total) = (v.saturating_mul(cb), n * cb);
+            let inside = size.saturating_sub(at).min(total);
+            let mut off = at;
+            for (disk, len) in self.data_on_disk(d * cb, inside) {
+                pieces.push(Piece { at: off, disk, len });
+                off += len;
+            }
+            if inside < total {
+                beyond.extend(self.data_on_disk(d * cb + inside, total - inside));
+            }
+        }
+        (pieces, beyond)
+    }
+}
+
+/// A disk of no bytes, for working out where a volume's bytes lie.
+#[derive(Debug)]
+struct NoDisk;
+
+impl ReadAt for NoDisk {
+    fn read_exact_at(&self, _buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        Err(crate::Error::Corrupt(format!("nothing to read at {offset}")))
+    }
+
+    fn size(&self) -> u64 {
+        0
     }
 }
 

@@ -49,6 +49,25 @@ impl std::fmt::Display for FsError {
     }
 }
 
+/// What a volume's bytes are read from: a disk (a block device or an
+/// image file), or an image's disk as a mount serves it.
+pub trait ReadAt: std::fmt::Debug {
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()>;
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+}
+
+impl ReadAt for Disk {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+        Disk::read_exact_at(self, buf, offset)
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 /// Largest single metadata read a driver may ask for (bounds allocations
 /// sized by values read from the disk).
 pub const MAX_METADATA_READ: u64 = 256 << 20;
@@ -61,7 +80,7 @@ pub const MAX_METADATA_READ: u64 = 256 << 20;
 #[derive(Debug, Clone, Copy)]
 pub struct Volume<'a> {
     /// The disk holding the partition.
-    pub disk: &'a Disk,
+    pub disk: &'a dyn ReadAt,
     /// Byte offset of the partition on the disk (of the area holding the
     /// pieces, when there are some).
     pub start: u64,
@@ -103,7 +122,7 @@ impl Piece {
 
 impl<'a> Volume<'a> {
     /// The `len` bytes at `start` of `disk`.
-    pub fn new(disk: &'a Disk, start: u64, len: u64) -> Volume<'a> {
+    pub fn new(disk: &'a dyn ReadAt, start: u64, len: u64) -> Volume<'a> {
         Volume { disk, start, len, pieces: &[] }
     }
 

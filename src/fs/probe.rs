@@ -33,7 +33,7 @@ pub fn probe(disk: &Disk, start: u64, len: u64) -> Option<FsInfo> {
 pub fn probe_volume(volume: &super::Volume) -> Option<FsInfo> {
     let on_disk = volume.on_disk(0, volume.len);
     let inside = |&(at, len): &(u64, u64)| {
-        volume.start.checked_add(at).and_then(|s| s.checked_add(len)).is_some_and(|e| e <= volume.disk.size)
+        volume.start.checked_add(at).and_then(|s| s.checked_add(len)).is_some_and(|e| e <= volume.disk.size())
     };
     if !on_disk.iter().all(inside) {
         return None;

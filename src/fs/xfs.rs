@@ -1225,7 +1225,7 @@ mod tests {
             }
             w.write_all_at(&block, save_off).unwrap();
             let vol = Volume::new(&d, 0, d.size);
-            let r = std::panic::catch_unwind(|| used_map(&vol));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| used_map(&vol)));
             w.write_all_at(&saved, save_off).unwrap();
             match r {
                 Ok(Ok(m)) => {
@@ -1267,7 +1267,7 @@ mod tests {
                     block[at..at + 4].copy_from_slice(&c.to_le_bytes());
                     w.write_all_at(&block, off).unwrap();
                     let vol = Volume::new(&d, 0, d.size);
-                    match std::panic::catch_unwind(|| used_map(&vol)) {
+                    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| used_map(&vol))) {
                         Ok(Ok(_)) => counts[0] += 1,
                         Ok(Err(FsError::Corrupt(_))) => counts[1] += 1,
                         Ok(Err(_)) => counts[2] += 1,
