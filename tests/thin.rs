@@ -485,7 +485,7 @@ fn assert_restored(t: &TempDir, f: &Fixture, out: &Path, vg: &str, tag: &str) {
 }
 
 #[test]
-fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_and_restores_for_lvm_and_thin_tools() {
+fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_restores_for_lvm_and_thin_tools_and_mounts() {
     require_root!();
     let t = TempDir::new("thin");
     let vg = format!("pvethin{}", std::process::id());
@@ -533,6 +533,42 @@ fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_and_restores_fo
     ok(&klon(&["restore", "--yes", "--quiet", s(&img), s(&out)]));
     assert_restored(&t, &f, &out, &vg, "restored");
     ok(&klon(&["verify", "--quiet", s(&img)]));
+
+    // Mounted, the image shows each volume as a file named as
+    // /dev/mapper names it; each holds its filesystem and files (a VM's
+    // disk its GPT and partition), read through the pool's metadata in
+    // the image.
+    let dir = t.join("mnt-image");
+    std::fs::create_dir_all(&dir).unwrap();
+    ok(&klon(&["mount", "--quiet", s(&img), s(&dir)]));
+    let _unmount = Unmount(dir.clone());
+    let file = |lv: &str| dir.join(format!("{}-{}.img", vg, lv.replace('-', "--")));
+    let names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    for lv in ["root", "swap", "vm-100-disk-0", "vm-101-disk-0", "snap_vm-101-disk-0_before"] {
+        assert!(file(lv).is_file(), "no file for {lv} in {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("tdata") || n.contains("tmeta") || n.contains("-data.img")), "{names:?}");
+    assert_eq!(std::fs::metadata(file("vm-100-disk-0")).unwrap().len(), 12 * EXTENT);
+    let copy = |lv: &str, at: u64, len: u64, tag: &str| {
+        let out = t.join(&format!("mounted-{tag}.img"));
+        std::fs::write(&out, read_at(&file(lv), at, len)).unwrap();
+        out
+    };
+    assert_ext4_holds(&t, &copy("root", 0, 6 * EXTENT, "root"), &f.trees["root"], "mounted-root");
+    assert_ext4_holds(&t, &copy("vm-101-disk-0", 0, 8 * EXTENT, "ct"), &f.trees["vm-101-disk-0"], "mounted-ct");
+    let snap = copy("snap_vm-101-disk-0_before", 0, 8 * EXTENT, "snap");
+    assert_ext4_holds(&t, &snap, &f.trees["snap"], "mounted-snap");
+    assert_ext4_holds(&t, &copy("vm-100-disk-0", MIB, 46 * MIB, "vm"), &f.trees["vm-100-disk-0"], "mounted-vm");
+}
+
+/// Unmounts `klon mount`'s directory when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = klon(&["umount", s(&self.0)]);
+    }
 }
 
 #[test]

@@ -199,10 +199,20 @@ impl DiskView {
     }
 }
 
+impl crate::fs::ReadAt for DiskView {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read(offset, buf)
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
 /// One file of a mount: its name, and which bytes of the disk it shows.
 #[derive(Debug, Clone)]
 pub struct MountFile {
-    /// `disk.img`, `p1.img`, …
+    /// `disk.img`, `p1.img`, `pve-vm--100--disk--0.img` …
     pub name: String,
     /// Its first byte on the disk.
     pub start: u64,
@@ -210,6 +220,10 @@ pub struct MountFile {
     pub size: u64,
     /// The filesystem it holds, as the backup found it (`ext4`, `vfat`, …).
     pub fs: Option<String>,
+    /// For a logical volume: where its bytes lie from `start` (a thin
+    /// volume's unmapped blocks are gaps, read as zeros); None: the
+    /// `size` bytes at `start`.
+    pub pieces: Option<Vec<crate::fs::Piece>>,
 }
 
 impl MountFile {
@@ -231,16 +245,66 @@ pub fn files(view: &DiskView) -> Vec<MountFile> {
             .map(|f| f.fstype.clone())
     };
     let disk_fs = if m.layout.partitions.is_empty() { fs_of(None) } else { None };
-    let mut files = vec![MountFile { name: "disk.img".into(), start: 0, size: view.size(), fs: disk_fs }];
+    let mut files = vec![MountFile { name: "disk.img".into(), start: 0, size: view.size(), fs: disk_fs, pieces: None }];
     for p in &m.layout.partitions {
         files.push(MountFile {
             name: format!("p{}.img", p.number),
             start: p.start,
             size: p.size,
             fs: fs_of(Some(p.number)),
+            pieces: None,
         });
     }
+    // A PV stored by its volumes, or whole (its group on it alone).
+    for st in m.streams.iter().filter(|s| s.method == "lvm" || s.lvm.as_ref().is_some_and(|vg| vg.pvs.len() == 1)) {
+        let (Some(vg), Some(p)) =
+            (&st.lvm, m.layout.partitions.iter().find(|p| Some(p.number) == st.partition && p.start == st.start))
+        else {
+            continue;
+        };
+        files.extend(volume_files(view, vg, p.start, p.size));
+    }
     files
+}
+
+/// The logical volumes of `vg`, whose PV is the `length` bytes at `start`
+/// of the image's disk, as files named as /dev/mapper names them
+/// (`VG-LV.img`, a hyphen in either doubled): each linear volume, and
+/// each thin volume and snapshot of a pool whose metadata reads from the
+/// image. LVM's hidden volumes, thin pools themselves and volumes klon
+/// does not map (striped, mirrors) are left out.
+fn volume_files(view: &DiskView, vg: &crate::fs::lvm::VolumeGroup, start: u64, length: u64) -> Vec<MountFile> {
+    let name = |lv: &str| format!("{}-{}.img", vg.name.replace('-', "--"), lv.replace('-', "--"));
+    let mut out = Vec::new();
+    let mut pools = std::collections::HashMap::new();
+    for lv in vg.lvs.iter().filter(|l| !l.hidden) {
+        let size = lv.extents().saturating_mul(vg.extent_size);
+        let pieces = match &lv.segments[..] {
+            [crate::fs::lvm::Segment { thin: Some(t), .. }] => {
+                let pool = pools.entry(t.pool.clone()).or_insert_with(|| {
+                    let pool_lv = vg.lv(&t.pool)?;
+                    crate::fs::lvm::OpenPool::open(vg, pool_lv, view, start, length).ok()
+                });
+                let Some(dev) = pool.as_ref().and_then(|p| p.pool.devices.get(&t.device_id).map(|d| (p, d))) else {
+                    continue;
+                };
+                dev.0.pieces(dev.1, size).0
+            }
+            _ if lv.segments.iter().any(|s| s.kind == "thin-pool") => continue,
+            _ => match vg.linear_ranges(lv, length) {
+                Some(r) => crate::fs::Piece::chain(&r),
+                None => continue,
+            },
+        };
+        out.push(MountFile {
+            name: name(&lv.name),
+            start,
+            size,
+            fs: lv.fs.as_ref().map(|f| f.fstype.clone()),
+            pieces: Some(pieces),
+        });
+    }
+    out
 }
 
 /// How a filesystem of type `fstype` (as the probe names it) is mounted
@@ -369,7 +433,19 @@ impl Filesystem for ImageFs {
         };
         let len = (size as u64).min(f.size.saturating_sub(offset)) as usize;
         let mut buf = vec![0u8; len];
-        match self.view.read(f.start + offset, &mut buf) {
+        let got = match &f.pieces {
+            None => self.view.read(f.start + offset, &mut buf),
+            // Nothing mapped: zeros (a volume without pieces would be the
+            // bytes at start).
+            Some(p) if p.is_empty() => Ok(()),
+            Some(p) => crate::fs::Volume { disk: &self.view, start: f.start, len: f.size, pieces: p }
+                .read_at(&mut buf, offset)
+                .map_err(|e| match e {
+                    crate::fs::FsError::Io(e) => e,
+                    other => Error::Corrupt(other.to_string()),
+                }),
+        };
+        match got {
             Ok(()) => reply.data(&buf),
             Err(e) => {
                 use std::io::Write as _;
