@@ -325,3 +325,51 @@ fn partition_table_warnings_are_printed() {
     let err = stderr(&o);
     assert!(err.contains("klon: warning: partition table:") && err.contains("backup GPT"), "{err}");
 }
+
+#[test]
+fn an_image_holds_a_log_whose_repeat_command_makes_the_same_backup() {
+    let t = TempDir::new("joblog");
+    let src = t.join("src.img");
+    make_gpt_disk(&src, 64 * MIB);
+    let img = t.join("img");
+    backup(&src, &img, &["--quiet", "--level", "7", "--split", "20M"]);
+    let log = std::fs::read_to_string(img.join("klon.log")).unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&stdout(&klon(&["--json", "info", img.to_str().unwrap()]))).unwrap();
+    let streams = info["manifest"]["streams"].as_array().unwrap();
+    assert!(log.contains(&format!("backup {} {}", src.display(), img.display())), "{log}");
+    assert!(log.contains("table: GPT, 3 partitions") && log.contains("warnings: none"), "{log}");
+    for st in streams {
+        let name = st["name"].as_str().unwrap();
+        let method = st["method"].as_str().unwrap();
+        assert!(
+            log.lines().any(|l| l.trim_start().starts_with(&format!("{name}")) && l.contains(method)),
+            "{name} {method}: {log}"
+        );
+    }
+    // The command it gives makes the same image: every stream read the
+    // same way and stored the same bytes, at the same level and split.
+    let again = log.lines().find_map(|l| l.strip_prefix("the same backup again: ")).expect("a repeat command");
+    let img2 = t.join("img2");
+    let words: Vec<String> =
+        again.replace("NEW-IMAGE", img2.to_str().unwrap()).split(' ').map(|w| w.to_string()).collect();
+    assert_eq!(words[..2], ["klon", "backup"], "{again}");
+    let args: Vec<&str> = words[1..].iter().map(|w| w.as_str()).collect();
+    ok(&klon(&args));
+    let info2: serde_json::Value =
+        serde_json::from_str(&stdout(&klon(&["--json", "info", img2.to_str().unwrap()]))).unwrap();
+    let m = &info["manifest"];
+    let m2 = &info2["manifest"];
+    assert_eq!(m["compression"], m2["compression"]);
+    for (a, b) in streams.iter().zip(m2["streams"].as_array().unwrap()) {
+        for k in ["name", "method", "stored_bytes", "data_files"] {
+            let (x, y) = (&a[k], &b[k]);
+            if k == "data_files" {
+                assert_eq!(x.as_array().unwrap().len(), y.as_array().unwrap().len(), "{k} of {}", a["name"]);
+            } else {
+                assert_eq!(x, y, "{k} of {}", a["name"]);
+            }
+        }
+    }
+    ok(&klon(&["verify", "--quiet", img.to_str().unwrap()]));
+}

@@ -259,7 +259,13 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     let done = Finished { source: source_info, layout: src.layout.clone(), streams: infos, level: opts.level };
     let (image, manifest) = sink.commit(done)?;
     let image_bytes = image_size(&manifest);
-    Ok(BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings })
+    let mut report =
+        BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings };
+    if let Some(w) = super::joblog::write_backup_log(&report, source_path, opts) {
+        eprintln!("klon: warning: {w}");
+        report.warnings.push(w);
+    }
+    Ok(report)
 }
 
 /// A new image directory (docs/FORMAT.md): each chunk compressed on the
