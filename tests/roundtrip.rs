@@ -342,10 +342,7 @@ fn an_image_holds_a_log_whose_repeat_command_makes_the_same_backup() {
     for st in streams {
         let name = st["name"].as_str().unwrap();
         let method = st["method"].as_str().unwrap();
-        assert!(
-            log.lines().any(|l| l.trim_start().starts_with(&format!("{name}")) && l.contains(method)),
-            "{name} {method}: {log}"
-        );
+        assert!(log.lines().any(|l| l.trim_start().starts_with(name) && l.contains(method)), "{name} {method}: {log}");
     }
     // The command it gives makes the same image: every stream read the
     // same way and stored the same bytes, at the same level and split.
