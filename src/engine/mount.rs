@@ -280,6 +280,9 @@ fn volume_files(view: &DiskView, vg: &crate::fs::lvm::VolumeGroup, start: u64, l
     for lv in vg.lvs.iter().filter(|l| !l.hidden) {
         let size = lv.extents().saturating_mul(vg.extent_size);
         let pieces = match &lv.segments[..] {
+            // (An external origin's snapshot reads its unmapped blocks
+            // from that volume: not shown.)
+            [crate::fs::lvm::Segment { thin: Some(t), .. }] if t.external_origin.is_some() => continue,
             [crate::fs::lvm::Segment { thin: Some(t), .. }] => {
                 let pool = pools.entry(t.pool.clone()).or_insert_with(|| {
                     let pool_lv = vg.lv(&t.pool)?;

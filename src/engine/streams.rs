@@ -501,15 +501,28 @@ fn thin_pool_plan(
         let (pieces, beyond) = open.pieces(dev, size);
         let mapped = open.mapped(dev);
         all_mapped.extend(mapped.iter().copied());
-        let mut copy = thin_volume_copy(
-            source,
-            info.start,
-            size,
-            &pieces,
-            &format!("{place}: thin volume {}", lv.name),
-            opts,
-            warnings,
-        )?;
+        // An external-origin snapshot's unmapped blocks are its origin's
+        // (copied as that volume): its own blocks are read as mapped, not
+        // probed (the filesystem lies across both).
+        let probe = t.external_origin.is_none();
+        let mut copy = match probe {
+            true => thin_volume_copy(
+                source,
+                info.start,
+                size,
+                &pieces,
+                &format!("{place}: thin volume {}", lv.name),
+                opts,
+                warnings,
+            )?,
+            false => LvCopy {
+                method: "raw (an external origin's snapshot: its own blocks as mapped)".into(),
+                fs: None,
+                used: 0,
+                mapped: None,
+                reads: pieces.iter().map(|p| (p.disk, p.len)).collect(),
+            },
+        };
         copy.reads.extend(beyond);
         copy.used = copy.reads.iter().map(|e| e.1).sum();
         copy.mapped = Some(dev.mapped_blocks.saturating_mul(cb));
