@@ -164,7 +164,7 @@ pub struct BackupArgs {
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub window: u64,
     /// zstd compression level (1-22).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = crate::engine::backup::DEFAULT_LEVEL)]
     pub level: i32,
     /// Largest image file, e.g. 4000M, 2G, 700M (default 4000 MiB, fits FAT32).
     #[arg(long, value_parser = parse_size, default_value = "4000M")]
@@ -290,7 +290,7 @@ pub struct CopyArgs {
     pub snapshots: Vec<String>,
     /// zstd level for chunks stored again (deltas into a repository of
     /// format 1 or 2; every chunk into one with other keys).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = crate::engine::backup::DEFAULT_LEVEL)]
     pub level: i32,
     /// The destination's passphrase, when it is not the source's: the
     /// first line of FILE (else KLON_TO_PASSPHRASE, else the source's).
@@ -469,7 +469,7 @@ pub struct ConvertArgs {
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub window: u64,
     /// zstd compression level (1-22).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = crate::engine::backup::DEFAULT_LEVEL)]
     pub level: i32,
     /// Largest image file, e.g. 4000M, 2G, 700M (default 4000 MiB, fits FAT32).
     #[arg(long, value_parser = parse_size, default_value = "4000M")]

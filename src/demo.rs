@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::device::Disk;
-use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
+use crate::engine::backup::{self, BackupOptions};
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::RestoreOptions;
 use crate::engine::verify;
@@ -64,19 +64,7 @@ fn run_in(dir: &Path, quiet: bool, json: bool) -> Result<serde_json::Value> {
     say(format!("1. Made a 64 MiB sample disk with a GPT and 3 partitions: {}", source.display()));
 
     let workers = default_workers();
-    let b = backup::backup(
-        &source,
-        &image,
-        &BackupOptions {
-            level: 3,
-            split_size: DEFAULT_SPLIT,
-            allow_mounted: false,
-            quiet,
-            workers,
-            plan: Default::default(),
-            rescue: false,
-        },
-    )?;
+    let b = backup::backup(&source, &image, &BackupOptions { quiet, workers, ..Default::default() })?;
     say(format!(
         "2. Backed up in {:.2} s: read {}, image {} in {}",
         b.seconds,

@@ -38,6 +38,25 @@ pub struct BackupOptions {
     pub rescue: bool,
 }
 
+/// zstd level of a backup unless told otherwise.
+pub const DEFAULT_LEVEL: i32 = 3;
+
+impl Default for BackupOptions {
+    /// What `klon backup` does without options (with progress, one worker
+    /// per core).
+    fn default() -> BackupOptions {
+        BackupOptions {
+            level: DEFAULT_LEVEL,
+            split_size: DEFAULT_SPLIT,
+            allow_mounted: false,
+            quiet: false,
+            workers: super::pipeline::default_workers(),
+            plan: streams::PlanOptions::default(),
+            rescue: false,
+        }
+    }
+}
+
 /// Smallest allowed --split: room for any chunk record.
 pub const MIN_SPLIT: u64 = 2 * CHUNK_SIZE as u64 + (1 << 20);
 /// Default --split: under 4 GiB so a FAT32 drive holds every file.

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use super::backup::{BackupOptions, BackupReport, DEFAULT_SPLIT};
+use super::backup::{BackupOptions, BackupReport, DEFAULT_LEVEL, DEFAULT_SPLIT};
 use crate::ui::human_bytes;
 
 /// The log's file name in an image directory.
@@ -79,7 +79,7 @@ pub fn backup_log(report: &BackupReport, source: &Path, opts: &BackupOptions) ->
 /// The command that makes the same backup of `source` into a new image.
 pub fn repeat_command(source: &Path, opts: &BackupOptions) -> String {
     let mut args = vec!["klon".to_string(), "backup".to_string()];
-    if opts.level != 3 {
+    if opts.level != DEFAULT_LEVEL {
         args.push(format!("--level={}", opts.level));
     }
     if opts.split_size != DEFAULT_SPLIT {
@@ -126,15 +126,7 @@ mod tests {
 
     #[test]
     fn repeat_commands_quote_and_name_only_what_differs() {
-        let mut opts = BackupOptions {
-            level: 3,
-            split_size: DEFAULT_SPLIT,
-            allow_mounted: false,
-            quiet: true,
-            workers: 2,
-            plan: Default::default(),
-            rescue: false,
-        };
+        let mut opts = BackupOptions::default();
         assert_eq!(repeat_command(Path::new("/dev/sda"), &opts), "klon backup /dev/sda NEW-IMAGE");
         opts.level = 9;
         opts.split_size = 100 << 20;

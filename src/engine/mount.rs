@@ -916,7 +916,7 @@ mod daemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backup::{BackupOptions, DEFAULT_SPLIT, backup};
+    use crate::engine::backup::{BackupOptions, backup};
     use crate::engine::restore::RestoreOptions;
     use crate::testutil::{Rng, TempDir};
 
@@ -933,15 +933,7 @@ mod tests {
         disk[(3 * MIB) as usize..(5 * MIB) as usize].fill(0);
         disk[(12 * MIB) as usize..(12 * MIB + 300_000) as usize].fill(0);
         std::fs::write(&src, &disk).unwrap();
-        let opts = BackupOptions {
-            level: 1,
-            split_size: DEFAULT_SPLIT,
-            allow_mounted: false,
-            quiet: true,
-            workers: 2,
-            plan: Default::default(),
-            rescue: false,
-        };
+        let opts = BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() };
         backup(&src, &img, &opts).unwrap();
         let ropts = RestoreOptions { grow_last: false, verify_after: false, quiet: true, workers: 2 };
         crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&ropts).unwrap();

@@ -291,7 +291,7 @@ fn read_back(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::backup::{BackupOptions, DEFAULT_SPLIT, backup};
+    use crate::engine::backup::{BackupOptions, backup};
     use crate::testutil::{Rng, TempDir};
     use std::os::unix::fs::FileExt;
 
@@ -317,15 +317,7 @@ mod tests {
         disk[..(8 * MIB) as usize].copy_from_slice(&rng.bytes((8 * MIB) as usize));
         disk[(16 * MIB) as usize..(17 * MIB) as usize].copy_from_slice(&rng.bytes(MIB as usize));
         std::fs::write(&src, &disk).unwrap();
-        let backup_opts = BackupOptions {
-            level: 1,
-            split_size: DEFAULT_SPLIT,
-            allow_mounted: false,
-            quiet: true,
-            workers: 2,
-            plan: Default::default(),
-            rescue: false,
-        };
+        let backup_opts = BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() };
         backup(&src, &img, &backup_opts).unwrap();
         let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
         crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&opts).unwrap();

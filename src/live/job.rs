@@ -250,7 +250,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
     let source = if kind == JobKind::Backup { Some(need("source")?) } else { None };
     let target = if kind == JobKind::Restore { Some(need("target")?) } else { None };
     let level = match get("level") {
-        None => 3,
+        None => crate::engine::backup::DEFAULT_LEVEL,
         Some(l) => l.parse().map_err(|_| Error::Usage(format!("level={l}: a number from 1 to 22")))?,
     };
     let keep = get("keep");

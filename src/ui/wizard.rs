@@ -15,7 +15,7 @@ pub mod screen;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::engine::backup::{self, BackupOptions, DEFAULT_SPLIT};
+use crate::engine::backup::{self, BackupOptions};
 use crate::engine::clone::{self as clone_engine, CloneOptions};
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::RestoreOptions;
@@ -235,7 +235,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
     let mut src = 0usize;
     let mut dir: Option<ImageDir> = None;
     let mut name = String::new();
-    let mut level = 3i32;
+    let mut level = crate::engine::backup::DEFAULT_LEVEL;
     let mut verify_after = true;
     let mut keep: Option<crate::repo::Keep> = None;
     let mut encrypt = false;
@@ -345,13 +345,13 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     Nav::Go(1) => {
                         if let Nav::Go(t) = scr.input(
                             title,
-                            "zstd level: 3 is fast and good; higher levels are slower.",
-                            "Level (1-19)",
+                            "zstd level: 3 is fast and good; higher levels are slower (as klon backup --level).",
+                            "Level (1-22)",
                             &level.to_string(),
                         )? {
                             match t.parse::<i32>() {
-                                Ok(v) if (1..=19).contains(&v) => level = v,
-                                _ => scr.message(title, "Type a number from 1 to 19.")?,
+                                Ok(v) if (1..=22).contains(&v) => level = v,
+                                _ => scr.message(title, "Type a number from 1 to 22.")?,
                             }
                         }
                     }
@@ -508,15 +508,7 @@ fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() 
 /// How the wizard backs a disk up: its defaults, the level chosen, rescue
 /// mode or not.
 fn backup_options(level: i32, rescue: bool) -> BackupOptions {
-    BackupOptions {
-        level,
-        split_size: DEFAULT_SPLIT,
-        allow_mounted: false,
-        quiet: false,
-        workers: default_workers(),
-        plan: PlanOptions::default(),
-        rescue,
-    }
+    BackupOptions { level, rescue, ..Default::default() }
 }
 
 /// Where a rescued backup of a disk whose snapshots go into `repo` is
