@@ -23,24 +23,13 @@
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;
+use crate::le::{le16, le32, le64};
 
 /// The exFAT driver.
 pub const DRIVER: Driver = Driver { fstypes: &["exfat"], used_map };
 
 fn corrupt(m: impl Into<String>) -> FsError {
     FsError::Corrupt(format!("exFAT: {}", m.into()))
-}
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
 }
 
 /// The exFAT boot checksum of a boot region's first 11 sectors (VolumeFlags

@@ -30,6 +30,7 @@
 
 use super::{Driver, FsError, UsedMap, Volume, crc32c, normalize};
 use crate::image::format::Extent;
+use crate::le::{le16, le32};
 
 /// The ext2/3/4 driver.
 pub const DRIVER: Driver = Driver { fstypes: &["ext2", "ext3", "ext4"], used_map };
@@ -91,14 +92,6 @@ const MMP_SEQ_FSCK: u32 = 0xE24D_4D50;
 
 fn corrupt(msg: impl Into<String>) -> FsError {
     FsError::Corrupt(format!("ext: {}", msg.into()))
-}
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
 // ---------------------------------------------------------------- crc16

@@ -20,20 +20,13 @@
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
 use crate::image::format::Extent;
+use crate::le::{le16, le32};
 
 /// The FAT12/16/32 driver (blkid's "vfat").
 pub const DRIVER: Driver = Driver { fstypes: &["vfat"], used_map };
 
 fn corrupt(m: impl Into<String>) -> FsError {
     FsError::Corrupt(format!("FAT: {}", m.into()))
-}
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
 }
 
 /// The FAT variant, by cluster count (and FAT32's BPB layout).

@@ -7,8 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::probe::lvm_crc as crc;
 use super::{FsError, Piece, ReadAt, Volume};
 use crate::image::format::Extent;
+use crate::le::{le32, le64};
 
 /// Magic of a metadata area header.
 const MDA_MAGIC: &[u8; 16] = b" LVM2 x[5A%r0N*>";
@@ -696,16 +698,6 @@ pub(crate) fn uuid_of(raw: &[u8]) -> Result<String, FsError> {
         uuid.push(c as char);
     }
     Ok(uuid)
-}
-
-use super::probe::lvm_crc as crc;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]

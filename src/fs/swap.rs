@@ -12,6 +12,7 @@
 //! is looked for at the end of each possible page size.
 
 use super::{Driver, FsError, UsedMap, Volume, normalize};
+use crate::le::le32;
 
 /// The swap driver.
 pub const DRIVER: Driver = Driver { fstypes: &["swap"], used_map };
@@ -22,10 +23,6 @@ const PAGE_SIZES: [u64; 5] = [4096, 8192, 16384, 32768, 65536];
 /// Most bad pages the version 1 header can list (the list fills the rest
 /// of a 4096-byte page after the fixed fields).
 const MAX_BADPAGES: u32 = 637;
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
 
 fn used_map(vol: &Volume) -> Result<UsedMap, FsError> {
     let mut page = None;

@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use super::{FsError, Volume};
+use crate::le::{le32, le64};
 
 /// Bytes a metadata block.
 const BLOCK: u64 = 4096;
@@ -235,14 +236,6 @@ impl Tree<'_, '_> {
         }
         Ok(())
     }
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]

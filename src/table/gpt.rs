@@ -7,6 +7,7 @@
 use super::{DiskLayout, GptGeometry, Partition, TableKind, TableSource, mbr, sort_and_check};
 use crate::device::Disk;
 use crate::error::{Error, Result};
+use crate::le::{le16, le32, le64};
 
 const SIGNATURE: &[u8; 8] = b"EFI PART";
 /// Header size this module writes (the UEFI spec's 92 bytes).
@@ -17,18 +18,6 @@ const MAX_ENTRIES_BYTES: u64 = 1 << 20;
 /// Bytes of one entry this module understands (larger entries carry extra
 /// bytes that are preserved when the array is copied).
 const ENTRY_BASE: usize = 128;
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8 bytes"))
-}
 
 /// Formats a GUID stored in GPT's mixed-endian layout as upper-case
 /// hyphenated text.

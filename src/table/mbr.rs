@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use super::{DiskLayout, Partition, TableKind, TableSource, gpt::last_by_end, sort_and_check};
 use crate::device::Disk;
 use crate::error::{Error, Result};
+use crate::le::le32;
 
 /// Offset of the first partition entry in an MBR or EBR.
 const TABLE: usize = 446;
@@ -14,10 +15,6 @@ const TABLE: usize = 446;
 const MAX_EBRS: usize = 128;
 /// Largest sector count (and end) an MBR entry can describe.
 const MAX_SECTORS: u64 = 0xFFFF_FFFF;
-
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4 bytes"))
-}
 
 fn has_signature(b: &[u8]) -> bool {
     b[510] == 0x55 && b[511] == 0xAA
