@@ -20,18 +20,10 @@ use std::path::{Path, PathBuf};
 
 use common::disks::*;
 use common::loop_device::LoopDevice;
+use common::lvm_tools::lvm;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// LVM's tools without udev, host backups or archives of the test's VG.
-const CONFIG: &str = "backup { backup = 0 archive = 0 } activation { udev_sync = 0 udev_rules = 0 }";
-
-fn lvm(cmd: &str, args: &[&str]) -> String {
-    let mut all = vec!["--config", CONFIG];
-    all.extend(args);
-    run_env(cmd, &all, &[("LVM_SUPPRESS_FD_WARNINGS", "1")])
 }
 
 const EXTENT: u64 = 4 * MIB;

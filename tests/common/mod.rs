@@ -5,5 +5,6 @@ pub mod disks;
 pub mod failing;
 pub mod garage;
 pub mod loop_device;
+pub mod lvm_tools;
 pub mod repo_disk;
 pub mod stall;
