@@ -507,6 +507,13 @@ fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_restores_for_lv
             && text.contains(" mapped, "),
         "{text}"
     );
+    // A tree: the thin volumes under their pool, LVM's own volumes last.
+    let indent = |name: &str| {
+        let l = text.lines().find(|l| l.contains(&format!("LV {name} "))).unwrap_or_else(|| panic!("{name}: {text}"));
+        l.len() - l.trim_start().len()
+    };
+    assert!(indent("vm-100-disk-0") > indent("data") && indent("data") == indent("root"), "{text}");
+    assert!(text.contains("LV data_tmeta (LVM's own)"), "{text}");
 
     // Stored: what the filesystems use (and the metadata), not the stale
     // data in unmapped blocks, free extents, or mapped blocks no

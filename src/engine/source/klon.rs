@@ -373,43 +373,60 @@ fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
         vg.seqno,
         vg.lvs.len()
     );
-    for lv in &vg.lvs {
-        let segs: Vec<String> = lv
-            .segments
-            .iter()
-            .map(|s| {
-                let on: Vec<String> = s.stripes.iter().map(|(pv, e)| format!("{pv}:{e}")).collect();
-                let what = match (&s.pool, &s.thin) {
-                    (Some(p), _) => format!(
-                        ", data in {}, metadata in {}, {} blocks",
-                        p.data,
-                        p.metadata,
-                        human_bytes(p.chunk_size)
-                    ),
-                    (_, Some(t)) => format!(
-                        ", device {} of pool {}{}",
-                        t.device_id,
-                        t.pool,
-                        t.origin.as_ref().map(|o| format!(", a snapshot of {o}")).unwrap_or_default()
-                    ),
-                    _ => String::new(),
-                };
-                format!(
-                    "{} {} extents{}{what}",
-                    s.kind,
-                    s.extent_count,
-                    if on.is_empty() { String::new() } else { format!(" at {}", on.join(",")) }
-                )
-            })
-            .collect();
-        let size = human_bytes(lv.extents().saturating_mul(vg.extent_size));
-        let _ = writeln!(o, "  {:<24}   LV {} {size}: {}", "", lv.name, segs.join("; "));
-        if let Some(m) = &lv.method {
-            let fs = lv.fs.as_ref().map(|f| format!("filesystem {}, ", f.fstype)).unwrap_or_default();
-            let mapped = lv.mapped_bytes.map(|u| format!(", {} mapped", human_bytes(u))).unwrap_or_default();
-            let used = lv.used_bytes.map(|u| format!("{mapped}, {} copied", human_bytes(u))).unwrap_or_default();
-            let _ = writeln!(o, "  {:<24}     {fs}method {m}{used}", "");
+    // A tree: each volume, a thin pool's thin volumes under it, LVM's own
+    // (hidden) volumes last.
+    let thin_of =
+        |l: &crate::fs::lvm::LogicalVolume| l.segments.iter().find_map(|s| s.thin.as_ref().map(|t| t.pool.clone()));
+    let is_pool = |name: &str| vg.lvs.iter().any(|l| l.name == name && l.segments.iter().any(|s| s.pool.is_some()));
+    for lv in vg.lvs.iter().filter(|l| !l.hidden && thin_of(l).is_none_or(|p| !is_pool(&p))) {
+        render_lv(o, vg, lv, 3);
+        for t in vg.lvs.iter().filter(|l| thin_of(l).as_deref() == Some(lv.name.as_str())) {
+            render_lv(o, vg, t, 5);
         }
+    }
+    for lv in vg.lvs.iter().filter(|l| l.hidden) {
+        render_lv(o, vg, lv, 3);
+    }
+}
+
+/// One logical volume of `vg`, `indent` columns in: its size, segments
+/// and how it was copied.
+fn render_lv(o: &mut String, vg: &crate::fs::lvm::VolumeGroup, lv: &crate::fs::lvm::LogicalVolume, indent: usize) {
+    use std::fmt::Write as _;
+    let segs: Vec<String> = lv
+        .segments
+        .iter()
+        .map(|s| {
+            let on: Vec<String> = s.stripes.iter().map(|(pv, e)| format!("{pv}:{e}")).collect();
+            let what = match (&s.pool, &s.thin) {
+                (Some(p), _) => {
+                    format!(", data in {}, metadata in {}, {} blocks", p.data, p.metadata, human_bytes(p.chunk_size))
+                }
+                (_, Some(t)) => format!(
+                    ", device {} of pool {}{}",
+                    t.device_id,
+                    t.pool,
+                    t.origin.as_ref().map(|o| format!(", a snapshot of {o}")).unwrap_or_default()
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "{} {} extents{}{what}",
+                s.kind,
+                s.extent_count,
+                if on.is_empty() { String::new() } else { format!(" at {}", on.join(",")) }
+            )
+        })
+        .collect();
+    let size = human_bytes(lv.extents().saturating_mul(vg.extent_size));
+    let hidden = if lv.hidden { " (LVM's own)" } else { "" };
+    let pad = " ".repeat(indent);
+    let _ = writeln!(o, "  {:<24}{pad}LV {}{hidden} {size}: {}", "", lv.name, segs.join("; "));
+    if let Some(m) = &lv.method {
+        let fs = lv.fs.as_ref().map(|f| format!("filesystem {}, ", f.fstype)).unwrap_or_default();
+        let mapped = lv.mapped_bytes.map(|u| format!(", {} mapped", human_bytes(u))).unwrap_or_default();
+        let used = lv.used_bytes.map(|u| format!("{mapped}, {} copied", human_bytes(u))).unwrap_or_default();
+        let _ = writeln!(o, "  {:<24}{pad}  {fs}method {m}{used}", "");
     }
 }
 
