@@ -137,7 +137,7 @@ fn disks(cli: &Cli) -> Result<()> {
     if cli.json {
         print_json(&disks)
     } else {
-        print!("{}", crate::device::sysfs::render_disks(&disks));
+        print!("{}", crate::device::sysfs::render_disks(&disks, std::io::stdout().is_terminal()));
         #[cfg(feature = "udev")]
         for (d, names) in disks.iter().zip(&by_id) {
             for n in names {

@@ -459,9 +459,12 @@ fn cut(s: &str, width: usize) -> String {
     }
 }
 
-/// Renders disks as a table for `klon disks`, at most 80 columns wide:
-/// one line per disk, then an indented line per partition.
-pub fn render_disks(disks: &[DiskInfo]) -> String {
+/// Renders disks as a table for `klon disks`: one line per disk, then an
+/// indented line per partition; on a terminal (`fit`) at most 80
+/// columns wide, long values cut with `~`; otherwise (a pipe, a file)
+/// every value whole.
+pub fn render_disks(disks: &[DiskInfo], fit: bool) -> String {
+    let cut = |s: &str, width: usize| if fit { cut(s, width) } else { s.to_string() };
     let mut out = String::new();
     out.push_str(&format!(
         "{:<14} {:>9} {:<9} {:<9} {:<20} {}\n",
@@ -628,8 +631,13 @@ mod tests {
     }
 
     #[test]
-    fn table_fits_80_columns() {
-        let text = render_disks(&[sample()]);
+    fn table_fits_80_columns_on_a_terminal_and_keeps_every_value_otherwise() {
+        let mut long = sample();
+        long.model = Some("A disk model whose name is far longer than twenty characters".into());
+        let whole = render_disks(&[long.clone()], false);
+        assert!(whole.contains("A disk model whose name is far longer than twenty characters"), "{whole}");
+        let text = render_disks(&[long], true);
+        assert!(!text.contains("far longer"), "{text}");
         for line in text.lines() {
             assert!(line.chars().count() <= 80, "too wide: {line:?}");
         }
@@ -653,6 +661,6 @@ mod tests {
                 assert!(p.start + p.size <= d.size);
             }
         }
-        let _ = render_disks(&disks);
+        let _ = render_disks(&disks, true);
     }
 }
