@@ -154,7 +154,7 @@ fn lists_loop_disk_with_partitions_and_filesystems() {
     // Files have no disk info.
     assert!(disk_info(&Disk::open_read_only(&img).unwrap()).is_none());
 
-    let table = render_disks(&[d]);
+    let table = render_disks(&[d], true);
     eprintln!("{table}");
     assert!(table.contains(lo.path.to_str().unwrap()));
     assert!(table.contains("kroot") && table.contains("KEFI"));

@@ -242,6 +242,61 @@ pub fn read_layout(disk: &dyn TableSource) -> Result<DiskLayout> {
     mbr::read(disk, mbr_ss, &sec0)
 }
 
+/// A partition type as people know it (as fdisk names it), for a GPT
+/// type GUID (by the `gpt` crate's constants) or an MBR type byte
+/// ("0x83"); None for types klon has no name for.
+pub fn type_name(type_id: &str) -> Option<&'static str> {
+    use ::gpt::partition_types as t;
+    let gpt = [
+        (t::EFI, "EFI System"),
+        (t::BIOS, "BIOS boot"),
+        (t::MICROSOFT_RESERVED, "Microsoft reserved"),
+        (t::BASIC, "Microsoft basic data"),
+        (t::WINDOWS_RECOVERY, "Windows recovery environment"),
+        (t::WINDOWS_STORAGESPACES, "Windows Storage Spaces"),
+        (t::LINUX_FS, "Linux filesystem"),
+        (t::LINUX_SWAP, "Linux swap"),
+        (t::LINUX_LVM, "Linux LVM"),
+        (t::LINUX_RAID, "Linux RAID"),
+        (t::LINUX_ROOT_X64, "Linux root (x86-64)"),
+        (t::LINUX_ROOT_X86, "Linux root (x86)"),
+        (t::LINUX_HOME, "Linux home"),
+        (t::LINUX_SRV, "Linux server data"),
+        (t::LINUX_LUKS, "Linux LUKS"),
+        (t::LINUX_DMCRYPT, "Linux dm-crypt"),
+        (t::LINUX_RESERVED, "Linux reserved"),
+        (t::FREEBSD_DATA, "FreeBSD data"),
+        (t::FREEBSD_BOOT, "FreeBSD boot"),
+        (t::FREEBSD_SWAP, "FreeBSD swap"),
+        (t::FREEBSD_UFS, "FreeBSD UFS"),
+        (t::FREEBSD_ZFS, "FreeBSD ZFS"),
+    ];
+    if let Some(byte) = type_id.strip_prefix("0x").and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        return Some(match byte {
+            0x01 => "FAT12",
+            0x04 | 0x06 | 0x0e => "FAT16",
+            0x05 | 0x0f | 0x85 => "Extended",
+            0x07 => "HPFS/NTFS/exFAT",
+            0x0b | 0x0c => "W95 FAT32",
+            0x27 => "Hidden NTFS WinRE",
+            0x82 => "Linux swap",
+            0x83 => "Linux",
+            0x8e => "Linux LVM",
+            0xa5 => "FreeBSD",
+            0xee => "GPT protective",
+            0xef => "EFI (FAT-12/16/32)",
+            0xfd => "Linux raid autodetect",
+            _ => return None,
+        });
+    }
+    // (The crate's parser also takes its constants' names: a GUID only.)
+    if type_id.len() != 36 || type_id.matches('-').count() != 4 {
+        return None;
+    }
+    let guid = type_id.parse::<t::Type>().ok()?.guid;
+    gpt.iter().find(|(ty, _)| ty.guid == guid).map(|(_, name)| *name)
+}
+
 /// Most partitions one disk can have: Linux's limit (DISK_MAX_PARTS).
 pub const MAX_PARTITIONS: usize = 256;
 

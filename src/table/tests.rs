@@ -867,3 +867,15 @@ fn impossible_layouts_fail_the_check() {
     fails(&|l| l.partitions[logical].number = 3, &good_mbr, "cannot be in an MBR");
     fails(&|l| l.extended = None, &good_mbr, "cannot be in an MBR");
 }
+
+#[test]
+fn partition_types_are_named_as_fdisk_names_them() {
+    assert_eq!(type_name("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), Some("EFI System"));
+    assert_eq!(type_name("c12a7328-f81f-11d2-ba4b-00a0c93ec93b"), Some("EFI System"));
+    assert_eq!(type_name("E6D6D379-F507-44C2-A23C-238F2A3DF928"), Some("Linux LVM"));
+    assert_eq!(type_name("0x83"), Some("Linux"));
+    assert_eq!(type_name("0x07"), Some("HPFS/NTFS/exFAT"));
+    assert_eq!(type_name("0x99"), None);
+    assert_eq!(type_name("12345678-1234-1234-1234-123456789ABC"), None);
+    assert_eq!(type_name("EFI"), None, "a constant's name is not a type id");
+}

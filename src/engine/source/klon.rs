@@ -328,7 +328,10 @@ pub(crate) fn render_body(m: &Manifest) -> String {
             human_bytes(st.length),
             part.map(|p| format!(
                 "type {}{}",
-                p.type_id,
+                match crate::table::type_name(&p.type_id) {
+                    Some(name) => format!("{name} ({})", p.type_id),
+                    None => p.type_id.clone(),
+                },
                 if p.name.is_empty() { String::new() } else { format!(" \"{}\"", p.name) }
             ))
             .unwrap_or_default()
