@@ -20,7 +20,7 @@ pub struct Cli {
     /// No progress or chatter; errors are still printed.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-    /// Print the report as JSON on stdout (disks, backup, verify, restore, clone, info, convert, demo).
+    /// Print the report as JSON on stdout; a failure prints {"ok": false, "problem": …, "exit_code": N}.
     #[arg(long, global = true)]
     pub json: bool,
     /// The passphrase of encrypted repositories: the first line of FILE

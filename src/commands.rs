@@ -121,10 +121,22 @@ fn man(dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Whether a command printed its JSON report (a failure's too).
+static JSON_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn print_json(value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Unsupported(format!("encoding JSON: {e}")))?;
     println!("{text}");
+    JSON_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
+}
+
+/// With `--json`, a command that failed without printing a report
+/// prints one: `{"ok": false, "problem": "…", "exit_code": N}`.
+pub fn json_failure(e: &Error) {
+    if !JSON_PRINTED.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = print_json(&serde_json::json!({ "ok": false, "problem": e.to_string(), "exit_code": e.exit_code() }));
+    }
 }
 
 fn disks(cli: &Cli) -> Result<()> {

@@ -24,6 +24,9 @@ fn main() {
     if let Err(e) = klon::commands::run(&cli) {
         // The message already includes the cause (an OS error's text).
         eprintln!("klon: {e}");
+        if cli.json {
+            klon::commands::json_failure(&e);
+        }
         std::process::exit(e.exit_code());
     }
 }

@@ -374,3 +374,30 @@ fn man_pages_are_written_for_every_command() {
     ok(&o);
     assert!(stdout(&o).contains(".TH klon 1"), "{}", stdout(&o));
 }
+
+#[test]
+fn json_failures_print_ok_false_with_the_problem_once() {
+    let t = TempDir::new("json-fail");
+    let missing = t.join("no-such-disk");
+    let (missing, img, out) = (missing.to_str().unwrap(), t.join("img"), t.join("out"));
+    let cases: [(&[&str], i32); 4] = [
+        (&["--json", "backup", missing, img.to_str().unwrap()], 3),
+        (&["--json", "restore", "--yes", missing, out.to_str().unwrap()], 2),
+        (&["--json", "info", missing], 2),
+        (&["--json", "snapshots", missing], 2),
+    ];
+    for (args, code) in cases {
+        let o = klon(args);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {}", stderr(&o));
+        // One JSON document on stdout, the same problem as on stderr.
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{args:?}: {e}: {}", stdout(&o)));
+        assert_eq!(v["ok"], serde_json::json!(false), "{args:?}: {v}");
+        assert_eq!(v["exit_code"], serde_json::json!(code), "{args:?}: {v}");
+        let problem = v["problem"].as_str().unwrap();
+        assert!(problem.contains("no-such-disk") && stderr(&o).contains(problem), "{args:?}: {v}");
+    }
+    // Without --json, nothing on stdout.
+    let o = klon(&["info", missing]);
+    assert!(stdout(&o).is_empty(), "{}", stdout(&o));
+}
