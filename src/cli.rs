@@ -390,6 +390,11 @@ pub struct RestoreArgs {
     /// its partition M receives the data.
     #[arg(long, value_name = "M", requires = "partition")]
     pub to: Option<u32>,
+    /// Restore only logical volume VG/LV of an LVM2 host's image (a linear
+    /// volume, a thin volume or snapshot: a virtual machine's disk) onto
+    /// TARGET, a disk or a file (created with the volume's size).
+    #[arg(long, value_name = "VG/LV", conflicts_with_all = ["partition", "grow_last"])]
+    pub volume: Option<String>,
     /// How the target is written.
     #[command(flatten)]
     pub write: WriteArgs,

@@ -293,6 +293,28 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
 }
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
+    if let Some(name) = &a.volume {
+        let plan = crate::engine::volume::prepare(&a.image, &a.target, name)?;
+        confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
+        let r = plan.restore(!a.write.no_verify_after, cli.quiet)?;
+        if cli.json {
+            return print_json(&json!({
+                "image": a.image, "volume": name, "target": a.target, "bytes_written": r.bytes_written,
+                "verified": r.verified, "seconds": r.seconds,
+            }));
+        }
+        if !cli.quiet {
+            println!(
+                "Restored volume {name} of {} to {}: {} in {:.1} s{}",
+                a.image.display(),
+                a.target.display(),
+                human_bytes(r.bytes_written),
+                r.seconds,
+                if r.verified { ", read back and compared" } else { "" }
+            );
+        }
+        return Ok(());
+    }
     let opts = RestoreOptions {
         grow_last: a.write.grow_last,
         verify_after: !a.write.no_verify_after,

@@ -559,6 +559,40 @@ fn a_proxmox_host_is_stored_by_what_its_thin_volumes_map_and_use_restores_for_lv
     let snap = copy("snap_vm-101-disk-0_before", 0, 8 * EXTENT, "snap");
     assert_ext4_holds(&t, &snap, &f.trees["snap"], "mounted-snap");
     assert_ext4_holds(&t, &copy("vm-100-disk-0", MIB, 46 * MIB, "vm"), &f.trees["vm-100-disk-0"], "mounted-vm");
+    drop(_unmount);
+
+    // One volume restored on its own: the container's ext4, the VM's
+    // disk with its GPT; unknown names and small targets refused before
+    // anything is written.
+    let ct = t.join("ct-alone.img");
+    ok(&klon(&["restore", "--yes", "--quiet", "--volume", &format!("{vg}/vm-101-disk-0"), s(&img), s(&ct)]));
+    assert_eq!(std::fs::metadata(&ct).unwrap().len(), 8 * EXTENT);
+    assert_ext4_holds(&t, &ct, &f.trees["vm-101-disk-0"], "alone-ct");
+    let vm = t.join("vm-alone.img");
+    let o = klon(&["--json", "restore", "--yes", "--volume", "vm-100-disk-0", s(&img), s(&vm)]);
+    ok(&o);
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!((r["bytes_written"].as_u64(), r["verified"].as_bool()), (Some(12 * EXTENT), Some(true)), "{r}");
+    assert!(run("sgdisk", &["-v", s(&vm)]).contains("No problems found"));
+    let vm_p1 = t.join("vm-alone-p1.img");
+    std::fs::write(&vm_p1, read_at(&vm, MIB, 46 * MIB)).unwrap();
+    assert_ext4_holds(&t, &vm_p1, &f.trees["vm-100-disk-0"], "alone-vm");
+    fails_with(
+        &klon(&["restore", "--yes", "--volume", "vm-999-disk-0", s(&img), s(&t.join("x.img"))]),
+        2,
+        &["no logical volume vm-999-disk-0", "vm--101--disk--0"],
+    );
+    assert!(!t.join("x.img").exists(), "a refused restore left its target file");
+    let small = t.join("small.img");
+    garbage_file(&small, 4 * EXTENT);
+    let before = std::fs::read(&small).unwrap();
+    fails_with(&klon(&["restore", "--yes", "--volume", "vm-101-disk-0", s(&img), s(&small)]), 5, &["too small"]);
+    assert!(std::fs::read(&small).unwrap() == before, "a refused restore wrote to its target");
+    fails_with(
+        &klon(&["restore", "--yes", "--volume", "root", "--partition", "3", s(&img), s(&small)]),
+        2,
+        &["--volume"],
+    );
 }
 
 /// Unmounts `klon mount`'s directory when dropped.

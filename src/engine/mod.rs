@@ -17,3 +17,4 @@ pub mod source;
 pub mod streams;
 pub mod target;
 pub mod verify;
+pub mod volume;

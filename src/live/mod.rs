@@ -350,6 +350,7 @@ pub fn run_job(job: &Job) -> Result<String> {
             target: disk.clone().unwrap_or_default(),
             partition: None,
             to: None,
+            volume: None,
             write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
             threads: None,
         }),
