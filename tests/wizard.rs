@@ -11,7 +11,10 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::disks::{MIB, TempDir, assert_same, garbage_file, make_gpt_disk, read_at};
+use common::disks::{
+    MIB, TempDir, assert_same, blank_file, garbage_file, klon, make_gpt_disk, ok, read_at, run, run_with_input,
+    text_bytes,
+};
 use common::loop_device::LoopDevice;
 
 /// Loop devices are scarce and shared: run these tests one at a time.
@@ -28,10 +31,15 @@ struct Tmux {
 
 impl Tmux {
     fn start(cwd: &Path) -> Tmux {
+        Tmux::start_with(cwd, &[])
+    }
+
+    /// klon with `args` (none: the wizard) on a terminal of its own.
+    fn start_with(cwd: &Path, args: &[&str]) -> Tmux {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let socket = format!("klon-test-wizard-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        let cmd = format!("{} ; echo KLON-EXITED $? ; sleep 600", env!("CARGO_BIN_EXE_klon"));
+        let cmd = format!("{} {} ; echo KLON-EXITED $? ; sleep 600", env!("CARGO_BIN_EXE_klon"), args.join(" "));
         let st = Command::new("tmux")
             .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-s", "w", "-x", "80", "-y", "25", "-c"])
             .arg(cwd)
@@ -657,4 +665,50 @@ fn wizard_makes_an_encrypted_repository_and_restores_from_it() {
     for (start, len) in data_ranges(&src_file) {
         assert_same(&src_file, &dst_file, start, len, "restored partition");
     }
+}
+
+#[test]
+fn a_restore_asks_first_and_names_what_the_target_holds_now() {
+    let _l = lock();
+    let t = TempDir::new("confirm");
+    let src = t.join("src.img");
+    make_gpt_disk(&src, 32 * MIB);
+    let img = t.join("img");
+    ok(&klon(&["backup", "--quiet", src.to_str().unwrap(), img.to_str().unwrap()]));
+    // The target: a disk image with a GPT and an ext4 someone cares about.
+    let target = t.join("target.img");
+    blank_file(&target, 40 * MIB);
+    run_with_input("sfdisk", &["-q", target.to_str().unwrap()], "label: gpt\nstart=2048, size=65536, type=L\n");
+    let files = t.join("files");
+    std::fs::create_dir(&files).unwrap();
+    std::fs::write(files.join("thesis.txt"), text_bytes(3, 2_000_000)).unwrap();
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "precious",
+            "-d",
+            files.to_str().unwrap(),
+            "-E",
+            "offset=1048576",
+            target.to_str().unwrap(),
+            "32M",
+        ],
+    );
+    let before = std::fs::read(&target).unwrap();
+    let tm = Tmux::start_with(&t.0, &["restore", img.to_str().unwrap(), target.to_str().unwrap()]);
+    let screen = tm.wait_for(&["Type target.img to overwrite it"], 30);
+    let flat = flat(&screen);
+    assert!(
+        flat.contains("It holds now: GPT table with partition 1 (33.6 MB): ext4 \"precious\", ")
+            && flat.contains(" used"),
+        "{screen}"
+    );
+    tm.text("no");
+    tm.keys(&["Enter"]);
+    tm.wait_for(&["KLON-EXITED 5"], 30);
+    assert!(std::fs::read(&target).unwrap() == before, "a cancelled restore wrote to its target");
 }

@@ -69,6 +69,10 @@ impl ClonePlan {
             human_bytes(self.source.size),
             self.layout.partitions.len()
         );
+        let held = super::target::holdings(&self.target);
+        if !held.is_empty() {
+            text += &format!("\n{held}");
+        }
         for w in &self.warnings {
             text += &format!("\nNote: {w}.");
         }

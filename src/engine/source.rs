@@ -279,6 +279,10 @@ impl RestorePlan {
                 self.source.describe()
             )
         };
+        let held = super::target::holdings(&self.target);
+        if !held.is_empty() {
+            text += &format!("\n{held}");
+        }
         for w in self.source.warnings() {
             text += &format!("\nNote: {w}.");
         }

@@ -26,6 +26,49 @@ pub const TARGET_WRITE_BUF: usize = 8 << 20;
 /// and signatures, wiped before writing and after a failure.
 pub const WIPE_LEN: u64 = 1 << 20;
 
+/// What `target` holds now, for a confirmation: its model and serial (a
+/// block device), and each partition with its filesystem, label and used
+/// bytes (or a filesystem on the whole of it). Empty for a file klon has
+/// just created.
+pub fn holdings(target: &Disk) -> String {
+    if target.fresh {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    if let Some(info) = crate::device::sysfs::disk_info(target) {
+        let named: Vec<String> = [("model", info.model), ("serial", info.serial)]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k} {v}")))
+            .collect();
+        if !named.is_empty() {
+            out.push(named.join(", "));
+        }
+    }
+    let fs_text = |start: u64, len: u64| -> String {
+        let Some(f) = crate::fs::probe(target, start, len) else { return "no filesystem klon knows".into() };
+        let label = f.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default();
+        let used = crate::fs::used_bytes(target, &f.fstype, start, len)
+            .map(|u| format!(", {} used", human_bytes(u)))
+            .unwrap_or_default();
+        format!("{}{label}{used}", f.fstype)
+    };
+    match table::read_layout(target) {
+        Ok(l) if !l.partitions.is_empty() => {
+            let parts: Vec<String> = l
+                .partitions
+                .iter()
+                .map(|p| format!("partition {} ({}): {}", p.number, human_bytes(p.size), fs_text(p.start, p.size)))
+                .collect();
+            out.push(format!("{} table with {}", l.kind, parts.join("; ")));
+        }
+        _ => match crate::fs::probe(target, 0, target.size) {
+            Some(_) => out.push(format!("on the whole of it {}", fs_text(0, target.size))),
+            None => out.push("no partition table or filesystem klon knows".into()),
+        },
+    }
+    format!("It holds now: {}.", out.join("; "))
+}
+
 /// Refuses a target that cannot hold a disk of `size` bytes with
 /// `sector_size`-byte sectors (files take the source's sector size).
 pub fn check_fits(target: &mut Disk, size: u64, sector_size: u32) -> Result<()> {

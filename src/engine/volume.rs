@@ -85,13 +85,15 @@ pub fn prepare(image: &Path, target: &Path, name: &str) -> Result<VolumePlan> {
 impl VolumePlan {
     /// What will be overwritten, for the confirmation.
     pub fn describe(&self) -> String {
+        let held = super::target::holdings(&self.target);
         format!(
-            "{} ({}) will be overwritten with logical volume {} ({}) of {}.",
+            "{} ({}) will be overwritten with logical volume {} ({}) of {}.{}{held}",
             self.target.path.display(),
             human_bytes(self.target.size),
             self.name,
             human_bytes(self.file.size),
-            self.view.location().display()
+            self.view.location().display(),
+            if held.is_empty() { "" } else { "\n" }
         )
     }
 

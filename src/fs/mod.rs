@@ -228,6 +228,13 @@ pub fn driver_for(fstype: &str) -> Option<&'static Driver> {
     DRIVERS.iter().copied().find(|d| d.fstypes.contains(&fstype))
 }
 
+/// Bytes the filesystem `fstype` at `start` (`len` bytes) of `disk`
+/// uses, when klon reads its allocation and it reads.
+pub fn used_bytes(disk: &dyn ReadAt, fstype: &str, start: u64, len: u64) -> Option<u64> {
+    let driver = driver_for(fstype)?;
+    (driver.used_map)(&Volume::new(disk, start, len)).ok().map(|m| m.used_bytes)
+}
+
 /// Sorts, merges and bounds-checks extents: a helper for drivers.
 /// Returns `Corrupt` if any extent reaches past `limit`.
 pub fn normalize(mut extents: Vec<Extent>, limit: u64) -> Result<(Vec<Extent>, u64), FsError> {

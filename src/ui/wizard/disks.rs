@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::device::sysfs::{self, DiskInfo};
 use crate::device::{Disk, mounts};
-use crate::fs::{self, Volume};
+use crate::fs;
 use crate::ui::human_bytes;
 
 use super::screen::Item;
@@ -26,11 +26,6 @@ pub struct Listed {
     pub info: DiskInfo,
     /// Used bytes per partition.
     pub used: Vec<Option<u64>>,
-}
-
-fn used_of(disk: &Disk, fstype: &str, start: u64, len: u64) -> Option<u64> {
-    let driver = fs::driver_for(fstype)?;
-    (driver.used_map)(&Volume::new(disk, start, len)).ok().map(|m| m.used_bytes)
 }
 
 /// Whether `d` is the live stick: a partition (or the whole disk) labelled
@@ -78,7 +73,7 @@ pub fn list(exclude: &[PathBuf]) -> crate::Result<Vec<Listed>> {
             .map(|p| {
                 let d = disk.as_ref()?;
                 let f = p.fs.as_ref()?;
-                used_of(d, &f.fstype, p.start, p.size)
+                fs::used_bytes(d, &f.fstype, p.start, p.size)
             })
             .collect();
         out.push(Listed { info, used });
