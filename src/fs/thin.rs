@@ -213,8 +213,19 @@ impl Tree<'_, '_> {
         if size != want_size {
             return bad(format!("values of {size} bytes where {want_size} belong"));
         }
-        if entries > max || NODE_HEADER + max * (8 + size) > BLOCK as usize || (entries == 0 && flags == INTERNAL) {
+        if entries > max || NODE_HEADER + max * (8 + size) > BLOCK as usize {
             return bad(format!("{entries} of at most {max} entries do not fit a node"));
+        }
+        // Only a root may be empty. (A child's keys must lie in its slot's
+        // range, and the ranges of a node's slots do not overlap: so no
+        // node is reached through two slots, and a forged tree costs at
+        // most its blocks to walk; a node that names itself ends at the
+        // depth limit.)
+        if entries == 0 && depth > 0 {
+            return bad("an empty node below the root".into());
+        }
+        if entries == 0 && flags == INTERNAL {
+            return bad("an empty internal node".into());
         }
         let key = |i: usize| le64(&b, NODE_HEADER + i * 8);
         let value = |i: usize| &b[NODE_HEADER + max * 8 + i * size..NODE_HEADER + max * 8 + (i + 1) * size];
@@ -335,5 +346,15 @@ mod tests {
         seal(&mut looped, NODE_XOR);
         m[3] = looped;
         assert!(read_blocks(&m).unwrap_err().contains("deeper than 16 levels"));
+        // An internal root over an empty leaf.
+        let mut m = metadata(0, 16);
+        let mut root = leaf(3, 8, &[(0, 4u64.to_le_bytes().to_vec())]);
+        root[4..8].copy_from_slice(&INTERNAL.to_le_bytes());
+        seal(&mut root, NODE_XOR);
+        m[3] = root;
+        m.push(leaf(4, 8, &[]));
+        m[0][344..352].copy_from_slice(&5u64.to_le_bytes());
+        seal(&mut m[0], SUPERBLOCK_XOR);
+        assert!(read_blocks(&m).unwrap_err().contains("an empty node below the root"));
     }
 }
