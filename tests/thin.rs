@@ -420,6 +420,18 @@ fn dump_mappings(dump: &str) -> BTreeMap<u64, BTreeMap<u64, u64>> {
     out
 }
 
+/// The bytes of a thin volume of `extents` extents whose blocks `map`
+/// (virtual → data block) places in the pool's data volume of the PV in
+/// the file `pv` (first extent at `pe_start`); unmapped blocks are zeros.
+fn thin_volume(pv: &Path, pe_start: u64, map: &BTreeMap<u64, u64>, extents: u64) -> Vec<u8> {
+    let mut bytes = vec![0u8; (extents * EXTENT) as usize];
+    for (v, d) in map {
+        let at = (v * CHUNK) as usize;
+        bytes[at..at + CHUNK as usize].copy_from_slice(&read_at(pv, pe_start + 9 * EXTENT + d * CHUNK, CHUNK));
+    }
+    bytes
+}
+
 /// An ext4 image is clean and holds the files of `tree`.
 fn assert_ext4_holds(t: &TempDir, img: &Path, tree: &Path, tag: &str) {
     run("e2fsck", &["-fn", s(img)]);
@@ -445,14 +457,7 @@ fn assert_restored(t: &TempDir, f: &Fixture, out: &Path, vg: &str, tag: &str) {
     // Each thin volume, put together from the data blocks thin_dump
     // names, holds its filesystem and files.
     let maps = dump_mappings(&dump);
-    let volume = |dev: u64, extents: u64| {
-        let mut bytes = vec![0u8; (extents * EXTENT) as usize];
-        for (v, d) in &maps[&dev] {
-            let at = (v * CHUNK) as usize;
-            bytes[at..at + CHUNK as usize].copy_from_slice(&read_at(&pv, pe_start + 9 * EXTENT + d * CHUNK, CHUNK));
-        }
-        bytes
-    };
+    let volume = |dev: u64, extents: u64| thin_volume(&pv, pe_start, &maps[&dev], extents);
     let vm = t.join(&format!("{tag}-vm100.img"));
     std::fs::write(&vm, volume(1, 12)).unwrap();
     let vm_fs = t.join(&format!("{tag}-vm100-p1.img"));
@@ -659,4 +664,47 @@ fn the_disk_list_names_the_volume_group_its_volumes_and_the_thin_volumes_in_its_
     assert_eq!(pv["lvm"].as_str(), Some(want.as_str()), "{pv}");
     let text = stdout(&klon(&["disks"]));
     assert!(text.contains(&format!("volume group {vg}: root, swap, data (thin pool: vm-100")), "{text}");
+}
+
+#[test]
+fn a_thin_volume_whose_filesystem_is_not_clean_is_copied_as_mapped_with_a_warning() {
+    require_root!();
+    let t = TempDir::new("thin-unclean");
+    let vg = format!("pveunclean{}", std::process::id());
+    let f = fixture(&t, &vg);
+    // The snapshot's ext4 marked as needing its journal replayed (as a
+    // snapshot of a running guest is), by debugfs on a copy, its first
+    // block written back where the pool maps it.
+    let pv = t.join("pv-now.img");
+    std::fs::write(&pv, read_at(&f.disk, f.pv_start, PV_SIZE)).unwrap();
+    let maps = dump_mappings(&f.thin_dump);
+    let snap = t.join("snap-now.img");
+    std::fs::write(&snap, thin_volume(&pv, f.pe_start, &maps[&3], 8)).unwrap();
+    run("debugfs", &["-w", "-R", "feature needs_recovery", s(&snap)]);
+    let d = maps[&3][&0];
+    write_at(&f.disk, f.pv_start + f.pe_start + 9 * EXTENT + d * CHUNK, &read_at(&snap, 0, CHUNK));
+    std::fs::write(&pv, read_at(&f.disk, f.pv_start, PV_SIZE)).unwrap();
+
+    let img = t.join("image");
+    let o = klon(&["backup", "--quiet", s(&f.disk), s(&img)]);
+    ok(&o);
+    let said = stderr(&o);
+    assert!(said.contains("thin volume snap_vm-101-disk-0_before") && said.contains("is not clean"), "{said}");
+    let info: serde_json::Value = serde_json::from_str(&stdout(&klon(&["--json", "info", s(&img)]))).unwrap();
+    let st = info["manifest"]["streams"].as_array().unwrap().iter().find(|s| s["partition"] == 3).unwrap().clone();
+    let lv =
+        st["lvm"]["lvs"].as_array().unwrap().iter().find(|l| l["name"] == "snap_vm-101-disk-0_before").unwrap().clone();
+    assert!(lv["method"].as_str().unwrap().starts_with("raw (not clean"), "{lv}");
+    assert_eq!(lv["used_bytes"], lv["mapped_bytes"], "{lv}");
+
+    // Restored, every block the snapshot maps reads as before.
+    let out = t.join("restored.img");
+    garbage_file(&out, std::fs::metadata(&f.disk).unwrap().len());
+    ok(&klon(&["restore", "--yes", "--quiet", s(&img), s(&out)]));
+    let pv_back = t.join("pv-back.img");
+    std::fs::write(&pv_back, read_at(&out, f.pv_start, PV_SIZE)).unwrap();
+    assert!(
+        thin_volume(&pv_back, f.pe_start, &maps[&3], 8) == thin_volume(&pv, f.pe_start, &maps[&3], 8),
+        "the snapshot's mapped blocks differ after the restore"
+    );
 }

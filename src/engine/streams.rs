@@ -317,6 +317,7 @@ fn lvm_plan(
             ranges.clone(),
             &format!("{place}: LVM2 logical volume {}/{}", vg.name, lv.name),
             opts,
+            false,
             warnings,
         )?;
         copies.push((lv.name.clone(), copy));
@@ -353,12 +354,17 @@ fn lvm_plan(
 /// Probes one volume (a logical volume, a thin volume) like a partition:
 /// a filesystem klon reads gives the ranges of its used blocks, anything
 /// else is copied as `whole` (ranges from the PV's start). `place` names
-/// it in warnings and errors.
+/// it in warnings and errors. A filesystem that is not clean is refused
+/// (as a partition's is) unless --raw-unclean, or `unclean_whole`: a thin
+/// volume's (a snapshot of a running guest cannot be repaired, and its
+/// mapped blocks are all `whole` holds) is then copied whole with a
+/// warning.
 fn probe_lv(
     volume: &Volume,
     whole: Vec<Extent>,
     place: &str,
     opts: PlanOptions,
+    unclean_whole: bool,
     warnings: &mut Vec<String>,
 ) -> Result<LvCopy> {
     let whole_used = whole.iter().map(|e| e.1).sum::<u64>();
@@ -382,6 +388,10 @@ fn probe_lv(
         }
         Err(FsError::Unclean(why)) if opts.raw_unclean => {
             Ok(raw(format!("raw (not clean: {why}; --raw-unclean)"), Some(f)))
+        }
+        Err(FsError::Unclean(why)) if unclean_whole => {
+            warnings.push(format!("{place} ({}) is not clean ({why}): its mapped blocks are copied whole", f.fstype));
+            Ok(raw(format!("raw (not clean: {why})"), Some(f)))
         }
         Err(FsError::Unclean(why)) => Err(Error::Refused(format!(
             "{place} ({}) is not clean: {why}. Its allocation maps may not tell the truth; repair it first, or \
@@ -415,7 +425,7 @@ fn thin_volume_copy(
     let disk = crate::table::VolumeDisk { volume, name: place.to_string() };
     let layout = match crate::table::read_layout(&disk) {
         Ok(l) if l.kind != TableKind::None && !l.partitions.is_empty() => l,
-        Ok(_) => return probe_lv(&volume, as_mapped(pieces), place, opts, warnings),
+        Ok(_) => return probe_lv(&volume, as_mapped(pieces), place, opts, true, warnings),
         Err(e @ Error::Io { .. }) => return Err(e.with_note(&format!("reading the partition table of {place}"))),
         Err(e) => {
             warnings.push(format!("{place}: its partition table could not be read ({e}); copied as mapped"));
@@ -432,7 +442,7 @@ fn thin_volume_copy(
             continue;
         }
         let part = Volume { disk: source, start, len: p.size, pieces: &sub };
-        let c = probe_lv(&part, as_mapped(&sub), &format!("{place}, partition {}", p.number), opts, warnings)?;
+        let c = probe_lv(&part, as_mapped(&sub), &format!("{place}, partition {}", p.number), opts, true, warnings)?;
         methods.push(format!("p{} {}", p.number, c.method));
         reads.extend(c.reads);
     }
