@@ -385,6 +385,7 @@ fn backup_restore(fw: Firmware) {
     );
     let b = boot(&dir, fw, &stick, &disks, None);
     result_line(&b, fw, "restore");
+    check_jobs_log(&dir, &images, fw);
 
     // From the host: the partitions match byte for byte (but the last,
     // whose ext4 grew), the table is valid on the larger disk and the last
@@ -446,6 +447,32 @@ fn check_copy(dir: &TempDir, copies: &Path, source: &Path, parts: &[(u64, u64)])
     for (i, (start, len)) in parts.iter().enumerate().take(2) {
         assert_same(source, &restored, *start, *len, &format!("the copy's partition {}", i + 1));
     }
+}
+
+/// The image drive keeps a line per unattended job: the backup's and the
+/// restore's results, in order. Read through exfat-fuse on a loop device
+/// (root); without root it is skipped, unless root tests are required.
+fn check_jobs_log(dir: &TempDir, images: &Path, fw: Firmware) {
+    use common::loop_device::{LoopDevice, have_root, root_tests_required};
+    if !have_root() {
+        assert!(!root_tests_required(), "{fw:?}: reading the image drive's jobs log needs root");
+        report("skipping the image drive's jobs log: needs root (a loop device and a FUSE mount)");
+        return;
+    }
+    let part = dir.join("images-after-p1.img");
+    std::fs::write(&part, common::disks::read_at(images, MIB, 150 * MIB)).unwrap();
+    let lo = LoopDevice::attach_without_partitions(&part);
+    let mnt = dir.join("images-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run("mount.exfat-fuse", &["-o", "ro", lo.path.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let log = std::fs::read_to_string(mnt.join("klon-images/klon-jobs.log"));
+    let _ = Command::new("umount").arg(&mnt).status();
+    let log = log.unwrap_or_else(|e| panic!("{fw:?}: no klon-images/klon-jobs.log on the image drive: {e}"));
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 2, "{fw:?}: {log}");
+    assert!(lines[0].contains("KLON-RESULT: ok backup of /dev/sda"), "{fw:?}: {log}");
+    assert!(lines[1].contains("KLON-RESULT: ok restore of image klon-images/pc-1"), "{fw:?}: {log}");
+    assert!(lines.iter().all(|l| l.starts_with("20") && l.as_bytes().get(10) == Some(&b'T')), "{fw:?}: {log}");
 }
 
 /// A line for the test log even when the harness captures output.

@@ -130,6 +130,8 @@ pub struct ImageDrive {
     pub disk_devno: u64,
     /// Where.
     pub mountpoint: PathBuf,
+    /// Its filesystem, as the probe names it.
+    pub fstype: String,
     read_only: bool,
     mounted: Mounted,
 }
@@ -143,6 +145,7 @@ impl ImageDrive {
             device: c.device.clone(),
             disk_devno: c.disk_devno,
             mountpoint: at.to_path_buf(),
+            fstype: c.fs.fstype.clone(),
             read_only,
             mounted,
         })

@@ -318,6 +318,16 @@ fn devno_of(path: &Path) -> Option<u64> {
 /// Runs `job` with the same code as `klon backup/restore/verify`, printing
 /// progress on stdout/stderr. Returns a one-line summary.
 pub fn run_job(job: &Job) -> Result<String> {
+    run_job_on(job, &mut None)
+}
+
+/// The file on the image drive (in its images folder) that keeps one line
+/// per unattended job: when it ended and its KLON-RESULT.
+pub const JOBS_LOG: &str = "klon-jobs.log";
+
+/// [`run_job`], noting in `drive` which drive (device, filesystem) held
+/// the images once one was mounted.
+fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<String> {
     let wait = Duration::from_secs(job.wait_secs);
     let disk = match job.kind {
         JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
@@ -326,6 +336,7 @@ pub fn run_job(job: &Job) -> Result<String> {
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job.drive.as_deref(), job.wait_secs, &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
+    *used_drive = Some((drive.device.clone(), drive.fstype.clone()));
     let on_drive = drive.device.display().to_string();
     let image = drive.images_dir()?.join(&job.image);
     let command = match job.kind {
@@ -402,6 +413,25 @@ pub fn run_job(job: &Job) -> Result<String> {
     Ok(format!("{what} in {:.1} s{copied}{}", started.elapsed().as_secs_f64(), lost.unwrap_or_default()))
 }
 
+/// Appends `line`, with the time, to the jobs log in the images folder of
+/// the drive `device` (mounted read-write for it, then unmounted).
+fn keep_result(device: &Path, fstype: &str, line: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mounted = crate::device::mounts::Mounted::mount(device, fstype, Path::new(DRIVE_MNT), false)?;
+    let dir = Path::new(DRIVE_MNT).join(image_drive::IMAGES_DIR);
+    let path = dir.join(JOBS_LOG);
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
+        .and_then(|mut f| {
+            f.write_all(format!("{} {line}\n", crate::image::manifest::now_rfc3339()).as_bytes())?;
+            f.sync_all()
+        })
+        .map_err(|e| Error::io("appending to", &path, None, e));
+    let unmounted = mounted.unmount();
+    written?;
+    unmounted
+}
+
 /// Copies the newest snapshot of the repository `repo` (just made) into
 /// the repository of the same name on the drive `spec` names (on none of
 /// the disks `not_on`). Returns what to add to the job's summary.
@@ -435,6 +465,7 @@ fn copy_to_second_drive(job: &Job, spec: &str, repo: &Path, not_on: &[u64]) -> R
 /// `klon live job FILE`: runs the job, prints KLON-RESULT on every console,
 /// records that it did, and returns the exit code.
 pub fn run_job_file(file: &Path) -> i32 {
+    let mut used_drive = None;
     let outcome = std::fs::read_to_string(file)
         .map_err(|e| Error::io("reading", file, None, e))
         .and_then(|t| job::from_config(&t))
@@ -442,7 +473,9 @@ pub fn run_job_file(file: &Path) -> i32 {
         .and_then(|j| j.ok_or_else(|| Error::Usage("no job given".into())))
         .and_then(|j| {
             eprintln!("klon: unattended {} of image {:?}", j.kind.name(), j.image);
-            run_job(&j).map_err(|e| (j.kind, e)).map_err(|(k, e)| e.with_note(&format!("{} failed", k.name())))
+            run_job_on(&j, &mut used_drive)
+                .map_err(|e| (j.kind, e))
+                .map_err(|(k, e)| e.with_note(&format!("{} failed", k.name())))
         });
     let (line, code) = match outcome {
         Ok(summary) => (format!("KLON-RESULT: ok {summary}"), 0),
@@ -450,6 +483,13 @@ pub fn run_job_file(file: &Path) -> i32 {
     };
     let _ = std::io::stdout().flush();
     print_on_consoles(&line);
+    // Kept on the image drive too: the machine may be off when someone
+    // comes to look.
+    if let Some((device, fstype)) = &used_drive
+        && let Err(e) = keep_result(device, fstype, &line)
+    {
+        print_on_consoles(&format!("klon: the result could not be kept in {JOBS_LOG} on {}: {e}", device.display()));
+    }
     let _ = std::fs::write(RESULT_FILE, format!("{line}\n"));
     code
 }
