@@ -244,7 +244,9 @@ fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
         Err(e) => {
             // The report says what failed too; the exit code stays the error's.
             if cli.json {
-                print_json(&json!({ "image": a.image, "ok": false, "problem": e.to_string() }))?;
+                print_json(&json!({
+                    "image": a.image, "ok": false, "problem": e.to_string(), "exit_code": e.exit_code(),
+                }))?;
             }
             return Err(e);
         }

@@ -105,6 +105,7 @@ fn verify_json_reports_a_failure() {
     assert_eq!(v["ok"], serde_json::json!(false), "{v}");
     assert_eq!(v["image"].as_str(), img.to_str());
     assert!(v["problem"].as_str().is_some_and(|p| p.contains(name)), "{v}");
+    assert_eq!(v["exit_code"], serde_json::json!(4), "{v}");
     // A failure to open the image is reported the same way.
     let o = klon(&["verify", "--json", t.join("nothing-here").to_str().unwrap()]);
     fails_with(&o, 2, &["does not exist"]);
