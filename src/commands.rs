@@ -356,7 +356,7 @@ fn report_written(
         return print_json(&json!({
             from_key: from, "target": to, "bytes_written": r.bytes_written,
             "verified": r.verified, "table_reread": r.table_reread, "seconds": r.seconds,
-            "growth": r.growth,
+            "growth": r.growth, "shrunk": r.shrunk,
         }));
     }
     if !cli.quiet {
@@ -373,6 +373,9 @@ fn report_written(
         }
         if let Some(g) = r.growth.as_ref().filter(|g| g.grown) {
             println!("{}", g.note);
+        }
+        for note in &r.shrunk {
+            println!("{note}");
         }
     }
     if let Some(g) = r.growth.as_ref().filter(|g| !g.grown) {

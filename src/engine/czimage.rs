@@ -393,6 +393,7 @@ pub fn restore_partition(
         target,
         si,
         (infos[si].start, infos[si].length),
+        infos[si].length,
         to,
         opts.verify_after,
         |area| write_streams(source, &infos, target, area, &log, opts),

@@ -11,6 +11,7 @@ pub mod mount;
 pub mod pipeline;
 pub mod read_back;
 pub mod restore;
+pub mod shrink;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

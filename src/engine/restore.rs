@@ -50,6 +50,8 @@ pub struct RestoreReport {
     pub seconds: f64,
     /// With `grow_last`, what became of the grown partition's filesystem.
     pub growth: Option<super::grow::Growth>,
+    /// On a smaller disk: what was done to each filesystem that shrank.
+    pub shrunk: Vec<String>,
 }
 
 /// Writes the image whose chunks `reader` reads onto the
@@ -65,7 +67,7 @@ pub fn restore(reader: &dyn ChunkStore, target: &Disk, opts: &RestoreOptions) ->
         opts.grow_last,
         opts.verify_after,
         |area| write_all(reader, target, area, opts),
-        |skip| read_back(reader, target, skip, Shift::default(), None, opts),
+        |skip| read_back(reader, target, skip, Shift::default(), None, None, opts),
     )?;
     let mut report = RestoreReport::new(written, opts.verify_after, started);
     if opts.grow_last {
@@ -99,17 +101,36 @@ pub fn restore_partition(
         .position(|s| s.partition == Some(number))
         .ok_or_else(|| Error::Usage(format!("the image holds no stream for partition {number}")))?;
     let (start, length) = (streams[si].start, streams[si].length);
-    let written = write_part(
+    let written = restore_range(reader, si, (start, length), length, target, to, opts)?;
+    Ok(RestoreReport::new(written, opts.verify_after, started))
+}
+
+/// Writes the first `keep` bytes of stream `si` (the source range `part`)
+/// onto the target at byte `to`, and nothing else, then reads them back
+/// (see [`write_part`]). Less than the whole range is kept for a partition
+/// that shrinks on a smaller disk, or for the area before the first
+/// partition (boot code) of a disk whose table is rebuilt.
+pub(super) fn restore_range(
+    reader: &dyn ChunkStore,
+    si: usize,
+    part: Extent,
+    keep: u64,
+    target: &Disk,
+    to: u64,
+    opts: &RestoreOptions,
+) -> Result<super::target::DiskWritten> {
+    let cut = (keep < part.1).then_some(part.0 + keep);
+    write_part(
         "restore",
         target,
         si,
-        (start, length),
+        part,
+        keep,
         to,
         opts.verify_after,
         |area| write_all(reader, target, area, opts),
-        |skip, shift| read_back(reader, target, skip, shift, Some(si), opts),
-    )?;
-    Ok(RestoreReport::new(written, opts.verify_after, started))
+        |skip, shift| read_back(reader, target, skip, shift, Some(si), cut, opts),
+    )
 }
 
 impl RestoreReport {
@@ -140,6 +161,7 @@ impl RestoreReport {
             table_reread: written.table_reread,
             seconds: started.elapsed().as_secs_f64(),
             growth: None,
+            shrunk: Vec::new(),
         }
     }
 }
@@ -189,12 +211,15 @@ struct Check {
     stream: usize,
     piece: Piece,
     image: Option<Box<StoredChunk>>,
+    /// For a chunk a cut goes through: how many of its bytes were written.
+    prefix: Option<usize>,
 }
 
 /// Reads back everything the restore wrote and compares it with the image.
 /// Reads back what the restore wrote (every stream, or the `only` one) and
 /// compares it with the image; `shift` says where it landed on the target,
-/// `skip` (source offsets) what is not to be compared.
+/// `skip` (source offsets) what is not to be compared, `cut` (a source
+/// offset) where the written range ended early: nothing past it is read.
 #[allow(clippy::too_many_arguments)]
 fn read_back(
     reader: &dyn ChunkStore,
@@ -202,6 +227,7 @@ fn read_back(
     skip: &[Extent],
     shift: Shift,
     only: Option<usize>,
+    cut: Option<u64>,
     opts: &RestoreOptions,
 ) -> Result<()> {
     let streams = &reader.manifest().streams;
@@ -236,13 +262,14 @@ fn read_back(
                 let s = &streams[si];
                 let mut cursor = s.start;
                 let zeros_upto = |send: &mut dyn FnMut(Check) -> bool, from: u64, to: u64| -> Result<bool> {
-                    if s.fill != Fill::Zero {
+                    let to = cut.map_or(to, |c| to.min(c));
+                    if s.fill != Fill::Zero || from >= to {
                         return Ok(true);
                     }
                     for (off, len) in super::backup::pieces(from, to.saturating_sub(from), CHUNK_SIZE as u64) {
                         for (a, l) in super::target::minus(off, len, &overlay) {
                             let piece = target.piece(vec![(shift.at(a), l)], Expected::Zeros)?;
-                            if !send(Check { stream: si, piece, image: None }) {
+                            if !send(Check { stream: si, piece, image: None, prefix: None }) {
                                 return Ok(false);
                             }
                         }
@@ -256,20 +283,29 @@ fn read_back(
                     if !zeros_upto(send, cursor, first)? {
                         return Ok(());
                     }
-                    let landed = shift.extents(&header.extents);
-                    let image = if landed.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
+                    let last = *header.extents.last().expect("a chunk has extents");
+                    let kept = match cut {
+                        Some(c) => super::target::minus_from(&header.extents, c),
+                        None => header.extents.clone(),
+                    };
+                    if kept.is_empty() {
+                        break;
+                    }
+                    // A chunk the cut goes through is compared byte by byte, up to the cut.
+                    let prefix = (kept != header.extents).then(|| kept.iter().map(|e| e.1 as usize).sum::<usize>());
+                    let landed = shift.extents(&kept);
+                    let image = if prefix.is_some() || landed.iter().any(|&(a, l)| intersects(a, l, skip_for(si))) {
                         Some(Box::new(reader.read_chunk(si, seq)?))
                     } else {
                         None
                     };
-                    let last = *header.extents.last().expect("a chunk has extents");
                     cursor = last.0 + last.1;
                     let expected = match reader.hash_key() {
                         Some(key) => Expected::KeyedHash(key, header.content_hash),
                         None => Expected::Hash(header.content_hash),
                     };
                     let piece = target.piece(landed, expected)?;
-                    if !send(Check { stream: si, piece, image }) {
+                    if !send(Check { stream: si, piece, image, prefix }) {
                         return Ok(());
                     }
                 }
@@ -279,9 +315,13 @@ fn read_back(
             }
             Ok(())
         },
-        |Check { stream, mut piece, image }: Check| {
+        |Check { stream, mut piece, image, prefix }: Check| {
             if let Some(chunk) = image {
-                piece.expected = Expected::Bytes((*chunk).decode()?);
+                let content = (*chunk).decode()?;
+                piece.expected = Expected::Bytes(match prefix {
+                    Some(n) => content[..n.min(content.len())].to_vec().into(),
+                    None => content,
+                });
             }
             piece.check(&describe(&streams[stream]), "the image", skip_for(stream))
         },
@@ -326,16 +366,16 @@ mod tests {
         let image = crate::engine::source::klon::KlonImage::open(&img).unwrap();
         let mut target = Disk::open_target(&dst, None).unwrap();
         target.enable_direct_reads();
-        read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap();
+        read_back(&image, &target, &[], Shift::default(), None, None, &opts).unwrap();
         // A changed byte in stored content: named by its place.
         let old = poke(&dst, 5 * MIB + 3, !disk[(5 * MIB + 3) as usize]);
-        let e = read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
+        let e = read_back(&image, &target, &[], Shift::default(), None, None, &opts).unwrap_err().to_string();
         assert!(e.contains("verification after restore failed") && e.contains("differs from the image"), "{e}");
         poke(&dst, 5 * MIB + 3, old);
-        read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap();
+        read_back(&image, &target, &[], Shift::default(), None, None, &opts).unwrap();
         // A non-zero byte where the source had zeros the image left out.
         poke(&dst, 12 * MIB + 9, 1);
-        let e = read_back(&image, &target, &[], Shift::default(), None, &opts).unwrap_err().to_string();
+        let e = read_back(&image, &target, &[], Shift::default(), None, None, &opts).unwrap_err().to_string();
         assert!(e.contains(&format!("byte at disk offset {} should be zero", 12 * MIB + 9)), "{e}");
     }
 }

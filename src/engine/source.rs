@@ -147,6 +147,8 @@ pub struct RestorePlan {
     /// number in the image, and where it goes on the target (bytes from the
     /// target's start). Empty for a whole disk.
     pub partitions: Vec<(u32, u64)>,
+    /// For a whole disk onto a smaller one: how it fits.
+    pub shrink: Option<super::shrink::ShrinkPlan>,
 }
 
 impl std::fmt::Debug for RestorePlan {
@@ -169,10 +171,17 @@ pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
     }
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
-    check_fits(&mut target, layout.disk_size, layout.sector_size)?;
+    let shrink = if target.size < layout.disk_size {
+        // The sector sizes must still agree.
+        check_fits(&mut target, 0, layout.sector_size)?;
+        Some(super::shrink::plan(image, layout.disk_size, &target)?)
+    } else {
+        check_fits(&mut target, layout.disk_size, layout.sector_size)?;
+        None
+    };
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partitions: Vec::new() })
+    Ok(RestorePlan { source, target, partitions: Vec::new(), shrink })
 }
 
 /// Prepares the restore of partition `number` of the image at `image`
@@ -251,7 +260,7 @@ fn prepare_partitions(
     }
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partitions: placed })
+    Ok(RestorePlan { source, target, partitions: placed, shrink: None })
 }
 
 impl RestorePlan {
@@ -279,6 +288,9 @@ impl RestorePlan {
                 self.source.describe()
             )
         };
+        if let Some(shrink) = &self.shrink {
+            text += &format!("\n{}", shrink.describe());
+        }
         let held = super::target::holdings(&self.target);
         if !held.is_empty() {
             text += &format!("\n{held}");
@@ -291,7 +303,10 @@ impl RestorePlan {
 
     /// Writes the image onto the target. The caller has confirmed.
     pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let RestorePlan { mut source, target, partitions } = self;
+        let RestorePlan { mut source, target, partitions, shrink } = self;
+        if let Some(shrink) = shrink {
+            return shrink.restore(&target, opts);
+        }
         if partitions.is_empty() {
             return source.restore(&target, opts);
         }

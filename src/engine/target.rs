@@ -113,7 +113,7 @@ pub fn write_order(streams: &[StreamInfo]) -> Vec<usize> {
 }
 
 /// Zeros the table and signature areas at both ends of the target.
-fn wipe_table_areas(target: &Disk) -> Result<()> {
+pub(super) fn wipe_table_areas(target: &Disk) -> Result<()> {
     let head = WIPE_LEN.min(target.size);
     target.zero_range(0, head)?;
     let tail_start = target.size.saturating_sub(WIPE_LEN).max(head);
@@ -123,7 +123,7 @@ fn wipe_table_areas(target: &Disk) -> Result<()> {
 
 /// Cleans up after a failed write: the table areas are wiped again (or a
 /// target file the job created is removed), and the error says so.
-fn fail(job: &str, target: &Disk, e: Error) -> Error {
+pub(super) fn fail(job: &str, target: &Disk, e: Error) -> Error {
     if target.fresh {
         let note = match std::fs::remove_file(&target.path) {
             Ok(()) => {
@@ -170,6 +170,11 @@ pub fn minus(start: u64, len: u64, skip: &[Extent]) -> Vec<Extent> {
             .collect();
     }
     out
+}
+
+/// `extents` without what lies at or past `cut`.
+pub(super) fn minus_from(extents: &[Extent], cut: u64) -> Vec<Extent> {
+    extents.iter().filter(|&&(a, _)| a < cut).map(|&(a, l)| (a, l.min(cut - a))).collect()
 }
 
 /// Whether `(start, len)` overlaps any of `skip`.
@@ -316,6 +321,9 @@ pub struct WriteArea {
     /// The source's table areas that are stale on a larger target (its
     /// backup GPT): never written.
     pub stale: Vec<Extent>,
+    /// Where the written range ends early (source offset): nothing at or
+    /// past it is written, for a partition that shrinks on a smaller disk.
+    pub cut: Option<u64>,
     /// The table areas, held back until everything else is written and
     /// read back.
     pub held: RefCell<HeldBack>,
@@ -331,6 +339,9 @@ impl WriteArea {
     pub fn unwritten(&self) -> Vec<Extent> {
         let mut v = self.stale.clone();
         v.extend_from_slice(self.held.borrow().ranges());
+        if let Some(cut) = self.cut {
+            v.push((cut, 1 << 60));
+        }
         v.sort();
         v
     }
@@ -374,6 +385,7 @@ pub fn write_disk(
 ) -> Result<DiskWritten> {
     let area = WriteArea {
         stale: table::stale_ranges(layout, target.size),
+        cut: None,
         held: RefCell::new(HeldBack::new(layout.disk_size.min(target.size))),
         shift: Shift::default(),
         only: None,
@@ -407,8 +419,10 @@ pub fn write_disk(
 }
 
 /// The steps of a job that writes one partition's bytes (the source range
-/// `part`, `(start, len)`) onto the target at `to`, leaving the rest of the
-/// target alone: the first and last MiB of the range on the target are
+/// `part`, `(start, len)`, of which the first `keep` bytes: the rest is
+/// left out, for a partition that shrinks on a smaller disk) onto the
+/// target at `to`, leaving the rest of the target alone: the first and
+/// last MiB of the range kept on the target are
 /// wiped, `write` writes everything (holding those back, see [`WriteArea`]),
 /// with `verify_after` `read_back` compares it (given the ranges to skip,
 /// in source offsets), then the held areas are written and compared. A
@@ -420,19 +434,22 @@ pub fn write_part(
     target: &Disk,
     stream: usize,
     part: Extent,
+    keep: u64,
     to: u64,
     verify_after: bool,
     write: impl FnOnce(&WriteArea) -> Result<u64>,
     read_back: impl FnOnce(&[Extent], Shift) -> Result<()>,
 ) -> Result<DiskWritten> {
+    let keep = keep.min(part.1);
     let area = WriteArea {
         stale: Vec::new(),
-        held: RefCell::new(HeldBack::around(part.0, part.1)),
+        cut: (keep < part.1).then_some(part.0 + keep),
+        held: RefCell::new(HeldBack::around(part.0, keep)),
         shift: Shift { from: part.0, to },
         only: Some(stream),
     };
     let wipe = || -> Result<()> {
-        for (a, l) in ends(to, part.1) {
+        for (a, l) in ends(to, keep) {
             target.zero_range(a, l)?;
         }
         target.sync()
@@ -508,23 +525,23 @@ impl<'a> TargetWriter<'a> {
     /// Writes `content`, the bytes of `extents` (in order), of stream `si`.
     pub fn write(&mut self, si: usize, extents: &[Extent], content: &[u8]) -> Result<()> {
         let s = &self.streams[si];
-        let target = self.target;
         let mut pos = 0usize;
         for &(start, len) in extents {
             let shift = self.area.shift;
             if s.fill == Fill::Zero && start > self.cursor[si] {
-                target
-                    .zero_range(shift.at(self.cursor[si]), start - self.cursor[si])
-                    .map_err(|e| e.with_note(&describe(s)))?;
+                self.zero(si, self.cursor[si], start)?;
             }
             let data = &content[pos..pos + len as usize];
             pos += len as usize;
-            let fresh: Vec<Extent> =
+            let mut fresh: Vec<Extent> =
                 if matches!(s.kind, StreamKind::Boot | StreamKind::Rescued) && !self.area.stale.is_empty() {
                     minus(start, len, &self.area.stale)
                 } else {
                     vec![(start, len)]
                 };
+            if let Some(cut) = self.area.cut {
+                fresh = minus_from(&fresh, cut);
+            }
             for (a, l) in fresh {
                 let rel = (a - start) as usize;
                 let parts = self.area.held.borrow_mut().divert(a, &data[rel..rel + l as usize]);
@@ -544,14 +561,24 @@ impl<'a> TargetWriter<'a> {
         for (si, s) in self.streams.iter().enumerate() {
             let end = s.start + s.length;
             if s.fill == Fill::Zero && self.cursor[si] < end && self.area.only.is_none_or(|o| o == si) {
-                self.target
-                    .zero_range(self.area.shift.at(self.cursor[si]), end - self.cursor[si])
-                    .map_err(|e| e.with_note(&describe(s)))?;
+                self.zero(si, self.cursor[si], end)?;
             }
         }
         let (target, streams) = (self.target, self.streams);
         self.out.finish().map_err(|e| write_error(target, streams, e))?;
         Ok(self.written)
+    }
+
+    /// Zeros the source range `from..to` of stream `si` where it lands
+    /// (up to the cut, if any).
+    fn zero(&self, si: usize, from: u64, to: u64) -> Result<()> {
+        let to = self.area.cut.map_or(to, |c| to.min(c));
+        if from < to {
+            self.target
+                .zero_range(self.area.shift.at(from), to - from)
+                .map_err(|e| e.with_note(&describe(&self.streams[si])))?;
+        }
+        Ok(())
     }
 
     fn error(&self, e: WriteError) -> Error {

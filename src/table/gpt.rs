@@ -514,16 +514,35 @@ pub(super) fn fix_up(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Res
         }
     }
 
+    write_copies(target, ss, &ng, disk_guid, &entries)
+}
+
+/// Writes a GPT of geometry `ng` (the backup at the end of a disk of
+/// `total` sectors) with `entries` onto `target`: the backup copy first,
+/// the primary header last, so an interruption leaves the old primary
+/// readable; and a protective MBR sized to the disk. Returns the byte
+/// ranges written.
+/// `ss`-byte sectors) with `entries` onto `target`: the backup copy first,
+fn write_copies(
+    target: &Disk,
+    ss: u64,
+    ng: &GptGeometry,
+    disk_guid: [u8; 16],
+    entries: &[u8],
+) -> Result<Vec<(u64, u64)>> {
+    let total = target.size / ss;
+    let n = entries_sectors(ng.num_entries, ng.entry_size, ss);
+    let esz = entries.len();
     let primary = Header {
         my_lba: 1,
         alternate_lba: ng.backup_header_lba,
-        first_usable: g.first_usable_lba,
+        first_usable: ng.first_usable_lba,
         last_usable: ng.last_usable_lba,
         disk_guid,
-        entries_lba: g.primary_entries_lba,
-        num_entries: g.num_entries,
-        entry_size: g.entry_size,
-        entries_crc: crc32fast::hash(&entries),
+        entries_lba: ng.primary_entries_lba,
+        num_entries: ng.num_entries,
+        entry_size: ng.entry_size,
+        entries_crc: crc32fast::hash(entries),
     };
     let backup = Header {
         my_lba: ng.backup_header_lba,
@@ -534,17 +553,17 @@ pub(super) fn fix_up(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Res
     let mut written = Vec::new();
     // Backup first, primary header last: an interrupted fix-up leaves the
     // old primary readable.
-    let mut padded = entries.clone();
+    let mut padded = entries.to_vec();
     padded.resize((n * ss) as usize, 0);
     target.write_all_at(&padded, ng.backup_entries_lba * ss)?;
     written.push((ng.backup_entries_lba * ss, n * ss));
     target.write_all_at(&backup.to_sector(ss), ng.backup_header_lba * ss)?;
     written.push((ng.backup_header_lba * ss, ss));
     let mut current = vec![0u8; esz];
-    target.read_exact_at(&mut current, g.primary_entries_lba * ss)?;
+    target.read_exact_at(&mut current, ng.primary_entries_lba * ss)?;
     if current != entries {
-        target.write_all_at(&entries, g.primary_entries_lba * ss)?;
-        written.push((g.primary_entries_lba * ss, esz as u64));
+        target.write_all_at(entries, ng.primary_entries_lba * ss)?;
+        written.push((ng.primary_entries_lba * ss, esz as u64));
     }
     target.write_all_at(&primary.to_sector(ss), ss)?;
     written.push((ss, ss));
@@ -552,4 +571,24 @@ pub(super) fn fix_up(target: &Disk, layout: &DiskLayout, grow_last: bool) -> Res
         written.push(range);
     }
     Ok(written)
+}
+
+/// The geometry of `layout`'s GPT rewritten for a disk of `target_size`
+/// bytes (backup at its end); None when it cannot hold the table.
+pub(super) fn geometry_for(layout: &DiskLayout, target_size: u64) -> Option<GptGeometry> {
+    let ss = u64::from(layout.sector_size);
+    target_geometry(layout.gpt.as_ref()?, ss, target_size / ss).filter(|ng| ng.last_usable_lba >= ng.first_usable_lba)
+}
+
+/// See [`super::write_moved`] (GPT part): both copies rebuilt from
+/// `moved`, whose geometry is already the target's ([`geometry_for`]).
+pub(super) fn write_moved(target: &Disk, moved: &DiskLayout) -> Result<Vec<(u64, u64)>> {
+    let ng = moved.gpt.as_ref().ok_or_else(|| Error::Unsupported("GPT layout without GPT geometry".into()))?;
+    let disk_guid = moved
+        .disk_id
+        .as_deref()
+        .and_then(guid_from_string)
+        .ok_or_else(|| Error::Unsupported("GPT layout without a valid disk GUID".into()))?;
+    let entries = build_entries(moved, ng)?;
+    write_copies(target, u64::from(moved.sector_size), ng, disk_guid, &entries)
 }

@@ -464,3 +464,48 @@ pub(super) fn fix_protective(target: &Disk, total: u64) -> Result<Option<(u64, u
     target.write_all_at(&sec0, 0)?;
     Ok(Some((0, 512)))
 }
+
+/// See [`super::write_moved`] (MBR part): each entry of sector 0 (as the
+/// source had it, copied onto `target`) points at its partition's new
+/// place (the extended container's at its new place), boot code and disk
+/// id kept; the EBR chain is rebuilt for the new places as sfdisk lays
+/// one out.
+pub(super) fn write_moved(target: &Disk, moved: &DiskLayout) -> Result<Vec<(u64, u64)>> {
+    let ss = u64::from(moved.sector_size);
+    let mut sec0 = read_sector(target, 0, ss)?;
+    if !has_signature(&sec0) {
+        return Err(Error::Unsupported("the restored sector 0 holds no MBR".into()));
+    }
+    for slot in 0..4 {
+        let e = Entry::read(&sec0, slot);
+        if e.is_empty() {
+            continue;
+        }
+        let (start, size) = if is_extended(e.ptype) {
+            moved.extended.ok_or_else(|| Error::Unsupported("an extended entry without extended partition".into()))?
+        } else {
+            let p =
+                moved.partitions.iter().find(|p| !p.logical && p.number == slot as u32 + 1).ok_or_else(|| {
+                    Error::Unsupported(format!("MBR slot {} holds no partition of the layout", slot + 1))
+                })?;
+            (p.start, p.size)
+        };
+        let (start, size) = (start / ss, size / ss);
+        if start + size > MAX_SECTORS {
+            return Err(Error::Unsupported(format!("MBR slot {}: the partition does not fit an entry", slot + 1)));
+        }
+        let at = TABLE + 16 * slot;
+        sec0[at + 1..at + 4].copy_from_slice(&chs(start));
+        sec0[at + 5..at + 8].copy_from_slice(&chs(start + size - 1));
+        sec0[at + 8..at + 12].copy_from_slice(&(start as u32).to_le_bytes());
+        sec0[at + 12..at + 16].copy_from_slice(&(size as u32).to_le_bytes());
+    }
+    let mut written = Vec::new();
+    for (at, ebr) in super::build::mbr_ebr_chain(moved)? {
+        target.write_all_at(&ebr, at)?;
+        written.push((at, 512));
+    }
+    target.write_all_at(&sec0, 0)?;
+    written.push((0, 512));
+    Ok(written)
+}

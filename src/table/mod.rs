@@ -510,3 +510,51 @@ pub fn fix_up_for_target(target: &Disk, layout: &DiskLayout, grow_last: bool) ->
     written.sort();
     Ok(written)
 }
+
+/// Where partitions must end on a disk of `target_size` bytes with a table
+/// of `layout`'s kind: before the backup GPT, within what an MBR entry can
+/// describe, or at the disk's end. None when a GPT cannot fit.
+pub fn usable_end(layout: &DiskLayout, target_size: u64) -> Option<u64> {
+    let ss = u64::from(layout.sector_size);
+    match layout.kind {
+        TableKind::Gpt => gpt::geometry_for(layout, target_size).map(|g| (g.last_usable_lba + 1) * ss),
+        TableKind::Mbr => Some(target_size.min(0xFFFF_FFFF * ss)),
+        TableKind::None => Some(target_size),
+    }
+}
+
+/// `layout` on a disk of `target_size` bytes, its partitions (and
+/// extended container) at the places `moved` gives them: the layout
+/// [`write_moved`] writes. None when its GPT cannot fit.
+pub fn moved_layout(
+    layout: &DiskLayout,
+    target_size: u64,
+    partitions: Vec<Partition>,
+    extended: Option<(u64, u64)>,
+) -> Option<DiskLayout> {
+    let mut out = layout.clone();
+    out.disk_size = target_size;
+    out.partitions = partitions;
+    out.partitions.sort_by_key(|p| p.start);
+    out.extended = extended;
+    out.warnings.clear();
+    if layout.kind == TableKind::Gpt {
+        out.gpt = Some(gpt::geometry_for(layout, target_size)?);
+    }
+    Some(out)
+}
+
+/// Writes the table of `moved` (a [`moved_layout`]) onto `target`, over the
+/// source's table area restored there: GPT both copies rebuilt (names,
+/// GUIDs, attributes kept) and the protective MBR sized; MBR the entries
+/// of sector 0 moved (boot code and disk id kept) and the EBR chain
+/// rebuilt. Returns the byte ranges written, sorted.
+pub fn write_moved(target: &Disk, moved: &DiskLayout) -> Result<Vec<(u64, u64)>> {
+    let mut written = match moved.kind {
+        TableKind::Gpt => gpt::write_moved(target, moved)?,
+        TableKind::Mbr => mbr::write_moved(target, moved)?,
+        TableKind::None => Vec::new(),
+    };
+    written.sort();
+    Ok(written)
+}

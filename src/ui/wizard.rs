@@ -881,7 +881,7 @@ fn ask_grow(scr: &Screen, title: &str, target: &Listed, need: Need) -> Result<Na
         return Ok(Nav::Go(false));
     }
     let body = format!(
-        "The target ({}) is larger than the original disk ({}). The last partition can be made larger to use the space (its filesystem is not resized).",
+        "The target ({}) is larger than the original disk ({}). The last partition can be made larger to use the space (an ext2/3/4, NTFS, XFS or btrfs filesystem in it grows with it).",
         human_bytes(target.info.size),
         human_bytes(need.size)
     );
@@ -927,7 +927,11 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
             2 => {
                 list = disks::list(&ctx.exclude)?;
                 let never = disks::disks_holding(&image);
-                match pick_target(scr, ctx, title, &list, None, &never, need)? {
+                // A klon image or snapshot also goes onto a smaller disk
+                // when its partitions can shrink to fit (the next step
+                // says whether they can, and how).
+                let pick = if crate::clonezilla::is_clonezilla_image(&image) { need } else { Need { size: 0, ..need } };
+                match pick_target(scr, ctx, title, &list, None, &never, pick)? {
                     Nav::Back => step = 1,
                     Nav::Go(i) => {
                         target = i;
@@ -998,6 +1002,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                                     }
                                 ) + &r.table_note(&tpath).map(|n| format!("\n\n{n}")).unwrap_or_default()
                                     + &r.growth_note().map(|n| format!("\n\n{n}")).unwrap_or_default()
+                                    + &r.shrunk.iter().map(|n| format!("\n\n{n}")).collect::<String>()
                             }
                             Err(e) => format!("The restore did not finish.\n\n{}", explain(&e)),
                         };

@@ -1,0 +1,756 @@
+//! Restore to a disk smaller than the source: partitions after one that
+//! shrinks move down, and the filesystems that must shrink are shrunk by
+//! their own tools (ext2/3/4: resize2fs, NTFS: ntfsresize).
+//!
+//! Planning reads nothing but the image: each filesystem that may give room
+//! is shown to its tool as a file through FUSE ([`PartFs`], the partition
+//! as the image holds it, read through the chunk index as `klon mount`
+//! does), and the tool says how small it can get (`resize2fs -P`,
+//! `ntfsresize --info`). Partitions are shrunk from the last one back, each
+//! by whole MiB and never below its minimum plus some room to breathe, so
+//! the fewest move. When that is not enough, klon says by how much and
+//! refuses before writing anything.
+//!
+//! Writing: the target's table areas are wiped; the boot code before the
+//! first partition is restored; each partition is restored at its new
+//! place, up to its new size, and read back; the table is rebuilt for the
+//! new places. Then each filesystem that must shrink is shown to its tool
+//! as a file of its old size again: its first part is the target (what was
+//! just restored), the rest the image, and what the tool writes past the
+//! new size is kept aside in memory. Once the tool has moved everything
+//! into the first part, that part on the target is the shrunk filesystem,
+//! and its checker (`e2fsck -fn`, `ntfsresize --check`) must find it clean
+//! there. A failure anywhere wipes the table areas again.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, LockOwner, MountOption, OpenFlags,
+    ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, ReplyWrite, Request, Session, WriteFlags,
+};
+
+use super::mount::{DiskView, open_store};
+use super::restore::{RestoreOptions, RestoreReport, restore_range};
+use crate::device::{Disk, loopdev};
+use crate::error::{Error, Result};
+use crate::image::StreamKind;
+use crate::table::{self, DiskLayout, Partition, TableKind};
+use crate::ui::human_bytes;
+
+const MIB: u64 = 1 << 20;
+/// The GPT type of a BIOS boot partition (GRUB's core image).
+const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
+/// What a shrunk filesystem keeps beyond its tool's minimum: 2 %, at least
+/// 16 MiB (a filesystem filled to its last block is no use).
+const SPARE_MIN: u64 = 16 * MIB;
+/// Most bytes a tool may write past the new end while it shrinks (kept in
+/// memory); more is an error (ENOSPC) for the tool.
+const OVERLAY_MAX: u64 = 512 * MIB;
+
+/// One partition of a restore to a smaller disk: where it was, where it
+/// goes, and how large it is there.
+#[derive(Debug, Clone)]
+struct Move {
+    number: u32,
+    /// Its streams in the image: one for a partition that shrinks; a
+    /// partition that holds LVM volumes may have several, each moved with
+    /// it.
+    streams: Vec<usize>,
+    /// Where it starts on the source, and its size there.
+    from: u64,
+    size: u64,
+    /// Where it starts on the target, and its size there.
+    to: u64,
+    room: u64,
+    /// Its filesystem, as the backup found it.
+    fs: Option<String>,
+}
+
+impl Move {
+    fn shrinks(&self) -> bool {
+        self.room < self.size
+    }
+}
+
+/// A restore onto a disk smaller than the image's, planned: it fits.
+#[derive(Debug, Clone)]
+pub struct ShrinkPlan {
+    image: PathBuf,
+    moved: DiskLayout,
+    parts: Vec<Move>,
+    /// The image's boot stream (what lies outside partitions), and how much
+    /// of it (from the disk's start) is restored: up to the first partition.
+    boot: Option<(usize, u64)>,
+}
+
+/// How far a filesystem can shrink, or why it cannot.
+type Minimum = std::result::Result<u64, String>;
+
+/// Plans the restore of the image at `image` onto `target`, which is
+/// smaller than the image's disk; refuses, before anything is written,
+/// when it cannot fit (saying by how much and what each partition could
+/// give) or the image is not one klon can read at random.
+pub fn plan(image: &Path, source_size: u64, target: &Disk) -> Result<ShrinkPlan> {
+    let too_small = |why: String| {
+        Error::Refused(format!(
+            "target too small: {} has {} ({} bytes), the image's disk had {} ({source_size} bytes); {why}",
+            target.path.display(),
+            human_bytes(target.size),
+            target.size,
+            human_bytes(source_size),
+        ))
+    };
+    if crate::clonezilla::is_clonezilla_image(image) {
+        return Err(too_small(format!(
+            "klon restores to a smaller disk from klon images and repository snapshots only (it reads the \
+             filesystems at random): run `klon convert {} NEW-IMAGE` and restore that",
+            image.display()
+        )));
+    }
+    let view = DiskView::new(open_store(image)?)?;
+    let m = view.manifest();
+    let layout = &m.layout;
+    if layout.kind == TableKind::None {
+        return Err(too_small("the image's disk has no partition table, so there is nothing klon can move".into()));
+    }
+    if m.streams.iter().any(|s| s.kind == StreamKind::Rescued) {
+        return Err(too_small(
+            "the image holds sectors a rescue read late (klon backup --rescue), which klon does not move: \
+             restore it to a disk at least as large"
+                .into(),
+        ));
+    }
+    let end = table::usable_end(layout, target.size)
+        .ok_or_else(|| too_small("the image's partition table does not fit on it".into()))?;
+    let mut parts: Vec<&Partition> = layout.partitions.iter().collect();
+    parts.sort_by_key(|p| p.start);
+    let last_end = parts.iter().map(|p| p.start + p.size).max().unwrap_or(0);
+    let mut need = last_end.saturating_sub(end).div_ceil(MIB) * MIB;
+    // What each partition gives, from the last back, and why the others give nothing.
+    let mut cuts: HashMap<u32, u64> = HashMap::new();
+    let mut said: Vec<String> = Vec::new();
+    // GRUB's boot code in the MBR records where its core image starts in
+    // a BIOS boot partition: no partition before one may shrink (it would
+    // move).
+    let pinned_before =
+        parts.iter().filter(|p| p.type_id.eq_ignore_ascii_case(BIOS_BOOT)).map(|p| p.start).max().unwrap_or(0);
+    for p in parts.iter().rev() {
+        if need == 0 {
+            break;
+        }
+        if p.start < pinned_before {
+            said.push(format!(
+                "partition {} lies before the BIOS boot partition, which must not move (GRUB's boot code records \
+                 its place), so it keeps its size",
+                p.number
+            ));
+            continue;
+        }
+        let stream = m.streams.iter().find(|s| s.partition == Some(p.number));
+        let fs = stream.and_then(|s| s.fs.as_ref()).map(|f| f.fstype.clone());
+        let used = stream.and_then(|s| s.fs_used_bytes);
+        let name = format!(
+            "partition {} ({}, {}{})",
+            p.number,
+            fs.as_deref().unwrap_or("no filesystem klon knows"),
+            human_bytes(p.size),
+            used.map(|u| format!(", {} used", human_bytes(u))).unwrap_or_default()
+        );
+        let min = match stream {
+            Some(s) if m.streams.iter().filter(|t| t.partition == Some(p.number)).count() == 1 => {
+                minimum(image, p, fs.as_deref(), s.fs_block_size)
+            }
+            _ => Err("klon cannot shrink what it holds".into()),
+        };
+        match min {
+            Ok(min) => {
+                let keep = (min + (min / 50).max(SPARE_MIN)).div_ceil(MIB) * MIB;
+                let give = p.size.saturating_sub(keep) / MIB * MIB;
+                let cut = give.min(need);
+                said.push(format!("{name}: can shrink to {}, giving up to {}", human_bytes(keep), human_bytes(give)));
+                if cut > 0 {
+                    cuts.insert(p.number, cut);
+                    need -= cut;
+                }
+            }
+            Err(why) => said.push(format!("{name}: {why}")),
+        }
+    }
+    if need > 0 {
+        return Err(too_small(format!(
+            "the partitions do not fit even shrunk: {} short. {}. Use a disk at least {} larger",
+            human_bytes(need),
+            said.join("; "),
+            human_bytes(need)
+        )));
+    }
+    // New places: each partition moves down by what those before it gave.
+    let shift_before = |x: u64| -> u64 {
+        parts.iter().filter(|p| p.start < x).map(|p| cuts.get(&p.number).copied().unwrap_or(0)).sum()
+    };
+    let mut moved_parts = Vec::new();
+    let mut moves = Vec::new();
+    for p in &parts {
+        let cut = cuts.get(&p.number).copied().unwrap_or(0);
+        let (to, room) = (p.start - shift_before(p.start), p.size - cut);
+        let streams: Vec<usize> = (0..m.streams.len()).filter(|&i| m.streams[i].partition == Some(p.number)).collect();
+        moved_parts.push(Partition { start: to, size: room, ..(*p).clone() });
+        moves.push(Move {
+            number: p.number,
+            fs: streams.first().and_then(|&si| m.streams[si].fs.as_ref()).map(|f| f.fstype.clone()),
+            streams,
+            from: p.start,
+            size: p.size,
+            to,
+            room,
+        });
+    }
+    let extended = layout.extended.map(|(start, size)| {
+        let new_start = start - shift_before(start);
+        let logical_end = moved_parts.iter().filter(|p| p.logical).map(|p| p.start + p.size).max();
+        let new_end = logical_end.unwrap_or(start + size - shift_before(start + size));
+        (new_start, new_end - new_start)
+    });
+    let moved = table::moved_layout(layout, target.size, moved_parts, extended)
+        .ok_or_else(|| too_small("the image's partition table does not fit on it".into()))?;
+    if let Some(p) = moved.partitions.iter().find(|p| p.start + p.size > end) {
+        return Err(too_small(format!("partition {} would still end past its room", p.number)));
+    }
+    table::build::mbr_ebr_chain(&moved)
+        .map_err(|e| too_small(format!("the logical partitions cannot be moved: {e}")))?;
+    let first = moved_first(layout);
+    let boot = m.streams.iter().position(|s| s.kind == StreamKind::Boot).map(|b| (b, first));
+    Ok(ShrinkPlan { image: image.to_path_buf(), moved, parts: moves, boot })
+}
+
+/// Where the first partition (or MBR extended container) starts.
+fn moved_first(layout: &DiskLayout) -> u64 {
+    let first = layout.partitions.iter().map(|p| p.start).min().unwrap_or(layout.disk_size);
+    layout.extended.map_or(first, |(s, _)| first.min(s))
+}
+
+/// How small the filesystem `fs` in partition `p` of the image can get,
+/// as its own tool says; or why it cannot shrink.
+fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32>) -> Minimum {
+    let fs = fs.unwrap_or("");
+    match fs {
+        "ext2" | "ext3" | "ext4" | "ntfs" => {}
+        "xfs" => return Err("XFS cannot shrink".into()),
+        "" => return Err("it holds no filesystem klon knows, so it keeps its size".into()),
+        "vfat" | "fat12" | "fat16" | "fat32" => return Err("klon does not shrink FAT yet, so it keeps its size".into()),
+        other => return Err(format!("klon does not shrink {other}, so it keeps its size")),
+    }
+    let view = open_store(image).and_then(DiskView::new).map_err(|e| e.to_string())?;
+    let shown = PartFs::new(view, p.start, p.size, None);
+    let found = shown.with_file(|file| {
+        let file = file.to_string_lossy();
+        if fs == "ntfs" {
+            let out = run("ntfsresize", &["--info", "--force", "--no-progress-bar", &file])?;
+            let bytes = out
+                .lines()
+                .find_map(|l| l.strip_prefix("You might resize at ")?.split(' ').next()?.parse::<u64>().ok())
+                .ok_or_else(|| format!("ntfsresize --info did not say how small it can get: {}", tail(&out)))?;
+            Ok(bytes)
+        } else {
+            run("e2fsck", &["-fn", &file]).map_err(|why| format!("e2fsck -fn finds it is not clean ({why})"))?;
+            let out = run("resize2fs", &["-P", &file])?;
+            let blocks = out
+                .lines()
+                .find_map(|l| l.strip_prefix("Estimated minimum size of the filesystem: ")?.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("resize2fs -P did not say how small it can get: {}", tail(&out)))?;
+            let bs = block_size.ok_or("the image does not record its block size")?;
+            Ok(blocks * u64::from(bs))
+        }
+    });
+    found.map_err(|why| format!("cannot shrink: {why}"))
+}
+
+impl ShrinkPlan {
+    /// What the restore does to fit, one line per partition that moves or
+    /// shrinks, for confirmations.
+    pub fn describe(&self) -> String {
+        let mut lines = vec!["The target is smaller than the image's disk, so:".to_string()];
+        for mv in &self.parts {
+            let fs = mv.fs.as_deref().unwrap_or("no filesystem");
+            if mv.shrinks() {
+                lines.push(format!(
+                    "  partition {} ({fs}) shrinks from {} to {}{}",
+                    mv.number,
+                    human_bytes(mv.size),
+                    human_bytes(mv.room),
+                    if mv.to != mv.from { format!(" and moves to byte {}", mv.to) } else { String::new() }
+                ));
+            } else if mv.to != mv.from {
+                lines.push(format!("  partition {} ({fs}) moves from byte {} to byte {}", mv.number, mv.from, mv.to));
+            }
+        }
+        if lines.len() == 1 {
+            lines.push("  every partition keeps its place and size (they end before the smaller disk does)".into());
+        }
+        lines.join("\n")
+    }
+
+    /// Writes the image onto `target` as planned. The caller has confirmed.
+    pub fn restore(&self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
+        let started = Instant::now();
+        let store = open_store(&self.image)?;
+        let _lock = match crate::repo::split_spec(&self.image) {
+            Some((repo, _)) => Some(crate::repo::Repository::open(&repo)?.lock("restore", false)?),
+            None => None,
+        };
+        super::target::wipe_table_areas(target)?;
+        let mut report =
+            RestoreReport::new(super::target::DiskWritten { bytes: 0, table_reread: None }, opts.verify_after, started);
+        let done = (|| -> Result<()> {
+            if let Some((bi, first)) = self.boot {
+                let s = &store.manifest().streams[bi];
+                let w =
+                    restore_range(&*store, bi, (s.start, s.length), first.saturating_sub(s.start), target, 0, opts)?;
+                report.bytes_written += w.bytes;
+            }
+            for mv in &self.parts {
+                for &si in &mv.streams {
+                    let st = &store.manifest().streams[si];
+                    let (from, len) = (st.start, st.length);
+                    let keep = len.min((mv.from + mv.room).saturating_sub(from));
+                    let w = restore_range(&*store, si, (from, len), keep, target, from - mv.from + mv.to, opts)?;
+                    report.bytes_written += w.bytes;
+                }
+                if mv.to != mv.from {
+                    fix_hidden_sectors(target, mv, u64::from(self.moved.sector_size))?;
+                }
+            }
+            target.sync()?;
+            table::write_moved(target, &self.moved)?;
+            target.sync()?;
+            for mv in self.parts.iter().filter(|m| m.shrinks()) {
+                report.shrunk.push(self.shrink(target, mv)?);
+            }
+            target.sync()?;
+            report.table_reread = target.reread_table()?;
+            target.drop_cache()?;
+            let found = table::read_layout(target).map_err(|e| {
+                Error::VerifyAfter(format!("the partition table written to the target does not read back: {e}"))
+            })?;
+            if found.partitions != self.moved.partitions || found.extended != self.moved.extended {
+                return Err(Error::VerifyAfter(format!(
+                    "the partition table read back from {} is not the one written for the smaller disk",
+                    target.path.display()
+                )));
+            }
+            Ok(())
+        })();
+        done.map_err(|e| super::target::fail("restore", target, e))?;
+        target.keep_created();
+        report.seconds = started.elapsed().as_secs_f64();
+        Ok(report)
+    }
+
+    /// Shrinks the filesystem of `mv`, restored at its new place up to its
+    /// new size, with its own tool; then its checker must find it clean on
+    /// the target. Says what was done.
+    fn shrink(&self, target: &Disk, mv: &Move) -> Result<String> {
+        let fs = mv.fs.as_deref().unwrap_or("");
+        let failed = |why: String| {
+            Error::Unsupported(format!(
+                "shrinking the {fs} of partition {} to {} failed: {why}",
+                mv.number,
+                human_bytes(mv.room)
+            ))
+        };
+        let view = DiskView::new(open_store(&self.image)?)?;
+        let lower = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
+        let shown = PartFs::new(view, mv.from, mv.size, Some(Lower { file: lower, to: mv.to, room: mv.room }));
+        let tool = shown
+            .with_file(|file| {
+                let file = file.to_string_lossy();
+                if fs == "ntfs" {
+                    run("ntfsresize", &["--force", "--no-progress-bar", "-s", &mv.room.to_string(), &file])
+                        .map(|_| "ntfsresize")
+                } else {
+                    run("resize2fs", &["-f", &file, &format!("{}K", mv.room / 1024)]).map(|_| "resize2fs")
+                }
+            })
+            .map_err(failed)?;
+        target.sync()?;
+        target.drop_cache()?;
+        let dev = loopdev::attach(&target.path, mv.to, mv.room, fs == "ntfs")?;
+        let node = dev.path.to_string_lossy().into_owned();
+        let checked = if fs == "ntfs" {
+            run("ntfsresize", &["--check", "--no-progress-bar", &node]).map(|_| "ntfsresize --check")
+        } else {
+            run("e2fsck", &["-fn", &node]).map(|_| "e2fsck -fn")
+        };
+        drop(dev);
+        let checker = checked.map_err(|why| {
+            Error::VerifyAfter(format!(
+                "after {tool} shrank the {fs} of partition {}, its checker finds it damaged: {why}",
+                mv.number
+            ))
+        })?;
+        Ok(format!(
+            "partition {}: {tool} shrank its {fs} from {} to {} ({checker} clean afterwards)",
+            mv.number,
+            human_bytes(mv.size),
+            human_bytes(mv.room)
+        ))
+    }
+}
+
+/// A FAT or NTFS boot sector records where its partition starts ("hidden
+/// sectors", a 32-bit count at byte 0x1C), and Windows' and DOS's boot
+/// code reads the rest of the loader from there: for a partition that
+/// moved, the field (in the boot sector and its backup copy) is set to the
+/// new start when it held the old one.
+fn fix_hidden_sectors(target: &Disk, mv: &Move, ss: u64) -> Result<()> {
+    let mut boot = [0u8; 512];
+    target.read_exact_at(&mut boot, mv.to)?;
+    let fat32 = &boot[0x52..0x5A] == b"FAT32   ";
+    let backup = if &boot[3..11] == b"NTFS    " {
+        // The backup boot sector follows the volume (its sector count at 0x28).
+        let sectors = u64::from_le_bytes(boot[0x28..0x30].try_into().expect("8 bytes"));
+        let bps = u64::from(u16::from_le_bytes([boot[0x0B], boot[0x0C]]));
+        sectors.checked_mul(bps).filter(|&at| at + 512 <= mv.room)
+    } else if fat32 || &boot[0x36..0x3B] == b"FAT12" || &boot[0x36..0x3B] == b"FAT16" {
+        let bps = u64::from(u16::from_le_bytes([boot[0x0B], boot[0x0C]]));
+        let at = u64::from(u16::from_le_bytes([boot[0x32], boot[0x33]])) * bps;
+        (fat32 && at > 0 && at + 512 <= mv.room).then_some(at)
+    } else {
+        return Ok(());
+    };
+    let (old, new) = (mv.from / ss, mv.to / ss);
+    let (Ok(old), Ok(new)) = (u32::try_from(old), u32::try_from(new)) else { return Ok(()) };
+    for at in std::iter::once(0).chain(backup) {
+        let mut sector = [0u8; 512];
+        target.read_exact_at(&mut sector, mv.to + at)?;
+        if sector[0x1C..0x20] == old.to_le_bytes() {
+            sector[0x1C..0x20].copy_from_slice(&new.to_le_bytes());
+            target.write_all_at(&sector, mv.to + at)?;
+        }
+    }
+    Ok(())
+}
+
+/// The target under a partition being shrunk: its first `room` bytes are
+/// at byte `to` of `file`.
+struct Lower {
+    file: std::fs::File,
+    to: u64,
+    room: u64,
+}
+
+/// One file, `part.img`: a partition of the image, `size` bytes from
+/// `start` of its disk. With a [`Lower`], its first `room` bytes are the
+/// target's (read and written there) and what is written past them is kept
+/// in memory; without, it is read-only.
+struct PartFs {
+    view: DiskView,
+    start: u64,
+    size: u64,
+    lower: Option<Lower>,
+    /// Written blocks past `room`, by block number.
+    overlay: Mutex<HashMap<u64, Vec<u8>>>,
+    overlay_bytes: AtomicU64,
+    time: SystemTime,
+}
+
+const BLOCK: u64 = 4096;
+const FILE_INO: u64 = 2;
+const TTL: Duration = Duration::from_secs(1);
+
+/// Counts the shrink mounts of this process, for their directory names.
+static MOUNTS: AtomicU64 = AtomicU64::new(0);
+
+impl PartFs {
+    fn new(view: DiskView, start: u64, size: u64, lower: Option<Lower>) -> PartFs {
+        PartFs {
+            view,
+            start,
+            size,
+            lower,
+            overlay: Mutex::new(HashMap::new()),
+            overlay_bytes: AtomicU64::new(0),
+            time: SystemTime::now(),
+        }
+    }
+
+    /// Mounts itself on a directory of its own for as long as `work` runs,
+    /// handing it the file's path.
+    fn with_file<T>(
+        self,
+        work: impl FnOnce(&Path) -> std::result::Result<T, String>,
+    ) -> std::result::Result<T, String> {
+        let n = MOUNTS.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("klon-shrink-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let mut config = Config::default();
+        config.mount_options = vec![
+            MountOption::NoSuid,
+            MountOption::NoDev,
+            MountOption::FSName("klon-shrink".into()),
+            MountOption::CUSTOM("subtype=klon".into()),
+        ];
+        if self.lower.is_none() {
+            config.mount_options.push(MountOption::RO);
+        }
+        let session = match Session::new(self, &dir, &config) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(format!("mounting a FUSE file on {} (is the fuse module loaded?): {e}", dir.display()));
+            }
+        };
+        let background = match session.spawn() {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(format!("serving the FUSE file on {}: {e}", dir.display()));
+            }
+        };
+        let result = work(&dir.join("part.img"));
+        let ended = background.umount_and_join();
+        let _ = std::fs::remove_dir(&dir);
+        let value = result?;
+        ended.map_err(|e| format!("unmounting {}: {e}", dir.display()))?;
+        Ok(value)
+    }
+
+    fn attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(FILE_INO),
+            size: self.size,
+            blocks: self.size.div_ceil(512),
+            atime: self.time,
+            mtime: self.time,
+            ctime: self.time,
+            crtime: self.time,
+            kind: FileType::RegularFile,
+            perm: if self.lower.is_some() { 0o600 } else { 0o400 },
+            nlink: 1,
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+            rdev: 0,
+            blksize: 128 << 10,
+            flags: 0,
+        }
+    }
+
+    fn root_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(1),
+            size: 0,
+            blocks: 0,
+            kind: FileType::Directory,
+            perm: 0o500,
+            nlink: 2,
+            ..self.attr()
+        }
+    }
+
+    /// The file's bytes from `offset` into `buf`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let room = self.lower.as_ref().map_or(0, |l| l.room);
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            if at < room {
+                let l = self.lower.as_ref().expect("room comes from the lower");
+                let n = ((room - at) as usize).min(buf.len() - done);
+                l.file.read_exact_at(&mut buf[done..done + n], l.to + at)?;
+                done += n;
+                continue;
+            }
+            let block = at / BLOCK;
+            let within = (at % BLOCK) as usize;
+            let n = (BLOCK as usize - within).min(buf.len() - done);
+            let held = self.overlay.lock().expect("overlay lock").get(&block).map(|b| b[within..within + n].to_vec());
+            match held {
+                Some(bytes) => buf[done..done + n].copy_from_slice(&bytes),
+                None => self
+                    .view
+                    .read(self.start + at, &mut buf[done..done + n])
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`: onto the target below `room`, into the
+    /// overlay past it.
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let l = self.lower.as_ref().ok_or_else(|| std::io::Error::from_raw_os_error(libc::EROFS))?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            if at < l.room {
+                let n = ((l.room - at) as usize).min(data.len() - done);
+                l.file.write_all_at(&data[done..done + n], l.to + at)?;
+                done += n;
+                continue;
+            }
+            let block = at / BLOCK;
+            let within = (at % BLOCK) as usize;
+            let n = (BLOCK as usize - within).min(data.len() - done);
+            let mut overlay = self.overlay.lock().expect("overlay lock");
+            let held = match overlay.entry(block) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if self.overlay_bytes.fetch_add(BLOCK, Ordering::Relaxed) + BLOCK > OVERLAY_MAX {
+                        return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+                    }
+                    let mut base = vec![0u8; BLOCK as usize];
+                    self.view
+                        .read(self.start + block * BLOCK, &mut base)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    e.insert(base)
+                }
+            };
+            held[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Filesystem for PartFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if u64::from(parent) == 1 && name == "part.img" {
+            reply.entry(&TTL, &self.attr(), fuser::Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match u64::from(ino) {
+            1 => reply.attr(&TTL, &self.root_attr()),
+            FILE_INO => reply.attr(&TTL, &self.attr()),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if u64::from(ino) == FILE_INO {
+            // Every read and write reaches this file system: nothing is
+            // cached by the kernel between the tool and the target.
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = (u64::from(size)).min(self.size.saturating_sub(offset)) as usize;
+        let mut buf = vec![0u8; len];
+        match self.read_at(&mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => {
+                eprintln!("klon: reading byte {offset} of the partition being shrunk failed: {e}");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if offset.saturating_add(data.len() as u64) > self.size {
+            return reply.error(Errno::EFBIG);
+        }
+        match self.write_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                eprintln!(
+                    "klon: the shrinking tool wrote more than {} past the filesystem's new end",
+                    human_bytes(OVERLAY_MAX)
+                );
+                reply.error(Errno::ENOSPC)
+            }
+            Err(e) => {
+                eprintln!("klon: writing byte {offset} of the partition being shrunk failed: {e}");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The file keeps its size: a tool that truncates it changes nothing.
+        match u64::from(ino) {
+            FILE_INO => reply.attr(&TTL, &self.attr()),
+            _ => reply.attr(&TTL, &self.root_attr()),
+        }
+    }
+}
+
+/// Runs `program` with `args`; its output (stdout), or why it failed.
+fn run(program: &str, args: &[&str]) -> std::result::Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e} (is it installed?)"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        return Ok(stdout + &String::from_utf8_lossy(&out.stderr));
+    }
+    let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let said = if said.is_empty() { stdout } else { said };
+    Err(format!("{program} {} failed ({}): {}", args.join(" "), out.status, tail(&said)))
+}
+
+/// The last three lines of a tool's output, on one line.
+fn tail(said: &str) -> String {
+    let lines: Vec<&str> = said.trim().lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" / ")
+}
+
+impl std::fmt::Debug for PartFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartFs").field("start", &self.start).field("size", &self.size).finish()
+    }
+}

@@ -1,0 +1,378 @@
+//! `klon restore` onto a disk smaller than the image's: partitions after
+//! one that shrinks move down, ext4 and NTFS are shrunk by their own tools,
+//! and every filesystem comes back clean by its own checker with the same
+//! files. Before anything is written, a target the partitions cannot fit
+//! even shrunk is refused, saying by how much, and is left untouched.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::disks::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The test's files, in `dir`: a few MiB, some of it incompressible.
+fn populate(dir: &Path) {
+    std::fs::create_dir_all(dir.join("a/b")).unwrap();
+    for (i, size) in [0usize, 1, 4097, 70_000, 3 << 20].into_iter().enumerate() {
+        std::fs::write(dir.join(format!("a/file{i}")), random_bytes(i as u64 + 60, size)).unwrap();
+    }
+    std::fs::write(dir.join("a/b/text"), text_bytes(6, 300_000)).unwrap();
+}
+
+/// A filesystem image of `len` bytes at `path` holding `populate`'s files:
+/// `ext4` (its files written last, after a filler was deleted, so they lie
+/// at its end and resize2fs must move them), `ntfs` or `vfat`.
+fn make_fs(t: &TempDir, kind: &str, path: &Path, len: u64) {
+    make_fs_with(t, kind, path, len, 0);
+}
+
+/// [`make_fs`], with a file `keep` of `extra` incompressible bytes besides
+/// (a filesystem that is nearly full cannot shrink).
+fn make_fs_with(t: &TempDir, kind: &str, path: &Path, len: u64, extra: usize) {
+    let src = t.join("src");
+    if !src.exists() {
+        populate(&src);
+    }
+    blank_file(path, len);
+    match kind {
+        "ext4" => {
+            run("mke2fs", &["-q", "-t", "ext4", s(path)]);
+            let dir = t.join("fill-ext4");
+            let _m = Mounted::new(path, &dir, "loop");
+            let filler = dir.join("filler");
+            let free = len * 6 / 10;
+            std::fs::write(&filler, vec![0x5Au8; free as usize]).unwrap();
+            run("sync", &[]);
+            run("cp", &["-a", &format!("{}/.", s(&src)), s(&dir)]);
+            std::fs::remove_file(&filler).unwrap();
+        }
+        "ntfs" => {
+            run("mkntfs", &["-q", "-F", "-Q", s(path)]);
+            let dir = t.join("fill-ntfs");
+            ntfs_mounted(path, &dir, false, || {
+                run("cp", &["-a", &format!("{}/.", s(&src)), s(&dir)]);
+                if extra > 0 {
+                    std::fs::write(dir.join("keep"), random_bytes(99, extra)).unwrap();
+                }
+            });
+        }
+        "btrfs" => {
+            run("mkfs.btrfs", &["-q", "--rootdir", s(&src), s(path)]);
+        }
+        "vfat" => {
+            run("mkfs.vfat", &["-F", "32", s(path)]);
+            run_env("mcopy", &["-s", "-i", s(path), &format!("{}/a", s(&src)), "::/"], &[("MTOOLS_SKIP_CHECK", "1")]);
+        }
+        other => panic!("no {other}"),
+    }
+}
+
+/// The bytes of partition `i` (from 0) of `disk`, as sfdisk reads its
+/// table, copied to a file of their own.
+fn partition_file(t: &TempDir, disk: &Path, i: usize, name: &str) -> (PathBuf, SfPart) {
+    let (parts, sector) = sfdisk_parts(disk);
+    let p = parts[i].clone();
+    let out = t.join(name);
+    blank_file(&out, p.size * sector);
+    run(
+        "dd",
+        &[
+            &format!("if={}", s(disk)),
+            &format!("of={}", s(&out)),
+            "bs=512",
+            &format!("skip={}", p.start * sector / 512),
+            &format!("count={}", p.size * sector / 512),
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    (out, p)
+}
+
+/// The files of `fs` (a partition's bytes, of `kind`) are `populate`'s.
+fn assert_files(t: &TempDir, kind: &str, fs: &Path) {
+    let expected = t.join("expected");
+    if !expected.exists() {
+        populate(&expected);
+    }
+    let dir = t.join(&format!("check-{}", fs.file_name().unwrap().to_str().unwrap()));
+    let diff =
+        |dir: &Path| run("diff", &["-r", "--no-dereference", "-x", "lost+found", "-x", "keep", s(&expected), s(dir)]);
+    match kind {
+        "ext4" | "btrfs" => {
+            let _m = Mounted::new(fs, &dir, "ro,loop");
+            diff(&dir);
+        }
+        "ntfs" => ntfs_mounted(fs, &dir, true, || {
+            diff(&dir);
+        }),
+        "vfat" => {
+            std::fs::create_dir_all(&dir).unwrap();
+            run_env("mcopy", &["-s", "-i", s(fs), "::/a", s(&dir)], &[("MTOOLS_SKIP_CHECK", "1")]);
+            run("diff", &["-r", s(&expected.join("a")), s(&dir.join("a"))]);
+        }
+        other => panic!("no {other}"),
+    }
+}
+
+/// The filesystem's own checker finds `fs` clean.
+fn assert_clean(kind: &str, fs: &Path) {
+    match kind {
+        "ext4" => {
+            run("e2fsck", &["-fn", s(fs)]);
+        }
+        "ntfs" => {
+            run("ntfsfix", &["-n", s(fs)]);
+            run("ntfsresize", &["--check", "--no-progress-bar", s(fs)]);
+        }
+        "vfat" => {
+            run("fsck.fat", &["-n", s(fs)]);
+        }
+        "btrfs" => {
+            run("btrfs", &["check", "--readonly", s(fs)]);
+        }
+        other => panic!("no {other}"),
+    }
+}
+
+/// Restores `disk`'s image onto a new target of `size` bytes (garbage
+/// before); klon's JSON report.
+fn restore_smaller(t: &TempDir, disk: &Path, size: u64) -> (PathBuf, serde_json::Value) {
+    let (img, target) = (t.join("image"), t.join("target.img"));
+    ok(&klon(&["backup", "--quiet", s(disk), s(&img)]));
+    garbage_file(&target, size);
+    let o = klon(&["--json", "restore", "--yes", s(&img), s(&target)]);
+    ok(&o);
+    (target, serde_json::from_str(&stdout(&o)).unwrap())
+}
+
+#[test]
+fn gpt_disk_with_esp_ntfs_and_ext4_restores_to_a_smaller_disk() {
+    require_root!();
+    let t = TempDir::new("shrink-gpt");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 400 * MIB);
+    run(
+        "sgdisk",
+        &[
+            "-n",
+            "1:2048:+64M",
+            "-t",
+            "1:ef00",
+            "-c",
+            "1:esp",
+            "-n",
+            "2:0:+120M",
+            "-t",
+            "2:0700",
+            "-c",
+            "2:data",
+            "-n",
+            "3:0:0",
+            "-t",
+            "3:8300",
+            "-c",
+            "3:root",
+            s(&disk),
+        ],
+    );
+    let (parts, sector) = sfdisk_parts(&disk);
+    for (p, kind) in parts.iter().zip(["vfat", "ntfs", "ext4"]) {
+        let fs = t.join(&format!("{kind}.img"));
+        make_fs(&t, kind, &fs, p.size * sector);
+        write_at(&disk, p.start * sector, &std::fs::read(&fs).unwrap());
+    }
+    let before = run("sfdisk", &["-d", s(&disk)]);
+
+    // 160 MiB: the ext4 alone cannot give the 240 MiB; the NTFS gives the rest.
+    let (target, report) = restore_smaller(&t, &disk, 160 * MIB);
+    assert_eq!(report["verified"], true, "{report}");
+    let shrunk = report["shrunk"].as_array().unwrap();
+    assert_eq!(shrunk.len(), 2, "{report}");
+    assert!(shrunk[0].as_str().unwrap().contains("partition 2: ntfsresize shrank its ntfs"), "{report}");
+    assert!(shrunk[1].as_str().unwrap().contains("partition 3: resize2fs shrank its ext4"), "{report}");
+
+    // The table: sgdisk finds it sound, names and GUIDs kept, the ESP in place.
+    let verified = run("sgdisk", &["-v", s(&target)]);
+    assert!(verified.contains("No problems found"), "{verified}");
+    let after = run("sfdisk", &["-d", s(&target)]);
+    let field = |dump: &str, n: usize, key: &str| -> String {
+        let line = dump.lines().filter(|l| l.contains(" : start=")).nth(n).unwrap().to_string();
+        line.split(", ").find_map(|f| f.trim().strip_prefix(key)).unwrap().trim().to_string()
+    };
+    for n in 0..3 {
+        for key in ["uuid=", "name=", "type="] {
+            assert_eq!(field(&before, n, key), field(&after, n, key), "partition {} {key}", n + 1);
+        }
+    }
+    let (new, _) = sfdisk_parts(&target);
+    assert_eq!((new[0].start, new[0].size), (parts[0].start, parts[0].size), "the ESP keeps its place and size");
+    assert!(new[1].size < parts[1].size && new[2].size < parts[2].size, "{after}");
+    assert_eq!(new[2].start, new[1].start + new[1].size, "the ext4 moved down to follow the NTFS");
+
+    for (i, kind) in ["vfat", "ntfs", "ext4"].into_iter().enumerate() {
+        let (fs, _) = partition_file(&t, &target, i, &format!("restored-{kind}.img"));
+        assert_clean(kind, &fs);
+        assert_files(&t, kind, &fs);
+    }
+    // The shrunk filesystems fill their partitions, as their tools say.
+    let (ext4, p3) = partition_file(&t, &target, 2, "p3.img");
+    let sb = run("dumpe2fs", &["-h", s(&ext4)]);
+    let bytes = number_after(&sb, "Block count:") * number_after(&sb, "Block size:");
+    assert!(
+        bytes <= p3.size * sector && bytes > p3.size * sector - MIB,
+        "ext4 is {bytes} bytes in {} sectors",
+        p3.size
+    );
+}
+
+#[test]
+fn mbr_disk_moves_its_logical_partitions_and_fixes_ntfs_hidden_sectors() {
+    require_root!();
+    let t = TempDir::new("shrink-mbr");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 300 * MIB);
+    // p1 ext4 (bootable, 200 MiB), p2 extended: p5 NTFS (40 MiB, nearly
+    // full: it cannot give room, so it only moves), p6 ext4 (the rest).
+    run_with_input(
+        "sfdisk",
+        &["-q", s(&disk)],
+        "label: dos\nstart=2048, size=200M, type=83, bootable\ntype=5\nsize=40M, type=7\ntype=83\n",
+    );
+    let (parts, sector) = sfdisk_parts(&disk);
+    assert_eq!(parts.len(), 4, "{parts:?}");
+    // Boot code in the MBR and data in the gap after it: kept.
+    let gap = random_bytes(9, 4096);
+    write_at(&disk, 0, &gap[..440]);
+    write_at(&disk, 512, &gap);
+    for (p, kind, extra) in [(&parts[0], "ext4", 0), (&parts[2], "ntfs", 28 << 20), (&parts[3], "ext4", 0)] {
+        let fs = t.join(&format!("{kind}-{}.img", p.start));
+        make_fs_with(&t, kind, &fs, p.size * sector, extra);
+        write_at(&disk, p.start * sector, &std::fs::read(&fs).unwrap());
+    }
+    // mkntfs on a file leaves hidden sectors 0: set them as on a disk, in
+    // the boot sector and in its backup after the volume's last sector.
+    let ntfs = parts[2].start * sector;
+    let sectors = u64::from_le_bytes(read_at(&disk, ntfs + 0x28, 8).try_into().unwrap());
+    for at in [ntfs, ntfs + sectors * 512] {
+        write_at(&disk, at + 0x1C, &(parts[2].start as u32).to_le_bytes());
+    }
+
+    let (target, report) = restore_smaller(&t, &disk, 180 * MIB);
+    let shrunk: Vec<&str> = report["shrunk"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(shrunk.len(), 2, "{report}");
+    assert!(shrunk[0].starts_with("partition 1: resize2fs"), "{report}");
+    assert!(shrunk[1].starts_with("partition 6: resize2fs"), "{report}");
+    let (new, _) = sfdisk_parts(&target);
+    assert_eq!(new.len(), 4, "{new:?}");
+    assert_eq!(new[0].start, parts[0].start, "p1 keeps its start");
+    assert!(new[0].size < parts[0].size && new[3].size < parts[3].size, "{new:?}");
+    assert_eq!(new[2].size, parts[2].size, "the NTFS keeps its size");
+    assert!(new[2].start < parts[2].start, "the NTFS moved down: {new:?}");
+    let dump = run("sfdisk", &["-d", s(&target)]);
+    assert!(dump.lines().any(|l| l.contains("target.img1 ") && l.contains("bootable")), "{dump}");
+    assert_eq!(read_at(&target, 0, 440), gap[..440].to_vec(), "the boot code");
+    assert_eq!(read_at(&target, 512, 4096), gap, "the gap after the MBR");
+    for (i, kind) in [(0, "ext4"), (2, "ntfs"), (3, "ext4")] {
+        let (fs, p) = partition_file(&t, &target, i, &format!("restored-{i}.img"));
+        assert_clean(kind, &fs);
+        assert_files(&t, kind, &fs);
+        if kind == "ntfs" {
+            // It moved: its boot sector says where it is now.
+            for at in [0, sectors * 512] {
+                let hidden = u32::from_le_bytes(read_at(&fs, at + 0x1C, 4).try_into().unwrap());
+                assert_eq!(u64::from(hidden), p.start, "NTFS hidden sectors at byte {at}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_target_too_small_even_shrunk_is_refused_before_writing() {
+    require_root!();
+    let t = TempDir::new("shrink-refused");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 240 * MIB);
+    run_with_input("sfdisk", &["-q", s(&disk)], "label: gpt\nstart=2048, size=100M\nsize=128M\n");
+    let (parts, sector) = sfdisk_parts(&disk);
+    for (p, kind) in parts.iter().zip(["ext4", "btrfs"]) {
+        let fs = t.join(&format!("{kind}.img"));
+        make_fs(&t, kind, &fs, p.size * sector);
+        write_at(&disk, p.start * sector, &std::fs::read(&fs).unwrap());
+    }
+    let img = t.join("image");
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+
+    // The btrfs (last) is not shrunk by klon, and the ext4 cannot give 100 MiB.
+    let target = t.join("target.img");
+    garbage_file(&target, 140 * MIB);
+    let before = std::fs::read(&target).unwrap();
+    let o = klon(&["restore", "--yes", s(&img), s(&target)]);
+    fails_with(
+        &o,
+        5,
+        &[
+            "target too small",
+            "do not fit even shrunk",
+            "short",
+            "partition 2 (btrfs",
+            "klon does not shrink btrfs",
+            "partition 1 (ext4",
+        ],
+    );
+    assert!(std::fs::read(&target).unwrap() == before, "a refused restore wrote to the target");
+
+    // A target the ext4 can make room on: only the ext4 shrinks; the btrfs moves.
+    garbage_file(&target, 200 * MIB);
+    ok(&klon(&["restore", "--yes", s(&img), s(&target)]));
+    let (new, _) = sfdisk_parts(&target);
+    assert_eq!(new[1].start, new[0].start + new[0].size, "{new:?}");
+    assert_eq!(new[1].size, parts[1].size, "{new:?}");
+    for (i, kind) in [(0, "ext4"), (1, "btrfs")] {
+        let (fs, _) = partition_file(&t, &target, i, &format!("restored-{i}.img"));
+        assert_clean(kind, &fs);
+        assert_files(&t, kind, &fs);
+    }
+}
+
+/// The number in `text` after `key` (the first word that parses).
+fn number_after(text: &str, key: &str) -> u64 {
+    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
+    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
+}
+
+/// Runs `f` while `file` is mounted on `dir` by ntfs-3g (FUSE, in the
+/// foreground), then unmounts it and waits for the daemon.
+fn ntfs_mounted<T>(file: &Path, dir: &Path, read_only: bool, f: impl FnOnce() -> T) -> T {
+    std::fs::create_dir_all(dir).unwrap();
+    let opts = if read_only { "ro,no_detach" } else { "no_detach" };
+    let mut child = Command::new("ntfs-3g")
+        .args(["-o", opts, s(file), s(dir)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running ntfs-3g (is ntfs-3g installed?)");
+    let want = format!(" {} ", dir.display());
+    let mounted = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&want) && l.contains(" fuse"))
+    });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(mounted, "ntfs-3g did not mount {}", file.display());
+        f()
+    }));
+    let _ = Command::new("umount").arg(dir).status();
+    let _ = child.wait();
+    match result {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
