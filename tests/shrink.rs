@@ -338,6 +338,18 @@ fn a_target_too_small_even_shrunk_is_refused_before_writing() {
         assert_clean(kind, &fs);
         assert_files(&t, kind, &fs);
     }
+
+    // A damaged image: the restore stops, says so, and leaves no table
+    // that could pass for a good disk.
+    let data = img.join("p1.000");
+    let len = std::fs::metadata(&data).unwrap().len();
+    let byte = read_at(&data, len / 2, 1)[0];
+    write_at(&data, len / 2, &[!byte]);
+    let o = klon(&["restore", "--yes", s(&img), s(&target)]);
+    assert!(!o.status.success(), "a damaged image restored: {}", stderr(&o));
+    assert!(stderr(&o).contains("wiped"), "{}", stderr(&o));
+    let table = Command::new("sfdisk").args(["-d", s(&target)]).output().unwrap();
+    assert!(!table.status.success(), "a partition table is left: {}", String::from_utf8_lossy(&table.stdout));
 }
 
 /// The number in `text` after `key` (the first word that parses).
