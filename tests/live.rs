@@ -6,6 +6,8 @@
 //! a second boot an unattended restore to the larger disk; KLON-RESULT is
 //! read from the serial console, and the restored disk is checked from the
 //! host. A third boot without a job measures power-on to the first screen.
+//! And a BIOS disk with GRUB restored to a smaller disk (its ext4 shrunk)
+//! boots (that one needs root and grub-pc-bin).
 //!
 //! Runs when KLON_REQUIRE_LIVE_TESTS=1 (and then fails when anything is
 //! missing); otherwise skips. Uses target/klon-live.img when it exists (CI
@@ -560,4 +562,132 @@ fn cmdline_job_wins_and_failure_is_reported() {
     );
     assert!(b.find("powering off").is_some(), "no power-off after the failed job:\n{}", b.transcript());
     report(&format!("command-line job: {line}"));
+}
+
+/// A BIOS disk as an installed Linux has it — MBR, GRUB's boot code in the
+/// MBR and its core image in the gap after it, an ext4 root (bootable)
+/// holding the kernel and initramfs near its end, swap in a logical
+/// partition after it — restored to a disk 40 % smaller than the source
+/// still boots: GRUB reads the kernel and initramfs from the ext4 that
+/// resize2fs shrank (moving them), and the kernel starts klon's live init
+/// from them. (The kernel and initramfs are the live image's; booted from
+/// the restored disk alone.)
+#[test]
+fn bios_disk_restored_to_a_smaller_disk_still_boots() {
+    if !ready("bios_disk_restored_to_a_smaller_disk_still_boots") {
+        return;
+    }
+    assert!(
+        common::loop_device::have_root(),
+        "bios_disk_restored_to_a_smaller_disk_still_boots: needs root (a smaller-disk restore mounts FUSE and loop devices)"
+    );
+    for f in ["/usr/lib/grub/i386-pc/boot.img", "/usr/bin/grub-mkimage"] {
+        assert!(Path::new(f).exists(), "{f} is missing (scripts/test installs grub-pc-bin)");
+    }
+    let dir = TempDir::new("live-smaller");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let stick = live_image();
+    let img = format!("{}@@1M", stick.display());
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
+    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+
+    // The source: 512 MiB, MBR; p1 ext4 400 MiB (bootable), p5 swap.
+    let disk = dir.join("source.img");
+    blank_file(&disk, 512 * MIB);
+    let table = "label: dos\nstart=2048, size=400M, type=83, bootable\ntype=5\ntype=82\n";
+    let mut sf = Command::new("sfdisk").args(["-q", &s(&disk)]).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(sf.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
+    assert!(sf.wait().unwrap().success(), "sfdisk");
+    // The root: a filler first, then /boot, then the filler goes, so the
+    // kernel and initramfs lie past where the shrunk filesystem ends.
+    let root = dir.join("root.img");
+    let fill = dir.join("fill");
+    std::fs::create_dir_all(&fill).unwrap();
+    std::fs::write(fill.join("filler"), vec![0xA5u8; (300 * MIB) as usize]).unwrap();
+    run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&fill), &s(&root), "400M"]);
+    let cfg = dir.join("grub.cfg");
+    std::fs::write(
+        &cfg,
+        "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\nset timeout=0\n\
+         menuentry klon {\n  linux /boot/vmlinuz console=ttyS0,115200n8 klon.job=none\n  initrd /boot/initrd.img\n}\n",
+    )
+    .unwrap();
+    let cmds = dir.join("debugfs.cmds");
+    std::fs::write(
+        &cmds,
+        format!(
+            "mkdir boot\nmkdir boot/grub\ncd boot\nwrite {} vmlinuz\nwrite {} initrd.img\ncd grub\nwrite {} grub.cfg\ncd /\nrm filler\n",
+            s(&kernel),
+            s(&initrd),
+            s(&cfg)
+        ),
+    )
+    .unwrap();
+    run("debugfs", &["-w", "-f", &s(&cmds), &s(&root)]);
+    run("e2fsck", &["-fn", &s(&root)]);
+    write_at(&disk, MIB, &std::fs::read(&root).unwrap());
+    // Swap in p5, wherever sfdisk put it.
+    let dump = run("sfdisk", &["-d", &s(&disk)]);
+    let p5 = dump.lines().find(|l| l.contains("source.img5 ")).unwrap();
+    let field = |key: &str| -> u64 {
+        p5.split(',')
+            .find_map(|f| f.trim().split_once(&format!("{key}=")).map(|(_, v)| v.trim().parse().unwrap()))
+            .unwrap()
+    };
+    let swap = dir.join("swap.img");
+    blank_file(&swap, field("size") * 512);
+    run("mkswap", &["-q", &s(&swap)]);
+    write_at(&disk, field("start") * 512, &std::fs::read(&swap).unwrap());
+    // GRUB: boot.img's code in the MBR (the table and disk id stay), the
+    // core image (biosdisk, msdos, ext2, normal, linux) from sector 1.
+    let core = dir.join("core.img");
+    run(
+        "grub-mkimage",
+        &[
+            "-O",
+            "i386-pc",
+            "-o",
+            &s(&core),
+            "-p",
+            "(hd0,msdos1)/boot/grub",
+            "biosdisk",
+            "part_msdos",
+            "ext2",
+            "normal",
+            "linux",
+            "serial",
+            "terminal",
+            "configfile",
+        ],
+    );
+    let boot_img = std::fs::read("/usr/lib/grub/i386-pc/boot.img").unwrap();
+    write_at(&disk, 0, &boot_img[..440]);
+    let core_bytes = std::fs::read(&core).unwrap();
+    assert!((core_bytes.len() as u64) < MIB - 512, "core.img does not fit the gap");
+    write_at(&disk, 512, &core_bytes);
+
+    // Backed up, restored to a disk 40 % smaller.
+    let image = dir.join("image");
+    let o = common::disks::klon(&["backup", "--quiet", &s(&disk), &s(&image)]);
+    assert!(o.status.success(), "backup: {}", String::from_utf8_lossy(&o.stderr));
+    let small = dir.join("small.img");
+    blank_file(&small, 512 * MIB * 6 / 10);
+    let o = common::disks::klon(&["--json", "restore", "--yes", &s(&image), &s(&small)]);
+    assert!(o.status.success(), "restore to the smaller disk: {}", String::from_utf8_lossy(&o.stderr));
+    let said: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let shrunk = said["shrunk"].as_array().unwrap();
+    assert!(shrunk.len() == 1 && shrunk[0].as_str().unwrap().starts_with("partition 1: resize2fs"), "{said}");
+
+    // It boots, from the restored disk alone, to klon's live init.
+    let b = boot(&dir, Firmware::Bios, &small, &[], Some("klon live ["));
+    assert!(
+        b.find("Booting `klon'").is_some() && b.find("klon live [").is_some(),
+        "the restored smaller disk did not boot through GRUB to the kernel's init:\n{}",
+        b.transcript()
+    );
+    report(&format!(
+        "BIOS: the disk restored 40 % smaller booted (GRUB, shrunk ext4) in {:.1} s",
+        b.lines.last().unwrap().0.as_secs_f64()
+    ));
 }
