@@ -393,8 +393,12 @@ pub struct RestoreArgs {
     /// Restore only logical volume VG/LV of an LVM2 host's image (a linear
     /// volume, a thin volume or snapshot: a virtual machine's disk) onto
     /// TARGET, a disk or a file (created with the volume's size).
-    #[arg(long, value_name = "VG/LV", conflicts_with_all = ["partition", "grow_last"])]
+    #[arg(long, value_name = "VG/LV", conflicts_with_all = ["partition", "grow_last", "grow_all"])]
     pub volume: Option<String>,
+    /// On a larger target, grow every partition whose filesystem klon grows (ext2/3/4, NTFS, XFS, btrfs) by a
+    /// share of the new room in proportion to its size, moving the ones after it (Clonezilla's -k1).
+    #[arg(long, conflicts_with_all = ["partition", "grow_last"])]
+    pub grow_all: bool,
     /// How the target is written.
     #[command(flatten)]
     pub write: WriteArgs,

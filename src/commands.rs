@@ -323,8 +323,13 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         quiet: cli.quiet,
         workers: threads(a.threads)?,
     };
+    if a.grow_all && a.write.grow_last {
+        return Err(Error::Usage(
+            "--grow-all grows every partition klon can, --grow-last only the last: choose one".into(),
+        ));
+    }
     let plan = match a.partition {
-        None => source::prepare_restore(&a.image, &a.target)?,
+        None => source::prepare_restore_fit(&a.image, &a.target, a.grow_all)?,
         Some(_) if a.write.grow_last => {
             return Err(Error::Usage(
                 "--grow-last grows a disk's last partition; it does not go with --partition".into(),
@@ -356,7 +361,7 @@ fn report_written(
         return print_json(&json!({
             from_key: from, "target": to, "bytes_written": r.bytes_written,
             "verified": r.verified, "table_reread": r.table_reread, "seconds": r.seconds,
-            "growth": r.growth, "shrunk": r.shrunk,
+            "growth": r.growth, "resized": r.resized,
         }));
     }
     if !cli.quiet {
@@ -374,11 +379,11 @@ fn report_written(
         if let Some(g) = r.growth.as_ref().filter(|g| g.grown) {
             println!("{}", g.note);
         }
-        for note in &r.shrunk {
-            println!("{note}");
+        for g in r.resized.iter().filter(|g| g.grown) {
+            println!("{}", g.note);
         }
     }
-    if let Some(g) = r.growth.as_ref().filter(|g| !g.grown) {
+    for g in r.growth.iter().chain(&r.resized).filter(|g| !g.grown) {
         eprintln!("klon: warning: {}", g.note);
     }
     Ok(())

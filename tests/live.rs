@@ -676,8 +676,8 @@ fn bios_disk_restored_to_a_smaller_disk_still_boots() {
     let o = common::disks::klon(&["--json", "restore", "--yes", &s(&image), &s(&small)]);
     assert!(o.status.success(), "restore to the smaller disk: {}", String::from_utf8_lossy(&o.stderr));
     let said: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let shrunk = said["shrunk"].as_array().unwrap();
-    assert!(shrunk.len() == 1 && shrunk[0].as_str().unwrap().starts_with("partition 1: resize2fs"), "{said}");
+    let resized = said["resized"].as_array().unwrap();
+    assert!(resized.len() == 1 && resized[0]["note"].as_str().unwrap().contains("resize2fs shrank its ext4"), "{said}");
 
     // It boots, from the restored disk alone, to klon's live init.
     let b = boot(&dir, Firmware::Bios, &small, &[], Some("klon live ["));

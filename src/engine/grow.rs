@@ -42,29 +42,30 @@ pub fn grow_last(target: &Disk, layout: &DiskLayout) -> Option<Growth> {
     if new.size <= old.size || new.number != old.number {
         return None;
     }
-    let fstype = crate::fs::probe::probe(target, new.start, new.size).map(|f| f.fstype);
-    let mut growth = Growth {
-        partition: old.number,
-        fstype: fstype.clone(),
-        from: old.size,
-        to: new.size,
-        grown: false,
-        note: String::new(),
-    };
-    let what = format!("partition {} grew from {} to {}", old.number, human_bytes(old.size), human_bytes(new.size));
-    match grow(&target.path, new.start, new.size, fstype.as_deref()) {
-        Ok(done) => {
-            growth.grown = true;
-            growth.note = format!("{what}; {done}");
-        }
-        Err(why) => growth.note = format!("{what}, but its filesystem keeps its size: {why}"),
-    }
+    let growth = grow_partition(target, old.number, new.start, old.size, new.size);
     if target.kind == DiskKind::BlockDevice {
         // What the kernel cached of the partition (udev's probe after the
         // table was re-read) predates the growth: have it read again.
         let _ = target.reread_table();
     }
     Some(growth)
+}
+
+/// Whether klon grows a filesystem of type `fstype` (see [`grow`]).
+pub fn grows(fstype: &str) -> bool {
+    matches!(fstype, "ext2" | "ext3" | "ext4" | "ntfs" | "xfs" | "btrfs")
+}
+
+/// Grows the filesystem found in partition `number` of `target`, which
+/// was `from` bytes and is now `to` bytes from byte `start`, to fill it.
+pub fn grow_partition(target: &Disk, number: u32, start: u64, from: u64, to: u64) -> Growth {
+    let fstype = crate::fs::probe::probe(target, start, to).map(|f| f.fstype);
+    let what = format!("partition {number} grew from {} to {}", human_bytes(from), human_bytes(to));
+    let (grown, note) = match grow(&target.path, start, to, fstype.as_deref()) {
+        Ok(done) => (true, format!("{what}; {done}")),
+        Err(why) => (false, format!("{what}, but its filesystem keeps its size: {why}")),
+    };
+    Growth { partition: number, fstype, from, to, grown, note }
 }
 
 /// Grows the filesystem `fstype` that starts at byte `start` of `target`

@@ -50,8 +50,9 @@ pub struct RestoreReport {
     pub seconds: f64,
     /// With `grow_last`, what became of the grown partition's filesystem.
     pub growth: Option<super::grow::Growth>,
-    /// On a smaller disk: what was done to each filesystem that shrank.
-    pub shrunk: Vec<String>,
+    /// With partitions laid out anew (a smaller disk, `--grow-all`): what
+    /// became of each filesystem that shrank or grew.
+    pub resized: Vec<super::grow::Growth>,
 }
 
 /// Writes the image whose chunks `reader` reads onto the
@@ -161,7 +162,7 @@ impl RestoreReport {
             table_reread: written.table_reread,
             seconds: started.elapsed().as_secs_f64(),
             growth: None,
-            shrunk: Vec::new(),
+            resized: Vec::new(),
         }
     }
 }

@@ -147,8 +147,9 @@ pub struct RestorePlan {
     /// number in the image, and where it goes on the target (bytes from the
     /// target's start). Empty for a whole disk.
     pub partitions: Vec<(u32, u64)>,
-    /// For a whole disk onto a smaller one: how it fits.
-    pub shrink: Option<super::shrink::ShrinkPlan>,
+    /// For a whole disk whose partitions are laid out anew (onto a smaller
+    /// disk, or `--grow-all`): where each goes.
+    pub relayout: Option<super::relayout::Relayout>,
 }
 
 impl std::fmt::Debug for RestorePlan {
@@ -165,23 +166,34 @@ impl std::fmt::Debug for RestorePlan {
 /// that is too small, has another sector size, is in use, or holds the
 /// image. A missing target path becomes a file of the source's size.
 pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
+    prepare_restore_fit(image, target, false)
+}
+
+/// [`prepare_restore`]; with `grow_all`, on a larger target every
+/// partition whose filesystem klon grows takes a share of the new room
+/// (see [`super::relayout::Fit::GrowAll`]).
+pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Result<RestorePlan> {
     let source = open(image)?;
     if let Some(saved) = source.saved_partitions() {
         return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
     }
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
-    let shrink = if target.size < layout.disk_size {
+    use super::relayout::{Fit, plan};
+    let relayout = if target.size < layout.disk_size {
         // The sector sizes must still agree.
         check_fits(&mut target, 0, layout.sector_size)?;
-        Some(super::shrink::plan(image, layout.disk_size, &target)?)
+        Some(plan(image, layout.disk_size, &target, Fit::Shrink)?)
+    } else if grow_all && target.size > layout.disk_size {
+        check_fits(&mut target, layout.disk_size, layout.sector_size)?;
+        Some(plan(image, layout.disk_size, &target, Fit::GrowAll)?)
     } else {
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
         None
     };
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partitions: Vec::new(), shrink })
+    Ok(RestorePlan { source, target, partitions: Vec::new(), relayout })
 }
 
 /// Prepares the restore of partition `number` of the image at `image`
@@ -260,7 +272,7 @@ fn prepare_partitions(
     }
     crate::device::safety::check_target(&target, None, Some(image))?;
     target.enable_direct_reads();
-    Ok(RestorePlan { source, target, partitions: placed, shrink: None })
+    Ok(RestorePlan { source, target, partitions: placed, relayout: None })
 }
 
 impl RestorePlan {
@@ -288,8 +300,8 @@ impl RestorePlan {
                 self.source.describe()
             )
         };
-        if let Some(shrink) = &self.shrink {
-            text += &format!("\n{}", shrink.describe());
+        if let Some(r) = &self.relayout {
+            text += &format!("\n{}", r.describe());
         }
         let held = super::target::holdings(&self.target);
         if !held.is_empty() {
@@ -303,9 +315,9 @@ impl RestorePlan {
 
     /// Writes the image onto the target. The caller has confirmed.
     pub fn restore(self, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let RestorePlan { mut source, target, partitions, shrink } = self;
-        if let Some(shrink) = shrink {
-            return shrink.restore(&target, opts);
+        let RestorePlan { mut source, target, partitions, relayout } = self;
+        if let Some(r) = relayout {
+            return r.restore(&target, opts);
         }
         if partitions.is_empty() {
             return source.restore(&target, opts);

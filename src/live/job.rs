@@ -12,6 +12,7 @@
 //! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1` |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
+//! | `grow_all` | restore: `yes` grows every partition klon can grow in proportion on a larger disk |
 //! | `level` | backup: zstd level (default 3) |
 //! | `repo` | backup: `yes` makes `image` a repository if it is not one yet (an existing repository always gets a new snapshot) |
 //! | `keep` | backup into a repository: the retention policy to save and apply after the backup, e.g. `daily=7,weekly=4` |
@@ -91,6 +92,8 @@ pub struct Job {
     pub after: After,
     /// Restore: extend the last partition.
     pub grow_last: bool,
+    /// Restore: grow every partition klon can in proportion (`--grow-all`).
+    pub grow_all: bool,
     /// Backup: zstd level.
     pub level: i32,
     /// Backup: make the image a repository if it is not one.
@@ -197,6 +200,7 @@ const KEYS: &[&str] = &[
     "drive",
     "after",
     "grow_last",
+    "grow_all",
     "level",
     "rescue",
     "repo",
@@ -284,6 +288,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         drive: get("drive"),
         after: After::parse(get("after").as_deref().unwrap_or(""))?,
         grow_last: yes("grow_last", get("grow_last").as_deref().unwrap_or(""))?,
+        grow_all: yes("grow_all", get("grow_all").as_deref().unwrap_or(""))?,
         level,
         repo: yes("repo", get("repo").as_deref().unwrap_or(""))?,
         keep,

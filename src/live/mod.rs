@@ -362,6 +362,7 @@ fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<S
             partition: None,
             to: None,
             volume: None,
+            grow_all: job.grow_all,
             write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
             threads: None,
         }),

@@ -876,20 +876,48 @@ fn pick_target(
     })
 }
 
-fn ask_grow(scr: &Screen, title: &str, target: &Listed, need: Need) -> Result<Nav<bool>> {
+/// What to do with a larger target's extra room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grow {
+    /// Nothing: the partitions stay as they are.
+    No,
+    /// Extend the last partition (`--grow-last`).
+    Last,
+    /// Every partition klon grows, in proportion (`--grow-all`).
+    All,
+}
+
+impl Grow {
+    /// The option of the command that does the same.
+    fn flag(self) -> &'static str {
+        match self {
+            Grow::No => "",
+            Grow::Last => " --grow-last",
+            Grow::All => " --grow-all",
+        }
+    }
+}
+
+/// Asks what to do with a larger target's room; `all` offers growing every
+/// partition (restore), not only the last (clone).
+fn ask_grow(scr: &Screen, title: &str, target: &Listed, need: Need, all: bool) -> Result<Nav<Grow>> {
     if target.info.size <= need.size {
-        return Ok(Nav::Go(false));
+        return Ok(Nav::Go(Grow::No));
     }
     let body = format!(
-        "The target ({}) is larger than the original disk ({}). The last partition can be made larger to use the space (an ext2/3/4, NTFS, XFS or btrfs filesystem in it grows with it).",
+        "The target ({}) is larger than the original disk ({}). The partitions can be made larger to use the space (an ext2/3/4, NTFS, XFS or btrfs filesystem in one grows with it).",
         human_bytes(target.info.size),
         human_bytes(need.size)
     );
-    let items =
-        [Item::new("Extend the last partition to the end of the disk"), Item::new("Keep the partitions as they are")];
-    Ok(match scr.select(title, &body, "Use the extra space?", &items, 0)? {
+    let mut items = vec![(Item::new("Extend the last partition to the end of the disk"), Grow::Last)];
+    if all {
+        items.push((Item::new("Grow every partition whose filesystem can grow, in proportion to its size"), Grow::All));
+    }
+    items.push((Item::new("Keep the partitions as they are"), Grow::No));
+    let shown: Vec<Item> = items.iter().map(|(i, _)| i.clone()).collect();
+    Ok(match scr.select(title, &body, "Use the extra space?", &shown, 0)? {
         Nav::Back => Nav::Back,
-        Nav::Go(i) => Nav::Go(i == 0),
+        Nav::Go(i) => Nav::Go(items[i].1),
     })
 }
 
@@ -903,7 +931,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
     let mut need = Need { size: 0, sector_size: 512 };
     let mut list: Vec<Listed> = Vec::new();
     let mut target = 0usize;
-    let mut grow = false;
+    let mut grow = Grow::No;
     loop {
         match step {
             0 => {
@@ -939,7 +967,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                     }
                 }
             }
-            3 => match ask_grow(scr, title, &list[target], need)? {
+            3 => match ask_grow(scr, title, &list[target], need, !crate::clonezilla::is_clonezilla_image(&image))? {
                 Nav::Back => step = 2,
                 Nav::Go(g) => {
                     grow = g;
@@ -948,7 +976,11 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
             },
             4 => {
                 // All refusals happen here, before anything is written.
-                let plan = match crate::engine::source::prepare_restore(&image, &list[target].info.path) {
+                let plan = match crate::engine::source::prepare_restore_fit(
+                    &image,
+                    &list[target].info.path,
+                    grow == Grow::All,
+                ) {
                     Ok(p) => p,
                     Err(e) => {
                         scr.message(title, &explain(&e))?;
@@ -968,7 +1000,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                             &format!("Restoring {} to {}. Ctrl-C stops.", image.display(), tpath.display()),
                         )?;
                         let opts = RestoreOptions {
-                            grow_last: grow,
+                            grow_last: grow == Grow::Last,
                             verify_after: true,
                             quiet: false,
                             workers: default_workers(),
@@ -981,7 +1013,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                         );
                         let mut cmd = format!(
                             "klon restore --yes{} {} {}",
-                            if grow { " --grow-last" } else { "" },
+                            grow.flag(),
                             shell_quote(&image),
                             shell_quote(&tpath)
                         );
@@ -1002,7 +1034,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                                     }
                                 ) + &r.table_note(&tpath).map(|n| format!("\n\n{n}")).unwrap_or_default()
                                     + &r.growth_note().map(|n| format!("\n\n{n}")).unwrap_or_default()
-                                    + &r.shrunk.iter().map(|n| format!("\n\n{n}")).collect::<String>()
+                                    + &r.resized.iter().map(|g| format!("\n\n{}", g.note)).collect::<String>()
                             }
                             Err(e) => format!("The restore did not finish.\n\n{}", explain(&e)),
                         };
@@ -1027,7 +1059,7 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
     let mut step = 0;
     let mut src = 0usize;
     let mut target = 0usize;
-    let mut grow = false;
+    let mut grow = Grow::No;
     loop {
         let need = Need { size: list[src].info.size, sector_size: list[src].info.logical_sector_size };
         match step {
@@ -1045,7 +1077,7 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                     step = 2;
                 }
             },
-            2 => match ask_grow(scr, title, &list[target], need)? {
+            2 => match ask_grow(scr, title, &list[target], need, false)? {
                 Nav::Back => step = 1,
                 Nav::Go(g) => {
                     grow = g;
@@ -1067,17 +1099,16 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                     continue;
                 };
                 scr.page(title, &format!("Copying {} to {}. Ctrl-C stops.", s.display(), t.display()))?;
-                let opts =
-                    CloneOptions { grow_last: grow, verify_after: true, quiet: false, workers: default_workers() };
+                let opts = CloneOptions {
+                    grow_last: grow == Grow::Last,
+                    verify_after: true,
+                    quiet: false,
+                    workers: default_workers(),
+                };
                 let r = run_job(scr, "clone", "The target will be left unusable (its partition table wiped).", || {
                     clone_engine::clone(plan, &opts)
                 });
-                let cmd = format!(
-                    "klon clone --yes{} {} {}",
-                    if grow { " --grow-last" } else { "" },
-                    shell_quote(&s),
-                    shell_quote(&t)
-                );
+                let cmd = format!("klon clone --yes{} {} {}", grow.flag(), shell_quote(&s), shell_quote(&t));
                 let body = match r {
                     Ok(r) => {
                         format!(

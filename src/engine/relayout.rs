@@ -36,6 +36,7 @@ use fuser::{
     ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, ReplyWrite, Request, Session, WriteFlags,
 };
 
+use super::grow::Growth;
 use super::mount::{DiskView, open_store};
 use super::restore::{RestoreOptions, RestoreReport, restore_range};
 use crate::device::{Disk, loopdev};
@@ -81,8 +82,10 @@ impl Move {
 
 /// A restore onto a disk smaller than the image's, planned: it fits.
 #[derive(Debug, Clone)]
-pub struct ShrinkPlan {
+pub struct Relayout {
     image: PathBuf,
+    /// The image's disk's size.
+    source_size: u64,
     moved: DiskLayout,
     parts: Vec<Move>,
     /// The image's boot stream (what lies outside partitions), and how much
@@ -93,11 +96,22 @@ pub struct ShrinkPlan {
 /// How far a filesystem can shrink, or why it cannot.
 type Minimum = std::result::Result<u64, String>;
 
-/// Plans the restore of the image at `image` onto `target`, which is
-/// smaller than the image's disk; refuses, before anything is written,
-/// when it cannot fit (saying by how much and what each partition could
-/// give) or the image is not one klon can read at random.
-pub fn plan(image: &Path, source_size: u64, target: &Disk) -> Result<ShrinkPlan> {
+/// How the partitions are laid out anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    /// Onto a smaller disk: shrink what must, from the last partition back.
+    Shrink,
+    /// Onto a larger disk: every partition whose filesystem klon grows
+    /// takes a share of the new room in proportion to its size
+    /// (`--grow-all`, Clonezilla's `-k1`).
+    GrowAll,
+}
+
+/// Plans the restore of the image at `image` (of a disk of `source_size`
+/// bytes) onto `target` as `fit` says; refuses, before anything is
+/// written, when it cannot fit (saying by how much and what each partition
+/// could give) or the image is not one klon can read at random.
+pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<Relayout> {
     let too_small = |why: String| {
         Error::Refused(format!(
             "target too small: {} has {} ({} bytes), the image's disk had {} ({source_size} bytes); {why}",
@@ -107,9 +121,13 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk) -> Result<ShrinkPlan>
             human_bytes(source_size),
         ))
     };
+    let refuse = |why: String| match fit {
+        Fit::Shrink => too_small(why),
+        Fit::GrowAll => Error::Refused(format!("--grow-all: {why}")),
+    };
     if crate::clonezilla::is_clonezilla_image(image) {
-        return Err(too_small(format!(
-            "klon restores to a smaller disk from klon images and repository snapshots only (it reads the \
+        return Err(refuse(format!(
+            "klon moves partitions only when it restores klon images and repository snapshots (it reads the \
              filesystems at random): run `klon convert {} NEW-IMAGE` and restore that",
             image.display()
         )));
@@ -118,88 +136,119 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk) -> Result<ShrinkPlan>
     let m = view.manifest();
     let layout = &m.layout;
     if layout.kind == TableKind::None {
-        return Err(too_small("the image's disk has no partition table, so there is nothing klon can move".into()));
+        return Err(refuse("the image's disk has no partition table, so there is nothing klon can move".into()));
     }
     if m.streams.iter().any(|s| s.kind == StreamKind::Rescued) {
-        return Err(too_small(
-            "the image holds sectors a rescue read late (klon backup --rescue), which klon does not move: \
-             restore it to a disk at least as large"
-                .into(),
+        return Err(refuse(
+            "the image holds sectors a rescue read late (klon backup --rescue), which klon does not move".into(),
         ));
     }
     let end = table::usable_end(layout, target.size)
-        .ok_or_else(|| too_small("the image's partition table does not fit on it".into()))?;
+        .ok_or_else(|| refuse("the image's partition table does not fit on it".into()))?;
     let mut parts: Vec<&Partition> = layout.partitions.iter().collect();
     parts.sort_by_key(|p| p.start);
     let last_end = parts.iter().map(|p| p.start + p.size).max().unwrap_or(0);
-    let mut need = last_end.saturating_sub(end).div_ceil(MIB) * MIB;
-    // What each partition gives, from the last back, and why the others give nothing.
-    let mut cuts: HashMap<u32, u64> = HashMap::new();
-    let mut said: Vec<String> = Vec::new();
-    // GRUB's boot code in the MBR records where its core image starts in
-    // a BIOS boot partition: no partition before one may shrink (it would
-    // move).
+    // GRUB's boot code in the MBR records where its core image starts in a
+    // BIOS boot partition: no partition before one may change size (it
+    // would move).
     let pinned_before =
         parts.iter().filter(|p| p.type_id.eq_ignore_ascii_case(BIOS_BOOT)).map(|p| p.start).max().unwrap_or(0);
-    for p in parts.iter().rev() {
-        if need == 0 {
-            break;
-        }
-        if p.start < pinned_before {
-            said.push(format!(
-                "partition {} lies before the BIOS boot partition, which must not move (GRUB's boot code records \
-                 its place), so it keeps its size",
-                p.number
-            ));
-            continue;
-        }
-        let stream = m.streams.iter().find(|s| s.partition == Some(p.number));
-        let fs = stream.and_then(|s| s.fs.as_ref()).map(|f| f.fstype.clone());
-        let used = stream.and_then(|s| s.fs_used_bytes);
-        let name = format!(
-            "partition {} ({}, {}{})",
-            p.number,
-            fs.as_deref().unwrap_or("no filesystem klon knows"),
-            human_bytes(p.size),
-            used.map(|u| format!(", {} used", human_bytes(u))).unwrap_or_default()
-        );
-        let min = match stream {
-            Some(s) if m.streams.iter().filter(|t| t.partition == Some(p.number)).count() == 1 => {
-                minimum(image, p, fs.as_deref(), s.fs_block_size)
-            }
-            _ => Err("klon cannot shrink what it holds".into()),
+    let mut deltas: HashMap<u32, i64> = HashMap::new();
+    if fit == Fit::GrowAll {
+        let extra = end.saturating_sub(last_end) / MIB * MIB;
+        let single = |p: &Partition| m.streams.iter().filter(|s| s.partition == Some(p.number)).count() == 1;
+        let fs_of = |p: &Partition| {
+            m.streams
+                .iter()
+                .find(|s| s.partition == Some(p.number))
+                .and_then(|s| s.fs.as_ref())
+                .map(|f| f.fstype.as_str())
         };
-        match min {
-            Ok(min) => {
-                let keep = (min + (min / 50).max(SPARE_MIN)).div_ceil(MIB) * MIB;
-                let give = p.size.saturating_sub(keep) / MIB * MIB;
-                let cut = give.min(need);
-                said.push(format!("{name}: can shrink to {}, giving up to {}", human_bytes(keep), human_bytes(give)));
-                if cut > 0 {
-                    cuts.insert(p.number, cut);
-                    need -= cut;
-                }
+        let growable: Vec<&&Partition> = parts
+            .iter()
+            .filter(|p| p.start >= pinned_before && single(p) && fs_of(p).is_some_and(super::grow::grows))
+            .collect();
+        if growable.is_empty() {
+            return Err(refuse(
+                "no partition holds a filesystem klon grows (ext2/3/4, NTFS, XFS, btrfs) where it may move; \
+                 --grow-last extends the last partition"
+                    .into(),
+            ));
+        }
+        let total: u128 = growable.iter().map(|p| u128::from(p.size)).sum();
+        for p in growable {
+            let add = (u128::from(extra) * u128::from(p.size) / total) as u64 / MIB * MIB;
+            deltas.insert(p.number, add as i64);
+        }
+    } else {
+        let mut need = last_end.saturating_sub(end).div_ceil(MIB) * MIB;
+        // What each partition gives, from the last back, and why the others give nothing.
+        let mut said: Vec<String> = Vec::new();
+        for p in parts.iter().rev() {
+            if need == 0 {
+                break;
             }
-            Err(why) => said.push(format!("{name}: {why}")),
+            if p.start < pinned_before {
+                said.push(format!(
+                    "partition {} lies before the BIOS boot partition, which must not move (GRUB's boot code records \
+                     its place), so it keeps its size",
+                    p.number
+                ));
+                continue;
+            }
+            let stream = m.streams.iter().find(|s| s.partition == Some(p.number));
+            let fs = stream.and_then(|s| s.fs.as_ref()).map(|f| f.fstype.clone());
+            let used = stream.and_then(|s| s.fs_used_bytes);
+            let name = format!(
+                "partition {} ({}, {}{})",
+                p.number,
+                fs.as_deref().unwrap_or("no filesystem klon knows"),
+                human_bytes(p.size),
+                used.map(|u| format!(", {} used", human_bytes(u))).unwrap_or_default()
+            );
+            let min = match stream {
+                Some(s) if m.streams.iter().filter(|t| t.partition == Some(p.number)).count() == 1 => {
+                    minimum(image, p, fs.as_deref(), s.fs_block_size)
+                }
+                _ => Err("klon cannot shrink what it holds".into()),
+            };
+            match min {
+                Ok(min) => {
+                    let keep = (min + (min / 50).max(SPARE_MIN)).div_ceil(MIB) * MIB;
+                    let give = p.size.saturating_sub(keep) / MIB * MIB;
+                    let cut = give.min(need);
+                    said.push(format!(
+                        "{name}: can shrink to {}, giving up to {}",
+                        human_bytes(keep),
+                        human_bytes(give)
+                    ));
+                    if cut > 0 {
+                        deltas.insert(p.number, -(cut as i64));
+                        need -= cut;
+                    }
+                }
+                Err(why) => said.push(format!("{name}: {why}")),
+            }
+        }
+        if need > 0 {
+            return Err(too_small(format!(
+                "the partitions do not fit even shrunk: {} short. {}. Use a disk at least {} larger",
+                human_bytes(need),
+                said.join("; "),
+                human_bytes(need)
+            )));
         }
     }
-    if need > 0 {
-        return Err(too_small(format!(
-            "the partitions do not fit even shrunk: {} short. {}. Use a disk at least {} larger",
-            human_bytes(need),
-            said.join("; "),
-            human_bytes(need)
-        )));
-    }
-    // New places: each partition moves down by what those before it gave.
-    let shift_before = |x: u64| -> u64 {
-        parts.iter().filter(|p| p.start < x).map(|p| cuts.get(&p.number).copied().unwrap_or(0)).sum()
+    // New places: each partition moves by what those before it gave or took.
+    let shift_before = |x: u64| -> i64 {
+        parts.iter().filter(|p| p.start < x).map(|p| deltas.get(&p.number).copied().unwrap_or(0)).sum()
     };
+    let at = |x: u64, d: i64| x.checked_add_signed(d).expect("a partition moves within the disk");
     let mut moved_parts = Vec::new();
     let mut moves = Vec::new();
     for p in &parts {
-        let cut = cuts.get(&p.number).copied().unwrap_or(0);
-        let (to, room) = (p.start - shift_before(p.start), p.size - cut);
+        let delta = deltas.get(&p.number).copied().unwrap_or(0);
+        let (to, room) = (at(p.start, shift_before(p.start)), at(p.size, delta));
         let streams: Vec<usize> = (0..m.streams.len()).filter(|&i| m.streams[i].partition == Some(p.number)).collect();
         moved_parts.push(Partition { start: to, size: room, ..(*p).clone() });
         moves.push(Move {
@@ -213,21 +262,20 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk) -> Result<ShrinkPlan>
         });
     }
     let extended = layout.extended.map(|(start, size)| {
-        let new_start = start - shift_before(start);
+        let new_start = at(start, shift_before(start));
         let logical_end = moved_parts.iter().filter(|p| p.logical).map(|p| p.start + p.size).max();
-        let new_end = logical_end.unwrap_or(start + size - shift_before(start + size));
+        let new_end = logical_end.unwrap_or(at(start + size, shift_before(start + size)));
         (new_start, new_end - new_start)
     });
     let moved = table::moved_layout(layout, target.size, moved_parts, extended)
-        .ok_or_else(|| too_small("the image's partition table does not fit on it".into()))?;
+        .ok_or_else(|| refuse("the image's partition table does not fit on it".into()))?;
     if let Some(p) = moved.partitions.iter().find(|p| p.start + p.size > end) {
-        return Err(too_small(format!("partition {} would still end past its room", p.number)));
+        return Err(refuse(format!("partition {} would still end past its room", p.number)));
     }
-    table::build::mbr_ebr_chain(&moved)
-        .map_err(|e| too_small(format!("the logical partitions cannot be moved: {e}")))?;
+    table::build::mbr_ebr_chain(&moved).map_err(|e| refuse(format!("the logical partitions cannot be moved: {e}")))?;
     let first = moved_first(layout);
     let boot = m.streams.iter().position(|s| s.kind == StreamKind::Boot).map(|b| (b, first));
-    Ok(ShrinkPlan { image: image.to_path_buf(), moved, parts: moves, boot })
+    Ok(Relayout { image: image.to_path_buf(), source_size, moved, parts: moves, boot })
 }
 
 /// Where the first partition (or MBR extended container) starts.
@@ -272,14 +320,26 @@ fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32
     found.map_err(|why| format!("cannot shrink: {why}"))
 }
 
-impl ShrinkPlan {
+impl Relayout {
     /// What the restore does to fit, one line per partition that moves or
     /// shrinks, for confirmations.
     pub fn describe(&self) -> String {
-        let mut lines = vec!["The target is smaller than the image's disk, so:".to_string()];
+        let mut lines = vec![if self.moved.disk_size < self.source_size {
+            "The target is smaller than the image's disk, so:".to_string()
+        } else {
+            "The partitions take the larger disk's room in proportion (--grow-all):".to_string()
+        }];
         for mv in &self.parts {
             let fs = mv.fs.as_deref().unwrap_or("no filesystem");
-            if mv.shrinks() {
+            if mv.room > mv.size {
+                lines.push(format!(
+                    "  partition {} ({fs}) grows from {} to {}{}",
+                    mv.number,
+                    human_bytes(mv.size),
+                    human_bytes(mv.room),
+                    if mv.to != mv.from { format!(" and moves to byte {}", mv.to) } else { String::new() }
+                ));
+            } else if mv.shrinks() {
                 lines.push(format!(
                     "  partition {} ({fs}) shrinks from {} to {}{}",
                     mv.number,
@@ -331,7 +391,7 @@ impl ShrinkPlan {
             table::write_moved(target, &self.moved)?;
             target.sync()?;
             for mv in self.parts.iter().filter(|m| m.shrinks()) {
-                report.shrunk.push(self.shrink(target, mv)?);
+                report.resized.push(self.shrink(target, mv)?);
             }
             target.sync()?;
             report.table_reread = target.reread_table()?;
@@ -349,6 +409,15 @@ impl ShrinkPlan {
         })();
         done.map_err(|e| super::target::fail("restore", target, e))?;
         target.keep_created();
+        // Grown partitions: their filesystems grow now, on the table that
+        // was read back; one that cannot keeps its size, with a warning.
+        for mv in self.parts.iter().filter(|m| m.room > m.size) {
+            report.resized.push(super::grow::grow_partition(target, mv.number, mv.to, mv.size, mv.room));
+        }
+        if target.kind == crate::device::DiskKind::BlockDevice && self.parts.iter().any(|m| m.room > m.size) {
+            // What the kernel cached of the partitions predates the growth.
+            let _ = target.reread_table();
+        }
         report.seconds = started.elapsed().as_secs_f64();
         Ok(report)
     }
@@ -356,7 +425,7 @@ impl ShrinkPlan {
     /// Shrinks the filesystem of `mv`, restored at its new place up to its
     /// new size, with its own tool; then its checker must find it clean on
     /// the target. Says what was done.
-    fn shrink(&self, target: &Disk, mv: &Move) -> Result<String> {
+    fn shrink(&self, target: &Disk, mv: &Move) -> Result<Growth> {
         let fs = mv.fs.as_deref().unwrap_or("");
         let failed = |why: String| {
             Error::Unsupported(format!(
@@ -395,12 +464,13 @@ impl ShrinkPlan {
                 mv.number
             ))
         })?;
-        Ok(format!(
-            "partition {}: {tool} shrank its {fs} from {} to {} ({checker} clean afterwards)",
+        let note = format!(
+            "partition {} shrank from {} to {}; {tool} shrank its {fs} with it ({checker} clean afterwards)",
             mv.number,
             human_bytes(mv.size),
             human_bytes(mv.room)
-        ))
+        );
+        Ok(Growth { partition: mv.number, fstype: mv.fs.clone(), from: mv.size, to: mv.room, grown: true, note })
     }
 }
 

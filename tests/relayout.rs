@@ -1,8 +1,11 @@
-//! `klon restore` onto a disk smaller than the image's: partitions after
-//! one that shrinks move down, ext4 and NTFS are shrunk by their own tools,
-//! and every filesystem comes back clean by its own checker with the same
-//! files. Before anything is written, a target the partitions cannot fit
-//! even shrunk is refused, saying by how much, and is left untouched.
+//! `klon restore` onto a disk of another size with the partitions laid out
+//! anew. Smaller: partitions after one that shrinks move down, ext4 and
+//! NTFS are shrunk by their own tools, and every filesystem comes back
+//! clean by its own checker with the same files; before anything is
+//! written, a target the partitions cannot fit even shrunk is refused,
+//! saying by how much, and is left untouched. Larger with `--grow-all`:
+//! every partition whose filesystem klon grows takes its share of the new
+//! room, the others keep their size and move.
 
 mod common;
 
@@ -65,7 +68,8 @@ fn make_fs_with(t: &TempDir, kind: &str, path: &Path, len: u64, extra: usize) {
             run("mkfs.btrfs", &["-q", "--rootdir", s(&src), s(path)]);
         }
         "vfat" => {
-            run("mkfs.vfat", &["-F", "32", s(path)]);
+            let bits = if len >= 64 * MIB { "32" } else { "16" };
+            run("mkfs.vfat", &["-F", bits, s(path)]);
             run_env("mcopy", &["-s", "-i", s(path), &format!("{}/a", s(&src)), "::/"], &[("MTOOLS_SKIP_CHECK", "1")]);
         }
         other => panic!("no {other}"),
@@ -192,10 +196,14 @@ fn gpt_disk_with_esp_ntfs_and_ext4_restores_to_a_smaller_disk() {
     // 160 MiB: the ext4 alone cannot give the 240 MiB; the NTFS gives the rest.
     let (target, report) = restore_smaller(&t, &disk, 160 * MIB);
     assert_eq!(report["verified"], true, "{report}");
-    let shrunk = report["shrunk"].as_array().unwrap();
+    let shrunk: Vec<String> =
+        report["resized"].as_array().unwrap().iter().map(|g| g["note"].as_str().unwrap().to_string()).collect();
     assert_eq!(shrunk.len(), 2, "{report}");
-    assert!(shrunk[0].as_str().unwrap().contains("partition 2: ntfsresize shrank its ntfs"), "{report}");
-    assert!(shrunk[1].as_str().unwrap().contains("partition 3: resize2fs shrank its ext4"), "{report}");
+    assert!(
+        shrunk[0].starts_with("partition 2 shrank") && shrunk[0].contains("ntfsresize shrank its ntfs"),
+        "{report}"
+    );
+    assert!(shrunk[1].starts_with("partition 3 shrank") && shrunk[1].contains("resize2fs shrank its ext4"), "{report}");
 
     // The table: sgdisk finds it sound, names and GUIDs kept, the ESP in place.
     let verified = run("sgdisk", &["-v", s(&target)]);
@@ -264,10 +272,10 @@ fn mbr_disk_moves_its_logical_partitions_and_fixes_ntfs_hidden_sectors() {
     }
 
     let (target, report) = restore_smaller(&t, &disk, 180 * MIB);
-    let shrunk: Vec<&str> = report["shrunk"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let shrunk: Vec<&str> = report["resized"].as_array().unwrap().iter().map(|g| g["note"].as_str().unwrap()).collect();
     assert_eq!(shrunk.len(), 2, "{report}");
-    assert!(shrunk[0].starts_with("partition 1: resize2fs"), "{report}");
-    assert!(shrunk[1].starts_with("partition 6: resize2fs"), "{report}");
+    assert!(shrunk[0].starts_with("partition 1 shrank") && shrunk[0].contains("resize2fs"), "{report}");
+    assert!(shrunk[1].starts_with("partition 6 shrank") && shrunk[1].contains("resize2fs"), "{report}");
     let (new, _) = sfdisk_parts(&target);
     assert_eq!(new.len(), 4, "{new:?}");
     assert_eq!(new[0].start, parts[0].start, "p1 keeps its start");
@@ -386,5 +394,71 @@ fn ntfs_mounted<T>(file: &Path, dir: &Path, read_only: bool, f: impl FnOnce() ->
     match result {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e),
+    }
+}
+
+#[test]
+fn grow_all_gives_every_growable_partition_its_share() {
+    require_root!();
+    let t = TempDir::new("grow-all");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 120 * MIB);
+    // p1 ext4, p2 NTFS, p3 FAT (klon does not grow it: it keeps its size
+    // and moves), p4 ext4: 32, 32, 16 and 32 MiB.
+    run_with_input(
+        "sfdisk",
+        &["-q", s(&disk)],
+        "label: gpt\nstart=2048, size=32M\nsize=32M, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\nsize=16M, type=uefi\nsize=32M\n",
+    );
+    let (parts, sector) = sfdisk_parts(&disk);
+    let kinds = ["ext4", "ntfs", "vfat", "ext4"];
+    for (i, (p, kind)) in parts.iter().zip(kinds).enumerate() {
+        let fs = t.join(&format!("{kind}-{i}.img"));
+        make_fs(&t, kind, &fs, p.size * sector);
+        write_at(&disk, p.start * sector, &std::fs::read(&fs).unwrap());
+    }
+    let (img, target) = (t.join("image"), t.join("target.img"));
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+    garbage_file(&target, 240 * MIB);
+    // Not with --grow-last.
+    fails_with(&klon(&["restore", "--yes", "--grow-all", "--grow-last", s(&img), s(&target)]), 2, &["--grow-last"]);
+    let o = klon(&["--json", "restore", "--yes", "--grow-all", s(&img), s(&target)]);
+    ok(&o);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let resized = report["resized"].as_array().unwrap();
+    let grown: Vec<u64> = resized.iter().map(|g| g["partition"].as_u64().unwrap()).collect();
+    assert_eq!(grown, [1, 2, 4], "{report}");
+    assert!(resized.iter().all(|g| g["grown"] == true), "{report}");
+
+    let verified = run("sgdisk", &["-v", s(&target)]);
+    assert!(verified.contains("No problems found"), "{verified}");
+    let (new, _) = sfdisk_parts(&target);
+    // The new room (240 MiB less the backup GPT, less the 113 MiB the
+    // partitions ended at; whole MiB): a third each for the three of equal size.
+    for i in [0, 1, 3] {
+        let added = (new[i].size - parts[i].size) * sector;
+        assert_eq!(added, 42 * MIB, "partition {} grew by {added} bytes", i + 1);
+    }
+    assert_eq!(new[2].size, parts[2].size, "the FAT keeps its size");
+    for i in 1..4 {
+        assert_eq!(new[i].start, new[i - 1].start + new[i - 1].size, "partition {} follows the one before", i + 1);
+    }
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let (fs, p) = partition_file(&t, &target, i, &format!("restored-{i}.img"));
+        assert_clean(kind, &fs);
+        assert_files(&t, kind, &fs);
+        let len = p.size * sector;
+        let bytes = match kind {
+            "ext4" => {
+                let sb = run("dumpe2fs", &["-h", s(&fs)]);
+                number_after(&sb, "Block count:") * number_after(&sb, "Block size:")
+            }
+            "ntfs" => number_after(
+                &run("ntfsresize", &["--info", "--force", "--no-progress-bar", s(&fs)]),
+                "Current volume size:",
+            ),
+            _ => continue,
+        };
+        assert!(bytes > len - MIB && bytes <= len, "partition {}: {kind} is {bytes} bytes in {len}", i + 1);
     }
 }
