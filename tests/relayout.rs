@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::disks::*;
+use common::loop_device::LoopDevice;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -461,4 +462,114 @@ fn grow_all_gives_every_growable_partition_its_share() {
         };
         assert!(bytes > len - MIB && bytes <= len, "partition {}: {kind} is {bytes} bytes in {len}", i + 1);
     }
+}
+
+/// The partitions of block device `dev` as sfdisk reads its table: byte
+/// offset and length of each, and the sector size it used.
+fn device_parts(dev: &Path) -> (Vec<(u64, u64)>, u64) {
+    let (parts, sector) = sfdisk_parts(dev);
+    (parts.iter().map(|p| (p.start * sector, p.size * sector)).collect(), sector)
+}
+
+/// The ext4 (p1), btrfs (p2) and swap (p3) of `file`, a disk of
+/// `sector`-byte sectors whose partitions are `parts`: each checked by
+/// its own tools through a loop device of that sector size, the files the
+/// test wrote.
+fn assert_linux_disk(t: &TempDir, file: &Path, parts: &[(u64, u64)], sector: u32) {
+    let expected = t.join("expected");
+    if !expected.exists() {
+        populate(&expected);
+    }
+    for (i, kind) in ["ext4", "btrfs", "swap"].into_iter().enumerate() {
+        let (start, len) = parts[i];
+        let dev = LoopDevice::attach_range_with(file, start, len, sector);
+        let node = dev.path.to_str().unwrap().to_string();
+        match kind {
+            "ext4" => {
+                run("e2fsck", &["-fn", &node]);
+            }
+            "btrfs" => {
+                run("btrfs", &["check", "--readonly", &node]);
+            }
+            _ => {
+                let found = run("blkid", &["-o", "value", "-s", "TYPE", &node]);
+                assert_eq!(found.trim(), "swap");
+                continue;
+            }
+        }
+        let dir = t.join(&format!("m-{sector}-{i}"));
+        let _m = Mounted::new(&dev.path, &dir, "ro");
+        run("diff", &["-r", "-x", "lost+found", s(&expected), s(&dir)]);
+    }
+}
+
+#[test]
+fn gpt_disk_moves_between_512_and_4096_byte_sectors() {
+    require_root!();
+    let t = TempDir::new("sectors");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 300 * MIB);
+    run_with_input("sfdisk", &["-q", s(&disk)], "label: gpt\nstart=2048, size=100M\nsize=128M\nsize=60M, type=swap\n");
+    let (parts, sector) = sfdisk_parts(&disk);
+    let src = t.join("src");
+    populate(&src);
+    let ext4 = t.join("ext4.img");
+    blank_file(&ext4, parts[0].size * sector);
+    run("mke2fs", &["-q", "-t", "ext4", "-b", "4096", "-d", s(&src), s(&ext4)]);
+    let btrfs = t.join("btrfs.img");
+    make_fs(&t, "btrfs", &btrfs, parts[1].size * sector);
+    let swap = t.join("swap.img");
+    blank_file(&swap, parts[2].size * sector);
+    run("mkswap", &["-q", s(&swap)]);
+    for (p, f) in parts.iter().zip([&ext4, &btrfs, &swap]) {
+        write_at(&disk, p.start * sector, &std::fs::read(f).unwrap());
+    }
+    let img = t.join("image");
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+
+    // 512 -> 4Kn: the GPT is rebuilt for 4096-byte sectors, every partition
+    // at the same byte offset.
+    let file4k = t.join("4k.img");
+    garbage_file(&file4k, 300 * MIB);
+    {
+        let dev = LoopDevice::attach(&file4k, Some(4096));
+        let o = klon(&["restore", "--yes", s(&img), s(&dev.path)]);
+        ok(&o);
+        let verified = run("sgdisk", &["-v", s(&dev.path)]);
+        assert!(verified.contains("No problems found"), "{verified}");
+        let (parts4k, sector4k) = device_parts(&dev.path);
+        assert_eq!(sector4k, 4096);
+        let bytes: Vec<(u64, u64)> = parts.iter().map(|p| (p.start * sector, p.size * sector)).collect();
+        assert_eq!(parts4k, bytes, "the partitions moved");
+        assert_linux_disk(&t, &file4k, &parts4k, 4096);
+
+        // And back: an image of the 4Kn disk onto a 512-byte-sector disk.
+        let img4k = t.join("image-4k");
+        ok(&klon(&["backup", "--quiet", s(&dev.path), s(&img4k)]));
+        let file512 = t.join("512.img");
+        garbage_file(&file512, 300 * MIB);
+        let dev512 = LoopDevice::attach(&file512, Some(512));
+        ok(&klon(&["restore", "--yes", s(&img4k), s(&dev512.path)]));
+        let verified = run("sgdisk", &["-v", s(&dev512.path)]);
+        assert!(verified.contains("No problems found"), "{verified}");
+        let (parts512, sector512) = device_parts(&dev512.path);
+        assert_eq!(sector512, 512);
+        assert_eq!(parts512, bytes, "the partitions moved");
+        assert_linux_disk(&t, &file512, &parts512, 512);
+    }
+
+    // A FAT made for 512-byte sectors cannot go onto a 4Kn disk: refused,
+    // naming it, before anything is written.
+    let fat = t.join("fat.img");
+    make_fs(&t, "vfat", &fat, parts[2].size * sector);
+    write_at(&disk, parts[2].start * sector, &std::fs::read(&fat).unwrap());
+    let img2 = t.join("image-fat");
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img2)]));
+    garbage_file(&file4k, 300 * MIB);
+    let before = std::fs::read(&file4k).unwrap();
+    let dev = LoopDevice::attach(&file4k, Some(4096));
+    let o = klon(&["restore", "--yes", s(&img2), s(&dev.path)]);
+    fails_with(&o, 5, &["4096-byte logical sectors", "partition 3", "512-byte units"]);
+    drop(dev);
+    assert!(std::fs::read(&file4k).unwrap() == before, "a refused restore wrote to the target");
 }

@@ -86,6 +86,12 @@ pub struct Relayout {
     image: PathBuf,
     /// The image's disk's size.
     source_size: u64,
+    /// Its logical sector size.
+    source_sector_size: u32,
+    /// Where the source's table (header and entries) ended: what lies
+    /// between it and the first partition is zeroed when the sector size
+    /// changes (the old table would be read as the new one's neighbour).
+    source_table_end: u64,
     moved: DiskLayout,
     parts: Vec<Move>,
     /// The image's boot stream (what lies outside partitions), and how much
@@ -105,6 +111,9 @@ pub enum Fit {
     /// takes a share of the new room in proportion to its size
     /// (`--grow-all`, Clonezilla's `-k1`).
     GrowAll,
+    /// Every partition keeps its place and size: only the sector size
+    /// differs (a 512-byte-sector image onto a 4Kn disk, or back).
+    Keep,
 }
 
 /// Plans the restore of the image at `image` (of a disk of `source_size`
@@ -121,9 +130,15 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             human_bytes(source_size),
         ))
     };
+    let new_ss = target.logical_sector_size;
     let refuse = |why: String| match fit {
         Fit::Shrink => too_small(why),
         Fit::GrowAll => Error::Refused(format!("--grow-all: {why}")),
+        Fit::Keep => Error::Refused(format!(
+            "{} has {new_ss}-byte logical sectors, the image's disk had {}-byte sectors; {why}",
+            target.path.display(),
+            if new_ss == 512 { 4096 } else { 512 },
+        )),
     };
     if crate::clonezilla::is_clonezilla_image(image) {
         return Err(refuse(format!(
@@ -143,10 +158,13 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             "the image holds sectors a rescue read late (klon backup --rescue), which klon does not move".into(),
         ));
     }
-    let end = table::usable_end(layout, target.size)
+    let end = table::usable_end(layout, target.size, new_ss)
         .ok_or_else(|| refuse("the image's partition table does not fit on it".into()))?;
     let mut parts: Vec<&Partition> = layout.partitions.iter().collect();
     parts.sort_by_key(|p| p.start);
+    if new_ss != layout.sector_size {
+        sectors_convert(&view, layout, &parts, new_ss).map_err(refuse)?;
+    }
     let last_end = parts.iter().map(|p| p.start + p.size).max().unwrap_or(0);
     // GRUB's boot code in the MBR records where its core image starts in a
     // BIOS boot partition: no partition before one may change size (it
@@ -154,7 +172,9 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
     let pinned_before =
         parts.iter().filter(|p| p.type_id.eq_ignore_ascii_case(BIOS_BOOT)).map(|p| p.start).max().unwrap_or(0);
     let mut deltas: HashMap<u32, i64> = HashMap::new();
-    if fit == Fit::GrowAll {
+    if fit == Fit::Keep {
+        // Nothing moves: only the table is written anew.
+    } else if fit == Fit::GrowAll {
         let extra = end.saturating_sub(last_end) / MIB * MIB;
         let single = |p: &Partition| m.streams.iter().filter(|s| s.partition == Some(p.number)).count() == 1;
         let fs_of = |p: &Partition| {
@@ -267,7 +287,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
         let new_end = logical_end.unwrap_or(at(start + size, shift_before(start + size)));
         (new_start, new_end - new_start)
     });
-    let moved = table::moved_layout(layout, target.size, moved_parts, extended)
+    let moved = table::moved_layout(layout, target.size, new_ss, moved_parts, extended)
         .ok_or_else(|| refuse("the image's partition table does not fit on it".into()))?;
     if let Some(p) = moved.partitions.iter().find(|p| p.start + p.size > end) {
         return Err(refuse(format!("partition {} would still end past its room", p.number)));
@@ -275,7 +295,95 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
     table::build::mbr_ebr_chain(&moved).map_err(|e| refuse(format!("the logical partitions cannot be moved: {e}")))?;
     let first = moved_first(layout);
     let boot = m.streams.iter().position(|s| s.kind == StreamKind::Boot).map(|b| (b, first));
-    Ok(Relayout { image: image.to_path_buf(), source_size, moved, parts: moves, boot })
+    let source_table_end = layout.gpt.as_ref().map_or(512, |g| g.first_usable_lba * u64::from(layout.sector_size));
+    Ok(Relayout {
+        image: image.to_path_buf(),
+        source_size,
+        source_sector_size: layout.sector_size,
+        source_table_end,
+        moved,
+        parts: moves,
+        boot,
+    })
+}
+
+/// Whether the image's disk (`layout`, its partitions `parts`) can be laid
+/// onto a disk with `new_ss`-byte logical sectors: a GPT (rebuilt for
+/// them), every partition aligned to them, and every filesystem's own unit
+/// (block or sector size, as the filesystem's driver needs it) at least
+/// that large. Why not, otherwise.
+fn sectors_convert(
+    view: &DiskView,
+    layout: &DiskLayout,
+    parts: &[&Partition],
+    new_ss: u32,
+) -> std::result::Result<(), String> {
+    if layout.kind != TableKind::Gpt {
+        return Err(format!(
+            "klon rewrites only a GPT for another sector size (this disk has {}): restore it to a disk with {}-byte \
+             sectors",
+            layout.kind, layout.sector_size
+        ));
+    }
+    let ss = u64::from(new_ss);
+    let m = view.manifest();
+    for p in parts {
+        if !p.start.is_multiple_of(ss) || !p.size.is_multiple_of(ss) {
+            return Err(format!("partition {} is not aligned to {new_ss}-byte sectors", p.number));
+        }
+        let streams: Vec<_> = m.streams.iter().filter(|s| s.partition == Some(p.number)).collect();
+        let [stream] = streams[..] else {
+            return Err(format!(
+                "klon cannot tell whether what partition {} holds works on {new_ss}-byte sectors",
+                p.number
+            ));
+        };
+        let fs = stream.fs.as_ref().map(|f| f.fstype.as_str()).unwrap_or("");
+        let unit = fs_unit(view, p.start, fs, stream.fs_block_size).ok_or_else(|| {
+            format!(
+                "klon cannot tell whether partition {} ({}) works on {new_ss}-byte sectors",
+                p.number,
+                if fs.is_empty() { "no filesystem klon knows" } else { fs }
+            )
+        })?;
+        if unit < new_ss {
+            return Err(format!(
+                "the {fs} in partition {} was made for {unit}-byte units, which a {new_ss}-byte-sector disk cannot \
+                 hold: restore it to a disk with {}-byte sectors",
+                p.number, layout.sector_size
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The smallest unit a filesystem of type `fs` at byte `start` of the
+/// image's disk reads and writes (what a disk's logical sector must not
+/// exceed), from its superblock; None for what klon cannot tell.
+fn fs_unit(view: &DiskView, start: u64, fs: &str, block_size: Option<u32>) -> Option<u32> {
+    let mut b = [0u8; 512];
+    let le16 = |b: &[u8], at: usize| u32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    match fs {
+        "ext2" | "ext3" | "ext4" => block_size,
+        "swap" => Some(4096),
+        "btrfs" => {
+            view.read(start + 0x10000, &mut b).ok()?;
+            Some(u32::from_le_bytes(b[0x90..0x94].try_into().ok()?))
+        }
+        "xfs" => {
+            view.read(start, &mut b).ok()?;
+            Some(u32::from(u16::from_be_bytes([b[102], b[103]])))
+        }
+        "vfat" | "fat12" | "fat16" | "fat32" | "ntfs" => {
+            view.read(start, &mut b).ok()?;
+            Some(le16(&b, 11))
+        }
+        "exfat" => {
+            view.read(start, &mut b).ok()?;
+            1u32.checked_shl(u32::from(b[108]))
+        }
+        _ => None,
+    }
 }
 
 /// Where the first partition (or MBR extended container) starts.
@@ -326,8 +434,14 @@ impl Relayout {
     pub fn describe(&self) -> String {
         let mut lines = vec![if self.moved.disk_size < self.source_size {
             "The target is smaller than the image's disk, so:".to_string()
-        } else {
+        } else if self.parts.iter().any(|m| m.room != m.size) {
             "The partitions take the larger disk's room in proportion (--grow-all):".to_string()
+        } else {
+            format!(
+                "The target has {}-byte sectors, the image's disk had {}-byte sectors: the GPT is written anew for \
+                 them, every partition at the same place.",
+                self.moved.sector_size, self.source_sector_size
+            )
         }];
         for mv in &self.parts {
             let fs = mv.fs.as_deref().unwrap_or("no filesystem");
@@ -351,7 +465,7 @@ impl Relayout {
                 lines.push(format!("  partition {} ({fs}) moves from byte {} to byte {}", mv.number, mv.from, mv.to));
             }
         }
-        if lines.len() == 1 {
+        if lines.len() == 1 && self.moved.disk_size < self.source_size {
             lines.push("  every partition keeps its place and size (they end before the smaller disk does)".into());
         }
         lines.join("\n")
@@ -383,8 +497,18 @@ impl Relayout {
                     let w = restore_range(&*store, si, (from, len), keep, target, from - mv.from + mv.to, opts)?;
                     report.bytes_written += w.bytes;
                 }
-                if mv.to != mv.from {
-                    fix_hidden_sectors(target, mv, u64::from(self.moved.sector_size))?;
+                let (old_ss, new_ss) = (u64::from(self.source_sector_size), u64::from(self.moved.sector_size));
+                if mv.to != mv.from || old_ss != new_ss {
+                    fix_hidden_sectors(target, mv, old_ss, new_ss)?;
+                }
+            }
+            if self.moved.sector_size != self.source_sector_size {
+                let ss = u64::from(self.moved.sector_size);
+                let new_end = self.moved.gpt.as_ref().map_or(512, |g| g.first_usable_lba * ss);
+                let first = moved_first(&self.moved);
+                let end = self.source_table_end.max(new_end).min(first);
+                if end > 512 {
+                    target.zero_range(512, end - 512)?;
                 }
             }
             target.sync()?;
@@ -479,7 +603,7 @@ impl Relayout {
 /// code reads the rest of the loader from there: for a partition that
 /// moved, the field (in the boot sector and its backup copy) is set to the
 /// new start when it held the old one.
-fn fix_hidden_sectors(target: &Disk, mv: &Move, ss: u64) -> Result<()> {
+fn fix_hidden_sectors(target: &Disk, mv: &Move, old_ss: u64, new_ss: u64) -> Result<()> {
     let mut boot = [0u8; 512];
     target.read_exact_at(&mut boot, mv.to)?;
     let fat32 = &boot[0x52..0x5A] == b"FAT32   ";
@@ -495,7 +619,7 @@ fn fix_hidden_sectors(target: &Disk, mv: &Move, ss: u64) -> Result<()> {
     } else {
         return Ok(());
     };
-    let (old, new) = (mv.from / ss, mv.to / ss);
+    let (old, new) = (mv.from / old_ss, mv.to / new_ss);
     let (Ok(old), Ok(new)) = (u32::try_from(old), u32::try_from(new)) else { return Ok(()) };
     for at in std::iter::once(0).chain(backup) {
         let mut sector = [0u8; 512];

@@ -180,7 +180,20 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Resul
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
     use super::relayout::{Fit, plan};
-    let relayout = if target.size < layout.disk_size {
+    // A block device of another sector size: its GPT is written anew.
+    let converts = target.kind == DiskKind::BlockDevice
+        && layout.kind != crate::table::TableKind::None
+        && target.logical_sector_size != layout.sector_size;
+    let relayout = if converts {
+        let fit = if target.size < layout.disk_size {
+            Fit::Shrink
+        } else if grow_all && target.size > layout.disk_size {
+            Fit::GrowAll
+        } else {
+            Fit::Keep
+        };
+        Some(plan(image, layout.disk_size, &target, fit)?)
+    } else if target.size < layout.disk_size {
         // The sector sizes must still agree.
         check_fits(&mut target, 0, layout.sector_size)?;
         Some(plan(image, layout.disk_size, &target, Fit::Shrink)?)

@@ -575,9 +575,19 @@ fn write_copies(
 
 /// The geometry of `layout`'s GPT rewritten for a disk of `target_size`
 /// bytes (backup at its end); None when it cannot hold the table.
-pub(super) fn geometry_for(layout: &DiskLayout, target_size: u64) -> Option<GptGeometry> {
-    let ss = u64::from(layout.sector_size);
-    target_geometry(layout.gpt.as_ref()?, ss, target_size / ss).filter(|ng| ng.last_usable_lba >= ng.first_usable_lba)
+/// With `sector_size` other than the layout's, the table is laid out anew
+/// for that sector size: entry array from LBA 2, first usable LBA just
+/// after it.
+pub(super) fn geometry_for(layout: &DiskLayout, target_size: u64, sector_size: u32) -> Option<GptGeometry> {
+    let ss = u64::from(sector_size);
+    let g = layout.gpt.as_ref()?;
+    let g = if sector_size == layout.sector_size {
+        g.clone()
+    } else {
+        let n = entries_sectors(g.num_entries, g.entry_size, ss);
+        GptGeometry { primary_entries_lba: 2, first_usable_lba: 2 + n, ..g.clone() }
+    };
+    target_geometry(&g, ss, target_size / ss).filter(|ng| ng.last_usable_lba >= ng.first_usable_lba)
 }
 
 /// See [`super::write_moved`] (GPT part): both copies rebuilt from

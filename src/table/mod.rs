@@ -511,35 +511,42 @@ pub fn fix_up_for_target(target: &Disk, layout: &DiskLayout, grow_last: bool) ->
     Ok(written)
 }
 
-/// Where partitions must end on a disk of `target_size` bytes with a table
-/// of `layout`'s kind: before the backup GPT, within what an MBR entry can
-/// describe, or at the disk's end. None when a GPT cannot fit.
-pub fn usable_end(layout: &DiskLayout, target_size: u64) -> Option<u64> {
-    let ss = u64::from(layout.sector_size);
+/// Where partitions must end on a disk of `target_size` bytes (of
+/// `sector_size`-byte sectors) with a table of `layout`'s kind: before the
+/// backup GPT, within what an MBR entry can describe, or at the disk's
+/// end. None when a GPT cannot fit.
+pub fn usable_end(layout: &DiskLayout, target_size: u64, sector_size: u32) -> Option<u64> {
+    let ss = u64::from(sector_size);
     match layout.kind {
-        TableKind::Gpt => gpt::geometry_for(layout, target_size).map(|g| (g.last_usable_lba + 1) * ss),
+        TableKind::Gpt => gpt::geometry_for(layout, target_size, sector_size).map(|g| (g.last_usable_lba + 1) * ss),
         TableKind::Mbr => Some(target_size.min(0xFFFF_FFFF * ss)),
         TableKind::None => Some(target_size),
     }
 }
 
-/// `layout` on a disk of `target_size` bytes, its partitions (and
-/// extended container) at the places `moved` gives them: the layout
-/// [`write_moved`] writes. None when its GPT cannot fit.
+/// `layout` on a disk of `target_size` bytes and `sector_size`-byte
+/// sectors, its partitions (and extended container) at the places given:
+/// the layout [`write_moved`] writes. None when its GPT cannot fit.
 pub fn moved_layout(
     layout: &DiskLayout,
     target_size: u64,
+    sector_size: u32,
     partitions: Vec<Partition>,
     extended: Option<(u64, u64)>,
 ) -> Option<DiskLayout> {
     let mut out = layout.clone();
     out.disk_size = target_size;
+    out.sector_size = sector_size;
     out.partitions = partitions;
     out.partitions.sort_by_key(|p| p.start);
     out.extended = extended;
     out.warnings.clear();
     if layout.kind == TableKind::Gpt {
-        out.gpt = Some(gpt::geometry_for(layout, target_size)?);
+        out.gpt = Some(gpt::geometry_for(layout, target_size, sector_size)?);
+        let first = out.gpt.as_ref().map_or(0, |g| g.first_usable_lba * u64::from(sector_size));
+        if out.partitions.iter().any(|p| p.start < first) {
+            return None;
+        }
     }
     Some(out)
 }

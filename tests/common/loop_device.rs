@@ -96,9 +96,24 @@ impl LoopDevice {
     /// --sizelimit`, no partition scanning), as a partition's range of a
     /// disk image is attached on its own. Panics on failure.
     pub fn attach_range(file: &Path, offset: u64, size: u64) -> LoopDevice {
-        let (o, s) = (offset.to_string(), size.to_string());
-        let args =
-            ["-f", "--show", "--offset", o.as_str(), "--sizelimit", s.as_str(), file.to_str().expect("utf-8 path")];
+        Self::attach_range_with(file, offset, size, 512)
+    }
+
+    /// [`LoopDevice::attach_range`] with `sector_size`-byte logical
+    /// sectors (a partition of a 4Kn disk).
+    pub fn attach_range_with(file: &Path, offset: u64, size: u64, sector_size: u32) -> LoopDevice {
+        let (o, s, ss) = (offset.to_string(), size.to_string(), sector_size.to_string());
+        let args = [
+            "-f",
+            "--show",
+            "--sector-size",
+            ss.as_str(),
+            "--offset",
+            o.as_str(),
+            "--sizelimit",
+            s.as_str(),
+            file.to_str().expect("utf-8 path"),
+        ];
         let out = run("losetup", &args);
         assert!(out.status.success(), "losetup {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         let name = String::from_utf8_lossy(&out.stdout).trim().to_string();
