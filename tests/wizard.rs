@@ -712,3 +712,76 @@ fn a_restore_asks_first_and_names_what_the_target_holds_now() {
     tm.wait_for(&["KLON-EXITED 5"], 30);
     assert!(std::fs::read(&target).unwrap() == before, "a cancelled restore wrote to its target");
 }
+
+/// "Browse an image": the image's ext4 is mounted read-only, a folder of
+/// it is copied to the image drive (compared file for file), and leaving
+/// unmounts everything.
+#[test]
+fn wizard_browses_an_image_and_copies_files_to_the_image_drive() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-browse");
+    // A GPT disk whose partition 1 is an ext4 with files.
+    let files = tmp.join("files");
+    std::fs::create_dir_all(files.join("docs/sub")).unwrap();
+    std::fs::write(files.join("docs/letter.txt"), common::disks::text_bytes(3, 50_000)).unwrap();
+    std::fs::write(files.join("docs/sub/photo.raw"), common::disks::random_bytes(4, 700_000)).unwrap();
+    let fs = tmp.join("fs.img");
+    common::disks::run("mke2fs", &["-q", "-t", "ext4", "-d", files.to_str().unwrap(), fs.to_str().unwrap(), "24M"]);
+    let disk = tmp.join("disk.img");
+    common::disks::blank_file(&disk, 32 * MIB);
+    common::disks::run("sgdisk", &["-n", "1:2048:+24M", "-t", "1:8300", disk.to_str().unwrap()]);
+    common::disks::write_at(&disk, MIB, &std::fs::read(&fs).unwrap());
+    let images = tmp.join("images");
+    std::fs::create_dir(&images).unwrap();
+    common::disks::ok(&common::disks::klon(&[
+        "backup",
+        "--quiet",
+        disk.to_str().unwrap(),
+        images.join("pc").to_str().unwrap(),
+    ]));
+
+    let t = Tmux::start(&images);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Browse an image");
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Directory:"], 10);
+    t.keys(&["Enter"]);
+    t.wait_for(&["Which image?"], 10);
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["What now?"], 30);
+    let flat_s = flat(&s);
+    assert!(flat_s.contains("is mounted read-only on") && flat_s.contains("p1 (ext4): mounted on"), "{s}");
+    let at = std::env::temp_dir().join(format!("klon-browse-{}", t_pid(&flat_s)));
+    assert!(mounted_at(&at.join("p1").display().to_string()), "p1 is not mounted at {}", at.display());
+    t.choose("Copy a file or folder");
+    t.wait_for(&["Path to copy:"], 10);
+    t.text("p1/docs");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["Copied 2 files"], 30);
+    assert!(flat(&s).contains("klon-files/pc/docs"), "{s}");
+    common::disks::run(
+        "diff",
+        &["-r", files.join("docs").to_str().unwrap(), images.join("klon-files/pc/docs").to_str().unwrap()],
+    );
+    // A path that leaves the mount copies nothing.
+    t.choose("Copy a file or folder");
+    t.wait_for(&["Path to copy:"], 10);
+    t.text("../etc");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Nothing copied", "not a path inside the mount"], 10);
+    t.choose("Unmount it and go back");
+    t.wait_for(&["main menu"], 20);
+    assert!(!mounted_at(&at.display().to_string()), "the image stayed mounted at {}", at.display());
+    assert!(!at.exists(), "{} was left behind", at.display());
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+}
+
+/// The wizard's process id, from the mount point it names
+/// (klon-browse-PID).
+fn t_pid(screen: &str) -> String {
+    let at = screen.find("klon-browse-").expect("the mount point is named") + "klon-browse-".len();
+    screen[at..].chars().take_while(|c| c.is_ascii_digit()).collect()
+}

@@ -8,6 +8,7 @@
 //! typed. Each job ends with a summary and the batch command that does the
 //! same.
 
+pub mod browse;
 pub mod disks;
 pub mod images;
 pub mod screen;
@@ -103,6 +104,7 @@ fn main_menu(scr: &Screen, ctx: &WizardContext) -> Result<WizardExit> {
         ("Back up a disk", 1),
         ("Restore an image", 2),
         ("Verify an image", 3),
+        ("Browse an image (get files back)", 10),
         ("Clone a disk to another disk", 4),
         ("Show disks", 5),
     ];
@@ -125,6 +127,7 @@ fn main_menu(scr: &Screen, ctx: &WizardContext) -> Result<WizardExit> {
             3 => verify_flow(scr, ctx, &mut st),
             4 => clone_flow(scr, ctx),
             5 => show_disks(scr, ctx),
+            10 => browse_flow(scr, ctx, &mut st),
             6 => return Ok(WizardExit::Shell),
             7 => {
                 if confirm_leave(scr, "Reboot now?")? {
@@ -821,6 +824,25 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 return scr.message("verify done", &body);
             }
         }
+    }
+}
+
+fn browse_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
+    let title = "browse an image";
+    loop {
+        let dir = match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+            Nav::Go(d) => d,
+            Nav::Back => return Ok(()),
+        };
+        let Nav::Go((image, _)) = pick_image(scr, title, &dir.path, 0)? else {
+            continue;
+        };
+        // The drive stays mounted while the image is: copies go onto it.
+        if let Err(e) = browse::browse(scr, title, &image, &dir, ctx.live) {
+            scr.message(title, &explain(&e))?;
+            continue;
+        }
+        return Ok(());
     }
 }
 

@@ -146,8 +146,28 @@ impl LoopDevice {
     }
 }
 
+impl LoopDevice {
+    /// Ends the grub-mount processes os-prober leaves holding the device's
+    /// partitions (ocs-sr runs os-prober when GRUB's tools are installed):
+    /// they would keep the device attached after it is detached.
+    fn end_grub_mounts(&self) {
+        let dev = self.path.to_str().unwrap().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for p in procs.flatten() {
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else { continue };
+            let args: Vec<String> =
+                cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let is_grub_mount = args.first().is_some_and(|a| a.ends_with("grub-mount"));
+            if is_grub_mount && args.iter().any(|a| a == &dev || a.starts_with(&format!("{dev}p"))) {
+                let _ = run("kill", &[p.file_name().to_str().unwrap()]);
+            }
+        }
+    }
+}
+
 impl Drop for LoopDevice {
     fn drop(&mut self) {
+        self.end_grub_mounts();
         for _ in 0..10 {
             let out = run("losetup", &["-d", self.path.to_str().unwrap()]);
             if out.status.success() {

@@ -1,0 +1,161 @@
+//! The wizard's "Browse an image": an image or a repository's snapshot
+//! mounted read-only (what `klon mount --mount-filesystems` does, served by
+//! this process), then files copied from it to the image drive, or a shell
+//! opened in it; unmounted again on the way out.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc;
+
+use super::images::ImageDir;
+use super::screen::{Item, Nav, Screen};
+use crate::engine::mount::{self, MountOptions};
+use crate::error::{Error, Result};
+use crate::ui::human_bytes;
+
+/// Where the wizard mounts an image: under /run in the live system, in the
+/// temporary directory elsewhere.
+fn mount_point(live: bool) -> PathBuf {
+    if live {
+        PathBuf::from("/run/klon-browse")
+    } else {
+        std::env::temp_dir().join(format!("klon-browse-{}", std::process::id()))
+    }
+}
+
+/// Mounts `image` and offers what can be done with its files, until the
+/// person unmounts it. Copies go to `drive` (the directory the image was
+/// chosen in), under `klon-files/IMAGE-NAME/`.
+pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: bool) -> Result<()> {
+    let at = mount_point(live);
+    std::fs::create_dir_all(&at).map_err(|e| Error::io("creating", &at, None, e))?;
+    scr.page(title, &format!("Mounting {} on {} ...", image.display(), at.display()))?;
+    let (tx, rx) = mpsc::channel();
+    let serving = {
+        let (image, at) = (image.to_path_buf(), at.clone());
+        std::thread::spawn(move || {
+            let opts = MountOptions { foreground: true, mount_filesystems: true };
+            let ready = tx.clone();
+            let served = mount::mount(&image, &at, &opts, move |m| {
+                let _ = ready.send(Ok(m.clone()));
+            });
+            if let Err(e) = &served {
+                let _ = tx.send(Err(e.to_string()));
+            }
+            served
+        })
+    };
+    let mounted = match rx.recv() {
+        Ok(Ok(m)) => m,
+        Ok(Err(_)) | Err(_) => {
+            let e = serving.join().unwrap_or_else(|_| Err(Error::Unsupported("the mount thread failed".into())));
+            let _ = std::fs::remove_dir(&at);
+            return e.map(|_| ());
+        }
+    };
+    let copies = drive.path.join("klon-files").join(image_name(image));
+    let items = [
+        Item::new("Copy a file or folder to the image drive"),
+        Item::new("Open a shell in it (exit returns here)"),
+        Item::new("Unmount it and go back"),
+    ];
+    let mut said = String::new();
+    loop {
+        let mut body = format!("{} is mounted read-only on {}.\n", image.display(), at.display());
+        for f in &mounted.filesystems {
+            body += &format!("  {f}\n");
+        }
+        body +=
+            &format!("Each partition's bytes are the files p1.img, p2.img … there. Copies go to {}.", copies.display());
+        if !said.is_empty() {
+            body += &format!("\n\n{said}");
+        }
+        let choice = match scr.select(title, &body, "What now?", &items, 0)? {
+            Nav::Back => 2,
+            Nav::Go(i) => i,
+        };
+        said.clear();
+        match choice {
+            0 => {
+                let Nav::Go(rel) = scr.input(
+                    title,
+                    &format!("A path inside {} (p1/… is the first partition's files).", at.display()),
+                    "Path to copy",
+                    "",
+                )?
+                else {
+                    continue;
+                };
+                said = match copy_out(&at, &rel, &copies) {
+                    Ok((files, bytes, to)) => {
+                        format!("Copied {files} files ({}) to {}.", human_bytes(bytes), to.display())
+                    }
+                    Err(e) => format!("Nothing copied: {e}"),
+                };
+            }
+            1 => {
+                scr.page(title, &format!("A shell in {}; type exit to come back.", at.display()))?;
+                let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into());
+                if let Err(e) = std::process::Command::new(&shell).current_dir(&at).status() {
+                    said = format!("Could not start {shell}: {e}");
+                }
+            }
+            _ => match mount::umount(&at) {
+                Ok(()) => {
+                    let served = serving.join().unwrap_or(Ok(()));
+                    let _ = std::fs::remove_dir(&at);
+                    return served;
+                }
+                Err(e) => said = format!("Not unmounted: {e}"),
+            },
+        }
+    }
+}
+
+/// The image's name for the directory its copies go to: the image
+/// directory's name, or REPO-SNAPSHOT.
+fn image_name(image: &Path) -> String {
+    let s = image.to_string_lossy();
+    let last = s.trim_end_matches('/').rsplit('/').next().unwrap_or("image").to_string();
+    last.replace(':', "-")
+}
+
+/// Copies `rel` (a file or a directory, inside `root`) to `into`, keeping
+/// its name; returns the files and bytes copied and where they went.
+/// Paths that leave `root` are refused.
+fn copy_out(root: &Path, rel: &str, into: &Path) -> Result<(u64, u64, PathBuf)> {
+    let rel = Path::new(rel.trim_start_matches('/'));
+    if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::Usage(format!("{} is not a path inside the mount (no .., no leading /)", rel.display())));
+    }
+    let from = root.join(rel);
+    let name = rel.file_name().expect("a normal last component");
+    let to = into.join(name);
+    if to.exists() {
+        return Err(Error::Refused(format!("{} exists already; nothing was overwritten", to.display())));
+    }
+    std::fs::create_dir_all(into).map_err(|e| Error::io("creating", into, None, e))?;
+    let (mut files, mut bytes) = (0, 0);
+    copy_tree(&from, &to, &mut files, &mut bytes)?;
+    Ok((files, bytes, to))
+}
+
+fn copy_tree(from: &Path, to: &Path, files: &mut u64, bytes: &mut u64) -> Result<()> {
+    let meta = std::fs::symlink_metadata(from).map_err(|e| Error::io("reading", from, None, e))?;
+    if meta.is_dir() {
+        std::fs::create_dir(to).map_err(|e| Error::io("creating", to, None, e))?;
+        let mut entries: Vec<_> = std::fs::read_dir(from)
+            .map_err(|e| Error::io("reading", from, None, e))?
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| Error::io("reading", from, None, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            copy_tree(&e.path(), &to.join(e.file_name()), files, bytes)?;
+        }
+    } else if meta.is_file() {
+        *bytes += std::fs::copy(from, to).map_err(|e| Error::io("copying", from, None, e))?;
+        *files += 1;
+    }
+    // Links, devices and the like have no place on an image drive (often
+    // exFAT): left out.
+    Ok(())
+}
