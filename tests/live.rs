@@ -7,7 +7,9 @@
 //! read from the serial console, and the restored disk is checked from the
 //! host. A third boot without a job measures power-on to the first screen.
 //! And a BIOS disk with GRUB restored to a smaller disk (its ext4 shrunk)
-//! boots (that one needs root and grub-pc-bin).
+//! boots; unattended restores in the live system grow btrfs and XFS
+//! (`grow_all`) and shrink an ext4 (those two need root; the first also
+//! grub-pc-bin).
 //!
 //! Runs when KLON_REQUIRE_LIVE_TESTS=1 (and then fails when anything is
 //! missing); otherwise skips. Uses target/klon-live.img when it exists (CI
@@ -690,4 +692,158 @@ fn bios_disk_restored_to_a_smaller_disk_still_boots() {
         "BIOS: the disk restored 40 % smaller booted (GRUB, shrunk ext4) in {:.1} s",
         b.lines.last().unwrap().0.as_secs_f64()
     ));
+}
+
+/// Unattended restores inside the live system that need its filesystem
+/// tools: `grow_all` onto a larger disk grows a btrfs and an XFS
+/// (btrfs and xfs_growfs in the initramfs), and a restore onto a smaller
+/// disk shrinks an ext4 (resize2fs on klon's FUSE file: the fuse and loop
+/// modules). Each is checked from the host by the filesystem's own tools.
+#[test]
+fn unattended_restores_grow_and_shrink_in_the_live_system() {
+    if !ready("unattended_restores_grow_and_shrink_in_the_live_system") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (loop devices to check the restored filesystems)");
+    let dir = TempDir::new("live-resize");
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("a.bin"), random_bytes(21, 2 << 20)).unwrap();
+    std::fs::write(files.join("b.txt"), text_bytes(22, 300_000)).unwrap();
+    let sfdisk = |disk: &Path, table: &str| {
+        let mut sf = Command::new("sfdisk").args(["-q", &s(disk)]).stdin(Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(sf.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
+        assert!(sf.wait().unwrap().success(), "sfdisk");
+    };
+    // Source 1: GPT, btrfs 128 MiB, XFS 300 MiB.
+    let grow_src = dir.join("grow-src.img");
+    blank_file(&grow_src, 432 * MIB);
+    sfdisk(&grow_src, "label: gpt\nstart=2048, size=128M\nsize=300M\n");
+    let btrfs = dir.join("btrfs.img");
+    blank_file(&btrfs, 128 * MIB);
+    run("mkfs.btrfs", &["-q", "--rootdir", &s(&files), &s(&btrfs)]);
+    write_at(&grow_src, MIB, &std::fs::read(&btrfs).unwrap());
+    let xfs = dir.join("xfs.img");
+    blank_file(&xfs, 300 * MIB);
+    run("mkfs.xfs", &["-q", "-f", &s(&xfs)]);
+    {
+        let lo = common::loop_device::LoopDevice::attach_without_partitions(&xfs);
+        let _m = common::disks::Mounted::new(&lo.path, &dir.join("xfs-mnt"), "rw");
+        run("cp", &["-a", &format!("{}/.", s(&files)), &s(&dir.join("xfs-mnt"))]);
+    }
+    write_at(&grow_src, 129 * MIB, &std::fs::read(&xfs).unwrap());
+    // Source 2: GPT, ext4 200 MiB (its files written after a filler that
+    // was then deleted, so resize2fs must move them), then ext4 16 MiB.
+    let shrink_src = dir.join("shrink-src.img");
+    blank_file(&shrink_src, 240 * MIB);
+    sfdisk(&shrink_src, "label: gpt\nstart=2048, size=200M\nsize=16M\n");
+    let root = dir.join("root.img");
+    let filler = dir.join("filler");
+    std::fs::create_dir_all(&filler).unwrap();
+    std::fs::write(filler.join("filler"), vec![0x3Cu8; (150 * MIB) as usize]).unwrap();
+    run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&filler), &s(&root), "200M"]);
+    let cmds = dir.join("debugfs.cmds");
+    std::fs::write(
+        &cmds,
+        format!("write {} a.bin\nwrite {} b.txt\nrm filler\n", s(&files.join("a.bin")), s(&files.join("b.txt"))),
+    )
+    .unwrap();
+    run("debugfs", &["-w", "-f", &s(&cmds), &s(&root)]);
+    write_at(&shrink_src, MIB, &std::fs::read(&root).unwrap());
+    let small_fs = dir.join("small.img");
+    run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&files), &s(&small_fs), "16M"]);
+    write_at(&shrink_src, 201 * MIB, &std::fs::read(&small_fs).unwrap());
+
+    // The image drive: ext4 labelled KLONIMG holding both images.
+    let content = dir.join("content");
+    std::fs::create_dir_all(content.join("klon-images")).unwrap();
+    for (src, name) in [(&grow_src, "grow"), (&shrink_src, "shrink")] {
+        let o = common::disks::klon(&["backup", "--quiet", &s(src), &s(&content.join("klon-images").join(name))]);
+        assert!(o.status.success(), "backup of {name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let drive = dir.join("drive.img");
+    run("mke2fs", &["-q", "-t", "ext4", "-L", "KLONIMG", "-d", &s(&content), &s(&drive), "64M"]);
+
+    let stick = stick_with(&dir, "stick.img", None);
+    let img = format!("{}@@1M", stick.display());
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
+    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+    let job = |image: &str, target: &Path, grow_all: bool| {
+        let append = format!(
+            "console=ttyS0,115200n8 quiet klon.job=restore klon.image={image} klon.target=/dev/nvme0n1 {}\
+             klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=10",
+            if grow_all { "klon.grow_all=yes " } else { "" }
+        );
+        let extra: Vec<String> = ["-kernel", &s(&kernel), "-initrd", &s(&initrd), "-append", &append]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let b = boot_with(
+            &dir,
+            Firmware::Bios,
+            &stick,
+            &[
+                (drive.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD"),
+                (target, "nvme,drive=DRIVE,serial=TARGET1"),
+            ],
+            None,
+            &extra,
+        );
+        let Some((_, line)) = b.find("KLON-RESULT:") else {
+            panic!("{image}: no KLON-RESULT line:\n{}", b.transcript())
+        };
+        assert!(line.contains("KLON-RESULT: ok"), "{image}: {line}\n{}", b.transcript());
+        report(&format!("{image}: {line}"));
+    };
+    let check = |disk: &Path, i: usize, kind: &str| -> (u64, u64) {
+        let (parts, sector) = common::disks::sfdisk_parts(disk);
+        let (start, len) = (parts[i].start * sector, parts[i].size * sector);
+        let lo = common::loop_device::LoopDevice::attach_range(disk, start, len);
+        let node = s(&lo.path);
+        let bytes = match kind {
+            "btrfs" => {
+                run("btrfs", &["check", "--readonly", &node]);
+                let sb = run("btrfs", &["inspect-internal", "dump-super", &node]);
+                number_after(&sb, "dev_item.total_bytes")
+            }
+            "xfs" => {
+                run("xfs_repair", &["-n", &node]);
+                let sb = run("xfs_db", &["-r", "-c", "sb 0", "-c", "print dblocks blocksize", &node]);
+                number_after(&sb, "dblocks =") * number_after(&sb, "blocksize =")
+            }
+            _ => {
+                run("e2fsck", &["-fn", &node]);
+                let sb = run("dumpe2fs", &["-h", &node]);
+                number_after(&sb, "Block count:") * number_after(&sb, "Block size:")
+            }
+        };
+        let mnt = dir.join(&format!("check-{kind}-{i}"));
+        let _m = common::disks::Mounted::new(&lo.path, &mnt, if kind == "xfs" { "ro,norecovery" } else { "ro" });
+        run("diff", &["-r", "-x", "lost+found", "-x", "filler", &s(&files), &s(&mnt)]);
+        (bytes, len)
+    };
+
+    // grow_all onto a disk twice the size: both grow and fill their partitions.
+    let big = dir.join("big.img");
+    blank_file(&big, 864 * MIB);
+    job("grow", &big, true);
+    for (i, kind) in [(0, "btrfs"), (1, "xfs")] {
+        let (bytes, len) = check(&big, i, kind);
+        assert!(len > 250 * MIB * (i as u64 + 1) && bytes > len - 4 * MIB, "{kind}: {bytes} bytes in {len}");
+    }
+    // Onto a disk 40 % smaller: the first ext4 shrinks, the second moves.
+    let small = dir.join("small.img");
+    blank_file(&small, 144 * MIB);
+    job("shrink", &small, false);
+    let (bytes, len) = check(&small, 0, "ext4");
+    assert!(len < 200 * MIB && bytes <= len && bytes > len - MIB, "ext4: {bytes} bytes in {len}");
+    check(&small, 1, "ext4");
+}
+
+/// The number in `text` after `key` (the first word that parses).
+fn number_after(text: &str, key: &str) -> u64 {
+    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
+    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
 }
