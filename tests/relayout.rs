@@ -573,3 +573,30 @@ fn gpt_disk_moves_between_512_and_4096_byte_sectors() {
     drop(dev);
     assert!(std::fs::read(&file4k).unwrap() == before, "a refused restore wrote to the target");
 }
+
+#[test]
+fn a_fat_at_the_end_is_cut_after_its_last_used_cluster() {
+    require_root!();
+    let t = TempDir::new("shrink-fat");
+    let disk = t.join("disk.img");
+    blank_file(&disk, 140 * MIB);
+    run_with_input("sfdisk", &["-q", s(&disk)], "label: gpt\nstart=2048, size=32M\nsize=100M, type=uefi\n");
+    let (parts, sector) = sfdisk_parts(&disk);
+    for (i, (p, kind)) in parts.iter().zip(["ext4", "vfat"]).enumerate() {
+        let fs = t.join(&format!("{kind}-{i}.img"));
+        make_fs(&t, kind, &fs, p.size * sector);
+        write_at(&disk, p.start * sector, &std::fs::read(&fs).unwrap());
+    }
+    let (target, report) = restore_smaller(&t, &disk, 100 * MIB);
+    let resized = report["resized"].as_array().unwrap();
+    assert_eq!(resized.len(), 1, "{report}");
+    assert!(resized[0]["note"].as_str().unwrap().contains("klon cut its FAT after its last used cluster"), "{report}");
+    let (fs, p) = partition_file(&t, &target, 1, "fat.img");
+    assert!(p.size < parts[1].size, "{p:?}");
+    assert_clean("vfat", &fs);
+    assert_files(&t, "vfat", &fs);
+    // The FAT's own size is the partition's now.
+    let b = read_at(&fs, 0, 512);
+    let total = u64::from(u32::from_le_bytes(b[32..36].try_into().unwrap())) * 512;
+    assert_eq!(total, p.size * sector);
+}

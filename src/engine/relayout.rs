@@ -398,9 +398,9 @@ fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32
     let fs = fs.unwrap_or("");
     match fs {
         "ext2" | "ext3" | "ext4" | "ntfs" => {}
+        "vfat" => return fat_minimum(image, p),
         "xfs" => return Err("XFS cannot shrink".into()),
         "" => return Err("it holds no filesystem klon knows, so it keeps its size".into()),
-        "vfat" | "fat12" | "fat16" | "fat32" => return Err("klon does not shrink FAT yet, so it keeps its size".into()),
         other => return Err(format!("klon does not shrink {other}, so it keeps its size")),
     }
     let view = open_store(image).and_then(DiskView::new).map_err(|e| e.to_string())?;
@@ -426,6 +426,64 @@ fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32
         }
     });
     found.map_err(|why| format!("cannot shrink: {why}"))
+}
+
+/// How small the FAT in partition `p` of the image can get without moving
+/// a cluster (klon's own code: see [`crate::fs::fat::shrink_floor`]).
+fn fat_minimum(image: &Path, p: &Partition) -> Minimum {
+    use crate::fs::fat;
+    let view = open_store(image).and_then(DiskView::new).map_err(|e| e.to_string())?;
+    let mut boot = vec![0u8; 512];
+    view.read(p.start, &mut boot).map_err(|e| e.to_string())?;
+    let g = fat::parse_bpb(&boot, p.size).map_err(|e| e.to_string())?;
+    let mut meta = vec![0u8; (g.fat_start + g.nfats * g.fat_bytes) as usize];
+    view.read(p.start, &mut meta).map_err(|e| e.to_string())?;
+    let used = fat::used_clusters(&g, &meta).ok_or("its FATs could not be read")?;
+    Ok(fat::shrink_floor(&g, used.last().copied()))
+}
+
+/// Cuts the FAT restored at `mv.to` to `mv.room` bytes (nothing used lies
+/// past that: [`fat_minimum`]): the sector count in its boot sector and
+/// FAT32's backup, FSInfo's free count forgotten.
+fn fat_cut(target: &Disk, mv: &Move) -> Result<()> {
+    use crate::fs::fat;
+    let bad = |e: crate::fs::FsError| Error::Corrupt(format!("partition {}: {e}", mv.number));
+    let mut boot = vec![0u8; 512];
+    target.read_exact_at(&mut boot, mv.to)?;
+    let g = fat::parse_bpb(&boot, mv.size).map_err(bad)?;
+    let bps = u64::from(u16::from_le_bytes([boot[11], boot[12]]));
+    let mut places = vec![0u64];
+    let mut fsinfo = Vec::new();
+    if g.kind == fat::Kind::Fat32 {
+        let field = |at: usize| u64::from(u16::from_le_bytes([boot[at], boot[at + 1]]));
+        let (info, backup) = (field(48), field(50));
+        if backup != 0 && backup != 0xFFFF {
+            places.push(backup * bps);
+            if info != 0 && info != 0xFFFF {
+                fsinfo.push((backup + info) * bps);
+            }
+        }
+        if info != 0 && info != 0xFFFF {
+            fsinfo.push(info * bps);
+        }
+    }
+    for at in places {
+        let mut b = vec![0u8; 512];
+        target.read_exact_at(&mut b, mv.to + at)?;
+        if b[11..36] != boot[11..36] {
+            continue; // not a copy of the BPB: left alone
+        }
+        fat::set_total(&mut b, mv.room).map_err(bad)?;
+        target.write_all_at(&b, mv.to + at)?;
+    }
+    for at in fsinfo {
+        let mut b = vec![0u8; 512];
+        target.read_exact_at(&mut b, mv.to + at)?;
+        if fat::forget_free_count(&mut b) {
+            target.write_all_at(&b, mv.to + at)?;
+        }
+    }
+    Ok(())
 }
 
 impl Relayout {
@@ -558,6 +616,35 @@ impl Relayout {
                 human_bytes(mv.room)
             ))
         };
+        if fs == "vfat" {
+            fat_cut(target, mv)?;
+            target.sync()?;
+            target.drop_cache()?;
+            let dev = loopdev::attach(&target.path, mv.to, mv.room, true)?;
+            let checked = run("fsck.fat", &["-n", &dev.path.to_string_lossy()]);
+            drop(dev);
+            checked.map_err(|why| {
+                Error::VerifyAfter(format!(
+                    "after klon cut the FAT of partition {}, fsck.fat finds it damaged: {why}",
+                    mv.number
+                ))
+            })?;
+            let note = format!(
+                "partition {} shrank from {} to {}; klon cut its FAT after its last used cluster (fsck.fat -n clean \
+                 afterwards)",
+                mv.number,
+                human_bytes(mv.size),
+                human_bytes(mv.room)
+            );
+            return Ok(Growth {
+                partition: mv.number,
+                fstype: mv.fs.clone(),
+                from: mv.size,
+                to: mv.room,
+                grown: true,
+                note,
+            });
+        }
         let view = DiskView::new(open_store(&self.image)?)?;
         let lower = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
         let shown = PartFs::new(view, mv.from, mv.size, Some(Lower { file: lower, to: mv.to, room: mv.room }));

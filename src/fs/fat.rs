@@ -190,6 +190,48 @@ pub fn parse_bpb(b: &[u8], part_len: u64) -> Result<Geometry, FsError> {
     })
 }
 
+/// The smallest size in bytes the volume can be cut to without moving a
+/// cluster: just past its last used cluster (`last_used`, None when none
+/// is), and with as many clusters as its kind needs (FAT16 at least 4085,
+/// FAT32 at least 65525: fewer would make it read as another kind).
+pub fn shrink_floor(g: &Geometry, last_used: Option<u64>) -> u64 {
+    let kind_min = match g.kind {
+        Kind::Fat12 => 1,
+        Kind::Fat16 => 4085,
+        Kind::Fat32 => 65525,
+    };
+    let clusters = last_used.map_or(0, |c| c - 1).max(kind_min);
+    g.data_start + clusters * g.cluster
+}
+
+/// Sets the sector count in boot sector `b` (a copy of the BPB) for a
+/// volume of `total` bytes, where the count was kept (16-bit field when it
+/// fits and was used, 32-bit otherwise); nothing else changes. The FATs
+/// keep their size: a FAT may hold more entries than there are clusters.
+pub fn set_total(b: &mut [u8], total: u64) -> Result<(), FsError> {
+    let bps = le16(b, 11) as u64;
+    let sectors = total / bps;
+    if le16(b, 19) != 0 && sectors < 0x1_0000 {
+        b[19..21].copy_from_slice(&(sectors as u16).to_le_bytes());
+    } else {
+        let s32 = u32::try_from(sectors).map_err(|_| corrupt(format!("{sectors} sectors do not fit a BPB")))?;
+        b[19..21].copy_from_slice(&[0, 0]);
+        b[32..36].copy_from_slice(&s32.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// FAT32's FSInfo free-cluster count at its place in an FSInfo sector
+/// (set to "unknown", 0xFFFFFFFF, after the cluster count changed); false
+/// when `sector` is not an FSInfo sector.
+pub fn forget_free_count(sector: &mut [u8]) -> bool {
+    if sector.len() < 512 || le32(sector, 0) != 0x4161_5252 || le32(sector, 484) != 0x6141_7272 {
+        return false;
+    }
+    sector[488..492].copy_from_slice(&u32::MAX.to_le_bytes());
+    true
+}
+
 /// Entries decoded per chunk (even, so a FAT12 chunk starts on a byte).
 const CHUNK_ENTRIES: u64 = 1 << 16;
 
