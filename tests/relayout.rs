@@ -599,4 +599,20 @@ fn a_fat_at_the_end_is_cut_after_its_last_used_cluster() {
     let b = read_at(&fs, 0, 512);
     let total = u64::from(u32::from_le_bytes(b[32..36].try_into().unwrap())) * 512;
     assert_eq!(total, p.size * sector);
+
+    // The same from a repository's snapshot (REPO:latest), read back the same way.
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&disk), s(&repo)]));
+    let target2 = t.join("target2.img");
+    garbage_file(&target2, 100 * MIB);
+    let spec = format!("{}:latest", s(&repo));
+    let o = klon(&["--json", "restore", "--yes", &spec, s(&target2)]);
+    ok(&o);
+    assert_eq!(
+        run("sfdisk", &["-d", s(&target2)]).replace("target2.img", "X"),
+        run("sfdisk", &["-d", s(&target)]).replace("target.img", "X")
+    );
+    let (fs2, _) = partition_file(&t, &target2, 1, "fat2.img");
+    assert_clean("vfat", &fs2);
+    assert_files(&t, "vfat", &fs2);
 }

@@ -755,6 +755,12 @@ fn wizard_browses_an_image_and_copies_files_to_the_image_drive() {
     assert!(flat_s.contains("is mounted read-only on") && flat_s.contains("p1 (ext4): mounted on"), "{s}");
     let at = std::env::temp_dir().join(format!("klon-browse-{}", t_pid(&flat_s)));
     assert!(mounted_at(&at.join("p1").display().to_string()), "p1 is not mounted at {}", at.display());
+    t.choose("Show the files in a folder");
+    t.wait_for(&["Folder: p1"], 10);
+    t.text("/docs");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["p1/docs holds 2 entries", "letter.txt"], 10);
+    assert!(s.contains("sub/"), "{s}");
     t.choose("Copy a file or folder");
     t.wait_for(&["Path to copy:"], 10);
     t.text("p1/docs");

@@ -54,6 +54,7 @@ pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: b
     };
     let copies = drive.path.join("klon-files").join(image_name(image));
     let items = [
+        Item::new("Show the files in a folder"),
         Item::new("Copy a file or folder to the image drive"),
         Item::new("Open a shell in it (exit returns here)"),
         Item::new("Unmount it and go back"),
@@ -70,12 +71,27 @@ pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: b
             body += &format!("\n\n{said}");
         }
         let choice = match scr.select(title, &body, "What now?", &items, 0)? {
-            Nav::Back => 2,
+            Nav::Back => 3,
             Nav::Go(i) => i,
         };
         said.clear();
         match choice {
             0 => {
+                let Nav::Go(rel) = scr.input(
+                    title,
+                    &format!("A folder inside {} (p1 is the first partition's files).", at.display()),
+                    "Folder",
+                    "p1",
+                )?
+                else {
+                    continue;
+                };
+                said = match list(&at, &rel) {
+                    Ok(text) => text,
+                    Err(e) => format!("Nothing shown: {e}"),
+                };
+            }
+            1 => {
                 let Nav::Go(rel) = scr.input(
                     title,
                     &format!("A path inside {} (p1/… is the first partition's files).", at.display()),
@@ -92,7 +108,7 @@ pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: b
                     Err(e) => format!("Nothing copied: {e}"),
                 };
             }
-            1 => {
+            2 => {
                 scr.page(title, &format!("A shell in {}; type exit to come back.", at.display()))?;
                 let shell = std::env::var("SHELL").unwrap_or_else(|_| "/bin/sh".into());
                 if let Err(e) = std::process::Command::new(&shell).current_dir(&at).status() {
@@ -111,6 +127,44 @@ pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: b
     }
 }
 
+/// Entries shown of a folder at most (a console has 25 lines).
+const LISTED: usize = 12;
+
+/// What folder `rel` inside `root` holds: folders first, then files with
+/// their sizes; the first [`LISTED`], and how many more.
+fn list(root: &Path, rel: &str) -> Result<String> {
+    let rel_path = inside(rel, true)?;
+    let dir = root.join(&rel_path);
+    let mut entries: Vec<(bool, String, u64)> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io("reading", &dir, None, e))?
+        .flatten()
+        .map(|e| {
+            let meta = e.metadata().ok();
+            let is_dir = meta.as_ref().is_some_and(|m| m.is_dir());
+            (!is_dir, e.file_name().to_string_lossy().into_owned(), meta.map_or(0, |m| m.len()))
+        })
+        .collect();
+    entries.sort();
+    let mut text = format!("{} holds {} entries:\n", rel_path.display(), entries.len());
+    for (is_file, name, size) in entries.iter().take(LISTED) {
+        text += &if *is_file { format!("  {name}  ({})\n", human_bytes(*size)) } else { format!("  {name}/\n") };
+    }
+    if entries.len() > LISTED {
+        text += &format!("  … and {} more (the shell shows them all)\n", entries.len() - LISTED);
+    }
+    Ok(text)
+}
+
+/// `rel` as a path that stays inside the mount (no `..`, no leading `/`);
+/// empty only when `empty_ok`.
+fn inside(rel: &str, empty_ok: bool) -> Result<PathBuf> {
+    let p = Path::new(rel.trim_start_matches('/'));
+    if (p.as_os_str().is_empty() && !empty_ok) || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(Error::Usage(format!("{rel} is not a path inside the mount (no .., no leading /)")));
+    }
+    Ok(p.to_path_buf())
+}
+
 /// The image's name for the directory its copies go to: the image
 /// directory's name, or REPO-SNAPSHOT.
 fn image_name(image: &Path) -> String {
@@ -123,10 +177,7 @@ fn image_name(image: &Path) -> String {
 /// its name; returns the files and bytes copied and where they went.
 /// Paths that leave `root` are refused.
 fn copy_out(root: &Path, rel: &str, into: &Path) -> Result<(u64, u64, PathBuf)> {
-    let rel = Path::new(rel.trim_start_matches('/'));
-    if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(Error::Usage(format!("{} is not a path inside the mount (no .., no leading /)", rel.display())));
-    }
+    let rel = &inside(rel, false)?;
     let from = root.join(rel);
     let name = rel.file_name().expect("a normal last component");
     let to = into.join(name);
