@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use common::disks::*;
 
@@ -81,12 +80,6 @@ fn assert_files(t: &TempDir, mounted: &Path) {
     let expected = t.join("expected");
     populate(&expected);
     run("diff", &["-r", "--no-dereference", "-x", "lost+found", s(&expected), s(mounted)]);
-}
-
-/// The number in `text` after `key` (the first word that parses).
-fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
-    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
 }
 
 #[test]
@@ -180,37 +173,6 @@ fn ntfs_grows_with_its_partition() {
     assert!(bytes > len - MIB && bytes <= len, "NTFS is {bytes} bytes in a {len}-byte partition");
     let mnt = t.join("mnt");
     ntfs_mounted(&part, &mnt, true, || assert_files(&t, &mnt));
-}
-
-/// Runs `f` while `file` is mounted on `dir` by ntfs-3g (FUSE, in the
-/// foreground), then unmounts it and waits for the daemon (so everything
-/// is on disk).
-fn ntfs_mounted(file: &Path, dir: &Path, read_only: bool, f: impl FnOnce()) {
-    std::fs::create_dir_all(dir).unwrap();
-    let opts = if read_only { "ro,no_detach" } else { "no_detach" };
-    let mut child = Command::new("ntfs-3g")
-        .args(["-o", opts, s(file), s(dir)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("running ntfs-3g (is ntfs-3g installed?)");
-    let want = format!(" {} ", dir.display());
-    let mounted = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .any(|l| l.contains(&want) && l.contains(" fuse"))
-    });
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        assert!(mounted, "ntfs-3g did not mount {}", file.display());
-        f();
-    }));
-    let _ = Command::new("umount").arg(dir).status();
-    let _ = child.wait();
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
 }
 
 #[test]

@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::disks::{MIB, TempDir, assert_same, blank_file, random_bytes, run, text_bytes, write_at};
+use common::disks::{MIB, TempDir, assert_same, blank_file, number_after, random_bytes, run, text_bytes, write_at};
 
 /// One boot at a time: two cores, and TCG is CPU-heavy.
 static QEMU: Mutex<()> = Mutex::new(());
@@ -840,10 +840,4 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     let (bytes, len) = check(&small, 0, "ext4");
     assert!(len < 200 * MIB && bytes <= len && bytes > len - MIB, "ext4: {bytes} bytes in {len}");
     check(&small, 1, "ext4");
-}
-
-/// The number in `text` after `key` (the first word that parses).
-fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
-    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
 }

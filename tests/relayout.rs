@@ -10,7 +10,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::disks::*;
 use common::loop_device::LoopDevice;
@@ -359,43 +359,6 @@ fn a_target_too_small_even_shrunk_is_refused_before_writing() {
     assert!(stderr(&o).contains("wiped"), "{}", stderr(&o));
     let table = Command::new("sfdisk").args(["-d", s(&target)]).output().unwrap();
     assert!(!table.status.success(), "a partition table is left: {}", String::from_utf8_lossy(&table.stdout));
-}
-
-/// The number in `text` after `key` (the first word that parses).
-fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
-    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
-}
-
-/// Runs `f` while `file` is mounted on `dir` by ntfs-3g (FUSE, in the
-/// foreground), then unmounts it and waits for the daemon.
-fn ntfs_mounted<T>(file: &Path, dir: &Path, read_only: bool, f: impl FnOnce() -> T) -> T {
-    std::fs::create_dir_all(dir).unwrap();
-    let opts = if read_only { "ro,no_detach" } else { "no_detach" };
-    let mut child = Command::new("ntfs-3g")
-        .args(["-o", opts, s(file), s(dir)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("running ntfs-3g (is ntfs-3g installed?)");
-    let want = format!(" {} ", dir.display());
-    let mounted = (0..100).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .any(|l| l.contains(&want) && l.contains(" fuse"))
-    });
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        assert!(mounted, "ntfs-3g did not mount {}", file.display());
-        f()
-    }));
-    let _ = Command::new("umount").arg(dir).status();
-    let _ = child.wait();
-    match result {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e),
-    }
 }
 
 #[test]

@@ -351,3 +351,42 @@ pub fn committed_sum(dir: &Path, name: &str) -> String {
 pub fn sha256(path: &Path) -> String {
     run("sha256sum", &[path.to_str().unwrap()]).split_whitespace().next().unwrap().to_string()
 }
+
+/// The number in `text` after `key` (the first word that parses), as the
+/// filesystems' tools print their sizes.
+pub fn number_after(text: &str, key: &str) -> u64 {
+    let at = text.find(key).unwrap_or_else(|| panic!("no {key:?} in {text}"));
+    text[at + key.len()..].split(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).unwrap().parse().unwrap()
+}
+
+/// Runs `f` while `file` is mounted on `dir` by ntfs-3g (FUSE, in the
+/// foreground), then unmounts it and waits for the daemon (so everything
+/// is on disk).
+pub fn ntfs_mounted<T>(file: &Path, dir: &Path, read_only: bool, f: impl FnOnce() -> T) -> T {
+    std::fs::create_dir_all(dir).unwrap();
+    let opts = if read_only { "ro,no_detach" } else { "no_detach" };
+    let mut child = Command::new("ntfs-3g")
+        .args(["-o", opts, file.to_str().unwrap(), dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running ntfs-3g (is ntfs-3g installed?)");
+    let want = format!(" {} ", dir.display());
+    let mounted = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&want) && l.contains(" fuse"))
+    });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert!(mounted, "ntfs-3g did not mount {}", file.display());
+        f()
+    }));
+    let _ = Command::new("umount").arg(dir).status();
+    let _ = child.wait();
+    match result {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e),
+    }
+}
