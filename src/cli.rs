@@ -80,6 +80,12 @@ pub enum Command {
     /// Copy a disk onto another disk (or file) directly, no image in between
     /// (destroys what the target holds).
     Clone(CloneArgs),
+    /// Send an image to many machines at once by multicast (udpcast); each
+    /// runs klon receive and restores it onto its disk.
+    Deploy(DeployArgs),
+    /// Receive an image klon deploy sends by multicast and restore it onto
+    /// TARGET (destroys what it holds), then report to the sender.
+    Receive(ReceiveArgs),
     /// Describe an image: source disk, table, partitions, sizes, completeness.
     Info(InfoArgs),
     /// Show an image read-only as files through FUSE: disk.img and pN.img
@@ -423,6 +429,53 @@ pub struct CloneArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+}
+
+/// `klon deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// klon image directory to send.
+    pub image: PathBuf,
+    /// Send by multicast with udp-sender (the only way for now).
+    #[arg(long, required = true)]
+    pub multicast: bool,
+    /// Start once this many receivers have joined.
+    #[arg(long, value_name = "N")]
+    pub clients: Option<u32>,
+    /// Start at most this many seconds after the first receiver joined.
+    #[arg(long, value_name = "SECONDS")]
+    pub wait: Option<u32>,
+    /// Network interface to send on (udp-sender's --interface).
+    #[arg(long, value_name = "IF")]
+    pub interface: Option<String>,
+    /// udpcast's port base (receivers must use the same); reports come to PORT+8.
+    #[arg(long, default_value_t = crate::engine::deploy::DEFAULT_PORT)]
+    pub port: u16,
+    /// Most bits per second to send (udp-sender's --max-bitrate, e.g. 500m).
+    #[arg(long, value_name = "RATE")]
+    pub max_bitrate: Option<String>,
+    /// How long to wait for the receivers' reports once everything is sent.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    pub report_wait: u64,
+}
+
+/// `klon receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// Target: a block device, or a file (created with the source disk's size when missing).
+    pub target: PathBuf,
+    /// Receive by multicast with udp-receiver.
+    #[arg(long, required = true)]
+    pub multicast: bool,
+    /// Network interface to listen on (udp-receiver's --interface).
+    #[arg(long, value_name = "IF")]
+    pub interface: Option<String>,
+    /// udpcast's port base (the sender's).
+    #[arg(long, default_value_t = crate::engine::deploy::DEFAULT_PORT)]
+    pub port: u16,
+    /// How the target is written (--yes is needed: the image is written as it arrives).
+    #[command(flatten)]
+    pub write: WriteArgs,
 }
 
 /// `klon info`.

@@ -39,6 +39,8 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Verify(a) => verify_cmd(cli, a),
         Command::Restore(a) => restore_cmd(cli, a),
         Command::Clone(a) => clone_cmd(cli, a),
+        Command::Deploy(a) => deploy_cmd(cli, a),
+        Command::Receive(a) => receive_cmd(cli, a),
         Command::Info(a) => info_cmd(cli, a),
         Command::Convert(a) => convert_cmd(cli, a),
         Command::Mount(a) => mount_cmd(cli, a),
@@ -346,6 +348,72 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
     let r = plan.restore(&opts)?;
     report_written(cli, "Restored", "image", &a.image, &a.target, &r)
+}
+
+fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
+    use crate::engine::deploy::{DeployOptions, deploy};
+    if a.clients.is_none() && a.wait.is_none() {
+        return Err(Error::Usage(
+            "klon deploy needs --clients N (start when N machines joined) or --wait SECONDS (start that long after \
+             the first joined), or both"
+                .into(),
+        ));
+    }
+    let opts = DeployOptions {
+        interface: a.interface.clone(),
+        port: a.port,
+        clients: a.clients,
+        wait: a.wait,
+        max_bitrate: a.max_bitrate.clone(),
+        report_wait: std::time::Duration::from_secs(a.report_wait),
+        quiet: cli.quiet,
+    };
+    let r = deploy(&a.image, &opts)?;
+    if cli.json {
+        let receivers: Vec<_> = r
+            .receivers
+            .iter()
+            .map(|(ip, o)| json!({"ip": ip, "ok": o.as_ref().is_some_and(|o| o.ok), "report": o}))
+            .collect();
+        print_json(
+            &json!({"image": a.image, "bytes_sent": r.bytes_sent, "seconds": r.seconds, "receivers": receivers}),
+        )?;
+    } else if !cli.quiet {
+        println!("{}", r.text());
+    }
+    if r.all_ok() {
+        Ok(())
+    } else {
+        let failed: Vec<&str> =
+            r.receivers.iter().filter(|(_, o)| !o.as_ref().is_some_and(|o| o.ok)).map(|(ip, _)| ip.as_str()).collect();
+        Err(Error::Unsupported(if r.receivers.is_empty() {
+            "no receiver joined".into()
+        } else {
+            format!("the image did not reach every machine whole: {} failed (see the summary)", failed.join(", "))
+        }))
+    }
+}
+
+fn receive_cmd(cli: &Cli, a: &crate::cli::ReceiveArgs) -> Result<()> {
+    use crate::engine::deploy::{ReceiveOptions, receive};
+    if !a.write.yes {
+        return Err(Error::Refused(format!(
+            "klon receive writes {} as soon as the image arrives, with nobody to ask: add --yes",
+            a.target.display()
+        )));
+    }
+    let opts = ReceiveOptions {
+        interface: a.interface.clone(),
+        port: a.port,
+        restore: RestoreOptions {
+            grow_last: a.write.grow_last,
+            verify_after: !a.write.no_verify_after,
+            quiet: cli.quiet,
+            workers: threads(None)?,
+        },
+    };
+    let r = receive(&a.target, &opts)?;
+    report_written(cli, "Received and restored", "source", Path::new("the multicast stream"), &a.target, &r)
 }
 
 /// The report of a restore or a clone.

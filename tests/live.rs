@@ -598,16 +598,9 @@ fn bios_disk_restored_to_a_smaller_disk_still_boots() {
     let disk = dir.join("source.img");
     blank_file(&disk, 512 * MIB);
     let table = "label: dos\nstart=2048, size=400M, type=83, bootable\ntype=5\ntype=82\n";
-    let mut sf = Command::new("sfdisk").args(["-q", &s(&disk)]).stdin(Stdio::piped()).spawn().unwrap();
-    std::io::Write::write_all(sf.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
-    assert!(sf.wait().unwrap().success(), "sfdisk");
-    // The root: a filler first, then /boot, then the filler goes, so the
+    common::disks::run_with_input("sfdisk", &["-q", &s(&disk)], table);
+    // The root: /boot written after a filler that then goes, so the
     // kernel and initramfs lie past where the shrunk filesystem ends.
-    let root = dir.join("root.img");
-    let fill = dir.join("fill");
-    std::fs::create_dir_all(&fill).unwrap();
-    std::fs::write(fill.join("filler"), vec![0xA5u8; (300 * MIB) as usize]).unwrap();
-    run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&fill), &s(&root), "400M"]);
     let cfg = dir.join("grub.cfg");
     std::fs::write(
         &cfg,
@@ -615,19 +608,18 @@ fn bios_disk_restored_to_a_smaller_disk_still_boots() {
          menuentry klon {\n  linux /boot/vmlinuz console=ttyS0,115200n8 klon.job=none\n  initrd /boot/initrd.img\n}\n",
     )
     .unwrap();
-    let cmds = dir.join("debugfs.cmds");
-    std::fs::write(
-        &cmds,
-        format!(
-            "mkdir boot\nmkdir boot/grub\ncd boot\nwrite {} vmlinuz\nwrite {} initrd.img\ncd grub\nwrite {} grub.cfg\ncd /\nrm filler\n",
+    let root = ext4_files_last(
+        &dir,
+        "root",
+        400,
+        300,
+        &format!(
+            "mkdir boot\nmkdir boot/grub\ncd boot\nwrite {} vmlinuz\nwrite {} initrd.img\ncd grub\nwrite {} grub.cfg\ncd /\n",
             s(&kernel),
             s(&initrd),
             s(&cfg)
         ),
-    )
-    .unwrap();
-    run("debugfs", &["-w", "-f", &s(&cmds), &s(&root)]);
-    run("e2fsck", &["-fn", &s(&root)]);
+    );
     write_at(&disk, MIB, &std::fs::read(&root).unwrap());
     // Swap in p5, wherever sfdisk put it.
     let dump = run("sfdisk", &["-d", &s(&disk)]);
@@ -711,11 +703,7 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     std::fs::create_dir_all(&files).unwrap();
     std::fs::write(files.join("a.bin"), random_bytes(21, 2 << 20)).unwrap();
     std::fs::write(files.join("b.txt"), text_bytes(22, 300_000)).unwrap();
-    let sfdisk = |disk: &Path, table: &str| {
-        let mut sf = Command::new("sfdisk").args(["-q", &s(disk)]).stdin(Stdio::piped()).spawn().unwrap();
-        std::io::Write::write_all(sf.stdin.as_mut().unwrap(), table.as_bytes()).unwrap();
-        assert!(sf.wait().unwrap().success(), "sfdisk");
-    };
+    let sfdisk = |disk: &Path, table: &str| common::disks::run_with_input("sfdisk", &["-q", &s(disk)], table);
     // Source 1: GPT, btrfs 128 MiB, XFS 300 MiB.
     let grow_src = dir.join("grow-src.img");
     blank_file(&grow_src, 432 * MIB);
@@ -738,20 +726,15 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     let shrink_src = dir.join("shrink-src.img");
     blank_file(&shrink_src, 240 * MIB);
     sfdisk(&shrink_src, "label: gpt\nstart=2048, size=200M\nsize=16M\n");
-    let root = dir.join("root.img");
-    let filler = dir.join("filler");
-    std::fs::create_dir_all(&filler).unwrap();
-    std::fs::write(filler.join("filler"), vec![0x3Cu8; (150 * MIB) as usize]).unwrap();
-    run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&filler), &s(&root), "200M"]);
-    let cmds = dir.join("debugfs.cmds");
-    std::fs::write(
-        &cmds,
-        format!("write {} a.bin\nwrite {} b.txt\nrm filler\n", s(&files.join("a.bin")), s(&files.join("b.txt"))),
-    )
-    .unwrap();
-    run("debugfs", &["-w", "-f", &s(&cmds), &s(&root)]);
+    let root = ext4_files_last(
+        &dir,
+        "root",
+        200,
+        150,
+        &format!("write {} a.bin\nwrite {} b.txt\n", s(&files.join("a.bin")), s(&files.join("b.txt"))),
+    );
     write_at(&shrink_src, MIB, &std::fs::read(&root).unwrap());
-    let small_fs = dir.join("small.img");
+    let small_fs = dir.join("second.img");
     run("mke2fs", &["-q", "-t", "ext4", "-d", &s(&files), &s(&small_fs), "16M"]);
     write_at(&shrink_src, 201 * MIB, &std::fs::read(&small_fs).unwrap());
 
@@ -840,4 +823,22 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     let (bytes, len) = check(&small, 0, "ext4");
     assert!(len < 200 * MIB && bytes <= len && bytes > len - MIB, "ext4: {bytes} bytes in {len}");
     check(&small, 1, "ext4");
+}
+
+/// An ext4 image of `mib` MiB, `name`.img in `dir`, whose files (put in by
+/// the debugfs commands `cmds`) were written after a filler of `filler_mib`
+/// MiB that was then deleted: they lie near its end, so shrinking it must
+/// move them. e2fsck finds it clean.
+fn ext4_files_last(dir: &TempDir, name: &str, mib: u64, filler_mib: u64, cmds: &str) -> PathBuf {
+    let image = dir.join(&format!("{name}.img"));
+    let fill = dir.join(&format!("{name}-fill"));
+    std::fs::create_dir_all(&fill).unwrap();
+    std::fs::write(fill.join("filler"), vec![0xA5u8; (filler_mib * MIB) as usize]).unwrap();
+    let (fill_s, image_s) = (fill.to_str().unwrap(), image.to_str().unwrap());
+    run("mke2fs", &["-q", "-t", "ext4", "-d", fill_s, image_s, &format!("{mib}M")]);
+    let script = dir.join(&format!("{name}.debugfs"));
+    std::fs::write(&script, format!("{cmds}rm filler\n")).unwrap();
+    run("debugfs", &["-w", "-f", script.to_str().unwrap(), image_s]);
+    run("e2fsck", &["-fn", image_s]);
+    image
 }

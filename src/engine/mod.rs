@@ -5,6 +5,7 @@ pub mod backup;
 pub mod cancel;
 pub mod clone;
 pub mod czimage;
+pub mod deploy;
 pub mod grow;
 pub mod joblog;
 pub mod mount;

@@ -90,6 +90,12 @@ impl StoredChunk {
         &self.record[self.payload_at..]
     }
 
+    /// The whole record as stored (header and payload): what an image's
+    /// data file holds for it.
+    pub fn record(&self) -> &[u8] {
+        &self.record
+    }
+
     /// Checks the payload crc32, decompresses, checks the content blake3,
     /// and returns the content.
     pub fn decode(mut self) -> Result<IoBuf> {
@@ -199,6 +205,42 @@ impl ImageReader {
         let reader = ImageReader { dir: dir.to_path_buf(), manifest, bufs: BufPool::new(BUFS_KEPT, MAX_RECORD_LEN) };
         reader.check_files()?;
         Ok(reader)
+    }
+
+    /// Opens the manifest of the image at `dir` whose data files are not
+    /// there (an image received as a stream, its chunk records arriving
+    /// one after another: see [`ImageReader::record_from`]).
+    pub fn open_without_data(dir: &Path) -> Result<ImageReader> {
+        let manifest = Manifest::load(dir)?;
+        Ok(ImageReader { dir: dir.to_path_buf(), manifest, bufs: BufPool::new(BUFS_KEPT, MAX_RECORD_LEN) })
+    }
+
+    /// The chunk record `seq` of stream `stream` (index entry `e`) read by
+    /// `read` from somewhere other than its data file (a stream), checked
+    /// as [`ImageReader::read_chunk`] checks one: `read` fills the buffer
+    /// it is given with the record's bytes.
+    pub fn record_from(
+        &self,
+        stream: usize,
+        seq: u64,
+        e: &IndexEntry,
+        from: &str,
+        read: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<StoredChunk> {
+        let s = &self.manifest.streams[stream];
+        let location = format!("{from} ({}, chunk {seq})", describe_stream(s));
+        let len = e.record_len();
+        if !self.bufs.fits(len as usize) {
+            return Err(Error::Corrupt(format!(
+                "{location}: the index gives a chunk record longer than any klon writes"
+            )));
+        }
+        let mut buf = self.bufs.take(len as usize);
+        read(&mut buf)?;
+        let payload_at = (len - e.stored_len as u64) as usize;
+        let (header, header_crc) = ChunkHeader::decode(&buf[..payload_at], &location)?;
+        check_header_matches(&header, header_crc, e, stream, seq, s, &location)?;
+        Ok(StoredChunk { stream, header, record: buf, payload_at, location, bufs: self.bufs.clone(), make: None })
     }
 
     fn check_files(&self) -> Result<()> {

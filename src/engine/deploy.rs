@@ -1,0 +1,575 @@
+//! `klon deploy` and `klon receive`: one image to many machines at once by
+//! multicast, on udpcast (udp-sender and udp-receiver, what Clonezilla SE
+//! and FOG use). The sender sends a klon image as one stream (see
+//! docs/DEPLOY.md); each receiver restores it onto its disk while it
+//! arrives, with every check of a local restore — each chunk record checked
+//! against its index entry and its content against its blake3 before it is
+//! written, everything read back afterwards — and reports the outcome to
+//! the sender, which prints who got what.
+//!
+//! The stream: the manifest, its checksum and every index first (checked as
+//! when an image is opened), then every chunk record, in the order a
+//! restore writes them. A receiver keeps each chunk's header (for the
+//! read-back) and the few records that touch the disk's first and last MiB
+//! (the table areas, compared byte by byte after they are written).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::restore::{self, RestoreOptions, RestoreReport};
+use super::source::klon::KlonImage;
+use super::target::{WIPE_LEN, check_fits, write_order};
+use crate::device::Disk;
+use crate::error::{Error, Result};
+use crate::image::ChunkStore;
+use crate::image::format::{ChunkHeader, IndexEntry};
+use crate::image::manifest::{MANIFEST_NAME, MANIFEST_SUM_NAME, Manifest};
+use crate::image::reader::{ImageReader, StoredChunk};
+
+/// The stream's first bytes.
+const MAGIC: &[u8] = b"KLONSTREAM 1\n";
+/// Frame kinds: a file of the image's directory, a chunk record, the end
+/// of the files, the end of the stream.
+const FILE: u8 = b'F';
+const CHUNK: u8 = b'C';
+const FILES_DONE: u8 = b'D';
+const END: u8 = b'E';
+/// Longest file a stream carries whole (a manifest or an index).
+const MAX_FILE: u64 = 1 << 30;
+/// The sender listens for reports at udpcast's port base plus this.
+pub const REPORT_PORT_OFFSET: u16 = 8;
+/// udpcast's default port base.
+pub const DEFAULT_PORT: u16 = 9000;
+
+/// Writes one frame.
+fn frame(out: &mut dyn Write, kind: u8, name: &str, body: &[u8]) -> std::io::Result<()> {
+    let name = name.as_bytes();
+    out.write_all(&[kind])?;
+    out.write_all(&(name.len() as u16).to_le_bytes())?;
+    out.write_all(name)?;
+    out.write_all(&(body.len() as u64).to_le_bytes())?;
+    out.write_all(body)
+}
+
+/// Reads a frame's head: kind, name and body length.
+fn frame_head(input: &mut dyn Read, from: &str) -> Result<(u8, String, u64)> {
+    let cut = |e: std::io::Error| {
+        Error::Corrupt(format!("{from}: the stream ended or failed before its end ({e}): the sender stopped?"))
+    };
+    let mut head = [0u8; 3];
+    input.read_exact(&mut head).map_err(cut)?;
+    let mut name = vec![0u8; u16::from_le_bytes([head[1], head[2]]) as usize];
+    input.read_exact(&mut name).map_err(cut)?;
+    let mut len = [0u8; 8];
+    input.read_exact(&mut len).map_err(cut)?;
+    let name = String::from_utf8(name).map_err(|_| Error::Corrupt(format!("{from}: a frame's name is not text")))?;
+    Ok((head[0], name, u64::from_le_bytes(len)))
+}
+
+/// Writes the stream of the klon image at `image` to `out`.
+pub fn send_stream(image: &Path, out: &mut dyn Write) -> Result<u64> {
+    let img = KlonImage::open(image)?;
+    let m = img.manifest();
+    let io = |e: std::io::Error| Error::io("sending the stream of", image, None, e);
+    out.write_all(MAGIC).map_err(io)?;
+    let mut names = vec![MANIFEST_NAME.to_string(), MANIFEST_SUM_NAME.to_string()];
+    names.extend(m.streams.iter().map(|s| s.index.name.clone()));
+    for name in &names {
+        let path = image.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, None, e))?;
+        frame(out, FILE, name, &bytes).map_err(io)?;
+    }
+    frame(out, FILES_DONE, "", &[]).map_err(io)?;
+    let mut sent = 0u64;
+    for si in write_order(&m.streams) {
+        img.for_each_chunk(si, &mut |c| {
+            super::cancel::check("deploy")?;
+            frame(out, CHUNK, &format!("{si} {}", c.header.seq), c.record()).map_err(io)?;
+            sent += c.record().len() as u64;
+            Ok(true)
+        })?;
+    }
+    frame(out, END, "", &[]).map_err(io)?;
+    out.flush().map_err(io)?;
+    Ok(sent)
+}
+
+/// An image arriving as a stream: its manifest and indexes (in a directory
+/// of their own), then its chunk records as a restore asks for them.
+pub struct StreamedImage {
+    reader: ImageReader,
+    indexes: Vec<Vec<IndexEntry>>,
+    input: Mutex<Box<dyn Read + Send>>,
+    from: String,
+    /// Per stream, the header of each chunk that went by (the read-back's).
+    headers: Mutex<Vec<Vec<ChunkHeader>>>,
+    /// The records of chunks that touch the table areas.
+    kept: Mutex<HashMap<(usize, u64), Vec<u8>>>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for StreamedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedImage").field("from", &self.from).finish()
+    }
+}
+
+impl StreamedImage {
+    /// Reads the stream's head from `input` (`from` names the sender in
+    /// messages): its files go into `dir` (created), and the manifest and
+    /// every index are checked as when an image directory is opened.
+    pub fn open(mut input: Box<dyn Read + Send>, from: &str, dir: &Path) -> Result<StreamedImage> {
+        let mut magic = vec![0u8; MAGIC.len()];
+        input.read_exact(&mut magic).map_err(|e| Error::Corrupt(format!("{from}: no stream arrived ({e})")))?;
+        if magic != MAGIC {
+            return Err(Error::Corrupt(format!("{from}: this is not a klon image stream (version 1)")));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, None, e))?;
+        loop {
+            let (kind, name, len) = frame_head(&mut input, from)?;
+            match kind {
+                FILES_DONE => break,
+                FILE if len <= MAX_FILE && is_plain_name(&name) => {
+                    let mut bytes = vec![0u8; len as usize];
+                    input
+                        .read_exact(&mut bytes)
+                        .map_err(|e| Error::Corrupt(format!("{from}: {name} cut short ({e})")))?;
+                    let path = dir.join(&name);
+                    std::fs::write(&path, bytes).map_err(|e| Error::io("writing", &path, None, e))?;
+                }
+                _ => {
+                    return Err(Error::Corrupt(format!(
+                        "{from}: unexpected frame {:?} {name:?} in the stream's head",
+                        kind as char
+                    )));
+                }
+            }
+        }
+        let reader = ImageReader::open_without_data(dir)?;
+        super::verify::stored_total(dir, &reader.manifest.streams)?;
+        let indexes = reader.indexes()?;
+        let headers = Mutex::new(vec![Vec::new(); indexes.len()]);
+        Ok(StreamedImage {
+            reader,
+            indexes,
+            input: Mutex::new(input),
+            from: from.to_string(),
+            headers,
+            kept: Mutex::new(HashMap::new()),
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Reads the end of the stream (after the last chunk).
+    pub fn finish(&self) -> Result<()> {
+        let mut input = self.input.lock().expect("stream lock");
+        match frame_head(&mut *input, &self.from)? {
+            (END, _, 0) => Ok(()),
+            (kind, name, _) => Err(Error::Corrupt(format!(
+                "{}: frame {:?} {name:?} where the stream should end",
+                self.from, kind as char
+            ))),
+        }
+    }
+
+    /// Whether chunk extents touch the disk's first or last MiB.
+    fn in_table_areas(&self, header: &ChunkHeader) -> bool {
+        let size = self.reader.manifest.layout.disk_size;
+        let areas = [(0, WIPE_LEN.min(size)), (size.saturating_sub(WIPE_LEN), size)];
+        header.extents.iter().any(|&(a, l)| areas.iter().any(|&(s, e)| a < e && s < a + l))
+    }
+}
+
+impl Drop for StreamedImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A file name with no directory part.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('/') && name != "." && name != ".."
+}
+
+impl ChunkStore for StreamedImage {
+    fn location(&self) -> &Path {
+        Path::new(&self.from)
+    }
+
+    fn manifest(&self) -> &Manifest {
+        &self.reader.manifest
+    }
+
+    fn chunk_count(&self, stream: usize) -> usize {
+        self.indexes[stream].len()
+    }
+
+    fn for_each_chunk(&self, stream: usize, each: &mut dyn FnMut(StoredChunk) -> Result<bool>) -> Result<()> {
+        let mut input = self.input.lock().expect("stream lock");
+        for (seq, e) in self.indexes[stream].iter().enumerate() {
+            let seq = seq as u64;
+            let (kind, name, len) = frame_head(&mut *input, &self.from)?;
+            if kind != CHUNK || name != format!("{stream} {seq}") || len != e.record_len() {
+                return Err(Error::Corrupt(format!(
+                    "{}: frame {:?} {name:?} ({len} bytes) where chunk {seq} of stream {stream} ({} bytes) should come",
+                    self.from,
+                    kind as char,
+                    e.record_len()
+                )));
+            }
+            let mut record = Vec::new();
+            let chunk = self.reader.record_from(stream, seq, e, &self.from, |buf| {
+                input.read_exact(buf).map_err(|err| {
+                    Error::Corrupt(format!("{}: chunk {seq} of stream {stream} cut short ({err})", self.from))
+                })?;
+                record.extend_from_slice(buf);
+                Ok(())
+            })?;
+            self.headers.lock().expect("headers lock")[stream].push(chunk.header.clone());
+            if self.in_table_areas(&chunk.header) {
+                self.kept.lock().expect("kept lock").insert((stream, seq), record);
+            }
+            if !each(chunk)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunk(&self, stream: usize, seq: u64) -> Result<StoredChunk> {
+        let kept = self.kept.lock().expect("kept lock");
+        let record = kept.get(&(stream, seq)).ok_or_else(|| {
+            Error::Unsupported(format!("{}: chunk {seq} of stream {stream} went by and was not kept", self.from))
+        })?;
+        let e = &self.indexes[stream][seq as usize];
+        self.reader.record_from(stream, seq, e, &self.from, |buf| {
+            buf.copy_from_slice(record);
+            Ok(())
+        })
+    }
+
+    fn read_header(&self, stream: usize, seq: u64) -> Result<ChunkHeader> {
+        self.headers.lock().expect("headers lock")[stream].get(seq as usize).cloned().ok_or_else(|| {
+            Error::Unsupported(format!("{}: chunk {seq} of stream {stream} has not arrived yet", self.from))
+        })
+    }
+}
+
+/// What a receiver tells the sender when it is done.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    /// Its host name.
+    pub host: String,
+    /// The disk it wrote (path, model, serial).
+    pub disk: String,
+    /// Its network interface's MAC address.
+    pub mac: String,
+    /// Whether the restore (and its read-back) succeeded.
+    pub ok: bool,
+    /// What went wrong, when not.
+    pub problem: Option<String>,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// The address it reported from (filled in by the sender).
+    #[serde(default)]
+    pub ip: String,
+}
+
+/// Options of `klon receive`.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// The network interface udp-receiver listens on.
+    pub interface: Option<String>,
+    /// udpcast's port base.
+    pub port: u16,
+    /// How the target is written.
+    pub restore: RestoreOptions,
+}
+
+/// `klon receive TARGET --multicast`: waits for a sender, restores the
+/// image it sends onto `target` and reports the outcome to the sender.
+/// The caller has confirmed (`--yes`).
+pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let mut args = vec!["--nokbd".to_string(), "--portbase".into(), opts.port.to_string()];
+    if let Some(i) = &opts.interface {
+        args.extend(["--interface".into(), i.clone()]);
+    }
+    let mut child = Command::new("udp-receiver")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Unsupported(format!("cannot run udp-receiver ({e}): install udpcast")))?;
+    let sender: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let said: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("piped");
+    let watch = {
+        let (sender, said) = (sender.clone(), said.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
+                let line = String::from_utf8_lossy(&line).trim().to_string();
+                // "Connected as #0 to 10.77.0.1"
+                if let Some(at) = line.find("Connected as #").and_then(|i| line[i..].find(" to ").map(|j| i + j + 4)) {
+                    *sender.lock().expect("sender lock") = line[at..].split_whitespace().next().map(String::from);
+                }
+                said.lock().expect("said lock").extend(line.lines().map(String::from));
+            }
+        })
+    };
+    let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped")));
+    let dir = std::env::temp_dir().join(format!("klon-receive-{}", std::process::id()));
+    let result = (|| -> Result<RestoreReport> {
+        let image = StreamedImage::open(input, "the multicast stream", &dir)?;
+        let layout = &image.manifest().layout;
+        let mut disk = Disk::open_target(target, Some(layout.disk_size))?;
+        check_fits(&mut disk, layout.disk_size, layout.sector_size)?;
+        crate::device::safety::check_target(&disk, None, None)?;
+        disk.enable_direct_reads();
+        let report = restore::restore(&image, &disk, &opts.restore)?;
+        image.finish()?;
+        Ok(report)
+    })();
+    if result.is_err() {
+        // The sender drops a receiver that stops answering.
+        let _ = child.kill();
+    }
+    let status = child.wait();
+    let _ = watch.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = result.map_err(|e| {
+        let said = said.lock().expect("said lock");
+        let tail: Vec<&String> = said.iter().rev().take(2).collect();
+        if matches!(e, Error::Corrupt(_)) && !tail.is_empty() {
+            e.with_note(&format!(
+                "udp-receiver said: {}",
+                tail.iter().rev().map(|s| s.as_str()).collect::<Vec<_>>().join(" / ")
+            ))
+        } else {
+            e
+        }
+    });
+    if result.is_ok()
+        && let Ok(s) = &status
+        && !s.success()
+    {
+        return Err(Error::Unsupported(format!("udp-receiver failed ({s}) after the image arrived whole")));
+    }
+    let outcome = Outcome {
+        host: crate::repo::lock::hostname(),
+        disk: describe_disk(target),
+        mac: opts.interface.as_deref().map(mac_of).unwrap_or_default(),
+        ok: result.is_ok(),
+        problem: result.as_ref().err().map(|e| e.to_string()),
+        bytes_written: result.as_ref().map_or(0, |r| r.bytes_written),
+        seconds: started.elapsed().as_secs_f64(),
+        ip: String::new(),
+    };
+    if let Some(s) = sender.lock().expect("sender lock").clone() {
+        let _ = report_to(&s, opts.port, &outcome);
+    }
+    result
+}
+
+/// Sends `outcome` to the sender at `ip`, a few times (UDP may lose one).
+fn report_to(ip: &str, port: u16, outcome: &Outcome) -> std::io::Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let msg = serde_json::to_vec(outcome).expect("an outcome serializes");
+    for _ in 0..3 {
+        socket.send_to(&msg, (ip, port + REPORT_PORT_OFFSET))?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// The target as a report names it: its path, and model and serial when
+/// it is a disk.
+fn describe_disk(target: &Path) -> String {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let sys = Path::new("/sys/block").join(&name).join("device");
+    let read =
+        |f: &str| std::fs::read_to_string(sys.join(f)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    match (read("model"), read("serial")) {
+        (None, None) => target.display().to_string(),
+        (m, s) => format!(
+            "{} ({}{})",
+            target.display(),
+            m.unwrap_or_default(),
+            s.map(|s| format!(", serial {s}")).unwrap_or_default()
+        ),
+    }
+}
+
+/// The MAC address of network interface `iface`.
+fn mac_of(iface: &str) -> String {
+    std::fs::read_to_string(Path::new("/sys/class/net").join(iface).join("address"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Options of `klon deploy`.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    /// The network interface udp-sender sends on.
+    pub interface: Option<String>,
+    /// udpcast's port base.
+    pub port: u16,
+    /// Start once this many receivers have joined.
+    pub clients: Option<u32>,
+    /// Start at most this many seconds after the first receiver joined.
+    pub wait: Option<u32>,
+    /// udp-sender's --max-bitrate (e.g. 100m).
+    pub max_bitrate: Option<String>,
+    /// How long to wait for the receivers' reports after sending.
+    pub report_wait: Duration,
+    /// No progress lines.
+    pub quiet: bool,
+}
+
+/// What `klon deploy` reports: each receiver that joined and what it said.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    /// Chunk bytes sent.
+    pub bytes_sent: u64,
+    /// Seconds from start to the last report.
+    pub seconds: f64,
+    /// Per receiver that joined (by address): its outcome, or None when
+    /// it sent none.
+    pub receivers: Vec<(String, Option<Outcome>)>,
+}
+
+impl DeployReport {
+    /// Whether every receiver restored the image and said so.
+    pub fn all_ok(&self) -> bool {
+        !self.receivers.is_empty() && self.receivers.iter().all(|(_, o)| o.as_ref().is_some_and(|o| o.ok))
+    }
+
+    /// The summary's lines.
+    pub fn text(&self) -> String {
+        let mut lines = vec![format!(
+            "Sent {} to {} machines; {} s from start to the last report:",
+            crate::ui::human_bytes(self.bytes_sent),
+            self.receivers.len(),
+            (self.seconds * 10.0).round() / 10.0
+        )];
+        for (ip, o) in &self.receivers {
+            lines.push(match o {
+                Some(o) if o.ok => format!(
+                    "  {ip} ({}, {}): OK, {} written to {} in {:.1} s, read back and compared",
+                    o.host,
+                    o.mac,
+                    crate::ui::human_bytes(o.bytes_written),
+                    o.disk,
+                    o.seconds
+                ),
+                Some(o) => format!(
+                    "  {ip} ({}, {}): FAILED on {}: {}",
+                    o.host,
+                    o.mac,
+                    o.disk,
+                    o.problem.as_deref().unwrap_or("(no reason given)")
+                ),
+                None => format!("  {ip}: FAILED: no report (it stopped, or lost the connection)"),
+            });
+        }
+        lines.join("\n")
+    }
+}
+
+/// `klon deploy IMAGE --multicast`: sends the klon image at `image` to the
+/// receivers that join, then collects their reports.
+pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
+    let started = Instant::now();
+    // Checked before anyone waits for it.
+    drop(KlonImage::open(image)?);
+    let reports = UdpSocket::bind(("0.0.0.0", opts.port + REPORT_PORT_OFFSET)).map_err(|e| {
+        Error::Unsupported(format!("cannot listen for reports on UDP port {}: {e}", opts.port + REPORT_PORT_OFFSET))
+    })?;
+    let mut args = vec![
+        "--nokbd".to_string(),
+        "--portbase".into(),
+        opts.port.to_string(),
+        "--retries-until-drop".into(),
+        "30".into(),
+    ];
+    if let Some(i) = &opts.interface {
+        args.extend(["--interface".into(), i.clone()]);
+    }
+    if let Some(n) = opts.clients {
+        args.extend(["--min-receivers".into(), n.to_string()]);
+    }
+    if let Some(w) = opts.wait {
+        args.extend(["--max-wait".into(), w.to_string()]);
+    }
+    if let Some(r) = &opts.max_bitrate {
+        args.extend(["--max-bitrate".into(), r.clone()]);
+    }
+    let mut child = Command::new("udp-sender")
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::Unsupported(format!("cannot run udp-sender ({e}): install udpcast")))?;
+    let joined: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().expect("piped");
+    let quiet = opts.quiet;
+    let watch = {
+        let joined = joined.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
+                for line in String::from_utf8_lossy(&line).lines() {
+                    // "New connection from 10.77.0.2  (#0) 00000009"
+                    if let Some(rest) = line.trim().strip_prefix("New connection from ")
+                        && let Some(ip) = rest.split_whitespace().next()
+                    {
+                        joined.lock().expect("joined lock").push(ip.to_string());
+                        if !quiet {
+                            eprintln!("klon deploy: {ip} joined");
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().expect("piped");
+    let sent = send_stream(image, &mut stdin);
+    drop(stdin);
+    let status = child.wait().map_err(|e| Error::Unsupported(format!("udp-sender: {e}")))?;
+    let _ = watch.join();
+    let bytes_sent = match sent {
+        Ok(n) => n,
+        Err(e) if !status.success() => {
+            return Err(e.with_note(&format!("udp-sender stopped ({status}): no receiver joined, or all were dropped")));
+        }
+        Err(e) => return Err(e),
+    };
+    let joined = joined.lock().expect("joined lock").clone();
+    let mut got: HashMap<String, Outcome> = HashMap::new();
+    let deadline = Instant::now() + opts.report_wait;
+    let mut buf = vec![0u8; 64 << 10];
+    while got.len() < joined.len() && Instant::now() < deadline {
+        let _ = reports
+            .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))));
+        let Ok((n, from)) = reports.recv_from(&mut buf) else { break };
+        if let Ok(mut o) = serde_json::from_slice::<Outcome>(&buf[..n]) {
+            o.ip = from.ip().to_string();
+            got.insert(o.ip.clone(), o);
+        }
+    }
+    let receivers = joined.into_iter().map(|ip| {
+        let o = got.remove(&ip);
+        (ip, o)
+    });
+    Ok(DeployReport { bytes_sent, seconds: started.elapsed().as_secs_f64(), receivers: receivers.collect() })
+}

@@ -1,0 +1,200 @@
+//! `klon deploy --multicast` and `klon receive --multicast` on udpcast, in
+//! network namespaces the test makes (a bridge in the sender's namespace,
+//! a veth pair to each receiver's; addresses 10.77.x.y exist only there):
+//! one image restored on three receivers at once, each target compared
+//! byte for byte with the source disk; a receiver that dies half-way is
+//! named in the sender's summary, and the others still finish whole.
+//! Needs root, and udpcast (scripts/test installs it).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::disks::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Network namespaces: the sender's (`ks…`, with bridge br0 at
+/// 10.77.N.1) and `count` receivers' (`kr…`, interface e0 at 10.77.N.2,
+/// .3, …). Removed, with whatever runs in them, when dropped.
+struct Net {
+    sender: String,
+    receivers: Vec<String>,
+}
+
+fn ip(args: &[&str]) {
+    run("ip", args);
+}
+
+impl Net {
+    fn new(tag: u8, count: usize) -> Net {
+        let pid = std::process::id();
+        let net = Net {
+            sender: format!("ks{tag}-{pid}"),
+            receivers: (1..=count).map(|i| format!("kr{tag}{i}-{pid}")).collect(),
+        };
+        let subnet = format!("10.77.{tag}");
+        let ks = net.sender.as_str();
+        ip(&["netns", "add", ks]);
+        ip(&["-n", ks, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", ks, "addr", "add", &format!("{subnet}.1/24"), "brd", "+", "dev", "br0"]);
+        ip(&["-n", ks, "link", "set", "br0", "up"]);
+        ip(&["-n", ks, "link", "set", "lo", "up"]);
+        ip(&["-n", ks, "route", "add", "224.0.0.0/4", "dev", "br0"]);
+        for (i, r) in net.receivers.iter().enumerate() {
+            let port = format!("p{i}");
+            ip(&["netns", "add", r]);
+            ip(&["-n", ks, "link", "add", &port, "type", "veth", "peer", "name", "e0", "netns", r]);
+            ip(&["-n", ks, "link", "set", &port, "master", "br0", "up"]);
+            ip(&["-n", r, "addr", "add", &format!("{subnet}.{}/24", i + 2), "brd", "+", "dev", "e0"]);
+            ip(&["-n", r, "link", "set", "e0", "up"]);
+            ip(&["-n", r, "link", "set", "lo", "up"]);
+            ip(&["-n", r, "route", "add", "224.0.0.0/4", "dev", "e0"]);
+        }
+        net
+    }
+
+    /// Starts `klon receive` in receiver `i`'s namespace, onto `target`.
+    fn receive(&self, i: usize, target: &Path, port: u16) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.receivers[i], env!("CARGO_BIN_EXE_klon"), "--json", "receive", "--multicast"])
+            .args(["--interface", "e0", "--port", &port.to_string(), "--yes", s(target)])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start klon receive")
+    }
+
+    /// Runs `klon deploy` in the sender's namespace with `args` after the image.
+    fn deploy(&self, image: &Path, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.sender, env!("CARGO_BIN_EXE_klon"), "--json", "deploy", s(image)])
+            .args(["--multicast", "--interface", "br0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run klon deploy")
+    }
+
+    /// Kills everything running in namespace `ns`.
+    fn kill_all(ns: &str) {
+        let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.receivers.iter().chain(std::iter::once(&self.sender)) {
+            Net::kill_all(ns);
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn ready() {
+    require_tools();
+}
+
+fn require_tools() {
+    for tool in ["udp-sender", "udp-receiver"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
+        assert!(found, "{tool} is missing (scripts/test installs udpcast)");
+    }
+}
+
+/// A source disk (GPT, partitions filled with data klon copies whole)
+/// and its image.
+fn source(t: &TempDir, size: u64) -> (PathBuf, PathBuf) {
+    let (disk, img) = (t.join("disk.img"), t.join("image"));
+    make_gpt_disk(&disk, size);
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+    (disk, img)
+}
+
+#[test]
+fn one_image_restored_on_three_machines_at_once() {
+    require_root!();
+    ready();
+    let t = TempDir::new("deploy-3");
+    let (disk, img) = source(&t, 48 * MIB);
+    let net = Net::new(1, 3);
+    let targets: Vec<PathBuf> = (0..3).map(|i| t.join(&format!("target{i}.img"))).collect();
+    let receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9100)).collect();
+    let o = net.deploy(&img, &["--clients", "3", "--port", "9100", "--report-wait", "60"]);
+    let outs: Vec<_> = receivers.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (i, r) in outs.iter().enumerate() {
+        assert!(r.status.success(), "receiver {i}: {}", String::from_utf8_lossy(&r.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        assert_eq!(v["verified"], true, "receiver {i}: {v}");
+    }
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rs = v["receivers"].as_array().unwrap();
+    assert_eq!(rs.len(), 3, "{v}");
+    let mut ips: Vec<&str> = rs.iter().map(|r| r["ip"].as_str().unwrap()).collect();
+    ips.sort();
+    assert_eq!(ips, ["10.77.1.2", "10.77.1.3", "10.77.1.4"], "{v}");
+    assert!(rs.iter().all(|r| r["ok"] == true && r["report"]["mac"].as_str().is_some_and(|m| m.len() == 17)), "{v}");
+    for tg in &targets {
+        assert!(
+            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
+            "{} differs from the source",
+            tg.display()
+        );
+    }
+}
+
+#[test]
+fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
+    require_root!();
+    ready();
+    let t = TempDir::new("deploy-kill");
+    let (disk, img) = source(&t, 32 * MIB);
+    let net = Net::new(2, 3);
+    let targets: Vec<PathBuf> = (0..3).map(|i| t.join(&format!("target{i}.img"))).collect();
+    let mut receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9200)).collect();
+    // Slowly (16 Mbit/s: a few seconds), so the second machine dies half-way.
+    let sender = {
+        let (img, ks) = (img.clone(), net.sender.clone());
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &ks, env!("CARGO_BIN_EXE_klon"), "--json", "deploy", s(&img), "--multicast"])
+                .args(["--interface", "br0", "--clients", "3", "--port", "9200", "--max-bitrate", "16m"])
+                .args(["--report-wait", "15"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    Net::kill_all(&net.receivers[1]);
+    let o = sender.join().unwrap();
+    let dead = receivers.remove(1).wait_with_output().unwrap();
+    assert!(!dead.status.success());
+    for (i, r) in receivers.into_iter().enumerate() {
+        let r = r.wait_with_output().unwrap();
+        assert!(r.status.success(), "receiver {i}: {}", String::from_utf8_lossy(&r.stderr));
+    }
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(stderr(&o).contains("10.77.2.3 failed"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let by_ip = |ip: &str| v["receivers"].as_array().unwrap().iter().find(|r| r["ip"] == ip).cloned().unwrap();
+    assert_eq!(by_ip("10.77.2.3")["ok"], false, "{v}");
+    for ip in ["10.77.2.2", "10.77.2.4"] {
+        assert_eq!(by_ip(ip)["ok"], true, "{v}");
+    }
+    for i in [0, 2] {
+        assert!(
+            std::fs::read(&targets[i]).unwrap() == std::fs::read(&disk).unwrap(),
+            "{} differs from the source",
+            targets[i].display()
+        );
+    }
+}
