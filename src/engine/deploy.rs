@@ -573,3 +573,79 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     });
     Ok(DeployReport { bytes_sent, seconds: started.elapsed().as_secs_f64(), receivers: receivers.collect() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::backup::{BackupOptions, backup};
+    use crate::testutil::{Rng, TempDir};
+
+    const MIB: u64 = 1 << 20;
+
+    /// A disk without a table (one raw stream), its image, and the image
+    /// as a stream.
+    fn streamed(t: &TempDir) -> (Vec<u8>, Vec<u8>) {
+        let (src, img) = (t.join("src.img"), t.join("image"));
+        let mut disk = vec![0u8; (12 * MIB) as usize];
+        let mut rng = Rng::seeded(3);
+        disk[..(5 * MIB) as usize].copy_from_slice(&rng.bytes((5 * MIB) as usize));
+        disk[(9 * MIB) as usize..(10 * MIB) as usize].copy_from_slice(&rng.bytes(MIB as usize));
+        std::fs::write(&src, &disk).unwrap();
+        backup(&src, &img, &BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() }).unwrap();
+        let mut stream = Vec::new();
+        send_stream(&img, &mut stream).unwrap();
+        (disk, stream)
+    }
+
+    fn restore_from(t: &TempDir, stream: Vec<u8>, name: &str) -> (PathBuf, Result<RestoreReport>) {
+        let dst = t.join(name);
+        let result = (|| {
+            let image =
+                StreamedImage::open(Box::new(std::io::Cursor::new(stream)), "the test stream", &t.join("head"))?;
+            let mut disk = Disk::open_target(&dst, Some(image.manifest().layout.disk_size))?;
+            check_fits(&mut disk, image.manifest().layout.disk_size, 512)?;
+            let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+            let r = restore::restore(&image, &disk, &opts)?;
+            image.finish()?;
+            Ok(r)
+        })();
+        (dst, result)
+    }
+
+    #[test]
+    fn a_streamed_image_restores_byte_for_byte() {
+        let t = TempDir::new("stream-ok");
+        let (disk, stream) = streamed(&t);
+        let (dst, r) = restore_from(&t, stream, "dst.img");
+        assert!(r.unwrap().verified);
+        assert!(std::fs::read(dst).unwrap() == disk, "the restored disk differs from the source");
+    }
+
+    #[test]
+    fn a_damaged_stream_is_caught_and_nothing_is_left_that_passes_for_a_disk() {
+        let t = TempDir::new("stream-bad");
+        let (_, stream) = streamed(&t);
+        // Not a stream at all.
+        let (dst, r) = restore_from(&t, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "a.img");
+        assert!(matches!(r, Err(Error::Corrupt(ref m)) if m.contains("not a klon image stream")), "{r:?}");
+        assert!(!dst.exists(), "a target was made before the stream was read");
+        // A byte flipped in the last chunk's payload: its checksum fails
+        // before the chunk is written; the restore cleans up.
+        let mut bad = stream.clone();
+        let at = bad.len() - 11 - 100; // before the end frame (11 bytes)
+        bad[at] ^= 0x55;
+        let (dst, r) = restore_from(&t, bad, "b.img");
+        assert!(matches!(r, Err(Error::Corrupt(_))), "{r:?}");
+        assert!(!dst.exists(), "the restore's own target file was kept after a failure");
+        // Cut short in the middle of the chunks.
+        let (dst, r) = restore_from(&t, stream[..stream.len() / 2].to_vec(), "c.img");
+        assert!(matches!(r, Err(Error::Corrupt(ref m)) if m.contains("cut short") || m.contains("ended")), "{r:?}");
+        assert!(!dst.exists());
+        // A forged head: a file name with a directory part.
+        let mut forged = MAGIC.to_vec();
+        frame(&mut forged, FILE, "../klon.json", b"{}").unwrap();
+        let (_, r) = restore_from(&t, forged, "d.img");
+        assert!(matches!(r, Err(Error::Corrupt(ref m)) if m.contains("unexpected frame")), "{r:?}");
+        assert!(!t.join("klon.json").exists());
+    }
+}
