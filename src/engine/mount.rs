@@ -132,6 +132,11 @@ impl DiskView {
         self.store.manifest()
     }
 
+    /// The chunk store it reads (what a restore reads too).
+    pub fn store(&self) -> &dyn ChunkStore {
+        &*self.store
+    }
+
     /// Where the image is, for messages.
     pub fn location(&self) -> &Path {
         self.store.location()

@@ -27,8 +27,8 @@ use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
@@ -84,6 +84,9 @@ impl Move {
 #[derive(Debug, Clone)]
 pub struct Relayout {
     image: PathBuf,
+    /// The image, read at random (planning, and the filesystems' tools
+    /// while they shrink them); its chunk store is what the restore reads.
+    view: Arc<DiskView>,
     /// The image's disk's size.
     source_size: u64,
     /// Its logical sector size.
@@ -147,7 +150,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             image.display()
         )));
     }
-    let view = DiskView::new(open_store(image)?)?;
+    let view = Arc::new(DiskView::new(open_store(image)?)?);
     let m = view.manifest();
     let layout = &m.layout;
     if layout.kind == TableKind::None {
@@ -228,7 +231,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             );
             let min = match stream {
                 Some(s) if m.streams.iter().filter(|t| t.partition == Some(p.number)).count() == 1 => {
-                    minimum(image, p, fs.as_deref(), s.fs_block_size)
+                    minimum(&view, p, fs.as_deref(), s.fs_block_size)
                 }
                 _ => Err("klon cannot shrink what it holds".into()),
             };
@@ -298,6 +301,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
     let source_table_end = layout.gpt.as_ref().map_or(512, |g| g.first_usable_lba * u64::from(layout.sector_size));
     Ok(Relayout {
         image: image.to_path_buf(),
+        view: view.clone(),
         source_size,
         source_sector_size: layout.sector_size,
         source_table_end,
@@ -394,17 +398,16 @@ fn moved_first(layout: &DiskLayout) -> u64 {
 
 /// How small the filesystem `fs` in partition `p` of the image can get,
 /// as its own tool says; or why it cannot shrink.
-fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32>) -> Minimum {
+fn minimum(view: &Arc<DiskView>, p: &Partition, fs: Option<&str>, block_size: Option<u32>) -> Minimum {
     let fs = fs.unwrap_or("");
     match fs {
         "ext2" | "ext3" | "ext4" | "ntfs" => {}
-        "vfat" => return fat_minimum(image, p),
+        "vfat" => return fat_minimum(view, p),
         "xfs" => return Err("XFS cannot shrink".into()),
         "" => return Err("it holds no filesystem klon knows, so it keeps its size".into()),
         other => return Err(format!("klon does not shrink {other}, so it keeps its size")),
     }
-    let view = open_store(image).and_then(DiskView::new).map_err(|e| e.to_string())?;
-    let shown = PartFs::new(view, p.start, p.size, None);
+    let shown = PartFs::new(view.clone(), p.start, p.size, None);
     let found = shown.with_file(|file| {
         let file = file.to_string_lossy();
         if fs == "ntfs" {
@@ -430,9 +433,8 @@ fn minimum(image: &Path, p: &Partition, fs: Option<&str>, block_size: Option<u32
 
 /// How small the FAT in partition `p` of the image can get without moving
 /// a cluster (klon's own code: see [`crate::fs::fat::shrink_floor`]).
-fn fat_minimum(image: &Path, p: &Partition) -> Minimum {
+fn fat_minimum(view: &DiskView, p: &Partition) -> Minimum {
     use crate::fs::fat;
-    let view = open_store(image).and_then(DiskView::new).map_err(|e| e.to_string())?;
     let mut boot = vec![0u8; 512];
     view.read(p.start, &mut boot).map_err(|e| e.to_string())?;
     let g = fat::parse_bpb(&boot, p.size).map_err(|e| e.to_string())?;
@@ -532,7 +534,7 @@ impl Relayout {
     /// Writes the image onto `target` as planned. The caller has confirmed.
     pub fn restore(&self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
         let started = Instant::now();
-        let store = open_store(&self.image)?;
+        let store = self.view.store();
         let _lock = match crate::repo::split_spec(&self.image) {
             Some((repo, _)) => Some(crate::repo::Repository::open(&repo)?.lock("restore", false)?),
             None => None,
@@ -645,9 +647,9 @@ impl Relayout {
                 note,
             });
         }
-        let view = DiskView::new(open_store(&self.image)?)?;
         let lower = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
-        let shown = PartFs::new(view, mv.from, mv.size, Some(Lower { file: lower, to: mv.to, room: mv.room }));
+        let shown =
+            PartFs::new(self.view.clone(), mv.from, mv.size, Some(Lower { file: lower, to: mv.to, room: mv.room }));
         let tool = shown
             .with_file(|file| {
                 let file = file.to_string_lossy();
@@ -732,7 +734,7 @@ struct Lower {
 /// target's (read and written there) and what is written past them is kept
 /// in memory; without, it is read-only.
 struct PartFs {
-    view: DiskView,
+    view: Arc<DiskView>,
     start: u64,
     size: u64,
     lower: Option<Lower>,
@@ -750,7 +752,7 @@ const TTL: Duration = Duration::from_secs(1);
 static MOUNTS: AtomicU64 = AtomicU64::new(0);
 
 impl PartFs {
-    fn new(view: DiskView, start: u64, size: u64, lower: Option<Lower>) -> PartFs {
+    fn new(view: Arc<DiskView>, start: u64, size: u64, lower: Option<Lower>) -> PartFs {
         PartFs {
             view,
             start,
