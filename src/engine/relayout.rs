@@ -585,7 +585,7 @@ impl Relayout {
             })?;
             if found.partitions != self.moved.partitions || found.extended != self.moved.extended {
                 return Err(Error::VerifyAfter(format!(
-                    "the partition table read back from {} is not the one written for the smaller disk",
+                    "the partition table read back from {} is not the one written for the partitions' new places",
                     target.path.display()
                 )));
             }
