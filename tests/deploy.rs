@@ -176,8 +176,13 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
     std::thread::sleep(std::time::Duration::from_secs(3));
     Net::kill_all(&net.receivers[1]);
     let o = sender.join().unwrap();
-    let dead = receivers.remove(1).wait_with_output().unwrap();
+    let dead = receivers.remove(1);
+    // `ip netns exec` runs klon in its own place: the pid is klon's, and
+    // killed, it left its copy of the stream's head behind.
+    let head = std::env::temp_dir().join(format!("klon-receive-{}", dead.id()));
+    let dead = dead.wait_with_output().unwrap();
     assert!(!dead.status.success());
+    let _ = std::fs::remove_dir_all(&head);
     for (i, r) in receivers.into_iter().enumerate() {
         let r = r.wait_with_output().unwrap();
         assert!(r.status.success(), "receiver {i}: {}", String::from_utf8_lossy(&r.stderr));
