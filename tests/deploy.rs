@@ -161,21 +161,14 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
     let targets: Vec<PathBuf> = (0..3).map(|i| t.join(&format!("target{i}.img"))).collect();
     let mut receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9200)).collect();
     // Slowly (16 Mbit/s: a few seconds), so the second machine dies half-way.
-    let sender = {
-        let (img, ks) = (img.clone(), net.sender.clone());
-        std::thread::spawn(move || {
-            Command::new("ip")
-                .args(["netns", "exec", &ks, env!("CARGO_BIN_EXE_klon"), "--json", "deploy", s(&img), "--multicast"])
-                .args(["--interface", "br0", "--clients", "3", "--port", "9200", "--max-bitrate", "16m"])
-                .args(["--report-wait", "15"])
-                .stdin(Stdio::null())
-                .output()
-                .unwrap()
-        })
-    };
-    std::thread::sleep(std::time::Duration::from_secs(3));
-    Net::kill_all(&net.receivers[1]);
-    let o = sender.join().unwrap();
+    let o = std::thread::scope(|scope| {
+        let sender = scope.spawn(|| {
+            net.deploy(&img, &["--clients", "3", "--port", "9200", "--max-bitrate", "16m", "--report-wait", "15"])
+        });
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        Net::kill_all(&net.receivers[1]);
+        sender.join().unwrap()
+    });
     let dead = receivers.remove(1);
     // `ip netns exec` runs klon in its own place: the pid is klon's, and
     // killed, it left its copy of the stream's head behind.
