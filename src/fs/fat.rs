@@ -236,7 +236,7 @@ pub fn forget_free_count(sector: &mut [u8]) -> bool {
 const CHUNK_ENTRIES: u64 = 1 << 16;
 
 /// Entry `i` of a chunk of raw FAT bytes starting at an even entry.
-fn entry(kind: Kind, raw: &[u8], i: usize) -> u32 {
+pub(crate) fn entry(kind: Kind, raw: &[u8], i: usize) -> u32 {
     match kind {
         Kind::Fat12 => {
             let o = i * 3 / 2;
@@ -333,7 +333,7 @@ pub(crate) mod tests {
 
     /// An mtools command: MTOOLS_SKIP_CHECK=1 lets mtools read images whose
     /// geometry it would question.
-    fn mtools(prog: &str, args: &[&str]) -> Command {
+    pub(crate) fn mtools(prog: &str, args: &[&str]) -> Command {
         let mut c = Command::new(prog);
         c.args(args).env("MTOOLS_SKIP_CHECK", "1");
         c

@@ -16,6 +16,7 @@ pub mod crc32c;
 pub mod exfat;
 pub mod ext;
 pub mod fat;
+pub mod fat_files;
 pub mod lvm;
 pub mod ntfs;
 pub mod probe;
