@@ -5,10 +5,10 @@
 //!
 //! | key | value |
 //! | --- | --- |
-//! | `job` | `backup`, `restore`, `verify`, or `none` (ignore a job in klon.conf) |
+//! | `job` | `backup`, `restore`, `verify`, `receive` (a deployment `klon deploy` sends by multicast), or `none` (ignore a job in klon.conf) |
 //! | `source` | backup: the disk, `/dev/sda` or `serial=SERIAL` |
-//! | `target` | restore: the disk, `/dev/nvme0n1` or `serial=SERIAL` |
-//! | `image` | the image's name in the folder `klon-images/` of the image drive |
+//! | `target` | restore, receive: the disk, `/dev/nvme0n1` or `serial=SERIAL` |
+//! | `image` | backup, restore, verify: the image's name in the folder `klon-images/` of the image drive |
 //! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1` |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `grow_last` | restore: `yes` extends the last partition to the end of a larger disk |
@@ -20,9 +20,12 @@
 //! | `rescue` | backup: `yes` reads around unreadable sectors (`klon backup --rescue`) |
 //! | `encrypt` | backup: `yes` makes a new repository encrypted (with `passphrase`) |
 //! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
-//! | `wait` | seconds to wait for the disks and the drive to appear (default 30) |
+//! | `net` | `dhcp`: bring up the wired network by DHCP at boot (implied by `job=receive`); `none` (default) |
+//! | `interface` | the network interface for `net` and `receive`: a name (`eth0`) or a MAC address (default: the first wired one that gets a lease) |
+//! | `port` | receive: udpcast's port base, the sender's (default 9000) |
+//! | `wait` | seconds to wait for the disks, the drive and the network interface to appear (default 30) |
 //! | `shell` | without a job: start with a rescue shell on every console |
-//! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build) |
+//! | `live` | the live stick's FAT partition, `LABEL=…` or `UUID=…` (set by the build); `none` when booted from the network (klon serve --pxe) |
 
 use std::collections::BTreeMap;
 
@@ -37,6 +40,8 @@ pub enum JobKind {
     Restore,
     /// `klon verify IMAGE`.
     Verify,
+    /// `klon receive --multicast --yes TARGET`.
+    Receive,
 }
 
 impl JobKind {
@@ -46,6 +51,7 @@ impl JobKind {
             JobKind::Backup => "backup",
             JobKind::Restore => "restore",
             JobKind::Verify => "verify",
+            JobKind::Receive => "receive",
         }
     }
 }
@@ -84,7 +90,8 @@ pub struct Job {
     pub source: Option<String>,
     /// The disk to overwrite (restore only).
     pub target: Option<String>,
-    /// The image's name inside `klon-images/` on the image drive.
+    /// The image's name inside `klon-images/` on the image drive (empty
+    /// for receive: the image comes from the network).
     pub image: String,
     /// How to find the image drive; `None`: the only candidate.
     pub drive: Option<String>,
@@ -112,6 +119,36 @@ pub struct Job {
     pub encrypt: bool,
     /// The passphrase of an encrypted repository (from klon.conf only).
     pub passphrase: Option<Secret>,
+    /// Receive: udpcast's port base.
+    pub port: u16,
+    /// The network, when the job or the settings ask for it.
+    pub net: Option<Net>,
+}
+
+/// The wired network, brought up by DHCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Net {
+    /// The interface (a name or a MAC address); `None`: the first wired
+    /// one that gets a lease.
+    pub interface: Option<String>,
+}
+
+/// The network the merged settings ask for (`net=dhcp`, or a receive job),
+/// whether or not there is a job.
+pub fn net(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>) -> Result<Option<Net>> {
+    let mut s = config.clone();
+    s.extend(cmdline.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let get = |k: &str| s.get(k).map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty());
+    let receive = get("job").as_deref() == Some("receive");
+    let dhcp = match get("net").as_deref() {
+        Some("dhcp") => true,
+        Some("none" | "no" | "off") if receive => {
+            return Err(Error::Usage("job=receive needs the network: remove net=none".into()));
+        }
+        Some("none" | "no" | "off") | None => receive,
+        Some(other) => return Err(Error::Usage(format!("net={other}: use dhcp or none"))),
+    };
+    Ok(dhcp.then(|| Net { interface: s.get("interface").map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) }))
 }
 
 /// A passphrase: compared and cloned, never printed.
@@ -209,6 +246,9 @@ const KEYS: &[&str] = &[
     "encrypt",
     "passphrase",
     "wait",
+    "net",
+    "interface",
+    "port",
     "live",
     "shell",
 ];
@@ -242,17 +282,36 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         Some("backup") => JobKind::Backup,
         Some("restore") => JobKind::Restore,
         Some("verify") => JobKind::Verify,
-        Some(other) => return Err(Error::Usage(format!("job={other}: use backup, restore, verify or none"))),
+        Some("receive") => JobKind::Receive,
+        Some(other) => return Err(Error::Usage(format!("job={other}: use backup, restore, verify, receive or none"))),
     };
     let need = |k: &str| get(k).ok_or_else(|| Error::Usage(format!("job={} needs {k}=…", kind.name())));
-    let image = need("image")?;
-    if image.starts_with('/') || image.split('/').any(|c| c == ".." || c.is_empty()) {
+    let image = if kind == JobKind::Receive {
+        if let Some(i) = get("image") {
+            return Err(Error::Usage(format!(
+                "image={i} is for backup, restore and verify: job=receive takes the image klon deploy sends; remove it"
+            )));
+        }
+        if let Some(d) = get("drive") {
+            return Err(Error::Usage(format!(
+                "drive={d}: job=receive writes what arrives from the network and needs no image drive; remove it"
+            )));
+        }
+        String::new()
+    } else {
+        need("image")?
+    };
+    if kind != JobKind::Receive && (image.starts_with('/') || image.split('/').any(|c| c == ".." || c.is_empty())) {
         return Err(Error::Usage(format!(
             "image={image}: give the image's name (or a relative path) inside klon-images/ on the image drive"
         )));
     }
     let source = if kind == JobKind::Backup { Some(need("source")?) } else { None };
-    let target = if kind == JobKind::Restore { Some(need("target")?) } else { None };
+    let target = if matches!(kind, JobKind::Restore | JobKind::Receive) { Some(need("target")?) } else { None };
+    let port = match get("port") {
+        None => crate::engine::deploy::DEFAULT_PORT,
+        Some(p) => p.parse().map_err(|_| Error::Usage(format!("port={p}: a port number (udpcast's port base)")))?,
+    };
     let level = match get("level") {
         None => crate::engine::backup::DEFAULT_LEVEL,
         Some(l) => l.parse().map_err(|_| Error::Usage(format!("level={l}: a number from 1 to 22")))?,
@@ -297,6 +356,8 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         wait_secs,
         encrypt: yes("encrypt", get("encrypt").as_deref().unwrap_or(""))?,
         passphrase: s.get("passphrase").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
+        port,
+        net: net(config, cmdline)?,
     }))
 }
 
@@ -383,6 +444,33 @@ mod tests {
         assert!(e.contains("not a rule"), "{e}");
         assert!(c("klon.job=verify klon.image=x klon.rescue=yes").is_err(), "rescue is for backups");
         assert!(c("klon.job=backup klon.source=/dev/sda klon.image=x klon.rescue=maybe").is_err());
+    }
+
+    #[test]
+    fn a_receive_job_brings_up_the_network() {
+        let c = |s: &str| parse(&BTreeMap::new(), &from_cmdline(s));
+        let j = c("klon.job=receive klon.target=serial=T1 klon.after=poweroff").unwrap().unwrap();
+        assert_eq!(j.kind, JobKind::Receive);
+        assert_eq!((j.target.as_deref(), j.image.as_str(), j.port), (Some("serial=T1"), "", 9000));
+        assert_eq!(j.net, Some(Net { interface: None }));
+        let j = c("klon.job=receive klon.target=/dev/vda klon.port=9100 klon.interface=52:54:00:00:00:01")
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.port, 9100);
+        assert_eq!(j.net, Some(Net { interface: Some("52:54:00:00:00:01".into()) }));
+        assert!(c("klon.job=receive").unwrap_err().to_string().contains("needs target"));
+        assert!(c("klon.job=receive klon.target=/dev/vda klon.image=x").unwrap_err().to_string().contains("remove it"));
+        assert!(c("klon.job=receive klon.target=/dev/vda klon.drive=LABEL=X").is_err());
+        assert!(c("klon.job=receive klon.target=/dev/vda klon.port=high").is_err());
+        assert!(c("klon.job=receive klon.target=/dev/vda klon.net=none").is_err());
+        // Without a job: the network only when asked for.
+        let n = |s: &str| net(&BTreeMap::new(), &from_cmdline(s));
+        assert_eq!(n("quiet").unwrap(), None);
+        assert_eq!(n("klon.net=dhcp klon.interface=eth1").unwrap(), Some(Net { interface: Some("eth1".into()) }));
+        assert!(n("klon.net=static").is_err());
+        // A restore from the image drive does not need it.
+        let j = c("klon.job=restore klon.target=/dev/sda klon.image=pc").unwrap().unwrap();
+        assert_eq!(j.net, None);
     }
 
     #[test]

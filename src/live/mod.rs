@@ -10,7 +10,9 @@
 
 pub mod image_drive;
 pub mod job;
+pub mod net;
 pub mod pid1;
+pub mod pxe;
 #[cfg(feature = "udev")]
 pub mod udev_props;
 
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::{BackupArgs, Cli, Command, ReadArgs, RestoreArgs, VerifyArgs, WriteArgs};
+use crate::cli::{BackupArgs, Cli, Command, ReadArgs, ReceiveArgs, RestoreArgs, VerifyArgs, WriteArgs};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
 use image_drive::{Candidate, ImageDrive};
@@ -328,11 +330,14 @@ pub const JOBS_LOG: &str = "klon-jobs.log";
 /// [`run_job`], noting in `drive` which drive (device, filesystem) held
 /// the images once one was mounted.
 fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<String> {
+    if job.kind == JobKind::Receive {
+        return run_receive_job(job);
+    }
     let wait = Duration::from_secs(job.wait_secs);
     let disk = match job.kind {
         JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
         JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
-        JobKind::Verify => None,
+        JobKind::Verify | JobKind::Receive => None,
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job.drive.as_deref(), job.wait_secs, &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
@@ -366,7 +371,7 @@ fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<S
             write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
             threads: None,
         }),
-        JobKind::Verify => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
+        JobKind::Verify | JobKind::Receive => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
     };
     if let Some(p) = &job.passphrase {
         crate::repo::crypto::set_passphrase(p.0.clone());
@@ -412,6 +417,32 @@ fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<S
         _ => format!("verify of {image}"),
     };
     Ok(format!("{what} in {:.1} s{copied}{}", started.elapsed().as_secs_f64(), lost.unwrap_or_default()))
+}
+
+/// The receive job: the network (PID 1 brought it up; again here if it
+/// failed then), then `klon receive --multicast --yes TARGET` on it.
+fn run_receive_job(job: &Job) -> Result<String> {
+    let wait = Duration::from_secs(job.wait_secs);
+    let target = resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?;
+    let want = job.net.as_ref().and_then(|n| n.interface.as_deref());
+    let lease = net::bring_up(want, wait).map_err(|e| e.with_note("job=receive needs the network"))?;
+    eprintln!("klon: network {}; waiting for klon deploy (port {})", lease.describe(), job.port);
+    let command = Command::Receive(ReceiveArgs {
+        target: target.clone(),
+        multicast: true,
+        interface: Some(lease.iface.clone()),
+        port: job.port,
+        write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
+    });
+    let started = std::time::Instant::now();
+    crate::commands::run(&Cli { quiet: false, json: false, passphrase_file: None, command })?;
+    Ok(format!(
+        "receive of klon deploy's image on {} ({}) to {} in {:.1} s",
+        lease.iface,
+        lease.address,
+        target.display(),
+        started.elapsed().as_secs_f64()
+    ))
 }
 
 /// Appends `line`, with the time, to the jobs log in the images folder of
@@ -473,7 +504,11 @@ pub fn run_job_file(file: &Path) -> i32 {
         .and_then(|s| job::parse(&s, &BTreeMap::new()))
         .and_then(|j| j.ok_or_else(|| Error::Usage("no job given".into())))
         .and_then(|j| {
-            eprintln!("klon: unattended {} of image {:?}", j.kind.name(), j.image);
+            if j.kind == JobKind::Receive {
+                eprintln!("klon: unattended receive onto {}", j.target.as_deref().unwrap_or_default());
+            } else {
+                eprintln!("klon: unattended {} of image {:?}", j.kind.name(), j.image);
+            }
             run_job_on(&j, &mut used_drive)
                 .map_err(|e| (j.kind, e))
                 .map_err(|(k, e)| e.with_note(&format!("{} failed", k.name())))

@@ -216,6 +216,10 @@ pub fn load_in_parallel(
 }
 
 fn read_config(spec: &str) -> BTreeMap<String, String> {
+    // Booted from the network (klon serve --pxe): no stick to wait for.
+    if spec.eq_ignore_ascii_case("none") {
+        return BTreeMap::new();
+    }
     let Some(part) = crate::device::uevent::wait_for(Duration::from_secs(15), || super::live_partition(spec)) else {
         say(&format!("the live stick ({spec}) did not show up: no klon.conf read"));
         return BTreeMap::new();
@@ -241,6 +245,23 @@ fn read_config(spec: &str) -> BTreeMap<String, String> {
             say(&format!("ignoring klon.conf: {e}"));
             BTreeMap::new()
         }
+    }
+}
+
+/// The wired network by DHCP, when the settings ask for it (`net=dhcp`,
+/// `job=receive`); a failure is said on the consoles (a job that needs the
+/// network tries again and fails with the reason).
+fn bring_up_network(
+    config: &BTreeMap<String, String>,
+    cmdline: &BTreeMap<String, String>,
+    settings: &BTreeMap<String, String>,
+) {
+    let Ok(Some(net)) = job::net(config, cmdline) else { return };
+    let wait = settings.get("wait").and_then(|w| w.trim().parse().ok()).unwrap_or(30);
+    say("bringing up the network by DHCP");
+    match super::net::bring_up(net.interface.as_deref(), Duration::from_secs(wait)) {
+        Ok(lease) => super::print_on_consoles(&format!("klon live: network {}", lease.describe())),
+        Err(e) => super::print_on_consoles(&format!("klon live: no network: {e}")),
     }
 }
 
@@ -369,6 +390,7 @@ pub fn main() -> ! {
     let config = read_config(&super::live_spec());
     let mut settings = config.clone();
     settings.extend(cmdline.clone());
+    bring_up_network(&config, &cmdline, &settings);
     match job::parse(&config, &cmdline) {
         Ok(None) => sessions(settings.get("shell").is_some_and(|v| !matches!(v.as_str(), "0" | "no" | "false"))),
         Err(e) => {
