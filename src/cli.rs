@@ -86,6 +86,10 @@ pub enum Command {
     /// Receive an image klon deploy sends by multicast and restore it onto
     /// TARGET (destroys what it holds), then report to the sender.
     Receive(ReceiveArgs),
+    /// Boot klon's live system on the machines of a network (PXE: dnsmasq
+    /// for DHCP and TFTP, HTTP for the kernel and initramfs), each with the
+    /// same kernel command line (e.g. an unattended receive job).
+    Serve(ServeArgs),
     /// Describe an image: source disk, table, partitions, sizes, completeness.
     Info(InfoArgs),
     /// Show an image read-only as files through FUSE: disk.img and pN.img
@@ -476,6 +480,38 @@ pub struct ReceiveArgs {
     /// How the target is written (--yes is needed: the image is written as it arrives).
     #[command(flatten)]
     pub write: WriteArgs,
+}
+
+/// `klon serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve network boot (the only service for now).
+    #[arg(long, required = true)]
+    pub pxe: bool,
+    /// The network interface the machines are on; it must have an IPv4 address.
+    #[arg(long, value_name = "IF")]
+    pub interface: String,
+    /// klon's live stick, its image (target/klon-live.img), or a directory
+    /// holding its files (live/vmlinuz, live/initrd.img).
+    #[arg(long, value_name = "PATH")]
+    pub live: PathBuf,
+    /// Hand out addresses from START to END (full DHCP: no other DHCP server
+    /// may be on the network). Without it: proxy DHCP beside the network's own.
+    #[arg(long, value_name = "START,END", value_parser = parse_range)]
+    pub dhcp_range: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// Added to every machine's kernel command line, e.g.
+    /// "klon.job=receive klon.target=/dev/sda klon.after=poweroff".
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    pub append: String,
+    /// The HTTP server's port (kernel and initramfs for iPXE).
+    #[arg(long, value_name = "PORT", default_value_t = 8069)]
+    pub http_port: u16,
+}
+
+fn parse_range(s: &str) -> std::result::Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {
+    let (a, b) = s.split_once(',').ok_or_else(|| format!("{s}: give START,END, e.g. 192.168.50.100,192.168.50.150"))?;
+    let ip = |x: &str| x.trim().parse().map_err(|_| format!("{x}: not an IPv4 address"));
+    Ok((ip(a)?, ip(b)?))
 }
 
 /// `klon info`.

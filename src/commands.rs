@@ -41,6 +41,13 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Clone(a) => clone_cmd(cli, a),
         Command::Deploy(a) => deploy_cmd(cli, a),
         Command::Receive(a) => receive_cmd(cli, a),
+        Command::Serve(a) => crate::live::pxe::serve(&crate::live::pxe::ServeOptions {
+            interface: a.interface.clone(),
+            live: a.live.clone(),
+            dhcp_range: a.dhcp_range,
+            append: a.append.clone(),
+            http_port: a.http_port,
+        }),
         Command::Info(a) => info_cmd(cli, a),
         Command::Convert(a) => convert_cmd(cli, a),
         Command::Mount(a) => mount_cmd(cli, a),

@@ -223,6 +223,20 @@ fn boot_with(
     until: Option<&str>,
     extra: &[String],
 ) -> Boot {
+    boot_in(dir, fw, Some(stick), disks, until, extra, None)
+}
+
+/// `boot_with`, the stick optional, QEMU run in network namespace `netns`
+/// when given (`ip netns exec`).
+fn boot_in(
+    dir: &TempDir,
+    fw: Firmware,
+    stick: Option<&Path>,
+    disks: &[(&Path, &str)],
+    until: Option<&str>,
+    extra: &[String],
+    netns: Option<&str>,
+) -> Boot {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let mut args: Vec<String> = vec![
         "-accel",
@@ -261,14 +275,16 @@ fn boot_with(
     }
     // With -kernel, QEMU boots the kernel itself (and takes boot index 0).
     let bootindex = if extra.iter().any(|a| a == "-kernel") { "" } else { ",bootindex=0" };
-    args.extend([
-        "-device".to_string(),
-        "qemu-xhci,id=xhci".into(),
-        "-drive".into(),
-        format!("if=none,id=stick,format=raw,file={}", stick.display()),
-        "-device".into(),
-        format!("usb-storage,bus=xhci.0,drive=stick{bootindex}"),
-    ]);
+    if let Some(stick) = stick {
+        args.extend([
+            "-device".to_string(),
+            "qemu-xhci,id=xhci".into(),
+            "-drive".into(),
+            format!("if=none,id=stick,format=raw,file={}", stick.display()),
+            "-device".into(),
+            format!("usb-storage,bus=xhci.0,drive=stick{bootindex}"),
+        ]);
+    }
     for (i, (path, device)) in disks.iter().enumerate() {
         args.push("-drive".into());
         args.push(format!("if=none,id=d{i},format=raw,file={}", path.display()));
@@ -277,7 +293,15 @@ fn boot_with(
     }
     args.extend(extra.iter().cloned());
     let started = Instant::now();
-    let mut child: Child = Command::new("qemu-system-x86_64")
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+            c
+        }
+        None => Command::new("qemu-system-x86_64"),
+    };
+    let mut child: Child = cmd
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -841,4 +865,161 @@ fn ext4_files_last(dir: &TempDir, name: &str, mib: u64, filler_mib: u64, cmds: &
     run("debugfs", &["-w", "-f", script.to_str().unwrap(), image_s]);
     run("e2fsck", &["-fn", image_s]);
     image
+}
+
+/// A network namespace with bridge br0 at 10.79.0.1/24 and a tap device
+/// `tap0` on it for QEMU; everything in it is killed and it is removed when
+/// dropped. Nothing leaves the machine.
+struct PxeNet {
+    ns: String,
+}
+
+impl PxeNet {
+    fn new() -> PxeNet {
+        let ns = format!("kpxe-{}", std::process::id());
+        let ip = |args: &[&str]| run("ip", args);
+        ip(&["netns", "add", &ns]);
+        let net = PxeNet { ns: ns.clone() };
+        ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &ns, "addr", "add", "10.79.0.1/24", "brd", "+", "dev", "br0"]);
+        ip(&["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ip(&["-n", &ns, "link", "set", "tap0", "master", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "br0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "br0"]);
+        net
+    }
+
+    fn klon(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, env!("CARGO_BIN_EXE_klon")]).args(args);
+        c
+    }
+}
+
+impl Drop for PxeNet {
+    fn drop(&mut self) {
+        let out = Command::new("ip").args(["netns", "pids", &self.ns]).output().unwrap();
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// A machine with no stick and an empty disk boots klon's live system from
+/// `klon serve --pxe` (dnsmasq's DHCP and TFTP, klon's HTTP; QEMU's iPXE
+/// firmware on a tap device in a network namespace the test makes), whose
+/// kernel command line asks for an unattended receive; the live system
+/// brings up its network by DHCP, receives the image `klon deploy` sends
+/// by multicast, restores it with its checks and reports to the sender,
+/// then powers off. The host compares the machine's disk with the source
+/// byte for byte. Needs root (namespaces, tap).
+#[test]
+fn a_machine_boots_from_the_network_and_receives_a_deployment() {
+    if !ready("a_machine_boots_from_the_network_and_receives_a_deployment") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
+    for tool in ["dnsmasq", "udp-sender"] {
+        let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
+        assert!(found, "{tool} is missing (scripts/test installs dnsmasq-base and udpcast)");
+    }
+    let dir = TempDir::new("live-pxe");
+    let source = dir.join("source.img");
+    common::disks::make_gpt_disk(&source, 40 * MIB);
+    let image = dir.join("image");
+    let o = common::disks::klon(&["backup", "--quiet", source.to_str().unwrap(), image.to_str().unwrap()]);
+    common::disks::ok(&o);
+    let target = dir.join("target.img");
+    blank_file(&target, 40 * MIB);
+
+    let net = PxeNet::new();
+    let serve_log = dir.join("serve.log");
+    let mut serve = net
+        .klon(&[
+            "serve",
+            "--pxe",
+            "--interface",
+            "br0",
+            "--live",
+            live_image().to_str().unwrap(),
+            "--dhcp-range",
+            "10.79.0.100,10.79.0.120",
+            "--append",
+            "klon.job=receive klon.target=serial=PXETARGET klon.port=9300 klon.after=poweroff",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&serve_log).unwrap())
+        .spawn()
+        .expect("start klon serve");
+    std::thread::sleep(Duration::from_secs(1));
+    if let Some(st) = serve.try_wait().unwrap() {
+        panic!("klon serve ended at once ({st}):\n{}", std::fs::read_to_string(&serve_log).unwrap());
+    }
+    let deploy = net
+        .klon(&["--json", "deploy", image.to_str().unwrap(), "--multicast", "--interface", "br0"])
+        .args(["--clients", "1", "--port", "9300", "--report-wait", "120"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start klon deploy");
+    let nic = [
+        "-netdev".to_string(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:05,bootindex=0".into(),
+    ];
+    let b = boot_in(
+        &dir,
+        Firmware::Bios,
+        None,
+        &[(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=PXETARGET")],
+        None,
+        &nic,
+        Some(&net.ns),
+    );
+    let deployed = deploy.wait_with_output().unwrap();
+    let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
+    let served = serve.wait().unwrap();
+    let log = std::fs::read_to_string(&serve_log).unwrap();
+    let line = result_line(&b, Firmware::Bios, "network boot and receive");
+    assert!(line.contains("receive of klon deploy's image on eth0 (10.79.0.1"), "{line}");
+    assert!(b.find("klon live: network eth0 (52:54:00:79:00:05) 10.79.0.1").is_some(), "{}", b.transcript());
+
+    // The sender's summary names the machine, and it is OK.
+    assert!(deployed.status.success(), "klon deploy: {}", String::from_utf8_lossy(&deployed.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&deployed.stdout).unwrap();
+    let rs = v["receivers"].as_array().unwrap();
+    assert_eq!(rs.len(), 1, "{v}");
+    assert_eq!(rs[0]["ok"], true, "{v}");
+    assert_eq!(rs[0]["report"]["mac"], "52:54:00:79:00:05", "{v}");
+    assert!(rs[0]["report"]["disk"].as_str().unwrap().contains("serial PXETARGET"), "{v}");
+
+    // What the machine's disk holds now: the source, byte for byte.
+    assert!(
+        std::fs::read(&target).unwrap() == std::fs::read(&source).unwrap(),
+        "the disk the network-booted machine restored differs from the source"
+    );
+
+    // The server saw the machine and sent it the live system; Ctrl-C ends it
+    // cleanly, and it leaves nothing behind.
+    assert!(served.success(), "klon serve after Ctrl-C: {served}\n{log}");
+    for needle in [
+        "DHCPACK(br0) 10.79.0.1",
+        "52:54:00:79:00:05",
+        "HTTP sent boot.ipxe",
+        "HTTP sent vmlinuz",
+        "HTTP sent initrd.img",
+        "klon serve: stopped",
+    ] {
+        assert!(log.contains(needle), "klon serve's log lacks {needle:?}:\n{log}");
+    }
+    assert!(!Path::new(&format!("/tmp/klon-serve-{}", serve.id())).exists(), "klon serve left its files behind");
+    report(&format!(
+        "network boot: KLON-RESULT at {:.1} s after power-on; {line}",
+        b.find("KLON-RESULT").unwrap().0.as_secs_f64()
+    ));
 }

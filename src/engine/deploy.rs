@@ -395,13 +395,10 @@ fn report_to(ip: &str, port: u16, outcome: &Outcome) -> std::io::Result<()> {
 /// The target as a report names it: its path, and model and serial when
 /// it is a disk.
 fn describe_disk(target: &Path) -> String {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let sys = Path::new("/sys/block").join(&name).join("device");
-    let read =
-        |f: &str| std::fs::read_to_string(sys.join(f)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-    match (read("model"), read("serial")) {
-        (None, None) => target.display().to_string(),
-        (m, s) => format!(
+    let disk = crate::device::sysfs::list_disks().ok().and_then(|ds| ds.into_iter().find(|d| d.path == target));
+    match disk.map(|d| (d.model, d.serial)) {
+        None | Some((None, None)) => target.display().to_string(),
+        Some((m, s)) => format!(
             "{} ({}{})",
             target.display(),
             m.unwrap_or_default(),
