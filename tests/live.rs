@@ -868,18 +868,23 @@ fn ext4_files_last(dir: &TempDir, name: &str, mib: u64, filler_mib: u64, cmds: &
 }
 
 /// A network namespace with bridge br0 at 10.79.0.1/24 and a tap device
-/// `tap0` on it for QEMU; everything in it is killed and it is removed when
-/// dropped. Nothing leaves the machine.
+/// `tap0` on it for QEMU, and with `router`, a second namespace on the
+/// bridge at 10.79.0.254 whose dnsmasq hands out 10.79.0.50-60 (the
+/// network's own DHCP server, for proxy DHCP); everything in them is
+/// killed and they are removed when dropped. Nothing leaves the machine.
 struct PxeNet {
     ns: String,
+    router: Option<String>,
+    /// The router's dnsmasq.
+    dhcp: Option<Child>,
 }
 
 impl PxeNet {
-    fn new() -> PxeNet {
-        let ns = format!("kpxe-{}", std::process::id());
+    fn new(tag: &str, router: bool) -> PxeNet {
+        let ns = format!("kpxe{tag}-{}", std::process::id());
         let ip = |args: &[&str]| run("ip", args);
         ip(&["netns", "add", &ns]);
-        let net = PxeNet { ns: ns.clone() };
+        let mut net = PxeNet { ns: ns.clone(), router: None, dhcp: None };
         ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &ns, "addr", "add", "10.79.0.1/24", "brd", "+", "dev", "br0"]);
         ip(&["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
@@ -887,6 +892,27 @@ impl PxeNet {
         ip(&["-n", &ns, "link", "set", "br0", "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "br0"]);
+        if router {
+            let rt = format!("kpxer{tag}-{}", std::process::id());
+            ip(&["netns", "add", &rt]);
+            net.router = Some(rt.clone());
+            ip(&["-n", &ns, "link", "add", "rp", "type", "veth", "peer", "name", "e0", "netns", &rt]);
+            ip(&["-n", &ns, "link", "set", "rp", "master", "br0", "up"]);
+            ip(&["-n", &rt, "addr", "add", "10.79.0.254/24", "brd", "+", "dev", "e0"]);
+            ip(&["-n", &rt, "link", "set", "e0", "up"]);
+            ip(&["-n", &rt, "link", "set", "lo", "up"]);
+            let leases = std::env::temp_dir().join(format!("{rt}.leases"));
+            let dhcp = Command::new("ip")
+                .args(["netns", "exec", &rt, "dnsmasq", "--keep-in-foreground", "--port=0", "--interface=e0"])
+                .args(["--bind-interfaces", "--dhcp-range=10.79.0.50,10.79.0.60,255.255.255.0,1h", "--pid-file="])
+                .arg(format!("--dhcp-leasefile={}", leases.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the router's dnsmasq");
+            net.dhcp = Some(dhcp);
+        }
         net
     }
 
@@ -899,33 +925,41 @@ impl PxeNet {
 
 impl Drop for PxeNet {
     fn drop(&mut self) {
-        let out = Command::new("ip").args(["netns", "pids", &self.ns]).output().unwrap();
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).status();
+        if let Some(mut d) = self.dhcp.take() {
+            let _ = d.kill();
+            let _ = d.wait();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        for ns in std::iter::once(&self.ns).chain(self.router.as_ref()) {
+            let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if let Some(rt) = &self.router {
+            let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{rt}.leases")));
+        }
     }
 }
 
 /// A machine with no stick and an empty disk boots klon's live system from
-/// `klon serve --pxe` (dnsmasq's DHCP and TFTP, klon's HTTP; QEMU's iPXE
-/// firmware on a tap device in a network namespace the test makes), whose
-/// kernel command line asks for an unattended receive; the live system
-/// brings up its network by DHCP, receives the image `klon deploy` sends
-/// by multicast, restores it with its checks and reports to the sender,
-/// then powers off. The host compares the machine's disk with the source
-/// byte for byte. Needs root (namespaces, tap).
-#[test]
-fn a_machine_boots_from_the_network_and_receives_a_deployment() {
-    if !ready("a_machine_boots_from_the_network_and_receives_a_deployment") {
-        return;
-    }
+/// `klon serve --pxe` (dnsmasq's DHCP and TFTP, klon's HTTP; a tap device
+/// in a network namespace the test makes), whose kernel command line asks
+/// for an unattended receive; the live system brings up its network by
+/// DHCP, receives the image `klon deploy` sends by multicast, restores it
+/// with its checks and reports to the sender, then powers off. The host
+/// compares the machine's disk with the source byte for byte. BIOS: QEMU's
+/// iPXE firmware, kernel and initramfs over HTTP, proxy DHCP beside the
+/// network's own DHCP server; UEFI with Secure Boot on: OVMF's own PXE (no
+/// iPXE ROM), Debian's signed shim and network GRUB, everything over TFTP,
+/// klon serve's full DHCP. Needs root (namespaces, tap).
+fn network_boot_receives_a_deployment(fw: Firmware) {
     assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
     for tool in ["dnsmasq", "udp-sender"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
         assert!(found, "{tool} is missing (scripts/test installs dnsmasq-base and udpcast)");
     }
-    let dir = TempDir::new("live-pxe");
+    let dir = TempDir::new(&format!("live-pxe-{fw:?}"));
     let source = dir.join("source.img");
     common::disks::make_gpt_disk(&source, 40 * MIB);
     let image = dir.join("image");
@@ -934,7 +968,11 @@ fn a_machine_boots_from_the_network_and_receives_a_deployment() {
     let target = dir.join("target.img");
     blank_file(&target, 40 * MIB);
 
-    let net = PxeNet::new();
+    // BIOS: proxy DHCP (the router gives addresses); UEFI: klon serve's own.
+    let proxy = fw == Firmware::Bios;
+    let net = PxeNet::new(&format!("{fw:?}").to_lowercase(), proxy);
+    let range: &[&str] = if proxy { &[] } else { &["--dhcp-range", "10.79.0.100,10.79.0.120"] };
+    let (lease, dhcp_server) = if proxy { ("10.79.0.5", "10.79.0.254") } else { ("10.79.0.1", "10.79.0.1") };
     let serve_log = dir.join("serve.log");
     let mut serve = net
         .klon(&[
@@ -944,11 +982,10 @@ fn a_machine_boots_from_the_network_and_receives_a_deployment() {
             "br0",
             "--live",
             live_image().to_str().unwrap(),
-            "--dhcp-range",
-            "10.79.0.100,10.79.0.120",
             "--append",
             "klon.job=receive klon.target=serial=PXETARGET klon.port=9300 klon.after=poweroff",
         ])
+        .args(range)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&serve_log).unwrap())
@@ -966,15 +1003,18 @@ fn a_machine_boots_from_the_network_and_receives_a_deployment() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start klon deploy");
+    // UEFI: no iPXE option ROM, so the firmware's own PXE runs (and Secure
+    // Boot checks what it loads).
+    let rom = if fw == Firmware::Uefi { ",romfile=" } else { "" };
     let nic = [
         "-netdev".to_string(),
         "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
         "-device".into(),
-        "virtio-net-pci,netdev=n0,mac=52:54:00:79:00:05,bootindex=0".into(),
+        format!("virtio-net-pci,netdev=n0,mac=52:54:00:79:00:05,bootindex=0{rom}"),
     ];
     let b = boot_in(
         &dir,
-        Firmware::Bios,
+        fw,
         None,
         &[(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=PXETARGET")],
         None,
@@ -985,9 +1025,17 @@ fn a_machine_boots_from_the_network_and_receives_a_deployment() {
     let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();
     let served = serve.wait().unwrap();
     let log = std::fs::read_to_string(&serve_log).unwrap();
-    let line = result_line(&b, Firmware::Bios, "network boot and receive");
-    assert!(line.contains("receive of klon deploy's image on eth0 (10.79.0.1"), "{line}");
-    assert!(b.find("klon live: network eth0 (52:54:00:79:00:05) 10.79.0.1").is_some(), "{}", b.transcript());
+    let line = result_line(&b, fw, "network boot and receive");
+    assert!(line.contains(&format!("receive of klon deploy's image on eth0 ({lease}")), "{line}");
+    let network = b.find("klon live: network eth0 (52:54:00:79:00:05) ").map(|(_, l)| l.clone()).unwrap_or_default();
+    assert!(
+        network.contains(&format!(") {lease}")) && network.contains(&format!("from DHCP server {dhcp_server}")),
+        "{fw:?}: {network:?}\n{}",
+        b.transcript()
+    );
+    if fw == Firmware::Uefi {
+        assert!(b.find("firmware: UEFI, Secure Boot on").is_some(), "{}", b.transcript());
+    }
 
     // The sender's summary names the machine, and it is OK.
     assert!(deployed.status.success(), "klon deploy: {}", String::from_utf8_lossy(&deployed.stderr));
@@ -1004,22 +1052,40 @@ fn a_machine_boots_from_the_network_and_receives_a_deployment() {
         "the disk the network-booted machine restored differs from the source"
     );
 
-    // The server saw the machine and sent it the live system; Ctrl-C ends it
-    // cleanly, and it leaves nothing behind.
+    // The server saw the machine and sent it the live system the way its
+    // firmware boots; Ctrl-C ends it cleanly, and it leaves nothing behind.
     assert!(served.success(), "klon serve after Ctrl-C: {served}\n{log}");
-    for needle in [
-        "DHCPACK(br0) 10.79.0.1",
-        "52:54:00:79:00:05",
-        "HTTP sent boot.ipxe",
-        "HTTP sent vmlinuz",
-        "HTTP sent initrd.img",
-        "klon serve: stopped",
-    ] {
-        assert!(log.contains(needle), "klon serve's log lacks {needle:?}:\n{log}");
+    let sent: &[&str] = match fw {
+        Firmware::Bios => &["HTTP sent boot.ipxe", "HTTP sent vmlinuz", "HTTP sent initrd.img"],
+        Firmware::Uefi => &[
+            "tftp/bootx64.efi to",
+            "tftp/grubx64.efi to",
+            "tftp/grub/grub.cfg to",
+            "tftp/vmlinuz to",
+            "tftp/initrd.img to",
+        ],
+    };
+    let answered = if proxy { "PXE(br0)" } else { "DHCPACK(br0) 10.79.0.1" };
+    for needle in [answered, "52:54:00:79:00:05", "klon serve: stopped"].iter().chain(sent) {
+        assert!(log.contains(needle), "{fw:?}: klon serve's log lacks {needle:?}:\n{log}");
     }
     assert!(!Path::new(&format!("/tmp/klon-serve-{}", serve.id())).exists(), "klon serve left its files behind");
     report(&format!(
-        "network boot: KLON-RESULT at {:.1} s after power-on; {line}",
+        "{fw:?} network boot: KLON-RESULT at {:.1} s after power-on; {line}",
         b.find("KLON-RESULT").unwrap().0.as_secs_f64()
     ));
+}
+
+#[test]
+fn bios_machine_boots_from_the_network_and_receives_a_deployment() {
+    if ready("bios_machine_boots_from_the_network_and_receives_a_deployment") {
+        network_boot_receives_a_deployment(Firmware::Bios);
+    }
+}
+
+#[test]
+fn uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment() {
+    if ready("uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment") {
+        network_boot_receives_a_deployment(Firmware::Uefi);
+    }
 }

@@ -233,11 +233,8 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             write(name, bytes)?;
         }
         write("boot.ipxe", ipxe_script(server, opts.http_port, &cmdline).as_bytes())?;
-        // Debian's network GRUB reads grub.cfg from the directory it came from
-        // or from its built-in prefix: both are served.
-        for p in ["grub.cfg", "grub/grub.cfg", "debian-installer/amd64/grub/grub.cfg"] {
-            write(p, grub_cfg(&cmdline).as_bytes())?;
-        }
+        // Debian's network GRUB reads its menu from grub/ on the server.
+        write("grub/grub.cfg", grub_cfg(&cmdline).as_bytes())?;
         let mut http_files: BTreeMap<String, PathBuf> = BTreeMap::new();
         for name in ["vmlinuz", "initrd.img", "boot.ipxe"] {
             http_files.insert(format!("/{name}"), tftp.join(name));
@@ -273,11 +270,15 @@ fn run_dnsmasq(conf: &Path, opts: &ServeOptions, server: Ipv4Addr, files: &BootF
         let said = said.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                // Machines asking and getting: DHCPACK lines and files sent.
-                if line.contains("DHCPACK")
-                    || line.contains(" sent ")
-                    || line.contains("error")
-                    || line.contains("failed")
+                // Machines asking and getting: DHCPACK and (proxy) PXE lines, files sent.
+                // (UEFI firmware asks for a loader's size, then aborts: not a problem.)
+                let noise = line.contains("User aborted the transfer");
+                if !noise
+                    && (line.contains("DHCPACK")
+                        || line.contains("PXE(")
+                        || line.contains(" sent ")
+                        || line.contains("error")
+                        || line.contains("failed"))
                 {
                     eprintln!("klon serve: {}", line.split_once(": ").map_or(line.as_str(), |(_, r)| r));
                 }
