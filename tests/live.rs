@@ -9,7 +9,10 @@
 //! And a BIOS disk with GRUB restored to a smaller disk (its ext4 shrunk)
 //! boots; unattended restores in the live system grow btrfs and XFS
 //! (`grow_all`) and shrink an ext4 (those two need root; the first also
-//! grub-pc-bin).
+//! grub-pc-bin). And machines with no stick boot from `klon serve --pxe`
+//! (BIOS with iPXE and proxy DHCP; UEFI with Secure Boot, shim and GRUB)
+//! and receive a `klon deploy` unattended (root: namespaces, tap devices;
+//! dnsmasq-base, udpcast).
 //!
 //! Runs when KLON_REQUIRE_LIVE_TESTS=1 (and then fails when anything is
 //! missing); otherwise skips. Uses target/klon-live.img when it exists (CI
