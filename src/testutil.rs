@@ -197,3 +197,57 @@ impl Rng {
         (0..len).map(|_| self.next() as u8).collect()
     }
 }
+
+/// A loop device attached over a file, detached on drop: first the
+/// grub-mount processes os-prober leaves holding its partitions are ended
+/// (ocs-sr runs os-prober when GRUB's tools are installed; they would keep
+/// the device attached after it is detached).
+pub struct LoopDev(pub String);
+
+impl LoopDev {
+    /// Attaches `file` (no partition scan).
+    pub fn attach(file: &Path) -> LoopDev {
+        LoopDev(sh("losetup", &["-f", "--show", file.to_str().unwrap()]).trim().to_string())
+    }
+
+    /// Attaches `file` and has the kernel scan its partitions.
+    pub fn attach_partitioned(file: &Path) -> LoopDev {
+        LoopDev(sh("losetup", &["-f", "--show", "-P", file.to_str().unwrap()]).trim().to_string())
+    }
+
+    /// Attaches `file` with logical sectors of `sector` bytes.
+    pub fn attach_sector_size(file: &Path, sector: &str) -> LoopDev {
+        LoopDev(sh("losetup", &["-f", "--show", "--sector-size", sector, file.to_str().unwrap()]).trim().to_string())
+    }
+
+    /// `loopN`.
+    pub fn name(&self) -> &str {
+        self.0.trim_start_matches("/dev/")
+    }
+
+    fn end_grub_mounts(&self) {
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for p in procs.flatten() {
+            let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else { continue };
+            let args: Vec<String> =
+                cmdline.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let is_grub_mount = args.first().is_some_and(|a| a.ends_with("grub-mount"));
+            if is_grub_mount && args.iter().any(|a| a == &self.0 || a.starts_with(&format!("{}p", self.0))) {
+                let _ = try_sh("kill", &[p.file_name().to_str().unwrap_or_default()]);
+            }
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        self.end_grub_mounts();
+        for _ in 0..20 {
+            if try_sh("losetup", &["-d", &self.0]).0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        eprintln!("warning: could not detach {}", self.0);
+    }
+}

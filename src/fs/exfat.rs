@@ -371,26 +371,10 @@ mod tests {
     //! garbage must pass `fsck.exfat -n` and read back every file the same.
     use super::*;
     use crate::fs::fat::tests::{map_with, restore_map_only, same_tree};
-    use crate::testutil::{Mounted, Rng, TempDir, root_for, sh, try_sh};
+    use crate::testutil::{Mounted, Rng, TempDir, root_for, sh};
     use std::path::Path;
 
-    /// A loop device attached here, detached on drop.
-    struct Loop(String);
-    impl Loop {
-        fn attach(file: &Path) -> Loop {
-            Loop(sh("losetup", &["-f", "--show", file.to_str().unwrap()]).trim().to_string())
-        }
-    }
-    impl Drop for Loop {
-        fn drop(&mut self) {
-            for _ in 0..20 {
-                if try_sh("losetup", &["-d", &self.0]).0 {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    }
+    use crate::testutil::LoopDev as Loop;
 
     /// Mounts `dev` on `dir` with exfat-fuse; unmounted on drop (so before
     /// its loop device, declared first).
@@ -471,7 +455,7 @@ mod tests {
             sh("mkfs.exfat", &["-c", cluster, img]);
         } else {
             // mkfs.exfat takes the sector size from the device.
-            let dev = Loop(sh("losetup", &["-f", "--show", "--sector-size", sector, img]).trim().to_string());
+            let dev = Loop::attach_sector_size(Path::new(img), sector);
             sh("mkfs.exfat", &["-c", cluster, &dev.0]);
         }
         assert_eq!(1u64 << std::fs::read(&img_p).unwrap()[108], sector.parse::<u64>().unwrap());

@@ -77,18 +77,17 @@ fn sfdisk_dump_lines() {
 static OCS: Mutex<()> = Mutex::new(());
 
 /// A loop device over a file, with its partitions; detached on drop.
-struct Loop(String);
+type Loop = crate::testutil::LoopDev;
 
-impl Loop {
-    fn new(file: &Path) -> Loop {
-        Loop(sh("losetup", &["-f", "--show", "-P", file.to_str().unwrap()]).trim().to_string())
-    }
-
-    fn name(&self) -> &str {
-        self.0.trim_start_matches("/dev/")
-    }
-
+/// What the tests here do with a partitioned loop device.
+trait LoopParts {
     /// The node of partition `n`, once the kernel and devtmpfs have it.
+    fn part(&self, n: u32) -> String;
+    /// Writes `data` at byte `off` of the whole device.
+    fn write_at(&self, data: &[u8], off: u64);
+}
+
+impl LoopParts for Loop {
     fn part(&self, n: u32) -> String {
         let p = format!("{}p{n}", self.0);
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -104,24 +103,11 @@ impl Loop {
         }
     }
 
-    /// Writes `data` at byte `off` of the whole device.
     fn write_at(&self, data: &[u8], off: u64) {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&self.0).unwrap();
         f.write_all_at(data, off).unwrap();
         f.sync_all().unwrap();
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        for _ in 0..20 {
-            if try_sh("losetup", &["-d", &self.0]).0 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        eprintln!("warning: could not detach {}", self.0);
     }
 }
 
@@ -157,7 +143,7 @@ impl Saved {
 /// savedisk`.
 fn save_disk(tag: &str, size: u64, script: &str, opts: &[&str], fill: impl FnOnce(&Loop)) -> Saved {
     let file = TempFile::new(tag, size);
-    let lp = Loop::new(&file.0);
+    let lp = Loop::attach_partitioned(&file.0);
     let mut child = Command::new("sfdisk")
         .args(["-q", &lp.0])
         .stdin(std::process::Stdio::piped())
