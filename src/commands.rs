@@ -292,7 +292,9 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
         )));
     }
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or(shown.clone());
-    eprintln!("{description}");
+    // Wrapped at words to the terminal's width (a terminal cuts words).
+    let width = console::Term::stderr().size_checked().map_or(80, |(_, w)| usize::from(w).max(40));
+    eprint!("{}", crate::ui::wizard::screen::wrap(description, width - 1));
     eprint!("Type {name} to overwrite it, anything else to cancel: ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();

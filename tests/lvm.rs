@@ -225,7 +225,7 @@ fn a_pv_is_stored_by_what_its_volumes_use_and_restores_as_lvm_reads_it() {
     let text = stdout(&klon(&["info", s(&img)]));
     assert!(
         text.contains(&format!("volume group {vg}"))
-            && text.contains("LV lv_data 12.6 MB: linear 1 extents at pv0:5; linear 2 extents at pv0:2")
+            && text.contains("LV lv_data 12.0 MiB: linear 1 extents at pv0:5; linear 2 extents at pv0:2")
             && text.contains("filesystem ext4, method ext4"),
         "{text}"
     );

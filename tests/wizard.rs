@@ -302,7 +302,7 @@ fn wizard_clone_refuses_small_target_and_cancel_leaves_target_untouched() {
     assert!(!s.contains(&format!("> {}", entry(&src))), "the source is offered as its own target:\n{s}");
     // The small disk is listed with the reason and cannot be chosen.
     let s = t.highlight(&entry(&small));
-    assert!(s.contains("cannot be chosen: too small: needs 67.1 MB, has 33.6 MB"), "{s}");
+    assert!(s.contains("cannot be chosen: too small: needs 64.0 MiB, has 32.0 MiB"), "{s}");
     t.keys(&["Enter"]);
     t.wait_for(&["! That one cannot be chosen: too small"], 10);
     t.choose(&entry(&dst));
@@ -703,7 +703,7 @@ fn a_restore_asks_first_and_names_what_the_target_holds_now() {
     let screen = tm.wait_for(&["Type target.img to overwrite it"], 30);
     let flat = flat(&screen);
     assert!(
-        flat.contains("It holds now: GPT table with partition 1 (33.6 MB): ext4 \"precious\", ")
+        flat.contains("It holds now: GPT table with partition 1 (32.0 MiB): ext4 \"precious\", ")
             && flat.contains(" used"),
         "{screen}"
     );

@@ -642,7 +642,7 @@ mod tests {
             assert!(line.chars().count() <= 80, "too wide: {line:?}");
         }
         assert!(text.contains("/dev/nvme0n1"));
-        assert!(text.contains("500.1 GB"));
+        assert!(text.contains("465.8 GiB"));
         assert!(text.contains("512/4096"));
         assert!(text.contains("vfat"));
         assert!(text.contains("EFI"));

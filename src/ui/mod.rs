@@ -3,17 +3,18 @@
 pub mod progress;
 pub mod wizard;
 
-/// Bytes in decimal units as disk vendors count them: "500.1 GB".
+/// Bytes in IEC units, as lsblk and fdisk show them: "465.8 GiB" (exact
+/// bytes are in every --json).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["kB", "MB", "GB", "TB", "PB", "EB"];
-    if bytes < 1000 {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
         return format!("{bytes} B");
     }
-    let mut v = bytes as f64 / 1000.0;
+    let mut v = bytes as f64 / 1024.0;
     let mut i = 0;
-    // 999.95 would print as "1000.0": move to the next unit first.
-    while v >= 999.95 && i < UNITS.len() - 1 {
-        v /= 1000.0;
+    // 1023.95 would print as "1024.0": move to the next unit first.
+    while v >= 1023.95 && i < UNITS.len() - 1 {
+        v /= 1024.0;
         i += 1;
     }
     format!("{v:.1} {}", UNITS[i])
@@ -33,11 +34,13 @@ pub fn human_duration(secs: f64) -> String {
 mod tests {
     #[test]
     fn sizes() {
-        assert_eq!(super::human_bytes(999), "999 B");
-        assert_eq!(super::human_bytes(500_107_862_016), "500.1 GB");
-        assert_eq!(super::human_bytes(1000), "1.0 kB");
-        assert_eq!(super::human_bytes(999_999_999), "1.0 GB");
-        assert_eq!(super::human_bytes(2_000_398_934_016), "2.0 TB");
+        assert_eq!(super::human_bytes(1023), "1023 B");
+        assert_eq!(super::human_bytes(1024), "1.0 KiB");
+        // A "500 GB" disk, as lsblk shows it.
+        assert_eq!(super::human_bytes(500_107_862_016), "465.8 GiB");
+        assert_eq!(super::human_bytes((1 << 30) - 1), "1.0 GiB");
+        assert_eq!(super::human_bytes(2_000_398_934_016), "1.8 TiB");
+        assert_eq!(super::human_bytes(64 << 20), "64.0 MiB");
         assert_eq!(super::human_duration(3725.0), "1:02:05");
         assert_eq!(super::human_duration(65.0), "1:05");
     }

@@ -288,7 +288,7 @@ mod tests {
         let text = describe(&Listed { info: d, used: vec![None] });
         assert!(
             text.contains(
-                "part 1: 107.4 GB LVM2_member\n        volume group pve: root, swap, data (thin pool: vm-100-disk-0)"
+                "part 1: 100.0 GiB LVM2_member\n        volume group pve: root, swap, data (thin pool: vm-100-disk-0)"
             ),
             "{text}"
         );
@@ -298,7 +298,7 @@ mod tests {
     fn too_small_target_says_both_sizes() {
         let d = disk(480_000_000_000);
         let why = target_block(&d, Need { size: 500_107_862_016, sector_size: 512 }).unwrap();
-        assert_eq!(why, "too small: needs 500.1 GB, has 480.0 GB");
+        assert_eq!(why, "too small: needs 465.8 GiB, has 447.0 GiB");
         assert!(target_block(&d, Need { size: 1000, sector_size: 512 }).is_none());
         assert!(target_block(&d, Need { size: 1000, sector_size: 4096 }).unwrap().contains("4096-byte"));
         let mut m = d.clone();
@@ -323,7 +323,7 @@ mod tests {
         assert!(items[0].blocked.is_none());
         assert!(items[1].blocked.as_deref().unwrap().starts_with("too small"));
         let text = &items[0].text;
-        for needle in ["/dev/sdb", "SanDisk Ultra", "serial 4C530001", "usb", "ext4 \"data\"", "5.4 GB used"] {
+        for needle in ["/dev/sdb", "SanDisk Ultra", "serial 4C530001", "usb", "ext4 \"data\"", "5.0 GiB used"] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
         assert!(text.lines().all(|l| l.chars().count() <= 78));
