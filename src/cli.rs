@@ -461,6 +461,10 @@ pub struct DeployArgs {
     /// How long to wait for the receivers' reports once everything is sent.
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub report_wait: u64,
+    /// Serve machines that join late or lose the multicast by unicast (TCP
+    /// at the port base + 9), until this long after the multicast ended.
+    #[arg(long, value_name = "SECONDS")]
+    pub late: Option<u64>,
 }
 
 /// `klon receive`.

@@ -375,6 +375,7 @@ fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
         wait: a.wait,
         max_bitrate: a.max_bitrate.clone(),
         report_wait: std::time::Duration::from_secs(a.report_wait),
+        late: a.late.map(std::time::Duration::from_secs),
         quiet: cli.quiet,
     };
     let r = deploy(&a.image, &opts)?;
@@ -382,7 +383,10 @@ fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
         let receivers: Vec<_> = r
             .receivers
             .iter()
-            .map(|(ip, o)| json!({"ip": ip, "ok": o.as_ref().is_some_and(|o| o.ok), "report": o}))
+            .map(|r| {
+                json!({"ip": r.ip, "unicast": r.unicast, "ok": r.outcome.as_ref().is_some_and(|o| o.ok),
+                       "report": r.outcome})
+            })
             .collect();
         print_json(
             &json!({"image": a.image, "bytes_sent": r.bytes_sent, "seconds": r.seconds, "receivers": receivers}),
@@ -394,7 +398,7 @@ fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
         Ok(())
     } else {
         let failed: Vec<&str> =
-            r.receivers.iter().filter(|(_, o)| !o.as_ref().is_some_and(|o| o.ok)).map(|(ip, _)| ip.as_str()).collect();
+            r.receivers.iter().filter(|r| !r.outcome.as_ref().is_some_and(|o| o.ok)).map(|r| r.ip.as_str()).collect();
         Err(Error::Unsupported(if r.receivers.is_empty() {
             "no receiver joined".into()
         } else {

@@ -3,7 +3,8 @@
 //! a veth pair to each receiver's; addresses 10.77.x.y exist only there):
 //! one image restored on three receivers at once, each target compared
 //! byte for byte with the source disk; a receiver that dies half-way is
-//! named in the sender's summary, and the others still finish whole.
+//! named in the sender's summary, and the others still finish whole; one
+//! that comes half-way through gets the image by unicast (`--late`).
 //! Needs root, and udpcast (scripts/test installs it).
 
 mod common;
@@ -193,6 +194,61 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
             std::fs::read(&targets[i]).unwrap() == std::fs::read(&disk).unwrap(),
             "{} differs from the source",
             targets[i].display()
+        );
+    }
+}
+
+/// A machine that comes when the multicast is already under way gets the
+/// image by unicast from the same sender (`--late`): it asks the sender
+/// where the deployment is, is told it is sending and where the unicast
+/// stream is, restores it with the same checks and reports; the summary
+/// marks it "unicast". Both targets equal the source byte for byte.
+#[test]
+fn a_machine_that_joins_late_gets_the_image_by_unicast() {
+    require_root!();
+    ready();
+    let t = TempDir::new("deploy-late");
+    let (disk, img) = source(&t, 32 * MIB);
+    let net = Net::new(3, 2);
+    let targets: Vec<PathBuf> = (0..2).map(|i| t.join(&format!("target{i}.img"))).collect();
+    let first = net.receive(0, &targets[0], 9300);
+    // Slowly (16 Mbit/s: about 15 s), so the second machine comes half-way.
+    let (o, late) = std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| net.deploy(&img, &["--clients", "1", "--port", "9300", "--max-bitrate", "16m", "--late", "10"]));
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let late = net.receive(1, &targets[1], 9300);
+        (sender.join().unwrap(), late)
+    });
+    for (i, r) in [first, late].into_iter().enumerate() {
+        let r = r.wait_with_output().unwrap();
+        assert!(r.status.success(), "receiver {i}: {}", String::from_utf8_lossy(&r.stderr));
+        if i == 1 {
+            let said = String::from_utf8_lossy(&r.stderr);
+            assert!(said.contains("under way: the image comes by unicast"), "{said}");
+        }
+    }
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rs = v["receivers"].as_array().unwrap();
+    assert_eq!(rs.len(), 2, "{v}");
+    let by_ip = |ip: &str| rs.iter().find(|r| r["ip"] == ip).cloned().unwrap();
+    assert_eq!(
+        (by_ip("10.77.3.2")["ok"].clone(), by_ip("10.77.3.2")["unicast"].clone()),
+        (true.into(), false.into()),
+        "{v}"
+    );
+    assert_eq!(
+        (by_ip("10.77.3.3")["ok"].clone(), by_ip("10.77.3.3")["unicast"].clone()),
+        (true.into(), true.into()),
+        "{v}"
+    );
+    assert!(stderr(&o).contains("10.77.3.3 joined late"), "{}", stderr(&o));
+    for tg in &targets {
+        assert!(
+            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
+            "{} differs from the source",
+            tg.display()
         );
     }
 }

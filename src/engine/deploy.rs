@@ -43,8 +43,14 @@ const FILES_DONE: u8 = b'D';
 const END: u8 = b'E';
 /// Longest file a stream carries whole (a manifest or an index).
 const MAX_FILE: u64 = 1 << 30;
-/// The sender listens for reports at udpcast's port base plus this.
+/// The sender listens for reports (and late joiners' probes) at udpcast's
+/// port base plus this.
 pub const REPORT_PORT_OFFSET: u16 = 8;
+/// With `--late`, the sender serves the stream by unicast (TCP) at the
+/// port base plus this.
+pub const LATE_PORT_OFFSET: u16 = 9;
+/// What a receiver sends to find the sender's state.
+const PROBE: &[u8] = b"KLON-PROBE 1\n";
 /// udpcast's default port base.
 pub const DEFAULT_PORT: u16 = 9000;
 
@@ -297,20 +303,112 @@ pub struct ReceiveOptions {
 
 /// `klon receive TARGET --multicast`: waits for a sender, restores the
 /// image it sends onto `target` and reports the outcome to the sender.
-/// The caller has confirmed (`--yes`).
+/// A machine that comes when the multicast is already under way, or loses
+/// it half-way, gets the image by unicast when the sender serves late
+/// joiners (`klon deploy --late`). The caller has confirmed (`--yes`).
 pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
     let started = Instant::now();
+    let dir = std::env::temp_dir().join(format!("klon-receive-{}", std::process::id()));
+    let late = |answer: &Option<(String, ProbeAnswer)>| match answer {
+        Some((ip, ProbeAnswer { phase: Phase::Sending | Phase::Done, late_port: Some(p) })) => Some((ip.clone(), *p)),
+        _ => None,
+    };
+    let (result, sender) = match late(&probe(opts.interface.as_deref(), opts.port, Duration::from_millis(1500))) {
+        Some((ip, p)) => {
+            eprintln!("klon receive: the deployment from {ip} is under way: the image comes by unicast");
+            (by_unicast(target, opts, &ip, p, &dir), Some(ip))
+        }
+        None => {
+            let (result, sender, fallback) = by_multicast(target, opts, &dir);
+            let retry = match &result {
+                Err(e) if fallback || e.to_string().contains("the stream ended or failed") => {
+                    late(&probe(opts.interface.as_deref(), opts.port, Duration::from_millis(1500)))
+                }
+                _ => None,
+            };
+            match retry {
+                Some((ip, p)) => {
+                    eprintln!(
+                        "klon receive: {}; the image comes again from {ip} by unicast",
+                        result.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
+                    );
+                    (by_unicast(target, opts, &ip, p, &dir), Some(ip))
+                }
+                None => (result, sender),
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let outcome = Outcome {
+        host: crate::repo::lock::hostname(),
+        disk: describe_disk(target),
+        mac: opts.interface.as_deref().map(mac_of).unwrap_or_default(),
+        ok: result.is_ok(),
+        problem: result.as_ref().err().map(|e| e.to_string()),
+        bytes_written: result.as_ref().map_or(0, |r| r.bytes_written),
+        seconds: started.elapsed().as_secs_f64(),
+        ip: String::new(),
+    };
+    if let Some(s) = sender {
+        let _ = report_to(&s, opts.port, &outcome);
+    }
+    result
+}
+
+/// Restores the stream `input` (from `from`) onto `target`, with the
+/// checks of a local restore; its head goes into `dir`.
+fn restore_stream(
+    input: Box<dyn Read + Send>,
+    from: &str,
+    target: &Path,
+    opts: &ReceiveOptions,
+    dir: &Path,
+) -> Result<RestoreReport> {
+    let image = StreamedImage::open(input, from, dir)?;
+    let layout = &image.manifest().layout;
+    let mut disk = Disk::open_target(target, Some(layout.disk_size))?;
+    check_fits(&mut disk, layout.disk_size, layout.sector_size)?;
+    crate::device::safety::check_target(&disk, None, None)?;
+    disk.enable_direct_reads();
+    let report = restore::restore(&image, &disk, &opts.restore)?;
+    image.finish()?;
+    Ok(report)
+}
+
+/// The whole stream from the sender at `ip` by TCP on `port`.
+fn by_unicast(target: &Path, opts: &ReceiveOptions, ip: &str, port: u16, dir: &Path) -> Result<RestoreReport> {
+    let _ = std::fs::remove_dir_all(dir);
+    let conn = std::net::TcpStream::connect((ip, port))
+        .map_err(|e| Error::Unsupported(format!("cannot reach {ip}'s unicast stream on TCP port {port}: {e}")))?;
+    restore_stream(
+        Box::new(BufReader::with_capacity(1 << 20, conn)),
+        &format!("{ip}'s unicast stream"),
+        target,
+        opts,
+        dir,
+    )
+}
+
+/// The stream by multicast with udp-receiver. Returns the result, the
+/// sender's address once connected, and whether this machine never got
+/// into the multicast (a deployment went on without it).
+fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<RestoreReport>, Option<String>, bool) {
     let mut args = vec!["--nokbd".to_string(), "--portbase".into(), opts.port.to_string()];
     if let Some(i) = &opts.interface {
         args.extend(["--interface".into(), i.clone()]);
     }
-    let mut child = Command::new("udp-receiver")
+    let mut child = match Command::new("udp-receiver")
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Unsupported(format!("cannot run udp-receiver ({e}): install udpcast")))?;
+    {
+        Ok(c) => c,
+        Err(e) => {
+            return (Err(Error::Unsupported(format!("cannot run udp-receiver ({e}): install udpcast"))), None, false);
+        }
+    };
     let sender: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let said: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().expect("piped");
@@ -327,30 +425,59 @@ pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
             }
         })
     };
+    // While not connected: is a deployment going on without this machine?
+    // Then stop waiting for it when it serves late joiners.
+    let left_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (sender, left_out, done) = (sender.clone(), left_out.clone(), done.clone());
+        let (interface, port, pid) = (opts.interface.clone(), opts.port, child.id() as i32);
+        std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
+            let mut said_so = false;
+            while !done.load(SeqCst) && sender.lock().expect("sender lock").is_none() {
+                if let Some((ip, a)) = probe(interface.as_deref(), port, Duration::from_millis(500))
+                    && a.phase != Phase::Waiting
+                    && sender.lock().expect("sender lock").is_none()
+                {
+                    if a.late_port.is_some() {
+                        left_out.store(true, SeqCst);
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                        return;
+                    }
+                    if !said_so {
+                        eprintln!(
+                            "klon receive: a deployment from {ip} is under way without this machine, and it serves no \
+                             late joiners (klon deploy --late): waiting for the next one"
+                        );
+                        said_so = true;
+                    }
+                }
+                for _ in 0..20 {
+                    if done.load(SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
     let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped")));
-    let dir = std::env::temp_dir().join(format!("klon-receive-{}", std::process::id()));
-    let result = (|| -> Result<RestoreReport> {
-        let image = StreamedImage::open(input, "the multicast stream", &dir)?;
-        let layout = &image.manifest().layout;
-        let mut disk = Disk::open_target(target, Some(layout.disk_size))?;
-        check_fits(&mut disk, layout.disk_size, layout.sector_size)?;
-        crate::device::safety::check_target(&disk, None, None)?;
-        disk.enable_direct_reads();
-        let report = restore::restore(&image, &disk, &opts.restore)?;
-        image.finish()?;
-        Ok(report)
-    })();
+    let result = restore_stream(input, "the multicast stream", target, opts, dir);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
     if result.is_err() {
         // The sender drops a receiver that stops answering.
         let _ = child.kill();
     }
     let status = child.wait();
     let _ = watch.join();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = prober.join();
+    let left_out = left_out.load(std::sync::atomic::Ordering::SeqCst);
     let result = result.map_err(|e| {
         let said = said.lock().expect("said lock");
         let tail: Vec<&String> = said.iter().rev().take(2).collect();
-        if matches!(e, Error::Corrupt(_)) && !tail.is_empty() {
+        if matches!(e, Error::Corrupt(_)) && !tail.is_empty() && !left_out {
             e.with_note(&format!(
                 "udp-receiver said: {}",
                 tail.iter().rev().map(|s| s.as_str()).collect::<Vec<_>>().join(" / ")
@@ -359,26 +486,37 @@ pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
             e
         }
     });
+    let sender = sender.lock().expect("sender lock").clone();
     if result.is_ok()
         && let Ok(s) = &status
         && !s.success()
     {
-        return Err(Error::Unsupported(format!("udp-receiver failed ({s}) after the image arrived whole")));
+        let e = Error::Unsupported(format!("udp-receiver failed ({s}) after the image arrived whole"));
+        return (Err(e), sender, false);
     }
-    let outcome = Outcome {
-        host: crate::repo::lock::hostname(),
-        disk: describe_disk(target),
-        mac: opts.interface.as_deref().map(mac_of).unwrap_or_default(),
-        ok: result.is_ok(),
-        problem: result.as_ref().err().map(|e| e.to_string()),
-        bytes_written: result.as_ref().map_or(0, |r| r.bytes_written),
-        seconds: started.elapsed().as_secs_f64(),
-        ip: String::new(),
-    };
-    if let Some(s) = sender.lock().expect("sender lock").clone() {
-        let _ = report_to(&s, opts.port, &outcome);
-    }
-    result
+    (result, sender, left_out)
+}
+
+/// Asks the sender where its deployment is (a broadcast on the report
+/// port, on `interface`'s network when given); waits up to `wait`.
+fn probe(interface: Option<&str>, port: u16, wait: Duration) -> Option<(String, ProbeAnswer)> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.set_broadcast(true).ok()?;
+    let to = interface.and_then(broadcast_of).unwrap_or(std::net::Ipv4Addr::BROADCAST);
+    socket.send_to(PROBE, (to, port + REPORT_PORT_OFFSET)).ok()?;
+    socket.set_read_timeout(Some(wait)).ok()?;
+    let mut buf = [0u8; 1024];
+    let (n, from) = socket.recv_from(&mut buf).ok()?;
+    let answer = serde_json::from_slice(&buf[..n]).ok()?;
+    Some((from.ip().to_string(), answer))
+}
+
+/// The IPv4 broadcast address of network interface `iface`.
+fn broadcast_of(iface: &str) -> Option<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        (a.interface_name == iface).then_some(())?;
+        a.broadcast?.as_sockaddr_in().map(|b| b.ip())
+    })
 }
 
 /// Sends `outcome` to the sender at `ip`, a few times (UDP may lose one).
@@ -429,8 +567,43 @@ pub struct DeployOptions {
     pub max_bitrate: Option<String>,
     /// How long to wait for the receivers' reports after sending.
     pub report_wait: Duration,
+    /// Serve machines that join late (or lose the multicast) by unicast,
+    /// until this long after the multicast ended.
+    pub late: Option<Duration>,
     /// No progress lines.
     pub quiet: bool,
+}
+
+/// Where a deployment is, as the sender answers a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Waiting for receivers to join the multicast.
+    Waiting,
+    /// Sending by multicast; new receivers cannot join it.
+    Sending,
+    /// The multicast is over.
+    Done,
+}
+
+/// The sender's answer to a probe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    /// Where the deployment is.
+    pub phase: Phase,
+    /// The TCP port of the unicast stream, when the sender serves late joiners.
+    pub late_port: Option<u16>,
+}
+
+/// One receiver in the sender's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Receiver {
+    /// Its address.
+    pub ip: String,
+    /// Whether it got the image by unicast (it joined late or lost the multicast).
+    pub unicast: bool,
+    /// What it reported, or None when it sent nothing.
+    pub outcome: Option<Outcome>,
 }
 
 /// What `klon deploy` reports: each receiver that joined and what it said.
@@ -440,15 +613,14 @@ pub struct DeployReport {
     pub bytes_sent: u64,
     /// Seconds from start to the last report.
     pub seconds: f64,
-    /// Per receiver that joined (by address): its outcome, or None when
-    /// it sent none.
-    pub receivers: Vec<(String, Option<Outcome>)>,
+    /// Per receiver that joined: its outcome, or None when it sent none.
+    pub receivers: Vec<Receiver>,
 }
 
 impl DeployReport {
     /// Whether every receiver restored the image and said so.
     pub fn all_ok(&self) -> bool {
-        !self.receivers.is_empty() && self.receivers.iter().all(|(_, o)| o.as_ref().is_some_and(|o| o.ok))
+        !self.receivers.is_empty() && self.receivers.iter().all(|r| r.outcome.as_ref().is_some_and(|o| o.ok))
     }
 
     /// The summary's lines.
@@ -459,8 +631,9 @@ impl DeployReport {
             self.receivers.len(),
             (self.seconds * 10.0).round() / 10.0
         )];
-        for (ip, o) in &self.receivers {
-            lines.push(match o {
+        for r in &self.receivers {
+            let ip = if r.unicast { format!("{} (late, by unicast)", r.ip) } else { r.ip.clone() };
+            lines.push(match &r.outcome {
                 Some(o) if o.ok => format!(
                     "  {ip} ({}, {}): OK, {} written to {} in {:.1} s, read back and compared",
                     o.host,
@@ -483,8 +656,26 @@ impl DeployReport {
     }
 }
 
+fn lock(st: &Mutex<SenderState>) -> std::sync::MutexGuard<'_, SenderState> {
+    st.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the sender's helper threads share: the phase, the reports, the
+/// late joiners.
+#[derive(Debug)]
+struct SenderState {
+    phase: Phase,
+    got: HashMap<String, Outcome>,
+    late: Vec<String>,
+    /// Late joiners are still accepted.
+    accepting: bool,
+    /// The report listener is to end.
+    stop: bool,
+}
+
 /// `klon deploy IMAGE --multicast`: sends the klon image at `image` to the
-/// receivers that join, then collects their reports.
+/// receivers that join, serves late joiners by unicast when asked, then
+/// collects every receiver's report.
 pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let started = Instant::now();
     // Checked before anyone waits for it.
@@ -492,6 +683,68 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let reports = UdpSocket::bind(("0.0.0.0", opts.port + REPORT_PORT_OFFSET)).map_err(|e| {
         Error::Unsupported(format!("cannot listen for reports on UDP port {}: {e}", opts.port + REPORT_PORT_OFFSET))
     })?;
+    let late_port = opts.port + LATE_PORT_OFFSET;
+    let late_listener =
+        match opts.late {
+            None => None,
+            Some(_) => Some(std::net::TcpListener::bind(("0.0.0.0", late_port)).map_err(|e| {
+                Error::Unsupported(format!("cannot listen for late joiners on TCP port {late_port}: {e}"))
+            })?),
+        };
+    let state = Arc::new(Mutex::new(SenderState {
+        phase: Phase::Waiting,
+        got: HashMap::new(),
+        late: Vec::new(),
+        accepting: true,
+        stop: false,
+    }));
+    // Reports and probes, on the report port, all along.
+    let listener = {
+        let state = state.clone();
+        let offer = late_listener.as_ref().map(|_| late_port);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let _ = reports.set_read_timeout(Some(Duration::from_millis(200)));
+            loop {
+                if lock(&state).stop {
+                    return;
+                }
+                let Ok((n, from)) = reports.recv_from(&mut buf) else { continue };
+                if buf[..n].starts_with(PROBE) {
+                    let phase = lock(&state).phase;
+                    let answer = serde_json::to_vec(&ProbeAnswer { phase, late_port: offer }).expect("serializes");
+                    let _ = reports.send_to(&answer, from);
+                } else if let Ok(mut o) = serde_json::from_slice::<Outcome>(&buf[..n]) {
+                    o.ip = from.ip().to_string();
+                    lock(&state).got.insert(o.ip.clone(), o);
+                }
+            }
+        })
+    };
+    // Late joiners: the whole stream by TCP, each in a thread of its own.
+    if let Some(l) = &late_listener {
+        let l = l.try_clone().map_err(|e| Error::Unsupported(format!("TCP port {late_port}: {e}")))?;
+        let (state, image, quiet) = (state.clone(), image.to_path_buf(), opts.quiet);
+        std::thread::spawn(move || {
+            for conn in l.incoming().flatten() {
+                let ip = conn.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                if !lock(&state).accepting {
+                    return;
+                }
+                lock(&state).late.push(ip.clone());
+                if !quiet {
+                    eprintln!("klon deploy: {ip} joined late: sending it the image by unicast");
+                }
+                let image = image.clone();
+                std::thread::spawn(move || {
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, conn);
+                    if let Err(e) = send_stream(&image, &mut out) {
+                        eprintln!("klon deploy: the unicast stream to {ip} stopped: {e}");
+                    }
+                });
+            }
+        });
+    }
     let mut args = vec![
         "--nokbd".to_string(),
         "--portbase".into(),
@@ -522,7 +775,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let stderr = child.stderr.take().expect("piped");
     let quiet = opts.quiet;
     let watch = {
-        let joined = joined.clone();
+        let (joined, state) = (joined.clone(), state.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
                 for line in String::from_utf8_lossy(&line).lines() {
@@ -535,6 +788,9 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                             eprintln!("klon deploy: {ip} joined");
                         }
                     }
+                    if line.trim().starts_with("Starting transfer") {
+                        lock(&state).phase = Phase::Sending;
+                    }
                 }
             }
         })
@@ -544,31 +800,65 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     drop(stdin);
     let status = child.wait().map_err(|e| Error::Unsupported(format!("udp-sender: {e}")))?;
     let _ = watch.join();
+    lock(&state).phase = Phase::Done;
+    let stop_accepting = |state: &Arc<Mutex<SenderState>>| {
+        let was = std::mem::replace(&mut lock(state).accepting, false);
+        // The accept loop wakes on a connection.
+        if was && late_listener.is_some() {
+            let _ = std::net::TcpStream::connect(("127.0.0.1", late_port));
+        }
+    };
+    let finish = |state: &Arc<Mutex<SenderState>>| {
+        stop_accepting(state);
+        lock(state).stop = true;
+    };
     let bytes_sent = match sent {
         Ok(n) => n,
         Err(e) if !status.success() => {
+            finish(&state);
+            let _ = listener.join();
             return Err(e.with_note(&format!("udp-sender stopped ({status}): no receiver joined, or all were dropped")));
         }
-        Err(e) => return Err(e),
+        Err(e) => {
+            finish(&state);
+            let _ = listener.join();
+            return Err(e);
+        }
     };
     let joined = joined.lock().expect("joined lock").clone();
-    let mut got: HashMap<String, Outcome> = HashMap::new();
-    let deadline = Instant::now() + opts.report_wait;
-    let mut buf = vec![0u8; 64 << 10];
-    while got.len() < joined.len() && Instant::now() < deadline {
-        let _ = reports
-            .set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))));
-        let Ok((n, from)) = reports.recv_from(&mut buf) else { break };
-        if let Ok(mut o) = serde_json::from_slice::<Outcome>(&buf[..n]) {
-            o.ip = from.ip().to_string();
-            got.insert(o.ip.clone(), o);
-        }
+    if let Some(late) = opts.late
+        && !opts.quiet
+    {
+        eprintln!("klon deploy: multicast done; serving late joiners by unicast for {} s", late.as_secs());
     }
-    let receivers = joined.into_iter().map(|ip| {
-        let o = got.remove(&ip);
-        (ip, o)
-    });
-    Ok(DeployReport { bytes_sent, seconds: started.elapsed().as_secs_f64(), receivers: receivers.collect() })
+    let late_until = Instant::now() + opts.late.unwrap_or_default();
+    loop {
+        let now = Instant::now();
+        let all_in = {
+            let st = lock(&state);
+            joined.iter().chain(st.late.iter()).all(|ip| st.got.contains_key(ip))
+        };
+        if now >= late_until {
+            stop_accepting(&state);
+            if all_in || now >= late_until + opts.report_wait {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    finish(&state);
+    let _ = listener.join();
+    let mut st = lock(&state);
+    let late = std::mem::take(&mut st.late);
+    let mut receivers: Vec<Receiver> =
+        joined.into_iter().map(|ip| Receiver { outcome: st.got.remove(&ip), ip, unicast: false }).collect();
+    for ip in late {
+        // A machine that lost the multicast and came back by unicast: its
+        // report is the unicast one.
+        receivers.retain(|r| r.ip != ip);
+        receivers.push(Receiver { outcome: st.got.remove(&ip), ip, unicast: true });
+    }
+    Ok(DeployReport { bytes_sent, seconds: started.elapsed().as_secs_f64(), receivers })
 }
 
 #[cfg(test)]
