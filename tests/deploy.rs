@@ -4,7 +4,8 @@
 //! one image restored on three receivers at once, each target compared
 //! byte for byte with the source disk; a receiver that dies half-way is
 //! named in the sender's summary, and the others still finish whole; one
-//! that comes half-way through gets the image by unicast (`--late`).
+//! that comes after the start, and one the sender drops half-way, get the
+//! image by unicast (`--late`).
 //! Needs root, and udpcast (scripts/test installs it).
 
 mod common;
@@ -198,9 +199,9 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
     }
 }
 
-/// A machine that comes when the multicast is already under way gets the
-/// image by unicast from the same sender (`--late`): it asks the sender
-/// where the deployment is, is told it is sending and where the unicast
+/// A machine that comes when the multicast has started gets the image by
+/// unicast from the same sender (`--late`): it asks the sender where the
+/// deployment is, is told it is sending (or done) and where the unicast
 /// stream is, restores it with the same checks and reports; the summary
 /// marks it "unicast". Both targets equal the source byte for byte.
 #[test]
@@ -212,7 +213,7 @@ fn a_machine_that_joins_late_gets_the_image_by_unicast() {
     let net = Net::new(3, 2);
     let targets: Vec<PathBuf> = (0..2).map(|i| t.join(&format!("target{i}.img"))).collect();
     let first = net.receive(0, &targets[0], 9300);
-    // Slowly (16 Mbit/s: about 15 s), so the second machine comes half-way.
+    // Slowly (16 Mbit/s), so the second machine comes after the start.
     let (o, late) = std::thread::scope(|scope| {
         let sender = scope
             .spawn(|| net.deploy(&img, &["--clients", "1", "--port", "9300", "--max-bitrate", "16m", "--late", "10"]));
@@ -244,6 +245,71 @@ fn a_machine_that_joins_late_gets_the_image_by_unicast() {
         "{v}"
     );
     assert!(stderr(&o).contains("10.77.3.3 joined late"), "{}", stderr(&o));
+    for tg in &targets {
+        assert!(
+            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
+            "{} differs from the source",
+            tg.display()
+        );
+    }
+}
+
+/// A machine that stops answering half-way (its udp-receiver frozen) is
+/// dropped by udp-sender while the others go on; its klon notices that
+/// nothing arrives, learns from the sender that it was dropped, and gets
+/// the whole image again by unicast (`--late`): its target equals the
+/// source too, and the summary marks it "unicast".
+#[test]
+fn a_machine_the_sender_drops_gets_the_image_again_by_unicast() {
+    require_root!();
+    ready();
+    let t = TempDir::new("deploy-drop");
+    let (disk, img) = source(&t, 32 * MIB);
+    let net = Net::new(4, 2);
+    let targets: Vec<PathBuf> = (0..2).map(|i| t.join(&format!("target{i}.img"))).collect();
+    let receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9400)).collect();
+    let o = std::thread::scope(|scope| {
+        let sender = scope
+            .spawn(|| net.deploy(&img, &["--clients", "2", "--port", "9400", "--max-bitrate", "2m", "--late", "15"]));
+        // Half-way (2 Mbit/s: the 4 MB stream takes about 17 s), the second
+        // machine's udp-receiver freezes.
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        let out = Command::new("ip").args(["netns", "pids", &net.receivers[1]]).output().unwrap();
+        let mut frozen = 0;
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "udp-receiver") {
+                run("kill", &["-STOP", pid]);
+                frozen += 1;
+            }
+        }
+        assert_eq!(frozen, 1, "no udp-receiver to freeze in {}", net.receivers[1]);
+        sender.join().unwrap()
+    });
+    for (i, r) in receivers.into_iter().enumerate() {
+        let r = r.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.success(), "receiver {i}: {said}");
+        if i == 1 {
+            assert!(said.contains("udp-sender dropped this machine half-way"), "{said}");
+            assert!(said.contains("the image comes again from 10.77.4.1 by unicast"), "{said}");
+        }
+    }
+    ok(&o);
+    assert!(stderr(&o).contains("udp-sender dropped 10.77.4.3"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rs = v["receivers"].as_array().unwrap();
+    assert_eq!(rs.len(), 2, "{v}");
+    let by_ip = |ip: &str| rs.iter().find(|r| r["ip"] == ip).cloned().unwrap();
+    assert_eq!(
+        (by_ip("10.77.4.2")["ok"].clone(), by_ip("10.77.4.2")["unicast"].clone()),
+        (true.into(), false.into()),
+        "{v}"
+    );
+    assert_eq!(
+        (by_ip("10.77.4.3")["ok"].clone(), by_ip("10.77.4.3")["unicast"].clone()),
+        (true.into(), true.into()),
+        "{v}"
+    );
     for tg in &targets {
         assert!(
             std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),

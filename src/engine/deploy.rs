@@ -310,7 +310,9 @@ pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let dir = std::env::temp_dir().join(format!("klon-receive-{}", std::process::id()));
     let late = |answer: &Option<(String, ProbeAnswer)>| match answer {
-        Some((ip, ProbeAnswer { phase: Phase::Sending | Phase::Done, late_port: Some(p) })) => Some((ip.clone(), *p)),
+        Some((ip, ProbeAnswer { phase: Phase::Sending | Phase::Done, late_port: Some(p), .. })) => {
+            Some((ip.clone(), *p))
+        }
         _ => None,
     };
     let (result, sender) = match late(&probe(opts.interface.as_deref(), opts.port, Duration::from_millis(1500))) {
@@ -389,9 +391,31 @@ fn by_unicast(target: &Path, opts: &ReceiveOptions, ip: &str, port: u16, dir: &P
     )
 }
 
+/// How long the multicast may bring nothing before the receiver asks the
+/// sender whether it dropped this machine.
+const STALL: Duration = Duration::from_secs(10);
+
+/// A reader that notes when it last gave bytes (milliseconds since `since`).
+struct Noting<R> {
+    inner: R,
+    since: Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Noting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.last.store(self.since.elapsed().as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(n)
+    }
+}
+
 /// The stream by multicast with udp-receiver. Returns the result, the
-/// sender's address once connected, and whether this machine never got
-/// into the multicast (a deployment went on without it).
+/// sender's address once connected, and whether another way is worth
+/// trying: this machine never got into the multicast (a deployment went
+/// on without it), or udp-sender dropped it.
 fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<RestoreReport>, Option<String>, bool) {
     let mut args = vec!["--nokbd".to_string(), "--portbase".into(), opts.port.to_string()];
     if let Some(i) = &opts.interface {
@@ -426,24 +450,42 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
         })
     };
     // While not connected: is a deployment going on without this machine?
-    // Then stop waiting for it when it serves late joiners.
+    // Then stop waiting for it when it serves late joiners. Once connected:
+    // when nothing arrives for a while, did udp-sender drop this machine?
     let left_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let since = Instant::now();
+    let last_byte = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let prober = {
-        let (sender, left_out, done) = (sender.clone(), left_out.clone(), done.clone());
+        let (sender, left_out, dropped, done, last_byte) =
+            (sender.clone(), left_out.clone(), dropped.clone(), done.clone(), last_byte.clone());
         let (interface, port, pid) = (opts.interface.clone(), opts.port, child.id() as i32);
         std::thread::spawn(move || {
             use std::sync::atomic::Ordering::SeqCst;
+            let kill = || {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            };
             let mut said_so = false;
-            while !done.load(SeqCst) && sender.lock().expect("sender lock").is_none() {
-                if let Some((ip, a)) = probe(interface.as_deref(), port, Duration::from_millis(500))
+            while !done.load(SeqCst) {
+                let connected = sender.lock().expect("sender lock").is_some();
+                let quiet_for = since.elapsed().saturating_sub(Duration::from_millis(last_byte.load(SeqCst)));
+                if connected && quiet_for > STALL {
+                    if let Some((_, a)) = probe(interface.as_deref(), port, Duration::from_millis(500))
+                        && a.dropped
+                    {
+                        dropped.store(true, SeqCst);
+                        kill();
+                        return;
+                    }
+                } else if !connected
+                    && let Some((ip, a)) = probe(interface.as_deref(), port, Duration::from_millis(500))
                     && a.phase != Phase::Waiting
                     && sender.lock().expect("sender lock").is_none()
                 {
                     if a.late_port.is_some() {
                         left_out.store(true, SeqCst);
-                        let _ =
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+                        kill();
                         return;
                     }
                     if !said_so {
@@ -463,7 +505,9 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
             }
         })
     };
-    let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, child.stdout.take().expect("piped")));
+    let stdout = child.stdout.take().expect("piped");
+    let noting = Noting { inner: stdout, since, last: last_byte };
+    let input: Box<dyn Read + Send> = Box::new(BufReader::with_capacity(1 << 20, noting));
     let result = restore_stream(input, "the multicast stream", target, opts, dir);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     if result.is_err() {
@@ -474,7 +518,13 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
     let _ = watch.join();
     let _ = prober.join();
     let left_out = left_out.load(std::sync::atomic::Ordering::SeqCst);
+    let dropped = dropped.load(std::sync::atomic::Ordering::SeqCst);
     let result = result.map_err(|e| {
+        if dropped {
+            return Error::Unsupported(format!(
+                "udp-sender dropped this machine half-way (it stopped answering for too long; {e})"
+            ));
+        }
         let said = said.lock().expect("said lock");
         let tail: Vec<&String> = said.iter().rev().take(2).collect();
         if matches!(e, Error::Corrupt(_)) && !tail.is_empty() && !left_out {
@@ -494,7 +544,7 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
         let e = Error::Unsupported(format!("udp-receiver failed ({s}) after the image arrived whole"));
         return (Err(e), sender, false);
     }
-    (result, sender, left_out)
+    (result, sender, left_out || dropped)
 }
 
 /// Asks the sender where its deployment is (a broadcast on the report
@@ -593,6 +643,10 @@ pub struct ProbeAnswer {
     pub phase: Phase,
     /// The TCP port of the unicast stream, when the sender serves late joiners.
     pub late_port: Option<u16>,
+    /// Whether udp-sender dropped the machine that asked (it stopped
+    /// answering for too long).
+    #[serde(default)]
+    pub dropped: bool,
 }
 
 /// One receiver in the sender's summary.
@@ -667,6 +721,8 @@ struct SenderState {
     phase: Phase,
     got: HashMap<String, Outcome>,
     late: Vec<String>,
+    /// The receivers udp-sender dropped.
+    dropped: Vec<String>,
     /// Late joiners are still accepted.
     accepting: bool,
     /// The report listener is to end.
@@ -695,6 +751,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
         phase: Phase::Waiting,
         got: HashMap::new(),
         late: Vec::new(),
+        dropped: Vec::new(),
         accepting: true,
         stop: false,
     }));
@@ -702,6 +759,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let listener = {
         let state = state.clone();
         let offer = late_listener.as_ref().map(|_| late_port);
+        let quiet = opts.quiet;
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
             let _ = reports.set_read_timeout(Some(Duration::from_millis(200)));
@@ -711,12 +769,20 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                 }
                 let Ok((n, from)) = reports.recv_from(&mut buf) else { continue };
                 if buf[..n].starts_with(PROBE) {
-                    let phase = lock(&state).phase;
-                    let answer = serde_json::to_vec(&ProbeAnswer { phase, late_port: offer }).expect("serializes");
+                    let (phase, dropped) = {
+                        let st = lock(&state);
+                        (st.phase, st.dropped.contains(&from.ip().to_string()))
+                    };
+                    let answer =
+                        serde_json::to_vec(&ProbeAnswer { phase, late_port: offer, dropped }).expect("serializes");
                     let _ = reports.send_to(&answer, from);
                 } else if let Ok(mut o) = serde_json::from_slice::<Outcome>(&buf[..n]) {
                     o.ip = from.ip().to_string();
-                    lock(&state).got.insert(o.ip.clone(), o);
+                    let mut st = lock(&state);
+                    if !quiet && !st.got.contains_key(&o.ip) {
+                        eprintln!("klon deploy: {} reported: {}", o.ip, if o.ok { "OK" } else { "FAILED" });
+                    }
+                    st.got.insert(o.ip.clone(), o);
                 }
             }
         })
@@ -777,12 +843,26 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let watch = {
         let (joined, state) = (joined.clone(), state.clone());
         std::thread::spawn(move || {
+            // udpcast numbers its receivers: "#0" is the first that joined.
+            let mut numbers: HashMap<String, String> = HashMap::new();
             for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
                 for line in String::from_utf8_lossy(&line).lines() {
+                    // "Dropping client #1 because of timeout"
+                    if let Some(rest) = line.trim().strip_prefix("Dropping client ")
+                        && let Some(ip) = rest.split_whitespace().next().and_then(|n| numbers.get(n))
+                    {
+                        lock(&state).dropped.push(ip.clone());
+                        if !quiet {
+                            eprintln!("klon deploy: udp-sender dropped {ip} (it stopped answering)");
+                        }
+                    }
                     // "New connection from 10.77.0.2  (#0) 00000009"
                     if let Some(rest) = line.trim().strip_prefix("New connection from ")
                         && let Some(ip) = rest.split_whitespace().next()
                     {
+                        if let Some(n) = rest.split(['(', ')']).nth(1) {
+                            numbers.insert(n.to_string(), ip.to_string());
+                        }
                         joined.lock().expect("joined lock").push(ip.to_string());
                         if !quiet {
                             eprintln!("klon deploy: {ip} joined");
@@ -850,12 +930,14 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let _ = listener.join();
     let mut st = lock(&state);
     let late = std::mem::take(&mut st.late);
-    let mut receivers: Vec<Receiver> =
-        joined.into_iter().map(|ip| Receiver { outcome: st.got.remove(&ip), ip, unicast: false }).collect();
+    // A machine that lost the multicast and came back by unicast is listed
+    // once, as a unicast one.
+    let mut receivers: Vec<Receiver> = joined
+        .into_iter()
+        .filter(|ip| !late.contains(ip))
+        .map(|ip| Receiver { outcome: st.got.remove(&ip), ip, unicast: false })
+        .collect();
     for ip in late {
-        // A machine that lost the multicast and came back by unicast: its
-        // report is the unicast one.
-        receivers.retain(|r| r.ip != ip);
         receivers.push(Receiver { outcome: st.got.remove(&ip), ip, unicast: true });
     }
     Ok(DeployReport { bytes_sent, seconds: started.elapsed().as_secs_f64(), receivers })
