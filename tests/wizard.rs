@@ -1,7 +1,8 @@
 //! The wizard driven end to end in a pseudo-terminal (tmux, 80x25) on
 //! loop-device disks: backup, verify, restore, clone; going back a step;
 //! a too-small target refused; cancelling at the confirmation leaves the
-//! target untouched. Needs root and tmux; skipped without root unless
+//! target untouched; receiving what klon deploy sends (two network
+//! namespaces). Needs root and tmux; skipped without root unless
 //! KLON_REQUIRE_ROOT_TESTS=1.
 
 mod common;
@@ -36,10 +37,16 @@ impl Tmux {
 
     /// klon with `args` (none: the wizard) on a terminal of its own.
     fn start_with(cwd: &Path, args: &[&str]) -> Tmux {
+        Tmux::start_in(cwd, "", args)
+    }
+
+    /// `start_with`, klon run behind `prefix` (e.g. `ip netns exec NS`).
+    fn start_in(cwd: &Path, prefix: &str, args: &[&str]) -> Tmux {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let socket = format!("klon-test-wizard-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
-        let cmd = format!("{} {} ; echo KLON-EXITED $? ; sleep 600", env!("CARGO_BIN_EXE_klon"), args.join(" "));
+        let cmd =
+            format!("{prefix} {} {} ; echo KLON-EXITED $? ; sleep 600", env!("CARGO_BIN_EXE_klon"), args.join(" "));
         let st = Command::new("tmux")
             .args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-s", "w", "-x", "80", "-y", "25", "-c"])
             .arg(cwd)
@@ -790,4 +797,94 @@ fn wizard_browses_an_image_and_copies_files_to_the_image_drive() {
 fn t_pid(screen: &str) -> String {
     let at = screen.find("klon-browse-").expect("the mount point is named") + "klon-browse-".len();
     screen[at..].chars().take_while(|c| c.is_ascii_digit()).collect()
+}
+
+/// Two network namespaces joined by a veth pair: the sender's (`kws…`,
+/// 10.78.9.1) and the receiver's (`kwr…`, 10.78.9.2); removed, with what
+/// runs in them, when dropped.
+struct TwoHosts {
+    sender: String,
+    receiver: String,
+}
+
+impl TwoHosts {
+    fn new() -> TwoHosts {
+        let pid = std::process::id();
+        let h = TwoHosts { sender: format!("kws-{pid}"), receiver: format!("kwr-{pid}") };
+        let (s, r) = (h.sender.as_str(), h.receiver.as_str());
+        run("ip", &["netns", "add", s]);
+        run("ip", &["netns", "add", r]);
+        run("ip", &["-n", s, "link", "add", "e0", "type", "veth", "peer", "name", "e0", "netns", r]);
+        for (ns, addr) in [(s, "10.78.9.1/24"), (r, "10.78.9.2/24")] {
+            run("ip", &["-n", ns, "addr", "add", addr, "brd", "+", "dev", "e0"]);
+            run("ip", &["-n", ns, "link", "set", "e0", "up"]);
+            run("ip", &["-n", ns, "link", "set", "lo", "up"]);
+            run("ip", &["-n", ns, "route", "add", "224.0.0.0/4", "dev", "e0"]);
+        }
+        h
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in [&self.sender, &self.receiver] {
+            let out = Command::new("ip").args(["netns", "pids", ns]).output().unwrap();
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// "Receive an image from the network": the wizard (on a machine in a
+/// network namespace) asks for the disk and the confirmation, then waits;
+/// `klon deploy` in the other namespace sends the image by multicast; the
+/// wizard shows the restore read back and the command for scripts, the
+/// sender's summary has the machine OK, and the disk equals the source.
+#[test]
+fn wizard_receives_an_image_klon_deploy_sends() {
+    require_root!();
+    let _g = lock();
+    let tmp = TempDir::new("wizard-receive");
+    let src_file = tmp.join("source.img");
+    let dst_file = tmp.join("target.img");
+    make_gpt_disk(&src_file, 32 * MIB);
+    garbage_file(&dst_file, 32 * MIB);
+    let image = tmp.join("image");
+    ok(&klon(&["backup", "--quiet", src_file.to_str().unwrap(), image.to_str().unwrap()]));
+    let dst = LoopDevice::attach(&dst_file, None);
+    let hosts = TwoHosts::new();
+
+    let t = Tmux::start_in(&tmp.0, &format!("ip netns exec {}", hosts.receiver), &[]);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Receive an image from the network");
+    let s = t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
+    assert!(s.contains("The image's size is known once it arrives"), "{s}");
+    t.choose(&entry(&dst));
+    let s = t.wait_for(&["Type to confirm:"], 30);
+    assert!(flat(&s).contains("will be written to"), "{s}");
+    t.text(&dev_name(&dst));
+    t.keys(&["Enter"]);
+    t.wait_for(&["Waiting for klon deploy on the network"], 30);
+    let o = Command::new("ip")
+        .args(["netns", "exec", &hosts.sender, env!("CARGO_BIN_EXE_klon"), "--json", "deploy"])
+        .args([image.to_str().unwrap(), "--multicast", "--interface", "e0", "--clients", "1", "--report-wait", "60"])
+        .output()
+        .unwrap();
+    let s = t.wait_for(&["receive done", "Press Enter"], 120);
+    assert!(s.contains("Verification: OK"), "{s}");
+    assert!(flat(&s).contains(&format!("klon receive --multicast --yes {}", dst.path.display())), "{s}");
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["receivers"][0]["ip"], "10.78.9.2", "{v}");
+    assert_eq!(v["receivers"][0]["ok"], true, "{v}");
+    t.keys(&["Enter"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    assert!(
+        std::fs::read(&dst_file).unwrap() == std::fs::read(&src_file).unwrap(),
+        "the disk the wizard received differs from the source"
+    );
 }

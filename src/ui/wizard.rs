@@ -52,13 +52,20 @@ pub struct WizardContext {
     /// disk with a partition labelled KLONLIVE is left out anyway). A
     /// partition stands for its whole disk.
     pub exclude: Vec<PathBuf>,
+    /// Brings up the network (the live system: DHCP) and says how:
+    /// (interface, one line for the person). `None`: the machine's own
+    /// network is used as it is.
+    pub network: Option<BringUpNetwork>,
 }
+
+/// Brings up the network; returns the interface and a line about it.
+pub type BringUpNetwork = fn() -> Result<(String, String)>;
 
 /// Runs the wizard; Shell opens `$SHELL` (or /bin/sh) and comes back;
 /// Reboot and Power off run `reboot` / `poweroff`.
 pub fn run(live: bool) -> Result<()> {
     loop {
-        let run_with_exit = run_with(WizardContext { live, exclude: Vec::new() })?;
+        let run_with_exit = run_with(WizardContext { live, exclude: Vec::new(), network: None })?;
         match run_with_exit {
             WizardExit::Quit => return Ok(()),
             WizardExit::Shell => {
@@ -106,6 +113,7 @@ fn main_menu(scr: &Screen, ctx: &WizardContext) -> Result<WizardExit> {
         ("Verify an image", 3),
         ("Browse an image (get files back)", 10),
         ("Clone a disk to another disk", 4),
+        ("Receive an image from the network (klon deploy)", 11),
         ("Show disks", 5),
     ];
     if ctx.live {
@@ -128,6 +136,7 @@ fn main_menu(scr: &Screen, ctx: &WizardContext) -> Result<WizardExit> {
             4 => clone_flow(scr, ctx),
             5 => show_disks(scr, ctx),
             10 => browse_flow(scr, ctx, &mut st),
+            11 => receive_flow(scr, ctx),
             6 => return Ok(WizardExit::Shell),
             7 => {
                 if confirm_leave(scr, "Reboot now?")? {
@@ -891,7 +900,12 @@ fn pick_target(
         scr.message(title, "No other disk can be written to. Connect the target disk and try again.")?;
         return Ok(Nav::Back);
     }
-    let body = format!("The copy needs {} or more.", human_bytes(need.size));
+    let body = if need.size == 0 {
+        "The image's size is known once it arrives: a disk too small is refused then, before anything is written."
+            .to_string()
+    } else {
+        format!("The copy needs {} or more.", human_bytes(need.size))
+    };
     Ok(match scr.select(title, &body, "Which disk do you want to OVERWRITE?", &items, 0)? {
         Nav::Back => Nav::Back,
         Nav::Go(i) => Nav::Go(index[i]),
@@ -1068,6 +1082,78 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
             _ => unreachable!("no such step"),
         }
     }
+}
+
+// ---------------------------------------------------------------- receive
+
+/// Receives what `klon deploy` sends by multicast onto a disk chosen here,
+/// with the checks of a restore, and reports to the sender.
+fn receive_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
+    use crate::engine::deploy::{DEFAULT_PORT, ReceiveOptions, receive};
+    let title = "receive from the network";
+    let (interface, net_line) = match ctx.network {
+        Some(up) => {
+            scr.page(title, "Bringing up the network by DHCP ...")?;
+            match up() {
+                Ok((iface, line)) => (Some(iface), format!("Network: {line}.")),
+                Err(e) => {
+                    return scr.message(
+                        title,
+                        &format!(
+                            "No network: {}\n\nConnect a network cable (to the network klon deploy sends on) and try \
+                             again.",
+                            explain(&e)
+                        ),
+                    );
+                }
+            }
+        }
+        None => (None, "The machine's network is used as it is.".to_string()),
+    };
+    let list = disks::list(&ctx.exclude)?;
+    let Nav::Go(target) = pick_target(scr, ctx, title, &list, None, &[], Need { size: 0, sector_size: 512 })? else {
+        return Ok(());
+    };
+    let what = format!(
+        "{net_line}\n\nThe image klon deploy sends (on port {DEFAULT_PORT}) will be written to {} as it arrives, every \
+         chunk checked, and read back.",
+        list[target].info.path.display()
+    );
+    let Nav::Go(()) = confirm_destroy(scr, title, &what, &list[target])? else { return Ok(()) };
+    let tpath = list[target].info.path.clone();
+    scr.page(
+        title,
+        &format!(
+            "{net_line}\n\nWaiting for klon deploy on the network, then writing {}. Ctrl-C stops.",
+            tpath.display()
+        ),
+    )?;
+    let opts = ReceiveOptions {
+        interface: interface.clone(),
+        port: DEFAULT_PORT,
+        restore: RestoreOptions { grow_last: false, verify_after: true, quiet: false, workers: default_workers() },
+    };
+    let r = run_job(scr, "receive", "The disk will be left unusable (its partition table wiped).", || {
+        receive(&tpath, &opts)
+    });
+    let cmd = format!(
+        "klon receive --multicast --yes{} {}",
+        interface.map(|i| format!(" --interface {i}")).unwrap_or_default(),
+        shell_quote(&tpath)
+    );
+    let body = match r {
+        Ok(r) => format!(
+            "Received and restored onto {}.\n\nTime:         {}\nWritten:      {} at {}\nVerification: {}\n\nThe \
+             sender was told. The same from a script:\n  {cmd}",
+            tpath.display(),
+            human_duration(r.seconds),
+            human_bytes(r.bytes_written),
+            rate(r.bytes_written, r.seconds),
+            if r.verified { "OK, everything read back matches the image" } else { "not read back" }
+        ),
+        Err(e) => format!("The image was not received whole.\n\n{}", explain(&e)),
+    };
+    scr.message("receive done", &body)
 }
 
 // ---------------------------------------------------------------- clone
