@@ -169,7 +169,7 @@ pub fn start_wizard() -> Result<()> {
     let disks = sysfs::list_disks()?;
     let stick = live_disks(&disks, &live_spec());
     let exclude = disks.iter().filter(|d| stick.contains(&d.devno)).map(|d| d.path.clone()).collect();
-    let network: fn() -> Result<(String, String)> =
+    let network: crate::ui::wizard::BringUpNetwork =
         || net::bring_up(None, Duration::from_secs(20)).map(|l| (l.iface.clone(), l.describe()));
     match run_with(WizardContext { live: true, exclude, network: Some(network) })? {
         WizardExit::Quit => Ok(()),
