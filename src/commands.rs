@@ -20,6 +20,37 @@ use crate::ui::human_bytes;
 
 mod repo_cmds;
 
+/// Mounts the sftp:// locations `cli` names (images and repositories) and
+/// puts their local paths in their place; they stay mounted while the
+/// returned guards live.
+pub fn localize(cli: &mut Cli) -> Result<Vec<crate::image::location::RemoteMount>> {
+    use crate::image::location::localize as here;
+    let mut paths: Vec<&mut std::path::PathBuf> = Vec::new();
+    match &mut cli.command {
+        Command::Backup(a) => paths.push(&mut a.image),
+        Command::Snapshots(a) => paths.push(&mut a.repo),
+        Command::Forget(a) => paths.push(&mut a.repo),
+        Command::Prune(a) => paths.push(&mut a.repo),
+        Command::Check(a) => paths.push(&mut a.repo),
+        Command::Unlock(a) => paths.push(&mut a.repo),
+        Command::Init(a) => paths.push(&mut a.repo),
+        Command::Copy(a) => paths.extend([&mut a.from, &mut a.to]),
+        Command::Verify(a) => paths.push(&mut a.image),
+        Command::Restore(a) => paths.push(&mut a.image),
+        Command::Deploy(a) => paths.push(&mut a.image),
+        Command::Info(a) => paths.push(&mut a.image),
+        Command::Mount(a) => paths.push(&mut a.image),
+        _ => {}
+    }
+    let mut mounts = Vec::new();
+    for p in paths {
+        let (local, mount) = here(p)?;
+        *p = local;
+        mounts.extend(mount);
+    }
+    Ok(mounts)
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: &Cli) -> Result<()> {
     if let Some(f) = &cli.passphrase_file {

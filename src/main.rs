@@ -18,10 +18,17 @@ fn main() {
         }
         return;
     }
-    let cli = klon::cli::Cli::parse();
+    let mut cli = klon::cli::Cli::parse();
     klon::engine::cancel::install();
     klon::engine::cancel::default_sigpipe();
-    if let Err(e) = klon::commands::run(&cli) {
+    // Images and repositories on other machines (sftp://), mounted while
+    // the command runs.
+    let result = klon::commands::localize(&mut cli).and_then(|remote| {
+        let r = klon::commands::run(&cli);
+        let unmounted: klon::Result<()> = remote.into_iter().try_for_each(|m| m.unmount());
+        r.and(unmounted)
+    });
+    if let Err(e) = result {
         // The message already includes the cause (an OS error's text).
         eprintln!("klon: {e}");
         if cli.json {

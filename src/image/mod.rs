@@ -4,6 +4,7 @@
 
 pub mod chunks;
 pub mod format;
+pub mod location;
 pub mod manifest;
 pub mod reader;
 pub mod writer;
