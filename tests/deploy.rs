@@ -120,6 +120,20 @@ fn source(t: &TempDir, size: u64) -> (PathBuf, PathBuf) {
     (disk, img)
 }
 
+/// Every target equals the source disk byte for byte.
+fn all_equal(targets: &[PathBuf], disk: &Path) {
+    let want = std::fs::read(disk).unwrap();
+    for tg in targets {
+        assert!(std::fs::read(tg).unwrap() == want, "{} differs from the source", tg.display());
+    }
+}
+
+/// Whether the sender's summary `v` has machine `ip` OK, and by unicast.
+fn ok_unicast(v: &serde_json::Value, ip: &str) -> (bool, bool) {
+    let r = v["receivers"].as_array().unwrap().iter().find(|r| r["ip"] == ip).unwrap_or_else(|| panic!("no {ip}: {v}"));
+    (r["ok"] == true, r["unicast"] == true)
+}
+
 #[test]
 fn one_image_restored_on_three_machines_at_once() {
     require_root!();
@@ -144,13 +158,7 @@ fn one_image_restored_on_three_machines_at_once() {
     ips.sort();
     assert_eq!(ips, ["10.77.1.2", "10.77.1.3", "10.77.1.4"], "{v}");
     assert!(rs.iter().all(|r| r["ok"] == true && r["report"]["mac"].as_str().is_some_and(|m| m.len() == 17)), "{v}");
-    for tg in &targets {
-        assert!(
-            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
-            "{} differs from the source",
-            tg.display()
-        );
-    }
+    all_equal(&targets, &disk);
 }
 
 #[test]
@@ -185,18 +193,11 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
     assert_eq!(o.status.code(), Some(1), "{}\n{}", stdout(&o), stderr(&o));
     assert!(stderr(&o).contains("10.77.2.3 failed"), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let by_ip = |ip: &str| v["receivers"].as_array().unwrap().iter().find(|r| r["ip"] == ip).cloned().unwrap();
-    assert_eq!(by_ip("10.77.2.3")["ok"], false, "{v}");
+    assert_eq!(ok_unicast(&v, "10.77.2.3"), (false, false), "{v}");
     for ip in ["10.77.2.2", "10.77.2.4"] {
-        assert_eq!(by_ip(ip)["ok"], true, "{v}");
+        assert_eq!(ok_unicast(&v, ip), (true, false), "{v}");
     }
-    for i in [0, 2] {
-        assert!(
-            std::fs::read(&targets[i]).unwrap() == std::fs::read(&disk).unwrap(),
-            "{} differs from the source",
-            targets[i].display()
-        );
-    }
+    all_equal(&[targets[0].clone(), targets[2].clone()], &disk);
 }
 
 /// A machine that comes when the multicast has started gets the image by
@@ -233,25 +234,10 @@ fn a_machine_that_joins_late_gets_the_image_by_unicast() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let rs = v["receivers"].as_array().unwrap();
     assert_eq!(rs.len(), 2, "{v}");
-    let by_ip = |ip: &str| rs.iter().find(|r| r["ip"] == ip).cloned().unwrap();
-    assert_eq!(
-        (by_ip("10.77.3.2")["ok"].clone(), by_ip("10.77.3.2")["unicast"].clone()),
-        (true.into(), false.into()),
-        "{v}"
-    );
-    assert_eq!(
-        (by_ip("10.77.3.3")["ok"].clone(), by_ip("10.77.3.3")["unicast"].clone()),
-        (true.into(), true.into()),
-        "{v}"
-    );
+    assert_eq!(ok_unicast(&v, "10.77.3.2"), (true, false), "{v}");
+    assert_eq!(ok_unicast(&v, "10.77.3.3"), (true, true), "{v}");
     assert!(stderr(&o).contains("10.77.3.3 joined late"), "{}", stderr(&o));
-    for tg in &targets {
-        assert!(
-            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
-            "{} differs from the source",
-            tg.display()
-        );
-    }
+    all_equal(&targets, &disk);
 }
 
 /// A machine that stops answering half-way (its udp-receiver frozen) is
@@ -299,22 +285,7 @@ fn a_machine_the_sender_drops_gets_the_image_again_by_unicast() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let rs = v["receivers"].as_array().unwrap();
     assert_eq!(rs.len(), 2, "{v}");
-    let by_ip = |ip: &str| rs.iter().find(|r| r["ip"] == ip).cloned().unwrap();
-    assert_eq!(
-        (by_ip("10.77.4.2")["ok"].clone(), by_ip("10.77.4.2")["unicast"].clone()),
-        (true.into(), false.into()),
-        "{v}"
-    );
-    assert_eq!(
-        (by_ip("10.77.4.3")["ok"].clone(), by_ip("10.77.4.3")["unicast"].clone()),
-        (true.into(), true.into()),
-        "{v}"
-    );
-    for tg in &targets {
-        assert!(
-            std::fs::read(tg).unwrap() == std::fs::read(&disk).unwrap(),
-            "{} differs from the source",
-            tg.display()
-        );
-    }
+    assert_eq!(ok_unicast(&v, "10.77.4.2"), (true, false), "{v}");
+    assert_eq!(ok_unicast(&v, "10.77.4.3"), (true, true), "{v}");
+    all_equal(&targets, &disk);
 }
