@@ -256,7 +256,14 @@ fn bring_up_network(
     cmdline: &BTreeMap<String, String>,
     settings: &BTreeMap<String, String>,
 ) {
-    let Ok(Some(net)) = job::net(config, cmdline) else { return };
+    let net = match job::net(config, cmdline) {
+        Ok(Some(net)) => net,
+        Ok(None) => return,
+        Err(e) => {
+            super::print_on_consoles(&format!("klon live: no network: {e}"));
+            return;
+        }
+    };
     let wait = settings.get("wait").and_then(|w| w.trim().parse().ok()).unwrap_or(30);
     say("bringing up the network by DHCP");
     match super::net::bring_up(net.interface.as_deref(), Duration::from_secs(wait)) {
