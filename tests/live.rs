@@ -8,8 +8,8 @@
 //! host. A third boot without a job measures power-on to the first screen.
 //! And a BIOS disk with GRUB restored to a smaller disk (its ext4 shrunk)
 //! boots; unattended restores in the live system grow btrfs and XFS
-//! (`grow_all`) and shrink an ext4 (those two need root; the first also
-//! grub-pc-bin). And machines with no stick boot from `klon serve --pxe`
+//! and an LVM2 PV (`grow_all`, pvresize) and shrink an ext4 (those two
+//! need root; the first also grub-pc-bin). And machines with no stick boot from `klon serve --pxe`
 //! (BIOS with iPXE and proxy DHCP; UEFI with Secure Boot, shim and GRUB)
 //! and receive a `klon deploy` unattended (root: namespaces, tap devices;
 //! dnsmasq-base, udpcast).
@@ -731,10 +731,20 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     std::fs::write(files.join("a.bin"), random_bytes(21, 2 << 20)).unwrap();
     std::fs::write(files.join("b.txt"), text_bytes(22, 300_000)).unwrap();
     let sfdisk = |disk: &Path, table: &str| common::disks::run_with_input("sfdisk", &["-q", &s(disk)], table);
-    // Source 1: GPT, btrfs 128 MiB, XFS 300 MiB.
+    // Source 1: GPT, btrfs 128 MiB, XFS 300 MiB, an LVM2 PV 32 MiB (its
+    // volume group made without activation).
     let grow_src = dir.join("grow-src.img");
-    blank_file(&grow_src, 432 * MIB);
-    sfdisk(&grow_src, "label: gpt\nstart=2048, size=128M\nsize=300M\n");
+    blank_file(&grow_src, 464 * MIB);
+    sfdisk(&grow_src, "label: gpt\nstart=2048, size=128M\nsize=300M\nsize=32M\n");
+    let vg = format!("klonlive{}", std::process::id());
+    let pv = dir.join("pv.img");
+    blank_file(&pv, 32 * MIB);
+    {
+        let lo = common::loop_device::LoopDevice::attach_without_partitions(&pv);
+        common::lvm_tools::lvm("pvcreate", &["-q", &s(&lo.path)]);
+        common::lvm_tools::lvm("vgcreate", &["-q", &vg, &s(&lo.path)]);
+    }
+    write_at(&grow_src, 429 * MIB, &std::fs::read(&pv).unwrap());
     let btrfs = dir.join("btrfs.img");
     blank_file(&btrfs, 128 * MIB);
     run("mkfs.btrfs", &["-q", "--rootdir", &s(&files), &s(&btrfs)]);
@@ -835,13 +845,27 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
         (bytes, len)
     };
 
-    // grow_all onto a disk twice the size: both grow and fill their partitions.
+    // grow_all onto a disk twice the size: all three grow and fill their
+    // partitions (the PV by pvresize in the live system).
     let big = dir.join("big.img");
-    blank_file(&big, 864 * MIB);
+    blank_file(&big, 928 * MIB);
     job("grow", &big, true);
     for (i, kind) in [(0, "btrfs"), (1, "xfs")] {
         let (bytes, len) = check(&big, i, kind);
         assert!(len > 250 * MIB * (i as u64 + 1) && bytes > len - 4 * MIB, "{kind}: {bytes} bytes in {len}");
+    }
+    {
+        let (parts, sector) = common::disks::sfdisk_parts(&big);
+        let (start, len) = (parts[2].start * sector, parts[2].size * sector);
+        assert!(len > 60 * MIB, "the PV's partition did not grow: {len}");
+        let lo = common::loop_device::LoopDevice::attach_range(&big, start, len);
+        let node = s(&lo.path);
+        let b = |x: String| x.trim().trim_end_matches('B').parse::<u64>().unwrap();
+        let lvm = common::lvm_tools::lvm;
+        let pv_size = b(lvm("pvs", &["--devices", &node, "--noheadings", "--units", "b", "-o", "pv_size", &node]));
+        let vg_free = b(lvm("vgs", &["--devices", &node, "--noheadings", "--units", "b", "-o", "vg_free", &vg]));
+        assert!(pv_size > len - 8 * MIB && pv_size <= len, "PV {pv_size} bytes in a {len}-byte partition");
+        assert_eq!(vg_free, pv_size, "the volume group has no logical volumes: all of the PV is free");
     }
     // Onto a disk 40 % smaller: the first ext4 shrinks, the second moves.
     let small = dir.join("small.img");

@@ -4,7 +4,8 @@
 //! filesystem by its used blocks, other volumes whole, and no free
 //! extent; the restore passes e2fsck, holds the same files, and LVM's
 //! tools read the same group from it. A PV whose metadata fails its
-//! checksum is copied raw with a warning.
+//! checksum is copied raw with a warning. --grow-last grows a restored PV
+//! with pvresize: LVM reads the larger PV and the new free extents.
 //! Fixtures are made without device-mapper: pvcreate and vgcreate on a
 //! loop device, the logical volumes written into the metadata with
 //! vgcfgrestore (nothing is activated).
@@ -299,4 +300,57 @@ fn metadata_that_fails_its_checksum_is_copied_raw_with_a_warning() {
     let out = t.join("restored.img");
     ok(&klon(&["restore", "--yes", s(&img), s(&out)]));
     assert_same(&disk, &out, PV_START, PV_SIZE, "the PV");
+}
+
+/// `--grow-last` onto a larger disk grows the last partition, a PV, and
+/// then the PV itself (pvresize on the restored partition alone): LVM's
+/// tools read a PV of the new size whose volume group has the new room as
+/// free extents, the logical volumes where they were, both ext4s intact.
+#[test]
+fn grow_last_extends_the_physical_volume_and_its_volume_group() {
+    require_root!();
+    let t = TempDir::new("lvm-grow");
+    let vg = format!("klongrow{}", std::process::id());
+    let (disk, segs, extent, pe_start) = lvm_disk(&t, &vg);
+    let img = t.join("image");
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&img)]));
+    let report = |pv: &Path| {
+        let dev = LoopDevice::attach_without_partitions(pv);
+        let d = s(&dev.path).to_string();
+        let b = |x: String| x.trim().trim_end_matches('B').parse::<u64>().unwrap();
+        let pv_size = b(lvm("pvs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "pv_size", &d]));
+        let vg_free = b(lvm("vgs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "vg_free", &vg]));
+        let lvs = lvm("lvs", &["--devices", &d, "--segments", "--noheadings", "-o", "lv_name,seg_pe_ranges", &vg]);
+        (pv_size, vg_free, lvs)
+    };
+    let pv_file = t.join("pv-before.img");
+    std::fs::write(&pv_file, read_at(&disk, PV_START, PV_SIZE)).unwrap();
+    let before = report(&pv_file);
+
+    // 32 MiB more: the last partition (the PV) grows by that.
+    let grow = 32 * MIB;
+    let out = t.join("restored.img");
+    garbage_file(&out, std::fs::metadata(&disk).unwrap().len() + grow);
+    let o = klon(&["--json", "restore", "--yes", "--grow-last", s(&img), s(&out)]);
+    ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["growth"]["grown"], true, "{v}");
+    assert!(v["growth"]["note"].as_str().unwrap().contains("pvresize grew the LVM2 physical volume"), "{v}");
+    let new_size = v["growth"]["to"].as_u64().unwrap();
+    assert!(new_size >= PV_SIZE + grow - MIB, "{v}");
+    let pv_after = t.join("pv-after.img");
+    std::fs::write(&pv_after, read_at(&out, PV_START, new_size)).unwrap();
+    let after = report(&pv_after);
+    // pvs: the PV fills the partition (less LVM's own areas, whole extents).
+    assert!(after.0 > before.0 + grow - 2 * extent, "PV size {} -> {}", before.0, after.0);
+    assert!(after.0 <= new_size, "PV size {} in a {new_size}-byte partition", after.0);
+    // vgs: the new room is free extents of the group.
+    assert_eq!(after.1 - before.1, after.0 - before.0, "VG free {} -> {}", before.1, after.1);
+    // lvs: every segment where it was.
+    assert_eq!(after.2, before.2, "the logical volumes moved");
+    for (lv, fill) in [("lv_root", populate as fn(&Path)), ("lv_data", populate_data)] {
+        let img = t.join(&format!("grown-{lv}.img"));
+        std::fs::write(&img, lv_bytes(&out, &segs, lv, extent, pe_start)).unwrap();
+        assert_ext4_holds(&t, &img, fill, &format!("grown-{lv}"));
+    }
 }

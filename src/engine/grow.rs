@@ -2,8 +2,10 @@
 //! grown last partition grown to fill it, offline, with the filesystem's
 //! own tool — ext2/3/4 with resize2fs (once `e2fsck -fn` finds it clean),
 //! NTFS with ntfsresize, XFS and btrfs mounted on a directory of their own
-//! (xfs_growfs, `btrfs filesystem resize max`). Any other content keeps
-//! its size, and the report says so and what to do.
+//! (xfs_growfs, `btrfs filesystem resize max`), an LVM2 physical volume
+//! with pvresize (its volume group gains the room as free extents; LVM's
+//! backups and archives are not written). Any other content keeps its
+//! size, and the report says so and what to do.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -53,7 +55,7 @@ pub fn grow_last(target: &Disk, layout: &DiskLayout) -> Option<Growth> {
 
 /// Whether klon grows a filesystem of type `fstype` (see [`grow`]).
 pub fn grows(fstype: &str) -> bool {
-    matches!(fstype, "ext2" | "ext3" | "ext4" | "ntfs" | "xfs" | "btrfs")
+    matches!(fstype, "ext2" | "ext3" | "ext4" | "ntfs" | "xfs" | "btrfs" | "LVM2_member")
 }
 
 /// Grows the filesystem found in partition `number` of `target`, which
@@ -77,16 +79,32 @@ fn grow(target: &Path, start: u64, len: u64, fstype: Option<&str>) -> std::resul
         "ntfs" => "ntfsresize",
         "xfs" => "xfs_growfs",
         "btrfs" => "btrfs",
+        "LVM2_member" => "pvresize",
         "" => return Err("it holds no filesystem klon knows".into()),
-        "LVM2_member" => {
-            return Err("it is an LVM2 physical volume: pvresize on it adds the new room to its volume group".into());
-        }
         other => return Err(format!("klon does not grow {other} filesystems (grow it with its own tools)")),
     };
     let dev = loopdev::attach(target, start, len, false).map_err(|e| e.to_string())?;
     let node = dev.path.to_string_lossy().into_owned();
     let by_hand = |why: String| format!("{why}; to grow it by hand, run {tool} on the restored partition");
     match fs {
+        "LVM2_member" => {
+            // Only this device is looked at (not the source disk, which holds
+            // a PV with the same UUID), and the host's /etc/lvm is left alone.
+            let config = "backup { backup = 0 archive = 0 } activation { udev_sync = 0 udev_rules = 0 } \
+                          devices { obtain_device_list_from_udev = 0 external_device_info_source = \"none\" }";
+            let out = Command::new("pvresize")
+                .args(["--config", config, "--devices", &node, &node])
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| by_hand(format!("cannot run pvresize ({e}): install lvm2")))?;
+            if !out.status.success() {
+                let said = String::from_utf8_lossy(&out.stderr);
+                return Err(by_hand(format!("pvresize failed: {}", said.trim().lines().last().unwrap_or(""))));
+            }
+            Ok("pvresize grew the LVM2 physical volume to fill it: its volume group has the new room as free extents"
+                .into())
+        }
         "ntfs" => {
             run("ntfsresize", &["--no-progress-bar", "--force", &node]).map_err(by_hand)?;
             Ok("ntfsresize grew its NTFS to fill it (Windows checks the volume at its next boot)".into())

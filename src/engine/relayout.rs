@@ -193,7 +193,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             .collect();
         if growable.is_empty() {
             return Err(refuse(
-                "no partition holds a filesystem klon grows (ext2/3/4, NTFS, XFS, btrfs) where it may move; \
+                "no partition holds a filesystem klon grows (ext2/3/4, NTFS, XFS, btrfs, an LVM2 PV) where it may move; \
                  --grow-last extends the last partition"
                     .into(),
             ));
