@@ -72,17 +72,21 @@ pub fn boot_files(live: &Path) -> Result<BootFiles> {
         let mut places: Vec<(u64, u64)> = layout.partitions.iter().map(|p| (p.start, p.size)).collect();
         places.push((0, disk.size)); // a FAT filesystem on the whole device
         let file = std::fs::File::open(live).map_err(|e| Error::io("opening", live, None, e))?;
-        let vol = places.iter().find_map(|&(start, len)| {
-            FatVolume::open(&file, live, start, len).ok().filter(|v| v.read_file("live/vmlinuz").is_ok())
+        // The volume that holds the kernel (read once, kept).
+        let found = places.iter().find_map(|&(start, len)| {
+            let v = FatVolume::open(&file, live, start, len).ok()?;
+            let kernel = v.read_file("live/vmlinuz").ok()?;
+            Some((v, kernel))
         });
-        let Some(vol) = vol else {
+        let Some((vol, kernel)) = found else {
             return Err(Error::Usage(format!(
                 "{} holds no FAT filesystem with live/vmlinuz: give klon's live stick, its image \
                  (target/klon-live.img from image-build/build) or a directory with its files",
                 live.display()
             )));
         };
-        for (name, places, _) in ON_STICK {
+        out.files.insert("vmlinuz", kernel);
+        for (name, places, _) in ON_STICK.iter().filter(|(n, _, _)| *n != "vmlinuz") {
             if let Some(b) = places.iter().find_map(|p| vol.read_file(p).ok()) {
                 out.files.insert(name, b);
             }
