@@ -229,6 +229,9 @@ fn normalise_key(k: &str) -> String {
     k.trim().to_ascii_lowercase().replace('-', "_")
 }
 
+/// Seconds to wait for disks, drives and the network when `wait` is not set.
+pub const DEFAULT_WAIT: u64 = 30;
+
 const KEYS: &[&str] = &[
     "job",
     "source",
@@ -336,7 +339,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         }
     }
     let wait_secs = match get("wait") {
-        None => 30,
+        None => DEFAULT_WAIT,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
     };
     Ok(Some(Job {

@@ -264,7 +264,7 @@ fn bring_up_network(
             return;
         }
     };
-    let wait = settings.get("wait").and_then(|w| w.trim().parse().ok()).unwrap_or(30);
+    let wait = settings.get("wait").and_then(|w| w.trim().parse().ok()).unwrap_or(job::DEFAULT_WAIT);
     say("bringing up the network by DHCP");
     match super::net::bring_up(net.interface.as_deref(), Duration::from_secs(wait)) {
         Ok(lease) => super::print_on_consoles(&format!("klon live: network {}", lease.describe())),
