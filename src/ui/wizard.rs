@@ -333,7 +333,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 };
                 let items = [
                     Item::new("Start the backup"),
-                    Item::new(format!("Compression level: {level} (1 fastest .. 19 smallest; Enter changes)")),
+                    Item::new(format!("Compression level: {level} (1 fastest .. 22 smallest; Enter changes)")),
                     Item::new(format!(
                         "Verify the image afterwards: {} (Enter changes)",
                         if verify_after { "yes" } else { "no" }
