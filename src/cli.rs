@@ -13,7 +13,8 @@ use clap::{Args, Parser, Subcommand};
     about,
     long_about = None,
     disable_help_subcommand = true,
-    override_usage = "klon [OPTIONS] <COMMAND>\n       klon               (no command, on a terminal: the wizard's menus)",
+    override_usage = "klon [OPTIONS] <COMMAND>\n       klon --config FILE (the job FILE describes: README, batch jobs)\n       \
+                      klon               (no command, on a terminal: the wizard's menus)",
     after_help = EXAMPLES
 )]
 pub struct Cli {
@@ -42,6 +43,8 @@ Examples:
   klon restore /mnt/usb/laptop /dev/sdb  onto /dev/sdb (asks first; --yes in scripts)
   klon backup --repo /dev/sda /mnt/usb/repo   a snapshot in a repository (only what changed)
   klon demo                              all of it on a built-in sample disk
+  klon --config weekly.conf              the job a file describes: job = backup,
+                                         source = /dev/sda, image = …, level = 9 …
 
 klon help COMMAND shows a command's options. Exit codes: 0 done, 1 unsupported,
 2 usage, 3 I/O, 4 damaged image or read-back differs, 5 refused or cancelled,
@@ -162,7 +165,7 @@ pub struct BackupArgs {
     /// Save this retention policy in the repository (e.g. daily=7,weekly=4;
     /// rules last, hourly, daily, weekly, monthly, yearly) and apply it
     /// after this and every later backup (repositories only).
-    #[arg(long, value_name = "RULES")]
+    #[arg(long, value_name = "RULES", value_parser = parse_keep)]
     pub keep: Option<String>,
     /// A label for the snapshot (repositories only).
     #[arg(long)]
@@ -591,6 +594,11 @@ pub struct DemoArgs {
     /// (default: a new directory under /tmp, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+}
+
+/// A retention policy (`daily=7,weekly=4`), checked.
+fn parse_keep(s: &str) -> Result<String, String> {
+    crate::repo::Keep::parse(s).map(|_| s.to_string())
 }
 
 /// Parses sizes like "4000M", "2G", "512K", "1048576".

@@ -18,7 +18,20 @@ fn main() {
         }
         return;
     }
-    let mut cli = klon::cli::Cli::parse();
+    // `klon --config FILE`: the job a file describes, as the command line
+    // it stands for.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cli = match klon::job::expand_config(&args) {
+        Ok(Some(line)) => klon::cli::Cli::parse_from(line),
+        Ok(None) => klon::cli::Cli::parse_from(args),
+        Err(e) => {
+            eprintln!("klon: {e}");
+            if args.iter().any(|a| a == "--json") {
+                klon::commands::json_failure(&e);
+            }
+            std::process::exit(e.exit_code());
+        }
+    };
     klon::engine::cancel::install();
     klon::engine::cancel::default_sigpipe();
     // Images and repositories on other machines (sftp://), mounted while

@@ -6,6 +6,8 @@
 //! a second boot an unattended restore to the larger disk; KLON-RESULT is
 //! read from the serial console, and the restored disk is checked from the
 //! host. A third boot without a job measures power-on to the first screen.
+//! A job typed on the kernel command line wins over klon.conf (a failing
+//! verify; a clone of one disk onto a larger one, found by serial).
 //! And a BIOS disk with GRUB restored to a smaller disk (its ext4 shrunk)
 //! boots; unattended restores in the live system grow btrfs and XFS
 //! and an LVM2 PV (`grow_all`, pvresize) and shrink an ext4 (those two
@@ -591,6 +593,42 @@ fn cmdline_job_wins_and_failure_is_reported() {
     );
     assert!(b.find("powering off").is_some(), "no power-off after the failed job:\n{}", b.transcript());
     report(&format!("command-line job: {line}"));
+
+    // A clone job typed at boot over the file's backup: the file's image
+    // is not the clone's (it is left out), the disks are found by serial,
+    // no image drive is needed, and the target's last partition grows.
+    let (source, parts) = make_source(&dir);
+    let target = dir.join("clone-target.img");
+    blank_file(&target, 96 * MIB);
+    let append = "console=ttyS0,115200n8 quiet klon.job=clone klon.source=serial=KLONSRC klon.target=serial=KLONTGT \
+                  klon.grow-last klon.after=poweroff klon.wait=10";
+    let extra: Vec<String> =
+        ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let b = boot_with(
+        &dir,
+        Firmware::Bios,
+        &stick,
+        &[
+            (source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC"),
+            (target.as_path(), "nvme,drive=DRIVE,serial=KLONTGT"),
+        ],
+        None,
+        &extra,
+    );
+    let line = result_line(&b, Firmware::Bios, "clone");
+    assert!(line.contains("clone of /dev/") && line.contains(" to /dev/nvme0n1"), "{line}");
+    for (i, (start, len)) in parts.iter().enumerate().take(2) {
+        assert_same(&source, &target, *start, *len, &format!("cloned partition {}", i + 1));
+    }
+    let v = run("sgdisk", &["-v", target.to_str().unwrap()]);
+    assert!(v.contains("No problems found"), "sgdisk -v on the cloned disk:\n{v}");
+    let info = run("sgdisk", &["-i", "3", target.to_str().unwrap()]);
+    let last = number_after(&info, "Last sector:");
+    assert_eq!(last, 96 * MIB / 512 - 34, "grow-last: the last partition ends at the disk's end:\n{info}");
+    report(&format!("command-line clone job: {line}"));
 }
 
 /// A BIOS disk as an installed Linux has it — MBR, GRUB's boot code in the

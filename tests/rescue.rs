@@ -156,7 +156,7 @@ fn unattended_backup_of_a_failing_disk_needs_the_rescue_setting() {
         drive.path.display()
     );
     let job = |extra: &str| {
-        let settings = klon::live::job::from_config(&format!("{conf}{extra}")).unwrap();
+        let settings = klon::job::from_config(&format!("{conf}{extra}"), "klon.conf").unwrap();
         klon::live::job::parse(&settings, &BTreeMap::new()).unwrap().expect("a job")
     };
 

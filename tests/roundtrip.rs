@@ -370,3 +370,75 @@ fn an_image_holds_a_log_whose_repeat_command_makes_the_same_backup() {
     }
     ok(&klon(&["verify", "--quiet", img.to_str().unwrap()]));
 }
+
+/// `klon --config FILE` runs the job a file describes with the command
+/// line's names and defaults: a backup with options, a restore onto a
+/// larger disk that grows the last partition, a clone; a file with a
+/// setting the job does not take is refused before anything is written.
+#[test]
+fn a_job_file_is_the_command_line_under_the_same_names() {
+    let t = TempDir::new("job-file");
+    let (src, img, dst, copy) = (t.join("src.img"), t.join("image"), t.join("dst.img"), t.join("copy.img"));
+    let parts = make_gpt_disk(&src, 48 * MIB);
+    let job = |name: &str, text: String| {
+        let f = t.join(name);
+        std::fs::write(&f, text).unwrap();
+        f
+    };
+    let backup = job(
+        "backup.conf",
+        format!(
+            "# weekly\njob = backup\nsource = {}\nimage = {}\nlevel = 9\nsplit = 17M\n",
+            src.display(),
+            img.display()
+        ),
+    );
+    let out = klon(&["--json", "--config", backup.to_str().unwrap()]);
+    ok(&out);
+    assert!(stdout(&out).contains("\"verified\""), "the backup's JSON report: {}", stdout(&out));
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(img.join("klon.json")).unwrap()).unwrap();
+    assert_eq!(manifest["compression"]["level"], 9, "level = 9 is --level 9");
+    let files = data_files(&img);
+    assert!(files.len() > 1 && files.iter().all(|f| std::fs::metadata(f).unwrap().len() <= 17 * MIB), "split = 17M");
+
+    let restore = job(
+        "restore.conf",
+        format!("job = restore\nimage = {}\ntarget = {}\ngrow-last = yes\nyes = yes\n", img.display(), dst.display()),
+    );
+    garbage_file(&dst, 64 * MIB);
+    ok(&klon(&["--config", restore.to_str().unwrap()]));
+    for p in &parts[..parts.len() - 1] {
+        assert_same(&src, &dst, p.start * 512, p.size * 512, &format!("partition {}", p.node));
+    }
+    let (after, _) = sfdisk_parts(&dst);
+    let last = after.last().unwrap();
+    assert_eq!(last.start + last.size - 1, 64 * MIB / 512 - 34, "grow-last = yes grew the last partition");
+
+    let clone =
+        job("clone.conf", format!("job = clone\nsource = {}\ntarget = {}\nyes = yes\n", src.display(), copy.display()));
+    ok(&klon(&["--config", clone.to_str().unwrap()]));
+    assert_same(&src, &copy, 0, 48 * MIB, "the clone");
+
+    // Refusals name the file and the setting, and write nothing.
+    let other = t.join("other");
+    let bad = job(
+        "bad.conf",
+        format!("job = backup\nsource = {}\nimage = {}\ngrow_last = yes\n", src.display(), other.display()),
+    );
+    fails_with(
+        &klon(&["--config", bad.to_str().unwrap()]),
+        2,
+        &["grow_last is not a setting of job=backup", "bad.conf"],
+    );
+    let bad = job(
+        "level.conf",
+        format!("job = backup\nsource = {}\nimage = {}\nlevel = fast\n", src.display(), other.display()),
+    );
+    fails_with(&klon(&["--config", bad.to_str().unwrap()]), 2, &["level=fast", "level.conf"]);
+    let live =
+        job("live.conf", format!("job = backup\nsource = {}\nimage = pc\ndrive = LABEL=IMAGES\n", src.display()));
+    fails_with(&klon(&["--config", live.to_str().unwrap()]), 2, &["live stick's klon.conf"]);
+    fails_with(&klon(&["--config", backup.to_str().unwrap(), "--level", "3"]), 2, &["come from FILE"]);
+    fails_with(&klon(&["--config", t.join("missing.conf").to_str().unwrap()]), 3, &["missing.conf"]);
+    assert!(!other.exists(), "a refused job wrote nothing");
+}

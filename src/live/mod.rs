@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use crate::cli::{BackupArgs, Cli, Command, ReadArgs, ReceiveArgs, RestoreArgs, VerifyArgs, WriteArgs};
+use crate::cli::{Cli, Command};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
 use image_drive::{Candidate, ImageDrive};
@@ -93,7 +93,7 @@ pub fn run(_cli: &Cli, a: &LiveArgs) -> Result<()> {
 /// `LABEL=KLONLIVE`.
 pub fn live_spec() -> String {
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    job::from_cmdline(&cmdline).remove("live").unwrap_or_else(|| format!("LABEL={LIVE_LABEL}"))
+    crate::job::from_cmdline(&cmdline).remove("live").unwrap_or_else(|| format!("LABEL={LIVE_LABEL}"))
 }
 
 /// Device numbers of the disks that hold the live system's FAT partition.
@@ -332,56 +332,39 @@ pub const JOBS_LOG: &str = "klon-jobs.log";
 /// [`run_job`], noting in `drive` which drive (device, filesystem) held
 /// the images once one was mounted.
 fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<String> {
-    if job.kind == JobKind::Receive {
-        return run_receive_job(job);
+    match job.kind {
+        JobKind::Receive => return run_receive_job(job),
+        JobKind::Clone => return run_clone_job(job),
+        _ => {}
     }
     let wait = Duration::from_secs(job.wait_secs);
     let disk = match job.kind {
         JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
         JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
-        JobKind::Verify | JobKind::Receive => None,
+        _ => None,
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job.drive.as_deref(), job.wait_secs, &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
     *used_drive = Some((drive.device.clone(), drive.fstype.clone()));
     let on_drive = drive.device.display().to_string();
     let image = drive.images_dir()?.join(&job.image);
-    let command = match job.kind {
-        JobKind::Backup => Command::Backup(BackupArgs {
-            source: disk.clone().unwrap_or_default(),
-            image: image.clone(),
-            repo: job.repo,
-            encrypt: job.encrypt,
-            keep: job.keep.clone(),
-            label: None,
-            tags: Vec::new(),
-            window: u64::from(crate::repo::DEFAULT_WINDOW),
-            level: job.level,
-            split: crate::engine::backup::DEFAULT_SPLIT,
-            no_verify: false,
-            rescue: job.rescue,
-            read: ReadArgs::default(),
-            threads: None,
-        }),
-        JobKind::Restore => Command::Restore(RestoreArgs {
-            image: image.clone(),
-            target: disk.clone().unwrap_or_default(),
-            partition: None,
-            to: None,
-            volume: None,
-            grow_all: job.grow_all,
-            write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
-            threads: None,
-        }),
-        JobKind::Verify | JobKind::Receive => Command::Verify(VerifyArgs { image: image.clone(), threads: None }),
+    let cli = match job.kind {
+        JobKind::Backup => job.command(disk.as_deref(), None, Some(&image), None),
+        _ => job.command(None, disk.as_deref(), Some(&image), None),
+    };
+    let cli = match cli {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = drive.unmount();
+            return Err(e);
+        }
     };
     if let Some(p) = &job.passphrase {
         crate::repo::crypto::set_passphrase(p.0.clone());
     }
-    let cli = Cli { quiet: false, json: false, passphrase_file: None, command };
     let started = std::time::Instant::now();
     let result = crate::commands::run(&cli).map_err(|e| match job.kind {
-        JobKind::Backup if !job.rescue && crate::engine::backup::is_unreadable_source(&e) => e.with_note(
+        JobKind::Backup if !job.flag("rescue") && crate::engine::backup::is_unreadable_source(&e) => e.with_note(
             "in an unattended job: rescue = yes in klon.conf, or klon.rescue=yes on the kernel command line",
         ),
         _ => e,
@@ -428,16 +411,12 @@ fn run_receive_job(job: &Job) -> Result<String> {
     let target = resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?;
     let want = job.net.as_ref().and_then(|n| n.interface.as_deref());
     let lease = net::bring_up(want, wait).map_err(|e| e.with_note("job=receive needs the network"))?;
-    eprintln!("klon: network {}; waiting for klon deploy (port {})", lease.describe(), job.port);
-    let command = Command::Receive(ReceiveArgs {
-        target: target.clone(),
-        multicast: true,
-        interface: Some(lease.iface.clone()),
-        port: job.port,
-        write: WriteArgs { yes: true, grow_last: job.grow_last, no_verify_after: false },
-    });
+    let cli = job.command(None, Some(&target), None, Some(&lease.iface))?;
+    if let Command::Receive(r) = &cli.command {
+        eprintln!("klon: network {}; waiting for klon deploy (port {})", lease.describe(), r.port);
+    }
     let started = std::time::Instant::now();
-    crate::commands::run(&Cli { quiet: false, json: false, passphrase_file: None, command })?;
+    crate::commands::run(&cli)?;
     Ok(format!(
         "receive of klon deploy's image on {} ({}) to {} in {:.1} s",
         lease.iface,
@@ -445,6 +424,18 @@ fn run_receive_job(job: &Job) -> Result<String> {
         target.display(),
         started.elapsed().as_secs_f64()
     ))
+}
+
+/// The clone job: `klon clone --yes SOURCE TARGET`, no image drive (the
+/// clone refuses a target that is the source).
+fn run_clone_job(job: &Job) -> Result<String> {
+    let wait = Duration::from_secs(job.wait_secs);
+    let source = resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?;
+    let target = resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?;
+    let cli = job.command(Some(&source), Some(&target), None, None)?;
+    let started = std::time::Instant::now();
+    crate::commands::run(&cli)?;
+    Ok(format!("clone of {} to {} in {:.1} s", source.display(), target.display(), started.elapsed().as_secs_f64()))
 }
 
 /// Appends `line`, with the time, to the jobs log in the images folder of
@@ -502,7 +493,7 @@ pub fn run_job_file(file: &Path) -> i32 {
     let mut used_drive = None;
     let outcome = std::fs::read_to_string(file)
         .map_err(|e| Error::io("reading", file, None, e))
-        .and_then(|t| job::from_config(&t))
+        .and_then(|t| crate::job::from_config(&t, &file.display().to_string()))
         .and_then(|s| job::parse(&s, &BTreeMap::new()))
         .and_then(|j| j.ok_or_else(|| Error::Usage("no job given".into())))
         .and_then(|j| {

@@ -234,7 +234,7 @@ fn read_config(spec: &str) -> BTreeMap<String, String> {
     let path = Path::new(BOOT_MNT).join("klon.conf");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let _ = drive.unmount();
-    match job::from_config(&text) {
+    match crate::job::from_config(&text, "klon.conf") {
         Ok(m) => {
             if !m.is_empty() {
                 say(&format!("read klon.conf from {}", part.device.display()));
@@ -393,10 +393,13 @@ pub fn main() -> ! {
         say(&format!("{ok} kernel modules loaded; not loaded: {}", failed.join(", ")));
     }
     say(&format!("firmware: {}", firmware()));
-    let cmdline = job::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let cmdline = crate::job::from_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let config = read_config(&super::live_spec());
-    let mut settings = config.clone();
-    settings.extend(cmdline.clone());
+    let settings = job::merge(&config, &cmdline).unwrap_or_else(|_| {
+        let mut s = config.clone();
+        s.extend(cmdline.clone());
+        s
+    });
     bring_up_network(&config, &cmdline, &settings);
     match job::parse(&config, &cmdline) {
         Ok(None) => sessions(settings.get("shell").is_some_and(|v| !matches!(v.as_str(), "0" | "no" | "false"))),
@@ -406,7 +409,7 @@ pub fn main() -> ! {
         }
         Ok(Some(j)) => {
             let _ = std::fs::remove_file(RESULT_FILE);
-            if let Err(e) = std::fs::write(JOB_FILE, job::to_config(&settings)) {
+            if let Err(e) = std::fs::write(JOB_FILE, crate::job::to_config(&settings)) {
                 super::print_on_consoles(&format!("KLON-RESULT: failed (exit 3) writing {JOB_FILE}: {e}"));
                 sessions(false)
             }

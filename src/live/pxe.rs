@@ -147,7 +147,7 @@ pub fn ipv4_of(iface: &str) -> Result<(Ipv4Addr, u8)> {
 
 /// Checks `--append`: the `klon.*` settings must make a valid job (or none).
 pub fn check_append(append: &str) -> Result<()> {
-    let settings = super::job::from_cmdline(append);
+    let settings = crate::job::from_cmdline(append);
     super::job::parse(&BTreeMap::new(), &settings)
         .map(|_| ())
         .map_err(|e| e.with_note("in --append (the settings every machine's live system gets)"))
