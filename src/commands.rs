@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::cli::{BackupArgs, Cli, CloneArgs, Command, ConvertArgs, InfoArgs, MountArgs, RestoreArgs, VerifyArgs};
 use crate::engine::backup::{self, BackupOptions};
 use crate::engine::czimage;
+use crate::engine::feedback::Feedback;
 use crate::engine::pipeline::default_workers;
 use crate::engine::restore::{self, RestoreOptions};
 use crate::engine::source;
@@ -17,6 +18,7 @@ use crate::engine::streams::PlanOptions;
 use crate::engine::verify;
 use crate::error::{Error, Result};
 use crate::ui::human_bytes;
+use crate::ui::progress::Console;
 
 mod repo_cmds;
 
@@ -49,6 +51,12 @@ pub fn localize(cli: &mut Cli) -> Result<Vec<crate::image::location::RemoteMount
         mounts.extend(mount);
     }
     Ok(mounts)
+}
+
+/// Where the engine's progress, warnings and notes go for `cli`: the
+/// console, quiet with --quiet.
+pub(crate) fn feedback(cli: &Cli) -> Feedback {
+    Console::feedback(cli.quiet)
 }
 
 /// Runs the parsed command line.
@@ -214,7 +222,7 @@ fn backup_cmd(cli: &Cli, a: &BackupArgs) -> Result<()> {
         level: a.level,
         split_size: a.split,
         allow_mounted: a.read.allow_mounted,
-        quiet: cli.quiet,
+        feedback: feedback(cli),
         workers,
         plan: PlanOptions { raw_all: a.read.raw, raw_unclean: a.read.raw_unclean },
         rescue: a.rescue,
@@ -268,7 +276,7 @@ fn verify_new_image(image: &Path, skip: bool, workers: usize, quiet: bool) -> Re
     if skip {
         return Ok(None);
     }
-    let result = verify::verify(image, workers, quiet);
+    let result = verify::verify(image, workers, &Console::feedback(quiet));
     verify::record_result(image, &result);
     result.map(Some).map_err(|e| {
         e.with_note(&format!(
@@ -279,7 +287,7 @@ fn verify_new_image(image: &Path, skip: bool, workers: usize, quiet: bool) -> Re
 }
 
 fn verify_cmd(cli: &Cli, a: &VerifyArgs) -> Result<()> {
-    let r = match source::verify(&a.image, threads(a.threads)?, cli.quiet) {
+    let r = match source::verify(&a.image, threads(a.threads)?, &feedback(cli)) {
         Ok(r) => r,
         Err(e) => {
             // The report says what failed too; the exit code stays the error's.
@@ -340,7 +348,7 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     if let Some(name) = &a.volume {
         let plan = crate::engine::volume::prepare(&a.image, &a.target, name)?;
         confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
-        let r = plan.restore(!a.write.no_verify_after, cli.quiet)?;
+        let r = plan.restore(!a.write.no_verify_after, &feedback(cli))?;
         if cli.json {
             return print_json(&json!({
                 "image": a.image, "volume": name, "target": a.target, "bytes_written": r.bytes_written,
@@ -362,7 +370,7 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let opts = RestoreOptions {
         grow_last: a.write.grow_last,
         verify_after: !a.write.no_verify_after,
-        quiet: cli.quiet,
+        feedback: feedback(cli),
         workers: threads(a.threads)?,
     };
     if a.grow_all && a.write.grow_last {
@@ -407,7 +415,7 @@ fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
         max_bitrate: a.max_bitrate.clone(),
         report_wait: std::time::Duration::from_secs(a.report_wait),
         late: a.late.map(std::time::Duration::from_secs),
-        quiet: cli.quiet,
+        feedback: feedback(cli),
     };
     let r = deploy(&a.image, &opts)?;
     if cli.json {
@@ -452,7 +460,7 @@ fn receive_cmd(cli: &Cli, a: &crate::cli::ReceiveArgs) -> Result<()> {
         restore: RestoreOptions {
             grow_last: a.write.grow_last,
             verify_after: !a.write.no_verify_after,
-            quiet: cli.quiet,
+            feedback: feedback(cli),
             workers: threads(None)?,
         },
     };
@@ -515,7 +523,7 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
     let opts = crate::engine::clone::CloneOptions {
         grow_last: a.write.grow_last,
         verify_after: !a.write.no_verify_after,
-        quiet: cli.quiet,
+        feedback: feedback(cli),
         workers: threads(a.threads)?,
     };
     let r = crate::engine::clone::clone(plan, &opts)?;
@@ -524,7 +532,7 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
 
 fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
     let workers = threads(a.threads)?;
-    let opts = czimage::ConvertOptions { level: a.level, split_size: a.split, quiet: cli.quiet, workers };
+    let opts = czimage::ConvertOptions { level: a.level, split_size: a.split, feedback: feedback(cli), workers };
     if a.repo || crate::repo::is_repository(&a.image) {
         return repo_cmds::convert(cli, a, &opts);
     }

@@ -12,6 +12,7 @@ use crate::engine::restore::RestoreOptions;
 use crate::engine::verify;
 use crate::error::{Error, Result};
 use crate::ui::human_bytes;
+use crate::ui::progress::Console;
 
 const MIB: u64 = 1 << 20;
 
@@ -64,7 +65,11 @@ fn run_in(dir: &Path, quiet: bool, json: bool) -> Result<serde_json::Value> {
     say(format!("1. Made a 64 MiB sample disk with a GPT and 3 partitions: {}", source.display()));
 
     let workers = default_workers();
-    let b = backup::backup(&source, &image, &BackupOptions { quiet, workers, ..Default::default() })?;
+    let b = backup::backup(
+        &source,
+        &image,
+        &BackupOptions { feedback: Console::feedback(quiet), workers, ..Default::default() },
+    )?;
     say(format!(
         "2. Backed up in {:.2} s: read {}, image {} in {}",
         b.seconds,
@@ -72,14 +77,19 @@ fn run_in(dir: &Path, quiet: bool, json: bool) -> Result<serde_json::Value> {
         human_bytes(b.image_bytes),
         b.image.display()
     ));
-    let v = verify::verify(&image, workers, quiet)?;
+    let v = verify::verify(&image, workers, &Console::feedback(quiet))?;
     say(format!("3. Verified every checksum: {} chunks, {} in {:.2} s", v.chunks, human_bytes(v.bytes), v.seconds));
 
     let f = std::fs::File::create(&target).map_err(|e| Error::io("creating", &target, None, e))?;
     f.set_len(96 * MIB).map_err(|e| Error::io("sizing", &target, None, e))?;
     drop(f);
     let plan = crate::engine::source::prepare_restore(&image, &target)?;
-    let r = plan.restore(&RestoreOptions { grow_last: true, verify_after: true, quiet, workers })?;
+    let r = plan.restore(&RestoreOptions {
+        grow_last: true,
+        verify_after: true,
+        feedback: Console::feedback(quiet),
+        workers,
+    })?;
     say(format!(
         "4. Restored to a larger 96 MiB disk, last partition grown, read back and verified in {:.2} s: {}",
         r.seconds,

@@ -27,5 +27,6 @@ pub mod table;
 #[cfg(test)]
 mod testutil;
 pub mod ui;
+pub mod units;
 
 pub use error::{Error, Result};

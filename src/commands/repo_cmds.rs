@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::print_json;
+use super::{feedback, print_json};
 use crate::cli::{
     BackupArgs, CheckArgs, Cli, ConvertArgs, CopyArgs, ForgetArgs, InitArgs, KeyCommand, PruneArgs, SnapshotsArgs,
     UnlockArgs,
@@ -92,7 +92,7 @@ fn verify_added(cli: &Cli, report: &snapshot::SnapshotReport, no_verify: bool) -
     if no_verify {
         return Ok(None);
     }
-    let bytes = snapshot::verify_added(&report.repository, &report.packs_written, cli.quiet).map_err(|e| {
+    let bytes = snapshot::verify_added(&report.repository, &report.packs_written, &feedback(cli)).map_err(|e| {
         e.with_note(&format!(
             "snapshot {} was written but what it added does not read back correctly: do not rely on it; \
              check the drive, then run klon check --read-data {}",
@@ -276,7 +276,7 @@ pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
         repo.save_keep(&keep)?;
     }
     let forgotten: Vec<String> = decisions.iter().filter(|d| !d.keep).map(|d| d.id.clone()).collect();
-    let pruned = if a.prune { Some(repo_prune::prune(&repo, a.dry_run, cli.quiet, &forgotten)?) } else { None };
+    let pruned = if a.prune { Some(repo_prune::prune(&repo, a.dry_run, &forgotten)?) } else { None };
     if cli.json {
         return print_json(&json!({
             "repository": repo.dir, "dry_run": a.dry_run, "policy": policy.describe(),
@@ -314,7 +314,7 @@ fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_j
     let _lock = repo.lock("forget", true)?;
     let (decisions, _) = repo_prune::forget(&repo, &keep.policy(), false)?;
     let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
-    let pruned = if dropped.is_empty() { None } else { Some(repo_prune::prune(&repo, false, cli.quiet, &[])?) };
+    let pruned = if dropped.is_empty() { None } else { Some(repo_prune::prune(&repo, false, &[])?) };
     if !cli.quiet && !cli.json {
         println!(
             "Keep policy ({}): {}{}",
@@ -334,7 +334,7 @@ fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_j
 pub(super) fn prune(cli: &Cli, a: &PruneArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
     let _lock = repo.lock("prune", true)?;
-    let r = repo_prune::prune(&repo, a.dry_run, cli.quiet, &[])?;
+    let r = repo_prune::prune(&repo, a.dry_run, &[])?;
     if cli.json {
         return print_json(&r);
     }
@@ -361,7 +361,7 @@ fn print_prune(r: &repo_prune::PruneReport) {
 
 /// `klon check REPO [--read-data]`.
 pub(super) fn check(cli: &Cli, a: &CheckArgs) -> Result<()> {
-    let r = repo_check::check(&a.repo, a.read_data, cli.quiet)?;
+    let r = repo_check::check(&a.repo, a.read_data, &feedback(cli))?;
     if cli.json {
         print_json(&json!({ "repository": a.repo, "ok": r.problems.is_empty(), "report": r }))?;
     } else if !cli.quiet || !r.problems.is_empty() {
@@ -551,7 +551,7 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
     let verified = if a.no_verify || report.packs_written.is_empty() {
         None
     } else {
-        Some(snapshot::verify_added(&a.to, &report.packs_written, cli.quiet).map_err(|e| {
+        Some(snapshot::verify_added(&a.to, &report.packs_written, &feedback(cli)).map_err(|e| {
             e.with_note(&format!(
                 "the copies were written but what they added does not read back correctly: do not rely on them; \
                  check the drive, then run klon check --read-data {}",

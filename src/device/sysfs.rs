@@ -486,7 +486,7 @@ pub fn render_disks(disks: &[DiskInfo], fit: bool) -> String {
         let line = format!(
             "{:<14} {:>9} {:<9} {:<9} {:<20} {}",
             cut(&d.path.display().to_string(), 14),
-            crate::ui::human_bytes(d.size),
+            crate::units::human_bytes(d.size),
             format!("{}/{}", d.logical_sector_size, d.physical_sector_size),
             cut(&d.transport, 9),
             cut(&model, 20),
@@ -524,8 +524,8 @@ pub fn render_disks(disks: &[DiskInfo], fit: bool) -> String {
             let line = format!(
                 "  {:>3} {:>10} {:>10}  {:<11} {:<16} {}",
                 p.number,
-                crate::ui::human_bytes(p.start),
-                crate::ui::human_bytes(p.size),
+                crate::units::human_bytes(p.start),
+                crate::units::human_bytes(p.size),
                 cut(fstype, 11),
                 cut(label, 16),
                 mounted

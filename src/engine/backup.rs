@@ -12,6 +12,7 @@ use super::sink::{ChunkEncoder, Finished, ImageSink};
 use super::{cancel, streams};
 use crate::device::Disk;
 use crate::device::direct::{BufPool, IoBuf};
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent, FLAG_ZSTD, MAX_EXTENTS};
 use crate::image::manifest::{FileInfo, Manifest, SourceInfo};
@@ -28,8 +29,8 @@ pub struct BackupOptions {
     pub split_size: u64,
     /// Allow partitions of the source to be mounted read-write.
     pub allow_mounted: bool,
-    /// No progress output.
-    pub quiet: bool,
+    /// Where progress, warnings and notes go.
+    pub feedback: Feedback,
     /// Worker threads.
     pub workers: usize,
     /// How partitions are read (raw or by their filesystem's used blocks).
@@ -42,14 +43,14 @@ pub struct BackupOptions {
 pub const DEFAULT_LEVEL: i32 = 3;
 
 impl Default for BackupOptions {
-    /// What `klon backup` does without options (with progress, one worker
-    /// per core).
+    /// What `klon backup` does without options (one worker per core), said
+    /// to no one: a caller that shows progress hands in its feedback.
     fn default() -> BackupOptions {
         BackupOptions {
             level: DEFAULT_LEVEL,
             split_size: DEFAULT_SPLIT,
             allow_mounted: false,
-            quiet: false,
+            feedback: Feedback::silent(),
             workers: super::pipeline::default_workers(),
             plan: streams::PlanOptions::default(),
             rescue: false,
@@ -204,15 +205,15 @@ pub(crate) struct SourceDisk {
 impl SourceDisk {
     /// Opens `path` for a backup into `dest`, refusing a source partition
     /// mounted read-write (unless `allow_mounted`) and a destination on the
-    /// source itself; prints the plan's warnings.
-    pub fn open(path: &Path, dest: &Path, allow_mounted: bool, plan: streams::PlanOptions) -> Result<SourceDisk> {
+    /// source itself; says the plan's warnings.
+    pub fn open(path: &Path, dest: &Path, opts: &BackupOptions) -> Result<SourceDisk> {
         let disk = Disk::open_source(path)?;
-        crate::device::safety::check_source(&disk, allow_mounted)?;
+        crate::device::safety::check_source(&disk, opts.allow_mounted)?;
         crate::device::safety::check_image_dir_not_on(&disk, dest)?;
         let layout = table::read_layout(&disk)?;
-        let plan = streams::plan(&disk, &layout, plan)?;
+        let plan = streams::plan(&disk, &layout, opts.plan)?;
         for w in &plan.warnings {
-            eprintln!("klon: warning: {w}");
+            opts.feedback.warn(w);
         }
         Ok(SourceDisk { disk, layout, plan })
     }
@@ -232,7 +233,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     if opts.split_size < MIN_SPLIT {
         return Err(Error::Usage(format!("--split must be at least {} MiB", MIN_SPLIT >> 20)));
     }
-    let src = SourceDisk::open(source_path, image_dir, opts.allow_mounted, opts.plan)?;
+    let src = SourceDisk::open(source_path, image_dir, opts)?;
     let source = &src.disk;
     let plans = &src.plan.streams;
     let mut infos: Vec<StreamInfo> = plans.iter().map(|p| p.info.clone()).collect();
@@ -246,7 +247,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     }
     let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
     let order: Vec<usize> = (0..plans.len()).collect();
-    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, opts.quiet, |send| {
+    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, &opts.feedback, |send| {
         read_jobs(source, plans, &order, lanes_suit(source), None, rescue.as_ref(), send)?;
         match &rescue {
             Some(r) => r.scrape(source, plans.len(), send),
@@ -271,7 +272,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
             "{bytes} bytes in {ranges} places of {} could not be read and are stored as zeros (klon info lists them)",
             places.join(", ")
         );
-        eprintln!("klon: warning: {w}");
+        opts.feedback.warn(&w);
         warnings.push(w);
     }
     let source_info = source_info(source_path, source, &src.layout);
@@ -281,7 +282,7 @@ pub fn backup(source_path: &Path, image_dir: &Path, opts: &BackupOptions) -> Res
     let mut report =
         BackupReport { image, manifest, seconds: started.elapsed().as_secs_f64(), read_bytes, image_bytes, warnings };
     if let Some(w) = super::joblog::write_backup_log(&report, source_path, opts) {
-        eprintln!("klon: warning: {w}");
+        opts.feedback.warn(&w);
         report.warnings.push(w);
     }
     Ok(report)

@@ -17,11 +17,10 @@ use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::{Fill, StreamInfo};
 use crate::table::{self, DiskLayout};
-use crate::ui::human_bytes;
-use crate::ui::progress::Progress;
+use crate::units::human_bytes;
 
 /// Options of a clone: those of a restore (grow the last partition, read
-/// back, quiet, workers).
+/// back, feedback, workers).
 pub type CloneOptions = super::restore::RestoreOptions;
 
 /// A clone that passed every check and is ready to write.
@@ -115,7 +114,7 @@ fn copy_all(
     let total: u64 = streams.iter().flat_map(|p| p.reads.iter()).map(|r| r.1).sum();
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|p| (p.describe(), p.reads.iter().map(|r| r.1).sum())).collect();
-    let mut progress = Progress::with_parts("clone", total, parts, opts.quiet);
+    let mut progress = opts.feedback.meter("clone", total, parts);
     let mut out = TargetWriter::new(target, infos, area)?;
     pipeline::run(
         opts.workers,
@@ -157,7 +156,7 @@ fn compare(
         target,
         total,
         opts.workers,
-        opts.quiet,
+        &opts.feedback,
         |target, send| {
             let source = DiskReader::new(source);
             for &si in order {
@@ -215,7 +214,12 @@ mod tests {
         let mut rng = Rng::seeded(5);
         disk[..(9 * MIB) as usize].copy_from_slice(&rng.bytes((9 * MIB) as usize));
         std::fs::write(&src, &disk).unwrap();
-        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        let opts = RestoreOptions {
+            grow_last: false,
+            verify_after: true,
+            feedback: crate::engine::feedback::Feedback::silent(),
+            workers: 2,
+        };
         clone(prepare(&src, &dst, PlanOptions::default(), false).unwrap(), &opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "the clone differs from the source");
 

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::backup::{ImageDirSink, JobFiller, ReadJob};
+use super::feedback::Feedback;
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::restore::{RestoreOptions, RestoreReport};
@@ -28,7 +29,6 @@ use crate::fs::FsInfo;
 use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::table::TableKind;
-use crate::ui::progress::Progress;
 
 /// Where a stream's bytes come from.
 enum Origin {
@@ -297,18 +297,16 @@ fn ntfs_backup_offset(boot: &[u8], part_len: u64) -> Option<u64> {
 
 /// Reads every byte of a Clonezilla image, checking partclone's checksums,
 /// the bitmaps and the checksum files (MD5SUMS, ...) when present.
-pub fn verify(src: &mut CzSource, quiet: bool) -> Result<VerifyReport> {
+pub fn verify(src: &mut CzSource, feedback: &Feedback) -> Result<VerifyReport> {
     let started = Instant::now();
     let dir = src.image.dir.clone();
     for f in &src.image.checksum_files {
         let n = crate::clonezilla::checksums::check_file(&dir, f)?;
-        if !quiet {
-            eprintln!("klon: {}: {n} files match", f.display());
-        }
+        feedback.note(&format!("{}: {n} files match", f.display()));
     }
     let infos = src.stream_infos();
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
-    let mut progress = Progress::with_parts("verify", src.stored_bytes(), parts, quiet);
+    let mut progress = feedback.meter("verify", src.stored_bytes(), parts);
     let order: Vec<usize> = (0..infos.len()).collect();
     let (mut chunks, mut bytes) = (0u64, 0u64);
     src.read_jobs(&order, &mut |job| {
@@ -415,7 +413,7 @@ fn write_streams(
     let order: Vec<usize> = write_order(infos).into_iter().filter(|&si| area.only.is_none_or(|o| o == si)).collect();
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let total = order.iter().map(|&si| infos[si].stored_bytes).sum();
-    let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
+    let mut progress = opts.feedback.meter("restore", total, parts);
     let mut out = TargetWriter::new(target, infos, area)?;
     let keep_hashes = opts.verify_after;
     pipeline::run(
@@ -475,7 +473,7 @@ fn read_back(
         target,
         total,
         opts.workers,
-        opts.quiet,
+        &opts.feedback,
         |target, send| {
             for w in log {
                 super::cancel::check("read-back")?;
@@ -516,8 +514,8 @@ pub struct ConvertOptions {
     pub level: i32,
     /// Largest data file.
     pub split_size: u64,
-    /// No progress output.
-    pub quiet: bool,
+    /// Where progress, warnings and notes go.
+    pub feedback: Feedback,
     /// Worker threads.
     pub workers: usize,
 }
@@ -552,8 +550,9 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let order: Vec<usize> = (0..infos.len()).collect();
-    let filled =
-        super::sink::fill(&mut sink, "convert", parts, opts.workers, opts.quiet, |send| src.read_jobs(&order, send));
+    let filled = super::sink::fill(&mut sink, "convert", parts, opts.workers, &opts.feedback, |send| {
+        src.read_jobs(&order, send)
+    });
     if let Err(e) = filled {
         return Err(sink.abandon(e));
     }
@@ -577,11 +576,11 @@ pub fn convert_to_repository(
     let started = Instant::now();
     let (mut src, source_info) = open_for_convert(cz_dir, opts.level)?;
     let infos = src.stream_infos();
-    let mut sink = super::snapshot::SnapshotSink::open(repo, sopts, &source_info, opts.level)?;
+    let mut sink = super::snapshot::SnapshotSink::open(repo, sopts, &source_info, opts.level, &opts.feedback)?;
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let order: Vec<usize> = (0..infos.len()).collect();
     let window = sink.window();
-    let filled = super::sink::fill(&mut sink, "convert", parts, opts.workers, opts.quiet, |send| {
+    let filled = super::sink::fill(&mut sink, "convert", parts, opts.workers, &opts.feedback, |send| {
         src.read_jobs_in(&order, window, send)
     });
     if let Err(e) = filled {
@@ -664,7 +663,7 @@ mod tests {
             }));
             log
         };
-        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        let opts = RestoreOptions { grow_last: false, verify_after: true, feedback: Feedback::silent(), workers: 2 };
         let poke = |at: u64, byte: u8| {
             std::fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[byte], at).unwrap()
         };

@@ -27,6 +27,7 @@ use super::restore::{self, RestoreOptions, RestoreReport};
 use super::source::klon::KlonImage;
 use super::target::{WIPE_LEN, check_fits, write_order};
 use crate::device::Disk;
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 use crate::image::ChunkStore;
 use crate::image::format::{ChunkHeader, IndexEntry};
@@ -317,7 +318,7 @@ pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
     };
     let (result, sender) = match late(&probe(opts.interface.as_deref(), opts.port, Duration::from_millis(1500))) {
         Some((ip, p)) => {
-            eprintln!("klon receive: the deployment from {ip} is under way: the image comes by unicast");
+            opts.restore.feedback.note(&format!("the deployment from {ip} is under way: the image comes by unicast"));
             (by_unicast(target, opts, &ip, p, &dir), Some(ip))
         }
         None => {
@@ -330,10 +331,10 @@ pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
             };
             match retry {
                 Some((ip, p)) => {
-                    eprintln!(
-                        "klon receive: {}; the image comes again from {ip} by unicast",
+                    opts.restore.feedback.note(&format!(
+                        "{}; the image comes again from {ip} by unicast",
                         result.as_ref().err().map(|e| e.to_string()).unwrap_or_default()
-                    );
+                    ));
                     (by_unicast(target, opts, &ip, p, &dir), Some(ip))
                 }
                 None => (result, sender),
@@ -461,6 +462,7 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
         let (sender, left_out, dropped, done, last_byte) =
             (sender.clone(), left_out.clone(), dropped.clone(), done.clone(), last_byte.clone());
         let (interface, port, pid) = (opts.interface.clone(), opts.port, child.id() as i32);
+        let feedback = opts.restore.feedback.clone();
         std::thread::spawn(move || {
             use std::sync::atomic::Ordering::SeqCst;
             let kill = || {
@@ -489,10 +491,10 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
                         return;
                     }
                     if !said_so {
-                        eprintln!(
-                            "klon receive: a deployment from {ip} is under way without this machine, and it serves no \
-                             late joiners (klon deploy --late): waiting for the next one"
-                        );
+                        feedback.note(&format!(
+                            "a deployment from {ip} is under way without this machine, and it serves no late joiners \
+                             (klon deploy --late): waiting for the next one"
+                        ));
                         said_so = true;
                     }
                 }
@@ -620,8 +622,8 @@ pub struct DeployOptions {
     /// Serve machines that join late (or lose the multicast) by unicast,
     /// until this long after the multicast ended.
     pub late: Option<Duration>,
-    /// No progress lines.
-    pub quiet: bool,
+    /// Where progress, warnings and notes go.
+    pub feedback: Feedback,
 }
 
 /// Where a deployment is, as the sender answers a probe.
@@ -681,7 +683,7 @@ impl DeployReport {
     pub fn text(&self) -> String {
         let mut lines = vec![format!(
             "Sent {} to {} machines; {} s from start to the last report:",
-            crate::ui::human_bytes(self.bytes_sent),
+            crate::units::human_bytes(self.bytes_sent),
             self.receivers.len(),
             (self.seconds * 10.0).round() / 10.0
         )];
@@ -692,7 +694,7 @@ impl DeployReport {
                     "  {ip} ({}, {}): OK, {} written to {} in {:.1} s, read back and compared",
                     o.host,
                     o.mac,
-                    crate::ui::human_bytes(o.bytes_written),
+                    crate::units::human_bytes(o.bytes_written),
                     o.disk,
                     o.seconds
                 ),
@@ -759,7 +761,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     let listener = {
         let state = state.clone();
         let offer = late_listener.as_ref().map(|_| late_port);
-        let quiet = opts.quiet;
+        let feedback = opts.feedback.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
             let _ = reports.set_read_timeout(Some(Duration::from_millis(200)));
@@ -779,8 +781,8 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                 } else if let Ok(mut o) = serde_json::from_slice::<Outcome>(&buf[..n]) {
                     o.ip = from.ip().to_string();
                     let mut st = lock(&state);
-                    if !quiet && !st.got.contains_key(&o.ip) {
-                        eprintln!("klon deploy: {} reported: {}", o.ip, if o.ok { "OK" } else { "FAILED" });
+                    if !st.got.contains_key(&o.ip) {
+                        feedback.note(&format!("{} reported: {}", o.ip, if o.ok { "OK" } else { "FAILED" }));
                     }
                     st.got.insert(o.ip.clone(), o);
                 }
@@ -790,7 +792,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     // Late joiners: the whole stream by TCP, each in a thread of its own.
     if let Some(l) = &late_listener {
         let l = l.try_clone().map_err(|e| Error::Unsupported(format!("TCP port {late_port}: {e}")))?;
-        let (state, image, quiet) = (state.clone(), image.to_path_buf(), opts.quiet);
+        let (state, image, feedback) = (state.clone(), image.to_path_buf(), opts.feedback.clone());
         std::thread::spawn(move || {
             for conn in l.incoming().flatten() {
                 let ip = conn.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
@@ -798,14 +800,12 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                     return;
                 }
                 lock(&state).late.push(ip.clone());
-                if !quiet {
-                    eprintln!("klon deploy: {ip} joined late: sending it the image by unicast");
-                }
-                let image = image.clone();
+                feedback.note(&format!("{ip} joined late: sending it the image by unicast"));
+                let (image, feedback) = (image.clone(), feedback.clone());
                 std::thread::spawn(move || {
                     let mut out = std::io::BufWriter::with_capacity(1 << 20, conn);
                     if let Err(e) = send_stream(&image, &mut out) {
-                        eprintln!("klon deploy: the unicast stream to {ip} stopped: {e}");
+                        feedback.warn(&format!("the unicast stream to {ip} stopped: {e}"));
                     }
                 });
             }
@@ -839,9 +839,8 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
         .map_err(|e| Error::Unsupported(format!("cannot run udp-sender ({e}): install udpcast")))?;
     let joined: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().expect("piped");
-    let quiet = opts.quiet;
     let watch = {
-        let (joined, state) = (joined.clone(), state.clone());
+        let (joined, state, feedback) = (joined.clone(), state.clone(), opts.feedback.clone());
         std::thread::spawn(move || {
             // udpcast numbers its receivers: "#0" is the first that joined.
             let mut numbers: HashMap<String, String> = HashMap::new();
@@ -852,9 +851,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                         && let Some(ip) = rest.split_whitespace().next().and_then(|n| numbers.get(n))
                     {
                         lock(&state).dropped.push(ip.clone());
-                        if !quiet {
-                            eprintln!("klon deploy: udp-sender dropped {ip} (it stopped answering)");
-                        }
+                        feedback.note(&format!("udp-sender dropped {ip} (it stopped answering)"));
                     }
                     // "New connection from 10.77.0.2  (#0) 00000009"
                     if let Some(rest) = line.trim().strip_prefix("New connection from ")
@@ -864,9 +861,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
                             numbers.insert(n.to_string(), ip.to_string());
                         }
                         joined.lock().expect("joined lock").push(ip.to_string());
-                        if !quiet {
-                            eprintln!("klon deploy: {ip} joined");
-                        }
+                        feedback.note(&format!("{ip} joined"));
                     }
                     if line.trim().starts_with("Starting transfer") {
                         lock(&state).phase = Phase::Sending;
@@ -906,10 +901,8 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
         }
     };
     let joined = joined.lock().expect("joined lock").clone();
-    if let Some(late) = opts.late
-        && !opts.quiet
-    {
-        eprintln!("klon deploy: multicast done; serving late joiners by unicast for {} s", late.as_secs());
+    if let Some(late) = opts.late {
+        opts.feedback.note(&format!("multicast done; serving late joiners by unicast for {} s", late.as_secs()));
     }
     let late_until = Instant::now() + opts.late.unwrap_or_default();
     loop {
@@ -960,7 +953,8 @@ mod tests {
         disk[..(5 * MIB) as usize].copy_from_slice(&rng.bytes((5 * MIB) as usize));
         disk[(9 * MIB) as usize..(10 * MIB) as usize].copy_from_slice(&rng.bytes(MIB as usize));
         std::fs::write(&src, &disk).unwrap();
-        backup(&src, &img, &BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() }).unwrap();
+        backup(&src, &img, &BackupOptions { level: 1, feedback: Feedback::silent(), workers: 2, ..Default::default() })
+            .unwrap();
         let mut stream = Vec::new();
         send_stream(&img, &mut stream).unwrap();
         (disk, stream)
@@ -973,7 +967,8 @@ mod tests {
                 StreamedImage::open(Box::new(std::io::Cursor::new(stream)), "the test stream", &t.join("head"))?;
             let mut disk = Disk::open_target(&dst, Some(image.manifest().layout.disk_size))?;
             check_fits(&mut disk, image.manifest().layout.disk_size, 512)?;
-            let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+            let opts =
+                RestoreOptions { grow_last: false, verify_after: true, feedback: Feedback::silent(), workers: 2 };
             let r = restore::restore(&image, &disk, &opts)?;
             image.finish()?;
             Ok(r)

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::device::{Disk, DiskKind, loopdev};
 use crate::error::Error;
 use crate::table::{self, DiskLayout};
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// What became of the filesystem of the partition `--grow-last` grew.
 #[derive(Debug, Clone, Serialize)]

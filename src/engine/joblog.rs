@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::backup::{BackupOptions, BackupReport, DEFAULT_LEVEL, DEFAULT_SPLIT};
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// The log's file name in an image directory.
 pub const LOG_NAME: &str = "klon.log";

@@ -30,7 +30,7 @@ use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
 use crate::image::ChunkStore;
 use crate::image::reader::StoredChunk;
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// Decompressed chunks kept for the reads that follow (8 MiB each at most).
 const CACHED_CHUNKS: usize = 4;
@@ -938,9 +938,19 @@ mod tests {
         disk[(3 * MIB) as usize..(5 * MIB) as usize].fill(0);
         disk[(12 * MIB) as usize..(12 * MIB + 300_000) as usize].fill(0);
         std::fs::write(&src, &disk).unwrap();
-        let opts = BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() };
+        let opts = BackupOptions {
+            level: 1,
+            feedback: crate::engine::feedback::Feedback::silent(),
+            workers: 2,
+            ..Default::default()
+        };
         backup(&src, &img, &opts).unwrap();
-        let ropts = RestoreOptions { grow_last: false, verify_after: false, quiet: true, workers: 2 };
+        let ropts = RestoreOptions {
+            grow_last: false,
+            verify_after: false,
+            feedback: crate::engine::feedback::Feedback::silent(),
+            workers: 2,
+        };
         crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&ropts).unwrap();
         let want = std::fs::read(&dst).unwrap();
         assert!(want == disk);

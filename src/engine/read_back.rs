@@ -6,13 +6,13 @@
 //! [`Piece::check`] compares. A clone compares the target with the source,
 //! both read by a [`DiskReader`].
 
+use super::feedback::Feedback;
 use super::pipeline;
 use super::target::minus;
 use crate::device::Disk;
 use crate::device::direct::{BufPool, IoBuf};
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
-use crate::ui::progress::Progress;
 
 /// Reads back `total` bytes of `target` on the pipeline, with a progress
 /// bar: `produce` reads pieces with the [`DiskReader`] it is given and sends
@@ -21,11 +21,11 @@ pub fn run<I: Send>(
     target: &Disk,
     total: u64,
     workers: usize,
-    quiet: bool,
+    feedback: &Feedback,
     produce: impl FnOnce(&DiskReader, &mut dyn FnMut(I) -> bool) -> Result<()> + Send,
     check: impl Fn(I) -> Result<u64> + Sync,
 ) -> Result<()> {
-    let mut progress = Progress::new("read-back", total, quiet);
+    let mut progress = feedback.meter("read-back", total, Vec::new());
     let reader = DiskReader::new(target);
     pipeline::run(
         workers,

@@ -40,10 +40,11 @@ use super::grow::Growth;
 use super::mount::{DiskView, open_store};
 use super::restore::{RestoreOptions, RestoreReport, restore_range};
 use crate::device::{Disk, loopdev};
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 use crate::image::StreamKind;
 use crate::table::{self, DiskLayout, Partition, TableKind};
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 const MIB: u64 = 1 << 20;
 /// The GPT type of a BIOS boot partition (GRUB's core image).
@@ -407,7 +408,7 @@ fn minimum(view: &Arc<DiskView>, p: &Partition, fs: Option<&str>, block_size: Op
         "" => return Err("it holds no filesystem klon knows, so it keeps its size".into()),
         other => return Err(format!("klon does not shrink {other}, so it keeps its size")),
     }
-    let shown = PartFs::new(view.clone(), p.start, p.size, None);
+    let shown = PartFs::new(view.clone(), p.start, p.size, None, Feedback::silent());
     let found = shown.with_file(|file| {
         let file = file.to_string_lossy();
         if fs == "ntfs" {
@@ -575,7 +576,7 @@ impl Relayout {
             table::write_moved(target, &self.moved)?;
             target.sync()?;
             for mv in self.parts.iter().filter(|m| m.shrinks()) {
-                report.resized.push(self.shrink(target, mv)?);
+                report.resized.push(self.shrink(target, mv, &opts.feedback)?);
             }
             target.sync()?;
             report.table_reread = target.reread_table()?;
@@ -609,7 +610,7 @@ impl Relayout {
     /// Shrinks the filesystem of `mv`, restored at its new place up to its
     /// new size, with its own tool; then its checker must find it clean on
     /// the target. Says what was done.
-    fn shrink(&self, target: &Disk, mv: &Move) -> Result<Growth> {
+    fn shrink(&self, target: &Disk, mv: &Move, feedback: &Feedback) -> Result<Growth> {
         let fs = mv.fs.as_deref().unwrap_or("");
         let failed = |why: String| {
             Error::Unsupported(format!(
@@ -648,8 +649,13 @@ impl Relayout {
             });
         }
         let lower = target.file.try_clone().map_err(|e| Error::io("opening", &target.path, None, e))?;
-        let shown =
-            PartFs::new(self.view.clone(), mv.from, mv.size, Some(Lower { file: lower, to: mv.to, room: mv.room }));
+        let shown = PartFs::new(
+            self.view.clone(),
+            mv.from,
+            mv.size,
+            Some(Lower { file: lower, to: mv.to, room: mv.room }),
+            feedback.clone(),
+        );
         let tool = shown
             .with_file(|file| {
                 let file = file.to_string_lossy();
@@ -742,6 +748,8 @@ struct PartFs {
     overlay: Mutex<HashMap<u64, Vec<u8>>>,
     overlay_bytes: AtomicU64,
     time: SystemTime,
+    /// Where a failed read or write of the shrinking tool is said.
+    feedback: Feedback,
 }
 
 const BLOCK: u64 = 4096;
@@ -752,7 +760,7 @@ const TTL: Duration = Duration::from_secs(1);
 static MOUNTS: AtomicU64 = AtomicU64::new(0);
 
 impl PartFs {
-    fn new(view: Arc<DiskView>, start: u64, size: u64, lower: Option<Lower>) -> PartFs {
+    fn new(view: Arc<DiskView>, start: u64, size: u64, lower: Option<Lower>, feedback: Feedback) -> PartFs {
         PartFs {
             view,
             start,
@@ -761,6 +769,7 @@ impl PartFs {
             overlay: Mutex::new(HashMap::new()),
             overlay_bytes: AtomicU64::new(0),
             time: SystemTime::now(),
+            feedback,
         }
     }
 
@@ -946,7 +955,7 @@ impl Filesystem for PartFs {
         match self.read_at(&mut buf, offset) {
             Ok(()) => reply.data(&buf),
             Err(e) => {
-                eprintln!("klon: reading byte {offset} of the partition being shrunk failed: {e}");
+                self.feedback.warn(&format!("reading byte {offset} of the partition being shrunk failed: {e}"));
                 reply.error(Errno::EIO);
             }
         }
@@ -970,14 +979,14 @@ impl Filesystem for PartFs {
         match self.write_at(data, offset) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                eprintln!(
-                    "klon: the shrinking tool wrote more than {} past the filesystem's new end",
+                self.feedback.warn(&format!(
+                    "the shrinking tool wrote more than {} past the filesystem's new end",
                     human_bytes(OVERLAY_MAX)
-                );
+                ));
                 reply.error(Errno::ENOSPC)
             }
             Err(e) => {
-                eprintln!("klon: writing byte {offset} of the partition being shrunk failed: {e}");
+                self.feedback.warn(&format!("writing byte {offset} of the partition being shrunk failed: {e}"));
                 reply.error(Errno::EIO);
             }
         }

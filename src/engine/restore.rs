@@ -10,6 +10,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use super::feedback::Feedback;
 use super::pipeline;
 use super::read_back::{self, Expected, Piece};
 use super::streams::describe;
@@ -19,7 +20,6 @@ use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
 use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::{ChunkStore, Fill, StoredChunk, StreamKind};
-use crate::ui::progress::Progress;
 
 /// Options of a restore.
 #[derive(Debug, Clone)]
@@ -28,8 +28,8 @@ pub struct RestoreOptions {
     pub grow_last: bool,
     /// Read everything back after writing and compare.
     pub verify_after: bool,
-    /// No progress output.
-    pub quiet: bool,
+    /// Where progress, warnings and notes go.
+    pub feedback: Feedback,
     /// Worker threads.
     pub workers: usize,
 }
@@ -176,7 +176,7 @@ fn write_all(reader: &dyn ChunkStore, target: &Disk, area: &WriteArea, opts: &Re
     };
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
-    let mut progress = Progress::with_parts("restore", total, parts, opts.quiet);
+    let mut progress = opts.feedback.meter("restore", total, parts);
     let mut out = TargetWriter::new(target, streams, area)?;
     pipeline::run(
         opts.workers,
@@ -257,7 +257,7 @@ fn read_back(
         target,
         total,
         opts.workers,
-        opts.quiet,
+        &opts.feedback,
         |target, send| {
             for &si in &order {
                 let s = &streams[si];
@@ -358,11 +358,22 @@ mod tests {
         disk[..(8 * MIB) as usize].copy_from_slice(&rng.bytes((8 * MIB) as usize));
         disk[(16 * MIB) as usize..(17 * MIB) as usize].copy_from_slice(&rng.bytes(MIB as usize));
         std::fs::write(&src, &disk).unwrap();
-        let backup_opts = BackupOptions { level: 1, quiet: true, workers: 2, ..Default::default() };
+        // Progress goes to the feedback handed in: every meter ends with
+        // all its bytes counted.
+        let told = crate::engine::feedback::tests::Recorder::default();
+        let feedback = Feedback::new(told.clone());
+        let backup_opts = BackupOptions { level: 1, feedback: feedback.clone(), workers: 2, ..Default::default() };
         backup(&src, &img, &backup_opts).unwrap();
-        let opts = RestoreOptions { grow_last: false, verify_after: true, quiet: true, workers: 2 };
+        let opts = RestoreOptions { grow_last: false, verify_after: true, feedback, workers: 2 };
         crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
+        let lines = told.lines();
+        let labels: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("meter ")?.split(':').next()).collect();
+        assert_eq!(labels, ["backup", "restore", "read-back"], "{lines:?}");
+        for l in &lines {
+            let (done, total) = l.split_once(": ").unwrap().1.split_once(" of ").unwrap();
+            assert!(done == total && done != "0", "a meter that did not count its bytes: {l}");
+        }
 
         let image = crate::engine::source::klon::KlonImage::open(&img).unwrap();
         let mut target = Disk::open_target(&dst, None).unwrap();

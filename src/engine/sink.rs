@@ -12,13 +12,13 @@
 //! more implementation of these, not a branch in every job.
 
 use super::backup::ReadJob;
+use super::feedback::Feedback;
 use super::pipeline;
 use crate::error::{Error, Result};
 use crate::image::StreamInfo;
 use crate::image::format::CHUNK_SIZE;
 use crate::image::manifest::SourceInfo;
 use crate::table::DiskLayout;
-use crate::ui::progress::Progress;
 
 /// The workers' half of a sink, shared by every worker thread.
 pub(crate) trait ChunkEncoder: Sync {
@@ -73,14 +73,14 @@ pub(crate) fn fill<S: ImageSink>(
     label: &str,
     parts: Vec<(String, u64)>,
     workers: usize,
-    quiet: bool,
+    feedback: &Feedback,
     produce: impl FnOnce(&mut dyn FnMut(ReadJob) -> bool) -> Result<()> + Send,
 ) -> Result<()> {
     let encoder = sink.encoder();
     // Jobs of a window smaller than a chunk: as many more in flight keep
     // the same bytes read ahead.
     let depth = pipeline::depth(workers) * sink.window().map_or(1, |w| (u64::from(CHUNK_SIZE) / w).max(1) as usize);
-    let mut progress = Progress::with_parts(label, parts.iter().map(|p| p.1).sum(), parts, quiet);
+    let mut progress = feedback.meter(label, parts.iter().map(|p| p.1).sum(), parts);
     pipeline::run(
         workers,
         depth,

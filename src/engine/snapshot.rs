@@ -16,6 +16,7 @@ use std::time::Instant;
 use super::backup::{
     BackupOptions, ReadJob, SourceDisk, kept_content, lanes_suit, read_jobs, source_info, stored_payload,
 };
+use super::feedback::Feedback;
 use super::sink::{ChunkEncoder, Finished, ImageSink};
 use crate::device::direct::IoBuf;
 use crate::error::{Error, Result};
@@ -28,7 +29,6 @@ use crate::repo::read::ContentReader;
 use crate::repo::snapshot::{self, Added, SnapshotFile, TableEntry};
 use crate::repo::store::Store;
 use crate::repo::{BlobIndex, MAX_DELTA_DEPTH, Repository, delta};
-use crate::ui::progress::Progress;
 
 /// What a snapshot records besides the disk.
 #[derive(Debug, Clone, Default)]
@@ -109,15 +109,15 @@ pub fn backup_to_repository(
                 .into(),
         ));
     }
-    let src = SourceDisk::open(source_path, dir, opts.allow_mounted, opts.plan)?;
+    let src = SourceDisk::open(source_path, dir, opts)?;
     let src_info = source_info(source_path, &src.disk, &src.layout);
-    let mut sink = SnapshotSink::open(dir, sopts, &src_info, opts.level)?;
+    let mut sink = SnapshotSink::open(dir, sopts, &src_info, opts.level, &opts.feedback)?;
     let parts = src.parts();
     let read_bytes = parts.iter().map(|p| p.1).sum();
     let plans = &src.plan.streams;
     let order: Vec<usize> = (0..plans.len()).collect();
     let window = sink.window();
-    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, opts.quiet, |send| {
+    let filled = super::sink::fill(&mut sink, "backup", parts, opts.workers, &opts.feedback, |send| {
         read_jobs(&src.disk, plans, &order, lanes_suit(&src.disk), window, None, send)
     });
     if let Err(e) = filled {
@@ -152,6 +152,7 @@ pub(crate) struct SnapshotSink {
     added: Added,
     reused_chunks: u64,
     warnings: Vec<String>,
+    feedback: Feedback,
 }
 
 /// A repository's chunks: hashed, looked up, and new ones stored as
@@ -170,7 +171,14 @@ impl SnapshotSink {
     /// Opens the repository at `dir` for a new snapshot of `source`
     /// (creating it when `dir` does not exist or is empty), under a shared
     /// lock, with its index and the chunks of the disk's previous snapshot.
-    pub fn open(dir: &Path, opts: &SnapshotOptions, source: &SourceInfo, level: i32) -> Result<SnapshotSink> {
+    /// Warnings go to `feedback` as they come.
+    pub fn open(
+        dir: &Path,
+        opts: &SnapshotOptions,
+        source: &SourceInfo,
+        level: i32,
+        feedback: &Feedback,
+    ) -> Result<SnapshotSink> {
         let (time, utc_offset) = snapshot::now_and_offset();
         let created_repository = !crate::repo::exists(dir)?;
         let repo = if created_repository {
@@ -216,6 +224,7 @@ impl SnapshotSink {
             added: Added::default(),
             reused_chunks: 0,
             warnings: Vec::new(),
+            feedback: feedback.clone(),
             repo,
         })
     }
@@ -288,7 +297,7 @@ impl ImageSink for SnapshotSink {
             self.stored.resize(stream + 1, 0);
         }
         if let Some(w) = warning {
-            eprintln!("klon: warning: {w}");
+            self.feedback.warn(&w);
             self.warnings.push(w);
         }
         match payload {
@@ -404,20 +413,25 @@ impl ImageSink for SnapshotSink {
 /// (made with `from`'s window and keys when it does not exist), under a
 /// shared lock of each, then reads back what the copy wrote: the
 /// wizard's "copy to another drive" and the unattended job's `copy_drive`.
-pub fn copy_snapshot_into(from: &Path, to: &Path, id: &str, quiet: bool) -> Result<crate::repo::copy::CopyReport> {
+pub fn copy_snapshot_into(
+    from: &Path,
+    to: &Path,
+    id: &str,
+    feedback: &Feedback,
+) -> Result<crate::repo::copy::CopyReport> {
     let src = Repository::open(from)?;
     let _src_lock = src.lock("copy", false)?;
     let dst = if crate::repo::exists(to)? { Repository::open(to)? } else { Repository::create_like(to, &src)? };
     let _dst_lock = dst.lock("copy", false)?;
     let report = crate::repo::copy::copy(&src, &dst, &[id.to_string()], 3)?;
-    verify_added(to, &report.packs_written, quiet)?;
+    verify_added(to, &report.packs_written, feedback)?;
     Ok(report)
 }
 
 /// Reads back every pack a backup wrote (`packs`) and checks each chunk in
 /// it: header, crc32, zstd, blake3 (the blobs tile the pack: every byte). The chunks it reused were checked when they were written; `klon
 /// verify REPO:ID` reads every chunk of a snapshot.
-pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
+pub fn verify_added(dir: &Path, packs: &[String], feedback: &Feedback) -> Result<u64> {
     let repo = Repository::open(dir)?;
     let mut indexes = Vec::new();
     for name in packs {
@@ -425,7 +439,7 @@ pub fn verify_added(dir: &Path, packs: &[String], quiet: bool) -> Result<u64> {
     }
     let all = repo.load_index()?;
     let mut bases = ContentReader::new(repo.store.clone(), &all, &repo.keys)?;
-    let mut progress = Progress::new("verify", indexes.iter().map(|i| i.pack_size).sum(), quiet);
+    let mut progress = feedback.meter("verify", indexes.iter().map(|i| i.pack_size).sum(), Vec::new());
     let mut bytes = 0u64;
     for idx in &indexes {
         pack::check_blobs(&*repo.store, idx, &repo.keys, &mut |b| bases.base(b), |_, record, checked| {

@@ -22,9 +22,10 @@ use super::restore::{RestoreOptions, RestoreReport};
 use super::target::check_fits;
 use super::verify::VerifyReport;
 use crate::device::{Disk, DiskKind};
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 use crate::table::DiskLayout;
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// A source of an image, opened and checked as far as it can be without
 /// reading its data.
@@ -40,7 +41,7 @@ pub trait ImageSource: Send {
     fn describe(&self) -> String;
 
     /// Reads every byte and checks every checksum, touching no disk.
-    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport>;
+    fn verify(&mut self, workers: usize, feedback: &Feedback) -> Result<VerifyReport>;
 
     /// Writes the image onto `target`, which passed every refusal
     /// ([`prepare_restore`]) and the person's confirmation.
@@ -126,8 +127,8 @@ pub fn summarize(path: &Path) -> Result<Summary> {
 
 /// Verifies the image at `path`, whatever its kind. A klon image keeps the
 /// outcome (for the wizard's list), also when it cannot be opened.
-pub fn verify(path: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
-    let result = open(path).and_then(|mut s| s.verify(workers, quiet));
+pub fn verify(path: &Path, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
+    let result = open(path).and_then(|mut s| s.verify(workers, feedback));
     if let Err(e) = &result
         && !matches!(e, Error::Cancelled(_))
     {

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::image::format::Extent;
 use crate::image::{Fill, StreamInfo, StreamKind};
 use crate::table::{self, TableKind};
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 use super::read_back::{self, Expected};
 use super::streams::describe;

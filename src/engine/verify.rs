@@ -3,12 +3,12 @@
 use std::path::Path;
 use std::time::Instant;
 
+use super::feedback::Feedback;
 use super::pipeline;
 use super::streams::describe;
 use crate::error::{Error, Result};
 use crate::image::ChunkStore;
 use crate::image::format::Extent;
-use crate::ui::progress::Progress;
 
 /// What a verify reports.
 #[derive(Debug, Clone)]
@@ -25,22 +25,22 @@ pub struct VerifyReport {
 
 /// Checks every file, index, chunk header, payload crc32 and content
 /// blake3 of the image at `dir`.
-pub fn verify(dir: &Path, workers: usize, quiet: bool) -> Result<VerifyReport> {
+pub fn verify(dir: &Path, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
     // The checks a restore makes before writing, before any data is read.
     let image = super::source::klon::KlonImage::open(dir)?;
-    verify_image(&image, workers, quiet)
+    verify_image(&image, workers, feedback)
 }
 
 /// Checks every chunk of the image whose chunks `reader` reads (its
 /// manifest and indexes were checked when it was opened).
-pub fn verify_image(reader: &dyn ChunkStore, workers: usize, quiet: bool) -> Result<VerifyReport> {
+pub fn verify_image(reader: &dyn ChunkStore, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
     let started = Instant::now();
     let dir = reader.location();
     let streams = &reader.manifest().streams;
     let total = stored_total(dir, streams)?;
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
-    let mut progress = Progress::with_parts("verify", total, parts, quiet);
+    let mut progress = feedback.meter("verify", total, parts);
     // Per stream: where the previous chunk ended, to check order.
     let mut last_end: Vec<u64> = streams.iter().map(|s| s.start).collect();
     let mut chunks = 0u64;

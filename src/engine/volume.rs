@@ -10,8 +10,9 @@ use std::time::Instant;
 
 use super::mount::{DiskView, MountFile, files, open_store};
 use crate::device::Disk;
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// Bytes copied at a time.
 const STEP: u64 = 8 << 20;
@@ -99,7 +100,7 @@ impl VolumePlan {
 
     /// Writes the volume, syncs, and (with `verify_after`) reads it back
     /// and compares.
-    pub fn restore(self, verify_after: bool, quiet: bool) -> Result<VolumeReport> {
+    pub fn restore(self, verify_after: bool, feedback: &Feedback) -> Result<VolumeReport> {
         let started = Instant::now();
         let size = self.file.size;
         let pieces = self.file.pieces.as_deref().unwrap_or_default();
@@ -118,19 +119,16 @@ impl VolumePlan {
         };
         let mut buf = vec![0u8; STEP as usize];
         let mut at = 0;
+        let mut progress = feedback.meter("restore", size, Vec::new());
         while at < size {
             super::cancel::check("the restore of the volume")?;
             let n = STEP.min(size - at) as usize;
             read(&mut buf[..n], at)?;
             self.target.write_all_at(&buf[..n], at)?;
             at += n as u64;
-            if !quiet {
-                eprint!("\rklon: {} of {} written", human_bytes(at), human_bytes(size));
-            }
+            progress.add(n as u64);
         }
-        if !quiet {
-            eprintln!();
-        }
+        progress.finish();
         self.target.sync()?;
         if verify_after {
             self.target.drop_cache()?;

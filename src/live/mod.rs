@@ -26,6 +26,7 @@ use clap::{Args, Subcommand};
 use crate::cli::{Cli, Command};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
+use crate::ui::progress::Console;
 use image_drive::{Candidate, ImageDrive};
 use job::{Job, JobKind};
 
@@ -473,7 +474,9 @@ fn copy_to_second_drive(job: &Job, spec: &str, repo: &Path, not_on: &[u64]) -> R
     let on = second.device.display().to_string();
     let copied = second
         .images_dir()
-        .and_then(|dir| crate::engine::snapshot::copy_snapshot_into(repo, &dir.join(&job.image), &id, false))
+        .and_then(|dir| {
+            crate::engine::snapshot::copy_snapshot_into(repo, &dir.join(&job.image), &id, &Console::feedback(false))
+        })
         .map_err(note);
     let unmounted = second.unmount();
     let report = copied?;

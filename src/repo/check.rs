@@ -10,6 +10,7 @@ use super::index::{Base, Bits};
 use super::pack::{self, ChunkId};
 use super::snapshot::short;
 use super::{BlobIndex, MAX_DELTA_DEPTH, Repository};
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 
 /// File of a repository that records each snapshot's last verification.
@@ -95,7 +96,7 @@ pub struct CheckReport {
 /// every pack is read and checked (header, crc32, zstd, blake3): since the
 /// blobs tile each pack, every byte of it. Each problem names the chunk, the pack
 /// and offset, and the snapshots, partitions and disk offsets it affects.
-pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
+pub fn check(dir: &Path, read_data: bool, feedback: &Feedback) -> Result<CheckReport> {
     let repo = Repository::open(dir)?;
     let _lock = repo.lock("check", false)?;
     let mut report = CheckReport::default();
@@ -230,7 +231,7 @@ pub fn check(dir: &Path, read_data: bool, quiet: bool) -> Result<CheckReport> {
     if read_data {
         let mut bases = super::read::ContentReader::new(repo.store.clone(), &all, &repo.keys)?;
         let total: u64 = all.packs.iter().map(|p| p.size).sum();
-        let mut progress = crate::ui::progress::Progress::new("check", total, quiet);
+        let mut progress = feedback.meter("check", total, Vec::new());
         for (pi, info) in all.packs.iter().enumerate() {
             let read = repo.pack_index(&info.name).and_then(|idx| {
                 pack::check_blobs(&*repo.store, &idx, &repo.keys, &mut |b| bases.base(b), |e, record, checked| {

@@ -79,7 +79,7 @@ pub fn forget(
 
 /// Prunes the repository (whose exclusive lock the caller holds), as if
 /// the snapshots `forgotten` were gone (a dry run of forget --prune).
-pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]) -> Result<PruneReport> {
+pub fn prune(repo: &Repository, dry_run: bool, forgotten: &[String]) -> Result<PruneReport> {
     let mut report = PruneReport { dry_run, ..Default::default() };
 
     // Everything a snapshot references (a bit for each chunk of the
@@ -195,7 +195,7 @@ pub fn prune(repo: &Repository, dry_run: bool, quiet: bool, forgotten: &[String]
             repo.store.remove(&file)?;
         }
     }
-    if !quiet && !dry_run {
+    if !dry_run {
         let _ = repo.store.sync("snapshots");
     }
     Ok(report)

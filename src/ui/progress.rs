@@ -1,7 +1,8 @@
 //! Progress on stderr: indicatif bars on a terminal (overall, plus one per
 //! partition when the job says which part each byte belongs to), a plain
 //! line every few seconds elsewhere (serial consoles, logs), nothing with
-//! --quiet.
+//! --quiet. [`Console`] is the engine's reporter for the commands and the
+//! wizard.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -10,6 +11,52 @@ use std::time::{Duration, Instant};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::{human_bytes, human_duration};
+use crate::engine::feedback::{Feedback, Meter, Reporter};
+
+/// The reporter of the commands and the wizard: progress on stderr (bars
+/// on a terminal, a line every few seconds elsewhere), warnings always
+/// (above the bars), notes unless `quiet`.
+pub struct Console {
+    /// No progress, no notes (--quiet); warnings still show.
+    pub quiet: bool,
+}
+
+impl Console {
+    /// A [`Feedback`] through the console.
+    pub fn feedback(quiet: bool) -> Feedback {
+        Feedback::new(Console { quiet })
+    }
+}
+
+impl Reporter for Console {
+    fn meter(&self, label: &str, total: u64, parts: Vec<(String, u64)>) -> Box<dyn Meter> {
+        Box::new(Progress::with_parts(label, total, parts, self.quiet))
+    }
+
+    fn warn(&self, message: &str) {
+        suspend(|| eprintln!("klon: warning: {message}"));
+    }
+
+    fn note(&self, message: &str) {
+        if !self.quiet {
+            suspend(|| eprintln!("klon: {message}"));
+        }
+    }
+}
+
+impl Meter for Progress {
+    fn add(&mut self, n: u64) {
+        Progress::add(self, n);
+    }
+
+    fn add_part(&mut self, index: usize, n: u64) {
+        Progress::add_part(self, index, n);
+    }
+
+    fn finish(&mut self) {
+        Progress::finish(self);
+    }
+}
 
 /// The bars on screen, so the wizard can hide them while it asks a question.
 static ACTIVE: Mutex<Option<MultiProgress>> = Mutex::new(None);

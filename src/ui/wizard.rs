@@ -23,7 +23,8 @@ use crate::engine::restore::RestoreOptions;
 use crate::engine::streams::PlanOptions;
 use crate::engine::{cancel, verify};
 use crate::error::{Error, Result};
-use crate::ui::{human_bytes, human_duration, progress};
+use crate::ui::progress::{self, Console};
+use crate::ui::{human_bytes, human_duration};
 
 use disks::{Listed, Need};
 use images::ImageDir;
@@ -451,7 +452,7 @@ fn copy_to_another_drive(
     }
     scr.page(title, &format!("Copying snapshot {} into {} ...", &id[..8], to.display()))?;
     let copied = run_job(scr, "copy", "No snapshot is copied.", || -> Result<crate::repo::copy::CopyReport> {
-        crate::engine::snapshot::copy_snapshot_into(repo, &to, id, false)
+        crate::engine::snapshot::copy_snapshot_into(repo, &to, id, &Console::feedback(false))
     });
     let body = match copied {
         Ok(r) => format!(
@@ -520,7 +521,7 @@ fn run_job<T: Send>(scr: &Screen, what: &str, on_stop: &str, job: impl FnOnce() 
 /// How the wizard backs a disk up: its defaults, the level chosen, rescue
 /// mode or not.
 fn backup_options(level: i32, rescue: bool) -> BackupOptions {
-    BackupOptions { level, rescue, ..Default::default() }
+    BackupOptions { level, rescue, feedback: Console::feedback(false), ..Default::default() }
 }
 
 /// Where a rescued backup of a disk whose snapshots go into `repo` is
@@ -597,7 +598,7 @@ fn run_snapshot(
     let verdict = if verify_after {
         scr.term.write_line("Verifying what the backup added ...").ok();
         match run_job(scr, "verification", "The snapshot stays; it is just not checked.", || {
-            snapshot::verify_added(repo, &report.packs_written, false)
+            snapshot::verify_added(repo, &report.packs_written, &Console::feedback(false))
         }) {
             Ok(_) => "OK, every chunk this backup added reads back and its checksums hold".to_string(),
             Err(e) => format!("FAILED: {e}. Do not rely on this snapshot; check the image drive."),
@@ -612,7 +613,7 @@ fn run_snapshot(
         let _lock = r.lock("forget", true)?;
         let (decisions, _) = crate::repo::prune::forget(&r, &k.policy(), false)?;
         let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
-        let freed = if dropped.is_empty() { 0 } else { crate::repo::prune::prune(&r, false, true, &[])?.bytes_freed };
+        let freed = if dropped.is_empty() { 0 } else { crate::repo::prune::prune(&r, false, &[])?.bytes_freed };
         kept = format!(
             "Keep:         {} — {}\n",
             k.policy().describe(),
@@ -701,7 +702,7 @@ fn run_backup(scr: &Screen, source: &Path, image: &Path, level: i32, verify_afte
     let verified = if verify_after {
         scr.term.write_line("Verifying the image ...").ok();
         let r = run_job(scr, "verification", "The image stays; it is just not checked.", || {
-            verify::verify(&report.image, workers, false)
+            verify::verify(&report.image, workers, &Console::feedback(false))
         });
         verify::record_result(&report.image, &r);
         Some(r)
@@ -816,7 +817,7 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     ),
                 )?;
                 let r = run_job(scr, "verification", "Nothing is changed.", || {
-                    crate::engine::source::verify(&image, default_workers(), false)
+                    crate::engine::source::verify(&image, default_workers(), &Console::feedback(false))
                 });
                 let cmd = format!("klon verify {}", shell_quote(&image));
                 let body = match &r {
@@ -1038,7 +1039,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                         let opts = RestoreOptions {
                             grow_last: grow == Grow::Last,
                             verify_after: true,
-                            quiet: false,
+                            feedback: Console::feedback(false),
                             workers: default_workers(),
                         };
                         let r = run_job(
@@ -1131,7 +1132,12 @@ fn receive_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
     let opts = ReceiveOptions {
         interface: interface.clone(),
         port: DEFAULT_PORT,
-        restore: RestoreOptions { grow_last: false, verify_after: true, quiet: false, workers: default_workers() },
+        restore: RestoreOptions {
+            grow_last: false,
+            verify_after: true,
+            feedback: Console::feedback(false),
+            workers: default_workers(),
+        },
     };
     let r = run_job(scr, "receive", "The disk will be left unusable (its partition table wiped).", || {
         receive(&tpath, &opts)
@@ -1210,7 +1216,7 @@ fn clone_flow(scr: &Screen, ctx: &WizardContext) -> Result<()> {
                 let opts = CloneOptions {
                     grow_last: grow == Grow::Last,
                     verify_after: true,
-                    quiet: false,
+                    feedback: Console::feedback(false),
                     workers: default_workers(),
                 };
                 let r = run_job(scr, "clone", "The target will be left unusable (its partition table wiped).", || {

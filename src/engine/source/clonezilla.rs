@@ -6,12 +6,13 @@ use std::path::Path;
 use super::{ImageSource, Summary};
 use crate::device::Disk;
 use crate::engine::czimage::{self, CzSource};
+use crate::engine::feedback::Feedback;
 use crate::engine::restore::{RestoreOptions, RestoreReport};
 use crate::engine::verify::VerifyReport;
 use crate::error::Result;
 use crate::image::reader::describe_stream;
 use crate::table::DiskLayout;
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 impl ImageSource for CzSource {
     fn location(&self) -> &Path {
@@ -33,8 +34,8 @@ impl ImageSource for CzSource {
         )
     }
 
-    fn verify(&mut self, _workers: usize, quiet: bool) -> Result<VerifyReport> {
-        czimage::verify(self, quiet)
+    fn verify(&mut self, _workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
+        czimage::verify(self, feedback)
     }
 
     fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {

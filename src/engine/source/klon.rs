@@ -5,6 +5,7 @@ use std::path::Path;
 use super::{ImageSource, Summary};
 use crate::device::Disk;
 use crate::engine::backup::image_size;
+use crate::engine::feedback::Feedback;
 use crate::engine::restore::{self, RestoreOptions, RestoreReport};
 use crate::engine::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
@@ -14,7 +15,7 @@ use crate::image::reader::describe_stream;
 use crate::image::writer::PARTIAL_SUFFIX;
 use crate::image::{ChunkStore, ImageReader, Manifest, StoredChunk};
 use crate::table::DiskLayout;
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// A klon image, opened: its checked manifest and every index, checked.
 #[derive(Debug)]
@@ -86,8 +87,8 @@ impl ImageSource for KlonImage {
         )
     }
 
-    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport> {
-        let result = verify::verify_image(self, workers, quiet);
+    fn verify(&mut self, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
+        let result = verify::verify_image(self, workers, feedback);
         if !matches!(&result, Err(Error::Cancelled(_))) {
             verify::record_result(&self.reader.dir, &result);
         }

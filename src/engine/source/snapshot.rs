@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use super::{ImageSource, Summary};
 use crate::device::Disk;
 use crate::device::direct::BufPool;
+use crate::engine::feedback::Feedback;
 use crate::engine::restore::{self, RestoreOptions, RestoreReport};
 use crate::engine::verify::{self, VerifyReport};
 use crate::error::{Error, Result};
@@ -17,7 +18,7 @@ use crate::repo::snapshot::{Table, short};
 use crate::repo::store::Object;
 use crate::repo::{BlobIndex, Repository, SnapshotEntry};
 use crate::table::DiskLayout;
-use crate::ui::human_bytes;
+use crate::units::human_bytes;
 
 /// A snapshot, opened: its file, its table, and where each of its chunks
 /// is, all checked.
@@ -286,8 +287,8 @@ impl ImageSource for SnapshotImage {
         )
     }
 
-    fn verify(&mut self, workers: usize, quiet: bool) -> Result<VerifyReport> {
-        let result = verify::verify_image(self, workers, quiet);
+    fn verify(&mut self, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
+        let result = verify::verify_image(self, workers, feedback);
         if !matches!(&result, Err(Error::Cancelled(_))) {
             crate::repo::check::record(
                 &self.repo,
