@@ -73,6 +73,7 @@ use super::decompress::read_full;
 use super::fat12_check::{self, Fat12Check, Step};
 use super::pieces::PiecePos;
 use crate::error::{Error, Result};
+use crate::le::{le16, le32, le64};
 
 /// The partclone image magic.
 pub const MAGIC: &[u8; 15] = b"partclone-image";
@@ -190,15 +191,6 @@ struct Header {
     bitmap_mode: u8,
 }
 
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
-}
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
-}
 fn text(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     printable(b[..end].trim_ascii())

@@ -96,21 +96,23 @@ fn corrupt(msg: impl Into<String>) -> FsError {
 }
 
 fn bytes(b: &[u8], off: usize, len: usize) -> Result<&[u8], FsError> {
-    off.checked_add(len)
-        .and_then(|end| b.get(off..end))
-        .ok_or_else(|| corrupt(format!("btrfs structure at {off}..+{len} runs past its block")))
+    off.checked_add(len).and_then(|end| b.get(off..end)).ok_or_else(|| past(off, len))
+}
+
+fn past(off: usize, len: usize) -> FsError {
+    corrupt(format!("btrfs structure at {off}..+{len} runs past its block"))
 }
 
 fn le16(b: &[u8], off: usize) -> Result<u16, FsError> {
-    Ok(u16::from_le_bytes(bytes(b, off, 2)?.try_into().unwrap()))
+    crate::le::get_le16(b, off).ok_or_else(|| past(off, 2))
 }
 
 fn le32(b: &[u8], off: usize) -> Result<u32, FsError> {
-    Ok(u32::from_le_bytes(bytes(b, off, 4)?.try_into().unwrap()))
+    crate::le::get_le32(b, off).ok_or_else(|| past(off, 4))
 }
 
 fn le64(b: &[u8], off: usize) -> Result<u64, FsError> {
-    Ok(u64::from_le_bytes(bytes(b, off, 8)?.try_into().unwrap()))
+    crate::le::get_le64(b, off).ok_or_else(|| past(off, 8))
 }
 
 /// A btrfs key: (objectid, type, offset), ordered in that order.

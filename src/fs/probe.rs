@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::device::Disk;
+use crate::le::{get_be16 as be16, get_be32 as be32, get_le16 as le16, get_le32 as le32, get_le64 as le64};
 
 /// What a partition holds, as blkid would report it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,26 +70,8 @@ impl Region<'_> {
     }
 }
 
-fn bytes<const N: usize>(b: &[u8], off: usize) -> Option<[u8; N]> {
-    b.get(off..off.checked_add(N)?)?.try_into().ok()
-}
 fn u8_at(b: &[u8], off: usize) -> Option<u8> {
     b.get(off).copied()
-}
-fn le16(b: &[u8], off: usize) -> Option<u16> {
-    bytes::<2>(b, off).map(u16::from_le_bytes)
-}
-fn le32(b: &[u8], off: usize) -> Option<u32> {
-    bytes::<4>(b, off).map(u32::from_le_bytes)
-}
-fn le64(b: &[u8], off: usize) -> Option<u64> {
-    bytes::<8>(b, off).map(u64::from_le_bytes)
-}
-fn be16(b: &[u8], off: usize) -> Option<u16> {
-    bytes::<2>(b, off).map(u16::from_be_bytes)
-}
-fn be32(b: &[u8], off: usize) -> Option<u32> {
-    bytes::<4>(b, off).map(u32::from_be_bytes)
 }
 fn slice(b: &[u8], off: usize, n: usize) -> Option<&[u8]> {
     b.get(off..off.checked_add(n)?)
@@ -419,10 +402,10 @@ fn ntfs_label(r: &Region, boot: &[u8], cluster: u64) -> Option<String> {
     // Undo the update sequence (fixups) at the end of every 512 bytes.
     let usa_ofs = le16(&rec, 4)? as usize;
     let usa_count = le16(&rec, 6)? as usize;
-    let usn = bytes::<2>(&rec, usa_ofs)?;
+    let usn = crate::le::get::<2>(&rec, usa_ofs)?;
     for i in 1..usa_count {
         let pos = i * 512 - 2;
-        let fix = bytes::<2>(&rec, usa_ofs + 2 * i)?;
+        let fix = crate::le::get::<2>(&rec, usa_ofs + 2 * i)?;
         let cur = rec.get_mut(pos..pos + 2)?;
         if cur != usn {
             return None;
