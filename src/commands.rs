@@ -195,9 +195,9 @@ fn disks(cli: &Cli) -> Result<()> {
     #[cfg(feature = "udev")]
     let by_id = crate::live::udev_props::enrich(&mut disks);
     if cli.json {
-        print_json(&disks)
+        print_json(&crate::ui::disks::to_json(&disks))
     } else {
-        print!("{}", crate::device::sysfs::render_disks(&disks, std::io::stdout().is_terminal()));
+        print!("{}", crate::ui::disks::render(&disks, std::io::stdout().is_terminal()));
         #[cfg(feature = "udev")]
         for (d, names) in disks.iter().zip(&by_id) {
             for n in names {

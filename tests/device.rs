@@ -12,7 +12,8 @@ use common::loop_device::LoopDevice;
 use klon::Error;
 use klon::device::Disk;
 use klon::device::safety::{check_image_dir_not_on, check_source, check_target};
-use klon::device::sysfs::{DiskInfo, disk_info, list_disks, render_disks, whole_disk_of};
+use klon::device::sysfs::{DiskInfo, disk_info, list_disks, whole_disk_of};
+use klon::ui::disks::render;
 
 /// Loop devices are scarce and shared: run the root tests one at a time.
 static LOCK: Mutex<()> = Mutex::new(());
@@ -154,11 +155,28 @@ fn lists_loop_disk_with_partitions_and_filesystems() {
     // Files have no disk info.
     assert!(disk_info(&Disk::open_read_only(&img).unwrap()).is_none());
 
-    let table = render_disks(&[d], true);
+    let table = render(std::slice::from_ref(&d), true);
     eprintln!("{table}");
     assert!(table.contains(lo.path.to_str().unwrap()));
     assert!(table.contains("kroot") && table.contains("KEFI"));
     assert!(table.lines().all(|l| l.chars().count() <= 80));
+
+    // klon disks --json has lsblk's shape: the same devices, names and
+    // numbers as lsblk --json --bytes says of them.
+    let ours = klon::ui::disks::to_json(&[d]);
+    let cols = "NAME,PATH,MAJ:MIN,SIZE,TYPE,RO,START";
+    let theirs: serde_json::Value =
+        serde_json::from_str(&sh("lsblk", &["--json", "--bytes", "-o", cols, lo.path.to_str().unwrap()])).unwrap();
+    let (ours, theirs) = (&ours["blockdevices"][0], &theirs["blockdevices"][0]);
+    let (kids, their_kids) = (ours["children"].as_array().unwrap(), theirs["children"].as_array().unwrap());
+    assert_eq!(kids.len(), their_kids.len(), "{ours}\n{theirs}");
+    for (a, b) in std::iter::once((ours, theirs)).chain(kids.iter().zip(their_kids)) {
+        for key in ["name", "path", "maj:min", "size", "type", "ro", "start"] {
+            if b.get(key).is_some_and(|v| !v.is_null()) || a.get(key).is_some() {
+                assert_eq!(a[key], b[key], "{key}: klon {a}\nlsblk {b}");
+            }
+        }
+    }
 }
 
 #[test]

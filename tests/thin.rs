@@ -655,9 +655,13 @@ fn the_disk_list_names_the_volume_group_its_volumes_and_the_thin_volumes_in_its_
     let o = klon(&["--json", "disks"]);
     ok(&o);
     let disks: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    let ours =
-        disks.as_array().unwrap().iter().find(|d| d["path"] == s(&dev.path)).unwrap_or_else(|| panic!("{disks}"));
-    let pv = ours["partitions"].as_array().unwrap().iter().find(|p| p["number"] == 3).unwrap().clone();
+    let ours = disks["blockdevices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"] == s(&dev.path))
+        .unwrap_or_else(|| panic!("{disks}"));
+    let pv = ours["children"].as_array().unwrap().iter().find(|p| p["partn"] == 3).unwrap().clone();
     let want = format!(
         "volume group {vg}: root, swap, data (thin pool: vm-100-disk-0, vm-101-disk-0, snap_vm-101-disk-0_before)"
     );

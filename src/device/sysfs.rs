@@ -447,100 +447,6 @@ pub fn device_in_use(devno: u64) -> Result<bool> {
     Ok(Usage::load()?.in_use(devno))
 }
 
-fn cut(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        s.to_string()
-    } else if width == 0 {
-        String::new()
-    } else {
-        let mut t: String = s.chars().take(width - 1).collect();
-        t.push('~');
-        t
-    }
-}
-
-/// Renders disks as a table for `klon disks`: one line per disk, then an
-/// indented line per partition; on a terminal (`fit`) at most 80
-/// columns wide, long values cut with `~`; otherwise (a pipe, a file)
-/// every value whole.
-pub fn render_disks(disks: &[DiskInfo], fit: bool) -> String {
-    let cut = |s: &str, width: usize| if fit { cut(s, width) } else { s.to_string() };
-    let mut out = String::new();
-    out.push_str(&format!(
-        "{:<14} {:>9} {:<9} {:<9} {:<20} {}\n",
-        "DISK", "SIZE", "SECTORS", "TRANSPORT", "MODEL", "SERIAL"
-    ));
-    for d in disks {
-        let model = match (&d.model, &d.loop_backing_file) {
-            (Some(m), _) => m.clone(),
-            (None, Some(f)) => f.display().to_string(),
-            (None, None) => "-".to_string(),
-        };
-        let mut flags = Vec::new();
-        if d.removable {
-            flags.push("removable");
-        }
-        if d.read_only {
-            flags.push("read-only");
-        }
-        let line = format!(
-            "{:<14} {:>9} {:<9} {:<9} {:<20} {}",
-            cut(&d.path.display().to_string(), 14),
-            crate::units::human_bytes(d.size),
-            format!("{}/{}", d.logical_sector_size, d.physical_sector_size),
-            cut(&d.transport, 9),
-            cut(&model, 20),
-            d.serial.as_deref().unwrap_or("-"),
-        );
-        out.push_str(cut(line.trim_end(), 80).as_str());
-        out.push('\n');
-        if !flags.is_empty() || d.fs.is_some() || !d.mountpoints.is_empty() {
-            let mut extra = flags.join(", ");
-            if let Some(fs) = &d.fs {
-                if !extra.is_empty() {
-                    extra.push_str(", ");
-                }
-                extra.push_str(&format!("whole-disk {}", fs.fstype));
-                if let Some(l) = &fs.label {
-                    extra.push_str(&format!(" \"{l}\""));
-                }
-            }
-            for m in &d.mountpoints {
-                extra.push_str(&format!(", mounted at {}", m.display()));
-            }
-            out.push_str(&cut(&format!("    ({})", extra.trim_start_matches(", ")), 80));
-            out.push('\n');
-        }
-        for p in &d.partitions {
-            let (fstype, label) = match &p.fs {
-                Some(f) => (f.fstype.as_str(), f.label.as_deref().unwrap_or("")),
-                None => ("-", ""),
-            };
-            let mounted = if p.mountpoints.is_empty() {
-                if p.in_use { "(in use)".to_string() } else { String::new() }
-            } else {
-                p.mountpoints.iter().map(|m| m.display().to_string()).collect::<Vec<_>>().join(",")
-            };
-            let line = format!(
-                "  {:>3} {:>10} {:>10}  {:<11} {:<16} {}",
-                p.number,
-                crate::units::human_bytes(p.start),
-                crate::units::human_bytes(p.size),
-                cut(fstype, 11),
-                cut(label, 16),
-                mounted
-            );
-            out.push_str(&cut(line.trim_end(), 80));
-            out.push('\n');
-            if let Some(vg) = &p.lvm {
-                out.push_str(&cut(&format!("        {vg}"), 80));
-                out.push('\n');
-            }
-        }
-    }
-    out
-}
-
 /// Convenience used by safety checks: the st_dev of the nearest existing
 /// ancestor of `path` (the path itself when it exists).
 pub fn nearest_existing_st_dev(path: &Path) -> Option<(PathBuf, u64)> {
@@ -598,56 +504,6 @@ mod tests {
         assert_eq!(v, ["loop2", "loop10", "nvme0n1", "sda", "sdb"]);
     }
 
-    fn sample() -> DiskInfo {
-        DiskInfo {
-            path: "/dev/nvme0n1".into(),
-            name: "nvme0n1".into(),
-            devno: makedev(259, 0),
-            size: 500_107_862_016,
-            logical_sector_size: 512,
-            physical_sector_size: 4096,
-            model: Some("Samsung SSD 970 EVO Plus 500GB with a very long model name".into()),
-            serial: Some("S4EVNX0N123456789012345678901234".into()),
-            transport: "nvme".into(),
-            removable: false,
-            read_only: false,
-            loop_backing_file: None,
-            partitions: vec![PartInfo {
-                number: 1,
-                path: "/dev/nvme0n1p1".into(),
-                devno: makedev(259, 1),
-                start: 1 << 20,
-                size: 536_870_912,
-                type_id: None,
-                fs: Some(FsInfo { fstype: "vfat".into(), label: Some("EFI".into()), uuid: Some("ABCD-1234".into()) }),
-                mountpoints: vec!["/boot/efi/with/a/really/long/path/that/goes/on/and/on/forever".into()],
-                in_use: true,
-                lvm: None,
-            }],
-            fs: None,
-            mountpoints: vec![],
-            in_use: false,
-        }
-    }
-
-    #[test]
-    fn table_fits_80_columns_on_a_terminal_and_keeps_every_value_otherwise() {
-        let mut long = sample();
-        long.model = Some("A disk model whose name is far longer than twenty characters".into());
-        let whole = render_disks(&[long.clone()], false);
-        assert!(whole.contains("A disk model whose name is far longer than twenty characters"), "{whole}");
-        let text = render_disks(&[long], true);
-        assert!(!text.contains("far longer"), "{text}");
-        for line in text.lines() {
-            assert!(line.chars().count() <= 80, "too wide: {line:?}");
-        }
-        assert!(text.contains("/dev/nvme0n1"));
-        assert!(text.contains("465.8 GiB"));
-        assert!(text.contains("512/4096"));
-        assert!(text.contains("vfat"));
-        assert!(text.contains("EFI"));
-    }
-
     #[test]
     fn lists_live_disks() {
         let disks = list_disks().unwrap();
@@ -661,6 +517,5 @@ mod tests {
                 assert!(p.start + p.size <= d.size);
             }
         }
-        let _ = render_disks(&disks, true);
     }
 }

@@ -1,5 +1,6 @@
 //! What people see: progress and human-readable numbers.
 
+pub mod disks;
 pub mod progress;
 pub mod wizard;
 
