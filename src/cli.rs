@@ -441,7 +441,9 @@ pub struct CloneArgs {
 /// `klon deploy`.
 #[derive(Debug, Args)]
 pub struct DeployArgs {
-    /// klon image directory to send.
+    /// The image to send: a klon image directory, a repository's snapshot
+    /// (REPO[:SNAPSHOT]) or a Clonezilla image (those two are written as a
+    /// klon image first, under --export-dir).
     pub image: PathBuf,
     /// Send by multicast with udp-sender (the only way for now).
     #[arg(long, required = true)]
@@ -468,6 +470,11 @@ pub struct DeployArgs {
     /// at the port base + 9), until this long after the multicast ended.
     #[arg(long, value_name = "SECONDS")]
     pub late: Option<u64>,
+    /// Where a snapshot or a Clonezilla image is written as a klon image
+    /// before it is sent (removed afterwards; default: the system's
+    /// temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub export_dir: Option<PathBuf>,
 }
 
 /// `klon receive`.

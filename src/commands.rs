@@ -417,7 +417,11 @@ fn deploy_cmd(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<()> {
         late: a.late.map(std::time::Duration::from_secs),
         feedback: feedback(cli),
     };
-    let r = deploy(&a.image, &opts)?;
+    let exported = match crate::engine::export::needs_export(&a.image) {
+        true => Some(export_for_deploy(cli, a)?),
+        false => None,
+    };
+    let r = deploy(exported.as_ref().map_or(&a.image, |e| &e.0), &opts)?;
     if cli.json {
         let receivers: Vec<_> = r
             .receivers
@@ -528,6 +532,47 @@ fn clone_cmd(cli: &Cli, a: &CloneArgs) -> Result<()> {
     };
     let r = crate::engine::clone::clone(plan, &opts)?;
     report_written(cli, "Cloned", "source", &a.source, &a.target, &r)
+}
+
+/// A klon image written for `klon deploy`, removed when dropped.
+struct Exported(std::path::PathBuf);
+
+impl Drop for Exported {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the snapshot or Clonezilla image `a.image` as a klon image under
+/// `--export-dir` (the temporary directory by default), after checking
+/// that it has room for it.
+fn export_for_deploy(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<Exported> {
+    use crate::engine::export::{ExportOptions, export, most_bytes};
+    let base = a.export_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let need = most_bytes(&a.image)?;
+    let free = nix::sys::statvfs::statvfs(&base)
+        .map(|v| v.blocks_available() * v.fragment_size())
+        .map_err(|e| Error::io("reading the free space of", &base, None, e.into()))?;
+    if free < need {
+        return Err(Error::Refused(format!(
+            "{} is sent as a klon image, written first into {}: it may need up to {} and {} is free there; give \
+             --export-dir DIR on a drive with room",
+            a.image.display(),
+            base.display(),
+            crate::units::human_bytes(need),
+            crate::units::human_bytes(free)
+        )));
+    }
+    let dir = base.join(format!("klon-deploy-{}", std::process::id()));
+    let opts = ExportOptions {
+        level: crate::engine::backup::DEFAULT_LEVEL,
+        workers: default_workers(),
+        feedback: feedback(cli),
+    };
+    // Removed also when the export fails half-way (the sink removes its
+    // partial directory; this removes a finished one).
+    let image = export(&a.image, &dir, &opts)?;
+    Ok(Exported(image))
 }
 
 fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {

@@ -289,3 +289,56 @@ fn a_machine_the_sender_drops_gets_the_image_again_by_unicast() {
     assert_eq!(ok_unicast(&v, "10.77.4.3"), (true, true), "{v}");
     all_equal(&targets, &disk);
 }
+
+/// A snapshot of a repository (not its newest) is deployed: the sender
+/// writes it as a klon image under --export-dir, sends that, and removes
+/// it; every machine gets the disk as it was at that snapshot.
+#[test]
+fn an_older_snapshot_of_a_repository_is_deployed() {
+    require_root!();
+    ready();
+    let t = TempDir::new("deploy-snap");
+    let (disk, repo) = (t.join("disk.img"), t.join("repo"));
+    make_gpt_disk(&disk, 32 * MIB);
+    ok(&klon(&["backup", "--quiet", "--repo", s(&disk), s(&repo)]));
+    let then = t.join("then.img");
+    std::fs::copy(&disk, &then).unwrap();
+    write_at(&disk, 3 * MIB, &random_bytes(5, MIB as usize));
+    ok(&klon(&["backup", "--quiet", s(&disk), s(&repo)]));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&klon(&["--json", "snapshots", s(&repo)]))).unwrap();
+    let list = v["snapshots"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{v}");
+    // Newest first: the older one is the second.
+    let older = list[1]["short_id"].as_str().unwrap().to_string();
+    let spec = PathBuf::from(format!("{}:{older}", repo.display()));
+
+    let exports = t.join("exports");
+    std::fs::create_dir_all(&exports).unwrap();
+    let net = Net::new(5, 2);
+    let targets: Vec<PathBuf> = (0..2).map(|i| t.join(&format!("target{i}.img"))).collect();
+    let receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9500)).collect();
+    let o =
+        net.deploy(&spec, &["--clients", "2", "--port", "9500", "--report-wait", "60", "--export-dir", s(&exports)]);
+    for (i, r) in receivers.into_iter().enumerate() {
+        let r = r.wait_with_output().unwrap();
+        assert!(r.status.success(), "receiver {i}: {}", String::from_utf8_lossy(&r.stderr));
+    }
+    ok(&o);
+    assert!(stderr(&o).contains("written as the klon image"), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    for ip in ["10.77.5.2", "10.77.5.3"] {
+        assert_eq!(ok_unicast(&v, ip), (true, false), "{v}");
+    }
+    all_equal(&targets, &then);
+    assert_eq!(std::fs::read_dir(&exports).unwrap().count(), 0, "the exported image was left behind");
+
+    // No room for the export: refused before anything is sent or written.
+    let tiny = t.join("tiny.img");
+    blank_file(&tiny, 8 * MIB);
+    run("mkfs.ext4", &["-q", "-F", s(&tiny)]);
+    let mnt = t.join("tiny");
+    let _m = Mounted::new(&tiny, &mnt, "loop");
+    let o = klon(&["deploy", s(&spec), "--multicast", "--clients", "1", "--export-dir", s(&mnt)]);
+    fails_with(&o, 5, &["--export-dir", "free there"]);
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "lost+found").count(), 0);
+}

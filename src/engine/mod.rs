@@ -6,6 +6,7 @@ pub mod cancel;
 pub mod clone;
 pub mod czimage;
 pub mod deploy;
+pub mod export;
 pub mod feedback;
 pub mod grow;
 pub mod joblog;
