@@ -228,11 +228,13 @@ fn boot_with(
     until: Option<&str>,
     extra: &[String],
 ) -> Boot {
-    boot_in(dir, fw, Some(stick), disks, until, extra, None)
+    boot_in(dir, fw, Some(stick), disks, until, extra, None, &[])
 }
 
 /// `boot_with`, the stick optional, QEMU run in network namespace `netns`
-/// when given (`ip netns exec`).
+/// when given (`ip netns exec`). `script`: typed on the serial console,
+/// each (WHEN, TEXT) the first time a line containing WHEN appears.
+#[allow(clippy::too_many_arguments)]
 fn boot_in(
     dir: &TempDir,
     fw: Firmware,
@@ -241,6 +243,7 @@ fn boot_in(
     until: Option<&str>,
     extra: &[String],
     netns: Option<&str>,
+    script: &[(&str, &str)],
 ) -> Boot {
     let _one = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let mut args: Vec<String> = vec![
@@ -308,7 +311,7 @@ fn boot_in(
     };
     let mut child: Child = cmd
         .args(&args)
-        .stdin(Stdio::null())
+        .stdin(if script.is_empty() { Stdio::null() } else { Stdio::piped() })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -328,9 +331,19 @@ fn boot_in(
     });
     let mut b = Boot { lines: Vec::new() };
     let deadline = started + BOOT_TIMEOUT;
+    let mut input = child.stdin.take();
+    let mut next = 0;
     loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(l) => {
+                if let (Some((when, text)), Some(w)) = (script.get(next), input.as_mut())
+                    && l.1.contains(when)
+                {
+                    use std::io::Write as _;
+                    w.write_all(format!("{text}\n").as_bytes()).expect("typing on the serial console");
+                    w.flush().unwrap();
+                    next += 1;
+                }
                 let hit = until.is_some_and(|u| l.1.contains(u));
                 b.lines.push(l);
                 if hit {
@@ -1085,6 +1098,7 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
         None,
         &nic,
         Some(&net.ns),
+        &[],
     );
     let deployed = deploy.wait_with_output().unwrap();
     let _ = Command::new("kill").args(["-INT", &serve.id().to_string()]).status();

@@ -8,3 +8,4 @@ pub mod loop_device;
 pub mod lvm_tools;
 pub mod repo_disk;
 pub mod stall;
+pub mod thin_fixture;
