@@ -1168,3 +1168,115 @@ fn uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment() {
         network_boot_receives_a_deployment(Firmware::Uefi);
     }
 }
+
+/// A Proxmox-shaped disk (tests/common/thin_fixture.rs: an LVM2 thin pool
+/// with a VM disk, a container volume and a thin snapshot, made without
+/// device-mapper) backed up on the host and restored by the live system
+/// onto a larger disk is a volume group a real kernel activates: in the
+/// live system's rescue shell `lvm vgchange -ay` activates it, thin pool
+/// included, and the VM disk's, the container's and the snapshot's
+/// filesystems mount with their files (sums compared with the host's).
+/// Needs root (the fixture's loop devices and LVM tools).
+#[test]
+fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
+    use common::loop_device::{have_root, root_tests_required};
+    if !ready("a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system") {
+        return;
+    }
+    if !have_root() {
+        assert!(!root_tests_required(), "the thin pool fixture needs root");
+        report("thin pool activation: skipped (needs root)");
+        return;
+    }
+    let s = |p: &Path| p.display().to_string();
+    let dir = TempDir::new("live-thin");
+    let vg = format!("pveguest{}", std::process::id());
+    let f = common::thin_fixture::fixture(&dir, &vg);
+    let content = dir.join("content");
+    std::fs::create_dir_all(content.join("klon-images")).unwrap();
+    let o = common::disks::klon(&["backup", "--quiet", &s(&f.disk), &s(&content.join("klon-images").join("pve"))]);
+    assert!(o.status.success(), "backup: {}", String::from_utf8_lossy(&o.stderr));
+    let drive = dir.join("drive.img");
+    run("mke2fs", &["-q", "-t", "ext4", "-L", "KLONIMG", "-d", &s(&content), &s(&drive), "128M"]);
+    let target = dir.join("target.img");
+    blank_file(&target, 256 * MIB);
+
+    let stick = stick_with(&dir, "stick.img", None);
+    let img = format!("{}@@1M", stick.display());
+    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
+    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+    let append = "console=ttyS0,115200n8 quiet klon.job=restore klon.image=pve klon.target=serial=KLONTGT \
+                  klon.drive=LABEL=KLONIMG klon.after=shell klon.wait=10";
+    let extra: Vec<String> =
+        ["-kernel", &s(&kernel), "-initrd", &s(&initrd), "-append", append].iter().map(|a| a.to_string()).collect();
+    // No udev in the live system: LVM makes the device nodes itself.
+    let conf = "activation{udev_sync=0 udev_rules=0 verify_udev_operations=1} \
+                devices{obtain_device_list_from_udev=0} global{thin_check_executable=\"\"}";
+    let mapper = |lv: &str| format!("/dev/mapper/{vg}-{}", lv.replace('-', "--"));
+    let activate = format!(
+        "mkdir -p /run/lock; lvm vgchange -ay --noudevsync --config '{conf}' {vg}; echo KLON-VG\"\"=$?; \
+         lvm lvs --noheadings -o lv_name,lv_attr --config '{conf}' {vg}"
+    );
+    let mount = format!(
+        "mkdir -p /m/ct /m/snap /m/vm; mount -o ro {} /m/ct && mount -o ro {} /m/snap && \
+         losetup -r -o 1048576 /dev/loop7 {} && mount -o ro /dev/loop7 /m/vm; echo KLON-MOUNT\"\"=$?",
+        mapper("vm-101-disk-0"),
+        mapper("snap_vm-101-disk-0_before"),
+        mapper("vm-100-disk-0"),
+    );
+    let files = [
+        ("vm-101-disk-0", "/m/ct", "data/a.bin"),
+        ("vm-101-disk-0", "/m/ct", "data/new.bin"),
+        ("snap", "/m/snap", "data/gone.txt"),
+        ("snap", "/m/snap", "data/a.bin"),
+        ("vm-100-disk-0", "/m/vm", "srv/db.bin"),
+        ("vm-100-disk-0", "/m/vm", "srv/log.txt"),
+    ];
+    let sums = format!(
+        "sha256sum {} | sed 's/^/KLON-SUM /'; test -e /m/snap/data/new.bin || echo KLON-SNAPSHOT\"\"-OLD; \
+         echo KLON-GUEST\"\"-DONE",
+        files.iter().map(|(_, at, file)| format!("{at}/{file}")).collect::<Vec<_>>().join(" ")
+    );
+    let b = boot_in(
+        &dir,
+        Firmware::Bios,
+        Some(&stick),
+        &[
+            (drive.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD"),
+            (target.as_path(), "nvme,drive=DRIVE,serial=KLONTGT"),
+        ],
+        Some("KLON-GUEST-DONE"),
+        &extra,
+        None,
+        &[("Rescue shell:", &activate), ("KLON-VG=", &mount), ("KLON-MOUNT=", &sums)],
+    );
+    let line = result_line(&b, Firmware::Bios, "restore of a Proxmox-shaped disk");
+    assert!(line.contains("restore of"), "{line}");
+    let said = |key: &str| {
+        b.lines.iter().rev().find_map(|(_, l)| l.split(key).nth(1).map(str::trim).map(String::from)).unwrap_or_default()
+    };
+    assert_eq!(said("KLON-VG="), "0", "vgchange -ay failed in the guest:\n{}", b.transcript());
+    assert_eq!(said("KLON-MOUNT="), "0", "a thin volume did not mount:\n{}", b.transcript());
+    // lvs in the guest: every volume active, the pool as a thin pool.
+    for lv in ["root", "swap", "data", "vm-100-disk-0", "vm-101-disk-0", "snap_vm-101-disk-0_before"] {
+        let attr = b.lines.iter().find_map(|(_, l)| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some(lv)).then(|| w.next().unwrap_or_default().to_string())
+        });
+        let attr = attr.unwrap_or_else(|| panic!("{lv} not in lvs:\n{}", b.transcript()));
+        assert_eq!(attr.chars().nth(4), Some('a'), "{lv} is not active ({attr}):\n{}", b.transcript());
+        assert!(lv != "data" || attr.starts_with("twi"), "data is not a thin pool ({attr})");
+    }
+    for (volume, at, file) in files {
+        let want = common::disks::sha256(&f.trees[volume].join(file));
+        let got = b
+            .lines
+            .iter()
+            .find_map(|(_, l)| l.split_once("KLON-SUM ").map(|x| x.1).filter(|l| l.ends_with(&format!("{at}/{file}"))))
+            .and_then(|l| l.split_whitespace().next().map(String::from));
+        assert_eq!(got.as_deref(), Some(want.as_str()), "{volume}: {file}:\n{}", b.transcript());
+    }
+    assert!(b.find("KLON-SNAPSHOT-OLD").is_some(), "the snapshot shows the origin's later file:\n{}", b.transcript());
+    report("thin pool activation: vgchange -ay in the live system; the VM disk, container and snapshot mount whole");
+}

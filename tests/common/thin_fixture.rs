@@ -383,4 +383,3 @@ pub fn fixture(t: &TempDir, vg: &str) -> Fixture {
         .collect();
     Fixture { disk, pv_start, pe_start, lvs, thin_dump, trees, expected, stale_mapped: 192 * CHUNK }
 }
-
