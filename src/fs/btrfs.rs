@@ -28,8 +28,8 @@
 
 use std::collections::HashSet;
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, crc32c, normalize};
-use crate::image::format::Extent;
 
 /// The btrfs used-block reader.
 pub const DRIVER: Driver = Driver { fstypes: &["btrfs"], used_map };

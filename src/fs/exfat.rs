@@ -21,8 +21,8 @@
 //! exfat-fuse rewrites it only at unmount and only unless it is 0xFF, and
 //! the boot checksum leaves it out. The allocation bitmap is the authority.
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, normalize};
-use crate::image::format::Extent;
 use crate::le::{le16, le32, le64};
 
 /// The exFAT driver.

@@ -28,8 +28,8 @@
 //! lazy_itable_init on a dirty disk; the tests restore over garbage and run
 //! `e2fsck -fn` to show it.
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, crc32c, normalize};
-use crate::image::format::Extent;
 use crate::le::{le16, le32};
 
 /// The ext2/3/4 driver.

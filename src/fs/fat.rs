@@ -18,8 +18,8 @@
 //! specification, hints that "may be incorrect" (0xFFFFFFFF: unknown);
 //! systems leave them stale, so a disagreement says nothing about the FAT.
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, normalize};
-use crate::image::format::Extent;
 use crate::le::{le16, le32};
 
 /// The FAT12/16/32 driver (blkid's "vfat").

@@ -7,9 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Extent;
 use super::probe::lvm_crc as crc;
 use super::{FsError, Piece, ReadAt, Volume};
-use crate::image::format::Extent;
 use crate::le::{le32, le64};
 
 /// Magic of a metadata area header.

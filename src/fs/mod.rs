@@ -27,7 +27,10 @@ pub mod xfs;
 pub use probe::{FsInfo, probe};
 
 use crate::device::Disk;
-use crate::image::format::Extent;
+
+/// A byte range of a disk or volume: (offset, length). The used-block maps
+/// are lists of them; the image format stores them as they are.
+pub type Extent = (u64, u64);
 
 /// Why a used-block map could not be made.
 #[derive(Debug)]

@@ -23,8 +23,8 @@
 //! $Bitmap is the authority. It must at least mark the boot area, the
 //! $MFT's clusters and its own, or it fails the check.
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, normalize};
-use crate::image::format::Extent;
 
 /// The NTFS driver.
 pub const DRIVER: Driver = Driver { fstypes: &["ntfs"], used_map };

@@ -32,8 +32,8 @@
 
 use std::collections::HashSet;
 
+use super::Extent;
 use super::{Driver, FsError, UsedMap, Volume, crc32c::crc32c, normalize};
-use crate::image::format::Extent;
 
 /// The XFS used-block reader.
 pub const DRIVER: Driver = Driver { fstypes: &["xfs"], used_map };

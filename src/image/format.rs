@@ -38,8 +38,9 @@ pub const FLAG_ZSTD: u32 = 1;
 /// a whole chunk.
 pub const MAX_RECORD_LEN: usize = CHUNK_HEADER_LEN + EXTENT_LEN * MAX_EXTENTS as usize + CHUNK_SIZE as usize;
 
-/// A byte range of the disk: (offset, length).
-pub type Extent = (u64, u64);
+/// A byte range of the disk: (offset, length), as the filesystem readers
+/// give them.
+pub use crate::fs::Extent;
 
 /// The header of one chunk record.
 #[derive(Debug, Clone, PartialEq, Eq)]
