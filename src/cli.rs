@@ -21,6 +21,10 @@ pub struct Cli {
     /// No progress or chatter; errors are still printed.
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Details for diagnostics on stderr: each partition's method and why,
+    /// workers, the helper programs' command lines; -vv also their output.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     /// Print the report as JSON on stdout; a failure prints {"ok": false, "problem": …, "exit_code": N}.
     #[arg(long, global = true)]
     pub json: bool,

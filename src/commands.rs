@@ -56,7 +56,7 @@ pub fn localize(cli: &mut Cli) -> Result<Vec<crate::image::location::RemoteMount
 /// Where the engine's progress, warnings and notes go for `cli`: the
 /// console, quiet with --quiet.
 pub(crate) fn feedback(cli: &Cli) -> Feedback {
-    Console::feedback(cli.quiet)
+    Console::verbose(cli.quiet, cli.verbose)
 }
 
 /// Runs the parsed command line.

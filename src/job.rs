@@ -251,7 +251,9 @@ pub fn expand_config(args: &[OsString]) -> Result<Option<Vec<OsString>>> {
             file = Some(std::path::PathBuf::from(f));
         } else if let Some(f) = s.strip_prefix("--config=") {
             file = Some(f.into());
-        } else if matches!(s.as_ref(), "-q" | "--quiet" | "--json") || s.starts_with("--passphrase-file=") {
+        } else if matches!(s.as_ref(), "-q" | "--quiet" | "--json" | "-v" | "-vv" | "--verbose")
+            || s.starts_with("--passphrase-file=")
+        {
             globals.push(a.clone());
         } else if s == "--passphrase-file" {
             globals.push(a.clone());

@@ -402,3 +402,24 @@ fn json_failures_print_ok_false_with_the_problem_once() {
     let o = klon(&["info", missing]);
     assert!(stdout(&o).is_empty(), "{}", stdout(&o));
 }
+
+/// `-v` says each partition's method and why, and the workers; `-vv` on a
+/// restore too; without it neither is said.
+#[test]
+fn verbose_says_each_partitions_method_and_the_workers() {
+    let t = TempDir::new("verbose");
+    let (src, img, out) = (t.join("src.img"), t.join("image"), t.join("out.img"));
+    make_gpt_disk(&src, 32 * MIB);
+    let o = klon(&["-v", "backup", src.to_str().unwrap(), img.to_str().unwrap()]);
+    ok(&o);
+    let said = stderr(&o);
+    for needle in ["partition 1: ", "partition 2: ", "to read of", "backup: ", " workers"] {
+        assert!(said.contains(needle), "-v did not say {needle:?}:\n{said}");
+    }
+    let o = klon(&["-vv", "restore", "--yes", img.to_str().unwrap(), out.to_str().unwrap()]);
+    ok(&o);
+    assert!(stderr(&o).contains("streams written in this order: "), "{}", stderr(&o));
+    let o = klon(&["backup", src.to_str().unwrap(), t.join("again").to_str().unwrap()]);
+    ok(&o);
+    assert!(!stderr(&o).contains("to read of") && !stderr(&o).contains(" workers"), "{}", stderr(&o));
+}

@@ -181,6 +181,29 @@ fn make_copy_drive(dir: &TempDir) -> PathBuf {
 }
 
 /// A copy of the live image with `conf` as klon.conf on its FAT partition.
+/// The live stick's kernel and initramfs, copied out of its FAT partition
+/// (no mount), to boot with QEMU's -kernel and a command line of one's own.
+struct DirectBoot {
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+impl DirectBoot {
+    fn from_stick(dir: &TempDir, stick: &Path) -> DirectBoot {
+        let img = format!("{}@@1M", stick.display());
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+        mtools("mcopy", &["-o", "-i", &img, "::/live/vmlinuz", kernel.to_str().unwrap()]);
+        mtools("mcopy", &["-o", "-i", &img, "::/live/initrd.img", initrd.to_str().unwrap()]);
+        DirectBoot { kernel, initrd }
+    }
+
+    /// QEMU's arguments that boot it with `append`.
+    fn args(&self, append: &str) -> Vec<String> {
+        let (k, i) = (self.kernel.display().to_string(), self.initrd.display().to_string());
+        ["-kernel", &k, "-initrd", &i, "-append", append].iter().map(|a| a.to_string()).collect()
+    }
+}
+
 fn stick_with(dir: &TempDir, name: &str, conf: Option<&str>) -> PathBuf {
     let stick = dir.join(name);
     std::fs::copy(live_image(), &stick).unwrap();
@@ -580,16 +603,9 @@ fn cmdline_job_wins_and_failure_is_reported() {
     let dir = TempDir::new("live-cmdline");
     let images = make_image_drive(&dir);
     let stick = stick_with(&dir, "stick.img", Some("job = backup\nsource = /dev/sda\nimage = x\nafter = wizard\n"));
-    let img = format!("{}@@1M", stick.display());
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", kernel.to_str().unwrap()]);
-    mtools("mcopy", &["-i", &img, "::/live/initrd.img", initrd.to_str().unwrap()]);
+    let direct = DirectBoot::from_stick(&dir, &stick);
     let append = "console=ttyS0,115200n8 quiet klon.job=verify klon.image=\"no such image\" klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=5";
-    let extra: Vec<String> =
-        ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let extra = direct.args(append);
     let b = boot_with(
         &dir,
         Firmware::Bios,
@@ -615,11 +631,7 @@ fn cmdline_job_wins_and_failure_is_reported() {
     blank_file(&target, 96 * MIB);
     let append = "console=ttyS0,115200n8 quiet klon.job=clone klon.source=serial=KLONSRC klon.target=serial=KLONTGT \
                   klon.grow-last klon.after=poweroff klon.wait=10";
-    let extra: Vec<String> =
-        ["-kernel", kernel.to_str().unwrap(), "-initrd", initrd.to_str().unwrap(), "-append", append]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+    let extra = direct.args(append);
     let b = boot_with(
         &dir,
         Firmware::Bios,
@@ -666,11 +678,7 @@ fn bios_disk_restored_to_a_smaller_disk_still_boots() {
     }
     let dir = TempDir::new("live-smaller");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let stick = live_image();
-    let img = format!("{}@@1M", stick.display());
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
-    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+    let DirectBoot { kernel, initrd } = DirectBoot::from_stick(&dir, &live_image());
 
     // The source: 512 MiB, MBR; p1 ext4 400 MiB (bootable), p5 swap.
     let disk = dir.join("source.img");
@@ -837,20 +845,14 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     run("mke2fs", &["-q", "-t", "ext4", "-L", "KLONIMG", "-d", &s(&content), &s(&drive), "64M"]);
 
     let stick = stick_with(&dir, "stick.img", None);
-    let img = format!("{}@@1M", stick.display());
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
-    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+    let direct = DirectBoot::from_stick(&dir, &stick);
     let job = |image: &str, target: &Path, grow_all: bool| {
         let append = format!(
             "console=ttyS0,115200n8 quiet klon.job=restore klon.image={image} klon.target=/dev/nvme0n1 {}\
              klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=10",
             if grow_all { "klon.grow_all=yes " } else { "" }
         );
-        let extra: Vec<String> = ["-kernel", &s(&kernel), "-initrd", &s(&initrd), "-append", &append]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let extra = direct.args(&append);
         let b = boot_with(
             &dir,
             Firmware::Bios,
@@ -1202,14 +1204,10 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
     blank_file(&target, 256 * MIB);
 
     let stick = stick_with(&dir, "stick.img", None);
-    let img = format!("{}@@1M", stick.display());
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
-    mtools("mcopy", &["-i", &img, "::/live/vmlinuz", &s(&kernel)]);
-    mtools("mcopy", &["-i", &img, "::/live/initrd.img", &s(&initrd)]);
+    let direct = DirectBoot::from_stick(&dir, &stick);
     let append = "console=ttyS0,115200n8 quiet klon.job=restore klon.image=pve klon.target=serial=KLONTGT \
                   klon.drive=LABEL=KLONIMG klon.after=shell klon.wait=10";
-    let extra: Vec<String> =
-        ["-kernel", &s(&kernel), "-initrd", &s(&initrd), "-append", append].iter().map(|a| a.to_string()).collect();
+    let extra = direct.args(append);
     // No udev in the live system: LVM makes the device nodes itself.
     let conf = "activation{udev_sync=0 udev_rules=0 verify_udev_operations=1} \
                 devices{obtain_device_list_from_udev=0} global{thin_check_executable=\"\"}";

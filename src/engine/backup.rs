@@ -111,6 +111,23 @@ impl SourceDisk {
         for w in &plan.warnings {
             opts.feedback.warn(w);
         }
+        for p in &plan.streams {
+            opts.feedback.detail(1, || {
+                let read: u64 = p.reads.iter().map(|r| r.1).sum();
+                let ranges = match p.reads.len() {
+                    1 => "1 range".to_string(),
+                    n => format!("{n} ranges"),
+                };
+                format!(
+                    "{}: {} ({}): {} to read of {} in {ranges}",
+                    p.describe(),
+                    p.info.method,
+                    p.info.method_reason,
+                    crate::units::human_bytes(read),
+                    crate::units::human_bytes(p.info.length),
+                )
+            });
+        }
         Ok(SourceDisk { disk, layout, plan })
     }
 

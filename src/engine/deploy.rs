@@ -422,6 +422,7 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
     if let Some(i) = &opts.interface {
         args.extend(["--interface".into(), i.clone()]);
     }
+    opts.restore.feedback.detail(1, || format!("running udp-receiver {}", args.join(" ")));
     let mut child = match Command::new("udp-receiver")
         .args(&args)
         .stdin(Stdio::null())
@@ -438,10 +439,13 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
     let said: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let stderr = child.stderr.take().expect("piped");
     let watch = {
-        let (sender, said) = (sender.clone(), said.clone());
+        let (sender, said, feedback) = (sender.clone(), said.clone(), opts.restore.feedback.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
                 let line = String::from_utf8_lossy(&line).trim().to_string();
+                if !line.is_empty() {
+                    feedback.detail(2, || format!("udp-receiver: {line}"));
+                }
                 // "Connected as #0 to 10.77.0.1"
                 if let Some(at) = line.find("Connected as #").and_then(|i| line[i..].find(" to ").map(|j| i + j + 4)) {
                     *sender.lock().expect("sender lock") = line[at..].split_whitespace().next().map(String::from);
@@ -830,6 +834,7 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
     if let Some(r) = &opts.max_bitrate {
         args.extend(["--max-bitrate".into(), r.clone()]);
     }
+    opts.feedback.detail(1, || format!("running udp-sender {}", args.join(" ")));
     let mut child = Command::new("udp-sender")
         .args(&args)
         .stdin(Stdio::piped())
@@ -846,6 +851,9 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
             let mut numbers: HashMap<String, String> = HashMap::new();
             for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
                 for line in String::from_utf8_lossy(&line).lines() {
+                    if !line.trim().is_empty() {
+                        feedback.detail(2, || format!("udp-sender: {}", line.trim()));
+                    }
                     // "Dropping client #1 because of timeout"
                     if let Some(rest) = line.trim().strip_prefix("Dropping client ")
                         && let Some(ip) = rest.split_whitespace().next().and_then(|n| numbers.get(n))

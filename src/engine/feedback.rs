@@ -17,6 +17,13 @@ pub trait Reporter: Send + Sync {
     /// What the job is doing now (a machine joined, a stage began): chatter
     /// that --quiet leaves out.
     fn note(&self, message: &str);
+    /// How much detail the person asked for (`-v` 1, `-vv` 2; default 0).
+    fn verbosity(&self) -> u8 {
+        0
+    }
+    /// A detail for diagnostics (which method each partition gets, the
+    /// helper programs' command lines), asked for with `-v`.
+    fn detail(&self, _message: &str) {}
 }
 
 /// Progress of one job measured in bytes.
@@ -58,6 +65,14 @@ impl Feedback {
     /// See [`Reporter::note`].
     pub fn note(&self, message: &str) {
         self.0.note(message);
+    }
+
+    /// A detail of `level` (1 for `-v`, 2 for `-vv`): made and said only
+    /// when that much detail was asked for.
+    pub fn detail(&self, level: u8, message: impl FnOnce() -> String) {
+        if self.0.verbosity() >= level {
+            self.0.detail(&message());
+        }
     }
 }
 
@@ -103,7 +118,8 @@ pub mod tests {
     pub struct Recorder(pub Arc<Mutex<Vec<String>>>);
 
     impl Recorder {
-        /// What it was told: `warn: …`, `note: …`, `meter LABEL: DONE of TOTAL`.
+        /// What it was told: `warn: …`, `note: …`, `detail: …` (as with
+        /// `-v`), `meter LABEL: DONE of TOTAL`.
         pub fn lines(&self) -> Vec<String> {
             self.0.lock().unwrap().clone()
         }
@@ -138,6 +154,12 @@ pub mod tests {
         }
         fn note(&self, m: &str) {
             self.0.lock().unwrap().push(format!("note: {m}"));
+        }
+        fn verbosity(&self) -> u8 {
+            1
+        }
+        fn detail(&self, m: &str) {
+            self.0.lock().unwrap().push(format!("detail: {m}"));
         }
     }
 }

@@ -174,6 +174,10 @@ fn write_all(reader: &dyn ChunkStore, target: &Disk, area: &WriteArea, opts: &Re
         Some(si) => streams[si].stored_bytes,
         None => super::verify::stored_total(reader.location(), streams)?,
     };
+    opts.feedback.detail(1, || {
+        let order: Vec<String> = order.iter().map(|&si| describe(&streams[si])).collect();
+        format!("restore: {} workers; streams written in this order: {}", opts.workers, order.join(", "))
+    });
     // A progress bar per stream (partition).
     let parts = streams.iter().map(|s| (describe(s), s.stored_bytes)).collect();
     let mut progress = opts.feedback.meter("restore", total, parts);

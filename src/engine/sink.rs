@@ -80,6 +80,7 @@ pub(crate) fn fill<S: ImageSink>(
     // Jobs of a window smaller than a chunk: as many more in flight keep
     // the same bytes read ahead.
     let depth = pipeline::depth(workers) * sink.window().map_or(1, |w| (u64::from(CHUNK_SIZE) / w).max(1) as usize);
+    feedback.detail(1, || format!("{label}: {workers} workers, {depth} jobs in flight"));
     let mut progress = feedback.meter(label, parts.iter().map(|p| p.1).sum(), parts);
     pipeline::run(
         workers,

@@ -15,16 +15,23 @@ use crate::engine::feedback::{Feedback, Meter, Reporter};
 
 /// The reporter of the commands and the wizard: progress on stderr (bars
 /// on a terminal, a line every few seconds elsewhere), warnings always
-/// (above the bars), notes unless `quiet`.
+/// (above the bars), notes unless `quiet`, details as `verbose` asks.
 pub struct Console {
     /// No progress, no notes (--quiet); warnings still show.
     pub quiet: bool,
+    /// Details for diagnostics: 1 with `-v`, 2 with `-vv`.
+    pub verbose: u8,
 }
 
 impl Console {
-    /// A [`Feedback`] through the console.
+    /// A [`Feedback`] through the console, without details.
     pub fn feedback(quiet: bool) -> Feedback {
-        Feedback::new(Console { quiet })
+        Feedback::new(Console { quiet, verbose: 0 })
+    }
+
+    /// A [`Feedback`] through the console with `verbose` details.
+    pub fn verbose(quiet: bool, verbose: u8) -> Feedback {
+        Feedback::new(Console { quiet, verbose })
     }
 }
 
@@ -41,6 +48,14 @@ impl Reporter for Console {
         if !self.quiet {
             suspend(|| eprintln!("klon: {message}"));
         }
+    }
+
+    fn verbosity(&self) -> u8 {
+        self.verbose
+    }
+
+    fn detail(&self, message: &str) {
+        suspend(|| eprintln!("klon: {message}"));
     }
 }
 
