@@ -1178,7 +1178,8 @@ fn uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment() {
 /// live system's rescue shell `lvm vgchange -ay` activates it, thin pool
 /// included, and the VM disk's, the container's and the snapshot's
 /// filesystems mount with their files (sums compared with the host's).
-/// Needs root (the fixture's loop devices and LVM tools).
+/// While the group is active klon refuses to back the disk up, and once
+/// it is deactivated the backup goes. Needs root (the fixture's loop devices and LVM tools).
 #[test]
 fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
     use common::loop_device::{have_root, root_tests_required};
@@ -1233,8 +1234,15 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
     ];
     let sums = format!(
         "sha256sum {} | sed 's/^/KLON-SUM /'; test -e /m/snap/data/new.bin || echo KLON-SNAPSHOT\"\"-OLD; \
-         echo KLON-GUEST\"\"-DONE",
+         echo KLON-SUMS\"\"=done",
         files.iter().map(|(_, at, file)| format!("{at}/{file}")).collect::<Vec<_>>().join(" ")
+    );
+    // While the group is active klon refuses to back the disk up; once it
+    // is deactivated, the backup goes.
+    let busy = "klon backup /dev/nvme0n1 /tmp/busy; echo KLON-BUSY\"\"=$?".to_string();
+    let free = format!(
+        "umount /m/vm /m/ct /m/snap; losetup -d /dev/loop7; lvm vgchange -an --noudevsync --config '{conf}' {vg}; \
+         klon backup --no-verify /dev/nvme0n1 /tmp/free > /dev/null 2>&1; echo KLON-FREE\"\"=$?; echo KLON-GUEST\"\"-DONE"
     );
     let b = boot_in(
         &dir,
@@ -1247,7 +1255,13 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
         Some("KLON-GUEST-DONE"),
         &extra,
         None,
-        &[("Rescue shell:", &activate), ("KLON-VG=", &mount), ("KLON-MOUNT=", &sums)],
+        &[
+            ("Rescue shell:", &activate),
+            ("KLON-VG=", &mount),
+            ("KLON-MOUNT=", &sums),
+            ("KLON-SUMS=", &busy),
+            ("KLON-BUSY=", &free),
+        ],
     );
     let line = result_line(&b, Firmware::Bios, "restore of a Proxmox-shaped disk");
     assert!(line.contains("restore of"), "{line}");
@@ -1276,5 +1290,9 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
         assert_eq!(got.as_deref(), Some(want.as_str()), "{volume}: {file}:\n{}", b.transcript());
     }
     assert!(b.find("KLON-SNAPSHOT-OLD").is_some(), "the snapshot shows the origin's later file:\n{}", b.transcript());
+    assert_eq!(said("KLON-BUSY="), "5", "a backup of the active group was not refused:\n{}", b.transcript());
+    let refusal = b.find("is held by device-mapper device").map(|(_, l)| l.clone()).unwrap_or_default();
+    assert!(refusal.contains("vgchange -an") && refusal.contains("/dev/nvme0n1p3"), "{}", b.transcript());
+    assert_eq!(said("KLON-FREE="), "0", "the deactivated group's backup failed:\n{}", b.transcript());
     report("thin pool activation: vgchange -ay in the live system; the VM disk, container and snapshot mount whole");
 }

@@ -16,8 +16,10 @@ use crate::error::{Error, Result};
 
 /// Refuses to image a block device while it, or a partition of it (or a
 /// device built on them, such as an opened LUKS volume), is mounted
-/// read-write, unless `allow_mounted`. Read-only mounts are fine. Image
-/// files are always accepted.
+/// read-write, or while device-mapper or md holds it (an active LVM volume
+/// group and its thin pool, an opened encrypted volume, a RAID array: each
+/// can be written through, mounted or not), unless `allow_mounted`.
+/// Read-only mounts are fine. Image files are always accepted.
 pub fn check_source(source: &Disk, allow_mounted: bool) -> Result<()> {
     if source.kind != DiskKind::BlockDevice || allow_mounted {
         return Ok(());
@@ -33,6 +35,29 @@ pub fn check_source(source: &Disk, allow_mounted: bool) -> Result<()> {
                 via_text(via),
                 source.path.display(),
                 shell_quote(&m.mountpoint),
+            )));
+        }
+    }
+    for (dev, _) in covered_devices(source.dev).into_iter().filter(|(_, via)| via.is_none()) {
+        if let Some(holder) = sysfs::holders(dev).into_iter().next() {
+            let name = std::fs::read_to_string(Path::new("/sys/class/block").join(&holder).join("dm/name"))
+                .map(|n| n.trim().to_string())
+                .unwrap_or_default();
+            let (what, undo) = if holder.starts_with("dm-") {
+                (
+                    format!(
+                        "device-mapper device {name} (/dev/{holder}): an active LVM volume group or an opened encrypted volume"
+                    ),
+                    "deactivate it (vgchange -an VG, or cryptsetup close NAME)",
+                )
+            } else {
+                (format!("/dev/{holder}"), "stop it (mdadm --stop)")
+            };
+            return Err(Error::Refused(format!(
+                "{} is held by {what}, which can be written to while source {} is copied; {undo}, or pass \
+                 --allow-mounted to image it anyway",
+                dev_name(dev),
+                source.path.display(),
             )));
         }
     }
