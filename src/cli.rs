@@ -122,7 +122,7 @@ pub enum Command {
     Help(HelpArgs),
     /// The live USB system's internal commands (console sessions, jobs).
     #[command(hide = true)]
-    Live(crate::live::LiveArgs),
+    Live(LiveArgs),
 }
 
 /// `klon help`.
@@ -634,6 +634,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a size (examples: 4000M, 2G)"))
+}
+
+/// `klon live …`: the live system's internal commands (hidden).
+#[derive(Debug, Args)]
+pub struct LiveArgs {
+    /// What to run.
+    #[command(subcommand)]
+    pub what: LiveCommand,
+}
+
+/// The live system's internal commands.
+#[derive(Debug, Subcommand)]
+pub enum LiveCommand {
+    /// A session on one console (PID 1 starts one per console).
+    Console {
+        /// The terminal, e.g. /dev/tty1 or /dev/ttyS0.
+        tty: PathBuf,
+        /// Start with a rescue shell.
+        #[arg(long)]
+        shell: bool,
+    },
+    /// Run the unattended job described in a klon.conf-style file.
+    Job {
+        /// The settings file (default: the one PID 1 wrote, /run/klon/job.conf).
+        file: Option<PathBuf>,
+    },
+    /// List the filesystems that can hold images (not on the live stick).
+    Drives,
 }
 
 #[cfg(test)]

@@ -21,9 +21,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
-
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, LiveArgs, LiveCommand};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
 use crate::ui::progress::Console;
@@ -44,41 +42,12 @@ pub const JOB_FILE: &str = "/run/klon/job.conf";
 /// Written by the job process once it has printed its KLON-RESULT line.
 pub const RESULT_FILE: &str = "/run/klon/result";
 
-/// `klon live …`: the live system's internal commands (hidden).
-#[derive(Debug, Args)]
-pub struct LiveArgs {
-    /// What to run.
-    #[command(subcommand)]
-    pub what: LiveCommand,
-}
-
-/// The live system's internal commands.
-#[derive(Debug, Subcommand)]
-pub enum LiveCommand {
-    /// A session on one console (PID 1 starts one per console).
-    Console {
-        /// The terminal, e.g. /dev/tty1 or /dev/ttyS0.
-        tty: PathBuf,
-        /// Start with a rescue shell.
-        #[arg(long)]
-        shell: bool,
-    },
-    /// Run the unattended job described in a klon.conf-style file.
-    Job {
-        /// The settings file.
-        #[arg(default_value = JOB_FILE)]
-        file: PathBuf,
-    },
-    /// List the filesystems that can hold images (not on the live stick).
-    Drives,
-}
-
 /// Runs `klon live …`.
 pub fn run(_cli: &Cli, a: &LiveArgs) -> Result<()> {
     match &a.what {
         LiveCommand::Console { tty, shell } => console(tty, *shell),
         LiveCommand::Job { file } => {
-            let code = run_job_file(file);
+            let code = run_job_file(file.as_deref().unwrap_or(Path::new(JOB_FILE)));
             std::process::exit(code)
         }
         LiveCommand::Drives => {
