@@ -47,8 +47,7 @@ Examples:
   klon restore /mnt/usb/laptop /dev/sdb  onto /dev/sdb (asks first; --yes in scripts)
   klon backup --repo /dev/sda /mnt/usb/repo   a snapshot in a repository (only what changed)
   klon demo                              all of it on a built-in sample disk
-  klon --config weekly.conf              the job a file describes: job = backup,
-                                         source = /dev/sda, image = …, level = 9 …
+  klon --config weekly.conf              the job the file describes (job = backup, …)
 
 klon help COMMAND shows a command's options. Exit codes: 0 done, 1 unsupported,
 2 usage, 3 I/O, 4 damaged image or read-back differs, 5 refused or cancelled,

@@ -246,6 +246,10 @@ pub fn expand_config(args: &[OsString]) -> Result<Option<Vec<OsString>>> {
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         let s = a.to_string_lossy();
+        // `--config` is an option of klon itself: before any command.
+        if file.is_none() && !s.starts_with('-') {
+            return Ok(None);
+        }
         if s == "--config" {
             let f = it.next().ok_or_else(|| Error::Usage("--config needs a FILE".into()))?;
             file = Some(std::path::PathBuf::from(f));
@@ -409,6 +413,7 @@ mod tests {
         let got = expand_config(&args(&["klon", "--json", "--config", f.to_str().unwrap()])).unwrap().unwrap();
         assert_eq!(got, args(&["klon", "--json", "backup", "--level=5", "--repo", "--", "/dev/sda", "/mnt/usb/pc 1"]));
         assert_eq!(expand_config(&args(&["klon", "disks"])).unwrap(), None);
+        assert_eq!(expand_config(&args(&["klon", "help", "--config"])).unwrap(), None, "a command's own words");
         let e = expand_config(&args(&["klon", "--config", f.to_str().unwrap(), "restore"])).unwrap_err();
         assert!(e.to_string().contains("only --json, --quiet or --passphrase-file"), "{e}");
         std::fs::write(&f, "job = backup\nsource = /dev/sda\nimage = pc\ndrive = LABEL=USB\n").unwrap();
