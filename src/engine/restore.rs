@@ -374,10 +374,13 @@ mod tests {
         let lines = told.lines();
         let labels: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("meter ")?.split(':').next()).collect();
         assert_eq!(labels, ["backup", "restore", "read-back"], "{lines:?}");
-        for l in &lines {
+        for l in lines.iter().filter(|l| l.starts_with("meter ")) {
             let (done, total) = l.split_once(": ").unwrap().1.split_once(" of ").unwrap();
             assert!(done == total && done != "0", "a meter that did not count its bytes: {l}");
         }
+        // Details (as with -v) come through the same feedback.
+        assert!(lines.iter().any(|l| l.starts_with("detail: whole disk: raw")), "{lines:?}");
+        assert!(lines.iter().any(|l| l.starts_with("detail: restore: 2 workers")), "{lines:?}");
 
         let image = crate::engine::source::klon::KlonImage::open(&img).unwrap();
         let mut target = Disk::open_target(&dst, None).unwrap();
