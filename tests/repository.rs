@@ -766,7 +766,7 @@ fn a_busy_repository_is_refused_with_advice_and_unlock_clears_a_foreign_lock() {
     // A policy given with the backup: a bad one is refused before reading;
     // a good one is saved and applied.
     let o = klon(&["backup", s(&d.path), s(&repo), "--keep", "sometimes"]);
-    fails_with(&o, 2, &["--keep sometimes", "RULE=N"]);
+    fails_with(&o, 2, &["'sometimes'", "--keep", "RULE=N"]);
     assert_eq!(snapshot_ids(&repo).len(), 2);
     ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo), "--keep", "last=2"]));
     assert_eq!(snapshot_ids(&repo).len(), 2);
