@@ -45,8 +45,9 @@ pub fn localize(cli: &mut Cli) -> Result<Vec<crate::image::location::RemoteMount
         _ => {}
     }
     let mut mounts = Vec::new();
+    let said = Console::verbose(cli.quiet, cli.verbose);
     for p in paths {
-        let (local, mount) = here(p)?;
+        let (local, mount) = here(p, &said)?;
         *p = local;
         mounts.extend(mount);
     }
@@ -607,7 +608,11 @@ fn convert_cmd(cli: &Cli, a: &ConvertArgs) -> Result<()> {
 }
 
 fn mount_cmd(cli: &Cli, a: &MountArgs) -> Result<()> {
-    let opts = crate::engine::mount::MountOptions { foreground: a.foreground, mount_filesystems: a.mount_filesystems };
+    let opts = crate::engine::mount::MountOptions {
+        foreground: a.foreground,
+        mount_filesystems: a.mount_filesystems,
+        feedback: feedback(cli),
+    };
     crate::engine::mount::mount(&a.image, &a.dir, &opts, |m| {
         let files: Vec<_> =
             m.files.iter().map(|f| json!({ "name": f.name, "start": f.start, "size": f.size })).collect();

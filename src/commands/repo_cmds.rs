@@ -269,7 +269,7 @@ pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
     } else {
         given
     };
-    let _lock = repo.lock("forget", true)?;
+    let _lock = repo.lock("forget", true, &feedback(cli))?;
     let policy = keep.policy();
     let (decisions, all) = repo_prune::forget(&repo, &policy, a.dry_run)?;
     if a.save && !a.dry_run {
@@ -311,7 +311,7 @@ pub(super) fn forget(cli: &Cli, a: &ForgetArgs) -> Result<()> {
 fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_json::Value>> {
     let repo = Repository::open(dir)?;
     let Some(keep) = repo.keep()? else { return Ok(None) };
-    let _lock = repo.lock("forget", true)?;
+    let _lock = repo.lock("forget", true, &feedback(cli))?;
     let (decisions, _) = repo_prune::forget(&repo, &keep.policy(), false)?;
     let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
     let pruned = if dropped.is_empty() { None } else { Some(repo_prune::prune(&repo, false, &[])?) };
@@ -333,7 +333,7 @@ fn apply_saved_policy(cli: &Cli, dir: &std::path::Path) -> Result<Option<serde_j
 /// `klon prune REPO`.
 pub(super) fn prune(cli: &Cli, a: &PruneArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
-    let _lock = repo.lock("prune", true)?;
+    let _lock = repo.lock("prune", true, &feedback(cli))?;
     let r = repo_prune::prune(&repo, a.dry_run, &[])?;
     if cli.json {
         return print_json(&r);
@@ -475,7 +475,7 @@ pub(super) fn key(cli: &Cli, k: &KeyCommand) -> Result<()> {
         }
     };
     if let Some(what) = &changed {
-        let _lock = repo.lock("key", true)?;
+        let _lock = repo.lock("key", true, &feedback(cli))?;
         repo.set_key_slots(slots.clone())?;
         if !cli.quiet && !cli.json {
             println!("{}: {what}", dir.display());
@@ -517,7 +517,7 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
         return Err(Error::Usage(format!("compression level {} is out of range: use 1 to 22", a.level)));
     }
     let src = Repository::open(&a.from)?;
-    let _src_lock = src.lock("copy", false)?;
+    let _src_lock = src.lock("copy", false, &feedback(cli))?;
     let created = !crate::repo::exists(&a.to)?;
     let to_secret = match (&a.to_passphrase_file, std::env::var("KLON_TO_PASSPHRASE")) {
         (Some(f), _) => Some(crypto::read_passphrase_file(f)?),
@@ -535,7 +535,7 @@ pub(super) fn copy(cli: &Cli, a: &CopyArgs) -> Result<()> {
             e => e,
         })?
     };
-    let dst_lock = dst.lock("copy", false)?;
+    let dst_lock = dst.lock("copy", false, &feedback(cli))?;
     let report = match crate::repo::copy::copy(&src, &dst, &a.snapshots, a.level) {
         Ok(r) => r,
         Err(e) if created && dst.snapshots().is_ok_and(|s| s.is_empty()) => {

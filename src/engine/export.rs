@@ -63,7 +63,7 @@ pub fn export(source: &Path, dir: &Path, opts: &ExportOptions) -> Result<PathBuf
             source.display()
         )));
     };
-    let _lock = crate::repo::Repository::open(&repo)?.lock("export", false)?;
+    let _lock = crate::repo::Repository::open(&repo)?.lock("export", false, &opts.feedback)?;
     let snap = SnapshotImage::open(&repo, spec.as_deref())?;
     let (image, manifest) = snapshot_to_image(&snap, dir, opts)?;
     opts.feedback.note(&format!(

@@ -23,6 +23,7 @@ use fuser::{
     MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request, Session,
 };
 
+use super::feedback::Feedback;
 use super::source::klon::KlonImage;
 use super::source::snapshot::SnapshotImage;
 use super::target::write_order;
@@ -499,6 +500,8 @@ pub struct MountOptions {
     /// Also mount every filesystem the kernel can mount, read-only, on
     /// `DIR/pN/`.
     pub mount_filesystems: bool,
+    /// Where a stale lock of the repository, removed, is said.
+    pub feedback: Feedback,
 }
 
 /// What a mount shows, for the command's report.
@@ -616,11 +619,12 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
     ];
     // A repository's shared lock, held while the mount serves, so a prune
     // does not take chunks away while they are being read.
+    let feedback = opts.feedback.clone();
     let take_lock = move || -> Result<Option<crate::repo::lock::Lock>> {
         match &is_snapshot {
             Some(repo) => {
                 let repo = crate::repo::Repository::open(repo)?;
-                Ok(Some(repo.lock("mount", false)?))
+                Ok(Some(repo.lock("mount", false, &feedback)?))
             }
             None => Ok(None),
         }

@@ -537,7 +537,7 @@ impl Relayout {
         let started = Instant::now();
         let store = self.view.store();
         let _lock = match crate::repo::split_spec(&self.image) {
-            Some((repo, _)) => Some(crate::repo::Repository::open(&repo)?.lock("restore", false)?),
+            Some((repo, _)) => Some(crate::repo::Repository::open(&repo)?.lock("restore", false, &opts.feedback)?),
             None => None,
         };
         super::target::wipe_table_areas(target)?;

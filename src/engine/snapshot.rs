@@ -193,7 +193,7 @@ impl SnapshotSink {
                 dir.display()
             )));
         }
-        let lock = repo.lock("backup", false)?;
+        let lock = repo.lock("backup", false, feedback)?;
         let index = repo.load_index()?;
         let window = u64::from(repo.config.window);
         let bases = if repo.config.format_version >= 2 {
@@ -420,9 +420,9 @@ pub fn copy_snapshot_into(
     feedback: &Feedback,
 ) -> Result<crate::repo::copy::CopyReport> {
     let src = Repository::open(from)?;
-    let _src_lock = src.lock("copy", false)?;
+    let _src_lock = src.lock("copy", false, feedback)?;
     let dst = if crate::repo::exists(to)? { Repository::open(to)? } else { Repository::create_like(to, &src)? };
-    let _dst_lock = dst.lock("copy", false)?;
+    let _dst_lock = dst.lock("copy", false, feedback)?;
     let report = crate::repo::copy::copy(&src, &dst, &[id.to_string()], 3)?;
     verify_added(to, &report.packs_written, feedback)?;
     Ok(report)

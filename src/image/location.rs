@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 
 /// An SFTP location, parsed.
@@ -67,11 +68,11 @@ pub fn parse(url: &str) -> Result<Sftp> {
 }
 
 /// A remote directory mounted for the command's length; unmounted when
-/// dropped.
-#[derive(Debug)]
+/// dropped (a failure to then is said through its feedback).
 pub struct RemoteMount {
     at: PathBuf,
     url: String,
+    feedback: Feedback,
 }
 
 impl RemoteMount {
@@ -106,14 +107,15 @@ impl RemoteMount {
 impl Drop for RemoteMount {
     fn drop(&mut self) {
         if let Err(e) = self.unmount_inner() {
-            eprintln!("klon: {e}");
+            self.feedback.warn(&e.to_string());
         }
     }
 }
 
 /// The local path standing for `p`: `p` itself, or, for an sftp://
-/// location, the same name in its directory mounted with sshfs.
-pub fn localize(p: &Path) -> Result<(PathBuf, Option<RemoteMount>)> {
+/// location, the same name in its directory mounted with sshfs (a failure
+/// to unmount it when dropped is said through `feedback`).
+pub fn localize(p: &Path, feedback: &Feedback) -> Result<(PathBuf, Option<RemoteMount>)> {
     if !is_remote(p) {
         return Ok((p.to_path_buf(), None));
     }
@@ -154,7 +156,7 @@ pub fn localize(p: &Path) -> Result<(PathBuf, Option<RemoteMount>)> {
         )));
     }
     let local = at.join(&loc.name);
-    Ok((local, Some(RemoteMount { at, url })))
+    Ok((local, Some(RemoteMount { at, url, feedback: feedback.clone() })))
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ pub struct CheckReport {
 /// and offset, and the snapshots, partitions and disk offsets it affects.
 pub fn check(dir: &Path, read_data: bool, feedback: &Feedback) -> Result<CheckReport> {
     let repo = Repository::open(dir)?;
-    let _lock = repo.lock("check", false)?;
+    let _lock = repo.lock("check", false, feedback)?;
     let mut report = CheckReport::default();
 
     // Packs and their indexes, into one table of every chunk (see

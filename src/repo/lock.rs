@@ -22,6 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::store::Store;
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 
 /// What a lock file holds.
@@ -77,8 +78,8 @@ fn boot_id() -> String {
 }
 
 /// Takes a lock on the repository in `store`, for `job`; `exclusive` for
-/// jobs that delete.
-pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool) -> Result<Lock> {
+/// jobs that delete. A stale lock it removes is said through `feedback`.
+pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool, feedback: &Feedback) -> Result<Lock> {
     let kind = if exclusive { "exclusive" } else { "shared" };
     let me = LockInfo {
         kind: kind.into(),
@@ -112,10 +113,14 @@ pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool) -> Result<Lock> 
             },
         };
         if is_stale(&info, &me) {
-            eprintln!(
-                "klon: removing a stale lock of the repository ({} by process {} on {}, since {}: that process is gone)",
-                info.job, info.pid, info.hostname, info.time
-            );
+            feedback.warn(&format!(
+                "removed a stale lock of the repository {} ({} by process {} on {}, since {}: that process is gone)",
+                store.location(),
+                info.job,
+                info.pid,
+                info.hostname,
+                info.time
+            ));
             let _ = store.remove(&other);
             continue;
         }
@@ -179,14 +184,15 @@ mod tests {
         let local = crate::repo::store::LocalStore::new(&t.join("r"));
         local.prepare().unwrap();
         let store: Arc<dyn Store> = Arc::new(local);
-        let a = take(&store, "backup", false).unwrap();
-        let b = take(&store, "check", false).unwrap();
-        let e = take(&store, "prune", true).unwrap_err().to_string();
+        let quiet = Feedback::silent();
+        let a = take(&store, "backup", false, &quiet).unwrap();
+        let b = take(&store, "check", false, &quiet).unwrap();
+        let e = take(&store, "prune", true, &quiet).unwrap_err().to_string();
         assert!(e.contains("is in use") && e.contains("klon unlock"), "{e}");
         drop(a);
         drop(b);
-        let x = take(&store, "prune", true).unwrap();
-        let e = take(&store, "backup", false).unwrap_err().to_string();
+        let x = take(&store, "prune", true, &quiet).unwrap();
+        let e = take(&store, "backup", false, &quiet).unwrap_err().to_string();
         assert!(e.contains("prune (exclusive lock)"), "{e}");
         drop(x);
         // A lock of a process that is gone, on this machine and boot.
@@ -199,14 +205,22 @@ mod tests {
             time: "then".into(),
         };
         std::fs::write(locks.join("exclusive-dead.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        let l = take(&store, "backup", false).unwrap();
+        let told = crate::engine::feedback::tests::Recorder::default();
+        let l = take(&store, "backup", false, &Feedback::new(told.clone())).unwrap();
         assert!(!locks.join("exclusive-dead.lock").exists());
+        let said = told.lines();
+        assert!(
+            said.len() == 1
+                && said[0].starts_with("warn: removed a stale lock")
+                && said[0].contains("prune by process"),
+            "{said:?}"
+        );
         drop(l);
         // Another machine's lock stays until klon unlock.
         dead.hostname = "elsewhere".into();
         std::fs::write(locks.join("exclusive-other.lock"), serde_json::to_vec(&dead).unwrap()).unwrap();
-        assert!(take(&store, "backup", false).is_err());
+        assert!(take(&store, "backup", false, &quiet).is_err());
         assert_eq!(remove_all(&*store).unwrap().len(), 1);
-        take(&store, "backup", false).unwrap();
+        take(&store, "backup", false, &quiet).unwrap();
     }
 }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
 pub use index::{BlobIndex, BlobIndexBuilder};
 use pack::PackIndex;
@@ -212,9 +213,10 @@ const CONFIG_MAX: u64 = 1 << 20;
 
 impl Repository {
     /// Takes a lock on the repository for `job` (see [`lock`]); exclusive
-    /// for jobs that delete. Held until the lock is dropped.
-    pub fn lock(&self, job: &str, exclusive: bool) -> Result<lock::Lock> {
-        lock::take(&self.store, job, exclusive)
+    /// for jobs that delete. Held until the lock is dropped. A stale lock
+    /// it removes (of a process that is gone) is said through `feedback`.
+    pub fn lock(&self, job: &str, exclusive: bool, feedback: &Feedback) -> Result<lock::Lock> {
+        lock::take(&self.store, job, exclusive, feedback)
     }
 
     /// Creates a repository in `dir`, which must not exist or be empty

@@ -610,7 +610,7 @@ fn run_snapshot(
     if let Some(k) = keep {
         let r = crate::repo::Repository::open(repo)?;
         r.save_keep(&k)?;
-        let _lock = r.lock("forget", true)?;
+        let _lock = r.lock("forget", true, &Console::feedback(false))?;
         let (decisions, _) = crate::repo::prune::forget(&r, &k.policy(), false)?;
         let dropped: Vec<&str> = decisions.iter().filter(|d| !d.keep).map(|d| &d.id[..8]).collect();
         let freed = if dropped.is_empty() { 0 } else { crate::repo::prune::prune(&r, false, &[])?.bytes_freed };

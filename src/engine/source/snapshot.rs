@@ -300,7 +300,7 @@ impl ImageSource for SnapshotImage {
     }
 
     fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let _lock = self.repo.lock("restore", false)?;
+        let _lock = self.repo.lock("restore", false, &opts.feedback)?;
         restore::restore(self, target, opts)
     }
 
@@ -311,7 +311,7 @@ impl ImageSource for SnapshotImage {
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        let _lock = self.repo.lock("restore", false)?;
+        let _lock = self.repo.lock("restore", false, &opts.feedback)?;
         restore::restore_partition(self, number, target, to, opts)
     }
 

@@ -11,6 +11,7 @@ use super::screen::{Item, Nav, Screen};
 use crate::engine::mount::{self, MountOptions};
 use crate::error::{Error, Result};
 use crate::ui::human_bytes;
+use crate::ui::progress::Console;
 
 /// Where the wizard mounts an image: under /run in the live system, in the
 /// temporary directory elsewhere.
@@ -33,7 +34,7 @@ pub fn browse(scr: &Screen, title: &str, image: &Path, drive: &ImageDir, live: b
     let serving = {
         let (image, at) = (image.to_path_buf(), at.clone());
         std::thread::spawn(move || {
-            let opts = MountOptions { foreground: true, mount_filesystems: true };
+            let opts = MountOptions { foreground: true, mount_filesystems: true, feedback: Console::feedback(false) };
             let ready = tx.clone();
             let served = mount::mount(&image, &at, &opts, move |m| {
                 let _ = ready.send(Ok(m.clone()));
