@@ -351,8 +351,8 @@ struct UnmountOnFailure;
 
 impl Drop for UnmountOnFailure {
     fn drop(&mut self) {
-        if mounted_at("/run/klon/images-drive") {
-            let _ = Command::new("umount").args(["-l", "/run/klon/images-drive"]).status();
+        if mounted_at("/run/klon/drive") {
+            let _ = Command::new("umount").args(["-l", "/run/klon/drive"]).status();
         }
     }
 }
@@ -365,7 +365,7 @@ fn mounted_at(dir: &str) -> bool {
 fn wizard_waits_for_the_image_drive_and_unmounts_it() {
     require_root!();
     let _g = lock();
-    assert!(!mounted_at("/run/klon/images-drive"), "something is already mounted at /run/klon/images-drive");
+    assert!(!mounted_at("/run/klon/drive"), "something is already mounted at /run/klon/drive");
     let tmp = TempDir::new("wizard-drive");
     // An ext4 "USB drive" holding one image.
     let disk = tmp.join("disk.img");
@@ -395,16 +395,70 @@ fn wizard_waits_for_the_image_drive_and_unmounts_it() {
     let _unmount = UnmountOnFailure;
     let s = t.wait_for(&["Which image?", "laptop"], 30);
     assert!(s.contains("complete, verified OK"), "{s}"); // klon backup verified it
-    assert!(mounted_at("/run/klon/images-drive"));
+    assert!(mounted_at("/run/klon/drive"));
     t.keys(&["Enter"]);
     let s = t.wait_for(&["verify done", "Press Enter"], 60);
     assert!(s.contains("Verification: OK"), "{s}");
     t.keys(&["Enter"]);
     t.wait_for(&["main menu"], 10);
-    assert!(!mounted_at("/run/klon/images-drive"), "the image drive stayed mounted");
+    assert!(!mounted_at("/run/klon/drive"), "the image drive stayed mounted");
     t.choose("Quit");
     t.wait_for(&["KLON-EXITED 0"], 10);
     drop(lo);
+}
+
+/// "Where are the images?" puts the drives that hold images first, saying
+/// how many (those in the drive's `klon-images` folder, where the live
+/// system's jobs keep them, are found), and looking into a drive writes
+/// nothing to it: an ext4 whose journal asks for recovery is byte for byte
+/// the same afterwards (a plain read-only mount would have replayed it).
+#[test]
+fn wizard_lists_drives_holding_images_first_and_looks_without_writing() {
+    require_root!();
+    let _g = lock();
+    let _unmount = UnmountOnFailure;
+    let tmp = TempDir::new("wizard-drives");
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let empty = tmp.join("empty.img");
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "NOIMAGES", &path(&empty), "32M"]);
+    run("debugfs", &["-w", "-R", "feature needs_recovery", &path(&empty)]);
+    assert!(run("dumpe2fs", &["-h", &path(&empty)]).contains("needs_recovery"));
+    let before = blake(&empty);
+    let content = tmp.join("content");
+    std::fs::create_dir_all(content.join("klon-images")).unwrap();
+    let disk = tmp.join("disk.img");
+    make_gpt_disk(&disk, 32 * MIB);
+    for name in ["laptop", "desktop"] {
+        ok(&klon(&["backup", "--quiet", &path(&disk), &path(&content.join("klon-images").join(name))]));
+    }
+    let drive = tmp.join("drive.img");
+    run("mke2fs", &["-q", "-F", "-t", "ext4", "-L", "HASIMAGES", "-d", &path(&content), &path(&drive), "64M"]);
+    // The drive without images comes first in disk order.
+    let lo_empty = LoopDevice::attach(&empty, None);
+    let lo_full = LoopDevice::attach(&drive, None);
+
+    let t = Tmux::start(&tmp.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Verify an image");
+    let s = flat(&t.wait_for(&["Where are the images?", "HASIMAGES", "NOIMAGES"], 30));
+    let (full_at, empty_at) = (s.find("\"HASIMAGES\"").unwrap(), s.find("\"NOIMAGES\"").unwrap());
+    assert!(full_at < empty_at, "the drive holding images is not first: {s}");
+    assert!(s[full_at..empty_at].contains("— 2 images"), "{s}");
+    let rest = &s[empty_at..s.find("Insert the USB drive").unwrap()];
+    assert!(!rest.contains("image"), "the drive without images says it holds some: {rest}");
+    assert!(!mounted_at("/run/klon/peek"), "a drive stayed mounted after the look inside");
+    t.choose("\"HASIMAGES\"");
+    t.wait_for(&["Which image?", "laptop", "desktop"], 30);
+    assert!(mounted_at("/run/klon/drive"));
+    t.keys(&["Escape"]);
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Escape"]);
+    t.wait_for(&["main menu"], 10);
+    assert!(!mounted_at("/run/klon/drive"), "the image drive stayed mounted");
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+    drop((lo_empty, lo_full));
+    assert_eq!(blake(&empty), before, "looking into the drive wrote to it");
 }
 
 #[test]

@@ -7,6 +7,7 @@
 
 pub mod blockdev;
 pub mod direct;
+pub mod image_drive;
 pub mod loopdev;
 pub mod mounts;
 pub mod safety;

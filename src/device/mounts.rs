@@ -221,6 +221,36 @@ impl Mounted {
         Err(Error::io(format!("mounting {} ({fstype}){hint} at", device.display()), dir, None, last.into()))
     }
 
+    /// Mounts `device` (probed as `fstype`) at `dir` only to look: read-only,
+    /// and without replaying a journal or log (ext's `noload`, XFS's
+    /// `norecovery`, btrfs's `rescue=nologreplay`), so that not one byte of
+    /// the device is written. Kernel drivers only.
+    pub fn peek(device: &Path, fstype: &str, dir: &Path) -> Result<Mounted> {
+        use nix::mount::MsFlags;
+        let types = kernel_types(fstype);
+        if types.is_empty() {
+            return Err(Error::Unsupported(format!("{}: klon cannot keep images on {fstype}", device.display())));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating the mount point", dir, None, e))?;
+        let flags =
+            MsFlags::MS_RDONLY | MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let mut last = nix::Error::ENODEV;
+        for t in types {
+            let data = match *t {
+                "ext4" | "ext3" | "ext2" => Some("noload"),
+                "xfs" => Some("norecovery"),
+                "btrfs" => Some("rescue=nologreplay"),
+                _ => None,
+            };
+            match nix::mount::mount(Some(device), dir, Some(*t), flags, data) {
+                Ok(()) => return Ok(Mounted { device: device.to_path_buf(), dir: dir.to_path_buf(), active: true }),
+                Err(e) => last = e,
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+        Err(Error::io(format!("mounting {} ({fstype}) read-only at", device.display()), dir, None, last.into()))
+    }
+
     /// Flushes and unmounts; an error says the drive may not be safe to
     /// pull out.
     pub fn unmount(mut self) -> Result<()> {

@@ -1,14 +1,13 @@
 //! The live USB system: klon as PID 1 of a small initramfs ([`pid1`]), a
 //! session on each console, unattended jobs named on the kernel command
 //! line or in the stick's klon.conf ([`job`]), the image drive
-//! ([`image_drive`]) and hot-plugging from kernel uevents
+//! ([`crate::device::image_drive`]) and hot-plugging from kernel uevents
 //! ([`crate::device::uevent`]).
 //!
 //! The live stick is the disk holding the FAT filesystem labelled
 //! [`LIVE_LABEL`] (or the one `klon.live=LABEL=…|UUID=…` names); it is never
 //! offered as a source, a target or an image drive.
 
-pub mod image_drive;
 pub mod job;
 pub mod net;
 pub mod pid1;
@@ -22,21 +21,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{Cli, Command, LiveArgs, LiveCommand};
+use crate::device::image_drive::{self, Candidate, ImageDrive};
+pub use crate::device::image_drive::{COPY_MNT, DRIVE_MNT, LIVE_LABEL};
 use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
 use crate::ui::progress::Console;
-use image_drive::{Candidate, ImageDrive};
 use job::{Job, JobKind};
 
-/// The FAT label of the live stick's partition (image-build/build sets it).
-pub const LIVE_LABEL: &str = "KLONLIVE";
 /// Where the live stick's FAT partition is mounted (read-only) to read klon.conf.
 pub const BOOT_MNT: &str = "/run/klon/boot";
-/// Where the image drive is mounted.
-pub const DRIVE_MNT: &str = "/run/klon/drive";
-/// Where a second drive that snapshots are copied to is mounted (the job's
-/// `copy_drive`, the wizard's "copy to another drive").
-pub const COPY_MNT: &str = "/run/klon/copy-drive";
 /// The merged job settings PID 1 hands to the job process.
 pub const JOB_FILE: &str = "/run/klon/job.conf";
 /// Written by the job process once it has printed its KLON-RESULT line.
@@ -68,11 +61,7 @@ pub fn live_spec() -> String {
 
 /// Device numbers of the disks that hold the live system's FAT partition.
 pub fn live_disks(disks: &[DiskInfo], spec: &str) -> Vec<u64> {
-    image_drive::candidates(disks, &[])
-        .into_iter()
-        .filter(|c| c.fs.fstype == "vfat" && c.matches(spec))
-        .map(|c| c.disk_devno)
-        .collect()
+    image_drive::live_sticks(disks, spec)
 }
 
 /// The live stick's FAT partition, if it is there yet.
@@ -246,28 +235,25 @@ pub fn disk_matches(d: &DiskInfo, spec: &str) -> bool {
 }
 
 /// Mounts the drive `spec` names (the only candidate when none), on
-/// none of the disks `exclude`, at `at`.
+/// none of the disks `exclude`, at `at` (a read-only disk only when
+/// mounting `read_only`).
 fn mount_drive(spec: Option<&str>, wait_secs: u64, exclude: &[u64], at: &str, read_only: bool) -> Result<ImageDrive> {
     let live = live_spec();
+    let offered = |disks: &[DiskInfo]| -> Vec<Candidate> {
+        let mut ex = live_disks(disks, &live);
+        ex.extend_from_slice(exclude);
+        image_drive::candidates(disks, &ex).into_iter().filter(|c| read_only || !c.read_only).collect()
+    };
     let wait = Duration::from_secs(wait_secs);
     let picked = crate::device::uevent::wait_for(wait, || {
-        let disks = sysfs::list_disks().ok()?;
-        let mut ex = live_disks(&disks, &live);
-        ex.extend_from_slice(exclude);
-        let cands = image_drive::candidates(&disks, &ex);
-        match image_drive::choose(&cands, spec) {
-            Ok(c) => Some(c.clone()),
-            Err(_) => None,
-        }
+        let cands = offered(&sysfs::list_disks().ok()?);
+        image_drive::choose(&cands, spec).ok().cloned()
     });
     let c = match picked {
         Some(c) => c,
         None => {
             // Say why, with what there is now.
-            let disks = sysfs::list_disks()?;
-            let mut ex = live_disks(&disks, &live);
-            ex.extend_from_slice(exclude);
-            let cands = image_drive::candidates(&disks, &ex);
+            let cands = offered(&sysfs::list_disks()?);
             return Err(image_drive::choose(&cands, spec)
                 .err()
                 .unwrap_or_else(|| Error::Usage("no image drive".into())));

@@ -19,7 +19,8 @@ use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::job::{self, After};
-use super::{BOOT_MNT, DRIVE_MNT, JOB_FILE, RESULT_FILE, image_drive::ImageDrive};
+use super::{BOOT_MNT, JOB_FILE, RESULT_FILE};
+use crate::device::image_drive::{DRIVE_MOUNTS, ImageDrive};
 
 const NONE: u8 = 0;
 const POWEROFF: u8 = 1;
@@ -360,7 +361,7 @@ fn shutdown(how: u8) -> ! {
         .is_ok_and(|s| s != WaitStatus::StillAlive)
     {}
     nix::unistd::sync();
-    for at in [DRIVE_MNT, BOOT_MNT] {
+    for &at in DRIVE_MOUNTS.iter().chain(&[BOOT_MNT]) {
         if umount2(at, MntFlags::empty()).is_err() {
             let _ = umount2(at, MntFlags::MNT_DETACH);
         }

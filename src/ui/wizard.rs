@@ -47,7 +47,7 @@ pub enum WizardExit {
 #[derive(Debug, Clone, Default)]
 pub struct WizardContext {
     /// In the live system: Shell, Reboot and Power off are offered, and the
-    /// image drive is mounted under /run/klon/images-drive.
+    /// image drive is mounted under /run/klon/drive.
     pub live: bool,
     /// Disks never offered (the live stick, when the caller knows it; a
     /// disk with a partition labelled KLONLIVE is left out anyway). A

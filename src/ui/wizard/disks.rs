@@ -13,7 +13,7 @@ use crate::ui::human_bytes;
 use super::screen::Item;
 
 /// The label of the live stick's partition: that disk is never offered.
-pub const LIVE_LABEL: &str = crate::live::LIVE_LABEL;
+pub use crate::device::image_drive::LIVE_LABEL;
 
 /// Filesystems an image drive may have.
 pub use crate::device::mounts::IMAGE_FS;

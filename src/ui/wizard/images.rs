@@ -1,76 +1,103 @@
 //! Where the images are: a directory typed in, or a drive with a supported
 //! filesystem mounted for the time it is used (waiting for a USB drive to
-//! be plugged in if needed); and the images found there.
+//! be plugged in if needed); and the images found there. Drives that hold
+//! images (klon's or Clonezilla's) come first, with how many: each offered
+//! drive is mounted read-only for a moment to look (nothing written, no
+//! journal replayed).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::device::sysfs::{self, PartInfo};
+use crate::device::image_drive::{self, Candidate, IMAGES_DIR};
+use crate::device::sysfs;
 use crate::device::uevent::{self, UeventSocket, Woken};
 use crate::error::Result;
 use crate::ui::human_bytes;
 
 use super::disks;
 use super::screen::{Item, Nav, Screen};
-use crate::device::mounts::{IMAGE_FS, Mounted};
+use crate::device::mounts::Mounted;
 
-/// Where the live system mounts the image drive.
-pub const LIVE_MOUNT: &str = "/run/klon/images-drive";
 /// Where it mounts a second drive, for a copy of a repository.
-pub const COPY_MOUNT: &str = crate::live::COPY_MNT;
+pub use crate::device::image_drive::COPY_MNT as COPY_MOUNT;
+/// Where the wizard mounts the image drive (where the live system's jobs
+/// mount theirs).
+pub use crate::device::image_drive::DRIVE_MNT as LIVE_MOUNT;
 
 /// The chosen place for images.
 #[derive(Debug)]
 pub struct ImageDir {
-    /// The directory.
+    /// The directory: a drive's `klon-images/` folder when it has one (as
+    /// the live system's jobs keep them), else its top.
     pub path: PathBuf,
     /// Set when the wizard mounted a drive for it.
     pub mounted: Option<Mounted>,
 }
 
-/// A partition that could hold images.
+/// A filesystem that could hold images, with how many it holds.
 #[derive(Debug, Clone)]
 struct DrivePart {
-    part: PartInfo,
-    fstype: String,
-    label: String,
-    disk: String,
+    drive: Candidate,
+    /// Images found when it was looked into; None when it could not be.
+    images: Option<usize>,
 }
 
-fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>) -> Result<Vec<DrivePart>> {
-    let mut out = Vec::new();
-    for info in sysfs::list_disks()? {
-        if Some(info.devno) == not_on || disks::is_excluded(&info, exclude) {
-            continue;
-        }
-        let model = info.model.clone().unwrap_or_else(|| info.name.clone());
-        // A filesystem on the whole disk (a "superfloppy" USB stick).
-        let whole = (info.partitions.is_empty() && info.fs.is_some()).then(|| PartInfo {
-            number: 0,
-            path: info.path.clone(),
-            devno: info.devno,
-            start: 0,
-            size: info.size,
-            type_id: None,
-            fs: info.fs.clone(),
-            mountpoints: info.mountpoints.clone(),
-            in_use: info.in_use,
-            lvm: None,
-        });
-        for p in info.partitions.iter().chain(whole.as_ref()) {
-            let Some(f) = &p.fs else { continue };
-            if !IMAGE_FS.contains(&f.fstype.as_str()) || !p.mountpoints.is_empty() || p.in_use {
-                continue;
-            }
-            out.push(DrivePart {
-                part: p.clone(),
-                fstype: f.fstype.clone(),
-                label: f.label.clone().unwrap_or_default(),
-                disk: format!("{model}, {} {}", human_bytes(info.size), info.transport),
-            });
-        }
-    }
+/// The images directory on a drive mounted at `root`.
+fn images_dir(root: &Path) -> PathBuf {
+    let folder = root.join(IMAGES_DIR);
+    if folder.is_dir() { folder } else { root.to_path_buf() }
+}
+
+/// How many images (klon's images and repositories, Clonezilla's images)
+/// the drive holds, mounted read-only at `at` for the time it takes to
+/// look; None when it cannot be mounted.
+fn count_images(c: &Candidate, at: &Path) -> Option<usize> {
+    let m = Mounted::peek(&c.device, &c.fs.fstype, at).ok()?;
+    let n = std::fs::read_dir(images_dir(at))
+        .map(|rd| rd.flatten().filter(|e| crate::engine::source::looks_like_image(&e.path())).count())
+        .unwrap_or(0);
+    let _ = m.unmount();
+    Some(n)
+}
+
+/// The drives offered: every filesystem that can hold images on a disk
+/// neither excluded nor `not_on`, not mounted or in use; with `look`, each
+/// looked into and those holding images first.
+fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>, look: bool) -> Result<Vec<DrivePart>> {
+    let disks = sysfs::list_disks()?;
+    let skip: Vec<u64> =
+        disks.iter().filter(|d| Some(d.devno) == not_on || disks::is_excluded(d, exclude)).map(|d| d.devno).collect();
+    let mut out: Vec<DrivePart> = image_drive::candidates(&disks, &skip)
+        .into_iter()
+        .filter(|c| !c.in_use)
+        .map(|drive| DrivePart {
+            images: if look { count_images(&drive, Path::new(image_drive::PEEK_MNT)) } else { Some(0) },
+            drive,
+        })
+        .collect();
+    // Stable: disk order within each group.
+    out.sort_by_key(|d| d.images.unwrap_or(0) == 0);
     Ok(out)
+}
+
+impl DrivePart {
+    fn describe(&self) -> String {
+        let c = &self.drive;
+        let holds = match self.images {
+            Some(0) => String::new(),
+            Some(1) => " — 1 image".to_string(),
+            Some(n) => format!(" — {n} images"),
+            None => " — cannot look inside".to_string(),
+        };
+        format!(
+            "Drive {}: {} {}{} on {}{holds}",
+            c.device.display(),
+            human_bytes(c.size),
+            c.fs.fstype,
+            c.fs.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default(),
+            c.on_disk
+        )
+    }
 }
 
 /// Asks where the images are (or go): a typed directory, or a drive. With
@@ -98,7 +125,7 @@ pub fn choose_dir_at(
 ) -> Result<Nav<ImageDir>> {
     let mut preselect: Option<PathBuf> = None;
     loop {
-        let drives = drive_parts(exclude, not_on)?;
+        let drives = drive_parts(exclude, not_on, true)?;
         let mut items = Vec::new();
         let typed_default = if last.is_empty() {
             std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_else(|_| "/".into())
@@ -109,14 +136,7 @@ pub fn choose_dir_at(
             items.push(Item::new(format!("Type a directory (now: {typed_default})")));
         }
         for d in &drives {
-            items.push(Item::new(format!(
-                "Drive {}: {} {}{} on {}",
-                d.part.path.display(),
-                human_bytes(d.part.size),
-                d.fstype,
-                if d.label.is_empty() { String::new() } else { format!(" \"{}\"", d.label) },
-                d.disk
-            )));
+            items.push(Item::new(d.describe()));
         }
         items.push(Item::new("Insert the USB drive now (klon waits for it)"));
         if live {
@@ -125,7 +145,7 @@ pub fn choose_dir_at(
         let offset = usize::from(!live);
         let default = preselect
             .take()
-            .and_then(|p| drives.iter().position(|d| d.part.path == p))
+            .and_then(|p| drives.iter().position(|d| d.drive.device == p))
             .map(|i| i + offset)
             .unwrap_or(0);
         let body =
@@ -161,7 +181,7 @@ pub fn choose_dir_at(
                 None => continue,
                 Some(mut new) if new.len() == 1 => new.remove(0),
                 Some(new) => {
-                    preselect = new.first().map(|d| d.part.path.clone());
+                    preselect = new.first().map(|d| d.drive.device.clone());
                     continue;
                 }
             }
@@ -171,10 +191,10 @@ pub fn choose_dir_at(
         let at = mount_at.to_path_buf();
         scr.page(
             title,
-            &format!("Mounting {} ({}) at {} ...", chosen.part.path.display(), chosen.fstype, at.display()),
+            &format!("Mounting {} ({}) at {} ...", chosen.drive.device.display(), chosen.drive.fs.fstype, at.display()),
         )?;
-        match Mounted::mount(&chosen.part.path, &chosen.fstype, &at, false) {
-            Ok(g) => return Ok(Nav::Go(ImageDir { path: at, mounted: Some(g) })),
+        match Mounted::mount(&chosen.drive.device, &chosen.drive.fs.fstype, &at, chosen.drive.read_only) {
+            Ok(g) => return Ok(Nav::Go(ImageDir { path: images_dir(&at), mounted: Some(g) })),
             Err(e) => scr.message(title, &format!("{e}"))?,
         }
     }
@@ -196,9 +216,9 @@ fn wait_for_drive(
     )?;
     let stdin = std::io::stdin();
     loop {
-        let found: Vec<DrivePart> = drive_parts(exclude, not_on)?
+        let found: Vec<DrivePart> = drive_parts(exclude, not_on, false)?
             .into_iter()
-            .filter(|d| !before.iter().any(|b| b.part.devno == d.part.devno))
+            .filter(|d| !before.iter().any(|b| b.drive.devno == d.drive.devno))
             .collect();
         if !found.is_empty() {
             return Ok(Some(found));

@@ -1,18 +1,40 @@
-//! The image drive: a disk (partition) with a filesystem klon can mount,
-//! found by label, UUID or device; mounted under /run/klon/drive with the
-//! images in its folder `klon-images/`, and unmounted cleanly (also when a
-//! job fails: [`ImageDrive`] unmounts on drop).
+//! Image drives: the filesystems klon can keep images on (a partition, or
+//! a whole disk without a table), found among the disks by label, UUID or
+//! device — the one finder of the live system's jobs and the wizard. A
+//! drive is mounted at [`DRIVE_MNT`] (a second one, for a copy, at
+//! [`COPY_MNT`]) with the images in its folder `klon-images/`, and
+//! unmounted cleanly (also when a job fails: [`ImageDrive`] unmounts on
+//! drop). The live stick (its FAT filesystem labelled [`LIVE_LABEL`]) is
+//! found here too, so that it is never offered.
 
 use std::path::{Path, PathBuf};
 
 use crate::device::mounts::{Mounted, kernel_types};
-
 use crate::device::sysfs::DiskInfo;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
+use crate::units::human_bytes;
 
 /// The folder on the image drive that holds the images.
 pub const IMAGES_DIR: &str = "klon-images";
+
+/// The FAT label of the live stick's partition (image-build/build sets it).
+pub const LIVE_LABEL: &str = "KLONLIVE";
+
+/// Where the image drive is mounted (by the live system's jobs and by the
+/// wizard).
+pub const DRIVE_MNT: &str = "/run/klon/drive";
+
+/// Where a second drive that snapshots are copied to is mounted (a job's
+/// `copy_drive`, the wizard's "copy to another drive").
+pub const COPY_MNT: &str = "/run/klon/copy-drive";
+
+/// Where the wizard mounts a drive read-only for a moment, to count the
+/// images it holds.
+pub const PEEK_MNT: &str = "/run/klon/peek";
+
+/// Every place klon mounts a drive: what a shutdown unmounts.
+pub const DRIVE_MOUNTS: &[&str] = &[DRIVE_MNT, COPY_MNT, PEEK_MNT];
 
 /// A filesystem that can hold images.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +53,13 @@ pub struct Candidate {
     pub fs: FsInfo,
     /// Where it is already mounted, if anywhere.
     pub mountpoints: Vec<PathBuf>,
+    /// Held by something else (swap, LVM, dm, md), or mounted.
+    pub in_use: bool,
+    /// The disk is read-only (images can be read, not written).
+    pub read_only: bool,
+    /// The disk's model (its kernel name when it reports none), size and
+    /// transport: "SanDisk Ultra, 28.7 GiB usb".
+    pub on_disk: String,
 }
 
 impl Candidate {
@@ -41,7 +70,7 @@ impl Candidate {
             self.device.display(),
             self.fs.fstype,
             self.fs.label.as_deref().map(|l| format!(" \"{l}\"")).unwrap_or_default(),
-            crate::ui::human_bytes(self.size)
+            human_bytes(self.size)
         )
     }
 
@@ -63,16 +92,18 @@ impl Candidate {
 }
 
 /// Filesystems on `disks` that can hold images, leaving out the disks in
-/// `exclude` (the live stick, the job's source and target).
+/// `exclude` (the live stick, the job's source and target). Read-only
+/// disks are listed (marked so): images can be read from them.
 pub fn candidates(disks: &[DiskInfo], exclude: &[u64]) -> Vec<Candidate> {
     let mut out = Vec::new();
-    for d in disks.iter().filter(|d| !exclude.contains(&d.devno) && !d.read_only) {
-        let whole = d.fs.as_ref().map(|fs| (d.path.clone(), d.devno, d.size, fs, d.mountpoints.clone()));
+    for d in disks.iter().filter(|d| !exclude.contains(&d.devno)) {
+        let on_disk = format!("{}, {} {}", d.model.as_deref().unwrap_or(&d.name), human_bytes(d.size), d.transport);
+        let whole = d.fs.as_ref().map(|fs| (d.path.clone(), d.devno, d.size, fs, &d.mountpoints, d.in_use));
         let parts = d
             .partitions
             .iter()
-            .filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, p.mountpoints.clone())));
-        for (device, devno, size, fs, mountpoints) in whole.into_iter().chain(parts) {
+            .filter_map(|p| p.fs.as_ref().map(|fs| (p.path.clone(), p.devno, p.size, fs, &p.mountpoints, p.in_use)));
+        for (device, devno, size, fs, mountpoints, in_use) in whole.into_iter().chain(parts) {
             if !kernel_types(&fs.fstype).is_empty() {
                 out.push(Candidate {
                     device,
@@ -81,12 +112,26 @@ pub fn candidates(disks: &[DiskInfo], exclude: &[u64]) -> Vec<Candidate> {
                     disk_devno: d.devno,
                     size,
                     fs: fs.clone(),
-                    mountpoints,
+                    mountpoints: mountpoints.clone(),
+                    in_use: in_use || !mountpoints.is_empty(),
+                    read_only: d.read_only,
+                    on_disk: on_disk.clone(),
                 });
             }
         }
     }
     out
+}
+
+/// Device numbers of the disks holding a live stick: the FAT filesystem
+/// `spec` names (`LABEL=KLONLIVE` unless the kernel command line says
+/// otherwise).
+pub fn live_sticks(disks: &[DiskInfo], spec: &str) -> Vec<u64> {
+    candidates(disks, &[])
+        .into_iter()
+        .filter(|c| c.fs.fstype == "vfat" && c.matches(spec))
+        .map(|c| c.disk_devno)
+        .collect()
 }
 
 /// Picks the image drive: the one `spec` names, or without a spec the only
