@@ -190,7 +190,7 @@ pub fn json_failure(e: &Error) {
 
 fn disks(cli: &Cli) -> Result<()> {
     #[allow(unused_mut)]
-    let mut disks = crate::device::sysfs::list_disks()?;
+    let mut disks = crate::inventory::list_disks()?;
     // With the `udev` feature: serials udev knows and sysfs does not, and
     // the /dev/disk/by-id names.
     #[cfg(feature = "udev")]

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod fs;
 pub mod image;
+pub mod inventory;
 pub mod job;
 pub mod le;
 pub mod live;

@@ -12,7 +12,8 @@ use common::loop_device::LoopDevice;
 use klon::Error;
 use klon::device::Disk;
 use klon::device::safety::{check_image_dir_not_on, check_source, check_target};
-use klon::device::sysfs::{DiskInfo, disk_info, list_disks, whole_disk_of};
+use klon::device::sysfs::{identity, whole_disk_of};
+use klon::inventory::{DiskInfo, list_disks};
 use klon::ui::disks::render;
 
 /// Loop devices are scarce and shared: run the root tests one at a time.
@@ -141,19 +142,15 @@ fn lists_loop_disk_with_partitions_and_filesystems() {
     assert_eq!(whole_disk_of(p1.devno), Some(d.devno));
     assert_eq!(whole_disk_of(d.devno), Some(d.devno));
 
-    // disk_info on the open device describes the same disk.
+    // The identity of the open device (what an image records of its
+    // source) is the listed disk's, and a partition's is its disk's.
     let disk = Disk::open_read_only(&lo.path).unwrap();
-    let info = disk_info(&disk).expect("disk_info for a block device");
-    assert_eq!(info.partitions, d.partitions);
-    assert_eq!(info.transport, "loop");
-    // ...and a partition opened directly is described without partitions.
+    let id = identity(&disk).expect("identity of a block device");
+    assert_eq!((&id.model, &id.serial, id.transport.as_str()), (&d.model, &d.serial, "loop"));
     let part = Disk::open_read_only(&lo.partition(1)).unwrap();
-    let pinfo = disk_info(&part).unwrap();
-    assert!(pinfo.partitions.is_empty());
-    assert_eq!(pinfo.size, 24 * MIB);
-    assert_eq!(pinfo.fs.as_ref().map(|f| f.fstype.as_str()), Some("ext4"));
-    // Files have no disk info.
-    assert!(disk_info(&Disk::open_read_only(&img).unwrap()).is_none());
+    assert_eq!(identity(&part), Some(id));
+    // Files have no identity.
+    assert!(identity(&Disk::open_read_only(&img).unwrap()).is_none());
 
     let table = render(std::slice::from_ref(&d), true);
     eprintln!("{table}");
@@ -193,7 +190,6 @@ fn native_4k_loop_reports_4096_byte_sectors() {
     assert_eq!(d.size, 16 * MIB);
     let disk = Disk::open_read_only(&lo.path).unwrap();
     assert_eq!(disk.logical_sector_size, 4096);
-    assert_eq!(disk_info(&disk).unwrap().logical_sector_size, 4096);
 }
 
 #[test]

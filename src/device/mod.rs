@@ -1,13 +1,14 @@
 //! Disks: opening sources and targets safely, their size and sector size,
-//! positioned reads and writes with context, and (in submodules) finding
-//! disks in sysfs, mounts and in-use checks.
+//! positioned reads and writes with context, and (in submodules) what
+//! sysfs says of block devices, mounts and in-use checks. The inventory of
+//! disks with their tables and filesystems is [`crate::inventory`], a layer
+//! above.
 //!
 //! A `Disk` is either a block device or a regular file holding a disk image;
 //! the engine treats both the same way.
 
 pub mod blockdev;
 pub mod direct;
-pub mod image_drive;
 pub mod loopdev;
 pub mod mounts;
 pub mod safety;

@@ -1,94 +1,24 @@
-//! Finding disks and partitions from /sys (the live system has no udev):
-//! sizes, sector sizes, model, serial, transport, partitions with their
-//! filesystems and mountpoints, holders, and loop backing files.
+//! What /sys says about block devices (the live system has no udev):
+//! device numbers, whole disks and their partitions, model, serial,
+//! transport, holders, loop backing files, and whether a device is in use.
+//! The inventory of disks with their tables and filesystems, built on
+//! this, is [`crate::inventory`].
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::device::mounts::{self, Mount, makedev};
 use crate::device::{Disk, DiskKind};
-use crate::error::{Error, Result};
-use crate::fs::{FsInfo, probe};
+use crate::error::Result;
 
-/// A whole disk as found in /sys/block.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskInfo {
-    /// Device node, e.g. /dev/sda.
-    pub path: PathBuf,
-    /// Kernel name, e.g. "sda".
-    pub name: String,
-    /// Device number (makedev(major, minor)).
-    pub devno: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Logical sector size in bytes.
-    pub logical_sector_size: u32,
-    /// Physical sector size in bytes.
-    pub physical_sector_size: u32,
-    /// Model string, when the device reports one.
-    pub model: Option<String>,
-    /// Serial number, when the device reports one.
-    pub serial: Option<String>,
-    /// How the disk is attached: usb, nvme, sata, scsi, virtio, mmc, loop,
-    /// virtual (device mapper, md) or unknown.
-    pub transport: String,
-    /// The kernel marks the medium removable.
-    pub removable: bool,
-    /// The kernel marks the device read-only.
-    pub read_only: bool,
-    /// For a loop device, the file behind it.
-    pub loop_backing_file: Option<PathBuf>,
-    /// Partitions, ordered by number.
-    pub partitions: Vec<PartInfo>,
-    /// A filesystem directly on the whole disk (only probed when the disk
-    /// has no partitions).
-    pub fs: Option<FsInfo>,
-    /// Where the whole disk itself is mounted (a filesystem without a
-    /// partition table).
-    pub mountpoints: Vec<PathBuf>,
-    /// The whole disk itself is mounted, used as swap or held (LVM, dm,
-    /// md). Partitions carry their own `in_use`.
-    pub in_use: bool,
-}
-
-/// One partition of a disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartInfo {
-    /// Partition number (1-based).
-    pub number: u32,
-    /// Device node, e.g. /dev/sda1.
-    pub path: PathBuf,
-    /// Device number.
-    pub devno: u64,
-    /// Start on the disk in bytes.
-    pub start: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Partition type from the table: GPT type GUID or MBR type ("0x83").
-    #[serde(default)]
-    pub type_id: Option<String>,
-    /// What the partition holds, if recognised.
-    pub fs: Option<FsInfo>,
-    /// Where it is mounted.
-    pub mountpoints: Vec<PathBuf>,
-    /// Mounted, used as swap, or held by another device (dm, md, LVM).
-    pub in_use: bool,
-    /// For an LVM2 physical volume: its volume group and volumes, as
-    /// `VolumeGroup::summary` puts them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lvm: Option<String>,
-}
-
-fn read_attr(path: &Path) -> Option<String> {
+pub(crate) fn read_attr(path: &Path) -> Option<String> {
     let s = fs::read_to_string(path).ok()?;
     let s = s.trim();
     if s.is_empty() { None } else { Some(s.to_string()) }
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
+pub(crate) fn read_u64(path: &Path) -> Option<u64> {
     read_attr(path)?.parse().ok()
 }
 
@@ -104,7 +34,7 @@ pub fn sys_dir_of(devno: u64) -> Option<PathBuf> {
     fs::canonicalize(p).ok()
 }
 
-fn is_partition_dir(dir: &Path) -> bool {
+pub(crate) fn is_partition_dir(dir: &Path) -> bool {
     dir.join("partition").exists()
 }
 
@@ -246,7 +176,7 @@ pub fn serial_from_vpd80(page: &[u8]) -> Option<String> {
     if s.is_empty() { None } else { Some(s) }
 }
 
-fn serial_of(sysdir: &Path) -> Option<String> {
+pub(crate) fn serial_of(sysdir: &Path) -> Option<String> {
     let dev = sysdir.join("device");
     for p in [sysdir.join("serial"), dev.join("serial")] {
         if let Some(s) = read_attr(&p) {
@@ -270,7 +200,7 @@ fn serial_of(sysdir: &Path) -> Option<String> {
     read_attr(&dev.join("wwid"))
 }
 
-fn model_of(sysdir: &Path, name: &str) -> Option<String> {
+pub(crate) fn model_of(sysdir: &Path, name: &str) -> Option<String> {
     if name.starts_with("dm-") {
         return read_attr(&sysdir.join("dm/name"));
     }
@@ -281,154 +211,55 @@ fn model_of(sysdir: &Path, name: &str) -> Option<String> {
     read_attr(&dev.join("model")).or_else(|| read_attr(&dev.join("name")))
 }
 
-fn dev_path(name: &str) -> PathBuf {
+pub(crate) fn dev_path(name: &str) -> PathBuf {
     PathBuf::from("/dev").join(name.replace('!', "/"))
 }
 
-/// What the safety and listing code needs to know about the system state.
-struct Usage {
+/// What the safety and listing code needs to know about the system state:
+/// the mounts and swap devices, read once.
+pub(crate) struct Usage {
     mounts: Vec<Mount>,
     swaps: Vec<u64>,
 }
 
 impl Usage {
-    fn load() -> Result<Usage> {
+    pub(crate) fn load() -> Result<Usage> {
         Ok(Usage { mounts: mounts::mounts()?, swaps: mounts::swap_devices()? })
     }
-    fn mountpoints(&self, devno: u64) -> Vec<PathBuf> {
+    pub(crate) fn mountpoints(&self, devno: u64) -> Vec<PathBuf> {
         self.mounts.iter().filter(|m| m.is_on(devno)).map(|m| m.mountpoint.clone()).collect()
     }
-    fn in_use(&self, devno: u64) -> bool {
+    pub(crate) fn in_use(&self, devno: u64) -> bool {
         self.mounts.iter().any(|m| m.is_on(devno)) || self.swaps.contains(&devno) || !holders(devno).is_empty()
     }
 }
 
-fn build(sysdir: &Path, usage: &Usage, open: Option<&Disk>) -> Option<DiskInfo> {
-    let name = sysdir.file_name()?.to_string_lossy().into_owned();
-    let devno = parse_devno(&read_attr(&sysdir.join("dev"))?)?;
-    let size = read_u64(&sysdir.join("size"))?.checked_mul(512)?;
-    let partition = is_partition_dir(sysdir);
-    // Queue attributes live on the whole disk.
-    let qdir = if partition { sysdir.parent()?.to_path_buf() } else { sysdir.to_path_buf() };
-    let logical = read_u64(&qdir.join("queue/logical_block_size")).unwrap_or(512) as u32;
-    let physical = read_u64(&qdir.join("queue/physical_block_size")).unwrap_or(logical as u64) as u32;
-    let disk_name = qdir.file_name()?.to_string_lossy().into_owned();
-    let resolved = qdir.to_string_lossy().into_owned();
-    let opened;
-    let disk = match open {
-        Some(d) => Some(d),
-        None => {
-            opened = Disk::open_read_only(&dev_path(&name)).ok();
-            opened.as_ref()
-        }
-    };
-    // Partition types come from the table itself (sysfs does not have them).
-    let table = if partition { None } else { disk.and_then(|d| crate::table::read_layout(d).ok()) };
-    let type_of = |start: u64| table.as_ref()?.partitions.iter().find(|p| p.start == start).map(|p| p.type_id.clone());
-    let mut partitions = Vec::new();
-    if !partition && let Ok(rd) = fs::read_dir(sysdir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if !is_partition_dir(&p) {
-                continue;
-            }
-            let (Some(number), Some(pdev), Some(start), Some(psize)) = (
-                read_u64(&p.join("partition")),
-                read_attr(&p.join("dev")).and_then(|s| parse_devno(&s)),
-                read_u64(&p.join("start")).and_then(|v| v.checked_mul(512)),
-                read_u64(&p.join("size")).and_then(|v| v.checked_mul(512)),
-            ) else {
-                continue;
-            };
-            let pname = e.file_name().to_string_lossy().into_owned();
-            let fs = disk.and_then(|d| probe(d, start, psize));
-            let lvm = match (disk, &fs) {
-                (Some(d), Some(f)) if f.fstype == "LVM2_member" => {
-                    crate::fs::lvm::read(&crate::fs::Volume::new(d, start, psize)).ok().map(|vg| vg.summary())
-                }
-                _ => None,
-            };
-            partitions.push(PartInfo {
-                number: number as u32,
-                path: dev_path(&pname),
-                devno: pdev,
-                start,
-                size: psize,
-                type_id: type_of(start),
-                fs,
-                mountpoints: usage.mountpoints(pdev),
-                in_use: usage.in_use(pdev),
-                lvm,
-            });
-        }
-    }
-    partitions.sort_by_key(|p| p.number);
-    let fs = if partitions.is_empty() { disk.and_then(|d| probe(d, 0, size.min(d.size))) } else { None };
-    Some(DiskInfo {
-        path: dev_path(&name),
-        name: name.clone(),
-        devno,
-        size,
-        logical_sector_size: logical,
-        physical_sector_size: physical,
-        model: model_of(&qdir, &disk_name),
-        serial: serial_of(&qdir),
-        transport: transport_from_sys_path(&resolved, &disk_name),
-        removable: read_u64(&qdir.join("removable")) == Some(1),
-        read_only: read_u64(&sysdir.join("ro")) == Some(1),
-        loop_backing_file: loop_backing_file(&disk_name),
-        partitions,
-        fs,
-        mountpoints: usage.mountpoints(devno),
-        in_use: usage.in_use(devno),
-    })
+/// Who made a disk and how it is attached: what an image records of its
+/// source, and what a confirmation names of its target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Model string, when the device reports one.
+    pub model: Option<String>,
+    /// Serial number, when the device reports one.
+    pub serial: Option<String>,
+    /// usb, nvme, sata, … (see [`transport_from_sys_path`]).
+    pub transport: String,
 }
 
-/// Lists the whole disks in /sys/block with their partitions. Skips RAM
-/// disks (ram*, zram*) and devices of size 0 (unattached loop devices,
-/// empty card readers and drives). Device-mapper and md devices are listed
-/// with transport "virtual".
-pub fn list_disks() -> Result<Vec<DiskInfo>> {
-    let usage = Usage::load()?;
-    let root = Path::new("/sys/block");
-    let rd = fs::read_dir(root).map_err(|e| Error::io("listing", root, None, e))?;
-    let mut names: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    names.sort_by_key(|n| natural_key(n));
-    let mut out = Vec::new();
-    for name in names {
-        if name.starts_with("ram") || name.starts_with("zram") {
-            continue;
-        }
-        let Ok(dir) = fs::canonicalize(root.join(&name)) else { continue };
-        if read_u64(&dir.join("size")).unwrap_or(0) == 0 {
-            continue;
-        }
-        if let Some(info) = build(&dir, &usage, None) {
-            out.push(info);
-        }
-    }
-    Ok(out)
-}
-
-fn natural_key(s: &str) -> (String, u64, String) {
-    let digits_at = s.find(|c: char| c.is_ascii_digit()).unwrap_or(s.len());
-    let (head, rest) = s.split_at(digits_at);
-    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-    (head.to_string(), rest[..end].parse().unwrap_or(0), rest[end..].to_string())
-}
-
-/// Describes an open block device (a whole disk, or a partition described
-/// as a disk without partitions). `None` for image files or when sysfs does
-/// not know the device.
-pub fn disk_info(disk: &Disk) -> Option<DiskInfo> {
+/// The identity of an open block device's whole disk, from sysfs alone
+/// (no table read, nothing probed). `None` for image files or when sysfs
+/// does not know the device.
+pub fn identity(disk: &Disk) -> Option<Identity> {
     if disk.kind != DiskKind::BlockDevice {
         return None;
     }
-    let usage = Usage::load().ok()?;
-    let dir = sys_dir_of(disk.dev)?;
-    let mut info = build(&dir, &usage, Some(disk))?;
-    info.path = disk.path.clone();
-    Some(info)
+    let dir = whole_disk_of(disk.dev).and_then(sys_dir_of)?;
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    Some(Identity {
+        model: model_of(&dir, &name),
+        serial: serial_of(&dir),
+        transport: transport_from_sys_path(&dir.to_string_lossy(), &name),
+    })
 }
 
 /// Whether `disk` is a block device whose whole disk says it spins
@@ -495,27 +326,5 @@ mod tests {
         assert_eq!(parse_devno("8:17\n"), Some(makedev(8, 17)));
         assert_eq!(parse_devno("8"), None);
         assert_eq!(parse_devno("a:b"), None);
-    }
-
-    #[test]
-    fn natural_order() {
-        let mut v = vec!["sdb", "loop10", "loop2", "nvme0n1", "sda"];
-        v.sort_by_key(|n| natural_key(n));
-        assert_eq!(v, ["loop2", "loop10", "nvme0n1", "sda", "sdb"]);
-    }
-
-    #[test]
-    fn lists_live_disks() {
-        let disks = list_disks().unwrap();
-        for d in &disks {
-            assert!(d.size > 0);
-            assert!(!d.name.starts_with("zram") && !d.name.starts_with("ram"));
-            assert!(d.logical_sector_size >= 512);
-            assert_eq!(whole_disk_of(d.devno), Some(d.devno));
-            for p in &d.partitions {
-                assert_eq!(whole_disk_of(p.devno), Some(d.devno));
-                assert!(p.start + p.size <= d.size);
-            }
-        }
     }
 }

@@ -288,7 +288,7 @@ impl ImageSink for ImageDirSink {
 
 /// What a manifest records of the source disk.
 pub(crate) fn source_info(path: &Path, source: &Disk, layout: &table::DiskLayout) -> SourceInfo {
-    let identity = crate::device::sysfs::disk_info(source);
+    let identity = crate::device::sysfs::identity(source);
     SourceInfo {
         path: path.display().to_string(),
         size: source.size,

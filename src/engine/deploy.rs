@@ -589,7 +589,7 @@ fn report_to(ip: &str, port: u16, outcome: &Outcome) -> std::io::Result<()> {
 /// The target as a report names it: its path, and model and serial when
 /// it is a disk.
 fn describe_disk(target: &Path) -> String {
-    let disk = crate::device::sysfs::list_disks().ok().and_then(|ds| ds.into_iter().find(|d| d.path == target));
+    let disk = crate::inventory::list_disks().ok().and_then(|ds| ds.into_iter().find(|d| d.path == target));
     match disk.map(|d| (d.model, d.serial)) {
         None | Some((None, None)) => target.display().to_string(),
         Some((m, s)) => format!(

@@ -35,7 +35,7 @@ pub fn holdings(target: &Disk) -> String {
         return String::new();
     }
     let mut out = Vec::new();
-    if let Some(info) = crate::device::sysfs::disk_info(target) {
+    if let Some(info) = crate::device::sysfs::identity(target) {
         let named: Vec<String> = [("model", info.model), ("serial", info.serial)]
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| format!("{k} {v}")))

@@ -1,7 +1,7 @@
 //! The live USB system: klon as PID 1 of a small initramfs ([`pid1`]), a
 //! session on each console, unattended jobs named on the kernel command
 //! line or in the stick's klon.conf ([`job`]), the image drive
-//! ([`crate::device::image_drive`]) and hot-plugging from kernel uevents
+//! ([`crate::inventory::image_drive`]) and hot-plugging from kernel uevents
 //! ([`crate::device::uevent`]).
 //!
 //! The live stick is the disk holding the FAT filesystem labelled
@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::{Cli, Command, LiveArgs, LiveCommand};
-use crate::device::image_drive::{self, Candidate, ImageDrive};
-pub use crate::device::image_drive::{COPY_MNT, DRIVE_MNT, LIVE_LABEL};
-use crate::device::sysfs::{self, DiskInfo};
 use crate::error::{Error, Result};
+use crate::inventory::DiskInfo;
+use crate::inventory::image_drive::{self, Candidate, ImageDrive};
+pub use crate::inventory::image_drive::{COPY_MNT, DRIVE_MNT, LIVE_LABEL};
 use crate::ui::progress::Console;
 use job::{Job, JobKind};
 
@@ -66,14 +66,14 @@ pub fn live_disks(disks: &[DiskInfo], spec: &str) -> Vec<u64> {
 
 /// The live stick's FAT partition, if it is there yet.
 pub fn live_partition(spec: &str) -> Option<Candidate> {
-    let disks = sysfs::list_disks().ok()?;
+    let disks = crate::inventory::list_disks().ok()?;
     image_drive::candidates(&disks, &[]).into_iter().find(|c| c.fs.fstype == "vfat" && c.matches(spec))
 }
 
 /// The filesystems offered as image drives: on every disk but the live
 /// stick and the disks in `exclude` (the source or target being used).
 pub fn image_drives(exclude: &[u64]) -> Result<Vec<Candidate>> {
-    let disks = sysfs::list_disks()?;
+    let disks = crate::inventory::list_disks()?;
     let mut ex = live_disks(&disks, &live_spec());
     ex.extend_from_slice(exclude);
     Ok(image_drive::candidates(&disks, &ex))
@@ -81,7 +81,7 @@ pub fn image_drives(exclude: &[u64]) -> Result<Vec<Candidate>> {
 
 /// The disks offered as sources and targets: every disk but the live stick.
 pub fn offered_disks() -> Result<Vec<DiskInfo>> {
-    let disks = sysfs::list_disks()?;
+    let disks = crate::inventory::list_disks()?;
     let stick = live_disks(&disks, &live_spec());
     Ok(disks.into_iter().filter(|d| !stick.contains(&d.devno)).collect())
 }
@@ -125,7 +125,7 @@ pub fn print_on_consoles(line: &str) {
 /// `reboot` and `poweroff` ask).
 pub fn start_wizard() -> Result<()> {
     use crate::ui::wizard::{WizardContext, WizardExit, run_with};
-    let disks = sysfs::list_disks()?;
+    let disks = crate::inventory::list_disks()?;
     let stick = live_disks(&disks, &live_spec());
     let exclude = disks.iter().filter(|d| stick.contains(&d.devno)).map(|d| d.path.clone()).collect();
     let network: crate::ui::wizard::BringUpNetwork =
@@ -203,7 +203,7 @@ fn set_env(k: &str, v: &str) {
 pub fn resolve_disk(spec: &str, wait: Duration) -> Result<PathBuf> {
     let live = live_spec();
     let found = crate::device::uevent::wait_for(wait, || {
-        let disks = sysfs::list_disks().ok()?;
+        let disks = crate::inventory::list_disks().ok()?;
         let stick = live_disks(&disks, &live);
         let hit = disks.iter().find(|d| disk_matches(d, spec))?;
         Some(if stick.contains(&hit.devno) { Err(hit.path.clone()) } else { Ok(hit.path.clone()) })
@@ -212,7 +212,7 @@ pub fn resolve_disk(spec: &str, wait: Duration) -> Result<PathBuf> {
         Some(Ok(p)) => Ok(p),
         Some(Err(p)) => Err(Error::Refused(format!("{spec} ({}) is the live stick", p.display()))),
         None => {
-            let have = sysfs::list_disks()
+            let have = crate::inventory::list_disks()
                 .map(|ds| {
                     ds.iter()
                         .map(|d| format!("{} serial {}", d.path.display(), d.serial.as_deref().unwrap_or("-")))
@@ -246,14 +246,14 @@ fn mount_drive(spec: Option<&str>, wait_secs: u64, exclude: &[u64], at: &str, re
     };
     let wait = Duration::from_secs(wait_secs);
     let picked = crate::device::uevent::wait_for(wait, || {
-        let cands = offered(&sysfs::list_disks().ok()?);
+        let cands = offered(&crate::inventory::list_disks().ok()?);
         image_drive::choose(&cands, spec).ok().cloned()
     });
     let c = match picked {
         Some(c) => c,
         None => {
             // Say why, with what there is now.
-            let cands = offered(&sysfs::list_disks()?);
+            let cands = offered(&crate::inventory::list_disks()?);
             return Err(image_drive::choose(&cands, spec)
                 .err()
                 .unwrap_or_else(|| Error::Usage("no image drive".into())));

@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 
 use super::job::{self, After};
 use super::{BOOT_MNT, JOB_FILE, RESULT_FILE};
-use crate::device::image_drive::{DRIVE_MOUNTS, ImageDrive};
+use crate::inventory::image_drive::{DRIVE_MOUNTS, ImageDrive};
 
 const NONE: u8 = 0;
 const POWEROFF: u8 = 1;

@@ -2,7 +2,7 @@
 //! udevd): udev's properties for the disks found in /sys — the serial
 //! where sysfs has none, and the /dev/disk/by-id names.
 
-use crate::device::sysfs::DiskInfo;
+use crate::inventory::DiskInfo;
 
 /// Fills in serials from udev (ID_SERIAL_SHORT) where sysfs gave none and
 /// returns each disk's /dev/disk/by-id names, in the order of `disks`.

@@ -3,8 +3,8 @@
 
 use serde_json::{Value, json};
 
-use crate::device::sysfs::{DiskInfo, PartInfo};
 use crate::fs::probe::FsInfo;
+use crate::inventory::{DiskInfo, PartInfo};
 
 fn cut(s: &str, width: usize) -> String {
     if s.chars().count() <= width {

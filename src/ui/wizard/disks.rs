@@ -5,15 +5,16 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::device::sysfs::{self, DiskInfo};
+use crate::device::sysfs;
 use crate::device::{Disk, mounts};
 use crate::fs;
+use crate::inventory::DiskInfo;
 use crate::ui::human_bytes;
 
 use super::screen::Item;
 
 /// The label of the live stick's partition: that disk is never offered.
-pub use crate::device::image_drive::LIVE_LABEL;
+pub use crate::inventory::image_drive::LIVE_LABEL;
 
 /// Filesystems an image drive may have.
 pub use crate::device::mounts::IMAGE_FS;
@@ -62,7 +63,7 @@ impl BlockLike for std::fs::FileType {
 /// Lists the disks, leaving out the live stick and `exclude`.
 pub fn list(exclude: &[PathBuf]) -> crate::Result<Vec<Listed>> {
     let mut out = Vec::new();
-    for info in sysfs::list_disks()? {
+    for info in crate::inventory::list_disks()? {
         if is_excluded(&info, exclude) {
             continue;
         }
@@ -245,8 +246,8 @@ pub fn safe_name(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::sysfs::PartInfo;
     use crate::fs::FsInfo;
+    use crate::inventory::PartInfo;
 
     fn disk(size: u64) -> DiskInfo {
         DiskInfo {

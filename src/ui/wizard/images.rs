@@ -8,10 +8,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::device::image_drive::{self, Candidate, IMAGES_DIR};
-use crate::device::sysfs;
 use crate::device::uevent::{self, UeventSocket, Woken};
 use crate::error::Result;
+use crate::inventory::image_drive::{self, Candidate, IMAGES_DIR};
 use crate::ui::human_bytes;
 
 use super::disks;
@@ -19,10 +18,10 @@ use super::screen::{Item, Nav, Screen};
 use crate::device::mounts::Mounted;
 
 /// Where it mounts a second drive, for a copy of a repository.
-pub use crate::device::image_drive::COPY_MNT as COPY_MOUNT;
+pub use crate::inventory::image_drive::COPY_MNT as COPY_MOUNT;
 /// Where the wizard mounts the image drive (where the live system's jobs
 /// mount theirs).
-pub use crate::device::image_drive::DRIVE_MNT as LIVE_MOUNT;
+pub use crate::inventory::image_drive::DRIVE_MNT as LIVE_MOUNT;
 
 /// The chosen place for images.
 #[derive(Debug)]
@@ -64,7 +63,7 @@ fn count_images(c: &Candidate, at: &Path) -> Option<usize> {
 /// neither excluded nor `not_on`, not mounted or in use; with `look`, each
 /// looked into and those holding images first.
 fn drive_parts(exclude: &[PathBuf], not_on: Option<u64>, look: bool) -> Result<Vec<DrivePart>> {
-    let disks = sysfs::list_disks()?;
+    let disks = crate::inventory::list_disks()?;
     let skip: Vec<u64> =
         disks.iter().filter(|d| Some(d.devno) == not_on || disks::is_excluded(d, exclude)).map(|d| d.devno).collect();
     let mut out: Vec<DrivePart> = image_drive::candidates(&disks, &skip)

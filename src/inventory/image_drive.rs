@@ -10,9 +10,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::device::mounts::{Mounted, kernel_types};
-use crate::device::sysfs::DiskInfo;
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
+use crate::inventory::DiskInfo;
 use crate::units::human_bytes;
 
 /// The folder on the image drive that holds the images.
@@ -215,7 +215,7 @@ impl ImageDrive {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::sysfs::PartInfo;
+    use crate::inventory::PartInfo;
 
     fn fs(t: &str, label: Option<&str>, uuid: Option<&str>) -> FsInfo {
         FsInfo { fstype: t.into(), label: label.map(Into::into), uuid: uuid.map(Into::into) }
