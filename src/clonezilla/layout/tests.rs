@@ -9,8 +9,12 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::files::{codec_of, parse_image_name, piece_suffix};
+use super::sfdisk::parse_attrs;
 use super::*;
+use crate::clonezilla::{Codec, ImageKind};
 use crate::device::Disk;
+use crate::table::DiskLayout;
 use crate::testutil::{Rng, TempDir, TempFile, have_root, run, sh, try_sh};
 
 const MIB: u64 = 1 << 20;
