@@ -964,7 +964,7 @@ mod tests {
         let mnt = t.join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         {
-            let _g = Mounted::new(&img, &mnt);
+            let _g = Mounted::new(&img, &mnt, "loop");
             let mut i = 0u64;
             loop {
                 let len = [3000usize, 20_000, 200_000, 1 << 20][i as usize % 4];

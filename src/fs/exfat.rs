@@ -374,13 +374,13 @@ mod tests {
     use crate::testutil::{Mounted, Rng, TempDir, root_for, sh};
     use std::path::Path;
 
-    use crate::testutil::LoopDev as Loop;
+    use crate::testutil::LoopDevice as Loop;
 
     /// Mounts `dev` on `dir` with exfat-fuse; unmounted on drop (so before
     /// its loop device, declared first).
     fn mount(dev: &Loop, dir: &Path, ro: bool) -> Mounted {
         std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec![dev.0.as_str(), dir.to_str().unwrap()];
+        let mut args = vec![dev.dev(), dir.to_str().unwrap()];
         if ro {
             args.extend(["-o", "ro"]);
         }
@@ -455,8 +455,8 @@ mod tests {
             sh("mkfs.exfat", &["-c", cluster, img]);
         } else {
             // mkfs.exfat takes the sector size from the device.
-            let dev = Loop::attach_sector_size(Path::new(img), sector);
-            sh("mkfs.exfat", &["-c", cluster, &dev.0]);
+            let dev = Loop::attach(Path::new(img), Some(sector.parse().unwrap()));
+            sh("mkfs.exfat", &["-c", cluster, dev.dev()]);
         }
         assert_eq!(1u64 << std::fs::read(&img_p).unwrap()[108], sector.parse::<u64>().unwrap());
         let empty = map_with(used_map, &img_p).unwrap();
@@ -464,7 +464,7 @@ mod tests {
         assert_eq!(heap_clusters(&img_p, &empty), total - free, "empty {size} {cluster} {sector}");
         let src = t.join("src");
         {
-            let dev = Loop::attach(&img_p);
+            let dev = Loop::attach_without_partitions(&img_p);
             let m = mount(&dev, &t.join("mnt"), false);
             populate(&m.0, &src, empty.block_size as usize, size.len() as u64 * 31 + empty.block_size as u64, full);
         }
@@ -479,7 +479,7 @@ mod tests {
         let restored = t.join("restored.img");
         restore_map_only(&img_p, &restored, &map);
         sh("fsck.exfat", &["-n", restored.to_str().unwrap()]);
-        let dev = Loop::attach(&restored);
+        let dev = Loop::attach_without_partitions(&restored);
         let m = mount(&dev, &t.join("rmnt"), true);
         let n = same_tree(&src, &m.0);
         assert!(n > 20, "{n} files compared");
@@ -535,7 +535,7 @@ mod tests {
         sh("mkfs.exfat", &[img_p.to_str().unwrap()]);
         let snap = t.join("snap.img");
         {
-            let dev = Loop::attach(&img_p);
+            let dev = Loop::attach_without_partitions(&img_p);
             let m = mount(&dev, &t.join("mnt"), false);
             std::fs::write(m.0.join("a"), vec![7u8; 100_000]).unwrap();
             sh("sync", &[]);
@@ -558,7 +558,7 @@ mod tests {
         sh("truncate", &["-s", "8M", img_p.to_str().unwrap()]);
         sh("mkfs.exfat", &["-c", "4K", img_p.to_str().unwrap()]);
         {
-            let dev = Loop::attach(&img_p);
+            let dev = Loop::attach_without_partitions(&img_p);
             let m = mount(&dev, &t.join("mnt"), false);
             populate(&m.0, &t.join("src"), 4096, 5, false);
         }

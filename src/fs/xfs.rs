@@ -978,7 +978,7 @@ mod tests {
                     continue;
                 }
                 mkfs(&img, size, opts);
-                let mnt = Mounted::new(&img, &s.join("mnt"));
+                let mnt = Mounted::new(&img, &s.join("mnt"), "loop");
                 populate(&mnt.0, small);
                 if full {
                     fill(&mnt.0);
@@ -1030,7 +1030,7 @@ mod tests {
         for bs in ["size=4096", "size=1024"] {
             mkfs(&img, 48 << 20, &["-b", bs, "-m", "crc=1"]);
             {
-                let mnt = Mounted::new(&img, &s.join("mnt"));
+                let mnt = Mounted::new(&img, &s.join("mnt"), "loop");
                 // Creating and removing files fills the log with inode
                 // transactions. The files stay empty: with data, each round
                 // needed 14 MB of the 44 free, and XFS frees a removed
@@ -1064,9 +1064,9 @@ mod tests {
         let s = TempDir::new("logsu");
         let img = s.join("fs.img");
         mkfs(&img, 300 << 20, &["-l", "su=256k"]);
-        drop(Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k"));
+        drop(Mounted::new(&img, &s.join("mnt"), "loop,logbsize=256k"));
         {
-            let mnt = Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k");
+            let mnt = Mounted::new(&img, &s.join("mnt"), "loop,logbsize=256k");
             populate(&mnt.0, 100);
         }
         let d = Disk::open_source(&img).unwrap();
@@ -1081,7 +1081,7 @@ mod tests {
         assert!(be32(&rec, 12).unwrap() > 32768, "the unmount record is not padded");
         assert_matches_reference(&img, "log stripe unit 256k");
         {
-            let mnt = Mounted::with(&img, &s.join("mnt"), "loop,logbsize=256k");
+            let mnt = Mounted::new(&img, &s.join("mnt"), "loop,logbsize=256k");
             std::fs::write(mnt.0.join("late"), b"x").unwrap();
             sh("sync", &[]);
             sh("xfs_io", &["-x", "-c", "shutdown -f", mnt.0.to_str().unwrap()]);
@@ -1100,7 +1100,7 @@ mod tests {
         for bs in ["size=4096", "size=1024"] {
             mkfs(&img, 48 << 20, &["-b", bs, "-m", "crc=1"]);
             {
-                let mnt = Mounted::new(&img, &s.join("mnt"));
+                let mnt = Mounted::new(&img, &s.join("mnt"), "loop");
                 populate(&mnt.0, 40);
                 sh("sync", &[]);
                 std::fs::write(mnt.0.join("late"), b"after the sync").unwrap();
@@ -1111,7 +1111,7 @@ mod tests {
                 other => panic!("{bs}: a shut down filesystem gave {other:?}"),
             }
             // Replaying the log (mount, unmount) makes it clean again.
-            drop(Mounted::new(&img, &s.join("mnt")));
+            drop(Mounted::new(&img, &s.join("mnt"), "loop"));
             assert_matches_reference(&img, bs);
         }
     }
@@ -1288,7 +1288,7 @@ mod tests {
         // v5 with a multi-level bnobt (needs a mount), else a fresh one.
         if have_root() {
             mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);
-            let mnt = Mounted::new(&img, &s.join("mnt"));
+            let mnt = Mounted::new(&img, &s.join("mnt"), "loop");
             populate(&mnt.0, 3000);
         } else {
             mkfs(&img, 48 << 20, &["-b", "size=1024", "-d", "agcount=2", "-m", "crc=1"]);

@@ -9,22 +9,10 @@ use std::process::{Command, Output, Stdio};
 
 pub const MIB: u64 = 1 << 20;
 
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
+#[allow(unused_imports)]
+pub use super::shared::{Mounted, TempDir};
 
 impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "klon-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
     /// A directory for a fixture a test binary keeps in a `static`, which is
     /// never dropped (so one in /tmp would stay behind after every run):
     /// Cargo's scratch directory for tests (target/tmp), under a fixed name
@@ -34,41 +22,6 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
-    }
-    pub fn join(&self, s: &str) -> PathBuf {
-        self.0.join(s)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A mount made by a test, unmounted on drop (declare it after the loop
-/// device it mounts, so it goes first). Unmounting is tried for about four
-/// seconds while the filesystem is busy; then a warning.
-pub struct Mounted(pub PathBuf);
-
-impl Mounted {
-    /// Mounts `what` on `dir` (created if need be) with options `opts`.
-    pub fn new(what: &Path, dir: &Path, opts: &str) -> Mounted {
-        std::fs::create_dir_all(dir).unwrap();
-        run("mount", &["-o", opts, what.to_str().unwrap(), dir.to_str().unwrap()]);
-        Mounted(dir.to_path_buf())
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..20 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-        eprintln!("warning: could not unmount {}", self.0.display());
     }
 }
 

@@ -3,11 +3,10 @@
 //! latter builds one disk, saves it once and runs all its checks, so the
 //! slow save happens once per disk layout.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::files::{codec_of, parse_image_name, piece_suffix};
 use super::sfdisk::parse_attrs;
@@ -81,7 +80,7 @@ fn sfdisk_dump_lines() {
 static OCS: Mutex<()> = Mutex::new(());
 
 /// A loop device over a file, with its partitions; detached on drop.
-type Loop = crate::testutil::LoopDev;
+type Loop = crate::testutil::LoopDevice;
 
 /// What the tests here do with a partitioned loop device.
 trait LoopParts {
@@ -93,23 +92,12 @@ trait LoopParts {
 
 impl LoopParts for Loop {
     fn part(&self, n: u32) -> String {
-        let p = format!("{}p{n}", self.0);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if std::fs::metadata(&p).is_ok_and(|m| m.file_type().is_block_device()) {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "{p} did not appear");
-            // This kernel does not scan MBR tables of loop devices itself:
-            // partx adds the partitions (and errs on those already there).
-            let _ = try_sh("partx", &["-a", &self.0]);
-            std::thread::sleep(Duration::from_millis(300));
-        }
+        self.partition(n).display().to_string()
     }
 
     fn write_at(&self, data: &[u8], off: u64) {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&self.0).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&self.path).unwrap();
         f.write_all_at(data, off).unwrap();
         f.sync_all().unwrap();
     }
@@ -147,9 +135,9 @@ impl Saved {
 /// savedisk`.
 fn save_disk(tag: &str, size: u64, script: &str, opts: &[&str], fill: impl FnOnce(&Loop)) -> Saved {
     let file = TempFile::new(tag, size);
-    let lp = Loop::attach_partitioned(&file.0);
+    let lp = Loop::attach(&file.0, None);
     let mut child = Command::new("sfdisk")
-        .args(["-q", &lp.0])
+        .args(["-q", lp.dev()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -158,9 +146,9 @@ fn save_disk(tag: &str, size: u64, script: &str, opts: &[&str], fill: impl FnOnc
     std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "sfdisk: {}", String::from_utf8_lossy(&out.stderr));
-    let _ = try_sh("partx", &["-a", &lp.0]);
+    let _ = try_sh("partx", &["-a", lp.dev()]);
     fill(&lp);
-    let layout = crate::table::read_layout(&Disk::open_source(Path::new(&lp.0)).unwrap()).unwrap();
+    let layout = crate::table::read_layout(&Disk::open_source(&lp.path).unwrap()).unwrap();
     let name = format!("klon-cz-test-{tag}-{}", std::process::id());
     let image = OcsImage(Path::new("/home/partimag").join(&name));
     let _ = std::fs::remove_dir_all(&image.0);
