@@ -237,10 +237,12 @@ pub fn check(dir: &Path, read_data: bool, feedback: &Feedback) -> Result<CheckRe
                 pack::check_blobs(&*repo.store, &idx, &repo.keys, &mut |b| bases.base(b), |e, record, checked| {
                     report.bytes_read += record.len() as u64;
                     progress.add(record.len() as u64);
-                    // An unused delta whose base a prune removed was noted
-                    // above.
-                    let orphan = e.base.is_some_and(|b| !all.contains(&b))
-                        && !(all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| used.get(p)));
+                    // An unused delta whose chain of bases a prune broke (its
+                    // base removed, or one further down: noted above) cannot
+                    // be made, and need not be.
+                    let broken = e.base.is_some_and(|b| !all.contains(&b))
+                        || all.chain(&e.id).last().is_some_and(|c| !all.contains(c));
+                    let orphan = broken && !(all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| used.get(p)));
                     if let (false, Err(why)) = (orphan, checked) {
                         holders.push((report.problems.len(), e.id));
                         report.problems.push(why.to_string());
