@@ -365,7 +365,7 @@ impl PackWriter {
             .map_err(|e| Error::Unsupported(format!("starting a thread to close a pack: {e}")))?;
         self.closing.push(closing);
         // At most a few packs are being closed at once: each holds buffers.
-        if self.closing.len() > 2 {
+        if self.closing.len() > 4 {
             let oldest = self.closing.remove(0);
             self.take_closed(oldest)?;
         }
@@ -377,6 +377,12 @@ impl PackWriter {
             h.join().unwrap_or_else(|_| Err(Error::Unsupported("closing a pack stopped unexpectedly".into())))?;
         self.written.push(index);
         Ok(())
+    }
+
+    /// How many packs this writer has begun: the first `n` of them are
+    /// durable, with their indexes, once `written` holds `n`.
+    pub fn packs_begun(&self) -> usize {
+        self.written.len() + self.closing.len() + usize::from(self.open.is_some())
     }
 
     /// Closes the open pack and waits for every pack being closed: every

@@ -7,8 +7,9 @@
 //! are referenced are deleted (index first, then pack); packs with more
 //! than a fifth of their bytes unreferenced are rewritten with only the
 //! referenced chunks (each record checked on the way: its header and the
-//! crc32 of its stored bytes, which are copied as they are), the new packs synced
-//! before the old ones are deleted; files a cut-short job left (a pack
+//! crc32 of its stored bytes, which are copied as they are), and an old pack
+//! is deleted once the new packs holding its records are synced (while the
+//! next ones are copied); files a cut-short job left (a pack
 //! without an index, unfinished files in `tmp/`, a table no snapshot names)
 //! are deleted. Killed at any point, no chunk a snapshot references is
 //! lost: at worst a chunk is in two packs, or an unreferenced file stays.
@@ -17,13 +18,20 @@ use std::collections::HashSet;
 
 use serde::Serialize;
 
-use super::Repository;
 use super::index::{Base, Bits};
 use super::pack::{self, ChunkId, PackWriter};
+use super::store::Object;
+use super::{BlobIndex, Repository};
 use crate::error::{Error, Result};
 
 /// A pack is rewritten when more than this share of its bytes is unused.
 const REPACK_UNUSED_PERCENT: u64 = 20;
+
+/// Packs whose kept records are asked for ahead while one is copied.
+const PACKS_AHEAD: usize = 2;
+
+/// Packs removed at once.
+const REMOVERS: usize = 4;
 
 /// What a prune did (or, dry, would do).
 #[derive(Debug, Default, Serialize)]
@@ -124,8 +132,8 @@ pub fn prune(repo: &Repository, dry_run: bool, forgotten: &[String]) -> Result<P
         k.0 += all.entry_at(p).record_len();
         k.1 += 1;
     }
-    let mut writer = PackWriter::new(repo.store.clone(), &repo.keys);
     let mut old_to_delete = Vec::new();
+    let mut to_rewrite = Vec::new();
     for (pi, (info, (used_bytes, used))) in all.packs.iter().zip(kept).enumerate() {
         report.chunks_dropped += (info.chunks - used) as usize;
         report.chunks_kept += used as usize;
@@ -138,38 +146,46 @@ pub fn prune(repo: &Repository, dry_run: bool, forgotten: &[String]) -> Result<P
             report.packs_rewritten += 1;
             report.bytes_freed += unused;
             report.bytes_after += used_bytes;
-            if !dry_run {
-                let copied = repo.pack_index(&info.name).and_then(|idx| {
-                    let used: Vec<&pack::BlobEntry> = idx
-                        .entries
-                        .iter()
-                        .filter(|e| all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| referenced.get(p)))
-                        .collect();
-                    copy_blobs(&*repo.store, &info.name, &used, &repo.keys, &mut writer)
-                });
-                if let Err(e) = copied {
-                    writer.abandon();
-                    return Err(e.with_note(
-                        "nothing was deleted (the chunks copied so far are in new packs too: the next prune \
-                         removes the spare copies)",
-                    ));
-                }
-            }
+            to_rewrite.push(pi);
             old_to_delete.push(info.name.clone());
         } else {
             report.bytes_after += info.size;
         }
     }
     if !dry_run {
-        if let Err(e) = writer.commit() {
-            writer.abandon();
-            return Err(e);
+        // Packs nothing references go at once; a rewritten one as soon as
+        // the new packs holding its records are durable, while the next
+        // ones are copied.
+        let remover = Remover::start(repo.store.clone());
+        for name in old_to_delete.iter().filter(|n| !to_rewrite.iter().any(|&pi| all.packs[pi].name == **n)) {
+            remover.remove(name);
         }
-        // The rewritten packs are durable: now the old ones may go.
-        report.bytes_after += writer.written.iter().map(|p| p.pack_size).sum::<u64>();
-        for name in &old_to_delete {
-            repo.store.remove(&pack::index_file(name))?;
-            repo.store.remove(&pack::pack_file(name))?;
+        let mut writer = PackWriter::new(repo.store.clone(), &repo.keys);
+        let copied = copy_kept(repo, &all, &referenced, &to_rewrite, &mut writer, &remover).and_then(|rest| {
+            writer.commit()?;
+            Ok(rest)
+        });
+        match copied {
+            Ok(rest) => {
+                // The rewritten packs are durable: the rest of the old ones go.
+                report.bytes_after += writer.written.iter().map(|p| p.pack_size).sum::<u64>();
+                for name in &rest {
+                    remover.remove(name);
+                }
+                remover.finish()?;
+            }
+            Err(e) => {
+                writer.abandon();
+                let removed = match remover.finish() {
+                    Ok(0) => "nothing was deleted".to_string(),
+                    Ok(n) => format!("{n} old packs were deleted, each unused or copied whole into complete new packs"),
+                    Err(_) => "some old packs were deleted, each unused or copied whole into complete new packs".into(),
+                };
+                return Err(e.with_note(&format!(
+                    "{removed}; every other pack stays, and the chunks copied so far are in new packs too: the next \
+                     prune removes the spare copies"
+                )));
+            }
         }
     }
 
@@ -201,19 +217,124 @@ pub fn prune(repo: &Repository, dry_run: bool, forgotten: &[String]) -> Result<P
     Ok(report)
 }
 
-/// Copies the records `used` of pack `name` into `writer`, each checked on
-/// the way: a copy, so the record must be the one its backup wrote (and
-/// read back), byte for byte — its header and the crc32 of its stored
-/// bytes.
+/// Copies the referenced records of the packs `packs` (positions in
+/// `all`) into `writer`, pack after pack; the records of the next
+/// [`PACKS_AHEAD`] packs are asked for ahead ([`Object::prefetch`]), so
+/// that their reads are under way while one pack is copied. An old pack is
+/// handed to `remover` once every new pack holding its records is durable
+/// with its index; returns the old packs not yet handed over.
+fn copy_kept(
+    repo: &Repository,
+    all: &BlobIndex,
+    referenced: &Bits,
+    packs: &[usize],
+    writer: &mut PackWriter,
+    remover: &Remover,
+) -> Result<Vec<String>> {
+    let open = |pi: usize| -> Result<(usize, Box<dyn Object>, Vec<pack::BlobEntry>)> {
+        let name = &all.packs[pi].name;
+        let mut used: Vec<pack::BlobEntry> = repo
+            .pack_index(name)?
+            .entries
+            .into_iter()
+            .filter(|e| all.reads_from(pi, e) && all.position(&e.id).is_some_and(|p| referenced.get(p)))
+            .collect();
+        used.sort_by_key(|e| e.offset);
+        let f = repo.store.open(&pack::pack_file(name))?;
+        f.prefetch(&used.iter().map(|e| (e.offset, e.record_len())).collect::<Vec<_>>());
+        Ok((pi, f, used))
+    };
+    let mut next = packs.iter().copied();
+    let mut ahead = std::collections::VecDeque::new();
+    for pi in next.by_ref().take(PACKS_AHEAD) {
+        ahead.push_back(open(pi)?);
+    }
+    // Old packs copied, with how many new packs had begun by then.
+    let mut copied = std::collections::VecDeque::new();
+    while let Some((pi, f, used)) = ahead.pop_front() {
+        if let Some(n) = next.next() {
+            ahead.push_back(open(n)?);
+        }
+        copy_blobs(&*repo.store, &all.packs[pi].name, &*f, &used, &repo.keys, writer)?;
+        copied.push_back((all.packs[pi].name.clone(), writer.packs_begun()));
+        while let Some((name, _)) = copied.front().filter(|(_, begun)| *begun <= writer.written.len()) {
+            remover.remove(name);
+            copied.pop_front();
+        }
+    }
+    Ok(copied.into_iter().map(|(name, _)| name).collect())
+}
+
+/// Removes packs on a few threads of its own (each pack's index first,
+/// then the pack: killed in between, a pack without an index is left,
+/// which the next prune removes): removing a large file waits on the
+/// filesystem's journal, an object store's on a round trip.
+struct Remover {
+    send: Option<std::sync::mpsc::Sender<String>>,
+    threads: Vec<std::thread::JoinHandle<Result<usize>>>,
+}
+
+impl Remover {
+    fn start(store: std::sync::Arc<dyn super::store::Store>) -> Remover {
+        let (send, recv) = std::sync::mpsc::channel::<String>();
+        let recv = std::sync::Arc::new(std::sync::Mutex::new(recv));
+        let threads = (0..REMOVERS)
+            .map(|_| {
+                let (store, recv) = (store.clone(), recv.clone());
+                std::thread::spawn(move || -> Result<usize> {
+                    let mut removed = 0;
+                    loop {
+                        let next = recv.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok(name) = next else { return Ok(removed) };
+                        store.remove(&pack::index_file(&name))?;
+                        store.remove(&pack::pack_file(&name))?;
+                        removed += 1;
+                    }
+                })
+            })
+            .collect();
+        Remover { send: Some(send), threads }
+    }
+
+    /// Removes pack `name` (soon).
+    fn remove(&self, name: &str) {
+        if let Some(s) = &self.send {
+            // A thread that failed has stopped; finish says why.
+            let _ = s.send(name.to_string());
+        }
+    }
+
+    /// Waits until every pack handed over is removed: how many, or the
+    /// first failure.
+    fn finish(mut self) -> Result<usize> {
+        drop(self.send.take());
+        let mut removed = 0;
+        let mut failed = None;
+        for t in self.threads.drain(..) {
+            match t.join().unwrap_or_else(|_| Err(Error::Unsupported("removing packs stopped unexpectedly".into()))) {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        failed.map_or(Ok(removed), Err)
+    }
+}
+
+/// Copies the records `used` of pack `name` (open as `f`) into `writer`,
+/// each checked on the way: a copy, so the record must be the one its
+/// backup wrote (and read back), byte for byte — its header and the crc32
+/// of its stored bytes.
 fn copy_blobs(
     store: &dyn super::store::Store,
     name: &str,
-    used: &[&pack::BlobEntry],
+    f: &dyn Object,
+    used: &[pack::BlobEntry],
     keys: &super::crypto::Keys,
     writer: &mut PackWriter,
 ) -> Result<()> {
     let file = pack::pack_file(name);
-    let f = store.open(&file)?;
     let mut buf = Vec::new();
     for e in used {
         crate::engine::cancel::check("prune")?;

@@ -23,6 +23,12 @@ pub const TMP_DIR: &str = "tmp";
 pub trait Object: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`; fewer is an error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Says that the ranges (offset, length) will be read soon, so that a
+    /// store that can fetch them ahead does (a local file asks the kernel
+    /// to read them into the page cache meanwhile). Only a hint: nothing
+    /// is checked and nothing fails.
+    fn prefetch(&self, _ranges: &[(u64, u64)]) {}
 }
 
 /// A file being written in order, visible under its name only once
@@ -305,6 +311,14 @@ struct LocalObject {
 impl Object for LocalObject {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| Error::io("reading", &self.path, Some(offset), e))
+    }
+
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        for &(offset, len) in ranges {
+            let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else { continue };
+            let _ = posix_fadvise(&self.file, o, l, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+        }
     }
 }
 
