@@ -140,6 +140,112 @@ pub fn apply(base: &[u8], patch: &[u8], raw_len: usize) -> Result<Vec<u8>, Strin
     Ok(out)
 }
 
+/// One operation of a parsed patch: where its bytes come from, as byte
+/// ranges (of the patch's new bytes, or of the content it is made from).
+#[derive(Clone, Copy)]
+enum Source {
+    New { at: usize },
+    Base { at: usize },
+}
+
+/// A patch checked against the lengths it works between, each operation
+/// with the offset in the content it makes where its bytes go.
+struct Parsed<'a> {
+    /// (offset in the content made, length, source), in order.
+    ops: Vec<(usize, usize, Source)>,
+    literal: &'a [u8],
+}
+
+/// Parses `patch`, which makes `raw_len` bytes from content of `base_len`
+/// bytes, with every check [`apply`] makes.
+fn parse(patch: &[u8], raw_len: usize, base_len: usize) -> Result<Parsed<'_>, String> {
+    let u32_at = |o: usize| patch.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let (Some(block), Some(n)) = (u32_at(0), u32_at(4)) else {
+        return Err("the delta is shorter than its header".into());
+    };
+    if block as usize != BLOCK {
+        return Err(format!("the delta's block size is {block}, not {BLOCK}"));
+    }
+    let n = n as usize;
+    if patch.len() < 8 + 4 * n {
+        return Err("the delta is shorter than its operation list".into());
+    }
+    let base_blocks = base_len / BLOCK;
+    let literal = &patch[8 + 4 * n..];
+    let (mut ops, mut made, mut new_at) = (Vec::with_capacity(n), 0usize, 0usize);
+    let mut i = 0;
+    while i < n {
+        let tag = u32_at(8 + 4 * i).expect("inside the list");
+        if tag & COPY != 0 {
+            let count = (tag & !COPY) as usize;
+            let Some(first) = u32_at(8 + 4 * (i + 1)).filter(|_| i + 1 < n).map(|f| f as usize) else {
+                return Err(format!("operation {i} of the delta has no base block"));
+            };
+            if count == 0 || first + count > base_blocks || made + count * BLOCK > raw_len {
+                return Err(format!(
+                    "operation {i} of the delta takes {count} blocks from block {first} of a base of {base_blocks}"
+                ));
+            }
+            ops.push((made, count * BLOCK, Source::Base { at: first * BLOCK }));
+            made += count * BLOCK;
+            i += 2;
+        } else {
+            let len = tag as usize;
+            if len == 0 || len > literal.len() - new_at || made + len > raw_len {
+                return Err(format!("operation {i} of the delta takes {len} new bytes that are not there"));
+            }
+            ops.push((made, len, Source::New { at: new_at }));
+            made += len;
+            new_at += len;
+            i += 1;
+        }
+    }
+    if made != raw_len {
+        return Err(format!("the delta makes {made} bytes, not {raw_len}"));
+    }
+    if new_at != literal.len() {
+        return Err(format!("{} bytes follow the delta's last operation", literal.len() - new_at));
+    }
+    Ok(Parsed { ops, literal })
+}
+
+/// Makes the content a chain of deltas describes from the whole chunk
+/// `base` at its foot: `links` are the patches and the lengths they make,
+/// from the one on `base` up to the chunk asked for. The same bytes as
+/// [`apply`] link after link, made in one pass: each range of the chunk is
+/// taken from where it finally comes from (a patch's new bytes or the
+/// base), so no link's content is made on the way.
+pub fn apply_chain(base: &[u8], links: &[(&[u8], usize)]) -> Result<Vec<u8>, String> {
+    let mut parsed = Vec::with_capacity(links.len());
+    let mut below = base.len();
+    for (i, &(patch, raw_len)) in links.iter().enumerate() {
+        parsed.push(parse(patch, raw_len, below).map_err(|why| format!("link {} of the chain: {why}", i + 1))?);
+        below = raw_len;
+    }
+    let mut out = Vec::with_capacity(below);
+    emit(base, &parsed, 0, below, &mut out);
+    Ok(out)
+}
+
+/// Appends bytes `start..start + len` of the content the first `parsed.len()`
+/// links make (the base itself for none) to `out`. Ranges were checked
+/// when parsed.
+fn emit(base: &[u8], parsed: &[Parsed], start: usize, len: usize, out: &mut Vec<u8>) {
+    let Some((top, lower)) = parsed.split_last() else {
+        out.extend_from_slice(&base[start..start + len]);
+        return;
+    };
+    let end = start + len;
+    let first = top.ops.partition_point(|&(at, n, _)| at + n <= start);
+    for &(at, n, src) in top.ops[first..].iter().take_while(|(at, ..)| *at < end) {
+        let (from, to) = (start.max(at), end.min(at + n));
+        match src {
+            Source::New { at: lit } => out.extend_from_slice(&top.literal[lit + from - at..lit + to - at]),
+            Source::Base { at: b } => emit(base, lower, b + from - at, to - from, out),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +274,53 @@ mod tests {
         // Identical and empty contents.
         assert_eq!(apply(&base, &encode(&base, &base).unwrap(), base.len()).unwrap(), base);
         assert_eq!(apply(&base, &encode(&base, &[]).unwrap(), 0).unwrap(), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn a_chain_made_in_one_pass_is_the_chain_applied_link_by_link() {
+        let mut rng = crate::testutil::Rng::seeded(9);
+        for round in 0..40 {
+            let tail = rng.below(3) as usize * 700;
+            let base = rng.bytes(64 * BLOCK + tail);
+            let (mut contents, mut patches) = (vec![base.clone()], Vec::new());
+            for _ in 0..1 + rng.below(8) {
+                let mut next = contents.last().unwrap().clone();
+                for _ in 0..1 + rng.below(6) {
+                    let (at, n) = (rng.below(next.len() as u64) as usize, 1 + rng.below(9000) as usize);
+                    let end = (at + n).min(next.len());
+                    let new = rng.bytes(end - at);
+                    next[at..end].copy_from_slice(&new);
+                }
+                if rng.below(3) == 0 {
+                    // Moved by a sector, or cut shorter.
+                    next = if rng.below(2) == 0 { next[512..].to_vec() } else { next[..next.len() - 3000].to_vec() };
+                }
+                let Some(p) = encode(contents.last().unwrap(), &next) else { break };
+                patches.push(p);
+                contents.push(next);
+            }
+            let link_by_link = |links: &[(&[u8], usize)]| {
+                links.iter().try_fold(base.clone(), |content, &(patch, len)| apply(&content, patch, len))
+            };
+            let links: Vec<(&[u8], usize)> =
+                patches.iter().zip(&contents[1..]).map(|(p, c)| (p.as_slice(), c.len())).collect();
+            assert_eq!(apply_chain(&base, &links).unwrap(), *contents.last().unwrap(), "round {round}");
+            // Damage anywhere in any link: what applying link by link
+            // makes, or an error where it errs too; never a panic. (Bytes
+            // of a lower link that a later one replaces do not show.)
+            for _ in 0..20 {
+                let mut broken: Vec<Vec<u8>> = patches.clone();
+                let l = rng.below(broken.len() as u64) as usize;
+                let at = rng.below(broken[l].len().min(200) as u64) as usize;
+                broken[l][at] ^= 1 << rng.below(8);
+                let links: Vec<(&[u8], usize)> =
+                    broken.iter().zip(&contents[1..]).map(|(p, c)| (p.as_slice(), c.len())).collect();
+                let (one_pass, stepwise) = (apply_chain(&base, &links), link_by_link(&links));
+                assert_eq!(one_pass.is_ok(), stepwise.is_ok(), "round {round}: a flip in link {l} at {at}");
+                assert!(one_pass.ok() == stepwise.ok(), "round {round}: a flip in link {l} at {at}");
+            }
+        }
+        assert_eq!(apply_chain(b"abc", &[]).unwrap(), b"abc");
     }
 
     #[test]

@@ -62,7 +62,8 @@ impl<'a> ContentReader<'a> {
 
     /// The content of chunk `id`, checked (a delta made from its base).
     pub fn content(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
-        match self.made(id, 0) {
+        let made = if self.keep == 0 && !self.check_links { self.made_in_one_pass(id) } else { self.made(id, 0) };
+        match made {
             Err(Error::Corrupt(why)) if !self.check_links => {
                 self.check_links = true;
                 let again = self.made(id, 0);
@@ -76,6 +77,37 @@ impl<'a> ContentReader<'a> {
     /// Base `id`'s content, checked: from memory when read lately.
     pub fn base(&mut self, id: &ChunkId) -> Result<std::rc::Rc<Vec<u8>>> {
         self.base_at(id, 1)
+    }
+
+    /// Chunk `id`'s content made from its whole chain at once (see
+    /// [`super::delta::apply_chain`]): every link read and its stored bytes
+    /// checked, no link's content made on the way; only the chunk's own
+    /// blake3 is checked (it covers the chain).
+    fn made_in_one_pass(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (mut stored, mut base, mut len, where_) = self.stored(id)?;
+        let raw_len = len;
+        // (patch, the length it makes), from the chunk asked for down.
+        let mut links = Vec::new();
+        while let Some(b) = base {
+            if links.len() == MAX_DELTA_DEPTH {
+                return Err(Error::Corrupt(format!(
+                    "{where_}: more than {MAX_DELTA_DEPTH} deltas lead to this chunk (or its bases loop): the \
+                     repository's indexes are damaged"
+                )));
+            }
+            let (below, next, below_len, _) =
+                self.stored(&b).map_err(|e| e.with_note(&format!("(the base of {where_})")))?;
+            links.push((std::mem::replace(&mut stored, below), len));
+            (base, len) = (next, below_len);
+        }
+        // `stored` is now the whole chunk at the chain's foot.
+        if !links.is_empty() {
+            let chain: Vec<(&[u8], usize)> = links.iter().rev().map(|(p, len)| (p.as_slice(), *len)).collect();
+            stored =
+                super::delta::apply_chain(&stored, &chain).map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?;
+        }
+        check_content(&self.keys, &stored, id, raw_len, &where_)?;
+        Ok(stored)
     }
 
     /// Chunk `id`'s content, `depth` deltas down a chain of bases.
