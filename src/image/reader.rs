@@ -45,8 +45,10 @@ pub struct StoredChunk {
     make: Option<Make>,
 }
 
-/// Makes a chunk's content, checked against its blake3.
-pub type MakeContent = Box<dyn FnOnce() -> Result<Vec<u8>> + Send>;
+/// Makes a chunk's content, checked against its blake3, into the buffer
+/// it is handed (of exactly the chunk's length: a pooled one, so that no
+/// chunk lands in memory fresh from the system).
+pub type MakeContent = Box<dyn FnOnce(&mut [u8]) -> Result<()> + Send>;
 
 struct Make(MakeContent);
 
@@ -100,11 +102,11 @@ impl StoredChunk {
     /// and returns the content.
     pub fn decode(mut self) -> Result<IoBuf> {
         if let Some(make) = self.make.take() {
-            let content = (make.0)()?;
-            if content.len() != self.header.raw_len as usize {
-                return Err(Error::Corrupt(format!("{}: the chunk made has the wrong length", self.location)));
-            }
-            return Ok(IoBuf::from(content));
+            // The header said raw_len <= CHUNK_SIZE: the pool's buffers
+            // hold it.
+            let mut out = self.bufs.take(self.header.raw_len as usize);
+            (make.0)(&mut out)?;
+            return Ok(out);
         }
         let h = &self.header;
         if crc32fast::hash(self.payload()) != h.payload_crc {

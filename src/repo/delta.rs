@@ -216,32 +216,43 @@ fn parse(patch: &[u8], raw_len: usize, base_len: usize) -> Result<Parsed<'_>, St
 /// taken from where it finally comes from (a patch's new bytes or the
 /// base), so no link's content is made on the way.
 pub fn apply_chain(base: &[u8], links: &[(&[u8], usize)]) -> Result<Vec<u8>, String> {
+    let mut out = vec![0; links.last().map_or(base.len(), |l| l.1)];
+    apply_chain_into(base, links, &mut out)?;
+    Ok(out)
+}
+
+/// [`apply_chain`] into `out`, which must be as long as the content the
+/// chain makes.
+pub fn apply_chain_into(base: &[u8], links: &[(&[u8], usize)], out: &mut [u8]) -> Result<(), String> {
     let mut parsed = Vec::with_capacity(links.len());
     let mut below = base.len();
     for (i, &(patch, raw_len)) in links.iter().enumerate() {
         parsed.push(parse(patch, raw_len, below).map_err(|why| format!("link {} of the chain: {why}", i + 1))?);
         below = raw_len;
     }
-    let mut out = Vec::with_capacity(below);
-    emit(base, &parsed, 0, below, &mut out);
-    Ok(out)
+    if out.len() != below {
+        return Err(format!("the chain makes {below} bytes, not {}", out.len()));
+    }
+    emit(base, &parsed, 0, out);
+    Ok(())
 }
 
-/// Appends bytes `start..start + len` of the content the first `parsed.len()`
-/// links make (the base itself for none) to `out`. Ranges were checked
-/// when parsed.
-fn emit(base: &[u8], parsed: &[Parsed], start: usize, len: usize, out: &mut Vec<u8>) {
+/// Fills `out` with bytes `start..start + out.len()` of the content the
+/// first `parsed.len()` links make (the base itself for none). Ranges were
+/// checked when parsed.
+fn emit(base: &[u8], parsed: &[Parsed], start: usize, out: &mut [u8]) {
     let Some((top, lower)) = parsed.split_last() else {
-        out.extend_from_slice(&base[start..start + len]);
+        out.copy_from_slice(&base[start..start + out.len()]);
         return;
     };
-    let end = start + len;
+    let end = start + out.len();
     let first = top.ops.partition_point(|&(at, n, _)| at + n <= start);
     for &(at, n, src) in top.ops[first..].iter().take_while(|(at, ..)| *at < end) {
         let (from, to) = (start.max(at), end.min(at + n));
+        let piece = &mut out[from - start..to - start];
         match src {
-            Source::New { at: lit } => out.extend_from_slice(&top.literal[lit + from - at..lit + to - at]),
-            Source::Base { at: b } => emit(base, lower, b + from - at, to - from, out),
+            Source::New { at: lit } => piece.copy_from_slice(&top.literal[lit + from - at..lit + to - at]),
+            Source::Base { at: b } => emit(base, lower, b + from - at, piece),
         }
     }
 }

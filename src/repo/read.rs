@@ -60,9 +60,38 @@ impl<'a> ContentReader<'a> {
         Ok(ContentReader { keep: 0, check_links: false, ..ContentReader::new(store, index, keys)? })
     }
 
+    /// The content of chunk `id`, checked (a delta made from its base),
+    /// into `out`, which must be as long as the chunk.
+    pub fn content_into(&mut self, id: &ChunkId, out: &mut [u8]) -> Result<()> {
+        if self.keep == 0 && !self.check_links {
+            match self.made_in_one_pass(id, out) {
+                Err(Error::Corrupt(why)) => {
+                    // Again link by link, to name the one at fault.
+                    self.check_links = true;
+                    let again = self.made(id, 0);
+                    self.check_links = false;
+                    return again.and(Err(Error::Corrupt(why)));
+                }
+                made => return made,
+            }
+        }
+        let content = self.content(id)?;
+        if content.len() != out.len() {
+            return Err(Error::Corrupt(format!("chunk {}: the chunk made has the wrong length", short(id))));
+        }
+        out.copy_from_slice(&content);
+        Ok(())
+    }
+
     /// The content of chunk `id`, checked (a delta made from its base).
     pub fn content(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
-        let made = if self.keep == 0 && !self.check_links { self.made_in_one_pass(id) } else { self.made(id, 0) };
+        let made = if self.keep == 0 && !self.check_links {
+            let len = self.index.position(id).map_or(0, |p| self.index.entry_at(p).raw_len as usize);
+            let mut out = vec![0; len];
+            self.made_in_one_pass(id, &mut out).map(|()| out)
+        } else {
+            self.made(id, 0)
+        };
         match made {
             Err(Error::Corrupt(why)) if !self.check_links => {
                 self.check_links = true;
@@ -83,9 +112,15 @@ impl<'a> ContentReader<'a> {
     /// [`super::delta::apply_chain`]): every link read and its stored bytes
     /// checked, no link's content made on the way; only the chunk's own
     /// blake3 is checked (it covers the chain).
-    fn made_in_one_pass(&mut self, id: &ChunkId) -> Result<Vec<u8>> {
+    fn made_in_one_pass(&mut self, id: &ChunkId, out: &mut [u8]) -> Result<()> {
         let (mut stored, mut base, mut len, where_) = self.stored(id)?;
         let raw_len = len;
+        if out.len() != raw_len {
+            return Err(Error::Corrupt(format!(
+                "{where_}: the chunk is {raw_len} bytes, not the {} expected",
+                out.len()
+            )));
+        }
         // (patch, the length it makes), from the chunk asked for down.
         let mut links = Vec::new();
         while let Some(b) = base {
@@ -101,13 +136,10 @@ impl<'a> ContentReader<'a> {
             (base, len) = (next, below_len);
         }
         // `stored` is now the whole chunk at the chain's foot.
-        if !links.is_empty() {
-            let chain: Vec<(&[u8], usize)> = links.iter().rev().map(|(p, len)| (p.as_slice(), *len)).collect();
-            stored =
-                super::delta::apply_chain(&stored, &chain).map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?;
-        }
-        check_content(&self.keys, &stored, id, raw_len, &where_)?;
-        Ok(stored)
+        let chain: Vec<(&[u8], usize)> = links.iter().rev().map(|(p, len)| (p.as_slice(), *len)).collect();
+        super::delta::apply_chain_into(&stored, &chain, out)
+            .map_err(|why| Error::Corrupt(format!("{where_}: {why}")))?;
+        check_content(&self.keys, out, id, raw_len, &where_)
     }
 
     /// Chunk `id`'s content, `depth` deltas down a chain of bases.

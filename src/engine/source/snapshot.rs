@@ -180,8 +180,11 @@ impl SnapshotImage {
             // a worker, as decompressing a whole chunk is.
             let (store, index, id, keys) = (self.repo.store.clone(), self.index.clone(), e.id, self.repo.keys.clone());
             let note = format!("(for {location})");
-            let make =
-                move || ContentReader::uncached(store, &index, &keys)?.content(&id).map_err(|err| err.with_note(&note));
+            let make = move |out: &mut [u8]| {
+                ContentReader::uncached(store, &index, &keys)?
+                    .content_into(&id, out)
+                    .map_err(|err| err.with_note(&note))
+            };
             return Ok(StoredChunk::made(
                 stream,
                 self.header(stream, seq),
@@ -201,7 +204,7 @@ impl SnapshotImage {
             // Opened (authenticated), decompressed and checked against its
             // keyed id on a worker.
             let (keys, id, loc) = (self.repo.keys.clone(), e.id, location.clone());
-            let make = move || -> Result<Vec<u8>> {
+            let make = move |out: &mut [u8]| -> Result<()> {
                 let content = DECOMPRESSOR.with(|d| -> Result<Vec<u8>> {
                     let mut d = d.borrow_mut();
                     if d.is_none() {
@@ -211,10 +214,11 @@ impl SnapshotImage {
                     }
                     pack::unpack_record(&b, &buf, &keys, d.as_mut().expect("made above"), &loc)
                 })?;
-                if content.len() != b.raw_len as usize || keys.chunk_id(&content) != id {
+                if content.len() != out.len() || keys.chunk_id(&content) != id {
                     return Err(Error::Corrupt(format!("{loc}: content checksum (keyed blake3) does not match")));
                 }
-                Ok(content)
+                out.copy_from_slice(&content);
+                Ok(())
             };
             return Ok(StoredChunk::made(
                 stream,
