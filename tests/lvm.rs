@@ -320,7 +320,10 @@ fn grow_last_extends_the_physical_volume_and_its_volume_group() {
         let b = |x: String| x.trim().trim_end_matches('B').parse::<u64>().unwrap();
         let pv_size = b(lvm("pvs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "pv_size", &d]));
         let vg_free = b(lvm("vgs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "vg_free", &vg]));
-        let lvs = lvm("lvs", &["--devices", &d, "--segments", "--noheadings", "-o", "lv_name,seg_pe_ranges", &vg]);
+        // Segments as extent ranges of "PV": the loop device each report
+        // attaches is whichever is free (other tests run beside).
+        let lvs = lvm("lvs", &["--devices", &d, "--segments", "--noheadings", "-o", "lv_name,seg_pe_ranges", &vg])
+            .replace(&format!("{d}:"), "PV:");
         (pv_size, vg_free, lvs)
     };
     let pv_file = t.join("pv-before.img");
