@@ -92,51 +92,9 @@ pub fn encode(base: &[u8], new: &[u8]) -> Option<Vec<u8>> {
 /// `base`. Every field is checked against the lengths: a damaged patch is
 /// an error (the caller names where), never a panic or a large allocation.
 pub fn apply(base: &[u8], patch: &[u8], raw_len: usize) -> Result<Vec<u8>, String> {
-    let u32_at = |o: usize| patch.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
-    let (Some(block), Some(n)) = (u32_at(0), u32_at(4)) else {
-        return Err("the delta is shorter than its header".into());
-    };
-    if block as usize != BLOCK {
-        return Err(format!("the delta's block size is {block}, not {BLOCK}"));
-    }
-    let n = n as usize;
-    if patch.len() < 8 + 4 * n {
-        return Err("the delta is shorter than its operation list".into());
-    }
-    let base_blocks = base.len() / BLOCK;
-    let mut literal = &patch[8 + 4 * n..];
-    let mut out = Vec::with_capacity(raw_len);
-    let mut i = 0;
-    while i < n {
-        let tag = u32_at(8 + 4 * i).expect("inside the list");
-        if tag & COPY != 0 {
-            let count = (tag & !COPY) as usize;
-            let Some(first) = u32_at(8 + 4 * (i + 1)).filter(|_| i + 1 < n).map(|f| f as usize) else {
-                return Err(format!("operation {i} of the delta has no base block"));
-            };
-            if count == 0 || first + count > base_blocks || out.len() + count * BLOCK > raw_len {
-                return Err(format!(
-                    "operation {i} of the delta takes {count} blocks from block {first} of a base of {base_blocks}"
-                ));
-            }
-            out.extend_from_slice(&base[first * BLOCK..(first + count) * BLOCK]);
-            i += 2;
-        } else {
-            let len = tag as usize;
-            if len == 0 || len > literal.len() || out.len() + len > raw_len {
-                return Err(format!("operation {i} of the delta takes {len} new bytes that are not there"));
-            }
-            out.extend_from_slice(&literal[..len]);
-            literal = &literal[len..];
-            i += 1;
-        }
-    }
-    if out.len() != raw_len {
-        return Err(format!("the delta makes {} bytes, not {raw_len}", out.len()));
-    }
-    if !literal.is_empty() {
-        return Err(format!("{} bytes follow the delta's last operation", literal.len()));
-    }
+    let parsed = parse(patch, raw_len, base.len())?;
+    let mut out = vec![0; raw_len];
+    emit(base, std::slice::from_ref(&parsed), 0, &mut out);
     Ok(out)
 }
 
@@ -157,7 +115,9 @@ struct Parsed<'a> {
 }
 
 /// Parses `patch`, which makes `raw_len` bytes from content of `base_len`
-/// bytes, with every check [`apply`] makes.
+/// bytes: every field checked against the lengths, so that a damaged patch
+/// is an error (the caller names where), never a panic or a large
+/// allocation.
 fn parse(patch: &[u8], raw_len: usize, base_len: usize) -> Result<Parsed<'_>, String> {
     let u32_at = |o: usize| patch.get(o..o + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
     let (Some(block), Some(n)) = (u32_at(0), u32_at(4)) else {
