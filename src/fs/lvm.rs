@@ -378,6 +378,140 @@ pub fn read(v: &Volume) -> Result<VolumeGroup, FsError> {
     }
 }
 
+/// Where LVM puts a PV's label: its second sector.
+const LABEL_SECTOR: u64 = 1;
+/// Where its first metadata area starts: after the label's 4 KiB.
+const MDA_START: u64 = 4096;
+
+/// The first `pe_start` bytes of a PV holding volume group `vg` as its
+/// one PV, `pv_size` bytes long, with `text` (LVM's metadata text, as
+/// vgcfgbackup writes it) as the group's metadata: what `pvcreate --uuid
+/// --restorefile` and then `vgcfgrestore` write there. The label in sector
+/// 1 (the PV header: UUID, size, a data area from `pe_start`, one metadata
+/// area from 4 KiB up to `pe_start`; the extension marking it in use), the
+/// metadata area's header, the text after it; zeros elsewhere.
+pub fn pv_start(vg: &VolumeGroup, text: &str, pv_size: u64) -> Result<Vec<u8>, FsError> {
+    let bad = |why: String| Err(FsError::Corrupt(format!("volume group {}: {why}", vg.name)));
+    let [pv] = &vg.pvs[..] else {
+        return bad(format!("it has {} physical volumes; klon writes groups of one", vg.pvs.len()));
+    };
+    let uuid: Vec<u8> = pv.uuid.bytes().filter(|&c| c != b'-').collect();
+    if uuid.len() != 32 || !uuid.iter().all(u8::is_ascii_alphanumeric) {
+        return bad(format!("its PV's UUID {:?} is not LVM's", pv.uuid));
+    }
+    let mut body = on_disk_text(text, &vg.name)?.into_bytes();
+    body.push(0);
+    let mda_size = pv.pe_start.saturating_sub(MDA_START);
+    if pv.pe_start > 64 << 20 || mda_size < MDA_HEADER_LEN + body.len() as u64 {
+        return bad(format!(
+            "its first extent at byte {} leaves no room for {} bytes of metadata",
+            pv.pe_start,
+            body.len()
+        ));
+    }
+    let mut out = vec![0u8; pv.pe_start as usize];
+    // The label and PV header.
+    let l = (LABEL_SECTOR * 512) as usize;
+    let label = &mut out[l..l + 512];
+    label[..8].copy_from_slice(b"LABELONE");
+    label[8..16].copy_from_slice(&LABEL_SECTOR.to_le_bytes());
+    label[20..24].copy_from_slice(&32u32.to_le_bytes());
+    label[24..32].copy_from_slice(b"LVM2 001");
+    let mut at = 32;
+    let mut put = |label: &mut [u8], bytes: &[u8]| {
+        label[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(label, &uuid);
+    put(label, &pv_size.to_le_bytes());
+    for (offset, size) in [(pv.pe_start, 0), (0, 0), (MDA_START, mda_size), (0, 0)] {
+        put(label, &offset.to_le_bytes());
+        put(label, &size.to_le_bytes());
+    }
+    // The extension: version 2, in use by a group, no bootloader areas.
+    put(label, &2u32.to_le_bytes());
+    put(label, &1u32.to_le_bytes());
+    let sum = crc(&label[20..]);
+    label[16..20].copy_from_slice(&sum.to_le_bytes());
+    // The metadata area: its header, then the text.
+    let m = MDA_START as usize;
+    let text_at = m + MDA_HEADER_LEN as usize;
+    out[text_at..text_at + body.len()].copy_from_slice(&body);
+    let header = &mut out[m..m + MDA_HEADER_LEN as usize];
+    header[4..20].copy_from_slice(MDA_MAGIC);
+    header[20..24].copy_from_slice(&1u32.to_le_bytes());
+    header[24..32].copy_from_slice(&MDA_START.to_le_bytes());
+    header[32..40].copy_from_slice(&mda_size.to_le_bytes());
+    header[40..48].copy_from_slice(&MDA_HEADER_LEN.to_le_bytes());
+    header[48..56].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    header[56..60].copy_from_slice(&crc(&body).to_le_bytes());
+    let sum = crc(&header[4..]);
+    header[..4].copy_from_slice(&sum.to_le_bytes());
+    Ok(out)
+}
+
+/// Metadata text as LVM keeps it in a metadata area: the group's section
+/// first (LVM's scan takes the group's name from the text's first word),
+/// then the top-level settings (`contents`, `version`, …) that a
+/// vgcfgbackup file has before it; comments left out.
+fn on_disk_text(text: &str, vg: &str) -> Result<String, FsError> {
+    let bad = |why: &str| FsError::Corrupt(format!("the metadata text of volume group {vg}: {why}"));
+    let mut section: Option<(usize, usize)> = None;
+    let mut settings = String::new();
+    let mut at = 0;
+    let b = text.as_bytes();
+    while at < b.len() {
+        let line_end = text[at..].find('\n').map_or(b.len(), |i| at + i + 1);
+        let line = text[at..line_end].trim();
+        let is_start = line.strip_prefix(vg).is_some_and(|r| r.trim_start().starts_with('{'));
+        if section.is_none() && is_start {
+            let end = section_end(text, at).ok_or_else(|| bad("its section is not closed"))?;
+            section = Some((at, end));
+            at = end;
+            continue;
+        }
+        let setting = line.split('#').next().unwrap_or("").trim();
+        if !setting.is_empty() {
+            settings.push_str(setting);
+            settings.push('\n');
+        }
+        at = line_end;
+    }
+    let (start, end) = section.ok_or_else(|| bad("no section of it"))?;
+    Ok(format!("{}\n\n{settings}", text[start..end].trim_end()))
+}
+
+/// The byte after the `}` closing the section that starts at `start` (its
+/// first `{`), braces in strings and comments not counted.
+fn section_end(text: &str, start: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut in_comment, mut escaped) = (0usize, false, false, false);
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            _ if in_comment => in_comment = c != '\n',
+            _ if in_string => {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+            }
+            '#' => in_comment = true,
+            '"' => in_string = true,
+            '{' => depth += 1,
+            '}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(start + i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The current metadata text of the area at byte `start` (`size` bytes).
 fn metadata_text(v: &Volume, start: u64, size: u64) -> Result<String, FsError> {
     let bad = |why: &str| Err(FsError::Corrupt(format!("the LVM2 metadata area at byte {start}: {why}")));
@@ -792,6 +926,56 @@ creation_time = 1796439027
         assert_eq!((thin.pool.as_str(), thin.device_id, thin.origin.as_deref()), ("pool", 4, None));
         assert_eq!(thin.external_origin.as_deref(), Some("lv2"));
         assert_eq!(vg.summary(), "volume group vgt: lv2, pool (thin pool: snap)");
+    }
+
+    /// Bytes in memory, read as a disk.
+    #[derive(Debug)]
+    struct Bytes(Vec<u8>);
+
+    impl ReadAt for Bytes {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+            let at = offset as usize;
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+    }
+
+    #[test]
+    fn a_written_pv_start_reads_back_as_the_same_group() {
+        let pv_uuid = "syhlGy-rWBn-NvOq-jCnq-vHLA-c22z-4sUjA6";
+        let vg = parse_metadata(TEXT, pv_uuid).unwrap();
+        let size = 64u64 << 20;
+        let start = pv_start(&vg, TEXT, size).unwrap();
+        assert_eq!(start.len() as u64, vg.pvs[0].pe_start);
+        let mut disk = start.clone();
+        disk.resize(size as usize, 0xA5);
+        let back = read(&Volume::new(&Bytes(disk.clone()), 0, size)).unwrap();
+        assert_eq!(back, vg);
+        // The text in the area starts with the group's section (LVM's scan
+        // reads the name there), the settings after it.
+        let text_at = 4096 + 512;
+        assert!(start[text_at..].starts_with(b"vgt {\nid = "), "{:?}", &start[text_at..text_at + 16]);
+        let text = String::from_utf8_lossy(&start[text_at..]);
+        assert!(text.contains("}\n\ncontents = \"Text Format Volume Group\"\nversion = 1\n"), "{text}");
+        // The PV header: its size, a data area at the first extent, the
+        // metadata area from 4 KiB to it.
+        assert_eq!(le64(&start, 512 + 64), size);
+        assert_eq!((le64(&start, 512 + 72), le64(&start, 512 + 80)), (1 << 20, 0));
+        assert_eq!((le64(&start, 512 + 104), le64(&start, 512 + 112)), (4096, (1 << 20) - 4096));
+        // A changed byte of the text is caught by its crc.
+        disk[4096 + 600] ^= 1;
+        assert!(read(&Volume::new(&Bytes(disk), 0, size)).is_err());
+        // No room for the text, or a group of two PVs: refused.
+        let mut small = vg.clone();
+        small.pvs[0].pe_start = 4096 + 1024;
+        assert!(pv_start(&small, TEXT, size).unwrap_err().to_string().contains("no room"));
+        let mut two = vg.clone();
+        two.pvs.push(two.pvs[0].clone());
+        assert!(pv_start(&two, TEXT, size).unwrap_err().to_string().contains("2 physical volumes"));
     }
 
     #[test]
