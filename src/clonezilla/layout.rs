@@ -35,6 +35,7 @@ use crate::table::build;
 
 mod boot;
 mod files;
+mod lvm;
 mod sfdisk;
 
 use boot::{check_boot, gpt_boot, hidden_data, same_lba_entries};
@@ -154,13 +155,11 @@ impl CzImage {
         if dir.join("klon.json").exists() {
             return Err(Error::Usage(format!("{} is a klon image, not a Clonezilla image", dir.display())));
         }
-        for (file, what) in [
-            ("ecryptfs.info", "encrypted with eCryptfs (ocs-sr -enc); decrypt it first"),
-            ("lvm_vg_dev.list", "holds LVM volumes, which klon does not restore from Clonezilla images"),
-        ] {
-            if dir.join(file).exists() {
-                return Err(Error::Unsupported(format!("the Clonezilla image {} is {what}", dir.display())));
-            }
+        if dir.join("ecryptfs.info").exists() {
+            return Err(Error::Unsupported(format!(
+                "the Clonezilla image {} is encrypted with eCryptfs (ocs-sr -enc); decrypt it first",
+                dir.display()
+            )));
         }
         refuse_opened_luks(dir)?;
         let mut saveparts = false;
@@ -369,7 +368,12 @@ impl CzImage {
                 files.entry(dev.to_string()).or_default().push(name.to_string());
             }
         }
-        let swap = read_swaps(dir, &disk, &layout, &files)?;
+        let names: Vec<String> = files.values().flatten().cloned().collect();
+        let lvm = lvm::read_groups(dir, &disk, &layout, &names)?;
+        let lvm_devs: Vec<String> =
+            lvm.iter().flat_map(|g| g.volumes.iter().map(move |v| format!("{}-{}", g.vg.name, v.name))).collect();
+        let is_pv = |n: u32| lvm.iter().any(|g| g.partition == n);
+        let swap = read_swaps(dir, &disk, &layout, &files, &lvm_devs)?;
         let mut partitions = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for dev in &listed {
@@ -389,7 +393,7 @@ impl CzImage {
             let part = layout.partitions.iter().find(|p| p.number == number);
             let found = find_image(dir, dev, files.get(dev.as_str()).map(Vec::as_slice).unwrap_or(&[]))?;
             let Some(found) = found else {
-                if is_ext || swap.iter().any(|s| s.number == number) {
+                if is_ext || is_pv(number) || swap.iter().any(|s| s.number == number) {
                     continue;
                 }
                 return Err(Error::Corrupt(format!("image file for {dev} is missing from {}", dir.display())));
@@ -414,7 +418,8 @@ impl CzImage {
             ));
         }
         for p in &layout.partitions {
-            if !saveparts && !seen.contains(&p.number) && !swap.iter().any(|s| s.number == p.number) {
+            if !saveparts && !seen.contains(&p.number) && !is_pv(p.number) && !swap.iter().any(|s| s.number == p.number)
+            {
                 warnings.push(format!(
                     "partition {} has no image in this Clonezilla image (not listed in `parts`): a restore \
                      creates it but leaves its contents as they are on the target",
@@ -440,6 +445,7 @@ impl CzImage {
             checksum_files,
             warnings,
             saveparts,
+            lvm,
         })
     }
 }

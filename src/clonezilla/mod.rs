@@ -111,6 +111,47 @@ pub struct CzSwap {
     pub label: Option<String>,
 }
 
+/// A logical volume Clonezilla saved: an image of its contents, or the
+/// record of a swap area.
+#[derive(Debug, Clone)]
+pub enum CzVolumeContent {
+    /// Its partclone (or dd) image; `number` is the PV's partition.
+    Image(CzPartition),
+    /// A swap volume: restored as a fresh swap header (UUID, label).
+    Swap(CzSwap),
+}
+
+/// A logical volume of a [`CzVolumeGroup`].
+#[derive(Debug, Clone)]
+pub struct CzVolume {
+    /// Its name in the group.
+    pub name: String,
+    /// Bytes it holds (its extents × the extent size).
+    pub size: u64,
+    /// Where its bytes lie, as (offset from the PV's start, length), in the
+    /// volume's order.
+    pub ranges: Vec<crate::fs::Extent>,
+    /// What Clonezilla saved of it.
+    pub content: CzVolumeContent,
+}
+
+/// An LVM2 volume group Clonezilla saved (`lvm_vg_dev.list`,
+/// `lvm_<vg>.conf`, `lvm_logv.list`): one physical volume, a partition of
+/// the disk, and an image per logical volume.
+#[derive(Debug, Clone)]
+pub struct CzVolumeGroup {
+    /// The group, as `lvm_<vg>.conf` (vgcfgbackup's text) describes it.
+    pub vg: crate::fs::lvm::VolumeGroup,
+    /// That text, which a restore writes into the PV's metadata area.
+    pub conf: String,
+    /// The partition that is the group's PV.
+    pub partition: u32,
+    /// The PV's size as the metadata records it (bytes).
+    pub pv_size: u64,
+    /// Its logical volumes, in the metadata's order.
+    pub volumes: Vec<CzVolume>,
+}
+
 /// A Clonezilla disk image, read and checked for structure (not data).
 #[derive(Debug, Clone)]
 pub struct CzImage {
@@ -136,6 +177,8 @@ pub struct CzImage {
     /// Saved with `saveparts` (some partitions, no `disk` file): the table
     /// files describe the disk they came from, but the image is not a disk.
     pub saveparts: bool,
+    /// LVM2 volume groups whose PV is a partition of the disk.
+    pub lvm: Vec<CzVolumeGroup>,
 }
 
 /// Opens the stored-bytes stream of `part`.

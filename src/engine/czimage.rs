@@ -30,12 +30,16 @@ use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::table::TableKind;
 
+mod lvm;
+
 /// Where a stream's bytes come from.
 enum Origin {
     /// Byte areas held in memory (boot areas, a swap header).
     Bytes(Vec<(u64, Vec<u8>)>),
     /// A partition image, opened (header and bitmap read).
     Image { part: CzPartition, source: Box<dyn BlockSource> },
+    /// An LVM2 physical volume: its metadata, its volumes' images.
+    Pv(lvm::PvOrigin),
 }
 
 /// One stream of a Clonezilla image.
@@ -181,6 +185,18 @@ impl CzSource {
             let stored = header.len() as u64;
             streams.push(CzStream { info, origin: Origin::Bytes(vec![(p.start, header)]), stored, skip_zero: false });
         }
+        for g in &image.lvm {
+            let p = layout.partitions.iter().find(|p| p.number == g.partition).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{}: volume group {} is on partition {}, which the table does not hold",
+                    dir.display(),
+                    g.vg.name,
+                    g.partition
+                ))
+            })?;
+            let (info, origin, stored) = lvm::stream(g, p)?;
+            streams.push(CzStream { info, origin, stored, skip_zero: false });
+        }
         // Streams in disk order, as klon's own images have them.
         streams.sort_by_key(|s| (s.info.kind != StreamKind::Boot, s.info.start));
         Ok(CzSource { image, streams })
@@ -232,6 +248,11 @@ impl CzSource {
                                 return Ok(());
                             }
                         }
+                    }
+                }
+                Origin::Pv(pv) => {
+                    if !pv.read(start, &mut push)? {
+                        return Ok(());
                     }
                 }
                 Origin::Image { part, source } => {

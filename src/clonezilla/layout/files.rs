@@ -113,47 +113,57 @@ pub(super) fn parse_image_name(rest: &str) -> Option<(String, ImageKind, Option<
     }
 }
 
-/// Swap partitions from `swappt-<dev>.info`.
+/// Swap partitions from `swappt-<dev>.info`; the records of swap logical
+/// volumes (`swappt-VG-LV.info`, the names in `volumes`) are left to the
+/// volume groups.
 pub(super) fn read_swaps(
     dir: &Path,
     disk: &str,
     layout: &DiskLayout,
     files: &HashMap<String, Vec<String>>,
+    volumes: &[String],
 ) -> Result<Vec<CzSwap>> {
     let mut out = Vec::new();
     let mut names: Vec<&String> = files.values().flatten().filter(|n| n.starts_with("swappt-")).collect();
     names.sort();
     for name in names {
         let Some(dev) = name.strip_prefix("swappt-").and_then(|n| n.strip_suffix(".info")) else { continue };
+        if volumes.iter().any(|v| v == dev) {
+            continue;
+        }
         let number = part_number(disk, dev)
             .filter(|n| layout.partitions.iter().any(|p| p.number == *n))
             .ok_or_else(|| Error::Corrupt(format!("{name} names {dev}, which the partition table does not hold")))?;
         let text = read_text(dir, name)?.unwrap_or_default();
-        let mut s = CzSwap { number, uuid: None, label: None };
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let (k, v) = line
-                .split_once('=')
-                .ok_or_else(|| Error::Corrupt(format!("{name} line {}: not KEY=\"value\": {line:?}", i + 1)))?;
-            let v = v.trim().trim_matches('"').to_string();
-            match k {
-                "UUID" if !v.is_empty() => {
-                    s.uuid = Some(
-                        guid(&v)
-                            .ok_or_else(|| Error::Corrupt(format!("{name} line {}: {v:?} is not a UUID", i + 1)))?,
-                    )
-                }
-                "LABEL" if !v.is_empty() => s.label = Some(v),
-                _ => {}
-            }
-        }
-        out.push(s);
+        out.push(parse_swap_info(&text, name, number)?);
     }
     out.sort_by_key(|s| s.number);
     Ok(out)
+}
+
+/// A swap record (`UUID="…"`, `LABEL="…"` lines) from the file `name`.
+pub(super) fn parse_swap_info(text: &str, name: &str, number: u32) -> Result<CzSwap> {
+    let mut s = CzSwap { number, uuid: None, label: None };
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| Error::Corrupt(format!("{name} line {}: not KEY=\"value\": {line:?}", i + 1)))?;
+        let v = v.trim().trim_matches('"').to_string();
+        match k {
+            "UUID" if !v.is_empty() => {
+                s.uuid = Some(
+                    guid(&v).ok_or_else(|| Error::Corrupt(format!("{name} line {}: {v:?} is not a UUID", i + 1)))?,
+                )
+            }
+            "LABEL" if !v.is_empty() => s.label = Some(v),
+            _ => {}
+        }
+    }
+    Ok(s)
 }
 
 /// Finds the image file (or pieces) of `dev` among `names` (the files of

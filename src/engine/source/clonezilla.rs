@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::{ImageSource, Summary};
+use crate::clonezilla::{CzImage, CzVolumeContent};
 use crate::device::Disk;
 use crate::engine::czimage::{self, CzSource};
 use crate::engine::feedback::Feedback;
@@ -69,7 +70,7 @@ impl ImageSource for CzSource {
             "disk": im.disk,
             "layout": im.layout,
             "streams": self.stream_infos(),
-            "partition_images": im.partitions.iter().map(|p| serde_json::json!({
+            "partition_images": image_files(im).map(|p| serde_json::json!({
                 "partition": p.number, "device": p.device, "fs": p.fs,
                 "kind": format!("{:?}", p.kind).to_lowercase(), "codec": format!("{:?}", p.codec).to_lowercase(),
                 "pieces": p.pieces, "bytes": pieces_bytes(&p.pieces),
@@ -88,8 +89,8 @@ fn pieces_bytes(pieces: &[std::path::PathBuf]) -> u64 {
 /// What a list shows of a Clonezilla image: its description files only
 /// (reading every partition image's header would slow the list down).
 pub fn summarize(dir: &Path) -> Result<Summary> {
-    let im = crate::clonezilla::CzImage::open(dir)?;
-    let bytes: u64 = im.partitions.iter().map(|p| pieces_bytes(&p.pieces)).sum();
+    let im = CzImage::open(dir)?;
+    let bytes: u64 = image_files(&im).map(|p| pieces_bytes(&p.pieces)).sum();
     Ok(Summary {
         kind: Some("Clonezilla"),
         source: im.disk.clone(),
@@ -97,8 +98,18 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
         sector_size: im.layout.sector_size,
         created: None,
         image_bytes: bytes,
-        state: format!("{} partition images, checked as they are read", im.partitions.len()),
+        state: format!("{} partition images, checked as they are read", image_files(&im).count()),
     })
+}
+
+/// Every partition image file set of a Clonezilla image, logical volumes'
+/// included.
+fn image_files(im: &CzImage) -> impl Iterator<Item = &crate::clonezilla::CzPartition> {
+    let volumes = im.lvm.iter().flat_map(|g| g.volumes.iter()).filter_map(|v| match &v.content {
+        CzVolumeContent::Image(p) => Some(p),
+        CzVolumeContent::Swap(_) => None,
+    });
+    im.partitions.iter().chain(volumes)
 }
 
 /// The text `klon info` prints for a Clonezilla image.
@@ -133,8 +144,18 @@ fn render_cz_info(src: &CzSource) -> String {
             st.fs.as_ref().map(|f| f.fstype.as_str()).unwrap_or("-")
         );
         let _ = writeln!(o, "  {:<24} {}; {} stored", "", st.method_reason, human_bytes(st.stored_bytes));
-        if let Some(p) = im.partitions.iter().find(|p| Some(p.number) == st.partition) {
-            let bytes: u64 = p.pieces.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+        if let Some(vg) = &st.lvm {
+            super::klon::render_lvm(&mut o, vg);
+        }
+        let volumes = im.lvm.iter().filter(|g| Some(g.partition) == st.partition).flat_map(|g| g.volumes.iter());
+        let images = im.partitions.iter().filter(|p| Some(p.number) == st.partition).chain(volumes.filter_map(|v| {
+            match &v.content {
+                CzVolumeContent::Image(p) => Some(p),
+                CzVolumeContent::Swap(_) => None,
+            }
+        }));
+        for p in images {
+            let bytes = pieces_bytes(&p.pieces);
             let names: Vec<String> =
                 p.pieces.iter().map(|f| f.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
             let shown = if names.len() > 3 {

@@ -365,7 +365,7 @@ pub(crate) fn render_body(m: &Manifest) -> String {
 
 /// A volume group under its PV's stream: the group, then each logical
 /// volume with its size and where its segments lie.
-fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
+pub(super) fn render_lvm(o: &mut String, vg: &crate::fs::lvm::VolumeGroup) {
     use std::fmt::Write as _;
     let _ = writeln!(
         o,
