@@ -1296,3 +1296,146 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
     assert_eq!(said("KLON-FREE="), "0", "the deactivated group's backup failed:\n{}", b.transcript());
     report("thin pool activation: vgchange -ay in the live system; the VM disk, container and snapshot mount whole");
 }
+
+/// A Samba server on the network namespace's bridge (10.79.0.1), in the
+/// namespace, with share `images` (a folder of `dir`) for user root and
+/// `password`; killed when dropped.
+struct Samba {
+    server: Child,
+    share: PathBuf,
+}
+
+impl Samba {
+    fn start(dir: &TempDir, ns: &str, password: &str) -> Samba {
+        let base = dir.join("samba");
+        for sub in ["run", "lock", "state", "cache", "private", "ncalrpc", "log", "share"] {
+            std::fs::create_dir_all(base.join(sub)).unwrap();
+        }
+        let b = base.display();
+        let conf = base.join("smb.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[global]\nserver role = standalone server\nmap to guest = never\ninterfaces = 10.79.0.1/24\n\
+                 bind interfaces only = yes\npid directory = {b}/run\nlock directory = {b}/lock\n\
+                 state directory = {b}/state\ncache directory = {b}/cache\nprivate dir = {b}/private\n\
+                 ncalrpc dir = {b}/ncalrpc\nlog file = {b}/log/log.%m\npassdb backend = tdbsam:{b}/private/passdb.tdb\n\
+                 load printers = no\nprinting = bsd\nprintcap name = /dev/null\ndisable spoolss = yes\n\
+                 server min protocol = SMB3\n[images]\npath = {b}/share\nread only = no\nvalid users = root\n"
+            ),
+        )
+        .unwrap();
+        let conf_s = conf.to_str().unwrap();
+        common::disks::run_with_input(
+            "smbpasswd",
+            &["-c", conf_s, "-s", "-a", "root"],
+            &format!("{password}\n{password}\n"),
+        );
+        let server = Command::new("ip")
+            .args(["netns", "exec", ns, "smbd", "-F", "--no-process-group", "-s", conf_s, "--debug-stdout", "-d", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start smbd (apt-get install samba)");
+        // Listening once port 445 answers in the namespace.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("10.79.0.1:445") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "smbd did not listen on 10.79.0.1:445");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Samba { server, share: base.join("share") }
+    }
+}
+
+impl Drop for Samba {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// A network share as the image drive: Samba in a network namespace the
+/// test makes (a bridge with a tap device for QEMU, the network's own
+/// DHCP server on it), and klon.conf naming `smb://root@10.79.0.1/images/lab`
+/// and the password (with a comma and a space). The live system brings up
+/// its network by DHCP, mounts the share with the kernel's SMB client and
+/// backs the source disk up into the folder `lab`; from the host the image
+/// verifies, restores byte for byte and the jobs log is there. A second
+/// boot with a wrong password is refused with what to fix, writing
+/// nothing; a third restores the image from the share onto a blank disk,
+/// which matches the source. Needs root (namespaces, tap) and samba.
+#[test]
+fn a_network_share_is_the_image_drive_for_backup_and_restore() {
+    if !ready("a_network_share_is_the_image_drive_for_backup_and_restore") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
+    let dir = TempDir::new("live-smb");
+    let (source, parts) = make_source(&dir);
+    let net = PxeNet::new("smb", true);
+    let password = "share pw,1";
+    let samba = Samba::start(&dir, &net.ns, password);
+    let nic = [
+        "-netdev".to_string(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    let conf = |job: &str, pw: &str| {
+        format!(
+            "{job}image = pc1\ndrive = smb://root@10.79.0.1/images/lab\ndrive_password = \"{pw}\"\nafter = poweroff\n"
+        )
+    };
+    let boot_job = |name: &str, conf: &str, disks: &[(&Path, &str)]| {
+        let stick = stick_with(&dir, name, Some(conf));
+        let b = boot_in(&dir, Firmware::Bios, Some(&stick), disks, None, &nic, Some(&net.ns), &[]);
+        std::fs::remove_file(&stick).unwrap();
+        b
+    };
+
+    // 1: the backup, into the share's folder `lab`.
+    let src = [(source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC")];
+    let b = boot_job("stick-smb-backup.img", &conf("job = backup\nsource = serial=KLONSRC\n", password), &src);
+    let line = result_line(&b, Firmware::Bios, "backup to a network share");
+    assert!(line.contains("image lab/pc1 on smb://root@10.79.0.1/images in"), "{line}");
+    assert!(!b.transcript().contains(password), "the password was shown:\n{}", b.transcript());
+    let image = samba.share.join("lab/pc1");
+    common::disks::ok(&common::disks::klon(&["verify", image.to_str().unwrap()]));
+    let back = dir.join("host-restore.img");
+    blank_file(&back, 64 * MIB);
+    common::disks::ok(&common::disks::klon(&["restore", "--yes", image.to_str().unwrap(), back.to_str().unwrap()]));
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &back, *start, *len, &format!("share backup: partition {}", i + 1));
+    }
+    std::fs::remove_file(&back).unwrap();
+    let log = std::fs::read_to_string(samba.share.join("lab/klon-jobs.log")).unwrap();
+    assert!(log.contains("KLON-RESULT: ok backup"), "{log}");
+
+    // 2: a wrong password: refused, saying what to fix; the target is
+    // not touched.
+    let target = dir.join("target.img");
+    blank_file(&target, 64 * MIB);
+    let tgt = [(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONTGT")];
+    let restore = "job = restore\ntarget = serial=KLONTGT\n";
+    let b = boot_job("stick-smb-wrong.img", &conf(restore, "not it"), &tgt);
+    let (_, line) = b.find("KLON-RESULT:").unwrap_or_else(|| panic!("no result:\n{}", b.transcript()));
+    assert!(
+        line.contains("KLON-RESULT: failed") && line.contains("refused the user name or password"),
+        "{line}\n{}",
+        b.transcript()
+    );
+    assert!(std::fs::read(&target).unwrap().iter().all(|&b| b == 0), "the target was written");
+
+    // 3: the restore from the share.
+    let b = boot_job("stick-smb-restore.img", &conf(restore, password), &tgt);
+    result_line(&b, Firmware::Bios, "restore from a network share");
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &target, *start, *len, &format!("share restore: partition {}", i + 1));
+    }
+    drop(samba);
+}

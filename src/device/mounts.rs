@@ -221,6 +221,33 @@ impl Mounted {
         Err(Error::io(format!("mounting {} ({fstype}){hint} at", device.display()), dir, None, last.into()))
     }
 
+    /// Mounts the network share `source` (`//HOST/SHARE`) with the kernel
+    /// filesystem `fstype` (cifs) and its `options` (credentials among
+    /// them: not kept, not shown) at `dir`, created if missing; the error is
+    /// the kernel's, for the caller to put in words.
+    pub fn mount_share(
+        source: &Path,
+        fstype: &str,
+        dir: &Path,
+        read_only: bool,
+        options: &str,
+    ) -> std::result::Result<Mounted, nix::Error> {
+        use nix::mount::MsFlags;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(nix::Error::EIO as i32)))?;
+        let mut flags = MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        match nix::mount::mount(Some(source), dir, Some(fstype), flags, Some(options)) {
+            Ok(()) => Ok(Mounted { device: source.to_path_buf(), dir: dir.to_path_buf(), active: true }),
+            Err(e) => {
+                let _ = std::fs::remove_dir(dir);
+                Err(e)
+            }
+        }
+    }
+
     /// Mounts `device` (probed as `fstype`) at `dir` only to look: read-only,
     /// and without replaying a journal or log (ext's `noload`, XFS's
     /// `norecovery`, btrfs's `rescue=nologreplay`), so that not one byte of

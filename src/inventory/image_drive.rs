@@ -13,6 +13,7 @@ use crate::device::mounts::{Mounted, kernel_types};
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
 use crate::inventory::DiskInfo;
+use crate::inventory::share::Share;
 use crate::units::human_bytes;
 
 /// The folder on the image drive that holds the images.
@@ -177,6 +178,8 @@ pub struct ImageDrive {
     pub mountpoint: PathBuf,
     /// Its filesystem, as the probe names it.
     pub fstype: String,
+    /// The folder that holds the images.
+    images: PathBuf,
     read_only: bool,
     mounted: Mounted,
 }
@@ -191,6 +194,23 @@ impl ImageDrive {
             disk_devno: c.disk_devno,
             mountpoint: at.to_path_buf(),
             fstype: c.fs.fstype.clone(),
+            images: at.join(IMAGES_DIR),
+            read_only,
+            mounted,
+        })
+    }
+
+    /// Mounts the network share `share` at `at` as the image drive (its
+    /// images in the folder it names, or `klon-images/`); `password` for
+    /// its user.
+    pub fn mount_share(share: &Share, password: Option<&str>, at: &Path, read_only: bool) -> Result<ImageDrive> {
+        let mounted = share.mount(password, at, read_only)?;
+        Ok(ImageDrive {
+            device: PathBuf::from(share.share_url()),
+            disk_devno: 0,
+            mountpoint: at.to_path_buf(),
+            fstype: "cifs".into(),
+            images: share.images_dir(at),
             read_only,
             mounted,
         })
@@ -198,7 +218,7 @@ impl ImageDrive {
 
     /// The images folder; created if missing when mounted read-write.
     pub fn images_dir(&self) -> Result<PathBuf> {
-        let dir = self.mountpoint.join(IMAGES_DIR);
+        let dir = self.images.clone();
         if !self.read_only {
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, None, e))?;
         }

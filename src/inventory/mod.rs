@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::fs::{FsInfo, probe};
 
 pub mod image_drive;
+pub mod share;
 
 /// A whole disk as found in /sys/block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,8 @@
 //! | `source` | backup, clone: the disk, `/dev/sda` or `serial=SERIAL` |
 //! | `target` | restore, clone, receive: the disk, `/dev/nvme0n1` or `serial=SERIAL` |
 //! | `image` | backup, restore, verify: the image's name in the folder `klon-images/` of the image drive |
-//! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1` |
+//! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1`; or a network share, `smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]` (images in FOLDER, or in `klon-images/`; brings up the network by DHCP) |
+//! | `drive_password` | the password of the share's user: only in klon.conf, never on the kernel command line |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `copy_drive` | backup into a repository: then copy the new snapshot into the repository of the same name on this second drive (`LABEL=…`, `UUID=…` or `/dev/sdd1`; made with the same keys when missing), read back |
 //! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
@@ -33,6 +34,7 @@ use std::path::Path;
 
 use crate::cli::Cli;
 use crate::error::{Error, Result};
+use crate::inventory::share;
 pub use crate::job::Secret;
 use crate::job::yes;
 
@@ -131,6 +133,8 @@ pub struct Job {
     pub wait_secs: u64,
     /// The passphrase of an encrypted repository (from klon.conf only).
     pub passphrase: Option<Secret>,
+    /// The password of a network share's user (from klon.conf only).
+    pub drive_password: Option<Secret>,
     /// The network, when the job or the settings ask for it.
     pub net: Option<Net>,
     /// The command's own options (`level`, `grow_last`, `keep`, …), as
@@ -191,12 +195,19 @@ pub fn net(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>
     s.extend(cmdline.iter().map(|(k, v)| (k.clone(), v.clone())));
     let get = |k: &str| s.get(k).map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty());
     let receive = get("job").as_deref() == Some("receive");
+    let share = ["drive", "copy_drive"].into_iter().find(|k| s.get(*k).is_some_and(|v| share::is_share(v)));
     let dhcp = match get("net").as_deref() {
         Some("dhcp") => true,
         Some("none" | "no" | "off") if receive => {
             return Err(Error::Usage("job=receive needs the network: remove net=none".into()));
         }
-        Some("none" | "no" | "off") | None => receive,
+        Some("none" | "no" | "off") if share.is_some() => {
+            return Err(Error::Usage(format!(
+                "{}= names a network share, which needs the network: remove net=none",
+                share.unwrap_or_default()
+            )));
+        }
+        Some("none" | "no" | "off") | None => receive || share.is_some(),
         Some(other) => return Err(Error::Usage(format!("net={other}: use dhcp or none"))),
     };
     Ok(dhcp.then(|| Net { interface: s.get("interface").map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) }))
@@ -216,6 +227,7 @@ const LIVE_KEYS: &[&str] = &[
     "after",
     "copy_drive",
     "passphrase",
+    "drive_password",
     "wait",
     "net",
     "interface",
@@ -224,7 +236,7 @@ const LIVE_KEYS: &[&str] = &[
 ];
 
 /// The live system's keys that apply to any job.
-const SHARED_KEYS: &[&str] = &["after", "passphrase", "wait", "net", "interface", "live", "shell"];
+const SHARED_KEYS: &[&str] = &["after", "passphrase", "drive_password", "wait", "net", "interface", "live", "shell"];
 
 /// The config file's settings and the command line's, merged: the command
 /// line wins, and a job on it that is not the file's takes from the file
@@ -234,12 +246,13 @@ pub fn merge(
     config: &BTreeMap<String, String>,
     cmdline: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>> {
-    if cmdline.contains_key("passphrase") {
-        return Err(Error::Usage(
-            "klon.passphrase on the kernel command line would be readable by anyone who sees it: put \
-             passphrase = \"…\" in klon.conf on the stick"
-                .into(),
-        ));
+    for key in ["passphrase", "drive_password"] {
+        if cmdline.contains_key(key) {
+            return Err(Error::Usage(format!(
+                "klon.{key} on the kernel command line would be readable by anyone who sees it: put {key} = \"…\" \
+                 in klon.conf on the stick"
+            )));
+        }
     }
     let mut s = config.clone();
     let (theirs, ours) = (config.get("job"), cmdline.get("job"));
@@ -311,6 +324,7 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         copy_drive,
         wait_secs,
         passphrase: s.get("passphrase").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
+        drive_password: s.get("drive_password").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
         net: net(config, cmdline)?,
         options: options.collect(),
     };
@@ -339,6 +353,25 @@ mod tests {
         assert!(!job.options.contains_key("passphrase"), "not an option of the command");
         let e = parse(&conf, &from_cmdline("klon.passphrase=x")).unwrap_err().to_string();
         assert!(e.contains("kernel command line"), "{e}");
+    }
+
+    #[test]
+    fn a_network_share_brings_up_the_network_and_its_password_stays_in_klon_conf() {
+        let conf = from_config(
+            "job = restore\ntarget = /dev/sda\nimage = pc\ndrive = smb://backup@10.0.0.2/images\n\
+             drive_password = \"p,w d\"\n",
+            "klon.conf",
+        )
+        .unwrap();
+        let job = parse(&conf, &BTreeMap::new()).unwrap().unwrap();
+        assert_eq!(job.drive_password, Some(Secret("p,w d".into())));
+        assert_eq!(job.net, Some(Net { interface: None }), "the share implies net=dhcp");
+        assert!(!format!("{job:?}").contains("p,w d"));
+        assert!(!job.options.contains_key("drive_password"), "not an option of the command");
+        let e = parse(&conf, &from_cmdline("klon.drive_password=x")).unwrap_err().to_string();
+        assert!(e.contains("kernel command line") && e.contains("drive_password"), "{e}");
+        let e = parse(&conf, &from_cmdline("klon.net=none")).unwrap_err().to_string();
+        assert!(e.contains("network share") && e.contains("net=none"), "{e}");
     }
 
     #[test]

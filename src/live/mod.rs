@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::inventory::DiskInfo;
 use crate::inventory::image_drive::{self, Candidate, ImageDrive};
 pub use crate::inventory::image_drive::{COPY_MNT, DRIVE_MNT, LIVE_LABEL};
+use crate::inventory::share;
 use crate::ui::progress::Console;
 use job::{Job, JobKind};
 
@@ -237,7 +238,17 @@ pub fn disk_matches(d: &DiskInfo, spec: &str) -> bool {
 /// Mounts the drive `spec` names (the only candidate when none), on
 /// none of the disks `exclude`, at `at` (a read-only disk only when
 /// mounting `read_only`).
-fn mount_drive(spec: Option<&str>, wait_secs: u64, exclude: &[u64], at: &str, read_only: bool) -> Result<ImageDrive> {
+fn mount_drive(job: &Job, spec: Option<&str>, exclude: &[u64], at: &str, read_only: bool) -> Result<ImageDrive> {
+    let wait_secs = job.wait_secs;
+    if let Some(spec) = spec.filter(|s| share::is_share(s)) {
+        let share = share::parse(spec)?;
+        let want = job.net.as_ref().and_then(|n| n.interface.as_deref());
+        let lease = net::bring_up(want, Duration::from_secs(wait_secs))
+            .map_err(|e| e.with_note(&format!("the network share {} needs the network", share.describe())))?;
+        eprintln!("klon: network {}; image drive {}", lease.describe(), share.describe());
+        let password = job.drive_password.as_ref().map(|p| p.0.as_str());
+        return ImageDrive::mount_share(&share, password, Path::new(at), read_only);
+    }
     let live = live_spec();
     let offered = |disks: &[DiskInfo]| -> Vec<Candidate> {
         let mut ex = live_disks(disks, &live);
@@ -285,9 +296,26 @@ pub fn run_job(job: &Job) -> Result<String> {
 /// per unattended job: when it ended and its KLON-RESULT.
 pub const JOBS_LOG: &str = "klon-jobs.log";
 
-/// [`run_job`], noting in `drive` which drive (device, filesystem) held
-/// the images once one was mounted.
-fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<String> {
+/// The image drive a job used, to keep its result on.
+enum UsedDrive {
+    /// A drive: its device and filesystem.
+    Disk(PathBuf, String),
+    /// A network share, and its user's password.
+    Share(share::Share, Option<job::Secret>),
+}
+
+impl UsedDrive {
+    fn describe(&self) -> String {
+        match self {
+            UsedDrive::Disk(d, _) => d.display().to_string(),
+            UsedDrive::Share(s, _) => s.describe(),
+        }
+    }
+}
+
+/// [`run_job`], noting in `drive` which drive held the images once one
+/// was mounted.
+fn run_job_on(job: &Job, used_drive: &mut Option<UsedDrive>) -> Result<String> {
     match job.kind {
         JobKind::Receive => return run_receive_job(job),
         JobKind::Clone => return run_clone_job(job),
@@ -300,10 +328,15 @@ fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<S
         _ => None,
     };
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
-    let drive = mount_drive(job.drive.as_deref(), job.wait_secs, &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
-    *used_drive = Some((drive.device.clone(), drive.fstype.clone()));
+    let drive = mount_drive(job, job.drive.as_deref(), &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
+    *used_drive = Some(match job.drive.as_deref().filter(|s| share::is_share(s)) {
+        Some(spec) => UsedDrive::Share(share::parse(spec)?, job.drive_password.clone()),
+        None => UsedDrive::Disk(drive.device.clone(), drive.fstype.clone()),
+    });
     let on_drive = drive.device.display().to_string();
-    let image = drive.images_dir()?.join(&job.image);
+    let images = drive.images_dir()?;
+    let folder = images.strip_prefix(&drive.mountpoint).unwrap_or(&images).to_path_buf();
+    let image = images.join(&job.image);
     let cli = match job.kind {
         JobKind::Backup => job.command(disk.as_deref(), None, Some(&image), None),
         _ => job.command(None, disk.as_deref(), Some(&image), None),
@@ -351,7 +384,7 @@ fn run_job_on(job: &Job, used_drive: &mut Option<(PathBuf, String)>) -> Result<S
     result?;
     let copied = copied.transpose()?.unwrap_or_default();
     unmounted?;
-    let image = format!("image {IMAGES}/{} on {on_drive}", job.image, IMAGES = image_drive::IMAGES_DIR);
+    let image = format!("image {}/{} on {on_drive}", folder.display(), job.image);
     let what = match (job.kind, disk) {
         (JobKind::Backup, Some(d)) => format!("backup of {} to {image}", d.display()),
         (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
@@ -395,11 +428,18 @@ fn run_clone_job(job: &Job) -> Result<String> {
 }
 
 /// Appends `line`, with the time, to the jobs log in the images folder of
-/// the drive `device` (mounted read-write for it, then unmounted).
-fn keep_result(device: &Path, fstype: &str, line: &str) -> Result<()> {
+/// the drive (mounted read-write for it, then unmounted).
+fn keep_result(drive: &UsedDrive, line: &str) -> Result<()> {
     use std::io::Write as _;
-    let mounted = crate::device::mounts::Mounted::mount(device, fstype, Path::new(DRIVE_MNT), false)?;
-    let dir = Path::new(DRIVE_MNT).join(image_drive::IMAGES_DIR);
+    let at = Path::new(DRIVE_MNT);
+    let (mounted, dir) = match drive {
+        UsedDrive::Disk(device, fstype) => {
+            (crate::device::mounts::Mounted::mount(device, fstype, at, false)?, at.join(image_drive::IMAGES_DIR))
+        }
+        UsedDrive::Share(s, password) => {
+            (s.mount(password.as_ref().map(|p| p.0.as_str()), at, false)?, s.images_dir(at))
+        }
+    };
     let path = dir.join(JOBS_LOG);
     let written = std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::OpenOptions::new().create(true).append(true).open(&path))
@@ -425,7 +465,7 @@ fn copy_to_second_drive(job: &Job, spec: &str, repo: &Path, not_on: &[u64]) -> R
         )));
     }
     let id = crate::repo::Repository::open(repo).and_then(|r| r.resolve(None)).map_err(note)?.id;
-    let second = mount_drive(Some(spec), job.wait_secs, not_on, COPY_MNT, false).map_err(note)?;
+    let second = mount_drive(job, Some(spec), not_on, COPY_MNT, false).map_err(note)?;
     let on = second.device.display().to_string();
     let copied = second
         .images_dir()
@@ -472,10 +512,10 @@ pub fn run_job_file(file: &Path) -> i32 {
     print_on_consoles(&line);
     // Kept on the image drive too: the machine may be off when someone
     // comes to look.
-    if let Some((device, fstype)) = &used_drive
-        && let Err(e) = keep_result(device, fstype, &line)
+    if let Some(drive) = &used_drive
+        && let Err(e) = keep_result(drive, &line)
     {
-        print_on_consoles(&format!("klon: the result could not be kept in {JOBS_LOG} on {}: {e}", device.display()));
+        print_on_consoles(&format!("klon: the result could not be kept in {JOBS_LOG} on {}: {e}", drive.describe()));
     }
     let _ = std::fs::write(RESULT_FILE, format!("{line}\n"));
     code

@@ -1,0 +1,195 @@
+//! A network share as an image drive: `smb://[USER@]HOST[:PORT]/SHARE[/DIR]`
+//! (a NAS, a Windows or Samba server), mounted with the kernel's SMB client
+//! (cifs) where a USB drive would be, so that every job works on it as on a
+//! drive. Images go into DIR, or into `klon-images/` when the location
+//! names only the share.
+//!
+//! The password is given apart from the location (klon.conf's
+//! `drive_password`, or typed), handed to the kernel in the mount's
+//! options and nowhere else: not in a file, not on a command line, not in
+//! messages. No user: a guest login.
+
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use crate::device::mounts::Mounted;
+use crate::error::{Error, Result};
+
+/// SMB's port.
+const SMB_PORT: u16 = 445;
+
+/// A share, parsed from its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The user to log in as; `None`: guest.
+    pub user: Option<String>,
+    /// The server's name or address.
+    pub host: String,
+    /// Its SMB port.
+    pub port: u16,
+    /// The share's name.
+    pub share: String,
+    /// The folder in the share that holds the images; `None`: the
+    /// share's `klon-images/`.
+    pub dir: Option<String>,
+}
+
+/// Whether `spec` names a network share rather than a drive.
+pub fn is_share(spec: &str) -> bool {
+    spec.trim().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("smb://"))
+}
+
+/// Parses `smb://[USER@]HOST[:PORT]/SHARE[/DIR]`.
+pub fn parse(spec: &str) -> Result<Share> {
+    let spec = spec.trim();
+    let bad = |why: &str| Error::Usage(format!("{spec}: {why} (write smb://[USER@]HOST[:PORT]/SHARE[/FOLDER])"));
+    if !is_share(spec) {
+        return Err(bad("not an smb:// location"));
+    }
+    let rest = &spec[6..];
+    let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no share"))?;
+    let (user, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) if !u.is_empty() && !u.contains([',', ':']) => (Some(u.to_string()), h),
+        Some(_) => return Err(bad("the user name is empty or holds a comma or colon")),
+        None => (None, authority),
+    };
+    let (host, port) = match hostport.rsplit_once(':').filter(|(h, _)| !h.contains(':')) {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("the port is not a number"))?),
+        None => (hostport, SMB_PORT),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty()
+        || host.starts_with('-')
+        || !host.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c))
+    {
+        return Err(bad("no host, or a host name with odd characters"));
+    }
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    let share = parts.next().ok_or_else(|| bad("no share"))?.to_string();
+    let dir: Vec<&str> = parts.collect();
+    if dir.iter().chain(std::iter::once(&share.as_str())).any(|p| *p == "." || *p == ".." || p.contains(',')) {
+        return Err(bad("`.`, `..` or a comma in the share or folder"));
+    }
+    Ok(Share { user, host: host.to_string(), port, share, dir: (!dir.is_empty()).then(|| dir.join("/")) })
+}
+
+impl Share {
+    /// Its location, as a person would write it.
+    pub fn describe(&self) -> String {
+        let dir = self.dir.as_deref().map(|d| format!("/{d}")).unwrap_or_default();
+        format!("{}{dir}", self.share_url())
+    }
+
+    /// The share's location, without the folder.
+    pub fn share_url(&self) -> String {
+        let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+        let port = if self.port == SMB_PORT { String::new() } else { format!(":{}", self.port) };
+        format!("smb://{user}{}{port}/{}", self.host, self.share)
+    }
+
+    /// The folder of the mounted share (at `at`) that holds the images.
+    pub fn images_dir(&self, at: &Path) -> PathBuf {
+        at.join(self.dir.as_deref().unwrap_or(super::image_drive::IMAGES_DIR))
+    }
+
+    /// The server's address: the host itself, or what its name resolves to.
+    fn address(&self) -> Result<IpAddr> {
+        if let Ok(a) = self.host.parse::<IpAddr>() {
+            return Ok(a);
+        }
+        (self.host.as_str(), self.port).to_socket_addrs().ok().and_then(|mut a| a.next()).map(|a| a.ip()).ok_or_else(
+            || {
+                Error::Usage(format!(
+                    "{}: the name {} does not resolve (no DNS server from DHCP?): give the server's address",
+                    self.describe(),
+                    self.host
+                ))
+            },
+        )
+    }
+
+    /// The cifs mount's options: who, the server's address, its port.
+    /// Commas in the password are doubled, as the kernel's parser wants.
+    fn options(&self, addr: IpAddr, password: Option<&str>) -> String {
+        let login = match (&self.user, password) {
+            (Some(u), Some(p)) => format!("username={u},password={}", p.replace(',', ",,")),
+            (Some(u), None) => format!("username={u},password="),
+            (None, _) => "guest".to_string(),
+        };
+        format!("{login},ip={addr},port={},uid=0,gid=0,file_mode=0600,dir_mode=0700,nounix,noserverino", self.port)
+    }
+
+    /// Mounts the share at `at` (created if missing), read-write unless
+    /// `read_only`. An error says what the server or the kernel said, in
+    /// words, and never the password.
+    pub fn mount(&self, password: Option<&str>, at: &Path, read_only: bool) -> Result<Mounted> {
+        let addr = self.address()?;
+        let unc = format!("//{}/{}", self.host, self.share);
+        let options = self.options(addr, password);
+        Mounted::mount_share(Path::new(&unc), "cifs", at, read_only, &options).map_err(|errno| {
+            let why = match errno {
+                nix::Error::EACCES | nix::Error::EPERM | nix::Error::EKEYREJECTED => {
+                    "the server refused the user name or password (drive_password in klon.conf)".to_string()
+                }
+                nix::Error::ENOENT | nix::Error::ENXIO => format!("the server has no share {}", self.share),
+                nix::Error::EHOSTUNREACH | nix::Error::ENETUNREACH | nix::Error::ETIMEDOUT => {
+                    format!("cannot reach {addr} (is the network up, the address right?)")
+                }
+                nix::Error::ECONNREFUSED => format!("{addr} does not answer SMB on port {}", self.port),
+                nix::Error::ENODEV => "this kernel has no SMB client (the cifs module)".to_string(),
+                e => format!("{} ({e})", e.desc()),
+            };
+            Error::Usage(format!("mounting the network share {}: {why}", self.describe()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_parse_with_their_parts_or_are_refused() {
+        let s = parse("smb://backup@nas.local/images").unwrap();
+        assert_eq!(
+            s,
+            Share {
+                user: Some("backup".into()),
+                host: "nas.local".into(),
+                port: 445,
+                share: "images".into(),
+                dir: None
+            }
+        );
+        assert_eq!(s.images_dir(Path::new("/run/klon/drive")), Path::new("/run/klon/drive/klon-images"));
+        let s = parse("SMB://10.0.0.2:4445/data/klon/pcs/").unwrap();
+        assert_eq!((s.user.as_deref(), s.port, s.dir.as_deref()), (None, 4445, Some("klon/pcs")));
+        assert_eq!(s.describe(), "smb://10.0.0.2:4445/data/klon/pcs");
+        assert_eq!(s.images_dir(Path::new("/m")), Path::new("/m/klon/pcs"));
+        assert!(is_share(" smb://h/s") && !is_share("LABEL=smb") && !is_share("/dev/sdb1"));
+        for (bad, why) in [
+            ("smb://host", "no share"),
+            ("smb://host/", "no share"),
+            ("smb://@host/s", "user name"),
+            ("smb://a,b@host/s", "user name"),
+            ("smb://host:x/s", "port"),
+            ("smb://-o/s", "host"),
+            ("smb://h;rm/s", "host"),
+            ("smb://h/s/../x", "`..`"),
+            ("smb://h/s,x", "comma"),
+            ("LABEL=x", "not an smb://"),
+        ] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_password_goes_into_the_options_escaped_and_a_guest_has_none() {
+        let s = parse("smb://u@10.0.0.2/images").unwrap();
+        let o = s.options("10.0.0.2".parse().unwrap(), Some("a,b c"));
+        assert!(o.starts_with("username=u,password=a,,b c,ip=10.0.0.2,port=445,"), "{o}");
+        let g = parse("smb://10.0.0.2/images").unwrap();
+        assert!(g.options("10.0.0.2".parse().unwrap(), Some("ignored")).starts_with("guest,ip=10.0.0.2"));
+    }
+}
