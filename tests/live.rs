@@ -1439,3 +1439,121 @@ fn a_network_share_is_the_image_drive_for_backup_and_restore() {
     }
     drop(samba);
 }
+
+/// An NFS server (nfs-ganesha, in user space: this machine's kernel has no
+/// NFS server) on the network namespace's bridge (10.79.0.1), in the
+/// namespace: NFS 4.1, the folder `export` of `dir` at `/images` of its
+/// namespace, read-write for root; killed when dropped.
+struct Ganesha {
+    server: Child,
+    export: PathBuf,
+}
+
+impl Ganesha {
+    fn start(dir: &TempDir, ns: &str) -> Ganesha {
+        let base = dir.join("ganesha");
+        for sub in ["export/lab", "recovery"] {
+            std::fs::create_dir_all(base.join(sub)).unwrap();
+        }
+        let b = base.display();
+        let conf = base.join("ganesha.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "NFS_CORE_PARAM {{ Protocols = 4; Enable_NLM = false; Enable_RQUOTA = false; Bind_addr = 10.79.0.1; }}\n\
+                 NFSV4 {{ Graceless = true; RecoveryBackend = fs; RecoveryRoot = {b}/recovery; Minor_Versions = 1, 2; }}\n\
+                 EXPORT {{ Export_Id = 1; Path = {b}/export; Pseudo = /images; Access_Type = RW; \
+                 Squash = No_Root_Squash; SecType = sys; Protocols = 4; Transports = TCP; FSAL {{ Name = VFS; }} }}\n\
+                 LOG {{ Default_Log_Level = WARN; }}\n"
+            ),
+        )
+        .unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", ns, "ganesha.nfsd", "-F", "-f", conf.to_str().unwrap()])
+            .arg("-L")
+            .arg(base.join("log"))
+            .arg("-p")
+            .arg(base.join("pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ganesha.nfsd (apt-get install nfs-ganesha nfs-ganesha-vfs)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
+            // (ganesha listens on IPv6, the address IPv4-mapped.)
+            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains("10.79.0.1") && l.contains(":2049")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "ganesha.nfsd did not listen on 10.79.0.1:2049");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ganesha { server, export: base.join("export") }
+    }
+}
+
+impl Drop for Ganesha {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// An NFS export as the image drive: nfs-ganesha in a network namespace
+/// the test makes, klon.conf naming `nfs://10.79.0.1/images/lab`. The live
+/// system brings up its network by DHCP, mounts the folder with the
+/// kernel's NFS 4.1 client and backs the source up into it (the host
+/// verifies the image and restores it byte for byte); a second boot
+/// restores it from the export onto a blank disk, which matches the
+/// source. Needs root (namespaces, tap) and nfs-ganesha.
+#[test]
+fn an_nfs_export_is_the_image_drive_for_backup_and_restore() {
+    if !ready("an_nfs_export_is_the_image_drive_for_backup_and_restore") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
+    let dir = TempDir::new("live-nfs");
+    let (source, parts) = make_source(&dir);
+    let net = PxeNet::new("nfs", true);
+    let nfs = Ganesha::start(&dir, &net.ns);
+    let nic = [
+        "-netdev".to_string(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    let conf = |job: &str| format!("{job}image = pc1\ndrive = nfs://10.79.0.1/images/lab\nafter = poweroff\n");
+    let boot_job = |name: &str, conf: &str, disks: &[(&Path, &str)]| {
+        let stick = stick_with(&dir, name, Some(conf));
+        let b = boot_in(&dir, Firmware::Bios, Some(&stick), disks, None, &nic, Some(&net.ns), &[]);
+        std::fs::remove_file(&stick).unwrap();
+        b
+    };
+
+    let src = [(source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC")];
+    let b = boot_job("stick-nfs-backup.img", &conf("job = backup\nsource = serial=KLONSRC\n"), &src);
+    let line = result_line(&b, Firmware::Bios, "backup to an NFS export");
+    assert!(line.contains("image pc1 on nfs://10.79.0.1/images/lab in"), "{line}");
+    let image = nfs.export.join("lab/pc1");
+    common::disks::ok(&common::disks::klon(&["verify", image.to_str().unwrap()]));
+    let back = dir.join("host-restore.img");
+    blank_file(&back, 64 * MIB);
+    common::disks::ok(&common::disks::klon(&["restore", "--yes", image.to_str().unwrap(), back.to_str().unwrap()]));
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &back, *start, *len, &format!("NFS backup: partition {}", i + 1));
+    }
+    std::fs::remove_file(&back).unwrap();
+    let log = std::fs::read_to_string(nfs.export.join("lab/klon-jobs.log")).unwrap();
+    assert!(log.contains("KLON-RESULT: ok backup"), "{log}");
+
+    let target = dir.join("target.img");
+    blank_file(&target, 64 * MIB);
+    let tgt = [(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONTGT")];
+    let b = boot_job("stick-nfs-restore.img", &conf("job = restore\ntarget = serial=KLONTGT\n"), &tgt);
+    result_line(&b, Firmware::Bios, "restore from an NFS export");
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &target, *start, *len, &format!("NFS restore: partition {}", i + 1));
+    }
+    drop(nfs);
+}

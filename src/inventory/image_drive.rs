@@ -13,7 +13,7 @@ use crate::device::mounts::{Mounted, kernel_types};
 use crate::error::{Error, Result};
 use crate::fs::FsInfo;
 use crate::inventory::DiskInfo;
-use crate::inventory::share::Share;
+use crate::inventory::share::{Protocol, Share};
 use crate::units::human_bytes;
 
 /// The folder on the image drive that holds the images.
@@ -209,7 +209,10 @@ impl ImageDrive {
             device: PathBuf::from(share.share_url()),
             disk_devno: 0,
             mountpoint: at.to_path_buf(),
-            fstype: "cifs".into(),
+            fstype: match share.protocol {
+                Protocol::Smb => "cifs".into(),
+                Protocol::Nfs => "nfs4".into(),
+            },
             images: share.images_dir(at),
             read_only,
             mounted,

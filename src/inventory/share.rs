@@ -1,13 +1,14 @@
-//! A network share as an image drive: `smb://[USER@]HOST[:PORT]/SHARE[/DIR]`
-//! (a NAS, a Windows or Samba server), mounted with the kernel's SMB client
-//! (cifs) where a USB drive would be, so that every job works on it as on a
-//! drive. Images go into DIR, or into `klon-images/` when the location
-//! names only the share.
-//!
-//! The password is given apart from the location (klon.conf's
-//! `drive_password`, or typed), handed to the kernel in the mount's
-//! options and nowhere else: not in a file, not on a command line, not in
-//! messages. No user: a guest login.
+//! A network share as an image drive, mounted with the kernel's own client
+//! where a USB drive would be, so that every job works on it as on a drive:
+//! - `smb://[USER@]HOST[:PORT]/SHARE[/DIR]` (a NAS, a Windows or Samba
+//!   server; SMB 2 or 3, the kernel's cifs): images go into DIR, or into
+//!   `klon-images/` when the location names only the share. The password
+//!   is given apart from the location (klon.conf's `drive_password`),
+//!   handed to the kernel in the mount's options and nowhere else: not in a
+//!   file, not on a command line, not in messages. No user: a guest login.
+//! - `nfs://HOST[:PORT]/PATH` (NFS 4.1 or later, `sec=sys`): the folder
+//!   PATH of the server's NFSv4 namespace is mounted and holds the images.
+//!   NFS has no password: the server trusts the client's address.
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -17,35 +18,63 @@ use crate::error::{Error, Result};
 
 /// SMB's port.
 const SMB_PORT: u16 = 445;
+/// NFS's port.
+const NFS_PORT: u16 = 2049;
+
+/// The protocol of a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// SMB 2 or 3 (the kernel's cifs).
+    Smb,
+    /// NFS 4.1 or later.
+    Nfs,
+}
+
+impl Protocol {
+    fn scheme(self) -> &'static str {
+        match self {
+            Protocol::Smb => "smb",
+            Protocol::Nfs => "nfs",
+        }
+    }
+}
 
 /// A share, parsed from its location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
-    /// The user to log in as; `None`: guest.
+    /// SMB or NFS.
+    pub protocol: Protocol,
+    /// The user to log in as; `None`: guest (SMB; NFS has none).
     pub user: Option<String>,
     /// The server's name or address.
     pub host: String,
     /// Its SMB port.
     pub port: u16,
-    /// The share's name.
+    /// The share's name (SMB), or the whole path (NFS).
     pub share: String,
     /// The folder in the share that holds the images; `None`: the
-    /// share's `klon-images/`.
+    /// share's `klon-images/` (SMB), the path itself (NFS).
     pub dir: Option<String>,
+}
+
+/// The protocol of a share location, `None` for anything else.
+fn protocol_of(spec: &str) -> Option<Protocol> {
+    let scheme = spec.trim().get(..6)?;
+    [Protocol::Smb, Protocol::Nfs].into_iter().find(|p| scheme.eq_ignore_ascii_case(&format!("{}://", p.scheme())))
 }
 
 /// Whether `spec` names a network share rather than a drive.
 pub fn is_share(spec: &str) -> bool {
-    spec.trim().get(..6).is_some_and(|p| p.eq_ignore_ascii_case("smb://"))
+    protocol_of(spec).is_some()
 }
 
-/// Parses `smb://[USER@]HOST[:PORT]/SHARE[/DIR]`.
+/// Parses `smb://[USER@]HOST[:PORT]/SHARE[/DIR]` or `nfs://HOST[:PORT]/PATH`.
 pub fn parse(spec: &str) -> Result<Share> {
     let spec = spec.trim();
-    let bad = |why: &str| Error::Usage(format!("{spec}: {why} (write smb://[USER@]HOST[:PORT]/SHARE[/FOLDER])"));
-    if !is_share(spec) {
-        return Err(bad("not an smb:// location"));
-    }
+    let bad = |why: &str| {
+        Error::Usage(format!("{spec}: {why} (write smb://[USER@]HOST[:PORT]/SHARE[/FOLDER] or nfs://HOST[:PORT]/PATH)"))
+    };
+    let protocol = protocol_of(spec).ok_or_else(|| bad("not an smb:// or nfs:// location"))?;
     let rest = &spec[6..];
     let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no share"))?;
     let (user, hostport) = match authority.rsplit_once('@') {
@@ -55,8 +84,11 @@ pub fn parse(spec: &str) -> Result<Share> {
     };
     let (host, port) = match hostport.rsplit_once(':').filter(|(h, _)| !h.contains(':')) {
         Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("the port is not a number"))?),
-        None => (hostport, SMB_PORT),
+        None => (hostport, if protocol == Protocol::Smb { SMB_PORT } else { NFS_PORT }),
     };
+    if protocol == Protocol::Nfs && user.is_some() {
+        return Err(bad("NFS has no user name (the server trusts the client's address): remove USER@"));
+    }
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty()
         || host.starts_with('-')
@@ -70,7 +102,11 @@ pub fn parse(spec: &str) -> Result<Share> {
     if dir.iter().chain(std::iter::once(&share.as_str())).any(|p| *p == "." || *p == ".." || p.contains(',')) {
         return Err(bad("`.`, `..` or a comma in the share or folder"));
     }
-    Ok(Share { user, host: host.to_string(), port, share, dir: (!dir.is_empty()).then(|| dir.join("/")) })
+    let (share, dir) = match protocol {
+        Protocol::Smb => (share, (!dir.is_empty()).then(|| dir.join("/"))),
+        Protocol::Nfs => (std::iter::once(share.as_str()).chain(dir).collect::<Vec<_>>().join("/"), None),
+    };
+    Ok(Share { protocol, user, host: host.to_string(), port, share, dir })
 }
 
 impl Share {
@@ -83,13 +119,18 @@ impl Share {
     /// The share's location, without the folder.
     pub fn share_url(&self) -> String {
         let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
-        let port = if self.port == SMB_PORT { String::new() } else { format!(":{}", self.port) };
-        format!("smb://{user}{}{port}/{}", self.host, self.share)
+        let default = if self.protocol == Protocol::Smb { SMB_PORT } else { NFS_PORT };
+        let port = if self.port == default { String::new() } else { format!(":{}", self.port) };
+        format!("{}://{user}{}{port}/{}", self.protocol.scheme(), self.host, self.share)
     }
 
     /// The folder of the mounted share (at `at`) that holds the images.
     pub fn images_dir(&self, at: &Path) -> PathBuf {
-        at.join(self.dir.as_deref().unwrap_or(super::image_drive::IMAGES_DIR))
+        match (self.protocol, &self.dir) {
+            (Protocol::Nfs, _) => at.to_path_buf(),
+            (Protocol::Smb, Some(d)) => at.join(d),
+            (Protocol::Smb, None) => at.join(super::image_drive::IMAGES_DIR),
+        }
     }
 
     /// The server's address: the host itself, or what its name resolves to.
@@ -119,24 +160,39 @@ impl Share {
         format!("{login},ip={addr},port={},uid=0,gid=0,file_mode=0600,dir_mode=0700,nounix,noserverino", self.port)
     }
 
+    /// NFS's mount options: version, the server's address and port.
+    fn nfs_options(&self, addr: IpAddr) -> String {
+        format!("vers=4.1,addr={addr},port={},proto=tcp,sec=sys,hard,timeo=600", self.port)
+    }
+
     /// Mounts the share at `at` (created if missing), read-write unless
-    /// `read_only`. An error says what the server or the kernel said, in
-    /// words, and never the password.
+    /// `read_only`; `password` for an SMB user. An error says what the
+    /// server or the kernel said, in words, and never the password.
     pub fn mount(&self, password: Option<&str>, at: &Path, read_only: bool) -> Result<Mounted> {
         let addr = self.address()?;
-        let unc = format!("//{}/{}", self.host, self.share);
-        let options = self.options(addr, password);
-        Mounted::mount_share(Path::new(&unc), "cifs", at, read_only, &options).map_err(|errno| {
+        let (source, fstype, options) = match self.protocol {
+            Protocol::Smb => (format!("//{}/{}", self.host, self.share), "cifs", self.options(addr, password)),
+            Protocol::Nfs => (format!("{}:/{}", self.host, self.share), "nfs4", self.nfs_options(addr)),
+        };
+        let (client, what) = match self.protocol {
+            Protocol::Smb => ("SMB client (the cifs module)", "share"),
+            Protocol::Nfs => ("NFS client", "path"),
+        };
+        Mounted::mount_share(Path::new(&source), fstype, at, read_only, &options).map_err(|errno| {
+            let denied = matches!(errno, nix::Error::EACCES | nix::Error::EPERM | nix::Error::EKEYREJECTED);
             let why = match errno {
-                nix::Error::EACCES | nix::Error::EPERM | nix::Error::EKEYREJECTED => {
-                    "the server refused the user name or password (drive_password in klon.conf)".to_string()
+                _ if denied && self.protocol == Protocol::Nfs => {
+                    "the server does not let this machine in (its export's client list, root squashing)".to_string()
                 }
-                nix::Error::ENOENT | nix::Error::ENXIO => format!("the server has no share {}", self.share),
+                _ if denied => "the server refused the user name or password (drive_password in klon.conf)".to_string(),
+                nix::Error::ENOENT | nix::Error::ENXIO => format!("the server has no {what} {}", self.share),
                 nix::Error::EHOSTUNREACH | nix::Error::ENETUNREACH | nix::Error::ETIMEDOUT => {
                     format!("cannot reach {addr} (is the network up, the address right?)")
                 }
-                nix::Error::ECONNREFUSED => format!("{addr} does not answer SMB on port {}", self.port),
-                nix::Error::ENODEV => "this kernel has no SMB client (the cifs module)".to_string(),
+                nix::Error::ECONNREFUSED => {
+                    format!("{addr} does not answer {} on port {}", self.protocol.scheme().to_uppercase(), self.port)
+                }
+                nix::Error::ENODEV => format!("this kernel has no {client}"),
                 e => format!("{} ({e})", e.desc()),
             };
             Error::Usage(format!("mounting the network share {}: {why}", self.describe()))
@@ -154,6 +210,7 @@ mod tests {
         assert_eq!(
             s,
             Share {
+                protocol: Protocol::Smb,
                 user: Some("backup".into()),
                 host: "nas.local".into(),
                 port: 445,
@@ -166,7 +223,15 @@ mod tests {
         assert_eq!((s.user.as_deref(), s.port, s.dir.as_deref()), (None, 4445, Some("klon/pcs")));
         assert_eq!(s.describe(), "smb://10.0.0.2:4445/data/klon/pcs");
         assert_eq!(s.images_dir(Path::new("/m")), Path::new("/m/klon/pcs"));
-        assert!(is_share(" smb://h/s") && !is_share("LABEL=smb") && !is_share("/dev/sdb1"));
+        assert!(is_share(" smb://h/s") && is_share("NFS://h/x") && !is_share("LABEL=smb") && !is_share("/dev/sdb1"));
+        let n = parse("nfs://10.0.0.2/volume1/klon/").unwrap();
+        assert_eq!(
+            (n.protocol, n.port, n.share.as_str(), n.dir.as_deref()),
+            (Protocol::Nfs, 2049, "volume1/klon", None)
+        );
+        assert_eq!(n.describe(), "nfs://10.0.0.2/volume1/klon");
+        assert_eq!(n.images_dir(Path::new("/m")), Path::new("/m"), "the path itself holds the images");
+        assert!(n.nfs_options("10.0.0.2".parse().unwrap()).starts_with("vers=4.1,addr=10.0.0.2,port=2049,"));
         for (bad, why) in [
             ("smb://host", "no share"),
             ("smb://host/", "no share"),
@@ -178,6 +243,8 @@ mod tests {
             ("smb://h/s/../x", "`..`"),
             ("smb://h/s,x", "comma"),
             ("LABEL=x", "not an smb://"),
+            ("nfs://u@h/x", "no user name"),
+            ("nfs://h", "no share"),
         ] {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

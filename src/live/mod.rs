@@ -384,7 +384,7 @@ fn run_job_on(job: &Job, used_drive: &mut Option<UsedDrive>) -> Result<String> {
     result?;
     let copied = copied.transpose()?.unwrap_or_default();
     unmounted?;
-    let image = format!("image {}/{} on {on_drive}", folder.display(), job.image);
+    let image = format!("image {} on {on_drive}", folder.join(&job.image).display());
     let what = match (job.kind, disk) {
         (JobKind::Backup, Some(d)) => format!("backup of {} to {image}", d.display()),
         (JobKind::Restore, Some(d)) => format!("restore of {image} to {}", d.display()),
