@@ -942,3 +942,56 @@ fn wizard_receives_an_image_klon_deploy_sends() {
         "the disk the wizard received differs from the source"
     );
 }
+
+/// "A network share" on "Where are the images?": the location is typed,
+/// then an SMB user's password, shown as stars only; a share that cannot
+/// be mounted (here: this machine's kernel has no SMB client, or nothing
+/// answers SMB on 127.0.0.1) is refused with the reason and the location,
+/// never the password, nothing stays mounted, and the wizard goes back to
+/// the location. (Mounting a share for real is tested in the live system,
+/// tests/live.rs, whose kernel has the clients.)
+#[test]
+fn wizard_asks_for_a_network_share_and_its_password_without_showing_it() {
+    require_root!();
+    let _g = lock();
+    assert!(!mounted_at("/run/klon/drive"), "something is already mounted at /run/klon/drive");
+    let tmp = TempDir::new("wizard-share");
+    let t = Tmux::start(&tmp.0);
+    t.wait_for(&["main menu"], 20);
+    t.choose("Verify an image");
+    t.wait_for(&["Where are the images?"], 30);
+    t.choose("A network share");
+    t.wait_for(&["smb://[USER@]HOST", "nfs://HOST", "Location: smb://"], 10);
+    // A location without a share is refused with what to write.
+    t.text("nowhere");
+    t.keys(&["Enter"]);
+    t.wait_for(&["smb://nowhere: no share (write smb://[USER@]HOST", "Press Enter"], 10);
+    t.keys(&["Enter"]);
+    // The typed text stays: rub out the host, then type the real one.
+    t.wait_for(&["Location: smb://nowhere"], 10);
+    for _ in 0.."nowhere".len() {
+        t.keys(&["BSpace"]);
+    }
+    t.text("backup@127.0.0.1/images/lab");
+    t.keys(&["Enter"]);
+    t.wait_for(&["The password of backup on 127.0.0.1", "Password:"], 10);
+    t.text("s3cret,pw");
+    let s = t.wait_for(&["Password: *********"], 10);
+    assert!(!s.contains("s3cret"), "the password is shown:\n{s}");
+    t.keys(&["Enter"]);
+    let s = t.wait_for(&["mounting the network share smb://backup@127.0.0.1/images/lab", "Press Enter"], 30);
+    assert!(
+        s.contains("no SMB client") || s.contains("does not answer SMB") || s.contains("cannot reach"),
+        "no reason given:\n{s}"
+    );
+    assert!(!s.contains("s3cret"), "the password is shown:\n{s}");
+    assert!(!mounted_at("/run/klon/drive"), "something stayed mounted");
+    t.keys(&["Enter"]);
+    t.wait_for(&["Location: smb://backup@127.0.0.1/images/lab"], 10);
+    t.keys(&["Escape"]);
+    t.wait_for(&["Where are the images?"], 10);
+    t.keys(&["Escape"]);
+    t.wait_for(&["main menu"], 10);
+    t.choose("Quit");
+    t.wait_for(&["KLON-EXITED 0"], 10);
+}

@@ -271,6 +271,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                     &ctx.exclude,
                     Some(list[src].info.devno),
                     &mut st.last_dir,
+                    ctx.network,
                 )? {
                     Nav::Go(d) => {
                         name = default_image_name(&d.path, &list[src]);
@@ -436,6 +437,7 @@ fn copy_to_another_drive(
             not_on,
             &mut st.last_dir,
             Path::new(images::COPY_MOUNT),
+            ctx.network,
         )?
         else {
             return Ok(());
@@ -795,7 +797,7 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
         match step {
             0 => {
                 drop(dir.take()); // unmounts a drive chosen before
-                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir, ctx.network)? {
                     Nav::Go(d) => {
                         dir = Some(d);
                         step = 1;
@@ -840,7 +842,7 @@ fn verify_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
 fn browse_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> {
     let title = "browse an image";
     loop {
-        let dir = match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+        let dir = match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir, ctx.network)? {
             Nav::Go(d) => d,
             Nav::Back => return Ok(()),
         };
@@ -973,7 +975,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
         match step {
             0 => {
                 drop(dir.take()); // unmounts a drive chosen before
-                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir)? {
+                match images::choose_dir(scr, title, ctx.live, &ctx.exclude, None, &mut st.last_dir, ctx.network)? {
                     Nav::Go(d) => {
                         dir = Some(d);
                         step = 1;

@@ -11,7 +11,9 @@ use std::time::Duration;
 use crate::device::uevent::{self, UeventSocket, Woken};
 use crate::error::Result;
 use crate::inventory::image_drive::{self, Candidate, IMAGES_DIR};
+use crate::inventory::share::{self, Protocol};
 use crate::ui::human_bytes;
+use crate::ui::wizard::BringUpNetwork;
 
 use super::disks;
 use super::screen::{Item, Nav, Screen};
@@ -101,6 +103,7 @@ impl DrivePart {
 
 /// Asks where the images are (or go): a typed directory, or a drive. With
 /// `not_on` the disk being backed up is not offered.
+#[allow(clippy::too_many_arguments)]
 pub fn choose_dir(
     scr: &Screen,
     title: &str,
@@ -108,11 +111,14 @@ pub fn choose_dir(
     exclude: &[PathBuf],
     not_on: Option<u64>,
     last: &mut String,
+    network: Option<BringUpNetwork>,
 ) -> Result<Nav<ImageDir>> {
-    choose_dir_at(scr, title, live, exclude, not_on, last, Path::new(LIVE_MOUNT))
+    choose_dir_at(scr, title, live, exclude, not_on, last, Path::new(LIVE_MOUNT), network)
 }
 
-/// [`choose_dir`], a chosen drive mounted at `mount_at`.
+/// [`choose_dir`], a chosen drive mounted at `mount_at`; `network` brings
+/// up the network before a share is mounted (`None`: the machine's own).
+#[allow(clippy::too_many_arguments)]
 pub fn choose_dir_at(
     scr: &Screen,
     title: &str,
@@ -121,6 +127,7 @@ pub fn choose_dir_at(
     not_on: Option<u64>,
     last: &mut String,
     mount_at: &Path,
+    network: Option<BringUpNetwork>,
 ) -> Result<Nav<ImageDir>> {
     let mut preselect: Option<PathBuf> = None;
     loop {
@@ -138,6 +145,7 @@ pub fn choose_dir_at(
             items.push(Item::new(d.describe()));
         }
         items.push(Item::new("Insert the USB drive now (klon waits for it)"));
+        items.push(Item::new("A network share: smb://… or nfs://… (a NAS, a Samba or Windows server)"));
         if live {
             items.push(Item::new("Type a directory"));
         }
@@ -174,6 +182,12 @@ pub fn choose_dir_at(
             *last = text;
             return Ok(Nav::Go(ImageDir { path, mounted: None }));
         }
+        if i == offset + drives.len() + 1 {
+            match mount_share(scr, title, mount_at, network)? {
+                Some(dir) => return Ok(Nav::Go(dir)),
+                None => continue,
+            }
+        }
         let wait = i == offset + drives.len();
         let chosen = if wait {
             match wait_for_drive(scr, title, exclude, not_on, &drives)? {
@@ -194,6 +208,75 @@ pub fn choose_dir_at(
         )?;
         match Mounted::mount(&chosen.drive.device, &chosen.drive.fs.fstype, &at, chosen.drive.read_only) {
             Ok(g) => return Ok(Nav::Go(ImageDir { path: images_dir(&at), mounted: Some(g) })),
+            Err(e) => scr.message(title, &format!("{e}"))?,
+        }
+    }
+}
+
+/// Asks for a network share's location (and an SMB user's password),
+/// brings up the network and mounts the share at `at`; `None` when the
+/// person went back.
+fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetwork>) -> Result<Option<ImageDir>> {
+    let mut typed = "smb://".to_string();
+    loop {
+        let Nav::Go(text) = scr.input(
+            title,
+            "Type the share's location:\n\n  smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]   SMB 2 or 3: a NAS, a Windows or \
+             Samba server; the images are in FOLDER, or in klon-images/ of the share\n  nfs://HOST[:PORT]/PATH   NFS \
+             4.1; the images are in PATH\n\nFor example smb://backup@192.168.1.10/images.",
+            "Location",
+            &typed,
+        )?
+        else {
+            return Ok(None);
+        };
+        typed = text.clone();
+        let found = match share::parse(&text) {
+            Ok(s) => s,
+            Err(e) => {
+                scr.message(title, &format!("{e}"))?;
+                continue;
+            }
+        };
+        let password = match (&found.protocol, &found.user) {
+            (Protocol::Smb, Some(user)) => {
+                scr.page(
+                    title,
+                    &format!(
+                        "The password of {user} on {}.\n\nIt goes to the kernel's mount of the share and is kept \
+                         nowhere.",
+                        found.host
+                    ),
+                )?;
+                match scr.read_secret("Password")? {
+                    Nav::Go(p) => Some(p),
+                    Nav::Back => continue,
+                }
+            }
+            _ => None,
+        };
+        if let Some(up) = network {
+            scr.page(title, "Bringing up the network by DHCP ...")?;
+            match up() {
+                Ok((_, line)) => scr.page(title, &format!("{line}\n\nMounting {} ...", found.describe()))?,
+                Err(e) => {
+                    scr.message(title, &format!("No network: {e}\n\nConnect a network cable and try again."))?;
+                    continue;
+                }
+            };
+        } else {
+            scr.page(title, &format!("Mounting {} at {} ...", found.describe(), at.display()))?;
+        }
+        match found.mount(password.as_deref(), at, false) {
+            Ok(m) => {
+                let dir = found.images_dir(at);
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    drop(m);
+                    scr.message(title, &format!("Cannot make the folder {} on the share: {e}", dir.display()))?;
+                    continue;
+                }
+                return Ok(Some(ImageDir { path: dir, mounted: Some(m) }));
+            }
             Err(e) => scr.message(title, &format!("{e}"))?,
         }
     }

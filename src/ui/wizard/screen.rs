@@ -199,11 +199,21 @@ impl Screen {
     /// Reads a line at the cursor: printable keys, Backspace, Enter; Esc
     /// returns Back. `default` is pre-filled.
     pub fn read_line(&self, prompt: &str, default: &str) -> Result<Nav<String>> {
+        self.read_text(prompt, default, false)
+    }
+
+    /// Reads a secret (a password) at the cursor as [`Self::read_line`]
+    /// does, showing a `*` for each character typed.
+    pub fn read_secret(&self, prompt: &str) -> Result<Nav<String>> {
+        self.read_text(prompt, "", true)
+    }
+
+    fn read_text(&self, prompt: &str, default: &str, masked: bool) -> Result<Nav<String>> {
         let t = &self.term;
         let mut text: Vec<char> = default.chars().collect();
         loop {
             t.clear_line().map_err(io_err)?;
-            let shown: String = text.iter().collect();
+            let shown: String = if masked { "*".repeat(text.len()) } else { text.iter().collect() };
             t.write_str(&format!("{prompt}: {shown}")).map_err(io_err)?;
             t.flush().map_err(io_err)?;
             let key = match t.read_key() {
@@ -222,7 +232,8 @@ impl Screen {
                 }
                 Key::Enter => {
                     t.write_line("").map_err(io_err)?;
-                    return Ok(Nav::Go(text.iter().collect::<String>().trim().to_string()));
+                    let line: String = text.iter().collect();
+                    return Ok(Nav::Go(if masked { line } else { line.trim().to_string() }));
                 }
                 Key::Backspace => {
                     text.pop();
