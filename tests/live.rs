@@ -1557,3 +1557,147 @@ fn an_nfs_export_is_the_image_drive_for_backup_and_restore() {
     }
     drop(nfs);
 }
+
+/// An SSH server (OpenSSH's sshd) on the network namespace's bridge
+/// (10.79.0.1:22), in the namespace, with throwaway host and user keys
+/// (key login only); the folder `srv/images` of `dir` to hold images.
+/// Killed when dropped.
+struct Sshd {
+    server: Child,
+    base: PathBuf,
+    made_privsep: bool,
+}
+
+impl Sshd {
+    fn start(dir: &TempDir, ns: &str) -> Sshd {
+        let base = dir.join("sshd");
+        std::fs::create_dir_all(base.join("srv/images")).unwrap();
+        let p = |n: &str| base.join(n).display().to_string();
+        for key in ["hostkey", "userkey"] {
+            run("ssh-keygen", &["-q", "-t", "ed25519", "-N", "", "-f", &p(key)]);
+        }
+        std::fs::copy(base.join("userkey.pub"), base.join("authorized_keys")).unwrap();
+        std::fs::write(
+            base.join("sshd_config"),
+            format!(
+                "ListenAddress 10.79.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nPidFile {}\nStrictModes no\n\
+                 UsePAM no\nSubsystem sftp internal-sftp\n",
+                p("hostkey"),
+                p("authorized_keys"),
+                p("sshd.pid")
+            ),
+        )
+        .unwrap();
+        let made_privsep = !Path::new("/run/sshd").exists();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", ns, "/usr/sbin/sshd", "-D", "-e", "-f", &p("sshd_config")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(base.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("start sshd (apt-get install openssh-server)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("10.79.0.1:22 ") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "sshd did not listen on 10.79.0.1:22");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Sshd { server, base, made_privsep }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        if self.made_privsep {
+            let _ = std::fs::remove_dir("/run/sshd");
+        }
+    }
+}
+
+/// An SFTP location as the image drive: sshd in a network namespace the
+/// test makes; the stick carries klon.conf naming
+/// `sftp://root@10.79.0.1/<dir>/srv/images` and, in its `ssh/` folder, the
+/// user's key and the server's host key as known_hosts. The live system
+/// takes the keys, brings up its network, mounts the folder with sshfs and
+/// backs the source up into it (the host verifies and restores it byte for
+/// byte); a second boot whose known_hosts names another key is refused
+/// (ssh does not log in to an unknown host) and writes nothing; a third
+/// restores the image onto a blank disk, which matches the source. Needs
+/// root (namespaces, tap) and openssh-server.
+#[test]
+fn an_sftp_location_is_the_image_drive_for_backup_and_restore() {
+    if !ready("an_sftp_location_is_the_image_drive_for_backup_and_restore") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
+    let dir = TempDir::new("live-sftp");
+    let (source, parts) = make_source(&dir);
+    let net = PxeNet::new("sftp", true);
+    let sshd = Sshd::start(&dir, &net.ns);
+    let images = sshd.base.join("srv/images");
+    let nic = [
+        "-netdev".to_string(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    let url = format!("sftp://root@10.79.0.1{}", images.display());
+    let conf = |job: &str| format!("{job}image = pc1\ndrive = {url}\nafter = poweroff\n");
+    // A stick with klon.conf and the ssh/ folder: the user's key, and
+    // `host_key` as the known key of 10.79.0.1.
+    let boot_job = |name: &str, conf: &str, host_key: &Path, disks: &[(&Path, &str)]| {
+        let stick = stick_with(&dir, name, Some(conf));
+        let ssh = dir.join("stick-ssh");
+        let _ = std::fs::remove_dir_all(&ssh);
+        std::fs::create_dir_all(&ssh).unwrap();
+        std::fs::copy(sshd.base.join("userkey"), ssh.join("id_ed25519")).unwrap();
+        let host = std::fs::read_to_string(host_key).unwrap();
+        std::fs::write(ssh.join("known_hosts"), format!("10.79.0.1 {host}")).unwrap();
+        let img = format!("{}@@1M", stick.display());
+        mtools("mcopy", &["-s", "-o", "-i", &img, ssh.to_str().unwrap(), "::/ssh"]);
+        let b = boot_in(&dir, Firmware::Bios, Some(&stick), disks, None, &nic, Some(&net.ns), &[]);
+        std::fs::remove_file(&stick).unwrap();
+        b
+    };
+    let host_key = sshd.base.join("hostkey.pub");
+
+    let src = [(source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC")];
+    let b = boot_job("stick-sftp-backup.img", &conf("job = backup\nsource = serial=KLONSRC\n"), &host_key, &src);
+    let line = result_line(&b, Firmware::Bios, "backup to an SFTP location");
+    assert!(line.contains(&format!("image pc1 on {url} in")), "{line}");
+    assert!(b.find("took 2 ssh files").is_some(), "the keys were not taken:\n{}", b.transcript());
+    let image = images.join("pc1");
+    common::disks::ok(&common::disks::klon(&["verify", image.to_str().unwrap()]));
+    let back = dir.join("host-restore.img");
+    blank_file(&back, 64 * MIB);
+    common::disks::ok(&common::disks::klon(&["restore", "--yes", image.to_str().unwrap(), back.to_str().unwrap()]));
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &back, *start, *len, &format!("SFTP backup: partition {}", i + 1));
+    }
+    std::fs::remove_file(&back).unwrap();
+    assert!(std::fs::read_to_string(images.join("klon-jobs.log")).unwrap().contains("KLON-RESULT: ok backup"));
+
+    // Another host key known: ssh does not log in; nothing is written.
+    let target = dir.join("target.img");
+    blank_file(&target, 64 * MIB);
+    let tgt = [(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONTGT")];
+    let restore = conf("job = restore\ntarget = serial=KLONTGT\n");
+    let b = boot_job("stick-sftp-unknown.img", &restore, &sshd.base.join("userkey.pub"), &tgt);
+    let (_, line) = b.find("KLON-RESULT:").unwrap_or_else(|| panic!("no result:\n{}", b.transcript()));
+    assert!(line.contains("KLON-RESULT: failed") && line.contains("cannot reach"), "{line}\n{}", b.transcript());
+    assert!(std::fs::read(&target).unwrap().iter().all(|&b| b == 0), "the target was written");
+
+    let b = boot_job("stick-sftp-restore.img", &restore, &host_key, &tgt);
+    result_line(&b, Firmware::Bios, "restore from an SFTP location");
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &target, *start, *len, &format!("SFTP restore: partition {}", i + 1));
+    }
+    drop(sshd);
+}

@@ -221,6 +221,12 @@ impl Mounted {
         Err(Error::io(format!("mounting {} ({fstype}){hint} at", device.display()), dir, None, last.into()))
     }
 
+    /// Takes over `dir`, where `source` was just mounted by another program
+    /// (sshfs): unmounted like the others.
+    pub fn adopt(source: &Path, dir: &Path) -> Mounted {
+        Mounted { device: source.to_path_buf(), dir: dir.to_path_buf(), active: true }
+    }
+
     /// Mounts the network share `source` (`//HOST/SHARE`) with the kernel
     /// filesystem `fstype` (cifs) and its `options` (credentials among
     /// them: not kept, not shown) at `dir`, created if missing; the error is

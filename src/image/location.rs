@@ -125,38 +125,44 @@ pub fn localize(p: &Path, feedback: &Feedback) -> Result<(PathBuf, Option<Remote
     let at =
         std::env::temp_dir().join(format!("klon-sftp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     std::fs::create_dir_all(&at).map_err(|e| Error::io("creating", &at, None, e))?;
+    if let Err(e) = sshfs(loc.user.as_deref(), &loc.host, loc.port, &loc.dir, &at, &url) {
+        let _ = std::fs::remove_dir(&at);
+        return Err(e);
+    }
+    let local = at.join(&loc.name);
+    Ok((local, Some(RemoteMount { at, url, feedback: feedback.clone() })))
+}
+
+/// Mounts directory `dir` of `host` at `at` with sshfs: ssh's own keys and
+/// configuration (`KLON_SSH_CONFIG` names another), nothing typed; `url`
+/// names the place in an error.
+pub fn sshfs(user: Option<&str>, host: &str, port: Option<u16>, dir: &str, at: &Path, url: &str) -> Result<()> {
     let mut cmd = Command::new("sshfs");
-    let target = match &loc.user {
-        Some(u) => format!("{u}@{}:{}", loc.host, loc.dir),
-        None => format!("{}:{}", loc.host, loc.dir),
+    let target = match user {
+        Some(u) => format!("{u}@{host}:{dir}"),
+        None => format!("{host}:{dir}"),
     };
-    cmd.arg(&target).arg(&at);
+    cmd.arg(&target).arg(at);
     cmd.args(["-o", "BatchMode=yes,reconnect,ServerAliveInterval=15,ServerAliveCountMax=4"]);
-    if let Some(port) = loc.port {
+    if let Some(port) = port {
         cmd.args(["-p", &port.to_string()]);
     }
     if let Some(cfg) = std::env::var_os("KLON_SSH_CONFIG") {
         cmd.arg("-F").arg(cfg);
     }
-    let out = match cmd.output() {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = std::fs::remove_dir(&at);
-            return Err(Error::Unsupported(format!("cannot run sshfs ({e}) for {url}: install sshfs")));
-        }
-    };
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::Unsupported(format!("cannot run sshfs ({e}) for {url}: install sshfs")))?;
     if !out.status.success() {
-        let _ = std::fs::remove_dir(&at);
         let said = String::from_utf8_lossy(&out.stderr);
         return Err(Error::Unsupported(format!(
             "cannot reach {url}: {} (klon logs in with ssh's keys and configuration, nothing typed: use a key, \
-             know the host's key, and make sure {} exists there; KLON_SSH_CONFIG names another ssh configuration)",
+             know the host's key, and make sure {dir} exists there; KLON_SSH_CONFIG names another ssh configuration)",
             said.trim().lines().last().unwrap_or("sshfs failed"),
-            loc.dir
         )));
     }
-    let local = at.join(&loc.name);
-    Ok((local, Some(RemoteMount { at, url, feedback: feedback.clone() })))
+    Ok(())
 }
 
 #[cfg(test)]

@@ -212,6 +212,7 @@ impl ImageDrive {
             fstype: match share.protocol {
                 Protocol::Smb => "cifs".into(),
                 Protocol::Nfs => "nfs4".into(),
+                Protocol::Sftp => "fuse.sshfs".into(),
             },
             images: share.images_dir(at),
             read_only,

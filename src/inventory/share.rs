@@ -9,6 +9,10 @@
 //! - `nfs://HOST[:PORT]/PATH` (NFS 4.1 or later, `sec=sys`): the folder
 //!   PATH of the server's NFSv4 namespace is mounted and holds the images.
 //!   NFS has no password: the server trusts the client's address.
+//! - `sftp://[USER@]HOST[:PORT]/PATH` (an SSH server): the folder PATH is
+//!   mounted with sshfs and holds the images; ssh's own keys and known
+//!   hosts, nothing typed (the live system takes them from the stick's
+//!   `ssh/` folder).
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -20,6 +24,8 @@ use crate::error::{Error, Result};
 const SMB_PORT: u16 = 445;
 /// NFS's port.
 const NFS_PORT: u16 = 2049;
+/// SSH's port.
+const SSH_PORT: u16 = 22;
 
 /// The protocol of a share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +34,8 @@ pub enum Protocol {
     Smb,
     /// NFS 4.1 or later.
     Nfs,
+    /// SFTP, with sshfs.
+    Sftp,
 }
 
 impl Protocol {
@@ -35,6 +43,15 @@ impl Protocol {
         match self {
             Protocol::Smb => "smb",
             Protocol::Nfs => "nfs",
+            Protocol::Sftp => "sftp",
+        }
+    }
+
+    fn default_port(self) -> u16 {
+        match self {
+            Protocol::Smb => SMB_PORT,
+            Protocol::Nfs => NFS_PORT,
+            Protocol::Sftp => SSH_PORT,
         }
     }
 }
@@ -44,23 +61,26 @@ impl Protocol {
 pub struct Share {
     /// SMB or NFS.
     pub protocol: Protocol,
-    /// The user to log in as; `None`: guest (SMB; NFS has none).
+    /// The user to log in as; `None`: guest (SMB), ssh's default (SFTP);
+    /// NFS has none.
     pub user: Option<String>,
     /// The server's name or address.
     pub host: String,
     /// Its SMB port.
     pub port: u16,
-    /// The share's name (SMB), or the whole path (NFS).
+    /// The share's name (SMB), or the whole path (NFS, SFTP).
     pub share: String,
     /// The folder in the share that holds the images; `None`: the
-    /// share's `klon-images/` (SMB), the path itself (NFS).
+    /// share's `klon-images/` (SMB), the path itself (NFS, SFTP).
     pub dir: Option<String>,
 }
 
 /// The protocol of a share location, `None` for anything else.
 fn protocol_of(spec: &str) -> Option<Protocol> {
-    let scheme = spec.trim().get(..6)?;
-    [Protocol::Smb, Protocol::Nfs].into_iter().find(|p| scheme.eq_ignore_ascii_case(&format!("{}://", p.scheme())))
+    let lower = spec.trim().to_ascii_lowercase();
+    [Protocol::Smb, Protocol::Nfs, Protocol::Sftp]
+        .into_iter()
+        .find(|p| lower.starts_with(&format!("{}://", p.scheme())))
 }
 
 /// Whether `spec` names a network share rather than a drive.
@@ -68,14 +88,18 @@ pub fn is_share(spec: &str) -> bool {
     protocol_of(spec).is_some()
 }
 
-/// Parses `smb://[USER@]HOST[:PORT]/SHARE[/DIR]` or `nfs://HOST[:PORT]/PATH`.
+/// Parses `smb://[USER@]HOST[:PORT]/SHARE[/DIR]`, `nfs://HOST[:PORT]/PATH`
+/// or `sftp://[USER@]HOST[:PORT]/PATH`.
 pub fn parse(spec: &str) -> Result<Share> {
     let spec = spec.trim();
     let bad = |why: &str| {
-        Error::Usage(format!("{spec}: {why} (write smb://[USER@]HOST[:PORT]/SHARE[/FOLDER] or nfs://HOST[:PORT]/PATH)"))
+        Error::Usage(format!(
+            "{spec}: {why} (write smb://[USER@]HOST[:PORT]/SHARE[/FOLDER], nfs://HOST[:PORT]/PATH or \
+             sftp://[USER@]HOST[:PORT]/PATH)"
+        ))
     };
-    let protocol = protocol_of(spec).ok_or_else(|| bad("not an smb:// or nfs:// location"))?;
-    let rest = &spec[6..];
+    let protocol = protocol_of(spec).ok_or_else(|| bad("not an smb://, nfs:// or sftp:// location"))?;
+    let rest = &spec[protocol.scheme().len() + 3..];
     let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no share"))?;
     let (user, hostport) = match authority.rsplit_once('@') {
         Some((u, h)) if !u.is_empty() && !u.contains([',', ':']) => (Some(u.to_string()), h),
@@ -84,7 +108,7 @@ pub fn parse(spec: &str) -> Result<Share> {
     };
     let (host, port) = match hostport.rsplit_once(':').filter(|(h, _)| !h.contains(':')) {
         Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("the port is not a number"))?),
-        None => (hostport, if protocol == Protocol::Smb { SMB_PORT } else { NFS_PORT }),
+        None => (hostport, protocol.default_port()),
     };
     if protocol == Protocol::Nfs && user.is_some() {
         return Err(bad("NFS has no user name (the server trusts the client's address): remove USER@"));
@@ -104,7 +128,9 @@ pub fn parse(spec: &str) -> Result<Share> {
     }
     let (share, dir) = match protocol {
         Protocol::Smb => (share, (!dir.is_empty()).then(|| dir.join("/"))),
-        Protocol::Nfs => (std::iter::once(share.as_str()).chain(dir).collect::<Vec<_>>().join("/"), None),
+        Protocol::Nfs | Protocol::Sftp => {
+            (std::iter::once(share.as_str()).chain(dir).collect::<Vec<_>>().join("/"), None)
+        }
     };
     Ok(Share { protocol, user, host: host.to_string(), port, share, dir })
 }
@@ -119,15 +145,14 @@ impl Share {
     /// The share's location, without the folder.
     pub fn share_url(&self) -> String {
         let user = self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
-        let default = if self.protocol == Protocol::Smb { SMB_PORT } else { NFS_PORT };
-        let port = if self.port == default { String::new() } else { format!(":{}", self.port) };
+        let port = if self.port == self.protocol.default_port() { String::new() } else { format!(":{}", self.port) };
         format!("{}://{user}{}{port}/{}", self.protocol.scheme(), self.host, self.share)
     }
 
     /// The folder of the mounted share (at `at`) that holds the images.
     pub fn images_dir(&self, at: &Path) -> PathBuf {
         match (self.protocol, &self.dir) {
-            (Protocol::Nfs, _) => at.to_path_buf(),
+            (Protocol::Nfs | Protocol::Sftp, _) => at.to_path_buf(),
             (Protocol::Smb, Some(d)) => at.join(d),
             (Protocol::Smb, None) => at.join(super::image_drive::IMAGES_DIR),
         }
@@ -160,6 +185,21 @@ impl Share {
         format!("{login},ip={addr},port={},uid=0,gid=0,file_mode=0600,dir_mode=0700,nounix,noserverino", self.port)
     }
 
+    /// Mounts the SFTP location's folder at `at` with sshfs (ssh's keys and
+    /// known hosts, nothing typed).
+    fn mount_sftp(&self, at: &Path) -> Result<Mounted> {
+        std::fs::create_dir_all(at).map_err(|e| Error::io("creating the mount point", at, None, e))?;
+        let port = (self.port != SSH_PORT).then_some(self.port);
+        let dir = format!("/{}", self.share);
+        if let Err(e) =
+            crate::image::location::sshfs(self.user.as_deref(), &self.host, port, &dir, at, &self.describe())
+        {
+            let _ = std::fs::remove_dir(at);
+            return Err(e);
+        }
+        Ok(Mounted::adopt(Path::new(&self.describe()), at))
+    }
+
     /// NFS's mount options: version, the server's address and port.
     fn nfs_options(&self, addr: IpAddr) -> String {
         format!("vers=4.1,addr={addr},port={},proto=tcp,sec=sys,hard,timeo=600", self.port)
@@ -169,14 +209,19 @@ impl Share {
     /// `read_only`; `password` for an SMB user. An error says what the
     /// server or the kernel said, in words, and never the password.
     pub fn mount(&self, password: Option<&str>, at: &Path, read_only: bool) -> Result<Mounted> {
+        if self.protocol == Protocol::Sftp {
+            return self.mount_sftp(at);
+        }
         let addr = self.address()?;
         let (source, fstype, options) = match self.protocol {
             Protocol::Smb => (format!("//{}/{}", self.host, self.share), "cifs", self.options(addr, password)),
-            Protocol::Nfs => (format!("{}:/{}", self.host, self.share), "nfs4", self.nfs_options(addr)),
+            Protocol::Nfs | Protocol::Sftp => {
+                (format!("{}:/{}", self.host, self.share), "nfs4", self.nfs_options(addr))
+            }
         };
         let (client, what) = match self.protocol {
             Protocol::Smb => ("SMB client (the cifs module)", "share"),
-            Protocol::Nfs => ("NFS client", "path"),
+            Protocol::Nfs | Protocol::Sftp => ("NFS client", "path"),
         };
         Mounted::mount_share(Path::new(&source), fstype, at, read_only, &options).map_err(|errno| {
             let denied = matches!(errno, nix::Error::EACCES | nix::Error::EPERM | nix::Error::EKEYREJECTED);
@@ -232,6 +277,13 @@ mod tests {
         assert_eq!(n.describe(), "nfs://10.0.0.2/volume1/klon");
         assert_eq!(n.images_dir(Path::new("/m")), Path::new("/m"), "the path itself holds the images");
         assert!(n.nfs_options("10.0.0.2".parse().unwrap()).starts_with("vers=4.1,addr=10.0.0.2,port=2049,"));
+        let f = parse("sftp://backup@nas:2222/srv/images").unwrap();
+        assert_eq!(
+            (f.protocol, f.port, f.share.as_str(), f.user.as_deref()),
+            (Protocol::Sftp, 2222, "srv/images", Some("backup"))
+        );
+        assert_eq!(f.describe(), "sftp://backup@nas:2222/srv/images");
+        assert_eq!(f.images_dir(Path::new("/m")), Path::new("/m"));
         for (bad, why) in [
             ("smb://host", "no share"),
             ("smb://host/", "no share"),
@@ -244,6 +296,7 @@ mod tests {
             ("smb://h/s,x", "comma"),
             ("LABEL=x", "not an smb://"),
             ("nfs://u@h/x", "no user name"),
+            ("sftp://h", "no share"),
             ("nfs://h", "no share"),
         ] {
             let e = parse(bad).unwrap_err().to_string();

@@ -15,7 +15,7 @@
 //! | `source` | backup, clone: the disk, `/dev/sda` or `serial=SERIAL` |
 //! | `target` | restore, clone, receive: the disk, `/dev/nvme0n1` or `serial=SERIAL` |
 //! | `image` | backup, restore, verify: the image's name in the folder `klon-images/` of the image drive |
-//! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1`; or a network share, `smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]` (images in FOLDER, or in `klon-images/`) or `nfs://HOST[:PORT]/PATH` (NFS 4.1; images in PATH); brings up the network by DHCP |
+//! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1`; or a network share, `smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]` (images in FOLDER, or in `klon-images/`) or `nfs://HOST[:PORT]/PATH` (NFS 4.1; images in PATH) or `sftp://[USER@]HOST[:PORT]/PATH` (sshfs; images in PATH; keys and known_hosts from the stick's `ssh/` folder); brings up the network by DHCP |
 //! | `drive_password` | the password of an SMB share's user: only in klon.conf, never on the kernel command line |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `copy_drive` | backup into a repository: then copy the new snapshot into the repository of the same name on this second drive (`LABEL=…`, `UUID=…` or `/dev/sdd1`; made with the same keys when missing), read back |

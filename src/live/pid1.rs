@@ -216,6 +216,32 @@ pub fn load_in_parallel(
     (st.loaded, st.failed)
 }
 
+/// Where ssh (and sshfs, for sftp:// shares) looks for root's keys and
+/// known hosts.
+const SSH_DIR: &str = "/root/.ssh";
+
+/// Copies the files of the stick's `ssh/` folder (a private key, known
+/// hosts, a config) into `to`, readable by root alone, as ssh wants them;
+/// how many. Nothing when the stick has no such folder.
+fn take_ssh_keys(from: &Path, to: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(from) else { return Ok(0) };
+    std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))?;
+    let mut n = 0;
+    for e in entries {
+        let e = e?;
+        if !e.file_type()?.is_file() {
+            continue;
+        }
+        let dest = to.join(e.file_name());
+        std::fs::copy(e.path(), &dest)?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o600))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn read_config(spec: &str) -> BTreeMap<String, String> {
     // Booted from the network (klon serve --pxe): no stick to wait for.
     if spec.eq_ignore_ascii_case("none") {
@@ -234,6 +260,11 @@ fn read_config(spec: &str) -> BTreeMap<String, String> {
     };
     let path = Path::new(BOOT_MNT).join("klon.conf");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
+    match take_ssh_keys(&Path::new(BOOT_MNT).join("ssh"), Path::new(SSH_DIR)) {
+        Ok(0) => {}
+        Ok(n) => say(&format!("took {n} ssh files (keys, known hosts) from the stick's ssh/ folder")),
+        Err(e) => say(&format!("cannot take the stick's ssh/ folder: {e}")),
+    }
     let _ = drive.unmount();
     match crate::job::from_config(&text, "klon.conf") {
         Ok(m) => {
@@ -435,6 +466,22 @@ pub fn main() -> ! {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn the_stick_s_ssh_files_are_taken_for_root_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = crate::testutil::TempDir::new("ssh-keys");
+        let (from, to) = (t.0.join("stick-ssh"), t.0.join("root-ssh"));
+        assert_eq!(take_ssh_keys(&from, &to).unwrap(), 0, "no folder, nothing");
+        std::fs::create_dir_all(from.join("sub")).unwrap();
+        std::fs::write(from.join("id_ed25519"), "KEY").unwrap();
+        std::fs::write(from.join("known_hosts"), "10.0.0.2 ssh-ed25519 AAAA").unwrap();
+        assert_eq!(take_ssh_keys(&from, &to).unwrap(), 2);
+        assert_eq!(std::fs::read_to_string(to.join("id_ed25519")).unwrap(), "KEY");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode(&to), mode(&to.join("id_ed25519")), mode(&to.join("known_hosts"))), (0o700, 0o600, 0o600));
+        assert!(!to.join("sub").exists());
+    }
 
     #[test]
     fn modules_load_after_their_dependencies() {

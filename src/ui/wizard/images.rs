@@ -145,7 +145,7 @@ pub fn choose_dir_at(
             items.push(Item::new(d.describe()));
         }
         items.push(Item::new("Insert the USB drive now (klon waits for it)"));
-        items.push(Item::new("A network share: smb://… or nfs://… (a NAS, a Samba or Windows server)"));
+        items.push(Item::new("A network share: smb://…, nfs://… or sftp://… (a NAS, a server)"));
         if live {
             items.push(Item::new("Type a directory"));
         }
@@ -223,7 +223,8 @@ fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetw
             title,
             "Type the share's location:\n\n  smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]   SMB 2 or 3: a NAS, a Windows or \
              Samba server; the images are in FOLDER, or in klon-images/ of the share\n  nfs://HOST[:PORT]/PATH   NFS \
-             4.1; the images are in PATH\n\nFor example smb://backup@192.168.1.10/images.",
+             4.1; the images are in PATH\n  sftp://[USER@]HOST[:PORT]/PATH   an SSH server, with ssh's keys and \
+             known hosts; the images are in PATH\n\nFor example smb://backup@192.168.1.10/images.",
             "Location",
             &typed,
         )?
