@@ -1701,3 +1701,77 @@ fn an_sftp_location_is_the_image_drive_for_backup_and_restore() {
     }
     drop(sshd);
 }
+
+/// Repositories in an S3 store from the live system: Garage in a network
+/// namespace the test makes (its S3 API on the bridge, 10.79.0.1), and
+/// klon.conf naming `drive = s3://klon/live` with the store's endpoint,
+/// region and key. The live system brings up its network and backs the
+/// source up as a snapshot of the repository `live/pc1` in the bucket; from
+/// the namespace klon checks the repository (`check --read-data`) and
+/// restores the snapshot byte for byte; a second boot restores it onto a
+/// blank disk, which matches the source. Needs root (namespaces, tap) and
+/// Garage (KLON_GARAGE or on the PATH; CI installs it).
+#[test]
+fn an_s3_store_holds_the_repositories_of_unattended_jobs() {
+    if !ready("an_s3_store_holds_the_repositories_of_unattended_jobs") {
+        return;
+    }
+    assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
+    let bin = common::garage::garage_binary()
+        .expect("needs Garage: cargo install --locked garage (CI does), or KLON_GARAGE=PATH");
+    let dir = TempDir::new("live-s3");
+    let (source, parts) = make_source(&dir);
+    let net = PxeNet::new("s3", true);
+    let garage = common::garage::Garage::start_in(bin, &dir, Some(&net.ns), "10.79.0.1");
+    let nic = [
+        "-netdev".to_string(),
+        "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
+        "-device".into(),
+        "virtio-net-pci,netdev=n0".into(),
+    ];
+    let conf = |job: &str| {
+        format!(
+            "{job}image = pc1\ndrive = s3://klon/live\ns3_endpoint = {}\ns3_region = garage\ns3_access_key = {}\n\
+             s3_secret_key = \"{}\"\nafter = poweroff\n",
+            garage.endpoint, garage.key_id, garage.secret
+        )
+    };
+    let boot_job = |name: &str, conf: &str, disks: &[(&Path, &str)]| {
+        let stick = stick_with(&dir, name, Some(conf));
+        let b = boot_in(&dir, Firmware::Bios, Some(&stick), disks, None, &nic, Some(&net.ns), &[]);
+        std::fs::remove_file(&stick).unwrap();
+        b
+    };
+
+    let src = [(source.as_path(), "ide-hd,drive=DRIVE,bus=ide.0,serial=KLONSRC")];
+    let b = boot_job("stick-s3-backup.img", &conf("job = backup\nsource = serial=KLONSRC\n"), &src);
+    let line = result_line(&b, Firmware::Bios, "backup into an S3 store");
+    assert!(line.contains("to s3://klon/live/pc1 in"), "{line}");
+    assert!(!b.transcript().contains(&garage.secret), "the secret key was shown:\n{}", b.transcript());
+    // From the namespace, with the store's key: the repository checks, and
+    // its snapshot restores the source.
+    let host_klon = |args: &[&str]| {
+        let mut c = net.klon(args);
+        c.envs(garage.env());
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "klon {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    host_klon(&["check", "--read-data", "s3://klon/live/pc1"]);
+    let back = dir.join("host-restore.img");
+    blank_file(&back, 64 * MIB);
+    host_klon(&["restore", "--yes", "s3://klon/live/pc1", back.to_str().unwrap()]);
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &back, *start, *len, &format!("S3 backup: partition {}", i + 1));
+    }
+    std::fs::remove_file(&back).unwrap();
+
+    let target = dir.join("target.img");
+    blank_file(&target, 64 * MIB);
+    let tgt = [(target.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONTGT")];
+    let b = boot_job("stick-s3-restore.img", &conf("job = restore\ntarget = serial=KLONTGT\n"), &tgt);
+    result_line(&b, Firmware::Bios, "restore from an S3 store");
+    for (i, (start, len)) in parts.iter().enumerate() {
+        assert_same(&source, &target, *start, *len, &format!("S3 restore: partition {}", i + 1));
+    }
+    drop(garage);
+}

@@ -17,6 +17,7 @@
 //! | `image` | backup, restore, verify: the image's name in the folder `klon-images/` of the image drive |
 //! | `drive` | the image drive: `LABEL=…`, `UUID=…` or `/dev/sdc1`; or a network share, `smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]` (images in FOLDER, or in `klon-images/`) or `nfs://HOST[:PORT]/PATH` (NFS 4.1; images in PATH) or `sftp://[USER@]HOST[:PORT]/PATH` (sshfs; images in PATH; keys and known_hosts from the stick's `ssh/` folder); brings up the network by DHCP |
 //! | `drive_password` | the password of an SMB share's user: only in klon.conf, never on the kernel command line |
+//! | `s3_endpoint`, `s3_region`, `s3_access_key`, `s3_secret_key` | with `drive = s3://BUCKET/PREFIX` (repositories in an S3-compatible store; `image` is the repository's name under PREFIX; brings up the network by DHCP): the store's URL, region, and key; the secret key only in klon.conf |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `copy_drive` | backup into a repository: then copy the new snapshot into the repository of the same name on this second drive (`LABEL=…`, `UUID=…` or `/dev/sdd1`; made with the same keys when missing), read back |
 //! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
@@ -135,6 +136,10 @@ pub struct Job {
     pub passphrase: Option<Secret>,
     /// The password of a network share's user (from klon.conf only).
     pub drive_password: Option<Secret>,
+    /// With `drive = s3://…`: the store's settings, by the names of the
+    /// AWS files (endpoint_url, region, aws_access_key_id,
+    /// aws_secret_access_key).
+    pub s3: BTreeMap<String, Secret>,
     /// The network, when the job or the settings ask for it.
     pub net: Option<Net>,
     /// The command's own options (`level`, `grow_last`, `keep`, …), as
@@ -195,7 +200,7 @@ pub fn net(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>
     s.extend(cmdline.iter().map(|(k, v)| (k.clone(), v.clone())));
     let get = |k: &str| s.get(k).map(|v| v.trim().to_ascii_lowercase()).filter(|v| !v.is_empty());
     let receive = get("job").as_deref() == Some("receive");
-    let share = ["drive", "copy_drive"].into_iter().find(|k| s.get(*k).is_some_and(|v| share::is_share(v)));
+    let share = ["drive", "copy_drive"].into_iter().find(|k| s.get(*k).is_some_and(|v| share::is_share(v) || is_s3(v)));
     let dhcp = match get("net").as_deref() {
         Some("dhcp") => true,
         Some("none" | "no" | "off") if receive => {
@@ -213,6 +218,12 @@ pub fn net(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, String>
     Ok(dhcp.then(|| Net { interface: s.get("interface").map(|v| v.trim().to_string()).filter(|v| !v.is_empty()) }))
 }
 
+/// Whether `spec` names an S3 store (`s3://BUCKET/PREFIX`), whose
+/// repositories the job reads and writes instead of a drive's.
+pub fn is_s3(spec: &str) -> bool {
+    spec.trim().get(..5).is_some_and(|p| p.eq_ignore_ascii_case("s3://"))
+}
+
 /// Seconds to wait for disks, drives and the network when `wait` is not set.
 pub const DEFAULT_WAIT: u64 = 30;
 
@@ -228,6 +239,10 @@ const LIVE_KEYS: &[&str] = &[
     "copy_drive",
     "passphrase",
     "drive_password",
+    "s3_endpoint",
+    "s3_region",
+    "s3_access_key",
+    "s3_secret_key",
     "wait",
     "net",
     "interface",
@@ -236,7 +251,20 @@ const LIVE_KEYS: &[&str] = &[
 ];
 
 /// The live system's keys that apply to any job.
-const SHARED_KEYS: &[&str] = &["after", "passphrase", "drive_password", "wait", "net", "interface", "live", "shell"];
+const SHARED_KEYS: &[&str] = &[
+    "after",
+    "passphrase",
+    "drive_password",
+    "s3_endpoint",
+    "s3_region",
+    "s3_access_key",
+    "s3_secret_key",
+    "wait",
+    "net",
+    "interface",
+    "live",
+    "shell",
+];
 
 /// The config file's settings and the command line's, merged: the command
 /// line wins, and a job on it that is not the file's takes from the file
@@ -246,7 +274,7 @@ pub fn merge(
     config: &BTreeMap<String, String>,
     cmdline: &BTreeMap<String, String>,
 ) -> Result<BTreeMap<String, String>> {
-    for key in ["passphrase", "drive_password"] {
+    for key in ["passphrase", "drive_password", "s3_secret_key"] {
         if cmdline.contains_key(key) {
             return Err(Error::Usage(format!(
                 "klon.{key} on the kernel command line would be readable by anyone who sees it: put {key} = \"…\" \
@@ -309,6 +337,21 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
             )));
         }
     }
+    if let Some(c) = copy_drive.as_deref().filter(|c| is_s3(c)) {
+        return Err(Error::Usage(format!(
+            "copy_drive={c}: a copy into an S3 store is not a job of the live system: copy from a machine with \
+             klon copy REPO {c}/NAME"
+        )));
+    }
+    if let Some(d) = get("drive").filter(|d| is_s3(d)) {
+        crate::repo::s3::parse_url(&d).map_err(|e| Error::Usage(format!("drive={d}: {e}")))?;
+        if get("s3_access_key").is_none() || s.get("s3_secret_key").is_none_or(|v| v.is_empty()) {
+            return Err(Error::Usage(format!(
+                "drive={d} needs the store's key: s3_access_key and s3_secret_key in klon.conf (and s3_endpoint for \
+                 a store that is not AWS)"
+            )));
+        }
+    }
     let wait_secs = match get("wait") {
         None => DEFAULT_WAIT,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
@@ -325,6 +368,15 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         wait_secs,
         passphrase: s.get("passphrase").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
         drive_password: s.get("drive_password").filter(|p| !p.is_empty()).map(|p| Secret(p.clone())),
+        s3: [
+            ("s3_endpoint", "endpoint_url"),
+            ("s3_region", "region"),
+            ("s3_access_key", "aws_access_key_id"),
+            ("s3_secret_key", "aws_secret_access_key"),
+        ]
+        .into_iter()
+        .filter_map(|(k, name)| get(k).map(|v| (name.to_string(), Secret(v))))
+        .collect(),
         net: net(config, cmdline)?,
         options: options.collect(),
     };
@@ -372,6 +424,34 @@ mod tests {
         assert!(e.contains("kernel command line") && e.contains("drive_password"), "{e}");
         let e = parse(&conf, &from_cmdline("klon.net=none")).unwrap_err().to_string();
         assert!(e.contains("network share") && e.contains("net=none"), "{e}");
+    }
+
+    #[test]
+    fn an_s3_store_needs_its_key_from_klon_conf_and_brings_up_the_network() {
+        let conf = from_config(
+            "job = backup\nsource = /dev/sda\nimage = pc\ndrive = s3://klon/live\ns3_endpoint = http://10.0.0.2:3900\n\
+             s3_region = garage\ns3_access_key = GK1\ns3_secret_key = \"s e,c\"\n",
+            "klon.conf",
+        )
+        .unwrap();
+        let job = parse(&conf, &BTreeMap::new()).unwrap().unwrap();
+        assert_eq!(job.net, Some(Net { interface: None }));
+        assert_eq!(job.s3.get("aws_secret_access_key"), Some(&Secret("s e,c".into())));
+        assert_eq!(job.s3.get("endpoint_url"), Some(&Secret("http://10.0.0.2:3900".into())));
+        assert!(!format!("{job:?}").contains("s e,c"));
+        assert!(!job.options.keys().any(|k| k.starts_with("s3_")), "not options of the command");
+        let e = parse(&conf, &from_cmdline("klon.s3_secret_key=x")).unwrap_err().to_string();
+        assert!(e.contains("kernel command line"), "{e}");
+        let no_key = from_config("job = verify\nimage = pc\ndrive = s3://klon/live\n", "klon.conf").unwrap();
+        let e = parse(&no_key, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("s3_access_key and s3_secret_key"), "{e}");
+        let copy = from_config(
+            "job = backup\nsource = /dev/sda\nimage = pc\nrepo = yes\ncopy_drive = s3://klon/off\n",
+            "klon.conf",
+        )
+        .unwrap();
+        let e = parse(&copy, &BTreeMap::new()).unwrap_err().to_string();
+        assert!(e.contains("klon copy"), "{e}");
     }
 
     #[test]

@@ -45,6 +45,8 @@ macro_rules! require_garage {
 /// A running Garage server with a bucket `klon` and a key allowed on it.
 pub struct Garage {
     bin: PathBuf,
+    /// The network namespace it runs in (its CLI too), if any.
+    netns: Option<String>,
     config: PathBuf,
     child: Option<Child>,
     log: PathBuf,
@@ -65,6 +67,12 @@ impl Garage {
     /// Starts a server whose files are under `t`, and makes the bucket
     /// and the key.
     pub fn start(bin: PathBuf, t: &TempDir) -> Garage {
+        Garage::start_in(bin, t, None, "127.0.0.1")
+    }
+
+    /// [`Garage::start`] in network namespace `netns` (its loopback for
+    /// the RPC and admin ports), the S3 API on `s3_addr`.
+    pub fn start_in(bin: PathBuf, t: &TempDir, netns: Option<&str>, s3_addr: &str) -> Garage {
         let dir = t.join("garage");
         std::fs::create_dir_all(&dir).unwrap();
         let (s3, rpc, admin) = (free_port(), free_port(), free_port());
@@ -75,7 +83,7 @@ impl Garage {
             format!(
                 "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
                  replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
-                 rpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"127.0.0.1:{s3}\"\n\
+                 rpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\napi_bind_addr = \"{s3_addr}:{s3}\"\n\
                  root_domain = \".s3.garage.localhost\"\n\n[admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
                 d = dir.display()
             ),
@@ -83,10 +91,11 @@ impl Garage {
         .unwrap();
         let mut g = Garage {
             bin,
+            netns: netns.map(String::from),
             config,
             child: None,
             log: dir.join("garage.log"),
-            endpoint: format!("http://127.0.0.1:{s3}"),
+            endpoint: format!("http://{s3_addr}:{s3}"),
             key_id: String::new(),
             secret: String::new(),
         };
@@ -111,7 +120,8 @@ impl Garage {
 
     fn run_server(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(&self.bin)
+        let child = self
+            .command()
             .args(["-c", self.config.to_str().unwrap(), "server"])
             .env("RUST_LOG", "garage=warn")
             .stdout(Stdio::null())
@@ -122,7 +132,7 @@ impl Garage {
         // The CLI answers once the RPC port does.
         let until = Instant::now() + Duration::from_secs(30);
         loop {
-            let o = Command::new(&self.bin).args(["-c", self.config.to_str().unwrap(), "status"]).output().unwrap();
+            let o = self.command().args(["-c", self.config.to_str().unwrap(), "status"]).output().unwrap();
             if o.status.success() {
                 return;
             }
@@ -131,11 +141,31 @@ impl Garage {
         }
     }
 
+    /// Garage's binary, run in its network namespace when it has one.
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        }
+    }
+
     /// Waits until the S3 API answers (the layout is applied).
     fn wait_ready(&self) {
         let addr = self.endpoint.trim_start_matches("http://").to_string();
         let until = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&addr).is_err() {
+        let answers = || match &self.netns {
+            // (In a namespace: listening, as ss there tells.)
+            Some(ns) => {
+                let o = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
+                String::from_utf8_lossy(&o.stdout).contains(&format!("{addr} "))
+            }
+            None => std::net::TcpStream::connect(&addr).is_ok(),
+        };
+        while !answers() {
             assert!(Instant::now() < until, "garage's S3 port does not answer");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -143,7 +173,7 @@ impl Garage {
 
     /// Runs Garage's CLI; its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let o = Command::new(&self.bin).arg("-c").arg(&self.config).args(args).output().unwrap();
+        let o = self.command().arg("-c").arg(&self.config).args(args).output().unwrap();
         assert!(
             o.status.success(),
             "garage {args:?} failed:\n{}\n{}",
