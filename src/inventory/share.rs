@@ -59,14 +59,14 @@ impl Protocol {
 /// A share, parsed from its location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
-    /// SMB or NFS.
+    /// SMB, NFS or SFTP.
     pub protocol: Protocol,
     /// The user to log in as; `None`: guest (SMB), ssh's default (SFTP);
     /// NFS has none.
     pub user: Option<String>,
     /// The server's name or address.
     pub host: String,
-    /// Its SMB port.
+    /// Its port.
     pub port: u16,
     /// The share's name (SMB), or the whole path (NFS, SFTP).
     pub share: String,
@@ -213,15 +213,11 @@ impl Share {
             return self.mount_sftp(at);
         }
         let addr = self.address()?;
-        let (source, fstype, options) = match self.protocol {
-            Protocol::Smb => (format!("//{}/{}", self.host, self.share), "cifs", self.options(addr, password)),
-            Protocol::Nfs | Protocol::Sftp => {
-                (format!("{}:/{}", self.host, self.share), "nfs4", self.nfs_options(addr))
-            }
-        };
-        let (client, what) = match self.protocol {
-            Protocol::Smb => ("SMB client (the cifs module)", "share"),
-            Protocol::Nfs | Protocol::Sftp => ("NFS client", "path"),
+        let (source, fstype, options, client, what) = if self.protocol == Protocol::Smb {
+            let unc = format!("//{}/{}", self.host, self.share);
+            (unc, "cifs", self.options(addr, password), "SMB client (the cifs module)", "share")
+        } else {
+            (format!("{}:/{}", self.host, self.share), "nfs4", self.nfs_options(addr), "NFS client", "path")
         };
         Mounted::mount_share(Path::new(&source), fstype, at, read_only, &options).map_err(|errno| {
             let denied = matches!(errno, nix::Error::EACCES | nix::Error::EPERM | nix::Error::EKEYREJECTED);

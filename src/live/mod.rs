@@ -296,6 +296,16 @@ pub fn run_job(job: &Job) -> Result<String> {
 /// per unattended job: when it ended and its KLON-RESULT.
 pub const JOBS_LOG: &str = "klon-jobs.log";
 
+/// The disk a backup reads (its source) or a restore writes (its target),
+/// once it is there; none for a verify.
+fn job_disk(job: &Job, wait: Duration) -> Result<Option<PathBuf>> {
+    Ok(match job.kind {
+        JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
+        JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
+        _ => None,
+    })
+}
+
 /// The image drive a job used, to keep its result on.
 enum UsedDrive {
     /// A drive: its device and filesystem.
@@ -323,11 +333,7 @@ fn run_job_on(job: &Job, used_drive: &mut Option<UsedDrive>) -> Result<String> {
         _ => {}
     }
     let wait = Duration::from_secs(job.wait_secs);
-    let disk = match job.kind {
-        JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
-        JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
-        _ => None,
-    };
+    let disk = job_disk(job, wait)?;
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job, job.drive.as_deref(), &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
     *used_drive = Some(match job.drive.as_deref().filter(|s| share::is_share(s)) {
@@ -396,22 +402,18 @@ fn run_job_on(job: &Job, used_drive: &mut Option<UsedDrive>) -> Result<String> {
 
 /// A backup, restore or verify of a repository in an S3 store (`drive =
 /// s3://BUCKET/PREFIX`, the repository `PREFIX/IMAGE`): the network, the
-/// store's settings written where klon's S3 client reads them (root's
-/// ~/.aws, in the live system's memory), then the command on
-/// `s3://BUCKET/PREFIX/IMAGE` (a backup with `--repo`). No jobs log: an
-/// object store has no file to append to; the result stays on the consoles.
+/// store's settings handed to klon's S3 client (in memory, written
+/// nowhere), then the command on `s3://BUCKET/PREFIX/IMAGE` (a backup with
+/// `--repo`). No jobs log: an object store has no file to append to; the
+/// result stays on the consoles.
 fn run_s3_job(job: &Job) -> Result<String> {
     let store = job.drive.as_deref().unwrap_or_default().trim().trim_end_matches('/');
     let wait = Duration::from_secs(job.wait_secs);
-    let disk = match job.kind {
-        JobKind::Backup => Some(resolve_disk(job.source.as_deref().unwrap_or_default(), wait)?),
-        JobKind::Restore => Some(resolve_disk(job.target.as_deref().unwrap_or_default(), wait)?),
-        _ => None,
-    };
+    let disk = job_disk(job, wait)?;
     let want = job.net.as_ref().and_then(|n| n.interface.as_deref());
     let lease = net::bring_up(want, wait).map_err(|e| e.with_note(&format!("{store} needs the network")))?;
     eprintln!("klon: network {}; repositories in {store}", lease.describe());
-    write_aws_files(job)?;
+    crate::repo::s3::set_settings(job.s3.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect());
     let repo = PathBuf::from(format!("{store}/{}", job.image));
     let mut j = job.clone();
     if job.kind == JobKind::Backup {
@@ -432,31 +434,6 @@ fn run_s3_job(job: &Job) -> Result<String> {
         _ => format!("verify of {}", repo.display()),
     };
     Ok(format!("{what} in {:.1} s", started.elapsed().as_secs_f64()))
-}
-
-/// Writes the job's S3 settings as root's AWS files (~/.aws/credentials
-/// and config, readable by root alone), where klon's S3 client reads them.
-fn write_aws_files(job: &Job) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let dir = Path::new(&home).join(".aws");
-    let io = |what: &str, p: &Path, e: std::io::Error| Error::io(what, p, None, e);
-    std::fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io("securing", &dir, e))?;
-    let section = |names: &[&str]| -> String {
-        let lines: String = names.iter().filter_map(|n| job.s3.get(*n).map(|v| format!("{n} = {}\n", v.0))).collect();
-        format!("[default]\n{lines}")
-    };
-    for (file, names) in [
-        ("credentials", &["aws_access_key_id", "aws_secret_access_key"][..]),
-        ("config", &["region", "endpoint_url"][..]),
-    ] {
-        let path = dir.join(file);
-        std::fs::write(&path, section(names)).map_err(|e| io("writing", &path, e))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io("securing", &path, e))?;
-    }
-    Ok(())
 }
 
 /// The receive job: the network (PID 1 brought it up; again here if it

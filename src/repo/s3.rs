@@ -240,10 +240,25 @@ impl S3Store {
     }
 }
 
-/// The settings of the environment, else of the profile's files, by
-/// name: aws_access_key_id, aws_secret_access_key, aws_session_token,
-/// region, endpoint_url.
+/// Settings the program was given itself (the live system's unattended
+/// job, from klon.conf), used instead of the environment's and the files'.
+static GIVEN: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
+
+/// Uses `settings` (by the names of the AWS files: aws_access_key_id,
+/// aws_secret_access_key, region, endpoint_url) for every store this
+/// process opens, instead of the environment's and the files'; kept in
+/// memory only.
+pub fn set_settings(settings: HashMap<String, String>) {
+    *GIVEN.lock().unwrap_or_else(|e| e.into_inner()) = Some(settings);
+}
+
+/// The settings given ([`set_settings`]), else the environment's, else the
+/// profile's files', by name: aws_access_key_id, aws_secret_access_key,
+/// aws_session_token, region, endpoint_url.
 fn settings() -> HashMap<String, String> {
+    if let Some(given) = GIVEN.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        return given;
+    }
     let mut out = HashMap::new();
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
