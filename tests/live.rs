@@ -1297,6 +1297,27 @@ fn a_restored_thin_pool_activates_and_its_volumes_mount_in_the_live_system() {
     report("thin pool activation: vgchange -ay in the live system; the VM disk, container and snapshot mount whole");
 }
 
+/// Waits until `server` listens on 10.79.0.1:`port` in network namespace
+/// `ns` (as `ss` there tells; an IPv6 socket shows the address
+/// IPv4-mapped, `[::ffff:10.79.0.1]:PORT`).
+fn wait_listening(ns: &str, port: u16, server: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let listening = text.lines().any(|l| {
+            l.split_whitespace().nth(3).is_some_and(|local| {
+                local.trim_end_matches(&format!(":{port}")) != local && local.contains("10.79.0.1")
+            })
+        });
+        if listening {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{server} did not listen on 10.79.0.1:{port}:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A Samba server on the network namespace's bridge (10.79.0.1), in the
 /// namespace, with share `images` (a folder of `dir`) for user root and
 /// `password`; killed when dropped.
@@ -1338,16 +1359,7 @@ impl Samba {
             .stderr(Stdio::null())
             .spawn()
             .expect("start smbd (apt-get install samba)");
-        // Listening once port 445 answers in the namespace.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains("10.79.0.1:445") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "smbd did not listen on 10.79.0.1:445");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_listening(ns, 445, "smbd");
         Samba { server, share: base.join("share") }
     }
 }
@@ -1479,16 +1491,7 @@ impl Ganesha {
             .stderr(Stdio::null())
             .spawn()
             .expect("start ganesha.nfsd (apt-get install nfs-ganesha nfs-ganesha-vfs)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
-            // (ganesha listens on IPv6, the address IPv4-mapped.)
-            if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.contains("10.79.0.1") && l.contains(":2049")) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "ganesha.nfsd did not listen on 10.79.0.1:2049");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_listening(ns, 2049, "ganesha.nfsd");
         Ganesha { server, export: base.join("export") }
     }
 }
@@ -1598,15 +1601,7 @@ impl Sshd {
             .stderr(std::fs::File::create(base.join("sshd.log")).unwrap())
             .spawn()
             .expect("start sshd (apt-get install openssh-server)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-ltn"]).output().unwrap();
-            if String::from_utf8_lossy(&out.stdout).contains("10.79.0.1:22 ") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "sshd did not listen on 10.79.0.1:22");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_listening(ns, 22, "sshd");
         Sshd { server, base, made_privsep }
     }
 }
