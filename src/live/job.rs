@@ -227,28 +227,10 @@ pub fn is_s3(spec: &str) -> bool {
 /// Seconds to wait for disks, drives and the network when `wait` is not set.
 pub const DEFAULT_WAIT: u64 = 30;
 
-/// The keys the live system reads itself; every other key is an option of
-/// the job's command.
-const LIVE_KEYS: &[&str] = &[
-    "job",
-    "source",
-    "target",
-    "image",
-    "drive",
-    "after",
-    "copy_drive",
-    "passphrase",
-    "drive_password",
-    "s3_endpoint",
-    "s3_region",
-    "s3_access_key",
-    "s3_secret_key",
-    "wait",
-    "net",
-    "interface",
-    "live",
-    "shell",
-];
+/// The keys of what the job works on, which the live system reads itself
+/// (with [`SHARED_KEYS`]); every other key is an option of the job's
+/// command.
+const JOB_KEYS: &[&str] = &["job", "source", "target", "image", "drive", "copy_drive"];
 
 /// The live system's keys that apply to any job.
 const SHARED_KEYS: &[&str] = &[
@@ -356,7 +338,8 @@ pub fn parse(config: &BTreeMap<String, String>, cmdline: &BTreeMap<String, Strin
         None => DEFAULT_WAIT,
         Some(w) => w.parse().map_err(|_| Error::Usage(format!("wait={w}: a number of seconds")))?,
     };
-    let options = s.iter().filter(|(k, _)| !LIVE_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone()));
+    let live_key = |k: &str| JOB_KEYS.contains(&k) || SHARED_KEYS.contains(&k);
+    let options = s.iter().filter(|(k, _)| !live_key(k)).map(|(k, v)| (k.clone(), v.clone()));
     let job = Job {
         kind,
         source: get("source"),
