@@ -17,6 +17,7 @@ pub mod exfat;
 pub mod ext;
 pub mod fat;
 pub mod fat_files;
+pub mod luks;
 pub mod lvm;
 pub mod ntfs;
 pub mod probe;
