@@ -28,8 +28,9 @@ pub struct Cli {
     /// Print the report as JSON on stdout; a failure prints {"ok": false, "problem": …, "exit_code": N}.
     #[arg(long, global = true)]
     pub json: bool,
-    /// The passphrase of encrypted repositories: the first line of FILE
-    /// (else KLON_PASSPHRASE, KLON_PASSPHRASE_FILE, or typed when asked).
+    /// The passphrase of encrypted repositories, and of the LUKS volumes in
+    /// a Clonezilla image: the first line of FILE (else KLON_PASSPHRASE,
+    /// KLON_PASSPHRASE_FILE, or typed when asked).
     #[arg(long, global = true, value_name = "FILE")]
     pub passphrase_file: Option<PathBuf>,
     /// The command.

@@ -186,41 +186,6 @@ fn trixie_fat12_image_missing_clusters_is_refused() {
     run("e2fsck", &["-fn", s(&p1)]);
 }
 
-/// An image holding a LUKS volume Clonezilla opened while saving (ocs-sr
-/// 5.9.9 asks; with `-luks yes`): `luks-dev.list` maps the partition to
-/// the mapper name its decrypted filesystem was saved under, and the LUKS
-/// header is in `<part>-luksHeader.bin` (laid out as 5.9.9's
-/// ocs-functions writes them; device-mapper is missing here, so no real
-/// save). `parts` still names the partition, which has no image of its
-/// own. klon cannot re-create the LUKS container: info, verify and restore
-/// refuse, naming the partition, the mapper name and what to do, not "the
-/// image file is missing".
-#[test]
-fn an_image_of_an_opened_luks_volume_is_refused_with_what_to_do() {
-    let dir = TempDir::new("cztrixie-luks");
-    let image = dir.join("luks");
-    run("cp", &["-a", s(&fixtures().join("gpt-zst")), s(&image)]);
-    let p2 = format!("{}p2", disk_name("gpt-zst"));
-    std::fs::rename(image.join(format!("{p2}.ext4-ptcl-img.zst")), image.join("ocs_luks_Ab3.ext4-ptcl-img.zst"))
-        .unwrap();
-    std::fs::write(
-        image.join("luks-dev.list"),
-        format!(
-            "# <Block device> <UUID> <Device mapped name>\n\
-             /dev/{p2} 0c5e4d2a-1b3c-4d5e-8f70-123456789abc ocs_luks_Ab3\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(image.join(format!("{p2}-luksHeader.bin")), vec![0u8; 16384]).unwrap();
-    let named = format!("{p2} (saved decrypted as ocs_luks_Ab3)");
-    let why = ["LUKS", named.as_str(), "luks-dev.list", "ocs-sr restoredisk"];
-    fails_with(&klon(&["info", s(&image)]), 1, &why);
-    fails_with(&klon(&["verify", s(&image)]), 1, &why);
-    let target = dir.join("target.img");
-    fails_with(&klon(&["restore", "--yes", s(&image), s(&target)]), 1, &why);
-    assert!(!target.exists() || read_at(&target, 0, 1 << 20).iter().all(|&b| b == 0));
-}
-
 /// 5.9.9 makes its checksum files in one pass that now covers the
 /// `Info-*.txt` files written before it (5.3's did not), but not
 /// `Info-img-id.txt`, written after: verify checks what B2SUMS lists, so a

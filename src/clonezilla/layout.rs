@@ -35,6 +35,7 @@ use crate::table::build;
 
 mod boot;
 mod files;
+mod luks;
 mod lvm;
 mod sfdisk;
 
@@ -161,7 +162,6 @@ impl CzImage {
                 dir.display()
             )));
         }
-        refuse_opened_luks(dir)?;
         let mut saveparts = false;
         let disk_text = match read_text(dir, "disk")? {
             Some(t) => t,
@@ -369,10 +369,12 @@ impl CzImage {
             }
         }
         let names: Vec<String> = files.values().flatten().cloned().collect();
+        let luks = luks::read_volumes(dir, &disk, &layout, &files)?;
         let lvm = lvm::read_groups(dir, &disk, &layout, &names)?;
         let lvm_devs: Vec<String> =
             lvm.iter().flat_map(|g| g.volumes.iter().map(move |v| format!("{}-{}", g.vg.name, v.name))).collect();
-        let is_pv = |n: u32| lvm.iter().any(|g| g.partition == n);
+        // Partitions whose contents are saved as volumes (an LVM PV, a LUKS volume).
+        let in_volumes = |n: u32| lvm.iter().any(|g| g.partition == n) || luks.iter().any(|v| v.number == n);
         let swap = read_swaps(dir, &disk, &layout, &files, &lvm_devs)?;
         let mut partitions = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -393,7 +395,7 @@ impl CzImage {
             let part = layout.partitions.iter().find(|p| p.number == number);
             let found = find_image(dir, dev, files.get(dev.as_str()).map(Vec::as_slice).unwrap_or(&[]))?;
             let Some(found) = found else {
-                if is_ext || is_pv(number) || swap.iter().any(|s| s.number == number) {
+                if is_ext || in_volumes(number) || swap.iter().any(|s| s.number == number) {
                     continue;
                 }
                 return Err(Error::Corrupt(format!("image file for {dev} is missing from {}", dir.display())));
@@ -418,7 +420,10 @@ impl CzImage {
             ));
         }
         for p in &layout.partitions {
-            if !saveparts && !seen.contains(&p.number) && !is_pv(p.number) && !swap.iter().any(|s| s.number == p.number)
+            if !saveparts
+                && !seen.contains(&p.number)
+                && !in_volumes(p.number)
+                && !swap.iter().any(|s| s.number == p.number)
             {
                 warnings.push(format!(
                     "partition {} has no image in this Clonezilla image (not listed in `parts`): a restore \
@@ -446,40 +451,9 @@ impl CzImage {
             warnings,
             saveparts,
             lvm,
+            luks,
         })
     }
-}
-
-/// Refuses an image holding LUKS volumes Clonezilla opened while saving
-/// (5.9.9 asks): `luks-dev.list` has a line `/dev/<part> <uuid> <mapper
-/// name>` per volume, whose decrypted filesystem is saved as `<mapper
-/// name>.<fs>-ptcl-img.*` and whose LUKS header is in
-/// `<part>-luksHeader.bin`. Clonezilla's restore rebuilds the container
-/// (luksFormat with the saved header, then the filesystem into it); klon
-/// does not.
-fn refuse_opened_luks(dir: &Path) -> Result<()> {
-    let Some(text) = read_text(dir, "luks-dev.list")? else { return Ok(()) };
-    let volumes: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let part = f[0].strip_prefix("/dev/").unwrap_or(f[0]);
-            match f.get(2) {
-                Some(map) => format!("{part} (saved decrypted as {map})"),
-                None => part.to_string(),
-            }
-        })
-        .collect();
-    Err(Error::Unsupported(format!(
-        "the Clonezilla image {} holds LUKS-encrypted partitions that Clonezilla opened and saved decrypted: {} \
-         (listed in luks-dev.list, their LUKS headers in <part>-luksHeader.bin); klon does not re-create LUKS \
-         containers, so it cannot restore or check this image: restore it with Clonezilla (ocs-sr restoredisk), \
-         which writes the LUKS header back and the filesystem into it",
-        dir.display(),
-        if volumes.is_empty() { "none named".to_string() } else { volumes.join(", ") }
-    )))
 }
 
 #[cfg(test)]

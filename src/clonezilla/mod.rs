@@ -152,6 +152,28 @@ pub struct CzVolumeGroup {
     pub volumes: Vec<CzVolume>,
 }
 
+/// A LUKS volume Clonezilla opened while saving (`-luks yes`): the
+/// partition's LUKS header, saved by `cryptsetup luksHeaderBackup`, and the
+/// image of the filesystem the opened volume held, saved decrypted.
+#[derive(Debug, Clone)]
+pub struct CzLuks {
+    /// The partition that holds the volume.
+    pub number: u32,
+    /// Its device name as Clonezilla saw it ("sda2").
+    pub device: String,
+    /// The device-mapper name it was opened as ("ocs_luks_vQX"), which
+    /// names its filesystem's image.
+    pub mapper: String,
+    /// `<device>-luksHeader.bin`.
+    pub header_file: PathBuf,
+    /// That file's bytes: what a restore writes at the partition's start.
+    pub header_bytes: Vec<u8>,
+    /// The header, read and checked.
+    pub header: crate::fs::luks::Header,
+    /// The filesystem's image (its `size` is the volume's data size).
+    pub inner: CzPartition,
+}
+
 /// A Clonezilla disk image, read and checked for structure (not data).
 #[derive(Debug, Clone)]
 pub struct CzImage {
@@ -179,6 +201,8 @@ pub struct CzImage {
     pub saveparts: bool,
     /// LVM2 volume groups whose PV is a partition of the disk.
     pub lvm: Vec<CzVolumeGroup>,
+    /// LUKS volumes saved opened.
+    pub luks: Vec<CzLuks>,
 }
 
 /// Opens the stored-bytes stream of `part`.

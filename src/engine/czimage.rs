@@ -30,6 +30,7 @@ use crate::image::format::{CHUNK_SIZE, Extent};
 use crate::image::manifest::{Fill, Manifest, SourceInfo, StreamInfo, StreamKind};
 use crate::table::TableKind;
 
+mod luks;
 mod lvm;
 
 /// Where a stream's bytes come from.
@@ -40,6 +41,8 @@ enum Origin {
     Image { part: CzPartition, source: Box<dyn BlockSource> },
     /// An LVM2 physical volume: its metadata, its volumes' images.
     Pv(lvm::PvOrigin),
+    /// A LUKS volume: its header, its filesystem's image encrypted.
+    Luks(Box<luks::LuksOrigin>),
 }
 
 /// One stream of a Clonezilla image.
@@ -197,6 +200,13 @@ impl CzSource {
             let (info, origin, stored) = lvm::stream(g, p)?;
             streams.push(CzStream { info, origin, stored, skip_zero: false });
         }
+        for v in &image.luks {
+            let p = layout.partitions.iter().find(|p| p.number == v.number).ok_or_else(|| {
+                Error::Corrupt(format!("{}: LUKS volume {} is not in the partition table", dir.display(), v.device))
+            })?;
+            let (info, origin, stored) = luks::stream(v, p)?;
+            streams.push(CzStream { info, origin, stored, skip_zero: false });
+        }
         // Streams in disk order, as klon's own images have them.
         streams.sort_by_key(|s| (s.info.kind != StreamKind::Boot, s.info.start));
         Ok(CzSource { image, streams })
@@ -212,6 +222,31 @@ impl CzSource {
                 i
             })
             .collect()
+    }
+
+    /// Unlocks the key of every LUKS volume (of those on the partitions
+    /// `only`, if given) with the passphrase (`--passphrase-file`, `KLON_PASSPHRASE`, or typed
+    /// when asked), which what writes them (restore, convert) needs. A
+    /// passphrase that opens none of a volume's keyslots is an
+    /// [`Error::Key`].
+    pub fn unlock(&mut self, only: Option<&[u32]>) -> Result<()> {
+        let dir = self.image.dir.clone();
+        let wanted = |s: &CzStream| only.is_none_or(|o| s.info.partition.is_some_and(|n| o.contains(&n)));
+        for s in self.streams.iter_mut().filter(|s| wanted(s)) {
+            let Origin::Luks(volume) = &mut s.origin else { continue };
+            if volume.unlocked() {
+                continue;
+            }
+            let what = format!("{} of the Clonezilla image {}", volume.name(), dir.display());
+            let passphrase = crate::repo::crypto::passphrase(&what, false)?;
+            if !volume.unlock(&passphrase)? {
+                return Err(Error::Key(format!(
+                    "the passphrase does not unlock {what}: give the one the volume was made with \
+                     (KLON_PASSPHRASE, --passphrase-file, or typed when asked); nothing was written"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Bytes all streams yield.
@@ -252,6 +287,11 @@ impl CzSource {
                 }
                 Origin::Pv(pv) => {
                     if !pv.read(start, &mut push)? {
+                        return Ok(());
+                    }
+                }
+                Origin::Luks(volume) => {
+                    if !volume.read(&mut |at, bytes| push(start + at, bytes))? {
                         return Ok(());
                     }
                 }
@@ -367,6 +407,7 @@ impl Written {
 /// (see [`super::source::prepare_restore`]). The caller has confirmed.
 pub fn restore(source: &mut CzSource, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
+    source.unlock(None)?;
     let layout = source.image.layout.clone();
     let infos = source.stream_infos();
     // Filled while writing, read by the read-back.
@@ -406,6 +447,7 @@ pub fn restore_partition(
             source.image.dir.display()
         ))
     })?;
+    source.unlock(Some(&[number]))?;
     let log: std::cell::RefCell<Vec<Written>> = std::cell::RefCell::new(Vec::new());
     let written = write_part(
         "restore",
@@ -620,7 +662,8 @@ fn open_for_convert(cz_dir: &Path, level: i32) -> Result<(CzSource, SourceInfo)>
     if !(1..=22).contains(&level) {
         return Err(Error::Usage(format!("compression level {level} is out of range: use 1 to 22")));
     }
-    let src = CzSource::open(cz_dir)?;
+    let mut src = CzSource::open(cz_dir)?;
+    src.unlock(None)?;
     for f in &src.image.checksum_files {
         crate::clonezilla::checksums::check_file(cz_dir, f)?;
     }

@@ -54,6 +54,13 @@ pub trait ImageSource: Send {
     /// unreadable, parts of the image klon reads with a caveat).
     fn warnings(&self) -> Vec<String>;
 
+    /// Gets what writing the partitions `only` (all when None) needs and
+    /// reading does not, before the person confirms: a Clonezilla image's
+    /// LUKS volumes need the passphrase that unlocks their key.
+    fn unlock(&mut self, _only: Option<&[u32]>) -> Result<()> {
+        Ok(())
+    }
+
     /// For an image of some partitions rather than a disk (Clonezilla's
     /// saveparts): their numbers. Such an image is restored into the same
     /// partitions of a disk whose table is kept.
@@ -174,7 +181,7 @@ pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
 /// partition whose filesystem klon grows takes a share of the new room
 /// (see [`super::relayout::Fit::GrowAll`]).
 pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Result<RestorePlan> {
-    let source = open(image)?;
+    let mut source = open(image)?;
     if let Some(saved) = source.saved_partitions() {
         return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
     }
@@ -206,6 +213,7 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Resul
         None
     };
     crate::device::safety::check_target(&target, None, Some(image))?;
+    source.unlock(None)?;
     target.enable_direct_reads();
     Ok(RestorePlan { source, target, partitions: Vec::new(), relayout })
 }
@@ -226,7 +234,7 @@ pub fn prepare_partition_restore(image: &Path, target: &Path, number: u32, onto:
 /// for the target itself) of `source`, with the refusals of
 /// [`prepare_partition_restore`] for each.
 fn prepare_partitions(
-    source: Box<dyn ImageSource>,
+    mut source: Box<dyn ImageSource>,
     image: &Path,
     target: &Path,
     wanted: &[(u32, Option<u32>)],
@@ -285,6 +293,7 @@ fn prepare_partitions(
         )));
     }
     crate::device::safety::check_target(&target, None, Some(image))?;
+    source.unlock(Some(&wanted.iter().map(|w| w.0).collect::<Vec<_>>()))?;
     target.enable_direct_reads();
     Ok(RestorePlan { source, target, partitions: placed, relayout: None })
 }

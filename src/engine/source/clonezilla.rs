@@ -47,6 +47,10 @@ impl ImageSource for CzSource {
         self.image.warnings.clone()
     }
 
+    fn unlock(&mut self, only: Option<&[u32]>) -> Result<()> {
+        CzSource::unlock(self, only)
+    }
+
     fn saved_partitions(&self) -> Option<Vec<u32>> {
         self.image.saveparts.then(|| self.image.partitions.iter().map(|p| p.number).collect())
     }
@@ -109,7 +113,7 @@ fn image_files(im: &CzImage) -> impl Iterator<Item = &crate::clonezilla::CzParti
         CzVolumeContent::Image(p) => Some(p),
         CzVolumeContent::Swap(_) => None,
     });
-    im.partitions.iter().chain(volumes)
+    im.partitions.iter().chain(volumes).chain(im.luks.iter().map(|v| &v.inner))
 }
 
 /// The text `klon info` prints for a Clonezilla image.
@@ -148,12 +152,16 @@ fn render_cz_info(src: &CzSource) -> String {
             super::klon::render_lvm(&mut o, vg);
         }
         let volumes = im.lvm.iter().filter(|g| Some(g.partition) == st.partition).flat_map(|g| g.volumes.iter());
-        let images = im.partitions.iter().filter(|p| Some(p.number) == st.partition).chain(volumes.filter_map(|v| {
-            match &v.content {
+        let luks = im.luks.iter().filter(|v| Some(v.number) == st.partition).map(|v| &v.inner);
+        let images = im
+            .partitions
+            .iter()
+            .filter(|p| Some(p.number) == st.partition)
+            .chain(volumes.filter_map(|v| match &v.content {
                 CzVolumeContent::Image(p) => Some(p),
                 CzVolumeContent::Swap(_) => None,
-            }
-        }));
+            }))
+            .chain(luks);
         for p in images {
             let bytes = pieces_bytes(&p.pieces);
             let names: Vec<String> =
