@@ -289,7 +289,9 @@ fn an_empty_or_partial_sector_source_is_refused_or_warned_about() {
 }
 
 /// A directory encrypted with gocryptfs (as Clonezilla's newer `-enc`
-/// images are) is named as such, with what to do, not "not a klon image".
+/// images are) is named as such, not "not a klon image": without a
+/// passphrase it asks for one; with one, what gocryptfs says of a damaged
+/// directory is passed on (tests/clonezilla_encrypted.rs opens real ones).
 #[test]
 fn a_gocryptfs_directory_is_named_with_what_to_do() {
     let t = TempDir::new("gocryptfs");
@@ -298,8 +300,12 @@ fn a_gocryptfs_directory_is_named_with_what_to_do() {
     std::fs::write(dir.join("gocryptfs.conf"), b"{\"Version\": 2}").unwrap();
     std::fs::write(dir.join("gocryptfs.diriv"), [7u8; 16]).unwrap();
     std::fs::write(dir.join("Xq3kVf0aZ2-Qf8bB2pJ9yA"), b"ciphertext").unwrap();
+    let pass = t.join("pass");
+    std::fs::write(&pass, "some passphrase\n").unwrap();
     for cmd in ["info", "verify"] {
-        fails_with(&klon(&[cmd, dir.to_str().unwrap()]), 1, &["encrypted with gocryptfs", "mount it with gocryptfs"]);
+        fails_with(&klon(&[cmd, dir.to_str().unwrap()]), 6, &["encrypted with gocryptfs", "needs a passphrase"]);
+        let o = klon(&["--passphrase-file", pass.to_str().unwrap(), cmd, dir.to_str().unwrap()]);
+        fails_with(&o, 1, &["gocryptfs could not open the image", "encrypted with gocryptfs"]);
     }
 }
 

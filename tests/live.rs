@@ -1770,3 +1770,72 @@ fn an_s3_store_holds_the_repositories_of_unattended_jobs() {
     }
     drop(garage);
 }
+
+/// Clonezilla images that need a passphrase, restored by unattended jobs
+/// with the passphrase from klon.conf: one with LUKS volumes (the committed
+/// fixture; its LUKS partitions come out as Clonezilla's own restore wrote
+/// them through dm-crypt), and one saved encrypted as `ocs-sr -enc` does
+/// (gocryptfs; mounted by the initramfs's gocryptfs over FUSE), which
+/// restores as its plain original.
+#[test]
+fn clonezilla_images_that_need_a_passphrase_restore_in_the_live_system() {
+    use common::disks::{committed_sum, sha256};
+    use common::loop_device::{have_root, root_tests_required};
+    if !ready("clonezilla_images_that_need_a_passphrase_restore_in_the_live_system") {
+        return;
+    }
+    if !have_root() {
+        assert!(!root_tests_required(), "making the gocryptfs image needs FUSE (root)");
+        report("Clonezilla images with passphrases: skipped (needs root)");
+        return;
+    }
+    let s = |p: &Path| p.display().to_string();
+    let dir = TempDir::new("live-czpass");
+    let fixtures = repo().join("tests/fixtures");
+    let images = dir.join("content").join("klon-images");
+    std::fs::create_dir_all(&images).unwrap();
+    run("cp", &["-a", &s(&fixtures.join("clonezilla-luks/luks-zst")), &s(&images.join("luks"))]);
+    let plain = fixtures.join("clonezilla-trixie/gpt-zst");
+    common::clonezilla::gocryptfs_image(&dir, &plain, &images.join("enc"), "klon luks fixture");
+    let drive = dir.join("drive.img");
+    run("mke2fs", &["-q", "-t", "ext4", "-L", "KLONIMG", "-d", &s(&dir.join("content")), &s(&drive), "64M"]);
+    let stick = stick_with(&dir, "stick.img", Some("passphrase = klon luks fixture\n"));
+    let direct = DirectBoot::from_stick(&dir, &stick);
+    let restore = |image: &str, size: u64| -> PathBuf {
+        let target = dir.join(&format!("{image}-target.img"));
+        blank_file(&target, size);
+        let append = format!(
+            "console=ttyS0,115200n8 quiet klon.job=restore klon.image={image} klon.target=/dev/nvme0n1 \
+             klon.drive=LABEL=KLONIMG klon.after=poweroff klon.wait=10"
+        );
+        let b = boot_with(
+            &dir,
+            Firmware::Bios,
+            &stick,
+            &[
+                (drive.as_path(), "virtio-blk-pci,drive=DRIVE,serial=KLONIMGD"),
+                (target.as_path(), "nvme,drive=DRIVE,serial=TARGET1"),
+            ],
+            None,
+            &direct.args(&append),
+        );
+        result_line(&b, Firmware::Bios, &format!("restore of the Clonezilla image {image}"));
+        target
+    };
+
+    let luks = restore("luks", 48 * MIB);
+    let luks_fixture = fixtures.join("clonezilla-luks");
+    for (start, len, name) in
+        [(18432, 40960, "cz-restored-p2"), (59392, 32768, "cz-restored-p3"), (2048, 16384, "boot.ext4")]
+    {
+        let part = dir.join(name);
+        std::fs::write(&part, common::disks::read_at(&luks, start * 512, len * 512)).unwrap();
+        assert_eq!(sha256(&part), committed_sum(&luks_fixture, name), "{name}: the live restore differs");
+    }
+
+    let enc = restore("enc", 40 * MIB);
+    let expected = dir.join("plain-restored.img");
+    let o = common::disks::klon(&["restore", "--yes", "--quiet", &s(&plain), &s(&expected)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256(&enc), sha256(&expected), "the encrypted image restored in the live system differs");
+}

@@ -57,7 +57,9 @@ const GPT_2ND_MAX: u64 = 33 * 512;
 /// Whether `dir` looks like a Clonezilla image (it has `disk` or `parts`
 /// and a `clonezilla-img` or `*-pt.sf` file), as opposed to a klon image.
 pub fn is_clonezilla_image(dir: &Path) -> bool {
-    if dir.join("klon.json").exists() || !dir.is_dir() {
+    // Clonezilla's encrypted images keep the files' names (gocryptfs
+    // -plaintextnames), not their contents: see engine::source::gocryptfs.
+    if dir.join("klon.json").exists() || !dir.is_dir() || dir.join("gocryptfs.conf").exists() {
         return false;
     }
     let has_list = dir.join("disk").is_file() || dir.join("parts").is_file();

@@ -608,7 +608,8 @@ pub fn convert(cz_dir: &Path, image_dir: &Path, opts: &ConvertOptions) -> Result
     if opts.split_size < super::backup::MIN_SPLIT {
         return Err(Error::Usage(format!("--split must be at least {} MiB", super::backup::MIN_SPLIT >> 20)));
     }
-    let (mut src, source_info) = open_for_convert(cz_dir, opts.level)?;
+    let decrypted = decrypted(cz_dir)?;
+    let (mut src, source_info) = open_for_convert(cz_dir, decrypted.as_ref().map(|d| d.path()), opts.level)?;
     let infos = src.stream_infos();
     let mut sink = ImageDirSink::create(image_dir, opts.split_size, &infos, opts.level)?;
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -637,7 +638,8 @@ pub fn convert_to_repository(
     sopts: &super::snapshot::SnapshotOptions,
 ) -> Result<super::snapshot::SnapshotReport> {
     let started = Instant::now();
-    let (mut src, source_info) = open_for_convert(cz_dir, opts.level)?;
+    let decrypted = decrypted(cz_dir)?;
+    let (mut src, source_info) = open_for_convert(cz_dir, decrypted.as_ref().map(|d| d.path()), opts.level)?;
     let infos = src.stream_infos();
     let mut sink = super::snapshot::SnapshotSink::open(repo, sopts, &source_info, opts.level, &opts.feedback)?;
     let parts = infos.iter().map(|s| (describe(s), s.stored_bytes)).collect();
@@ -656,16 +658,25 @@ pub fn convert_to_repository(
     Ok(report)
 }
 
-/// Opens the Clonezilla image at `cz_dir` for a conversion, its checksum
-/// files checked; and what the new image records of its disk.
-fn open_for_convert(cz_dir: &Path, level: i32) -> Result<(CzSource, SourceInfo)> {
+/// The Clonezilla image at `cz_dir` decrypted, when it was saved encrypted
+/// (gocryptfs): mounted until the returned value is dropped.
+fn decrypted(cz_dir: &Path) -> Result<Option<super::source::gocryptfs::Decrypted>> {
+    use super::source::gocryptfs;
+    gocryptfs::is_encrypted(cz_dir).then(|| gocryptfs::decrypt(cz_dir)).transpose()
+}
+
+/// Opens the Clonezilla image at `cz_dir` (its files in `decrypted` when it
+/// is encrypted) for a conversion, its checksum files checked; and what the
+/// new image records of its disk.
+fn open_for_convert(cz_dir: &Path, decrypted: Option<&Path>, level: i32) -> Result<(CzSource, SourceInfo)> {
     if !(1..=22).contains(&level) {
         return Err(Error::Usage(format!("compression level {level} is out of range: use 1 to 22")));
     }
-    let mut src = CzSource::open(cz_dir)?;
+    let dir = decrypted.unwrap_or(cz_dir);
+    let mut src = CzSource::open(dir)?;
     src.unlock(None)?;
     for f in &src.image.checksum_files {
-        crate::clonezilla::checksums::check_file(cz_dir, f)?;
+        crate::clonezilla::checksums::check_file(dir, f)?;
     }
     let layout = &src.image.layout;
     let source_info = SourceInfo {

@@ -13,6 +13,7 @@
 //! refuses a bad image before it opens the target.
 
 pub mod clonezilla;
+pub mod gocryptfs;
 pub mod klon;
 pub mod snapshot;
 
@@ -85,6 +86,8 @@ pub trait ImageSource: Send {
 pub fn open(path: &Path) -> Result<Box<dyn ImageSource>> {
     if let Some((repo, spec)) = crate::repo::split_spec(path) {
         Ok(Box::new(snapshot::SnapshotImage::open(&repo, spec.as_deref())?))
+    } else if gocryptfs::is_encrypted(path) {
+        Ok(Box::new(gocryptfs::open(path)?))
     } else if crate::clonezilla::is_clonezilla_image(path) {
         Ok(Box::new(crate::engine::czimage::CzSource::open(path)?))
     } else {
@@ -98,6 +101,7 @@ pub fn looks_like_image(path: &Path) -> bool {
     path.is_dir()
         && (klon::looks_like_klon_image(path)
             || crate::clonezilla::is_clonezilla_image(path)
+            || gocryptfs::is_encrypted(path)
             || crate::repo::is_repository(path))
 }
 
@@ -125,6 +129,8 @@ pub struct Summary {
 pub fn summarize(path: &Path) -> Result<Summary> {
     if let Some((repo, spec)) = crate::repo::split_spec(path) {
         snapshot::summarize(&repo, spec.as_deref())
+    } else if gocryptfs::is_encrypted(path) {
+        gocryptfs::summarize(path)
     } else if crate::clonezilla::is_clonezilla_image(path) {
         clonezilla::summarize(path)
     } else {

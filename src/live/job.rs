@@ -20,7 +20,7 @@
 //! | `s3_endpoint`, `s3_region`, `s3_access_key`, `s3_secret_key` | with `drive = s3://BUCKET/PREFIX` (repositories in an S3-compatible store; `image` is the repository's name under PREFIX; brings up the network by DHCP): the store's URL, region, and key; the secret key only in klon.conf |
 //! | `after` | `poweroff`, `reboot`, `shell` or `wizard` (default) |
 //! | `copy_drive` | backup into a repository: then copy the new snapshot into the repository of the same name on this second drive (`LABEL=…`, `UUID=…` or `/dev/sdd1`; made with the same keys when missing), read back |
-//! | `passphrase` | the passphrase of an encrypted repository: only in klon.conf, never on the kernel command line |
+//! | `passphrase` | the passphrase of an encrypted repository, of a Clonezilla image's LUKS volumes or of an encrypted Clonezilla image (gocryptfs): only in klon.conf, never on the kernel command line |
 //! | `net` | `dhcp`: bring up the wired network by DHCP at boot (implied by `job=receive`); `none` (default) |
 //! | `interface` | the network interface for `net` and `receive`: a name (`eth0`) or a MAC address (default: the first wired one that gets a lease) |
 //! | `wait` | seconds to wait for the disks, the drive and the network interface to appear (default 30) |
@@ -132,7 +132,8 @@ pub struct Job {
     pub copy_drive: Option<String>,
     /// Seconds to wait for devices to appear.
     pub wait_secs: u64,
-    /// The passphrase of an encrypted repository (from klon.conf only).
+    /// The passphrase of an encrypted repository, of a Clonezilla image's
+    /// LUKS volumes, or of an encrypted Clonezilla image (klon.conf only).
     pub passphrase: Option<Secret>,
     /// The password of a network share's user (from klon.conf only).
     pub drive_password: Option<Secret>,

@@ -178,7 +178,9 @@ fn explain(e: &Error) -> String {
         Error::Io { .. } => "Check the cables and the drive (dmesg shows the kernel's messages), then try again.",
         Error::Corrupt(_) => "The image cannot be trusted: use another image, or make a new backup.",
         Error::VerifyAfter(_) => "The written disk does not match: do not use it; try again or use another disk.",
-        Error::Key(_) => "Nothing was written. Type the repository's passphrase again, or its recovery key.",
+        Error::Key(_) => {
+            "Nothing was written. Try again with the right passphrase (a repository's recovery key opens it too)."
+        }
         Error::Usage(_) | Error::Unsupported(_) => "",
     };
     let mut s = e.to_string();

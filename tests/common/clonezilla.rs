@@ -156,3 +156,31 @@ fn build_with(dir: TempDir, script: &str, fss: &[(u32, &str)], options: &[&str],
     }
     Fixture { _dir: dir, disk, image, files }
 }
+
+/// Saves the Clonezilla image `plain` again as `ocs-sr -enc` does, into
+/// `dir`: made by `gocryptfs -init -plaintextnames` with `passphrase`, the
+/// files copied in through its mount (a scratch directory in `t`), and a
+/// clear `gocryptfs.info`. Needs gocryptfs and FUSE.
+pub fn gocryptfs_image(t: &TempDir, plain: &Path, dir: &Path, passphrase: &str) {
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let mnt = t.join("gocryptfs-mnt");
+    std::fs::create_dir(dir).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let pass = t.join("gocryptfs-pass");
+    std::fs::write(&pass, passphrase).unwrap();
+    run("gocryptfs", &["-init", "-plaintextnames", "-q", "-passfile", &s(&pass), &s(dir)]);
+    run("gocryptfs", &["-q", "-passfile", &s(&pass), &s(dir), &s(&mnt)]);
+    let copied = std::process::Command::new("cp").args(["-a", &format!("{}/.", s(plain)), &s(&mnt)]).status();
+    run("fusermount3", &["-u", &s(&mnt)]);
+    assert!(copied.unwrap().success(), "copying {} into the gocryptfs mount", plain.display());
+    std::fs::remove_file(&pass).unwrap();
+    std::fs::write(
+        dir.join("gocryptfs.info"),
+        "# This image was saved with gocryptfs\ndisk_of_img=\"loop0\"\nparts_of_img=\"loop0p1 loop0p2\"\n\
+         time_of_img=\"2026-1206-0900\"\ndisks_size_all_of_img=\"_41.9MB\"\n",
+    )
+    .unwrap();
+    // The contents are encrypted, the names are not.
+    assert!(dir.join("disk").is_file());
+    assert_ne!(std::fs::read(dir.join("disk")).unwrap(), std::fs::read(plain.join("disk")).unwrap());
+}
