@@ -155,6 +155,27 @@ fn luks_volumes_restore_byte_for_byte_as_clonezilla_s_own_restore_wrote_them() {
     assert_eq!(sha256(&p2), committed_sum(&fixtures(), "cz-restored-p2"), "partition 2 restored alone differs");
 }
 
+/// The same image as `saveparts` would have it (no `disk` file): its LUKS
+/// volumes restore into the partitions of a disk whose table has them.
+#[test]
+fn saved_partitions_include_the_luks_volumes() {
+    let t = TempDir::new("czluks-parts");
+    let parts = t.join("parts");
+    run("cp", &["-a", s(&image()), s(&parts)]);
+    std::fs::remove_file(parts.join("disk")).unwrap();
+    std::fs::remove_file(parts.join("MD5SUMS")).unwrap();
+    let target = t.join("target.img");
+    blank_file(&target, DISK_SIZE);
+    ok(&klon_unlocked(&["restore", "--yes", s(&image()), s(&target)]));
+    for (start, len) in [P2, P3] {
+        write_at(&target, start, &vec![0u8; len as usize]);
+    }
+    ok(&klon_unlocked(&["restore", "--yes", s(&parts), s(&target)]));
+    for (range, name) in [(P2, "cz-restored-p2"), (P3, "cz-restored-p3")] {
+        assert_eq!(part_sum(&t, &target, range, name), committed_sum(&fixtures(), name), "{name} differs");
+    }
+}
+
 /// convert needs the passphrase too (the klon image holds the volumes
 /// encrypted, as a restore writes them); its image restores the same with
 /// no passphrase.

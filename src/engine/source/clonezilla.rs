@@ -52,7 +52,13 @@ impl ImageSource for CzSource {
     }
 
     fn saved_partitions(&self) -> Option<Vec<u32>> {
-        self.image.saveparts.then(|| self.image.partitions.iter().map(|p| p.number).collect())
+        let im = &self.image;
+        im.saveparts.then(|| {
+            let mut n: Vec<u32> = im.partitions.iter().map(|p| p.number).collect();
+            n.extend(im.luks.iter().map(|v| v.number).chain(im.lvm.iter().map(|g| g.partition)));
+            n.sort_unstable();
+            n
+        })
     }
 
     fn restore_partition(
