@@ -521,9 +521,15 @@ pub struct ServeArgs {
     /// "klon.job=receive klon.target=/dev/sda klon.after=poweroff".
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub append: String,
-    /// The HTTP server's port (kernel and initramfs for iPXE).
+    /// The HTTP server's port (kernel and initramfs for iPXE, the stick's
+    /// disk for UEFI HTTP boot).
     #[arg(long, value_name = "PORT", default_value_t = 8069)]
     pub http_port: u16,
+    /// UEFI machines boot by UEFI HTTP boot only (the stick's disk over
+    /// HTTP, booted as a RAM disk; no TFTP offered to them), for networks
+    /// or firmware without TFTP. Needs --dhcp-range.
+    #[arg(long)]
+    pub uefi_http: bool,
 }
 
 fn parse_range(s: &str) -> std::result::Result<(std::net::Ipv4Addr, std::net::Ipv4Addr), String> {

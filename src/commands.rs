@@ -87,6 +87,7 @@ pub fn run(cli: &Cli) -> Result<()> {
             dhcp_range: a.dhcp_range,
             append: a.append.clone(),
             http_port: a.http_port,
+            uefi_http: a.uefi_http,
         }),
         Command::Info(a) => info_cmd(cli, a),
         Command::Convert(a) => convert_cmd(cli, a),

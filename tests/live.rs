@@ -1033,13 +1033,13 @@ impl Drop for PxeNet {
 /// network's own DHCP server; UEFI with Secure Boot on: OVMF's own PXE (no
 /// iPXE ROM), Debian's signed shim and network GRUB, everything over TFTP,
 /// klon serve's full DHCP. Needs root (namespaces, tap).
-fn network_boot_receives_a_deployment(fw: Firmware) {
+fn network_boot_receives_a_deployment(fw: Firmware, http: bool) {
     assert!(common::loop_device::have_root(), "needs root (network namespaces and a tap device)");
     for tool in ["dnsmasq", "udp-sender"] {
         let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap().status.success();
         assert!(found, "{tool} is missing (scripts/test installs dnsmasq-base and udpcast)");
     }
-    let dir = TempDir::new(&format!("live-pxe-{fw:?}"));
+    let dir = TempDir::new(&format!("live-pxe-{fw:?}{}", if http { "-http" } else { "" }));
     let source = dir.join("source.img");
     common::disks::make_gpt_disk(&source, 40 * MIB);
     let image = dir.join("image");
@@ -1050,8 +1050,12 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
 
     // BIOS: proxy DHCP (the router gives addresses); UEFI: klon serve's own.
     let proxy = fw == Firmware::Bios;
-    let net = PxeNet::new(&format!("{fw:?}").to_lowercase(), proxy);
-    let range: &[&str] = if proxy { &[] } else { &["--dhcp-range", "10.79.0.100,10.79.0.120"] };
+    let net = PxeNet::new(&format!("{fw:?}{}", if http { "h" } else { "" }).to_lowercase(), proxy);
+    let range: &[&str] = match (proxy, http) {
+        (true, _) => &[],
+        (false, false) => &["--dhcp-range", "10.79.0.100,10.79.0.120"],
+        (false, true) => &["--dhcp-range", "10.79.0.100,10.79.0.120", "--uefi-http", "--http-port", "80"],
+    };
     let (lease, dhcp_server) = if proxy { ("10.79.0.5", "10.79.0.254") } else { ("10.79.0.1", "10.79.0.1") };
     let serve_log = dir.join("serve.log");
     let mut serve = net
@@ -1086,12 +1090,19 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
     // UEFI: no iPXE option ROM, so the firmware's own PXE runs (and Secure
     // Boot checks what it loads).
     let rom = if fw == Firmware::Uefi { ",romfile=" } else { "" };
-    let nic = [
+    let mut nic = vec![
         "-netdev".to_string(),
         "tap,id=n0,ifname=tap0,script=no,downscript=no".into(),
         "-device".into(),
         format!("virtio-net-pci,netdev=n0,mac=52:54:00:79:00:05,bootindex=0{rom}"),
     ];
+    if http {
+        // OVMF's PXE off (its fw_cfg switches), so that the firmware goes
+        // to HTTP boot at once rather than after PXE's time-outs.
+        for v in ["IPv4PXESupport", "IPv6PXESupport"] {
+            nic.extend(["-fw_cfg".to_string(), format!("name=opt/org.tianocore/{v},string=n")]);
+        }
+    }
     let b = boot_in(
         &dir,
         fw,
@@ -1138,6 +1149,7 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
     assert!(served.success(), "klon serve after Ctrl-C: {served}\n{log}");
     let sent: &[&str] = match fw {
         Firmware::Bios => &["HTTP sent boot.ipxe", "HTTP sent vmlinuz", "HTTP sent initrd.img"],
+        Firmware::Uefi if http => &["HTTP sent klon-live.img"],
         Firmware::Uefi => &[
             "tftp/bootx64.efi to",
             "tftp/grubx64.efi to",
@@ -1150,6 +1162,9 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
     for needle in [answered, "52:54:00:79:00:05", "klon serve: stopped"].iter().chain(sent) {
         assert!(log.contains(needle), "{fw:?}: klon serve's log lacks {needle:?}:\n{log}");
     }
+    if http {
+        assert!(!log.contains("tftp/"), "UEFI HTTP boot: something went over TFTP:\n{log}");
+    }
     assert!(!Path::new(&format!("/tmp/klon-serve-{}", serve.id())).exists(), "klon serve left its files behind");
     report(&format!(
         "{fw:?} network boot: KLON-RESULT at {:.1} s after power-on; {line}",
@@ -1160,14 +1175,27 @@ fn network_boot_receives_a_deployment(fw: Firmware) {
 #[test]
 fn bios_machine_boots_from_the_network_and_receives_a_deployment() {
     if ready("bios_machine_boots_from_the_network_and_receives_a_deployment") {
-        network_boot_receives_a_deployment(Firmware::Bios);
+        network_boot_receives_a_deployment(Firmware::Bios, false);
     }
 }
 
 #[test]
 fn uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment() {
     if ready("uefi_secure_boot_machine_boots_from_the_network_and_receives_a_deployment") {
-        network_boot_receives_a_deployment(Firmware::Uefi);
+        network_boot_receives_a_deployment(Firmware::Uefi, false);
+    }
+}
+
+/// The UEFI machine again, by UEFI HTTP boot (`klon serve --uefi-http`):
+/// no TFTP offered (OVMF's PXE switched off), OVMF's HTTP boot fetches the
+/// stick's disk by the URL in klon serve's DHCP answer and boots it as a
+/// RAM disk: the signed shim and GRUB on it, Secure Boot on, GRUB's menu
+/// with the command line klon serve wrote into the disk's live/net.cfg
+/// (the deployment job).
+#[test]
+fn uefi_secure_boot_machine_boots_over_http_and_receives_a_deployment() {
+    if ready("uefi_secure_boot_machine_boots_over_http_and_receives_a_deployment") {
+        network_boot_receives_a_deployment(Firmware::Uefi, true);
     }
 }
 

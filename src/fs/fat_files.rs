@@ -164,8 +164,30 @@ impl<'a, F: FileExt> FatVolume<'a, F> {
         Ok(out)
     }
 
-    /// The bytes of the file at `path` (`/`-separated, from the root).
-    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+    /// Where the bytes of the file at `path` lie in the device: (offset,
+    /// length) of each of its clusters in order, the last cut to the
+    /// file's size. Writing there changes the file's contents, not its size.
+    pub fn file_ranges(&self, path: &str) -> Result<Vec<(u64, u64)>> {
+        let e = self.file_entry(path)?;
+        let chain = if e.size == 0 { Vec::new() } else { self.chain(e.cluster)? };
+        let mut left = u64::from(e.size);
+        if (chain.len() as u64) * self.g.cluster < left {
+            return Err(corrupt(format!("{path} is {left} bytes but its cluster chain is shorter")));
+        }
+        let mut out = Vec::new();
+        for c in chain {
+            if left == 0 {
+                break;
+            }
+            let n = self.g.cluster.min(left);
+            out.push((self.base + self.g.data_start + u64::from(c - 2) * self.g.cluster, n));
+            left -= n;
+        }
+        Ok(out)
+    }
+
+    /// The directory entry of the file at `path`.
+    fn file_entry(&self, path: &str) -> Result<DirEntry> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         let Some((name, dirs)) = parts.split_last() else {
             return Err(Error::Usage(format!("{path:?} names no file")));
@@ -183,6 +205,12 @@ impl<'a, F: FileExt> FatVolume<'a, F> {
         if e.dir {
             return Err(Error::Usage(format!("{path} is a directory")));
         }
+        Ok(e)
+    }
+
+    /// The bytes of the file at `path` (`/`-separated, from the root).
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        let e = self.file_entry(path)?;
         let size = u64::from(e.size);
         if size == 0 {
             return Ok(Vec::new());

@@ -8,7 +8,17 @@
 //! - BIOS PXE: `undionly.kpxe` (iPXE) over TFTP, then as above;
 //! - UEFI PXE: Debian's signed shim (`bootx64.efi`), which loads Debian's
 //!   signed network GRUB (`grubx64.efi`), which reads `grub.cfg` and loads
-//!   the kernel and initramfs over TFTP: Secure Boot stays on.
+//!   the kernel and initramfs over TFTP: Secure Boot stays on;
+//! - UEFI HTTP boot (full DHCP only: the firmware asks as `HTTPClient` and
+//!   gets a URL): the stick's disk itself (its GPT and FAT partition,
+//!   `klon-live.img`, typed `application/vnd.efi-img`), which the firmware
+//!   downloads into a RAM disk and boots as it would the stick: Debian's
+//!   signed shim and GRUB, Secure Boot on. The stick's menu takes the
+//!   kernel command line from `live/net.cfg`, a fixed-size file klon serve
+//!   fills in (in place) in the copy it serves. (Debian's signed network
+//!   GRUB 2.06, loaded by HTTP boot, does not find its menu: it knows only
+//!   PXE's TFTP.) With `--uefi-http` UEFI machines are offered HTTP boot
+//!   only.
 //!
 //! The files come from the live stick or its image (`image-build/build`
 //! puts `pxe/undionly.kpxe` and `pxe/grubnetx64.efi` on it), read from its
@@ -41,6 +51,59 @@ pub const BASE_CMDLINE: &str = "console=tty0 console=ttyS0,115200n8 quiet klon.l
 pub struct BootFiles {
     /// `vmlinuz`, `initrd.img` and the loaders found.
     pub files: BTreeMap<&'static str, Vec<u8>>,
+    /// The stick's disk (its table and FAT partition) for UEFI HTTP boot,
+    /// which the firmware boots as a RAM disk, and where in it
+    /// `live/net.cfg` lies.
+    pub disk: Option<StickDisk>,
+}
+
+/// The live stick's disk, as UEFI HTTP boot serves it.
+#[derive(Debug)]
+pub struct StickDisk {
+    /// From the disk's start to 1 MiB after its FAT partition (where the
+    /// live image has its backup GPT).
+    pub bytes: Vec<u8>,
+    /// `live/net.cfg`'s bytes: (offset, length) of each cluster.
+    pub net_cfg: Vec<(u64, u64)>,
+}
+
+/// Where the stick's GRUB menu looks for a network boot's command line.
+const NET_CFG: &str = "live/net.cfg";
+
+impl StickDisk {
+    /// The disk with `live/net.cfg` saying `cmdline` (in place: the file
+    /// keeps its size, padded with a comment).
+    pub fn with_cmdline(&self, cmdline: &str) -> Result<Vec<u8>> {
+        let room: u64 = self.net_cfg.iter().map(|r| r.1).sum();
+        let escaped: String = cmdline
+            .chars()
+            .flat_map(|c| match c {
+                '"' | '\\' | '$' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let mut text = format!("set klon_cmdline=\"{escaped}\"\n").into_bytes();
+        if text.len() as u64 + 2 > room {
+            return Err(Error::Usage(format!(
+                "the kernel command line is {} bytes; UEFI HTTP boot carries at most {} (the stick's {NET_CFG})",
+                cmdline.len(),
+                room.saturating_sub(40)
+            )));
+        }
+        // Comment lines of at most 64 bytes up to the file's size.
+        while (text.len() as u64) < room {
+            let n = (room as usize - text.len()).min(64);
+            text.extend(std::iter::repeat_n(b'#', n - 1));
+            text.push(b'\n');
+        }
+        let mut out = self.bytes.clone();
+        let mut from = 0usize;
+        for &(at, len) in &self.net_cfg {
+            out[at as usize..(at + len) as usize].copy_from_slice(&text[from..from + len as usize]);
+            from += len as usize;
+        }
+        Ok(out)
+    }
 }
 
 /// Where each served file is on the stick (first hit wins), and whether a
@@ -91,6 +154,18 @@ pub fn boot_files(live: &Path) -> Result<BootFiles> {
                 out.files.insert(name, b);
             }
         }
+        // A stick made with live/net.cfg (and a partition table): its
+        // disk for UEFI HTTP boot.
+        let part_end = layout.partitions.iter().map(|p| p.start + p.size).max();
+        if let (Ok(net_cfg), Some(end)) = (vol.file_ranges(NET_CFG), part_end) {
+            let len = (end + (1 << 20)).min(disk.size);
+            if net_cfg.iter().all(|&(at, n)| at + n <= len) && len <= 1 << 30 {
+                let mut bytes = vec![0u8; len as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0)
+                    .map_err(|e| Error::io("reading", live, Some(0), e))?;
+                out.disk = Some(StickDisk { bytes, net_cfg });
+            }
+        }
     }
     for (name, places, needed) in ON_STICK {
         if *needed && !out.files.contains_key(name) {
@@ -122,6 +197,8 @@ pub struct ServeOptions {
     pub append: String,
     /// The HTTP server's port.
     pub http_port: u16,
+    /// UEFI machines get HTTP boot only (no PXE/TFTP offer).
+    pub uefi_http: bool,
 }
 
 /// The interface's first IPv4 address and prefix length.
@@ -168,14 +245,25 @@ pub fn grub_cfg(cmdline: &str) -> String {
     )
 }
 
+/// The stick's disk as UEFI HTTP boot fetches it.
+const HTTP_DISK: &str = "klon-live.img";
+
 /// dnsmasq's configuration: DHCP (full or proxy) with the boot files per
-/// client kind, TFTP from `tftp_root`, no DNS.
-pub fn dnsmasq_conf(opts: &ServeOptions, server: Ipv4Addr, prefix: u8, tftp_root: &Path, leases: &Path) -> String {
+/// client kind, TFTP from `tftp_root`, no DNS; with `http_disk`, UEFI HTTP
+/// boot clients get the stick's disk's URL (full DHCP only).
+pub fn dnsmasq_conf(
+    opts: &ServeOptions,
+    server: Ipv4Addr,
+    prefix: u8,
+    tftp_root: &Path,
+    leases: &Path,
+    http_disk: bool,
+) -> String {
     let boot_url = format!("http://{server}:{}/boot.ipxe", opts.http_port);
     let mut c = format!(
         "port=0\ninterface={}\nbind-interfaces\ndhcp-leasefile={}\nenable-tftp\ntftp-root={}\n\
          dhcp-userclass=set:ipxe,iPXE\ndhcp-match=set:efi64,option:client-arch,7\n\
-         dhcp-match=set:efi64,option:client-arch,9\n",
+         dhcp-match=set:efi64,option:client-arch,9\ndhcp-vendorclass=set:httpboot,HTTPClient\n",
         opts.interface,
         leases.display(),
         tftp_root.display()
@@ -183,10 +271,18 @@ pub fn dnsmasq_conf(opts: &ServeOptions, server: Ipv4Addr, prefix: u8, tftp_root
     match opts.dhcp_range {
         Some((a, b)) => {
             let mask = Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
-            c.push_str(&format!(
-                "dhcp-range={a},{b},{mask},12h\ndhcp-boot=tag:ipxe,{boot_url}\n\
-                 dhcp-boot=tag:!ipxe,tag:efi64,bootx64.efi\ndhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe\n"
-            ));
+            c.push_str(&format!("dhcp-range={a},{b},{mask},12h\ndhcp-boot=tag:ipxe,{boot_url}\n"));
+            if http_disk {
+                // UEFI HTTP boot: the answer names itself HTTPClient and
+                // carries the URL of the stick's disk, which the firmware
+                // boots as a RAM disk (its signed shim and GRUB).
+                let url = format!("http://{server}:{}/{HTTP_DISK}", opts.http_port);
+                c.push_str(&format!("dhcp-option-force=tag:httpboot,60,HTTPClient\ndhcp-boot=tag:httpboot,{url}\n"));
+            }
+            if !opts.uefi_http {
+                c.push_str("dhcp-boot=tag:!ipxe,tag:!httpboot,tag:efi64,bootx64.efi\n");
+            }
+            c.push_str("dhcp-boot=tag:!ipxe,tag:!httpboot,tag:!efi64,undionly.kpxe\n");
         }
         None => {
             let net = Ipv4Addr::from(u32::from(server) & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0));
@@ -205,6 +301,13 @@ pub fn dnsmasq_conf(opts: &ServeOptions, server: Ipv4Addr, prefix: u8, tftp_root
 /// server and dnsmasq, and relays what dnsmasq logs about machines.
 pub fn serve(opts: &ServeOptions) -> Result<()> {
     check_append(&opts.append)?;
+    if opts.uefi_http && opts.dhcp_range.is_none() {
+        return Err(Error::Usage(
+            "--uefi-http needs --dhcp-range: UEFI HTTP boot takes its URL from the DHCP answer, which proxy DHCP \
+             does not give"
+                .into(),
+        ));
+    }
     let (server, prefix) = ipv4_of(&opts.interface)?;
     if let Some((a, b)) = opts.dhcp_range {
         let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
@@ -222,6 +325,17 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     }
     let files = boot_files(&opts.live)?;
     let cmdline = format!("{BASE_CMDLINE} {}", opts.append).trim().to_string();
+    let http_disk = match (&files.disk, opts.dhcp_range) {
+        (Some(d), Some(_)) => Some(d.with_cmdline(&cmdline)?),
+        _ => None,
+    };
+    if opts.uefi_http && http_disk.is_none() {
+        return Err(Error::Usage(format!(
+            "--uefi-http: {} has no {NET_CFG} in a partitioned FAT (a stick made before UEFI HTTP boot, or a \
+             directory): give a live stick or image made by this klon's image-build",
+            opts.live.display()
+        )));
+    }
     let dir = std::env::temp_dir().join(format!("klon-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let tftp = dir.join("tftp");
@@ -240,8 +354,14 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         // Debian's network GRUB reads its menu from grub/ on the server.
         write("grub/grub.cfg", grub_cfg(&cmdline).as_bytes())?;
         let mut http_files: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for name in ["vmlinuz", "initrd.img", "boot.ipxe"] {
-            http_files.insert(format!("/{name}"), tftp.join(name));
+        // iPXE's files, and UEFI HTTP boot's disk.
+        if let Some(d) = &http_disk {
+            write(HTTP_DISK, d)?;
+        }
+        for name in ["vmlinuz", "initrd.img", "boot.ipxe", HTTP_DISK] {
+            if tftp.join(name).exists() {
+                http_files.insert(format!("/{name}"), tftp.join(name));
+            }
         }
         let listener = TcpListener::bind((server, opts.http_port)).map_err(|e| {
             Error::io(format!("listening on HTTP port {} of", opts.http_port), Path::new(&opts.interface), None, e)
@@ -249,7 +369,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         let http_files = Arc::new(http_files);
         std::thread::spawn(move || http_serve(listener, http_files));
         let conf = dir.join("dnsmasq.conf");
-        let text = dnsmasq_conf(opts, server, prefix, &tftp, &dir.join("leases"));
+        let text = dnsmasq_conf(opts, server, prefix, &tftp, &dir.join("leases"), http_disk.is_some());
         std::fs::write(&conf, text).map_err(|e| Error::io("writing", &conf, None, e))?;
         run_dnsmasq(&conf, opts, server, &files, &cmdline)
     })();
@@ -356,9 +476,12 @@ fn http_one(mut stream: TcpStream, files: &BTreeMap<String, PathBuf>) -> std::io
     let text = String::from_utf8_lossy(&head);
     let mut words = text.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    // (shim asks for its second stage as "//grubx64.efi".)
+    let path = format!("/{}", path.split('?').next().unwrap_or("").trim_start_matches('/'));
+    let path = path.as_str();
     let found = files.get(path).filter(|_| method == "GET" || method == "HEAD");
     let Some(file) = found else {
+        eprintln!("klon serve: HTTP has no {path} (asked by {peer})");
         let body = "not found\n";
         return stream.write_all(
             format!("HTTP/1.0 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
@@ -367,8 +490,10 @@ fn http_one(mut stream: TcpStream, files: &BTreeMap<String, PathBuf>) -> std::io
     };
     let mut f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
+    // UEFI HTTP boot tells a disk to boot as a RAM disk by its type.
+    let kind = if path.ends_with(".img") { "application/vnd.efi-img" } else { "application/octet-stream" };
     stream.write_all(
-        format!("HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+        format!("HTTP/1.0 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
             .as_bytes(),
     )?;
     if method == "GET" {
@@ -382,6 +507,29 @@ fn http_one(mut stream: TcpStream, files: &BTreeMap<String, PathBuf>) -> std::io
 mod tests {
     use super::*;
 
+    /// net.cfg is rewritten in place, across its clusters, to the same
+    /// size: the command line (quotes, backslashes and dollars escaped for
+    /// GRUB), then comment lines; nothing else in the disk changes; a
+    /// command line too long for it is refused.
+    #[test]
+    fn the_served_disk_carries_the_command_line_in_net_cfg() {
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let d = StickDisk { bytes: bytes.clone(), net_cfg: vec![(4096, 512), (1024, 100)] };
+        let out = d.with_cmdline("quiet klon.image=\"a b\" x=$y\\z").unwrap();
+        assert_eq!(out.len(), bytes.len());
+        let mut text = out[4096..4608].to_vec();
+        text.extend_from_slice(&out[1024..1124]);
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.starts_with("set klon_cmdline=\"quiet klon.image=\\\"a b\\\" x=\\$y\\\\z\"\n#"), "{text}");
+        assert!(text.ends_with("#\n") && text.lines().skip(1).all(|l| l.len() <= 63 && l.chars().all(|c| c == '#')));
+        for (i, (a, b)) in out.iter().zip(&bytes).enumerate() {
+            if !(4096..4608).contains(&i) && !(1024..1124).contains(&i) {
+                assert_eq!(a, b, "byte {i} changed");
+            }
+        }
+        assert!(d.with_cmdline(&"x".repeat(700)).unwrap_err().to_string().contains("at most"));
+    }
+
     #[test]
     fn dnsmasq_configuration_per_mode() {
         let mut o = ServeOptions {
@@ -390,15 +538,24 @@ mod tests {
             dhcp_range: Some(("10.78.0.100".parse().unwrap(), "10.78.0.150".parse().unwrap())),
             append: String::new(),
             http_port: 8069,
+            uefi_http: false,
         };
         let server: Ipv4Addr = "10.78.0.1".parse().unwrap();
-        let c = dnsmasq_conf(&o, server, 24, Path::new("/t"), Path::new("/l"));
+        let c = dnsmasq_conf(&o, server, 24, Path::new("/t"), Path::new("/l"), true);
         assert!(c.contains("dhcp-range=10.78.0.100,10.78.0.150,255.255.255.0,12h\n"), "{c}");
         assert!(c.contains("dhcp-boot=tag:ipxe,http://10.78.0.1:8069/boot.ipxe\n"), "{c}");
-        assert!(c.contains("dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe\n"), "{c}");
+        assert!(c.contains("dhcp-boot=tag:!ipxe,tag:!httpboot,tag:!efi64,undionly.kpxe\n"), "{c}");
+        assert!(c.contains("dhcp-boot=tag:!ipxe,tag:!httpboot,tag:efi64,bootx64.efi\n"), "{c}");
+        assert!(c.contains("dhcp-vendorclass=set:httpboot,HTTPClient\n"), "{c}");
+        assert!(c.contains("dhcp-option-force=tag:httpboot,60,HTTPClient\n"), "{c}");
+        assert!(c.contains("dhcp-boot=tag:httpboot,http://10.78.0.1:8069/klon-live.img\n"), "{c}");
+        o.uefi_http = true;
+        let c = dnsmasq_conf(&o, server, 24, Path::new("/t"), Path::new("/l"), true);
+        assert!(!c.contains("tag:efi64,bootx64.efi"), "UEFI PXE not offered:\n{c}");
+        o.uefi_http = false;
         assert!(c.contains("port=0\n") && c.contains("interface=br0\n") && c.contains("tftp-root=/t\n"));
         o.dhcp_range = None;
-        let c = dnsmasq_conf(&o, "192.168.7.20".parse().unwrap(), 16, Path::new("/t"), Path::new("/l"));
+        let c = dnsmasq_conf(&o, "192.168.7.20".parse().unwrap(), 16, Path::new("/t"), Path::new("/l"), true);
         assert!(c.contains("dhcp-range=192.168.0.0,proxy\n"), "{c}");
         assert!(
             c.contains("pxe-service=tag:ipxe,x86PC,\"klon live system\",http://192.168.7.20:8069/boot.ipxe\n"),
