@@ -565,7 +565,8 @@ fn export_for_deploy(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<Exported> 
             crate::units::human_bytes(free)
         )));
     }
-    let dir = base.join(format!("klon-deploy-{}", std::process::id()));
+    crate::scratch::remove_stale(&base, "deploy");
+    let dir = crate::scratch::path_in(&base, "deploy");
     let opts = ExportOptions {
         level: crate::engine::backup::DEFAULT_LEVEL,
         workers: default_workers(),

@@ -24,6 +24,7 @@ pub mod job;
 pub mod le;
 pub mod live;
 pub mod repo;
+pub mod scratch;
 pub mod table;
 #[cfg(test)]
 mod testutil;

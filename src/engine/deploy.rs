@@ -309,7 +309,7 @@ pub struct ReceiveOptions {
 /// joiners (`klon deploy --late`). The caller has confirmed (`--yes`).
 pub fn receive(target: &Path, opts: &ReceiveOptions) -> Result<RestoreReport> {
     let started = Instant::now();
-    let dir = std::env::temp_dir().join(format!("klon-receive-{}", std::process::id()));
+    let dir = crate::scratch::dir("receive");
     let late = |answer: &Option<(String, ProbeAnswer)>| match answer {
         Some((ip, ProbeAnswer { phase: Phase::Sending | Phase::Done, late_port: Some(p), .. })) => {
             Some((ip.clone(), *p))

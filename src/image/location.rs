@@ -125,7 +125,7 @@ pub fn localize(p: &Path, feedback: &Feedback) -> Result<(PathBuf, Option<Remote
     let at =
         std::env::temp_dir().join(format!("klon-sftp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
     std::fs::create_dir_all(&at).map_err(|e| Error::io("creating", &at, None, e))?;
-    if let Err(e) = sshfs(loc.user.as_deref(), &loc.host, loc.port, &loc.dir, &at, &url) {
+    if let Err(e) = sshfs(loc.user.as_deref(), &loc.host, loc.port, &loc.dir, &at, &url, false) {
         let _ = std::fs::remove_dir(&at);
         return Err(e);
     }
@@ -136,7 +136,15 @@ pub fn localize(p: &Path, feedback: &Feedback) -> Result<(PathBuf, Option<Remote
 /// Mounts directory `dir` of `host` at `at` with sshfs: ssh's own keys and
 /// configuration (`KLON_SSH_CONFIG` names another), nothing typed; `url`
 /// names the place in an error.
-pub fn sshfs(user: Option<&str>, host: &str, port: Option<u16>, dir: &str, at: &Path, url: &str) -> Result<()> {
+pub fn sshfs(
+    user: Option<&str>,
+    host: &str,
+    port: Option<u16>,
+    dir: &str,
+    at: &Path,
+    url: &str,
+    read_only: bool,
+) -> Result<()> {
     let mut cmd = Command::new("sshfs");
     let target = match user {
         Some(u) => format!("{u}@{host}:{dir}"),
@@ -144,6 +152,9 @@ pub fn sshfs(user: Option<&str>, host: &str, port: Option<u16>, dir: &str, at: &
     };
     cmd.arg(&target).arg(at);
     cmd.args(["-o", "BatchMode=yes,reconnect,ServerAliveInterval=15,ServerAliveCountMax=4"]);
+    if read_only {
+        cmd.args(["-o", "ro"]);
+    }
     if let Some(port) = port {
         cmd.args(["-p", &port.to_string()]);
     }

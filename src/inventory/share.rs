@@ -186,13 +186,13 @@ impl Share {
     }
 
     /// Mounts the SFTP location's folder at `at` with sshfs (ssh's keys and
-    /// known hosts, nothing typed).
-    fn mount_sftp(&self, at: &Path) -> Result<Mounted> {
+    /// known hosts, nothing typed), read-only when `read_only`.
+    fn mount_sftp(&self, at: &Path, read_only: bool) -> Result<Mounted> {
         std::fs::create_dir_all(at).map_err(|e| Error::io("creating the mount point", at, None, e))?;
         let port = (self.port != SSH_PORT).then_some(self.port);
         let dir = format!("/{}", self.share);
         if let Err(e) =
-            crate::image::location::sshfs(self.user.as_deref(), &self.host, port, &dir, at, &self.describe())
+            crate::image::location::sshfs(self.user.as_deref(), &self.host, port, &dir, at, &self.describe(), read_only)
         {
             let _ = std::fs::remove_dir(at);
             return Err(e);
@@ -210,7 +210,7 @@ impl Share {
     /// server or the kernel said, in words, and never the password.
     pub fn mount(&self, password: Option<&str>, at: &Path, read_only: bool) -> Result<Mounted> {
         if self.protocol == Protocol::Sftp {
-            return self.mount_sftp(at);
+            return self.mount_sftp(at, read_only);
         }
         let addr = self.address()?;
         let (source, fstype, options, client, what) = if self.protocol == Protocol::Smb {

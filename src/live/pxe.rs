@@ -336,7 +336,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             opts.live.display()
         )));
     }
-    let dir = std::env::temp_dir().join(format!("klon-serve-{}", std::process::id()));
+    let dir = crate::scratch::dir("serve");
     let _ = std::fs::remove_dir_all(&dir);
     let tftp = dir.join("tftp");
     let write = |rel: &str, bytes: &[u8]| -> Result<()> {
