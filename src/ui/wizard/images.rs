@@ -145,7 +145,7 @@ pub fn choose_dir_at(
             items.push(Item::new(d.describe()));
         }
         items.push(Item::new("Insert the USB drive now (klon waits for it)"));
-        items.push(Item::new("A network share: smb://…, nfs://… or sftp://… (a NAS, a server)"));
+        items.push(Item::new("A network share: smb://…, nfs://…, sftp://… or s3://… (a NAS, a server, S3)"));
         if live {
             items.push(Item::new("Type a directory"));
         }
@@ -213,9 +213,79 @@ pub fn choose_dir_at(
     }
 }
 
-/// Asks for a network share's location (and an SMB user's password),
-/// brings up the network and mounts the share at `at`; `None` when the
-/// person went back.
+/// Brings up the network when the live system asks for it (`network`),
+/// saying so and then `next`; false (said on screen) when there is none.
+fn network_up(scr: &Screen, title: &str, network: Option<BringUpNetwork>, next: &str) -> Result<bool> {
+    let Some(up) = network else {
+        scr.page(title, next)?;
+        return Ok(true);
+    };
+    scr.page(title, "Bringing up the network by DHCP ...")?;
+    match up() {
+        Ok((_, line)) => {
+            scr.page(title, &format!("{line}\n\n{next}"))?;
+            Ok(true)
+        }
+        Err(e) => {
+            scr.message(title, &format!("No network: {e}\n\nConnect a network cable and try again."))?;
+            Ok(false)
+        }
+    }
+}
+
+/// Asks for an S3 store's endpoint, region and access key (the secret
+/// read as stars), brings up the network and checks that the store
+/// answers; the settings stay in this process's memory. The repositories
+/// are under `url` (`s3://BUCKET/PREFIX`). `None` when the person went
+/// back or the store did not answer (said on screen).
+fn open_s3(scr: &Screen, title: &str, url: &str, network: Option<BringUpNetwork>) -> Result<Option<ImageDir>> {
+    if let Err(e) = crate::repo::s3::parse_url(url) {
+        scr.message(title, &e)?;
+        return Ok(None);
+    }
+    let ask = |body: &str, label: &str, default: &str| scr.input(title, body, label, default);
+    let Nav::Go(endpoint) = ask(
+        "The address of the S3 server, for example http://192.168.1.10:3900 (MinIO, Garage, a NAS). Leave it \
+         empty for Amazon S3.",
+        "Endpoint",
+        "",
+    )?
+    else {
+        return Ok(None);
+    };
+    let Nav::Go(region) = ask("The store's region (garage for Garage).", "Region", "us-east-1")? else {
+        return Ok(None);
+    };
+    let Nav::Go(key) = ask("The access key's ID.", "Access key", "")? else { return Ok(None) };
+    scr.page(title, &format!("The secret of access key {key}.\n\nIt is kept in memory for this run only."))?;
+    let Nav::Go(secret) = scr.read_secret("Secret key")? else { return Ok(None) };
+    if !network_up(scr, title, network, &format!("Asking {url} ..."))? {
+        return Ok(None);
+    }
+    let mut settings = std::collections::HashMap::from([
+        ("aws_access_key_id".to_string(), key.trim().to_string()),
+        ("aws_secret_access_key".to_string(), secret),
+        ("region".to_string(), region.trim().to_string()),
+    ]);
+    if !endpoint.trim().is_empty() {
+        settings.insert("endpoint_url".into(), endpoint.trim().to_string());
+    }
+    crate::repo::s3::set_settings(settings);
+    // A listing of a name that is not there: the bucket and the key are
+    // checked, nothing is read.
+    let probe = crate::repo::store::open(Path::new(url)).and_then(|st| st.list("klon-wizard-probe").map(|_| ()));
+    match probe {
+        Ok(()) => Ok(Some(ImageDir { path: PathBuf::from(url), mounted: None })),
+        Err(e) => {
+            scr.message(title, &format!("{url} does not answer as it should: {e}"))?;
+            Ok(None)
+        }
+    }
+}
+
+/// Asks for a network share's location (and an SMB user's password, or an
+/// S3 store's settings), brings up the network and mounts the share at
+/// `at`; `None` when the person went back.
 fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetwork>) -> Result<Option<ImageDir>> {
     let mut typed = "smb://".to_string();
     loop {
@@ -224,7 +294,8 @@ fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetw
             "Type the share's location:\n\n  smb://[USER@]HOST[:PORT]/SHARE[/FOLDER]   SMB 2 or 3: a NAS, a Windows or \
              Samba server; the images are in FOLDER, or in klon-images/ of the share\n  nfs://HOST[:PORT]/PATH   NFS \
              4.1; the images are in PATH\n  sftp://[USER@]HOST[:PORT]/PATH   an SSH server, with ssh's keys and \
-             known hosts; the images are in PATH\n\nFor example smb://backup@192.168.1.10/images.",
+             known hosts; the images are in PATH\n  s3://BUCKET[/PREFIX]   S3-compatible storage: repositories \
+             under PREFIX\n\nFor example smb://backup@192.168.1.10/images.",
             "Location",
             &typed,
         )?
@@ -232,6 +303,12 @@ fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetw
             return Ok(None);
         };
         typed = text.clone();
+        if text.starts_with("s3://") {
+            match open_s3(scr, title, &text, network)? {
+                Some(dir) => return Ok(Some(dir)),
+                None => continue,
+            }
+        }
         let found = match share::parse(&text) {
             Ok(s) => s,
             Err(e) => {
@@ -256,17 +333,8 @@ fn mount_share(scr: &Screen, title: &str, at: &Path, network: Option<BringUpNetw
             }
             _ => None,
         };
-        if let Some(up) = network {
-            scr.page(title, "Bringing up the network by DHCP ...")?;
-            match up() {
-                Ok((_, line)) => scr.page(title, &format!("{line}\n\nMounting {} ...", found.describe()))?,
-                Err(e) => {
-                    scr.message(title, &format!("No network: {e}\n\nConnect a network cable and try again."))?;
-                    continue;
-                }
-            };
-        } else {
-            scr.page(title, &format!("Mounting {} at {} ...", found.describe(), at.display()))?;
+        if !network_up(scr, title, network, &format!("Mounting {} at {} ...", found.describe(), at.display()))? {
+            continue;
         }
         match found.mount(password.as_deref(), at, false) {
             Ok(m) => {
@@ -337,13 +405,31 @@ pub struct Found {
     pub need: Option<disks::Need>,
 }
 
-/// The images in `dir` (complete, unfinished, damaged), by name.
+/// The images in `dir` (complete, unfinished, damaged), by name; in an S3
+/// store (`s3://BUCKET/PREFIX`), the repositories under the prefix.
 pub fn list_images(dir: &Path) -> Vec<Found> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut paths: Vec<PathBuf> =
-        rd.flatten().map(|e| e.path()).filter(|p| crate::engine::source::looks_like_image(p)).collect();
+    let mut paths: Vec<PathBuf> = if crate::repo::store::is_remote(dir) {
+        remote_repositories(dir)
+    } else {
+        let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+        rd.flatten().map(|e| e.path()).filter(|p| crate::engine::source::looks_like_image(p)).collect()
+    };
     paths.sort();
     paths.into_iter().flat_map(|p| expand_repository(p).into_iter().map(|p| describe_image(&p))).collect()
+}
+
+/// The repositories right under the S3 location `dir`: the names with a
+/// repository's configuration object in them.
+fn remote_repositories(dir: &Path) -> Vec<PathBuf> {
+    let Ok(names) = crate::repo::store::open(dir).and_then(|s| s.list("")) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = names
+        .iter()
+        .filter_map(|(n, _)| n.strip_suffix(&format!("/{}", crate::repo::CONFIG_NAME)))
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .map(|n| dir.join(n))
+        .collect();
+    out.dedup();
+    out
 }
 
 /// A repository stands for its snapshots, newest first (`REPO:ID`); any
