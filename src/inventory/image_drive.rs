@@ -178,6 +178,8 @@ pub struct ImageDrive {
     pub mountpoint: PathBuf,
     /// Its filesystem, as the probe names it.
     pub fstype: String,
+    /// The network share it is, when it is one.
+    pub share: Option<Share>,
     /// The folder that holds the images.
     images: PathBuf,
     read_only: bool,
@@ -195,6 +197,7 @@ impl ImageDrive {
             mountpoint: at.to_path_buf(),
             fstype: c.fs.fstype.clone(),
             images: at.join(IMAGES_DIR),
+            share: None,
             read_only,
             mounted,
         })
@@ -215,6 +218,7 @@ impl ImageDrive {
                 Protocol::Sftp => "fuse.sshfs".into(),
             },
             images: share.images_dir(at),
+            share: Some(share.clone()),
             read_only,
             mounted,
         })

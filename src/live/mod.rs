@@ -336,8 +336,8 @@ fn run_job_on(job: &Job, used_drive: &mut Option<UsedDrive>) -> Result<String> {
     let disk = job_disk(job, wait)?;
     let exclude: Vec<u64> = disk.as_deref().and_then(devno_of).into_iter().collect();
     let drive = mount_drive(job, job.drive.as_deref(), &exclude, DRIVE_MNT, job.kind != JobKind::Backup)?;
-    *used_drive = Some(match job.drive.as_deref().filter(|s| share::is_share(s)) {
-        Some(spec) => UsedDrive::Share(share::parse(spec)?, job.drive_password.clone()),
+    *used_drive = Some(match &drive.share {
+        Some(s) => UsedDrive::Share(s.clone(), job.drive_password.clone()),
         None => UsedDrive::Disk(drive.device.clone(), drive.fstype.clone()),
     });
     let on_drive = drive.device.display().to_string();
