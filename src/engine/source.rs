@@ -144,6 +144,7 @@ pub fn verify(path: &Path, workers: usize, feedback: &Feedback) -> Result<Verify
     let result = open(path).and_then(|mut s| s.verify(workers, feedback));
     if let Err(e) = &result
         && !matches!(e, Error::Cancelled(_))
+        && !gocryptfs::is_encrypted(path)
     {
         // Nothing is recorded outside a klon image's own directory.
         klon::record_failure_to_open(path, &result);
