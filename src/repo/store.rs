@@ -14,6 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::device::direct::DirectWriter;
 use crate::error::{Error, Result};
 
 /// The directory of unfinished files in a local repository.
@@ -194,13 +195,17 @@ impl Store for LocalStore {
     fn create(&self, name: &str) -> Result<Box<dyn ObjectWriter>> {
         let tmp = self.tmp_path(name);
         let f = File::create(&tmp).map_err(|e| Error::io("creating", &tmp, None, e))?;
-        Ok(Box::new(LocalWriter {
-            store: self.clone(),
-            name: name.to_string(),
-            file: std::io::BufWriter::with_capacity(WRITE_BUF, f),
-            tmp,
-            written: 0,
-        }))
+        // Direct writes where the filesystem takes them (as image files
+        // are written): the pack's bytes go to the drive without being
+        // copied into the page cache, which a backup's kernel time was
+        // mostly spent on (6 GiB disk: 11 s of system time against the
+        // image's 2 s). Not on FUSE filesystems: fusefat took direct
+        // writes of a repository's packs and read other bytes back.
+        let fuse =
+            nix::sys::statfs::fstatfs(&f).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::FUSE_SUPER_MAGIC);
+        let direct = if fuse { None } else { crate::device::direct::open_for_writing(&tmp) };
+        let file = DirectWriter::new(f, direct, WRITE_BUF).map_err(|e| Error::io("opening", &tmp, None, e))?;
+        Ok(Box::new(LocalWriter { store: self.clone(), name: name.to_string(), file, tmp }))
     }
 
     fn list(&self, dir: &str) -> Result<Vec<(String, u64)>> {
@@ -330,26 +335,22 @@ const WRITE_BUF: usize = 4 << 20;
 struct LocalWriter {
     store: LocalStore,
     name: String,
-    file: std::io::BufWriter<File>,
+    file: DirectWriter,
     tmp: PathBuf,
-    written: u64,
 }
 
 impl ObjectWriter for LocalWriter {
     fn write_all(&mut self, bytes: &[u8]) -> Result<()> {
-        std::io::Write::write_all(&mut self.file, bytes)
-            .map_err(|e| Error::io("writing", &self.tmp, Some(self.written), e))?;
-        self.written += bytes.len() as u64;
-        Ok(())
+        self.file.append(bytes).map_err(|e| Error::io("writing", &self.tmp, e.offset, e.error))
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        let LocalWriter { store, name, file, tmp, .. } = *self;
+        let LocalWriter { store, name, file, tmp } = *self;
+        // (finish writes what is buffered, then syncs the file.)
         let done = file
-            .into_inner()
-            .map_err(|e| Error::io("writing", &tmp, None, e.into_error()))
-            .and_then(|f| f.sync_all().map_err(|e| Error::io("flushing", &tmp, None, e)))
-            .and_then(|()| store.put_in_place(&tmp, &name));
+            .finish()
+            .map_err(|e| Error::io("writing", &tmp, e.offset, e.error))
+            .and_then(|_| store.put_in_place(&tmp, &name));
         if done.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
