@@ -57,12 +57,15 @@ pub struct BootFiles {
     pub disk: Option<StickDisk>,
 }
 
-/// The live stick's disk, as UEFI HTTP boot serves it.
+/// The live stick's disk, as UEFI HTTP boot serves it (read only when
+/// served: proxy DHCP offers no HTTP boot).
 #[derive(Debug)]
 pub struct StickDisk {
-    /// From the disk's start to 1 MiB after its FAT partition (where the
-    /// live image has its backup GPT).
-    pub bytes: Vec<u8>,
+    /// The stick or its image.
+    pub path: PathBuf,
+    /// Bytes served: from the disk's start to 1 MiB after its FAT
+    /// partition (where the live image has its backup GPT).
+    pub len: u64,
     /// `live/net.cfg`'s bytes: (offset, length) of each cluster.
     pub net_cfg: Vec<(u64, u64)>,
 }
@@ -74,36 +77,46 @@ impl StickDisk {
     /// The disk with `live/net.cfg` saying `cmdline` (in place: the file
     /// keeps its size, padded with a comment).
     pub fn with_cmdline(&self, cmdline: &str) -> Result<Vec<u8>> {
-        let room: u64 = self.net_cfg.iter().map(|r| r.1).sum();
-        let escaped: String = cmdline
-            .chars()
-            .flat_map(|c| match c {
-                '"' | '\\' | '$' => vec!['\\', c],
-                c => vec![c],
-            })
-            .collect();
-        let mut text = format!("set klon_cmdline=\"{escaped}\"\n").into_bytes();
-        if text.len() as u64 + 2 > room {
-            return Err(Error::Usage(format!(
-                "the kernel command line is {} bytes; UEFI HTTP boot carries at most {} (the stick's {NET_CFG})",
-                cmdline.len(),
-                room.saturating_sub(40)
-            )));
-        }
-        // Comment lines of at most 64 bytes up to the file's size.
-        while (text.len() as u64) < room {
-            let n = (room as usize - text.len()).min(64);
-            text.extend(std::iter::repeat_n(b'#', n - 1));
-            text.push(b'\n');
-        }
-        let mut out = self.bytes.clone();
-        let mut from = 0usize;
-        for &(at, len) in &self.net_cfg {
-            out[at as usize..(at + len) as usize].copy_from_slice(&text[from..from + len as usize]);
-            from += len as usize;
-        }
-        Ok(out)
+        let f = std::fs::File::open(&self.path).map_err(|e| Error::io("opening", &self.path, None, e))?;
+        let mut bytes = vec![0u8; self.len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut bytes, 0)
+            .map_err(|e| Error::io("reading", &self.path, Some(0), e))?;
+        put_cmdline(&mut bytes, &self.net_cfg, cmdline)?;
+        Ok(bytes)
     }
+}
+
+/// Writes `cmdline` into `live/net.cfg`, whose clusters `net_cfg` says
+/// where in `disk` they are, as GRUB script padded with comments.
+fn put_cmdline(disk: &mut [u8], net_cfg: &[(u64, u64)], cmdline: &str) -> Result<()> {
+    let room: u64 = net_cfg.iter().map(|r| r.1).sum();
+    let escaped: String = cmdline
+        .chars()
+        .flat_map(|c| match c {
+            '"' | '\\' | '$' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect();
+    let mut text = format!("set klon_cmdline=\"{escaped}\"\n").into_bytes();
+    if text.len() as u64 + 2 > room {
+        return Err(Error::Usage(format!(
+            "the kernel command line is {} bytes; UEFI HTTP boot carries at most {} (the stick's {NET_CFG})",
+            cmdline.len(),
+            room.saturating_sub(40)
+        )));
+    }
+    // Comment lines of at most 64 bytes up to the file's size.
+    while (text.len() as u64) < room {
+        let n = (room as usize - text.len()).min(64);
+        text.extend(std::iter::repeat_n(b'#', n - 1));
+        text.push(b'\n');
+    }
+    let mut from = 0usize;
+    for &(at, len) in net_cfg {
+        disk[at as usize..(at + len) as usize].copy_from_slice(&text[from..from + len as usize]);
+        from += len as usize;
+    }
+    Ok(())
 }
 
 /// Where each served file is on the stick (first hit wins), and whether a
@@ -160,10 +173,7 @@ pub fn boot_files(live: &Path) -> Result<BootFiles> {
         if let (Ok(net_cfg), Some(end)) = (vol.file_ranges(NET_CFG), part_end) {
             let len = (end + (1 << 20)).min(disk.size);
             if net_cfg.iter().all(|&(at, n)| at + n <= len) && len <= 1 << 30 {
-                let mut bytes = vec![0u8; len as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, 0)
-                    .map_err(|e| Error::io("reading", live, Some(0), e))?;
-                out.disk = Some(StickDisk { bytes, net_cfg });
+                out.disk = Some(StickDisk { path: live.to_path_buf(), len, net_cfg });
             }
         }
     }
@@ -325,11 +335,12 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
     }
     let files = boot_files(&opts.live)?;
     let cmdline = format!("{BASE_CMDLINE} {}", opts.append).trim().to_string();
-    let http_disk = match (&files.disk, opts.dhcp_range) {
+    let mut http_disk = match (&files.disk, opts.dhcp_range) {
         (Some(d), Some(_)) => Some(d.with_cmdline(&cmdline)?),
         _ => None,
     };
-    if opts.uefi_http && http_disk.is_none() {
+    let http_boot = http_disk.is_some();
+    if opts.uefi_http && !http_boot {
         return Err(Error::Usage(format!(
             "--uefi-http: {} has no {NET_CFG} in a partitioned FAT (a stick made before UEFI HTTP boot, or a \
              directory): give a live stick or image made by this klon's image-build",
@@ -355,8 +366,8 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         write("grub/grub.cfg", grub_cfg(&cmdline).as_bytes())?;
         let mut http_files: BTreeMap<String, PathBuf> = BTreeMap::new();
         // iPXE's files, and UEFI HTTP boot's disk.
-        if let Some(d) = &http_disk {
-            write(HTTP_DISK, d)?;
+        if let Some(d) = http_disk.take() {
+            write(HTTP_DISK, &d)?;
         }
         for name in ["vmlinuz", "initrd.img", "boot.ipxe", HTTP_DISK] {
             if tftp.join(name).exists() {
@@ -369,7 +380,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         let http_files = Arc::new(http_files);
         std::thread::spawn(move || http_serve(listener, http_files));
         let conf = dir.join("dnsmasq.conf");
-        let text = dnsmasq_conf(opts, server, prefix, &tftp, &dir.join("leases"), http_disk.is_some());
+        let text = dnsmasq_conf(opts, server, prefix, &tftp, &dir.join("leases"), http_boot);
         std::fs::write(&conf, text).map_err(|e| Error::io("writing", &conf, None, e))?;
         run_dnsmasq(&conf, opts, server, &files, &cmdline)
     })();
@@ -514,7 +525,10 @@ mod tests {
     #[test]
     fn the_served_disk_carries_the_command_line_in_net_cfg() {
         let bytes: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
-        let d = StickDisk { bytes: bytes.clone(), net_cfg: vec![(4096, 512), (1024, 100)] };
+        let dir = crate::testutil::TempDir::new("net-cfg");
+        let path = dir.0.join("stick.img");
+        std::fs::write(&path, &bytes).unwrap();
+        let d = StickDisk { path, len: 8192, net_cfg: vec![(4096, 512), (1024, 100)] };
         let out = d.with_cmdline("quiet klon.image=\"a b\" x=$y\\z").unwrap();
         assert_eq!(out.len(), bytes.len());
         let mut text = out[4096..4608].to_vec();
