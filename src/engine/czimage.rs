@@ -232,9 +232,22 @@ impl CzSource {
     pub fn unlock(&mut self, only: Option<&[u32]>) -> Result<()> {
         let dir = self.image.dir.clone();
         let wanted = |s: &CzStream| only.is_none_or(|o| s.info.partition.is_some_and(|n| o.contains(&n)));
+        // A passphrase that opened one volume is tried on the next before
+        // asking again (volumes of one machine mostly share one).
+        let mut opened: Vec<String> = Vec::new();
         for s in self.streams.iter_mut().filter(|s| wanted(s)) {
             let Origin::Luks(volume) = &mut s.origin else { continue };
             if volume.unlocked() {
+                continue;
+            }
+            let mut known = false;
+            for p in &opened {
+                if volume.unlock(p)? {
+                    known = true;
+                    break;
+                }
+            }
+            if known {
                 continue;
             }
             let what = format!("{} of the Clonezilla image {}", volume.name(), dir.display());
@@ -245,6 +258,7 @@ impl CzSource {
                      (KLON_PASSPHRASE, --passphrase-file, or typed when asked); nothing was written"
                 )));
             }
+            opened.push(passphrase);
         }
         Ok(())
     }
