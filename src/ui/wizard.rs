@@ -312,15 +312,9 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let d = dir.as_ref().expect("chosen");
                 let l = &list[src];
                 let repo_dir = d.path.join(&name);
-                // (In an S3 store every name is a repository's place: one
-                // exists when its configuration is there.)
-                let exists = if crate::repo::store::is_remote(&repo_dir) {
-                    crate::repo::store::open(&repo_dir)
-                        .and_then(|s| s.size(crate::repo::CONFIG_NAME))
-                        .is_ok_and(|n| n.is_some())
-                } else {
-                    crate::repo::is_repository(&repo_dir)
-                };
+                // (A store that cannot be asked is taken as holding one: the
+                // backup then says why it cannot be read.)
+                let exists = crate::repo::exists(&repo_dir).unwrap_or(true);
                 // (An encrypted one asks for its passphrase here, once.)
                 let existing = if exists { crate::repo::Repository::open(&repo_dir).ok() } else { None };
                 if keep.is_none() {
@@ -408,10 +402,7 @@ fn backup_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()> 
                 let d = dir.take().expect("chosen");
                 let image = d.path.join(&name);
                 let source = list[src].info.path.clone();
-                let encrypt = encrypt
-                    && !crate::repo::store::open(&image)
-                        .and_then(|s| s.size(crate::repo::CONFIG_NAME))
-                        .is_ok_and(|n| n.is_some());
+                let encrypt = encrypt && !crate::repo::exists(&image).unwrap_or(true);
                 let r = run_snapshot(scr, &source, &image, level, verify_after, keep, encrypt);
                 if let (Ok(Some(id)), true) = (&r, copy_after) {
                     let not_on = Some(list[src].info.devno);
