@@ -1087,9 +1087,9 @@ fn wizard_backs_up_to_and_restores_from_an_s3_store() {
 fn restore_listed_image_and_quit(t: &Tmux, dst: &LoopDevice) {
     t.keys(&["Enter"]);
     t.wait_for(&["Which disk do you want to OVERWRITE?"], 30);
-    t.choose(&entry(&dst));
+    t.choose(&entry(dst));
     t.wait_for(&["Type to confirm:"], 30);
-    t.text(&dev_name(&dst));
+    t.text(&dev_name(dst));
     t.keys(&["Enter"]);
     let s = t.wait_for(&["restore done", "Press Enter"], 120);
     assert!(s.contains("Verification: OK"), "{s}");
