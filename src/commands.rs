@@ -348,7 +348,7 @@ fn confirm(target: &Path, description: &str, yes: bool) -> Result<()> {
 
 fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     if let Some(name) = &a.volume {
-        let plan = crate::engine::volume::prepare(&a.image, &a.target, name)?;
+        let plan = crate::engine::volume::prepare(&a.image, &a.target, name, &feedback(cli))?;
         confirm(&plan.target.path, &plan.describe(), a.write.yes)?;
         let r = plan.restore(!a.write.no_verify_after, &feedback(cli))?;
         if cli.json {
@@ -381,13 +381,13 @@ fn restore_cmd(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         ));
     }
     let plan = match a.partition {
-        None => source::prepare_restore_fit(&a.image, &a.target, a.grow_all)?,
+        None => source::prepare_restore_fit(&a.image, &a.target, a.grow_all, &opts.feedback)?,
         Some(_) if a.write.grow_last => {
             return Err(Error::Usage(
                 "--grow-last grows a disk's last partition; it does not go with --partition".into(),
             ));
         }
-        Some(n) => source::prepare_partition_restore(&a.image, &a.target, n, a.to)?,
+        Some(n) => source::prepare_partition_restore(&a.image, &a.target, n, a.to, &opts.feedback)?,
     };
     if a.write.yes {
         // Without --yes the confirmation shows them.
@@ -549,9 +549,10 @@ impl Drop for Exported {
 /// `--export-dir` (the temporary directory by default), after checking
 /// that it has room for it.
 fn export_for_deploy(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<Exported> {
-    use crate::engine::export::{ExportOptions, export, most_bytes};
+    use crate::engine::export::{ExportOptions, Exportable};
     let base = a.export_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let need = most_bytes(&a.image)?;
+    let source = Exportable::open(&a.image, &feedback(cli))?;
+    let need = source.most_bytes()?;
     let free = nix::sys::statvfs::statvfs(&base)
         .map(|v| v.blocks_available() * v.fragment_size())
         .map_err(|e| Error::io("reading the free space of", &base, None, e.into()))?;
@@ -574,7 +575,7 @@ fn export_for_deploy(cli: &Cli, a: &crate::cli::DeployArgs) -> Result<Exported> 
     };
     // Removed also when the export fails half-way (the sink removes its
     // partial directory; this removes a finished one).
-    let image = export(&a.image, &dir, &opts)?;
+    let image = source.write(&dir, &opts)?;
     Ok(Exported(image))
 }
 
@@ -629,7 +630,7 @@ fn mount_cmd(cli: &Cli, a: &MountArgs) -> Result<()> {
 }
 
 fn info_cmd(cli: &Cli, a: &InfoArgs) -> Result<()> {
-    let source = match source::open(&a.image) {
+    let source = match source::open(&a.image, "info", &feedback(cli)) {
         Ok(s) => s,
         Err(e @ Error::Corrupt(_)) => {
             if cli.json {

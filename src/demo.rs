@@ -83,7 +83,7 @@ fn run_in(dir: &Path, quiet: bool, json: bool) -> Result<serde_json::Value> {
     let f = std::fs::File::create(&target).map_err(|e| Error::io("creating", &target, None, e))?;
     f.set_len(96 * MIB).map_err(|e| Error::io("sizing", &target, None, e))?;
     drop(f);
-    let plan = crate::engine::source::prepare_restore(&image, &target)?;
+    let plan = crate::engine::source::prepare_restore(&image, &target, &Console::feedback(quiet))?;
     let r = plan.restore(&RestoreOptions {
         grow_last: true,
         verify_after: true,

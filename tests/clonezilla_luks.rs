@@ -25,6 +25,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::disks::*;
+use common::terminal::{Terminal, command_line, exit_status};
 use klon::fs::luks;
 
 /// The sample disk: 48 MiB; p1 at sector 2048 (16384 sectors), the LUKS2
@@ -391,54 +392,14 @@ fn a_typed_passphrase_is_asked_once_for_volumes_that_share_it() {
     let t = TempDir::new("czluks-typed");
     let target = t.join("target.img");
     blank_file(&target, DISK_SIZE);
-    let socket = format!("klon-test-luks-{}", std::process::id());
     let out = t.join("out.txt");
     // stdout to a file; stderr, where the passphrase is asked, on the terminal.
-    let cmd = format!(
-        "{} restore --yes {} {} > {}; echo KLON-EXITED $? >> {}; sleep 60",
-        env!("CARGO_BIN_EXE_klon"),
-        s(&image()),
-        s(&target),
-        s(&out),
-        s(&out)
-    );
-    let tmux = |args: &[&str]| {
-        let st = std::process::Command::new("tmux").args(["-L", &socket]).args(args).status().expect("tmux");
-        assert!(st.success(), "tmux {args:?}");
-    };
-    tmux(&["-f", "/dev/null", "new-session", "-d", "-s", "w", "-x", "120", "-y", "30", "-e", "TERM=xterm", &cmd]);
-    struct Kill(String);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("tmux").args(["-L", &self.0, "kill-server"]).status();
-        }
-    }
-    let _kill = Kill(socket.clone());
-    let screen = || {
-        let o = std::process::Command::new("tmux").args(["-L", &socket, "capture-pane", "-p", "-t", "w"]).output();
-        String::from_utf8_lossy(&o.unwrap().stdout).into_owned()
-    };
-    let wait = |needle: &str| {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let s = screen();
-            if s.contains(needle) {
-                return s;
-            }
-            assert!(std::time::Instant::now() < end, "waiting for {needle:?}; the screen shows:\n{s}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
-    wait("Passphrase for LUKS volume vdb2");
-    tmux(&["send-keys", "-t", "w", "-l", "klon luks fixture"]);
-    tmux(&["send-keys", "-t", "w", "Enter"]);
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !std::fs::read_to_string(&out).unwrap_or_default().contains("KLON-EXITED") {
-        assert!(std::time::Instant::now() < end, "klon did not finish; the screen shows:\n{}", screen());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let said = std::fs::read_to_string(&out).unwrap();
-    assert!(said.contains("KLON-EXITED 0"), "{said}\n{}", screen());
-    assert!(!screen().contains("Passphrase for LUKS volume vdb3"), "asked again:\n{}", screen());
+    let cmd = command_line(&[env!("CARGO_BIN_EXE_klon"), "restore", "--yes", s(&image()), s(&target)], &out);
+    let term = Terminal::start("luks", &cmd);
+    term.wait_for("Passphrase for LUKS volume vdb2");
+    term.type_line("klon luks fixture");
+    let (said, code) = exit_status(&term, &out);
+    assert_eq!(code, 0, "{said}\n{}", term.screen());
+    assert!(!term.screen().contains("Passphrase for LUKS volume vdb3"), "asked again:\n{}", term.screen());
     assert_eq!(part_sum(&t, &target, P3, "cz-restored-p3"), committed_sum(&fixtures(), "cz-restored-p3"));
 }

@@ -817,6 +817,41 @@ fn a_busy_repository_is_refused_with_advice_and_unlock_clears_a_foreign_lock() {
     fails_with(&o, 2, &["for snapshots of a repository", "--repo"]);
 }
 
+/// A snapshot being restored is held from the moment it is opened: while
+/// the person reads the confirmation, a forget and prune of it is refused
+/// (it went ahead, and the restore then failed half-way through the disk
+/// on packs that were gone).
+#[test]
+fn a_snapshot_waiting_for_its_confirmation_is_not_pruned_away() {
+    use common::terminal::{Terminal, command_line, exit_status};
+    let t = TempDir::new("repo-held");
+    let d = make_disk(&t, "a.img", 7);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let first = t.join("first.img");
+    std::fs::copy(&d.path, &first).unwrap();
+    write_at(&d.path, d.p2.0, &random_bytes(700, (8 * MIB) as usize));
+    ok(&klon(&["backup", "--quiet", s(&d.path), s(&repo)]));
+    let old = snapshot_ids(&repo).pop().unwrap();
+    let target = t.join("target.img");
+    blank_file(&target, std::fs::metadata(&d.path).unwrap().len());
+    let out = t.join("out.txt");
+    let spec = format!("{}:{old}", s(&repo));
+    let cmd = command_line(&[env!("CARGO_BIN_EXE_klon"), "restore", "--quiet", &spec, s(&target)], &out);
+    let term = Terminal::start("held", &cmd);
+    term.wait_for("Type target.img to overwrite it");
+    let o = klon(&["forget", "--keep-last", "1", "--prune", s(&repo)]);
+    fails_with(&o, 5, &["is in use", "restore"]);
+    assert_eq!(snapshot_ids(&repo).len(), 2);
+    term.type_line("target.img");
+    let (said, code) = exit_status(&term, &out);
+    assert_eq!(code, 0, "{said}\n{}", term.screen());
+    assert_restored(&t, &first, &target, &d, "held");
+    // Once it is done, the same forget goes ahead.
+    ok(&klon(&["forget", "--quiet", "--keep-last", "1", "--prune", s(&repo)]));
+    assert_eq!(snapshot_ids(&repo).len(), 1);
+}
+
 /// A seeded generator for kill points.
 fn next(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;

@@ -31,48 +31,76 @@ pub fn needs_export(source: &Path) -> bool {
     crate::repo::split_spec(source).is_some() || crate::clonezilla::is_clonezilla_image(source)
 }
 
-/// The most bytes the klon image of `source` can take: its content, as
-/// chunks stored whole at worst. For a refusal before anything is written.
-pub fn most_bytes(source: &Path) -> Result<u64> {
-    let m = match crate::repo::split_spec(source) {
-        Some((repo, spec)) => SnapshotImage::open(&repo, spec.as_deref())?.manifest().clone(),
-        // A Clonezilla image's partitions are compressed too (gzip, zstd):
-        // twice their size is room enough.
-        None => return crate::engine::source::summarize(source).map(|s| s.image_bytes * 2 + (1 << 20)),
-    };
-    // Each chunk record's header is far below 1 % of its content.
-    Ok(m.streams.iter().map(|s| s.stored_bytes).sum::<u64>() / 100 * 101 + (1 << 20))
+/// An image to be written as a klon image, opened once: its size is known
+/// before the room for it is checked, and a snapshot stays held (see
+/// [`SnapshotImage::open`]) until it is written.
+pub enum Exportable {
+    /// A snapshot of a repository (`REPO[:SNAPSHOT]`).
+    Snapshot(Box<SnapshotImage>),
+    /// A Clonezilla image directory.
+    Clonezilla(PathBuf),
 }
 
-/// Writes the image `source` (`REPO[:SNAPSHOT]` or a Clonezilla image
-/// directory) as a new klon image at `dir`, which must not exist. Returns
-/// the new image's directory.
-pub fn export(source: &Path, dir: &Path, opts: &ExportOptions) -> Result<PathBuf> {
-    let Some((repo, spec)) = crate::repo::split_spec(source) else {
-        if crate::clonezilla::is_clonezilla_image(source) {
-            let copts = super::czimage::ConvertOptions {
-                level: opts.level,
-                split_size: super::backup::DEFAULT_SPLIT,
-                feedback: opts.feedback.clone(),
-                workers: opts.workers,
-            };
-            return super::czimage::convert(source, dir, &copts).map(|r| r.image);
+impl Exportable {
+    /// Opens `source` (`REPO[:SNAPSHOT]` or a Clonezilla image directory);
+    /// anything else is refused. Warnings go to `feedback`.
+    pub fn open(source: &Path, feedback: &Feedback) -> Result<Exportable> {
+        if let Some((repo, spec)) = crate::repo::split_spec(source) {
+            return Ok(Exportable::Snapshot(Box::new(SnapshotImage::open(
+                &repo,
+                spec.as_deref(),
+                "export",
+                feedback,
+            )?)));
         }
-        return Err(Error::Usage(format!(
+        if crate::clonezilla::is_clonezilla_image(source) {
+            return Ok(Exportable::Clonezilla(source.to_path_buf()));
+        }
+        Err(Error::Usage(format!(
             "{}: not a snapshot of a repository or a Clonezilla image, so nothing to write as a klon image",
             source.display()
-        )));
-    };
-    let _lock = crate::repo::Repository::open(&repo)?.lock("export", false, &opts.feedback)?;
-    let snap = SnapshotImage::open(&repo, spec.as_deref())?;
-    let (image, manifest) = snapshot_to_image(&snap, dir, opts)?;
-    opts.feedback.note(&format!(
-        "{} written as the klon image {} ({})",
-        snap.location().display(),
-        image.display(),
-        human_bytes(image_size(&manifest))
-    ));
-    Ok(image)
+        )))
+    }
+
+    /// The most bytes its klon image can take: its content, as chunks
+    /// stored whole at worst. For a refusal before anything is written.
+    pub fn most_bytes(&self) -> Result<u64> {
+        match self {
+            Exportable::Snapshot(snap) => {
+                // Each chunk record's header is far below 1 % of its content.
+                let m = snap.manifest();
+                Ok(m.streams.iter().map(|s| s.stored_bytes).sum::<u64>() / 100 * 101 + (1 << 20))
+            }
+            // A Clonezilla image's partitions are compressed too (gzip,
+            // zstd): twice their size is room enough.
+            Exportable::Clonezilla(dir) => crate::engine::source::summarize(dir).map(|s| s.image_bytes * 2 + (1 << 20)),
+        }
+    }
+
+    /// Writes it as a new klon image at `dir`, which must not exist.
+    /// Returns the new image's directory.
+    pub fn write(&self, dir: &Path, opts: &ExportOptions) -> Result<PathBuf> {
+        let snap = match self {
+            Exportable::Snapshot(snap) => snap,
+            Exportable::Clonezilla(source) => {
+                let copts = super::czimage::ConvertOptions {
+                    level: opts.level,
+                    split_size: super::backup::DEFAULT_SPLIT,
+                    feedback: opts.feedback.clone(),
+                    workers: opts.workers,
+                };
+                return super::czimage::convert(source, dir, &copts).map(|r| r.image);
+            }
+        };
+        let (image, manifest) = snapshot_to_image(&**snap, dir, opts)?;
+        opts.feedback.note(&format!(
+            "{} written as the klon image {} ({})",
+            snap.location().display(),
+            image.display(),
+            human_bytes(image_size(&manifest))
+        ));
+        Ok(image)
+    }
 }
 
 /// Each chunk of `store` decoded (its content checked against its blake3)

@@ -73,11 +73,12 @@ impl std::fmt::Debug for DiskView {
 }
 
 /// Opens the chunk store of the image at `path`: a klon image, or a
-/// repository's snapshot (`REPO`, `REPO:SNAPSHOT`). Clonezilla images are
-/// refused with what to do instead.
-pub fn open_store(path: &Path) -> Result<Box<dyn ChunkStore + Send>> {
+/// repository's snapshot (`REPO`, `REPO:SNAPSHOT`: held under a lock for
+/// `job` while the store lives, see [`SnapshotImage::open`]). Clonezilla
+/// images are refused with what to do instead.
+pub fn open_store(path: &Path, job: &str, feedback: &Feedback) -> Result<Box<dyn ChunkStore + Send>> {
     if let Some((repo, spec)) = crate::repo::split_spec(path) {
-        Ok(Box::new(SnapshotImage::open(&repo, spec.as_deref())?))
+        Ok(Box::new(SnapshotImage::open(&repo, spec.as_deref(), job, feedback)?))
     } else if crate::clonezilla::is_clonezilla_image(path) {
         Err(Error::Unsupported(format!(
             "klon cannot mount a Clonezilla image ({}): its partclone files have no index for random access; \
@@ -589,7 +590,7 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
             dir.display()
         )));
     }
-    let store = open_store(image)?;
+    let store = open_store(image, "mount", &opts.feedback)?;
     check_dir(dir)?;
     let view = DiskView::new(store)?;
     let files = files(&view);
@@ -617,20 +618,22 @@ pub fn mount(image: &Path, dir: &Path, opts: &MountOptions, ready: impl FnOnce(&
         MountOption::FSName(format!("klon:{}", image.display()).replace(',', "_")),
         MountOption::CUSTOM("subtype=klon".into()),
     ];
-    // A repository's shared lock, held while the mount serves, so a prune
-    // does not take chunks away while they are being read.
+    // A repository's snapshot is held (a shared lock) by the store from
+    // its opening, so no prune takes chunks away while they are read. Its
+    // lock file names this process: the background process that serves
+    // takes a lock of its own and removes this one's before this one ends.
     let feedback = opts.feedback.clone();
+    let parent = std::process::id();
     let take_lock = move || -> Result<Option<crate::repo::lock::Lock>> {
         match &is_snapshot {
             Some(repo) => {
                 let repo = crate::repo::Repository::open(repo)?;
-                Ok(Some(repo.lock("mount", false, &feedback)?))
+                Ok(Some(crate::repo::lock::take_over(&repo.store, "mount", parent, &feedback)?))
             }
             None => Ok(None),
         }
     };
     if opts.foreground {
-        let _lock = take_lock()?;
         let session = Session::new(fs, dir, &config).map_err(|e| mount_error(dir, e))?;
         return serve(session, dir, &to_mount, |fss| {
             mounted.filesystems = fss;
@@ -955,11 +958,11 @@ mod tests {
             feedback: crate::engine::feedback::Feedback::silent(),
             workers: 2,
         };
-        crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&ropts).unwrap();
+        crate::engine::source::prepare_restore(&img, &dst, &ropts.feedback).unwrap().restore(&ropts).unwrap();
         let want = std::fs::read(&dst).unwrap();
         assert!(want == disk);
 
-        let view = DiskView::new(open_store(&img).unwrap()).unwrap();
+        let view = DiskView::new(open_store(&img, "mount", &Feedback::silent()).unwrap()).unwrap();
         assert_eq!(view.size(), want.len() as u64);
         let mut whole = vec![1u8; want.len()];
         view.read(0, &mut whole).unwrap();

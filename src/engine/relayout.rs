@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,7 +84,6 @@ impl Move {
 /// A restore onto a disk smaller than the image's, planned: it fits.
 #[derive(Debug, Clone)]
 pub struct Relayout {
-    image: PathBuf,
     /// The image, read at random (planning, and the filesystems' tools
     /// while they shrink them); its chunk store is what the restore reads.
     view: Arc<DiskView>,
@@ -124,7 +123,7 @@ pub enum Fit {
 /// bytes) onto `target` as `fit` says; refuses, before anything is
 /// written, when it cannot fit (saying by how much and what each partition
 /// could give) or the image is not one klon can read at random.
-pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<Relayout> {
+pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit, feedback: &Feedback) -> Result<Relayout> {
     let too_small = |why: String| {
         Error::Refused(format!(
             "target too small: {} has {} ({} bytes), the image's disk had {} ({source_size} bytes); {why}",
@@ -151,7 +150,7 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
             image.display()
         )));
     }
-    let view = Arc::new(DiskView::new(open_store(image)?)?);
+    let view = Arc::new(DiskView::new(open_store(image, "restore", feedback)?)?);
     let m = view.manifest();
     let layout = &m.layout;
     if layout.kind == TableKind::None {
@@ -301,7 +300,6 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit) -> Result<R
     let boot = m.streams.iter().position(|s| s.kind == StreamKind::Boot).map(|b| (b, first));
     let source_table_end = layout.gpt.as_ref().map_or(512, |g| g.first_usable_lba * u64::from(layout.sector_size));
     Ok(Relayout {
-        image: image.to_path_buf(),
         view: view.clone(),
         source_size,
         source_sector_size: layout.sector_size,
@@ -536,10 +534,6 @@ impl Relayout {
     pub fn restore(&self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
         let started = Instant::now();
         let store = self.view.store();
-        let _lock = match crate::repo::split_spec(&self.image) {
-            Some((repo, _)) => Some(crate::repo::Repository::open(&repo)?.lock("restore", false, &opts.feedback)?),
-            None => None,
-        };
         super::target::wipe_table_areas(target)?;
         let mut report =
             RestoreReport::new(super::target::DiskWritten { bytes: 0, table_reread: None }, opts.verify_after, started);

@@ -369,7 +369,7 @@ mod tests {
         let backup_opts = BackupOptions { level: 1, feedback: feedback.clone(), workers: 2, ..Default::default() };
         backup(&src, &img, &backup_opts).unwrap();
         let opts = RestoreOptions { grow_last: false, verify_after: true, feedback, workers: 2 };
-        crate::engine::source::prepare_restore(&img, &dst).unwrap().restore(&opts).unwrap();
+        crate::engine::source::prepare_restore(&img, &dst, &opts.feedback).unwrap().restore(&opts).unwrap();
         assert!(std::fs::read(&dst).unwrap() == disk, "restored disk differs from the source");
         let lines = told.lines();
         let labels: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("meter ")?.split(':').next()).collect();

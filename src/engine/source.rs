@@ -81,11 +81,13 @@ pub trait ImageSource: Send {
     ) -> Result<RestoreReport>;
 }
 
-/// Opens the image at `path`, whatever its kind, with every check that
-/// needs no data made.
-pub fn open(path: &Path) -> Result<Box<dyn ImageSource>> {
+/// Opens the image at `path`, whatever its kind, for `job` ("restore",
+/// "verify", …: a repository's snapshot is held under a lock of that name
+/// while open; warnings go to `feedback`), with every check that needs no
+/// data made.
+pub fn open(path: &Path, job: &str, feedback: &Feedback) -> Result<Box<dyn ImageSource>> {
     if let Some((repo, spec)) = crate::repo::split_spec(path) {
-        Ok(Box::new(snapshot::SnapshotImage::open(&repo, spec.as_deref())?))
+        Ok(Box::new(snapshot::SnapshotImage::open(&repo, spec.as_deref(), job, feedback)?))
     } else if gocryptfs::is_encrypted(path) {
         Ok(Box::new(gocryptfs::open(path)?))
     } else if crate::clonezilla::is_clonezilla_image(path) {
@@ -141,7 +143,7 @@ pub fn summarize(path: &Path) -> Result<Summary> {
 /// Verifies the image at `path`, whatever its kind. A klon image keeps the
 /// outcome (for the wizard's list), also when it cannot be opened.
 pub fn verify(path: &Path, workers: usize, feedback: &Feedback) -> Result<VerifyReport> {
-    let result = open(path).and_then(|mut s| s.verify(workers, feedback));
+    let result = open(path, "verify", feedback).and_then(|mut s| s.verify(workers, feedback));
     if let Err(e) = &result
         && !matches!(e, Error::Cancelled(_))
         && !gocryptfs::is_encrypted(path)
@@ -180,15 +182,17 @@ impl std::fmt::Debug for RestorePlan {
 /// then opens the target and refuses, before anything is written, a target
 /// that is too small, has another sector size, is in use, or holds the
 /// image. A missing target path becomes a file of the source's size.
-pub fn prepare_restore(image: &Path, target: &Path) -> Result<RestorePlan> {
-    prepare_restore_fit(image, target, false)
+/// A repository's snapshot stays held (see [`open`]) until the plan is
+/// dropped; warnings go to `feedback`.
+pub fn prepare_restore(image: &Path, target: &Path, feedback: &Feedback) -> Result<RestorePlan> {
+    prepare_restore_fit(image, target, false, feedback)
 }
 
 /// [`prepare_restore`]; with `grow_all`, on a larger target every
 /// partition whose filesystem klon grows takes a share of the new room
 /// (see [`super::relayout::Fit::GrowAll`]).
-pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Result<RestorePlan> {
-    let mut source = open(image)?;
+pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool, feedback: &Feedback) -> Result<RestorePlan> {
+    let mut source = open(image, "restore", feedback)?;
     if let Some(saved) = source.saved_partitions() {
         return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
     }
@@ -207,14 +211,14 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Resul
         } else {
             Fit::Keep
         };
-        Some(plan(image, layout.disk_size, &target, fit)?)
+        Some(plan(image, layout.disk_size, &target, fit, feedback)?)
     } else if target.size < layout.disk_size {
         // The sector sizes must still agree.
         check_fits(&mut target, 0, layout.sector_size)?;
-        Some(plan(image, layout.disk_size, &target, Fit::Shrink)?)
+        Some(plan(image, layout.disk_size, &target, Fit::Shrink, feedback)?)
     } else if grow_all && target.size > layout.disk_size {
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
-        Some(plan(image, layout.disk_size, &target, Fit::GrowAll)?)
+        Some(plan(image, layout.disk_size, &target, Fit::GrowAll, feedback)?)
     } else {
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
         None
@@ -232,8 +236,14 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool) -> Resul
 /// written: a partition the image does not have, a place smaller than it,
 /// another sector size, a target in use or holding the image. A missing
 /// target path (without `onto`) becomes a file of the partition's size.
-pub fn prepare_partition_restore(image: &Path, target: &Path, number: u32, onto: Option<u32>) -> Result<RestorePlan> {
-    prepare_partitions(open(image)?, image, target, &[(number, onto)])
+pub fn prepare_partition_restore(
+    image: &Path,
+    target: &Path,
+    number: u32,
+    onto: Option<u32>,
+    feedback: &Feedback,
+) -> Result<RestorePlan> {
+    prepare_partitions(open(image, "restore", feedback)?, image, target, &[(number, onto)])
 }
 
 /// Prepares the restore of the partitions `wanted` (number in the image,

@@ -73,8 +73,10 @@ fn find(view: &DiskView, name: &str) -> Result<MountFile> {
 /// target, and refuses before anything is written what cannot be done: no
 /// such volume, a target too small or with other sectors, in use, or
 /// holding the image.
-pub fn prepare(image: &Path, target: &Path, name: &str) -> Result<VolumePlan> {
-    let view = DiskView::new(open_store(image)?)?;
+/// A repository's snapshot stays held until the plan is dropped (see
+/// [`open_store`]); warnings go to `feedback`.
+pub fn prepare(image: &Path, target: &Path, name: &str, feedback: &Feedback) -> Result<VolumePlan> {
+    let view = DiskView::new(open_store(image, "restore", feedback)?)?;
     let file = find(&view, name)?;
     let mut target = Disk::open_target(target, Some(file.size))?;
     let image_dir: Option<PathBuf> = crate::repo::split_spec(image).map(|(r, _)| r).or(Some(image.to_path_buf()));

@@ -136,6 +136,21 @@ pub fn take(store: &Arc<dyn Store>, job: &str, exclusive: bool, feedback: &Feedb
     Ok(lock)
 }
 
+/// Takes a lock as [`take`] does for a process forked from process `from`
+/// (of this machine) that holds the repository and is about to end: once
+/// this one's lock is taken, `from`'s lock files are removed (they would
+/// be stale when it ends, and said so by whoever took them for that).
+pub fn take_over(store: &Arc<dyn Store>, job: &str, from: u32, feedback: &Feedback) -> Result<Lock> {
+    let lock = take(store, job, false, feedback)?;
+    let me = (hostname(), boot_id());
+    for (name, info) in others(&**store, lock.name.as_deref().unwrap_or_default())? {
+        if info.is_some_and(|i| i.pid == from && (i.hostname.as_str(), i.boot_id.as_str()) == (&me.0, &me.1)) {
+            let _ = store.remove(&name);
+        }
+    }
+    Ok(lock)
+}
+
 /// Every lock file but `mine`, with what it holds (None when it cannot be
 /// read as a lock).
 fn others(store: &dyn Store, mine: &str) -> Result<Vec<(String, Option<LockInfo>)>> {

@@ -1023,6 +1023,7 @@ fn restore_flow(scr: &Screen, ctx: &WizardContext, st: &mut State) -> Result<()>
                     &image,
                     &list[target].info.path,
                     grow == Grow::All,
+                    &Console::feedback(false),
                 ) {
                     Ok(p) => p,
                     Err(e) => {

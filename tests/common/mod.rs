@@ -12,4 +12,5 @@ pub mod repo_disk;
 #[path = "../../src/testutil/shared.rs"]
 pub mod shared;
 pub mod stall;
+pub mod terminal;
 pub mod thin_fixture;

@@ -128,7 +128,9 @@ pub fn open(dir: &Path) -> Result<Encrypted> {
     if is_encrypted(mount.path()) {
         return Err(Error::Unsupported(format!("{} is encrypted twice with gocryptfs", dir.display())));
     }
-    let inner = super::open(mount.path())?;
+    // A Clonezilla image (or a klon image) inside: no repository to lock,
+    // nothing to say.
+    let inner = super::open(mount.path(), "read", &Feedback::silent())?;
     Ok(Encrypted { dir: dir.to_path_buf(), inner, _mount: mount })
 }
 

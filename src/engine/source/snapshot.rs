@@ -21,10 +21,13 @@ use crate::table::DiskLayout;
 use crate::units::human_bytes;
 
 /// A snapshot, opened: its file, its table, and where each of its chunks
-/// is, all checked.
+/// is, all checked; the repository held (a shared lock) from before it was
+/// read until this is dropped, so no prune takes away what it was checked
+/// to have (not even while a person reads a restore's confirmation).
 #[derive(Debug)]
 pub struct SnapshotImage {
     repo: Repository,
+    _lock: crate::repo::lock::Lock,
     snapshot: SnapshotEntry,
     table: Table,
     index: std::sync::Arc<BlobIndex>,
@@ -35,12 +38,15 @@ pub struct SnapshotImage {
 
 impl SnapshotImage {
     /// Opens snapshot `spec` (an id, a prefix, `latest`, or none for the
-    /// latest) of the repository at `dir`, and checks everything that needs
-    /// no data: the snapshot's file and table, that every chunk it names is
-    /// in a pack's index with the same length, and that those packs are
-    /// there with their recorded sizes.
-    pub fn open(dir: &Path, spec: Option<&str>) -> Result<SnapshotImage> {
+    /// latest) of the repository at `dir` for `job` (named in the lock it
+    /// takes, see [`crate::repo::lock`]; a stale lock it removes is said
+    /// through `feedback`), and checks everything that needs no data: the
+    /// snapshot's file and table, that every chunk it names is in a pack's
+    /// index with the same length, and that those packs are there with
+    /// their recorded sizes.
+    pub fn open(dir: &Path, spec: Option<&str>, job: &str, feedback: &Feedback) -> Result<SnapshotImage> {
         let repo = Repository::open(dir)?;
+        let lock = repo.lock(job, false, feedback)?;
         let snapshot = repo.resolve(spec)?;
         let table = snapshot.file.load_table(&repo)?;
         let index = repo.load_index()?;
@@ -129,6 +135,7 @@ impl SnapshotImage {
         }
         Ok(SnapshotImage {
             repo,
+            _lock: lock,
             snapshot,
             table,
             index: std::sync::Arc::new(index),
@@ -304,7 +311,6 @@ impl ImageSource for SnapshotImage {
     }
 
     fn restore(&mut self, target: &Disk, opts: &RestoreOptions) -> Result<RestoreReport> {
-        let _lock = self.repo.lock("restore", false, &opts.feedback)?;
         restore::restore(self, target, opts)
     }
 
@@ -315,7 +321,6 @@ impl ImageSource for SnapshotImage {
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
-        let _lock = self.repo.lock("restore", false, &opts.feedback)?;
         restore::restore_partition(self, number, target, to, opts)
     }
 
