@@ -120,8 +120,34 @@ fn check_mount(image: &str, restored: &Path, parts: &[SfPart], dir: &Path, log: 
     }
     // The filesystem checker reads the partition file in place.
     run("e2fsck", &["-fn", s(&dir.join("p2.img"))]);
+    // A snapshot is held while mounted: one lock, of the process that
+    // serves the mount (not of the one that started it, which is gone).
+    let repo = Path::new(image.rsplit_once(':').map_or(image, |(r, _)| r));
+    let locks = || -> Vec<PathBuf> {
+        let files = std::fs::read_dir(repo.join("locks")).unwrap().map(|e| e.unwrap().path());
+        files.filter(|p| p.extension().is_some_and(|e| e == "lock")).collect()
+    };
+    if repo.join("locks").is_dir() {
+        let held = locks();
+        assert_eq!(held.len(), 1, "{held:?}");
+        let info: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&held[0]).unwrap()).unwrap();
+        let pid = info["pid"].as_u64().unwrap();
+        assert!(Path::new(&format!("/proc/{pid}")).exists(), "the lock names process {pid}, which is gone: {info}");
+        let o = klon(&["forget", "--keep-last", "1", "--prune", s(repo)]);
+        fails_with(&o, 5, &["is in use", "mount"]);
+        assert!(!stderr(&o).contains("stale"), "{}", stderr(&o));
+    }
     let o = klon(&["umount", s(dir)]);
     ok(&o);
+    if repo.join("locks").is_dir() {
+        // The serving process removes its lock as it ends, just after the
+        // unmount.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !locks().is_empty() && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(locks(), Vec::<PathBuf>::new(), "locks left after the unmount");
+    }
     assert!(!is_mounted(dir), "still mounted after klon umount");
     assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0, "the mount point is not empty after klon umount");
     drop(guard);
