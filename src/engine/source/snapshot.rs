@@ -170,6 +170,18 @@ impl SnapshotImage {
         }
     }
 
+    /// Tells the store which records chunk `id`'s chain of bases is made
+    /// from (a hint: see [`Object::prefetch`]).
+    fn prefetch_chain(&self, id: &crate::repo::pack::ChunkId) {
+        for link in self.index.chain(id) {
+            let Some(at) = self.index.position(&link) else { continue };
+            let (p, b) = (self.index.pack_at(at), self.index.entry_at(at));
+            if let Ok(pack) = self.repo.store.open(&pack::pack_file(&self.index.packs[p as usize].name)) {
+                pack.prefetch(&[(b.offset, b.record_len())]);
+            }
+        }
+    }
+
     fn read(&self, stream: usize, seq: u64, open: &mut Option<(String, Box<dyn Object>)>) -> Result<StoredChunk> {
         let e = &self.table[stream][seq as usize];
         let (name, b) = self.index.get(&e.id).expect("checked when opened");
@@ -184,7 +196,10 @@ impl SnapshotImage {
         );
         if b.base.is_some() {
             // Made from its chain of bases and checked when decoded: on
-            // a worker, as decompressing a whole chunk is.
+            // a worker, as decompressing a whole chunk is. Its links lie
+            // all over the packs: they are asked for now, so that they
+            // are read while the workers make the chunks before it.
+            self.prefetch_chain(&e.id);
             let (store, index, id, keys) = (self.repo.store.clone(), self.index.clone(), e.id, self.repo.keys.clone());
             let note = format!("(for {location})");
             let make = move |out: &mut [u8]| {
