@@ -852,6 +852,36 @@ fn a_snapshot_waiting_for_its_confirmation_is_not_pruned_away() {
     assert_eq!(snapshot_ids(&repo).len(), 1);
 }
 
+/// A target inside the repository is refused, as one inside an image
+/// directory is, however the snapshot is named: a restore onto one of its
+/// packs would overwrite the data it reads.
+#[test]
+fn a_target_inside_the_repository_is_refused() {
+    let t = TempDir::new("repo-inside");
+    let d = make_disk(&t, "a.img", 9);
+    let repo = t.join("repo");
+    ok(&klon(&["backup", "--quiet", "--repo", s(&d.path), s(&repo)]));
+    let size = std::fs::metadata(&d.path).unwrap().len();
+    let pack = files_ending(&repo.join("packs"), ".pack")[0].clone();
+    let before = std::fs::read(&pack).unwrap();
+    let id = snapshot_ids(&repo).pop().unwrap();
+    let big = repo.join("big.img");
+    blank_file(&big, size);
+    for spec in [s(&repo).to_string(), format!("{}:latest", s(&repo)), format!("{}:{}", s(&repo), &id[..8])] {
+        let new = repo.join("new.img");
+        for (target, extra) in [(&new, &[][..]), (&big, &[][..]), (&big, &["--partition", "1"][..])] {
+            let mut args = vec!["restore", "--yes", &spec, s(target)];
+            args.extend_from_slice(extra);
+            fails_with(&klon(&args), 5, &["inside the image directory"]);
+        }
+        assert!(!new.exists(), "a refused restore left {}", new.display());
+    }
+    assert!(std::fs::read(&big).unwrap().iter().all(|&b| b == 0), "the refused target was written");
+    assert_eq!(std::fs::read(&pack).unwrap(), before);
+    std::fs::remove_file(&big).unwrap();
+    ok(&klon(&["check", "--quiet", "--read-data", s(&repo)]));
+}
+
 /// A seeded generator for kill points.
 fn next(seed: &mut u64) -> u64 {
     *seed ^= *seed << 13;

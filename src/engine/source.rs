@@ -17,7 +17,7 @@ pub mod gocryptfs;
 pub mod klon;
 pub mod snapshot;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::restore::{RestoreOptions, RestoreReport};
 use super::target::check_fits;
@@ -154,6 +154,13 @@ pub fn verify(path: &Path, workers: usize, feedback: &Feedback) -> Result<Verify
     result
 }
 
+/// The directory that holds the data of the image at `image` (a path or
+/// `REPO[:SNAPSHOT]`): a snapshot's repository, or the image's own
+/// directory. A restore's target inside it is refused.
+pub(crate) fn data_dir(image: &Path) -> PathBuf {
+    crate::repo::split_spec(image).map_or_else(|| image.to_path_buf(), |(repo, _)| repo)
+}
+
 /// A restore that passed every check and is ready to write.
 pub struct RestorePlan {
     /// The image, opened and checked.
@@ -196,6 +203,10 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool, feedback
     if let Some(saved) = source.saved_partitions() {
         return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
     }
+    // Planned on the image opened (a repository's `latest` could name a
+    // snapshot made since).
+    let opened = source.location().to_path_buf();
+    let image = opened.as_path();
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
     use super::relayout::{Fit, plan};
@@ -223,7 +234,7 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool, feedback
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
         None
     };
-    crate::device::safety::check_target(&target, None, Some(image))?;
+    crate::device::safety::check_target(&target, None, Some(&data_dir(image)))?;
     source.unlock(None)?;
     target.enable_direct_reads();
     Ok(RestorePlan { source, target, partitions: Vec::new(), relayout })
@@ -309,7 +320,7 @@ fn prepare_partitions(
             layout.sector_size
         )));
     }
-    crate::device::safety::check_target(&target, None, Some(image))?;
+    crate::device::safety::check_target(&target, None, Some(&data_dir(image)))?;
     source.unlock(Some(&wanted.iter().map(|w| w.0).collect::<Vec<_>>()))?;
     target.enable_direct_reads();
     Ok(RestorePlan { source, target, partitions: placed, relayout: None })

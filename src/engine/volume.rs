@@ -5,7 +5,7 @@
 //! (each chunk's checksums checked; a thin volume's unmapped blocks are
 //! zeros), then read back and compared.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use super::mount::{DiskView, MountFile, files, open_store};
@@ -79,7 +79,7 @@ pub fn prepare(image: &Path, target: &Path, name: &str, feedback: &Feedback) -> 
     let view = DiskView::new(open_store(image, "restore", feedback)?)?;
     let file = find(&view, name)?;
     let mut target = Disk::open_target(target, Some(file.size))?;
-    let image_dir: Option<PathBuf> = crate::repo::split_spec(image).map(|(r, _)| r).or(Some(image.to_path_buf()));
+    let image_dir = Some(super::source::data_dir(image));
     crate::device::safety::check_target(&target, None, image_dir.as_deref())?;
     super::target::check_fits(&mut target, file.size, view.manifest().layout.sector_size)?;
     Ok(VolumePlan { view, file, target, name: name.to_string() })
