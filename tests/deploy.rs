@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -258,8 +259,14 @@ fn a_machine_the_sender_drops_gets_the_image_again_by_unicast() {
         let sender = scope
             .spawn(|| net.deploy(&img, &["--clients", "2", "--port", "9400", "--max-bitrate", "2m", "--late", "15"]));
         // Half-way (2 Mbit/s: the 4 MB stream takes about 17 s), the second
-        // machine's udp-receiver freezes.
-        std::thread::sleep(std::time::Duration::from_secs(4));
+        // machine's udp-receiver freezes: once its target holds the first
+        // chunk, so the stream has begun (on a loaded machine it may begin
+        // seconds after the sender starts).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::fs::metadata(&targets[1]).map_or(0, |m| m.blocks() * 512) < 512 << 10 {
+            assert!(std::time::Instant::now() < end, "nothing reached {} in a minute", targets[1].display());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         let out = Command::new("ip").args(["netns", "pids", &net.receivers[1]]).output().unwrap();
         let mut frozen = 0;
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
