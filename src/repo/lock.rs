@@ -1,11 +1,13 @@
 //! Locks of a repository: files in `locks/`.
 //!
-//! A backup, a check or a restore takes a shared lock; forget and prune an
-//! exclusive one. Each first creates its own lock file, then looks at the
-//! others: a shared lock gives way if an exclusive one is there, an
-//! exclusive lock if any other is. Since both sides create before they
-//! look, two jobs that start at the same moment cannot both go on (at
-//! worst both give way). A lock left by a process that is gone (same
+//! A backup, a check, a copy and every job that reads a snapshot (restore,
+//! verify, info, mount, a deployment's export) take a shared lock, held
+//! from before the snapshot's file is read until the job ends; forget and
+//! prune take an exclusive one. Each first creates its own lock file, then
+//! looks at the others: a shared lock gives way if an exclusive one is
+//! there, an exclusive lock if any other is. Since both sides create
+//! before they look, two jobs that start at the same moment cannot both go
+//! on (at worst both give way). A lock left by a process that is gone (same
 //! machine and boot, no such process; or an earlier boot of this machine)
 //! is stale: it is removed, and said so. A lock of another machine is
 //! never removed by itself: `klon unlock` does that, on the person's word.
