@@ -578,4 +578,32 @@ fn a_fat_at_the_end_is_cut_after_its_last_used_cluster() {
     let (fs2, _) = partition_file(&t, &target2, 1, "fat2.img");
     assert_clean("vfat", &fs2);
     assert_files(&t, "vfat", &fs2);
+
+    // Planned and written from the one snapshot opened, under one lock:
+    // while the person reads the confirmation, the repository holds one
+    // lock (the restore's), and a backup of another disk made meanwhile
+    // (now the latest, with no partition table to move) changes nothing.
+    use common::terminal::{Terminal, command_line, exit_status};
+    let target3 = t.join("target3.img");
+    garbage_file(&target3, 100 * MIB);
+    let out = t.join("out.txt");
+    let cmd = command_line(&[env!("CARGO_BIN_EXE_klon"), "restore", "--quiet", &spec, s(&target3)], &out);
+    let term = Terminal::start("shrink-fat", &cmd);
+    term.wait_for("Type target3.img to overwrite it");
+    let locks = std::fs::read_dir(repo.join("locks")).unwrap().count();
+    assert_eq!(locks, 1, "a restore waiting for its confirmation holds {locks} locks");
+    let other = t.join("other.img");
+    garbage_file(&other, 8 * MIB);
+    ok(&klon(&["backup", "--quiet", s(&other), s(&repo)]));
+    term.type_line("target3.img");
+    let (said, code) = exit_status(&term, &out);
+    assert_eq!(code, 0, "{said}\n{}", term.screen());
+    assert_eq!(
+        run("sfdisk", &["-d", s(&target3)]).replace("target3.img", "X"),
+        run("sfdisk", &["-d", s(&target)]).replace("target.img", "X")
+    );
+    let (fs3, _) = partition_file(&t, &target3, 1, "fat3.img");
+    assert_clean("vfat", &fs3);
+    assert_files(&t, "vfat", &fs3);
+    assert_eq!(std::fs::read_dir(repo.join("locks")).unwrap().count(), 0);
 }

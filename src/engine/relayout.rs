@@ -37,8 +37,9 @@ use fuser::{
 };
 
 use super::grow::Growth;
-use super::mount::{DiskView, open_store};
+use super::mount::DiskView;
 use super::restore::{RestoreOptions, RestoreReport, restore_range};
+use super::source::ImageSource;
 use crate::device::{Disk, loopdev};
 use crate::engine::feedback::Feedback;
 use crate::error::{Error, Result};
@@ -119,11 +120,14 @@ pub enum Fit {
     Keep,
 }
 
-/// Plans the restore of the image at `image` (of a disk of `source_size`
-/// bytes) onto `target` as `fit` says; refuses, before anything is
-/// written, when it cannot fit (saying by how much and what each partition
-/// could give) or the image is not one klon can read at random.
-pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit, feedback: &Feedback) -> Result<Relayout> {
+/// Plans the restore of `source`, opened, onto `target` as `fit` says,
+/// reading it through its [`ImageSource::random_access`] view (which the
+/// restore then reads: the same image, held as the source holds it);
+/// refuses, before anything is written, when it cannot fit (saying by how
+/// much and what each partition could give) or the image is not one klon
+/// can read at random.
+pub fn plan(source: &dyn ImageSource, target: &Disk, fit: Fit) -> Result<Relayout> {
+    let source_size = source.layout().disk_size;
     let too_small = |why: String| {
         Error::Refused(format!(
             "target too small: {} has {} ({} bytes), the image's disk had {} ({source_size} bytes); {why}",
@@ -143,14 +147,14 @@ pub fn plan(image: &Path, source_size: u64, target: &Disk, fit: Fit, feedback: &
             if new_ss == 512 { 4096 } else { 512 },
         )),
     };
-    if crate::clonezilla::is_clonezilla_image(image) {
+    let Some(store) = source.random_access() else {
         return Err(refuse(format!(
             "klon moves partitions only when it restores klon images and repository snapshots (it reads the \
              filesystems at random): run `klon convert {} NEW-IMAGE` and restore that",
-            image.display()
+            source.location().display()
         )));
-    }
-    let view = Arc::new(DiskView::new(open_store(image, "restore", feedback)?)?);
+    };
+    let view = Arc::new(DiskView::new(store)?);
     let m = view.manifest();
     let layout = &m.layout;
     if layout.kind == TableKind::None {

@@ -79,6 +79,15 @@ pub trait ImageSource: Send {
         to: u64,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport>;
+
+    /// The image as a store of chunks read at random (a restore that lays
+    /// the partitions out anew reads its filesystems that way), sharing
+    /// what this one holds open: its indexes, and a snapshot's lock. None
+    /// for an image whose chunks klon cannot find at random (Clonezilla's
+    /// partclone files have no index).
+    fn random_access(&self) -> Option<Box<dyn crate::image::ChunkStore + Send>> {
+        None
+    }
 }
 
 /// Opens the image at `path`, whatever its kind, for `job` ("restore",
@@ -203,10 +212,9 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool, feedback
     if let Some(saved) = source.saved_partitions() {
         return prepare_partitions(source, image, target, &saved.iter().map(|&n| (n, Some(n))).collect::<Vec<_>>());
     }
-    // Planned on the image opened (a repository's `latest` could name a
-    // snapshot made since).
-    let opened = source.location().to_path_buf();
-    let image = opened.as_path();
+    // A relayout is planned on the image opened (through its
+    // `random_access`), not on `image` opened again: a repository's
+    // `latest` could name a snapshot made since.
     let layout = source.layout();
     let mut target = Disk::open_target(target, Some(layout.disk_size))?;
     use super::relayout::{Fit, plan};
@@ -222,14 +230,14 @@ pub fn prepare_restore_fit(image: &Path, target: &Path, grow_all: bool, feedback
         } else {
             Fit::Keep
         };
-        Some(plan(image, layout.disk_size, &target, fit, feedback)?)
+        Some(plan(source.as_ref(), &target, fit)?)
     } else if target.size < layout.disk_size {
         // The sector sizes must still agree.
         check_fits(&mut target, 0, layout.sector_size)?;
-        Some(plan(image, layout.disk_size, &target, Fit::Shrink, feedback)?)
+        Some(plan(source.as_ref(), &target, Fit::Shrink)?)
     } else if grow_all && target.size > layout.disk_size {
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
-        Some(plan(image, layout.disk_size, &target, Fit::GrowAll, feedback)?)
+        Some(plan(source.as_ref(), &target, Fit::GrowAll)?)
     } else {
         check_fits(&mut target, layout.disk_size, layout.sector_size)?;
         None

@@ -1,6 +1,7 @@
 //! klon's own image directory as an [`ImageSource`].
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::{ImageSource, Summary};
 use crate::device::Disk;
@@ -18,10 +19,11 @@ use crate::table::DiskLayout;
 use crate::units::human_bytes;
 
 /// A klon image, opened: its checked manifest and every index, checked.
-#[derive(Debug)]
+/// Clones share the indexes.
+#[derive(Debug, Clone)]
 pub struct KlonImage {
-    reader: ImageReader,
-    indexes: Vec<Vec<IndexEntry>>,
+    reader: Arc<ImageReader>,
+    indexes: Arc<Vec<Vec<IndexEntry>>>,
 }
 
 impl KlonImage {
@@ -32,7 +34,7 @@ impl KlonImage {
         let reader = ImageReader::open(dir)?;
         verify::stored_total(dir, &reader.manifest.streams)?;
         let indexes = reader.indexes()?;
-        Ok(KlonImage { reader, indexes })
+        Ok(KlonImage { reader: Arc::new(reader), indexes: Arc::new(indexes) })
     }
 
     /// Its manifest.
@@ -107,6 +109,10 @@ impl ImageSource for KlonImage {
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
         restore::restore_partition(self, number, target, to, opts)
+    }
+
+    fn random_access(&self) -> Option<Box<dyn ChunkStore + Send>> {
+        Some(Box::new(self.clone()))
     }
 
     fn warnings(&self) -> Vec<String> {

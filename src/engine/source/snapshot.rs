@@ -2,6 +2,7 @@
 //! chunks (the repository's packs) as a [`ChunkStore`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{ImageSource, Summary};
 use crate::device::Disk;
@@ -24,13 +25,14 @@ use crate::units::human_bytes;
 /// is, all checked; the repository held (a shared lock) from before it was
 /// read until this is dropped, so no prune takes away what it was checked
 /// to have (not even while a person reads a restore's confirmation).
-#[derive(Debug)]
+/// Clones share the lock, the table and the index.
+#[derive(Debug, Clone)]
 pub struct SnapshotImage {
     repo: Repository,
-    _lock: crate::repo::lock::Lock,
+    _lock: Arc<crate::repo::lock::Lock>,
     snapshot: SnapshotEntry,
-    table: Table,
-    index: std::sync::Arc<BlobIndex>,
+    table: Arc<Table>,
+    index: Arc<BlobIndex>,
     /// `REPO:ID`, as messages name it.
     location: PathBuf,
     bufs: BufPool,
@@ -135,10 +137,10 @@ impl SnapshotImage {
         }
         Ok(SnapshotImage {
             repo,
-            _lock: lock,
+            _lock: Arc::new(lock),
             snapshot,
-            table,
-            index: std::sync::Arc::new(index),
+            table: Arc::new(table),
+            index: Arc::new(index),
             location,
             bufs: BufPool::new(24, BLOB_HEADER_LEN + CHUNK_SIZE as usize),
         })
@@ -337,6 +339,10 @@ impl ImageSource for SnapshotImage {
         opts: &RestoreOptions,
     ) -> Result<RestoreReport> {
         restore::restore_partition(self, number, target, to, opts)
+    }
+
+    fn random_access(&self) -> Option<Box<dyn ChunkStore + Send>> {
+        Some(Box::new(self.clone()))
     }
 
     fn info(&self) -> (String, serde_json::Value) {
