@@ -571,13 +571,18 @@ fn a_fat_at_the_end_is_cut_after_its_last_used_cluster() {
     let spec = format!("{}:latest", s(&repo));
     let o = klon(&["--json", "restore", "--yes", &spec, s(&target2)]);
     ok(&o);
-    assert_eq!(
-        run("sfdisk", &["-d", s(&target2)]).replace("target2.img", "X"),
-        run("sfdisk", &["-d", s(&target)]).replace("target.img", "X")
-    );
-    let (fs2, _) = partition_file(&t, &target2, 1, "fat2.img");
-    assert_clean("vfat", &fs2);
-    assert_files(&t, "vfat", &fs2);
+    // Laid out as the image's restore was, its FAT clean with the same files.
+    let same_as_image = |restored: &Path, name: &str| {
+        let file = restored.file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            run("sfdisk", &["-d", s(restored)]).replace(file, "X"),
+            run("sfdisk", &["-d", s(&target)]).replace("target.img", "X")
+        );
+        let (fs, _) = partition_file(&t, restored, 1, name);
+        assert_clean("vfat", &fs);
+        assert_files(&t, "vfat", &fs);
+    };
+    same_as_image(&target2, "fat2.img");
 
     // Planned and written from the one snapshot opened, under one lock:
     // while the person reads the confirmation, the repository holds one
@@ -598,12 +603,6 @@ fn a_fat_at_the_end_is_cut_after_its_last_used_cluster() {
     term.type_line("target3.img");
     let (said, code) = exit_status(&term, &out);
     assert_eq!(code, 0, "{said}\n{}", term.screen());
-    assert_eq!(
-        run("sfdisk", &["-d", s(&target3)]).replace("target3.img", "X"),
-        run("sfdisk", &["-d", s(&target)]).replace("target.img", "X")
-    );
-    let (fs3, _) = partition_file(&t, &target3, 1, "fat3.img");
-    assert_clean("vfat", &fs3);
-    assert_files(&t, "vfat", &fs3);
+    same_as_image(&target3, "fat3.img");
     assert_eq!(std::fs::read_dir(repo.join("locks")).unwrap().count(), 0);
 }
