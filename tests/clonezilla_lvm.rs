@@ -65,15 +65,8 @@ fn report(dev: &Path) -> Report {
     let bytes = |t: String| t.trim().trim_end_matches('B').parse::<u64>().unwrap();
     let segs = lvm(
         "lvs",
-        &[
-            "--devices",
-            d,
-            "--segments",
-            "--noheadings",
-            "-o",
-            "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges",
-            "klonvg",
-        ],
+        d,
+        &["--segments", "--noheadings", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges", "klonvg"],
     );
     let segments = segs
         .lines()
@@ -84,10 +77,10 @@ fn report(dev: &Path) -> Report {
             (w[0].to_string(), w[1].parse().unwrap(), w[2].parse().unwrap(), first)
         })
         .collect();
-    let extent = bytes(lvm("vgs", &["--devices", d, "--noheadings", "--units", "b", "-o", "vg_extent_size", "klonvg"]));
-    let pe_start = bytes(lvm("pvs", &["--devices", d, "--noheadings", "--units", "b", "-o", "pe_start", d]));
-    let pv_uuid = lvm("pvs", &["--devices", d, "--noheadings", "-o", "pv_uuid", d]).trim().to_string();
-    let lv_uuids = lvm("lvs", &["--devices", d, "--noheadings", "-o", "lv_name,lv_uuid", "klonvg"])
+    let extent = bytes(lvm("vgs", d, &["--noheadings", "--units", "b", "-o", "vg_extent_size", "klonvg"]));
+    let pe_start = bytes(lvm("pvs", d, &["--noheadings", "--units", "b", "-o", "pe_start", d]));
+    let pv_uuid = lvm("pvs", d, &["--noheadings", "-o", "pv_uuid", d]).trim().to_string();
+    let lv_uuids = lvm("lvs", d, &["--noheadings", "-o", "lv_name,lv_uuid", "klonvg"])
         .lines()
         .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
             [name, uuid] => Some((name.to_string(), uuid.to_string())),
@@ -125,7 +118,7 @@ fn check_restored(t: &TempDir, disk: &Path, exact: bool) {
     let pv = t.join("pv.img");
     std::fs::write(&pv, read_at(disk, P2.0, P2.1)).unwrap();
     let dev = LoopDevice::attach_without_partitions(&pv);
-    lvm("vgck", &["--devices", s(&dev.path), "klonvg"]);
+    lvm("vgck", s(&dev.path), &["klonvg"]);
     let r = report(&dev.path);
     drop(dev);
     assert_eq!(r.pv_uuid, pv_uuid(), "the PV's UUID");

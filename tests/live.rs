@@ -800,8 +800,8 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
     blank_file(&pv, 32 * MIB);
     {
         let lo = common::loop_device::LoopDevice::attach_without_partitions(&pv);
-        common::lvm_tools::lvm("pvcreate", &["-q", &s(&lo.path)]);
-        common::lvm_tools::lvm("vgcreate", &["-q", &vg, &s(&lo.path)]);
+        common::lvm_tools::lvm("pvcreate", &s(&lo.path), &["-q", &s(&lo.path)]);
+        common::lvm_tools::lvm("vgcreate", &s(&lo.path), &["-q", &vg, &s(&lo.path)]);
     }
     write_at(&grow_src, 429 * MIB, &std::fs::read(&pv).unwrap());
     let btrfs = dir.join("btrfs.img");
@@ -915,8 +915,8 @@ fn unattended_restores_grow_and_shrink_in_the_live_system() {
         let node = s(&lo.path);
         let b = |x: String| x.trim().trim_end_matches('B').parse::<u64>().unwrap();
         let lvm = common::lvm_tools::lvm;
-        let pv_size = b(lvm("pvs", &["--devices", &node, "--noheadings", "--units", "b", "-o", "pv_size", &node]));
-        let vg_free = b(lvm("vgs", &["--devices", &node, "--noheadings", "--units", "b", "-o", "vg_free", &vg]));
+        let pv_size = b(lvm("pvs", &node, &["--noheadings", "--units", "b", "-o", "pv_size", &node]));
+        let vg_free = b(lvm("vgs", &node, &["--noheadings", "--units", "b", "-o", "vg_free", &vg]));
         assert!(pv_size > len - 8 * MIB && pv_size <= len, "PV {pv_size} bytes in a {len}-byte partition");
         assert_eq!(vg_free, pv_size, "the volume group has no logical volumes: all of the PV is free");
     }

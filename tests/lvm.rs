@@ -88,15 +88,16 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
     std::fs::write(&pv, random_bytes(90, PV_SIZE as usize)).unwrap();
     let dev = LoopDevice::attach_without_partitions(&pv);
     let d = s(&dev.path);
-    lvm("pvcreate", &["-q", d]);
-    lvm("vgcreate", &["-q", vg, d]);
+    lvm("pvcreate", d, &["-q", d]);
+    lvm("vgcreate", d, &["-q", vg, d]);
     let text = t.join("vg.txt");
-    lvm("vgcfgbackup", &["-q", "-f", s(&text), vg]);
+    lvm("vgcfgbackup", d, &["-q", "-f", s(&text), vg]);
     let edited = t.join("vg-lvs.txt");
     std::fs::write(&edited, with_lvs(&std::fs::read_to_string(&text).unwrap())).unwrap();
-    lvm("vgcfgrestore", &["-q", "-f", s(&edited), vg]);
+    lvm("vgcfgrestore", d, &["-q", "-f", s(&edited), vg]);
     let out = lvm(
         "lvs",
+        d,
         &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges,segtype", "--reportformat", "json", vg],
     );
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -118,8 +119,8 @@ fn lvm_disk(t: &TempDir, vg: &str) -> (std::path::PathBuf, Vec<(String, u64, u64
         })
         .collect();
     let bytes = |s: String| s.trim().trim_end_matches('B').parse::<u64>().unwrap();
-    let extent = bytes(lvm("vgs", &["--noheadings", "--units", "b", "-o", "vg_extent_size", vg]));
-    let pe_start = bytes(lvm("pvs", &["--noheadings", "--units", "b", "-o", "pe_start", d]));
+    let extent = bytes(lvm("vgs", d, &["--noheadings", "--units", "b", "-o", "vg_extent_size", vg]));
+    let pe_start = bytes(lvm("pvs", d, &["--noheadings", "--units", "b", "-o", "pe_start", d]));
     drop(dev);
     // lv_root holds ext4 with files (its free blocks stale random data),
     // at the place LVM's tools give (not klon's reading).
@@ -260,7 +261,11 @@ fn a_pv_is_stored_by_what_its_volumes_use_and_restores_as_lvm_reads_it() {
     let pv_back = t.join("restored-pv.img");
     std::fs::write(&pv_back, read_at(&out, PV_START, PV_SIZE)).unwrap();
     let dev = LoopDevice::attach_without_partitions(&pv_back);
-    let back = lvm("lvs", &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges", "--noheadings", &vg]);
+    let back = lvm(
+        "lvs",
+        s(&dev.path),
+        &["--segments", "-o", "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges", "--noheadings", &vg],
+    );
     drop(dev);
     for (lv, start, n, first, _) in &segs {
         let want = format!(":{first}-{}", first + n - 1);
@@ -318,11 +323,11 @@ fn grow_last_extends_the_physical_volume_and_its_volume_group() {
         let dev = LoopDevice::attach_without_partitions(pv);
         let d = s(&dev.path).to_string();
         let b = |x: String| x.trim().trim_end_matches('B').parse::<u64>().unwrap();
-        let pv_size = b(lvm("pvs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "pv_size", &d]));
-        let vg_free = b(lvm("vgs", &["--devices", &d, "--noheadings", "--units", "b", "-o", "vg_free", &vg]));
+        let pv_size = b(lvm("pvs", &d, &["--noheadings", "--units", "b", "-o", "pv_size", &d]));
+        let vg_free = b(lvm("vgs", &d, &["--noheadings", "--units", "b", "-o", "vg_free", &vg]));
         // Segments as extent ranges of "PV": the loop device each report
         // attaches is whichever is free (other tests run beside).
-        let lvs = lvm("lvs", &["--devices", &d, "--segments", "--noheadings", "-o", "lv_name,seg_pe_ranges", &vg])
+        let lvs = lvm("lvs", &d, &["--segments", "--noheadings", "-o", "lv_name,seg_pe_ranges", &vg])
             .replace(&format!("{d}:"), "PV:");
         (pv_size, vg_free, lvs)
     };

@@ -76,6 +76,7 @@ pub fn lvm_report(pv: &Path, vg: &str) -> (String, u64) {
     let dev = LoopDevice::attach_without_partitions(pv);
     let lvs = lvm(
         "lvs",
+        s(&dev.path),
         &[
             "-a",
             "--noheadings",
@@ -86,7 +87,7 @@ pub fn lvm_report(pv: &Path, vg: &str) -> (String, u64) {
             vg,
         ],
     );
-    let pe = lvm("pvs", &["--noheadings", "--units", "b", "-o", "pe_start", s(&dev.path)]);
+    let pe = lvm("pvs", s(&dev.path), &["--noheadings", "--units", "b", "-o", "pe_start", s(&dev.path)]);
     drop(dev);
     // The PE ranges name the loop device; keep the extents.
     let lvs: String = lvs
@@ -152,15 +153,15 @@ pub fn fixture(t: &TempDir, vg: &str) -> Fixture {
     let pv = t.join("pv.img");
     std::fs::write(&pv, random_bytes(300, PV_SIZE as usize)).unwrap();
     let dev = LoopDevice::attach_without_partitions(&pv);
-    lvm("pvcreate", &["-q", s(&dev.path)]);
-    lvm("vgcreate", &["-q", "-s", "4m", vg, s(&dev.path)]);
+    lvm("pvcreate", s(&dev.path), &["-q", s(&dev.path)]);
+    lvm("vgcreate", s(&dev.path), &["-q", "-s", "4m", vg, s(&dev.path)]);
     let text = t.join("vg.txt");
-    lvm("vgcfgbackup", &["-q", "-f", s(&text), vg]);
+    lvm("vgcfgbackup", s(&dev.path), &["-q", "-f", s(&text), vg]);
     let base = std::fs::read_to_string(&text).unwrap();
     let end = base.rfind('}').unwrap();
     let edited = t.join("vg-lvs.txt");
     std::fs::write(&edited, format!("{}{}{}", &base[..end], lvs_text(), &base[end..])).unwrap();
-    lvm("vgcfgrestore", &["-q", "--force", "-f", s(&edited), vg]);
+    lvm("vgcfgrestore", s(&dev.path), &["-q", "--force", "-f", s(&edited), vg]);
     drop(dev);
     let (lvs, pe_start) = lvm_report(&pv, vg);
     let at = |extent: u64| pe_start + extent * EXTENT;
