@@ -146,6 +146,32 @@ fn backups_into_a_bucket_restore_byte_for_byte_and_forget_prune_and_check_work()
     assert_restored(&t, &other.path, &out, &other, "after-prune");
     // Nothing is left of the jobs: no locks.
     assert!(store.list("locks").unwrap().is_empty(), "locks left: {:?}", store.list("locks").unwrap());
+
+    // One level at a time (S3's delimiter listing), as everything listed
+    // below says: the bucket's root holds the repository, the repository
+    // its configuration, packs and snapshots.
+    let one_level = |store: &S3Store, dir: &str| {
+        let base = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let mut all: Vec<String> = store
+            .list(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| format!("{base}{}", n.strip_prefix(&base).unwrap().split('/').next().unwrap()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    };
+    let root = bucket(&g, "s3://klon");
+    assert_eq!(root.children("").unwrap(), ["host-a"]);
+    let top = store.children("").unwrap();
+    for part in ["klon-repository.json", "packs", "snapshots"] {
+        assert!(top.iter().any(|n| n == part), "{part} is not among {top:?}");
+    }
+    for dir in ["", "packs", "snapshots"] {
+        assert_eq!(store.children(dir).unwrap(), one_level(&store, dir), "under {dir:?}");
+    }
+    assert!(store.children("no-such-dir").unwrap().is_empty());
 }
 
 #[test]

@@ -378,6 +378,22 @@ impl Store for S3Store {
             .collect())
     }
 
+    fn children(&self, dir: &str) -> Result<Vec<String>> {
+        let c = &self.conn;
+        let prefix = self.key(dir);
+        let strip = if self.prefix.is_empty() { String::new() } else { format!("{}/", self.prefix) };
+        let found = c.run(|| c.client.list_with_delimiter(Some(&prefix))).map_err(|e| self.fail("listing", dir, e))?;
+        let mut out: Vec<String> = found
+            .common_prefixes
+            .iter()
+            .chain(found.objects.iter().map(|m| &m.location))
+            .filter_map(|p| p.as_ref().strip_prefix(&strip).map(str::to_string))
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     fn size(&self, name: &str) -> Result<Option<u64>> {
         let c = &self.conn;
         let key = self.key(name);

@@ -72,6 +72,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// named from the store's root; none when there is no such directory.
     fn list(&self, dir: &str) -> Result<Vec<(String, u64)>>;
 
+    /// The names right under directory `dir`, files and directories
+    /// alike, each once, named from the store's root (`dir/NAME`, or
+    /// `NAME` for the root); none when there is no such directory. A
+    /// store that can list one level (S3's delimiter) does so instead of
+    /// listing everything below.
+    fn children(&self, dir: &str) -> Result<Vec<String>> {
+        let base = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+        let mut out: Vec<String> = self
+            .list(dir)?
+            .into_iter()
+            .filter_map(|(name, _)| {
+                let rest = name.strip_prefix(&base)?;
+                Some(format!("{base}{}", rest.split('/').next()?))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
     /// The size of file `name`, or None when there is none.
     fn size(&self, name: &str) -> Result<Option<u64>>;
 
@@ -297,7 +317,8 @@ fn list_into(path: &Path, name: &str, out: &mut Vec<(String, u64)>) -> Result<()
     };
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("listing", path, None, e))?;
-        let child = format!("{name}/{}", entry.file_name().to_string_lossy());
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let child = if name.is_empty() { file } else { format!("{name}/{file}") };
         let meta = entry.metadata().map_err(|e| Error::io("reading", entry.path(), None, e))?;
         if meta.is_dir() {
             list_into(&entry.path(), &child, out)?;
@@ -382,5 +403,25 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         // directory; its entries are then written with the files' syncs.
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         Err(e) => Err(Error::io("flushing the directory", dir, None, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::TempDir;
+
+    #[test]
+    fn children_are_the_names_one_level_down_each_once() {
+        let t = TempDir::new("store-children");
+        let store = LocalStore::new(&t.join("s"));
+        for name in ["a/klon-repository.json", "a/packs/0f/0f1.pack", "a/packs/1e/1e2.pack", "b/x", "top.txt"] {
+            std::fs::create_dir_all(t.join("s").join(name).parent().unwrap()).unwrap();
+            std::fs::write(t.join("s").join(name), b"x").unwrap();
+        }
+        assert_eq!(store.children("").unwrap(), ["a", "b", "top.txt"]);
+        assert_eq!(store.children("a").unwrap(), ["a/klon-repository.json", "a/packs"]);
+        assert_eq!(store.children("a/packs").unwrap(), ["a/packs/0f", "a/packs/1e"]);
+        assert!(store.children("none").unwrap().is_empty());
     }
 }

@@ -419,17 +419,16 @@ pub fn list_images(dir: &Path) -> Vec<Found> {
 }
 
 /// The repositories right under the S3 location `dir`: the names with a
-/// repository's configuration object in them.
+/// repository's configuration object in them. One level is listed, not
+/// every pack below it.
 fn remote_repositories(dir: &Path) -> Vec<PathBuf> {
-    let Ok(names) = crate::repo::store::open(dir).and_then(|s| s.list("")) else { return Vec::new() };
-    let mut out: Vec<PathBuf> = names
-        .iter()
-        .filter_map(|(n, _)| n.strip_suffix(&format!("/{}", crate::repo::CONFIG_NAME)))
-        .filter(|n| !n.is_empty() && !n.contains('/'))
+    let Ok(store) = crate::repo::store::open(dir) else { return Vec::new() };
+    let Ok(names) = store.children("") else { return Vec::new() };
+    names
+        .into_iter()
+        .filter(|n| store.size(&format!("{n}/{}", crate::repo::CONFIG_NAME)).is_ok_and(|s| s.is_some()))
         .map(|n| dir.join(n))
-        .collect();
-    out.dedup();
-    out
+        .collect()
 }
 
 /// A repository stands for its snapshots, newest first (`REPO:ID`); any
