@@ -35,9 +35,13 @@ fn encrypted(t: &TempDir) -> PathBuf {
     dir
 }
 
-fn no_gocryptfs_mounts() {
+/// No mount of this test's `image` is left. The other test of this file
+/// runs at the same time with its own image mounted now and then, so only
+/// mounts whose source is this image count.
+fn no_gocryptfs_mounts(image: &Path) {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
-    assert!(!mounts.contains("klon-gocryptfs"), "a decrypted image is still mounted:\n{mounts}");
+    let left: Vec<&str> = mounts.lines().filter(|line| line.split(' ').next() == Some(s(image))).collect();
+    assert!(left.is_empty(), "a decrypted image is still mounted:\n{}", left.join("\n"));
 }
 
 #[test]
@@ -61,20 +65,20 @@ fn an_encrypted_clonezilla_image_opens_with_its_passphrase_and_restores_as_the_p
         "{info}"
     );
     assert!(!info.contains("klon-gocryptfs"), "info names the mount, not the image:\n{info}");
-    no_gocryptfs_mounts();
+    no_gocryptfs_mounts(&image);
     ok(&with_pass(&["verify", s(&image)]));
-    no_gocryptfs_mounts();
+    no_gocryptfs_mounts(&image);
 
     let expected = t.join("plain.img");
     ok(&klon(&["restore", "--yes", s(&plain()), s(&expected)]));
     let target = t.join("target.img");
     ok(&with_pass(&["restore", "--yes", s(&image), s(&target)]));
     assert_eq!(sha256(&target), sha256(&expected), "the encrypted image restores other bytes than the plain one");
-    no_gocryptfs_mounts();
+    no_gocryptfs_mounts(&image);
 
     let converted = t.join("converted");
     ok(&with_pass(&["convert", s(&image), s(&converted)]));
-    no_gocryptfs_mounts();
+    no_gocryptfs_mounts(&image);
     let again = t.join("again.img");
     ok(&klon(&["restore", "--yes", s(&converted), s(&again)]));
     assert_eq!(sha256(&again), sha256(&expected), "the converted image restores other bytes");
@@ -96,5 +100,5 @@ fn an_encrypted_image_without_its_passphrase_is_refused_before_anything_is_writt
         fails_with(&klon(&all), 6, &["does not unlock the image", "encrypted with gocryptfs"]);
     }
     assert_eq!(sha256(&target), before, "the target was written");
-    no_gocryptfs_mounts();
+    no_gocryptfs_mounts(&image);
 }
