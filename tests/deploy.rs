@@ -121,6 +121,17 @@ fn source(t: &TempDir, size: u64) -> (PathBuf, PathBuf) {
     (disk, img)
 }
 
+/// Waits until `target` holds the stream's first chunk, so the multicast
+/// is under way: on a loaded machine it may begin seconds after the sender
+/// starts, so no test waits a fixed time for it.
+fn stream_has_begun(target: &Path) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::metadata(target).map_or(0, |m| m.blocks() * 512) < 512 << 10 {
+        assert!(std::time::Instant::now() < end, "nothing reached {} in a minute", target.display());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Every target equals the source disk byte for byte.
 fn all_equal(targets: &[PathBuf], disk: &Path) {
     let want = std::fs::read(disk).unwrap();
@@ -171,12 +182,13 @@ fn a_receiver_that_dies_is_named_and_the_others_finish_whole() {
     let net = Net::new(2, 3);
     let targets: Vec<PathBuf> = (0..3).map(|i| t.join(&format!("target{i}.img"))).collect();
     let mut receivers: Vec<Child> = targets.iter().enumerate().map(|(i, tg)| net.receive(i, tg, 9200)).collect();
-    // Slowly (16 Mbit/s: a few seconds), so the second machine dies half-way.
+    // Slowly (4 Mbit/s: the 4 MB stream takes about 8 s), so the second
+    // machine dies half-way, once the stream has begun.
     let o = std::thread::scope(|scope| {
         let sender = scope.spawn(|| {
-            net.deploy(&img, &["--clients", "3", "--port", "9200", "--max-bitrate", "16m", "--report-wait", "15"])
+            net.deploy(&img, &["--clients", "3", "--port", "9200", "--max-bitrate", "4m", "--report-wait", "15"])
         });
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        stream_has_begun(&targets[1]);
         Net::kill_all(&net.receivers[1]);
         sender.join().unwrap()
     });
@@ -215,11 +227,13 @@ fn a_machine_that_joins_late_gets_the_image_by_unicast() {
     let net = Net::new(3, 2);
     let targets: Vec<PathBuf> = (0..2).map(|i| t.join(&format!("target{i}.img"))).collect();
     let first = net.receive(0, &targets[0], 9300);
-    // Slowly (16 Mbit/s), so the second machine comes after the start.
+    // The second machine comes as soon as the stream has begun, before
+    // udp-sender's first progress line: the sender must already say it is
+    // sending, or the machine waits for a multicast that has left it behind.
     let (o, late) = std::thread::scope(|scope| {
         let sender = scope
             .spawn(|| net.deploy(&img, &["--clients", "1", "--port", "9300", "--max-bitrate", "16m", "--late", "10"]));
-        std::thread::sleep(std::time::Duration::from_secs(5));
+        stream_has_begun(&targets[0]);
         let late = net.receive(1, &targets[1], 9300);
         (sender.join().unwrap(), late)
     });
@@ -259,14 +273,8 @@ fn a_machine_the_sender_drops_gets_the_image_again_by_unicast() {
         let sender = scope
             .spawn(|| net.deploy(&img, &["--clients", "2", "--port", "9400", "--max-bitrate", "2m", "--late", "15"]));
         // Half-way (2 Mbit/s: the 4 MB stream takes about 17 s), the second
-        // machine's udp-receiver freezes: once its target holds the first
-        // chunk, so the stream has begun (on a loaded machine it may begin
-        // seconds after the sender starts).
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::fs::metadata(&targets[1]).map_or(0, |m| m.blocks() * 512) < 512 << 10 {
-            assert!(std::time::Instant::now() < end, "nothing reached {} in a minute", targets[1].display());
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        // machine's udp-receiver freezes.
+        stream_has_begun(&targets[1]);
         let out = Command::new("ip").args(["netns", "pids", &net.receivers[1]]).output().unwrap();
         let mut frozen = 0;
         for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {

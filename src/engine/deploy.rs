@@ -441,16 +441,13 @@ fn by_multicast(target: &Path, opts: &ReceiveOptions, dir: &Path) -> (Result<Res
     let watch = {
         let (sender, said, feedback) = (sender.clone(), said.clone(), opts.restore.feedback.clone());
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
-                let line = String::from_utf8_lossy(&line).trim().to_string();
-                if !line.is_empty() {
-                    feedback.detail(2, || format!("udp-receiver: {line}"));
-                }
+            for line in udpcast_lines(stderr) {
+                feedback.detail(2, || format!("udp-receiver: {line}"));
                 // "Connected as #0 to 10.77.0.1"
                 if let Some(at) = line.find("Connected as #").and_then(|i| line[i..].find(" to ").map(|j| i + j + 4)) {
                     *sender.lock().expect("sender lock") = line[at..].split_whitespace().next().map(String::from);
                 }
-                said.lock().expect("said lock").extend(line.lines().map(String::from));
+                said.lock().expect("said lock").push(line);
             }
         })
     };
@@ -565,6 +562,44 @@ fn probe(interface: Option<&str>, port: u16, wait: Duration) -> Option<(String, 
     let (n, from) = socket.recv_from(&mut buf).ok()?;
     let answer = serde_json::from_slice(&buf[..n]).ok()?;
     Some((from.ip().to_string(), answer))
+}
+
+/// What udp-sender or udp-receiver says on `stderr`, one message at a
+/// time, trimmed, as soon as it is said: udpcast ends its messages with
+/// `\n` and its progress with `\r`, so a message is yielded at either
+/// (waiting for the next `\r` held "Starting transfer" back until the first
+/// progress line, up to a second in which a late joiner was told the
+/// deployment had not begun).
+fn udpcast_lines(stderr: impl Read) -> impl Iterator<Item = String> {
+    let mut reader = BufReader::new(stderr);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut ready = std::collections::VecDeque::new();
+    std::iter::from_fn(move || {
+        loop {
+            if let Some(line) = ready.pop_front() {
+                return Some(line);
+            }
+            let got = match reader.fill_buf() {
+                Ok([]) | Err(_) => {
+                    let last = String::from_utf8_lossy(&std::mem::take(&mut pending)).trim().to_string();
+                    return (!last.is_empty()).then_some(last);
+                }
+                Ok(got) => got,
+            };
+            let n = got.len();
+            for &b in got {
+                if b == b'\r' || b == b'\n' {
+                    let line = String::from_utf8_lossy(&std::mem::take(&mut pending)).trim().to_string();
+                    if !line.is_empty() {
+                        ready.push_back(line);
+                    }
+                } else {
+                    pending.push(b);
+                }
+            }
+            reader.consume(n);
+        }
+    })
 }
 
 /// The IPv4 broadcast address of network interface `iface`.
@@ -849,31 +884,27 @@ pub fn deploy(image: &Path, opts: &DeployOptions) -> Result<DeployReport> {
         std::thread::spawn(move || {
             // udpcast numbers its receivers: "#0" is the first that joined.
             let mut numbers: HashMap<String, String> = HashMap::new();
-            for line in BufReader::new(stderr).split(b'\r').flat_map(|l| l.ok()) {
-                for line in String::from_utf8_lossy(&line).lines() {
-                    if !line.trim().is_empty() {
-                        feedback.detail(2, || format!("udp-sender: {}", line.trim()));
+            for line in udpcast_lines(stderr) {
+                feedback.detail(2, || format!("udp-sender: {line}"));
+                // "Dropping client #1 because of timeout"
+                if let Some(rest) = line.strip_prefix("Dropping client ")
+                    && let Some(ip) = rest.split_whitespace().next().and_then(|n| numbers.get(n))
+                {
+                    lock(&state).dropped.push(ip.clone());
+                    feedback.note(&format!("udp-sender dropped {ip} (it stopped answering)"));
+                }
+                // "New connection from 10.77.0.2  (#0) 00000009"
+                if let Some(rest) = line.strip_prefix("New connection from ")
+                    && let Some(ip) = rest.split_whitespace().next()
+                {
+                    if let Some(n) = rest.split(['(', ')']).nth(1) {
+                        numbers.insert(n.to_string(), ip.to_string());
                     }
-                    // "Dropping client #1 because of timeout"
-                    if let Some(rest) = line.trim().strip_prefix("Dropping client ")
-                        && let Some(ip) = rest.split_whitespace().next().and_then(|n| numbers.get(n))
-                    {
-                        lock(&state).dropped.push(ip.clone());
-                        feedback.note(&format!("udp-sender dropped {ip} (it stopped answering)"));
-                    }
-                    // "New connection from 10.77.0.2  (#0) 00000009"
-                    if let Some(rest) = line.trim().strip_prefix("New connection from ")
-                        && let Some(ip) = rest.split_whitespace().next()
-                    {
-                        if let Some(n) = rest.split(['(', ')']).nth(1) {
-                            numbers.insert(n.to_string(), ip.to_string());
-                        }
-                        joined.lock().expect("joined lock").push(ip.to_string());
-                        feedback.note(&format!("{ip} joined"));
-                    }
-                    if line.trim().starts_with("Starting transfer") {
-                        lock(&state).phase = Phase::Sending;
-                    }
+                    joined.lock().expect("joined lock").push(ip.to_string());
+                    feedback.note(&format!("{ip} joined"));
+                }
+                if line.starts_with("Starting transfer") {
+                    lock(&state).phase = Phase::Sending;
                 }
             }
         })
@@ -1019,5 +1050,40 @@ mod tests {
         let (_, r) = restore_from(&t, forged, "d.img");
         assert!(matches!(r, Err(Error::Corrupt(ref m)) if m.contains("unexpected frame")), "{r:?}");
         assert!(!t.join("klon.json").exists());
+    }
+
+    /// udpcast's messages end with `\n`, its progress with `\r`: each is
+    /// yielded as soon as it ends, not when the next `\r` comes.
+    #[test]
+    fn udpcast_messages_are_seen_as_soon_as_they_end() {
+        let said = b"Udp-sender 20120424\nStarting transfer: 00000009\nbytes=  1 244 880 \rbytes=  2 531 984 \r\n\
+                     Transfer complete.\nlast words";
+        let lines: Vec<String> = udpcast_lines(&said[..]).collect();
+        let want = [
+            "Udp-sender 20120424",
+            "Starting transfer: 00000009",
+            "bytes=  1 244 880",
+            "bytes=  2 531 984",
+            "Transfer complete.",
+            "last words",
+        ];
+        assert_eq!(lines, want);
+
+        // From a pipe still open: the message is there before anything
+        // else is written.
+        let (read, mut write) = std::io::pipe().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in udpcast_lines(read) {
+                tx.send(line).unwrap();
+            }
+        });
+        write.write_all(b"New connection from 10.77.0.2  (#0) 00000009\nStarting transfer: 00000009\n").unwrap();
+        for want in ["New connection from 10.77.0.2  (#0) 00000009", "Starting transfer: 00000009"] {
+            assert_eq!(rx.recv_timeout(Duration::from_secs(20)).as_deref(), Ok(want));
+        }
+        drop(write);
+        reader.join().unwrap();
+        assert!(rx.try_recv().is_err());
     }
 }
