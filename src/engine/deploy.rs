@@ -566,10 +566,10 @@ fn probe(interface: Option<&str>, port: u16, wait: Duration) -> Option<(String, 
 
 /// What udp-sender or udp-receiver says on `stderr`, one message at a
 /// time, trimmed, as soon as it is said: udpcast ends its messages with
-/// `\n` and its progress with `\r`, so a message is yielded at either
-/// (waiting for the next `\r` held "Starting transfer" back until the first
-/// progress line, up to a second in which a late joiner was told the
-/// deployment had not begun).
+/// `\n` and its progress with `\r`, so a message is yielded at either. A
+/// message held back until the next progress line (up to a second) would
+/// have the sender tell a late joiner that a deployment already sending
+/// has not begun.
 fn udpcast_lines(stderr: impl Read) -> impl Iterator<Item = String> {
     let mut reader = BufReader::new(stderr);
     let mut pending: Vec<u8> = Vec::new();
@@ -580,6 +580,7 @@ fn udpcast_lines(stderr: impl Read) -> impl Iterator<Item = String> {
                 return Some(line);
             }
             let got = match reader.fill_buf() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Ok([]) | Err(_) => {
                     let last = String::from_utf8_lossy(&std::mem::take(&mut pending)).trim().to_string();
                     return (!last.is_empty()).then_some(last);
